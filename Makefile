@@ -1,0 +1,43 @@
+# Two commands for a fresh machine: `make demo` and `make test`.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+PIP     := $(BIN)/python -m pip
+STAMP   := $(VENV)/.installed
+
+.PHONY: venv sysdeps test lint docs demo clean
+
+venv: $(STAMP)
+
+# Reinstall whenever the project's metadata or the pins change.
+$(STAMP): pyproject.toml constraints.txt $(wildcard examples/bittts/pyproject.toml)
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt -e ".[test,docs]"
+	if [ -f examples/bittts/pyproject.toml ]; then $(PIP) install -q -c constraints.txt -e "examples/bittts[eval]"; fi
+	touch $(STAMP)
+
+# Debian tools the BitTTS example shells out to (flite voice, espeak-ng phonemes, sox).
+sysdeps:
+	@missing=""; for t in flite espeak-ng sox; do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+lint: venv
+	$(BIN)/ruff check .
+
+test: venv sysdeps lint
+	$(BIN)/python -m pytest -q
+	$(BIN)/mkdocs build --strict -q
+
+docs: venv
+	$(BIN)/mkdocs build --strict
+
+demo: venv
+	$(BIN)/python -m ternq.demo
+
+clean:
+	rm -rf $(VENV) site .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,135 @@
+"""Quantization configs: small frozen dataclasses, like torchao's configs.
+
+A config says *how* a layer is quantized; selectors (see `ternq.selectors`) say *which* layers. The default,
+`TernaryConfig()`, is the BitTTS / BitNet b1.58 recipe: per-tensor absmean ternary weights, inputs layer-normed
+and quantized to 8 bits per token (per time step for convolutions).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+Granularity = Literal["tensor", "channel", "group"]
+InputNorm = Literal["layernorm", "rmsnorm"]
+STEMode = Literal["identity", "clipped"]
+
+_GRANULARITIES = ("tensor", "channel", "group")
+_NORMS = (None, "layernorm", "rmsnorm")
+_STES = ("identity", "clipped")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Settings shared by every weight quantizer.
+
+    Attributes:
+        granularity: one scale per tensor ("tensor", the paper's choice), per output channel ("channel"),
+            or per group of `group_size` consecutive input weights of one output channel ("group").
+        group_size: group length G when granularity is "group"; the last group of a row may be shorter.
+        act_bits: quantize layer inputs to this many bits with per-token absmax scaling (8 in BitNet / BitTTS),
+            or None to keep activations in float ("weight-only" QAT).
+        input_norm: normalize the layer input before activation quantization, as BitNet's BitLinear does
+            ("layernorm", "rmsnorm", parameter-free so float checkpoints still load) or None.
+        ste: straight-through estimator. "identity" passes the gradient to every latent weight (BitNet);
+            "clipped" zeroes it for weights beyond the clip range, so saturated weights stop drifting.
+        eps: floor for scales, so an all-zero weight never divides by zero.
+    """
+
+    granularity: Granularity = "tensor"
+    group_size: int = 128
+    act_bits: int | None = 8
+    input_norm: InputNorm | None = "layernorm"
+    ste: STEMode = "identity"
+    eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if self.granularity not in _GRANULARITIES:
+            raise ValueError(f"granularity={self.granularity!r}: expected one of {_GRANULARITIES}")
+        if self.granularity == "group" and (not isinstance(self.group_size, int) or self.group_size < 1):
+            raise ValueError(f"group_size={self.group_size!r}: expected a positive int")
+        if self.act_bits is not None and not (2 <= int(self.act_bits) <= 8):
+            raise ValueError(f"act_bits={self.act_bits!r}: expected an int in 2..8 or None")
+        if self.input_norm not in _NORMS:
+            raise ValueError(f"input_norm={self.input_norm!r}: expected one of {_NORMS}")
+        if self.ste not in _STES:
+            raise ValueError(f"ste={self.ste!r}: expected one of {_STES}")
+        if not self.eps > 0:
+            raise ValueError(f"eps={self.eps!r}: expected a positive float")
+
+    @property
+    def name(self) -> str:
+        """Short label used in reports and file metadata, e.g. "ternary" or "int4"."""
+        raise NotImplementedError
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Storage cost of one packed weight (scales not included)."""
+        raise NotImplementedError
+
+    @property
+    def qmax(self) -> int:
+        """Largest integer code; codes lie in [-qmax, qmax]."""
+        raise NotImplementedError
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form, with the kind, for file metadata."""
+        return {"kind": self.name if isinstance(self, TernaryConfig) else "kbit", **asdict(self)}
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> QuantConfig:
+        """Inverse of `to_dict`; unknown keys are an error rather than silently dropped."""
+        data = dict(data)
+        kind = data.pop("kind", None)
+        cls: type[QuantConfig]
+        if kind == "ternary":
+            cls = TernaryConfig
+        elif kind == "kbit":
+            cls = KBitConfig
+        else:
+            raise ValueError(f"unknown quantization config kind {kind!r}: expected 'ternary' or 'kbit'")
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class TernaryConfig(QuantConfig):
+    """1.58-bit weights: W_q = clip(round(W / beta), -1, 1) with beta = mean|W| (BitNet b1.58 absmean)."""
+
+    @property
+    def name(self) -> str:
+        return "ternary"
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 / 5  # 5 trits per byte (3**5 = 243 <= 256)
+
+    @property
+    def qmax(self) -> int:
+        return 1
+
+
+@dataclass(frozen=True)
+class KBitConfig(QuantConfig):
+    """k-bit symmetric weights: W_q = clip(round(W / s), -q, q), s = max|W| / q, q = 2**(k-1) - 1."""
+
+    bits: int = 4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise ValueError(f"bits={self.bits!r}: expected an int in 2..8 (use TernaryConfig for 1.58-bit)")
+
+    @property
+    def name(self) -> str:
+        return f"int{self.bits}"
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 2.0 if self.bits == 2 else 4.0 if self.bits <= 4 else 8.0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1

@@ -1,0 +1,298 @@
+"""Quantization-aware (QAT) layers and the registry that maps float layer types to them.
+
+A QAT layer *is* its float layer: `QuantConv1d` subclasses `nn.Conv1d`, keeps the same parameters, buffers and
+hooks under the same names, and only changes `forward`: the input is (optionally) normalized and fake-quantized
+to 8 bits, the weight is fake-quantized to ternary / k-bit codes times a scale, and the float op runs on them.
+Because the parameters are untouched, a float checkpoint loads into a quantized model, state_dicts round-trip,
+optimizers keep their references, and weight reparametrizations (``parametrizations.weight_norm``, the legacy
+``weight_norm`` pre-hook, ``spectral_norm``) keep working: the quantizer sees the *effective* weight.
+
+Teach ternq a layer type with `register_layer`: a forward ``(module, x, weight, *args, **kwargs) -> y`` that
+runs the layer with a given weight, and where its output channels and input features lie.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from .config import QuantConfig
+from .quantizers import (
+    dequantize_weight,
+    fake_quantize_activation,
+    fake_quantize_weight,
+    normalize_input,
+    quantize_weight,
+)
+
+__all__ = [
+    "LayerSpec",
+    "QuantMixin",
+    "QuantLinear",
+    "QuantConv1d",
+    "QuantConv2d",
+    "QuantConvTranspose1d",
+    "QuantEmbedding",
+    "register_layer",
+    "layer_spec",
+    "is_quantized",
+    "to_quant_module",
+    "to_float_module",
+]
+
+LayerForward = Callable[..., Tensor]
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """How ternq runs one layer type with a quantized weight.
+
+    Attributes:
+        float_type: the float layer class (exact type; subclasses must be registered on their own, since
+            they may override forward).
+        forward: ``forward(module, x, weight, *args, **kwargs)`` computing the layer with `weight`.
+        weight_out_dim: the weight dimension that indexes output channels (0 for Linear/Conv, 1 for
+            ConvTranspose and for layers that store a linear weight as (in, out)).
+        feature_dim: the input dimension holding features, normalized and quantized per token;
+            None for layers whose input is not a float activation (Embedding).
+        weight_name: attribute holding the (effective) weight.
+        optional: True for types that are only converted when a rule selects them by type (Embedding).
+    """
+
+    float_type: type[nn.Module]
+    forward: LayerForward
+    weight_out_dim: int = 0
+    feature_dim: int | None = -1
+    weight_name: str = "weight"
+    optional: bool = False
+
+
+class QuantMixin:
+    """Forward of every QAT layer; the float class provides parameters and the rest of the behaviour."""
+
+    _ternq_spec: LayerSpec
+    qconfig: QuantConfig
+
+    def quantize_input(self, x: Tensor) -> Tensor:
+        """Input normalization and activation fake-quantization, as configured."""
+        dim = self._ternq_spec.feature_dim
+        if dim is None or not torch.is_floating_point(x):
+            return x
+        x = normalize_input(x, self.qconfig.input_norm, dim, self.qconfig.eps)
+        if self.qconfig.act_bits is not None:
+            x = fake_quantize_activation(x, self.qconfig.act_bits, dim, self.qconfig.eps)
+        return x
+
+    def float_weight(self) -> Tensor:
+        """The effective float weight (after weight_norm / spectral_norm, before quantization)."""
+        return getattr(self, self._ternq_spec.weight_name)
+
+    def quantized_weight(self) -> Tensor:
+        """``codes * scale`` with a straight-through gradient to the latent float weight."""
+        return fake_quantize_weight(self.float_weight(), self.qconfig, self._ternq_spec.weight_out_dim)
+
+    def weight_codes(self) -> tuple[Tensor, Tensor]:
+        """Hard integer codes (int8) and scales of the current weight: what gets packed."""
+        return quantize_weight(self.float_weight(), self.qconfig, self._ternq_spec.weight_out_dim)
+
+    def hard_weight(self) -> Tensor:
+        """The dequantized weight ``codes * scale`` without gradient (for export and interop)."""
+        codes, scale = self.weight_codes()
+        w = dequantize_weight(codes, scale, self.qconfig, self._ternq_spec.weight_out_dim)
+        return w.to(self.float_weight().dtype)
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        return self._ternq_spec.forward(self, self.quantize_input(x), self.quantized_weight(), *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        base = super().extra_repr()  # type: ignore[misc]
+        return f"{base}, qconfig={self.qconfig.name}/{self.qconfig.granularity}, act_bits={self.qconfig.act_bits}"
+
+
+# --- built-in layer forwards -----------------------------------------------------------------------------------
+
+
+def _linear(m: nn.Linear, x: Tensor, w: Tensor) -> Tensor:
+    return F.linear(x, w, m.bias)
+
+
+def _conv(m: nn.Conv1d | nn.Conv2d, x: Tensor, w: Tensor) -> Tensor:
+    return m._conv_forward(x, w, m.bias)
+
+
+def _conv_transpose1d(m: nn.ConvTranspose1d, x: Tensor, w: Tensor, output_size: list[int] | None = None) -> Tensor:
+    output_padding = m._output_padding(x, output_size, m.stride, m.padding, m.kernel_size, 1, m.dilation)
+    return F.conv_transpose1d(x, w, m.bias, m.stride, m.padding, output_padding, m.groups, m.dilation)
+
+
+def _embedding(m: nn.Embedding, x: Tensor, w: Tensor) -> Tensor:
+    return F.embedding(x, w, m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse)
+
+
+class QuantLinear(QuantMixin, nn.Linear):
+    """QAT nn.Linear: BitLinear when configured as the paper (ternary weights, layer-normed int8 inputs)."""
+
+    _ternq_spec = LayerSpec(nn.Linear, _linear, weight_out_dim=0, feature_dim=-1)
+
+
+class QuantConv1d(QuantMixin, nn.Conv1d):
+    """QAT nn.Conv1d; activations are normalized and quantized per time step over channels."""
+
+    _ternq_spec = LayerSpec(nn.Conv1d, _conv, weight_out_dim=0, feature_dim=1)
+
+
+class QuantConv2d(QuantMixin, nn.Conv2d):
+    """QAT nn.Conv2d; activations are normalized and quantized per pixel over channels."""
+
+    _ternq_spec = LayerSpec(nn.Conv2d, _conv, weight_out_dim=0, feature_dim=1)
+
+
+class QuantConvTranspose1d(QuantMixin, nn.ConvTranspose1d):
+    """QAT nn.ConvTranspose1d (HiFi-GAN's upsamplers); weight is (in, out/groups, k), so outputs lie on dim 1."""
+
+    _ternq_spec = LayerSpec(nn.ConvTranspose1d, _conv_transpose1d, weight_out_dim=1, feature_dim=1)
+
+
+class QuantEmbedding(QuantMixin, nn.Embedding):
+    """QAT nn.Embedding (opt-in: only converted when a rule selects nn.Embedding by type); one row per token."""
+
+    _ternq_spec = LayerSpec(nn.Embedding, _embedding, weight_out_dim=0, feature_dim=None, optional=True)
+
+
+# --- registry --------------------------------------------------------------------------------------------------
+
+_REGISTRY: dict[type[nn.Module], type[QuantMixin]] = {}
+
+
+def register_layer(
+    float_type: type[nn.Module],
+    forward: LayerForward | None = None,
+    *,
+    weight_out_dim: int = 0,
+    feature_dim: int | None = -1,
+    weight_name: str = "weight",
+    optional: bool = False,
+    quant_type: type[QuantMixin] | None = None,
+) -> type[QuantMixin]:
+    """Teach ternq a layer type; returns its QAT class.
+
+    Either pass `forward` (ternq builds ``Quant<Name>(QuantMixin, float_type)``) or a ready `quant_type`.
+    Example, a linear layer that stores its weight transposed (transformers' GPT-2 ``Conv1D``)::
+
+        ternq.register_layer(Conv1D, lambda m, x, w: torch.addmm(m.bias, x.flatten(0, -2), w)
+                             .view(*x.shape[:-1], -1), weight_out_dim=1)
+    """
+    if not (isinstance(float_type, type) and issubclass(float_type, nn.Module)):
+        raise TypeError(f"register_layer: {float_type!r} is not an nn.Module subclass")
+    if issubclass(float_type, QuantMixin):
+        raise TypeError(f"register_layer: {float_type.__name__} is already a ternq QAT class")
+    if quant_type is None:
+        if forward is None:
+            raise TypeError(f"register_layer({float_type.__name__}): pass forward=... or quant_type=...")
+        spec = LayerSpec(float_type, forward, weight_out_dim, feature_dim, weight_name, optional)
+        quant_type = type(f"Quant{float_type.__name__}", (QuantMixin, float_type),
+                          {"_ternq_spec": spec, "__module__": float_type.__module__})
+    elif not issubclass(quant_type, QuantMixin) or quant_type._ternq_spec.float_type is not float_type:
+        raise TypeError(f"register_layer: quant_type must be a QuantMixin subclass whose spec names {float_type}")
+    _REGISTRY[float_type] = quant_type
+    return quant_type
+
+
+for _cls in (QuantLinear, QuantConv1d, QuantConv2d, QuantConvTranspose1d, QuantEmbedding):
+    register_layer(_cls._ternq_spec.float_type, quant_type=_cls)
+
+
+def _base_type(module: nn.Module) -> type[nn.Module]:
+    """The user-visible class: parametrized modules live in a generated subclass of it."""
+    cls = type(module)
+    if parametrize.is_parametrized(module):
+        cls = cls.__bases__[0]
+    return cls
+
+
+def layer_spec(module: nn.Module) -> LayerSpec | None:
+    """The spec ternq would use for `module`, or None when its type is not registered."""
+    if isinstance(module, QuantMixin):
+        return module._ternq_spec
+    quant_type = _REGISTRY.get(_base_type(module))
+    return None if quant_type is None else quant_type._ternq_spec
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """True for a ternq QAT layer."""
+    return isinstance(module, QuantMixin)
+
+
+_COMBINED: dict[tuple[type, type], type] = {}
+
+
+def _quant_class_for(module: nn.Module) -> type[QuantMixin]:
+    base = _base_type(module)
+    quant_type = _REGISTRY.get(base)
+    if quant_type is None:
+        known = ", ".join(sorted(t.__name__ for t in _REGISTRY))
+        raise TypeError(f"ternq cannot quantize {base.__name__}: not a registered layer type ({known}); "
+                        "teach it with ternq.register_layer(...)")
+    if type(module) is base:
+        return quant_type
+    key = (quant_type, type(module))  # parametrized: combine the QAT forward with the generated class
+    if key not in _COMBINED:
+        _COMBINED[key] = type(f"{quant_type.__name__}Parametrized", (quant_type, type(module)), {})
+    return _COMBINED[key]
+
+
+def _shallow_clone(module: nn.Module, cls: type) -> nn.Module:
+    """A new object of `cls` sharing parameters and submodules, with its own registries and hooks dicts,
+    so that changing the clone never changes `module` (conversion can be rolled back by keeping it)."""
+    clone = cls.__new__(cls)
+    clone.__dict__.update({k: copy.copy(v) if isinstance(v, dict) else v for k, v in module.__dict__.items()})
+    return clone
+
+
+def to_quant_module(module: nn.Module, config: QuantConfig) -> nn.Module:
+    """The QAT version of `module` (shares its parameters; `module` itself is left unchanged)."""
+    if isinstance(module, QuantMixin):
+        raise ValueError(f"{type(module).__name__} is already quantized")
+    qmodule = _shallow_clone(module, _quant_class_for(module))
+    qmodule.qconfig = config
+    return qmodule
+
+
+def to_float_module(module: nn.Module) -> nn.Module:
+    """A plain float layer whose weight holds the hard-quantized values ``codes * scale``.
+
+    Weight reparametrizations are folded away: the result has an ordinary ``weight`` parameter.
+    """
+    if not isinstance(module, QuantMixin):
+        raise ValueError(f"{type(module).__name__} is not a ternq QAT layer")
+    spec = module._ternq_spec
+    with torch.no_grad():
+        hard = module.hard_weight().detach().clone()
+    clone = _shallow_clone(module, spec.float_type)
+    clone.__dict__.pop("qconfig", None)
+    if parametrize.is_parametrized(module):
+        # fold every parametrized tensor into a plain parameter (torch's remove_parametrizations would edit
+        # the generated class, which the original module shares)
+        folded = {name: getattr(module, name).detach().clone() for name in module.parametrizations}
+        del clone._modules["parametrizations"]
+        for name, value in folded.items():
+            clone.register_parameter(name, nn.Parameter(value, requires_grad=False))
+    for hook_id, hook in list(clone._forward_pre_hooks.items()):
+        # legacy weight_norm / spectral_norm recompute the weight before every forward: drop them
+        if getattr(hook, "name", None) == spec.weight_name and hasattr(hook, "compute_weight"):
+            del clone._forward_pre_hooks[hook_id]
+            for suffix in ("_g", "_v", "_orig", "_u"):
+                clone._parameters.pop(spec.weight_name + suffix, None)
+                clone._buffers.pop(spec.weight_name + suffix, None)
+            clone._state_dict_hooks.clear()
+            clone._load_state_dict_pre_hooks.clear()
+    clone.__dict__.pop(spec.weight_name, None)  # the legacy hooks' last computed weight
+    clone._parameters.pop(spec.weight_name, None)
+    clone.register_parameter(spec.weight_name, nn.Parameter(hard, requires_grad=module.float_weight().requires_grad))
+    return clone

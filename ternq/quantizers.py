@@ -1,0 +1,159 @@
+"""Weight and activation quantizers, with straight-through estimators for training.
+
+Weights are viewed as rows: one row per output channel (`out_dim` says which weight dimension that is: 0 for
+Linear / Conv, 1 for ConvTranspose and for layers that store a linear weight transposed), the remaining
+dimensions flattened into the row. Scales are computed per tensor, per row ("channel") or per group of G
+consecutive row elements ("group"), and returned in their *stored* shape: ``(1,)``, ``(rows,)`` or
+``(rows, n_groups)``.
+
+Ternary (BitNet b1.58, BitTTS):   beta = mean|W| + eps,       codes = clip(round(W / beta), -1, 1)
+k-bit symmetric:                  s = max|W| / q + eps,  codes = clip(round(W / s), -q, q),  q = 2**(k-1) - 1
+
+The fake-quantized weight used in training is ``codes * scale``. Its gradient reaches the latent float weight
+through a straight-through estimator (STE): with ``ste="identity"`` (default, as BitNet) the gradient of the
+rounding is taken as 1 *everywhere*, also for weights outside the clip range, so a saturated weight keeps
+moving and can come back; with ``ste="clipped"`` the gradient is zero where ``|W / scale| > q + 1/2``, i.e. where
+clipping (not rounding) decided the code.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import QuantConfig, TernaryConfig
+
+__all__ = [
+    "weight_scale",
+    "quantize_weight",
+    "dequantize_weight",
+    "fake_quantize_weight",
+    "normalize_input",
+    "activation_scale",
+    "fake_quantize_activation",
+]
+
+
+def _rows(w: Tensor, out_dim: int) -> Tensor:
+    """(rows, fan_in) view of a weight whose output channels lie along `out_dim`."""
+    if w.dim() == 0:
+        raise ValueError("cannot quantize a 0-d tensor: a weight needs at least one dimension")
+    if w.dim() == 1:
+        return w.reshape(1, -1)
+    return w.movedim(out_dim, 0).reshape(w.shape[out_dim], -1)
+
+
+def _unrows(rows: Tensor, shape: torch.Size, out_dim: int) -> Tensor:
+    """Inverse of `_rows`."""
+    if len(shape) <= 1:
+        return rows.reshape(shape)
+    moved = list(shape)
+    moved.insert(0, moved.pop(out_dim))
+    return rows.reshape(moved).movedim(0, out_dim)
+
+
+def _grouped(rows: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
+    """Zero-pad rows to whole groups; return (rows, n_groups, G) and the count of real elements per group."""
+    n, fan_in = rows.shape
+    n_groups = math.ceil(fan_in / group_size)
+    pad = n_groups * group_size - fan_in
+    padded = F.pad(rows, (0, pad)).reshape(n, n_groups, group_size)
+    counts = torch.full((n_groups,), float(group_size), dtype=rows.dtype, device=rows.device)
+    counts[-1] = group_size - pad
+    return padded, counts
+
+
+def _stat(x: Tensor, config: QuantConfig, dims: tuple[int, ...], counts: Tensor | None = None) -> Tensor:
+    """mean|x| (ternary) or max|x| / q (k-bit) over `dims`; `counts` corrects the mean for zero padding."""
+    a = x.abs()
+    if isinstance(config, TernaryConfig):
+        if counts is None:
+            return a.mean(dim=dims)
+        return a.sum(dim=dims) / counts
+    return a.amax(dim=dims) / config.qmax
+
+
+def weight_scale(w: Tensor, config: QuantConfig, out_dim: int = 0) -> Tensor:
+    """Scale(s) of `w` in stored shape: ``(1,)`` per tensor, ``(rows,)`` per channel, ``(rows, n_groups)`` per group."""
+    w = w.detach().float()
+    rows = _rows(w, out_dim)
+    if config.granularity == "tensor":
+        s = _stat(rows, config, (0, 1)).reshape(1)
+    elif config.granularity == "channel":
+        s = _stat(rows, config, (1,))
+    else:
+        grouped, counts = _grouped(rows, config.group_size)
+        s = _stat(grouped, config, (2,), counts)
+    return s + config.eps
+
+
+def _expand(scale: Tensor, rows_shape: torch.Size, config: QuantConfig) -> Tensor:
+    """Scale broadcast to the (rows, fan_in) layout."""
+    if config.granularity == "tensor":
+        return scale.reshape(1, 1)
+    if config.granularity == "channel":
+        return scale.reshape(-1, 1)
+    return scale.repeat_interleave(config.group_size, dim=1)[:, : rows_shape[1]]
+
+
+def _codes(rows: Tensor, scale_rows: Tensor, qmax: int) -> Tensor:
+    return torch.clamp(torch.round(rows / scale_rows), -qmax, qmax)
+
+
+def quantize_weight(w: Tensor, config: QuantConfig, out_dim: int = 0) -> tuple[Tensor, Tensor]:
+    """Hard quantization: integer codes (int8, same shape as `w`) and float32 scales (stored shape)."""
+    scale = weight_scale(w, config, out_dim)
+    rows = _rows(w.detach().float(), out_dim)
+    codes = _codes(rows, _expand(scale, rows.shape, config), config.qmax)
+    return _unrows(codes, w.shape, out_dim).to(torch.int8), scale
+
+
+def dequantize_weight(codes: Tensor, scale: Tensor, config: QuantConfig, out_dim: int = 0,
+                      dtype: torch.dtype = torch.float32) -> Tensor:
+    """codes * scale, in the weight's layout."""
+    rows = _rows(codes.to(dtype), out_dim)
+    return _unrows(rows * _expand(scale.to(dtype), rows.shape, config), codes.shape, out_dim)
+
+
+def fake_quantize_weight(w: Tensor, config: QuantConfig, out_dim: int = 0) -> Tensor:
+    """``codes * scale`` in w's dtype, differentiable with respect to `w` through the configured STE."""
+    scale = weight_scale(w, config, out_dim).to(w.dtype)
+    rows = _rows(w, out_dim)
+    scale_rows = _expand(scale, rows.shape, config)
+    with torch.no_grad():
+        wq = _codes(rows, scale_rows, config.qmax) * scale_rows
+    if config.ste == "identity":
+        out = rows + (wq - rows).detach()
+    else:
+        inside = (rows.detach() / scale_rows).abs() <= config.qmax + 0.5
+        out = wq + (rows - rows.detach()) * inside
+    return _unrows(out, w.shape, out_dim)
+
+
+def normalize_input(x: Tensor, kind: str | None, dim: int, eps: float = 1e-5) -> Tensor:
+    """Parameter-free LayerNorm or RMSNorm over `dim` (the feature / channel dimension)."""
+    if kind is None:
+        return x
+    if kind == "layernorm":
+        mean = x.mean(dim=dim, keepdim=True)
+        var = x.var(dim=dim, keepdim=True, unbiased=False)
+        return (x - mean) * torch.rsqrt(var + eps)
+    if kind == "rmsnorm":
+        return x * torch.rsqrt(x.pow(2).mean(dim=dim, keepdim=True) + eps)
+    raise ValueError(f"input_norm={kind!r}: expected 'layernorm', 'rmsnorm' or None")
+
+
+def activation_scale(x: Tensor, bits: int, dim: int, eps: float = 1e-5) -> Tensor:
+    """Per-token absmax scale (float units per integer step), kept as a broadcastable dim."""
+    qmax = 2 ** (bits - 1) - 1
+    return x.detach().abs().amax(dim=dim, keepdim=True).clamp(min=eps) / qmax
+
+
+def fake_quantize_activation(x: Tensor, bits: int, dim: int, eps: float = 1e-5) -> Tensor:
+    """Absmax quantization per token along `dim` to signed `bits`, identity STE (BitNet's activation quant)."""
+    s = activation_scale(x, bits, dim, eps)
+    with torch.no_grad():
+        xq = torch.clamp(torch.round(x / s), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1) * s
+    return x + (xq - x).detach()
