@@ -1,2 +1,39 @@
-"""ternq: 1.58-bit and k-bit quantization-aware training for any PyTorch model."""
+"""ternq: 1.58-bit (ternary) and k-bit quantization-aware training and packed inference for any PyTorch model.
+
+The whole public API lives here, flat:
+
+    model = ternq.quantize(model, include=..., exclude=..., config=ternq.TernaryConfig())
+    print(ternq.report(model))
+    ternq.save_packed(model, "model.safetensors")
+    model = ternq.load_packed("model.safetensors", skeleton)
+"""
+from .config import KBitConfig, QuantConfig, TernaryConfig
+from .errors import (
+    AlreadyQuantizedError,
+    ArchitectureMismatchError,
+    ChecksumError,
+    ConversionError,
+    FormatError,
+    SelectorError,
+    TernqError,
+    UnsupportedLayerError,
+)
+from .layers import is_quantized, register_layer
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "QuantConfig",
+    "TernaryConfig",
+    "KBitConfig",
+    "register_layer",
+    "is_quantized",
+    "TernqError",
+    "SelectorError",
+    "ConversionError",
+    "AlreadyQuantizedError",
+    "UnsupportedLayerError",
+    "FormatError",
+    "ChecksumError",
+    "ArchitectureMismatchError",
+]
