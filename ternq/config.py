@@ -32,7 +32,9 @@ class QuantConfig:
             ("layernorm", "rmsnorm", parameter-free so float checkpoints still load) or None.
         ste: straight-through estimator. "identity" passes the gradient to every latent weight (BitNet);
             "clipped" zeroes it for weights beyond the clip range, so saturated weights stop drifting.
-        eps: floor for scales, so an all-zero weight never divides by zero.
+        eps: keeps scales positive, so an all-zero weight never divides by zero: added to the ternary
+            absmean (beta = mean|W| + eps, as the paper), a floor for k-bit scales (max(max|W| / q, eps)).
+            Also the epsilon of the input norm and the floor of activation scales.
     """
 
     granularity: Granularity = "tensor"
@@ -47,7 +49,8 @@ class QuantConfig:
             raise ValueError(f"granularity={self.granularity!r}: expected one of {_GRANULARITIES}")
         if self.granularity == "group" and (not isinstance(self.group_size, int) or self.group_size < 1):
             raise ValueError(f"group_size={self.group_size!r}: expected a positive int")
-        if self.act_bits is not None and not (2 <= int(self.act_bits) <= 8):
+        if self.act_bits is not None and (not isinstance(self.act_bits, int) or isinstance(self.act_bits, bool)
+                                          or not 2 <= self.act_bits <= 8):
             raise ValueError(f"act_bits={self.act_bits!r}: expected an int in 2..8 or None")
         if self.input_norm not in _NORMS:
             raise ValueError(f"input_norm={self.input_norm!r}: expected one of {_NORMS}")
@@ -96,7 +99,7 @@ class QuantConfig:
 
 @dataclass(frozen=True)
 class TernaryConfig(QuantConfig):
-    """1.58-bit weights: W_q = clip(round(W / beta), -1, 1) with beta = mean|W| (BitNet b1.58 absmean)."""
+    """1.58-bit weights: W_q = clip(round(W / beta), -1, 1) with beta = mean|W| + eps (BitNet b1.58 absmean)."""
 
     @property
     def name(self) -> str:
@@ -113,13 +116,13 @@ class TernaryConfig(QuantConfig):
 
 @dataclass(frozen=True)
 class KBitConfig(QuantConfig):
-    """k-bit symmetric weights: W_q = clip(round(W / s), -q, q), s = max|W| / q, q = 2**(k-1) - 1."""
+    """k-bit symmetric weights: W_q = clip(round(W / s), -q, q), s = max(max|W| / q, eps), q = 2**(k-1) - 1."""
 
     bits: int = 4
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+        if not isinstance(self.bits, int) or isinstance(self.bits, bool) or not 2 <= self.bits <= 8:
             raise ValueError(f"bits={self.bits!r}: expected an int in 2..8 (use TernaryConfig for 1.58-bit)")
 
     @property

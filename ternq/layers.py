@@ -21,8 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
+from torch.nn.utils.spectral_norm import SpectralNorm as _SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm as _WeightNorm
 
 from .config import QuantConfig
+from .errors import UnsupportedLayerError
 from .quantizers import (
     dequantize_weight,
     fake_quantize_activation,
@@ -90,8 +93,19 @@ class QuantMixin:
         return x
 
     def float_weight(self) -> Tensor:
-        """The effective float weight (after weight_norm / spectral_norm, before quantization)."""
-        return getattr(self, self._ternq_spec.weight_name)
+        """The effective float weight (after weight_norm / spectral_norm, before quantization).
+
+        The legacy ``weight_norm`` / ``spectral_norm`` hooks refresh the weight attribute only before a
+        forward, so after ``load_state_dict`` or an optimizer step it is stale: recompute it from g/v (or
+        weight_orig/u/v, without a power iteration) so that packing sees the current weight.
+        """
+        name = self._ternq_spec.weight_name
+        hook = _legacy_weight_hook(self, name)  # type: ignore[arg-type]
+        if isinstance(hook, _WeightNorm):
+            return hook.compute_weight(self)
+        if isinstance(hook, _SpectralNorm):
+            return hook.compute_weight(self, do_power_iteration=False)
+        return getattr(self, name)
 
     def quantized_weight(self) -> Tensor:
         """``codes * scale`` with a straight-through gradient to the latent float weight."""
@@ -108,11 +122,22 @@ class QuantMixin:
         return w.to(self.float_weight().dtype)
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        return self._ternq_spec.forward(self, self.quantize_input(x), self.quantized_weight(), *args, **kwargs)
+        spec = self._ternq_spec
+        # the forward pre-hooks (legacy weight_norm / spectral_norm) have just refreshed the weight attribute
+        w = fake_quantize_weight(getattr(self, spec.weight_name), self.qconfig, spec.weight_out_dim)
+        return spec.forward(self, self.quantize_input(x), w, *args, **kwargs)
 
     def extra_repr(self) -> str:
         base = super().extra_repr()  # type: ignore[misc]
         return f"{base}, qconfig={self.qconfig.name}/{self.qconfig.granularity}, act_bits={self.qconfig.act_bits}"
+
+
+def _legacy_weight_hook(module: nn.Module, name: str) -> Any:
+    """The legacy ``torch.nn.utils.weight_norm`` / ``spectral_norm`` pre-hook computing `name`, if any."""
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, (_WeightNorm, _SpectralNorm)) and hook.name == name:
+            return hook
+    return None
 
 
 # --- built-in layer forwards -----------------------------------------------------------------------------------
@@ -237,8 +262,8 @@ def _quant_class_for(module: nn.Module) -> type[QuantMixin]:
     quant_type = _REGISTRY.get(base)
     if quant_type is None:
         known = ", ".join(sorted(t.__name__ for t in _REGISTRY))
-        raise TypeError(f"ternq cannot quantize {base.__name__}: not a registered layer type ({known}); "
-                        "teach it with ternq.register_layer(...)")
+        raise UnsupportedLayerError(f"ternq cannot quantize {base.__name__}: not a registered layer type "
+                                    f"({known}); teach it with ternq.register_layer(...)")
     if type(module) is base:
         return quant_type
     key = (quant_type, type(module))  # parametrized: combine the QAT forward with the generated class
@@ -285,7 +310,7 @@ def to_float_module(module: nn.Module) -> nn.Module:
             clone.register_parameter(name, nn.Parameter(value, requires_grad=False))
     for hook_id, hook in list(clone._forward_pre_hooks.items()):
         # legacy weight_norm / spectral_norm recompute the weight before every forward: drop them
-        if getattr(hook, "name", None) == spec.weight_name and hasattr(hook, "compute_weight"):
+        if hook is _legacy_weight_hook(module, spec.weight_name):
             del clone._forward_pre_hooks[hook_id]
             for suffix in ("_g", "_v", "_orig", "_u"):
                 clone._parameters.pop(spec.weight_name + suffix, None)

@@ -6,8 +6,11 @@ dimensions flattened into the row. Scales are computed per tensor, per row ("cha
 consecutive row elements ("group"), and returned in their *stored* shape: ``(1,)``, ``(rows,)`` or
 ``(rows, n_groups)``.
 
-Ternary (BitNet b1.58, BitTTS):   beta = mean|W| + eps,       codes = clip(round(W / beta), -1, 1)
-k-bit symmetric:                  s = max|W| / q + eps,  codes = clip(round(W / s), -q, q),  q = 2**(k-1) - 1
+Ternary (BitNet b1.58, BitTTS):   beta = mean|W| + eps,          codes = clip(round(W / beta), -1, 1)
+k-bit symmetric:                  s = max(max|W| / q, eps),  codes = clip(round(W / s), -q, q),  q = 2**(k-1) - 1
+
+The ternary eps is added, as in the paper; the k-bit eps is only a floor, because an 8-bit scale of a typical
+weight is ~1e-4 and an added 1e-5 would keep the codes from ever reaching +-q.
 
 The fake-quantized weight used in training is ``codes * scale``. Its gradient reaches the latent float weight
 through a straight-through estimator (STE): with ``ste="identity"`` (default, as BitNet) the gradient of the
@@ -66,13 +69,15 @@ def _grouped(rows: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
 
 
 def _stat(x: Tensor, config: QuantConfig, dims: tuple[int, ...], counts: Tensor | None = None) -> Tensor:
-    """mean|x| (ternary) or max|x| / q (k-bit) over `dims`; `counts` corrects the mean for zero padding."""
+    """The scale over `dims`: mean|x| + eps (ternary) or max(max|x| / q, eps) (k-bit).
+
+    `counts` corrects the mean for zero padding.
+    """
     a = x.abs()
     if isinstance(config, TernaryConfig):
-        if counts is None:
-            return a.mean(dim=dims)
-        return a.sum(dim=dims) / counts
-    return a.amax(dim=dims) / config.qmax
+        mean = a.mean(dim=dims) if counts is None else a.sum(dim=dims) / counts
+        return mean + config.eps
+    return (a.amax(dim=dims) / config.qmax).clamp(min=config.eps)
 
 
 def weight_scale(w: Tensor, config: QuantConfig, out_dim: int = 0) -> Tensor:
@@ -86,7 +91,7 @@ def weight_scale(w: Tensor, config: QuantConfig, out_dim: int = 0) -> Tensor:
     else:
         grouped, counts = _grouped(rows, config.group_size)
         s = _stat(grouped, config, (2,), counts)
-    return s + config.eps
+    return s
 
 
 def _expand(scale: Tensor, rows_shape: torch.Size, config: QuantConfig) -> Tensor:
@@ -118,16 +123,22 @@ def dequantize_weight(codes: Tensor, scale: Tensor, config: QuantConfig, out_dim
 
 
 def fake_quantize_weight(w: Tensor, config: QuantConfig, out_dim: int = 0) -> Tensor:
-    """``codes * scale`` in w's dtype, differentiable with respect to `w` through the configured STE."""
-    scale = weight_scale(w, config, out_dim).to(w.dtype)
+    """``codes * scale`` in w's dtype, differentiable with respect to `w` through the configured STE.
+
+    Codes are computed in float32 whatever w's dtype, so training sees exactly the codes `quantize_weight`
+    packs. The value is exactly ``codes * scale``: the STE adds ``w - w.detach()`` (zero) rather than the
+    rounding error, which would be inexact in floating point.
+    """
+    scale = weight_scale(w, config, out_dim)
     rows = _rows(w, out_dim)
-    scale_rows = _expand(scale, rows.shape, config)
     with torch.no_grad():
-        wq = _codes(rows, scale_rows, config.qmax) * scale_rows
+        rows32 = rows.detach().float()
+        scale_rows = _expand(scale, rows32.shape, config)
+        wq = (_codes(rows32, scale_rows, config.qmax) * scale_rows).to(w.dtype)
     if config.ste == "identity":
-        out = rows + (wq - rows).detach()
+        out = wq + (rows - rows.detach())
     else:
-        inside = (rows.detach() / scale_rows).abs() <= config.qmax + 0.5
+        inside = (rows32 / scale_rows).abs() <= config.qmax + 0.5
         out = wq + (rows - rows.detach()) * inside
     return _unrows(out, w.shape, out_dim)
 
@@ -156,4 +167,4 @@ def fake_quantize_activation(x: Tensor, bits: int, dim: int, eps: float = 1e-5) 
     s = activation_scale(x, bits, dim, eps)
     with torch.no_grad():
         xq = torch.clamp(torch.round(x / s), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1) * s
-    return x + (xq - x).detach()
+    return xq + (x - x.detach())
