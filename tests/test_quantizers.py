@@ -1,0 +1,345 @@
+"""Property tests of the weight and activation quantizers against their definitions.
+
+References are recomputed here from the formulas (loops over groups, plain torch ops), not from ternq's helpers.
+"""
+from __future__ import annotations
+
+import math
+
+import hypothesis.extra.numpy as hnp
+import hypothesis.strategies as st
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+
+import ternq
+from ternq import KBitConfig, QuantConfig, TernaryConfig
+from ternq.quantizers import (
+    activation_scale,
+    dequantize_weight,
+    fake_quantize_activation,
+    fake_quantize_weight,
+    normalize_input,
+    quantize_weight,
+    weight_scale,
+)
+
+PROPS = settings(max_examples=40, deadline=None)
+
+
+@st.composite
+def weights(draw: st.DrawFn) -> tuple[torch.Tensor, int]:
+    """A float32 weight of 1-3 dims (Linear, Conv1d or ConvTranspose1d layout) and its output dimension."""
+    ndim = draw(st.integers(1, 3))
+    shape = tuple(draw(st.lists(st.integers(1, 7), min_size=ndim, max_size=ndim)))
+    values = draw(hnp.arrays(np.float32, shape,
+                             elements=st.floats(-4, 4, width=32, allow_subnormal=False)))
+    magnitude = draw(st.sampled_from([1e-5, 1e-3, 0.02, 1.0, 30.0]))
+    out_dim = draw(st.integers(0, min(1, ndim - 1)))
+    return torch.from_numpy(values) * magnitude, out_dim
+
+
+@st.composite
+def configs(draw: st.DrawFn, kinds: tuple[str, ...] = ("ternary", "kbit")) -> QuantConfig:
+    kind = draw(st.sampled_from(kinds))
+    common = dict(granularity=draw(st.sampled_from(["tensor", "channel", "group"])),
+                  group_size=draw(st.integers(1, 8)),
+                  ste=draw(st.sampled_from(["identity", "clipped"])))
+    if kind == "ternary":
+        return TernaryConfig(**common)
+    return KBitConfig(bits=draw(st.integers(2, 8)), **common)
+
+
+def ref_groups(w: torch.Tensor, config: QuantConfig, out_dim: int) -> list[list[torch.Tensor]]:
+    """w's elements as scale groups: groups[row][g] is a 1-d tensor, straight from the granularity's definition."""
+    rows = w.reshape(1, -1) if w.dim() == 1 else w.movedim(out_dim, 0).reshape(w.shape[out_dim], -1)
+    if config.granularity == "tensor":
+        return [[rows.reshape(-1)]]
+    if config.granularity == "channel":
+        return [[row] for row in rows]
+    g = config.group_size
+    return [[row[i:i + g] for i in range(0, row.numel(), g)] for row in rows]
+
+
+def ref_scale(group: torch.Tensor, config: QuantConfig) -> float:
+    if isinstance(config, TernaryConfig):
+        return group.double().abs().mean().item() + config.eps  # beta = mean|W| + eps
+    return max(group.double().abs().max().item() / config.qmax, config.eps)  # s = max(max|W| / q, eps)
+
+
+def scale_list(scale: torch.Tensor, config: QuantConfig) -> list[list[float]]:
+    """Stored scales in the same nesting as `ref_groups`."""
+    if config.granularity == "tensor":
+        return [[scale.item()]]
+    if config.granularity == "channel":
+        return [[s] for s in scale.tolist()]
+    return scale.tolist()
+
+
+# --- scales ----------------------------------------------------------------------------------------------------
+
+
+@PROPS
+@given(weights(), configs())
+def test_scale_matches_its_definition(wo: tuple[torch.Tensor, int], config: QuantConfig) -> None:
+    w, out_dim = wo
+    scale = weight_scale(w, config, out_dim)
+    got = scale_list(scale, config)
+    for got_row, groups in zip(got, ref_groups(w, config, out_dim), strict=True):
+        assert len(got_row) == len(groups)
+        for s, group in zip(got_row, groups, strict=True):
+            assert s == pytest.approx(ref_scale(group, config), rel=1e-5)
+
+
+@PROPS
+@given(weights(), configs())
+def test_granularity_shapes(wo: tuple[torch.Tensor, int], config: QuantConfig) -> None:
+    w, out_dim = wo
+    codes, scale = quantize_weight(w, config, out_dim)
+    rows = 1 if w.dim() == 1 else w.shape[out_dim]
+    fan_in = w.numel() // rows
+    expected = {"tensor": (1,), "channel": (rows,), "group": (rows, math.ceil(fan_in / config.group_size))}
+    assert tuple(scale.shape) == expected[config.granularity]
+    assert scale.dtype == torch.float32 and bool((scale > 0).all())
+    assert codes.shape == w.shape and codes.dtype == torch.int8
+
+
+# --- codes and values ------------------------------------------------------------------------------------------
+
+
+@PROPS
+@given(weights(), configs(kinds=("ternary",)))
+def test_ternary_values_lie_in_minus_beta_zero_beta_per_group(wo: tuple[torch.Tensor, int],
+                                                              config: QuantConfig) -> None:
+    w, out_dim = wo
+    wq = fake_quantize_weight(w, config, out_dim)
+    codes, scale = quantize_weight(w, config, out_dim)
+    assert set(codes.unique().tolist()) <= {-1, 0, 1}
+    rows = zip(ref_groups(wq, config, out_dim), ref_groups(w, config, out_dim), scale_list(scale, config),
+               strict=True)
+    for q_row, w_row, s_row in rows:
+        for q_group, w_group, stored in zip(q_row, w_row, s_row, strict=True):
+            assert stored == pytest.approx(ref_scale(w_group, config), rel=1e-5)
+            beta = torch.tensor(stored, dtype=torch.float32)
+            assert bool(((q_group == 0) | (q_group == beta) | (q_group == -beta)).all()), (q_group, beta)
+            # the code is round-to-nearest of W / beta, clipped to [-1, 1]
+            expected = torch.clamp(torch.round(w_group / beta), -1, 1) * beta
+            assert torch.equal(q_group, expected)
+
+
+@PROPS
+@given(weights(), configs(kinds=("kbit",)))
+def test_kbit_codes_stay_in_range_and_round_to_nearest(wo: tuple[torch.Tensor, int], config: KBitConfig) -> None:
+    w, out_dim = wo
+    codes, scale = quantize_weight(w, config, out_dim)
+    q = 2 ** (config.bits - 1) - 1
+    assert config.qmax == q
+    assert int(codes.abs().max()) <= q
+    # s >= max|W| / q: nothing is clipped, so every weight is within half a step of its quantized value
+    wq = dequantize_weight(codes, scale, config, out_dim)
+    for w_row, q_row in zip(ref_groups(w, config, out_dim), ref_groups(wq, config, out_dim), strict=True):
+        for w_group, q_group in zip(w_row, q_row, strict=True):
+            step = ref_scale(w_group, config)
+            assert float((w_group - q_group).abs().max()) <= step / 2 * (1 + 1e-5)
+    # the largest weight of a group whose scale is not floored gets the extreme code
+    if config.granularity == "tensor" and float(w.abs().max()) / q > config.eps:
+        assert int(codes.abs().max()) == q
+
+
+@PROPS
+@given(weights(), configs())
+def test_fake_quantize_is_exactly_codes_times_scale(wo: tuple[torch.Tensor, int], config: QuantConfig) -> None:
+    w, out_dim = wo
+    codes, scale = quantize_weight(w, config, out_dim)
+    assert torch.equal(fake_quantize_weight(w, config, out_dim), dequantize_weight(codes, scale, config, out_dim))
+
+
+@PROPS
+@given(weights(), configs(kinds=("ternary",)))
+def test_ternary_codes_are_a_fixed_point_and_beta_shrinks_by_the_nonzero_fraction(
+        wo: tuple[torch.Tensor, int], config: TernaryConfig) -> None:
+    """Re-quantizing W_q = beta * codes keeps the codes, and per group mean|W_q| = f * beta with f the fraction
+    of non-zero codes, so beta' = f * beta + eps: the scale shrinks exactly when (1 - f) * beta > eps, i.e.
+    for any weight of ordinary magnitude with at least one zero code."""
+    w, out_dim = wo
+    codes, scale = quantize_weight(w, config, out_dim)
+    wq = dequantize_weight(codes, scale, config, out_dim)
+    codes2, scale2 = quantize_weight(wq, config, out_dim)
+    assert torch.equal(codes2, codes)
+    code_groups = ref_groups(codes.float(), config, out_dim)
+    for row, s_row, s2_row in zip(code_groups, scale_list(scale, config), scale_list(scale2, config), strict=True):
+        for group, beta, beta2 in zip(row, s_row, s2_row, strict=True):
+            nonzero_fraction = float((group != 0).float().mean())
+            assert beta2 == pytest.approx(nonzero_fraction * beta + config.eps, rel=1e-5)
+            margin = (1 - nonzero_fraction) * beta - config.eps
+            if abs(margin) > 1e-6 * beta:
+                assert (beta2 < beta) == (margin > 0)
+
+
+@PROPS
+@given(weights(), configs(kinds=("kbit",)))
+def test_kbit_quantization_is_a_fixed_point(wo: tuple[torch.Tensor, int], config: KBitConfig) -> None:
+    """k-bit codes *and* scales are a fixed point: the largest code is q, so max|W_q| / q is the scale again."""
+    w, out_dim = wo
+    codes, scale = quantize_weight(w, config, out_dim)
+    codes2, scale2 = quantize_weight(dequantize_weight(codes, scale, config, out_dim), config, out_dim)
+    assert torch.equal(codes2, codes)
+    torch.testing.assert_close(scale2, scale, rtol=1e-6, atol=0)
+
+
+@PROPS
+@given(weights(), configs())
+def test_out_dim_one_is_out_dim_zero_of_the_transposed_weight(wo: tuple[torch.Tensor, int],
+                                                              config: QuantConfig) -> None:
+    w, _ = wo
+    if w.dim() < 2:
+        return
+    codes_t, scale_t = quantize_weight(w.transpose(0, 1), config, out_dim=0)
+    codes, scale = quantize_weight(w, config, out_dim=1)
+    assert torch.equal(codes, codes_t.transpose(0, 1))
+    assert torch.equal(scale, scale_t)
+
+
+def test_all_zero_weight_gives_zero_codes_and_eps_scale() -> None:
+    for config in (TernaryConfig(), KBitConfig(bits=4, granularity="channel"), TernaryConfig(granularity="group",
+                                                                                             group_size=3)):
+        w = torch.zeros(4, 5)
+        codes, scale = quantize_weight(w, config)
+        assert not codes.any()
+        assert torch.allclose(scale, torch.full_like(scale, config.eps))
+        assert torch.equal(fake_quantize_weight(w, config), w)
+
+
+def test_zero_dim_weight_is_rejected() -> None:
+    with pytest.raises(ValueError, match="0-d"):
+        quantize_weight(torch.tensor(1.0), TernaryConfig())
+
+
+def test_low_precision_weight_gets_the_packed_codes() -> None:
+    """bf16 training must see the same codes as the float32 export, or the packed model differs."""
+    torch.manual_seed(0)
+    w = (torch.randn(64, 96) * 0.05).bfloat16()
+    for config in (TernaryConfig(), KBitConfig(bits=4, granularity="channel")):
+        wq = fake_quantize_weight(w, config)
+        codes, scale = quantize_weight(w, config)
+        assert wq.dtype == torch.bfloat16
+        assert torch.equal(wq, dequantize_weight(codes, scale, config).bfloat16())
+
+
+# --- straight-through estimator --------------------------------------------------------------------------------
+
+
+@PROPS
+@given(weights(), configs(), st.integers(0, 2**31 - 1))
+def test_ste_gradient(wo: tuple[torch.Tensor, int], config: QuantConfig, seed: int) -> None:
+    """identity: dL/dW = dL/dW_q everywhere; clipped: the same inside |W/s| <= q + 1/2, zero outside."""
+    w, out_dim = wo
+    w = w.clone().requires_grad_(True)
+    upstream = torch.randn(w.shape, generator=torch.Generator().manual_seed(seed))
+    (fake_quantize_weight(w, config, out_dim) * upstream).sum().backward()
+    assert w.grad is not None
+    if config.ste == "identity":
+        assert torch.equal(w.grad, upstream)
+        return
+    scale = dequantize_weight(torch.ones_like(w, dtype=torch.int8), weight_scale(w, config, out_dim), config,
+                              out_dim)
+    inside = (w.detach() / scale).abs() <= config.qmax + 0.5
+    assert torch.equal(w.grad, torch.where(inside, upstream, torch.zeros_like(upstream)))
+
+
+def test_identity_ste_moves_saturated_weights_clipped_ste_freezes_them() -> None:
+    """A weight far outside the clip range: identity STE still updates it, clipped STE does not."""
+    w = torch.tensor([[0.1, -0.1, 0.05, 5.0]])
+    for ste, expected in (("identity", 1.0), ("clipped", 0.0)):
+        latent = w.clone().requires_grad_(True)
+        fake_quantize_weight(latent, TernaryConfig(ste=ste)).sum().backward()
+        assert latent.grad is not None
+        assert latent.grad[0, 3].item() == expected
+        assert latent.grad[0, 0].item() == 1.0  # inside the clip range both pass the gradient
+
+
+# --- activations -----------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=30, deadline=None)
+@given(hnp.arrays(np.float32, hnp.array_shapes(min_dims=2, max_dims=3, min_side=1, max_side=6),
+                  elements=st.floats(-100, 100, width=32, allow_subnormal=False)),
+       st.integers(2, 8), st.booleans())
+def test_activation_absmax_per_token(x_np: np.ndarray, bits: int, channels_first: bool) -> None:
+    x = torch.from_numpy(x_np).requires_grad_(True)
+    dim = 1 if channels_first else -1
+    q = 2 ** (bits - 1) - 1
+    xq = fake_quantize_activation(x, bits, dim)
+    s = activation_scale(x, bits, dim)
+    expected_s = (x.detach().abs().amax(dim=dim, keepdim=True) / q).clamp(min=1e-5 / q)
+    torch.testing.assert_close(s, expected_s)
+    codes = xq.detach() / s
+    assert float((codes - codes.round()).abs().max()) < 1e-3
+    assert float(codes.abs().max()) <= q + 1e-3
+    assert float((xq.detach() - x.detach()).abs().max(dim=dim).values.sub(s.squeeze(dim) / 2).max()) <= 1e-6
+    upstream = torch.randn_like(x)
+    (xq * upstream).sum().backward()
+    assert torch.equal(x.grad, upstream)  # identity STE
+
+
+@pytest.mark.parametrize("kind", ["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("dim", [1, -1])
+def test_input_norm_matches_torch(kind: str, dim: int) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 7) * 4 + 1
+    got = normalize_input(x, kind, dim)
+    moved = x.movedim(dim, -1)
+    if kind == "layernorm":
+        ref = torch.nn.functional.layer_norm(moved, (moved.shape[-1],), eps=1e-5)
+    else:
+        ref = torch.nn.functional.rms_norm(moved, (moved.shape[-1],), eps=1e-5)
+    torch.testing.assert_close(got, ref.movedim(-1, dim))
+    assert normalize_input(x, None, dim) is x
+    with pytest.raises(ValueError, match="input_norm"):
+        normalize_input(x, "batchnorm", dim)
+
+
+# --- configs ---------------------------------------------------------------------------------------------------
+
+
+def test_default_config_is_the_paper_recipe() -> None:
+    c = TernaryConfig()
+    assert (c.granularity, c.act_bits, c.input_norm, c.ste, c.qmax, c.name) == (
+        "tensor", 8, "layernorm", "identity", 1, "ternary")
+    assert c.bits_per_weight == pytest.approx(1.6)
+
+
+@PROPS
+@given(configs())
+def test_config_dict_round_trip(config: QuantConfig) -> None:
+    assert QuantConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(granularity="row"), "granularity"),
+    (dict(granularity="group", group_size=0), "group_size"),
+    (dict(act_bits=1), "act_bits"),
+    (dict(act_bits=8.5), "act_bits"),
+    (dict(act_bits=True), "act_bits"),
+    (dict(input_norm="batchnorm"), "input_norm"),
+    (dict(ste="soft"), "ste"),
+    (dict(eps=0.0), "eps"),
+])
+def test_bad_config_fields_are_named(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        TernaryConfig(**kwargs)
+
+
+@pytest.mark.parametrize("bits", [1, 9, 4.0, True])
+def test_bad_bits(bits: object) -> None:
+    with pytest.raises(ValueError, match="bits"):
+        KBitConfig(bits=bits)  # type: ignore[arg-type]
+
+
+def test_from_dict_rejects_unknown_kind_and_fields() -> None:
+    with pytest.raises(ValueError, match="kind"):
+        QuantConfig.from_dict({"kind": "binary"})
+    with pytest.raises(ValueError, match="gruop_size"):
+        QuantConfig.from_dict({"kind": "ternary", "gruop_size": 3})
+    assert isinstance(QuantConfig.from_dict(KBitConfig(bits=3).to_dict()), ternq.KBitConfig)
