@@ -148,9 +148,10 @@ def normalize_input(x: Tensor, kind: str | None, dim: int, eps: float = 1e-5) ->
     if kind is None:
         return x
     if kind == "layernorm":
-        mean = x.mean(dim=dim, keepdim=True)
-        var = x.var(dim=dim, keepdim=True, unbiased=False)
-        return (x - mean) * torch.rsqrt(var + eps)
+        # two-pass variance from the centered input: same value as x.var(unbiased=False), but x.var over a
+        # non-innermost dim (channels of a (B, C, T) conv input) is ~10x slower than these two means
+        centered = x - x.mean(dim=dim, keepdim=True)
+        return centered * torch.rsqrt(centered.square().mean(dim=dim, keepdim=True) + eps)
     if kind == "rmsnorm":
         return x * torch.rsqrt(x.pow(2).mean(dim=dim, keepdim=True) + eps)
     raise ValueError(f"input_norm={kind!r}: expected 'layernorm', 'rmsnorm' or None")
