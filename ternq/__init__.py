@@ -19,7 +19,6 @@ from .errors import (
     TernqError,
     UnsupportedLayerError,
 )
-from .fileformat import PackedModel, load_packed, pack, save_packed
 from .layers import is_quantized, register_layer
 from .report import Report, report
 from .selectors import Rule, output_layers
@@ -38,10 +37,6 @@ __all__ = [
     "Rule",
     "output_layers",
     "is_quantized",
-    "pack",
-    "save_packed",
-    "load_packed",
-    "PackedModel",
     "TernqError",
     "SelectorError",
     "ConversionError",
