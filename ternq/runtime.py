@@ -1,0 +1,685 @@
+"""Packed inference layers: ternary / k-bit weights kept as int8 codes (or 2/4-bit packed) plus scales.
+
+`packed_layer` turns a float layer plus its integer codes and scales into an inference layer that never holds a
+float copy of the weight. It computes what the QAT layer computes in eval mode (input norm, per-token absmax
+activation quantization, ``codes * scale`` weight) by one of several *kernels*:
+
+``int8_gemm`` (Linear) / ``int8_taps`` (Conv1d, ConvTranspose1d)
+    For layers trained with ``act_bits`` set. The normalized input is rounded to integer codes exactly as the
+    QAT layer rounds it, multiplied with the weight codes by ``torch._int_mm`` (int8 x int8 -> int32, exact),
+    and the int32 result is rescaled by the activation and weight scales. A convolution cannot fold the
+    per-time-step activation scale out of its window sum, so ``int8_taps`` runs one GEMM of all k taps at once,
+    ``(k*out, in) @ (in, T)``, scales every column by its time step's scale and sums the k shifted tap planes
+    (overlap-adds them for the transposed conv). Per-group weight scales are accumulated group by group
+    (Linear only; grouped-scale convolutions use ``weight_only``).
+``gather`` (Embedding)
+    Gathers the code rows of the looked-up tokens and scales only those.
+``weight_only``
+    Any registered layer type: ``codes * scale`` is dequantized on the fly for each call, in the input's dtype,
+    and the layer's own float op runs on it (for Conv2d and layers trained without activation quantization this
+    is the only kernel). It costs one pass over the weight per call and a transient float weight, but nothing
+    float is kept between calls. It is the path that is right everywhere (any device, autograd through the
+    input) and never much slower than the float layer itself.
+
+Kernel choice. With ``kernel="auto"`` (default) the first call for each input-shape bucket (rows rounded up to a
+power of two, per thread count, dtype and device) times every applicable kernel on the real input and keeps the
+fastest; the choice is cached per process (`kernel_choices`, `reset_kernel_choices`), so int8 is only used
+where this CPU runs it faster (AVX512-VNNI / AMX make it several times faster; an old CPU may not). Force a
+kernel per layer (``packed_layer(..., kernel=...)`` or ``layer.kernel = "weight_only"``) or for the whole
+process with the environment variable ``TERNQ_KERNEL`` = ``auto`` | ``weight_only`` | ``int8`` (the layer's
+integer kernel where it applies). A call that needs a gradient with respect to the input runs ``weight_only``.
+
+Storage (``storage=`` or ``TERNQ_STORAGE``). ``"int8"`` (default) keeps one int8 code per weight, already in the
+layout its GEMM reads: 1/4 of the float32 weight, and the fastest. ``"packed"`` keeps ternary and int2 codes at
+2 bits and int3/int4 codes at 4 bits per weight (1/16 or 1/8 of float32; wider codes stay int8) and unpacks them
+to a transient int8 tensor in every call, about 0.1 ms per million weights on one core.
+
+Tolerance. The integer codes of activations and weights are identical to the QAT layer's (same functions, same
+layout), and int32 accumulation is exact, so kernels differ from the QAT layer only by float32 rounding: the
+order in which ``s_x * scale * sum(q * c)`` is rounded and summed. `tests/test_runtime.py` checks every kernel
+against the QAT layer with ``|y - y_qat| <= 1e-5 * (|x_q| @ |W_q|) + 1e-6`` elementwise (``x_q``, ``W_q`` the
+fake-quantized input and weight), i.e. relative to the magnitude of the terms being summed.
+
+Packed layers are for inference: the int8 kernels do not propagate gradients to the input (the bias still
+gets its gradient).
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from .config import QuantConfig
+from .errors import ArchitectureMismatchError, FormatError
+from .layers import LayerSpec, QuantMixin, _legacy_weight_hook
+from .quantizers import activation_scale, dequantize_weight, normalize_input
+
+__all__ = [
+    "KERNEL_ENV",
+    "STORAGE_ENV",
+    "PackedLayer",
+    "PackedLinear",
+    "PackedConv1d",
+    "PackedConv2d",
+    "PackedConvTranspose1d",
+    "PackedEmbedding",
+    "packed_layer",
+    "is_packed",
+    "resident_bytes",
+    "kernel_choices",
+    "reset_kernel_choices",
+]
+
+KERNEL_ENV = "TERNQ_KERNEL"
+STORAGE_ENV = "TERNQ_STORAGE"
+WEIGHT_ONLY = "weight_only"
+_ENV_KERNELS = ("auto", WEIGHT_ONLY, "int8")
+_STORAGES = ("int8", "packed")
+
+# (layer class, geometry, input bucket, dtype, device, threads, storage) -> kernel name
+_CHOICES: dict[tuple[Any, ...], str] = {}
+
+
+def kernel_choices() -> dict[tuple[Any, ...], str]:
+    """A copy of the kernels picked so far by timing, keyed by layer geometry and input-shape bucket."""
+    return dict(_CHOICES)
+
+
+def reset_kernel_choices() -> None:
+    """Forget the timed choices (e.g. after changing the thread count deliberately)."""
+    _CHOICES.clear()
+
+
+# --- sub-byte storage ------------------------------------------------------------------------------------------
+
+
+def _storage_bits(config: QuantConfig) -> int:
+    """Bits per code in packed storage: 2 for codes in [-1, 1], 4 up to [-7, 7], else 8."""
+    return 2 if config.qmax <= 1 else 4 if config.qmax <= 7 else 8
+
+
+def _pack_rows(codes: Tensor, bits: int) -> Tensor:
+    """Pack the last dim of int8 `codes` into bytes of 8 // bits two's-complement fields.
+
+    Planar within each row: field i of byte j holds element ``i * width + j``, so unpacking is a few whole-row
+    shifts (no interleaving) and rows stay separately addressable (an Embedding gathers packed rows).
+    """
+    per = 8 // bits
+    *lead, n = codes.shape
+    width = -(-n // per)
+    planes = F.pad(codes.reshape(-1, n), (0, width * per - n)).view(-1, per, width)
+    out = torch.zeros(planes.shape[0], width, dtype=torch.uint8, device=codes.device)
+    mask = (1 << bits) - 1
+    for i in range(per):
+        out |= (planes[:, i].view(torch.uint8) & mask) << (bits * i)
+    return out.view(*lead, width)
+
+
+def _unpack_rows(packed: Tensor, bits: int, n: int) -> Tensor:
+    """Inverse of `_pack_rows`: int8 codes with last dim `n` (sign-extended by a left then arithmetic right shift)."""
+    per = 8 // bits
+    *lead, width = packed.shape
+    src = packed.reshape(-1, width).view(torch.int8)
+    out = torch.empty(src.shape[0], per, width, dtype=torch.int8, device=packed.device)
+    for i in range(per):
+        plane = out[:, i]
+        up = 8 - bits * (i + 1)
+        if up:
+            torch.bitwise_left_shift(src, up, out=plane)
+            plane.bitwise_right_shift_(8 - bits)
+        else:
+            torch.bitwise_right_shift(src, 8 - bits, out=plane)
+    flat = out.view(src.shape[0], per * width)
+    if per * width != n:
+        flat = flat[:, :n]
+    return flat.reshape(*lead, n)
+
+
+# --- the packed layer ------------------------------------------------------------------------------------------
+
+
+def _pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+class PackedLayer:
+    """Inference forward of every packed layer; the float class provides the layer's other attributes.
+
+    Like the QAT layers, ``PackedLinear`` *is* an ``nn.Linear`` (same bias, hooks and hyperparameters), minus the
+    float weight: it holds ``qweight`` (int8 codes in the kernel's layout, or packed bytes) and ``scale``
+    (float32, the stored shape of `ternq.quantizers.weight_scale`), both non-persistent buffers, so
+    ``state_dict()`` carries only the float parameters left (bias); `ternq.pack` reads ``.codes`` / ``.scale``.
+    """
+
+    kernels: tuple[str, ...] = (WEIGHT_ONLY,)  # in preference order; subclasses add integer kernels
+    qconfig: QuantConfig
+    spec: LayerSpec
+    storage: str
+    qweight: Tensor
+    scale: Tensor
+
+    # -- construction -------------------------------------------------------------------------------------------
+
+    def _init_packed(self, codes: Tensor, scale: Tensor, config: QuantConfig, spec: LayerSpec,
+                     kernel: str | None, storage: str | None) -> None:
+        self.qconfig = config
+        self.spec = spec
+        self._ternq_spec = spec  # what QuantMixin.quantize_input reads
+        self._weight_shape = tuple(codes.shape)
+        storage = storage if storage is not None else os.environ.get(STORAGE_ENV, "int8").strip() or "int8"
+        if storage not in _STORAGES:
+            raise ValueError(f"storage={storage!r}: expected one of {_STORAGES} (or set {STORAGE_ENV})")
+        self.storage = storage
+        self._int8_layout = self._integer_kernel_possible()
+        layout = (self._to_layout(codes) if self._int8_layout else codes).contiguous()
+        self._layout_shape = tuple(layout.shape)
+        self._bits = _storage_bits(config) if storage == "packed" else 8
+        qweight = layout if self._bits == 8 else _pack_rows(layout, self._bits)
+        self.register_buffer("qweight", qweight, persistent=False)  # type: ignore[attr-defined]
+        self.register_buffer("scale", scale.to(torch.float32).contiguous(), persistent=False)  # type: ignore[attr-defined]
+        self._forced: str | None = None
+        self._last: str | None = None
+        if kernel is not None and kernel != "auto":
+            self.kernel = kernel
+
+    def _integer_kernel_possible(self) -> bool:
+        """Whether an integer kernel can ever run for this layer (decides the stored layout)."""
+        return len(self.kernels) > 1
+
+    def _to_layout(self, codes: Tensor) -> Tensor:
+        """Weight-shaped codes -> the layout the integer kernel reads (identity unless overridden)."""
+        return codes
+
+    def _from_layout(self, stored: Tensor) -> Tensor:
+        """Inverse of `_to_layout`."""
+        return stored
+
+    # -- weights ------------------------------------------------------------------------------------------------
+
+    def _layout_codes(self) -> Tensor:
+        """int8 codes in the stored layout (a transient unpacked copy for packed storage)."""
+        if self._bits == 8:
+            return self.qweight
+        return _unpack_rows(self.qweight, self._bits, self._layout_shape[-1])
+
+    @property
+    def codes(self) -> Tensor:
+        """int8 codes in the float weight's shape (what `ternq.pack` stores)."""
+        stored = self._layout_codes()
+        return self._from_layout(stored) if self._int8_layout else stored
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """``codes * scale`` in the weight's shape: a fresh tensor, not kept by the layer."""
+        w = dequantize_weight(self.codes, self.scale, self.qconfig, self.spec.weight_out_dim)
+        return w.to(dtype)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)  # type: ignore[misc]
+        except AttributeError:
+            spec = self.__dict__.get("spec")
+            if spec is not None and name == spec.weight_name:
+                raise AttributeError(
+                    f"{type(self).__name__} is a packed ternq layer and holds no float {name!r}: use .codes and "
+                    ".scale, or .dequantized_weight()") from None
+            raise
+
+    # -- kernel selection ---------------------------------------------------------------------------------------
+
+    @property
+    def kernel(self) -> str:
+        """The forced kernel, else the one the last call ran ("auto" before the first call)."""
+        return self._forced or self._last or "auto"
+
+    @kernel.setter
+    def kernel(self, name: str) -> None:
+        if name == "auto":
+            self._forced = None
+            return
+        if name not in self.kernels:
+            raise ValueError(f"kernel={name!r} does not exist for {type(self).__name__}: expected 'auto' or one "
+                             f"of {self.kernels}")
+        if name != WEIGHT_ONLY and not self._integer_kernel_possible():
+            raise ValueError(f"kernel={name!r} cannot run this {type(self).__name__} ({self._why_no_integer()}); "
+                             f"use {WEIGHT_ONLY!r}")
+        self._forced = name
+
+    def _why_no_integer(self) -> str:
+        return f"granularity={self.qconfig.granularity!r}, act_bits={self.qconfig.act_bits}"
+
+    def _applicable(self, x: Tensor) -> tuple[str, ...]:
+        """Kernels that can compute this call (subclasses narrow it by input); weight_only always can."""
+        return self.kernels
+
+    def _geometry(self) -> tuple[Any, ...]:
+        """What besides the input shape decides which kernel is faster."""
+        cfg = self.qconfig
+        return (self._layout_shape, cfg.granularity, cfg.group_size, cfg.act_bits)
+
+    def _bucket(self, x: Tensor) -> tuple[int, ...]:
+        return tuple(_pow2(d) for d in x.shape)
+
+    def _pick(self, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        applicable = self._applicable(x)
+        needs_grad = torch.is_grad_enabled() and x.requires_grad
+        if self._forced is not None:
+            if self._forced not in applicable:
+                raise ValueError(f"{type(self).__name__}.kernel={self._forced!r} cannot compute this input "
+                                 f"(shape {tuple(x.shape)}, {x.dtype}); applicable: {applicable}")
+            if needs_grad and self._forced != WEIGHT_ONLY:
+                raise RuntimeError(f"kernel {self._forced!r} is inference-only and gives no gradient to the "
+                                   f"input: run under torch.no_grad() or use kernel={WEIGHT_ONLY!r}")
+            return self._forced
+        env = os.environ.get(KERNEL_ENV, "auto").strip() or "auto"
+        if env not in _ENV_KERNELS:
+            raise ValueError(f"{KERNEL_ENV}={env!r}: expected one of {_ENV_KERNELS}")
+        if env == WEIGHT_ONLY or needs_grad:
+            return WEIGHT_ONLY
+        fast = [k for k in applicable if k != WEIGHT_ONLY]
+        if env == "int8" and fast:
+            return fast[0]
+        if not fast:
+            return WEIGHT_ONLY
+        key = (type(self).__name__, self._geometry(), self._bucket(x), x.dtype, x.device.type,
+               torch.get_num_threads(), self.storage)
+        choice = _CHOICES.get(key)
+        if choice is None:
+            choice = self._time_kernels(applicable, x, args, kwargs)
+            _CHOICES[key] = choice
+        return choice
+
+    def _time_kernels(self, names: tuple[str, ...], x: Tensor, args: tuple[Any, ...],
+                      kwargs: dict[str, Any]) -> str:
+        """The fastest of `names` on this very input: best of 3 timed calls after a warm-up call."""
+        best_name, best_time = WEIGHT_ONLY, math.inf
+        with torch.no_grad():
+            for name in names:
+                run = getattr(self, "_k_" + name)
+                try:
+                    run(x, *args, **kwargs)
+                except RuntimeError:
+                    if name == WEIGHT_ONLY:
+                        raise
+                    continue  # e.g. _int_mm's shape limits on some devices: that kernel just drops out
+                elapsed = math.inf
+                for _ in range(3):
+                    if x.device.type == "cuda":
+                        torch.cuda.synchronize(x.device)
+                    start = time.perf_counter()
+                    run(x, *args, **kwargs)
+                    if x.device.type == "cuda":
+                        torch.cuda.synchronize(x.device)
+                    elapsed = min(elapsed, time.perf_counter() - start)
+                if elapsed < best_time:
+                    best_name, best_time = name, elapsed
+        return best_name
+
+    # -- forward ------------------------------------------------------------------------------------------------
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        name = self._pick(x, args, kwargs)
+        self._last = name
+        return getattr(self, "_k_" + name)(x, *args, **kwargs)
+
+    def quantize_input(self, x: Tensor) -> Tensor:
+        """The QAT layer's input normalization and activation fake-quantization (float)."""
+        return QuantMixin.quantize_input(self, x)  # type: ignore[arg-type]
+
+    def _quantize_int8(self, x: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+        """Integer activation codes (int8) and per-token scales: the very values the QAT layer rounds to."""
+        cfg = self.qconfig
+        bits = int(cfg.act_bits)  # type: ignore[arg-type]
+        x = normalize_input(x, cfg.input_norm, dim, cfg.eps)
+        s = activation_scale(x, bits, dim, cfg.eps)
+        t = x / s
+        t.round_().clamp_(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+        return t.to(torch.int8), s.to(torch.float32)
+
+    def _k_weight_only(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        dtype = x.dtype if x.is_floating_point() else self.scale.dtype
+        w = self.dequantized_weight(dtype)
+        return self.spec.forward(self, self.quantize_input(x), w, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        base = super().extra_repr()  # type: ignore[misc]
+        cfg = self.qconfig
+        return (f"{base}, qconfig={cfg.name}/{cfg.granularity}, act_bits={cfg.act_bits}, storage={self.storage}, "
+                f"kernel={self.kernel}")
+
+
+def _int_mm(a: Tensor, b: Tensor) -> Tensor:
+    """int8 x int8 -> int32 matrix product."""
+    return torch._int_mm(a, b)
+
+
+class PackedLinear(PackedLayer, nn.Linear):
+    """Packed nn.Linear; ``int8_gemm``: one ``torch._int_mm`` per call (per scale group for group scales)."""
+
+    kernels = ("int8_gemm", WEIGHT_ONLY)
+
+    def _integer_kernel_possible(self) -> bool:
+        return self.qconfig.act_bits is not None
+
+    def _applicable(self, x: Tensor) -> tuple[str, ...]:
+        if self.qconfig.act_bits is not None and x.is_floating_point():
+            return self.kernels
+        return (WEIGHT_ONLY,)
+
+    def _bucket(self, x: Tensor) -> tuple[int, ...]:
+        return (_pow2(x.numel() // max(x.shape[-1], 1)),)
+
+    def _k_int8_gemm(self, x: Tensor) -> Tensor:
+        n_in = x.shape[-1]
+        q, s = self._quantize_int8(x, -1)
+        a = q.reshape(-1, n_in)
+        s = s.reshape(-1, 1)
+        b = self._layout_codes().t()  # (in, out) view of the (out, in) codes
+        cfg = self.qconfig
+        if cfg.granularity == "group":
+            size = cfg.group_size
+            y = None
+            for g in range(self.scale.shape[1]):
+                part = _int_mm(a[:, g * size:(g + 1) * size], b[g * size:(g + 1) * size]).to(torch.float32)
+                part.mul_(self.scale[:, g])
+                y = part if y is None else y.add_(part)
+            assert y is not None
+            y.mul_(s)
+        else:
+            y = _int_mm(a, b).to(torch.float32)
+            if cfg.granularity == "tensor":
+                y.mul_(s * self.scale)
+            else:
+                y.mul_(s).mul_(self.scale)
+        if self.bias is not None:
+            y = y.add_(self.bias)
+        return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+
+
+class _PackedConv1dBase(PackedLayer):
+    """Shared by Conv1d and ConvTranspose1d: codes stored as (groups, k, out/groups, in/groups) for `int8_taps`."""
+
+    kernels = ("int8_taps", WEIGHT_ONLY)
+    groups: int
+    kernel_size: tuple[int, ...]
+
+    def _integer_kernel_possible(self) -> bool:
+        return self.qconfig.act_bits is not None and self.qconfig.granularity != "group"
+
+    def _why_no_integer(self) -> str:
+        if self.qconfig.act_bits is None:
+            return "act_bits=None: the input stays float"
+        return "per-group weight scales mix taps within a group"
+
+    def _applicable(self, x: Tensor) -> tuple[str, ...]:
+        # unbatched (C, T) inputs keep the QAT layer's own handling: weight_only
+        if self._integer_kernel_possible() and x.is_floating_point() and x.dim() == 3:
+            return self.kernels
+        return (WEIGHT_ONLY,)
+
+    def _geometry(self) -> tuple[Any, ...]:
+        conv = (self.stride, self.padding, self.dilation, self.groups)  # type: ignore[attr-defined]
+        return (*super()._geometry(), conv)
+
+    def _bucket(self, x: Tensor) -> tuple[int, ...]:
+        return (x.shape[0], _pow2(x.shape[-1]))
+
+    def _tap_gemm(self, weight: Tensor, q: Tensor, s: Tensor) -> Tensor:
+        """(k, out_g, T) float: ``s[t] * sum_c codes[tap, o, c] * q[c, t]`` for every tap."""
+        k, out_g, in_g = weight.shape
+        r = _int_mm(weight.reshape(k * out_g, in_g), q).to(torch.float32)
+        return r.mul_(s).view(k, out_g, q.shape[-1])
+
+    def _scale_and_bias(self, y: Tensor) -> Tensor:
+        if self.qconfig.granularity == "channel":
+            n = self.scale.shape[0]
+            y.view(y.shape[0], -1, n, y.shape[-1]).mul_(self.scale.view(1, 1, n, 1))
+        if self.bias is not None:  # type: ignore[attr-defined]
+            y.add_(self.bias.view(1, -1, 1))  # type: ignore[attr-defined]
+        return y
+
+
+class PackedConv1d(_PackedConv1dBase, nn.Conv1d):
+    """Packed nn.Conv1d; ``int8_taps``: one int8 GEMM of all taps, per-step scales, shifted tap sum."""
+
+    def _to_layout(self, codes: Tensor) -> Tensor:
+        out_ch, in_g, k = codes.shape
+        return codes.view(self.groups, out_ch // self.groups, in_g, k).permute(0, 3, 1, 2)
+
+    def _from_layout(self, stored: Tensor) -> Tensor:
+        groups, k, out_g, in_g = stored.shape
+        return stored.permute(0, 2, 3, 1).reshape(groups * out_g, in_g, k)
+
+    def _k_int8_taps(self, x: Tensor) -> Tensor:
+        q, s = self._quantize_int8(x, 1)  # (B, C, T) int8, (B, 1, T)
+        if self.qconfig.granularity == "tensor":
+            s = s * self.scale
+        left, right = self._reversed_padding_repeated_twice
+        if self.padding_mode == "zeros":
+            q, s = F.pad(q, (left, right)), F.pad(s, (left, right))
+        elif left or right:
+            index = torch.arange(q.shape[-1], dtype=torch.float32, device=q.device).view(1, 1, -1)
+            index = F.pad(index, (left, right), mode=self.padding_mode).view(-1).long()
+            q, s = q.index_select(2, index), s.index_select(2, index)
+        batch, _, t_pad = q.shape
+        k, dilation, stride = self.kernel_size[0], self.dilation[0], self.stride[0]
+        t_out = (t_pad - dilation * (k - 1) - 1) // stride + 1
+        if t_out < 1:
+            raise RuntimeError(f"{type(self).__name__}: input of length {x.shape[-1]} is shorter than the "
+                               f"kernel's reach {dilation * (k - 1) + 1} after padding")
+        weight = self._layout_codes()
+        groups, _, out_g, in_g = weight.shape
+        y = torch.empty(batch, groups * out_g, t_out, dtype=torch.float32, device=x.device)
+        for b in range(batch):
+            for g in range(groups):
+                taps = self._tap_gemm(weight[g], q[b, g * in_g:(g + 1) * in_g], s[b])  # (k, out_g, t_pad)
+                shifted = taps.as_strided((k, out_g, t_out), (out_g * t_pad + dilation, t_pad, stride))
+                torch.sum(shifted, 0, out=y[b, g * out_g:(g + 1) * out_g])
+        return self._scale_and_bias(y).to(x.dtype)
+
+
+class PackedConvTranspose1d(_PackedConv1dBase, nn.ConvTranspose1d):
+    """Packed nn.ConvTranspose1d; ``int8_taps``: one int8 GEMM of all taps, per-step scales, overlap-add."""
+
+    def _to_layout(self, codes: Tensor) -> Tensor:
+        in_ch, out_g, k = codes.shape
+        return codes.view(self.groups, in_ch // self.groups, out_g, k).permute(0, 3, 2, 1)
+
+    def _from_layout(self, stored: Tensor) -> Tensor:
+        groups, k, out_g, in_g = stored.shape
+        return stored.permute(0, 3, 2, 1).reshape(groups * in_g, out_g, k)
+
+    def _k_int8_taps(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
+        output_padding = self._output_padding(x, output_size, self.stride, self.padding, self.kernel_size, 1,
+                                              self.dilation)
+        q, s = self._quantize_int8(x, 1)  # (B, C, T) int8, (B, 1, T)
+        if self.qconfig.granularity == "tensor":
+            s = s * self.scale
+        batch, _, t_in = q.shape
+        k, dilation, stride, pad = self.kernel_size[0], self.dilation[0], self.stride[0], self.padding[0]
+        t_full = (t_in - 1) * stride + dilation * (k - 1) + 1
+        t_out = t_full - 2 * pad + output_padding[0]
+        if t_out < 1:
+            raise RuntimeError(f"{type(self).__name__}: output length {t_out} < 1 for input length {t_in}")
+        weight = self._layout_codes()
+        groups, _, out_g, in_g = weight.shape
+        y = torch.empty(batch, groups * out_g, t_out, dtype=torch.float32, device=x.device)
+        full = torch.empty(out_g, max(t_full, pad + t_out), dtype=torch.float32, device=x.device)
+        reach = stride * (t_in - 1) + 1
+        for b in range(batch):
+            for g in range(groups):
+                taps = self._tap_gemm(weight[g], q[b, g * in_g:(g + 1) * in_g], s[b])  # (k, out_g, t_in)
+                full.zero_()
+                for j in range(k):
+                    full[:, j * dilation:j * dilation + reach:stride].add_(taps[j])
+                y[b, g * out_g:(g + 1) * out_g] = full[:, pad:pad + t_out]
+        return self._scale_and_bias(y).to(x.dtype)
+
+
+class PackedConv2d(PackedLayer, nn.Conv2d):
+    """Packed nn.Conv2d: weight_only (BitTTS is 1-D; a per-pixel int8 formulation is not implemented)."""
+
+
+class PackedEmbedding(PackedLayer, nn.Embedding):
+    """Packed nn.Embedding; ``gather``: gathers the looked-up code rows and scales only those."""
+
+    kernels = ("gather", WEIGHT_ONLY)
+
+    def _integer_kernel_possible(self) -> bool:
+        return True
+
+    def _applicable(self, x: Tensor) -> tuple[str, ...]:
+        return self.kernels if self.max_norm is None else (WEIGHT_ONLY,)  # max_norm renormalizes the table
+
+    def _k_gather(self, x: Tensor) -> Tensor:
+        packed_rows = F.embedding(x, self.qweight)
+        rows = packed_rows if self._bits == 8 else _unpack_rows(packed_rows, self._bits, self._layout_shape[-1])
+        out = rows.to(torch.float32)
+        cfg = self.qconfig
+        if cfg.granularity == "tensor":
+            out.mul_(self.scale)
+        elif cfg.granularity == "channel":
+            out.mul_(self.scale[x].unsqueeze(-1))
+        else:
+            expanded = self.scale[x].repeat_interleave(cfg.group_size, dim=-1)[..., :out.shape[-1]]
+            out.mul_(expanded)
+        return out.to(self.scale.dtype)
+
+
+_BUILTIN: dict[type[nn.Module], type[PackedLayer]] = {
+    nn.Linear: PackedLinear,
+    nn.Conv1d: PackedConv1d,
+    nn.Conv2d: PackedConv2d,
+    nn.ConvTranspose1d: PackedConvTranspose1d,
+    nn.Embedding: PackedEmbedding,
+}
+_GENERIC: dict[type[nn.Module], type[PackedLayer]] = {}
+
+
+def _packed_class(float_type: type[nn.Module]) -> type[PackedLayer]:
+    """The packed class for a registered layer type (weight_only for types ternq has no kernels for)."""
+    if float_type in _BUILTIN:
+        return _BUILTIN[float_type]
+    if float_type not in _GENERIC:
+        _GENERIC[float_type] = type(f"Packed{float_type.__name__}", (PackedLayer, float_type),
+                                    {"__module__": float_type.__module__})
+    return _GENERIC[float_type]
+
+
+def is_packed(module: nn.Module) -> bool:
+    """True for a layer made by `packed_layer`."""
+    return isinstance(module, PackedLayer)
+
+
+def _weight_shape(module: nn.Module, name: str) -> tuple[int, ...] | None:
+    """Shape of the float weight without computing it (a parametrization would allocate it)."""
+    if parametrize.is_parametrized(module, name):
+        originals = [t for t in module.parametrizations[name].parameters()]  # type: ignore[union-attr,index]
+        return tuple(max(originals, key=lambda t: t.numel()).shape) if originals else None
+    hook = _legacy_weight_hook(module, name)
+    if hook is not None:
+        for suffix in ("_v", "_orig"):
+            t = getattr(module, name + suffix, None)
+            if isinstance(t, Tensor):
+                return tuple(t.shape)
+    t = module._parameters.get(name, module._buffers.get(name, getattr(module, name, None)))
+    return tuple(t.shape) if isinstance(t, Tensor) else None
+
+
+def _expected_scale_shape(shape: tuple[int, ...], config: QuantConfig, out_dim: int) -> tuple[int, ...]:
+    rows = 1 if len(shape) <= 1 else shape[out_dim]
+    fan_in = math.prod(shape) // max(rows, 1)
+    if config.granularity == "tensor":
+        return (1,)
+    if config.granularity == "channel":
+        return (rows,)
+    return (rows, -(-fan_in // config.group_size))
+
+
+def _strip_float_weight(layer: nn.Module, source: nn.Module, name: str) -> None:
+    """Remove the float weight and whatever computes it (parametrizations, legacy weight_norm / spectral_norm)
+    from `layer`, a shallow clone of `source`; other parametrized tensors become plain parameters."""
+    if parametrize.is_parametrized(source):
+        others = [n for n in source.parametrizations if n != name]  # type: ignore[union-attr]
+        del layer._modules["parametrizations"]
+        for other in others:
+            layer.register_parameter(other, nn.Parameter(getattr(source, other).detach(), requires_grad=False))
+    hook = _legacy_weight_hook(source, name)
+    if hook is not None:
+        for hook_id, h in list(layer._forward_pre_hooks.items()):
+            if h is hook:
+                del layer._forward_pre_hooks[hook_id]
+        for suffix in ("_g", "_v", "_orig", "_u"):
+            layer._parameters.pop(name + suffix, None)
+            layer._buffers.pop(name + suffix, None)
+        layer._state_dict_hooks.clear()
+        layer._load_state_dict_pre_hooks.clear()
+    layer.__dict__.pop(name, None)
+    layer._parameters.pop(name, None)
+    layer._buffers.pop(name, None)
+
+
+def packed_layer(float_module: nn.Module, codes: Tensor, scale: Tensor, config: QuantConfig, spec: LayerSpec,
+                 *, kernel: str | None = None, storage: str | None = None) -> nn.Module:
+    """An inference layer computing `float_module`'s QAT forward from integer codes, without a float weight.
+
+    Args:
+        float_module: the skeleton's layer (float or QAT); its bias, hyperparameters and hooks are reused, its
+            float weight is not referenced by the result.
+        codes: integer codes in the weight's shape, within [-qmax, qmax] of `config`.
+        scale: float scales in their stored shape (see `ternq.quantizers.weight_scale`).
+        config: the layer's quantization config (granularity, act_bits, input_norm as trained).
+        spec: the layer type's `LayerSpec` (`ternq.layers.layer_spec(float_module)`).
+        kernel: "auto" (default: fastest measured per input shape), "weight_only", or a kernel of the layer's
+            class (``PackedLinear.kernels`` ...).
+        storage: "int8" (default; fastest) or "packed" (2 / 4 bits per weight, unpacked per call);
+            defaults to ``$TERNQ_STORAGE``.
+    """
+    if not isinstance(float_module, nn.Module):
+        raise TypeError(f"packed_layer: float_module must be an nn.Module, got {type(float_module).__name__}")
+    name = spec.weight_name
+    if not isinstance(codes, Tensor) or codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
+        raise FormatError(f"packed_layer: codes must be an integer tensor (int8), got "
+                          f"{codes.dtype if isinstance(codes, Tensor) else type(codes).__name__}")
+    if not isinstance(scale, Tensor) or not scale.is_floating_point():
+        raise FormatError("packed_layer: scale must be a float tensor")
+    shape = _weight_shape(float_module, name)
+    if shape is not None and tuple(codes.shape) != shape:
+        raise ArchitectureMismatchError(f"packed_layer: codes of shape {tuple(codes.shape)} do not fit "
+                                        f"{type(float_module).__name__}.{name} of shape {shape}")
+    expected = _expected_scale_shape(tuple(codes.shape), config, spec.weight_out_dim)
+    if tuple(scale.shape) != expected:
+        raise FormatError(f"packed_layer: scale of shape {tuple(scale.shape)} for granularity "
+                          f"{config.granularity!r} of a weight {tuple(codes.shape)}; expected {expected}")
+    if codes.numel():
+        low, high = torch.aminmax(codes)
+        if int(low) < -config.qmax or int(high) > config.qmax:
+            raise FormatError(f"packed_layer: codes in [{int(low)}, {int(high)}] exceed [-{config.qmax}, "
+                              f"{config.qmax}] of {config.name}")
+    if not torch.isfinite(scale).all():
+        raise FormatError("packed_layer: scale holds non-finite values")
+    for attr in ("qweight", "scale", "codes"):
+        if attr in float_module._parameters or attr in float_module._buffers or attr in float_module._modules:
+            raise ValueError(f"packed_layer: {type(float_module).__name__} already has a member {attr!r}, which "
+                             "a packed layer needs for its own storage")
+    cls = _packed_class(spec.float_type)
+    layer = cls.__new__(cls)
+    layer.__dict__.update({k: dict(v) if isinstance(v, dict) else v for k, v in float_module.__dict__.items()})
+    _strip_float_weight(layer, float_module, name)  # type: ignore[arg-type]
+    layer.__dict__.pop("qconfig", None)
+    layer._init_packed(codes.to(torch.int8), scale, config, spec, kernel, storage)
+    return layer  # type: ignore[return-value]
+
+
+def resident_bytes(module: nn.Module) -> int:
+    """Bytes held by `module`'s parameters and buffers, each storage counted once."""
+    seen: dict[int, int] = {}
+    for t in [*module.parameters(), *module.buffers()]:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
