@@ -188,6 +188,7 @@ def build_corpus(out_dir: str | os.PathLike[str], items: Sequence[Item], *, sour
         (out / sub).mkdir(parents=True, exist_ok=True)
     _check_config(out, {"feature_version": FEATURE_VERSION, "symbols": len(text.SYMBOLS), **config})
     workers = max(1, workers or os.cpu_count() or 1)
+    (out / "meta.json").unlink(missing_ok=True)  # "meta.json exists" must keep meaning "this build is complete"
 
     phonemizer = text.Phonemizer(cache_path=out / "phonemes.json")
     normalized = [text.normalize(it.text) for it in items]
