@@ -212,7 +212,8 @@ class PackedLayer:
     def codes(self) -> Tensor:
         """int8 codes in the float weight's shape (what `ternq.pack` stores)."""
         stored = self._layout_codes()
-        return self._from_layout(stored) if self._int8_layout else stored
+        # contiguous like the float weight, so that weight_only's float weight has the QAT weight's strides
+        return (self._from_layout(stored) if self._int8_layout else stored).contiguous()
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """``codes * scale`` in the weight's shape: a fresh tensor, not kept by the layer."""
@@ -354,7 +355,9 @@ class PackedLayer:
 
 
 def _int_mm(a: Tensor, b: Tensor) -> Tensor:
-    """int8 x int8 -> int32 matrix product."""
+    """int8 x int8 -> int32 matrix product (torch 2.13's CPU ``_int_mm`` returns garbage for K == 1)."""
+    if a.shape[1] == 1:
+        return a.to(torch.int32) * b.to(torch.int32)
     return torch._int_mm(a, b)
 
 
@@ -578,6 +581,8 @@ def is_packed(module: nn.Module) -> bool:
 
 def _weight_shape(module: nn.Module, name: str) -> tuple[int, ...] | None:
     """Shape of the float weight without computing it (a parametrization would allocate it)."""
+    if isinstance(module, PackedLayer):
+        return module._weight_shape
     if parametrize.is_parametrized(module, name):
         originals = [t for t in module.parametrizations[name].parameters()]  # type: ignore[union-attr,index]
         return tuple(max(originals, key=lambda t: t.numel()).shape) if originals else None
@@ -622,6 +627,25 @@ def _strip_float_weight(layer: nn.Module, source: nn.Module, name: str) -> None:
     layer.__dict__.pop(name, None)
     layer._parameters.pop(name, None)
     layer._buffers.pop(name, None)
+    for attr, hooks in layer.__dict__.items():  # hooks bound to `source` (weight_norm's state-dict hook) would
+        if attr.endswith("_hooks") and isinstance(hooks, dict):  # keep it, and its float weight, alive
+            for hook_id, hook in list(hooks.items()):
+                if _refers_to(hook, source):
+                    del hooks[hook_id]
+
+
+def _refers_to(hook: Any, obj: object) -> bool:
+    """Whether a hook is a method of `obj` or a closure over it."""
+    hook = getattr(hook, "func", hook)  # functools.partial
+    if getattr(hook, "__self__", None) is obj:
+        return True
+    for cell in getattr(hook, "__closure__", None) or ():
+        try:
+            if cell.cell_contents is obj:
+                return True
+        except ValueError:  # an empty cell
+            continue
+    return False
 
 
 def packed_layer(float_module: nn.Module, codes: Tensor, scale: Tensor, config: QuantConfig, spec: LayerSpec,
@@ -664,6 +688,8 @@ def packed_layer(float_module: nn.Module, codes: Tensor, scale: Tensor, config: 
     if not torch.isfinite(scale).all():
         raise FormatError("packed_layer: scale holds non-finite values")
     for attr in ("qweight", "scale", "codes"):
+        if is_packed(float_module):
+            break  # re-packing a packed layer: its own storage is replaced
         if attr in float_module._parameters or attr in float_module._buffers or attr in float_module._modules:
             raise ValueError(f"packed_layer: {type(float_module).__name__} already has a member {attr!r}, which "
                              "a packed layer needs for its own storage")
@@ -671,6 +697,8 @@ def packed_layer(float_module: nn.Module, codes: Tensor, scale: Tensor, config: 
     layer = cls.__new__(cls)
     layer.__dict__.update({k: dict(v) if isinstance(v, dict) else v for k, v in float_module.__dict__.items()})
     _strip_float_weight(layer, float_module, name)  # type: ignore[arg-type]
+    for attr in ("qweight", "scale"):
+        layer._buffers.pop(attr, None)
     layer.__dict__.pop("qconfig", None)
     layer._init_packed(codes.to(torch.int8), scale, config, spec, kernel, storage)
     return layer  # type: ignore[return-value]

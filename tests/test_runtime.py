@@ -1,0 +1,368 @@
+"""Packed runtime layers against the QAT layers in eval mode, for every kernel and storage.
+
+Tolerance (documented in `ternq.runtime`): activation and weight codes are identical, int32 accumulation is
+exact, so a kernel may differ from the QAT layer only by float32 rounding of ``s_x * scale * sum(q * c)``:
+``|y - y_qat| <= 1e-5 * (|x_q| op |W_q|) + 1e-6`` elementwise. ``weight_only`` runs the QAT arithmetic itself
+and must match bit for bit.
+"""
+from __future__ import annotations
+
+import copy
+import gc
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor, nn
+from torch.nn.utils import parametrizations
+
+from ternq import (
+    ArchitectureMismatchError,
+    FormatError,
+    KBitConfig,
+    QuantConfig,
+    TernaryConfig,
+    register_layer,
+)
+from ternq.layers import layer_spec, to_quant_module
+from ternq.runtime import (
+    KERNEL_ENV,
+    STORAGE_ENV,
+    PackedConv1d,
+    PackedLinear,
+    _pack_rows,
+    _unpack_rows,
+    is_packed,
+    kernel_choices,
+    packed_layer,
+    resident_bytes,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*torch.nn.utils.weight_norm. is deprecated:FutureWarning",
+                                        "ignore:Using padding='same':UserWarning")
+
+STORAGES = ("int8", "packed")
+
+
+def qat_and_codes(layer: nn.Module, config: QuantConfig) -> tuple[nn.Module, Tensor, Tensor]:
+    qat = to_quant_module(layer, config).eval()
+    with torch.no_grad():
+        codes, scale = qat.weight_codes()
+    return qat, codes, scale
+
+
+def pack(layer: nn.Module, config: QuantConfig, **kwargs) -> nn.Module:
+    _, codes, scale = qat_and_codes(layer, config)
+    return packed_layer(layer, codes, scale, config, layer_spec(layer), **kwargs)
+
+
+def magnitude(qat: nn.Module, x: Tensor, **call) -> Tensor:
+    """``|x_q| op |W_q| + |bias|``: the size of the terms each output sums (the rounding-error scale)."""
+    spec = qat._ternq_spec
+    if spec.feature_dim is None:
+        return qat(x, **call).abs()
+    absolute = copy.copy(qat)
+    absolute._parameters = dict(qat._parameters)
+    if absolute._parameters.get("bias") is not None:
+        absolute._parameters["bias"] = qat.bias.abs()
+    return spec.forward(absolute, qat.quantize_input(x).abs(), qat.hard_weight().abs(), **call)
+
+
+def assert_matches_qat(layer: nn.Module, config: QuantConfig, x: Tensor, **call) -> None:
+    """Every kernel x storage of the packed layer against the QAT layer."""
+    qat, codes, scale = qat_and_codes(layer, config)
+    with torch.no_grad():
+        ref = qat(x, **call)
+        bound = 1e-5 * magnitude(qat, x, **call) + 1e-6
+        for storage in STORAGES:
+            packed = packed_layer(layer, codes, scale, config, layer_spec(layer), storage=storage)
+            assert torch.equal(packed.codes, codes)
+            for kernel in packed._applicable(x):
+                packed.kernel = kernel
+                y = packed(x, **call)
+                assert y.shape == ref.shape and y.dtype == ref.dtype, kernel
+                if kernel == "weight_only":
+                    assert torch.equal(y, ref), (storage, kernel)
+                else:
+                    err = (y - ref).abs()
+                    assert bool((err <= bound).all()), (storage, kernel, float(err.max()), float(bound.min()))
+
+
+# --- properties over layer types, configs and shapes -----------------------------------------------------------
+
+configs = st.builds(
+    lambda kind, gran, group, act, norm: (TernaryConfig if kind == "ternary" else KBitConfig)(
+        granularity=gran, group_size=group, act_bits=act, input_norm=norm),
+    st.sampled_from(["ternary", "kbit"]),
+    st.sampled_from(["tensor", "channel", "group"]),
+    st.integers(1, 9),
+    st.sampled_from([8, None, 4]),
+    st.sampled_from(["layernorm", "rmsnorm", None]),
+)
+
+
+@settings(deadline=None, max_examples=40)
+@given(config=configs, n_in=st.integers(1, 40), n_out=st.integers(1, 24),
+       lead=st.lists(st.integers(1, 5), min_size=0, max_size=2), bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_linear_matches_qat(config: QuantConfig, n_in: int, n_out: int, lead: list[int], bias: bool,
+                            seed: int) -> None:
+    torch.manual_seed(seed)
+    assert_matches_qat(nn.Linear(n_in, n_out, bias=bias), config, torch.randn(*lead, n_in) * 3)
+
+
+@settings(deadline=None, max_examples=40)
+@given(config=configs, groups=st.sampled_from([1, 2, 3]), per_in=st.integers(1, 6), per_out=st.integers(1, 5),
+       k=st.integers(1, 5), stride=st.integers(1, 3), dilation=st.integers(1, 3), padding=st.integers(0, 4),
+       mode=st.sampled_from(["zeros", "reflect", "replicate", "circular"]), length=st.integers(0, 20),
+       batch=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_conv1d_matches_qat(config: QuantConfig, groups: int, per_in: int, per_out: int, k: int, stride: int,
+                            dilation: int, padding: int, mode: str, length: int, batch: int, seed: int) -> None:
+    torch.manual_seed(seed)
+    conv = nn.Conv1d(groups * per_in, groups * per_out, k, stride=stride, dilation=dilation, padding=padding,
+                     groups=groups, padding_mode=mode)
+    length += dilation * (k - 1) + 1 + (padding if mode != "zeros" else 0)  # long enough for the kernel and pad
+    assert_matches_qat(conv, config, torch.randn(batch, groups * per_in, length))
+
+
+@settings(deadline=None, max_examples=25)
+@given(config=configs, groups=st.sampled_from([1, 2]), per_in=st.integers(1, 6), per_out=st.integers(1, 5),
+       k=st.integers(1, 6), stride=st.integers(1, 4), dilation=st.integers(1, 2), padding=st.integers(0, 3),
+       extra=st.integers(0, 3), length=st.integers(1, 12), seed=st.integers(0, 2**16))
+def test_conv_transpose1d_matches_qat(config: QuantConfig, groups: int, per_in: int, per_out: int, k: int,
+                                      stride: int, dilation: int, padding: int, extra: int, length: int,
+                                      seed: int) -> None:
+    torch.manual_seed(seed)
+    output_padding = extra % max(stride, dilation)
+    conv = nn.ConvTranspose1d(groups * per_in, groups * per_out, k, stride=stride, padding=padding,
+                              output_padding=output_padding, groups=groups, dilation=dilation)
+    x = torch.randn(2, groups * per_in, length)
+    if (length - 1) * stride - 2 * padding + dilation * (k - 1) + output_padding + 1 < 1:
+        return  # torch rejects this shape as well
+    assert_matches_qat(conv, config, x)
+
+
+@settings(deadline=None, max_examples=15)
+@given(config=configs, k=st.integers(1, 3), stride=st.integers(1, 2), padding=st.integers(0, 2),
+       seed=st.integers(0, 2**16))
+def test_conv2d_matches_qat(config: QuantConfig, k: int, stride: int, padding: int, seed: int) -> None:
+    torch.manual_seed(seed)
+    assert_matches_qat(nn.Conv2d(3, 4, k, stride=stride, padding=padding), config, torch.randn(2, 3, 6, 5))
+
+
+@settings(deadline=None, max_examples=15)
+@given(config=configs, num=st.integers(1, 30), dim=st.integers(1, 20), seed=st.integers(0, 2**16))
+def test_embedding_matches_qat(config: QuantConfig, num: int, dim: int, seed: int) -> None:
+    torch.manual_seed(seed)
+    assert_matches_qat(nn.Embedding(num, dim), config, torch.randint(0, num, (3, 4)))
+
+
+def test_conv_padding_same_unbatched_and_output_size() -> None:
+    torch.manual_seed(0)
+    config = TernaryConfig(granularity="channel")
+    assert_matches_qat(nn.Conv1d(4, 6, 4, padding="same", dilation=2), config, torch.randn(2, 4, 11))
+    assert_matches_qat(nn.Conv1d(4, 6, 3, padding=1), config, torch.randn(4, 11))  # unbatched: weight_only
+    up = nn.ConvTranspose1d(4, 3, 4, stride=2, padding=1)
+    assert_matches_qat(up, config, torch.randn(2, 4, 7), output_size=[15])
+    assert_matches_qat(nn.Embedding(10, 6, max_norm=0.5), config, torch.randint(0, 10, (5,)))
+
+
+def test_bitts_shaped_stack_close_to_qat() -> None:
+    """A BitTTS-like Conv1d stack (paper config) and a 4-layer MLP: int8 kernels stay within the tolerance."""
+    torch.manual_seed(0)
+    config = TernaryConfig()
+    assert_matches_qat(nn.Conv1d(32, 32, 5, padding=2), config, torch.randn(1, 32, 200))
+    assert_matches_qat(nn.Linear(128, 64), config, torch.randn(64, 128))
+    mlp = nn.Sequential(*[nn.Linear(64, 64) for _ in range(4)])
+    qat = copy.deepcopy(mlp)
+    for i, layer in enumerate(mlp):
+        qat[i] = to_quant_module(layer, config)
+    packed = nn.Sequential(*[pack(layer, config, kernel="weight_only") for layer in mlp])
+    x = torch.randn(8, 64)
+    with torch.no_grad():
+        assert torch.equal(packed(x), qat.eval()(x))  # weight_only: the QAT arithmetic itself
+        for layer in packed:
+            layer.kernel = "int8_gemm"
+        torch.testing.assert_close(packed(x), qat(x), rtol=1e-5, atol=1e-5)
+
+
+# --- storage -----------------------------------------------------------------------------------------------
+
+
+@settings(deadline=None, max_examples=40)
+@given(bits=st.sampled_from([2, 4]), rows=st.lists(st.integers(1, 4), min_size=0, max_size=2),
+       n=st.integers(1, 37), seed=st.integers(0, 2**16))
+def test_pack_rows_roundtrip(bits: int, rows: list[int], n: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    q = 2 ** (bits - 1)
+    codes = torch.randint(-q, q, (*rows, n), generator=g, dtype=torch.int8)
+    packed = _pack_rows(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.shape[-1] == -(-n // (8 // bits))
+    assert torch.equal(_unpack_rows(packed, bits, n), codes)
+
+
+@pytest.mark.parametrize("config", [TernaryConfig(), KBitConfig(bits=4, granularity="group", group_size=16),
+                                    KBitConfig(bits=8, granularity="channel")])
+@pytest.mark.parametrize("storage", STORAGES)
+def test_no_float_weight_is_held(config: QuantConfig, storage: str) -> None:
+    layers = [nn.Linear(64, 32), nn.Conv1d(16, 24, 5), nn.ConvTranspose1d(16, 8, 4, stride=2), nn.Conv2d(4, 8, 3),
+              nn.Embedding(50, 16)]
+    for layer in layers:
+        n_weight = layer.weight.numel()
+        packed = pack(layer, config, storage=storage)
+        tensors = [*packed.parameters(), *packed.buffers(),
+                   *(v for v in vars(packed).values() if isinstance(v, Tensor))]
+        for t in tensors:
+            assert not (t.is_floating_point() and t.numel() >= n_weight), (type(layer).__name__, t.shape, t.dtype)
+        assert packed.qweight.dtype in (torch.int8, torch.uint8)
+        bits = 8 if storage == "int8" else {1: 2, 7: 4}.get(config.qmax, 8)
+        assert packed.qweight.numel() <= n_weight * bits // 8 + packed.qweight.shape[0] * 8  # + row padding
+        with pytest.raises(AttributeError, match="holds no float 'weight'"):
+            packed.weight  # noqa: B018
+        assert set(packed.state_dict()) <= {"bias"}
+
+
+def test_storage_env_and_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    layer = nn.Linear(256, 128)
+    fp32 = resident_bytes(layer)
+    monkeypatch.setenv(STORAGE_ENV, "packed")
+    packed = pack(layer, TernaryConfig())
+    assert packed.storage == "packed"
+    assert resident_bytes(packed) - 128 * 4 <= (fp32 - 128 * 4) / 16 + 64
+    assert resident_bytes(pack(layer, TernaryConfig(), storage="int8")) - 128 * 4 <= (fp32 - 128 * 4) / 4 + 64
+    monkeypatch.setenv(STORAGE_ENV, "fp16")
+    with pytest.raises(ValueError, match="storage"):
+        pack(layer, TernaryConfig())
+
+
+def test_float_weight_is_released() -> None:
+    """The skeleton's weight is not referenced by the packed layer: freeing the skeleton frees it."""
+    factories = [lambda: parametrizations.weight_norm(nn.Conv1d(8, 8, 3)),
+                 lambda: torch.nn.utils.weight_norm(nn.Linear(8, 8)), lambda: nn.Linear(8, 8)]
+    for factory in factories:
+        module = factory()
+        # the QAT reference runs on a plain copy: ternq.layers caches the QAT class of a parametrized module,
+        # and torch's parametrized class closes over its instance (which would keep the weight alive)
+        plain = (nn.Conv1d(8, 8, 3) if isinstance(module, nn.Conv1d) else nn.Linear(8, 8))
+        with torch.no_grad():
+            plain.weight.copy_(module.weight)
+            plain.bias.copy_(module.bias)
+        qat, codes, scale = qat_and_codes(plain, TernaryConfig())
+        x = torch.randn(2, 8, 5) if isinstance(module, nn.Conv1d) else torch.randn(2, 8)
+        with torch.no_grad():
+            ref = qat(x)
+        packed = packed_layer(module, codes, scale, TernaryConfig(), layer_spec(module))
+        refs = [weakref.ref(t) for t in module.parameters() if t.numel() >= codes.numel()]
+        del module, qat
+        gc.collect()
+        assert all(r() is None for r in refs)
+        assert not hasattr(packed, "parametrizations") and not packed._forward_pre_hooks
+        packed.kernel = "weight_only"
+        with torch.no_grad():
+            assert torch.equal(packed(x), ref)
+
+
+# --- kernel selection --------------------------------------------------------------------------------------
+
+
+def test_kernel_selection_env_and_override(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    layer = pack(nn.Linear(32, 16), TernaryConfig())
+    x = torch.randn(4, 32)
+    assert layer.kernel == "auto"
+    with torch.no_grad():
+        layer(x)
+    assert layer.kernel in PackedLinear.kernels
+    assert any(key[0] == "PackedLinear" for key in kernel_choices())
+    monkeypatch.setenv(KERNEL_ENV, "weight_only")
+    with torch.no_grad():
+        layer(x)
+    assert layer.kernel == "weight_only"
+    monkeypatch.setenv(KERNEL_ENV, "int8")
+    with torch.no_grad():
+        layer(x)
+    assert layer.kernel == "int8_gemm"
+    monkeypatch.setenv(KERNEL_ENV, "fastest")
+    with pytest.raises(ValueError, match=KERNEL_ENV):
+        layer(x)
+    monkeypatch.delenv(KERNEL_ENV)
+    layer.kernel = "weight_only"  # a forced kernel wins over the environment
+    monkeypatch.setenv(KERNEL_ENV, "int8")
+    with torch.no_grad():
+        layer(x)
+    assert layer.kernel == "weight_only"
+    with pytest.raises(ValueError, match="does not exist"):
+        layer.kernel = "int8_taps"
+    with pytest.raises(ValueError, match="act_bits=None"):
+        pack(nn.Conv1d(4, 4, 3), TernaryConfig(act_bits=None), kernel="int8_taps")
+    with pytest.raises(ValueError, match="per-group"):
+        pack(nn.Conv1d(4, 4, 3), TernaryConfig(granularity="group"), kernel="int8_taps")
+    forced = pack(nn.Conv1d(4, 4, 3), TernaryConfig(), kernel="int8_taps")
+    with pytest.raises(ValueError, match="cannot compute this input"):
+        forced(torch.randn(4, 9))  # unbatched input: weight_only only
+
+
+def test_gradient_to_input_uses_weight_only() -> None:
+    torch.manual_seed(0)
+    layer = pack(nn.Linear(16, 8), TernaryConfig())
+    x = torch.randn(3, 16, requires_grad=True)
+    layer(x).sum().backward()
+    assert layer.kernel == "weight_only" and x.grad is not None and layer.bias.grad is not None
+    layer.kernel = "int8_gemm"
+    with pytest.raises(RuntimeError, match="inference-only"):
+        layer(x)
+    with torch.no_grad():
+        layer(x)
+
+
+# --- construction ------------------------------------------------------------------------------------------
+
+
+def test_bad_inputs_are_rejected() -> None:
+    layer = nn.Linear(8, 4)
+    config = TernaryConfig()
+    _, codes, scale = qat_and_codes(layer, config)
+    spec = layer_spec(layer)
+    with pytest.raises(ArchitectureMismatchError, match=r"do not fit Linear.weight of shape \(5, 8\)"):
+        packed_layer(nn.Linear(8, 5), codes, scale, config, spec)
+    with pytest.raises(FormatError, match="exceed"):
+        packed_layer(layer, codes * 2, scale, config, spec)
+    with pytest.raises(FormatError, match="integer tensor"):
+        packed_layer(layer, codes.float(), scale, config, spec)
+    with pytest.raises(FormatError, match="expected \\(4,\\)"):
+        packed_layer(layer, codes, scale, TernaryConfig(granularity="channel"), spec)
+    with pytest.raises(FormatError, match="non-finite"):
+        packed_layer(layer, codes, scale * float("nan"), config, spec)
+    with pytest.raises(ValueError, match="storage"):
+        packed_layer(layer, codes, scale, config, spec, storage="int3")
+
+
+def test_qat_skeleton_repack_and_generic_layer() -> None:
+    torch.manual_seed(0)
+    config = TernaryConfig(granularity="channel")
+    layer = nn.Conv1d(6, 4, 3, padding=1)
+    qat, codes, scale = qat_and_codes(layer, config)
+    packed = packed_layer(qat, codes, scale, config, layer_spec(qat))  # a QAT skeleton works too
+    assert isinstance(packed, PackedConv1d) and is_packed(packed) and not is_packed(layer)
+    again = packed_layer(packed, packed.codes, packed.scale, packed.qconfig, packed.spec, storage="packed")
+    x = torch.randn(2, 6, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), qat(x), rtol=1e-5, atol=1e-6)
+    assert "storage=packed" in repr(again) and "kernel=" in repr(again)
+
+    class Scaled(nn.Module):  # a registered custom type runs weight_only through its registered forward
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(5, 7))
+            self.gain = 2.0
+
+    register_layer(Scaled, lambda m, x, w: F.linear(x, w) * m.gain)
+    custom = Scaled()
+    qat, codes, scale = qat_and_codes(custom, config)
+    packed = packed_layer(custom, codes, scale, config, layer_spec(custom))
+    x = torch.randn(3, 7)
+    with torch.no_grad():
+        assert torch.equal(packed(x), qat(x))
+    assert packed.kernel == "weight_only" and type(packed).__name__ == "PackedScaled"
