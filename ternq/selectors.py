@@ -26,10 +26,11 @@ from dataclasses import dataclass
 
 from torch import fx, nn
 
+from . import layers as _layers
 from .config import QuantConfig
 from .errors import SelectorError, UnsupportedLayerError
 from .graph import FUNCTIONAL_OPS, Analysis, Candidate
-from .layers import _REGISTRY, layer_spec
+from .layers import layer_spec
 
 __all__ = ["Selector", "Rule", "OutputLayers", "output_layers", "Decision", "decide", "find_output_layers"]
 
@@ -196,7 +197,7 @@ def _no_match(m: _Matcher, analysis: Analysis, active: list[Candidate], include:
     layer_names = [c.name for c in active]
     if m.kind == "type":
         t = m.selector
-        if include and not any(issubclass(ft, t) for ft in _REGISTRY):  # type: ignore[arg-type]
+        if include and not any(issubclass(ft, t) for ft in _layers._REGISTRY):  # type: ignore[arg-type]
             return UnsupportedLayerError(
                 f"{m.label}: {t.__name__} is not a layer type ternq can quantize; teach it with "  # type: ignore[union-attr]
                 f"ternq.register_layer({t.__name__}, forward=...)")  # type: ignore[union-attr]
