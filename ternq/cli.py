@@ -1,0 +1,239 @@
+"""The ``ternq`` command: look inside and check packed model files.
+
+    ternq inspect model.safetensors [--json]   per-tensor encoding, shape, bytes, bits/weight, code shares
+    ternq verify model.safetensors [--json]    re-decode everything, check metadata and checksums; exit 0 if intact
+
+Both read files with the numpy reference decoder (`ternq.numpy_format`), so they check exactly what the format
+specifies (docs/format.md), independently of the torch loader.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from .config import QuantConfig
+from .errors import TernqError
+from .numpy_format import (
+    DTYPES,
+    LayerRecord,
+    Manifest,
+    Source,
+    check_scale,
+    code_histogram,
+    read_array,
+    read_header,
+    read_manifest,
+    unpack_numpy,
+)
+
+__all__ = ["main", "inspect_file", "verify_file"]
+
+EXIT_OK, EXIT_INVALID, EXIT_UNREADABLE = 0, 1, 2
+
+
+def _items(manifest: Manifest) -> list[LayerRecord | str]:
+    """Packed layers, then float tensors, in file order."""
+    return [*manifest.layers.values(), *(r.name for r in manifest.tensors.values() if r.role == "float")]
+
+
+def _progress(items: list[Any], desc: str, show: bool) -> Iterator[Any]:
+    return iter(tqdm(items, desc=desc, unit="tensor", disable=None if show else True, leave=False))
+
+
+def _check_config(layer: LayerRecord, source: Source) -> None:
+    try:
+        QuantConfig.from_dict(layer.config)
+    except (ValueError, TypeError) as e:
+        raise TernqError(f"{source.name}: layer {layer.key!r}: invalid config {layer.config}: {e}") from None
+
+
+def inspect_file(path: str | os.PathLike[str] | bytes, *, progress: bool = False) -> dict[str, Any]:
+    """Per-tensor description and totals of a packed file (what ``ternq inspect --json`` prints).
+
+    Every tensor is read and checked against its CRC32 on the way (a corrupted file raises FormatError).
+    """
+    rows: list[dict[str, Any]] = []
+    with Source(path) as source:
+        manifest = read_manifest(read_header(source))
+        for item in _progress(_items(manifest), "inspect", progress):
+            if isinstance(item, LayerRecord):
+                rows.append(_describe_layer(source, manifest, item))
+            else:
+                rows.append(_describe_float(source, manifest, item))
+        file_bytes, name = source.size, source.name
+    weights = sum(r["count"] for r in rows)
+    packed = [r for r in rows if r["kind"] == "packed"]
+    packed_count = sum(r["count"] for r in packed)
+    packed_bytes = sum(r["bytes"] for r in packed)
+    fp32 = 4 * weights
+    return {
+        "file": name,
+        "format_version": manifest.version,
+        "library": manifest.library,
+        "tensors": rows,
+        "totals": {
+            "file_bytes": file_bytes,
+            "elements": weights,
+            "fp32_bytes": fp32,
+            "fp32_ratio": file_bytes / fp32 if fp32 else None,
+            "packed_layers": len(packed),
+            "packed_weights": packed_count,
+            "packed_bytes": packed_bytes,
+            "packed_bits_per_weight": 8 * packed_bytes / packed_count if packed_count else None,
+        },
+    }
+
+
+def _describe_layer(source: Source, manifest: Manifest, layer: LayerRecord) -> dict[str, Any]:
+    payload = read_array(source, manifest, layer.codes)
+    scale = read_array(source, manifest, layer.scale)
+    hist = code_histogram(payload, layer.encoding, layer.count)
+    codes_bytes, scale_bytes = payload.nbytes, scale.nbytes
+    neg = sum(n for v, n in hist.items() if v < 0)
+    pos = sum(n for v, n in hist.items() if v > 0)
+    return {
+        "name": layer.key, "kind": "packed", "encoding": layer.encoding, "shape": list(layer.shape),
+        "count": layer.count, "bytes": codes_bytes + scale_bytes, "codes_bytes": codes_bytes,
+        "scale_bytes": scale_bytes, "bits_per_weight": 8 * (codes_bytes + scale_bytes) / layer.count,
+        "codes_bits_per_weight": 8 * codes_bytes / layer.count,
+        "share": {"-": neg / layer.count, "0": hist.get(0, 0) / layer.count, "+": pos / layer.count},
+        "config": layer.config, "type": layer.type,
+    }
+
+
+def _describe_float(source: Source, manifest: Manifest, name: str) -> dict[str, Any]:
+    arr = read_array(source, manifest, name)
+    record = manifest.tensors[name]
+    count = math.prod(record.shape)
+    nbytes = count * DTYPES[record.dtype][1]
+    return {"name": name, "kind": "float", "encoding": record.dtype, "shape": list(record.shape), "count": count,
+            "bytes": nbytes, "bits_per_weight": 8 * DTYPES[record.dtype][1], "share": None,
+            "finite": bool(np.isfinite(arr).all()) if arr.dtype.kind == "f" else None}
+
+
+def verify_file(path: str | os.PathLike[str] | bytes, *, progress: bool = False) -> dict[str, Any]:
+    """Re-decode everything and check it; raises FormatError (ChecksumError) naming what is wrong.
+
+    Checks: the safetensors header (lengths, offsets, dtypes, contiguity); the manifest and its CRC32; that the
+    manifest and header agree on every tensor; each layer's config, encoding, count, codes and scale shapes;
+    the CRC32 of every tensor's bytes; every code byte (valid, within the config's range, zero padding); scales
+    finite and positive.
+    """
+    with Source(path) as source:
+        manifest = read_manifest(read_header(source))
+        for item in _progress(_items(manifest), "verify", progress):
+            if isinstance(item, LayerRecord):
+                _check_config(item, source)
+                what = f"{source.name}: layer {item.key!r}"
+                payload = read_array(source, manifest, item.codes)
+                unpack_numpy(payload, item.encoding, item.count, qmax=item.qmax, what=f"{what}: codes")
+                check_scale(read_array(source, manifest, item.scale), what)
+            else:
+                read_array(source, manifest, item)
+        return {"file": source.name, "ok": True, "tensors": len(manifest.tensors), "packed_layers": len(manifest.layers),
+                "bytes": source.size}
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _table(info: dict[str, Any]) -> str:
+    header = ("name", "encoding", "shape", "bytes", "bits/w", "-1 / 0 / +1")
+    body = []
+    for r in info["tensors"]:
+        share = r["share"]
+        shares = "" if share is None else f"{share['-']:.1%} / {share['0']:.1%} / {share['+']:.1%}"
+        body.append((r["name"], r["encoding"], "x".join(map(str, r["shape"])) or "()", f"{r['bytes']:,}",
+                     f"{r['bits_per_weight']:.3f}" if r["kind"] == "packed" else f"{r['bits_per_weight']:.0f}",
+                     shares))
+    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
+    right = {3, 4}
+
+    def line(cells: tuple[str, ...]) -> str:
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))) \
+            .rstrip()
+
+    t = info["totals"]
+    sep = "-" * (sum(widths) + 2 * (len(widths) - 1))
+    lines = [f"{info['file']}: ternq format {info['format_version']}, written by {info['library']}",
+             line(header), sep, *(line(b) for b in body), sep]
+    if t["packed_weights"]:
+        lines.append(f"{t['packed_layers']} packed layers: {t['packed_weights']:,} weights in "
+                     f"{_fmt_bytes(t['packed_bytes'])}, {t['packed_bits_per_weight']:.3f} bits/weight with scales "
+                     f"(log2(3) = {math.log2(3):.3f})")
+    ratio = f"{1 / t['fp32_ratio']:.2f}x smaller" if t["fp32_ratio"] else "n/a"
+    lines.append(f"file {_fmt_bytes(t['file_bytes'])} vs {_fmt_bytes(t['fp32_bytes'])} as fp32 ({ratio})")
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="ternq", description="Inspect and verify ternq packed model files (safetensors with 1.58-bit / k-bit "
+                                  "packed weights).")
+    parser.add_argument("--version", action="version", version=f"ternq {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("inspect", help="per-tensor encoding, shape, size, bits per weight and code shares",
+                       description="Print, for every tensor of FILE: its encoding, shape, bytes, bits per weight "
+                                   "and (packed layers) the share of negative / zero / positive codes, then totals "
+                                   "against fp32. Reads and checksums every tensor.")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
+    p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
+    v = sub.add_parser("verify", help="re-decode everything and check all checksums; exit 0 only if intact",
+                       description="Re-decode FILE completely: header, manifest and its CRC32, every tensor's "
+                                   "CRC32, every packed byte and code range, scales. Exit status 0 if the file is "
+                                   f"intact, {EXIT_INVALID} if it is corrupted or malformed, {EXIT_UNREADABLE} if "
+                                   "it cannot be read.")
+    v.add_argument("file", metavar="FILE")
+    v.add_argument("--json", action="store_true", help="print the result as JSON")
+    v.add_argument("--no-progress", action="store_true", help="never show a progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``ternq`` console script; returns the exit status."""
+    args = _parser().parse_args(argv)
+    show = not args.no_progress
+    try:
+        if args.command == "inspect":
+            info = inspect_file(args.file, progress=show)
+            print(json.dumps(info, indent=1) if args.json else _table(info))
+            return EXIT_OK
+        result = verify_file(args.file, progress=show)
+    except TernqError as e:
+        if args.command == "verify" and args.json:
+            print(json.dumps({"file": args.file, "ok": False, "error": str(e), "error_type": type(e).__name__}))
+        else:
+            print(f"ternq {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    except OSError as e:
+        if args.command == "verify" and args.json:
+            print(json.dumps({"file": args.file, "ok": False, "error": str(e), "error_type": type(e).__name__}))
+        else:
+            print(f"ternq {args.command}: cannot read {args.file}: {e}", file=sys.stderr)
+        return EXIT_UNREADABLE
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"OK: {args.file}: {result['tensors']} tensors ({result['packed_layers']} packed layers), "
+              f"{result['bytes']:,} bytes; every checksum and code verified")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

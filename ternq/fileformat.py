@@ -1,0 +1,557 @@
+"""Packed model files: `pack`, `save_packed`, `load_packed`.
+
+A packed file is a standard safetensors file: every quantized weight is stored as its packed integer codes
+(``<key>.codes``, U8; 5 ternary weights per byte) and float32 scales (``<key>.scale``); every other parameter
+and buffer of the state_dict is stored as itself. The safetensors ``__metadata__`` carries a JSON *manifest*:
+format version, each packed weight's layer, shape, dtype, config and encoding, the layer selection, and a CRC32
+of every tensor; the manifest has a CRC32 of its own. docs/format.md specifies the bytes.
+
+`load_packed` needs only the file and a float skeleton of the same architecture: which layers are packed and how
+comes from the manifest. It validates the whole header, and the skeleton against it, before changing the
+skeleton; then reads one tensor at a time (CRC-checked before use) into the skeleton, and swaps each packed
+layer for the runtime's int8 inference layer (`ternq.runtime.packed_layer`), which drops the float weight.
+Peak memory is thus the skeleton plus one tensor in flight.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from .config import QuantConfig
+from .convert import KEPT_FLOAT
+from .errors import ArchitectureMismatchError, ChecksumError, FormatError
+from .functional import FunctionalQuant, install
+from .layers import LayerSpec, QuantMixin, layer_spec
+from .numpy_format import (
+    FORMAT_VERSION,
+    KEY_MANIFEST,
+    LayerRecord,
+    Manifest,
+    Source,
+    build_metadata,
+    check_scale,
+    crc32_hex,
+    read_header,
+    read_manifest,
+)
+from .packing import encoding_for, pack_codes, unpack_codes
+from .quantizers import dequantize_weight, quantize_weight
+
+__all__ = ["PackedModel", "pack", "save_packed", "load_packed"]
+
+_ST_DTYPE = {
+    torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.uint16: "U16",
+    torch.float16: "F16", torch.bfloat16: "BF16", torch.int32: "I32", torch.uint32: "U32", torch.float32: "F32",
+    torch.int64: "I64", torch.uint64: "U64", torch.float64: "F64",
+}
+_TORCH_DTYPE = {v: k for k, v in _ST_DTYPE.items()}
+_FLOAT_STORAGE = (None, torch.float32, torch.float16, torch.bfloat16)
+_LEGACY_SUFFIXES = ("_g", "_v", "_orig", "_u")  # legacy weight_norm (g, v) and spectral_norm (orig, u, v)
+
+
+# --- what gets packed -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Site:
+    """One quantized weight of a model: a QAT / packed layer's weight or a functional call's parameter."""
+
+    key: str
+    module: str
+    weight: str
+    type: str
+    out_dim: int
+    codes: Tensor
+    scale: Tensor
+    config: QuantConfig
+    dtype: torch.dtype
+    rule: str | None
+    owned: set[str] = field(default_factory=set)  # state_dict keys of the float weight (all aliases)
+
+
+def _type_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _owned_keys(module: nn.Module, weight: str) -> list[str]:
+    """Local state_dict keys that hold `weight` (plain, parametrized or legacy weight_norm / spectral_norm)."""
+    legacy = {weight + s for s in _LEGACY_SUFFIXES}
+    return [k for k in module.state_dict(keep_vars=True)
+            if k == weight or k in legacy or k.startswith(f"parametrizations.{weight}.")]
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _is_packed_layer(module: nn.Module) -> bool:
+    """A runtime inference layer (see `ternq.runtime.packed_layer`): it exposes codes, scale, qconfig, spec."""
+    return (not isinstance(module, QuantMixin) and isinstance(getattr(module, "qconfig", None), QuantConfig)
+            and isinstance(getattr(module, "spec", None), LayerSpec)
+            and isinstance(getattr(module, "codes", None), Tensor))
+
+
+def _aliases(model: nn.Module) -> dict[int, list[str]]:
+    out: dict[int, list[str]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        out.setdefault(id(module), []).append(path)
+    return out
+
+
+def _collect_sites(model: nn.Module) -> list[_Site]:
+    aliases = _aliases(model)
+    sites: list[_Site] = []
+    for path, module in model.named_modules():
+        rule = getattr(module, "ternq_rule", None)
+        rule = rule if isinstance(rule, str) else None
+        if isinstance(module, QuantMixin) or _is_packed_layer(module):
+            if isinstance(module, QuantMixin):
+                spec = module._ternq_spec
+                with torch.no_grad():
+                    codes, scale = module.weight_codes()
+                dtype = module.float_weight().dtype
+            else:
+                spec = module.spec
+                codes, scale = module.codes, module.scale
+                dtype = getattr(module, "weight_dtype", torch.float32)
+            site = _Site(_join(path, spec.weight_name), path, spec.weight_name, _type_name(spec.float_type),
+                         spec.weight_out_dim, codes, scale, module.qconfig, dtype, rule)
+            local = _owned_keys(module, spec.weight_name)
+            site.owned = {_join(alias, k) for alias in aliases[id(module)] for k in local}
+            sites.append(site)
+        elif isinstance(module, FunctionalQuant):
+            owner_path = path.rpartition(".")[0]
+            owner = model.get_submodule(owner_path)
+            if isinstance(module, _PackedFunctional):
+                codes, scale, dtype = module.codes, module.scale, module.weight_dtype
+            else:
+                param = owner.get_parameter(module.param)
+                with torch.no_grad():
+                    codes, scale = quantize_weight(param, module.qconfig, 0)
+                dtype = param.dtype
+            site = _Site(_join(owner_path, module.param), owner_path, module.param, f"F.{module.op}", 0, codes,
+                         scale, module.qconfig, dtype, rule)
+            site.owned = {_join(alias, module.param) for alias in aliases[id(owner)]}
+            sites.append(site)
+    return sites
+
+
+# --- the in-memory file -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class PackedModel:
+    """The content of a packed file, in memory: exactly the tensors and ``__metadata__`` `save_packed` writes.
+
+    Any safetensors writer turns it into a valid ternq file (``safetensors.torch.save_file(p.tensors, path,
+    metadata=p.metadata)``); `save` and `to_bytes` write it themselves.
+    """
+
+    tensors: dict[str, Tensor]
+    metadata: dict[str, str]
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        """The decoded manifest (layers, tensors with their CRC32, selection)."""
+        return json.loads(self.metadata[KEY_MANIFEST])
+
+    def _layout(self) -> tuple[bytes, list[np.ndarray]]:
+        """The 8-byte length + header, and the tensors' bytes in data order (widest dtype first: aligned)."""
+        order = sorted(self.tensors, key=lambda k: (-self.tensors[k].element_size(), k))
+        entries: dict[str, Any] = {"__metadata__": self.metadata}
+        blobs, offset = [], 0
+        for name in order:
+            t = self.tensors[name]
+            blob = _raw_bytes(t)
+            entries[name] = {"dtype": _ST_DTYPE[t.dtype], "shape": list(t.shape),
+                             "data_offsets": [offset, offset + blob.nbytes]}
+            blobs.append(blob)
+            offset += blob.nbytes
+        header = json.dumps(entries, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+        header += b" " * (-(8 + len(header)) % 8)  # data starts 8-byte aligned, like safetensors writes
+        return len(header).to_bytes(8, "little") + header, blobs
+
+    def to_bytes(self) -> bytes:
+        """The whole file as bytes."""
+        head, blobs = self._layout()
+        return b"".join([head, *(b.tobytes() for b in blobs)])
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the file atomically: to a temporary file in the same directory, fsync'ed, then renamed."""
+        head, blobs = self._layout()
+        path = os.fspath(path)
+        directory = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(prefix=".ternq-", suffix=".tmp", dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(head)
+                for blob in blobs:
+                    f.write(memoryview(blob))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+
+def _raw_bytes(t: Tensor) -> np.ndarray:
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+def pack(model: nn.Module, *, float_dtype: torch.dtype | None = None) -> PackedModel:
+    """The packed file content of a quantized model (QAT layers, or a model loaded by `load_packed`).
+
+    Args:
+        model: a model holding ternq QAT layers / functional quantizers or packed inference layers.
+        float_dtype: store the other floating-point parameters and buffers in this dtype (torch.float16 or
+            torch.bfloat16) instead of their own; scales are always float32. Loading casts them back to the
+            skeleton's dtype.
+
+    Raises:
+        ValueError: nothing in `model` is quantized, a tensor has a dtype safetensors cannot hold, or a state_dict
+            key collides with a packed tensor's name.
+    """
+    if float_dtype not in _FLOAT_STORAGE:
+        raise ValueError(f"float_dtype={float_dtype}: expected None, torch.float32, torch.float16 or torch.bfloat16")
+    sites = _collect_sites(model)
+    if not sites:
+        raise ValueError("pack(): the model holds no quantized layer; call ternq.quantize(model) first")
+    state = model.state_dict()
+    owned = set().union(*(s.owned for s in sites))
+    tensors: dict[str, Tensor] = {}
+    records: dict[str, dict[str, Any]] = {}
+    layers: dict[str, dict[str, Any]] = {}
+
+    def add(name: str, t: Tensor, role: str, orig: torch.dtype | None = None) -> None:
+        if name in tensors:
+            raise ValueError(f"pack(): tensor name {name!r} is used twice (a state_dict key collides with a "
+                             "packed weight's codes or scale)")
+        for dtype in (t.dtype, orig):
+            if dtype is not None and dtype not in _ST_DTYPE:
+                raise ValueError(f"pack(): tensor {name!r} has dtype {dtype}, which a ternq file cannot store")
+        t = t.detach().cpu().contiguous()
+        tensors[name] = t
+        records[name] = {"role": role, "dtype": _ST_DTYPE[t.dtype], "shape": list(t.shape),
+                         "crc32": crc32_hex(_raw_bytes(t))}
+        if orig is not None:
+            records[name]["orig_dtype"] = _ST_DTYPE[orig]
+
+    for s in sites:
+        encoding = encoding_for(s.config)
+        scale = s.scale.detach().float()
+        check_scale(scale.cpu().numpy(), f"pack(): layer {s.key!r}")
+        add(s.key + ".codes", pack_codes(s.codes, encoding), "codes")
+        add(s.key + ".scale", scale, "scale")
+        layers[s.key] = {"module": s.module, "type": s.type, "weight": s.weight, "out_dim": s.out_dim,
+                         "shape": list(s.codes.shape), "dtype": _ST_DTYPE.get(s.dtype, "F32"),
+                         "config": s.config.to_dict(), "encoding": encoding, "count": s.codes.numel(),
+                         "codes": s.key + ".codes", "scale": s.key + ".scale"}
+        if s.rule is not None:
+            layers[s.key]["rule"] = s.rule
+    for key, t in state.items():
+        if key in owned:
+            continue
+        stored = t.to(float_dtype) if float_dtype is not None and t.is_floating_point() else t
+        add(key, stored, "float", t.dtype)
+    from . import __version__
+
+    kept = model.__dict__.get(KEPT_FLOAT, {})
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "library": f"ternq {__version__}",
+        "float_dtype": None if float_dtype is None else _ST_DTYPE[float_dtype],
+        "selection": {"quantized": {s.key: s.rule for s in sites},
+                      "kept_float": {name: info.get("rule") for name, info in kept.items()}},
+        "layers": layers,
+        "tensors": records,
+    }
+    return PackedModel(tensors, build_metadata(manifest))
+
+
+def save_packed(model: nn.Module, path: str | os.PathLike[str], *, float_dtype: torch.dtype | None = None) -> None:
+    """Write a quantized model as a packed safetensors file (atomically); see `pack` for the arguments."""
+    pack(model, float_dtype=float_dtype).save(path)
+
+
+# --- loading ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Placement:
+    """Where a packed weight goes in the skeleton (validated before anything is changed)."""
+
+    record: LayerRecord
+    config: QuantConfig
+    spec: LayerSpec | None  # None for a functional call's parameter
+    module: nn.Module | None
+    owned: set[str]
+
+
+def _read_tensor(source: Source, manifest: Manifest, name: str) -> Tensor:
+    """One tensor of the file, CRC32-checked, as a torch tensor in its shape."""
+    entry, record = manifest.header.tensors[name], manifest.tensors[name]
+    raw = torch.empty(entry.nbytes, dtype=torch.uint8)
+    source.readinto(entry.begin, raw.numpy())
+    if crc32_hex(raw.numpy()) != record.crc32:
+        raise ChecksumError(f"{source.name}: tensor {name!r}: bytes do not match CRC32 {record.crc32}: "
+                            "the payload is corrupted")
+    return raw.view(_TORCH_DTYPE[entry.dtype]).reshape(entry.shape)
+
+
+def decode_weight(source: Source, manifest: Manifest, record: LayerRecord) -> tuple[Tensor, Tensor]:
+    """Codes (int8, the weight's shape) and float32 scales of a packed weight, every byte checked."""
+    what = f"{source.name}: layer {record.key!r}"
+    payload = _read_tensor(source, manifest, record.codes)
+    codes = unpack_codes(payload, record.encoding, record.count, qmax=record.qmax, what=f"{what}: codes")
+    scale = _read_tensor(source, manifest, record.scale)
+    check_scale(scale.numpy(), what)
+    return codes.reshape(record.shape), scale
+
+
+def _mismatch(source: Source, message: str) -> ArchitectureMismatchError:
+    return ArchitectureMismatchError(f"{source.name}: {message}. Load the file into a float skeleton of the model "
+                                     "it was saved from")
+
+
+def _get_module(model: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _place(source: Source, model: nn.Module, record: LayerRecord, aliases: dict[int, list[str]]) -> _Placement:
+    what = f"layer {record.key!r} ({record.type})"
+    try:
+        config = QuantConfig.from_dict(record.config)
+    except (ValueError, TypeError) as e:
+        raise FormatError(f"{source.name}: {what}: invalid config {record.config}: {e}") from None
+    module = _get_module(model, record.module)
+    if module is None:
+        raise _mismatch(source, f"the file packs {what}, but the skeleton has no module {record.module!r}")
+    if record.type.startswith("F."):
+        try:
+            weight = module.get_parameter(record.weight)
+        except AttributeError:
+            raise _mismatch(source, f"the file packs {what}, but module {record.module!r} has no parameter "
+                                    f"{record.weight!r}") from None
+        spec = None
+        owned = {_join(a, record.weight) for a in aliases[id(module)]}
+    else:
+        spec = layer_spec(module)
+        if spec is None or _type_name(spec.float_type) != record.type:
+            raise _mismatch(source, f"the file packs {what}, but the skeleton's {record.module!r} is a "
+                                    f"{type(module).__name__}")
+        if (spec.weight_name, spec.weight_out_dim) != (record.weight, record.out_dim):
+            raise _mismatch(source, f"{what}: the file stores weight {record.weight!r} with outputs on dim "
+                                    f"{record.out_dim}, the skeleton's layer type uses {spec.weight_name!r} / "
+                                    f"dim {spec.weight_out_dim}")
+        weight = module.float_weight() if isinstance(module, QuantMixin) else getattr(module, spec.weight_name)
+        owned = {_join(a, k) for a in aliases[id(module)] for k in _owned_keys(module, spec.weight_name)}
+    if tuple(weight.shape) != record.shape:
+        raise _mismatch(source, f"{what}: the file's weight has shape {list(record.shape)}, the skeleton's "
+                                f"{list(weight.shape)}")
+    return _Placement(record, config, spec, module, owned)
+
+
+def _assign(module: nn.Module, name: str, value: Tensor) -> None:
+    """Load `value` into parameter / buffer `name` of `module`: copied in place, or assigned on a meta skeleton."""
+    current = module._parameters.get(name)
+    if current is not None:
+        if current.is_meta:
+            module._parameters[name] = nn.Parameter(value.to(current.dtype), requires_grad=current.requires_grad)
+        else:
+            with torch.no_grad():
+                current.copy_(value)
+        return
+    current = module._buffers[name]
+    if current is None or current.is_meta:
+        module._buffers[name] = value.to(current.dtype if current is not None else value.dtype)
+    else:
+        current.copy_(value)
+
+
+def _replace(model: nn.Module, old: nn.Module, new: nn.Module, aliases: dict[int, list[str]]) -> nn.Module:
+    """Put `new` wherever `old` is referenced; returns the (possibly new) root."""
+    root = model
+    for path in aliases[id(old)]:
+        if path == "":
+            root = new
+            continue
+        parent_path, _, attr = path.rpartition(".")
+        model.get_submodule(parent_path)._modules[attr] = new
+    return root
+
+
+def load_packed(source: str | os.PathLike[str] | bytes | PackedModel, model: nn.Module, *,
+                dequantize: bool = False, progress: bool = False) -> nn.Module:
+    """Turn a float skeleton of the saved architecture into the packed inference model the file describes.
+
+    Which layers are packed, and with which config, is read from the file. Everything is validated (header,
+    manifest, skeleton: modules, layer types, shapes, the exact set of tensors) before the skeleton is touched;
+    then each tensor is read, checked against its CRC32 and loaded. A data error found then (a corrupted payload)
+    leaves the skeleton partly loaded: discard it.
+
+    Args:
+        source: a file path, the file's bytes, or a `PackedModel` from `pack`.
+        model: the float skeleton (a freshly built model; parameters may be on the meta device, then nothing
+            is allocated for the weights that get packed). It is modified in place.
+        dequantize: instead of int8 inference layers, keep the skeleton's float layers and write the
+            hard-quantized weights ``codes * scale`` into them (for interop or to resume training; activation
+            quantization is not applied). Needs plain ``weight`` parameters (no weight_norm) in packed layers.
+        progress: show a progress bar.
+
+    Returns:
+        the loaded model: `model` itself, unless `model` is itself the one packed layer.
+
+    Raises:
+        FormatError: the file is truncated, corrupted (ChecksumError), inconsistent or of an unknown version.
+        ArchitectureMismatchError: the skeleton is not the architecture the file was saved from.
+    """
+    data = source.to_bytes() if isinstance(source, PackedModel) else source
+    with Source(data) as src:
+        manifest = read_manifest(read_header(src))
+        aliases = _aliases(model)
+        placements = [_place(src, model, r, aliases) for r in manifest.layers.values()]
+        seen: dict[int, str] = {}
+        for p in placements:
+            if p.spec is not None and seen.setdefault(id(p.module), p.record.key) != p.record.key:
+                raise FormatError(f"{src.name}: layers {seen[id(p.module)]!r} and {p.record.key!r} are the same "
+                                  "module of the skeleton")
+        owned = set().union(*(p.owned for p in placements))
+        _check_floats(src, manifest, model, owned)
+        if dequantize:
+            _check_dequantizable(src, placements)
+        floats = [r.name for r in manifest.tensors.values() if r.role == "float"]
+        steps: Iterable[Any] = [*floats, *placements]
+        if progress:
+            steps = tqdm(steps, desc="loading", unit="tensor")
+        leftovers: dict[str, Tensor] = {}
+        root = model
+        for step in steps:
+            if isinstance(step, str):
+                _load_float(src, manifest, model, step, leftovers)
+            else:
+                root = _load_layer(src, manifest, root, step, aliases, dequantize)
+                step.module = None  # the float layer can go now: peak memory stays that of the skeleton
+        if leftovers:
+            root.load_state_dict(leftovers, strict=False)
+    return root
+
+
+def _check_floats(source: Source, manifest: Manifest, model: nn.Module, owned: set[str]) -> None:
+    state = model.state_dict(keep_vars=True)
+    expected = {k: tuple(v.shape) for k, v in state.items() if k not in owned}
+    del state
+    stored = {r.name: r.shape for r in manifest.tensors.values() if r.role == "float"}
+    missing = sorted(set(expected) - set(stored))
+    extra = sorted(set(stored) - set(expected))
+    if missing:
+        raise _mismatch(source, f"the skeleton's tensor {missing[0]!r} is not in the file"
+                                + (f" (nor {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if extra:
+        raise _mismatch(source, f"the file's tensor {extra[0]!r} has no place in the skeleton"
+                                + (f" (nor {len(extra) - 1} more)" if len(extra) > 1 else ""))
+    for name, shape in stored.items():
+        if expected[name] != shape:
+            raise _mismatch(source, f"tensor {name!r} has shape {list(shape)} in the file, {list(expected[name])} "
+                                    "in the skeleton")
+
+
+def _check_dequantizable(source: Source, placements: list[_Placement]) -> None:
+    for p in placements:
+        assert p.module is not None
+        if p.spec is not None and not isinstance(p.module._parameters.get(p.record.weight), nn.Parameter):
+            raise ArchitectureMismatchError(
+                f"{source.name}: load_packed(dequantize=True) writes plain weights, but layer {p.record.key!r} of "
+                "the skeleton computes its weight (weight_norm / spectral_norm): build the skeleton without them, "
+                "or load without dequantize")
+
+
+def _load_float(source: Source, manifest: Manifest, model: nn.Module, name: str, leftovers: dict[str, Tensor]) -> None:
+    value = _read_tensor(source, manifest, name)
+    module_path, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_path)
+    if attr in module._parameters or attr in module._buffers:
+        _assign(module, attr, value)
+    else:  # a key of a module's own _save_to_state_dict: let load_state_dict place it
+        leftovers[name] = value
+
+
+def _load_layer(source: Source, manifest: Manifest, root: nn.Module, p: _Placement,
+                aliases: dict[int, list[str]], dequantize: bool) -> nn.Module:
+    assert p.module is not None
+    codes, scale = decode_weight(source, manifest, p.record)
+    dtype = _TORCH_DTYPE[p.record.dtype]
+    if p.spec is None:
+        if dequantize:
+            _assign(p.module, p.record.weight, dequantize_weight(codes, scale, p.config, 0, dtype))
+        else:
+            _install_packed_functional(p.module, p.record, codes, scale, p.config, dtype)
+        return root
+    if dequantize:
+        weight = p.module._parameters[p.record.weight]
+        value = dequantize_weight(codes, scale, p.config, p.record.out_dim, weight.dtype)
+        _assign(p.module, p.record.weight, value)
+        return root
+    from .runtime import packed_layer
+
+    new = packed_layer(p.module, codes, scale, p.config, p.spec)
+    if p.record.rule is not None:
+        new.ternq_rule = p.record.rule
+    return _replace(root, p.module, new, aliases)
+
+
+# --- functional calls ------------------------------------------------------------------------------------------
+
+
+class _PackedFunctional(FunctionalQuant):
+    """Inference form of a quantized functional call: holds int8 codes and scales, no float weight.
+
+    The owner's parameter becomes a zero-stride placeholder of the right shape (no memory), so the owner's
+    forward runs unchanged; the interception (`ternq.functional`) routes the call here, which computes it with
+    ``codes * scale`` on the quantized input, exactly as the QAT model does.
+    """
+
+    def __init__(self, op: str, param: str, config: QuantConfig, codes: Tensor, scale: Tensor,
+                 weight_dtype: torch.dtype) -> None:
+        super().__init__(op, param, config)
+        self.register_buffer("codes", codes, persistent=False)
+        self.register_buffer("scale", scale, persistent=False)
+        self.weight_dtype = weight_dtype
+
+    def forward(self, input: Tensor, weight: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        w = dequantize_weight(self.codes, self.scale, self.qconfig, 0, input.dtype if input.is_floating_point()
+                              else self.weight_dtype)
+        return _FUNCTIONAL_OPS[self.op](self.quantize_input(input), w, *args, **kwargs)
+
+
+_FUNCTIONAL_OPS = {"linear": F.linear, "conv1d": F.conv1d, "conv2d": F.conv2d}
+
+
+def _install_packed_functional(owner: nn.Module, record: LayerRecord, codes: Tensor, scale: Tensor,
+                               config: QuantConfig, dtype: torch.dtype) -> None:
+    op = record.type.removeprefix("F.")
+    if op not in _FUNCTIONAL_OPS:
+        raise FormatError(f"layer {record.key!r}: unknown functional op {record.type!r}")
+    module_path, _, name = record.weight.rpartition(".")
+    holder = owner.get_submodule(module_path)
+    placeholder = torch.zeros((), dtype=dtype).expand(record.shape)
+    holder._parameters[name] = nn.Parameter(placeholder, requires_grad=False)
+    fq = _PackedFunctional(op, record.weight, config, codes, scale, dtype)
+    if record.rule is not None:
+        fq.ternq_rule = record.rule
+    install(owner, [fq])
+

@@ -1,0 +1,734 @@
+"""The ternq file format with numpy and the standard library alone: header validation, checksums, decoding.
+
+A ternq file is a standard safetensors file (see docs/format.md for the byte-level specification). This module
+is the reference reader. It imports neither torch nor the rest of ternq, so a device without torch can decode a
+file by copying this one file (or loading it by path)::
+
+    spec = importlib.util.spec_from_file_location("ternq_numpy_format", "numpy_format.py")
+    nf = sys.modules["ternq_numpy_format"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(nf)
+    state = nf.load_numpy("model.safetensors", dequantize=True)   # {name: np.ndarray}, a float state dict
+
+The torch side of ternq (`ternq.fileformat`) uses the same header and manifest validation, so every check here
+guards both readers. Everything read from a file is distrusted: sizes are bounded by the file size before
+anything is allocated, every field is type-checked, and every tensor's bytes are checked against its CRC32.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import zlib
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+import numpy as np
+
+try:  # inside the ternq package: its exception classes
+    from .errors import ChecksumError, FormatError
+except ImportError:  # loaded on its own (a device without torch): equivalents with the same names
+
+    class FormatError(ValueError):  # type: ignore[no-redef]
+        """A packed file is malformed: truncated, corrupted, inconsistent or of an unknown version."""
+
+    class ChecksumError(FormatError):  # type: ignore[no-redef]
+        """A tensor's bytes do not match the checksum recorded in the file's metadata."""
+
+
+__all__ = [
+    "FORMAT_VERSION",
+    "ENCODINGS",
+    "Encoding",
+    "Source",
+    "TensorEntry",
+    "Header",
+    "LayerRecord",
+    "TensorRecord",
+    "Manifest",
+    "read_header",
+    "read_manifest",
+    "build_metadata",
+    "read_array",
+    "unpack_numpy",
+    "code_histogram",
+    "decode_layer",
+    "dequantize_numpy",
+    "load_numpy",
+    "encoding_for_config",
+    "expected_scale_shape",
+    "crc32_hex",
+]
+
+FORMAT_VERSION = 1
+MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
+MAX_DIMS = 32  # numpy's historical limit; no model weight comes near it
+MAX_DIM_SIZE = 2**53
+DECODE_CHUNK = 1 << 18  # bytes decoded per step: the table, indices and output stay in cache
+
+KEY_VERSION = "ternq.version"
+KEY_MANIFEST = "ternq.manifest"
+KEY_MANIFEST_CRC = "ternq.manifest_crc32"
+
+# safetensors dtype -> (numpy dtype of the stored bytes, bytes per element). BF16 has no numpy type: its
+# bytes are read as uint16 and widened to float32.
+DTYPES: dict[str, tuple[str, int]] = {
+    "BOOL": ("?", 1), "U8": ("u1", 1), "I8": ("i1", 1), "I16": ("<i2", 2), "U16": ("<u2", 2),
+    "F16": ("<f2", 2), "BF16": ("<u2", 2), "I32": ("<i4", 4), "U32": ("<u4", 4), "F32": ("<f4", 4),
+    "I64": ("<i8", 8), "U64": ("<u8", 8), "F64": ("<f8", 8),
+}
+
+
+# --- encodings --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How integer weight codes are laid out in bytes.
+
+    Attributes:
+        name: the name recorded in the manifest.
+        per_byte: codes per byte; element i of the flattened weight lies in byte i // per_byte.
+        dtype: safetensors dtype of the payload tensor.
+        lo, hi: the range of codes the encoding can represent.
+    """
+
+    name: str
+    per_byte: int
+    dtype: str
+    lo: int
+    hi: int
+
+    def packed_length(self, count: int) -> int:
+        """Payload bytes for `count` codes: the tail is padded to a whole byte with code 0."""
+        return -(-count // self.per_byte)
+
+
+ENCODINGS: dict[str, Encoding] = {
+    e.name: e
+    for e in (
+        Encoding("trit5", 5, "U8", -1, 1),  # 5 ternary codes per byte, scaled base 3 (see _trit5_tables)
+        Encoding("int2", 4, "U8", -2, 1),  # 4 codes per byte, 2-bit fields holding code + 2, LSB first
+        Encoding("int4", 2, "U8", -8, 7),  # 2 codes per byte, 4-bit fields holding code + 8, LSB first
+        Encoding("int8", 1, "I8", -128, 127),  # one two's-complement int8 per code
+    )
+}
+
+_INVALID = -128  # what the trit5 table yields for the 13 byte values no encoder writes
+
+
+def _trit5_tables() -> tuple[np.ndarray, np.ndarray]:
+    """Encoder table (243,) uint8 and decoder table (256, 5) int8 of the "trit5" encoding.
+
+    Five codes c0..c4 in {-1, 0, 1} form the base-3 number v = sum((c_k + 1) * 3**(4 - k)), 0 <= v <= 242,
+    stored *scaled* to the byte range: b = ceil(v * 256 / 243). Trit k is then decoded with a multiply and a
+    shift, no division: c_k = ((((b * 3**k) mod 256) * 3) >> 8) - 1 (see docs/format.md for why this layout).
+    The decoder table is built from that formula and checked here against the digits of every v.
+    """
+    encode = np.zeros(243, np.uint8)
+    decode = np.full((256, 5), _INVALID, np.int8)
+    for v in range(243):
+        b = (v * 256 + 242) // 243
+        trits = [((((b * 3**k) & 0xFF) * 3) >> 8) - 1 for k in range(5)]
+        digits = [(v // 3 ** (4 - k)) % 3 - 1 for k in range(5)]
+        if trits != digits:  # pragma: no cover - a broken build of the tables, not bad input
+            raise AssertionError(f"trit5 decode of byte {b} gives {trits}, expected {digits}")
+        encode[v] = b
+        decode[b] = trits
+    return encode, decode
+
+
+def _field_table(bits: int) -> np.ndarray:
+    """Decoder table (256, 8 // bits) int8 of a k-bit field encoding: field j of byte b is code j."""
+    per_byte, bias, mask = 8 // bits, 1 << (bits - 1), (1 << bits) - 1
+    b = np.arange(256)[:, None]
+    shifts = np.arange(per_byte)[None, :] * bits
+    return (((b >> shifts) & mask) - bias).astype(np.int8)
+
+
+TRIT5_ENCODE, TRIT5_DECODE = _trit5_tables()
+DECODE_TABLES: dict[str, np.ndarray] = {"trit5": TRIT5_DECODE, "int2": _field_table(2), "int4": _field_table(4)}
+
+
+def encoding_for_config(config: dict[str, Any]) -> str:
+    """The encoding a layer of this config (``QuantConfig.to_dict()``) is stored in."""
+    if config.get("kind") == "ternary":
+        return "trit5"
+    bits = config.get("bits")
+    return "int2" if bits == 2 else "int4" if bits in (3, 4) else "int8"
+
+
+def _qmax(config: dict[str, Any]) -> int:
+    return 1 if config["kind"] == "ternary" else 2 ** (config["bits"] - 1) - 1
+
+
+def unpack_numpy(packed: np.ndarray, encoding: str, count: int, *, qmax: int | None = None,
+                 what: str = "packed codes") -> np.ndarray:
+    """Decode `count` codes (int8, 1-D) from a payload, checking every byte.
+
+    Raises FormatError when the payload has the wrong length, holds a byte no encoder writes, a code outside
+    ``[-qmax, qmax]`` (default: the encoding's range) or non-zero padding after the last code.
+    """
+    enc = _encoding(encoding, what)
+    flat = np.ascontiguousarray(packed).reshape(-1)
+    if flat.dtype != np.dtype(DTYPES[enc.dtype][0]):
+        raise FormatError(f"{what}: payload dtype {flat.dtype} does not match encoding {encoding!r} ({enc.dtype})")
+    if flat.size != enc.packed_length(count):
+        raise FormatError(f"{what}: {flat.size} payload elements cannot hold {count} codes in {encoding!r} "
+                          f"(expected {enc.packed_length(count)})")
+    lo, hi = (enc.lo, enc.hi) if qmax is None else (-qmax, qmax)
+    if enc.per_byte == 1:
+        out = flat.view(np.int8).copy()
+        _check_range(out, lo, hi, what, enc)
+        return out
+    table = DECODE_TABLES[encoding]
+    out = np.empty((flat.size, enc.per_byte), np.int8)
+    for start in range(0, flat.size, DECODE_CHUNK):
+        chunk = out[start:start + DECODE_CHUNK]
+        np.take(table, flat[start:start + DECODE_CHUNK], axis=0, out=chunk)
+        _check_range(chunk, lo, hi, what, enc)
+    codes = out.reshape(-1)
+    if codes[count:].any():
+        raise FormatError(f"{what}: padding after the last of {count} codes is not zero")
+    return codes[:count]
+
+
+def _check_range(codes: np.ndarray, lo: int, hi: int, what: str, enc: Encoding) -> None:
+    if codes.size and (codes.min() < lo or codes.max() > hi):
+        raise FormatError(_range_message(int(codes[(codes < lo) | (codes > hi)][0]), lo, hi, what, enc))
+
+
+def _range_message(bad: int, lo: int, hi: int, what: str, enc: Encoding) -> str:
+    if bad == _INVALID and enc.name == "trit5":
+        return f"{what}: holds a byte value that no trit5 encoder writes (one of the 13 unused values)"
+    return f"{what}: code {bad} is outside the range [{lo}, {hi}] of its config"
+
+
+def code_histogram(packed: np.ndarray, encoding: str, count: int) -> dict[int, int]:
+    """How many codes of each value the payload holds (padding excluded), from a histogram of its bytes."""
+    enc = _encoding(encoding, "packed codes")
+    flat = np.ascontiguousarray(packed).reshape(-1)
+    if enc.per_byte == 1:
+        values, counts = np.unique(flat.view(np.int8)[:count], return_counts=True)
+        return {int(v): int(c) for v, c in zip(values, counts)}
+    byte_counts = np.bincount(flat.view(np.uint8), minlength=256)
+    table = DECODE_TABLES[encoding]
+    hist: dict[int, int] = {}
+    for value in np.unique(table):
+        n = int(((table == value).sum(axis=1) * byte_counts).sum())
+        if n:
+            hist[int(value)] = n
+    pad = enc.packed_length(count) * enc.per_byte - count
+    if pad:
+        hist[0] = hist.get(0, 0) - pad
+    return {v: n for v, n in sorted(hist.items()) if n}
+
+
+def _encoding(name: object, what: str) -> Encoding:
+    if not isinstance(name, str) or name not in ENCODINGS:
+        raise FormatError(f"{what}: unknown encoding {name!r}; this ternq knows {sorted(ENCODINGS)}")
+    return ENCODINGS[name]
+
+
+# --- reading bytes ----------------------------------------------------------------------------------------------
+
+
+class Source:
+    """Random access to the bytes of a file (path) or of an in-memory buffer; use as a context manager."""
+
+    def __init__(self, src: str | os.PathLike[str] | bytes | bytearray | memoryview) -> None:
+        self._file: BinaryIO | None = None
+        if isinstance(src, (bytes, bytearray, memoryview)):
+            self._buf = memoryview(src).cast("B")
+            self.name = "<bytes>"
+            self.size = self._buf.nbytes
+        else:
+            self.name = os.fspath(src)
+            self._file = open(src, "rb")  # noqa: SIM115 - closed by close()
+            self.size = os.fstat(self._file.fileno()).st_size
+
+    def readinto(self, offset: int, out: np.ndarray | memoryview) -> None:
+        """Fill `out` (a writable contiguous buffer) with the bytes at `offset`."""
+        view = memoryview(out).cast("B")
+        n = view.nbytes
+        if offset + n > self.size:
+            raise FormatError(f"{self.name}: read of {n} bytes at {offset} runs past the end ({self.size} bytes)")
+        if self._file is None:
+            view[:] = self._buf[offset:offset + n]
+            return
+        self._file.seek(offset)
+        done = 0
+        while done < n:
+            got = self._file.readinto(view[done:])
+            if not got:
+                raise FormatError(f"{self.name}: file ended after {offset + done} bytes while reading "
+                                  f"(it shrank while being read?)")
+            done += got
+
+    def read(self, offset: int, n: int) -> bytes:
+        out = bytearray(n)
+        self.readinto(offset, memoryview(out))
+        return bytes(out)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+    def __enter__(self) -> Source:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def crc32_hex(data: Any) -> str:
+    """CRC-32 (zlib, the one of PNG and gzip) of a buffer, as 8 lowercase hex digits."""
+    return f"{zlib.crc32(data) & 0xFFFFFFFF:08x}"
+
+
+# --- the safetensors header -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of the safetensors header; `begin`/`end` are absolute file offsets."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+@dataclass(frozen=True)
+class Header:
+    """A validated safetensors header: tensors in data order, the metadata, where the data starts."""
+
+    tensors: dict[str, TensorEntry]
+    metadata: dict[str, str]
+    data_start: int
+    file_size: int
+    source_name: str
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _parse_json(text: str, what: str) -> Any:
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicates)
+    except RecursionError:
+        raise FormatError(f"{what} is nested too deeply to be a ternq header") from None
+    except ValueError as e:
+        raise FormatError(f"{what} is not valid JSON: {e}") from None
+
+
+def _is_dtype(value: object) -> bool:
+    return isinstance(value, str) and value in DTYPES
+
+
+def _nonneg_int(value: object, what: str) -> int:
+    if type(value) is not int or value < 0:
+        raise FormatError(f"{what} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _shape(value: object, what: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or len(value) > MAX_DIMS:
+        raise FormatError(f"{what} must be a list of at most {MAX_DIMS} dimensions, got {value!r:.80}")
+    dims = tuple(_nonneg_int(d, what) for d in value)
+    if any(d > MAX_DIM_SIZE for d in dims):
+        raise FormatError(f"{what} has a dimension above {MAX_DIM_SIZE}: {list(dims)}")
+    return dims
+
+
+def read_header(source: Source) -> Header:
+    """Read and validate the safetensors header; nothing is allocated beyond what the file's size allows.
+
+    Checks: the 8-byte little-endian length is within the file and below 100 MB; the header is UTF-8 JSON
+    without duplicate keys, tabs or newlines (ternq writes compact JSON; their presence means an edit); each
+    tensor has a known dtype, a shape, and offsets whose span is exactly its byte count; the tensors tile the
+    data section contiguously, from its first byte to the last byte of the file.
+    """
+    name = source.name
+    if source.size < 8:
+        raise FormatError(f"{name}: {source.size} bytes is too short for a safetensors file "
+                          "(an 8-byte header length, then the header): truncated?")
+    n = int.from_bytes(source.read(0, 8), "little")
+    if n > MAX_HEADER_BYTES:
+        raise FormatError(f"{name}: header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit: "
+                          "corrupted or not a safetensors file")
+    if 8 + n > source.size:
+        raise FormatError(f"{name}: header length {n} runs past the end of the {source.size}-byte file: "
+                          "truncated or corrupted")
+    raw = source.read(8, n)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise FormatError(f"{name}: header is not UTF-8 (byte {8 + e.start}): corrupted") from None
+    for ch in "\t\n\r":
+        if ch in text:
+            raise FormatError(f"{name}: header contains {ch!r} at byte {8 + text.index(ch)}; ternq writes "
+                              "compact JSON, so the header was altered")
+    obj = _parse_json(text, f"{name}: header")
+    if not isinstance(obj, dict):
+        raise FormatError(f"{name}: header must be a JSON object, got {type(obj).__name__}")
+    metadata = obj.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise FormatError(f"{name}: __metadata__ must map strings to strings")
+    data_start, data_len = 8 + n, source.size - 8 - n
+    entries = []
+    for key, spec in obj.items():
+        what = f"{name}: tensor {key!r}"
+        if not isinstance(spec, dict) or set(spec) != {"dtype", "shape", "data_offsets"}:
+            raise FormatError(f"{what}: expected exactly the fields dtype, shape, data_offsets, got {spec!r:.200}")
+        dtype = spec["dtype"]
+        if not _is_dtype(dtype):
+            raise FormatError(f"{what}: unsupported dtype {dtype!r:.40}; known: {sorted(DTYPES)}")
+        shape = _shape(spec["shape"], f"{what}: shape")
+        offsets = spec["data_offsets"]
+        if not isinstance(offsets, list) or len(offsets) != 2:
+            raise FormatError(f"{what}: data_offsets must be [begin, end], got {offsets!r:.80}")
+        begin, end = (_nonneg_int(o, f"{what}: data_offsets") for o in offsets)
+        expected = math.prod(shape) * DTYPES[dtype][1]
+        if end < begin or end - begin != expected:
+            raise FormatError(f"{what}: data_offsets {offsets} span {end - begin} bytes, but {dtype} of shape "
+                              f"{list(shape)} needs {expected}")
+        entries.append(TensorEntry(key, dtype, shape, data_start + begin, data_start + end))
+    entries.sort(key=lambda e: (e.begin, e.end))
+    pos = data_start
+    for e in entries:
+        if e.begin != pos:
+            gap = "overlaps the previous tensor" if e.begin < pos else f"leaves a gap of {e.begin - pos} bytes"
+            raise FormatError(f"{name}: tensor {e.name!r} starts at data offset {e.begin - data_start}, which "
+                              f"{gap}: safetensors data must be contiguous")
+        pos = e.end
+    if pos != source.size:
+        state = "truncated" if pos > source.size else "followed by unexplained bytes"
+        raise FormatError(f"{name}: the tensors need {pos - data_start} data bytes but the file holds {data_len}: "
+                          f"{state}")
+    return Header({e.name: e for e in entries}, dict(metadata), data_start, source.size, name)
+
+
+# --- the ternq manifest -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorRecord:
+    """The manifest's record of one tensor: role ("codes", "scale" or "float"), dtype, shape, CRC32."""
+
+    name: str
+    role: str
+    dtype: str
+    shape: tuple[int, ...]
+    crc32: str
+    orig_dtype: str | None = None
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    """The manifest's record of one packed weight (see docs/format.md for each field).
+
+    `key` is the weight's state_dict key in the float model, `module` the path of the layer holding it (for a
+    functional ``F.linear`` call: the module whose parameter it is) and `weight` its attribute there.
+    """
+
+    key: str
+    module: str
+    type: str
+    weight: str
+    out_dim: int
+    shape: tuple[int, ...]
+    dtype: str
+    config: dict[str, Any]
+    encoding: str
+    count: int
+    codes: str
+    scale: str
+    rule: str | None = None
+
+    @property
+    def qmax(self) -> int:
+        return _qmax(self.config)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The validated ternq manifest, cross-checked against the safetensors header."""
+
+    version: int
+    library: str
+    layers: dict[str, LayerRecord]
+    tensors: dict[str, TensorRecord]
+    selection: Any
+    float_dtype: str | None
+    header: Header
+
+
+_LAYER_FIELDS = {"module", "type", "weight", "out_dim", "shape", "dtype", "config", "encoding", "count", "codes", "scale"}
+_ROLES = ("codes", "scale", "float")
+_GRANULARITIES = ("tensor", "channel", "group")
+
+
+def expected_scale_shape(shape: tuple[int, ...], out_dim: int, config: dict[str, Any]) -> tuple[int, ...]:
+    """Stored shape of the scales of a weight (see `ternq.quantizers`): (1,), (rows,) or (rows, n_groups)."""
+    rows = 1 if len(shape) <= 1 else shape[out_dim]
+    fan_in = math.prod(shape) // rows if rows else 0
+    if config["granularity"] == "tensor":
+        return (1,)
+    if config["granularity"] == "channel":
+        return (rows,)
+    return (rows, -(-fan_in // config["group_size"]))
+
+
+def _check_config(config: object, what: str) -> dict[str, Any]:
+    """The fields of a layer config this reader relies on; torch-side loading re-validates all of them."""
+    if not isinstance(config, dict):
+        raise FormatError(f"{what}: config must be an object, got {config!r:.80}")
+    kind = config.get("kind")
+    if kind not in ("ternary", "kbit"):
+        raise FormatError(f"{what}: config kind {kind!r} is neither 'ternary' nor 'kbit'")
+    if config.get("granularity") not in _GRANULARITIES:
+        raise FormatError(f"{what}: config granularity {config.get('granularity')!r} is not one of {_GRANULARITIES}")
+    group_size = config.get("group_size")
+    if config["granularity"] == "group" and (type(group_size) is not int or group_size < 1):
+        raise FormatError(f"{what}: config group_size {group_size!r} is not a positive integer")
+    if kind == "kbit" and (type(config.get("bits")) is not int or not 2 <= config["bits"] <= 8):
+        raise FormatError(f"{what}: config bits {config.get('bits')!r} is not an integer in 2..8")
+    return config
+
+
+def _field(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], what: str) -> Any:
+    value = obj.get(key)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise FormatError(f"{what}: field {key!r} is missing or not of type "
+                          f"{getattr(kind, '__name__', kind)}, got {value!r:.80}")
+    return value
+
+
+def read_manifest(header: Header) -> Manifest:
+    """Validate the ternq metadata of a header and cross-check it against the tensors the header lists.
+
+    Raises FormatError naming the tensor or layer at fault (ChecksumError when the manifest's own CRC32 does
+    not match), or when the file is not a ternq file or was written by a newer format version.
+    """
+    name, meta = header.source_name, header.metadata
+    if KEY_VERSION not in meta:
+        raise FormatError(f"{name}: not a ternq file: its metadata has no {KEY_VERSION!r} (a plain safetensors "
+                          "checkpoint? load it with safetensors / load_state_dict instead)")
+    version_text = meta[KEY_VERSION]
+    if not (version_text.isascii() and version_text.isdigit()) or len(version_text) > 6:
+        raise FormatError(f"{name}: format version {version_text!r} is not a number")
+    version = int(version_text)
+    if version != FORMAT_VERSION:
+        newer = "newer than" if version > FORMAT_VERSION else "not one of the versions"
+        raise FormatError(f"{name}: ternq format version {version} is {newer} this reader supports "
+                          f"({FORMAT_VERSION}); upgrade ternq to read it")
+    for key in (KEY_MANIFEST, KEY_MANIFEST_CRC):
+        if key not in meta:
+            raise FormatError(f"{name}: metadata has no {key!r}")
+    text = meta[KEY_MANIFEST]
+    if crc32_hex(text.encode("utf-8")) != meta[KEY_MANIFEST_CRC]:
+        raise ChecksumError(f"{name}: the manifest does not match its CRC32 {meta[KEY_MANIFEST_CRC]!r}: "
+                            "the header is corrupted")
+    doc = _parse_json(text, f"{name}: manifest")
+    if not isinstance(doc, dict):
+        raise FormatError(f"{name}: manifest must be a JSON object")
+    if type(doc.get("format_version")) is not int or doc["format_version"] != version:
+        raise FormatError(f"{name}: manifest format_version {doc.get('format_version')!r} contradicts "
+                          f"{KEY_VERSION}={version}")
+    library = _field(doc, "library", str, f"{name}: manifest")
+    float_dtype = doc.get("float_dtype")
+    if float_dtype is not None and not _is_dtype(float_dtype):
+        raise FormatError(f"{name}: manifest float_dtype {float_dtype!r} is not a safetensors dtype")
+    tensors = _read_tensor_records(_field(doc, "tensors", dict, f"{name}: manifest"), header)
+    layers_doc = _field(doc, "layers", dict, f"{name}: manifest")
+    layers = {key: _read_layer(key, spec, tensors, name) for key, spec in layers_doc.items()}
+    used: dict[str, str] = {}
+    for layer in layers.values():
+        for t in (layer.codes, layer.scale):
+            if t in used:
+                raise FormatError(f"{name}: tensor {t!r} is claimed by layers {used[t]!r} and {layer.key!r}")
+            used[t] = layer.key
+    for t in tensors.values():
+        if t.role != "float" and t.name not in used:
+            raise FormatError(f"{name}: tensor {t.name!r} has role {t.role!r} but no layer uses it")
+    return Manifest(version, library, layers, tensors, doc.get("selection"), float_dtype, header)
+
+
+def _read_tensor_records(doc: dict[str, Any], header: Header) -> dict[str, TensorRecord]:
+    name = header.source_name
+    missing = sorted(set(doc) - set(header.tensors))
+    extra = sorted(set(header.tensors) - set(doc))
+    if missing:
+        raise FormatError(f"{name}: tensor {missing[0]!r} is listed in the manifest but missing from the file"
+                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if extra:
+        raise FormatError(f"{name}: tensor {extra[0]!r} is in the file but not in the manifest"
+                          + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+    records = {}
+    for key, spec in doc.items():
+        what = f"{name}: tensor {key!r}"
+        if not isinstance(spec, dict):
+            raise FormatError(f"{what}: manifest entry must be an object")
+        role = spec.get("role")
+        if role not in _ROLES:
+            raise FormatError(f"{what}: role {role!r} is not one of {_ROLES}")
+        dtype = _field(spec, "dtype", str, what)
+        shape = _shape(spec.get("shape"), f"{what}: manifest shape")
+        crc = _field(spec, "crc32", str, what)
+        if len(crc) != 8 or any(c not in "0123456789abcdef" for c in crc):
+            raise FormatError(f"{what}: crc32 {crc!r} is not 8 lowercase hex digits")
+        entry = header.tensors[key]
+        if (dtype, shape) != (entry.dtype, entry.shape):
+            raise FormatError(f"{what}: the header says {entry.dtype} {list(entry.shape)}, the manifest "
+                              f"{dtype} {list(shape)}")
+        orig = spec.get("orig_dtype")
+        if role == "float" and not _is_dtype(orig):
+            raise FormatError(f"{what}: orig_dtype {orig!r} is not a safetensors dtype")
+        records[key] = TensorRecord(key, role, dtype, shape, crc, orig if role == "float" else None)
+    return records
+
+
+def _read_layer(key: str, spec: object, tensors: dict[str, TensorRecord], name: str) -> LayerRecord:
+    what = f"{name}: layer {key!r}"
+    if not isinstance(spec, dict) or not _LAYER_FIELDS <= set(spec):
+        missing = sorted(_LAYER_FIELDS - set(spec)) if isinstance(spec, dict) else sorted(_LAYER_FIELDS)
+        raise FormatError(f"{what}: manifest entry lacks {missing}")
+    for field in ("module", "type", "weight"):
+        if not isinstance(spec[field], str) or (field != "module" and not spec[field]):
+            raise FormatError(f"{what}: field {field!r} must be a string, got {spec[field]!r:.80}")
+    if key != (f"{spec['module']}.{spec['weight']}" if spec["module"] else spec["weight"]):
+        raise FormatError(f"{what}: key is not module {spec['module']!r} + '.' + weight {spec['weight']!r}")
+    shape = _shape(spec["shape"], f"{what}: shape")
+    if not shape:
+        raise FormatError(f"{what}: a packed weight needs at least one dimension")
+    out_dim = _nonneg_int(spec["out_dim"], f"{what}: out_dim")
+    if out_dim >= max(len(shape), 1):
+        raise FormatError(f"{what}: out_dim {out_dim} is not a dimension of shape {list(shape)}")
+    config = _check_config(spec["config"], what)
+    encoding = _encoding(spec["encoding"], what)
+    expected = encoding_for_config(config)
+    if encoding.name != expected:
+        raise FormatError(f"{what}: encoding {encoding.name!r} does not match its config, which is stored as "
+                          f"{expected!r}")
+    count = _nonneg_int(spec["count"], f"{what}: count")
+    if count == 0:
+        raise FormatError(f"{what}: a packed weight must have at least one element")
+    if count != math.prod(shape):
+        raise FormatError(f"{what}: count {count} is not the element count {math.prod(shape)} of shape "
+                          f"{list(shape)}")
+    dtype = spec["dtype"]
+    if dtype not in ("F32", "F16", "BF16", "F64"):
+        raise FormatError(f"{what}: weight dtype {dtype!r} is not a float dtype")
+    codes, scale = spec["codes"], spec["scale"]
+    for role, t in (("codes", codes), ("scale", scale)):
+        if not isinstance(t, str) or t not in tensors:
+            raise FormatError(f"{what}: its {role} tensor {t!r:.80} is not in the file")
+        if tensors[t].role != role:
+            raise FormatError(f"{what}: tensor {t!r} has role {tensors[t].role!r}, expected {role!r}")
+    c = tensors[codes]
+    if c.dtype != encoding.dtype or c.shape != (encoding.packed_length(count),):
+        raise FormatError(f"{what}: codes tensor {codes!r} is {c.dtype} {list(c.shape)}, but {count} codes in "
+                          f"{encoding.name!r} need {encoding.dtype} [{encoding.packed_length(count)}]")
+    s = tensors[scale]
+    s_shape = expected_scale_shape(shape, out_dim, config)
+    if s.dtype != "F32" or s.shape != s_shape:
+        raise FormatError(f"{what}: scale tensor {scale!r} is {s.dtype} {list(s.shape)}, expected F32 "
+                          f"{list(s_shape)} for granularity {config['granularity']!r}")
+    rule = spec.get("rule")
+    return LayerRecord(key, spec["module"], spec["type"], spec["weight"], out_dim, shape, dtype, config, encoding.name, count,
+                       codes, scale, rule if isinstance(rule, str) else None)
+
+
+def build_metadata(manifest: dict[str, Any]) -> dict[str, str]:
+    """The safetensors ``__metadata__`` for a manifest: version, manifest JSON, and the manifest's CRC32."""
+    text = json.dumps(manifest, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return {KEY_VERSION: str(FORMAT_VERSION), KEY_MANIFEST: text, KEY_MANIFEST_CRC: crc32_hex(text.encode())}
+
+
+# --- decoding with numpy ----------------------------------------------------------------------------------------
+
+
+def read_array(source: Source, manifest: Manifest, name: str) -> np.ndarray:
+    """One tensor as a numpy array in its shape (BF16 widened to float32), after checking its CRC32."""
+    entry, record = manifest.header.tensors[name], manifest.tensors[name]
+    raw = np.empty(entry.nbytes, np.uint8)
+    source.readinto(entry.begin, raw)
+    if crc32_hex(raw) != record.crc32:
+        raise ChecksumError(f"{source.name}: tensor {name!r}: bytes do not match CRC32 {record.crc32}: "
+                            "the payload is corrupted")
+    arr = raw.view(np.dtype(DTYPES[entry.dtype][0]))
+    if entry.dtype == "BF16":
+        arr = (arr.astype(np.uint32) << 16).view(np.float32)
+    return arr.astype(arr.dtype.newbyteorder("="), copy=False).reshape(entry.shape)
+
+
+def decode_layer(source: Source, manifest: Manifest, layer: LayerRecord) -> tuple[np.ndarray, np.ndarray]:
+    """Codes (int8, in the weight's shape) and scales (float32, stored shape) of a packed layer, all checked."""
+    what = f"{source.name}: layer {layer.key!r}"
+    packed = read_array(source, manifest, layer.codes)
+    codes = unpack_numpy(packed, layer.encoding, layer.count, qmax=layer.qmax, what=f"{what}: codes")
+    scale = read_array(source, manifest, layer.scale)
+    check_scale(scale, what)
+    return codes.reshape(layer.shape), scale
+
+
+def check_scale(scale: Any, what: str) -> None:
+    """Scales must be finite and positive: the quantizers floor them at eps > 0."""
+    arr = np.asarray(scale)
+    if arr.size and not (np.isfinite(arr).all() and (arr > 0).all()):
+        raise FormatError(f"{what}: scales must be finite and positive")
+
+
+def dequantize_numpy(codes: np.ndarray, scale: np.ndarray, layer: LayerRecord) -> np.ndarray:
+    """``codes * scale`` in float32, in the weight's layout (numpy twin of `ternq.quantizers.dequantize_weight`)."""
+    shape = codes.shape
+    rows_first = codes if len(shape) <= 1 else np.moveaxis(codes, layer.out_dim, 0)
+    moved = rows_first.shape
+    rows = rows_first.reshape(1 if len(shape) <= 1 else shape[layer.out_dim], -1).astype(np.float32)
+    granularity = layer.config["granularity"]
+    if granularity == "tensor":
+        s = scale.reshape(1, 1)
+    elif granularity == "channel":
+        s = scale.reshape(-1, 1)
+    else:
+        s = np.repeat(scale, layer.config["group_size"], axis=1)[:, : rows.shape[1]]
+    out = (rows * s).reshape(moved)
+    return out if len(shape) <= 1 else np.moveaxis(out, 0, layer.out_dim)
+
+
+def load_numpy(src: str | os.PathLike[str] | bytes, *, dequantize: bool = False) -> dict[str, np.ndarray]:
+    """Every tensor of a ternq file as numpy arrays, checksums and codes verified.
+
+    With ``dequantize=False``: the file's float tensors, plus ``<weight key>.codes`` (int8, the weight's shape)
+    and ``<weight key>.scale`` (float32) for each packed layer. With ``dequantize=True``: a float32 state dict
+    of the model, each packed weight replaced by ``codes * scale`` under its own key (e.g. ``fc1.weight``).
+    """
+    with Source(src) as source:
+        manifest = read_manifest(read_header(source))
+        out: dict[str, np.ndarray] = {}
+        for layer in manifest.layers.values():
+            codes, scale = decode_layer(source, manifest, layer)
+            if dequantize:
+                out[layer.key] = dequantize_numpy(codes, scale, layer)
+            else:
+                out[layer.key + ".codes"] = codes
+                out[layer.key + ".scale"] = scale
+        for record in manifest.tensors.values():
+            if record.role == "float":
+                out[record.name] = read_array(source, manifest, record.name)
+        return out

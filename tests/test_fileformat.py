@@ -1,0 +1,441 @@
+"""save_packed / load_packed / pack: the file round trip, interop with plain safetensors, and clear errors."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from torch.nn.utils import parametrizations
+
+import ternq
+from ternq import ArchitectureMismatchError, ChecksumError, FormatError, KBitConfig, Rule, TernaryConfig
+from ternq.cli import inspect_file, verify_file
+from ternq.numpy_format import KEY_MANIFEST, build_metadata, load_numpy
+from ternq.runtime import is_packed
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*torch.nn.utils.weight_norm. is deprecated:FutureWarning")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(*(nn.Linear(1024, 1024) for _ in range(4)))
+
+
+class Mixed(nn.Module):
+    """Every layer kind the format stores: plain, weight-normed (both APIs), transposed and grouped convs, an
+    embedding, BatchNorm buffers (with an int64 counter), a functional call and a float head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(11, 8)
+        self.conv = parametrizations.weight_norm(nn.Conv1d(8, 12, 3, padding=1))
+        self.legacy = torch.nn.utils.weight_norm(nn.Conv1d(12, 12, 5, padding=2, groups=3))
+        self.up = nn.ConvTranspose1d(12, 6, 4, stride=2, padding=1)
+        self.norm = nn.BatchNorm1d(6)
+        self.proj = nn.Parameter(torch.randn(9, 6) / 3)
+        self.head = nn.Linear(9, 3)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.emb(tokens).transpose(1, 2)
+        h = torch.relu(self.legacy(torch.relu(self.conv(h))))
+        h = self.norm(self.up(h)).transpose(1, 2)
+        return self.head(torch.tanh(F.linear(h, self.proj)))
+
+
+RULES = [
+    Rule("emb", KBitConfig(bits=4, granularity="channel")),
+    Rule("conv", TernaryConfig(granularity="group", group_size=7)),
+    Rule("legacy", KBitConfig(bits=2)),
+    Rule("up", KBitConfig(bits=8, granularity="channel", act_bits=None, input_norm=None)),
+    Rule("proj", TernaryConfig(input_norm="rmsnorm")),
+]
+
+
+def mixed_qat(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = ternq.quantize(Mixed(), include=[*RULES, nn.Embedding], exclude=["head"])
+    model.train()
+    with torch.no_grad():  # move the BatchNorm statistics away from their initial values
+        model(torch.randint(0, 11, (4, 10)))
+    return model.eval()
+
+
+def tokens() -> torch.Tensor:
+    return torch.randint(0, 11, (3, 10), generator=torch.Generator().manual_seed(1))
+
+
+def assert_close_to_qat(y: torch.Tensor, y_qat: torch.Tensor) -> None:
+    # the runtime computes the QAT forward from the same integer codes; only float rounding differs
+    torch.testing.assert_close(y, y_qat, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def mlp_file(tmp_path_factory):
+    torch.manual_seed(0)
+    model = ternq.quantize(mlp()).eval()
+    path = tmp_path_factory.mktemp("mlp") / "mlp.safetensors"
+    ternq.save_packed(model, path)
+    return model, path
+
+
+# --- the done criterion: a 4 x Linear(1024) MLP ------------------------------------------------------------------
+
+
+def test_mlp_bits_per_weight_and_plain_safetensors(mlp_file):
+    model, path = mlp_file
+    info = inspect_file(str(path))
+    packed = [r for r in info["tensors"] if r["kind"] == "packed"]
+    assert len(packed) == 4 and all(r["encoding"] == "trit5" for r in packed)
+    assert all(r["codes_bits_per_weight"] <= 1.61 and r["bits_per_weight"] <= 1.61 for r in packed)
+    assert info["totals"]["fp32_ratio"] < 1 / 19  # 16 MiB of fp32 -> ~0.82 MiB
+    with safe_open(str(path), framework="numpy") as f:
+        assert f.get_tensor("0.weight.codes").dtype == np.uint8
+        assert f.get_tensor("0.weight.codes").shape == (1024 * 1024 // 5 + 1,)
+        assert f.get_tensor("2.bias").dtype == np.float32
+        manifest = json.loads(f.metadata()[KEY_MANIFEST])
+    with safe_open(str(path), framework="pt") as f:
+        assert set(f.keys()) == set(manifest["tensors"])
+        torch.testing.assert_close(f.get_tensor("3.bias"), model[3].bias.detach(), rtol=0, atol=0)
+    assert manifest["layers"]["1.weight"]["config"] == TernaryConfig().to_dict()
+    assert verify_file(str(path))["ok"]
+
+
+def test_mlp_reloads_into_a_fresh_skeleton(mlp_file):
+    model, path = mlp_file
+    first = ternq.load_packed(path, mlp()).eval()
+    second = ternq.load_packed(path, mlp()).eval()
+    assert all(is_packed(m) for m in first)
+    x = torch.randn(5, 1024)
+    with torch.no_grad():
+        y_qat, y1, y2 = model(x), first(x), second(x)
+    assert torch.equal(y1, y2)
+    assert_close_to_qat(y1, y_qat)
+    for i in range(4):
+        codes, scale = model[i].weight_codes()
+        assert torch.equal(first[i].codes, codes) and torch.equal(first[i].scale, scale)
+    # a loaded model packs to the very same file content
+    assert ternq.pack(first).metadata == ternq.pack(model).metadata
+
+
+# --- every layer kind, configs and options -----------------------------------------------------------------------
+
+
+def test_mixed_model_round_trip(tmp_path):
+    model = mixed_qat()
+    path = tmp_path / "mixed.safetensors"
+    ternq.save_packed(model, path)
+    manifest = ternq.pack(model).manifest
+    encodings = {k: v["encoding"] for k, v in manifest["layers"].items()}
+    assert encodings == {"emb.weight": "int4", "conv.weight": "trit5", "legacy.weight": "int2",
+                         "up.weight": "int8", "proj": "trit5"}
+    assert manifest["layers"]["proj"]["type"] == "F.linear"
+    assert manifest["selection"]["kept_float"] == {"head": 'exclude[0] "head"'}
+    floats = {k for k, v in manifest["tensors"].items() if v["role"] == "float"}
+    assert "norm.num_batches_tracked" in floats and "head.weight" in floats
+    assert not any(k.startswith(("conv.parametrizations", "legacy.weight_")) for k in floats)
+
+    loaded = ternq.load_packed(path, Mixed()).eval()
+    x = tokens()
+    with torch.no_grad():
+        assert_close_to_qat(loaded(x), model(x))
+    for key in ("norm.running_mean", "norm.running_var", "norm.num_batches_tracked", "head.weight", "up.bias"):
+        assert torch.equal(loaded.state_dict()[key], model.state_dict()[key]), key
+    repacked, original = ternq.pack(loaded).manifest, ternq.pack(model).manifest
+    assert repacked["selection"]["kept_float"] == {}  # the file records it; a loaded model does not carry it
+    assert {**repacked, "selection": None} == {**original, "selection": None}
+    assert repacked["selection"]["quantized"] == original["selection"]["quantized"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_float_dtype_option(tmp_path, dtype):
+    model = mixed_qat()
+    path = tmp_path / "half.safetensors"
+    ternq.save_packed(model, path, float_dtype=dtype)
+    with safe_open(str(path), framework="pt") as f:
+        assert f.get_tensor("head.weight").dtype == dtype
+        assert f.get_tensor("emb.weight.scale").dtype == torch.float32  # scales stay float32
+        assert f.get_tensor("norm.num_batches_tracked").dtype == torch.int64
+    loaded = ternq.load_packed(path, Mixed())
+    assert loaded.head.weight.dtype == torch.float32
+    assert torch.equal(loaded.head.weight, model.head.weight.detach().to(dtype).float())
+    assert os.path.getsize(path) < os.path.getsize(ternq.pack(model).save(tmp_path / "f32") or tmp_path / "f32")
+
+
+def test_meta_skeleton_allocates_nothing_for_packed_weights(mlp_file):
+    model, path = mlp_file
+    with torch.device("meta"):
+        skeleton = mlp()
+    loaded = ternq.load_packed(path, skeleton).eval()
+    assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
+    x = torch.randn(2, 1024)
+    with torch.no_grad():
+        assert_close_to_qat(loaded(x), model(x))
+
+
+def test_dequantize_option_gives_float_layers_with_hard_weights(tmp_path):
+    torch.manual_seed(0)
+    model = ternq.quantize(nn.Sequential(nn.Linear(6, 5), nn.Conv1d(5, 4, 3)),
+                           include=[Rule("1", KBitConfig(bits=4, granularity="group", group_size=4)), "0"]).eval()
+    path = tmp_path / "d.safetensors"
+    ternq.save_packed(model, path)
+    loaded = ternq.load_packed(path, nn.Sequential(nn.Linear(6, 5), nn.Conv1d(5, 4, 3)), dequantize=True)
+    assert type(loaded[0]) is nn.Linear and type(loaded[1]) is nn.Conv1d
+    for i in range(2):
+        assert torch.equal(loaded[i].weight, model[i].hard_weight())
+    numpy_state = load_numpy(path, dequantize=True)
+    for i in range(2):
+        np.testing.assert_array_equal(numpy_state[f"{i}.weight"], model[i].hard_weight().detach().numpy())
+    with pytest.raises(ArchitectureMismatchError, match="weight_norm"):
+        ternq.load_packed(ternq.pack(mixed_qat()), Mixed(), dequantize=True)
+
+
+def test_in_memory_pack_is_the_file(tmp_path, mlp_file):
+    model, path = mlp_file
+    packed = ternq.pack(model)
+    assert packed.to_bytes() == path.read_bytes()
+    # any safetensors writer makes a valid ternq file from the same content
+    other = tmp_path / "by_safetensors.safetensors"
+    save_file(packed.tensors, str(other), metadata=packed.metadata)
+    assert verify_file(str(other))["ok"]
+    loaded = ternq.load_packed(other, mlp())
+    assert torch.equal(loaded[0].codes, model[0].weight_codes()[0])
+
+
+def test_numpy_reader_without_torch(tmp_path):
+    """A device without torch decodes the file with ternq/numpy_format.py alone."""
+    model = mixed_qat()
+    path = tmp_path / "m.safetensors"
+    ternq.save_packed(model, path)
+    expected = load_numpy(path, dequantize=True)
+    np.savez(tmp_path / "expected.npz", **expected)
+    script = textwrap.dedent(f"""
+        import importlib.util, sys
+        sys.modules["torch"] = None  # any import of torch now fails
+        spec = importlib.util.spec_from_file_location("nf", {str(ROOT / "ternq" / "numpy_format.py")!r})
+        nf = sys.modules["nf"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(nf)
+        import numpy as np
+        state = nf.load_numpy({str(path)!r}, dequantize=True)
+        expected = np.load({str(tmp_path / "expected.npz")!r})
+        assert sorted(state) == sorted(expected.files), (sorted(state), expected.files)
+        assert all(np.array_equal(state[k], expected[k]) for k in state)
+        assert "torch" not in [m for m in sys.modules if sys.modules[m] is not None]
+        print("decoded", len(state))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"decoded {len(expected)}"
+    hard = {"emb.weight": model.emb, "conv.weight": model.conv, "up.weight": model.up}
+    for key, layer in hard.items():
+        np.testing.assert_allclose(expected[key], layer.hard_weight().detach().numpy(), rtol=1e-6, atol=1e-7)
+
+
+def test_atomic_write_keeps_the_old_file(tmp_path, mlp_file, monkeypatch):
+    model, _ = mlp_file
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"previous content")
+
+    def broken_fsync(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", broken_fsync)
+    with pytest.raises(OSError, match="disk full"):
+        ternq.save_packed(model, path)
+    assert path.read_bytes() == b"previous content"
+    assert os.listdir(tmp_path) == ["model.safetensors"]
+
+
+def test_peak_memory_of_loading_stays_below_the_fp32_model(tmp_path):
+    """Loading into a float skeleton allocates far less than the fp32 model (the float weights are dropped as
+    each layer is packed); measured as the growth of the process's peak RSS in a fresh interpreter."""
+    script = textwrap.dedent(f"""
+        import torch, ternq
+        from torch import nn
+        def build():
+            return nn.Sequential(*(nn.Linear(1024, 1024) for _ in range(6)))
+        torch.manual_seed(0)
+        ternq.save_packed(ternq.quantize(build()), {str(tmp_path / "big.safetensors")!r})
+        skeleton = build()
+        fp32 = sum(p.numel() * 4 for p in skeleton.parameters())
+        def rss(field):
+            for line in open("/proc/self/status"):
+                if line.startswith(field):
+                    return int(line.split()[1]) * 1024
+        open("/proc/self/clear_refs", "w").write("5")  # reset the peak to the current RSS
+        before = rss("VmRSS:")
+        ternq.load_packed({str(tmp_path / "big.safetensors")!r}, skeleton)
+        print(fp32, rss("VmHWM:") - before)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    if out.returncode != 0 and "clear_refs" in out.stderr:
+        pytest.skip("cannot reset the peak RSS here (/proc/self/clear_refs)")
+    assert out.returncode == 0, out.stderr
+    fp32, growth = map(int, out.stdout.split())
+    assert growth < 0.5 * fp32, (growth, fp32)
+
+
+# --- bad input: clear errors ---------------------------------------------------------------------------------------
+
+
+def test_skeleton_of_another_architecture(mlp_file):
+    _, path = mlp_file
+    with pytest.raises(ArchitectureMismatchError, match=r"'0.weight'.*shape \[1024, 1024\].*\[512, 1024\]"):
+        ternq.load_packed(path, nn.Sequential(nn.Linear(1024, 512), *(nn.Linear(1024, 1024) for _ in range(3))))
+    with pytest.raises(ArchitectureMismatchError, match="no module '3'"):
+        ternq.load_packed(path, nn.Sequential(*(nn.Linear(1024, 1024) for _ in range(3))))
+    with pytest.raises(ArchitectureMismatchError, match="'2' is a Conv1d"):
+        ternq.load_packed(path, nn.Sequential(nn.Linear(1024, 1024), nn.Linear(1024, 1024),
+                                              nn.Conv1d(1024, 1024, 1), nn.Linear(1024, 1024)))
+    extra = mlp()
+    extra.register_buffer("step", torch.zeros(()))
+    with pytest.raises(ArchitectureMismatchError, match="skeleton's tensor 'step' is not in the file"):
+        ternq.load_packed(path, extra)
+    no_bias = nn.Sequential(*(nn.Linear(1024, 1024, bias=i != 1) for i in range(4)))
+    with pytest.raises(ArchitectureMismatchError, match="file's tensor '1.bias' has no place"):
+        ternq.load_packed(path, no_bias)
+
+
+def test_skeleton_is_untouched_when_validation_fails(mlp_file):
+    _, path = mlp_file
+    skeleton = nn.Sequential(*(nn.Linear(1024, 1024) for _ in range(3)), nn.Linear(1024, 8))
+    before = {k: v.clone() for k, v in skeleton.state_dict().items()}
+    with pytest.raises(ArchitectureMismatchError):
+        ternq.load_packed(path, skeleton)
+    assert all(torch.equal(before[k], v) for k, v in skeleton.state_dict().items())
+    assert not any(is_packed(m) for m in skeleton)
+
+
+def rewrite(packed: ternq.PackedModel, edit) -> bytes:
+    """The file with its manifest edited by `edit(manifest)`, CRC recomputed: metadata that lies consistently."""
+    manifest = packed.manifest
+    edit(manifest)
+    return ternq.PackedModel(packed.tensors, build_metadata(manifest)).to_bytes()
+
+
+def small_packed() -> ternq.PackedModel:
+    torch.manual_seed(0)
+    return ternq.pack(ternq.quantize(nn.Sequential(nn.Linear(7, 6), nn.Linear(6, 4))))
+
+
+def small_skeleton() -> nn.Module:
+    return nn.Sequential(nn.Linear(7, 6), nn.Linear(6, 4))
+
+
+def set_layer(key: str, field: str, value):
+    def edit(manifest):
+        manifest["layers"]["0.weight"][field] = value if key == "" else {**manifest["layers"]["0.weight"][field],
+                                                                          key: value}
+    return edit
+
+
+LIES = {
+    "shape": (set_layer("", "shape", [6, 8]), r"count 42 is not the element count 48"),
+    "count": (set_layer("", "count", 40), r"count 40 is not the element count 42"),
+    "encoding": (set_layer("", "encoding", "int4"), r"encoding 'int4' does not match its config"),
+    "unknown encoding": (set_layer("", "encoding", "trit6"), r"unknown encoding 'trit6'"),
+    "config kind": (set_layer("kind", "config", "float"), r"kind 'float'"),
+    "config bits": (set_layer("bits", "config", 4), r"unknown TernaryConfig fields \['bits'\]"),
+    "granularity": (set_layer("granularity", "config", "channel"), r"scale tensor '0.weight.scale' is F32 \[1\]"),
+    "codes name": (set_layer("", "codes", "1.bias"), r"tensor '1.bias' has role 'float', expected 'codes'"),
+    "out_dim": (set_layer("", "out_dim", 2), r"out_dim 2 is not a dimension"),
+    "type": (set_layer("", "type", "torch.nn.modules.conv.Conv1d"), r"packs layer '0.weight' \(.*Conv1d\).*Linear"),
+    "tensor dtype": (lambda m: m["tensors"]["0.bias"].update(dtype="F16"), r"header says F32 \[6\]"),
+    "tensor shape": (lambda m: m["tensors"]["0.bias"].update(shape=[3, 2]), r"header says F32 \[6\]"),
+    "missing tensor": (lambda m: m["tensors"].pop("1.bias"), r"'1.bias' is in the file but not in the manifest"),
+    "extra tensor": (lambda m: m["tensors"].update(ghost=m["tensors"]["1.bias"]), r"'ghost' is listed"),
+    "unused codes": (lambda m: m["layers"].pop("1.weight"), r"'1.weight.codes' has role 'codes' but no layer"),
+    "crc format": (lambda m: m["tensors"]["0.bias"].update(crc32="XYZ"), r"crc32 'XYZ'"),
+    "crc value": (lambda m: m["tensors"]["0.bias"].update(crc32="00000000"), r"'0.bias'.*CRC32 00000000"),
+    "format_version": (lambda m: m.update(format_version=2), r"format_version 2 contradicts"),
+    "layers type": (lambda m: m.update(layers=[]), r"field 'layers'"),
+}
+
+
+@pytest.mark.parametrize("lie", sorted(LIES))
+def test_metadata_that_lies(lie):
+    edit, message = LIES[lie]
+    data = rewrite(small_packed(), edit)
+    with pytest.raises(FormatError, match=message) as info:
+        ternq.load_packed(data, small_skeleton())
+    if lie == "crc value":
+        assert isinstance(info.value, ChecksumError)
+
+
+def test_unknown_version_and_foreign_files(tmp_path):
+    packed = small_packed()
+    newer = {**packed.metadata, "ternq.version": "2"}
+    with pytest.raises(FormatError, match="version 2 is newer than this reader supports"):
+        ternq.load_packed(ternq.PackedModel(packed.tensors, newer).to_bytes(), small_skeleton())
+    plain = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(3)}, str(plain))
+    with pytest.raises(FormatError, match="not a ternq file"):
+        ternq.load_packed(plain, small_skeleton())
+    with pytest.raises(FormatError, match="too short"):
+        ternq.load_packed(b"abc", small_skeleton())
+    with pytest.raises(FileNotFoundError):
+        ternq.load_packed(tmp_path / "missing.safetensors", small_skeleton())
+
+
+def test_hostile_headers_fail_fast():
+    huge_len = (10**12).to_bytes(8, "little") + b"{}"
+    with pytest.raises(FormatError, match="exceeds the 100000000-byte limit"):
+        ternq.load_packed(huge_len, small_skeleton())
+    past_end = (1000).to_bytes(8, "little") + b"{}"
+    with pytest.raises(FormatError, match="runs past the end"):
+        ternq.load_packed(past_end, small_skeleton())
+    deep = b"[" * 200_000 + b"]" * 200_000
+    with pytest.raises(FormatError, match="nested too deeply"):
+        ternq.load_packed(len(deep).to_bytes(8, "little") + deep, small_skeleton())
+
+    def header(obj) -> bytes:
+        raw = json.dumps(obj).replace(" ", "").encode()
+        return len(raw).to_bytes(8, "little") + raw
+
+    giant = {"t": {"dtype": "F32", "shape": [10**9, 10**9], "data_offsets": [0, 4 * 10**18]}}
+    with pytest.raises(FormatError, match="truncated"):
+        ternq.load_packed(header(giant), small_skeleton())
+    lying = {"t": {"dtype": "F32", "shape": [10**6], "data_offsets": [0, 8]}}
+    with pytest.raises(FormatError, match="needs 4000000"):
+        ternq.load_packed(header(lying) + bytes(8), small_skeleton())
+    duplicate = b'{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"a":{"dtype":"U8","shape":[1],' \
+                b'"data_offsets":[0,1]}}'
+    with pytest.raises(FormatError, match="duplicate key 'a'"):
+        ternq.load_packed(len(duplicate).to_bytes(8, "little") + duplicate + b"\0", small_skeleton())
+
+
+def test_corrupted_payload_names_the_tensor(mlp_file):
+    _, path = mlp_file
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0x40  # in the last tensor's bytes (the u8 codes of the last layer come last)
+    with pytest.raises(ChecksumError, match="tensor '3.weight.codes'"):
+        ternq.load_packed(bytes(data), mlp())
+
+
+def test_pack_errors():
+    with pytest.raises(ValueError, match="no quantized layer"):
+        ternq.pack(nn.Linear(3, 3))
+    with pytest.raises(ValueError, match="float_dtype"):
+        ternq.pack(ternq.quantize(nn.Linear(3, 3)), float_dtype=torch.int8)
+
+
+def test_a_single_layer_model(tmp_path):
+    torch.manual_seed(0)
+    layer = ternq.quantize(nn.Linear(5, 3)).eval()
+    path = tmp_path / "one.safetensors"
+    ternq.save_packed(layer, path)
+    loaded = ternq.load_packed(path, nn.Linear(5, 3))
+    assert is_packed(loaded)
+    x = torch.randn(2, 5)
+    with torch.no_grad():
+        assert_close_to_qat(loaded(x), layer(x))

@@ -1,0 +1,244 @@
+"""Fuzzing the reader: mutated, truncated and extended files, and hostile but self-consistent metadata.
+
+Invariants: reading a damaged file raises a ternq exception (never another exception, a hang or an oversized
+allocation), and never returns weights that differ from the ones saved. The default budget runs a few thousand
+cases in seconds; raise it for a long run (docs/format.md, "Fuzzing")::
+
+    TERNQ_FUZZ_EXAMPLES=20 python -m pytest tests/test_fuzz_format.py    # 20x the examples
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from functools import cache
+
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import ternq
+from ternq import KBitConfig, Rule, TernaryConfig, TernqError
+from ternq.cli import verify_file
+from ternq.numpy_format import build_metadata, load_numpy
+
+SCALE = max(1, int(os.environ.get("TERNQ_FUZZ_EXAMPLES", "1")))
+FUZZ = settings(deadline=None, max_examples=400 * SCALE, suppress_health_check=[HealthCheck.too_slow])
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(7, 6)
+        self.b = nn.Conv1d(6, 4, 3)
+        self.norm = nn.BatchNorm1d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.b(self.a(x).transpose(1, 2)))
+
+
+@cache
+def original() -> tuple[bytes, ternq.PackedModel]:
+    torch.manual_seed(0)
+    model = ternq.quantize(Tiny(), include=[Rule("b", KBitConfig(bits=4, granularity="channel")), "a"],
+                           config=TernaryConfig(granularity="group", group_size=4))
+    packed = ternq.pack(model, float_dtype=torch.float16)
+    return packed.to_bytes(), packed
+
+
+@cache
+def reference() -> dict[str, torch.Tensor]:
+    return _content(ternq.load_packed(original()[0], Tiny()))
+
+
+def _content(model: nn.Module) -> dict[str, torch.Tensor]:
+    out = dict(model.state_dict())
+    for name in ("a", "b"):
+        layer = getattr(model, name)
+        out[name + ".codes"], out[name + ".scale"] = layer.codes, layer.scale
+    return out
+
+
+def header_end(data: bytes) -> int:
+    return 8 + int.from_bytes(data[:8], "little")
+
+
+def assert_rejected(data: bytes) -> None:
+    """Both readers refuse a damaged file with a ternq exception."""
+    with pytest.raises(TernqError):
+        verify_file(data)
+    with pytest.raises(TernqError):
+        ternq.load_packed(data, Tiny())
+
+
+def assert_rejected_or_intact(data: bytes) -> None:
+    """A ternq exception, or (the change was harmless) exactly the saved weights."""
+    try:
+        loaded = ternq.load_packed(data, Tiny())
+    except TernqError:
+        return
+    got = _content(loaded)
+    assert got.keys() == reference().keys()
+    for key, value in reference().items():
+        assert torch.equal(got[key], value), key
+    verify_file(data)
+
+
+# --- raw bytes ---------------------------------------------------------------------------------------------------
+
+
+def test_every_single_byte_change_is_detected():
+    """Each byte of the file, in turn, replaced by another value: all of them are caught (2,000+ cases)."""
+    data, _ = original()
+    rng = random.Random(0)
+    for pos in range(len(data)):
+        damaged = bytearray(data)
+        damaged[pos] = (damaged[pos] + rng.randrange(1, 256)) % 256
+        with pytest.raises(TernqError):
+            verify_file(bytes(damaged))
+
+
+def test_every_truncation_is_detected():
+    data, _ = original()
+    for size in range(len(data)):
+        with pytest.raises(TernqError):
+            verify_file(data[:size])
+
+
+@st.composite
+def mutated(draw: st.DrawFn) -> bytes:
+    data, _ = original()
+    out = bytearray(data)
+    end = header_end(data)
+    for _ in range(draw(st.integers(1, 6))):
+        region = draw(st.sampled_from(["length", "header", "data", "anywhere"]))
+        lo, hi = {"length": (0, 7), "header": (8, end - 1), "data": (end, len(data) - 1),
+                  "anywhere": (0, len(data) - 1)}[region]
+        pos = min(draw(st.integers(lo, hi)), len(out) - 1)
+        kind = draw(st.sampled_from(["set", "bitflip", "insert", "delete"]))
+        if kind == "set":
+            out[pos] = draw(st.integers(0, 255))
+        elif kind == "bitflip":
+            out[pos] ^= 1 << draw(st.integers(0, 7))
+        elif kind == "insert":
+            out[pos:pos] = bytes([draw(st.integers(0, 255))])
+        elif len(out) > 1:
+            del out[pos]
+    result = bytes(out)
+    assume(result != data)
+    return result
+
+
+@FUZZ
+@given(damaged=mutated())
+def test_mutated_files_are_rejected(damaged):
+    assert_rejected(damaged)
+
+
+@FUZZ
+@given(size=st.integers(0, 10_000), tail=st.binary(min_size=1, max_size=64), length=st.integers(0, 2**64 - 1))
+def test_truncated_extended_and_relabelled_files(size, tail, length):
+    data, _ = original()
+    assume(size < len(data))
+    assert_rejected(data[:size])
+    assert_rejected(data + tail)
+    assume(length != header_end(data) - 8)
+    assert_rejected(length.to_bytes(8, "little") + data[8:])
+
+
+# --- hostile metadata: consistent checksums, lying content ---------------------------------------------------------
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=8,
+)
+
+
+def _paths(obj: object, prefix: tuple = ()) -> list[tuple]:
+    """Every path into a JSON document (dict keys and list indices)."""
+    out = [prefix]
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            out += _paths(value, (*prefix, key))
+    elif isinstance(obj, list):
+        for i, value in enumerate(obj):
+            out += _paths(value, (*prefix, i))
+    return out
+
+
+def _replace(obj: object, path: tuple, value: object) -> object:
+    if not path:
+        return value
+    head, rest = path[0], path[1:]
+    if isinstance(obj, dict):
+        return {**obj, head: _replace(obj[head], rest, value)}
+    copy = list(obj)  # type: ignore[arg-type]
+    copy[head] = _replace(copy[head], rest, value)
+    return copy
+
+
+def _header_and_data(data: bytes) -> tuple[dict, bytes]:
+    end = header_end(data)
+    return json.loads(data[8:end]), data[end:]
+
+
+def _file(header: dict, payload: bytes) -> bytes:
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    return len(raw).to_bytes(8, "little") + raw + payload
+
+
+@FUZZ
+@given(data=st.data())
+def test_lying_manifest_with_valid_checksum(data):
+    """A hostile writer edits any manifest field and recomputes the manifest CRC."""
+    raw, packed = original()
+    manifest = packed.manifest
+    path = data.draw(st.sampled_from(_paths(manifest)), label="path")
+    value = data.draw(JSON_VALUES, label="value")
+    edited = _replace(manifest, path, value)
+    assume(edited != manifest)
+    header, payload = _header_and_data(raw)
+    try:
+        header["__metadata__"] = build_metadata(edited)  # type: ignore[arg-type]
+    except ValueError:  # e.g. the manifest became NaN-bearing: not writable as JSON
+        return
+    assert_rejected_or_intact(_file(header, payload))
+
+
+@FUZZ
+@given(data=st.data())
+def test_lying_tensor_table(data):
+    """The safetensors tensor table (dtype, shape, offsets, names) edited anywhere, metadata kept."""
+    raw, _ = original()
+    header, payload = _header_and_data(raw)
+    paths = [p for p in _paths(header) if p and p[0] != "__metadata__"]
+    path = data.draw(st.sampled_from(paths), label="path")
+    value = data.draw(JSON_VALUES | st.integers(0, len(payload)), label="value")
+    edited = _replace(header, path, value)
+    assume(edited != header)
+    assert_rejected(_file(edited, payload))  # type: ignore[arg-type]
+
+
+@settings(deadline=None, max_examples=100 * SCALE)
+@given(data=st.data())
+def test_swapped_and_renamed_tensors(data):
+    """Tensors renamed or their byte ranges swapped: the CRCs name the culprit."""
+    raw, _ = original()
+    header, payload = _header_and_data(raw)
+    names = sorted(k for k in header if k != "__metadata__")
+    a, b = data.draw(st.permutations(names))[:2]
+    if data.draw(st.booleans(), label="rename"):
+        header[a + "x"] = header.pop(a)
+    else:
+        header[a]["data_offsets"], header[b]["data_offsets"] = header[b]["data_offsets"], header[a]["data_offsets"]
+    assert_rejected_or_intact(_file(header, payload))
+
+
+def test_numpy_reader_agrees_on_an_intact_file():
+    raw, _ = original()
+    arrays = load_numpy(raw)
+    for name in ("a", "b"):
+        assert (arrays[f"{name}.weight.codes"] == reference()[f"{name}.codes"].numpy()).all()
