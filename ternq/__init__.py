@@ -8,6 +8,7 @@ The whole public API lives here, flat:
     model = ternq.load_packed("model.safetensors", skeleton)
 """
 from .config import KBitConfig, QuantConfig, TernaryConfig
+from .convert import dequantize, quantize
 from .errors import (
     AlreadyQuantizedError,
     ArchitectureMismatchError,
@@ -20,6 +21,8 @@ from .errors import (
 )
 from .fileformat import PackedModel, load_packed, pack, save_packed
 from .layers import is_quantized, register_layer
+from .report import Report, report
+from .selectors import Rule, output_layers
 
 __version__ = "0.1.0"
 
@@ -28,6 +31,12 @@ __all__ = [
     "TernaryConfig",
     "KBitConfig",
     "register_layer",
+    "quantize",
+    "dequantize",
+    "report",
+    "Report",
+    "Rule",
+    "output_layers",
     "is_quantized",
     "pack",
     "save_packed",
