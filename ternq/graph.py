@@ -28,12 +28,14 @@ import contextlib
 import inspect
 import io
 import operator
+import random
 import warnings
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils import parametrize
@@ -263,9 +265,15 @@ def _trace(module: nn.Module, lenient: bool = False) -> fx.Graph:
     raise error
 
 
+#: wrappers whose forward must not run on proxies (collectives, compilation); their insides are traced
+_WRAPPERS = ("DataParallel", "DistributedDataParallel", "FullyShardedDataParallel", "OptimizedModule")
+
+
 def _traceable(module: nn.Module) -> bool:
-    """Worth tracing: has its own forward, is not a layer, and is not a childless torch.nn built-in."""
+    """Worth tracing: has its own forward, is not a layer, a wrapper, or a childless torch.nn built-in."""
     if layer_spec(module) is not None or is_quantized(module):
+        return False
+    if type(module).__name__ in _WRAPPERS:
         return False
     if type(module).forward is nn.Module.forward:  # ModuleList, ModuleDict, ParameterList...
         return False
@@ -316,13 +324,8 @@ def _functional_sites(scope_name: str, scope: nn.Module, graph: fx.Graph, path: 
     return list(sites.values())
 
 
-def analyze(root: nn.Module) -> Analysis:
-    """Walk and shallow-trace `root`; list its candidate layers (module order, functional calls after their owner)."""
-    modules, names, refs = walk_modules(root)
-    analysis = Analysis(root=root, modules=modules, names=names, references=dict(refs))
-    called: set[int] = set()
-    functional: dict[str, list[Candidate]] = {}
-    for name, module in modules.items():
+def _trace_all(analysis: Analysis, called: set[int], functional: dict[str, list[Candidate]]) -> None:
+    for name, module in analysis.modules.items():
         if not _traceable(module):
             continue
         try:
@@ -344,6 +347,29 @@ def analyze(root: nn.Module) -> Analysis:
                 except AttributeError:
                     pass
         functional[name] = _functional_sites(name, module, graph, "fx")
+
+
+@contextlib.contextmanager
+def _rng_preserved() -> Iterator[None]:
+    """Forwards run under tracing may draw random numbers (``torch.randn(4)``): conversion must not shift seeds."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+def analyze(root: nn.Module) -> Analysis:
+    """Walk and shallow-trace `root`; list its candidate layers (module order, functional calls after their owner)."""
+    modules, names, refs = walk_modules(root)
+    analysis = Analysis(root=root, modules=modules, names=names, references=dict(refs))
+    called: set[int] = set()
+    functional: dict[str, list[Candidate]] = {}
+    with _rng_preserved():
+        _trace_all(analysis, called, functional)
     for name, module in modules.items():
         spec = layer_spec(module)
         if spec is not None:

@@ -486,3 +486,24 @@ def test_report_table_and_size_estimate():
     assert "1 ternary, 1 float" in str(rep) and "5,000 of 5,110" in str(rep) and widths
     d = rep.to_dict()
     assert d["totals"]["counts"] == {"ternary": 1, "float": 1} and d["rows"][1]["rule"] == 'exclude[0] "small"'
+
+
+def test_tracing_neither_draws_random_numbers_nor_prints(capsys):
+    class Noisy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x):
+            print("forward ran")
+            if x.sum() > 0:  # untraceable: traced leniently too
+                x = x + 1
+            return self.lin(x) + torch.randn(3)
+
+    model = Noisy()
+    torch.manual_seed(0)
+    ternq.quantize(model)
+    after = torch.rand(3)
+    torch.manual_seed(0)
+    assert torch.equal(after, torch.rand(3))
+    assert capsys.readouterr().out == ""
