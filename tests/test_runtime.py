@@ -366,3 +366,15 @@ def test_qat_skeleton_repack_and_generic_layer() -> None:
     with torch.no_grad():
         assert torch.equal(packed(x), qat(x))
     assert packed.kernel == "weight_only" and type(packed).__name__ == "PackedScaled"
+
+
+def test_long_inputs_run_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Time is cut into GEMM chunks of >= 64 steps; chunk borders must not show in the output."""
+    import ternq.runtime
+
+    monkeypatch.setattr(ternq.runtime, "_CHUNK_BYTES", 1)  # the smallest chunks: 64 steps
+    torch.manual_seed(0)
+    config = TernaryConfig(granularity="channel")
+    assert_matches_qat(nn.Conv1d(6, 8, 5, padding=2), config, torch.randn(2, 6, 300))
+    assert_matches_qat(nn.Conv1d(6, 8, 3, stride=2, dilation=3, padding=1), config, torch.randn(1, 6, 301))
+    assert_matches_qat(nn.ConvTranspose1d(6, 4, 8, stride=4, padding=2), config, torch.randn(2, 6, 150))
