@@ -50,17 +50,23 @@ def output_layers(of: str = "") -> OutputLayers:
 
     Parameter-free operations (activations, ``tanh``, additions, reshapes, dropout...) do not count as "in
     between"; any module holding parameters (a LayerNorm, another layer) does. A residual ``x + f(x)`` thus
-    reaches back through both branches. This is how BitTTS keeps the vocoder's final convolution in float::
+    reaches back through both branches. This is how BitTTS keeps the vocoder's final convolution in float:
 
-        ternq.quantize(model, exclude=[ternq.output_layers(of="vocoder")])
+    ```python
+    ternq.quantize(model, exclude=[ternq.output_layers(of="vocoder")])
+    ```
 
     Args:
         of: qualified name of the module whose output counts; ``""`` (the default) is the whole model.
 
-    The answer is read from fx graphs. Where a forward cannot be traced, each submodule is traced on its own;
-    an untraceable module is assumed to run its children in registration order, so its output comes from its
-    last child that holds parameters (true of HiFi-GAN, VITS, FastSpeech-style models). When even that cannot
-    tell (the module holds parameters itself and has no such child), a `SelectorError` asks for a deeper `of`.
+    The answer is read from fx graphs. Where strict fx cannot trace a forward, its submodules are traced on
+    their own and the forward itself is traced leniently (one path through its data-dependent control flow,
+    see `ternq.graph`). Where even that fails, the module is assumed to run its children in registration
+    order, so its output comes from its last child holding parameters. When that cannot tell either (the module
+    holds its parameters itself), a `SelectorError` asks for a deeper `of`.
+
+    Returns:
+        A selector for `include` / `exclude`.
     """
     if not isinstance(of, str):
         raise SelectorError(f"output_layers(of={of!r}): `of` must be a module name (a str), '' for the model")
@@ -91,9 +97,11 @@ class Rule:
     """A selector with the config its layers get (None: the `config` passed to `ternq.quantize`).
 
     Example: ternary everywhere, 4-bit for the vocoder, which include lists first because the first
-    matching rule decides::
+    matching rule decides:
 
-        ternq.quantize(model, include=[ternq.Rule("vocoder.*", ternq.KBitConfig(bits=4)), "*"])
+    ```python
+    ternq.quantize(model, include=[ternq.Rule("vocoder.*", ternq.KBitConfig(bits=4)), "*"])
+    ```
     """
 
     selector: Selector
