@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .config import QuantConfig, TernaryConfig
-from .errors import AlreadyQuantizedError, ConversionError
+from .errors import AlreadyQuantizedError, ConversionError, UnsupportedLayerError
 from .functional import FunctionalQuant, install, uninstall
 from .graph import Analysis, analyze, walk_modules
 from .layers import is_quantized, to_float_module, to_quant_module
@@ -84,7 +84,8 @@ def quantize(model: M, include: Any = None, exclude: Any = None, config: QuantCo
     Raises:
         SelectorError: a malformed selector, or an include / exclude entry that matches no candidate layer
             (the message names it and the closest layer names).
-        UnsupportedLayerError: an include entry selects only layers of a type ternq does not know.
+        UnsupportedLayerError: an include entry selects only layers of a type ternq does not know, or (with
+            the default include) the model has no layer of a known type at all.
         AlreadyQuantizedError: `model` already holds ternq layers; quantize a float model once (use
             `ternq.dequantize` to get plain float layers back).
         ConversionError: applying the plan failed; the model is left exactly as it was.
@@ -100,7 +101,26 @@ def quantize(model: M, include: Any = None, exclude: Any = None, config: QuantCo
         ```
     """
     analysis, decisions = plan(model, include, exclude, config)
+    if include is None and not any(not c.optional for c in analysis.candidates):
+        raise _nothing_to_quantize(analysis)
     return _apply(model, analysis, decisions)
+
+
+def _nothing_to_quantize(analysis: Analysis) -> Exception:
+    """quantize(model) on a model without a single supported layer: name the types it has instead."""
+    counts: dict[str, int] = {}
+    for module in analysis.modules.values():
+        if module._parameters and not is_quantized(module):
+            name = type(module).__name__
+            counts[name] = counts.get(name, 0) + 1
+    if not counts:
+        return ConversionError("quantize(): the model holds no parameters, so there is nothing to quantize")
+    found = ", ".join(f"{n} ({k})" for n, k in sorted(counts.items(), key=lambda kv: -kv[1]))
+    first = max(counts, key=lambda n: counts[n])
+    return UnsupportedLayerError(
+        f"quantize(): no layer of this model is of a type ternq knows; its modules with parameters are: {found}. "
+        f"Teach ternq a layer type with ternq.register_layer({first}, forward=...), or opt embeddings in with "
+        "include=[nn.Embedding]")
 
 
 def _apply(model: M, analysis: Analysis, decisions: dict[str, Decision]) -> M:

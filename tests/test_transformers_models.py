@@ -69,6 +69,8 @@ def test_gpt2_with_its_conv1d_registered():
         # GPT-2 stores its linear layers as Conv1D (weight transposed): not a type ternq knows yet
         with pytest.raises(UnsupportedLayerError, match="register_layer"):
             ternq.report(make(), include=[Conv1D])
+        with pytest.raises(UnsupportedLayerError, match=r"register_layer\(Conv1D"):
+            ternq.quantize(make())
     try:
         # the registry example: a linear layer whose weight is (in, out), so output channels lie on dim 1
         ternq.register_layer(
