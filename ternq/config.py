@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
+from .errors import ConfigError
+
 Granularity = Literal["tensor", "channel", "group"]
 InputNorm = Literal["layernorm", "rmsnorm"]
 STEMode = Literal["identity", "clipped"]
@@ -46,18 +48,18 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         if self.granularity not in _GRANULARITIES:
-            raise ValueError(f"granularity={self.granularity!r}: expected one of {_GRANULARITIES}")
+            raise ConfigError(f"granularity={self.granularity!r}: expected one of {_GRANULARITIES}")
         if self.granularity == "group" and (not isinstance(self.group_size, int) or self.group_size < 1):
-            raise ValueError(f"group_size={self.group_size!r}: expected a positive int")
+            raise ConfigError(f"group_size={self.group_size!r}: expected a positive int")
         if self.act_bits is not None and (not isinstance(self.act_bits, int) or isinstance(self.act_bits, bool)
                                           or not 2 <= self.act_bits <= 8):
-            raise ValueError(f"act_bits={self.act_bits!r}: expected an int in 2..8 or None")
+            raise ConfigError(f"act_bits={self.act_bits!r}: expected an int in 2..8 or None")
         if self.input_norm not in _NORMS:
-            raise ValueError(f"input_norm={self.input_norm!r}: expected one of {_NORMS}")
+            raise ConfigError(f"input_norm={self.input_norm!r}: expected one of {_NORMS}")
         if self.ste not in _STES:
-            raise ValueError(f"ste={self.ste!r}: expected one of {_STES}")
+            raise ConfigError(f"ste={self.ste!r}: expected one of {_STES}")
         if not self.eps > 0:
-            raise ValueError(f"eps={self.eps!r}: expected a positive float")
+            raise ConfigError(f"eps={self.eps!r}: expected a positive float")
 
     @property
     def name(self) -> str:
@@ -89,11 +91,11 @@ class QuantConfig:
         elif kind == "kbit":
             cls = KBitConfig
         else:
-            raise ValueError(f"unknown quantization config kind {kind!r}: expected 'ternary' or 'kbit'")
+            raise ConfigError(f"unknown quantization config kind {kind!r}: expected 'ternary' or 'kbit'")
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
-            raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}; known: {sorted(known)}")
+            raise ConfigError(f"unknown {cls.__name__} fields {sorted(unknown)}; known: {sorted(known)}")
         return cls(**data)
 
 
@@ -123,7 +125,7 @@ class KBitConfig(QuantConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not isinstance(self.bits, int) or isinstance(self.bits, bool) or not 2 <= self.bits <= 8:
-            raise ValueError(f"bits={self.bits!r}: expected an int in 2..8 (use TernaryConfig for 1.58-bit)")
+            raise ConfigError(f"bits={self.bits!r}: expected an int in 2..8 (use TernaryConfig for 1.58-bit)")
 
     @property
     def name(self) -> str:

@@ -6,6 +6,10 @@ class TernqError(Exception):
     """Base class of ternq's errors."""
 
 
+class ConfigError(TernqError, ValueError):
+    """A quantization config has an invalid field."""
+
+
 class SelectorError(TernqError, ValueError):
     """An include/exclude rule is malformed or matches no layer."""
 

@@ -25,7 +25,7 @@ from torch.nn.utils.spectral_norm import SpectralNorm as _SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm as _WeightNorm
 
 from .config import QuantConfig
-from .errors import UnsupportedLayerError
+from .errors import AlreadyQuantizedError, UnsupportedLayerError
 from .quantizers import (
     dequantize_weight,
     fake_quantize_activation,
@@ -283,7 +283,7 @@ def _shallow_clone(module: nn.Module, cls: type) -> nn.Module:
 def to_quant_module(module: nn.Module, config: QuantConfig) -> nn.Module:
     """The QAT version of `module` (shares its parameters; `module` itself is left unchanged)."""
     if isinstance(module, QuantMixin):
-        raise ValueError(f"{type(module).__name__} is already quantized")
+        raise AlreadyQuantizedError(f"{type(module).__name__} is already quantized (a ternq QAT layer)")
     qmodule = _shallow_clone(module, _quant_class_for(module))
     qmodule.qconfig = config
     return qmodule
@@ -295,7 +295,7 @@ def to_float_module(module: nn.Module) -> nn.Module:
     Weight reparametrizations are folded away: the result has an ordinary ``weight`` parameter.
     """
     if not isinstance(module, QuantMixin):
-        raise ValueError(f"{type(module).__name__} is not a ternq QAT layer")
+        raise TypeError(f"{type(module).__name__} is not a ternq QAT layer")
     spec = module._ternq_spec
     with torch.no_grad():
         hard = module.hard_weight().detach().clone()

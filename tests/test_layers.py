@@ -369,7 +369,7 @@ def test_to_float_module_is_equivalent(layer: tuple, config_name: str) -> None:
     torch.testing.assert_close(f(xq), q(x), rtol=1e-6, atol=1e-6)
     if config.act_bits is None and config.input_norm is None:
         torch.testing.assert_close(f(x), q(x), rtol=1e-6, atol=1e-6)
-    with pytest.raises(ValueError, match="not a ternq QAT layer"):
+    with pytest.raises(TypeError, match="not a ternq QAT layer"):
         to_float_module(f)
 
 
@@ -480,7 +480,7 @@ def test_register_needs_a_forward(registry: None) -> None:
 
 def test_quantizing_twice_is_refused() -> None:
     q = to_quant_module(nn.Linear(2, 2), TernaryConfig())
-    with pytest.raises(ValueError, match="already quantized"):
+    with pytest.raises(ternq.AlreadyQuantizedError, match="already quantized"):
         to_quant_module(q, TernaryConfig())
 
 
