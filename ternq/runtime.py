@@ -82,7 +82,7 @@ WEIGHT_ONLY = "weight_only"
 _ENV_KERNELS = ("auto", WEIGHT_ONLY, "int8")
 _STORAGES = ("int8", "packed")
 
-# (layer class, geometry, input bucket, dtype, device, threads, storage) -> kernel name
+# ((layer class, geometry, storage), input bucket, dtype, device, threads) -> kernel name
 _CHOICES: dict[tuple[Any, ...], str] = {}
 
 
@@ -287,8 +287,10 @@ class PackedLayer:
             return fast[0]
         if not fast:
             return WEIGHT_ONLY
-        key = (type(self).__name__, self._geometry(), self._bucket(x), x.dtype, x.device.type,
-               torch.get_num_threads(), self.storage)
+        geometry = self.__dict__.get("_geometry_key")
+        if geometry is None:
+            geometry = self._geometry_key = (type(self).__name__, self._geometry(), self.storage)
+        key = (geometry, self._bucket(x), x.dtype, x.device.type, torch.get_num_threads())
         choice = _CHOICES.get(key)
         if choice is None:
             choice = self._time_kernels(applicable, x, args, kwargs)
@@ -297,8 +299,12 @@ class PackedLayer:
 
     def _time_kernels(self, names: tuple[str, ...], x: Tensor, args: tuple[Any, ...],
                       kwargs: dict[str, Any]) -> str:
-        """The fastest of `names` on this very input: best of 3 timed calls after a warm-up call."""
-        best_name, best_time = WEIGHT_ONLY, math.inf
+        """The fastest of `names` on this very input: best of 3 rounds after a warm-up call, the kernels taking
+        turns so that a burst of load on a shared machine hits them alike. With one thread the clock is the
+        thread's CPU time, which time slices given to other processes do not inflate."""
+        cuda = x.device.type == "cuda"
+        clock = time.thread_time if torch.get_num_threads() == 1 and not cuda else time.perf_counter
+        runs = {}
         with torch.no_grad():
             for name in names:
                 run = getattr(self, "_k_" + name)
@@ -308,18 +314,18 @@ class PackedLayer:
                     if name == WEIGHT_ONLY:
                         raise
                     continue  # e.g. _int_mm's shape limits on some devices: that kernel just drops out
-                elapsed = math.inf
-                for _ in range(3):
-                    if x.device.type == "cuda":
+                runs[name] = run
+            best = dict.fromkeys(runs, math.inf)
+            for _ in range(3):
+                for name, run in runs.items():
+                    if cuda:
                         torch.cuda.synchronize(x.device)
-                    start = time.perf_counter()
+                    start = clock()
                     run(x, *args, **kwargs)
-                    if x.device.type == "cuda":
+                    if cuda:
                         torch.cuda.synchronize(x.device)
-                    elapsed = min(elapsed, time.perf_counter() - start)
-                if elapsed < best_time:
-                    best_name, best_time = name, elapsed
-        return best_name
+                    best[name] = min(best[name], clock() - start)
+        return min(best, key=lambda name: best[name])
 
     # -- forward ------------------------------------------------------------------------------------------------
 
@@ -727,6 +733,7 @@ def packed_layer(float_module: nn.Module, codes: Tensor, scale: Tensor, config: 
     _strip_float_weight(layer, float_module, name)  # type: ignore[arg-type]
     for attr in ("qweight", "scale"):
         layer._buffers.pop(attr, None)
+    layer.__dict__.pop("_geometry_key", None)  # re-packing: the storage may change
     layer.__dict__.pop("qconfig", None)
     layer._init_packed(codes.to(torch.int8), scale, config, spec, kernel, storage)
     return layer  # type: ignore[return-value]

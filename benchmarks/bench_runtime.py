@@ -1,0 +1,405 @@
+"""Packed ternary inference vs fp32 eager, PyTorch dynamic int8 quantization and torchao's int8 configs.
+
+Prints, from one run on this machine: speed ratios (fp32 time / variant time, so 2.0x = twice as fast) at 1 and
+2 threads on a Linear-heavy model (4 x Linear(1024), 1 / 16 / 256 tokens) and on BitTTS-shaped Conv1d stacks
+(4 x Conv1d(C, C, 5), C = 192 / 256, 500 / 1000 frames); then resident weight memory and process peak RSS
+during inference (each variant in its own subprocess, so peaks do not mix), and the peak of loading a packed
+file into a float skeleton when `ternq.load_packed` is available.
+
+Variants: ``ternq`` = `ternq.runtime.packed_layer` with the paper config (ternary per-tensor weights, layer-normed
+8-bit activations), int8 code storage, kernels picked by timing; ``ternq 2-bit`` = the same with 2-bit storage;
+``ternq w-only`` = the weight-only kernel forced (the path for CPUs without fast int8); ``torch dyn int8`` =
+``torch.ao.quantization.quantize_dynamic`` (what Pocket TTS uses; Linear only); ``torchao`` = torchao's
+``Int8DynamicActivationInt8WeightConfig`` / ``Int8WeightOnlyConfig`` when torchao imports (Linear only).
+The variants compute different models (different quantizers), so this compares speed and memory only.
+
+Times are the best of `--rounds` interleaved rounds (the variants take turns, so a burst of load on a shared
+machine hits all of them), each round timing enough calls to last ~10 ms.
+
+    python benchmarks/bench_runtime.py                 # the full table (~3 min)
+    python benchmarks/bench_runtime.py --quick         # smoke run
+    python benchmarks/bench_runtime.py --emulate-avx2  # the same with oneDNN / ATen / MKL limited to AVX2
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _machine import machine_line  # noqa: E402
+
+from ternq import TernaryConfig  # noqa: E402
+from ternq.layers import layer_spec, to_quant_module  # noqa: E402
+from ternq.runtime import packed_layer  # noqa: E402
+
+warnings.filterwarnings("ignore", message=".*torch.ao.quantization is deprecated.*")
+warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+CONFIG = TernaryConfig()
+
+
+# --- models ----------------------------------------------------------------------------------------------------
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for i in range(4):
+        layers += [nn.Linear(1024, 1024)] + ([nn.GELU()] if i < 3 else [])
+    return nn.Sequential(*layers).eval()
+
+
+def conv_stack(channels: int) -> Callable[[], nn.Module]:
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        layers: list[nn.Module] = []
+        for _ in range(4):
+            layers += [nn.Conv1d(channels, channels, 5, padding=2), nn.ReLU()]
+        return nn.Sequential(*layers).eval()
+    return make
+
+
+# (label, model factory, input shape)
+CASES: list[tuple[str, Callable[[], nn.Module], tuple[int, ...]]] = [
+    ("MLP 4xLinear(1024)", mlp, (1, 1024)),
+    ("MLP 4xLinear(1024)", mlp, (16, 1024)),
+    ("MLP 4xLinear(1024)", mlp, (256, 1024)),
+    ("Conv1d 4x(192,k5)", conv_stack(192), (1, 192, 500)),
+    ("Conv1d 4x(192,k5)", conv_stack(192), (1, 192, 1000)),
+    ("Conv1d 4x(256,k5)", conv_stack(256), (1, 256, 500)),
+    ("Conv1d 4x(256,k5)", conv_stack(256), (1, 256, 1000)),
+]
+MEMORY_CASES = [0, 6]  # one Linear model, one Conv1d model (resident weights do not depend on the input)
+
+
+# --- variants --------------------------------------------------------------------------------------------------
+
+
+def to_qat(model: nn.Module) -> nn.Module:
+    """Every Linear / Conv1d replaced by its QAT layer with the paper config."""
+    for name, child in list(model.named_children()):
+        if type(child) in (nn.Linear, nn.Conv1d):
+            setattr(model, name, to_quant_module(child, CONFIG))
+    return model
+
+
+def ternq_packed(model: nn.Module, storage: str = "int8", kernel: str | None = None) -> nn.Module:
+    for name, child in list(model.named_children()):
+        if type(child) in (nn.Linear, nn.Conv1d):
+            qat = to_quant_module(child, CONFIG)
+            with torch.no_grad():
+                codes, scale = qat.weight_codes()
+            setattr(model, name, packed_layer(child, codes, scale, CONFIG, layer_spec(child), storage=storage,
+                                              kernel=kernel))
+    return model
+
+
+def torch_dynamic(model: nn.Module) -> nn.Module | None:
+    if not any(isinstance(m, nn.Linear) for m in model.modules()):
+        return None  # quantize_dynamic has no Conv1d
+    return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+
+
+def _torchao(config_name: str) -> Callable[[nn.Module], nn.Module | None]:
+    def convert(model: nn.Module) -> nn.Module | None:
+        if not any(isinstance(m, nn.Linear) for m in model.modules()):
+            return None  # torchao's int8 configs quantize Linear weights only
+        import torchao.quantization as tq
+
+        tq.quantize_(model, getattr(tq, config_name)())
+        return model
+    return convert
+
+
+def torchao_status() -> str:
+    try:
+        import torchao  # noqa: F401
+        import torchao.quantization as tq
+
+        tq.Int8DynamicActivationInt8WeightConfig, tq.Int8WeightOnlyConfig  # noqa: B018
+        return f"torchao {torchao.__version__}"
+    except Exception as e:  # noqa: BLE001 - any import failure means "not available"
+        return f"unavailable ({type(e).__name__}: {e})"
+
+
+VARIANTS: dict[str, Callable[[nn.Module], nn.Module | None]] = {
+    "fp32": lambda m: m,
+    "ternq": lambda m: ternq_packed(m),
+    "ternq 2-bit": lambda m: ternq_packed(m, storage="packed"),
+    "ternq w-only": lambda m: ternq_packed(m, kernel="weight_only"),
+    "torch dyn int8": torch_dynamic,
+    "torchao dyn-act int8": _torchao("Int8DynamicActivationInt8WeightConfig"),
+    "torchao w-only int8": _torchao("Int8WeightOnlyConfig"),
+}
+
+
+def available_variants() -> list[str]:
+    names = list(VARIANTS)
+    if not torchao_status().startswith("torchao"):
+        names = [n for n in names if not n.startswith("torchao")]
+    return names
+
+
+# --- measuring -------------------------------------------------------------------------------------------------
+
+
+def time_variants(models: dict[str, nn.Module], x: Tensor, rounds: int) -> dict[str, float]:
+    """Best-of-`rounds` seconds per call, the variants taking turns within each round."""
+    with torch.inference_mode():
+        for m in models.values():  # warm-up (and ternq's kernel choice for this shape)
+            m(x)
+            m(x)
+        start = time.perf_counter()
+        models["fp32"](x)
+        reps = max(1, int(0.01 / max(time.perf_counter() - start, 1e-6)))
+        best = dict.fromkeys(models, float("inf"))
+        for _ in range(rounds):
+            for name, m in models.items():
+                start = time.perf_counter()
+                for _ in range(reps):
+                    m(x)
+                best[name] = min(best[name], (time.perf_counter() - start) / reps)
+    return best
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of every tensor the model keeps (parameters, buffers, state_dict entries, tensor-subclass parts),
+    each storage once. For torch's dynamic quantization this counts the int8 weight in the state_dict; the
+    fbgemm prepacked copy it computes with is opaque and about the same size."""
+    seen: dict[int, int] = {}
+
+    def visit(value: Any) -> None:
+        if isinstance(value, (tuple, list)):
+            for v in value:
+                visit(v)
+            return
+        if not isinstance(value, Tensor):
+            return
+        if type(value) not in (Tensor, nn.Parameter) and hasattr(value, "__tensor_flatten__"):
+            names, _ = value.__tensor_flatten__()
+            for n in names:
+                visit(getattr(value, n))
+            return
+        if value.is_quantized:
+            seen[value.data_ptr()] = value.numel() * value.element_size() + 8
+            return
+        storage = value.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+
+    for t in [*model.parameters(), *model.buffers()]:
+        visit(t)
+    for v in model.state_dict().values():
+        visit(v)
+    return sum(seen.values())
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def child_peak(case: int, variant: str) -> dict[str, Any]:
+    """Run in a fresh process: RSS growth over the interpreter while the variant runs inference."""
+    torch.set_num_threads(1)
+    label, make, shape = CASES[case]
+    x = torch.randn(*shape)
+    with torch.inference_mode():  # load the kernels' code before the baseline
+        torch._int_mm(torch.zeros(32, 32, dtype=torch.int8), torch.zeros(32, 32, dtype=torch.int8))
+        nn.functional.linear(torch.zeros(4, 8), torch.zeros(8, 8))
+    gc.collect()
+    base = _rss_kib("VmRSS")
+    model = VARIANTS[variant](make())
+    assert model is not None
+    gc.collect()
+    resident = _rss_kib("VmRSS") - base
+    reset = _reset_peak()
+    with torch.inference_mode():
+        for _ in range(3):
+            model(x)
+    peak = _rss_kib("VmHWM") - base
+    return {"resident_kib": resident, "peak_kib": peak, "peak_reset": reset}
+
+
+def child_load(case: int, path: str, meta: bool) -> dict[str, Any]:
+    """Run in a fresh process: peak RSS of building the skeleton + `ternq.load_packed` + inference."""
+    import ternq
+
+    torch.set_num_threads(1)
+    label, make, shape = CASES[case]
+    x = torch.randn(*shape)
+    gc.collect()
+    base = _rss_kib("VmRSS")
+    if meta:
+        with torch.device("meta"):
+            skeleton = make()
+    else:
+        skeleton = make()
+    model = ternq.load_packed(path, skeleton)
+    with torch.inference_mode():
+        model(x)
+    return {"peak_kib": _rss_kib("VmHWM") - base}
+
+
+def child_fp32(case: int) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    label, make, shape = CASES[case]
+    x = torch.randn(*shape)
+    gc.collect()
+    base = _rss_kib("VmRSS")
+    model = make()
+    with torch.inference_mode():
+        model(x)
+    return {"peak_kib": _rss_kib("VmHWM") - base}
+
+
+def run_child(*args: str) -> dict[str, Any] | str:
+    # fixed mmap threshold: freed tensors go back to the OS at once, so RSS follows live tensors
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", *args], capture_output=True,
+                          text=True, env=env, check=False)
+    if proc.returncode != 0:
+        return f"failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# --- report ----------------------------------------------------------------------------------------------------
+
+
+def speed_table(threads: int, rounds: int, names: list[str]) -> list[str]:
+    torch.set_num_threads(threads)
+    head = "| model | input | fp32 ms | " + " | ".join(n for n in names if n != "fp32") + " | ternq kernels |"
+    lines = [f"**{threads} thread{'s' if threads > 1 else ''}** — {machine_line()}", "", head,
+             "|" + "---|" * (head.count("|") - 1)]
+    for label, make, shape in CASES:
+        models: dict[str, nn.Module] = {}
+        for name in names:
+            model = VARIANTS[name](make())
+            if model is not None:
+                models[name] = model
+        x = torch.randn(*shape)
+        best = time_variants(models, x, rounds)
+        kernels = sorted({m.kernel for m in models["ternq"].modules() if hasattr(m, "kernel")})
+        cells = [f"{best['fp32'] / best[n]:.2f}x" if n in best else "n/a" for n in names if n != "fp32"]
+        lines.append(f"| {label} | {'x'.join(map(str, shape))} | {best['fp32'] * 1e3:.2f} | "
+                     + " | ".join(cells) + f" | {', '.join(kernels)} |")
+        print(lines[-1], file=sys.stderr, flush=True)
+    return lines
+
+
+def memory_table(names: list[str]) -> list[str]:
+    head = "| model | variant | weights MB | weights / fp32 | RSS growth MB | peak RSS during inference MB |"
+    lines = [head, "|---|---|---|---|---|---|"]
+    for case in MEMORY_CASES:
+        label, make, shape = CASES[case]
+        fp32_bytes = weight_bytes(make())
+        for name in names:
+            model = VARIANTS[name](make())
+            if model is None:
+                continue
+            nbytes = weight_bytes(model)
+            child = run_child("peak", str(case), name)
+            if isinstance(child, str):
+                rss = peak = child
+            else:
+                rss = f"{child['resident_kib'] / 1024:.1f}"
+                peak = f"{child['peak_kib'] / 1024:.1f}" + ("" if child["peak_reset"] else " (incl. build)")
+            lines.append(f"| {label} {'x'.join(map(str, shape))} | {name} | {nbytes / 2**20:.2f} | "
+                         f"{nbytes / fp32_bytes:.4f} | {rss} | {peak} |")
+            print(lines[-1], file=sys.stderr, flush=True)
+    return lines
+
+
+def load_table() -> list[str]:
+    """Peak RSS of skeleton + load_packed + one forward vs the fp32 model's own build + forward."""
+    try:
+        import ternq
+
+        ternq.save_packed, ternq.load_packed  # noqa: B018
+    except AttributeError:
+        return ["`ternq.save_packed` / `ternq.load_packed` are not available in this checkout: load peak not "
+                "measured."]
+    lines = ["| model | fp32 build + forward MB | skeleton + load_packed + forward MB | same, meta skeleton MB |",
+             "|---|---|---|---|"]
+    with tempfile.TemporaryDirectory() as tmp:
+        for case in MEMORY_CASES:
+            label, make, shape = CASES[case]
+            path = os.path.join(tmp, f"case{case}.safetensors")
+            try:
+                ternq.save_packed(to_qat(make()), path)
+            except Exception as e:  # noqa: BLE001 - reported in the table
+                lines.append(f"| {label} | save_packed failed: {type(e).__name__}: {e} | | |")
+                continue
+            cells = []
+            for child in (run_child("fp32", str(case)), run_child("load", str(case), path, "0"),
+                          run_child("load", str(case), path, "1")):
+                cells.append(child if isinstance(child, str) else f"{child['peak_kib'] / 1024:.1f}")
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+            print(lines[-1], file=sys.stderr, flush=True)
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--quick", action="store_true", help="3 rounds, no memory subprocesses")
+    parser.add_argument("--emulate-avx2", action="store_true",
+                        help="re-run with oneDNN, ATen and MKL limited to AVX2 (an older CPU without VNNI/AMX)")
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        kind, *rest = args.child
+        if kind == "peak":
+            result = child_peak(int(rest[0]), rest[1])
+        elif kind == "load":
+            result = child_load(int(rest[0]), rest[1], rest[2] == "1")
+        else:
+            result = child_fp32(int(rest[0]))
+        print(json.dumps(result))
+        return
+    if args.emulate_avx2 and os.environ.get("ONEDNN_MAX_CPU_ISA") != "AVX2":
+        env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2", MKL_ENABLE_INSTRUCTIONS="AVX2")
+        argv = [a for a in sys.argv[1:] if a != "--emulate-avx2"]
+        os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *argv, "--emulate-avx2"], env)
+    rounds = 3 if args.quick else args.rounds
+    names = available_variants()
+    out = [f"# bench_runtime — {time.strftime('%Y-%m-%d %H:%M')}", "",
+           "Speed: fp32 time / variant time (higher is faster), best of "
+           f"{rounds} interleaved rounds. torchao: {torchao_status()}.", ""]
+    for threads in (1, 2):
+        out += speed_table(threads, rounds, names) + [""]
+    if not args.quick and not args.emulate_avx2:
+        torch.set_num_threads(1)
+        out += ["Memory (1 thread; RSS figures are process growth over the bare interpreter, measured in a "
+                "subprocess per variant):", ""] + memory_table(names) + [""]
+        out += ["Loading a packed file into a float skeleton (peak RSS growth, subprocess each):", ""]
+        out += load_table() + [""]
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()
