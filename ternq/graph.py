@@ -15,9 +15,9 @@ Two sources, combined:
 
 A forward that strict fx rejects is traced once more *leniently* (`_LenientTracer`): data-dependent conditions
 get a fixed answer, data-dependent counts are 1. The result is one plausible path through the code, not a
-faithful program: it is used only to find functional calls (report path "fx-lenient"; interception is by weight
-identity at run time, so calls on other paths are converted too) and to answer `output_layers` where strict
-tracing failed.
+faithful program: it is used only to find functional calls on the module's own parameters (report path
+"fx-lenient"; interception is by weight identity at run time, so calls on other paths are converted too) and,
+traced on demand, to answer `output_layers` where strict tracing failed.
 
 Tracing runs the forward's Python code on proxies, so it could in principle write attributes on the module;
 every module's ``__dict__`` and registries are restored after its trace, and warnings and prints are silenced.
@@ -102,7 +102,7 @@ class Analysis:
     references: dict[int, list[tuple[nn.Module, str]]]  # id(module) -> every (parent, attribute) holding it
     graphs: dict[str, fx.Graph] = field(default_factory=dict)  # module name -> graph of its own forward
     untraced: dict[str, str] = field(default_factory=dict)  # module name -> why fx could not trace it
-    lenient: dict[str, fx.Graph] = field(default_factory=dict)  # untraced module -> a one-path lenient graph
+    lenient: dict[str, fx.Graph | None] = field(default_factory=dict)  # untraced module -> lenient graph (cache)
     candidates: list[Candidate] = field(default_factory=list)
 
     def candidate(self, name: str) -> Candidate | None:
@@ -110,6 +110,18 @@ class Analysis:
 
     def __post_init__(self) -> None:
         self._by_name: dict[str, Candidate] = {}
+
+    def lenient_graph(self, name: str) -> fx.Graph | None:
+        """The lenient graph of untraceable module `name` (traced on first use), or None if even that fails."""
+        if name not in self.untraced:
+            return None
+        if name not in self.lenient:
+            with _rng_preserved():
+                try:
+                    self.lenient[name] = _trace(self.modules[name], lenient=True)
+                except Exception:
+                    self.lenient[name] = None
+        return self.lenient[name]
 
     def has_params(self, module: nn.Module) -> bool:
         return next(iter(module.parameters()), None) is not None
@@ -171,6 +183,13 @@ class _LenientProxy(fx.Proxy):
 
     def __setitem__(self, key: object, value: object) -> None:
         self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
+
+    def __getattr__(self, name: str) -> fx.proxy.Attribute:
+        return _LenientAttribute(self, name)
+
+
+class _LenientAttribute(fx.proxy.Attribute, _LenientProxy):
+    """``x.shape`` and friends, lenient too (``len(x.shape)``)."""
 
 
 class _LenientTracer(_ShallowTracer):
@@ -298,7 +317,7 @@ def describe_type(module: nn.Module) -> str:
         for plist in module.parametrizations.values():
             for p in plist:
                 kind = type(p).__name__.lstrip("_")
-                extras.append("weight_norm" if kind == "WeightNorm" else kind)
+                extras.append({"WeightNorm": "weight_norm", "SpectralNorm": "spectral_norm"}.get(kind, kind))
     for hook in module._forward_pre_hooks.values():
         kind = type(hook).__name__
         if kind in ("WeightNorm", "SpectralNorm"):
@@ -332,12 +351,11 @@ def _trace_all(analysis: Analysis, called: set[int], functional: dict[str, list[
             graph = _trace(module)
         except Exception as e:
             analysis.untraced[name] = _reason(e)
-            try:
-                analysis.lenient[name] = _trace(module, lenient=True)
-            except Exception:
-                pass
-            else:
-                functional[name] = _functional_sites(name, module, analysis.lenient[name], "fx-lenient")
+            # functional calls are looked for on the module's own parameters (F.linear(x, self.w)): only
+            # modules holding some are traced leniently now, the others on demand (output_layers)
+            lenient = analysis.lenient_graph(name) if module._parameters else None
+            if lenient is not None:
+                functional[name] = _functional_sites(name, module, lenient, "fx-lenient")
             continue
         analysis.graphs[name] = graph
         for node in graph.nodes:

@@ -316,8 +316,8 @@ class _OutputSearch:
         cand = self.a.candidate(name)
         if cand is not None and not cand.functional:
             result: tuple[frozenset[str], bool] = (frozenset({name}), False)
-        elif name in self.a.graphs or name in self.a.lenient:
-            result = self._from_graph(name, self.a.graphs.get(name) or self.a.lenient[name])
+        elif name in self.a.graphs or self.a.lenient_graph(name) is not None:
+            result = self._from_graph(name, self.a.graphs.get(name) or self.a.lenient_graph(name))
         elif not self.a.has_params(module):
             result = (frozenset(), True)  # parameter-free (an activation): transparent
         elif not any(self.a.has_params(c) for c in module.children()) and not (
@@ -354,11 +354,11 @@ class _OutputSearch:
                         stack.append(inp)
                 elif inp.op == "call_function" and inp.target in FUNCTIONAL_OPS:
                     weight = inp.args[1] if len(inp.args) > 1 else inp.kwargs.get("weight")
-                    site = self.a.candidate(prefix + str(weight.target)) \
-                        if isinstance(weight, fx.Node) and weight.op == "get_attr" else None
+                    on_param = isinstance(weight, fx.Node) and weight.op == "get_attr"
+                    site = self.a.candidate(prefix + str(weight.target)) if on_param else None
                     if site is not None and site.functional:
                         found.add(site.name)
-                    else:
+                    elif not on_param:  # a weight computed in the forward: not a layer, look further back
                         stack.append(inp)
                 elif inp.op != "get_attr":
                     stack.append(inp)

@@ -507,3 +507,25 @@ def test_tracing_neither_draws_random_numbers_nor_prints(capsys):
     torch.manual_seed(0)
     assert torch.equal(after, torch.rand(3))
     assert capsys.readouterr().out == ""
+
+
+def test_functional_call_in_an_untraceable_forward_is_found_leniently():
+    class LoopMixer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 4) / 2)
+
+        def forward(self, x, steps):
+            for _ in range(int(steps.max())):  # strict fx cannot trace this
+                x = torch.tanh(F.linear(x, self.w))
+            return x
+
+    torch.manual_seed(0)
+    model = ternq.quantize(LoopMixer())
+    assert [(r.name, r.type, r.decision, r.path) for r in ternq.report(model).rows] == \
+        [("w", "F.linear", "ternary", "fx-lenient")]
+    x, w = torch.randn(3, 4), hard_weight(model.w, ternq.TernaryConfig())
+    expected = x
+    for _ in range(3):  # the interception converts every call, whatever path the lenient trace took
+        expected = torch.tanh(F.linear(prepare_input(expected, ternq.TernaryConfig(), -1), w))
+    torch.testing.assert_close(model(x, torch.tensor([3])), expected, atol=1e-5, rtol=1e-4)

@@ -90,6 +90,14 @@ def test_llama_with_int4_attention():
     assert isinstance(model.layers[0].self_attn.q_proj, nn.Linear)
 
 
+def test_t5_encoder_decoder():
+    config = transformers.T5Config(vocab_size=40, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2)
+    ids = torch.randint(0, 40, (2, 7))
+    # encoder 2 x (q, k, v, o, wi, wo) + decoder 2 x (self q, k, v, o, cross q, k, v, o, wi, wo)
+    check(lambda: transformers.T5Model(config), lambda m: m(ids, decoder_input_ids=ids).last_hidden_state,
+          n_layers=32)
+
+
 def test_fastspeech2_conformer_keeps_its_output_layers_float():
     config = transformers.FastSpeech2ConformerConfig(
         vocab_size=20, hidden_size=16, num_mel_bins=8, encoder_layers=1, decoder_layers=1,
