@@ -1,0 +1,46 @@
+"""`bittts train --data DATA_DIR --out RUN_DIR --preset {fp32,acoustic,all,4bit,tiny} [--steps N] [--resume]`
+
+Also runs under torchrun for data-parallel training, e.g.
+`torchrun --nproc_per_node 2 -m bittts.cli train --data DATA --out RUN --preset all`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+from ..config import PRESETS, apply_overrides, load_config, load_preset
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, metavar="DATA_DIR", help="prepared corpus (bittts prepare --out)")
+    parser.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (checkpoint, logs, images)")
+    parser.add_argument("--preset", choices=PRESETS, default="acoustic",
+                        help="model/quantization preset (default: acoustic, the paper's 70%% setting)")
+    parser.add_argument("--config", metavar="TOML", help="a full config file instead of --preset "
+                        "(e.g. a run's config.toml)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a config value, e.g. --set train.batch_size=8 (repeatable)")
+    parser.add_argument("--steps", type=int, help="total optimizer steps (default: the preset's train.steps)")
+    parser.add_argument("--resume", action="store_true", help="continue RUN_DIR/checkpoint.pt exactly")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto = CUDA when available (default)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..train import train
+
+    if args.steps is not None and args.steps < 1:
+        raise SystemExit("--steps must be >= 1")
+    cfg = load_config(args.config) if args.config else load_preset(args.preset)
+    if args.set:
+        cfg = apply_overrides(cfg, args.set)
+    result = train(cfg, args.out, data_dir=args.data, steps=args.steps, resume=args.resume, device=args.device,
+                   progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    last = result["history"][-1] if result["history"] else {}
+    summary = ", ".join(f"{k}={last[k]:.4f}" for k in ("loss_g", "loss_d", "mel") if k in last)
+    print(f"trained to step {result['step']} ({result['steps_per_s']:.2f} steps/s"
+          f"{', ' + summary if summary else ''}); checkpoint: {result['checkpoint']}")
+    return 0

@@ -1,0 +1,366 @@
+"""BitTTS configuration: one dataclass per model part, bundled in `BitTTSConfig`, loaded from TOML presets.
+
+A preset (``bittts/presets/<name>.toml``) only lists what differs from the dataclass defaults; the defaults are
+the paper's architecture (JETS with a 4-layer conv encoder/decoder, HiFi-GAN with initial channel 128).
+Unknown sections or keys are an error, so a typo in a preset never silently trains the wrong model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import uuid
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, get_type_hints
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - python 3.10
+    import tomli as tomllib
+
+PRESETS = ("fp32", "acoustic", "all", "4bit", "tiny")
+
+
+@dataclass
+class AcousticConfig:
+    """JETS acoustic model with the paper's conv encoder/decoder (transformer blocks replaced by convolutions).
+
+    Attributes:
+        n_symbols: phoneme vocabulary size (embedding rows). 0 = take it from the training data's symbol table.
+        enc_channels, enc_layers, enc_kernel: encoder width, depth and kernel (paper: 256, 4, 5).
+        dec_channels, dec_layers, dec_kernel: decoder width, depth and kernel (paper: 192, 4, 5); the decoder
+            output (dec_channels wide) is what the vocoder reads, as in JETS.
+        norm: normalization inside residual blocks: "rmsnorm" (BitJETS-M4's choice for ternary training) or
+            "layernorm".
+        dropout: dropout in encoder/decoder blocks.
+        variance_channels, variance_layers, variance_kernel, variance_dropout: the duration, pitch and energy
+            predictors (FastSpeech 2 style conv stacks).
+        mdn_components: Gaussian components of the MDN duration predictor (mixture over log-duration).
+        aligner_channels: width of the alignment module (training only; not used by `infer`).
+        max_duration: cap (frames) on one predicted phoneme duration at inference.
+        n_mels: mel bins of the aligner's acoustic input.
+    """
+
+    n_symbols: int = 0
+    enc_channels: int = 256
+    enc_layers: int = 4
+    enc_kernel: int = 5
+    dec_channels: int = 192
+    dec_layers: int = 4
+    dec_kernel: int = 5
+    norm: str = "rmsnorm"
+    dropout: float = 0.1
+    variance_channels: int = 256
+    variance_layers: int = 2
+    variance_kernel: int = 3
+    variance_dropout: float = 0.5
+    mdn_components: int = 4
+    aligner_channels: int = 256
+    max_duration: int = 100
+    n_mels: int = 80
+
+    def __post_init__(self) -> None:
+        if self.norm not in ("rmsnorm", "layernorm"):
+            raise ValueError(f"acoustic.norm={self.norm!r}: expected 'rmsnorm' or 'layernorm'")
+        for name in ("enc_kernel", "dec_kernel", "variance_kernel"):
+            if getattr(self, name) % 2 != 1:
+                raise ValueError(f"acoustic.{name}={getattr(self, name)}: expected an odd kernel size")
+
+
+@dataclass
+class VocoderConfig:
+    """HiFi-GAN generator (V1 layout, "resblock 1"); the product of `upsample_rates` must equal the hop (256)."""
+
+    initial_channels: int = 128
+    upsample_rates: tuple[int, ...] = (8, 8, 2, 2)
+    upsample_kernels: tuple[int, ...] = (16, 16, 4, 4)
+    resblock_kernels: tuple[int, ...] = (3, 7, 11)
+    resblock_dilations: tuple[tuple[int, ...], ...] = ((1, 3, 5), (1, 3, 5), (1, 3, 5))
+    weight_norm: bool = True
+
+    def __post_init__(self) -> None:
+        if len(self.upsample_rates) != len(self.upsample_kernels):
+            raise ValueError("vocoder.upsample_rates and vocoder.upsample_kernels must have the same length")
+        if len(self.resblock_kernels) != len(self.resblock_dilations):
+            raise ValueError("vocoder.resblock_kernels and vocoder.resblock_dilations must have the same length")
+        if self.initial_channels % 2 ** len(self.upsample_rates):
+            raise ValueError(f"vocoder.initial_channels={self.initial_channels} must be divisible by "
+                             f"2**{len(self.upsample_rates)} (channels halve at every upsampling)")
+
+    @property
+    def hop(self) -> int:
+        out = 1
+        for r in self.upsample_rates:
+            out *= r
+        return out
+
+
+@dataclass
+class DiscriminatorConfig:
+    """HiFi-GAN multi-period (MPD) and multi-scale (MSD) discriminators. Training only, never exported.
+
+    The defaults are the original HiFi-GAN sizes (about 41 M + 29 M parameters); presets may shrink them.
+    `msd_groups[i]` is the group count of MSD conv i (must divide its in and out channels).
+    """
+
+    periods: tuple[int, ...] = (2, 3, 5, 7, 11)
+    mpd_channels: tuple[int, ...] = (32, 128, 512, 1024, 1024)
+    msd_scales: int = 3
+    msd_channels: tuple[int, ...] = (128, 128, 256, 512, 1024, 1024, 1024)
+    msd_kernels: tuple[int, ...] = (15, 41, 41, 41, 41, 41, 5)
+    msd_strides: tuple[int, ...] = (1, 2, 2, 4, 4, 1, 1)
+    msd_groups: tuple[int, ...] = (1, 4, 16, 16, 16, 16, 1)
+
+    def __post_init__(self) -> None:
+        n = len(self.msd_channels)
+        if not (len(self.msd_kernels) == len(self.msd_strides) == len(self.msd_groups) == n):
+            raise ValueError("discriminator.msd_channels/kernels/strides/groups must have the same length")
+        prev = 1
+        for i, (c, g) in enumerate(zip(self.msd_channels, self.msd_groups)):
+            if prev % g or c % g:
+                raise ValueError(f"discriminator.msd_groups[{i}]={g} must divide in={prev} and out={c} channels")
+            prev = c
+        if self.msd_scales < 0 or (not self.periods and self.msd_scales == 0):
+            raise ValueError("discriminator: need at least one period or one scale")
+
+
+@dataclass
+class LossConfig:
+    """Loss weights (JETS / HiFi-GAN values)."""
+
+    lambda_mel: float = 45.0
+    lambda_adv: float = 1.0
+    lambda_fm: float = 2.0
+    lambda_dur: float = 1.0
+    lambda_pitch: float = 1.0
+    lambda_energy: float = 1.0
+    lambda_align: float = 2.0  # forward-sum + binarization
+
+
+@dataclass
+class QuantizationConfig:
+    """Which parts are quantized with ternq, and how.
+
+    Attributes:
+        scheme: "none" (float), "ternary" (1.58-bit BitNet absmean) or "kbit" (`bits`-bit symmetric).
+        scope: "acoustic" (acoustic model only, the paper's 70 % setting) or "all" (acoustic model and vocoder,
+            except the vocoder's output layer, the paper's 83 % setting). The training-only alignment module
+            always stays float.
+        bits: weight bits for scheme "kbit".
+        granularity, input_norm, act_bits: passed to the ternq config; act_bits 0 = float activations,
+            input_norm "none" = no input normalization.
+        exclude: extra ternq selectors (globs, "re:..." regexes) kept in float.
+    """
+
+    scheme: str = "none"
+    scope: str = "acoustic"
+    bits: int = 4
+    granularity: str = "tensor"
+    input_norm: str = "layernorm"
+    act_bits: int = 8
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.scheme not in ("none", "ternary", "kbit"):
+            raise ValueError(f"quant.scheme={self.scheme!r}: expected 'none', 'ternary' or 'kbit'")
+        if self.scope not in ("acoustic", "all"):
+            raise ValueError(f"quant.scope={self.scope!r}: expected 'acoustic' or 'all'")
+        if self.input_norm not in ("layernorm", "rmsnorm", "none"):
+            raise ValueError(f"quant.input_norm={self.input_norm!r}: expected 'layernorm', 'rmsnorm' or 'none'")
+
+
+@dataclass
+class TrainConfig:
+    """Optimization and bookkeeping.
+
+    Attributes:
+        batch_size: utterances per process and micro-step; the effective batch is
+            batch_size * grad_accum * world_size.
+        segment_frames: length (mel frames) of the random decoder-output segment fed to the vocoder
+            (32 frames = 8192 samples, HiFi-GAN's segment).
+        lr, betas, adam_eps, weight_decay: AdamW for generator and discriminators (HiFi-GAN values).
+        lr_decay: ExponentialLR gamma, applied after every optimizer step.
+        grad_clip: clip the global grad norm of each network to this value (0 = off).
+        max_nonfinite: abort after this many consecutive steps with a non-finite loss or gradient.
+        log_every, image_every, ckpt_every: in optimizer steps (0 = never, except the final checkpoint).
+        steps: total optimizer steps (`--steps` overrides).
+    """
+
+    batch_size: int = 16
+    segment_frames: int = 32
+    grad_accum: int = 1
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.8, 0.99)
+    adam_eps: float = 1e-9
+    weight_decay: float = 0.01
+    lr_decay: float = 0.99999
+    grad_clip: float = 10.0
+    max_nonfinite: int = 5
+    log_every: int = 10
+    image_every: int = 1000
+    ckpt_every: int = 1000
+    steps: int = 200_000
+    seed: int = 1234
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "segment_frames", "grad_accum", "steps", "max_nonfinite"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"train.{name}={getattr(self, name)}: expected a positive int")
+
+
+@dataclass
+class BitTTSConfig:
+    """Everything needed to rebuild and retrain a BitTTS model; stored in every checkpoint."""
+
+    name: str = "custom"
+    acoustic: AcousticConfig = field(default_factory=AcousticConfig)
+    vocoder: VocoderConfig = field(default_factory=VocoderConfig)
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    quant: QuantizationConfig = field(default_factory=QuantizationConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+_SECTIONS = {f.name: f.type for f in dataclasses.fields(BitTTSConfig) if f.name != "name"}
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Turn a TOML value into the field's type (lists -> tuples, ints -> floats), or raise naming the key."""
+    origin = getattr(hint, "__origin__", None)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        args = hint.__args__
+        if len(args) == 2 and args[1] is Ellipsis:
+            hints = [args[0]] * len(value)
+        elif len(args) == len(value):
+            hints = list(args)
+        else:
+            raise ValueError(f"{where}: expected {len(args)} values, got {len(value)}")
+        return tuple(_coerce(v, h, f"{where}[{i}]") for i, (v, h) in enumerate(zip(value, hints)))
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is bool and not isinstance(value, bool):
+        raise ValueError(f"{where}: expected true/false, got {value!r}")
+    if hint is str and not isinstance(value, str):
+        raise ValueError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def _section_from_dict(cls: type, data: dict[str, Any], section: str) -> Any:
+    hints = get_type_hints(cls)
+    unknown = set(data) - set(hints)
+    if unknown:
+        raise ValueError(f"unknown key(s) {sorted(unknown)} in [{section}]; known: {sorted(hints)}")
+    return cls(**{k: _coerce(v, hints[k], f"{section}.{k}") for k, v in data.items()})
+
+
+def config_from_dict(data: dict[str, Any], base: BitTTSConfig | None = None) -> BitTTSConfig:
+    """Build a config from nested dicts (TOML / checkpoint form); keys not given keep `base`'s values."""
+    base = base or BitTTSConfig()
+    unknown = set(data) - set(_SECTIONS) - {"name"}
+    if unknown:
+        raise ValueError(f"unknown config section(s) {sorted(unknown)}; known: {sorted(_SECTIONS)} and 'name'")
+    out = {"name": str(data.get("name", base.name))}
+    hints = get_type_hints(BitTTSConfig)
+    for section in _SECTIONS:
+        merged = {**dataclasses.asdict(getattr(base, section)), **data.get(section, {})}
+        out[section] = _section_from_dict(hints[section], merged, section)
+    return BitTTSConfig(**out)
+
+
+def config_to_dict(cfg: BitTTSConfig) -> dict[str, Any]:
+    """Plain nested dict (tuples become lists), safe for torch.save / json / TOML."""
+    def plain(v: Any) -> Any:
+        return [plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+    return {"name": cfg.name, **{s: {k: plain(v) for k, v in dataclasses.asdict(getattr(cfg, s)).items()}
+                                 for s in _SECTIONS}}
+
+
+def load_config(path: str | os.PathLike) -> BitTTSConfig:
+    """Read a TOML config file (a preset or a run's config.toml)."""
+    with open(path, "rb") as f:
+        try:
+            data = tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{path}: invalid TOML: {e}") from e
+    return config_from_dict(data)
+
+
+def load_preset(name: str) -> BitTTSConfig:
+    """One of `PRESETS` ("fp32", "acoustic", "all", "4bit", "tiny")."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+    with resources.as_file(resources.files("bittts") / "presets" / f"{name}.toml") as path:
+        cfg = load_config(path)
+    cfg.name = name
+    return cfg
+
+
+def apply_overrides(cfg: BitTTSConfig, overrides: list[str]) -> BitTTSConfig:
+    """Apply ``section.key=value`` strings (value in TOML syntax, e.g. ``train.batch_size=4``)."""
+    data = config_to_dict(cfg)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot:
+            raise ValueError(f"override {item!r}: expected SECTION.KEY=VALUE, e.g. train.batch_size=4")
+        if section not in _SECTIONS:
+            raise ValueError(f"override {item!r}: unknown section {section!r}; known: {sorted(_SECTIONS)}")
+        try:
+            value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw.strip()  # bare strings need no quotes: quant.scheme=ternary
+        data[section][name] = value
+    return config_from_dict(data)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def dump_config(cfg: BitTTSConfig) -> str:
+    """TOML text that `load_config` reads back to an equal config."""
+    data = config_to_dict(cfg)
+    lines = [f"name = {_toml_value(data['name'])}"]
+    for section in _SECTIONS:
+        lines += ["", f"[{section}]"] + [f"{k} = {_toml_value(v)}" for k, v in data[section].items()]
+    return "\n".join(lines) + "\n"
+
+
+def save_config(cfg: BitTTSConfig, path: str | os.PathLike) -> None:
+    """Write `dump_config(cfg)` atomically (temp file + os.replace)."""
+    atomic_write(path, dump_config(cfg).encode())
+
+
+def atomic_write(path: str | os.PathLike, data: bytes) -> None:
+    """Write bytes to `path` through a temp file in the same directory and os.replace (permissions follow
+    the umask, unlike mkstemp's 0600)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

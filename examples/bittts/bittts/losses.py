@@ -1,0 +1,76 @@
+"""JETS training losses: GAN (least squares), feature matching, mel L1, and the acoustic model's variance and
+alignment losses (computed inside `AcousticModel.forward`, weighted here).
+
+Every loss is a mean over batch items of per-item values (or over equal-size elements), so the loss of a batch
+equals the mean of the losses of its shards: data-parallel training computes the same gradient as one process.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import audio
+from .config import LossConfig
+
+__all__ = ["mel_spectrogram", "mel_loss", "discriminator_loss", "generator_adversarial_loss",
+           "feature_matching_loss", "generator_loss"]
+
+
+def mel_spectrogram(wav: Tensor) -> Tensor:
+    """(B, 1, L) waveform -> (B, n_mels, L // hop) natural-log mel, the same transform as the corpus features."""
+    return audio.log_mel(wav.squeeze(1))
+
+
+def mel_loss(wav_hat: Tensor, wav: Tensor) -> Tensor:
+    """L1 between log-mel spectrograms of generated and real waveforms (HiFi-GAN's reconstruction loss)."""
+    return F.l1_loss(mel_spectrogram(wav_hat), mel_spectrogram(wav))
+
+
+def discriminator_loss(real_scores: list[Tensor], fake_scores: list[Tensor]) -> Tensor:
+    """LSGAN: sum over sub-discriminators of mean (1 - D(real))^2 + mean D(fake)^2."""
+    loss = real_scores[0].new_zeros(())
+    for r, g in zip(real_scores, fake_scores):
+        loss = loss + torch.mean((1 - r) ** 2) + torch.mean(g**2)
+    return loss
+
+
+def generator_adversarial_loss(fake_scores: list[Tensor]) -> Tensor:
+    """LSGAN: sum over sub-discriminators of mean (1 - D(fake))^2."""
+    loss = fake_scores[0].new_zeros(())
+    for g in fake_scores:
+        loss = loss + torch.mean((1 - g) ** 2)
+    return loss
+
+
+def feature_matching_loss(real_fmaps: list[list[Tensor]], fake_fmaps: list[list[Tensor]]) -> Tensor:
+    """Sum over sub-discriminators and layers of mean |D_l(real) - D_l(fake)| (real features are constants)."""
+    loss = real_fmaps[0][0].new_zeros(())
+    for rs, gs in zip(real_fmaps, fake_fmaps):
+        for r, g in zip(rs, gs):
+            loss = loss + torch.mean(torch.abs(r.detach() - g))
+    return loss
+
+
+def generator_loss(out: dict[str, Tensor], fake_scores: list[Tensor], real_fmaps: list[list[Tensor]],
+                   fake_fmaps: list[list[Tensor]], cfg: LossConfig) -> tuple[Tensor, dict[str, float]]:
+    """Weighted JETS generator objective.
+
+    `out` is `BitTTS.forward`'s output (holds the waveform segments and the acoustic losses).
+    Returns the total loss and the unweighted parts as floats (for logging).
+    """
+    parts = {
+        "mel": mel_loss(out["wav_hat"], out["wav"]),
+        "adv": generator_adversarial_loss(fake_scores),
+        "fm": feature_matching_loss(real_fmaps, fake_fmaps),
+        "dur": out["loss_dur"],
+        "pitch": out["loss_pitch"],
+        "energy": out["loss_energy"],
+        "forward_sum": out["loss_forward_sum"],
+        "bin": out["loss_bin"],
+    }
+    total = (cfg.lambda_mel * parts["mel"] + cfg.lambda_adv * parts["adv"] + cfg.lambda_fm * parts["fm"]
+             + cfg.lambda_dur * parts["dur"] + cfg.lambda_pitch * parts["pitch"]
+             + cfg.lambda_energy * parts["energy"]
+             + cfg.lambda_align * (parts["forward_sum"] + parts["bin"]))
+    return total, {k: float(v.detach()) for k, v in parts.items()}
