@@ -15,6 +15,7 @@ anything is allocated, every field is type-checked, and every tensor's bytes are
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -63,7 +64,7 @@ FORMAT_VERSION = 1
 MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
 MAX_DIMS = 32  # numpy's historical limit; no model weight comes near it
 MAX_DIM_SIZE = 2**53
-DECODE_CHUNK = 1 << 18  # bytes decoded per step: the table, indices and output stay in cache
+DECODE_CHUNK = 1 << 16  # bytes decoded per step: indices and output stay in cache
 
 KEY_VERSION = "ternq.version"
 KEY_MANIFEST = "ternq.manifest"
@@ -149,6 +150,18 @@ TRIT5_ENCODE, TRIT5_DECODE = _trit5_tables()
 DECODE_TABLES: dict[str, np.ndarray] = {"trit5": TRIT5_DECODE, "int2": _field_table(2), "int4": _field_table(4)}
 
 
+@functools.cache
+def _pair_table(encoding: str) -> np.ndarray:
+    """Decoder table of byte pairs: row ``b0 | b1 << 8`` holds the codes of b0 then those of b1, as one item
+    (int32 / int64 for 4 / 8 codes, a 10-byte void for trit5) so that `np.take` moves a row in one copy."""
+    table = DECODE_TABLES[encoding]
+    width = table.shape[1]
+    pair = np.empty((256, 256, 2 * width), np.int8)  # [second byte, first byte]
+    pair[:, :, :width] = table[None, :, :]
+    pair[:, :, width:] = table[:, None, :]
+    return pair.reshape(-1).view(np.dtype(f"i{2 * width}") if 2 * width in (4, 8) else np.dtype(f"V{2 * width}"))
+
+
 def encoding_for_config(config: dict[str, Any]) -> str:
     """The encoding a layer of this config (``QuantConfig.to_dict()``) is stored in."""
     if config.get("kind") == "ternary":
@@ -180,13 +193,21 @@ def unpack_numpy(packed: np.ndarray, encoding: str, count: int, *, qmax: int | N
         out = flat.view(np.int8).copy()
         _check_range(out, lo, hi, what, enc)
         return out
-    table = DECODE_TABLES[encoding]
-    out = np.empty((flat.size, enc.per_byte), np.int8)
-    for start in range(0, flat.size, DECODE_CHUNK):
-        chunk = out[start:start + DECODE_CHUNK]
-        np.take(table, flat[start:start + DECODE_CHUNK], axis=0, out=chunk)
-        _check_range(chunk, lo, hi, what, enc)
-    codes = out.reshape(-1)
+    # two bytes per lookup: a 65536-row table of byte pairs halves numpy's per-index overhead (2x faster)
+    width = 2 * enc.per_byte
+    pairs = flat.size // 2
+    codes = np.empty(flat.size * enc.per_byte, np.int8)
+    table = _pair_table(encoding)
+    out = codes[:pairs * width].view(table.dtype)
+    index = flat[:2 * pairs].view("<u2")  # first byte in the low bits
+    step = DECODE_CHUNK // 2
+    for start in range(0, pairs, step):
+        chunk = out[start:start + step]
+        np.take(table, index[start:start + step], out=chunk)
+        _check_range(chunk.view(np.int8), lo, hi, what, enc)
+    if flat.size % 2:
+        codes[-enc.per_byte:] = DECODE_TABLES[encoding][flat[-1]]
+        _check_range(codes[-enc.per_byte:], lo, hi, what, enc)
     if codes[count:].any():
         raise FormatError(f"{what}: padding after the last of {count} codes is not zero")
     return codes[:count]

@@ -12,10 +12,12 @@ Encodings (byte layouts in docs/format.md; the numpy decoder is `ternq.numpy_for
 Every code sequence is flattened in C order; the tail of the last byte is padded with code 0 and the true
 count is kept by the caller (the file's manifest). Both directions work on any length.
 
-Decoding uses one table lookup per byte (byte -> 5, 4 or 2 int8 codes) with ``index_select`` on int32 indices,
-a chunk at a time so the indices and output stay in cache. benchmarks/bench_packing.py measures it against the
-arithmetic decoders; the table wins in torch and numpy alike (docs/benchmarks.md, "Packing"). The table hides
-the arithmetic, but the scaled layout is kept because a decoder without tables (C, SIMD) needs it.
+Decoding is one table lookup per *pair* of bytes (a 65536-row table of 10, 8 or 4 codes), the byte checks
+included: measured in benchmarks/bench_packing.py against torch ``index_select`` on a 256-row table and against
+the arithmetic decoders (multiply-shift for this layout, division for plain base 3), it is the fastest on CPU,
+so the torch functions run it on the tensors' memory (docs/benchmarks.md, "Packing"). The table hides the
+arithmetic, but the scaled layout is kept because a decoder without tables (C, SIMD) needs it.
+Encoding sums each byte's codes with one small float GEMV (exact for these integers), a chunk at a time.
 """
 from __future__ import annotations
 
@@ -24,21 +26,25 @@ from torch import Tensor
 
 from .config import QuantConfig
 from .numpy_format import (
-    DECODE_CHUNK,
-    DECODE_TABLES,
     ENCODINGS,
     TRIT5_ENCODE,
     Encoding,
     FormatError,
-    _range_message,
     encoding_for_config,
+    unpack_numpy,
 )
 
 __all__ = ["pack_codes", "unpack_codes", "pack_ternary", "unpack_ternary", "encoding_for", "packed_length"]
 
-_DECODE = {name: torch.from_numpy(table.copy()) for name, table in DECODE_TABLES.items()}
 _TRIT5_ENCODE = torch.from_numpy(TRIT5_ENCODE.copy())
-_TRIT5_WEIGHTS = (81, 27, 9, 3, 1)
+# byte value before the trit5 scaling = sum_k code_k * weight_k + offset (the offset maps code 0 to digit 1 /
+# field 2**(k-1) in every position)
+_PACK_WEIGHTS = {
+    "trit5": (torch.tensor([81.0, 27.0, 9.0, 3.0, 1.0]), 121.0),
+    "int2": (torch.tensor([1.0, 4.0, 16.0, 64.0]), 2.0 * 85),
+    "int4": (torch.tensor([1.0, 16.0]), 8.0 * 17),
+}
+_PACK_CHUNK = 1 << 16  # bytes encoded per step
 _TORCH_DTYPE = {"U8": torch.uint8, "I8": torch.int8}
 
 
@@ -75,24 +81,20 @@ def pack_codes(codes: Tensor, encoding: str) -> Tensor:
     if enc.per_byte == 1:
         return flat.to(torch.int8, copy=True).contiguous()
     per_byte, n_bytes = enc.per_byte, enc.packed_length(n)
-    bias = 1 if encoding == "trit5" else -enc.lo  # the field value of code 0, also the padding
-    fields = torch.full((n_bytes * per_byte,), bias, dtype=torch.uint8)
-    fields[:n] = (flat.to(torch.int16) + bias).to(torch.uint8)
-    fields = fields.view(n_bytes, per_byte)
+    padded = torch.zeros(n_bytes * per_byte, dtype=torch.int8)  # code 0 pads the last byte
+    padded[:n] = flat
+    rows = padded.view(n_bytes, per_byte)
+    weights, offset = _PACK_WEIGHTS[encoding]
     out = torch.empty(n_bytes, dtype=torch.uint8)
-    bits = 8 // per_byte
-    for start in range(0, n_bytes, DECODE_CHUNK):
-        f = fields[start:start + DECODE_CHUNK]
+    for start in range(0, n_bytes, _PACK_CHUNK):
+        # sum_k code_k * weight_k as one small float GEMV: exact (|value| < 2**24) and far faster than
+        # integer ops on the strided columns of `rows`
+        value = torch.mv(rows[start:start + _PACK_CHUNK].float(), weights).add_(offset)
+        dst = out[start:start + _PACK_CHUNK]
         if encoding == "trit5":
-            v = f[:, 0] * _TRIT5_WEIGHTS[0]  # uint8 arithmetic: v <= 242 never overflows
-            for k in range(1, 5):
-                v += f[:, k] * _TRIT5_WEIGHTS[k]
-            torch.index_select(_TRIT5_ENCODE, 0, v.int(), out=out[start:start + DECODE_CHUNK])
+            torch.index_select(_TRIT5_ENCODE, 0, value.int(), out=dst)
         else:
-            v = f[:, 0].clone()
-            for k in range(1, per_byte):
-                v |= f[:, k] << (bits * k)
-            out[start:start + DECODE_CHUNK] = v
+            dst.copy_(value)
     return out
 
 
@@ -102,36 +104,16 @@ def unpack_codes(packed: Tensor, encoding: str, count: int, *, qmax: int | None 
 
     Raises FormatError (naming `what`) when the payload has the wrong dtype or length, holds a byte no encoder
     writes, a code outside ``[-qmax, qmax]`` (default: the encoding's range) or non-zero padding.
+
+    The work is done by `ternq.numpy_format.unpack_numpy` on the tensor's memory (no copy either way): its
+    byte-pair table lookup measured about twice as fast as torch's ``index_select`` on a 256-row table
+    (benchmarks/bench_packing.py).
     """
     enc = _encoding(encoding)
-    flat = packed.reshape(-1).cpu()
+    flat = packed.detach().reshape(-1).cpu()
     if flat.dtype != _TORCH_DTYPE[enc.dtype]:
         raise FormatError(f"{what}: payload dtype {flat.dtype} does not match encoding {encoding!r} ({enc.dtype})")
-    if flat.numel() != enc.packed_length(count):
-        raise FormatError(f"{what}: {flat.numel()} payload elements cannot hold {count} codes in {encoding!r} "
-                          f"(expected {enc.packed_length(count)})")
-    lo, hi = (enc.lo, enc.hi) if qmax is None else (-qmax, qmax)
-    if enc.per_byte == 1:
-        out = flat.clone()
-        _check_range(out, lo, hi, what, enc)
-        return out
-    table = _DECODE[encoding]
-    out = torch.empty(flat.numel(), enc.per_byte, dtype=torch.int8)
-    for start in range(0, flat.numel(), DECODE_CHUNK):
-        chunk = out[start:start + DECODE_CHUNK]
-        torch.index_select(table, 0, flat[start:start + DECODE_CHUNK].int(), out=chunk)
-        _check_range(chunk, lo, hi, what, enc)
-    codes = out.view(-1)
-    if codes[count:].any():
-        raise FormatError(f"{what}: padding after the last of {count} codes is not zero")
-    return codes[:count]
-
-
-def _check_range(codes: Tensor, lo: int, hi: int, what: str, enc: Encoding) -> None:
-    if codes.numel():
-        cmin, cmax = (int(v) for v in torch.aminmax(codes))
-        if cmin < lo or cmax > hi:
-            raise FormatError(_range_message(cmin if cmin < lo else cmax, lo, hi, what, enc))
+    return torch.from_numpy(unpack_numpy(flat.numpy(), encoding, count, qmax=qmax, what=what))
 
 
 def pack_ternary(codes: Tensor) -> Tensor:
