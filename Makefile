@@ -31,10 +31,10 @@ lint: venv
 
 test: venv sysdeps lint
 	$(BIN)/python -m pytest -q
-	$(BIN)/mkdocs build --strict -q
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -q
 
 docs: venv
-	$(BIN)/mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 demo: venv
 	$(BIN)/python -m ternq.demo
