@@ -378,3 +378,23 @@ def test_long_inputs_run_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     assert_matches_qat(nn.Conv1d(6, 8, 5, padding=2), config, torch.randn(2, 6, 300))
     assert_matches_qat(nn.Conv1d(6, 8, 3, stride=2, dilation=3, padding=1), config, torch.randn(1, 6, 301))
     assert_matches_qat(nn.ConvTranspose1d(6, 4, 8, stride=4, padding=2), config, torch.randn(2, 6, 150))
+
+
+@settings(deadline=None, max_examples=30)
+@given(act_bits=st.integers(2, 8), norm=st.sampled_from(["layernorm", "rmsnorm", None]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), conv=st.booleans(), scale=st.floats(1e-3, 1e3),
+       seed=st.integers(0, 2**16))
+def test_integer_activation_codes_are_the_qat_codes(act_bits: int, norm: str | None, dtype: torch.dtype,
+                                                    conv: bool, scale: float, seed: int) -> None:
+    """The int8 kernels start from exactly the activations the QAT layer computes: q * s == x_q bit for bit."""
+    torch.manual_seed(seed)
+    config = TernaryConfig(act_bits=act_bits, input_norm=norm)
+    layer = nn.Conv1d(12, 4, 3) if conv else nn.Linear(12, 4)
+    x = (torch.randn(3, 12, 9) if conv else torch.randn(3, 5, 12)) * scale
+    x[0, 0] = 0.0  # an all-zero token (Linear) or channel (Conv1d)
+    x = x.to(dtype)
+    qat, codes, scale_ = qat_and_codes(layer, config)
+    packed = packed_layer(layer, codes, scale_, config, layer_spec(layer))
+    q, s = packed._quantize_int8(x, 1 if conv else -1)
+    assert q.dtype == torch.int8
+    assert torch.equal((q.to(dtype) * s.to(dtype)), qat.quantize_input(x))
