@@ -51,7 +51,7 @@ def _progress(items: list[Any], desc: str, show: bool) -> Iterator[Any]:
 def _check_config(layer: LayerRecord, source: Source) -> None:
     try:
         QuantConfig.from_dict(layer.config)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, ArithmeticError) as e:
         raise TernqError(f"{source.name}: layer {layer.key!r}: invalid config {layer.config}: {e}") from None
 
 

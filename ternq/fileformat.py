@@ -199,11 +199,18 @@ class PackedModel:
                     f.write(memoryview(blob))
                 f.flush()
                 os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it owner-only; give it a normal file's mode
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _raw_bytes(t: Tensor) -> np.ndarray:
@@ -336,7 +343,7 @@ def _place(source: Source, model: nn.Module, record: LayerRecord, aliases: dict[
     what = f"layer {record.key!r} ({record.type})"
     try:
         config = QuantConfig.from_dict(record.config)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, ArithmeticError) as e:  # e.g. int(Infinity) in a hostile config
         raise FormatError(f"{source.name}: {what}: invalid config {record.config}: {e}") from None
     module = _get_module(model, record.module)
     if module is None:

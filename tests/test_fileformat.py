@@ -20,7 +20,7 @@ from torch.nn.utils import parametrizations
 import ternq
 from ternq import ArchitectureMismatchError, ChecksumError, FormatError, KBitConfig, Rule, TernaryConfig
 from ternq.cli import inspect_file, verify_file
-from ternq.numpy_format import KEY_MANIFEST, build_metadata, load_numpy
+from ternq.numpy_format import KEY_MANIFEST, build_metadata, crc32_hex, load_numpy
 from ternq.runtime import is_packed
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.nn.utils.weight_norm. is deprecated:FutureWarning")
@@ -242,7 +242,10 @@ def test_numpy_reader_without_torch(tmp_path):
 
 
 def test_atomic_write_keeps_the_old_file(tmp_path, mlp_file, monkeypatch):
-    model, _ = mlp_file
+    model, saved = mlp_file
+    mask = os.umask(0)
+    os.umask(mask)
+    assert saved.stat().st_mode & 0o777 == 0o666 & ~mask  # a normal file's mode, not the temp file's 0600
     path = tmp_path / "model.safetensors"
     path.write_bytes(b"previous content")
 
@@ -370,6 +373,14 @@ def test_metadata_that_lies(lie):
         ternq.load_packed(data, small_skeleton())
     if lie == "crc value":
         assert isinstance(info.value, ChecksumError)
+
+
+def test_non_finite_numbers_in_a_hostile_manifest():
+    packed = small_packed()
+    text = packed.metadata[KEY_MANIFEST].replace('"act_bits":8', '"act_bits":Infinity', 1)
+    metadata = {**packed.metadata, KEY_MANIFEST: text, "ternq.manifest_crc32": crc32_hex(text.encode())}
+    with pytest.raises(FormatError, match="invalid config"):
+        ternq.load_packed(ternq.PackedModel(packed.tensors, metadata).to_bytes(), small_skeleton())
 
 
 def test_unknown_version_and_foreign_files(tmp_path):
