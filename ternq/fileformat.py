@@ -46,6 +46,7 @@ from .numpy_format import (
 )
 from .packing import encoding_for, pack_codes, unpack_codes
 from .quantizers import dequantize_weight, quantize_weight
+from .runtime import is_packed, packed_layer
 
 __all__ = ["PackedModel", "pack", "save_packed", "load_packed"]
 
@@ -94,13 +95,6 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def _is_packed_layer(module: nn.Module) -> bool:
-    """A runtime inference layer (see `ternq.runtime.packed_layer`): it exposes codes, scale, qconfig, spec."""
-    return (not isinstance(module, QuantMixin) and isinstance(getattr(module, "qconfig", None), QuantConfig)
-            and isinstance(getattr(module, "spec", None), LayerSpec)
-            and isinstance(getattr(module, "codes", None), Tensor))
-
-
 def _aliases(model: nn.Module) -> dict[int, list[str]]:
     out: dict[int, list[str]] = {}
     for path, module in model.named_modules(remove_duplicate=False):
@@ -114,7 +108,7 @@ def _collect_sites(model: nn.Module) -> list[_Site]:
     for path, module in model.named_modules():
         rule = getattr(module, "ternq_rule", None)
         rule = rule if isinstance(rule, str) else None
-        if isinstance(module, QuantMixin) or _is_packed_layer(module):
+        if isinstance(module, QuantMixin) or is_packed(module):
             if isinstance(module, QuantMixin):
                 spec = module._ternq_spec
                 with torch.no_grad():
@@ -123,7 +117,7 @@ def _collect_sites(model: nn.Module) -> list[_Site]:
             else:
                 spec = module.spec
                 codes, scale = module.codes, module.scale
-                dtype = getattr(module, "weight_dtype", torch.float32)
+                dtype = torch.float32  # a packed layer does not remember its float weight's dtype
             site = _Site(_join(path, spec.weight_name), path, spec.weight_name, _type_name(spec.float_type),
                          spec.weight_out_dim, codes, scale, module.qconfig, dtype, rule)
             local = _owned_keys(module, spec.weight_name)
@@ -513,8 +507,6 @@ def _load_layer(source: Source, manifest: Manifest, root: nn.Module, p: _Placeme
         value = dequantize_weight(codes, scale, p.config, p.record.out_dim, weight.dtype)
         _assign(p.module, p.record.weight, value)
         return root
-    from .runtime import packed_layer
-
     new = packed_layer(p.module, codes, scale, p.config, p.spec)
     if p.record.rule is not None:
         new.ternq_rule = p.record.rule
@@ -557,6 +549,9 @@ def _install_packed_functional(owner: nn.Module, record: LayerRecord, codes: Ten
     holder = owner.get_submodule(module_path)
     placeholder = torch.zeros((), dtype=dtype).expand(record.shape)
     holder._parameters[name] = nn.Parameter(placeholder, requires_grad=False)
+    for name, module in list(owner._modules.items()):  # a QAT skeleton's own quantizer of this weight
+        if isinstance(module, FunctionalQuant) and module.param == record.weight:
+            del owner._modules[name]
     fq = _PackedFunctional(op, record.weight, config, codes, scale, dtype)
     if record.rule is not None:
         fq.ternq_rule = record.rule

@@ -157,6 +157,16 @@ def test_mixed_model_round_trip(tmp_path):
     assert repacked["selection"]["quantized"] == original["selection"]["quantized"]
 
 
+def test_a_quantized_skeleton_works_too():
+    model = mixed_qat()
+    skeleton = ternq.quantize(Mixed(), include=[*RULES, nn.Embedding], exclude=["head"])
+    loaded = ternq.load_packed(ternq.pack(model), skeleton).eval()
+    assert [n for n, m in loaded.named_modules() if "ternq_fq" in n] == ["ternq_fq_0"]  # replaced, not doubled
+    x = tokens()
+    with torch.no_grad():
+        assert_close_to_qat(loaded(x), model(x))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_float_dtype_option(tmp_path, dtype):
     model = mixed_qat()
