@@ -203,34 +203,43 @@ def main() -> None:
     assert np.array_equal(numpy_multiply_shift(packed_np, count), codes.numpy())
     assert np.array_equal(numpy_div_mod(plain_np, count), codes.numpy())
     assert np.array_equal(unpack_numpy(packed_np, "trit5", count), codes.numpy())
+    # decoders compared on one thread (the cleanest measure of work per byte; the shipped decoder is
+    # single-threaded numpy anyway), then torch's own gather and the packer with all threads
     threads = torch.get_num_threads()
-    for n_threads in sorted({1, threads}, reverse=True):
-        torch.set_num_threads(n_threads)
-        tag = f"torch, {n_threads} thread{'s' if n_threads > 1 else ''}"
-        base = best_time(lambda: unpack_codes(packed, "trit5", count), args.repeats)
-        row(f"unpack trit5, pair table ({tag} API)", f"{mb / base:,.0f} MB/s", "1 (shipped)")
-        t = best_time(lambda: torch_index_select(packed, count), args.repeats)
-        row(f"unpack trit5, index_select table ({tag})", f"{mb / t:,.0f} MB/s", f"{base / t:.2f} x pair table")
-        t = best_time(lambda: torch_multiply_shift(packed, count), args.repeats)
-        row(f"unpack trit5, multiply-shift ({tag})", f"{mb / t:,.0f} MB/s", f"{base / t:.2f} x pair table")
-        t = best_time(lambda: torch_div_mod(plain, count), args.repeats)
-        row(f"unpack plain base 3, div/mod ({tag})", f"{mb / t:,.0f} MB/s", f"{base / t:.2f} x pair table")
-        t = best_time(lambda: pack_codes(codes, "trit5"), args.repeats)
-        row(f"pack trit5 ({tag})", f"{mb / t:,.0f} MB/s", "")
-        for enc, lo, hi in (("int2", -1, 1), ("int4", -7, 7)):
-            k = torch.randint(lo, hi + 1, (count,), dtype=torch.int8)
-            p = pack_codes(k, enc)
-            t = best_time(lambda p=p, enc=enc: unpack_codes(p, enc, count), args.repeats)
-            row(f"unpack {enc}, pair table ({tag} API)", f"{mb / t:,.0f} MB/s", "")
-            t = best_time(lambda k=k, enc=enc: pack_codes(k, enc), args.repeats)
-            row(f"pack {enc} ({tag})", f"{mb / t:,.0f} MB/s", "")
+    torch.set_num_threads(1)
+    base = best_time(lambda: unpack_codes(packed, "trit5", count), args.repeats)
+    row("unpack trit5, pair table (torch API)", f"{mb / base:,.0f} MB/s", "1 (shipped)")
+    t = best_time(lambda: torch_index_select(packed, count), args.repeats)
+    row("unpack trit5, index_select table (torch, 1 thread)", f"{mb / t:,.0f} MB/s", f"{base / t:.2f} x pair table")
+    t_ms = best_time(lambda: torch_multiply_shift(packed, count), args.repeats)
+    row("unpack trit5, multiply-shift (torch, 1 thread)", f"{mb / t_ms:,.0f} MB/s", f"{base / t_ms:.2f} x pair table")
+    t = best_time(lambda: torch_div_mod(plain, count), args.repeats)
+    row("unpack plain base 3, div/mod (torch, 1 thread)", f"{mb / t:,.0f} MB/s",
+        f"{base / t:.2f} x pair table; {t_ms / t:.2f} x multiply-shift")
+    for enc, lo, hi in (("int2", -1, 1), ("int4", -7, 7)):
+        k = torch.randint(lo, hi + 1, (count,), dtype=torch.int8)
+        p = pack_codes(k, enc)
+        t = best_time(lambda p=p, enc=enc: unpack_codes(p, enc, count), args.repeats)
+        row(f"unpack {enc}, pair table (torch API)", f"{mb / t:,.0f} MB/s", "")
+        t = best_time(lambda k=k, enc=enc: pack_codes(k, enc), args.repeats)
+        row(f"pack {enc} (torch, 1 thread)", f"{mb / t:,.0f} MB/s", "")
+    t = best_time(lambda: pack_codes(codes, "trit5"), args.repeats)
+    row("pack trit5 (torch, 1 thread)", f"{mb / t:,.0f} MB/s", "")
     torch.set_num_threads(threads)
+    if threads > 1:
+        t = best_time(lambda: torch_index_select(packed, count), args.repeats)
+        row(f"unpack trit5, index_select table (torch, {threads} threads)", f"{mb / t:,.0f} MB/s",
+            f"{base / t:.2f} x pair table")
+        t = best_time(lambda: pack_codes(codes, "trit5"), args.repeats)
+        row(f"pack trit5 (torch, {threads} threads)", f"{mb / t:,.0f} MB/s", "")
     base = best_time(lambda: unpack_numpy(packed_np, "trit5", count), args.repeats)
     row("unpack trit5, pair table (numpy)", f"{mb / base:,.0f} MB/s", "1 (shipped)")
     t = best_time(lambda: numpy_multiply_shift(packed_np, count), args.repeats)
     row("unpack trit5, multiply-shift (numpy)", f"{mb / t:,.0f} MB/s", f"{base / t:.2f} x pair table")
+    t_ms = t
     t = best_time(lambda: numpy_div_mod(plain_np, count), args.repeats)
-    row("unpack plain base 3, div/mod (numpy)", f"{mb / t:,.0f} MB/s", f"{base / t:.2f} x pair table")
+    row("unpack plain base 3, div/mod (numpy)", f"{mb / t:,.0f} MB/s",
+        f"{base / t:.2f} x pair table; {t_ms / t:.2f} x multiply-shift")
 
     # whole-file operations on the MLP
     with tempfile.TemporaryDirectory() as tmp:
