@@ -20,14 +20,13 @@ import numpy as np
 from tqdm import tqdm
 
 from .config import QuantConfig
-from .errors import TernqError
+from .errors import FormatError, TernqError
 from .numpy_format import (
     DTYPES,
     LayerRecord,
     Manifest,
     Source,
     check_scale,
-    code_histogram,
     read_array,
     read_header,
     read_manifest,
@@ -52,13 +51,13 @@ def _check_config(layer: LayerRecord, source: Source) -> None:
     try:
         QuantConfig.from_dict(layer.config)
     except (ValueError, TypeError, ArithmeticError) as e:
-        raise TernqError(f"{source.name}: layer {layer.key!r}: invalid config {layer.config}: {e}") from None
+        raise FormatError(f"{source.name}: layer {layer.key!r}: invalid config {layer.config}: {e}") from None
 
 
 def inspect_file(path: str | os.PathLike[str] | bytes, *, progress: bool = False) -> dict[str, Any]:
     """Per-tensor description and totals of a packed file (what ``ternq inspect --json`` prints).
 
-    Every tensor is read and checked against its CRC32 on the way (a corrupted file raises FormatError).
+    Everything is decoded and checked on the way, as by `verify_file` (a damaged file raises FormatError).
     """
     rows: list[dict[str, Any]] = []
     with Source(path) as source:
@@ -92,19 +91,28 @@ def inspect_file(path: str | os.PathLike[str] | bytes, *, progress: bool = False
     }
 
 
-def _describe_layer(source: Source, manifest: Manifest, layer: LayerRecord) -> dict[str, Any]:
+def _decode(source: Source, manifest: Manifest, layer: LayerRecord) -> tuple[np.ndarray, np.ndarray, int]:
+    """Codes and scales of a layer, every check of the format applied; and the payload's size in bytes."""
+    _check_config(layer, source)
+    what = f"{source.name}: layer {layer.key!r}"
     payload = read_array(source, manifest, layer.codes)
+    codes = unpack_numpy(payload, layer.encoding, layer.count, qmax=layer.qmax, what=f"{what}: codes")
     scale = read_array(source, manifest, layer.scale)
-    hist = code_histogram(payload, layer.encoding, layer.count)
-    codes_bytes, scale_bytes = payload.nbytes, scale.nbytes
-    neg = sum(n for v, n in hist.items() if v < 0)
-    pos = sum(n for v, n in hist.items() if v > 0)
+    check_scale(scale, what)
+    return codes, scale, payload.nbytes
+
+
+def _describe_layer(source: Source, manifest: Manifest, layer: LayerRecord) -> dict[str, Any]:
+    codes, scale, codes_bytes = _decode(source, manifest, layer)
+    scale_bytes = scale.nbytes
+    neg, zero = int(np.count_nonzero(codes < 0)), int(np.count_nonzero(codes == 0))
+    pos = layer.count - neg - zero
     return {
         "name": layer.key, "kind": "packed", "encoding": layer.encoding, "shape": list(layer.shape),
         "count": layer.count, "bytes": codes_bytes + scale_bytes, "codes_bytes": codes_bytes,
         "scale_bytes": scale_bytes, "bits_per_weight": 8 * (codes_bytes + scale_bytes) / layer.count,
         "codes_bits_per_weight": 8 * codes_bytes / layer.count,
-        "share": {"-": neg / layer.count, "0": hist.get(0, 0) / layer.count, "+": pos / layer.count},
+        "share": {"-": neg / layer.count, "0": zero / layer.count, "+": pos / layer.count},
         "config": layer.config, "type": layer.type,
     }
 
@@ -131,11 +139,7 @@ def verify_file(path: str | os.PathLike[str] | bytes, *, progress: bool = False)
         manifest = read_manifest(read_header(source))
         for item in _progress(_items(manifest), "verify", progress):
             if isinstance(item, LayerRecord):
-                _check_config(item, source)
-                what = f"{source.name}: layer {item.key!r}"
-                payload = read_array(source, manifest, item.codes)
-                unpack_numpy(payload, item.encoding, item.count, qmax=item.qmax, what=f"{what}: codes")
-                check_scale(read_array(source, manifest, item.scale), what)
+                _decode(source, manifest, item)
             else:
                 read_array(source, manifest, item)
         return {"file": source.name, "ok": True, "tensors": len(manifest.tensors), "packed_layers": len(manifest.layers),

@@ -51,7 +51,6 @@ __all__ = [
     "build_metadata",
     "read_array",
     "unpack_numpy",
-    "code_histogram",
     "decode_layer",
     "dequantize_numpy",
     "load_numpy",
@@ -222,26 +221,6 @@ def _range_message(bad: int, lo: int, hi: int, what: str, enc: Encoding) -> str:
     if bad == _INVALID and enc.name == "trit5":
         return f"{what}: holds a byte value that no trit5 encoder writes (one of the 13 unused values)"
     return f"{what}: code {bad} is outside the range [{lo}, {hi}] of its config"
-
-
-def code_histogram(packed: np.ndarray, encoding: str, count: int) -> dict[int, int]:
-    """How many codes of each value the payload holds (padding excluded), from a histogram of its bytes."""
-    enc = _encoding(encoding, "packed codes")
-    flat = np.ascontiguousarray(packed).reshape(-1)
-    if enc.per_byte == 1:
-        values, counts = np.unique(flat.view(np.int8)[:count], return_counts=True)
-        return {int(v): int(c) for v, c in zip(values, counts)}
-    byte_counts = np.bincount(flat.view(np.uint8), minlength=256)
-    table = DECODE_TABLES[encoding]
-    hist: dict[int, int] = {}
-    for value in np.unique(table):
-        n = int(((table == value).sum(axis=1) * byte_counts).sum())
-        if n:
-            hist[int(value)] = n
-    pad = enc.packed_length(count) * enc.per_byte - count
-    if pad:
-        hist[0] = hist.get(0, 0) - pad
-    return {v: n for v, n in sorted(hist.items()) if n}
 
 
 def _encoding(name: object, what: str) -> Encoding:

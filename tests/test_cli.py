@@ -12,6 +12,7 @@ from torch import nn
 import ternq
 from ternq import KBitConfig, Rule
 from ternq.cli import EXIT_INVALID, EXIT_OK, EXIT_UNREADABLE, main
+from ternq.numpy_format import build_metadata, crc32_hex
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +120,18 @@ def test_process_exit_code(packed_file, tmp_path):
     bad.write_bytes(bytes(damaged))
     result = subprocess.run([sys.executable, "-m", "ternq.cli", "verify", str(bad)], capture_output=True, text=True)
     assert result.returncode == EXIT_INVALID and "ChecksumError" in result.stderr
+
+
+def test_invalid_code_bytes_with_valid_checksums(packed_file, tmp_path, capsys):
+    """A forged file (CRCs recomputed) holding a byte no trit5 encoder writes: both commands refuse it."""
+    model, _ = packed_file
+    packed = ternq.pack(model)
+    codes = packed.tensors["0.weight.codes"].clone()
+    codes[3] = 1  # one of the 13 unused byte values
+    manifest = packed.manifest
+    manifest["tensors"]["0.weight.codes"]["crc32"] = crc32_hex(codes.numpy())
+    forged = tmp_path / "forged.safetensors"
+    ternq.PackedModel({**packed.tensors, "0.weight.codes": codes}, build_metadata(manifest)).save(forged)
+    for command in ("verify", "inspect"):
+        assert main([command, str(forged)]) == EXIT_INVALID
+        assert "no trit5 encoder writes" in capsys.readouterr().err
