@@ -343,8 +343,12 @@ class PackedLayer:
         cfg = self.qconfig
         bits = int(cfg.act_bits)  # type: ignore[arg-type]
         x = normalize_input(x, cfg.input_norm, dim, cfg.eps)
-        # = activation_scale(x, bits, dim, eps), without materializing |x|: max|x| = max(amax, -amin) exactly
-        s = torch.maximum(x.amax(dim, keepdim=True), x.amin(dim, keepdim=True).neg_())
+        # = activation_scale(x, bits, dim, eps); for large inputs without materializing |x|:
+        # max|x| = max(amax, -amin) exactly (fewer ops win for small ones)
+        if x.numel() >= 1 << 15:
+            s = torch.maximum(x.amax(dim, keepdim=True), x.amin(dim, keepdim=True).neg_())
+        else:
+            s = x.abs().amax(dim, keepdim=True)
         s = s.clamp_(min=cfg.eps).div_(2 ** (bits - 1) - 1)
         t = (x / s).round_()
         if x.dtype != torch.float32:  # in float32 |x / s| <= qmax * (1 + 2**-23): rounding cannot leave the range
@@ -406,6 +410,8 @@ class PackedLinear(PackedLayer, nn.Linear):
             if not weight_first:
                 return _int_mm(a[:, lo:hi], w[:, lo:hi].t()).to(torch.float32)
             r = _int_mm(w[:, lo:hi], a[:, lo:hi].t())  # (out, tokens)
+            if r.shape[1] == 1:
+                return r.view(1, -1).to(torch.float32)
             return torch.empty(r.shape[1], r.shape[0], dtype=torch.float32, device=r.device).copy_(r.t())
 
         cfg = self.qconfig
@@ -414,15 +420,15 @@ class PackedLinear(PackedLayer, nn.Linear):
             y = product(0, size).mul_(self.scale[:, 0])
             for g in range(1, self.scale.shape[1]):
                 y.add_(product(g * size, (g + 1) * size).mul_(self.scale[:, g]))
-            y.mul_(s)
+            factor = s
         else:
             y = product(0, n_in)
             if cfg.granularity == "tensor":
-                y.mul_(s * self.scale)
+                factor = s * self.scale
             else:
-                y.mul_(s).mul_(self.scale)
-        if self.bias is not None:
-            y = y.add_(self.bias)
+                y.mul_(self.scale)
+                factor = s
+        y = y.mul_(factor) if self.bias is None else torch.addcmul(self.bias, y, factor)
         return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
 
 
