@@ -287,13 +287,22 @@ def config_to_dict(cfg: BitTTSConfig) -> dict[str, Any]:
 
 
 def load_config(path: str | os.PathLike) -> BitTTSConfig:
-    """Read a TOML config file (a preset or a run's config.toml)."""
+    """Read a TOML config file (a preset or a run's config.toml).
+
+    A top-level ``base = "<preset>"`` starts from that preset instead of the dataclass defaults.
+    """
     with open(path, "rb") as f:
         try:
             data = tomllib.load(f)
         except tomllib.TOMLDecodeError as e:
             raise ValueError(f"{path}: invalid TOML: {e}") from e
-    return config_from_dict(data)
+    base_name = data.pop("base", None)
+    base = None
+    if base_name is not None:
+        if not isinstance(base_name, str):
+            raise ValueError(f"{path}: base = {base_name!r}: expected a preset name")
+        base = load_preset(base_name)
+    return config_from_dict(data, base)
 
 
 def load_preset(name: str) -> BitTTSConfig:

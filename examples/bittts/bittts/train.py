@@ -43,6 +43,8 @@ from .model import CHECKPOINT_FORMAT, BitTTS, build_model, load_checkpoint, para
 __all__ = ["train", "NonFiniteLossError", "TrainState", "resolve_device", "CHECKPOINT_NAME"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
+# train.* fields a resumed run may change: they decide what is logged and when, not what is computed
+BOOKKEEPING = ("steps", "log_every", "image_every", "ckpt_every", "num_workers", "max_nonfinite")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -286,7 +288,7 @@ def train(cfg: BitTTSConfig, out_dir: str | os.PathLike, *, data_dir: str | os.P
         data_dir: prepared corpus (`bittts prepare`); or pass `dataset` (+ `collate_fn`) directly.
         steps: total optimizer steps to reach (default cfg.train.steps).
         resume: continue from `out_dir/checkpoint.pt` exactly (weights, optimizers, schedulers, data position,
-            RNG states); the checkpoint's config is used and must match `cfg` except train.steps.
+            RNG states); `cfg` must match the checkpoint's config except the `BOOKKEEPING` train fields.
         device: "auto" (CUDA if available), "cpu" or "cuda".
     """
     rank, world, local_rank = _dist_env()
@@ -335,7 +337,8 @@ def _train(cfg: BitTTSConfig, out_dir: Path, data_dir: Any, dataset: Dataset | N
     if resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path, map_location="cpu")
         saved = config_from_dict(ckpt["config"])
-        saved.train.steps = total_steps
+        for name in BOOKKEEPING:  # these may change between runs; everything else must match
+            setattr(saved.train, name, getattr(cfg.train, name))
         diff = _config_diff(saved, cfg)
         if diff:
             raise ValueError(f"--resume: the checkpoint in {out_dir} was trained with a different config "
@@ -365,6 +368,9 @@ def _train(cfg: BitTTSConfig, out_dir: Path, data_dir: Any, dataset: Dataset | N
         sched_g.load_state_dict(ckpt["sched_g"])
         sched_d.load_state_dict(ckpt["sched_d"])
         state = TrainState(**ckpt["state"])
+        if symbols is not None and ckpt.get("symbols") is not None and ckpt["symbols"] != symbols:
+            raise ValueError(f"--resume: the corpus' symbol table differs from the one {ckpt_path} was trained "
+                             "with; the phoneme ids would mean other phonemes. Use the original corpus")
         symbols = ckpt.get("symbols") or symbols
         rngs = ckpt["rng"]
         if len(rngs) == world:

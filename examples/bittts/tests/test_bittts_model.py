@@ -47,6 +47,13 @@ def test_every_preset_loads_and_round_trips_through_toml(tmp_path):
     assert (load_preset("acoustic").quant.scheme, load_preset("acoustic").quant.scope) == ("ternary", "acoustic")
     assert (load_preset("all").quant.scheme, load_preset("all").quant.scope) == ("ternary", "all")
     assert (load_preset("4bit").quant.scheme, load_preset("4bit").quant.bits) == ("kbit", 4)
+    for name in ("acoustic", "all", "4bit"):  # `base = "fp32"`: same architecture, other quantization
+        assert load_preset(name).acoustic == load_preset("fp32").acoustic
+        assert load_preset(name).discriminator == load_preset("fp32").discriminator
+    custom = tmp_path / "custom.toml"
+    custom.write_text('base = "tiny"\n[train]\nbatch_size = 3\n')
+    assert load_config(custom).train.batch_size == 3
+    assert load_config(custom).acoustic == load_preset("tiny").acoustic
     paper = load_preset("acoustic")
     assert (paper.acoustic.enc_channels, paper.acoustic.enc_layers, paper.acoustic.enc_kernel) == (256, 4, 5)
     assert (paper.acoustic.dec_channels, paper.acoustic.dec_layers, paper.acoustic.dec_kernel) == (192, 4, 5)

@@ -129,9 +129,11 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_ddp_two_processes_match_one_process(tmp_path):
     """torchrun with 2 gloo processes x batch 2 computes the same gradients as 1 process x batch 4."""
-    # equal-length utterances and segments covering them: no per-process randomness, equal loss weights
+    # equal-length utterances and segments covering them: no per-process randomness, equal loss weights.
+    # Ternary weights but float activations: 8-bit activation rounding turns the last-bit differences between
+    # batch sizes (different conv blocking) into whole quantization steps, which is not what this test is about.
     data = write_corpus(tmp_path / "data", n_train=8, fixed=(5, 4))
-    sets = ["train.segment_frames=20", "train.image_every=0", "train.log_every=1"]
+    sets = ["train.segment_frames=20", "train.image_every=0", "train.log_every=1", "quant.act_bits=0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), "-m", "bittts.cli", "train", "--data", str(data),
@@ -150,8 +152,9 @@ def test_ddp_two_processes_match_one_process(tmp_path):
         grads_one = dict(_tensors(one[opt]["state"]))
         assert grads_ddp.keys() == grads_one.keys()
         for k in grads_ddp:
-            if k.endswith("exp_avg"):
-                torch.testing.assert_close(grads_ddp[k], grads_one[k], rtol=1e-3, atol=1e-7, msg=f"{opt}{k}")
+            if k.endswith("exp_avg"):  # relative error of the whole tensor: float32 sums cancel in places
+                err = (grads_ddp[k] - grads_one[k]).norm() / grads_one[k].norm().clamp_min(1e-12)
+                assert err < 1e-3, f"{opt}{k}: relative gradient error {err:.2e}"
     # and the weights agree (Adam's first step is sign-like: allow the rare flip of a near-zero gradient)
     for k, w in one["model"].items():
         close = torch.isclose(ddp["model"][k], w, rtol=1e-4, atol=1e-6)
