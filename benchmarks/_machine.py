@@ -13,7 +13,7 @@ import platform
 import torch
 
 _FLAGS = ("avx2", "avx512f", "avx_vnni", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
-_ISA_ENV = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
+_ENV = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "OMP_WAIT_POLICY")
 
 
 def cpu_flags() -> set[str]:
@@ -49,12 +49,12 @@ def machine_info() -> dict[str, object]:
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        "isa_env": {k: os.environ[k] for k in _ISA_ENV if k in os.environ},
+        "env": {k: os.environ[k] for k in _ENV if k in os.environ},
     }
 
 
 def machine_line() -> str:
-    """One line: torch, CPU capability, int8-relevant flags, CPU, cores, threads, load, ISA overrides."""
+    """One line: torch, CPU capability, int8-relevant flags, CPU, cores, threads, load, ISA / OpenMP settings."""
     info = machine_info()
     flags = info["flags"]
     assert isinstance(flags, dict)
@@ -62,8 +62,8 @@ def machine_line() -> str:
                      if name in ("avx512_vnni", "avx_vnni", "amx_int8", "amx_tile"))
     load = info["loadavg"]
     load_text = "n/a" if load is None else "/".join(f"{v:.1f}" for v in load)  # type: ignore[union-attr]
-    env = info["isa_env"]
-    env_text = f" | ISA limited by {' '.join(f'{k}={v}' for k, v in env.items())}" if env else ""  # type: ignore[union-attr]
+    env = info["env"]
+    env_text = f" | {' '.join(f'{k}={v}' for k, v in env.items())}" if env else ""  # type: ignore[union-attr]
     return (f"torch {info['torch']} | get_cpu_capability()={info['cpu_capability']} | {shown} | {info['cpu']} | "
             f"{info['cores']} cores | torch threads {info['threads']} | loadavg {load_text}{env_text}")
 

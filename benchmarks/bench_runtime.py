@@ -34,8 +34,12 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-import torch
-from torch import Tensor, nn
+# Waiting OpenMP threads sleep instead of spinning: on a shared machine a spinning thread holds its core while
+# its partner waits for one, which made 2-thread times 10-50x slower and random here. Set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _machine import machine_line  # noqa: E402
@@ -223,58 +227,76 @@ def _reset_peak() -> bool:
         return False
 
 
-def child_peak(case: int, variant: str) -> dict[str, Any]:
-    """Run in a fresh process: RSS growth over the interpreter while the variant runs inference."""
-    torch.set_num_threads(1)
-    label, make, shape = CASES[case]
-    x = torch.randn(*shape)
-    with torch.inference_mode():  # load the kernels' code before the baseline
-        torch._int_mm(torch.zeros(32, 32, dtype=torch.int8), torch.zeros(32, 32, dtype=torch.int8))
-        nn.functional.linear(torch.zeros(4, 8), torch.zeros(8, 8))
+def _measured(procedure: Callable[[], Any]) -> dict[str, Any]:
+    """RSS growth of `procedure` in this (fresh) process, after one untimed run of it.
+
+    The first run loads code, oneDNN's JIT kernels and library workspaces; they stay, so the baseline is taken
+    after it and the second run's growth is what the procedure itself holds (``resident``: after it returns,
+    while its result is alive) and needs at its peak (``peak``, from VmHWM reset at the baseline).
+    """
+    procedure()
     gc.collect()
     base = _rss_kib("VmRSS")
-    model = VARIANTS[variant](make())
-    assert model is not None
+    reset = _reset_peak()
+    result = procedure()
     gc.collect()
     resident = _rss_kib("VmRSS") - base
-    reset = _reset_peak()
-    with torch.inference_mode():
-        for _ in range(3):
-            model(x)
     peak = _rss_kib("VmHWM") - base
+    del result
     return {"resident_kib": resident, "peak_kib": peak, "peak_reset": reset}
 
 
+def child_peak(case: int, path: str) -> dict[str, Any]:
+    """Load a saved variant (torch.load, no conversion temporaries) and run three forwards."""
+    torch.set_num_threads(1)
+    _, _, shape = CASES[case]
+    x = torch.randn(*shape)
+
+    def procedure() -> nn.Module:
+        model = torch.load(path, weights_only=False)
+        with torch.inference_mode():
+            for _ in range(3):
+                model(x)
+        return model
+
+    return _measured(procedure)
+
+
 def child_load(case: int, path: str, meta: bool) -> dict[str, Any]:
-    """Run in a fresh process: peak RSS of building the skeleton + `ternq.load_packed` + inference."""
+    """Build the float skeleton, `ternq.load_packed` into it, run one forward."""
     import ternq
 
     torch.set_num_threads(1)
-    label, make, shape = CASES[case]
+    _, make, shape = CASES[case]
     x = torch.randn(*shape)
-    gc.collect()
-    base = _rss_kib("VmRSS")
-    if meta:
-        with torch.device("meta"):
+
+    def procedure() -> nn.Module:
+        if meta:
+            with torch.device("meta"):
+                skeleton = make()
+        else:
             skeleton = make()
-    else:
-        skeleton = make()
-    model = ternq.load_packed(path, skeleton)
-    with torch.inference_mode():
-        model(x)
-    return {"peak_kib": _rss_kib("VmHWM") - base}
+        model = ternq.load_packed(path, skeleton)
+        with torch.inference_mode():
+            model(x)
+        return model
+
+    return _measured(procedure)
 
 
 def child_fp32(case: int) -> dict[str, Any]:
+    """Build the fp32 model, run one forward."""
     torch.set_num_threads(1)
-    label, make, shape = CASES[case]
+    _, make, shape = CASES[case]
     x = torch.randn(*shape)
-    gc.collect()
-    base = _rss_kib("VmRSS")
-    model = make()
-    with torch.inference_mode():
-        model(x)
-    return {"peak_kib": _rss_kib("VmHWM") - base}
+
+    def procedure() -> nn.Module:
+        model = make()
+        with torch.inference_mode():
+            model(x)
+        return model
+
+    return _measured(procedure)
 
 
 def run_child(*args: str) -> dict[str, Any] | str:
@@ -312,7 +334,7 @@ def speed_table(threads: int, rounds: int, names: list[str]) -> list[str]:
 
 
 def memory_table(names: list[str]) -> list[str]:
-    head = "| model | variant | weights MB | weights / fp32 | RSS growth MB | peak RSS during inference MB |"
+    head = "| model | variant | weights MB | weights / fp32 | resident RSS MB | peak RSS MB |"
     lines = [head, "|---|---|---|---|---|---|"]
     for case in MEMORY_CASES:
         label, make, shape = CASES[case]
@@ -322,7 +344,10 @@ def memory_table(names: list[str]) -> list[str]:
             if model is None:
                 continue
             nbytes = weight_bytes(model)
-            child = run_child("peak", str(case), name)
+            with tempfile.TemporaryDirectory() as tmp:
+                path = os.path.join(tmp, "model.pt")
+                torch.save(model, path)
+                child = run_child("peak", str(case), path)
             if isinstance(child, str):
                 rss = peak = child
             else:
@@ -343,7 +368,8 @@ def load_table() -> list[str]:
     except AttributeError:
         return ["`ternq.save_packed` / `ternq.load_packed` are not available in this checkout: load peak not "
                 "measured."]
-    lines = ["| model | fp32 build + forward MB | skeleton + load_packed + forward MB | same, meta skeleton MB |",
+    lines = ["| model | fp32: build + forward | skeleton + load_packed + forward | meta skeleton + load_packed + "
+             "forward |",
              "|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as tmp:
         for case in MEMORY_CASES:
@@ -374,7 +400,7 @@ def main() -> None:
     if args.child:
         kind, *rest = args.child
         if kind == "peak":
-            result = child_peak(int(rest[0]), rest[1])
+            result = child_peak(int(rest[0]), rest[1])  # torchao / torch.ao classes unpickle on import
         elif kind == "load":
             result = child_load(int(rest[0]), rest[1], rest[2] == "1")
         else:
@@ -394,9 +420,12 @@ def main() -> None:
         out += speed_table(threads, rounds, names) + [""]
     if not args.quick and not args.emulate_avx2:
         torch.set_num_threads(1)
-        out += ["Memory (1 thread; RSS figures are process growth over the bare interpreter, measured in a "
-                "subprocess per variant):", ""] + memory_table(names) + [""]
-        out += ["Loading a packed file into a float skeleton (peak RSS growth, subprocess each):", ""]
+        out += ["Memory, 1 thread. weights: bytes of every tensor the model keeps. RSS: a fresh subprocess per "
+                "variant loads the saved model (torch.load) and runs 3 forwards, twice; growth of the second run "
+                "over the first (libraries, JIT kernels and workspaces excluded): resident after it, peak during "
+                "it.", ""] + memory_table(names) + [""]
+        out += ["Loading a packed file into a float skeleton: peak RSS growth (MB) of build + load + one forward, "
+                "measured like the memory table:", ""]
         out += load_table() + [""]
     print("\n".join(out))
 
