@@ -20,7 +20,7 @@ from .errors import (
     TernqError,
     UnsupportedLayerError,
 )
-from .fileformat import PackedModel, load_packed, pack, save_packed
+from .fileformat import PackedModel, load_packed, pack, read_metadata, save_packed
 from .layers import is_quantized, register_layer
 from .report import Report, report
 from .selectors import Rule, output_layers
@@ -42,6 +42,7 @@ __all__ = [
     "pack",
     "save_packed",
     "load_packed",
+    "read_metadata",
     "PackedModel",
     "TernqError",
     "ConfigError",

@@ -1,6 +1,6 @@
 """The ``ternq`` command: look inside and check packed model files.
 
-    ternq inspect model.safetensors [--json]   per-tensor encoding, shape, bytes, bits/weight, code shares
+    ternq inspect model.safetensors [--json]   per-tensor encoding, shape, bytes, bits/weight, code shares, metadata
     ternq verify model.safetensors [--json]    re-decode everything, check metadata and checksums; exit 0 if intact
 
 Both read files with the numpy reference decoder (`ternq.numpy_format`), so they check exactly what the format
@@ -77,6 +77,7 @@ def inspect_file(path: str | os.PathLike[str] | bytes, *, progress: bool = False
         "file": name,
         "format_version": manifest.version,
         "library": manifest.library,
+        "metadata": manifest.metadata,
         "tensors": rows,
         "totals": {
             "file_bytes": file_bytes,
@@ -180,6 +181,9 @@ def _table(info: dict[str, Any]) -> str:
                      f"(log2(3) = {math.log2(3):.3f})")
     ratio = f"{1 / t['fp32_ratio']:.2f}x smaller" if t["fp32_ratio"] else "n/a"
     lines.append(f"file {_fmt_bytes(t['file_bytes'])} vs {_fmt_bytes(t['fp32_bytes'])} as fp32 ({ratio})")
+    for key, value in info["metadata"].items():
+        shown = value if len(value) <= 100 else f"{value[:97]}... ({len(value):,} chars)"
+        lines.append(f"metadata {key}: {shown}")
     return "\n".join(lines)
 
 

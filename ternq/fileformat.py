@@ -43,12 +43,13 @@ from .numpy_format import (
     crc32_hex,
     read_header,
     read_manifest,
+    read_metadata,
 )
 from .packing import encoding_for, pack_codes, unpack_codes
 from .quantizers import dequantize_weight, quantize_weight
 from .runtime import is_packed, packed_layer
 
-__all__ = ["PackedModel", "pack", "save_packed", "load_packed"]
+__all__ = ["PackedModel", "pack", "save_packed", "load_packed", "read_metadata"]
 
 _ST_DTYPE = {
     torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.uint16: "U16",
@@ -211,7 +212,8 @@ def _raw_bytes(t: Tensor) -> np.ndarray:
     return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
-def pack(model: nn.Module, *, float_dtype: torch.dtype | None = None) -> PackedModel:
+def pack(model: nn.Module, *, float_dtype: torch.dtype | None = None, metadata: dict[str, str] | None = None,
+         allow_float: bool = False) -> PackedModel:
     """The packed file content of a quantized model (QAT layers, or a model loaded by `load_packed`).
 
     Args:
@@ -219,18 +221,28 @@ def pack(model: nn.Module, *, float_dtype: torch.dtype | None = None) -> PackedM
         float_dtype: store the other floating-point parameters and buffers in this dtype (torch.float16 or
             torch.bfloat16) instead of their own; scales are always float32. Loading casts them back to the
             skeleton's dtype.
+        metadata: strings to store with the model (e.g. its config as JSON), so the file describes itself.
+            Each becomes a key of the safetensors ``__metadata__`` (any key not starting with ``ternq.``;
+            prefix your own, e.g. ``"myapp.config"``), and the manifest records each value's CRC32, so readers
+            detect a damaged or edited value. Read them back with `ternq.read_metadata` (header only).
+        allow_float: write a model without any quantized layer too (every tensor stored as float): a float
+            baseline in the same self-describing format. Off by default because packing an unquantized model is
+            usually a forgotten `ternq.quantize`.
 
     Raises:
-        ValueError: nothing in `model` is quantized, a tensor has a dtype safetensors cannot hold, or a state_dict
-            key collides with a packed tensor's name.
+        ValueError: nothing in `model` is quantized (and not `allow_float`), a tensor has a dtype safetensors
+            cannot hold, a state_dict key collides with a packed tensor's name, or a metadata key starts with
+            ``ternq.``.
+        TypeError: a metadata key or value is not a string.
     """
     if float_dtype not in _FLOAT_STORAGE:
         raise ValueError(f"float_dtype={float_dtype}: expected None, torch.float32, torch.float16 or torch.bfloat16")
     sites = _collect_sites(model)
-    if not sites:
-        raise ValueError("pack(): the model holds no quantized layer; call ternq.quantize(model) first")
+    if not sites and not allow_float:
+        raise ValueError("pack(): the model holds no quantized layer; call ternq.quantize(model) first "
+                         "(or pass allow_float=True to store it all in float)")
     state = model.state_dict()
-    owned = set().union(*(s.owned for s in sites))
+    owned: set[str] = set().union(*(s.owned for s in sites))
     tensors: dict[str, Tensor] = {}
     records: dict[str, dict[str, Any]] = {}
     layers: dict[str, dict[str, Any]] = {}
@@ -278,12 +290,13 @@ def pack(model: nn.Module, *, float_dtype: torch.dtype | None = None) -> PackedM
         "layers": layers,
         "tensors": records,
     }
-    return PackedModel(tensors, build_metadata(manifest))
+    return PackedModel(tensors, build_metadata(manifest, metadata))
 
 
-def save_packed(model: nn.Module, path: str | os.PathLike[str], *, float_dtype: torch.dtype | None = None) -> None:
+def save_packed(model: nn.Module, path: str | os.PathLike[str], *, float_dtype: torch.dtype | None = None,
+                metadata: dict[str, str] | None = None, allow_float: bool = False) -> None:
     """Write a quantized model as a packed safetensors file (atomically); see `pack` for the arguments."""
-    pack(model, float_dtype=float_dtype).save(path)
+    pack(model, float_dtype=float_dtype, metadata=metadata, allow_float=allow_float).save(path)
 
 
 # --- loading ----------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ anything is allocated, every field is type-checked, and every tensor's bytes are
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -49,6 +50,7 @@ __all__ = [
     "read_header",
     "read_manifest",
     "build_metadata",
+    "read_metadata",
     "read_array",
     "unpack_numpy",
     "decode_layer",
@@ -68,6 +70,7 @@ DECODE_CHUNK = 1 << 16  # bytes decoded per step: indices and output stay in cac
 KEY_VERSION = "ternq.version"
 KEY_MANIFEST = "ternq.manifest"
 KEY_MANIFEST_CRC = "ternq.manifest_crc32"
+RESERVED_PREFIX = "ternq."  # metadata keys of the format itself; user metadata may use any other key
 
 # safetensors dtype -> (numpy dtype of the stored bytes, bytes per element). BF16 has no numpy type: its
 # bytes are read as uint16 and widened to float32.
@@ -476,6 +479,7 @@ class Manifest:
     selection: Any
     float_dtype: str | None
     header: Header
+    metadata: dict[str, str] = dataclasses.field(default_factory=dict)  # user metadata, each value CRC-checked
 
 
 _LAYER_FIELDS = {"module", "type", "weight", "out_dim", "shape", "dtype", "config", "encoding", "count", "codes", "scale"}
@@ -566,7 +570,27 @@ def read_manifest(header: Header) -> Manifest:
     for t in tensors.values():
         if t.role != "float" and t.name not in used:
             raise FormatError(f"{name}: tensor {t.name!r} has role {t.role!r} but no layer uses it")
-    return Manifest(version, library, layers, tensors, doc.get("selection"), float_dtype, header)
+    metadata = _read_user_metadata(doc.get("metadata", {}), header)
+    return Manifest(version, library, layers, tensors, doc.get("selection"), float_dtype, header, metadata)
+
+
+def _read_user_metadata(doc: object, header: Header) -> dict[str, str]:
+    """The user metadata the manifest lists (key -> CRC32 of the value), checked against ``__metadata__``."""
+    name = header.source_name
+    if not isinstance(doc, dict):
+        raise FormatError(f"{name}: manifest metadata must be an object, got {doc!r:.80}")
+    out = {}
+    for key, crc in doc.items():
+        what = f"{name}: metadata {key!r}"
+        if not key or key.startswith(RESERVED_PREFIX):
+            raise FormatError(f"{what}: user metadata keys must be non-empty and not start with {RESERVED_PREFIX!r}")
+        if key not in header.metadata:
+            raise FormatError(f"{what} is listed in the manifest but missing from __metadata__")
+        value = header.metadata[key]
+        if not isinstance(crc, str) or crc32_hex(value.encode("utf-8", "surrogatepass")) != crc:
+            raise ChecksumError(f"{what}: the value does not match its CRC32 {crc!r:.20}: the header is corrupted")
+        out[key] = value
+    return out
 
 
 def _read_tensor_records(doc: dict[str, Any], header: Header) -> dict[str, TensorRecord]:
@@ -654,10 +678,27 @@ def _read_layer(key: str, spec: object, tensors: dict[str, TensorRecord], name: 
                        codes, scale, rule if isinstance(rule, str) else None)
 
 
-def build_metadata(manifest: dict[str, Any]) -> dict[str, str]:
-    """The safetensors ``__metadata__`` for a manifest: version, manifest JSON, and the manifest's CRC32."""
+def build_metadata(manifest: dict[str, Any], user: dict[str, str] | None = None) -> dict[str, str]:
+    """The safetensors ``__metadata__`` for a manifest: version, manifest JSON, the manifest's CRC32, and the
+    `user` metadata as keys of their own (the manifest's ``metadata`` field then lists each value's CRC32)."""
+    user = dict(user or {})
+    for key, value in user.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(f"metadata must map str to str, got {key!r}: {type(value).__name__}")
+        if not key or key.startswith(RESERVED_PREFIX):
+            raise ValueError(f"metadata key {key!r}: keys must be non-empty and must not start with "
+                             f"{RESERVED_PREFIX!r} (reserved for the format); prefix your own, e.g. 'myapp.config'")
+    if user:
+        manifest = {**manifest, "metadata": {k: crc32_hex(v.encode("utf-8", "surrogatepass")) for k, v in user.items()}}
     text = json.dumps(manifest, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
-    return {KEY_VERSION: str(FORMAT_VERSION), KEY_MANIFEST: text, KEY_MANIFEST_CRC: crc32_hex(text.encode())}
+    return {KEY_VERSION: str(FORMAT_VERSION), KEY_MANIFEST: text, KEY_MANIFEST_CRC: crc32_hex(text.encode()), **user}
+
+
+def read_metadata(src: str | os.PathLike[str] | bytes) -> dict[str, str]:
+    """The user metadata of a ternq file (`ternq.pack(..., metadata=...)`), validated and CRC-checked; reads
+    only the header."""
+    with Source(src) as source:
+        return read_manifest(read_header(source)).metadata
 
 
 # --- decoding with numpy ----------------------------------------------------------------------------------------

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -460,3 +462,83 @@ def test_a_single_layer_model(tmp_path):
     x = torch.randn(2, 5)
     with torch.no_grad():
         assert_close_to_qat(loaded(x), layer(x))
+
+
+# --- user metadata and float-only files --------------------------------------------------------------------------
+
+METADATA = {"myapp.config": json.dumps({"width": 8, "name": "tiny"}), "myapp.note": "grüße, 1.58 bits"}
+
+
+def _small_qat() -> nn.Module:
+    torch.manual_seed(0)
+    return ternq.quantize(nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2))).eval()
+
+
+def test_metadata_round_trip_and_interop(tmp_path, capsys):
+    model = _small_qat()
+    path = tmp_path / "meta.safetensors"
+    ternq.save_packed(model, path, metadata=METADATA)
+    assert ternq.read_metadata(path) == METADATA
+    assert ternq.read_metadata(path.read_bytes()) == METADATA
+    with safe_open(path, framework="pt") as f:  # plain safetensors readers see the keys verbatim
+        assert {k: f.metadata()[k] for k in METADATA} == METADATA
+    assert ternq.pack(model).manifest.get("metadata") is None and ternq.read_metadata(ternq.pack(model)
+                                                                                      .to_bytes()) == {}
+    loaded = ternq.load_packed(path, nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2)))
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        assert_close_to_qat(loaded(x), model(x))
+    assert inspect_file(path)["metadata"] == METADATA
+    assert verify_file(path)["ok"]
+    from ternq.cli import main
+
+    assert main(["inspect", str(path), "--no-progress"]) == 0
+    assert "metadata myapp.note: grüße, 1.58 bits" in capsys.readouterr().out
+
+
+def test_metadata_is_covered_by_checksums(tmp_path):
+    data = ternq.pack(_small_qat(), metadata={"myapp.value": "abcdefgh"}).to_bytes()
+    pos = data.index(b'"myapp.value":"abcdefgh"') + len(b'"myapp.value":"a')
+    edited = data[:pos] + b"B" + data[pos + 1:]
+    for reader in (ternq.read_metadata, verify_file, lambda b: ternq.load_packed(b, _small_qat())):
+        with pytest.raises(ChecksumError, match="metadata 'myapp.value'"):
+            reader(edited)
+    renamed = data.replace(b'"myapp.value":', b'"myapp.valuE":')  # same length: the key disappears
+    with pytest.raises(FormatError, match="missing from __metadata__"):
+        ternq.read_metadata(renamed)
+
+
+def test_metadata_errors():
+    model = _small_qat()
+    for key in ("ternq.config", ""):
+        with pytest.raises(ValueError, match="must not start with 'ternq.'"):
+            ternq.pack(model, metadata={key: "x"})
+    with pytest.raises(TypeError, match="str to str"):
+        ternq.pack(model, metadata={"myapp.n": 3})  # type: ignore[dict-item]
+    packed = ternq.pack(model)
+    manifest = packed.manifest
+    manifest["metadata"] = {"ternq.version": crc32_hex(b"1")}  # a forged manifest claiming a format key
+    with pytest.raises(FormatError, match="must be non-empty and not start with 'ternq.'"):
+        ternq.read_metadata(ternq.PackedModel(packed.tensors, build_metadata(manifest)).to_bytes())
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.dictionaries(st.text(min_size=1, max_size=12).filter(lambda k: not k.startswith("ternq.")),
+                       st.text(max_size=40), max_size=4))
+def test_any_string_metadata_round_trips(meta):
+    packed = ternq.pack(nn.Linear(2, 2), metadata=meta, allow_float=True)
+    assert ternq.read_metadata(packed.to_bytes()) == meta
+
+
+def test_float_model_with_allow_float(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    path = tmp_path / "float.safetensors"
+    ternq.save_packed(model, path, allow_float=True, metadata={"myapp.kind": "float baseline"})
+    assert ternq.pack(model, allow_float=True).manifest["layers"] == {}
+    assert verify_file(path)["packed_layers"] == 0
+    skeleton = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    loaded = ternq.load_packed(path, skeleton).eval()
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(loaded(x), model.eval()(x), rtol=0, atol=0)
+    assert ternq.read_metadata(path) == {"myapp.kind": "float baseline"}
