@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
 from typing import Any
 
@@ -350,7 +351,7 @@ class PackedLayer:
         else:
             s = x.abs().amax(dim, keepdim=True)
         s = s.clamp_(min=cfg.eps).div_(2 ** (bits - 1) - 1)
-        t = (x / s).round_()
+        t = torch.div(x, s, out=_scratch("act", tuple(x.shape), x.dtype, x.device)).round_()
         if x.dtype != torch.float32:  # in float32 |x / s| <= qmax * (1 + 2**-23): rounding cannot leave the range
             t.clamp_(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
         return t.to(torch.int8), s.to(torch.float32)
@@ -367,11 +368,36 @@ class PackedLayer:
                 f"kernel={self.kernel}")
 
 
-def _int_mm(a: Tensor, b: Tensor) -> Tensor:
-    """int8 x int8 -> int32 matrix product (torch 2.13's CPU ``_int_mm`` returns garbage for K == 1)."""
+def _int_mm(a: Tensor, b: Tensor, scratch: str | None = None) -> Tensor:
+    """int8 x int8 -> int32 matrix product, into the thread's `scratch` buffer of that name if given (only valid
+    until the next call using it). torch 2.13's CPU ``_int_mm`` returns garbage for K == 1: done by hand."""
     if a.shape[1] == 1:
         return a.to(torch.int32) * b.to(torch.int32)
-    return torch._int_mm(a, b)
+    if scratch is None:
+        return torch._int_mm(a, b)
+    return torch._int_mm(a, b, out=_scratch(scratch, (a.shape[0], b.shape[1]), torch.int32, a.device))
+
+
+_SCRATCH = threading.local()
+_SCRATCH_MAX_BYTES = 16 << 20
+
+
+def _scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A per-thread buffer reused across calls for a kernel's intermediates.
+
+    Fresh multi-megabyte temporaries in every call cost page faults (glibc returns them to the OS and maps them
+    again), which made the Conv1d kernel up to 40% slower; a buffer of at most 16 MiB per name and thread stays
+    allocated instead. Larger requests get a plain tensor.
+    """
+    numel = math.prod(shape)
+    if numel * dtype.itemsize > _SCRATCH_MAX_BYTES:
+        return torch.empty(shape, dtype=dtype, device=device)
+    pool = _SCRATCH.__dict__.setdefault("pool", {})
+    buf = pool.get(name)
+    if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
+        with torch.inference_mode(False):  # a normal tensor: usable inside and outside inference mode
+            buf = pool[name] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel].view(shape)
 
 
 class PackedLinear(PackedLayer, nn.Linear):
@@ -408,8 +434,8 @@ class PackedLinear(PackedLayer, nn.Linear):
         def product(lo: int, hi: int) -> Tensor:
             """float32 (tokens, out) = a[:, lo:hi] @ w[:, lo:hi].T, exact."""
             if not weight_first:
-                return _int_mm(a[:, lo:hi], w[:, lo:hi].t()).to(torch.float32)
-            r = _int_mm(w[:, lo:hi], a[:, lo:hi].t())  # (out, tokens)
+                return _int_mm(a[:, lo:hi], w[:, lo:hi].t(), "linear").to(torch.float32)
+            r = _int_mm(w[:, lo:hi], a[:, lo:hi].t(), "linear")  # (out, tokens)
             if r.shape[1] == 1:
                 return r.view(1, -1).to(torch.float32)
             return torch.empty(r.shape[1], r.shape[0], dtype=torch.float32, device=r.device).copy_(r.t())
@@ -463,8 +489,9 @@ class _PackedConv1dBase(PackedLayer):
     def _tap_gemm(self, weight: Tensor, q: Tensor, s: Tensor) -> Tensor:
         """(k, out_g, T) float: ``s[t] * sum_c codes[tap, o, c] * q[c, t]`` for every tap; T a multiple of 16."""
         k, out_g, in_g = weight.shape
-        r = _int_mm(weight.reshape(k * out_g, in_g), q).to(torch.float32)
-        return r.mul_(s).view(k, out_g, q.shape[-1])
+        r = _int_mm(weight.reshape(k * out_g, in_g), q, "taps")
+        taps = _scratch("taps_float", tuple(r.shape), torch.float32, r.device).copy_(r)
+        return taps.mul_(s).view(k, out_g, q.shape[-1])
 
     @staticmethod
     def _chunk(rows: int) -> int:

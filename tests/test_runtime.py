@@ -398,3 +398,22 @@ def test_integer_activation_codes_are_the_qat_codes(act_bits: int, norm: str | N
     q, s = packed._quantize_int8(x, 1 if conv else -1)
     assert q.dtype == torch.int8
     assert torch.equal((q.to(dtype) * s.to(dtype)), qat.quantize_input(x))
+
+
+def test_inference_mode_then_no_grad() -> None:
+    """Reused scratch buffers made under inference_mode stay usable in plain no_grad calls, and vice versa."""
+    import ternq.runtime
+
+    ternq.runtime._SCRATCH.__dict__.pop("pool", None)  # the buffers are made in the first call below
+    torch.manual_seed(0)
+    config = TernaryConfig()
+    conv = pack(nn.Conv1d(4, 4, 3, padding=1), config, kernel="int8_taps")
+    linear = pack(nn.Linear(4, 4), config, kernel="int8_gemm")
+    x = torch.randn(1, 4, 20)
+    with torch.inference_mode():
+        a = linear(conv(x).transpose(1, 2))
+    with torch.no_grad():
+        b = linear(conv(x).transpose(1, 2))
+    with torch.inference_mode():
+        c = linear(conv(x).transpose(1, 2))
+    assert torch.equal(a, b) and torch.equal(b, c)
