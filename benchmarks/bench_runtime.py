@@ -2,7 +2,7 @@
 
 Prints, from one run on this machine: speed ratios (fp32 time / variant time, so 2.0x = twice as fast) at 1 and
 2 threads on a Linear-heavy model (4 x Linear(1024), 1 / 16 / 256 tokens) and on BitTTS-shaped Conv1d stacks
-(4 x Conv1d(C, C, 5), C = 192 / 256, 500 / 1000 frames); then resident weight memory and process peak RSS
+(4 x Conv1d(C, C, 5), C = 192 / 256, 500 / 1000 frames) and HiFi-GAN's ConvTranspose1d upsamplers; then resident weight memory and process peak RSS
 during inference (each variant in its own subprocess, so peaks do not mix), and the peak of loading a packed
 file into a float skeleton when `ternq.load_packed` is available.
 
@@ -76,6 +76,15 @@ def conv_stack(channels: int) -> Callable[[], nn.Module]:
     return make
 
 
+def upsamplers() -> nn.Module:
+    """HiFi-GAN V1's upsampling ConvTranspose1d layers (512 channels, x8 x8 x2 x2)."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for c_in, k, stride in [(512, 16, 8), (256, 16, 8), (128, 4, 2), (64, 4, 2)]:
+        layers += [nn.ConvTranspose1d(c_in, c_in // 2, k, stride, padding=(k - stride) // 2), nn.LeakyReLU(0.1)]
+    return nn.Sequential(*layers).eval()
+
+
 # (label, model factory, input shape)
 CASES: list[tuple[str, Callable[[], nn.Module], tuple[int, ...]]] = [
     ("MLP 4xLinear(1024)", mlp, (1, 1024)),
@@ -85,6 +94,7 @@ CASES: list[tuple[str, Callable[[], nn.Module], tuple[int, ...]]] = [
     ("Conv1d 4x(192,k5)", conv_stack(192), (1, 192, 1000)),
     ("Conv1d 4x(256,k5)", conv_stack(256), (1, 256, 500)),
     ("Conv1d 4x(256,k5)", conv_stack(256), (1, 256, 1000)),
+    ("ConvT1d HiFi-GAN ups", upsamplers, (1, 512, 100)),
 ]
 MEMORY_CASES = [0, 6]  # one Linear model, one Conv1d model (resident weights do not depend on the input)
 
@@ -92,17 +102,20 @@ MEMORY_CASES = [0, 6]  # one Linear model, one Conv1d model (resident weights do
 # --- variants --------------------------------------------------------------------------------------------------
 
 
+_QUANTIZED = (nn.Linear, nn.Conv1d, nn.ConvTranspose1d)
+
+
 def to_qat(model: nn.Module) -> nn.Module:
-    """Every Linear / Conv1d replaced by its QAT layer with the paper config."""
+    """Every Linear / Conv1d / ConvTranspose1d replaced by its QAT layer with the paper config."""
     for name, child in list(model.named_children()):
-        if type(child) in (nn.Linear, nn.Conv1d):
+        if type(child) in _QUANTIZED:
             setattr(model, name, to_quant_module(child, CONFIG))
     return model
 
 
 def ternq_packed(model: nn.Module, storage: str = "int8", kernel: str | None = None) -> nn.Module:
     for name, child in list(model.named_children()):
-        if type(child) in (nn.Linear, nn.Conv1d):
+        if type(child) in _QUANTIZED:
             qat = to_quant_module(child, CONFIG)
             with torch.no_grad():
                 codes, scale = qat.weight_codes()
