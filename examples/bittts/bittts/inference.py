@@ -1,0 +1,218 @@
+"""Exported BitTTS models: `export_model` writes one, `Synthesizer` loads one and speaks.
+
+An exported model is a ternq packed safetensors file (`ternq.save_packed`) of the inference model: BitTTS
+without discriminators and aligner, weight norm folded (`BitTTS.strip_for_inference`). The file describes
+itself through ternq user metadata (`ternq.read_metadata`), so nothing but the file is needed to synthesize:
+
+    bittts.format      "bittts-model"
+    bittts.version     "1"
+    bittts.config      the BitTTSConfig as JSON (`config_to_dict`): rebuilds the float skeleton
+    bittts.symbols     the symbol table as a JSON list (phoneme string -> ids)
+    bittts.phonemizer  JSON: {"backend": "espeak-ng", "voice": ..., "normalizer": "bittts.text.normalize"}
+    bittts.audio       JSON: {"sample_rate": 16000, "hop": 256, "n_mels": 80}
+    bittts.training    JSON: {"step": ..., "checkpoint": ...} (informative)
+
+A float preset (quant.scheme "none") exports a file without packed layers (`allow_float=True`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import audio, text
+from .config import BitTTSConfig, config_from_dict, config_to_dict
+from .model import BitTTS, load_checkpoint, model_from_checkpoint
+
+__all__ = ["MODEL_FORMAT", "MODEL_VERSION", "DEFAULT_MODEL", "export_model", "find_checkpoint", "default_model",
+           "read_model_metadata", "Synthesizer", "Synthesis"]
+
+MODEL_FORMAT = "bittts-model"
+MODEL_VERSION = 1
+PHONEMIZER_VOICE = "en-us"  # bittts.text.Phonemizer's default, the voice every corpus is prepared with
+# the model shipped with the package (package data), used when `bittts synthesize` gets no --model
+DEFAULT_MODEL = "pretrained/bittts-ternary.safetensors"
+
+
+# ------------------------------------------------------------------------------------------------- export
+
+
+def find_checkpoint(run_dir: str | os.PathLike[str], checkpoint: str | os.PathLike[str] | None = None) -> Path:
+    """The checkpoint to export: `checkpoint` (a path, or a file name inside `run_dir`), else the latest in
+    `run_dir`: ``checkpoint.pt`` (what `bittts train` writes and keeps current), or failing that the most
+    recently modified ``*.pt``."""
+    run = Path(run_dir)
+    if checkpoint is not None:
+        for candidate in (Path(checkpoint), run / checkpoint):
+            if candidate.is_file():
+                return candidate
+        raise FileNotFoundError(f"checkpoint {os.fspath(checkpoint)!r} not found (neither as a path nor in {run})")
+    if not run.is_dir():
+        raise FileNotFoundError(f"run directory {run} does not exist; train one with "
+                                f"`bittts train --data DATA_DIR --out {run}`")
+    if (run / "checkpoint.pt").is_file():
+        return run / "checkpoint.pt"
+    found = sorted(run.glob("*.pt"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise FileNotFoundError(f"no checkpoint (*.pt) in {run}; train one with "
+                                f"`bittts train --data DATA_DIR --out {run}`")
+    return found[-1]
+
+
+def _symbols_of(ckpt: dict[str, Any], cfg: BitTTSConfig) -> list[str]:
+    symbols = ckpt.get("symbols")
+    if symbols is None:  # trained from an in-memory dataset: only the package's own table can be meant
+        if cfg.acoustic.n_symbols != len(text.SYMBOLS):
+            raise ValueError(f"the checkpoint has no symbol table and its {cfg.acoustic.n_symbols} symbols are not "
+                             f"bittts.text.SYMBOLS ({len(text.SYMBOLS)}); it cannot be turned into a text model")
+        symbols = list(text.SYMBOLS)
+    if len(symbols) > cfg.acoustic.n_symbols:
+        raise ValueError(f"the checkpoint's symbol table has {len(symbols)} entries but the model embeds only "
+                         f"{cfg.acoustic.n_symbols}")
+    return [str(s) for s in symbols]
+
+
+def export_model(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str]) -> dict[str, Any]:
+    """Write the inference model of a training checkpoint as a self-describing ternq packed file (atomically).
+
+    Returns a summary: path, bytes, packed layer count, step, config name.
+    """
+    import ternq
+
+    ckpt = load_checkpoint(checkpoint, map_location="cpu")
+    cfg = config_from_dict(ckpt["config"])
+    symbols = _symbols_of(ckpt, cfg)
+    model = model_from_checkpoint(ckpt).strip_for_inference()
+    step = int(ckpt.get("state", {}).get("step", 0))
+    metadata = {
+        "bittts.format": MODEL_FORMAT,
+        "bittts.version": str(MODEL_VERSION),
+        "bittts.config": json.dumps(config_to_dict(cfg), sort_keys=True),
+        "bittts.symbols": json.dumps(symbols, ensure_ascii=False),
+        "bittts.phonemizer": json.dumps({"backend": "espeak-ng", "voice": PHONEMIZER_VOICE,
+                                         "normalizer": "bittts.text.normalize"}),
+        "bittts.audio": json.dumps({"sample_rate": audio.SAMPLE_RATE, "hop": audio.HOP, "n_mels": audio.N_MELS}),
+        "bittts.training": json.dumps({"step": step, "checkpoint": os.path.basename(os.fspath(checkpoint))}),
+    }
+    packed = ternq.pack(model, metadata=metadata, allow_float=cfg.quant.scheme == "none")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    packed.save(out)
+    return {"path": os.fspath(out), "bytes": os.path.getsize(out), "packed_layers": len(packed.manifest["layers"]),
+            "step": step, "preset": cfg.name, "quant": f"{cfg.quant.scheme}/{cfg.quant.scope}"}
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+
+def default_model() -> Path:
+    """The model shipped with the package, or FileNotFoundError saying how to make one."""
+    path = Path(str(resources.files("bittts") / DEFAULT_MODEL))
+    if not path.is_file():
+        raise FileNotFoundError(
+            "no --model given and no pretrained model is shipped with this installation "
+            f"({DEFAULT_MODEL}). Train and export one: `bittts prepare --out data && "
+            "bittts train --data data --out run --preset all && bittts export run -o model.safetensors`, "
+            "then pass --model model.safetensors")
+    return path
+
+
+def read_model_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The decoded bittts metadata of an exported model: config (BitTTSConfig), symbols, phonemizer, audio,
+    training. Raises ValueError if the file is a ternq file but not a BitTTS model."""
+    import ternq
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"model file {os.fspath(path)!r} not found; export one with "
+                                "`bittts export RUN_DIR -o MODEL.safetensors`")
+    meta = ternq.read_metadata(path)
+    if meta.get("bittts.format") != MODEL_FORMAT:
+        raise ValueError(f"{os.fspath(path)} is not a BitTTS model (no bittts.format={MODEL_FORMAT!r} metadata); "
+                         "export one with `bittts export RUN_DIR -o MODEL.safetensors`")
+    if meta.get("bittts.version") != str(MODEL_VERSION):
+        raise ValueError(f"{os.fspath(path)}: BitTTS model version {meta.get('bittts.version')!r}; this bittts reads "
+                         f"version {MODEL_VERSION}: upgrade bittts")
+    try:
+        return {"config": config_from_dict(json.loads(meta["bittts.config"])),
+                "symbols": list(json.loads(meta["bittts.symbols"])),
+                "phonemizer": json.loads(meta["bittts.phonemizer"]),
+                "audio": json.loads(meta["bittts.audio"]),
+                "training": json.loads(meta.get("bittts.training", "{}"))}
+    except (KeyError, ValueError, TypeError) as e:
+        raise ValueError(f"{os.fspath(path)}: invalid bittts metadata: {e}") from e
+
+
+@dataclasses.dataclass
+class Synthesis:
+    """One synthesized utterance: the waveform (1-D float in [-1, 1]) and timings."""
+
+    wav: Tensor
+    sample_rate: int
+    seconds: float  # wall time of the model (text front end excluded)
+    phonemes: str
+
+    @property
+    def duration(self) -> float:
+        return self.wav.numel() / self.sample_rate
+
+    @property
+    def rtf(self) -> float:
+        """Real-time factor: model seconds per second of audio (< 1 is faster than real time)."""
+        return self.seconds / max(self.duration, 1e-9)
+
+
+class Synthesizer:
+    """An exported BitTTS model, loaded for synthesis: text -> phonemes (espeak-ng) -> ids -> waveform."""
+
+    def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
+        import ternq
+
+        self.path = Path(path) if path is not None else default_model()
+        info = read_model_metadata(self.path)
+        self.cfg: BitTTSConfig = info["config"]
+        self.symbols: list[str] = info["symbols"]
+        self.sample_rate = int(info["audio"]["sample_rate"])
+        self.training: dict[str, Any] = info["training"]
+        voice = info["phonemizer"].get("voice", PHONEMIZER_VOICE)
+        self.phonemizer = text.Phonemizer(voice=voice)
+        self._ids = {s: i for i, s in enumerate(self.symbols)}
+        self._unk = self._ids.get(text.UNK)
+        # the float skeleton of the export form: plain convs (weight norm folded), no aligner
+        cfg = dataclasses.replace(self.cfg, vocoder=dataclasses.replace(self.cfg.vocoder, weight_norm=False))
+        with torch.device("meta"):
+            skeleton = BitTTS(cfg)
+        skeleton.acoustic.aligner = None
+        self.model: BitTTS = ternq.load_packed(self.path, skeleton).eval()
+        self.model.cfg = self.cfg
+
+    def phonemes_to_ids(self, phonemes: str) -> list[int]:
+        """One id per character with the model's own symbol table; unknown characters become <unk> (or are
+        dropped if the table has none)."""
+        ids = [self._ids.get(c, self._unk) for c in phonemes]
+        return [i for i in ids if i is not None]
+
+    def text_to_ids(self, sentence: str) -> tuple[str, list[int]]:
+        phonemes = self.phonemizer(sentence)
+        return phonemes, self.phonemes_to_ids(phonemes)
+
+    def synthesize(self, sentence: str, duration_scale: float = 1.0) -> Synthesis:
+        """Speak one sentence. Raises ValueError if nothing in it can be spoken."""
+        phonemes, ids = self.text_to_ids(sentence)
+        return self.synthesize_ids(ids, phonemes, duration_scale)
+
+    def synthesize_ids(self, ids: Sequence[int], phonemes: str = "", duration_scale: float = 1.0) -> Synthesis:
+        """Speak phoneme ids (`text_to_ids`); timed without the text front end."""
+        if not ids:
+            raise ValueError(f"nothing to speak: the text gave no phonemes ({phonemes!r})")
+        start = time.perf_counter()
+        wav, lengths = self.model.infer(torch.tensor(list(ids), dtype=torch.long), duration_scale=duration_scale,
+                                        return_lengths=True)
+        seconds = time.perf_counter() - start
+        return Synthesis(wav[0, 0, : int(lengths[0])].float().contiguous(), self.sample_rate, seconds, phonemes)

@@ -1,0 +1,154 @@
+"""The inference commands end to end on a tiny flite corpus: prepare -> train -> export -> synthesize -> evaluate."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import wave
+from pathlib import Path
+
+import pytest
+import torch
+from bittts import inference
+from bittts.cli import main
+from bittts.config import config_from_dict, config_to_dict
+from bittts.inference import Synthesizer, export_model, find_checkpoint, read_model_metadata
+from bittts.model import build_model, load_checkpoint, model_from_checkpoint
+
+ternq = pytest.importorskip("ternq")
+pytest.importorskip("pocketsphinx")
+pytestmark = pytest.mark.skipif(not (shutil.which("flite") and shutil.which("espeak-ng")),
+                                reason="needs flite and espeak-ng")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A prepared 8-sentence corpus, a 10-step `tiny` run and its export (built once for the module)."""
+    root = tmp_path_factory.mktemp("bittts-cli")
+    data, run_dir, model = root / "data", root / "run", root / "m.safetensors"
+    torch.manual_seed(0)
+    assert main(["prepare", "--out", str(data), "--sentences", "8", "--quiet", "--workers", "2"]) == 0
+    assert main(["train", "--data", str(data), "--out", str(run_dir), "--preset", "tiny", "--steps", "10",
+                 "--no-progress"]) == 0
+    assert main(["export", str(run_dir), "-o", str(model)]) == 0
+    return {"root": root, "data": data, "run": run_dir, "model": model}
+
+
+def _wav_info(path: Path) -> tuple[int, int, int, int]:
+    with wave.open(str(path), "rb") as f:
+        return f.getframerate(), f.getnchannels(), f.getsampwidth(), f.getnframes()
+
+
+def test_export_writes_a_valid_self_describing_ternq_file(run, capsys):
+    from ternq.cli import main as ternq_main
+
+    assert ternq_main(["verify", str(run["model"])]) == 0
+    info = read_model_metadata(run["model"])
+    ckpt = load_checkpoint(run["run"] / "checkpoint.pt")
+    assert config_to_dict(info["config"]) == ckpt["config"]
+    assert info["symbols"] == ckpt["symbols"] and info["audio"]["sample_rate"] == 16000
+    assert info["phonemizer"]["backend"] == "espeak-ng" and info["training"]["step"] == 10
+    manifest = ternq.pack(Synthesizer(run["model"]).model).manifest
+    assert "vocoder.conv_post.weight" not in manifest["layers"]  # the `all` preset keeps conv_post float
+    assert any(k.startswith("vocoder.") for k in manifest["layers"])
+    assert not any("aligner" in k or "parametrizations" in k for k in manifest["tensors"])
+    assert ternq_main(["inspect", str(run["model"]), "--no-progress"]) == 0
+    assert "metadata bittts.format: bittts-model" in capsys.readouterr().out
+
+
+def test_exported_model_speaks_like_the_checkpoint(run):
+    synth = Synthesizer(run["model"])
+    reference = model_from_checkpoint(run["run"] / "checkpoint.pt")
+    _, ids = synth.text_to_ids("Hello there, general.")
+    ids_t = torch.tensor(ids)
+    torch.testing.assert_close(synth.model.infer(ids_t), reference.infer(ids_t), atol=1e-4, rtol=1e-4)
+
+
+def test_synthesize_console_script(run):
+    """The issue's smoke test, through the installed `bittts` script: a 16 kHz mono WAV of nonzero length."""
+    out = run["root"] / "out.wav"
+    script = Path(sys.executable).with_name("bittts")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "bittts.cli"]
+    result = subprocess.run([*command, "synthesize", "--model", str(run["model"]), "--text", "Hello there",
+                             "-o", str(out), "--threads", "1"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    rate, channels, width, frames = _wav_info(out)
+    assert (rate, channels, width) == (16000, 1, 2) and frames > 0
+    assert "RTF" in result.stdout and "1 threads" in result.stdout
+
+
+def test_synthesize_text_file_and_duration_scale(run, capsys):
+    lines = run["root"] / "lines.txt"
+    lines.write_text("Good morning.\n\nSee you at 5 p.m.\n")
+    out_dir = run["root"] / "lines"
+    assert main(["synthesize", "--model", str(run["model"]), "--text-file", str(lines), "-o", str(out_dir)]) == 0
+    assert sorted(os.listdir(out_dir)) == ["0001.wav", "0002.wav"]
+    assert "2 utterances" in capsys.readouterr().out
+    slow = run["root"] / "slow.wav"
+    assert main(["synthesize", "--model", str(run["model"]), "--text", "Good morning.", "-o", str(slow),
+                 "--duration-scale", "2"]) == 0
+    assert _wav_info(slow)[3] > _wav_info(out_dir / "0001.wav")[3]
+
+
+def test_evaluate_writes_both_reports(run, capsys):
+    sentences = run["root"] / "sentences.txt"
+    sentences.write_text("The cat sat on the mat.\nIt was a bright cold day in April.\nNot evaluated.\n")
+    report_dir = run["root"] / "report"
+    assert main(["evaluate", "--model", str(run["model"]), "--sentences", str(sentences), "--out", str(report_dir),
+                 "--limit", "2", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "| 1.58-bit | all | with (5 per byte) |" in printed  # the size table goes to stdout too
+    report = json.loads((report_dir / "report.json").read_text())
+    assert report["sentences"] == 2 and len(report["utterances"]) == 2
+    for key in ("wer", "cer", "reference_wer", "reference_cer", "mcd_db"):
+        assert math.isfinite(report[key]) and report[key] >= 0, key
+    assert set(report["rtf"]) == {"1", "2"} and all(math.isfinite(r) and r > 0 for r in report["rtf"].values())
+    assert report["reference_wer"] < 0.5  # flite's own rendering is intelligible to pocketsphinx
+    m = report["model"]
+    assert m["bytes"] == run["model"].stat().st_size
+    assert m["header_bytes"] + sum(m["parts"].values()) == m["bytes"]
+    assert m["parts"]["acoustic"] > 0 and m["parts"]["vocoder"] > 0 and m["packed_parts"]["vocoder"] > 0
+    rows = report["size_table"]
+    assert len(rows) == 9 and rows[0]["precision"] == "fp32"
+    for u in report["utterances"]:
+        assert _wav_info(report_dir / u["wav"])[3] > 0 and _wav_info(report_dir / u["reference_wav"])[3] > 0
+    md = (report_dir / "report.md").read_text()
+    assert "## Size" in md and "WER (pocketsphinx)" in md and "| 2 | " in md
+
+
+def test_float_preset_exports_without_packed_layers(run):
+    """A float run (quant.scheme "none") exports a ternq file without packed layers that synthesizes."""
+    ckpt = load_checkpoint(run["run"] / "checkpoint.pt")
+    cfg = config_from_dict(ckpt["config"])
+    cfg.quant.scheme = "none"
+    torch.manual_seed(0)
+    ckpt.update(config=config_to_dict(cfg), model=build_model(cfg).state_dict())
+    float_run = run["root"] / "float-run"
+    float_run.mkdir()
+    torch.save(ckpt, float_run / "checkpoint.pt")
+    path = run["root"] / "float.safetensors"
+    info = export_model(find_checkpoint(float_run), path)
+    assert info["packed_layers"] == 0 and info["quant"].startswith("none/")
+    synth = Synthesizer(path)
+    assert synth.synthesize("Hi.").wav.numel() > 0
+    assert path.stat().st_size > run["model"].stat().st_size
+
+
+def test_clear_errors(run, tmp_path, monkeypatch):
+    with pytest.raises(SystemExit, match="does not exist; train one"):
+        main(["export", str(tmp_path / "missing"), "-o", str(tmp_path / "x.safetensors")])
+    with pytest.raises(SystemExit, match="not found"):
+        main(["export", str(run["run"]), "-o", str(tmp_path / "x.safetensors"), "--checkpoint", "nope.pt"])
+    assert find_checkpoint(run["run"], "checkpoint.pt") == run["run"] / "checkpoint.pt"
+    plain = tmp_path / "plain.safetensors"
+    ternq.save_packed(ternq.quantize(torch.nn.Linear(4, 4)), plain)
+    with pytest.raises(SystemExit, match="not a BitTTS model"):
+        main(["synthesize", "--model", str(plain), "--text", "hi", "-o", str(tmp_path / "x.wav")])
+    monkeypatch.setattr(inference, "DEFAULT_MODEL", "pretrained/no-such-model.safetensors")
+    with pytest.raises(SystemExit, match="bittts export run -o model.safetensors"):
+        main(["synthesize", "--text", "hi", "-o", str(tmp_path / "x.wav")])
+    with pytest.raises(SystemExit, match="nothing to speak"):
+        main(["synthesize", "--model", str(run["model"]), "--text", "...", "-o", str(tmp_path / "x.wav")])
