@@ -14,7 +14,8 @@ Variants: ``ternq`` = `ternq.runtime.packed_layer` with the paper config (ternar
 The variants compute different models (different quantizers), so this compares speed and memory only.
 
 Times are the best of `--rounds` interleaved rounds (the variants take turns, so a burst of load on a shared
-machine hits all of them), each round timing enough calls to last ~10 ms.
+machine hits all of them), each round timing enough calls to last ~10 ms; at 1 thread the clock is the thread's
+CPU time, at 2 threads wall time.
 
     python benchmarks/bench_runtime.py                 # the full table (~3 min)
     python benchmarks/bench_runtime.py --quick         # smoke run
@@ -174,7 +175,12 @@ def available_variants() -> list[str]:
 
 
 def time_variants(models: dict[str, nn.Module], x: Tensor, rounds: int) -> dict[str, float]:
-    """Best-of-`rounds` seconds per call, the variants taking turns within each round."""
+    """Best-of-`rounds` seconds per call, the variants taking turns within each round.
+
+    With one thread the clock is the thread's CPU time (all the work runs in the calling thread), which time
+    slices given to other processes on a shared machine do not inflate; with more threads it is wall time.
+    """
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
     with torch.inference_mode():
         for m in models.values():  # warm-up (and ternq's kernel choice for this shape)
             m(x)
@@ -185,10 +191,10 @@ def time_variants(models: dict[str, nn.Module], x: Tensor, rounds: int) -> dict[
         best = dict.fromkeys(models, float("inf"))
         for _ in range(rounds):
             for name, m in models.items():
-                start = time.perf_counter()
+                start = clock()
                 for _ in range(reps):
                     m(x)
-                best[name] = min(best[name], (time.perf_counter() - start) / reps)
+                best[name] = min(best[name], (clock() - start) / reps)
     return best
 
 
@@ -428,7 +434,8 @@ def main() -> None:
     names = available_variants()
     out = [f"# bench_runtime — {time.strftime('%Y-%m-%d %H:%M')}", "",
            "Speed: fp32 time / variant time (higher is faster), best of "
-           f"{rounds} interleaved rounds. torchao: {torchao_status()}.", ""]
+           f"{rounds} interleaved rounds (1 thread: thread CPU time; 2 threads: wall time). "
+           f"torchao: {torchao_status()}.", ""]
     for threads in (1, 2):
         out += speed_table(threads, rounds, names) + [""]
     if not args.quick and not args.emulate_avx2:
