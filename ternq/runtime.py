@@ -379,6 +379,7 @@ def _int_mm(a: Tensor, b: Tensor, scratch: str | None = None) -> Tensor:
 
 
 _SCRATCH = threading.local()
+_SCRATCH_MIN_BYTES = 128 << 10
 _SCRATCH_MAX_BYTES = 16 << 20
 
 
@@ -390,8 +391,8 @@ def _scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torc
     allocated instead. Larger requests get a plain tensor.
     """
     numel = math.prod(shape)
-    if numel * dtype.itemsize > _SCRATCH_MAX_BYTES:
-        return torch.empty(shape, dtype=dtype, device=device)
+    if not _SCRATCH_MIN_BYTES <= numel * dtype.itemsize <= _SCRATCH_MAX_BYTES:
+        return torch.empty(shape, dtype=dtype, device=device)  # small ones come from malloc's free lists
     pool = _SCRATCH.__dict__.setdefault("pool", {})
     buf = pool.get(name)
     if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
