@@ -59,8 +59,9 @@ def _run(args: argparse.Namespace) -> int:
         write_wav(path, out.wav, out.sample_rate)
         total_audio += out.duration
         total_model += out.seconds
+        threads = torch.get_num_threads()
         print(f"{path}: {out.duration:.2f} s of audio in {out.seconds:.3f} s (RTF {out.rtf:.3f}, "
-              f"{torch.get_num_threads()} threads)")
+              f"{threads} thread{'s' if threads != 1 else ''})")
     if len(jobs) > 1:
         print(f"{len(jobs)} utterances, {total_audio:.2f} s of audio, RTF {total_model / max(total_audio, 1e-9):.3f}")
     return 0
