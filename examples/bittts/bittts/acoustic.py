@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from .alignment import (
     AlignmentModule,
     average_by_duration,
+    beta_binomial_log_prior,
     binarization_loss,
     forward_sum_loss,
     length_regulate,
@@ -182,7 +183,7 @@ class AcousticModel(nn.Module):
         self.cfg = cfg
         c = cfg.enc_channels
         self.embed = nn.Embedding(cfg.n_symbols, c, padding_idx=0)
-        nn.init.normal_(self.embed.weight, 0.0, c ** -0.5)
+        nn.init.normal_(self.embed.weight, 0.0, 1.0)  # same scale as the positional encoding
         with torch.no_grad():
             self.embed.weight[0].zero_()
         self.enc_pos = ScaledPositionalEncoding(c)
@@ -225,7 +226,11 @@ class AcousticModel(nn.Module):
         """
         h, mask = self.encode(phonemes, phoneme_lengths)
         text_mask = mask.squeeze(1).bool()
-        log_p_attn = self.aligner(h, mel, text_mask)
+        prior = None
+        if self.cfg.align_prior > 0:
+            prior = beta_binomial_log_prior(phoneme_lengths, mel_lengths, phonemes.shape[1], mel.shape[2],
+                                            self.cfg.align_prior).to(h.dtype)
+        log_p_attn = self.aligner(h, mel, text_mask, prior)
         with torch.no_grad():
             durations = maximum_path(log_p_attn, phoneme_lengths, mel_lengths).to(h.device)
         frame_mask = sequence_mask(mel_lengths, mel.shape[2]).to(pitch.dtype)

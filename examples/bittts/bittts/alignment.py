@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "AlignmentModule",
+    "beta_binomial_log_prior",
     "maximum_path",
     "durations_to_attention",
     "length_regulate",
@@ -37,16 +38,44 @@ class AlignmentModule(nn.Module):
         self.f_conv2 = nn.Conv1d(channels, channels, 3, padding=1)
         self.f_conv3 = nn.Conv1d(channels, channels, 1)
 
-    def forward(self, text: Tensor, mel: Tensor, text_mask: Tensor) -> Tensor:
-        """text (B, C_text, T_text), mel (B, n_mels, T_mel), text_mask (B, T_text) bool, True = valid.
-        Returns log_p_attn (B, T_mel, T_text); padded text positions are -inf."""
+    def forward(self, text: Tensor, mel: Tensor, text_mask: Tensor, log_prior: Tensor | None = None) -> Tensor:
+        """text (B, C_text, T_text), mel (B, n_mels, T_mel), text_mask (B, T_text) bool, True = valid,
+        log_prior (B, T_mel, T_text) optional (see `beta_binomial_log_prior`).
+
+        Returns log_p_attn (B, T_mel, T_text), normalized over text; padded text positions are -inf."""
         t = self.t_conv2(F.relu(self.t_conv1(text))).transpose(1, 2)  # (B, T_text, C)
         f = self.f_conv3(F.relu(self.f_conv2(F.relu(self.f_conv1(mel))))).transpose(1, 2)  # (B, T_mel, C)
         # squared distances through one matmul: (B, T_mel, T_text) without a (B, T_mel, T_text, C) tensor
         d2 = f.pow(2).sum(-1, keepdim=True) + t.pow(2).sum(-1).unsqueeze(1) - 2 * f @ t.transpose(1, 2)
         score = -torch.sqrt(d2.clamp_min(0) + 1e-6)
         score = score.masked_fill(~text_mask.unsqueeze(1), float("-inf"))
-        return F.log_softmax(score, dim=-1)
+        log_p = F.log_softmax(score, dim=-1)
+        if log_prior is not None:
+            log_p = F.log_softmax(log_p + log_prior, dim=-1)
+        return log_p
+
+
+def beta_binomial_log_prior(text_lengths: Tensor, mel_lengths: Tensor, max_text: int, max_mel: int,
+                            scaling: float = 1.0) -> Tensor:
+    """Static alignment prior of Badlani et al. 2021 ("One TTS alignment to rule them all"): for mel frame t of
+    M, the text position follows BetaBinomial(n = N - 1, a = s (t + 1), b = s (M - t)), a soft diagonal.
+
+    Adding it to the soft alignment keeps the learned alignment from collapsing onto a few tokens early in
+    training. Returns (B, max_mel, max_text) log-probabilities; 0 outside each item's lengths.
+    """
+    device = text_lengths.device
+    k = torch.arange(max_text, device=device, dtype=torch.float64).view(1, 1, -1)
+    t = torch.arange(max_mel, device=device, dtype=torch.float64).view(1, -1, 1)
+    n = (text_lengths.to(torch.float64) - 1).view(-1, 1, 1)
+    m = mel_lengths.to(torch.float64).view(-1, 1, 1)
+    a = scaling * (t + 1)
+    b = (scaling * (m - t)).clamp_min(scaling)  # frames past the end: any valid value, masked below
+    kk = torch.minimum(k, n)
+    lg = torch.lgamma
+    log_pmf = (lg(n + 1) - lg(kk + 1) - lg(n - kk + 1) + lg(kk + a) + lg(n - kk + b) - lg(n + a + b)
+               - lg(a) - lg(b) + lg(a + b))
+    valid = (k <= n) & (t < m)
+    return torch.where(valid, log_pmf, torch.zeros_like(log_pmf)).to(torch.float32)
 
 
 def maximum_path(log_p: np.ndarray | Tensor, text_lengths: np.ndarray | Tensor,

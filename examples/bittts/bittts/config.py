@@ -39,6 +39,8 @@ class AcousticConfig:
             predictors (FastSpeech 2 style conv stacks).
         mdn_components: Gaussian components of the MDN duration predictor (mixture over log-duration).
         aligner_channels: width of the alignment module (training only; not used by `infer`).
+        align_prior: scaling of the beta-binomial diagonal prior added to the soft alignment in training
+            (Badlani et al. 2021, "One TTS alignment to rule them all"); 0 = none.
         max_duration: cap (frames) on one predicted phoneme duration at inference.
         n_mels: mel bins of the aligner's acoustic input.
     """
@@ -58,6 +60,7 @@ class AcousticConfig:
     variance_dropout: float = 0.5
     mdn_components: int = 4
     aligner_channels: int = 256
+    align_prior: float = 1.0
     max_duration: int = 100
     n_mels: int = 80
 
@@ -128,7 +131,12 @@ class DiscriminatorConfig:
 
 @dataclass
 class LossConfig:
-    """Loss weights (JETS / HiFi-GAN values)."""
+    """Loss weights (JETS / HiFi-GAN values).
+
+    The binarization loss is off for the first `bin_loss_start` steps, then its weight ramps linearly to 1 over
+    `bin_loss_ramp` steps (as RAD-TTS / Badlani et al. enable it once the soft alignment has formed): from step 0
+    it pulls the soft alignment onto MAS's early, arbitrary paths and the alignment collapses onto a few tokens.
+    """
 
     lambda_mel: float = 45.0
     lambda_adv: float = 1.0
@@ -137,6 +145,8 @@ class LossConfig:
     lambda_pitch: float = 1.0
     lambda_energy: float = 1.0
     lambda_align: float = 2.0  # forward-sum + binarization
+    bin_loss_start: int = 5000
+    bin_loss_ramp: int = 5000
 
 
 @dataclass

@@ -14,7 +14,7 @@ from . import audio
 from .config import LossConfig
 
 __all__ = ["mel_spectrogram", "mel_loss", "discriminator_loss", "generator_adversarial_loss",
-           "feature_matching_loss", "generator_loss"]
+           "feature_matching_loss", "generator_loss", "bin_loss_weight"]
 
 
 def mel_spectrogram(wav: Tensor) -> Tensor:
@@ -52,9 +52,17 @@ def feature_matching_loss(real_fmaps: list[list[Tensor]], fake_fmaps: list[list[
     return loss
 
 
+def bin_loss_weight(cfg: LossConfig, step: int) -> float:
+    """Schedule of the binarization loss: 0 before cfg.bin_loss_start, then a linear ramp to 1."""
+    if step < cfg.bin_loss_start:
+        return 0.0
+    return min(1.0, (step - cfg.bin_loss_start + 1) / max(cfg.bin_loss_ramp, 1))
+
+
 def generator_loss(out: dict[str, Tensor], fake_scores: list[Tensor], real_fmaps: list[list[Tensor]],
-                   fake_fmaps: list[list[Tensor]], cfg: LossConfig) -> tuple[Tensor, dict[str, float]]:
-    """Weighted JETS generator objective.
+                   fake_fmaps: list[list[Tensor]], cfg: LossConfig, step: int | None = None
+                   ) -> tuple[Tensor, dict[str, float]]:
+    """Weighted JETS generator objective at optimizer step `step` (None: binarization loss fully on).
 
     `out` is `BitTTS.forward`'s output (holds the waveform segments and the acoustic losses).
     Returns the total loss and the unweighted parts as floats (for logging).
@@ -72,5 +80,6 @@ def generator_loss(out: dict[str, Tensor], fake_scores: list[Tensor], real_fmaps
     total = (cfg.lambda_mel * parts["mel"] + cfg.lambda_adv * parts["adv"] + cfg.lambda_fm * parts["fm"]
              + cfg.lambda_dur * parts["dur"] + cfg.lambda_pitch * parts["pitch"]
              + cfg.lambda_energy * parts["energy"]
-             + cfg.lambda_align * (parts["forward_sum"] + parts["bin"]))
+             + cfg.lambda_align * parts["forward_sum"]
+             + cfg.lambda_align * (1.0 if step is None else bin_loss_weight(cfg, step)) * parts["bin"])
     return total, {k: float(v.detach()) for k, v in parts.items()}

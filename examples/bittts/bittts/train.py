@@ -4,7 +4,7 @@ One explicit loop, nanoGPT style. Per optimizer step, for each of `grad_accum` m
 
     out = model(batch)                                   # teacher-forced acoustic pass + vocoder on a segment
     D loss on (real segment, generated segment detached)  -> backward into the discriminators
-    G loss = 45 mel + adv + 2 fm + dur + pitch + energy + 2 (forward-sum + bin) -> backward into the generator
+    G loss = 45 mel + adv + 2 fm + dur + pitch + energy + 2 (forward-sum + w(step) bin) -> backward into the generator
 then both AdamW optimizers step (grads clipped) and both ExponentialLR schedulers advance. Both networks are
 updated from the same discriminator state (simultaneous updates), which is what makes gradient accumulation
 exact: every micro-batch sees the same networks.
@@ -230,8 +230,10 @@ def _no_sync(module: nn.Module, skip: bool) -> contextlib.AbstractContextManager
 
 def _train_step(gen: nn.Module, disc: nn.Module, model: BitTTS, discriminators: Discriminators,
                 opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer, batches: Iterator[dict[str, Any]],
-                cfg: BitTTSConfig, device: torch.device, world: int) -> tuple[bool, dict[str, float], Any, Any]:
-    """One optimizer step over grad_accum micro-batches. Returns (finite, logged values, last batch, last out)."""
+                cfg: BitTTSConfig, device: torch.device, world: int, step: int
+                ) -> tuple[bool, dict[str, float], Any, Any]:
+    """One optimizer step (number `step`, counting from 0) over grad_accum micro-batches.
+    Returns (finite, logged values, last batch, last out)."""
     accum = cfg.train.grad_accum
     opt_g.zero_grad(set_to_none=True)
     opt_d.zero_grad(set_to_none=True)
@@ -253,7 +255,7 @@ def _train_step(gen: nn.Module, disc: nn.Module, model: BitTTS, discriminators: 
             with torch.no_grad():
                 _, real_fmaps = discriminators(real)
             fake_scores, fake_fmaps = discriminators(fake)
-            loss_g, parts = generator_loss(out, fake_scores, real_fmaps, fake_fmaps, cfg.loss)
+            loss_g, parts = generator_loss(out, fake_scores, real_fmaps, fake_fmaps, cfg.loss, step)
             torch.autograd.backward(loss_g / accum, inputs=g_params)
         finite = finite and bool(torch.isfinite(loss_g)) and bool(torch.isfinite(loss_d))
         logs["loss_g"] += float(loss_g.detach()) / accum
@@ -420,7 +422,7 @@ def _train(cfg: BitTTSConfig, out_dir: Path, data_dir: Any, dataset: Dataset | N
     try:
         while state.step < total_steps:
             finite, logs, batch, out = _train_step(gen, disc, model, discriminators, opt_g, opt_d, batches, cfg,
-                                                   dev, world)
+                                                   dev, world, state.step)
             state.step += 1
             if finite:
                 opt_d.step()

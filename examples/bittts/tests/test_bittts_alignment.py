@@ -9,6 +9,7 @@ import torch
 from bittts.alignment import (
     AlignmentModule,
     average_by_duration,
+    beta_binomial_log_prior,
     binarization_loss,
     durations_to_attention,
     forward_sum_loss,
@@ -147,3 +148,18 @@ def test_alignment_module_masks_padding():
     assert log_p.shape == (1, 5, 3)
     assert torch.isneginf(log_p[..., 2]).all()
     torch.testing.assert_close(log_p[..., :2].exp().sum(-1), torch.ones(1, 5))
+
+
+def test_beta_binomial_prior_is_a_diagonal_distribution():
+    prior = beta_binomial_log_prior(torch.tensor([5, 3]), torch.tensor([12, 7]), 5, 12)
+    assert prior.shape == (2, 12, 5)
+    for b, (n, m) in enumerate([(5, 12), (3, 7)]):
+        p = prior[b, :m, :n].exp()
+        torch.testing.assert_close(p.sum(-1), torch.ones(m))
+        peak = p.argmax(-1)
+        assert peak[0] == 0 and peak[-1] == n - 1 and (peak.diff() >= 0).all()
+        assert (prior[b, m:] == 0).all() and (prior[b, :, n:] == 0).all()
+    # with a prior the module's output is still normalized over the valid text positions
+    module = AlignmentModule(4, 80, 8)
+    log_p = module(torch.randn(2, 4, 5), torch.randn(2, 80, 12), torch.arange(5) < torch.tensor([[5], [3]]), prior)
+    torch.testing.assert_close(log_p.exp().sum(-1), torch.ones(2, 12))

@@ -15,7 +15,7 @@ from bittts.config import (
 )
 from bittts.data import collate
 from bittts.discriminators import Discriminators
-from bittts.losses import discriminator_loss, generator_loss
+from bittts.losses import bin_loss_weight, discriminator_loss, generator_loss
 from bittts.model import BitTTS, build_model, parameter_counts
 from bittts_synthetic import N_SYMBOLS, SyntheticTTS
 from torch import nn
@@ -137,6 +137,21 @@ def test_infer_uses_predicted_durations_and_masks_padding(batch):
         model.infer(torch.tensor([1, 99]))
     with pytest.raises(ValueError, match="T_text > 0"):
         model.infer(torch.zeros(1, 0, dtype=torch.long))
+
+
+def test_binarization_loss_schedule(batch):
+    cfg = tiny_config(scheme="none")
+    cfg.loss.bin_loss_start, cfg.loss.bin_loss_ramp = 10, 4
+    assert [bin_loss_weight(cfg.loss, s) for s in (0, 9, 10, 11, 13, 100)] == [0.0, 0.0, 0.25, 0.5, 1.0, 1.0]
+    torch.manual_seed(0)
+    model = BitTTS(cfg)
+    out = model(batch)
+    disc = Discriminators(cfg.discriminator)
+    scores, fmaps = disc(out["wav_hat"])
+    real = disc(out["wav"])[1]
+    before, parts = generator_loss(out, scores, real, fmaps, cfg.loss, step=0)
+    after, _ = generator_loss(out, scores, real, fmaps, cfg.loss, step=100)
+    torch.testing.assert_close(after - before, cfg.loss.lambda_align * out["loss_bin"])
 
 
 def test_mdn_duration_predictor_likelihood_and_prediction():
