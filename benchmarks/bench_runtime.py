@@ -365,8 +365,12 @@ def memory_table(names: list[str]) -> list[str]:
             nbytes = weight_bytes(model)
             with tempfile.TemporaryDirectory() as tmp:
                 path = os.path.join(tmp, "model.pt")
-                torch.save(model, path)
-                child = run_child("peak", str(case), path)
+                try:
+                    torch.save(model, path)
+                except Exception as e:  # noqa: BLE001 - e.g. torchao's tensor subclasses do not pickle
+                    child = f"n/a (torch.save: {type(e).__name__})"
+                else:
+                    child = run_child("peak", str(case), path)
             if isinstance(child, str):
                 rss = peak = child
             else:
