@@ -17,14 +17,16 @@ activation quantization, ``codes * scale`` weight) by one of several *kernels*:
 ``weight_only``
     Any registered layer type: ``codes * scale`` is dequantized on the fly for each call, in the input's dtype,
     and the layer's own float op runs on it (for Conv2d and layers trained without activation quantization this
-    is the only kernel). It costs one pass over the weight per call and a transient float weight, but nothing
-    float is kept between calls. It is the path that is right everywhere (any device, autograd through the
-    input) and never much slower than the float layer itself.
+    is the only kernel). Nothing float is kept between calls, but every call rebuilds the float weight: at one
+    token that takes several times as long as the float layer's own matrix-vector product (measured figures in
+    docs/benchmarks.md). It is the path that is right everywhere (any device, autograd through the input).
 
 Kernel choice. With ``kernel="auto"`` (default) the first call for each input-shape bucket (rows rounded up to a
 power of two, per thread count, dtype and device) times every applicable kernel on the real input and keeps the
-fastest; the choice is cached per process (`kernel_choices`, `reset_kernel_choices`), so int8 is only used
-where this CPU runs it faster (AVX512-VNNI / AMX make it several times faster; an old CPU may not). Force a
+fastest; the choice is cached per process (`kernel_choices`, `reset_kernel_choices`), so an int8 kernel is only
+used where it beats ``weight_only`` on this CPU (AVX512-VNNI / AMX make int8 GEMM several times faster than
+fp32; without VNNI it is about as fast). The int8 kernels keep their large intermediates in per-thread scratch
+buffers (at most 16 MiB each) instead of allocating them in every call. Force a
 kernel per layer (``packed_layer(..., kernel=...)`` or ``layer.kernel = "weight_only"``) or for the whole
 process with the environment variable ``TERNQ_KERNEL`` = ``auto`` | ``weight_only`` | ``int8`` (the layer's
 integer kernel where it applies). A call that needs a gradient with respect to the input runs ``weight_only``.
