@@ -254,9 +254,6 @@ def is_quantized(module: nn.Module) -> bool:
     return isinstance(module, QuantMixin)
 
 
-_COMBINED: dict[tuple[type, type], type] = {}
-
-
 def _quant_class_for(module: nn.Module) -> type[QuantMixin]:
     base = _base_type(module)
     quant_type = _REGISTRY.get(base)
@@ -266,10 +263,9 @@ def _quant_class_for(module: nn.Module) -> type[QuantMixin]:
                                     f"({known}); teach it with ternq.register_layer(...)")
     if type(module) is base:
         return quant_type
-    key = (quant_type, type(module))  # parametrized: combine the QAT forward with the generated class
-    if key not in _COMBINED:
-        _COMBINED[key] = type(f"{quant_type.__name__}Parametrized", (quant_type, type(module)), {})
-    return _COMBINED[key]
+    # parametrized: combine the QAT forward with torch's generated per-module class. Not cached: torch's class
+    # is unique to its module, and a cache keyed by it would keep every converted module alive.
+    return type(f"{quant_type.__name__}Parametrized", (quant_type, type(module)), {})
 
 
 def _shallow_clone(module: nn.Module, cls: type) -> nn.Module:
