@@ -8,14 +8,15 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..config import PRESETS, apply_overrides, load_config, load_preset
+from ..config import PRESETS, apply_overrides, config_from_dict, load_config, load_preset
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, metavar="DATA_DIR", help="prepared corpus (bittts prepare --out)")
     parser.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (checkpoint, logs, images)")
-    parser.add_argument("--preset", choices=PRESETS, default="acoustic",
-                        help="model/quantization preset (default: acoustic, the paper's 70%% setting)")
+    parser.add_argument("--preset", choices=PRESETS,
+                        help="model/quantization preset: fp32, acoustic (the paper's 70%% setting), all (83%%), "
+                        "4bit, tiny (tests and smoke runs). With --resume it may be left out")
     parser.add_argument("--config", metavar="TOML", help="a full config file instead of --preset "
                         "(e.g. a run's config.toml)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -28,11 +29,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train import train
+    from ..model import load_checkpoint
+    from ..train import CHECKPOINT_NAME, train
 
     if args.steps is not None and args.steps < 1:
         raise SystemExit("--steps must be >= 1")
-    cfg = load_config(args.config) if args.config else load_preset(args.preset)
+    if args.config and args.preset:
+        raise SystemExit("give either --preset or --config, not both")
+    if args.config:
+        cfg = load_config(args.config)
+    elif args.preset:
+        cfg = load_preset(args.preset)
+    elif args.resume and os.path.exists(os.path.join(args.out, CHECKPOINT_NAME)):
+        cfg = config_from_dict(load_checkpoint(os.path.join(args.out, CHECKPOINT_NAME))["config"])
+    else:
+        raise SystemExit(f"choose a model with --preset ({', '.join(PRESETS)}) or --config FILE")
     if args.set:
         cfg = apply_overrides(cfg, args.set)
     result = train(cfg, args.out, data_dir=args.data, steps=args.steps, resume=args.resume, device=args.device,
