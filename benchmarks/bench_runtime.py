@@ -418,6 +418,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 rounds, no memory subprocesses")
     parser.add_argument("--emulate-avx2", action="store_true",
                         help="re-run with oneDNN, ATen and MKL limited to AVX2 (an older CPU without VNNI/AMX)")
+    parser.add_argument("--load-only", action="store_true", help="only the load_packed peak table")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -434,6 +435,10 @@ def main() -> None:
         env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2", MKL_ENABLE_INSTRUCTIONS="AVX2")
         argv = [a for a in sys.argv[1:] if a != "--emulate-avx2"]
         os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *argv, "--emulate-avx2"], env)
+    if args.load_only:
+        torch.set_num_threads(1)
+        print("\n".join([machine_line(), "", *load_table()]))
+        return
     rounds = 3 if args.quick else args.rounds
     names = available_variants()
     out = [f"# bench_runtime — {time.strftime('%Y-%m-%d %H:%M')}", "",

@@ -7,16 +7,18 @@ format version, each packed weight's layer, shape, dtype, config and encoding, t
 of every tensor; the manifest has a CRC32 of its own. docs/format.md specifies the bytes.
 
 `load_packed` needs only the file and a float skeleton of the same architecture: which layers are packed and how
-comes from the manifest. It validates the whole header, and the skeleton against it, before changing the
-skeleton; then reads one tensor at a time (CRC-checked before use) into the skeleton, and swaps each packed
-layer for the runtime's int8 inference layer (`ternq.runtime.packed_layer`), which drops the float weight.
-Peak memory is thus the skeleton plus one tensor in flight.
+comes from the manifest. It validates the whole header, and the skeleton against it, and checks the CRC32 of
+every tensor's bytes (read in 64 KiB chunks) before changing the skeleton; then reads one tensor at a time into
+the skeleton, and swaps each packed layer for the runtime's int8 inference layer (`ternq.runtime.packed_layer`).
+A layer's float weight is dropped *before* its codes are decoded, so peak memory never exceeds the float
+skeleton's: the layers already swapped hold a quarter of their float bytes, and one layer's decode is in flight.
 """
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -313,6 +315,36 @@ class _Placement:
     owned: set[str]
 
 
+_CRC_CHUNK = 1 << 16
+
+
+def _verify_checksums(source: Source, manifest: Manifest) -> None:
+    """CRC32 of every tensor's bytes, through one small buffer: a corrupted payload is found before the
+    skeleton is changed, so it never leaves a half-loaded model (reading twice costs little next to decoding)."""
+    buf = np.empty(_CRC_CHUNK, dtype=np.uint8)
+    for name, record in manifest.tensors.items():
+        entry = manifest.header.tensors[name]
+        crc, done = 0, 0
+        while done < entry.nbytes:
+            n = min(_CRC_CHUNK, entry.nbytes - done)
+            source.readinto(entry.begin + done, buf[:n])
+            crc = zlib.crc32(buf[:n], crc)
+            done += n
+        if f"{crc & 0xFFFFFFFF:08x}" != record.crc32:
+            raise ChecksumError(f"{source.name}: tensor {name!r}: bytes do not match CRC32 {record.crc32}: "
+                                "the payload is corrupted")
+
+
+def _drop_float_weight(module: nn.Module, name: str) -> None:
+    """Replace a plain float weight parameter by a meta tensor of its shape and dtype (no memory), so the layer's
+    float bytes are freed before its codes are decoded. Computed weights (weight_norm, parametrizations) are left
+    to `packed_layer`, which removes them with the layer."""
+    weight = module._parameters.get(name)
+    if isinstance(weight, nn.Parameter) and not weight.is_meta:
+        module._parameters[name] = nn.Parameter(torch.empty(weight.shape, dtype=weight.dtype, device="meta"),
+                                                requires_grad=weight.requires_grad)
+
+
 def _read_tensor(source: Source, manifest: Manifest, name: str) -> Tensor:
     """One tensor of the file, CRC32-checked, as a torch tensor in its shape."""
     entry, record = manifest.header.tensors[name], manifest.tensors[name]
@@ -414,9 +446,10 @@ def load_packed(source: str | os.PathLike[str] | bytes | PackedModel, model: nn.
     """Turn a float skeleton of the saved architecture into the packed inference model the file describes.
 
     Which layers are packed, and with which config, is read from the file. Everything is validated (header,
-    manifest, skeleton: modules, layer types, shapes, the exact set of tensors) before the skeleton is touched;
-    then each tensor is read, checked against its CRC32 and loaded. A data error found then (a corrupted payload)
-    leaves the skeleton partly loaded: discard it.
+    manifest, skeleton: modules, layer types, shapes, the exact set of tensors) and every tensor's CRC32 is
+    checked before the skeleton is touched, so a corrupted file leaves the skeleton unchanged; then each tensor
+    is read (checked again: the file may change in between) and loaded. Each packed layer's float weight is
+    freed before its codes are decoded, so loading needs no more memory than the float skeleton itself.
 
     Args:
         source: a file path, the file's bytes, or a `PackedModel` from `pack`.
@@ -448,6 +481,7 @@ def load_packed(source: str | os.PathLike[str] | bytes | PackedModel, model: nn.
         _check_floats(src, manifest, model, owned)
         if dequantize:
             _check_dequantizable(src, placements)
+        _verify_checksums(src, manifest)
         floats = [r.name for r in manifest.tensors.values() if r.role == "float"]
         steps: Iterable[Any] = [*floats, *placements]
         if progress:
@@ -507,6 +541,8 @@ def _load_float(source: Source, manifest: Manifest, model: nn.Module, name: str,
 def _load_layer(source: Source, manifest: Manifest, root: nn.Module, p: _Placement,
                 aliases: dict[int, list[str]], dequantize: bool) -> nn.Module:
     assert p.module is not None
+    if p.spec is not None:
+        _drop_float_weight(p.module, p.record.weight)
     codes, scale = decode_weight(source, manifest, p.record)
     dtype = _TORCH_DTYPE[p.record.dtype]
     if p.spec is None:

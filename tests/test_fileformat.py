@@ -445,6 +445,44 @@ def test_corrupted_payload_names_the_tensor(mlp_file):
         ternq.load_packed(bytes(data), mlp())
 
 
+@pytest.mark.parametrize("offset", [-10, "first"])
+def test_corrupted_payload_leaves_the_skeleton_unchanged(mlp_file, offset):
+    """Every CRC is checked before the skeleton changes: the last layer's codes (read last) or the first tensor."""
+    _, path = mlp_file
+    data = bytearray(path.read_bytes())
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    data[header_end + 3 if offset == "first" else offset] ^= 0x40
+    torch.manual_seed(3)
+    skeleton = mlp()
+    before = {k: v.clone() for k, v in skeleton.state_dict().items()}
+    modules = list(skeleton)
+    with pytest.raises(ChecksumError):
+        ternq.load_packed(bytes(data), skeleton)
+    assert list(skeleton) == modules and not any(is_packed(m) for m in skeleton)
+    after = skeleton.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_load_frees_each_float_weight_before_decoding(mlp_file, monkeypatch):
+    """While a layer's codes are decoded, its float weight is already gone (peak <= the float skeleton)."""
+    from ternq import fileformat
+
+    _, path = mlp_file
+    skeleton = mlp()
+    seen = []
+    decode = fileformat.decode_weight
+
+    def spy(source, manifest, record):
+        layer = skeleton[int(record.module)]
+        seen.append(layer.weight.is_meta)
+        return decode(source, manifest, record)
+
+    monkeypatch.setattr(fileformat, "decode_weight", spy)
+    ternq.load_packed(path, skeleton)
+    assert seen == [True] * 4
+
+
 def test_pack_errors():
     with pytest.raises(ValueError, match="no quantized layer"):
         ternq.pack(nn.Linear(3, 3))
