@@ -20,6 +20,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny shapes run fastest on one thread, and do not stall when the CI machine is busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def brute_force_best(log_p: np.ndarray) -> float:
     """Best monotonic path score by enumerating every split of T_mel frames into T_text non-empty runs."""
     t_mel, t_text = log_p.shape

@@ -21,6 +21,15 @@ from bittts_synthetic import N_SYMBOLS, SyntheticTTS
 from torch import nn
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny shapes run fastest on one thread, and do not stall when the CI machine is busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_config(**quant):
     cfg = load_preset("tiny")
     cfg.acoustic.n_symbols = N_SYMBOLS

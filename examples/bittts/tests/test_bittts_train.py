@@ -15,6 +15,15 @@ from bittts.train import NonFiniteLossError, train
 from bittts_synthetic import N_SYMBOLS, SyntheticTTS, write_corpus
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny shapes run fastest on one thread, and do not stall when the CI machine is busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny(*overrides: str):
     cfg = apply_overrides(load_preset("tiny"), list(overrides))
     cfg.acoustic.n_symbols = N_SYMBOLS
