@@ -196,6 +196,9 @@ class TrainConfig:
         max_nonfinite: abort after this many consecutive steps with a non-finite loss or gradient.
         log_every, image_every, ckpt_every: in optimizer steps (0 = never, except the final checkpoint).
         steps: total optimizer steps (`--steps` overrides).
+        threads: torch intra-op CPU threads during training (0 = torch's default). Small models are fastest on
+            one thread, and multi-threaded tiny ops slow down many times over when other processes share the
+            cores, so the `tiny` preset uses 1.
     """
 
     batch_size: int = 16
@@ -214,6 +217,7 @@ class TrainConfig:
     steps: int = 200_000
     seed: int = 1234
     num_workers: int = 0
+    threads: int = 0
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "segment_frames", "grad_accum", "steps", "max_nonfinite"):

@@ -300,10 +300,14 @@ def train(cfg: BitTTSConfig, out_dir: str | os.PathLike, *, data_dir: str | os.P
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    threads = torch.get_num_threads()
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
     try:
         return _train(cfg, Path(out_dir), data_dir, dataset, collate_fn, steps, resume, dev, rank, world,
                       progress, log)
     finally:
+        torch.set_num_threads(threads)
         if own_group:
             dist.destroy_process_group()
 
