@@ -89,7 +89,8 @@ class QuantMixin:
             return x
         x = normalize_input(x, self.qconfig.input_norm, dim, self.qconfig.eps)
         if self.qconfig.act_bits is not None:
-            x = fake_quantize_activation(x, self.qconfig.act_bits, dim, self.qconfig.eps)
+            x = fake_quantize_activation(x, self.qconfig.act_bits, dim, self.qconfig.eps,
+                                         self.qconfig.act_granularity)
         return x
 
     def float_weight(self) -> Tensor:
@@ -263,9 +264,13 @@ def _quant_class_for(module: nn.Module) -> type[QuantMixin]:
                                     f"({known}); teach it with ternq.register_layer(...)")
     if type(module) is base:
         return quant_type
-    # parametrized: combine the QAT forward with torch's generated per-module class. Not cached: torch's class
-    # is unique to its module, and a cache keyed by it would keep every converted module alive.
-    return type(f"{quant_type.__name__}Parametrized", (quant_type, type(module)), {})
+    # parametrized: torch replaced the module's class by a generated subclass holding the parametrized
+    # properties (and its pickling hooks). Build the same thing on top of the QAT class, so that torch's
+    # remove_parametrizations, which deletes the properties and falls back to `__bases__[0]`, leaves a plain
+    # QAT layer. Not cached: the generated class is per module.
+    skip = {"__module__", "__dict__", "__weakref__", "__doc__", "__qualname__"}
+    namespace = {k: v for k, v in vars(type(module)).items() if k not in skip}
+    return type(f"{quant_type.__name__}Parametrized", (quant_type,), namespace)
 
 
 def _shallow_clone(module: nn.Module, cls: type) -> nn.Module:

@@ -35,6 +35,9 @@ CONFIGS = {
     "int4-group-weightonly": KBitConfig(bits=4, granularity="group", group_size=4, act_bits=None, input_norm=None),
     "int8-channel": KBitConfig(bits=8, granularity="channel"),
     "int2-tensor-act4": KBitConfig(bits=2, act_bits=4, input_norm=None),
+    "paper-per-sample": TernaryConfig(act_granularity="tensor"),
+    "int4-channel-per-sample-rms": KBitConfig(bits=4, granularity="channel", input_norm="rmsnorm",
+                                              act_granularity="tensor"),
 }
 
 
@@ -42,7 +45,7 @@ CONFIGS = {
 
 
 def ref_input(x: Tensor, config: QuantConfig, dim: int) -> Tensor:
-    """norm(x) then absmax fake-quantization per token along `dim`."""
+    """norm(x) then absmax fake-quantization per token along `dim`, or per sample (all but dim 0 of a 3+-D input)."""
     if config.input_norm == "layernorm":
         mean = x.mean(dim, keepdim=True)
         x = (x - mean) / torch.sqrt(((x - mean) ** 2).mean(dim, keepdim=True) + config.eps)
@@ -50,7 +53,13 @@ def ref_input(x: Tensor, config: QuantConfig, dim: int) -> Tensor:
         x = x / torch.sqrt((x**2).mean(dim, keepdim=True) + config.eps)
     if config.act_bits is not None:
         q = 2 ** (config.act_bits - 1) - 1
-        s = x.abs().amax(dim, keepdim=True).clamp(min=config.eps) / q
+        if config.act_granularity == "token":
+            amax = x.abs().amax(dim, keepdim=True)
+        elif x.dim() >= 3:
+            amax = torch.stack([sample.abs().max() for sample in x]).view(-1, *[1] * (x.dim() - 1))
+        else:
+            amax = x.abs().max()
+        s = amax.clamp(min=config.eps) / q
         x = torch.clamp(torch.round(x / s), -q - 1, q) * s
     return x
 
@@ -491,3 +500,17 @@ def test_deepcopy_of_a_parametrized_qat_layer() -> None:
     x = torch.randn(1, 2, 6)
     torch.testing.assert_close(clone(x), q(x))
     assert clone.parametrizations.weight.original1 is not q.parametrizations.weight.original1
+
+
+def test_torch_remove_parametrizations_leaves_a_plain_qat_layer() -> None:
+    """torch's own weight-norm removal works on a converted layer and keeps its outputs."""
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.parametrizations import weight_norm
+
+    q = to_quant_module(weight_norm(nn.Conv1d(4, 4, 3)), TernaryConfig())
+    x = torch.randn(2, 4, 10)
+    before = q(x)
+    parametrize.remove_parametrizations(q, "weight")
+    assert type(q) is ternq.layers.QuantConv1d
+    assert isinstance(q.weight, nn.Parameter)
+    torch.testing.assert_close(q(x), before)
