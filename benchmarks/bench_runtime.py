@@ -2,8 +2,9 @@
 
 Prints, from one run on this machine: speed ratios (fp32 time / variant time, so 2.0x = twice as fast) at 1 and
 2 threads on a Linear-heavy model (4 x Linear(1024), 1 / 16 / 256 tokens) and on BitTTS-shaped Conv1d stacks
-(4 x Conv1d(C, C, 5), C = 192 / 256, 500 / 1000 frames) and HiFi-GAN's ConvTranspose1d upsamplers; then resident weight memory and process peak RSS
-during inference (each variant in its own subprocess, so peaks do not mix), and the peak of loading a packed
+(4 x Conv1d(C, C, 5), C = 192 / 256, 500 / 1000 frames; the same stacks again quantized with
+``act_granularity="tensor"``, one activation scale per sample, which ternq runs as one int8 GEMM per conv) and
+HiFi-GAN's ConvTranspose1d upsamplers; then resident weight memory and process peak RSS during inference (each variant in its own subprocess, so peaks do not mix), and the peak of loading a packed
 file into a float skeleton when `ternq.load_packed` is available.
 
 Variants: ``ternq`` = `ternq.runtime.packed_layer` with the paper config (ternary per-tensor weights, layer-normed
@@ -20,6 +21,7 @@ CPU time, at 2 threads wall time.
     python benchmarks/bench_runtime.py                 # the full table (~3 min)
     python benchmarks/bench_runtime.py --quick         # smoke run
     python benchmarks/bench_runtime.py --emulate-avx2  # the same with oneDNN / ATen / MKL limited to AVX2
+    python benchmarks/bench_runtime.py --load-only     # only the load_packed peak table
 """
 from __future__ import annotations
 
@@ -67,14 +69,20 @@ def mlp() -> nn.Module:
     return nn.Sequential(*layers).eval()
 
 
-def conv_stack(channels: int) -> Callable[[], nn.Module]:
+def conv_stack(channels: int, config: TernaryConfig = CONFIG) -> Callable[[], nn.Module]:
+    """4 x (Conv1d(C, C, 5), ReLU); `config` is what ternq quantizes it with (`bench_config`)."""
     def make() -> nn.Module:
         torch.manual_seed(0)
         layers: list[nn.Module] = []
         for _ in range(4):
             layers += [nn.Conv1d(channels, channels, 5, padding=2), nn.ReLU()]
-        return nn.Sequential(*layers).eval()
+        model = nn.Sequential(*layers).eval()
+        model.bench_config = config
+        return model
     return make
+
+
+PER_SAMPLE = TernaryConfig(act_granularity="tensor")  # one activation scale per sample: Conv1d = one int8 GEMM
 
 
 def upsamplers() -> nn.Module:
@@ -95,6 +103,10 @@ CASES: list[tuple[str, Callable[[], nn.Module], tuple[int, ...]]] = [
     ("Conv1d 4x(192,k5)", conv_stack(192), (1, 192, 1000)),
     ("Conv1d 4x(256,k5)", conv_stack(256), (1, 256, 500)),
     ("Conv1d 4x(256,k5)", conv_stack(256), (1, 256, 1000)),
+    ("Conv1d 4x(192,k5) per-sample act", conv_stack(192, PER_SAMPLE), (1, 192, 500)),
+    ("Conv1d 4x(192,k5) per-sample act", conv_stack(192, PER_SAMPLE), (1, 192, 1000)),
+    ("Conv1d 4x(256,k5) per-sample act", conv_stack(256, PER_SAMPLE), (1, 256, 500)),
+    ("Conv1d 4x(256,k5) per-sample act", conv_stack(256, PER_SAMPLE), (1, 256, 1000)),
     ("ConvT1d HiFi-GAN ups", upsamplers, (1, 512, 100)),
 ]
 MEMORY_CASES = [0, 6]  # one Linear model, one Conv1d model (resident weights do not depend on the input)
@@ -110,17 +122,18 @@ def to_qat(model: nn.Module) -> nn.Module:
     """Every Linear / Conv1d / ConvTranspose1d replaced by its QAT layer with the paper config."""
     for name, child in list(model.named_children()):
         if type(child) in _QUANTIZED:
-            setattr(model, name, to_quant_module(child, CONFIG))
+            setattr(model, name, to_quant_module(child, getattr(model, "bench_config", CONFIG)))
     return model
 
 
 def ternq_packed(model: nn.Module, storage: str = "int8", kernel: str | None = None) -> nn.Module:
+    config = getattr(model, "bench_config", CONFIG)
     for name, child in list(model.named_children()):
         if type(child) in _QUANTIZED:
-            qat = to_quant_module(child, CONFIG)
+            qat = to_quant_module(child, config)
             with torch.no_grad():
                 codes, scale = qat.weight_codes()
-            setattr(model, name, packed_layer(child, codes, scale, CONFIG, layer_spec(child), storage=storage,
+            setattr(model, name, packed_layer(child, codes, scale, config, layer_spec(child), storage=storage,
                                               kernel=kernel))
     return model
 

@@ -14,10 +14,12 @@ from .errors import ConfigError
 Granularity = Literal["tensor", "channel", "group"]
 InputNorm = Literal["layernorm", "rmsnorm"]
 STEMode = Literal["identity", "clipped"]
+ActGranularity = Literal["token", "tensor"]
 
 _GRANULARITIES = ("tensor", "channel", "group")
 _NORMS = (None, "layernorm", "rmsnorm")
 _STES = ("identity", "clipped")
+_ACT_GRANULARITIES = ("token", "tensor")
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,11 @@ class QuantConfig:
         eps: keeps scales positive, so an all-zero weight never divides by zero: added to the ternary
             absmean (beta = mean|W| + eps, as the paper), a floor for k-bit scales (max(max|W| / q, eps)).
             Also the epsilon of the input norm and the floor of activation scales.
+        act_granularity: what one activation scale covers. "token" (BitNet, default): one absmax scale per
+            token / time step. "tensor": one scale per sample, over all its features and time steps (per item
+            of the batch dim for inputs of 3+ dims; a 2-D or 1-D input is one sample). Per-token scales cannot
+            be factored out of a convolution window, which costs the packed runtime one partial sum per tap;
+            with one scale per sample a packed Conv1d is a single int8 GEMM (see docs/quantizers.md).
     """
 
     granularity: Granularity = "tensor"
@@ -45,6 +52,7 @@ class QuantConfig:
     input_norm: InputNorm | None = "layernorm"
     ste: STEMode = "identity"
     eps: float = 1e-5
+    act_granularity: ActGranularity = "token"
 
     def __post_init__(self) -> None:
         if self.granularity not in _GRANULARITIES:
@@ -60,6 +68,8 @@ class QuantConfig:
             raise ConfigError(f"ste={self.ste!r}: expected one of {_STES}")
         if not self.eps > 0:
             raise ConfigError(f"eps={self.eps!r}: expected a positive float")
+        if self.act_granularity not in _ACT_GRANULARITIES:
+            raise ConfigError(f"act_granularity={self.act_granularity!r}: expected one of {_ACT_GRANULARITIES}")
 
     @property
     def name(self) -> str:
@@ -82,7 +92,8 @@ class QuantConfig:
 
     @staticmethod
     def from_dict(data: dict[str, Any]) -> QuantConfig:
-        """Inverse of `to_dict`; unknown keys are an error rather than silently dropped."""
+        """Inverse of `to_dict`; unknown keys are an error rather than silently dropped, missing ones take their
+        defaults (files written before a field existed, e.g. ``act_granularity``, load as they were trained)."""
         data = dict(data)
         kind = data.pop("kind", None)
         cls: type[QuantConfig]

@@ -64,7 +64,8 @@ class FunctionalQuant(nn.Module):
         dim = -1 if self.op == "linear" else (1 if x.dim() == _BATCHED_DIMS[self.op] else 0)
         x = normalize_input(x, self.qconfig.input_norm, dim, self.qconfig.eps)
         if self.qconfig.act_bits is not None:
-            x = fake_quantize_activation(x, self.qconfig.act_bits, dim, self.qconfig.eps)
+            x = fake_quantize_activation(x, self.qconfig.act_bits, dim, self.qconfig.eps,
+                                         self.qconfig.act_granularity)
         return x
 
     def forward(self, input: Tensor, weight: Tensor, *args: Any, **kwargs: Any) -> Tensor:

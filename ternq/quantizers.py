@@ -159,15 +159,28 @@ def normalize_input(x: Tensor, kind: str | None, dim: int, eps: float = 1e-5) ->
     raise ValueError(f"input_norm={kind!r}: expected 'layernorm', 'rmsnorm' or None")
 
 
-def activation_scale(x: Tensor, bits: int, dim: int, eps: float = 1e-5) -> Tensor:
-    """Per-token absmax scale (float units per integer step), kept as a broadcastable dim."""
+def _sample_dims(x: Tensor) -> tuple[int, ...]:
+    """Dims one per-sample scale covers: all but the batch dim (3+ dims), or all of a 1-D / 2-D input."""
+    return tuple(range(1, x.dim())) if x.dim() >= 3 else tuple(range(x.dim()))
+
+
+def activation_scale(x: Tensor, bits: int, dim: int, eps: float = 1e-5, granularity: str = "token") -> Tensor:
+    """Absmax scale (float units per integer step), broadcastable to `x`: per token along `dim` ("token"), or
+    one per sample ("tensor": over every dim but the batch dim of a 3+-D input, over all of a 1-D / 2-D one)."""
     qmax = 2 ** (bits - 1) - 1
-    return x.detach().abs().amax(dim=dim, keepdim=True).clamp(min=eps) / qmax
+    if granularity == "token":
+        dims: tuple[int, ...] = (dim,)
+    elif granularity == "tensor":
+        dims = _sample_dims(x)
+    else:
+        raise ValueError(f"act granularity={granularity!r}: expected 'token' or 'tensor'")
+    return x.detach().abs().amax(dim=dims, keepdim=True).clamp(min=eps) / qmax
 
 
-def fake_quantize_activation(x: Tensor, bits: int, dim: int, eps: float = 1e-5) -> Tensor:
-    """Absmax quantization per token along `dim` to signed `bits`, identity STE (BitNet's activation quant)."""
-    s = activation_scale(x, bits, dim, eps)
+def fake_quantize_activation(x: Tensor, bits: int, dim: int, eps: float = 1e-5, granularity: str = "token") -> Tensor:
+    """Absmax quantization to signed `bits`, per token along `dim` (BitNet's activation quant) or per sample
+    (``granularity="tensor"``), identity STE."""
+    s = activation_scale(x, bits, dim, eps, granularity)
     with torch.no_grad():
         xq = torch.clamp(torch.round(x / s), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1) * s
     return xq + (x - x.detach())

@@ -45,7 +45,8 @@ def configs(draw: st.DrawFn, kinds: tuple[str, ...] = ("ternary", "kbit")) -> Qu
     kind = draw(st.sampled_from(kinds))
     common = dict(granularity=draw(st.sampled_from(["tensor", "channel", "group"])),
                   group_size=draw(st.integers(1, 8)),
-                  ste=draw(st.sampled_from(["identity", "clipped"])))
+                  ste=draw(st.sampled_from(["identity", "clipped"])),
+                  act_granularity=draw(st.sampled_from(["token", "tensor"])))
     if kind == "ternary":
         return TernaryConfig(**common)
     return KBitConfig(bits=draw(st.integers(2, 8)), **common)
@@ -327,6 +328,7 @@ def test_config_dict_round_trip(config: QuantConfig) -> None:
     (dict(input_norm="batchnorm"), "input_norm"),
     (dict(ste="soft"), "ste"),
     (dict(eps=0.0), "eps"),
+    (dict(act_granularity="sample"), "act_granularity"),
 ])
 def test_bad_config_fields_are_named(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
@@ -345,3 +347,31 @@ def test_from_dict_rejects_unknown_kind_and_fields() -> None:
     with pytest.raises(ValueError, match="gruop_size"):
         QuantConfig.from_dict({"kind": "ternary", "gruop_size": 3})
     assert isinstance(QuantConfig.from_dict(KBitConfig(bits=3).to_dict()), ternq.KBitConfig)
+
+
+def test_from_dict_of_an_older_file_defaults_act_granularity_to_token() -> None:
+    """Files written before act_granularity existed load as trained: per-token activation scales."""
+    old = TernaryConfig(granularity="channel").to_dict()
+    del old["act_granularity"]
+    assert QuantConfig.from_dict(old) == TernaryConfig(granularity="channel")
+    assert QuantConfig.from_dict(old).act_granularity == "token"
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 7), (2, 3, 4, 5), (6, 5), (5,)])
+def test_per_sample_activation_quantization(shape: tuple[int, ...]) -> None:
+    """act granularity "tensor": one absmax scale per batch item of a 3+-D input, one for a 1-D / 2-D input;
+    every sample's largest magnitude maps to code 127 and the identity STE passes the gradient unchanged."""
+    torch.manual_seed(0)
+    x = (torch.randn(*shape) * torch.linspace(0.5, 4, shape[0]).view(-1, *[1] * (len(shape) - 1))).requires_grad_()
+    y = fake_quantize_activation(x, 8, dim=-1, granularity="tensor")
+    samples = list(x.detach()) if x.dim() >= 3 else [x.detach()]
+    out = list(y.detach()) if x.dim() >= 3 else [y.detach()]
+    for xs, ys in zip(samples, out, strict=True):
+        s = xs.abs().max() / 127
+        codes = ys / s
+        torch.testing.assert_close(codes, torch.round(xs / s), rtol=0, atol=1e-4)
+        assert float(codes.abs().max()) == pytest.approx(127, abs=1e-4)
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+    with pytest.raises(ValueError, match="granularity"):
+        fake_quantize_activation(x, 8, dim=-1, granularity="channel")

@@ -94,13 +94,14 @@ def assert_matches_qat(layer: nn.Module, config: QuantConfig, x: Tensor, **call)
 # --- properties over layer types, configs and shapes -----------------------------------------------------------
 
 configs = st.builds(
-    lambda kind, gran, group, act, norm: (TernaryConfig if kind == "ternary" else KBitConfig)(
-        granularity=gran, group_size=group, act_bits=act, input_norm=norm),
+    lambda kind, gran, group, act, norm, act_gran: (TernaryConfig if kind == "ternary" else KBitConfig)(
+        granularity=gran, group_size=group, act_bits=act, input_norm=norm, act_granularity=act_gran),
     st.sampled_from(["ternary", "kbit"]),
     st.sampled_from(["tensor", "channel", "group"]),
     st.integers(1, 9),
     st.sampled_from([8, None, 4]),
     st.sampled_from(["layernorm", "rmsnorm", None]),
+    st.sampled_from(["token", "tensor"]),
 )
 
 
@@ -378,6 +379,32 @@ def test_long_inputs_run_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     assert_matches_qat(nn.Conv1d(6, 8, 5, padding=2), config, torch.randn(2, 6, 300))
     assert_matches_qat(nn.Conv1d(6, 8, 3, stride=2, dilation=3, padding=1), config, torch.randn(1, 6, 301))
     assert_matches_qat(nn.ConvTranspose1d(6, 4, 8, stride=4, padding=2), config, torch.randn(2, 6, 150))
+    monkeypatch.setattr(ternq.runtime, "_IM2COL_BYTES", 1)  # int8_im2col: chunks of 64 steps too
+    per_sample = TernaryConfig(granularity="channel", act_granularity="tensor")
+    assert_matches_qat(nn.Conv1d(6, 8, 5, padding=2), per_sample, torch.randn(2, 6, 300))
+    assert_matches_qat(nn.Conv1d(6, 8, 3, stride=2, dilation=3, padding=1, padding_mode="reflect"), per_sample,
+                       torch.randn(1, 6, 301))
+
+
+@pytest.mark.parametrize("weight_granularity", ["tensor", "channel"])
+def test_per_sample_activations_make_conv1d_one_gemm(weight_granularity: str) -> None:
+    """act_granularity="tensor": Conv1d runs int8_im2col (its only integer kernel; int8_taps is refused), stores
+    the codes in the weight's own order, and matches the QAT layer on a BitTTS-shaped batch of two samples."""
+    torch.manual_seed(0)
+    config = TernaryConfig(granularity=weight_granularity, act_granularity="tensor")
+    conv = nn.Conv1d(32, 24, 5, padding=2)
+    x = torch.randn(2, 32, 200) * torch.tensor([0.1, 10.0]).view(2, 1, 1)  # very different sample scales
+    assert_matches_qat(conv, config, x)
+    packed = pack(conv, config)
+    assert packed._applicable(x) == ("int8_im2col", "weight_only")
+    assert packed.qweight.shape == (1, 24, 32 * 5)
+    with pytest.raises(ValueError, match="int8_taps"):
+        packed.kernel = "int8_taps"
+    packed.kernel = "int8_im2col"
+    with torch.no_grad():  # each sample is quantized on its own: a batch equals its samples run one by one
+        torch.testing.assert_close(packed(x), torch.cat([packed(x[:1]), packed(x[1:])]), rtol=0, atol=0)
+    assert_matches_qat(nn.ConvTranspose1d(8, 6, 4, stride=2, padding=1), config, torch.randn(2, 8, 30))
+    assert_matches_qat(nn.Linear(16, 12), config, torch.randn(3, 5, 16))
 
 
 @settings(deadline=None, max_examples=30)
