@@ -8,14 +8,16 @@ normalization); log-mel is the natural log of the *magnitude* mel spectrogram, c
 from __future__ import annotations
 
 import functools
+import io
 import math
 import os
-import tempfile
 import wave
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .atomic import atomic_write
 
 SAMPLE_RATE = 16000
 N_FFT = 1024
@@ -60,19 +62,13 @@ def write_wav(path: str | os.PathLike[str], wav: torch.Tensor | np.ndarray, samp
     data = wav.detach().cpu().numpy() if isinstance(wav, torch.Tensor) else np.asarray(wav)
     data = np.asarray(data, dtype=np.float64).reshape(-1)
     pcm = np.clip(np.round(data * 32768.0), -32768, 32767).astype("<i2")  # the inverse of read_wav's scaling
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".wav-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as raw, wave.open(raw, "wb") as f:
-            f.setnchannels(1)
-            f.setsampwidth(2)
-            f.setframerate(int(sample_rate))
-            f.writeframes(pcm.tobytes())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(2)
+        f.setframerate(int(sample_rate))
+        f.writeframes(pcm.tobytes())
+    atomic_write(path, buffer.getvalue())
 
 
 # --------------------------------------------------------------------------------------------- resampling

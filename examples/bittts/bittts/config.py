@@ -9,11 +9,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-import uuid
 from dataclasses import dataclass, field
 from importlib import resources
-from pathlib import Path
 from typing import Any, get_type_hints
+
+from .atomic import atomic_write
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -371,19 +371,3 @@ def dump_config(cfg: BitTTSConfig) -> str:
 def save_config(cfg: BitTTSConfig, path: str | os.PathLike) -> None:
     """Write `dump_config(cfg)` atomically (temp file + os.replace)."""
     atomic_write(path, dump_config(cfg).encode())
-
-
-def atomic_write(path: str | os.PathLike, data: bytes) -> None:
-    """Write bytes to `path` through a temp file in the same directory and os.replace (permissions follow
-    the umask, unlike mkstemp's 0600)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

@@ -12,7 +12,6 @@ with different settings into the same directory is refused instead of mixing two
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -32,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 from bittts import audio, text
+from bittts.atomic import atomic_torch_save, atomic_write
 from bittts.sentences import generate_sentences
 from bittts.system import ensure_tools
 
@@ -77,27 +77,7 @@ def synthesize_flite(sentence: str, voice: str = "slt") -> tuple[torch.Tensor, i
 
 
 def _write_text_atomic(path: Path, content: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(content)
-    os.replace(tmp, path)
-
-
-def save_atomic(obj: Any, path: str | os.PathLike[str]) -> None:
-    """``torch.save`` atomically (temp file + rename). Serialized in memory first so the bytes do not depend
-    on the temporary file's name, and the same features always give the same file."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buffer.getvalue())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, content.encode("utf-8"))
 
 
 def _init_worker() -> None:
@@ -118,7 +98,7 @@ def _process(job: tuple[str, str, str, list[int], str]) -> tuple[str, int]:
     feats = audio.extract_features(wav, rate)
     audio.write_wav(os.path.join(out_dir, "wavs", f"{item_id}.wav"), feats["wav"])
     feats["phoneme_ids"] = torch.tensor(phoneme_ids, dtype=torch.long)
-    save_atomic(feats, os.path.join(out_dir, "features", f"{item_id}.pt"))
+    atomic_torch_save(feats, os.path.join(out_dir, "features", f"{item_id}.pt"))
     return item_id, int(feats["mel"].shape[1])
 
 

@@ -172,7 +172,7 @@ def format_report(report: dict[str, Any]) -> str:
 
 def write_report(report: dict[str, Any], out_dir: str | os.PathLike[str]) -> tuple[Path, Path]:
     """Write report.json and report.md atomically; returns their paths."""
-    from .config import atomic_write
+    from .atomic import atomic_write
 
     out = Path(out_dir)
     json_path, md_path = out / "report.json", out / "report.md"

@@ -16,10 +16,11 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 import unicodedata
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+
+from .atomic import atomic_write
 
 PAD, UNK, SPACE = "<pad>", "<unk>", " "
 PUNCTUATION = ",.!?;:"
@@ -362,11 +363,7 @@ class Phonemizer:
         """Write the cache atomically (no-op without ``cache_path``)."""
         if not self.cache_path:
             return
-        directory = os.path.dirname(os.path.abspath(self.cache_path))
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".phonemes-", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(self.cache, f, ensure_ascii=False, sort_keys=True)
-        os.replace(tmp, self.cache_path)
+        atomic_write(self.cache_path, json.dumps(self.cache, ensure_ascii=False, sort_keys=True).encode("utf-8"))
 
 
 @functools.lru_cache(maxsize=1)

@@ -35,7 +35,8 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
 
-from .config import BitTTSConfig, atomic_write, config_from_dict, config_to_dict, save_config
+from .atomic import atomic_torch_save, atomic_write
+from .config import BitTTSConfig, config_from_dict, config_to_dict, save_config
 from .discriminators import Discriminators, split_halves
 from .losses import discriminator_loss, generator_loss, mel_spectrogram
 from .model import CHECKPOINT_FORMAT, BitTTS, build_model, load_checkpoint, parameter_counts
@@ -155,12 +156,6 @@ def _seed_all(seed: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- checkpoints
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    atomic_write(path, buffer.getvalue())
 
 
 def _gather_rng(world: int) -> list[dict[str, Any]]:
@@ -406,7 +401,7 @@ def _train(cfg: BitTTSConfig, out_dir: Path, data_dir: Any, dataset: Dataset | N
     def save() -> None:
         rngs = _gather_rng(world)  # collective: every process takes part
         if is_main:
-            _atomic_torch_save({
+            atomic_torch_save({
                 "format": CHECKPOINT_FORMAT, "version": 1, "config": config_to_dict(cfg),
                 "state": dataclasses.asdict(state), "model": model.state_dict(),
                 "discriminators": discriminators.state_dict(), "optim_g": opt_g.state_dict(),
