@@ -17,6 +17,17 @@ __all__ = ["PeriodDiscriminator", "ScaleDiscriminator", "Discriminators"]
 LRELU_SLOPE = 0.1
 
 
+def _score(convs: nn.ModuleList, conv_post: nn.Module, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+    """Leaky-ReLU conv stack -> (flattened score map, every layer's output for feature matching)."""
+    fmaps = []
+    for conv in convs:
+        x = F.leaky_relu(conv(x), LRELU_SLOPE)
+        fmaps.append(x)
+    x = conv_post(x)
+    fmaps.append(x)
+    return x.flatten(1), fmaps
+
+
 class PeriodDiscriminator(nn.Module):
     """Folds the waveform into (T / p, p) and runs 2-D convs along time: sees one sample phase at a time."""
 
@@ -39,14 +50,7 @@ class PeriodDiscriminator(nn.Module):
             pad = self.period - t % self.period
             x = F.pad(x, (0, pad), "reflect" if pad < t else "constant")
             t = t + pad
-        x = x.view(b, c, t // self.period, self.period)
-        fmaps = []
-        for conv in self.convs:
-            x = F.leaky_relu(conv(x), LRELU_SLOPE)
-            fmaps.append(x)
-        x = self.conv_post(x)
-        fmaps.append(x)
-        return x.flatten(1), fmaps
+        return _score(self.convs, self.conv_post, x.view(b, c, t // self.period, self.period))
 
 
 class ScaleDiscriminator(nn.Module):
@@ -64,13 +68,7 @@ class ScaleDiscriminator(nn.Module):
         self.conv_post = norm(nn.Conv1d(prev, 1, 3, 1, padding=1))
 
     def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
-        fmaps = []
-        for conv in self.convs:
-            x = F.leaky_relu(conv(x), LRELU_SLOPE)
-            fmaps.append(x)
-        x = self.conv_post(x)
-        fmaps.append(x)
-        return x.flatten(1), fmaps
+        return _score(self.convs, self.conv_post, x)
 
 
 class Discriminators(nn.Module):

@@ -20,14 +20,7 @@ from bittts.model import BitTTS, build_model, parameter_counts
 from bittts_synthetic import N_SYMBOLS, SyntheticTTS
 from torch import nn
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes run fastest on one thread, and do not stall when the CI machine is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(**quant):

@@ -14,14 +14,7 @@ from bittts.model import load_checkpoint, model_from_checkpoint
 from bittts.train import NonFiniteLossError, train
 from bittts_synthetic import N_SYMBOLS, SyntheticTTS, write_corpus
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes run fastest on one thread, and do not stall when the CI machine is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(*overrides: str):
