@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from ._text import aligned_table, human_bytes
 from .config import QuantConfig
 from .errors import FormatError, TernqError
 from .numpy_format import (
@@ -147,14 +148,6 @@ def verify_file(path: str | os.PathLike[str] | bytes, *, progress: bool = False)
                 "bytes": source.size}
 
 
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n} B"
-
-
 def _table(info: dict[str, Any]) -> str:
     header = ("name", "encoding", "shape", "bytes", "bits/w", "-1 / 0 / +1")
     body = []
@@ -164,23 +157,15 @@ def _table(info: dict[str, Any]) -> str:
         body.append((r["name"], r["encoding"], "x".join(map(str, r["shape"])) or "()", f"{r['bytes']:,}",
                      f"{r['bits_per_weight']:.3f}" if r["kind"] == "packed" else f"{r['bits_per_weight']:.0f}",
                      shares))
-    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
-    right = {3, 4}
-
-    def line(cells: tuple[str, ...]) -> str:
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))) \
-            .rstrip()
-
     t = info["totals"]
-    sep = "-" * (sum(widths) + 2 * (len(widths) - 1))
     lines = [f"{info['file']}: ternq format {info['format_version']}, written by {info['library']}",
-             line(header), sep, *(line(b) for b in body), sep]
+             *aligned_table(header, body, right={3, 4})]
     if t["packed_weights"]:
         lines.append(f"{t['packed_layers']} packed layers: {t['packed_weights']:,} weights in "
-                     f"{_fmt_bytes(t['packed_bytes'])}, {t['packed_bits_per_weight']:.3f} bits/weight with scales "
+                     f"{human_bytes(t['packed_bytes'])}, {t['packed_bits_per_weight']:.3f} bits/weight with scales "
                      f"(log2(3) = {math.log2(3):.3f})")
     ratio = f"{1 / t['fp32_ratio']:.2f}x smaller" if t["fp32_ratio"] else "n/a"
-    lines.append(f"file {_fmt_bytes(t['file_bytes'])} vs {_fmt_bytes(t['fp32_bytes'])} as fp32 ({ratio})")
+    lines.append(f"file {human_bytes(t['file_bytes'])} vs {human_bytes(t['fp32_bytes'])} as fp32 ({ratio})")
     for key, value in info["metadata"].items():
         shown = value if len(value) <= 100 else f"{value[:97]}... ({len(value):,} chars)"
         lines.append(f"metadata {key}: {shown}")
@@ -223,18 +208,14 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(info, indent=1) if args.json else _table(info))
             return EXIT_OK
         result = verify_file(args.file, progress=show)
-    except TernqError as e:
+    except (TernqError, OSError) as e:
         if args.command == "verify" and args.json:
             print(json.dumps({"file": args.file, "ok": False, "error": str(e), "error_type": type(e).__name__}))
-        else:
+        elif isinstance(e, TernqError):
             print(f"ternq {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
-        return EXIT_INVALID
-    except OSError as e:
-        if args.command == "verify" and args.json:
-            print(json.dumps({"file": args.file, "ok": False, "error": str(e), "error_type": type(e).__name__}))
         else:
             print(f"ternq {args.command}: cannot read {args.file}: {e}", file=sys.stderr)
-        return EXIT_UNREADABLE
+        return EXIT_INVALID if isinstance(e, TernqError) else EXIT_UNREADABLE
     if args.json:
         print(json.dumps(result))
     else:

@@ -8,11 +8,12 @@ converted module. On a float model, `report` is a dry run of `quantize` with the
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from torch import Tensor, nn
 
+from ._text import aligned_table, human_bytes
 from .config import QuantConfig
 from .convert import KEPT_FLOAT, plan, quantized_parts
 from .errors import AlreadyQuantizedError
@@ -89,32 +90,17 @@ class Report:
     def __str__(self) -> str:
         header = ("name", "type", "params", "decision", "rule", "path")
         body = [(r.name or "(model)", r.type, f"{r.params:,}", r.decision, r.rule, r.path) for r in self.rows]
-        widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
-        right = {2}
-
-        def line(cells: tuple[str, ...]) -> str:
-            return "  ".join(c.rjust(w) if i in right else c.ljust(w)
-                             for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-
-        rule = "-" * (sum(widths) + 2 * (len(widths) - 1))
         counts = ", ".join(f"{n} {d}" for d, n in sorted(self.counts.items(), key=lambda kv: kv[0] == "float"))
         total = sum(r.params for r in self.rows)
         ratio = self.bytes_before / self.bytes_after if self.bytes_after else float("inf")
         title = "ternq conversion report" if self.applied else "ternq conversion plan (dry run, not applied)"
         return "\n".join([
-            title, line(header), rule, *(line(b) for b in body), rule,
+            title, *aligned_table(header, body, right={2}),
             f"{len(self.rows)} layers: {counts or 'none'}; {self.params_quantized:,} of {total:,} layer parameters "
             "quantized",
-            f"state_dict {_human(self.bytes_before)} -> ~{_human(self.bytes_after)} packed ({ratio:.2f}x smaller)",
+            f"state_dict {human_bytes(self.bytes_before)} -> ~{human_bytes(self.bytes_after)} packed "
+            f"({ratio:.2f}x smaller)",
         ])
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n} B"
 
 
 def _weight_keys(prefix: str, module: nn.Module) -> list[str]:
@@ -141,20 +127,22 @@ def _storage_key(key: str, t: Tensor) -> tuple[Any, ...]:
 
 @dataclass
 class _Entry:
-    name: str
-    type: str
-    params: int
-    decision: str
-    rule: str
-    path: str
+    """A row before its byte sizes are known (they need every entry: tensors may be shared)."""
+
+    row: ReportRow  # bytes_before / bytes_after still 0
     weight_keys: list[str]
     packed: int
     order: tuple[int, int]
 
 
+def _entry(name: str, type: str, params: int, decision: str, rule: str, path: str, weight_keys: list[str],
+           packed: int, order: tuple[int, int] = (0, 0)) -> _Entry:
+    return _Entry(ReportRow(name, type, params, decision, rule, path, 0, 0), weight_keys, packed, order)
+
+
 def _sizes(model: nn.Module, entries: list[_Entry]) -> tuple[int, int, dict[str, int]]:
     """(state_dict bytes, estimated packed bytes, bytes per state_dict key) with shared tensors counted once."""
-    quantized = {k for e in entries if e.decision != "float" for k in e.weight_keys}
+    quantized = {k for e in entries if e.row.decision != "float" for k in e.weight_keys}
     groups: dict[tuple[Any, ...], list[Any]] = {}
     per_key: dict[str, int] = {}
     for key, t in model.state_dict(keep_vars=True).items():
@@ -165,7 +153,7 @@ def _sizes(model: nn.Module, entries: list[_Entry]) -> tuple[int, int, dict[str,
         group = groups.setdefault(_storage_key(key, t), [size, True])
         group[1] = group[1] and key in quantized
     before = sum(g[0] for g in groups.values())
-    after = sum(g[0] for g in groups.values() if not g[1]) + sum(e.packed for e in entries if e.decision != "float")
+    after = sum(g[0] for g in groups.values() if not g[1]) + sum(e.packed for e in entries if e.row.decision != "float")
     return before, after, per_key
 
 
@@ -176,7 +164,7 @@ def _rows_of_converted(model: nn.Module) -> list[_Entry]:
         if is_quantized(module):
             spec = layer_spec(module)
             weight = module.float_weight()
-            entries.append(_Entry(name, describe_type(module), sum(p.numel() for p in module.parameters()),
+            entries.append(_entry(name, describe_type(module), sum(p.numel() for p in module.parameters()),
                                   module.qconfig.name, getattr(module, "ternq_rule", "?"),
                                   getattr(module, "ternq_path", "?"), _weight_keys(name, module),
                                   _packed_bytes(tuple(weight.shape), module.qconfig, spec.weight_out_dim),
@@ -185,7 +173,7 @@ def _rows_of_converted(model: nn.Module) -> list[_Entry]:
             owner_name = name.rpartition(".")[0]
             param = model.get_submodule(owner_name).get_parameter(module.param)
             full = f"{owner_name}.{module.param}" if owner_name else module.param
-            entries.append(_Entry(full, f"F.{module.op}", param.numel(), module.qconfig.name, module.ternq_rule,
+            entries.append(_entry(full, f"F.{module.op}", param.numel(), module.qconfig.name, module.ternq_rule,
                                   module.ternq_path, [full], _packed_bytes(tuple(param.shape), module.qconfig, 0),
                                   (index.get(owner_name, 0), 1)))
         for kept_name, info in module.__dict__.get(KEPT_FLOAT, {}).items():
@@ -194,7 +182,7 @@ def _rows_of_converted(model: nn.Module) -> list[_Entry]:
             functional = info["type"].startswith("F.")
             keys = [full] if functional else (
                 _weight_keys(full, model.get_submodule(full)) if full in index else [])
-            entries.append(_Entry(full, info["type"], info["params"], "float", info["rule"], info["path"], keys, 0,
+            entries.append(_entry(full, info["type"], info["params"], "float", info["rule"], info["path"], keys, 0,
                                   (index.get(anchor, 0), int(functional))))
     entries.sort(key=lambda e: e.order)
     return entries
@@ -213,8 +201,8 @@ def _rows_of_plan(model: nn.Module, include: Any, exclude: Any, config: QuantCon
             keys = _weight_keys(cand.name, cand.module)
             shape, out_dim = tuple(getattr(cand.module, spec.weight_name).shape), spec.weight_out_dim
         packed = 0 if d.config is None else _packed_bytes(shape, d.config, out_dim)
-        entries.append(_Entry(cand.name, cand.type_name, cand.n_params, "float" if d.config is None else d.config.name,
-                              d.rule, cand.path, keys, packed, (0, 0)))
+        entries.append(_entry(cand.name, cand.type_name, cand.n_params, "float" if d.config is None else d.config.name,
+                              d.rule, cand.path, keys, packed))
     return entries
 
 
@@ -242,6 +230,6 @@ def report(model: nn.Module, include: Any = None, exclude: Any = None, config: Q
     rows = []
     for e in entries:
         weight_bytes = sum(per_key.get(k, 0) for k in e.weight_keys)
-        rows.append(ReportRow(e.name, e.type, e.params, e.decision, e.rule, e.path, weight_bytes,
-                              e.packed if e.decision != "float" else weight_bytes))
+        rows.append(replace(e.row, bytes_before=weight_bytes,
+                            bytes_after=e.packed if e.row.decision != "float" else weight_bytes))
     return Report(rows, before, after, applied)
