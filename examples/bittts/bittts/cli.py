@@ -15,9 +15,26 @@ COMMANDS = {
 }
 
 
+DESCRIPTION = """\
+BitTTS: a compact English text-to-speech system (JETS acoustic model + HiFi-GAN vocoder) trained with 1.58-bit
+(ternary) quantization-aware training and stored with 5 ternary weights per byte. Everything runs offline on a
+CPU: flite speaks the training corpus, espeak-ng gives the phonemes, pocketsphinx scores intelligibility."""
+
+EPILOG = """\
+typical pipeline:
+  bittts prepare --out data --sentences 3000          # corpus: text -> flite audio -> phonemes + features
+  bittts train --data data --out run --preset all     # JETS + HiFi-GAN with 1.58-bit QAT
+  bittts export run -o bittts.safetensors             # the inference model as a ternq packed file
+  bittts synthesize --model bittts.safetensors --text "Hello there." -o hello.wav
+  bittts evaluate --model bittts.safetensors --sentences test.txt --out report
+
+`bittts COMMAND --help` lists a command's options."""
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; only `command`'s module is imported (the others may need heavy or missing dependencies)."""
-    parser = argparse.ArgumentParser(prog="bittts", description=__doc__)
+    parser = argparse.ArgumentParser(prog="bittts", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
