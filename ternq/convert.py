@@ -21,7 +21,7 @@ from torch import nn
 
 from .config import QuantConfig, TernaryConfig
 from .errors import AlreadyQuantizedError, ConversionError, UnsupportedLayerError
-from .functional import FunctionalQuant, install, uninstall
+from .functional import FunctionalQuant, functional_quants, install, uninstall
 from .graph import Analysis, analyze, walk_modules
 from .layers import is_quantized, to_float_module, to_quant_module
 from .selectors import Decision, decide
@@ -212,7 +212,7 @@ def dequantize(model: M) -> M:
             for attr in ("ternq_rule", "ternq_path"):
                 fmodule.__dict__.pop(attr, None)
             floats[id(module)] = (module, fmodule)
-        fqs = [m for m in module._modules.values() if isinstance(m, FunctionalQuant)]
+        fqs = functional_quants(module)
         if fqs:
             owners.append(module)
             for fq in fqs:

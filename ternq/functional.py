@@ -123,18 +123,15 @@ class InterceptedForward:
             return forward(*args, **kwargs)
 
 
-def install(owner: nn.Module, fqs: list[FunctionalQuant]) -> list[str]:
-    """Register `fqs` on `owner` as ``ternq_fq_<n>`` and intercept its forward; returns the names used."""
-    names = []
+def install(owner: nn.Module, fqs: list[FunctionalQuant]) -> None:
+    """Register `fqs` on `owner` as ``ternq_fq_<n>`` (the first free names) and intercept its forward."""
     n = 0
     for fq in fqs:
         while f"ternq_fq_{n}" in owner._modules or hasattr(owner, f"ternq_fq_{n}"):
             n += 1
         owner._modules[f"ternq_fq_{n}"] = fq
-        names.append(f"ternq_fq_{n}")
     if not isinstance(owner.__dict__.get("forward"), InterceptedForward):
         owner.__dict__["forward"] = InterceptedForward(owner, owner.__dict__.get("forward"))
-    return names
 
 
 def uninstall(owner: nn.Module) -> None:

@@ -308,6 +308,9 @@ def _reason(error: Exception) -> str:
     return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
+_REPARAMETRIZATIONS = {"WeightNorm": "weight_norm", "SpectralNorm": "spectral_norm"}
+
+
 def describe_type(module: nn.Module) -> str:
     """Layer type for reports: the user-visible class plus its weight reparametrization, if any."""
     spec = layer_spec(module)
@@ -317,11 +320,11 @@ def describe_type(module: nn.Module) -> str:
         for plist in module.parametrizations.values():
             for p in plist:
                 kind = type(p).__name__.lstrip("_")
-                extras.append({"WeightNorm": "weight_norm", "SpectralNorm": "spectral_norm"}.get(kind, kind))
-    for hook in module._forward_pre_hooks.values():
+                extras.append(_REPARAMETRIZATIONS.get(kind, kind))
+    for hook in module._forward_pre_hooks.values():  # the legacy weight_norm / spectral_norm hooks
         kind = type(hook).__name__
-        if kind in ("WeightNorm", "SpectralNorm"):
-            extras.append("weight_norm" if kind == "WeightNorm" else "spectral_norm")
+        if kind in _REPARAMETRIZATIONS:
+            extras.append(_REPARAMETRIZATIONS[kind])
     return f"{base.__name__}[{','.join(extras)}]" if extras else base.__name__
 
 

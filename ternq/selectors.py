@@ -83,7 +83,8 @@ def _selector_kind(selector: object) -> str:
         return "regex" if selector.startswith("re:") else "glob"
     if isinstance(selector, type):
         if not issubclass(selector, nn.Module):
-            raise SelectorError(f"selector {selector.__name__} is a type but not an nn.Module subclass")
+            raise SelectorError(f"selector {selector.__name__} is a type but not an nn.Module subclass: select "
+                                "layers by their module type, e.g. nn.Linear")
         return "type"
     if callable(selector):
         return "callable"
@@ -182,7 +183,12 @@ def _as_rules(items: object, what: str) -> list[Rule]:
         items = [items]
     if not isinstance(items, Sequence):
         raise SelectorError(f"{what}={items!r}: expected a list of selectors / ternq.Rule, or None")
-    rules = [item if isinstance(item, Rule) else Rule(item) for item in items]
+    rules = []
+    for i, item in enumerate(items):
+        try:
+            rules.append(item if isinstance(item, Rule) else Rule(item))
+        except SelectorError as e:  # say which entry is wrong
+            raise SelectorError(f"{what}[{i}]: {e}") from None
     if what == "exclude":
         for i, rule in enumerate(rules):
             if rule.config is not None:
