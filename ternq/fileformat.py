@@ -569,8 +569,10 @@ class _PackedFunctional(FunctionalQuant):
     """Inference form of a quantized functional call: holds int8 codes and scales, no float weight.
 
     The owner's parameter becomes a zero-stride placeholder of the right shape (no memory), so the owner's
-    forward runs unchanged; the interception (`ternq.functional`) routes the call here, which computes it with
-    ``codes * scale`` on the quantized input, exactly as the QAT model does.
+    forward runs unchanged; the interception (`ternq.functional`) routes the call here. ``F.linear`` calls run on
+    a `ternq.runtime` packed Linear sharing the codes (its int8 kernels, picked by timing, within the runtime's
+    documented tolerance of the QAT model); convolutions compute the op with ``codes * scale`` on the quantized
+    input, exactly as the QAT model does.
     """
 
     def __init__(self, op: str, param: str, config: QuantConfig, codes: Tensor, scale: Tensor,
@@ -580,7 +582,25 @@ class _PackedFunctional(FunctionalQuant):
         self.register_buffer("scale", scale, persistent=False)
         self.weight_dtype = weight_dtype
 
+    def _runtime_linear(self) -> nn.Module:
+        """A packed Linear on this call's codes (same storage), kept outside ``_modules`` so that packing and
+        ``named_modules`` see only this call; rebuilt when the buffers move (``.to(device)``)."""
+        key = (self.codes.data_ptr(), self.scale.data_ptr(), self.codes.device)
+        cached = self.__dict__.get("_runtime")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        out_features, in_features = self.codes.shape
+        with torch.device("meta"):
+            skeleton = nn.Linear(in_features, out_features, bias=False)
+        layer = packed_layer(skeleton, self.codes, self.scale, self.qconfig, layer_spec(skeleton))
+        self.__dict__["_runtime"] = (key, layer)
+        return layer
+
     def forward(self, input: Tensor, weight: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if self.op == "linear" and input.is_floating_point() and self.codes.dim() == 2:
+            bias = args[0] if args else kwargs.get("bias")
+            y = self._runtime_linear()(input)
+            return y if bias is None else y + bias
         w = dequantize_weight(self.codes, self.scale, self.qconfig, 0, input.dtype if input.is_floating_point()
                               else self.weight_dtype)
         return _FUNCTIONAL_OPS[self.op](self.quantize_input(input), w, *args, **kwargs)

@@ -159,6 +159,24 @@ def test_mixed_model_round_trip(tmp_path):
     assert repacked["selection"]["quantized"] == original["selection"]["quantized"]
 
 
+def test_functional_linear_runs_on_runtime_kernels():
+    """A loaded F.linear call computes on a packed runtime Linear that shares the call's codes (no copy),
+    matches the QAT call within the runtime tolerance, and still gives the input a gradient (weight_only)."""
+    model = mixed_qat()
+    loaded = ternq.load_packed(ternq.pack(model), Mixed()).eval()
+    fq = loaded.ternq_fq_0
+    x = tokens()
+    with torch.no_grad():
+        assert_close_to_qat(loaded(x), model(x))
+    runtime = fq.__dict__["_runtime"][1]
+    assert is_packed(runtime) and runtime.qweight.data_ptr() == fq.codes.data_ptr()
+    assert runtime.kernel in ("int8_gemm", "int8_gemm_t", "weight_only")
+    assert not any(m is runtime for m in loaded.modules())  # not a site of its own when re-packing
+    h = torch.randn(2, 6, requires_grad=True)
+    fq(h, loaded.proj).sum().backward()
+    assert h.grad is not None and runtime.kernel == "weight_only"
+
+
 def test_a_quantized_skeleton_works_too():
     model = mixed_qat()
     skeleton = ternq.quantize(Mixed(), include=[*RULES, nn.Embedding], exclude=["head"])
