@@ -130,7 +130,8 @@ class QuantMixin:
 
     def extra_repr(self) -> str:
         base = super().extra_repr()  # type: ignore[misc]
-        return f"{base}, qconfig={self.qconfig.name}/{self.qconfig.granularity}, act_bits={self.qconfig.act_bits}"
+        extra = ", act_granularity=tensor" if self.qconfig.act_granularity == "tensor" else ""
+        return f"{base}, qconfig={self.qconfig.name}/{self.qconfig.granularity}, act_bits={self.qconfig.act_bits}{extra}"
 
 
 def _legacy_weight_hook(module: nn.Module, name: str) -> Any:

@@ -377,8 +377,9 @@ class PackedLayer:
     def extra_repr(self) -> str:
         base = super().extra_repr()  # type: ignore[misc]
         cfg = self.qconfig
-        return (f"{base}, qconfig={cfg.name}/{cfg.granularity}, act_bits={cfg.act_bits}, storage={self.storage}, "
-                f"kernel={self.kernel}")
+        extra = ", act_granularity=tensor" if cfg.act_granularity == "tensor" else ""
+        return (f"{base}, qconfig={cfg.name}/{cfg.granularity}, act_bits={cfg.act_bits}{extra}, "
+                f"storage={self.storage}, kernel={self.kernel}")
 
 
 def _int_mm(a: Tensor, b: Tensor, scratch: str | None = None) -> Tensor:
