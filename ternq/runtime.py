@@ -92,6 +92,7 @@ _STORAGES = ("int8", "packed")
 
 # ((layer class, geometry, storage), input bucket, dtype, device, threads) -> kernel name
 _CHOICES: dict[tuple[Any, ...], str] = {}
+_GENERATION = [0]
 
 
 def kernel_choices() -> dict[tuple[Any, ...], str]:
@@ -102,6 +103,7 @@ def kernel_choices() -> dict[tuple[Any, ...], str]:
 def reset_kernel_choices() -> None:
     """Forget the timed choices (e.g. after changing the thread count deliberately)."""
     _CHOICES.clear()
+    _GENERATION[0] += 1  # invalidates every layer's memo of its last choice
 
 
 # --- sub-byte storage ------------------------------------------------------------------------------------------
@@ -279,6 +281,20 @@ class PackedLayer:
         return tuple(_pow2(d) for d in x.shape)
 
     def _pick(self, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        """The kernel for this call. The layer memoizes its last automatic choice per input shape, dtype, device,
+        thread count and $TERNQ_KERNEL: repeated calls of one shape (decoding token by token) skip the lookup,
+        which costs ~10 us per call with caches cold after a GEMM."""
+        if self._forced is None and not (torch.is_grad_enabled() and x.requires_grad):
+            key = (x.shape, x.dtype, x.device, torch.get_num_threads(), os.environ.get(KERNEL_ENV), _GENERATION[0])
+            memo = self.__dict__.get("_memo")
+            if memo is not None and memo[0] == key:
+                return memo[1]
+            choice = self._pick_uncached(x, args, kwargs)
+            self.__dict__["_memo"] = (key, choice)
+            return choice
+        return self._pick_uncached(x, args, kwargs)
+
+    def _pick_uncached(self, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
         applicable = self._applicable(x)
         needs_grad = torch.is_grad_enabled() and x.requires_grad
         if self._forced is not None:
@@ -343,7 +359,7 @@ class PackedLayer:
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         name = self._pick(x, args, kwargs)
-        self._last = name
+        self.__dict__["_last"] = name  # not nn.Module.__setattr__: ~8 us per call with caches cold
         return getattr(self, "_k_" + name)(x, *args, **kwargs)
 
     def quantize_input(self, x: Tensor) -> Tensor:
@@ -862,6 +878,7 @@ def packed_layer(float_module: nn.Module, codes: Tensor, scale: Tensor, config: 
     for attr in ("qweight", "scale"):
         layer._buffers.pop(attr, None)
     layer.__dict__.pop("_geometry_key", None)  # re-packing: the storage may change
+    layer.__dict__.pop("_memo", None)
     layer.__dict__.pop("qconfig", None)
     layer._init_packed(codes.to(torch.int8), scale, config, spec, kernel, storage)
     return layer  # type: ignore[return-value]

@@ -305,6 +305,43 @@ def test_kernel_selection_env_and_override(monkeypatch: pytest.MonkeyPatch) -> N
         forced(torch.randn(4, 9))  # unbatched input: weight_only only
 
 
+def test_memoized_choice_follows_env_and_reset(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The per-layer memo of the last automatic choice never outlives what it depends on."""
+    import ternq.runtime
+
+    torch.manual_seed(0)
+    layer = pack(nn.Linear(32, 16), TernaryConfig())
+    timed = []
+    original = ternq.runtime.PackedLayer._time_kernels
+
+    def spy(self, *args, **kwargs):
+        timed.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ternq.runtime.PackedLayer, "_time_kernels", spy)
+    ternq.runtime.reset_kernel_choices()
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        layer(x)
+        first = layer.kernel
+        layer(x)
+        assert len(timed) == 1 and layer.kernel == first
+        monkeypatch.setenv(KERNEL_ENV, "weight_only")
+        layer(x)
+        assert layer.kernel == "weight_only"
+        monkeypatch.delenv(KERNEL_ENV)
+        layer(x)
+        assert layer.kernel == first and len(timed) == 1
+        ternq.runtime.reset_kernel_choices()
+        layer(x)
+        assert len(timed) == 2
+        layer(torch.randn(2, 2, 32))  # another shape, same bucket of 4 rows: looked up, not timed again
+        assert len(timed) == 2
+    x.requires_grad_(True)
+    layer(x).sum().backward()
+    assert layer.kernel == "weight_only" and x.grad is not None
+
+
 def test_gradient_to_input_uses_weight_only() -> None:
     torch.manual_seed(0)
     layer = pack(nn.Linear(16, 8), TernaryConfig())
