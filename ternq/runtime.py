@@ -177,7 +177,7 @@ class PackedLayer:
     # -- construction -------------------------------------------------------------------------------------------
 
     def _init_packed(self, codes: Tensor, scale: Tensor, config: QuantConfig, spec: LayerSpec,
-                     kernel: str | None, storage: str | None) -> None:
+                     kernel: str | None, storage: str | None, float_dtype: torch.dtype = torch.float32) -> None:
         self.qconfig = config
         self.spec = spec
         self._ternq_spec = spec  # what QuantMixin.quantize_input reads
@@ -193,6 +193,7 @@ class PackedLayer:
         qweight = layout if self._bits == 8 else _pack_rows(layout, self._bits)
         self.register_buffer("qweight", qweight, persistent=False)  # type: ignore[attr-defined]
         self.register_buffer("scale", scale.to(torch.float32).contiguous(), persistent=False)  # type: ignore[attr-defined]
+        self.float_dtype = float_dtype  # the float weight's dtype: the output dtype of integer-index inputs
         self._forced: str | None = None
         self._last: str | None = None
         if kernel is not None and kernel != "auto":
@@ -229,6 +230,11 @@ class PackedLayer:
         """``codes * scale`` in the weight's shape: a fresh tensor, not kept by the layer."""
         w = dequantize_weight(self.codes, self.scale, self.qconfig, self.spec.weight_out_dim)
         return w.to(dtype)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        # .half() / .to(dtype) cast the float parameters: the output dtype of integer-index inputs follows them
+        self.float_dtype = fn(torch.empty(0, dtype=self.float_dtype)).dtype
+        return super()._apply(fn, recurse)  # type: ignore[misc]
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -386,7 +392,7 @@ class PackedLayer:
         return t.to(torch.int8), s.to(torch.float32)
 
     def _k_weight_only(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        dtype = x.dtype if x.is_floating_point() else self.scale.dtype
+        dtype = x.dtype if x.is_floating_point() else self.float_dtype
         w = self.dequantized_weight(dtype)
         return self.spec.forward(self, self.quantize_input(x), w, *args, **kwargs)
 
@@ -729,7 +735,7 @@ class PackedEmbedding(PackedLayer, nn.Embedding):
         else:
             expanded = self.scale[x].repeat_interleave(cfg.group_size, dim=-1)[..., :out.shape[-1]]
             out.mul_(expanded)
-        return out.to(self.scale.dtype)
+        return out.to(self.float_dtype)
 
 
 _BUILTIN: dict[type[nn.Module], type[PackedLayer]] = {
@@ -772,6 +778,23 @@ def _weight_shape(module: nn.Module, name: str) -> tuple[int, ...] | None:
                 return tuple(t.shape)
     t = module._parameters.get(name, module._buffers.get(name, getattr(module, name, None)))
     return tuple(t.shape) if isinstance(t, Tensor) else None
+
+
+def _weight_dtype(module: nn.Module, name: str) -> torch.dtype:
+    """dtype of the float weight without computing it (float32 when it cannot be told)."""
+    if isinstance(module, PackedLayer):
+        return module.float_dtype
+    if parametrize.is_parametrized(module, name):
+        originals = [t for t in module.parametrizations[name].parameters()]  # type: ignore[union-attr,index]
+        return originals[0].dtype if originals else torch.float32
+    hook = _legacy_weight_hook(module, name)
+    if hook is not None:
+        for suffix in ("_v", "_orig"):
+            t = getattr(module, name + suffix, None)
+            if isinstance(t, Tensor):
+                return t.dtype
+    t = module._parameters.get(name, module._buffers.get(name, getattr(module, name, None)))
+    return t.dtype if isinstance(t, Tensor) and t.is_floating_point() else torch.float32
 
 
 def _expected_scale_shape(shape: tuple[int, ...], config: QuantConfig, out_dim: int) -> tuple[int, ...]:
@@ -851,6 +874,7 @@ def packed_layer(float_module: nn.Module, codes: Tensor, scale: Tensor, config: 
     if not isinstance(scale, Tensor) or not scale.is_floating_point():
         raise FormatError("packed_layer: scale must be a float tensor")
     shape = _weight_shape(float_module, name)
+    float_dtype = _weight_dtype(float_module, name)
     if shape is not None and tuple(codes.shape) != shape:
         raise ArchitectureMismatchError(f"packed_layer: codes of shape {tuple(codes.shape)} do not fit "
                                         f"{type(float_module).__name__}.{name} of shape {shape}")
@@ -880,7 +904,7 @@ def packed_layer(float_module: nn.Module, codes: Tensor, scale: Tensor, config: 
     layer.__dict__.pop("_geometry_key", None)  # re-packing: the storage may change
     layer.__dict__.pop("_memo", None)
     layer.__dict__.pop("qconfig", None)
-    layer._init_packed(codes.to(torch.int8), scale, config, spec, kernel, storage)
+    layer._init_packed(codes.to(torch.int8), scale, config, spec, kernel, storage, float_dtype)
     return layer  # type: ignore[return-value]
 
 

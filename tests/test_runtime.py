@@ -170,6 +170,25 @@ def test_conv_padding_same_unbatched_and_output_size() -> None:
     assert_matches_qat(nn.Embedding(10, 6, max_norm=0.5), config, torch.randint(0, 10, (5,)))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kernel", ["gather", "weight_only"])
+def test_embedding_of_half_model_returns_its_dtype(dtype: torch.dtype, kernel: str) -> None:
+    """The QAT Embedding of a float16 / bfloat16 model returns that dtype: so must the packed one (a float32
+    output would reach the model's next float16 layer)."""
+    torch.manual_seed(0)
+    layer = nn.Embedding(10, 6).to(dtype)
+    qat, _, _ = qat_and_codes(layer, TernaryConfig())
+    packed = pack(layer, TernaryConfig(), kernel=kernel)
+    ids = torch.randint(0, 10, (2, 3))
+    with torch.no_grad():
+        expected = qat(ids)
+        got = packed(ids)
+    assert got.dtype == expected.dtype == dtype
+    torch.testing.assert_close(got, expected)
+    with torch.no_grad():
+        assert packed.float()(ids).dtype == torch.float32  # casting the model casts the output, as for QAT
+
+
 def test_bitts_shaped_stack_close_to_qat() -> None:
     """A BitTTS-like Conv1d stack (paper config) and a 4-layer MLP: int8 kernels stay within the tolerance."""
     torch.manual_seed(0)
