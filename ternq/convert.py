@@ -206,12 +206,19 @@ def dequantize(model: M) -> M:
     floats: dict[int, tuple[nn.Module, nn.Module]] = {}
     writes: list[tuple[torch.Tensor, torch.Tensor]] = []
     owners: list[nn.Module] = []
+    tied: dict[int, nn.Parameter] = {}  # id(shared float weight) -> the first layer's new hard weight
     for module in modules.values():
         if is_quantized(module) and id(module) not in floats:
             fmodule = to_float_module(module)
             for attr in ("ternq_rule", "ternq_path"):
                 fmodule.__dict__.pop(attr, None)
             floats[id(module)] = (module, fmodule)
+            name = module._ternq_spec.weight_name
+            weight, hard = module._parameters.get(name), fmodule._parameters[name]
+            if weight is not None:  # a plain weight Parameter, possibly tied to other layers: keep the tie
+                first = tied.setdefault(id(weight), hard)
+                if first is not hard and torch.equal(first, hard):
+                    fmodule._parameters[name] = first
         fqs = functional_quants(module)
         if fqs:
             owners.append(module)

@@ -418,6 +418,29 @@ def test_dequantize_gives_plain_float_layers_with_hard_weights():
     ternq.quantize(wrap)  # a dequantized model is a float model again
 
 
+class TiedPair(nn.Module):
+    """Two Linears sharing one weight Parameter (weight tying, as in embedding / output-layer pairs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 6)
+        self.b = nn.Linear(6, 6)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+def test_dequantize_keeps_tied_weights_tied():
+    torch.manual_seed(0)
+    model = ternq.dequantize(ternq.quantize(TiedPair()))
+    assert model.a.weight is model.b.weight  # training the result must keep updating one weight
+    assert len(list(model.parameters())) == 3
+    untied = ternq.quantize(TiedPair(), include=[ternq.Rule("a", ternq.KBitConfig(bits=4)), "b"])
+    untied = ternq.dequantize(untied)  # two configs give two different hard weights: they cannot stay tied
+    assert not torch.equal(untied.a.weight, untied.b.weight)
+
+
 def test_float_checkpoints_load_both_ways():
     float_model = TTS()
     quantized = ternq.quantize(TTS())
