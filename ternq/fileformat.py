@@ -487,12 +487,13 @@ def load_packed(source: str | os.PathLike[str] | bytes | PackedModel, model: nn.
         if progress:
             steps = tqdm(steps, desc="loading", unit="tensor")
         leftovers: dict[str, Tensor] = {}
+        tied: dict[int, tuple[Tensor, nn.Parameter]] = {}
         root = model
         for step in steps:
             if isinstance(step, str):
                 _load_float(src, manifest, model, step, leftovers)
             else:
-                root = _load_layer(src, manifest, root, step, aliases, dequantize)
+                root = _load_layer(src, manifest, root, step, aliases, dequantize, tied)
                 step.module = None  # the float layer can go now: peak memory stays that of the skeleton
         if leftovers:
             root.load_state_dict(leftovers, strict=False)
@@ -539,9 +540,12 @@ def _load_float(source: Source, manifest: Manifest, model: nn.Module, name: str,
 
 
 def _load_layer(source: Source, manifest: Manifest, root: nn.Module, p: _Placement,
-                aliases: dict[int, list[str]], dequantize: bool) -> nn.Module:
+                aliases: dict[int, list[str]], dequantize: bool,
+                tied: dict[int, tuple[Tensor, nn.Parameter]]) -> nn.Module:
+    """`tied`: skeleton weight Parameter (by id) -> (it, the Parameter loaded for it), so that tied weights stay
+    tied under ``dequantize=True``."""
     assert p.module is not None
-    if p.spec is not None:
+    if p.spec is not None and not dequantize:
         _drop_float_weight(p.module, p.record.weight)
     codes, scale = decode_weight(source, manifest, p.record)
     dtype = _TORCH_DTYPE[p.record.dtype]
@@ -552,9 +556,17 @@ def _load_layer(source: Source, manifest: Manifest, root: nn.Module, p: _Placeme
             _install_packed_functional(p.module, p.record, codes, scale, p.config, dtype)
         return root
     if dequantize:
-        weight = p.module._parameters[p.record.weight]
+        name = p.record.weight
+        weight = p.module._parameters[name]
         value = dequantize_weight(codes, scale, p.config, p.record.out_dim, weight.dtype)
-        _assign(p.module, p.record.weight, value)
+        first = tied.get(id(weight))
+        if first is None:
+            _assign(p.module, name, value)
+            tied[id(weight)] = (weight, p.module._parameters[name])  # type: ignore[assignment]
+        elif torch.equal(first[1], value):  # a weight shared with an earlier layer: keep sharing it
+            p.module._parameters[name] = first[1]
+        else:  # shared in the skeleton, but packed with another config: its own weight
+            p.module._parameters[name] = nn.Parameter(value, requires_grad=weight.requires_grad)
         return root
     new = packed_layer(p.module, codes, scale, p.config, p.spec)
     if p.record.rule is not None:

@@ -230,6 +230,27 @@ def test_dequantize_option_gives_float_layers_with_hard_weights(tmp_path):
         ternq.load_packed(ternq.pack(mixed_qat()), Mixed(), dequantize=True)
 
 
+def tied_pair() -> nn.Module:
+    model = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 6))
+    model[1].weight = model[0].weight
+    return model
+
+
+@pytest.mark.parametrize("meta", [False, True])
+def test_dequantize_option_keeps_tied_weights_tied(meta: bool):
+    torch.manual_seed(0)
+    model = ternq.quantize(tied_pair()).eval()
+    with torch.device("meta" if meta else "cpu"):
+        skeleton = tied_pair()
+    loaded = ternq.load_packed(ternq.pack(model), skeleton, dequantize=True)
+    assert loaded[0].weight is loaded[1].weight  # resumed training keeps updating one weight
+    assert torch.equal(loaded[0].weight, model[0].hard_weight())
+    two = ternq.quantize(tied_pair(), include=[Rule("0", KBitConfig(bits=4)), "1"]).eval()
+    loaded = ternq.load_packed(ternq.pack(two), tied_pair(), dequantize=True)  # two configs: two hard weights
+    for i in range(2):
+        assert torch.equal(loaded[i].weight, two[i].hard_weight())
+
+
 def test_in_memory_pack_is_the_file(tmp_path, mlp_file):
     model, path = mlp_file
     packed = ternq.pack(model)
