@@ -542,10 +542,11 @@ def _load_float(source: Source, manifest: Manifest, model: nn.Module, name: str,
 def _load_layer(source: Source, manifest: Manifest, root: nn.Module, p: _Placement,
                 aliases: dict[int, list[str]], dequantize: bool,
                 tied: dict[int, tuple[Tensor, nn.Parameter]]) -> nn.Module:
-    """`tied`: skeleton weight Parameter (by id) -> (it, the Parameter loaded for it), so that tied weights stay
-    tied under ``dequantize=True``."""
+    """`tied`: skeleton weight Parameter (by id) -> (it, the new Parameter loaded for it), so that weights tied
+    between packed layers stay tied under ``dequantize=True`` (a float module sharing it keeps the float one)."""
     assert p.module is not None
-    if p.spec is not None and not dequantize:
+    weight = p.module._parameters.get(p.record.weight) if p.spec is not None else None
+    if p.spec is not None:
         _drop_float_weight(p.module, p.record.weight)
     codes, scale = decode_weight(source, manifest, p.record)
     dtype = _TORCH_DTYPE[p.record.dtype]
@@ -556,17 +557,15 @@ def _load_layer(source: Source, manifest: Manifest, root: nn.Module, p: _Placeme
             _install_packed_functional(p.module, p.record, codes, scale, p.config, dtype)
         return root
     if dequantize:
-        name = p.record.weight
-        weight = p.module._parameters[name]
+        assert weight is not None
         value = dequantize_weight(codes, scale, p.config, p.record.out_dim, weight.dtype)
         first = tied.get(id(weight))
-        if first is None:
-            _assign(p.module, name, value)
-            tied[id(weight)] = (weight, p.module._parameters[name])  # type: ignore[assignment]
-        elif torch.equal(first[1], value):  # a weight shared with an earlier layer: keep sharing it
-            p.module._parameters[name] = first[1]
-        else:  # shared in the skeleton, but packed with another config: its own weight
-            p.module._parameters[name] = nn.Parameter(value, requires_grad=weight.requires_grad)
+        if first is not None and torch.equal(first[1], value):  # shared with an earlier layer: keep sharing it
+            p.module._parameters[p.record.weight] = first[1]
+        else:
+            param = nn.Parameter(value, requires_grad=weight.requires_grad)
+            p.module._parameters[p.record.weight] = param
+            tied.setdefault(id(weight), (weight, param))
         return root
     new = packed_layer(p.module, codes, scale, p.config, p.spec)
     if p.record.rule is not None:

@@ -1,6 +1,7 @@
 """save_packed / load_packed / pack: the file round trip, interop with plain safetensors, and clear errors."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -249,6 +250,13 @@ def test_dequantize_option_keeps_tied_weights_tied(meta: bool):
     loaded = ternq.load_packed(ternq.pack(two), tied_pair(), dequantize=True)  # two configs: two hard weights
     for i in range(2):
         assert torch.equal(loaded[i].weight, two[i].hard_weight())
+    # an Embedding kept float, tied to a quantized output Linear: the Embedding keeps its float weight
+    lm = nn.Sequential(nn.Embedding(6, 6), nn.Linear(6, 6, bias=False))
+    lm[1].weight = lm[0].weight
+    skeleton = copy.deepcopy(lm)
+    ternq.quantize(lm)
+    loaded = ternq.load_packed(ternq.pack(lm), skeleton, dequantize=True)
+    assert torch.equal(loaded[0].weight, lm[0].weight) and torch.equal(loaded[1].weight, lm[1].hard_weight())
 
 
 def test_in_memory_pack_is_the_file(tmp_path, mlp_file):
