@@ -107,6 +107,9 @@ def _aliases(model: nn.Module) -> dict[int, list[str]]:
 
 def _collect_sites(model: nn.Module) -> list[_Site]:
     aliases = _aliases(model)
+    holders: dict[int, int] = {}  # id(parameter) -> how many module attributes hold it
+    for _, param in model.named_parameters(remove_duplicate=False):
+        holders[id(param)] = holders.get(id(param), 0) + 1
     sites: list[_Site] = []
     for path, module in model.named_modules():
         rule = getattr(module, "ternq_rule", None)
@@ -138,7 +141,11 @@ def _collect_sites(model: nn.Module) -> list[_Site]:
                 dtype = param.dtype
             site = _Site(_join(owner_path, module.param), owner_path, module.param, f"F.{module.op}", 0, codes,
                          scale, module.qconfig, dtype, rule)
-            site.owned = {_join(alias, module.param) for alias in aliases[id(owner)]}
+            # a parameter of a submodule (emb.weight of an Embedding kept float) or tied to another one may be
+            # read by other code too: it stays stored in float beside its codes
+            param = owner.get_parameter(module.param)
+            if "." not in module.param and holders.get(id(param), 0) <= len(aliases[id(owner)]):
+                site.owned = {_join(alias, module.param) for alias in aliases[id(owner)]}
             sites.append(site)
     return sites
 
@@ -378,7 +385,8 @@ def _get_module(model: nn.Module, path: str) -> nn.Module | None:
         return None
 
 
-def _place(source: Source, model: nn.Module, record: LayerRecord, aliases: dict[int, list[str]]) -> _Placement:
+def _place(source: Source, model: nn.Module, record: LayerRecord, aliases: dict[int, list[str]],
+           floats: set[str]) -> _Placement:
     what = f"layer {record.key!r} ({record.type})"
     try:
         config = QuantConfig.from_dict(record.config)
@@ -395,6 +403,8 @@ def _place(source: Source, model: nn.Module, record: LayerRecord, aliases: dict[
                                     f"{record.weight!r}") from None
         spec = None
         owned = {_join(a, record.weight) for a in aliases[id(module)]}
+        if owned & floats:  # stored in float too (see `_collect_sites`): the parameter stays, with its values
+            owned = set()
     else:
         spec = layer_spec(module)
         if spec is None or _type_name(spec.float_type) != record.type:
@@ -471,7 +481,8 @@ def load_packed(source: str | os.PathLike[str] | bytes | PackedModel, model: nn.
     with Source(data) as src:
         manifest = read_manifest(read_header(src))
         aliases = _aliases(model)
-        placements = [_place(src, model, r, aliases) for r in manifest.layers.values()]
+        floats = [r.name for r in manifest.tensors.values() if r.role == "float"]
+        placements = [_place(src, model, r, aliases, set(floats)) for r in manifest.layers.values()]
         seen: dict[int, str] = {}
         for p in placements:
             if p.spec is not None and seen.setdefault(id(p.module), p.record.key) != p.record.key:
@@ -482,7 +493,6 @@ def load_packed(source: str | os.PathLike[str] | bytes | PackedModel, model: nn.
         if dequantize:
             _check_dequantizable(src, placements)
         _verify_checksums(src, manifest)
-        floats = [r.name for r in manifest.tensors.values() if r.role == "float"]
         steps: Iterable[Any] = [*floats, *placements]
         if progress:
             steps = tqdm(steps, desc="loading", unit="tensor")
@@ -554,7 +564,7 @@ def _load_layer(source: Source, manifest: Manifest, root: nn.Module, p: _Placeme
         if dequantize:
             _assign(p.module, p.record.weight, dequantize_weight(codes, scale, p.config, 0, dtype))
         else:
-            _install_packed_functional(p.module, p.record, codes, scale, p.config, dtype)
+            _install_packed_functional(p.module, p.record, codes, scale, p.config, dtype, keep=not p.owned)
         return root
     if dequantize:
         assert weight is not None
@@ -579,7 +589,8 @@ def _load_layer(source: Source, manifest: Manifest, root: nn.Module, p: _Placeme
 class _PackedFunctional(FunctionalQuant):
     """Inference form of a quantized functional call: holds int8 codes and scales, no float weight.
 
-    The owner's parameter becomes a zero-stride placeholder of the right shape (no memory), so the owner's
+    The owner's parameter becomes a zero-stride placeholder of the right shape (no memory; unless other code may
+    read it too, a submodule's or a tied parameter, which the file then stores in float as well), so the owner's
     forward runs unchanged; the interception (`ternq.functional`) routes the call here. ``F.linear`` calls run on
     a `ternq.runtime` packed Linear sharing the codes (its int8 kernels, picked by timing, within the runtime's
     documented tolerance of the QAT model); convolutions compute the op with ``codes * scale`` on the quantized
@@ -621,14 +632,16 @@ _FUNCTIONAL_OPS = {"linear": F.linear, "conv1d": F.conv1d, "conv2d": F.conv2d}
 
 
 def _install_packed_functional(owner: nn.Module, record: LayerRecord, codes: Tensor, scale: Tensor,
-                               config: QuantConfig, dtype: torch.dtype) -> None:
+                               config: QuantConfig, dtype: torch.dtype, keep: bool = False) -> None:
+    """`keep`: the parameter was loaded in float too (other code reads it): no placeholder."""
     op = record.type.removeprefix("F.")
     if op not in _FUNCTIONAL_OPS:
         raise FormatError(f"layer {record.key!r}: unknown functional op {record.type!r}")
     module_path, _, name = record.weight.rpartition(".")
     holder = owner.get_submodule(module_path)
-    placeholder = torch.zeros((), dtype=dtype).expand(record.shape)
-    holder._parameters[name] = nn.Parameter(placeholder, requires_grad=False)
+    if not keep:
+        placeholder = torch.zeros((), dtype=dtype).expand(record.shape)
+        holder._parameters[name] = nn.Parameter(placeholder, requires_grad=False)
     for name, module in list(owner._modules.items()):  # a QAT skeleton's own quantizer of this weight
         if isinstance(module, FunctionalQuant) and module.param == record.weight:
             del owner._modules[name]

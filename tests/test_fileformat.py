@@ -160,6 +160,35 @@ def test_mixed_model_round_trip(tmp_path):
     assert repacked["selection"]["quantized"] == original["selection"]["quantized"]
 
 
+class TiedHead(nn.Module):
+    """A language-model head tied to the input embedding by a functional call: ``F.linear(h, emb.weight)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 8)
+        self.mid = nn.Linear(8, 8)
+
+    def forward(self, ids):
+        return F.linear(self.mid(self.emb(ids)), self.emb.weight)
+
+
+@pytest.mark.parametrize("meta", [False, True])
+def test_functional_call_on_a_weight_another_module_uses(meta: bool):
+    """The Embedding (kept float) still reads its float weight after loading; F.linear reads the codes."""
+    torch.manual_seed(0)
+    model = ternq.quantize(TiedHead()).eval()
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.device("meta" if meta else "cpu"):
+        skeleton = TiedHead()
+    loaded = ternq.load_packed(ternq.pack(model), skeleton).eval()
+    with torch.no_grad():
+        assert_close_to_qat(loaded(ids), model(ids))
+        torch.testing.assert_close(loaded.emb(ids), model.emb(ids))
+    again = ternq.load_packed(ternq.pack(loaded), TiedHead()).eval()  # a loaded model packs the same way
+    with torch.no_grad():
+        assert_close_to_qat(again(ids), model(ids))
+
+
 def test_functional_linear_runs_on_runtime_kernels():
     """A loaded F.linear call computes on a packed runtime Linear that shares the call's codes (no copy),
     matches the QAT call within the runtime tolerance, and still gives the input a gradient (weight_only)."""
