@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.conv import _ConvNd
 from torch.nn.utils import parametrize
 from torch.nn.utils.spectral_norm import SpectralNorm as _SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm as _WeightNorm
@@ -87,6 +88,9 @@ class QuantMixin:
         dim = self._ternq_spec.feature_dim
         if dim is None or not torch.is_floating_point(x):
             return x
+        if isinstance(self, _ConvNd) and x.dim() == len(self.kernel_size) + 1:
+            # an unbatched (C, ...) input: quantized exactly as the batch of one it stands for
+            return self.quantize_input(x.unsqueeze(0)).squeeze(0)
         x = normalize_input(x, self.qconfig.input_norm, dim, self.qconfig.eps)
         if self.qconfig.act_bits is not None:
             x = fake_quantize_activation(x, self.qconfig.act_bits, dim, self.qconfig.eps,

@@ -147,6 +147,20 @@ def test_convtranspose1d_output_size_argument() -> None:
     torch.testing.assert_close(y, ref)
 
 
+@pytest.mark.parametrize("act_granularity", ["token", "tensor"])
+@pytest.mark.parametrize("make,shape", [(lambda: nn.Conv1d(4, 6, 3), (4, 9)), (lambda: nn.Conv2d(4, 6, 3), (4, 5, 6)),
+                                        (lambda: nn.ConvTranspose1d(4, 6, 3, stride=2), (4, 9))])
+def test_unbatched_conv_input_is_quantized_as_a_batch_of_one(make: Callable[[], nn.Module], shape: tuple,
+                                                             act_granularity: str) -> None:
+    """An unbatched (C, ...) input holds its channels on dim 0: normalized and quantized over them, not over
+    time / height (torch's conv layers take both forms, and so must their QAT versions)."""
+    torch.manual_seed(0)
+    layer = to_quant_module(make(), TernaryConfig(act_granularity=act_granularity)).eval()
+    x = torch.randn(shape)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), layer(x[None])[0])
+
+
 def test_conversion_shares_parameters_and_leaves_the_float_layer_alone() -> None:
     torch.manual_seed(0)
     m = nn.Linear(4, 3)
