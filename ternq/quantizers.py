@@ -174,7 +174,16 @@ def activation_scale(x: Tensor, bits: int, dim: int, eps: float = 1e-5, granular
         dims = _sample_dims(x)
     else:
         raise ValueError(f"act granularity={granularity!r}: expected 'token' or 'tensor'")
-    return x.detach().abs().amax(dim=dims, keepdim=True).clamp(min=eps) / qmax
+    return absmax(x.detach(), dims).clamp(min=eps) / qmax
+
+
+def absmax(x: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """``x.abs().amax(dims, keepdim=True)``; zeros for an empty `x`, where amax refuses to reduce (no value to
+    scale, but an empty batch must still run)."""
+    if x.numel() == 0:
+        reduced = {d % x.dim() for d in dims}
+        return x.new_zeros([1 if d in reduced else n for d, n in enumerate(x.shape)])
+    return x.abs().amax(dim=dims, keepdim=True)
 
 
 def fake_quantize_activation(x: Tensor, bits: int, dim: int, eps: float = 1e-5, granularity: str = "token") -> Tensor:

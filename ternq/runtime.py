@@ -66,7 +66,7 @@ from torch.nn.utils import parametrize
 from .config import QuantConfig
 from .errors import ArchitectureMismatchError, FormatError
 from .layers import LayerSpec, QuantMixin, _legacy_weight_hook
-from .quantizers import _sample_dims, dequantize_weight, normalize_input
+from .quantizers import _sample_dims, absmax, dequantize_weight, normalize_input
 
 __all__ = [
     "KERNEL_ENV",
@@ -384,7 +384,7 @@ class PackedLayer:
         if x.numel() >= 1 << 15:
             s = torch.maximum(x.amax(dims, keepdim=True), x.amin(dims, keepdim=True).neg_())
         else:
-            s = x.abs().amax(dims, keepdim=True)
+            s = absmax(x, dims)
         s = s.clamp_(min=cfg.eps).div_(2 ** (bits - 1) - 1)
         t = torch.div(x, s, out=_scratch("act", tuple(x.shape), x.dtype, x.device)).round_()
         if x.dtype != torch.float32:  # in float32 |x / s| <= qmax * (1 + 2**-23): rounding cannot leave the range

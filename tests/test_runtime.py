@@ -189,6 +189,15 @@ def test_embedding_of_half_model_returns_its_dtype(dtype: torch.dtype, kernel: s
         assert packed.float()(ids).dtype == torch.float32  # casting the model casts the output, as for QAT
 
 
+@pytest.mark.parametrize("act_granularity", ["token", "tensor"])
+def test_empty_inputs(act_granularity: str) -> None:
+    """An empty batch (a MoE expert that got no token) gives an empty output, QAT and packed alike."""
+    config = TernaryConfig(act_granularity=act_granularity)
+    assert_matches_qat(nn.Linear(8, 4), config, torch.randn(0, 8))
+    assert_matches_qat(nn.Linear(8, 4), config, torch.randn(2, 0, 8))
+    assert_matches_qat(nn.Conv1d(8, 4, 3, padding=1), config, torch.randn(0, 8, 5))
+
+
 def test_bitts_shaped_stack_close_to_qat() -> None:
     """A BitTTS-like Conv1d stack (paper config) and a 4-layer MLP: int8 kernels stay within the tolerance."""
     torch.manual_seed(0)
