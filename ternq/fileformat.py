@@ -123,7 +123,7 @@ def _collect_sites(model: nn.Module) -> list[_Site]:
             else:
                 spec = module.spec
                 codes, scale = module.codes, module.scale
-                dtype = torch.float32  # a packed layer does not remember its float weight's dtype
+                dtype = module.float_dtype
             site = _Site(_join(path, spec.weight_name), path, spec.weight_name, _type_name(spec.float_type),
                          spec.weight_out_dim, codes, scale, module.qconfig, dtype, rule)
             local = _owned_keys(module, spec.weight_name)

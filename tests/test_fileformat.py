@@ -288,6 +288,16 @@ def test_dequantize_option_keeps_tied_weights_tied(meta: bool):
     assert torch.equal(loaded[0].weight, lm[0].weight) and torch.equal(loaded[1].weight, lm[1].hard_weight())
 
 
+def test_repacking_a_loaded_half_model_keeps_its_weight_dtype(tmp_path):
+    model = ternq.quantize(nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4)).to(torch.bfloat16))
+    loaded = ternq.load_packed(ternq.pack(model), nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4)).bfloat16())
+    for source in (model, loaded):
+        ternq.save_packed(source, tmp_path / "m.safetensors")
+        with safe_open(str(tmp_path / "m.safetensors"), framework="numpy") as f:
+            manifest = json.loads(f.metadata()[KEY_MANIFEST])
+        assert {layer["dtype"] for layer in manifest["layers"].values()} == {"BF16"}
+
+
 def test_in_memory_pack_is_the_file(tmp_path, mlp_file):
     model, path = mlp_file
     packed = ternq.pack(model)
