@@ -13,6 +13,8 @@ runs the layer with a given weight, and where its output channels and input feat
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -126,8 +128,9 @@ class QuantMixin:
         w = dequantize_weight(codes, scale, self.qconfig, self._ternq_spec.weight_out_dim)
         return w.to(self.float_weight().dtype)
 
-    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
         spec = self._ternq_spec
+        x, args = take_input(spec, args, kwargs)
         # the forward pre-hooks (legacy weight_norm / spectral_norm) have just refreshed the weight attribute
         w = fake_quantize_weight(getattr(self, spec.weight_name), self.qconfig, spec.weight_out_dim)
         return spec.forward(self, self.quantize_input(x), w, *args, **kwargs)
@@ -136,6 +139,27 @@ class QuantMixin:
         base = super().extra_repr()  # type: ignore[misc]
         extra = ", act_granularity=tensor" if self.qconfig.act_granularity == "tensor" else ""
         return f"{base}, qconfig={self.qconfig.name}/{self.qconfig.granularity}, act_bits={self.qconfig.act_bits}{extra}"
+
+
+@functools.cache
+def _input_name(float_type: type[nn.Module]) -> str | None:
+    """The name of the float layer's input argument ("input" for torch's layers), for ``layer(input=x)``."""
+    try:
+        params = list(inspect.signature(float_type.forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return None
+    return params[0].name if params and params[0].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD else None
+
+
+def take_input(spec: LayerSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, tuple[Any, ...]]:
+    """The input of a layer call and the other positional arguments; the input may come by keyword, as the
+    float layer allows (`kwargs`, a call's own dict, loses it)."""
+    if args:
+        return args[0], args[1:]
+    name = _input_name(spec.float_type)
+    if name is None or name not in kwargs:
+        raise TypeError(f"{spec.float_type.__name__}.forward() missing its input argument {name or ''}".rstrip())
+    return kwargs.pop(name), ()
 
 
 def _legacy_weight_hook(module: nn.Module, name: str) -> Any:

@@ -65,7 +65,7 @@ from torch.nn.utils import parametrize
 
 from .config import QuantConfig
 from .errors import ArchitectureMismatchError, FormatError
-from .layers import LayerSpec, QuantMixin, _legacy_weight_hook
+from .layers import LayerSpec, QuantMixin, _legacy_weight_hook, take_input
 from .quantizers import _sample_dims, absmax, dequantize_weight, normalize_input
 
 __all__ = [
@@ -363,7 +363,8 @@ class PackedLayer:
 
     # -- forward ------------------------------------------------------------------------------------------------
 
-    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        x, args = take_input(self.spec, args, kwargs)
         name = self._pick(x, args, kwargs)
         self.__dict__["_last"] = name  # not nn.Module.__setattr__: ~8 us per call with caches cold
         return getattr(self, "_k_" + name)(x, *args, **kwargs)

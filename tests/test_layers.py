@@ -161,6 +161,19 @@ def test_unbatched_conv_input_is_quantized_as_a_batch_of_one(make: Callable[[], 
         torch.testing.assert_close(layer(x), layer(x[None])[0])
 
 
+def test_input_passed_by_keyword() -> None:
+    """``layer(input=x)`` works on torch's layers, so it must on their QAT versions."""
+    torch.manual_seed(0)
+    for layer, x in [(nn.Linear(4, 3), torch.randn(2, 4)), (nn.Conv1d(4, 3, 3), torch.randn(2, 4, 6)),
+                     (nn.Embedding(5, 3), torch.tensor([1, 4]))]:
+        qat = to_quant_module(layer, TernaryConfig()).eval()
+        with torch.no_grad():
+            assert torch.equal(qat(input=x), qat(x))
+    up = to_quant_module(nn.ConvTranspose1d(4, 3, 4, stride=2, padding=1), TernaryConfig())
+    x = torch.randn(2, 4, 5)
+    assert torch.equal(up(input=x, output_size=[11]), up(x, [11]))
+
+
 def test_conversion_shares_parameters_and_leaves_the_float_layer_alone() -> None:
     torch.manual_seed(0)
     m = nn.Linear(4, 3)

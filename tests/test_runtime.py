@@ -198,6 +198,19 @@ def test_empty_inputs(act_granularity: str) -> None:
     assert_matches_qat(nn.Conv1d(8, 4, 3, padding=1), config, torch.randn(0, 8, 5))
 
 
+def test_packed_input_passed_by_keyword() -> None:
+    torch.manual_seed(0)
+    for layer, x in [(nn.Linear(4, 3), torch.randn(2, 4)), (nn.Conv1d(4, 3, 3), torch.randn(2, 4, 6)),
+                     (nn.Embedding(5, 3), torch.tensor([1, 4]))]:
+        packed = pack(layer, TernaryConfig())
+        with torch.no_grad():
+            assert torch.equal(packed(input=x), packed(x))
+    packed = pack(nn.ConvTranspose1d(4, 3, 4, stride=2, padding=1), TernaryConfig())
+    x = torch.randn(2, 4, 5)
+    with torch.no_grad():
+        assert torch.equal(packed(input=x, output_size=[11]), packed(x, [11]))
+
+
 def test_bitts_shaped_stack_close_to_qat() -> None:
     """A BitTTS-like Conv1d stack (paper config) and a 4-layer MLP: int8 kernels stay within the tolerance."""
     torch.manual_seed(0)
