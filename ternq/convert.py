@@ -200,8 +200,21 @@ def dequantize(model: M) -> M:
 
     Returns:
         `model` itself (a new object only when `model` is itself a single QAT layer).
+
+    Raises:
+        ConversionError: `model` holds packed inference layers (from `ternq.load_packed`), which have no float
+            weight; use ``load_packed(..., dequantize=True)`` instead.
     """
+    from .fileformat import _PackedFunctional  # (fileformat imports this module)
+    from .runtime import is_packed
+
     modules, _, refs = walk_modules(model)
+    for name, module in modules.items():
+        if is_packed(module) or isinstance(module, _PackedFunctional):
+            raise ConversionError(
+                f"dequantize(): {name or 'the model'!r} is a packed inference layer (from load_packed), which holds "
+                "codes, not a float weight. Load the file with ternq.load_packed(path, float_skeleton, "
+                "dequantize=True) for plain float layers")
     # compute everything first, then mutate: a failure leaves the model as it was
     floats: dict[int, tuple[nn.Module, nn.Module]] = {}
     writes: list[tuple[torch.Tensor, torch.Tensor]] = []

@@ -441,6 +441,27 @@ def test_dequantize_keeps_tied_weights_tied():
     assert not torch.equal(untied.a.weight, untied.b.weight)
 
 
+def test_dequantize_refuses_a_loaded_packed_model():
+    """A packed model has no float weight to dequantize in place: name the way that works."""
+    torch.manual_seed(0)
+
+    class Head(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(6, 4))
+            self.lin = nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.lin(F.linear(x, self.w))
+
+    model = ternq.quantize(Head())
+    for include in (None, ["lin"], ["w"]):  # packed layers, and a packed functional call
+        loaded = ternq.load_packed(ternq.pack(ternq.quantize(Head(), include=include)), Head())
+        with pytest.raises(ConversionError, match=r"load_packed\(.*dequantize=True\)"):
+            ternq.dequantize(loaded)
+    assert ternq.dequantize(model) is model
+
+
 def test_float_checkpoints_load_both_ways():
     float_model = TTS()
     quantized = ternq.quantize(TTS())
