@@ -61,7 +61,10 @@ class FunctionalQuant(nn.Module):
     def quantize_input(self, x: Tensor) -> Tensor:
         if not x.is_floating_point():
             return x
-        dim = -1 if self.op == "linear" else (1 if x.dim() == _BATCHED_DIMS[self.op] else 0)
+        if self.op != "linear" and x.dim() == _BATCHED_DIMS[self.op] - 1:
+            # an unbatched (C, ...) input: quantized exactly as the batch of one it stands for
+            return self.quantize_input(x.unsqueeze(0)).squeeze(0)
+        dim = -1 if self.op == "linear" else 1
         x = normalize_input(x, self.qconfig.input_norm, dim, self.qconfig.eps)
         if self.qconfig.act_bits is not None:
             x = fake_quantize_activation(x, self.qconfig.act_bits, dim, self.qconfig.eps,

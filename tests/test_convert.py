@@ -350,6 +350,23 @@ def test_atomic_rollback_when_a_layer_fails(monkeypatch):
     torch.testing.assert_close(model(tokens, repeats), out)
 
 
+def test_functional_conv2d_on_an_unbatched_input_is_quantized_as_a_batch_of_one():
+    torch.manual_seed(0)
+
+    class Conv(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(5, 3, 3, 3))
+
+        def forward(self, x):
+            return F.conv2d(x, self.w)
+
+    model = ternq.quantize(Conv(), config=ternq.TernaryConfig(act_granularity="tensor"))
+    x = torch.randn(3, 6, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model(x[None])[0])
+
+
 def test_atomic_rollback_when_functional_install_fails(monkeypatch):
     class Both(nn.Module):
         def __init__(self) -> None:
