@@ -5,7 +5,8 @@ import argparse
 import importlib
 import sys
 
-# subcommand -> module in bittts.commands that defines `add_arguments(parser)` and `run(args) -> int`
+# subcommand -> module in bittts.commands that defines `add_arguments(parser)` and `run(args) -> int`, and may
+# name in `USER_ERRORS` the exception types that mean bad input (reported as one line, not a traceback)
 COMMANDS = {
     "prepare": "Build a training corpus offline (flite voice + espeak-ng phonemes + features).",
     "train": "Train a BitTTS model (JETS + HiFi-GAN, optionally with ternq QAT).",
@@ -41,7 +42,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         if name == command:
             module = importlib.import_module(f"bittts.commands.{name}")
             module.add_arguments(p)
-            p.set_defaults(_run=module.run)
+            p.set_defaults(_run=module.run, _user_errors=getattr(module, "USER_ERRORS", ()))
     return parser
 
 
@@ -49,7 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command if command in COMMANDS else None).parse_args(argv)
-    return int(args._run(args) or 0)
+    try:
+        return int(args._run(args) or 0)
+    except args._user_errors as e:
+        raise SystemExit(f"bittts {args.command}: {e}") from e
 
 
 if __name__ == "__main__":

@@ -23,14 +23,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+# bad input (missing file, malformed model, wrong option value) ends with a message, not a traceback
+USER_ERRORS = (FileNotFoundError, ValueError, RuntimeError)
+
+
 def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:  # bad input: a message, not a traceback
-        raise SystemExit(f"bittts evaluate: {e}") from e
-
-
-def _run(args: argparse.Namespace) -> int:
     from ..evaluation import evaluate_model, read_sentences, write_report
 
     if any(n < 1 for n in args.threads):

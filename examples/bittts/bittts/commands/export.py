@@ -12,14 +12,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "RUN_DIR/checkpoint.pt)")
 
 
+# bad input (missing file, malformed model, wrong option value) ends with a message, not a traceback
+USER_ERRORS = (FileNotFoundError, ValueError, RuntimeError)
+
+
 def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:  # bad input: a message, not a traceback
-        raise SystemExit(f"bittts export: {e}") from e
-
-
-def _run(args: argparse.Namespace) -> int:
     from ..inference import export_model, find_checkpoint
 
     checkpoint = find_checkpoint(args.run_dir, args.checkpoint)

@@ -23,14 +23,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--duration-scale", type=float, default=1.0, help="> 1 speaks slower (default 1.0)")
 
 
+# bad input (missing file, malformed model, wrong option value) ends with a message, not a traceback
+USER_ERRORS = (FileNotFoundError, ValueError, RuntimeError)
+
+
 def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:  # bad input: a message, not a traceback
-        raise SystemExit(f"bittts synthesize: {e}") from e
-
-
-def _run(args: argparse.Namespace) -> int:
     import torch
 
     from ..audio import write_wav
