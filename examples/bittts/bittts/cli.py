@@ -13,6 +13,7 @@ COMMANDS = {
     "export": "Export a training run's inference model as a ternq packed safetensors file.",
     "synthesize": "Synthesize speech from text with an exported model.",
     "evaluate": "Measure size, intelligibility (WER/CER), MCD and real-time factor of a model.",
+    "demo": "Speak one sentence with the shipped 1.58-bit model; print its size, speed and transcript.",
 }
 
 

@@ -136,6 +136,14 @@ class LossConfig:
     The binarization loss is off for the first `bin_loss_start` steps, then its weight ramps linearly to 1 over
     `bin_loss_ramp` steps (as RAD-TTS / Badlani et al. enable it once the soft alignment has formed): from step 0
     it pulls the soft alignment onto MAS's early, arbitrary paths and the alignment collapses onto a few tokens.
+
+    Two knobs for short (CPU) budgets, both off in the paper recipe:
+    `adv_start`: optimizer steps of reconstruction-only training before the discriminators join (UnivNet and VITS
+    style warm-up; the discriminators cost more than the generator on a CPU, and adversarial terms only refine
+    audio that the mel loss has already made intelligible). `lambda_mel_aux`: weight of an L1 loss between the
+    target log-mel and a training-only 1x1 projection of the decoder output (`BitTTS.mel_head`, dropped at
+    export), which gives the acoustic model a direct per-frame target on every frame, not only through the
+    vocoder on a short segment.
     """
 
     lambda_mel: float = 45.0
@@ -147,6 +155,12 @@ class LossConfig:
     lambda_align: float = 2.0  # forward-sum + binarization
     bin_loss_start: int = 5000
     bin_loss_ramp: int = 5000
+    adv_start: int = 0
+    lambda_mel_aux: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.adv_start < 0 or self.lambda_mel_aux < 0:
+            raise ValueError("loss.adv_start and loss.lambda_mel_aux must be >= 0")
 
 
 @dataclass

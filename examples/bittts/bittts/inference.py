@@ -32,14 +32,15 @@ from . import audio, text
 from .config import BitTTSConfig, config_from_dict, config_to_dict
 from .model import BitTTS, load_checkpoint, model_from_checkpoint
 
-__all__ = ["MODEL_FORMAT", "MODEL_VERSION", "DEFAULT_MODEL", "export_model", "find_checkpoint", "default_model",
+__all__ = ["MODEL_FORMAT", "MODEL_VERSION", "DEFAULT_MODEL", "FP32_MODEL", "shipped_model", "export_model", "find_checkpoint", "default_model",
            "read_model_metadata", "Synthesizer", "Synthesis"]
 
 MODEL_FORMAT = "bittts-model"
 MODEL_VERSION = 1
 PHONEMIZER_VOICE = "en-us"  # bittts.text.Phonemizer's default, the voice every corpus is prepared with
-# the model shipped with the package (package data), used when `bittts synthesize` gets no --model
+# the models shipped with the package (package data): the 1.58-bit one is used when a command gets no --model
 DEFAULT_MODEL = "pretrained/bittts-ternary.safetensors"
+FP32_MODEL = "pretrained/bittts-fp32.safetensors"
 
 
 # ------------------------------------------------------------------------------------------------- export
@@ -112,9 +113,14 @@ def export_model(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str]
 # ------------------------------------------------------------------------------------------------ loading
 
 
+def shipped_model(name: str) -> Path:
+    """Where package data `name` (e.g. `FP32_MODEL`) lives in this installation; it may not exist."""
+    return Path(str(resources.files("bittts") / name))
+
+
 def default_model() -> Path:
     """The model shipped with the package, or FileNotFoundError saying how to make one."""
-    path = Path(str(resources.files("bittts") / DEFAULT_MODEL))
+    path = shipped_model(DEFAULT_MODEL)
     if not path.is_file():
         raise FileNotFoundError(
             "no --model given and no pretrained model is shipped with this installation "
@@ -184,11 +190,12 @@ class Synthesizer:
         self.phonemizer = text.Phonemizer(voice=voice)
         self._ids = {s: i for i, s in enumerate(self.symbols)}
         self._unk = self._ids.get(text.UNK)
-        # the float skeleton of the export form: plain convs (weight norm folded), no aligner
+        # the float skeleton of the export form: plain convs (weight norm folded), no aligner, no mel head
         cfg = dataclasses.replace(self.cfg, vocoder=dataclasses.replace(self.cfg.vocoder, weight_norm=False))
         with torch.device("meta"):
             skeleton = BitTTS(cfg)
         skeleton.acoustic.aligner = None
+        skeleton.mel_head = None
         self.model: BitTTS = ternq.load_packed(self.path, skeleton).eval()
         self.model.cfg = self.cfg
 

@@ -14,7 +14,8 @@ from . import audio
 from .config import LossConfig
 
 __all__ = ["mel_spectrogram", "mel_loss", "discriminator_loss", "generator_adversarial_loss",
-           "feature_matching_loss", "generator_loss", "bin_loss_weight"]
+           "feature_matching_loss", "generator_loss", "bin_loss_weight",
+           "adversarial_active"]
 
 
 def mel_spectrogram(wav: Tensor) -> Tensor:
@@ -59,18 +60,26 @@ def bin_loss_weight(cfg: LossConfig, step: int) -> float:
     return min(1.0, (step - cfg.bin_loss_start + 1) / max(cfg.bin_loss_ramp, 1))
 
 
-def generator_loss(out: dict[str, Tensor], fake_scores: list[Tensor], real_fmaps: list[list[Tensor]],
-                   fake_fmaps: list[list[Tensor]], cfg: LossConfig, step: int | None = None
+def adversarial_active(cfg: LossConfig, step: int | None) -> bool:
+    """Whether the discriminators take part at optimizer step `step` (None: always): after `cfg.adv_start`."""
+    return step is None or step >= cfg.adv_start
+
+
+def generator_loss(out: dict[str, Tensor], fake_scores: list[Tensor] | None, real_fmaps: list[list[Tensor]] | None,
+                   fake_fmaps: list[list[Tensor]] | None, cfg: LossConfig, step: int | None = None
                    ) -> tuple[Tensor, dict[str, float]]:
     """Weighted JETS generator objective at optimizer step `step` (None: binarization loss fully on).
 
-    `out` is `BitTTS.forward`'s output (holds the waveform segments and the acoustic losses).
+    `out` is `BitTTS.forward`'s output (holds the waveform segments and the acoustic losses). Before the
+    discriminators join (`adversarial_active` is False) pass None for the scores and feature maps: the
+    adversarial and feature-matching terms are then 0. "mel_aux" counts when `out` has "loss_mel_aux".
     Returns the total loss and the unweighted parts as floats (for logging).
     """
+    zero = out["wav_hat"].new_zeros(())
     parts = {
         "mel": mel_loss(out["wav_hat"], out["wav"]),
-        "adv": generator_adversarial_loss(fake_scores),
-        "fm": feature_matching_loss(real_fmaps, fake_fmaps),
+        "adv": zero if fake_scores is None else generator_adversarial_loss(fake_scores),
+        "fm": zero if fake_fmaps is None or real_fmaps is None else feature_matching_loss(real_fmaps, fake_fmaps),
         "dur": out["loss_dur"],
         "pitch": out["loss_pitch"],
         "energy": out["loss_energy"],
@@ -82,4 +91,7 @@ def generator_loss(out: dict[str, Tensor], fake_scores: list[Tensor], real_fmaps
              + cfg.lambda_energy * parts["energy"]
              + cfg.lambda_align * parts["forward_sum"]
              + cfg.lambda_align * (1.0 if step is None else bin_loss_weight(cfg, step)) * parts["bin"])
+    if "loss_mel_aux" in out:
+        parts["mel_aux"] = out["loss_mel_aux"]
+        total = total + cfg.lambda_mel_aux * parts["mel_aux"]
     return total, {k: float(v.detach()) for k, v in parts.items()}

@@ -44,6 +44,9 @@ class BitTTS(nn.Module):
         self.cfg = cfg
         self.acoustic = AcousticModel(cfg.acoustic)
         self.vocoder = HiFiGANGenerator(cfg.vocoder, cfg.acoustic.dec_channels)
+        # training-only shortcut target for the decoder (see LossConfig.lambda_mel_aux); never exported
+        self.mel_head = (nn.Conv1d(cfg.acoustic.dec_channels, cfg.acoustic.n_mels, 1)
+                         if cfg.loss.lambda_mel_aux > 0 else None)
 
     @property
     def hop(self) -> int:
@@ -56,12 +59,18 @@ class BitTTS(nn.Module):
         "wav_hat" (B, 1, S * hop) the vocoder output on a random S-frame segment of the decoder output,
         "wav" (B, 1, S * hop) the real waveform under that segment, and "segment_starts" (B,) in frames.
         S = `segment_frames` (default cfg.train.segment_frames); segment starts come from torch's global RNG.
+        With a `mel_head`, also "loss_mel_aux": L1 between its projection of the decoder output and the target mel
+        over the valid frames.
         """
         for key in ("phonemes", "phoneme_lengths", "mel", "mel_lengths", "pitch", "energy", "wav"):
             if key not in batch:
                 raise KeyError(f"batch has no {key!r}; build batches with bittts.data.collate")
         out = self.acoustic(batch["phonemes"], batch["phoneme_lengths"], batch["mel"], batch["mel_lengths"],
                             batch["pitch"], batch["energy"])
+        if self.mel_head is not None:
+            mask = sequence_mask(batch["mel_lengths"], batch["mel"].shape[2]).unsqueeze(1).to(batch["mel"].dtype)
+            err = (self.mel_head(out["hidden"]) - batch["mel"]).abs() * mask
+            out["loss_mel_aux"] = err.sum() / (mask.sum() * batch["mel"].shape[1]).clamp_min(1)
         seg = int(segment_frames or self.cfg.train.segment_frames)
         starts = random_segment_starts(batch["mel_lengths"], seg)
         out["segment_starts"] = starts
@@ -113,10 +122,11 @@ class BitTTS(nn.Module):
         return remove_weight_norm(self)
 
     def strip_for_inference(self) -> BitTTS:
-        """Make the export form: fold weight norm and drop the training-only alignment module.
+        """Make the export form: fold weight norm and drop the training-only alignment module and mel head.
         After this, `infer` works and `forward` (training) does not."""
         self.remove_weight_norm()
         self.acoustic.aligner = None
+        self.mel_head = None
         return self
 
 
@@ -164,7 +174,7 @@ def build_model(cfg: BitTTSConfig) -> BitTTS:
 
 def parameter_counts(model: BitTTS, discriminators: nn.Module | None = None) -> dict[str, int]:
     """Parameter counts per part: the inference model (acoustic without the aligner + vocoder), the aligner,
-    and the discriminators if given. Weight-norm models count g and v, as trained."""
+    the training-only mel head if there is one, and the discriminators if given. Weight-norm models count g and v, as trained."""
     def count(m: nn.Module | None) -> int:
         return 0 if m is None else sum(p.numel() for p in m.parameters())
     aligner = count(model.acoustic.aligner)
@@ -174,6 +184,8 @@ def parameter_counts(model: BitTTS, discriminators: nn.Module | None = None) -> 
         "vocoder": count(model.vocoder),
     }
     counts["inference_total"] = counts["acoustic"] + counts["vocoder"]
+    if model.mel_head is not None:
+        counts["mel_head"] = count(model.mel_head)
     if discriminators is not None:
         counts["discriminators"] = count(discriminators)
     return counts

@@ -1,4 +1,5 @@
-"""The Debian tools BitTTS shells out to, and installing them when they are missing."""
+"""The machine BitTTS runs on: the Debian tools it shells out to (installed when missing), and the CPU line
+printed beside every speed figure."""
 from __future__ import annotations
 
 import os
@@ -30,3 +31,18 @@ def ensure_tools(tools: dict[str, str] | None = None, install: bool = True) -> N
     still = sorted(exe for exe in tools if shutil.which(exe) is None)
     if still:
         raise RuntimeError(f"{', '.join(still)} still not on PATH after apt-get install; run: {command}")
+
+
+def cpu_description() -> str:
+    """torch's CPU capability and the int8 instruction-set flags: int8 speed depends on them (AMX-int8 >
+    AVX512-VNNI > AVX2) far more than fp32 does, so a real-time factor means little without this line."""
+    import torch
+
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        pass
+    have = [f for f in ("avx512_vnni", "amx_int8") if f in flags]
+    return f"CPU {torch.backends.cpu.get_cpu_capability()}" + (f" with {', '.join(have)}" if have else "")

@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 from .atomic import atomic_torch_save, atomic_write
 from .config import BitTTSConfig, config_from_dict, config_to_dict, save_config
 from .discriminators import Discriminators, split_halves
-from .losses import discriminator_loss, generator_loss, mel_spectrogram
+from .losses import adversarial_active, discriminator_loss, generator_loss, mel_spectrogram
 from .model import CHECKPOINT_FORMAT, BitTTS, build_model, load_checkpoint, parameter_counts
 
 __all__ = ["train", "NonFiniteLossError", "TrainState", "resolve_device", "CHECKPOINT_NAME"]
@@ -230,6 +230,7 @@ def _train_step(gen: nn.Module, disc: nn.Module, model: BitTTS, discriminators: 
     """One optimizer step (number `step`, counting from 0) over grad_accum micro-batches.
     Returns (finite, logged values, last batch, last out)."""
     accum = cfg.train.grad_accum
+    adversarial = adversarial_active(cfg.loss, step)
     opt_g.zero_grad(set_to_none=True)
     opt_d.zero_grad(set_to_none=True)
     g_params = [p for p in model.parameters() if p.requires_grad]
@@ -242,14 +243,19 @@ def _train_step(gen: nn.Module, disc: nn.Module, model: BitTTS, discriminators: 
         with _no_sync(gen, not last), _no_sync(disc, not last):
             out = gen(batch)
             real, fake = out["wav"], out["wav_hat"]
-            # discriminator: one call on [real; fake] (a single DDP forward), generator output detached
-            (real_scores, _), (fake_scores, _) = split_halves(disc(torch.cat([real, fake.detach()])), real.shape[0])
-            loss_d = discriminator_loss(real_scores, fake_scores)
-            (loss_d / accum).backward()
-            # generator: through the raw discriminators, gradients only into the generator's parameters
-            with torch.no_grad():
-                _, real_fmaps = discriminators(real)
-            fake_scores, fake_fmaps = discriminators(fake)
+            if adversarial:
+                # discriminator: one call on [real; fake] (a single DDP forward), generator output detached
+                (real_scores, _), (fake_scores, _) = split_halves(disc(torch.cat([real, fake.detach()])),
+                                                                  real.shape[0])
+                loss_d = discriminator_loss(real_scores, fake_scores)
+                (loss_d / accum).backward()
+                # generator: through the raw discriminators, gradients only into the generator's parameters
+                with torch.no_grad():
+                    _, real_fmaps = discriminators(real)
+                fake_scores, fake_fmaps = discriminators(fake)
+            else:  # reconstruction-only warm-up: the discriminators are not run at all
+                loss_d = real.new_zeros(())
+                fake_scores = real_fmaps = fake_fmaps = None
             loss_g, parts = generator_loss(out, fake_scores, real_fmaps, fake_fmaps, cfg.loss, step)
             torch.autograd.backward(loss_g / accum, inputs=g_params)
         finite = finite and bool(torch.isfinite(loss_g)) and bool(torch.isfinite(loss_d))
@@ -417,7 +423,8 @@ def _train(cfg: BitTTSConfig, out_dir: Path, data_dir: Any, dataset: Dataset | N
     model.train()
     discriminators.train()
     t_start, step_start = time.perf_counter(), state.step
-    metrics_file = open(out_dir / "metrics.jsonl", "a") if is_main else None  # noqa: SIM115
+    # a resumed run appends; a fresh one starts the file over (a directory may hold a crashed run's log)
+    metrics_file = open(out_dir / "metrics.jsonl", "a" if state.step else "w") if is_main else None  # noqa: SIM115
     try:
         while state.step < total_steps:
             finite, logs, batch, out = _train_step(gen, disc, model, discriminators, opt_g, opt_d, batches, cfg,

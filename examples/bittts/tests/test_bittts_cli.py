@@ -147,6 +147,18 @@ def test_float_preset_exports_without_packed_layers(run):
     assert path.stat().st_size > run["model"].stat().st_size
 
 
+def test_demo_reports_size_speed_with_the_cpu_and_transcript(run, capsys):
+    out = run["root"] / "demo.wav"
+    assert main(["demo", "--model", str(run["model"]), "-o", str(out), "--text", "Good morning."]) == 0
+    printed = capsys.readouterr().out
+    assert _wav_info(out)[0] == 16000 and _wav_info(out)[3] > 0
+    assert f"{os.path.getsize(run['model']) / 1e6:.2f} MB" in printed
+    assert "real-time factor" in printed and "on 1 thread" in printed and "CPU " in printed
+    assert "pocketsphinx hears:" in printed
+    with pytest.raises(SystemExit, match="--text is empty"):
+        main(["demo", "--model", str(run["model"]), "--text", " "])
+
+
 def test_clear_errors(run, tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="does not exist; train one"):
         main(["export", str(tmp_path / "missing"), "-o", str(tmp_path / "x.safetensors")])

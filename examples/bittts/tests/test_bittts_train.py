@@ -10,7 +10,8 @@ import pytest
 import torch
 from bittts.cli import main as cli_main
 from bittts.config import apply_overrides, load_preset
-from bittts.model import load_checkpoint, model_from_checkpoint
+from bittts.discriminators import Discriminators
+from bittts.model import build_model, load_checkpoint, model_from_checkpoint
 from bittts.train import NonFiniteLossError, train
 from bittts_synthetic import N_SYMBOLS, SyntheticTTS, write_corpus
 
@@ -34,6 +35,31 @@ def test_tiny_ternary_model_learns(tmp_path):
     first, last = sum(mel[:5]) / 5, sum(mel[-5:]) / 5
     assert last < 0.8 * first, (first, last)
     assert sum(total[-5:]) < 0.8 * sum(total[:5])
+
+
+def test_reconstruction_warmup_runs_no_discriminator_and_mel_head_is_training_only(tmp_path):
+    """loss.adv_start: before it the discriminators are not run (loss_d, adv, fm are 0 and their weights do not
+    move); after it they train. loss.lambda_mel_aux adds a logged mel_aux loss through a mel head that the
+    inference form drops."""
+    cfg = tiny("train.log_every=1", "train.image_every=0", "loss.adv_start=3", "loss.lambda_mel_aux=1.0")
+    data = SyntheticTTS(4)
+    torch.manual_seed(0)
+    result = train(cfg, tmp_path / "run", dataset=data, steps=3, progress=False)
+    first = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert all(h["loss_d"] == 0 and h["adv"] == 0 and h["fm"] == 0 for h in result["history"])
+    assert all(h["mel_aux"] > 0 for h in result["history"])
+    result = train(cfg, tmp_path / "run", dataset=data, steps=5, resume=True, progress=False)
+    assert all(h["loss_d"] > 0 and h["adv"] > 0 for h in result["history"])
+    second = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    torch.manual_seed(cfg.train.seed)  # the trainer's seeding: the model, then the discriminators
+    build_model(cfg)
+    fresh = Discriminators(cfg.discriminator)
+    for k, v in fresh.state_dict().items():
+        torch.testing.assert_close(first["discriminators"][k], v, msg=k)  # untouched during the warm-up
+    assert any(not torch.equal(first["discriminators"][k], second["discriminators"][k]) for k in fresh.state_dict())
+    model = model_from_checkpoint(second)
+    assert any(k.startswith("mel_head.") for k in model.state_dict())
+    assert not any(k.startswith("mel_head.") for k in model.strip_for_inference().state_dict())
 
 
 def _tensors(obj, prefix=""):
