@@ -60,6 +60,7 @@ class TrainState:
     epoch: int = 0
     batch_in_epoch: int = 0
     skipped: int = 0
+    seconds: float = 0.0  # training wall time over every resumed segment, up to the last checkpoint
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -405,6 +406,7 @@ def _train(cfg: BitTTSConfig, out_dir: Path, data_dir: Any, dataset: Dataset | N
             f"params: " + ", ".join(f"{k}={v:,}" for k, v in counts.items()))
 
     def save() -> None:
+        state.seconds = seconds_before + time.perf_counter() - t_start
         rngs = _gather_rng(world)  # collective: every process takes part
         if is_main:
             atomic_torch_save({
@@ -422,7 +424,7 @@ def _train(cfg: BitTTSConfig, out_dir: Path, data_dir: Any, dataset: Dataset | N
                desc=f"train {cfg.name}", unit="step")
     model.train()
     discriminators.train()
-    t_start, step_start = time.perf_counter(), state.step
+    t_start, step_start, seconds_before = time.perf_counter(), state.step, state.seconds
     # a resumed run appends; a fresh one starts the file over (a directory may hold a crashed run's log)
     metrics_file = open(out_dir / "metrics.jsonl", "a" if state.step else "w") if is_main else None  # noqa: SIM115
     try:
@@ -455,13 +457,14 @@ def _train(cfg: BitTTSConfig, out_dir: Path, data_dir: Any, dataset: Dataset | N
             if is_main and t.log_every and (state.step % t.log_every == 0 or state.step == total_steps):
                 elapsed = time.perf_counter() - t_start
                 logs.update(step=state.step, lr=sched_g.get_last_lr()[0], skipped=state.skipped,
-                            steps_per_s=(state.step - step_start) / max(elapsed, 1e-9))
+                            steps_per_s=(state.step - step_start) / max(elapsed, 1e-9),
+                            wall_s=seconds_before + elapsed)
                 history.append(dict(logs))
                 metrics_file.write(json.dumps(logs) + "\n")
                 metrics_file.flush()
                 for k, v in logs.items():
                     if k != "step":
-                        writer.add_scalar(("loss/" if k not in ("lr", "skipped", "steps_per_s") else "train/") + k,
+                        writer.add_scalar(("loss/" if k not in ("lr", "skipped", "steps_per_s", "wall_s") else "train/") + k,
                                           v, state.step)
             if is_main and t.image_every and state.step % t.image_every == 0:
                 rgb = _snapshot(model, batch, out, out_dir / "images" / f"mel_{state.step:07d}.png")

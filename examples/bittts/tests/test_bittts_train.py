@@ -86,7 +86,9 @@ def test_resume_continues_exactly(tmp_path):
     train(cfg, tmp_path / "split", dataset=data, steps=4, resume=True, progress=False)
     a = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")
     b = load_checkpoint(tmp_path / "split" / "checkpoint.pt")
+    wall = (a["state"].pop("seconds"), b["state"].pop("seconds"))
     assert a["state"] == b["state"] and a["state"]["step"] == 4
+    assert all(s > 0 for s in wall)  # wall time adds up over resumed segments, it is not replayed
     for part in ("model", "discriminators", "optim_g", "optim_d"):
         ta, tb = dict(_tensors(a[part])), dict(_tensors(b[part]))
         assert ta.keys() == tb.keys() and ta
