@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 PIP     := $(BIN)/python -m pip
 STAMP   := $(VENV)/.installed
 
-.PHONY: venv sysdeps test lint docs demo clean
+.PHONY: venv sysdeps test lint docs demo demo-qat clean
 
 venv: $(STAMP)
 
@@ -36,7 +36,12 @@ test: venv sysdeps lint
 docs: venv
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
-demo: venv
+# The shipped 1.58-bit BitTTS model speaks a sentence to demo.wav (size, real-time factor, pocketsphinx transcript).
+demo: venv sysdeps
+	$(BIN)/bittts demo -o demo.wav
+
+# ternq on its own: 300 ternary QAT steps on a small conv net, then save_packed / load_packed.
+demo-qat: venv
 	$(BIN)/python -m ternq.demo
 
 clean:

@@ -10,8 +10,8 @@ import argparse
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", metavar="MODEL.safetensors",
-                        help="exported model (bittts export); default: bittts/pretrained/bittts-ternary.safetensors, "
-                             "if this installation ships it")
+                        help="exported model (bittts export); default: the shipped 1.58-bit model "
+                             "(examples/bittts/pretrained/bittts-ternary.safetensors)")
     parser.add_argument("--sentences", required=True, metavar="FILE", help="text file, one sentence per line")
     parser.add_argument("--out", required=True, metavar="REPORT_DIR", help="directory for the report and wavs")
     parser.add_argument("--reference-voice", default="slt",

@@ -12,8 +12,8 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", metavar="MODEL.safetensors",
-                        help="exported model (bittts export); default: bittts/pretrained/bittts-ternary.safetensors, "
-                             "if this installation ships it")
+                        help="exported model (bittts export); default: the shipped 1.58-bit model "
+                             "(examples/bittts/pretrained/bittts-ternary.safetensors)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--text", help="the sentence to speak")
     source.add_argument("--text-file", metavar="FILE", help="speak every non-empty line of FILE, one wav each")
