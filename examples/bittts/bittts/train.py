@@ -44,8 +44,8 @@ from .model import CHECKPOINT_FORMAT, BitTTS, build_model, load_checkpoint, para
 __all__ = ["train", "NonFiniteLossError", "TrainState", "resolve_device", "CHECKPOINT_NAME"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
-# train.* fields a resumed run may change: they decide what is logged and when, not what is computed
-BOOKKEEPING = ("steps", "log_every", "image_every", "ckpt_every", "num_workers", "max_nonfinite")
+# train.* fields a resumed run may change: they decide what is logged and when, and how fast, not what is computed
+BOOKKEEPING = ("steps", "log_every", "image_every", "ckpt_every", "num_workers", "max_nonfinite", "threads")
 
 
 class NonFiniteLossError(RuntimeError):
