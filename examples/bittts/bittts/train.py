@@ -4,10 +4,11 @@ One explicit loop, nanoGPT style. Per optimizer step, for each of `grad_accum` m
 
     out = model(batch)                                   # teacher-forced acoustic pass + vocoder on a segment
     D loss on (real segment, generated segment detached)  -> backward into the discriminators
-    G loss = 45 mel + adv + 2 fm + dur + pitch + energy + 2 (forward-sum + w(step) bin) -> backward into the generator
+    G loss = 45 mel + adv + 2 fm + dur + pitch + energy + 2 (forward-sum + w(step) bin) [+ mel_aux] -> backward
 then both AdamW optimizers step (grads clipped) and both ExponentialLR schedulers advance. Both networks are
 updated from the same discriminator state (simultaneous updates), which is what makes gradient accumulation
-exact: every micro-batch sees the same networks.
+exact: every micro-batch sees the same networks. During a reconstruction-only warm-up (`step < loss.adv_start`)
+the discriminators are not run at all: no D loss, no adversarial or feature-matching term.
 
 Runs on one process or under `torchrun` (DistributedDataParallel; gloo on CPU, nccl on CUDA; batch_size is per
 process). Rank 0 writes `RUN_DIR/checkpoint.pt` (atomically), `config.toml`, `metrics.jsonl`, TensorBoard logs in
