@@ -10,7 +10,7 @@ itself through ternq user metadata (`ternq.read_metadata`), so nothing but the f
     bittts.symbols     the symbol table as a JSON list (phoneme string -> ids)
     bittts.phonemizer  JSON: {"backend": "espeak-ng", "voice": ..., "normalizer": "bittts.text.normalize"}
     bittts.audio       JSON: {"sample_rate": 16000, "hop": 256, "n_mels": 80}
-    bittts.training    JSON: {"step": ..., "checkpoint": ...} (informative)
+    bittts.training    JSON: {"step", "checkpoint", "seconds" (training wall time), "recipe_changes"} (informative)
 
 A float preset (quant.scheme "none") exports a file without packed layers (`allow_float=True`).
 """
@@ -101,7 +101,9 @@ def export_model(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str]
         "bittts.phonemizer": json.dumps({"backend": "espeak-ng", "voice": PHONEMIZER_VOICE,
                                          "normalizer": "bittts.text.normalize"}),
         "bittts.audio": json.dumps({"sample_rate": audio.SAMPLE_RATE, "hop": audio.HOP, "n_mels": audio.N_MELS}),
-        "bittts.training": json.dumps({"step": step, "checkpoint": os.path.basename(os.fspath(checkpoint))}),
+        "bittts.training": json.dumps({"step": step, "checkpoint": os.path.basename(os.fspath(checkpoint)),
+                                       "seconds": round(float(ckpt.get("state", {}).get("seconds", 0.0)), 1),
+                                       "recipe_changes": ckpt.get("recipe_changes", [])}),
     }
     packed = ternq.pack(model, metadata=metadata, allow_float=cfg.quant.scheme == "none")
     Path(out).parent.mkdir(parents=True, exist_ok=True)

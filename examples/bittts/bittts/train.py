@@ -47,6 +47,10 @@ __all__ = ["train", "NonFiniteLossError", "TrainState", "resolve_device", "CHECK
 CHECKPOINT_NAME = "checkpoint.pt"
 # train.* fields a resumed run may change: they decide what is logged and when, and how fast, not what is computed
 BOOKKEEPING = ("steps", "log_every", "image_every", "ckpt_every", "num_workers", "max_nonfinite", "threads")
+# config fields a resumed run may change on purpose, as a recorded recipe change: regularization that changes no
+# parameter shape (e.g. switching the predictors' dropout off mid-run). Each change is logged and kept in the
+# checkpoint's "recipe_changes" (and the exported model's metadata).
+RECIPE_CHANGES = {"acoustic": ("dropout", "variance_dropout")}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -293,7 +297,8 @@ def train(cfg: BitTTSConfig, out_dir: str | os.PathLike, *, data_dir: str | os.P
         data_dir: prepared corpus (`bittts prepare`); or pass `dataset` (+ `collate_fn`) directly.
         steps: total optimizer steps to reach (default cfg.train.steps).
         resume: continue from `out_dir/checkpoint.pt` exactly (weights, optimizers, schedulers, data position,
-            RNG states); `cfg` must match the checkpoint's config except the `BOOKKEEPING` train fields.
+            RNG states); `cfg` must match the checkpoint's config except the `BOOKKEEPING` train fields and the
+            `RECIPE_CHANGES` fields (changed from the checkpoint's step on, and recorded).
         device: "auto" (CUDA if available), "cpu" or "cuda".
     """
     rank, world, local_rank = _dist_env()
@@ -348,15 +353,30 @@ def _train(cfg: BitTTSConfig, out_dir: Path, data_dir: Any, dataset: Dataset | N
         saved = config_from_dict(ckpt["config"])
         for name in BOOKKEEPING:  # these may change between runs; everything else must match
             setattr(saved.train, name, getattr(cfg.train, name))
+        changes = []
+        for section, names in RECIPE_CHANGES.items():
+            for name in names:
+                old, new = getattr(getattr(saved, section), name), getattr(getattr(cfg, section), name)
+                if old != new:
+                    changes.append(f"{section}.{name}: {old!r} -> {new!r}")
+                    setattr(getattr(saved, section), name, new)
         diff = _config_diff(saved, cfg)
         if diff:
             raise ValueError(f"--resume: the checkpoint in {out_dir} was trained with a different config "
                              f"({'; '.join(diff)}); resume with the same preset/overrides or use a new --out")
         cfg = saved
+        recipe_changes = list(ckpt.get("recipe_changes", []))
+        if changes:
+            step = int(ckpt["state"]["step"])
+            recipe_changes.append({"step": step, "changes": changes})
+            say(f"--resume: recipe change from step {step}: {'; '.join(changes)}")
     elif resume:
+        recipe_changes = []
         say(f"no checkpoint in {out_dir}: starting from scratch")
     elif ckpt_path.exists():
         raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
+    else:
+        recipe_changes = []
 
     _seed_all(cfg.train.seed)  # identical initial weights in every process
     model = build_model(cfg).to(dev)
@@ -415,7 +435,7 @@ def _train(cfg: BitTTSConfig, out_dir: Path, data_dir: Any, dataset: Dataset | N
                 "state": dataclasses.asdict(state), "model": model.state_dict(),
                 "discriminators": discriminators.state_dict(), "optim_g": opt_g.state_dict(),
                 "optim_d": opt_d.state_dict(), "sched_g": sched_g.state_dict(), "sched_d": sched_d.state_dict(),
-                "rng": rngs, "symbols": symbols, "world_size": world,
+                "rng": rngs, "symbols": symbols, "world_size": world, "recipe_changes": recipe_changes,
             }, ckpt_path)
 
     batches = iter(_Batches(dataset, collate_fn, t.batch_size, rank, world, t.seed, t.num_workers, state))

@@ -116,6 +116,21 @@ class _Poisoned(torch.utils.data.Dataset):
         return item
 
 
+def test_resume_may_change_dropout_as_a_recorded_recipe_change(tmp_path):
+    data = SyntheticTTS(4)
+    train(tiny("train.image_every=0"), tmp_path / "run", dataset=data, steps=2, progress=False)
+    messages = []
+    train(tiny("train.image_every=0", "acoustic.variance_dropout=0.3"), tmp_path / "run", dataset=data, steps=3,
+          resume=True, progress=False, log=messages.append)
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert ckpt["config"]["acoustic"]["variance_dropout"] == 0.3
+    assert ckpt["recipe_changes"] == [{"step": 2, "changes": ["acoustic.variance_dropout: 0.0 -> 0.3"]}]
+    assert any("recipe change from step 2" in m for m in messages)
+    with pytest.raises(ValueError, match="different config"):  # shapes and losses stay fixed
+        train(tiny("train.image_every=0", "acoustic.variance_dropout=0.3", "acoustic.dec_layers=3"),
+              tmp_path / "run", dataset=data, steps=4, resume=True, progress=False)
+
+
 def test_nonfinite_steps_are_skipped_then_abort(tmp_path):
     base = SyntheticTTS(4)
     messages = []
