@@ -32,8 +32,8 @@ from . import audio, text
 from .config import BitTTSConfig, config_from_dict, config_to_dict
 from .model import BitTTS, load_checkpoint, model_from_checkpoint
 
-__all__ = ["MODEL_FORMAT", "MODEL_VERSION", "DEFAULT_MODEL", "FP32_MODEL", "shipped_model", "export_model", "find_checkpoint", "default_model",
-           "read_model_metadata", "Synthesizer", "Synthesis"]
+__all__ = ["MODEL_FORMAT", "MODEL_VERSION", "DEFAULT_MODEL", "FP32_MODEL", "export_model", "find_checkpoint",
+           "shipped_model", "default_model", "read_model_metadata", "Synthesizer", "Synthesis"]
 
 MODEL_FORMAT = "bittts-model"
 MODEL_VERSION = 1

@@ -14,8 +14,7 @@ from . import audio
 from .config import LossConfig
 
 __all__ = ["mel_spectrogram", "mel_loss", "discriminator_loss", "generator_adversarial_loss",
-           "feature_matching_loss", "generator_loss", "bin_loss_weight",
-           "adversarial_active"]
+           "feature_matching_loss", "generator_loss", "bin_loss_weight", "adversarial_active"]
 
 
 def mel_spectrogram(wav: Tensor) -> Tensor:

@@ -174,7 +174,8 @@ def build_model(cfg: BitTTSConfig) -> BitTTS:
 
 def parameter_counts(model: BitTTS, discriminators: nn.Module | None = None) -> dict[str, int]:
     """Parameter counts per part: the inference model (acoustic without the aligner + vocoder), the aligner,
-    the training-only mel head if there is one, and the discriminators if given. Weight-norm models count g and v, as trained."""
+    the training-only mel head if there is one, and the discriminators if given. Weight-norm models count g and
+    v, as trained."""
     def count(m: nn.Module | None) -> int:
         return 0 if m is None else sum(p.numel() for p in m.parameters())
     aligner = count(model.acoustic.aligner)

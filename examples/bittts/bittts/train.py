@@ -485,8 +485,8 @@ def _train(cfg: BitTTSConfig, out_dir: Path, data_dir: Any, dataset: Dataset | N
                 metrics_file.flush()
                 for k, v in logs.items():
                     if k != "step":
-                        writer.add_scalar(("loss/" if k not in ("lr", "skipped", "steps_per_s", "wall_s") else "train/") + k,
-                                          v, state.step)
+                        group = "train/" if k in ("lr", "skipped", "steps_per_s", "wall_s") else "loss/"
+                        writer.add_scalar(group + k, v, state.step)
             if is_main and t.image_every and state.step % t.image_every == 0:
                 rgb = _snapshot(model, batch, out, out_dir / "images" / f"mel_{state.step:07d}.png")
                 writer.add_image("mel", rgb, state.step, dataformats="HWC")

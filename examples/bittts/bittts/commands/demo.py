@@ -38,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
     line = f"model {synth.path.name}: {size / 1e6:.2f} MB ({synth.cfg.quant.scheme}/{synth.cfg.quant.scope})"
     fp32 = shipped_model(FP32_MODEL)
     if fp32.is_file() and fp32.resolve() != synth.path.resolve():
-        line += f", {1 - size / fp32.stat().st_size:.1%} smaller than the fp32 model ({fp32.stat().st_size / 1e6:.2f} MB)"
+        base = fp32.stat().st_size
+        line += f", {1 - size / base:.1%} smaller than the fp32 model ({base / 1e6:.2f} MB)"
     print(line)
 
     threads = torch.get_num_threads()
