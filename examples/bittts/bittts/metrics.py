@@ -12,7 +12,6 @@
 """
 from __future__ import annotations
 
-import functools
 import math
 import os
 import re
@@ -95,8 +94,7 @@ def _load(wav: AudioInput, sample_rate: int) -> torch.Tensor:
     return audio.resample(wav, sample_rate, audio.SAMPLE_RATE)
 
 
-@functools.lru_cache(maxsize=1)
-def _decoder():  # -> pocketsphinx.Decoder, imported lazily
+def _decoder():  # -> a new pocketsphinx.Decoder (imported lazily)
     try:
         from pocketsphinx import Decoder
     except ImportError as e:
@@ -107,7 +105,11 @@ def _decoder():  # -> pocketsphinx.Decoder, imported lazily
 
 
 def transcribe(wav: AudioInput, sample_rate: int = audio.SAMPLE_RATE) -> str:
-    """Recognize speech with pocketsphinx's bundled US-English model; returns lower-case words."""
+    """Recognize speech with pocketsphinx's bundled US-English model; returns lower-case words.
+
+    Every call uses a fresh decoder (~0.5 s to load): a reused one carries state (its running cepstral mean,
+    and more that resetting the mean does not clear) from one utterance into the next, so the same audio could
+    get another transcript depending on what was decoded before."""
     x = _load(wav, sample_rate)
     pcm = (x.clamp(-1, 1) * 32767).round().to(torch.int16).numpy().tobytes()
     decoder = _decoder()
