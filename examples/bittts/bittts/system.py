@@ -38,11 +38,8 @@ def cpu_description() -> str:
     AVX512-VNNI > AVX2) far more than fp32 does, so a real-time factor means little without this line."""
     import torch
 
-    flags: set[str] = set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
-    except OSError:
-        pass
+    from ternq.runtime import cpu_flags
+
+    flags = cpu_flags()
     have = [f for f in ("avx512_vnni", "amx_int8") if f in flags]
     return f"CPU {torch.backends.cpu.get_cpu_capability()}" + (f" with {', '.join(have)}" if have else "")
