@@ -348,6 +348,7 @@ def _train(cfg: BitTTSConfig, out_dir: Path, data_dir: Any, dataset: Dataset | N
 
     ckpt_path = out_dir / CHECKPOINT_NAME
     ckpt = None
+    recipe_changes: list[dict[str, Any]] = []
     if resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path, map_location="cpu")
         saved = config_from_dict(ckpt["config"])
@@ -365,18 +366,15 @@ def _train(cfg: BitTTSConfig, out_dir: Path, data_dir: Any, dataset: Dataset | N
             raise ValueError(f"--resume: the checkpoint in {out_dir} was trained with a different config "
                              f"({'; '.join(diff)}); resume with the same preset/overrides or use a new --out")
         cfg = saved
-        recipe_changes = list(ckpt.get("recipe_changes", []))
+        recipe_changes += ckpt.get("recipe_changes", [])
         if changes:
             step = int(ckpt["state"]["step"])
             recipe_changes.append({"step": step, "changes": changes})
             say(f"--resume: recipe change from step {step}: {'; '.join(changes)}")
     elif resume:
-        recipe_changes = []
         say(f"no checkpoint in {out_dir}: starting from scratch")
     elif ckpt_path.exists():
         raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
-    else:
-        recipe_changes = []
 
     _seed_all(cfg.train.seed)  # identical initial weights in every process
     model = build_model(cfg).to(dev)
