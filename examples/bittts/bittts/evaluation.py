@@ -21,10 +21,10 @@ from typing import Any
 import torch
 
 from . import audio, metrics
-from .inference import Synthesizer
+from .inference import Synthesis, Synthesizer
 from .sizes import PARTS, format_size_table, part_bytes, size_table
 
-__all__ = ["read_sentences", "file_sizes", "evaluate_model", "format_report", "write_report"]
+__all__ = ["read_sentences", "file_sizes", "fastest_pass", "evaluate_model", "format_report", "write_report"]
 
 
 def read_sentences(path: str | os.PathLike[str], limit: int | None = None) -> list[str]:
@@ -56,20 +56,26 @@ def file_sizes(path: str | os.PathLike[str]) -> dict[str, Any]:
             "packed_parts": part_bytes(packed), "packed_layers": len(manifest.layers), "parameters": weights}
 
 
-def _rtf(synth: Synthesizer, ids: list[list[int]], threads: int, repeats: int = 3) -> float:
-    """Model seconds / audio seconds over all utterances at `threads` torch threads: the best of `repeats`
-    passes, after a warm-up utterance (the first calls at a thread count or input length pay one-time costs)."""
+def fastest_pass(synth: Synthesizer, ids: Sequence[Sequence[int]], threads: int, repeats: int = 3
+                 ) -> list[Synthesis]:
+    """Synthesize every utterance `repeats` times at `threads` torch threads, after a warm-up utterance (the
+    first calls at a thread count or input length pay one-time costs); returns the pass with the least model
+    time."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         synth.synthesize_ids(ids[0])
-        best = math.inf
-        for _ in range(repeats):
-            runs = [synth.synthesize_ids(x) for x in ids]
-            best = min(best, sum(r.seconds for r in runs) / max(sum(r.duration for r in runs), 1e-9))
+        passes = [[synth.synthesize_ids(x) for x in ids] for _ in range(repeats)]
     finally:
         torch.set_num_threads(before)
-    return best
+    return min(passes, key=lambda runs: sum(r.seconds for r in runs))
+
+
+def _rtf(synth: Synthesizer, ids: list[list[int]], threads: int, repeats: int = 3) -> float:
+    """Model seconds / audio seconds over all utterances at `threads` threads, in the fastest of `repeats`
+    passes."""
+    runs = fastest_pass(synth, ids, threads, repeats)
+    return sum(r.seconds for r in runs) / max(sum(r.duration for r in runs), 1e-9)
 
 
 def evaluate_model(model: str | os.PathLike[str] | None, sentences: Sequence[str], out_dir: str | os.PathLike[str],

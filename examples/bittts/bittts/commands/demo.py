@@ -25,9 +25,8 @@ USER_ERRORS = (FileNotFoundError, ValueError, RuntimeError)
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from ..audio import write_wav
+    from ..evaluation import fastest_pass
     from ..inference import FP32_MODEL, Synthesizer, shipped_model
     from ..system import cpu_description
 
@@ -42,14 +41,8 @@ def run(args: argparse.Namespace) -> int:
         line += f", {1 - size / base:.1%} smaller than the fp32 model ({base / 1e6:.2f} MB)"
     print(line)
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        _, ids = synth.text_to_ids(args.text)
-        synth.synthesize_ids(ids)  # warm-up: first calls pay one-time costs
-        result = min((synth.synthesize_ids(ids) for _ in range(3)), key=lambda r: r.seconds)
-    finally:
-        torch.set_num_threads(threads)
+    _, ids = synth.text_to_ids(args.text)
+    (result,) = fastest_pass(synth, [ids], threads=1)
     write_wav(Path(args.out), result.wav, result.sample_rate)
     print(f"wrote {args.out}: {args.text!r}, {result.duration:.2f} s of audio in {result.seconds:.3f} s on 1 thread "
           f"= real-time factor {result.rtf:.3f} ({1 / max(result.rtf, 1e-9):.0f}x faster than real time; "
