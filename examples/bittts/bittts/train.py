@@ -42,7 +42,7 @@ from .discriminators import Discriminators, split_halves
 from .losses import adversarial_active, discriminator_loss, generator_loss, mel_spectrogram
 from .model import CHECKPOINT_FORMAT, BitTTS, build_model, load_checkpoint, parameter_counts
 
-__all__ = ["train", "NonFiniteLossError", "TrainState", "resolve_device", "CHECKPOINT_NAME"]
+__all__ = ["train", "mel_figure", "NonFiniteLossError", "TrainState", "resolve_device", "CHECKPOINT_NAME"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 # train.* fields a resumed run may change: they decide what is logged and when, and how fast, not what is computed
@@ -176,7 +176,7 @@ def _gather_rng(world: int) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------------------------- images
 
 
-def _mel_figure(panels: list[tuple[str, Tensor]], path: Path) -> np.ndarray:
+def mel_figure(panels: list[tuple[str, Tensor]], path: Path) -> np.ndarray:
     """Write a PNG with one mel spectrogram per row; returns the RGB image (for TensorBoard)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -214,7 +214,7 @@ def _snapshot(model: BitTTS, batch: dict[str, Any], out: dict[str, Any], path: P
         synth = mel_spectrogram(model.vocoder(hidden))[0]
     finally:
         model.train(was_training)
-    return _mel_figure([
+    return mel_figure([
         ("target: training segment", seg_real),
         ("generated: training segment (teacher-forced durations)", seg_fake),
         (f"target: {batch['ids'][0]}", batch["mel"][0, :, :n_mel]),

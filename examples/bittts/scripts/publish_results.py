@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 from bittts import audio
+from bittts.train import mel_figure as train_mel_figure
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -50,21 +51,16 @@ def _save(fig: Figure, path: Path) -> None:
 
 
 def mel_figure(reports: dict[str, dict[str, Any]], roots: dict[str, Path], index: int, path: Path) -> None:
-    """One row per system for held-out sentence `index`: flite's reference, then each model."""
+    """One row per system for held-out sentence `index`: flite's reference, then each model (drawn like the
+    training run's mel images)."""
     first = next(iter(reports))
     utt = reports[first]["utterances"][index]
     rows = [("flite reference (slt)", roots[first] / utt["reference_wav"])]
     rows += [(name, roots[name] / r["utterances"][index]["wav"]) for name, r in reports.items()]
-    fig = Figure(figsize=(9, 2.1 * len(rows)), dpi=90)
-    for i, (title, wav_path) in enumerate(rows):
-        wav, _ = audio.read_wav(wav_path)
-        mel = audio.log_mel(wav.unsqueeze(0))[0].numpy()
-        ax = fig.add_subplot(len(rows), 1, i + 1)
-        ax.imshow(mel, origin="lower", aspect="auto", interpolation="none", vmin=-11.5, vmax=2.0)
-        ax.set_title(f"{title}: \"{utt['text']}\"", fontsize=9)
-        ax.set_ylabel("mel bin")
-    ax.set_xlabel("frame (16 ms)")
-    _save(fig, path)
+    panels = [(f"{title}: \"{utt['text']}\"", audio.log_mel(audio.read_wav(wav_path)[0].unsqueeze(0))[0])
+              for title, wav_path in rows]
+    train_mel_figure(panels, path)
+    print(f"wrote {path}")
 
 
 def histogram_figure(model: Path, path: Path) -> None:
