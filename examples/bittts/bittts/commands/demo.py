@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from . import INPUT_ERRORS as USER_ERRORS  # noqa: F401 - bittts.cli reports these as one line
+
 DEMO_TEXT = "The quick brown fox jumps over the lazy dog."
 
 
@@ -19,9 +21,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--out", default="demo.wav", metavar="OUT.wav", help="wav to write (default demo.wav)")
     parser.add_argument("--no-asr", action="store_true", help="skip the pocketsphinx transcript")
 
-
-# bad input (missing file, malformed model) ends with a message, not a traceback
-USER_ERRORS = (FileNotFoundError, ValueError, RuntimeError)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 
+from . import INPUT_ERRORS as USER_ERRORS  # noqa: F401 - bittts.cli reports these as one line
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", metavar="MODEL.safetensors",
@@ -22,9 +24,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="thread counts to measure the real-time factor at (default: 1 2)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
-
-# bad input (missing file, malformed model, wrong option value) ends with a message, not a traceback
-USER_ERRORS = (FileNotFoundError, ValueError, RuntimeError)
 
 
 def run(args: argparse.Namespace) -> int:

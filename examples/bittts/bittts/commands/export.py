@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from . import INPUT_ERRORS as USER_ERRORS  # noqa: F401 - bittts.cli reports these as one line
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="training run directory (bittts train --out)")
@@ -11,9 +13,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="checkpoint to export: a path or a file name in RUN_DIR (default: the latest, "
                              "RUN_DIR/checkpoint.pt)")
 
-
-# bad input (missing file, malformed model, wrong option value) ends with a message, not a traceback
-USER_ERRORS = (FileNotFoundError, ValueError, RuntimeError)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -9,6 +9,8 @@ import argparse
 import os
 from pathlib import Path
 
+from . import INPUT_ERRORS as USER_ERRORS  # noqa: F401 - bittts.cli reports these as one line
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", metavar="MODEL.safetensors",
@@ -22,9 +24,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--duration-scale", type=float, default=1.0, help="> 1 speaks slower (default 1.0)")
 
-
-# bad input (missing file, malformed model, wrong option value) ends with a message, not a traceback
-USER_ERRORS = (FileNotFoundError, ValueError, RuntimeError)
 
 
 def run(args: argparse.Namespace) -> int:
