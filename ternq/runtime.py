@@ -577,8 +577,7 @@ class PackedConv1d(_PackedConv1dBase, nn.Conv1d):
     kernels = ("int8_taps", "int8_im2col", WEIGHT_ONLY)
 
     def _config_kernels(self) -> tuple[str, ...]:
-        integer = "int8_im2col" if self.qconfig.act_granularity == "tensor" else "int8_taps"
-        return (integer, WEIGHT_ONLY)
+        return ("int8_im2col" if self._im2col() else "int8_taps", WEIGHT_ONLY)
 
     def _im2col(self) -> bool:
         return self.qconfig.act_granularity == "tensor"
