@@ -30,6 +30,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..audio import write_wav
+    from ..evaluation import read_sentences
     from ..inference import Synthesizer
 
     if args.threads is not None:
@@ -43,10 +44,7 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit("--text is empty")
         jobs = [(args.text, Path(args.out))]
     else:
-        with open(args.text_file, encoding="utf-8") as f:
-            lines = [line.strip() for line in f if line.strip()]
-        if not lines:
-            raise SystemExit(f"--text-file {args.text_file} has no non-empty line")
+        lines = read_sentences(args.text_file)
         os.makedirs(args.out, exist_ok=True)
         jobs = [(line, Path(args.out) / f"{i:04d}.wav") for i, line in enumerate(lines, 1)]
     synth = Synthesizer(args.model)
