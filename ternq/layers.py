@@ -13,6 +13,7 @@ runs the layer with a given weight, and where its output channels and input feat
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import inspect
 from collections.abc import Callable
@@ -43,7 +44,10 @@ __all__ = [
     "QuantLinear",
     "QuantConv1d",
     "QuantConv2d",
+    "QuantConv3d",
     "QuantConvTranspose1d",
+    "QuantConvTranspose2d",
+    "QuantConvTranspose3d",
     "QuantEmbedding",
     "register_layer",
     "layer_spec",
@@ -186,6 +190,14 @@ def _conv_transpose1d(m: nn.ConvTranspose1d, x: Tensor, w: Tensor, output_size: 
     return F.conv_transpose1d(x, w, m.bias, m.stride, m.padding, output_padding, m.groups, m.dilation)
 
 
+def _conv_transpose(m: nn.ConvTranspose2d | nn.ConvTranspose3d, x: Tensor, w: Tensor,
+                    output_size: list[int] | None = None) -> Tensor:
+    nd = len(m.kernel_size)
+    output_padding = m._output_padding(x, output_size, m.stride, m.padding, m.kernel_size, nd, m.dilation)
+    fn = F.conv_transpose2d if nd == 2 else F.conv_transpose3d
+    return fn(x, w, m.bias, m.stride, m.padding, output_padding, m.groups, m.dilation)
+
+
 def _embedding(m: nn.Embedding, x: Tensor, w: Tensor) -> Tensor:
     return F.embedding(x, w, m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse)
 
@@ -208,6 +220,24 @@ class QuantConv2d(QuantMixin, nn.Conv2d):
     _ternq_spec = LayerSpec(nn.Conv2d, _conv, weight_out_dim=0, feature_dim=1)
 
 
+class QuantConv3d(QuantMixin, nn.Conv3d):
+    """QAT nn.Conv3d; activations are normalized and quantized per voxel over channels."""
+
+    _ternq_spec = LayerSpec(nn.Conv3d, _conv, weight_out_dim=0, feature_dim=1)
+
+
+class QuantConvTranspose2d(QuantMixin, nn.ConvTranspose2d):
+    """QAT nn.ConvTranspose2d; weight is (in, out/groups, kh, kw): outputs on dim 1."""
+
+    _ternq_spec = LayerSpec(nn.ConvTranspose2d, _conv_transpose, weight_out_dim=1, feature_dim=1)
+
+
+class QuantConvTranspose3d(QuantMixin, nn.ConvTranspose3d):
+    """QAT nn.ConvTranspose3d; weight is (in, out/groups, kd, kh, kw): outputs on dim 1."""
+
+    _ternq_spec = LayerSpec(nn.ConvTranspose3d, _conv_transpose, weight_out_dim=1, feature_dim=1)
+
+
 class QuantConvTranspose1d(QuantMixin, nn.ConvTranspose1d):
     """QAT nn.ConvTranspose1d (HiFi-GAN's upsamplers); weight is (in, out/groups, k), so outputs lie on dim 1."""
 
@@ -223,6 +253,7 @@ class QuantEmbedding(QuantMixin, nn.Embedding):
 # --- registry --------------------------------------------------------------------------------------------------
 
 _REGISTRY: dict[type[nn.Module], type[QuantMixin]] = {}
+_DERIVED: dict[type[nn.Module], type[QuantMixin] | None] = {}  # subclasses running a registered type's forward
 
 
 def register_layer(
@@ -256,10 +287,12 @@ def register_layer(
     elif not issubclass(quant_type, QuantMixin) or quant_type._ternq_spec.float_type is not float_type:
         raise TypeError(f"register_layer: quant_type must be a QuantMixin subclass whose spec names {float_type}")
     _REGISTRY[float_type] = quant_type
+    _DERIVED.clear()  # a subclass derived from an earlier registration may now have its own
     return quant_type
 
 
-for _cls in (QuantLinear, QuantConv1d, QuantConv2d, QuantConvTranspose1d, QuantEmbedding):
+for _cls in (QuantLinear, QuantConv1d, QuantConv2d, QuantConv3d, QuantConvTranspose1d, QuantConvTranspose2d,
+             QuantConvTranspose3d, QuantEmbedding):
     register_layer(_cls._ternq_spec.float_type, quant_type=_cls)
 
 
@@ -271,11 +304,28 @@ def _base_type(module: nn.Module) -> type[nn.Module]:
     return cls
 
 
+def _registered_quant_type(cls: type[nn.Module]) -> type[QuantMixin] | None:
+    """The QAT class for layer type `cls`: registered, or derived for a subclass of a registered type that runs
+    its base's forward (torch's ``NonDynamicallyQuantizableLinear`` is an ``nn.Linear`` with another name). A
+    subclass overriding ``forward`` computes something ternq cannot know: it must be registered on its own."""
+    if cls in _REGISTRY:
+        return _REGISTRY[cls]
+    if cls not in _DERIVED:
+        base = next((b for b in cls.__mro__[1:] if b in _REGISTRY), None)
+        if base is None or cls.forward is not base.forward or issubclass(cls, QuantMixin):
+            _DERIVED[cls] = None
+        else:
+            spec = dataclasses.replace(_REGISTRY[base]._ternq_spec, float_type=cls)
+            _DERIVED[cls] = type(f"Quant{cls.__name__}", (_REGISTRY[base], cls),
+                                 {"_ternq_spec": spec, "__module__": cls.__module__})
+    return _DERIVED[cls]
+
+
 def layer_spec(module: nn.Module) -> LayerSpec | None:
     """The spec ternq would use for `module`, or None when its type is not registered."""
     if isinstance(module, QuantMixin):
         return module._ternq_spec
-    quant_type = _REGISTRY.get(_base_type(module))
+    quant_type = _registered_quant_type(_base_type(module))
     return None if quant_type is None else quant_type._ternq_spec
 
 
@@ -286,7 +336,7 @@ def is_quantized(module: nn.Module) -> bool:
 
 def _quant_class_for(module: nn.Module) -> type[QuantMixin]:
     base = _base_type(module)
-    quant_type = _REGISTRY.get(base)
+    quant_type = _registered_quant_type(base)
     if quant_type is None:
         known = ", ".join(sorted(t.__name__ for t in _REGISTRY))
         raise UnsupportedLayerError(f"ternq cannot quantize {base.__name__}: not a registered layer type "

@@ -494,11 +494,31 @@ def test_unregistered_types_are_refused_with_the_fix() -> None:
         to_quant_module(TransposedLinear(3, 2), TernaryConfig())
     assert layer_spec(TransposedLinear(3, 2)) is None
 
-    class MyLinear(nn.Linear):  # a subclass may override forward: it needs its own registration
-        pass
+    class MyLinear(nn.Linear):  # a subclass overriding forward computes something else: it needs its own registration
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x) * 2
 
     with pytest.raises(UnsupportedLayerError, match="MyLinear"):
         to_quant_module(MyLinear(2, 2), TernaryConfig())
+
+
+def test_a_subclass_running_its_base_forward_converts_as_its_base() -> None:
+    """torch's NonDynamicallyQuantizableLinear (MultiheadAttention.out_proj) is an nn.Linear by another name."""
+    from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
+
+    torch.manual_seed(0)
+    m = NonDynamicallyQuantizableLinear(4, 3)
+    q = to_quant_module(m, TernaryConfig())
+    assert isinstance(q, NonDynamicallyQuantizableLinear) and ternq.is_quantized(q)
+    x = torch.randn(2, 4)
+    assert torch.equal(q(x), to_quant_module(_as_linear(m), TernaryConfig())(x))
+    assert type(to_float_module(q)) is NonDynamicallyQuantizableLinear
+
+
+def _as_linear(m: nn.Linear) -> nn.Linear:
+    plain = nn.Linear(m.in_features, m.out_features)
+    plain.load_state_dict(m.state_dict())
+    return plain
     with pytest.raises(TypeError):  # UnsupportedLayerError is also a TypeError
         to_quant_module(nn.GRU(2, 2), TernaryConfig())
 

@@ -326,8 +326,9 @@ def test_unsupported_layers_are_named_with_the_fix():
     with pytest.raises(UnsupportedLayerError, match=r"'norm'.*register_layer"):
         ternq.report(model, include=["norm"])
 
-    class MyLinear(nn.Linear):  # registered types match exactly: a subclass must be registered itself
-        pass
+    class MyLinear(nn.Linear):  # a subclass with its own forward must be registered itself
+        def forward(self, x):
+            return super().forward(x).relu()
 
     model.enc = MyLinear(4, 4)
     with pytest.raises(UnsupportedLayerError, match="MyLinear"):
