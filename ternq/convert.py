@@ -13,6 +13,7 @@ model is exactly as it was (same module objects, same forwards) and a `Conversio
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -21,18 +22,25 @@ from torch import nn
 
 from .config import QuantConfig, TernaryConfig
 from .errors import AlreadyQuantizedError, ConversionError, UnsupportedLayerError
-from .functional import FunctionalQuant, functional_quants, install, uninstall
-from .graph import Analysis, analyze, walk_modules
-from .layers import is_quantized, to_float_module, to_quant_module
+from .functional import (
+    READS,
+    FunctionalQuant,
+    WeightQuant,
+    functional_quants,
+    install,
+    install_reads,
+    install_weights,
+    uninstall,
+    weight_quants,
+)
+from .graph import Analysis, Candidate, analyze, walk_modules
+from .layers import is_quantized, layer_spec, to_float_module, to_quant_module
 from .selectors import Decision, decide
+from .sites import SITES, Site
 
 __all__ = ["quantize", "dequantize", "plan"]
 
 M = TypeVar("M", bound=nn.Module)
-
-#: plain attribute on the converted module: its kept-float candidate layers, for `ternq.report`
-KEPT_FLOAT = "_ternq_kept_float"
-
 
 def _check_config(config: object) -> QuantConfig:
     if config is None:
@@ -46,14 +54,14 @@ def quantized_parts(model: nn.Module) -> list[str]:
     """Names of the ternq parts in `model`: QAT layers, functional quantizers, converted (sub)models."""
     found = []
     for name, module in model.named_modules():
-        if is_quantized(module) or isinstance(module, FunctionalQuant) or KEPT_FLOAT in module.__dict__:
+        if is_quantized(module) or isinstance(module, (FunctionalQuant, WeightQuant)) or SITES in module.__dict__:
             found.append(name)
     return found
 
 
 def plan(model: nn.Module, include: object = None, exclude: object = None,
-         config: QuantConfig | None = None) -> tuple[Analysis, dict[str, Decision]]:
-    """What `quantize` would do, without doing it: the model analysis and one decision per candidate layer."""
+         config: QuantConfig | None = None, example_inputs: Any = None) -> tuple[Analysis, dict[str, Decision]]:
+    """What `quantize` would do, without doing it: the model analysis and one decision per candidate weight."""
     config = _check_config(config)
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize() takes an nn.Module, got {type(model).__name__}")
@@ -62,11 +70,48 @@ def plan(model: nn.Module, include: object = None, exclude: object = None,
         raise AlreadyQuantizedError(
             f"the model is already quantized ({done[0] or 'the model'!r} is a ternq part): quantize() converts a "
             "float model once. Start again from the float model, or call ternq.dequantize(model) first")
-    analysis = analyze(model)
-    return analysis, decide(analysis, include, exclude, config)
+    analysis = analyze(model, example_inputs)
+    decisions = decide(analysis, include, exclude, config)
+    return analysis, {name: _adapt(analysis.candidate(name), d) for name, d in decisions.items()}  # type: ignore[arg-type]
 
 
-def quantize(model: M, include: Any = None, exclude: Any = None, config: QuantConfig | None = None) -> M:
+def input_features(cand: Candidate) -> int | None:
+    """How many values the input norm of a quantized layer / call would normalize over, where known."""
+    if cand.kind == "functional":
+        return cand.weight.shape[1] if cand.op == "linear" else None
+    if cand.kind == "layer":
+        for attr in ("in_features", "in_channels"):
+            n = getattr(cand.module, attr, None)
+            if isinstance(n, int):
+                return n
+    return None
+
+
+def _adapt(cand: Candidate, decision: Decision) -> Decision:
+    """The decision as applied to this weight: kind-specific settings and the reason a user should know."""
+    config = decision.config
+    if cand.kind == "unknown":
+        return Decision(None, decision.rule, "use not found: no traced op reads it; pass example_inputs= to "
+                                             "quantize() / report() to record what the model computes with it")
+    if config is None:
+        return decision
+    notes = []
+    if cand.kind == "weight":
+        notes.append(f"weights only: {', '.join(sorted(set(cand.readers.values())))} takes no quantized input")
+        if cand.experts:
+            config = dataclasses.replace(config, granularity="channel")
+            notes.append(f"{cand.weight.shape[0]} experts, a scale each")
+    elif config.input_norm is not None and input_features(cand) == 1:
+        config = dataclasses.replace(config, input_norm=None)
+        notes.append("no input norm: 1 input feature (normalizing it would erase the input)")
+    if cand.kind == "layer" and cand.readers:
+        notes.append("weights only where " + ", ".join(f"{r or 'the model'} ({op})" for r, op in
+                                                        cand.readers.items()) + " reads its weight")
+    return Decision(config, decision.rule, "; ".join(notes))
+
+
+def quantize(model: M, include: Any = None, exclude: Any = None, config: QuantConfig | None = None, *,
+             example_inputs: Any = None, strict: bool = False) -> M:
     """Convert the selected layers of `model` to quantization-aware (QAT) layers, in place.
 
     Args:
@@ -77,6 +122,12 @@ def quantize(model: M, include: Any = None, exclude: Any = None, config: QuantCo
             selectors use `config`. See `ternq.selectors` for the selector kinds.
         exclude: selectors of layers to keep in float; exclude always wins over include.
         config: the default quantization config (`ternq.TernaryConfig()` when None).
+        example_inputs: inputs to run the float model on once (a tensor, a tuple of positional arguments or a
+            dict of keyword arguments), recording which parameters reach a matmul / conv-like op and in which
+            module's forward: finds weights fx cannot see (untraceable forwards, helper functions). Without them,
+            weights found by no source are reported as "float: use not found".
+        strict: raise instead of keeping a weight float that no rule chose to keep float (a weight whose use
+            was not found).
 
     Returns:
         `model` itself, converted (a new object only when `model` is itself a single layer, e.g. ``nn.Linear``).
@@ -100,9 +151,16 @@ def quantize(model: M, include: Any = None, exclude: Any = None, config: QuantCo
         print(ternq.report(model))
         ```
     """
-    analysis, decisions = plan(model, include, exclude, config)
-    if include is None and not any(not c.optional for c in analysis.candidates):
+    analysis, decisions = plan(model, include, exclude, config, example_inputs)
+    if include is None and not any(not c.optional and c.kind != "unknown" for c in analysis.candidates):
         raise _nothing_to_quantize(analysis)
+    if strict:
+        unsure = [c.key for c in analysis.candidates if c.kind == "unknown"]
+        if unsure:
+            raise ConversionError(
+                f"quantize(strict=True): {len(unsure)} weight(s) would stay float without a rule saying so, because "
+                f"no traced op was seen using them: {', '.join(unsure[:5])}{' ...' if len(unsure) > 5 else ''}. "
+                "Pass example_inputs=... so that ternq records what the model computes with them, or exclude them")
     return _apply(model, analysis, decisions)
 
 
@@ -129,17 +187,23 @@ def _apply(model: M, analysis: Analysis, decisions: dict[str, Decision]) -> M:
     current = ""
     try:
         functional: dict[str, list[FunctionalQuant]] = {}
-        kept: dict[str, dict[str, Any]] = {}
+        weights: dict[str, list[WeightQuant]] = {}
+        reads: dict[str, list[str]] = {}
+        sites: list[Site] = []
         for cand in analysis.candidates:
             current = cand.name
             decision = decisions[cand.name]
+            sites.append(site_record(cand, decision))
             if decision.config is None:
-                kept[cand.name] = {"type": cand.type_name, "params": cand.n_params, "rule": decision.rule,
-                                   "path": cand.path, "anchor": cand.owner_name if cand.functional else cand.name}
-            elif cand.functional:
+                continue
+            if cand.kind == "functional":
                 fq = FunctionalQuant(cand.op, cand.param, decision.config)  # type: ignore[arg-type]
                 fq.ternq_rule, fq.ternq_path = decision.rule, cand.path
                 functional.setdefault(cand.owner_name, []).append(fq)  # type: ignore[arg-type]
+            elif cand.kind == "weight":
+                wq = WeightQuant(cand.param, decision.config, cand.out_dim)  # type: ignore[arg-type]
+                wq.ternq_rule, wq.ternq_path = decision.rule, cand.path
+                weights.setdefault(cand.owner_name, []).append(wq)  # type: ignore[arg-type]
             else:
                 qmodule = to_quant_module(cand.module, decision.config)
                 qmodule.ternq_rule, qmodule.ternq_path = decision.rule, cand.path
@@ -148,23 +212,46 @@ def _apply(model: M, analysis: Analysis, decisions: dict[str, Decision]) -> M:
                 for parent, attr in analysis.references.get(id(cand.module), []):
                     undo.append(_restorer(parent, attr, parent._modules[attr]))
                     parent._modules[attr] = qmodule
-        for owner_name, fqs in functional.items():
+            for reader in cand.readers:
+                reads.setdefault(reader, []).append(_relative(cand.key, reader))
+        for owner_name in {*functional, *weights, *reads}:
             current = owner_name
             owner = analysis.modules[owner_name]
             modules_before, forward_before = dict(owner._modules), owner.__dict__.get("forward", _MISSING)
-            undo.append(lambda o=owner, m=modules_before, f=forward_before: _restore_owner(o, m, f))
-            install(owner, fqs)
+            reads_before = owner.__dict__.get(READS, _MISSING)
+            undo.append(lambda o=owner, m=modules_before, f=forward_before, r=reads_before: _restore_owner(o, m, f, r))
+            install(owner, functional.get(owner_name, []))
+            install_weights(owner, weights.get(owner_name, []))
+            if owner_name in reads:
+                install_reads(owner, reads[owner_name])
         current = ""
-        previous = root.__dict__.get(KEPT_FLOAT, _MISSING)
-        undo.append(lambda r=root, p=previous: _restore_attr(r, KEPT_FLOAT, p))
-        root.__dict__[KEPT_FLOAT] = kept
-    except Exception as e:
+        previous = root.__dict__.get(SITES, _MISSING)
+        undo.append(lambda r=root, p=previous: _restore_attr(r, SITES, p))
+        root.__dict__[SITES] = sites
+    except BaseException as e:  # KeyboardInterrupt too: never leave a half-converted model
         for step in reversed(undo):
             step()
+        if not isinstance(e, Exception):
+            raise
         where = f" while converting {current!r}" if current else ""
         raise ConversionError(f"quantize() failed{where}: {type(e).__name__}: {e}. The model was left unchanged") \
             from e
     return root  # type: ignore[return-value]
+
+
+def _relative(key: str, scope: str) -> str:
+    return key[len(scope) + 1:] if scope else key
+
+
+def site_record(cand: Candidate, decision: Decision) -> Site:
+    """The `Site` record of a candidate and its decision."""
+    return Site(cand.name, cand.key, cand.kind, cand.type_name, cand.n_params, decision.config, decision.rule,
+                cand.path, decision.reason, cand.out_dim if cand.kind == "weight" else _layer_out_dim(cand))
+
+
+def _layer_out_dim(cand: Candidate) -> int:
+    spec = layer_spec(cand.module) if cand.kind == "layer" else None
+    return spec.weight_out_dim if spec is not None else 0
 
 
 _MISSING = object()
@@ -176,10 +263,11 @@ def _restorer(parent: nn.Module, attr: str, module: nn.Module) -> Callable[[], N
     return restore
 
 
-def _restore_owner(owner: nn.Module, modules: dict[str, nn.Module], forward: object) -> None:
+def _restore_owner(owner: nn.Module, modules: dict[str, nn.Module], forward: object, reads: object) -> None:
     owner._modules.clear()
     owner._modules.update(modules)
     _restore_attr(owner, "forward", forward)
+    _restore_attr(owner, READS, reads)
 
 
 def _restore_attr(module: nn.Module, name: str, value: object) -> None:
@@ -232,8 +320,8 @@ def dequantize(model: M) -> M:
                 first = tied.setdefault(id(weight), hard)
                 if first is not hard and torch.equal(first, hard):
                     fmodule._parameters[name] = first
-        fqs = functional_quants(module)
-        if fqs:
+        fqs: list[FunctionalQuant | WeightQuant] = [*functional_quants(module), *weight_quants(module)]
+        if fqs or READS in module.__dict__:
             owners.append(module)
             for fq in fqs:
                 param = module.get_parameter(fq.param)
@@ -251,5 +339,5 @@ def dequantize(model: M) -> M:
     for owner in owners:
         uninstall(owner)
     for module in [model, *modules.values()]:
-        module.__dict__.pop(KEPT_FLOAT, None)
+        module.__dict__.pop(SITES, None)
     return root  # type: ignore[return-value]

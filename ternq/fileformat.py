@@ -30,7 +30,6 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from .config import QuantConfig
-from .convert import KEPT_FLOAT
 from .errors import ArchitectureMismatchError, ChecksumError, FormatError
 from .functional import FunctionalQuant, install
 from .layers import LayerSpec, QuantMixin, layer_spec
@@ -50,6 +49,7 @@ from .numpy_format import (
 from .packing import encoding_for, pack_codes, unpack_codes
 from .quantizers import dequantize_weight, quantize_weight
 from .runtime import is_packed, packed_layer
+from .sites import SITES
 
 __all__ = ["PackedModel", "pack", "save_packed", "load_packed", "read_metadata"]
 
@@ -289,13 +289,13 @@ def pack(model: nn.Module, *, float_dtype: torch.dtype | None = None, metadata: 
         add(key, stored, "float", t.dtype)
     from . import __version__
 
-    kept = model.__dict__.get(KEPT_FLOAT, {})
+    kept = {site.name: site.rule for site in model.__dict__.get(SITES, ()) if site.config is None}
     manifest = {
         "format_version": FORMAT_VERSION,
         "library": f"ternq {__version__}",
         "float_dtype": None if float_dtype is None else _ST_DTYPE[float_dtype],
         "selection": {"quantized": {s.key: s.rule for s in sites},
-                      "kept_float": {name: info.get("rule") for name, info in kept.items()}},
+                      "kept_float": kept},
         "layers": layers,
         "tensors": records,
     }

@@ -19,6 +19,10 @@ check, microseconds each.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch.nn.functional as F
@@ -34,7 +38,8 @@ from .quantizers import (
     quantize_weight,
 )
 
-__all__ = ["FunctionalQuant", "InterceptedForward", "install", "uninstall", "functional_quants"]
+__all__ = ["FunctionalQuant", "WeightQuant", "InterceptedForward", "install", "install_weights", "install_reads",
+           "uninstall", "functional_quants", "weight_quants", "no_intercept"]
 
 _OPS = {"linear": F.linear, "conv1d": F.conv1d, "conv2d": F.conv2d}
 _BATCHED_DIMS = {"conv1d": 3, "conv2d": 4}
@@ -85,21 +90,97 @@ class FunctionalQuant(nn.Module):
                f"act_bits={self.qconfig.act_bits}"
 
 
-class _Intercept(TorchFunctionMode):
-    """Routes ``F.<op>(x, w, ...)`` to the FunctionalQuant registered for parameter `w`."""
+class WeightQuant(nn.Module):
+    """Weight-only quantization of parameter `param` of the module it is registered on (its holder).
 
-    def __init__(self, sites: dict[tuple[str, int], FunctionalQuant]) -> None:
+    For weights no ternq layer computes: MultiheadAttention's ``in_proj_weight``, RNN weights, a mixture of
+    experts' fused 3-D ``gate_up_proj``, a parameter used through ``torch.matmul`` / ``einsum``. Every module that
+    reads the parameter in its forward (its *readers*, see `install_reads`) sees ``codes * scale`` in every torch
+    call instead of the float value: ``self.w[idx]``, ``self.w.t()``, ``self._flat_weights`` included. The input is
+    not quantized (those ops have no place for it): the report says "weights only". A stack of experts
+    (``(n_experts, out, in)``, indexed before use) gets one scale per expert: ``granularity="channel"`` on dim 0.
+    """
+
+    def __init__(self, param: str, config: QuantConfig, out_dim: int = 0) -> None:
+        super().__init__()
+        self.param = param
+        self.qconfig = config
+        self.out_dim = out_dim
+        self.ternq_rule = ""
+        self.ternq_path = "fx"
+
+    def quantized(self, weight: Tensor) -> Tensor:
+        """``codes * scale`` of `weight` with the straight-through gradient."""
+        return fake_quantize_weight(weight, self.qconfig, self.out_dim)
+
+    def hard_weight(self, weight: Tensor) -> Tensor:
+        """``codes * scale`` without gradient: what `ternq.dequantize` writes back."""
+        codes, scale = quantize_weight(weight.detach(), self.qconfig, self.out_dim)
+        return dequantize_weight(codes, scale, self.qconfig, self.out_dim).to(weight.dtype)
+
+    def extra_repr(self) -> str:
+        return f"weight={self.param}, out_dim={self.out_dim}, qconfig={self.qconfig.name}/" \
+               f"{self.qconfig.granularity}, weights only"
+
+
+_suspended = threading.local()
+
+
+@contextlib.contextmanager
+def no_intercept() -> Iterator[None]:
+    """Run without interception: a QAT layer quantizing its own latent weight inside a reader's forward must see
+    the float weight, not a value the reader's interception already quantized."""
+    depth = getattr(_suspended, "depth", 0)
+    _suspended.depth = depth + 1
+    try:
+        yield
+    finally:
+        _suspended.depth = depth
+
+
+def _replace(value: Any, swap: Callable[[Tensor], Tensor | None]) -> Any:
+    if isinstance(value, Tensor):
+        new = swap(value)
+        return value if new is None else new
+    if isinstance(value, (list, tuple)) and any(isinstance(v, Tensor) for v in value):
+        return type(value)(_replace(v, swap) for v in value) if isinstance(value, list) else \
+            tuple(_replace(v, swap) for v in value)
+    return value
+
+
+class _Intercept(TorchFunctionMode):
+    """Routes ``F.<op>(x, w, ...)`` to the FunctionalQuant registered for parameter `w`, and replaces every read
+    of a watched parameter (`reads`: id -> a function computing its quantized value) by that value."""
+
+    def __init__(self, sites: dict[tuple[str, int], FunctionalQuant],
+                 reads: dict[int, Callable[[], Tensor]] | None = None) -> None:
         super().__init__()
         self.sites = sites
+        self.reads = reads or {}
+        self.values: dict[int, Tensor] = {}  # quantized once per forward call
+
+    def _swap(self, t: Tensor) -> Tensor | None:
+        make = self.reads.get(id(t))
+        if make is None:
+            return None
+        if id(t) not in self.values:
+            with no_intercept():
+                self.values[id(t)] = make()
+        return self.values[id(t)]
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if getattr(_suspended, "depth", 0):
+            return func(*args, **kwargs)
         op = _FUNC_TO_OP.get(func)
         if op is not None:
             weight = args[1] if len(args) > 1 else kwargs.get("weight")
             fq = self.sites.get((op, id(weight)))
             if fq is not None:
                 return fq(*args, **kwargs)
+        if self.reads:
+            args = tuple(_replace(a, self._swap) for a in args)
+            kwargs = {k: _replace(v, self._swap) for k, v in kwargs.items()}
         return func(*args, **kwargs)
 
 
@@ -108,8 +189,32 @@ def functional_quants(owner: nn.Module) -> list[FunctionalQuant]:
     return [m for m in owner._modules.values() if isinstance(m, FunctionalQuant)]
 
 
+def weight_quants(holder: nn.Module) -> list[WeightQuant]:
+    """The WeightQuant modules registered directly on `holder`."""
+    return [m for m in holder._modules.values() if isinstance(m, WeightQuant)]
+
+
+def _quantized_reader(reader: nn.Module, path: str) -> tuple[Tensor, Callable[[], Tensor]] | None:
+    """(the latent parameter at `path` under `reader`, a function giving its quantized value), or None when the
+    parameter is not quantized there (anymore)."""
+    from .layers import QuantMixin  # layers imports quantizers only; functional is imported by convert
+
+    holder_path, _, attr = path.rpartition(".")
+    holder = reader.get_submodule(holder_path)
+    param = holder._parameters.get(attr)
+    if param is None:
+        return None
+    for wq in weight_quants(holder):
+        if wq.param == attr:
+            return param, functools.partial(wq.quantized, param)
+    if isinstance(holder, QuantMixin) and attr == holder._ternq_spec.weight_name:
+        return param, holder.quantized_weight
+    return None
+
+
 class InterceptedForward:
-    """Instance-level ``forward`` of a module with quantized functional calls (see the module docstring).
+    """Instance-level ``forward`` of a module with quantized functional calls or quantized weight reads (see the
+    module docstring).
 
     Holds the owner and the instance-level forward it replaced, if any, so that `uninstall` restores it.
     """
@@ -121,26 +226,57 @@ class InterceptedForward:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         owner = self.owner
         sites = {(fq.op, id(owner.get_parameter(fq.param))): fq for fq in functional_quants(owner)}
+        reads = {}
+        for path in owner.__dict__.get(READS, ()):
+            found = _quantized_reader(owner, path)
+            if found is not None:
+                reads[id(found[0])] = found[1]
         forward = self.replaced if self.replaced is not None else type(owner).forward.__get__(owner)
-        with _Intercept(sites):
+        with _Intercept(sites, reads):
             return forward(*args, **kwargs)
 
 
-def install(owner: nn.Module, fqs: list[FunctionalQuant]) -> None:
-    """Register `fqs` on `owner` as ``ternq_fq_<n>`` (the first free names) and intercept its forward."""
+#: plain attribute of a reader: the paths (relative to it) of quantized parameters its forward reads
+READS = "_ternq_reads"
+
+
+def _register(owner: nn.Module, prefix: str, modules: list[nn.Module]) -> None:
     n = 0
-    for fq in fqs:
-        while f"ternq_fq_{n}" in owner._modules or hasattr(owner, f"ternq_fq_{n}"):
+    for m in modules:
+        while f"{prefix}{n}" in owner._modules or hasattr(owner, f"{prefix}{n}"):
             n += 1
-        owner._modules[f"ternq_fq_{n}"] = fq
+        owner._modules[f"{prefix}{n}"] = m
+
+
+def intercept(owner: nn.Module) -> None:
+    """Give `owner` the intercepting instance-level forward (once)."""
     if not isinstance(owner.__dict__.get("forward"), InterceptedForward):
         owner.__dict__["forward"] = InterceptedForward(owner, owner.__dict__.get("forward"))
 
 
+def install(owner: nn.Module, fqs: list[FunctionalQuant]) -> None:
+    """Register `fqs` on `owner` as ``ternq_fq_<n>`` (the first free names) and intercept its forward."""
+    _register(owner, "ternq_fq_", fqs)
+    intercept(owner)
+
+
+def install_weights(holder: nn.Module, wqs: list[WeightQuant]) -> None:
+    """Register weight-only quantizers on the module holding their parameters (``ternq_wq_<n>``)."""
+    _register(holder, "ternq_wq_", wqs)
+
+
+def install_reads(reader: nn.Module, paths: list[str]) -> None:
+    """Make `reader`'s forward see the quantized value of the parameters at `paths` (relative to it)."""
+    known = reader.__dict__.setdefault(READS, [])
+    known.extend(p for p in paths if p not in known)
+    intercept(reader)
+
+
 def uninstall(owner: nn.Module) -> None:
-    """Remove every FunctionalQuant from `owner` and restore the forward it had before `install`."""
-    for name in [k for k, m in owner._modules.items() if isinstance(m, FunctionalQuant)]:
+    """Remove every FunctionalQuant / WeightQuant and read from `owner`; restore the forward it had before."""
+    for name in [k for k, m in owner._modules.items() if isinstance(m, (FunctionalQuant, WeightQuant))]:
         del owner._modules[name]
+    owner.__dict__.pop(READS, None)
     intercepted = owner.__dict__.get("forward")
     if isinstance(intercepted, InterceptedForward):
         if intercepted.replaced is None:

@@ -32,7 +32,8 @@ import random
 import warnings
 from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,7 +41,9 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
+from .errors import ConversionError
 from .layers import is_quantized, layer_spec
+from .uses import Use, graph_uses, native_uses, record_uses
 
 __all__ = ["Candidate", "Analysis", "analyze", "walk_modules", "describe_type", "FUNCTIONAL_OPS"]
 
@@ -56,18 +59,31 @@ _NONE_OR_FLAG = (type(None), bool, int, float, str)
 
 @dataclass
 class Candidate:
-    """One quantizable layer: a registered module, or a functional call on a parameter weight.
+    """One quantizable weight, and how ternq reaches it.
 
     Attributes:
-        name: qualified module name; for a functional call, the owner's name + "." + the weight's attribute path.
-        module: the layer itself, or for a functional call the module whose forward makes it (the owner).
-        layer_type: the module type a type selector compares against (nn.Linear for ``F.linear``).
-        type_name: what the report shows, e.g. "Conv1d[weight_norm]" or "F.conv1d".
+        name: what selectors match: the layer's qualified module name for a layer; for a functional call or a
+            weight-only site, the weight's path (owner name + "." + attribute path, e.g. "mixer.proj_weight").
+        module: the layer itself; for a functional call the module whose forward makes it (the owner); for a
+            weight-only site the module holding the parameter.
+        layer_type: the module type a type selector compares against (nn.Linear for ``F.linear``; the holder's
+            type for a weight-only site, e.g. nn.LSTM).
+        type_name: what the report shows, e.g. "Conv1d[weight_norm]", "F.linear", "LSTM[lstm]".
         path: "fx" when fx-traced code calls it, "swap" when found only by walking the module tree, "fx-lenient"
-            for a functional call found by lenient tracing of an untraceable forward.
+            for a call found by lenient tracing of an untraceable forward, "native" for a torch.nn module whose
+            kernel reads it, "recorded" for a use seen while running example inputs.
+        kind: "layer" (a module of a registered type: QAT layer, inputs quantized too), "functional" (an
+            ``F.linear/conv1d/conv2d`` call on a parameter, intercepted, inputs quantized too), "weight" (a
+            parameter other ops compute with: quantized wherever read, weights only), "unknown" (a weight no
+            source saw used: kept float, reported).
+        key: the weight's state_dict key.
         optional: True for opt-in types (Embedding): only candidates when a rule selects their type.
-        op / param / owner_name: functional calls only: "linear" | "conv1d" | "conv2d", the weight's path inside
-            the owner, the owner's qualified name.
+        op / param / owner_name: functional calls and weight sites: the op ("linear", "lstm", ...), the weight's
+            path inside `module`, and the name of `module`.
+        readers: other modules whose forward reads this weight itself (a parent reading a layer's ``.weight``,
+            the modules computing with a weight-only site's parameter), each with the op.
+        out_dim / experts: weight-only sites: the dim of output channels; True when the parameter stacks one
+            weight per expert along dim 0 (indexed before use), which then get a scale each.
     """
 
     name: str
@@ -75,21 +91,33 @@ class Candidate:
     layer_type: type[nn.Module]
     type_name: str
     path: str
+    kind: str = "layer"
+    key: str = ""
     optional: bool = False
     op: str | None = None
     param: str | None = None
     owner_name: str | None = None
+    readers: dict[str, str] = field(default_factory=dict)
+    out_dim: int = 0
+    experts: bool = False
 
     @property
     def functional(self) -> bool:
-        return self.op is not None
+        return self.kind == "functional"
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weight as its layer or owner holds it (weight_norm's effective weight for a layer)."""
+        if self.kind == "layer":
+            return getattr(self.module, layer_spec(self.module).weight_name)  # type: ignore[union-attr]
+        return self.module.get_parameter(self.param)  # type: ignore[arg-type]
 
     @property
     def n_params(self) -> int:
-        """Parameters the layer holds (weight_norm's g and v, bias included); weight only for functional calls."""
-        if self.functional:
-            return self.module.get_parameter(self.param).numel()
-        return sum(p.numel() for p in self.module.parameters())
+        """Parameters the layer holds (weight_norm's g and v, bias included); the weight alone for the others."""
+        if self.kind == "layer":
+            return sum(p.numel() for p in self.module.parameters())
+        return self.weight.numel()
 
 
 @dataclass
@@ -104,6 +132,7 @@ class Analysis:
     untraced: dict[str, str] = field(default_factory=dict)  # module name -> why fx could not trace it
     lenient: dict[str, fx.Graph | None] = field(default_factory=dict)  # untraced module -> lenient graph (cache)
     candidates: list[Candidate] = field(default_factory=list)
+    seen: set[int] = field(default_factory=set)  # id of every parameter some graph reads
 
     def candidate(self, name: str) -> Candidate | None:
         return self._by_name.get(name)
@@ -328,25 +357,19 @@ def describe_type(module: nn.Module) -> str:
     return f"{base.__name__}[{','.join(extras)}]" if extras else base.__name__
 
 
-def _functional_sites(scope_name: str, scope: nn.Module, graph: fx.Graph, path: str) -> list[Candidate]:
-    sites: dict[str, Candidate] = {}
-    params = dict(scope.named_parameters())
+def _seen(analysis: Analysis, module: nn.Module, graph: fx.Graph) -> None:
+    """Note the parameters a graph reads (whatever it does with them): their use is known."""
     for node in graph.nodes:
-        if node.op != "call_function" or node.target not in FUNCTIONAL_OPS:
-            continue
-        weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-        if not isinstance(weight, fx.Node) or weight.op != "get_attr" or weight.target not in params:
-            continue
-        if params[weight.target].dim() < 2:
-            continue
-        op, layer_type = FUNCTIONAL_OPS[node.target]
-        name = f"{scope_name}.{weight.target}" if scope_name else weight.target
-        sites.setdefault(name, Candidate(name=name, module=scope, layer_type=layer_type, type_name=f"F.{op}",
-                                         path=path, op=op, param=weight.target, owner_name=scope_name))
-    return list(sites.values())
+        if node.op == "get_attr":
+            try:
+                analysis.seen.add(id(module.get_parameter(str(node.target))))
+            except AttributeError:
+                pass
 
 
-def _trace_all(analysis: Analysis, called: set[int], functional: dict[str, list[Candidate]]) -> None:
+def _trace_all(analysis: Analysis, called: set[int]) -> list[Use]:
+    """Trace every module's own forward; return the uses of parameters its graph shows."""
+    uses: list[Use] = []
     for name, module in analysis.modules.items():
         if not _traceable(module):
             continue
@@ -354,20 +377,23 @@ def _trace_all(analysis: Analysis, called: set[int], functional: dict[str, list[
             graph = _trace(module)
         except Exception as e:
             analysis.untraced[name] = _reason(e)
-            # functional calls are looked for on the module's own parameters (F.linear(x, self.w)): only
-            # modules holding some are traced leniently now, the others on demand (output_layers)
+            # uses are looked for on the module's own parameters (F.linear(x, self.w)): only modules holding
+            # some are traced leniently now, the others on demand (output_layers)
             lenient = analysis.lenient_graph(name) if module._parameters else None
             if lenient is not None:
-                functional[name] = _functional_sites(name, module, lenient, "fx-lenient")
+                _seen(analysis, module, lenient)
+                uses.extend(replace(u, source="fx-lenient") for u in graph_uses(name, module, lenient))
             continue
         analysis.graphs[name] = graph
+        _seen(analysis, module, graph)
         for node in graph.nodes:
             if node.op == "call_module":
                 try:
                     called.add(id(module.get_submodule(node.target)))
                 except AttributeError:
                     pass
-        functional[name] = _functional_sites(name, module, graph, "fx")
+        uses.extend(graph_uses(name, module, graph))
+    return uses
 
 
 @contextlib.contextmanager
@@ -383,20 +409,123 @@ def _rng_preserved() -> Iterator[None]:
             np.random.set_state(np_state)
 
 
-def analyze(root: nn.Module) -> Analysis:
-    """Walk and shallow-trace `root`; list its candidate layers (module order, functional calls after their owner)."""
+def analyze(root: nn.Module, example_inputs: Any = None) -> Analysis:
+    """Walk and shallow-trace `root` (and run it on `example_inputs`, if given, recording what it computes with
+    each parameter); list its candidate weights (module order, functional calls and weight-only sites after the
+    module whose forward makes them)."""
     modules, names, refs = walk_modules(root)
     analysis = Analysis(root=root, modules=modules, names=names, references=dict(refs))
     called: set[int] = set()
-    functional: dict[str, list[Candidate]] = {}
     with _rng_preserved():
-        _trace_all(analysis, called, functional)
+        uses = _trace_all(analysis, called)
+        for name, module in modules.items():
+            uses.extend(native_uses(name, module))
+        if example_inputs is not None:
+            try:
+                uses.extend(record_uses(root, example_inputs))
+            except Exception as e:  # the user's inputs do not run the model: say so, do not guess
+                raise ConversionError(f"example_inputs: running the float model on them failed: "
+                                      f"{type(e).__name__}: {e}. Pass what model(...) accepts: a tensor, a tuple "
+                                      "of positional arguments or a dict of keyword arguments") from e
+    layers: dict[str, Candidate] = {}
     for name, module in modules.items():
         spec = layer_spec(module)
         if spec is not None:
-            analysis.candidates.append(Candidate(
+            layers[name] = Candidate(
                 name=name, module=module, layer_type=spec.float_type, type_name=describe_type(module),
-                path="fx" if id(module) in called else "swap", optional=spec.optional))
-        analysis.candidates.extend(functional.get(name, []))
+                path="fx" if id(module) in called else "swap", optional=spec.optional,
+                key=f"{name}.{spec.weight_name}" if name else spec.weight_name)
+    extra = _sites_from_uses(analysis, uses, layers)
+    for name in modules:
+        if name in layers:
+            analysis.candidates.append(layers[name])
+        analysis.candidates.extend(extra.get(name, []))
+    if example_inputs is None:
+        analysis.candidates.extend(_unknown_weights(analysis))
     analysis._by_name = {c.name: c for c in analysis.candidates}
     return analysis
+
+
+_FUNCTIONAL_KINDS = {"linear": nn.Linear, "conv1d": nn.Conv1d, "conv2d": nn.Conv2d}
+
+
+def _sites_from_uses(analysis: Analysis, uses: list[Use], layers: dict[str, Candidate]) -> dict[str, list[Candidate]]:
+    """Functional and weight-only candidates, grouped by the module they follow in the candidate list; reads of
+    a layer's weight by another module are added to the layer's candidate."""
+    keys = {id(p): k for k, p in analysis.root.named_parameters()}
+    by_key: dict[str, Candidate] = {}
+    out: dict[str, list[Candidate]] = {}
+    for use in uses:
+        reader = analysis.modules.get(use.reader)
+        if reader is None:
+            continue
+        weight = reader.get_parameter(use.param)
+        key = keys.get(id(weight))
+        if key is None:
+            continue
+        holder_path, _, attr = use.param.rpartition(".")
+        holder = reader.get_submodule(holder_path)
+        holder_name = analysis.names.get(id(holder))
+        spec = layer_spec(holder)
+        if spec is not None and holder_name in layers and _is_layer_weight(holder, spec, attr):
+            if holder is not reader:  # another module reads the layer's weight itself
+                layers[holder_name].readers.setdefault(use.reader, use.op)
+            continue
+        if holder_name is None or _inside_layer(holder_name, layers):
+            continue  # a layer's own internals (weight_norm's g / v): the layer is the candidate
+        if use.direct and use.op in _FUNCTIONAL_KINDS and holder is reader and key not in by_key:
+            cand = Candidate(name=_join(use.reader, attr), module=reader, layer_type=_FUNCTIONAL_KINDS[use.op],
+                             type_name=f"F.{use.op}", path=use.source, kind="functional", key=key, op=use.op,
+                             param=attr, owner_name=use.reader)
+            by_key[key] = cand
+            out.setdefault(use.reader, []).append(cand)
+            continue
+        cand = by_key.get(key)
+        if cand is None or cand.kind == "functional":
+            if cand is not None:  # used as F.linear's weight *and* otherwise: quantized wherever read instead
+                out[cand.owner_name].remove(cand)  # type: ignore[index]
+            cand = Candidate(name=key, module=holder, layer_type=type(holder), type_name=type(holder).__name__,
+                             path=use.source, kind="weight", key=key, op=use.op, param=attr,
+                             owner_name=holder_name, out_dim=use.out_dim, optional=use.op == "embedding")
+            by_key[key] = cand
+            out.setdefault(holder_name, []).append(cand)
+        cand.readers.setdefault(use.reader, use.op)
+        cand.experts = cand.experts or (use.indexed and weight.dim() >= 3)
+        cand.optional = cand.optional and use.op == "embedding"
+    for cand in by_key.values():
+        if cand.kind == "weight":
+            ops = sorted(set(cand.readers.values()))
+            cand.type_name = f"{type(cand.module).__name__}[{', '.join(ops)}{', experts' if cand.experts else ''}]"
+    return out
+
+
+def _is_layer_weight(layer: nn.Module, spec: Any, attr: str) -> bool:
+    return attr == spec.weight_name or attr.startswith(spec.weight_name + "_") or attr.startswith("parametrizations.")
+
+
+def _inside_layer(name: str, layers: dict[str, Candidate]) -> bool:
+    return any(name.startswith(n + ".") for n in layers if n)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _unknown_weights(analysis: Analysis) -> list[Candidate]:
+    """Parameters of 2+ dims no graph reads and no other source saw used (no example inputs were run): reported,
+    kept float."""
+    covered = {c.key for c in analysis.candidates}
+    layer_names = [c.name for c in analysis.candidates if c.kind == "layer"]
+    found = []
+    for key, param in analysis.root.named_parameters():
+        if param.dim() < 2 or key in covered or id(param) in analysis.seen:
+            continue
+        holder_name = key.rpartition(".")[0]
+        if holder_name in layer_names or any(key.startswith(n + ".") for n in layer_names if n) or \
+                (not holder_name and "" in layer_names):
+            continue
+        holder = analysis.root.get_submodule(holder_name)
+        found.append(Candidate(name=key, module=holder, layer_type=type(holder), type_name=type(holder).__name__,
+                               path="-", kind="unknown", key=key, param=key.rpartition(".")[2],
+                               owner_name=holder_name))
+    return found

@@ -30,6 +30,7 @@ from torch.nn.utils.weight_norm import WeightNorm as _WeightNorm
 
 from .config import QuantConfig
 from .errors import AlreadyQuantizedError, UnsupportedLayerError
+from .functional import no_intercept
 from .quantizers import (
     dequantize_weight,
     fake_quantize_activation,
@@ -135,8 +136,10 @@ class QuantMixin:
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
         spec = self._ternq_spec
         x, args = take_input(spec, args, kwargs)
-        # the forward pre-hooks (legacy weight_norm / spectral_norm) have just refreshed the weight attribute
-        w = fake_quantize_weight(getattr(self, spec.weight_name), self.qconfig, spec.weight_out_dim)
+        # the forward pre-hooks (legacy weight_norm / spectral_norm) have just refreshed the weight attribute;
+        # a parent reading this weight too may intercept it (`ternq.functional`): quantize the latent one here
+        with no_intercept():
+            w = fake_quantize_weight(getattr(self, spec.weight_name), self.qconfig, spec.weight_out_dim)
         return spec.forward(self, self.quantize_input(x), w, *args, **kwargs)
 
     def extra_repr(self) -> str:

@@ -15,11 +15,11 @@ from torch import Tensor, nn
 
 from ._text import aligned_table, human_bytes
 from .config import QuantConfig
-from .convert import KEPT_FLOAT, plan, quantized_parts
+from .convert import plan, quantized_parts, site_record
 from .errors import AlreadyQuantizedError
-from .functional import FunctionalQuant
 from .graph import describe_type
 from .layers import is_quantized, layer_spec
+from .sites import Site, sites_of
 
 __all__ = ["Report", "ReportRow", "report"]
 
@@ -28,16 +28,23 @@ _SCALE_BYTES = 4  # scales are stored as float32
 
 @dataclass(frozen=True)
 class ReportRow:
-    """One candidate layer.
+    """One candidate weight.
 
     Attributes:
-        name: qualified name (functional calls: owner name + "." + the weight's attribute path).
-        type: layer type, e.g. "Conv1d[weight_norm]" or "F.linear".
-        params: parameters the layer holds (weight_norm's g and v and the bias included).
+        name: the weight's state_dict key (``encoder.layers.0.self_attn.in_proj_weight``; a layer's ``weight``
+            even when weight_norm stores it as ``weight_g`` / ``weight_v``).
+        type: layer type, e.g. "Conv1d[weight_norm]", "F.linear", or for a weight-only site the module holding
+            it and the ops reading it, "LSTM[lstm]".
+        params: parameters the layer holds (weight_norm's g and v and the bias included); the weight alone for
+            functional calls and weight-only sites.
         decision: "ternary", "int<k>", or "float" when kept in float.
         rule: the rule that decided, e.g. 'include[0] "decoder.*"', 'exclude[0] output_layers()', "default".
-        path: "fx" (called from fx-traced code) or "swap" (found by walking the module tree only).
-        bytes_before: the layer's weight storage in the state_dict now (bias excluded: it stays float).
+        path: how ternq found the weight: "fx" (traced code calls it), "swap" (module walk only), "fx-lenient",
+            "native" (a torch.nn module's kernel reads it), "recorded" (seen running example inputs), "-".
+        reason: what else is true of it: "weights only: ..." (the op takes no quantized input), "no input norm:
+            ..." (one input feature), or why a float weight stayed float ("use not found: ...").
+        layer: the name selectors match: the layer's module name, or the weight's path for the other kinds.
+        bytes_before: the weight's storage in the state_dict now (bias excluded: it stays float).
         bytes_after: estimated packed weight + scales (equal to bytes_before when kept float).
     """
 
@@ -47,6 +54,8 @@ class ReportRow:
     decision: str
     rule: str
     path: str
+    reason: str
+    layer: str
     bytes_before: int
     bytes_after: int
 
@@ -83,20 +92,20 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
         return {"applied": self.applied, "rows": [asdict(r) for r in self.rows],
-                "totals": {"layers": len(self.rows), "counts": self.counts,
+                "totals": {"weights": len(self.rows), "counts": self.counts,
                            "params": sum(r.params for r in self.rows), "params_quantized": self.params_quantized,
                            "bytes_before": self.bytes_before, "bytes_after": self.bytes_after}}
 
     def __str__(self) -> str:
-        header = ("name", "type", "params", "decision", "rule", "path")
-        body = [(r.name or "(model)", r.type, f"{r.params:,}", r.decision, r.rule, r.path) for r in self.rows]
+        header = ("weight", "type", "params", "decision", "rule", "path", "reason")
+        body = [(r.name, r.type, f"{r.params:,}", r.decision, r.rule, r.path, r.reason) for r in self.rows]
         counts = ", ".join(f"{n} {d}" for d, n in sorted(self.counts.items(), key=lambda kv: kv[0] == "float"))
         total = sum(r.params for r in self.rows)
         ratio = self.bytes_before / self.bytes_after if self.bytes_after else float("inf")
         title = "ternq conversion report" if self.applied else "ternq conversion plan (dry run, not applied)"
         return "\n".join([
             title, *aligned_table(header, body, right={2}),
-            f"{len(self.rows)} layers: {counts or 'none'}; {self.params_quantized:,} of {total:,} layer parameters "
+            f"{len(self.rows)} weights: {counts or 'none'}; {self.params_quantized:,} of {total:,} layer parameters "
             "quantized",
             f"state_dict {human_bytes(self.bytes_before)} -> ~{human_bytes(self.bytes_after)} packed "
             f"({ratio:.2f}x smaller)",
@@ -132,86 +141,73 @@ class _Entry:
     row: ReportRow  # bytes_before / bytes_after still 0
     weight_keys: list[str]
     packed: int
-    order: tuple[int, int]
 
 
-def _entry(name: str, type: str, params: int, decision: str, rule: str, path: str, weight_keys: list[str],
-           packed: int, order: tuple[int, int] = (0, 0)) -> _Entry:
-    return _Entry(ReportRow(name, type, params, decision, rule, path, 0, 0), weight_keys, packed, order)
+def _entries(model: nn.Module, sites: list[tuple[str, Site]]) -> list[_Entry]:
+    entries = []
+    for prefix, site in sites:
+        layer, key = _join(prefix, site.name), _join(prefix, site.key)
+        if site.kind == "layer":
+            module = model.get_submodule(layer)
+            spec = layer_spec(module)
+            weight = module.float_weight() if is_quantized(module) else getattr(module, spec.weight_name)
+            keys = _weight_keys(layer, module)
+        else:
+            weight, keys = model.get_parameter(key), [key]
+        packed = 0 if site.config is None else _packed_bytes(tuple(weight.shape), site.config, site.out_dim)
+        row = ReportRow(key, site.type, site.params, site.decision, site.rule, site.path, site.reason, layer, 0, 0)
+        entries.append(_Entry(row, keys, packed))
+    return entries
 
 
 def _sizes(model: nn.Module, entries: list[_Entry]) -> tuple[int, int, dict[str, int]]:
-    """(state_dict bytes, estimated packed bytes, bytes per state_dict key) with shared tensors counted once."""
+    """(state_dict bytes, estimated packed bytes, bytes per state_dict key) with shared tensors counted once:
+    a weight tied between two quantized layers is packed once."""
     quantized = {k for e in entries if e.row.decision != "float" for k in e.weight_keys}
     groups: dict[tuple[Any, ...], list[Any]] = {}
     per_key: dict[str, int] = {}
+    group_of: dict[str, tuple[Any, ...]] = {}
     for key, t in model.state_dict(keep_vars=True).items():
         if not isinstance(t, Tensor):
             continue
         size = t.numel() * t.element_size()
         per_key[key] = size
-        group = groups.setdefault(_storage_key(key, t), [size, True])
+        group_of[key] = _storage_key(key, t)
+        group = groups.setdefault(group_of[key], [size, True])
         group[1] = group[1] and key in quantized
     before = sum(g[0] for g in groups.values())
-    after = sum(g[0] for g in groups.values() if not g[1]) + sum(e.packed for e in entries if e.row.decision != "float")
+    packed: dict[Any, int] = {}
+    for e in entries:
+        if e.row.decision != "float":
+            packed.setdefault(group_of.get(e.weight_keys[0], e.row.name) if e.weight_keys else e.row.name, e.packed)
+    after = sum(g[0] for g in groups.values() if not g[1]) + sum(packed.values())
     return before, after, per_key
 
 
-def _rows_of_converted(model: nn.Module) -> list[_Entry]:
-    index = {name: i for i, (name, _) in enumerate(model.named_modules())}
-    entries: list[_Entry] = []
+def _live_sites(model: nn.Module) -> list[tuple[str, Site]]:
+    """Sites of a model holding QAT layers without a `quantize` record (layers converted one by one)."""
+    sites = []
     for name, module in model.named_modules():
         if is_quantized(module):
             spec = layer_spec(module)
-            weight = module.float_weight()
-            entries.append(_entry(name, describe_type(module), sum(p.numel() for p in module.parameters()),
-                                  module.qconfig.name, getattr(module, "ternq_rule", "?"),
-                                  getattr(module, "ternq_path", "?"), _weight_keys(name, module),
-                                  _packed_bytes(tuple(weight.shape), module.qconfig, spec.weight_out_dim),
-                                  (index[name], 0)))
-        elif isinstance(module, FunctionalQuant):
-            owner_name = name.rpartition(".")[0]
-            param = model.get_submodule(owner_name).get_parameter(module.param)
-            full = f"{owner_name}.{module.param}" if owner_name else module.param
-            entries.append(_entry(full, f"F.{module.op}", param.numel(), module.qconfig.name, module.ternq_rule,
-                                  module.ternq_path, [full], _packed_bytes(tuple(param.shape), module.qconfig, 0),
-                                  (index.get(owner_name, 0), 1)))
-        for kept_name, info in module.__dict__.get(KEPT_FLOAT, {}).items():
-            full = f"{name}.{kept_name}" if name and kept_name else (name or kept_name)
-            anchor = f"{name}.{info['anchor']}" if name and info["anchor"] else (name or info["anchor"])
-            functional = info["type"].startswith("F.")
-            keys = [full] if functional else (
-                _weight_keys(full, model.get_submodule(full)) if full in index else [])
-            entries.append(_entry(full, info["type"], info["params"], "float", info["rule"], info["path"], keys, 0,
-                                  (index.get(anchor, 0), int(functional))))
-    entries.sort(key=lambda e: e.order)
-    return entries
+            sites.append(("", Site(name, _join(name, spec.weight_name), "layer", describe_type(module),
+                                   sum(p.numel() for p in module.parameters()), module.qconfig,
+                                   getattr(module, "ternq_rule", "?"), getattr(module, "ternq_path", "?"),
+                                   out_dim=spec.weight_out_dim)))
+    return sites
 
 
-def _rows_of_plan(model: nn.Module, include: Any, exclude: Any, config: QuantConfig | None) -> list[_Entry]:
-    analysis, decisions = plan(model, include, exclude, config)
-    entries = []
-    for cand in analysis.candidates:
-        d = decisions[cand.name]
-        if cand.functional:
-            param = cand.module.get_parameter(cand.param)  # type: ignore[arg-type]
-            keys, shape, out_dim = [cand.name], tuple(param.shape), 0
-        else:
-            spec = layer_spec(cand.module)
-            keys = _weight_keys(cand.name, cand.module)
-            shape, out_dim = tuple(getattr(cand.module, spec.weight_name).shape), spec.weight_out_dim
-        packed = 0 if d.config is None else _packed_bytes(shape, d.config, out_dim)
-        entries.append(_entry(cand.name, cand.type_name, cand.n_params, "float" if d.config is None else d.config.name,
-                              d.rule, cand.path, keys, packed))
-    return entries
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix and name else (prefix or name)
 
 
-def report(model: nn.Module, include: Any = None, exclude: Any = None, config: QuantConfig | None = None) -> Report:
-    """The conversion report of `model`: one row per candidate layer, with totals.
+def report(model: nn.Module, include: Any = None, exclude: Any = None, config: QuantConfig | None = None, *,
+           example_inputs: Any = None) -> Report:
+    """The conversion report of `model`: one row per candidate weight, with totals.
 
     On a model converted by `ternq.quantize` (or holding converted submodules), call it with the model alone:
-    the rows come from the model. On a float model it is a dry run: the arguments are those of
-    `ternq.quantize`, nothing is changed, and ``applied`` is False.
+    the rows come from the record `quantize` left. On a float model it is a dry run: the arguments are those
+    of `ternq.quantize`, nothing is changed, and ``applied`` is False.
 
     Example:
         ```python
@@ -220,12 +216,15 @@ def report(model: nn.Module, include: Any = None, exclude: Any = None, config: Q
         ```
     """
     if quantized_parts(model):
-        if include is not None or exclude is not None or config is not None:
-            raise AlreadyQuantizedError("report(model, include/exclude/config) previews the conversion of a float "
-                                        "model; this model is already converted: call report(model)")
-        entries, applied = _rows_of_converted(model), True
+        if include is not None or exclude is not None or config is not None or example_inputs is not None:
+            raise AlreadyQuantizedError("report(model, include/exclude/config/example_inputs) previews the "
+                                        "conversion of a float model; this model is already converted: call "
+                                        "report(model)")
+        sites, applied = sites_of(model) or _live_sites(model), True
     else:
-        entries, applied = _rows_of_plan(model, include, exclude, config), False
+        analysis, decisions = plan(model, include, exclude, config, example_inputs)
+        sites, applied = [("", site_record(c, decisions[c.name])) for c in analysis.candidates], False
+    entries = _entries(model, sites)
     before, after, per_key = _sizes(model, entries)
     rows = []
     for e in entries:

@@ -119,10 +119,12 @@ class Rule:
 
 @dataclass(frozen=True)
 class Decision:
-    """What happens to one candidate layer: quantized with `config`, or kept float (config None); `rule` says why."""
+    """What happens to one candidate weight: quantized with `config`, or kept float (config None); `rule` says
+    which rule decided, `reason` anything else the report should say (weights only, no input norm, ...)."""
 
     config: QuantConfig | None
     rule: str
+    reason: str = ""
 
 
 def _type_label(t: type) -> str:
@@ -262,7 +264,8 @@ def decide(analysis: Analysis, include: object, exclude: object, config: QuantCo
     if include is not None and not include_rules:
         raise SelectorError("include=[] selects nothing: pass include=None to quantize every supported layer")
     opted_in = {r.selector for r in include_rules if isinstance(r.selector, type)}
-    active = [c for c in analysis.candidates if not c.optional or c.layer_type in opted_in]
+    active = [c for c in analysis.candidates if c.kind != "unknown" and (
+        not c.optional or any(issubclass(c.layer_type, t) for t in opted_in))]
     inc = [_Matcher(r, f"include[{i}]", analysis) for i, r in enumerate(include_rules)]
     exc = [_Matcher(r, f"exclude[{i}]", analysis) for i, r in enumerate(exclude_rules)]
     for m in inc:
@@ -274,6 +277,9 @@ def decide(analysis: Analysis, include: object, exclude: object, config: QuantCo
     decisions: dict[str, Decision] = {}
     active_names = {c.name for c in active}
     for c in analysis.candidates:
+        if c.kind == "unknown":
+            decisions[c.name] = Decision(None, "-")
+            continue
         if c.name not in active_names:
             decisions[c.name] = Decision(None, f"opt-in type (include {_type_label(c.layer_type)})")
             continue

@@ -86,7 +86,7 @@ def hand_reference(ref: nn.Module, decisions: dict[str, ternq.QuantConfig | None
 
 
 def report_decisions(model: nn.Module) -> dict[str, str]:
-    return {r.name: r.decision for r in ternq.report(model).rows}
+    return {r.layer: r.decision for r in ternq.report(model).rows}
 
 
 def configs_from(model: nn.Module) -> dict[str, ternq.QuantConfig | None]:
@@ -241,7 +241,7 @@ def test_traceable_mlp_matches_hand_reference_and_keeps_class():
     keys = list(model.state_dict())
     assert ternq.quantize(model) is model
     assert type(model) is MLP and list(model.state_dict()) == keys
-    assert {r.name: r.path for r in ternq.report(model).rows} == {"body.0": "fx", "body.2": "fx", "out": "fx"}
+    assert {r.layer: r.path for r in ternq.report(model).rows} == {"body.0": "fx", "body.2": "fx", "out": "fx"}
     x = torch.randn(4, 6)
     torch.testing.assert_close(model.infer(x), reference.infer(x), atol=1e-5, rtol=1e-4)
 
@@ -254,7 +254,7 @@ def test_done_when_untraceable_model_with_weight_normed_convs_follows_include_ex
     keys = list(model.state_dict())
     ternq.quantize(model, include=[ternq.Rule("vocoder.*", INT4), "*"],
                    exclude=[ternq.output_layers(of="vocoder"), "acoustic.dur"])
-    got = {r.name: (r.decision, r.rule, r.path) for r in ternq.report(model).rows}
+    got = {r.layer: (r.decision, r.rule, r.path) for r in ternq.report(model).rows}
     assert got == {
         "acoustic.emb": ("float", "opt-in type (include nn.Embedding)", "swap"),
         "acoustic.enc": ("ternary", 'include[1] "*"', "swap"),
@@ -281,7 +281,7 @@ def test_done_when_untraceable_model_with_weight_normed_convs_follows_include_ex
 def test_whole_model_output_layers_on_an_untraceable_root():
     model = TTS()
     ternq.quantize(model, exclude=[ternq.output_layers()])
-    assert [r.name for r in ternq.report(model).rows if r.decision == "float"] == ["acoustic.emb", "vocoder.conv_post"]
+    assert [r.layer for r in ternq.report(model).rows if r.decision == "float"] == ["acoustic.emb", "vocoder.conv_post"]
 
 
 def test_args_kwargs_forward():
@@ -299,7 +299,7 @@ def test_functional_calls_are_quantized_and_the_forward_stays_dynamic():
     model = Mixer()
     keys = list(model.state_dict())
     ternq.quantize(model, config=INT4)
-    rows = {r.name: (r.type, r.decision, r.path) for r in ternq.report(model).rows}
+    rows = {r.layer: (r.type, r.decision, r.path) for r in ternq.report(model).rows}
     assert rows == {"w": ("F.linear", "int4", "fx"), "k": ("F.conv1d", "int4", "fx")}
     assert list(model.state_dict()) == keys  # the inserted quantizers hold no tensors
     assert "ternq_fq_0" in str(model) and type(model) is Mixer
@@ -504,7 +504,7 @@ def test_a_single_layer_and_shared_modules():
 
     model = ternq.quantize(Shared())
     assert model.a is model.b and ternq.is_quantized(model.a)
-    assert [r.name for r in ternq.report(model).rows] == ["a"]
+    assert [r.layer for r in ternq.report(model).rows] == ["a"]
 
 
 def test_backward_through_weight_norm_and_functional():
@@ -534,14 +534,14 @@ def test_report_table_and_size_estimate():
     assert not plan.applied and "dry run" in str(plan)
     ternq.quantize(model, exclude=["small"])
     rep = ternq.report(model)
-    assert rep.applied and [r.name for r in rep.rows] == ["big", "small"]
+    assert rep.applied and [r.layer for r in rep.rows] == ["big", "small"]
     before = 100 * 50 * 4 + (10 * 10 + 10) * 4 + 7 * 2
     packed_big = math.ceil(5000 / 5) + 4  # 5 trits per byte + one float32 scale
     assert (rep.bytes_before, rep.bytes_after) == (before, before - 5000 * 4 + packed_big)
     assert (plan.bytes_before, plan.bytes_after) == (rep.bytes_before, rep.bytes_after)
     assert rep.rows[0].bytes_after == packed_big and rep.rows[1].bytes_after == rep.rows[1].bytes_before == 400
     text = str(rep).splitlines()
-    assert text[1].split() == ["name", "type", "params", "decision", "rule", "path"]
+    assert text[1].split() == ["weight", "type", "params", "decision", "rule", "path", "reason"]
     widths = {len(line) for line in text[2:5]}
     assert text[3].index("Linear") == text[4].index("Linear")  # aligned columns
     assert "1 ternary, 1 float" in str(rep) and "5,000 of 5,110" in str(rep) and widths
@@ -583,7 +583,7 @@ def test_functional_call_in_an_untraceable_forward_is_found_leniently():
 
     torch.manual_seed(0)
     model = ternq.quantize(LoopMixer())
-    assert [(r.name, r.type, r.decision, r.path) for r in ternq.report(model).rows] == \
+    assert [(r.layer, r.type, r.decision, r.path) for r in ternq.report(model).rows] == \
         [("w", "F.linear", "ternary", "fx-lenient")]
     x, w = torch.randn(3, 4), hard_weight(model.w, ternq.TernaryConfig())
     expected = x

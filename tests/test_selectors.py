@@ -62,7 +62,7 @@ def has_default_layer(model: nn.Module) -> bool:
 
 
 def decisions(model: nn.Module, **kwargs) -> dict[str, str]:
-    return {r.name: r.decision for r in ternq.report(model, **kwargs).rows}
+    return {r.layer: r.decision for r in ternq.report(model, **kwargs).rows}
 
 
 def expected(model: nn.Module, include: list, exclude: list, config=None) -> dict[str, str]:
@@ -246,10 +246,10 @@ class Untraceable(nn.Module):
 
 def test_output_layers_reads_the_graph():
     model = Net()
-    got = {r.name for r in ternq.report(model, exclude=[ternq.output_layers()]).rows if r.decision == "float"}
+    got = {r.layer for r in ternq.report(model, exclude=[ternq.output_layers()]).rows if r.decision == "float"}
     # emb is opt-in (float anyway); head and aux reach the outputs; block.2 and enc are behind other layers
     assert got == {"emb", "head", "aux"}
-    block = {r.name: r.decision for r in ternq.report(model, exclude=[ternq.output_layers(of="block")]).rows}
+    block = {r.layer: r.decision for r in ternq.report(model, exclude=[ternq.output_layers(of="block")]).rows}
     assert block["block.2"] == "float" and block["block.0"] == "ternary"
 
 
@@ -263,14 +263,14 @@ def test_output_layers_passes_through_residuals_but_stops_at_norms():
             x = self.a(x)
             return self.ln(self.c(x)) + torch.relu(self.b(x)) + x
 
-    rows = {r.name: r.rule for r in ternq.report(Res(), exclude=[ternq.output_layers()]).rows}
+    rows = {r.layer: r.rule for r in ternq.report(Res(), exclude=[ternq.output_layers()]).rows}
     assert rows["b"].startswith("exclude[0]") and rows["a"].startswith("exclude[0]")  # via the residual
     assert rows["c"] == "default"  # behind the LayerNorm
 
 
 def test_output_layers_of_an_untraceable_model():
     model = Untraceable()
-    float_rows = {r.name for r in ternq.report(model, exclude=[ternq.output_layers()]).rows if r.decision == "float"}
+    float_rows = {r.layer for r in ternq.report(model, exclude=[ternq.output_layers()]).rows if r.decision == "float"}
     assert float_rows == {"net.emb", "net.head", "net.aux"}
 
 
@@ -341,7 +341,7 @@ def test_helpful_hints():
         ternq.report(model, include=["block"])  # a container, not a layer
     with pytest.raises(SelectorError, match="opt-in"):
         ternq.report(model, include=["emb"])  # embeddings are opt-in by type
-    rows = {r.name: r.decision for r in ternq.report(model, include=[nn.Embedding]).rows}
+    rows = {r.layer: r.decision for r in ternq.report(model, include=[nn.Embedding]).rows}
     assert rows["emb"] == "ternary" and rows["enc"] == "float"
     bad = lambda name, module: name.nonexistent  # noqa: E731
     with pytest.raises(SelectorError, match="raised AttributeError"):
@@ -358,5 +358,5 @@ def test_single_selector_and_functional_calls_match_by_type():
         def forward(self, x):
             return F.conv1d(F.linear(x, self.w).unsqueeze(-1), self.k)
 
-    rows = {r.name: (r.type, r.decision) for r in ternq.report(Fn(), include=nn.Linear).rows}
+    rows = {r.layer: (r.type, r.decision) for r in ternq.report(Fn(), include=nn.Linear).rows}
     assert rows == {"w": ("F.linear", "ternary"), "k": ("F.conv1d", "float")}

@@ -65,12 +65,14 @@ def test_gpt2_with_its_conv1d_registered():
     ids = torch.randint(0, 40, (2, 7))
     make = lambda: transformers.GPT2Model(config)  # noqa: E731
     run = lambda m: m(ids).last_hidden_state  # noqa: E731
-    if Conv1D not in ternq.layers._REGISTRY:
-        # GPT-2 stores its linear layers as Conv1D (weight transposed): not a type ternq knows yet
-        with pytest.raises(UnsupportedLayerError, match="register_layer"):
-            ternq.report(make(), include=[Conv1D])
-        with pytest.raises(UnsupportedLayerError, match=r"register_layer\(Conv1D"):
-            ternq.quantize(make())
+    # GPT-2 stores its linear layers as Conv1D (weight transposed, torch.addmm): found by use, weights only
+    _, report = check(make, run, n_layers=8)
+    rows = {r.name: r for r in report.rows if r.decision != "float"}
+    assert "h.0.attn.c_attn.weight" in rows and rows["h.0.attn.c_attn.weight"].type == "Conv1D[addmm]"
+    assert all(r.reason.startswith("weights only: addmm") for r in rows.values())
+    selected = [r for r in ternq.report(make(), include=[Conv1D]).rows if r.decision != "float"]
+    assert len(selected) == 8  # a type selector matches the weights a module of that type holds
+    # registered as a layer type, its inputs are quantized too
     try:
         # the registry example: a linear layer whose weight is (in, out), so output channels lie on dim 1
         ternq.register_layer(
@@ -114,9 +116,17 @@ def test_fastspeech2_conformer_keeps_its_output_layers_float():
         return m(ids, spectrogram_labels=mel, duration_labels=durations, pitch_labels=pitch, energy_labels=energy,
                  return_dict=True).spectrogram
 
-    _, report = check(make, run, n_layers=31, exclude=[ternq.output_layers()])
-    rows = {r.name: r for r in report.rows}
+    # without example inputs, the untraceable attention's pos_bias_u / _v (2-D, added to queries) are reported
+    unknown = [r.name for r in ternq.report(make()).rows if r.reason.startswith("use not found")]
+    assert len(unknown) == 4 and all(".self_attn.pos_bias_" in n for n in unknown)
+    with pytest.raises(ternq.ConversionError, match="strict=True.*pos_bias"):
+        ternq.quantize(make(), strict=True)
+    example = dict(input_ids=ids, spectrogram_labels=mel, duration_labels=durations, pitch_labels=pitch,
+                   energy_labels=energy)
+    _, report = check(make, run, n_layers=31, exclude=[ternq.output_layers()], example_inputs=example, strict=True)
+    rows = {r.layer: r for r in report.rows}
     assert len(rows) == 36
+    assert rows["pitch_embed.conv"].reason.startswith("no input norm: 1 input feature")
     # the mel output and the three variance predictors' heads all reach the model outputs
     float_rows = {name for name, r in rows.items() if r.decision == "float"}
     assert float_rows == {"encoder.embed", "duration_predictor.linear", "pitch_predictor.linear",
@@ -144,7 +154,7 @@ def test_vits_converts_and_its_vocoder_matches_dequantized():
     torch.manual_seed(0)
     model = transformers.VitsModel(config)
     ternq.quantize(model, exclude=[ternq.output_layers(of="decoder")], config=WEIGHT_ONLY)
-    rows = {r.name: r.decision for r in ternq.report(model).rows}
+    rows = {r.layer: r.decision for r in ternq.report(model).rows}
     assert rows["decoder.conv_post"] == "float" and rows["decoder.conv_pre"] == "ternary"
     assert [n for n, d in rows.items() if d == "float"] == ["text_encoder.embed_tokens", "decoder.conv_post"]
     torch.manual_seed(0)

@@ -1,0 +1,62 @@
+"""`Site`: what `quantize` decided for one candidate weight, the one record `report` and `pack` read.
+
+`quantize` stores the list on the module it converted (``model._ternq_sites``, a plain attribute: no state_dict
+entry); the live modules hold only what they need to compute (a QAT layer its config, a `WeightQuant` its
+parameter's name and config).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from .config import QuantConfig
+
+__all__ = ["Site", "SITES", "sites_of"]
+
+#: plain attribute of a converted module: its list of `Site`
+SITES = "_ternq_sites"
+
+
+@dataclass(frozen=True)
+class Site:
+    """One candidate weight and what was done to it.
+
+    Attributes:
+        name: what selectors matched (a layer's module name, or the weight's path for the other kinds).
+        key: the weight's state_dict key, relative to the converted module.
+        kind: "layer", "functional", "weight" or "unknown" (see `ternq.graph.Candidate`).
+        type: the layer type the report shows.
+        params: parameters the layer holds (the weight alone for the other kinds).
+        config: the config applied (after kind-specific changes), None when kept float.
+        rule: the rule that decided.
+        path: how ternq found it ("fx", "swap", "fx-lenient", "native", "recorded", "-").
+        reason: anything else a reader must know: "weights only: ...", "no input norm: ...", why it stayed float.
+        out_dim: the weight dimension of output channels (the scales' axis for per-channel configs).
+    """
+
+    name: str
+    key: str
+    kind: str
+    type: str
+    params: int
+    config: QuantConfig | None
+    rule: str
+    path: str
+    reason: str = ""
+    out_dim: int = 0
+
+    @property
+    def decision(self) -> str:
+        """"ternary", "int<k>", or "float"."""
+        return "float" if self.config is None else self.config.name
+
+
+def sites_of(model: nn.Module) -> list[tuple[str, Site]]:
+    """(module prefix, site) for every site recorded in `model` (a converted model, or one holding converted
+    submodules)."""
+    found = []
+    for prefix, module in model.named_modules():
+        for site in module.__dict__.get(SITES, ()):
+            found.append((prefix, site))
+    return found
