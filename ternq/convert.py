@@ -37,6 +37,7 @@ from .graph import Analysis, Candidate, analyze, walk_modules
 from .layers import is_quantized, layer_spec, to_float_module, to_quant_module
 from .selectors import Decision, decide
 from .sites import SITES, Site
+from .uses import FAST_PATHS
 
 __all__ = ["quantize", "dequantize", "plan"]
 
@@ -105,8 +106,14 @@ def _adapt(cand: Candidate, decision: Decision) -> Decision:
         config = dataclasses.replace(config, input_norm=None)
         notes.append("no input norm: 1 input feature (normalizing it would erase the input)")
     if cand.kind == "layer" and cand.readers:
-        notes.append("weights only where " + ", ".join(f"{r or 'the model'} ({op})" for r, op in
-                                                        cand.readers.items()) + " reads its weight")
+        fast = [r for r, op in cand.readers.items() if op in FAST_PATHS]
+        reads = {r: op for r, op in cand.readers.items() if r not in fast}
+        if fast:
+            notes.append(f"fast path of {', '.join(r or 'the model' for r in fast)} off (it would read the "
+                         "float weight)")
+        if reads:
+            notes.append("weights only where " + ", ".join(f"{r or 'the model'} ({op})" for r, op in
+                                                            reads.items()) + " reads it")
     return Decision(config, decision.rule, "; ".join(notes))
 
 

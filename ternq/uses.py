@@ -25,7 +25,8 @@ import torch
 from torch import Tensor, fx, nn
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["Use", "COMPUTE_OPS", "graph_uses", "native_uses", "record_uses", "compute_op", "iter_tensors"]
+__all__ = ["Use", "COMPUTE_OPS", "FAST_PATHS", "graph_uses", "native_uses", "record_uses", "float_uses", "compute_op",
+           "iter_tensors"]
 
 #: ops that multiply a weight with an activation, by function / method name
 COMPUTE_OPS = frozenset({
@@ -35,6 +36,10 @@ COMPUTE_OPS = frozenset({
     "embedding", "embedding_bag", "lstm", "gru", "rnn_tanh", "rnn_relu", "lstm_cell", "gru_cell", "rnn_tanh_cell",
     "rnn_relu_cell", "_transformer_encoder_layer_fwd",
 })
+
+#: fused kernels a torch.nn module runs instead of calling its layers (eval + no_grad); any interception turns
+#: them off (torch checks ``has_torch_function``), so the layers run as themselves
+FAST_PATHS = frozenset({"_transformer_encoder_layer_fwd"})
 
 #: ops whose result is (a part of) their first input, so that a weight reaches a compute op through them
 _DERIVE_OPS = frozenset({
@@ -276,6 +281,32 @@ def record_uses(model: nn.Module, example_inputs: Any) -> list[Use]:
         use = Use(reader_name, rel, op, direct, indexed, _out_dim(op, position, t), "recorded")
         uses.setdefault((reader_name, rel, op), use)
     return list(uses.values())
+
+
+def float_uses(model: nn.Module, example_inputs: Any) -> list[Use]:
+    """The uses, while `model` runs on `example_inputs`, of a float (latent) weight that ``ternq.report(model)``
+    calls quantized: each is a path where the model computes with a float value the report says is quantized.
+    Empty for a correctly converted model; a test for "nothing reported quantized computes in float"."""
+    from .report import report  # report imports convert, which imports graph, which imports this module
+
+    quantized = {r.name for r in report(model).rows if r.decision != "float"}
+    aliases = {k: k for k in quantized}
+    for key, param in model.named_parameters(remove_duplicate=False):  # tied weights: every name of one
+        first = next((q for q in quantized if _same(model, q, param)), None)
+        if first is not None:
+            aliases[key] = first
+    return [u for u in record_uses(model, example_inputs) if _join(u.reader, u.param) in aliases]
+
+
+def _same(model: nn.Module, key: str, param: Tensor) -> bool:
+    try:
+        return model.get_parameter(key) is param
+    except AttributeError:
+        return False
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
 
 
 def _holding_reader(recorder: _Recorder, reader: nn.Module | None, key: str) -> str:

@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 import ternq
-from ternq.errors import UnsupportedLayerError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
