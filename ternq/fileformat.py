@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from .config import QuantConfig
 from .errors import ArchitectureMismatchError, ChecksumError, FormatError
-from .functional import FunctionalQuant, install
+from .functional import READS, FunctionalQuant, WeightQuant, install, install_reads, install_weights
 from .layers import LayerSpec, QuantMixin, layer_spec
 from .numpy_format import (
     FORMAT_VERSION,
@@ -81,6 +81,7 @@ class _Site:
     dtype: torch.dtype
     rule: str | None
     owned: set[str] = field(default_factory=set)  # state_dict keys of the float weight (all aliases)
+    readers: list[str] = field(default_factory=list)  # weight-only sites: the modules reading the weight
 
 
 def _type_name(cls: type) -> str:
@@ -105,8 +106,18 @@ def _aliases(model: nn.Module) -> dict[int, list[str]]:
     return out
 
 
+def _readers(model: nn.Module) -> dict[str, list[str]]:
+    """Weight key -> the modules whose forward reads it through an interception (`ternq.functional.READS`)."""
+    out: dict[str, list[str]] = {}
+    for name, module in model.named_modules():
+        for path in module.__dict__.get(READS, ()):
+            out.setdefault(_join(name, path), []).append(name)
+    return out
+
+
 def _collect_sites(model: nn.Module) -> list[_Site]:
     aliases = _aliases(model)
+    readers = _readers(model)
     holders: dict[int, int] = {}  # id(parameter) -> how many module attributes hold it
     for _, param in model.named_parameters(remove_duplicate=False):
         holders[id(param)] = holders.get(id(param), 0) + 1
@@ -146,6 +157,22 @@ def _collect_sites(model: nn.Module) -> list[_Site]:
             param = owner.get_parameter(module.param)
             if "." not in module.param and holders.get(id(param), 0) <= len(aliases[id(owner)]):
                 site.owned = {_join(alias, module.param) for alias in aliases[id(owner)]}
+            sites.append(site)
+        elif isinstance(module, WeightQuant):
+            holder_path = path.rpartition(".")[0]
+            holder = model.get_submodule(holder_path)
+            param = holder._parameters[module.param]
+            if isinstance(module, _PackedWeight):
+                codes, scale, dtype = module.codes, module.scale, module.weight_dtype
+            else:
+                with torch.no_grad():
+                    codes, scale = quantize_weight(param, module.qconfig, module.out_dim)
+                dtype = param.dtype
+            key = _join(holder_path, module.param)
+            site = _Site(key, holder_path, module.param, "weight", module.out_dim, codes, scale, module.qconfig,
+                         dtype, rule, readers=readers.get(key, []))
+            if holders.get(id(param), 0) <= len(aliases[id(holder)]):
+                site.owned = {_join(alias, module.param) for alias in aliases[id(holder)]}
             sites.append(site)
     return sites
 
@@ -282,6 +309,8 @@ def pack(model: nn.Module, *, float_dtype: torch.dtype | None = None, metadata: 
                          "codes": s.key + ".codes", "scale": s.key + ".scale"}
         if s.rule is not None:
             layers[s.key]["rule"] = s.rule
+        if s.readers:
+            layers[s.key]["readers"] = s.readers
     for key, t in state.items():
         if key in owned:
             continue
@@ -395,7 +424,19 @@ def _place(source: Source, model: nn.Module, record: LayerRecord, aliases: dict[
     module = _get_module(model, record.module)
     if module is None:
         raise _mismatch(source, f"the file packs {what}, but the skeleton has no module {record.module!r}")
-    if record.type.startswith("F."):
+    if record.type == "weight":
+        weight = module._parameters.get(record.weight)
+        if weight is None:
+            raise _mismatch(source, f"the file packs {what}, but module {record.module!r} has no parameter "
+                                    f"{record.weight!r}")
+        for reader in record.readers:
+            if _get_module(model, reader) is None:
+                raise _mismatch(source, f"{what} is read by module {reader!r}, which the skeleton does not have")
+        spec = None
+        owned = {_join(a, record.weight) for a in aliases[id(module)]}
+        if owned & floats:  # stored in float too: the parameter stays, with its values
+            owned = set()
+    elif record.type.startswith("F."):
         try:
             weight = module.get_parameter(record.weight)
         except AttributeError:
@@ -561,8 +602,11 @@ def _load_layer(source: Source, manifest: Manifest, root: nn.Module, p: _Placeme
     codes, scale = decode_weight(source, manifest, p.record)
     dtype = _TORCH_DTYPE[p.record.dtype]
     if p.spec is None:
+        out_dim = p.record.out_dim
         if dequantize:
-            _assign(p.module, p.record.weight, dequantize_weight(codes, scale, p.config, 0, dtype))
+            _assign(p.module, p.record.weight, dequantize_weight(codes, scale, p.config, out_dim, dtype))
+        elif p.record.type == "weight":
+            _install_packed_weight(root, p.module, p.record, codes, scale, p.config, dtype, keep=not p.owned)
         else:
             _install_packed_functional(p.module, p.record, codes, scale, p.config, dtype, keep=not p.owned)
         return root
@@ -629,6 +673,43 @@ class _PackedFunctional(FunctionalQuant):
 
 
 _FUNCTIONAL_OPS = {"linear": F.linear, "conv1d": F.conv1d, "conv2d": F.conv2d}
+
+
+class _PackedWeight(WeightQuant):
+    """Inference form of a weight-only site: int8 codes and scales; its readers see ``codes * scale``.
+
+    The holder's parameter becomes a zero-stride placeholder of the right shape (unless other code may read it,
+    then the file stores it in float too), so that the readers' forwards run unchanged on the dequantized value.
+    """
+
+    def __init__(self, param: str, config: QuantConfig, out_dim: int, codes: Tensor, scale: Tensor,
+                 weight_dtype: torch.dtype) -> None:
+        super().__init__(param, config, out_dim)
+        self.register_buffer("codes", codes, persistent=False)
+        self.register_buffer("scale", scale, persistent=False)
+        self.weight_dtype = weight_dtype
+
+    def quantized(self, weight: Tensor) -> Tensor:
+        return dequantize_weight(self.codes, self.scale, self.qconfig, self.out_dim, self.weight_dtype)
+
+    def hard_weight(self, weight: Tensor) -> Tensor:
+        return self.quantized(weight)
+
+
+def _install_packed_weight(root: nn.Module, holder: nn.Module, record: LayerRecord, codes: Tensor, scale: Tensor,
+                           config: QuantConfig, dtype: torch.dtype, keep: bool) -> None:
+    if not keep:
+        holder._parameters[record.weight] = nn.Parameter(torch.zeros((), dtype=dtype).expand(record.shape),
+                                                         requires_grad=False)
+    for name, module in list(holder._modules.items()):  # a QAT skeleton's own quantizer of this weight
+        if isinstance(module, WeightQuant) and module.param == record.weight:
+            del holder._modules[name]
+    wq = _PackedWeight(record.weight, config, record.out_dim, codes, scale, dtype)
+    if record.rule is not None:
+        wq.ternq_rule = record.rule
+    install_weights(holder, [wq])
+    for reader in record.readers:
+        install_reads(root.get_submodule(reader), [record.key[len(reader) + 1:] if reader else record.key])
 
 
 def _install_packed_functional(owner: nn.Module, record: LayerRecord, codes: Tensor, scale: Tensor,

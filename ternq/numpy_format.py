@@ -462,6 +462,7 @@ class LayerRecord:
     codes: str
     scale: str
     rule: str | None = None
+    readers: tuple[str, ...] = ()  # weight-only sites: the modules whose forward reads the weight
 
     @property
     def qmax(self) -> int:
@@ -674,8 +675,13 @@ def _read_layer(key: str, spec: object, tensors: dict[str, TensorRecord], name: 
         raise FormatError(f"{what}: scale tensor {scale!r} is {s.dtype} {list(s.shape)}, expected F32 "
                           f"{list(s_shape)} for granularity {config['granularity']!r}")
     rule = spec.get("rule")
+    readers = spec.get("readers", [])
+    if not isinstance(readers, list) or not all(isinstance(r, str) for r in readers):
+        raise FormatError(f"{what}: field 'readers' must be a list of module names, got {readers!r:.80}")
+    if any(r and not key.startswith(r + ".") for r in readers):
+        raise FormatError(f"{what}: a reader in {readers!r:.80} does not hold the weight {key!r}")
     return LayerRecord(key, spec["module"], spec["type"], spec["weight"], out_dim, shape, dtype, config, encoding.name, count,
-                       codes, scale, rule if isinstance(rule, str) else None)
+                       codes, scale, rule if isinstance(rule, str) else None, tuple(readers))
 
 
 def build_metadata(manifest: dict[str, Any], user: dict[str, str] | None = None) -> dict[str, str]:
