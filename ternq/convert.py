@@ -79,7 +79,8 @@ def plan(model: nn.Module, include: object = None, exclude: object = None,
 def input_features(cand: Candidate) -> int | None:
     """How many values the input norm of a quantized layer / call would normalize over, where known."""
     if cand.kind == "functional":
-        return cand.weight.shape[1] if cand.op == "linear" else None
+        return {"linear": cand.weight.shape[1], "addmm": cand.weight.shape[0], "matmul": cand.weight.shape[0]}.get(
+            cand.op)  # type: ignore[arg-type]
     if cand.kind == "layer":
         for attr in ("in_features", "in_channels"):
             n = getattr(cand.module, attr, None)
@@ -253,11 +254,11 @@ def _relative(key: str, scope: str) -> str:
 def site_record(cand: Candidate, decision: Decision) -> Site:
     """The `Site` record of a candidate and its decision."""
     return Site(cand.name, cand.key, cand.kind, cand.type_name, cand.n_params, decision.config, decision.rule,
-                cand.path, decision.reason, cand.out_dim if cand.kind == "weight" else _layer_out_dim(cand))
+                cand.path, decision.reason, cand.out_dim if cand.kind != "layer" else _layer_out_dim(cand))
 
 
 def _layer_out_dim(cand: Candidate) -> int:
-    spec = layer_spec(cand.module) if cand.kind == "layer" else None
+    spec = layer_spec(cand.module)
     return spec.weight_out_dim if spec is not None else 0
 
 

@@ -31,7 +31,16 @@ from tqdm import tqdm
 
 from .config import QuantConfig
 from .errors import ArchitectureMismatchError, ChecksumError, FormatError
-from .functional import READS, FunctionalQuant, WeightQuant, install, install_reads, install_weights
+from .functional import (
+    INPUT_POSITION,
+    READS,
+    WEIGHT_POSITION,
+    FunctionalQuant,
+    WeightQuant,
+    install,
+    install_reads,
+    install_weights,
+)
 from .layers import LayerSpec, QuantMixin, layer_spec
 from .numpy_format import (
     FORMAT_VERSION,
@@ -148,10 +157,10 @@ def _collect_sites(model: nn.Module) -> list[_Site]:
             else:
                 param = owner.get_parameter(module.param)
                 with torch.no_grad():
-                    codes, scale = quantize_weight(param, module.qconfig, 0)
+                    codes, scale = quantize_weight(param, module.qconfig, module.out_dim)
                 dtype = param.dtype
-            site = _Site(_join(owner_path, module.param), owner_path, module.param, f"F.{module.op}", 0, codes,
-                         scale, module.qconfig, dtype, rule)
+            site = _Site(_join(owner_path, module.param), owner_path, module.param, f"F.{module.op}",
+                         module.out_dim, codes, scale, module.qconfig, dtype, rule)
             # a parameter of a submodule (emb.weight of an Embedding kept float) or tied to another one may be
             # read by other code too: it stays stored in float beside its codes
             param = owner.get_parameter(module.param)
@@ -311,9 +320,16 @@ def pack(model: nn.Module, *, float_dtype: torch.dtype | None = None, metadata: 
             layers[s.key]["rule"] = s.rule
         if s.readers:
             layers[s.key]["readers"] = s.readers
+    first: dict[tuple[Any, ...], str] = {}  # one stored copy per tensor: tied weights are written once
+    tied: dict[str, str] = {}
     for key, t in state.items():
         if key in owned:
             continue
+        identity = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if t.device.type != "meta" and t.numel() and identity in first:
+            tied[key] = first[identity]
+            continue
+        first[identity] = key
         stored = t.to(float_dtype) if float_dtype is not None and t.is_floating_point() else t
         add(key, stored, "float", t.dtype)
     from . import __version__
@@ -328,6 +344,8 @@ def pack(model: nn.Module, *, float_dtype: torch.dtype | None = None, metadata: 
         "layers": layers,
         "tensors": records,
     }
+    if tied:
+        manifest["tied"] = tied
     return PackedModel(tensors, build_metadata(manifest, metadata))
 
 
@@ -543,6 +561,8 @@ def load_packed(source: str | os.PathLike[str] | bytes | PackedModel, model: nn.
         for step in steps:
             if isinstance(step, str):
                 _load_float(src, manifest, model, step, leftovers)
+                for key in [k for k, target in manifest.tied.items() if target == step]:
+                    _load_float(src, manifest, model, step, leftovers, into=key)
             else:
                 root = _load_layer(src, manifest, root, step, aliases, dequantize, tied)
                 step.module = None  # the float layer can go now: peak memory stays that of the skeleton
@@ -556,6 +576,7 @@ def _check_floats(source: Source, manifest: Manifest, model: nn.Module, owned: s
     expected = {k: tuple(v.shape) for k, v in state.items() if k not in owned}
     del state
     stored = {r.name: r.shape for r in manifest.tensors.values() if r.role == "float"}
+    stored.update({key: stored[target] for key, target in manifest.tied.items()})
     missing = sorted(set(expected) - set(stored))
     extra = sorted(set(stored) - set(expected))
     if missing:
@@ -580,8 +601,11 @@ def _check_dequantizable(source: Source, placements: list[_Placement]) -> None:
                 "or load without dequantize")
 
 
-def _load_float(source: Source, manifest: Manifest, model: nn.Module, name: str, leftovers: dict[str, Tensor]) -> None:
+def _load_float(source: Source, manifest: Manifest, model: nn.Module, name: str, leftovers: dict[str, Tensor],
+                into: str | None = None) -> None:
+    """Load float tensor `name` into state_dict key `into` (default: the same key; a tied key otherwise)."""
     value = _read_tensor(source, manifest, name)
+    name = into or name
     module_path, _, attr = name.rpartition(".")
     module = model.get_submodule(module_path)
     if attr in module._parameters or attr in module._buffers:
@@ -662,17 +686,22 @@ class _PackedFunctional(FunctionalQuant):
         self.__dict__["_runtime"] = (key, layer)
         return layer
 
-    def forward(self, input: Tensor, weight: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        if self.op == "linear" and input.is_floating_point() and self.codes.dim() == 2:
-            bias = args[0] if args else kwargs.get("bias")
-            y = self._runtime_linear()(input)
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        args = list(args)
+        i, w = INPUT_POSITION[self.op], WEIGHT_POSITION[self.op]
+        if self.op == "linear" and args[i].is_floating_point() and self.codes.dim() == 2:
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            y = self._runtime_linear()(args[i])
             return y if bias is None else y + bias
-        w = dequantize_weight(self.codes, self.scale, self.qconfig, 0, input.dtype if input.is_floating_point()
-                              else self.weight_dtype)
-        return _FUNCTIONAL_OPS[self.op](self.quantize_input(input), w, *args, **kwargs)
+        x = args[i]
+        args[w] = dequantize_weight(self.codes, self.scale, self.qconfig, self.out_dim,
+                                    x.dtype if x.is_floating_point() else self.weight_dtype)
+        args[i] = self.quantize_input(x)
+        return _FUNCTIONAL_OPS[self.op](*args, **kwargs)
 
 
-_FUNCTIONAL_OPS = {"linear": F.linear, "conv1d": F.conv1d, "conv2d": F.conv2d}
+_FUNCTIONAL_OPS = {"linear": F.linear, "conv1d": F.conv1d, "conv2d": F.conv2d, "addmm": torch.addmm,
+                   "matmul": torch.matmul}
 
 
 class _PackedWeight(WeightQuant):

@@ -25,6 +25,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
@@ -41,13 +42,19 @@ from .quantizers import (
 __all__ = ["FunctionalQuant", "WeightQuant", "InterceptedForward", "install", "install_weights", "install_reads",
            "uninstall", "functional_quants", "weight_quants", "no_intercept"]
 
-_OPS = {"linear": F.linear, "conv1d": F.conv1d, "conv2d": F.conv2d}
+_OPS = {"linear": F.linear, "conv1d": F.conv1d, "conv2d": F.conv2d, "addmm": torch.addmm, "matmul": torch.matmul}
 _BATCHED_DIMS = {"conv1d": 3, "conv2d": 4}
-_FUNC_TO_OP = {fn: op for op, fn in _OPS.items()}
+_FUNC_TO_OP = {fn: op for op, fn in _OPS.items()} | {torch.Tensor.matmul: "matmul", torch.Tensor.__matmul__: "matmul"}
+#: where each op takes its input and its weight: ``addmm(bias, x, W)``, ``matmul(x, W)``, ``linear(x, W)``...
+INPUT_POSITION = {"linear": 0, "conv1d": 0, "conv2d": 0, "addmm": 1, "matmul": 0}
+WEIGHT_POSITION = {"linear": 1, "conv1d": 1, "conv2d": 1, "addmm": 2, "matmul": 1}
+#: the weight dim of output channels: ``x @ W`` keeps W as (in, out)
+WEIGHT_OUT_DIM = {"linear": 0, "conv1d": 0, "conv2d": 0, "addmm": 1, "matmul": 1}
 
 
 class FunctionalQuant(nn.Module):
-    """QAT version of one functional call ``F.<op>(x, <owner>.<param>, ...)``; holds settings, no tensors.
+    """QAT version of one functional call ``F.<op>(x, <owner>.<param>, ...)`` (also ``torch.addmm(b, x, W)`` and
+    ``torch.matmul(x, W)``, as transformers' GPT-2 ``Conv1D`` computes); holds settings, no tensors.
 
     Computes the op on the normalized, fake-quantized input and the fake-quantized weight, exactly as the QAT
     layers do (`ternq.layers.QuantMixin`).
@@ -66,24 +73,31 @@ class FunctionalQuant(nn.Module):
     def quantize_input(self, x: Tensor) -> Tensor:
         if not x.is_floating_point():
             return x
-        if self.op != "linear" and x.dim() == _BATCHED_DIMS[self.op] - 1:
+        if self.op in _BATCHED_DIMS and x.dim() == _BATCHED_DIMS[self.op] - 1:
             # an unbatched (C, ...) input: quantized exactly as the batch of one it stands for
             return self.quantize_input(x.unsqueeze(0)).squeeze(0)
-        dim = -1 if self.op == "linear" else 1
+        dim = 1 if self.op in _BATCHED_DIMS else -1
         x = normalize_input(x, self.qconfig.input_norm, dim, self.qconfig.eps)
         if self.qconfig.act_bits is not None:
             x = fake_quantize_activation(x, self.qconfig.act_bits, dim, self.qconfig.eps,
                                          self.qconfig.act_granularity)
         return x
 
-    def forward(self, input: Tensor, weight: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        return _OPS[self.op](self.quantize_input(input), fake_quantize_weight(weight, self.qconfig, 0),
-                             *args, **kwargs)
+    @property
+    def out_dim(self) -> int:
+        return WEIGHT_OUT_DIM[self.op]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        args = list(args)
+        i, w = INPUT_POSITION[self.op], WEIGHT_POSITION[self.op]
+        args[i] = self.quantize_input(args[i])
+        args[w] = fake_quantize_weight(args[w], self.qconfig, self.out_dim)
+        return _OPS[self.op](*args, **kwargs)
 
     def hard_weight(self, weight: Tensor) -> Tensor:
         """``codes * scale`` of `weight`, no gradient: what `ternq.dequantize` writes back."""
-        codes, scale = quantize_weight(weight, self.qconfig, 0)
-        return dequantize_weight(codes, scale, self.qconfig, 0).to(weight.dtype)
+        codes, scale = quantize_weight(weight, self.qconfig, self.out_dim)
+        return dequantize_weight(codes, scale, self.qconfig, self.out_dim).to(weight.dtype)
 
     def extra_repr(self) -> str:
         return f"F.{self.op}(weight={self.param}), qconfig={self.qconfig.name}/{self.qconfig.granularity}, " \
@@ -174,9 +188,13 @@ class _Intercept(TorchFunctionMode):
             return func(*args, **kwargs)
         op = _FUNC_TO_OP.get(func)
         if op is not None:
-            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            pos = WEIGHT_POSITION[op]
+            weight = args[pos] if len(args) > pos else kwargs.get("weight" if op in ("linear", "conv1d", "conv2d")
+                                                                  else "mat2" if op == "addmm" else "other")
             fq = self.sites.get((op, id(weight)))
             if fq is not None:
+                if len(args) <= pos:  # the weight came by keyword: positional for the quantizer
+                    args = (*args, kwargs.pop(next(k for k, v in kwargs.items() if v is weight)))
                 return fq(*args, **kwargs)
         if self.reads:
             args = tuple(_replace(a, self._swap) for a in args)

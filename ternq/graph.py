@@ -446,7 +446,8 @@ def analyze(root: nn.Module, example_inputs: Any = None) -> Analysis:
     return analysis
 
 
-_FUNCTIONAL_KINDS = {"linear": nn.Linear, "conv1d": nn.Conv1d, "conv2d": nn.Conv2d}
+_FUNCTIONAL_KINDS = {"linear": nn.Linear, "conv1d": nn.Conv1d, "conv2d": nn.Conv2d, "addmm": nn.Linear,
+                     "matmul": nn.Linear}
 
 
 def _sites_from_uses(analysis: Analysis, uses: list[Use], layers: dict[str, Candidate]) -> dict[str, list[Candidate]]:
@@ -473,14 +474,19 @@ def _sites_from_uses(analysis: Analysis, uses: list[Use], layers: dict[str, Cand
             continue
         if holder_name is None or _inside_layer(holder_name, layers):
             continue  # a layer's own internals (weight_norm's g / v): the layer is the candidate
-        if use.direct and use.op in _FUNCTIONAL_KINDS and holder is reader and key not in by_key:
+        if use.direct and use.op in _FUNCTIONAL_KINDS and holder is reader and key not in by_key \
+                and weight.dim() == (2 if use.op in ("linear", "addmm", "matmul") else weight.dim()):
+            prefix = "F." if use.op in ("linear", "conv1d", "conv2d") else "torch."
             cand = Candidate(name=_join(use.reader, attr), module=reader, layer_type=_FUNCTIONAL_KINDS[use.op],
-                             type_name=f"F.{use.op}", path=use.source, kind="functional", key=key, op=use.op,
-                             param=attr, owner_name=use.reader)
+                             type_name=f"{prefix}{use.op}", path=use.source, kind="functional", key=key, op=use.op,
+                             param=attr, owner_name=use.reader, out_dim=use.out_dim)
             by_key[key] = cand
             out.setdefault(use.reader, []).append(cand)
             continue
         cand = by_key.get(key)
+        if cand is not None and cand.kind == "functional" and use.direct and use.op == cand.op \
+                and use.reader == cand.owner_name:
+            continue  # the same call, seen by another source
         if cand is None or cand.kind == "functional":
             if cand is not None:  # used as F.linear's weight *and* otherwise: quantized wherever read instead
                 out[cand.owner_name].remove(cand)  # type: ignore[index]

@@ -481,6 +481,7 @@ class Manifest:
     float_dtype: str | None
     header: Header
     metadata: dict[str, str] = dataclasses.field(default_factory=dict)  # user metadata, each value CRC-checked
+    tied: dict[str, str] = dataclasses.field(default_factory=dict)  # state_dict key -> float tensor stored for it
 
 
 _LAYER_FIELDS = {"module", "type", "weight", "out_dim", "shape", "dtype", "config", "encoding", "count", "codes", "scale"}
@@ -572,7 +573,21 @@ def read_manifest(header: Header) -> Manifest:
         if t.role != "float" and t.name not in used:
             raise FormatError(f"{name}: tensor {t.name!r} has role {t.role!r} but no layer uses it")
     metadata = _read_user_metadata(doc.get("metadata", {}), header)
-    return Manifest(version, library, layers, tensors, doc.get("selection"), float_dtype, header, metadata)
+    tied = _read_tied(doc.get("tied", {}), tensors, name)
+    return Manifest(version, library, layers, tensors, doc.get("selection"), float_dtype, header, metadata, tied)
+
+
+def _read_tied(doc: object, tensors: dict[str, TensorRecord], name: str) -> dict[str, str]:
+    """State_dict keys stored once under another key (tied weights): key -> the float tensor holding them."""
+    if not isinstance(doc, dict):
+        raise FormatError(f"{name}: manifest field 'tied' must be an object, got {type(doc).__name__}")
+    for key, target in doc.items():
+        if not isinstance(target, str) or target not in tensors or tensors[target].role != "float":
+            raise FormatError(f"{name}: tied key {key!r} points to {target!r:.80}, which is not a float tensor of "
+                              "the file")
+        if key in tensors:
+            raise FormatError(f"{name}: tied key {key!r} is also stored as a tensor of its own")
+    return dict(doc)
 
 
 def _read_user_metadata(doc: object, header: Header) -> dict[str, str]:

@@ -168,8 +168,9 @@ class _Matcher:
     def __call__(self, cand: Candidate) -> bool:
         if self.kind in ("glob", "regex"):
             return self.match_name(cand.name)
-        if self.kind == "type":
-            return issubclass(cand.layer_type, self.selector)  # type: ignore[arg-type]
+        if self.kind == "type":  # a weight's stand-in layer type, or the type of the module computing with it
+            return issubclass(cand.layer_type, self.selector) or (  # type: ignore[arg-type]
+                cand.kind != "layer" and isinstance(cand.module, self.selector))  # type: ignore[arg-type]
         if self.kind == "graph":
             return cand.name in self.graph_names
         try:

@@ -25,6 +25,8 @@ import torch
 from torch import Tensor, fx, nn
 from torch.overrides import TorchFunctionMode
 
+from .functional import WEIGHT_POSITION
+
 __all__ = ["Use", "COMPUTE_OPS", "FAST_PATHS", "graph_uses", "native_uses", "record_uses", "float_uses", "compute_op",
            "iter_tensors"]
 
@@ -78,12 +80,13 @@ class Use:
 
 def _name(target: object) -> str:
     if isinstance(target, str):
-        return target
+        return "matmul" if target == "__matmul__" else target
     if target is operator.getitem:
         return "getitem"
     if target is operator.matmul:
         return "matmul"
-    return getattr(target, "__name__", "")
+    name = getattr(target, "__name__", "")
+    return "matmul" if name == "__matmul__" else name
 
 
 def compute_op(target: object) -> str | None:
@@ -153,7 +156,7 @@ def graph_uses(reader: str, module: nn.Module, graph: fx.Graph) -> list[Use]:
             weight = params[path]
             if weight.dim() < 2 and op != "embedding":
                 continue  # a bias (addmm's first operand), not a weight
-            uses.append(Use(reader, path, op, direct and position == 1, indexed,
+            uses.append(Use(reader, path, op, direct and position == WEIGHT_POSITION.get(op, 1), indexed,
                             _out_dim(op, position, weight), "fx"))
     return uses
 
@@ -244,7 +247,8 @@ class _Recorder(TorchFunctionMode):
                 origin = self._origin(t)
                 if origin is not None:
                     reader = self.stack[-1] if self.stack else None
-                    self.uses.append((reader, origin[0], name, origin[1] and position == 1, origin[2], position, t))
+                    direct = origin[1] and position == WEIGHT_POSITION.get(name, 1)
+                    self.uses.append((reader, origin[0], name, direct, origin[2], position, t))
         return out
 
 

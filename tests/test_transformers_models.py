@@ -64,11 +64,12 @@ def test_gpt2_with_its_conv1d_registered():
     ids = torch.randint(0, 40, (2, 7))
     make = lambda: transformers.GPT2Model(config)  # noqa: E731
     run = lambda m: m(ids).last_hidden_state  # noqa: E731
-    # GPT-2 stores its linear layers as Conv1D (weight transposed, torch.addmm): found by use, weights only
+    # GPT-2 stores its linear layers as Conv1D (weight transposed, torch.addmm(b, x, W)): found by use, and
+    # converted as a functional call whose input is quantized too (BitLinear, weight outputs on dim 1)
     _, report = check(make, run, n_layers=8)
     rows = {r.name: r for r in report.rows if r.decision != "float"}
-    assert "h.0.attn.c_attn.weight" in rows and rows["h.0.attn.c_attn.weight"].type == "Conv1D[addmm]"
-    assert all(r.reason.startswith("weights only: addmm") for r in rows.values())
+    assert "h.0.attn.c_attn.weight" in rows and rows["h.0.attn.c_attn.weight"].type == "torch.addmm"
+    assert all(r.reason == "" and r.path == "fx" for r in rows.values())
     selected = [r for r in ternq.report(make(), include=[Conv1D]).rows if r.decision != "float"]
     assert len(selected) == 8  # a type selector matches the weights a module of that type holds
     # registered as a layer type, its inputs are quantized too
