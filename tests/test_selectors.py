@@ -278,61 +278,6 @@ def test_output_layers_errors():
     with pytest.raises(SelectorError, match="'nett'.*net"):
         ternq.report(Untraceable(), exclude=[ternq.output_layers(of="nett")])
 
-    class Opaque(nn.Module):  # holds its parameter itself and cannot be traced, even leniently
-        def __init__(self) -> None:
-            super().__init__()
-            self.w = nn.Parameter(torch.ones(2, 2))
-
-        def forward(self, x):
-            if not isinstance(x, torch.Tensor):
-                raise TypeError("tensor expected")
-            return x @ self.w
-
-    class Wrap(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.lin = nn.Linear(2, 2)
-            self.opaque = Opaque()
-
-        def forward(self, x):
-            return self.opaque(self.lin(x))
-
-    with pytest.raises(SelectorError, match="output_layers.. matches no quantizable layer"):
-        ternq.report(Wrap(), exclude=[ternq.output_layers()])  # Opaque is a parameterized layer in between
-    with pytest.raises(SelectorError, match="cannot tell .* deeper scope"):
-        ternq.report(Wrap(), exclude=[ternq.output_layers(of="opaque")])
-
-
-def test_malformed_selectors():
-    model = Net()
-    with pytest.raises(SelectorError, match="42 is not a selector"):
-        ternq.report(model, include=[42])
-    with pytest.raises(SelectorError, match="invalid regular expression"):
-        ternq.report(model, include=["re:enc("])
-    with pytest.raises(SelectorError, match="cannot carry a config"):
-        ternq.report(model, exclude=[ternq.Rule("enc", INT4)])
-    with pytest.raises(SelectorError, match="include=None"):
-        ternq.report(model, include=[])
-    with pytest.raises(SelectorError, match="not an nn.Module"):
-        ternq.Rule(int)
-    with pytest.raises(SelectorError, match="config must be"):
-        ternq.Rule("enc", config="int4")
-
-
-def test_unsupported_layers_are_named_with_the_fix():
-    model = Net()
-    with pytest.raises(UnsupportedLayerError, match=r"register_layer\(LayerNorm"):
-        ternq.report(model, include=[nn.LayerNorm])
-    with pytest.raises(UnsupportedLayerError, match=r"'norm'.*register_layer"):
-        ternq.report(model, include=["norm"])
-
-    class MyLinear(nn.Linear):  # a subclass with its own forward must be registered itself
-        def forward(self, x):
-            return super().forward(x).relu()
-
-    model.enc = MyLinear(4, 4)
-    with pytest.raises(UnsupportedLayerError, match="MyLinear"):
-        ternq.report(model, include=[MyLinear])
 
 
 def test_helpful_hints():
