@@ -95,9 +95,10 @@ def _adapt(cand: Candidate, decision: Decision) -> Decision:
     if cand.kind == "unknown":
         return Decision(None, decision.rule, "use not found: no traced op reads it; pass example_inputs= to "
                                              "quantize() / report() to record what the model computes with it")
+    tied = f"tied to {', '.join(cand.tied)}, which its other readers see as decided there" if cand.tied else ""
     if config is None:
-        return decision
-    notes = []
+        return Decision(None, decision.rule, tied) if tied else decision
+    notes = [tied] if tied else []
     if cand.kind == "weight":
         notes.append(f"weights only: {', '.join(sorted(set(cand.readers.values())))} takes no quantized input")
         if cand.experts:

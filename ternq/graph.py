@@ -100,6 +100,7 @@ class Candidate:
     readers: dict[str, str] = field(default_factory=dict)
     out_dim: int = 0
     experts: bool = False
+    tied: list[str] = field(default_factory=list)  # other state_dict keys of the same weight tensor
 
     @property
     def functional(self) -> bool:
@@ -442,6 +443,14 @@ def analyze(root: nn.Module, example_inputs: Any = None) -> Analysis:
         analysis.candidates.extend(extra.get(name, []))
     if example_inputs is None:
         analysis.candidates.extend(_unknown_weights(analysis))
+    names: dict[int, list[str]] = {}
+    for key, param in root.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(key)
+    for cand in analysis.candidates:
+        param = cand.module._parameters.get(layer_spec(cand.module).weight_name) if cand.kind == "layer" \
+            else cand.module.get_parameter(cand.param)  # type: ignore[union-attr, arg-type]
+        if param is not None:
+            cand.tied = [n for n in names.get(id(param), []) if n != cand.key]
     analysis._by_name = {c.name: c for c in analysis.candidates}
     return analysis
 

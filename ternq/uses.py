@@ -113,12 +113,20 @@ def _out_dim(op: str, position: int, weight: Tensor) -> int:
     return 0
 
 
+_TRANSPOSE_ATTRS = frozenset({"T", "mT", "H", "mH"})
+
+
 def _walk_to_param(node: fx.Node, params: dict[str, Tensor]) -> tuple[str, bool, bool] | None:
     """Follow `node` back through view-like ops to a parameter: (its path, direct, indexed), or None."""
     direct, indexed = True, False
     while True:
         if node.op == "get_attr":
             return (str(node.target), direct, indexed) if str(node.target) in params else None
+        if node.op == "call_function" and node.target is getattr and len(node.args) == 2 \
+                and node.args[1] in _TRANSPOSE_ATTRS and isinstance(node.args[0], fx.Node):  # self.weight.T
+            direct = False
+            node = node.args[0]
+            continue
         if node.op in ("call_function", "call_method") and _name(node.target) in _DERIVE_OPS and node.args \
                 and isinstance(node.args[0], fx.Node):
             indexed = indexed or _selects(_name(node.target), node.args[1:2])
@@ -234,6 +242,8 @@ class _Recorder(TorchFunctionMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         name = _name(func)
+        if name == "__get__" and getattr(getattr(func, "__self__", None), "__name__", None) in _TRANSPOSE_ATTRS:
+            name = "t"  # weight.T and friends
         tensors = list(iter_tensors([*args, *kwargs.values()]))
         if name in _DERIVE_OPS and tensors:
             origin = self._origin(tensors[0][1])
@@ -294,19 +304,8 @@ def float_uses(model: nn.Module, example_inputs: Any) -> list[Use]:
     from .report import report  # report imports convert, which imports graph, which imports this module
 
     quantized = {r.name for r in report(model).rows if r.decision != "float"}
-    aliases = {k: k for k in quantized}
-    for key, param in model.named_parameters(remove_duplicate=False):  # tied weights: every name of one
-        first = next((q for q in quantized if _same(model, q, param)), None)
-        if first is not None:
-            aliases[key] = first
-    return [u for u in record_uses(model, example_inputs) if _join(u.reader, u.param) in aliases]
-
-
-def _same(model: nn.Module, key: str, param: Tensor) -> bool:
-    try:
-        return model.get_parameter(key) is param
-    except AttributeError:
-        return False
+    # a tied weight is judged under the name its reader uses: float under a kept-float module's name is no bypass
+    return [u for u in record_uses(model, example_inputs) if _join(u.reader, u.param) in quantized]
 
 
 def _join(prefix: str, name: str) -> str:
