@@ -68,7 +68,13 @@ __all__ = [
 
 FORMAT_VERSION = 1
 MAX_HEADER_BYTES = 16 * 2**20  # 16 MiB: ~100x the shipped BitTTS header, ~35,000 packed layers
-MIN_BYTES_PER_CONTAINER = 8  # JSON objects / arrays of a header: ternq's are >= 20 bytes apart (parse memory bound)
+# Parse memory bound: Python objects cost 24-64 bytes each, so a header may hold at most one JSON value (counted
+# by its "," and ":" separators) per MIN_BYTES_PER_VALUE bytes and one object / array per MIN_BYTES_PER_CONTAINER
+# bytes; ternq's own headers have >= 8.8 and >= 37 (measured on small and shipped models). Headers up to
+# PARSE_SLACK bytes are exempt (they cost little whatever they hold).
+MIN_BYTES_PER_VALUE = 6
+MIN_BYTES_PER_CONTAINER = 16
+PARSE_SLACK = 1 << 16
 MAX_GROUP_SIZE = 2**31  # a group longer than a row is one group per row; this bounds the integer itself
 MAX_EPS = 1.0  # config eps: a floor of scales, ~1e-5 in practice
 FUNCTIONAL_TYPES = {"F.linear": 2, "F.conv1d": 3, "F.conv2d": 4}  # functional op -> dimensions of its weight
@@ -372,13 +378,17 @@ def _no_constants(token: str) -> Any:
 
 def _parse_json(text: str, what: str) -> Any:
     """Parse a header or manifest: strict JSON (no NaN / Infinity, no duplicate key), with parse memory bounded
-    by a small multiple of `text`'s length (objects and arrays, Python's costliest values, must average
-    MIN_BYTES_PER_CONTAINER bytes: counted over the raw text, strings included, so never undercounted), and every
-    string encodable as UTF-8 (no lone surrogate from a ``\\ud800`` escape)."""
-    containers = text.count("{") + text.count("[")
-    if containers * MIN_BYTES_PER_CONTAINER > len(text):
-        raise FormatError(f"{what} holds {containers:,} JSON objects/arrays in {len(text):,} characters (more than "
-                          f"one per {MIN_BYTES_PER_CONTAINER}): not a header ternq writes (corrupted or hostile)")
+    by a small multiple of `text`'s length (values and containers counted over the raw text, strings included,
+    so never undercounted; see MIN_BYTES_PER_VALUE), and every string encodable as UTF-8 (no lone surrogate
+    from a ``\\ud800`` escape)."""
+    if len(text) > PARSE_SLACK:
+        containers = text.count("{") + text.count("[")
+        values = text.count(",") + text.count(":") + containers
+        for count, kind, per in ((containers, "objects/arrays", MIN_BYTES_PER_CONTAINER),
+                                 (values, "values", MIN_BYTES_PER_VALUE)):
+            if count * per > len(text):
+                raise FormatError(f"{what} holds {count:,} JSON {kind} in {len(text):,} characters (more than one "
+                                  f"per {per}): not a header ternq writes (corrupted or hostile)")
     try:
         doc = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
     except RecursionError:
