@@ -14,7 +14,6 @@ place that talks to ternq.
 from __future__ import annotations
 
 import os
-import pickle
 from typing import Any
 
 import torch
@@ -199,7 +198,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise FileNotFoundError(f"no checkpoint at {path}; train one with `bittts train --out RUN_DIR`")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, TypeError, KeyError, AttributeError) as e:
+    except OSError:
+        raise
+    except Exception as e:  # torch.load of foreign bytes fails with UnpicklingError, IndexError, KeyError, ...
         raise ValueError(f"{path} is not a BitTTS training checkpoint (torch.load cannot read it: "
                          f"{type(e).__name__}); give a checkpoint.pt that `bittts train` wrote") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
