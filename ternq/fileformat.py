@@ -7,9 +7,11 @@ format version, each packed weight's layer, shape, dtype, config and encoding, t
 of every tensor; the manifest has a CRC32 of its own. docs/format.md specifies the bytes.
 
 `load_packed` needs only the file and a float skeleton of the same architecture: which layers are packed and how
-comes from the manifest. It validates the whole header, and the skeleton against it, and checks the CRC32 of
-every tensor's bytes (read in 64 KiB chunks) before changing the skeleton; then reads one tensor at a time into
-the skeleton, and swaps each packed layer for the runtime's int8 inference layer (`ternq.runtime.packed_layer`).
+comes from the manifest. It validates the whole header, and the skeleton against it, and checks every tensor as
+`ternq verify` does (CRC32, every code byte, every scale: `ternq.numpy_format.verify`, 1 MiB at a time) before
+changing the skeleton, so a bad file leaves it untouched; then reads one tensor at a time into the skeleton, and
+swaps each packed layer for the runtime's int8 inference layer (`ternq.runtime.packed_layer`). Every rule of the
+format is checked once, in the torch-free `ternq.numpy_format`; this module adds only the skeleton's checks.
 A layer's float weight is dropped *before* its codes are decoded, so peak memory never exceeds the float
 skeleton's: the layers already swapped hold a quarter of their float bytes, and one layer's decode is in flight.
 """
@@ -477,9 +479,9 @@ def load_packed(source: str | os.PathLike[str] | bytes | PackedModel, model: nn.
     """Turn a float skeleton of the saved architecture into the packed inference model the file describes.
 
     Which layers are packed, and with which config, is read from the file. Everything is validated (header,
-    manifest, skeleton: modules, layer types, shapes, the exact set of tensors) and every tensor's CRC32 is
-    checked before the skeleton is touched, so a corrupted file leaves the skeleton unchanged; then each tensor
-    is read (checked again: the file may change in between) and loaded. Each packed layer's float weight is
+    manifest, skeleton: modules, layer types, shapes, the exact set of tensors) and every tensor is checked
+    (CRC32, code bytes, scales) before the skeleton is touched, so a corrupted or forged file leaves the skeleton
+    unchanged; then each tensor is read (its CRC32 checked again) and loaded. Each packed layer's float weight is
     freed before its codes are decoded, so loading needs no more memory than the float skeleton itself.
 
     Args:

@@ -67,7 +67,7 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
-MAX_HEADER_BYTES = 16 * 2**20  # 16 MiB: ~100x the shipped BitTTS header, ~35,000 packed layers
+MAX_HEADER_BYTES = 16 * 2**20  # 16 MiB: ~120x the shipped BitTTS header (95 packed layers), ~10,000 packed layers
 # Parse memory bound: Python objects cost 24-64 bytes each, so a header may hold at most one JSON value (counted
 # by its "," and ":" separators) per MIN_BYTES_PER_VALUE bytes and one object / array per MIN_BYTES_PER_CONTAINER
 # bytes; ternq's own headers have >= 8.8 and >= 37 (measured on small and shipped models). Headers up to
