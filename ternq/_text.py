@@ -1,7 +1,15 @@
-"""Plain-text output shared by `ternq.report` and the ``ternq`` command: aligned tables and byte sizes."""
+"""Plain-text output shared by `ternq.report` and the ``ternq`` command: aligned tables, byte sizes, printable text."""
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
+
+
+def printable(text: str) -> str:
+    """`text` safe to print on any terminal: control characters (an ANSI escape, a newline in a name) and lone
+    surrogates shown as Python escapes, everything else as is."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() and not 0xD800 <= ord(c) <= 0xDFFF else repr(c)[1:-1] for c in text)
 
 
 def human_bytes(n: float) -> str:

@@ -19,19 +19,18 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from ._text import aligned_table, human_bytes
-from .config import QuantConfig
-from .errors import FormatError, TernqError
+from ._text import aligned_table, human_bytes, printable
+from .errors import TernqError
 from .numpy_format import (
     DTYPES,
     LayerRecord,
     Manifest,
     Source,
-    check_scale,
+    check_tensor,
+    decode_layer,
     read_array,
     read_header,
     read_manifest,
-    unpack_numpy,
 )
 
 __all__ = ["main", "inspect_file", "verify_file"]
@@ -46,13 +45,6 @@ def _items(manifest: Manifest) -> list[LayerRecord | str]:
 
 def _progress(items: list[Any], desc: str, show: bool) -> Iterator[Any]:
     return iter(tqdm(items, desc=desc, unit="tensor", disable=None if show else True, leave=False))
-
-
-def _check_config(layer: LayerRecord, source: Source) -> None:
-    try:
-        QuantConfig.from_dict(layer.config)
-    except (ValueError, TypeError, ArithmeticError) as e:
-        raise FormatError(f"{source.name}: layer {layer.key!r}: invalid config {layer.config}: {e}") from None
 
 
 def inspect_file(path: str | os.PathLike[str] | bytes, *, progress: bool = False) -> dict[str, Any]:
@@ -93,20 +85,9 @@ def inspect_file(path: str | os.PathLike[str] | bytes, *, progress: bool = False
     }
 
 
-def _decode(source: Source, manifest: Manifest, layer: LayerRecord) -> tuple[np.ndarray, np.ndarray, int]:
-    """Codes and scales of a layer, every check of the format applied; and the payload's size in bytes."""
-    _check_config(layer, source)
-    what = f"{source.name}: layer {layer.key!r}"
-    payload = read_array(source, manifest, layer.codes)
-    codes = unpack_numpy(payload, layer.encoding, layer.count, qmax=layer.qmax, what=f"{what}: codes")
-    scale = read_array(source, manifest, layer.scale)
-    check_scale(scale, what)
-    return codes, scale, payload.nbytes
-
-
 def _describe_layer(source: Source, manifest: Manifest, layer: LayerRecord) -> dict[str, Any]:
-    codes, scale, codes_bytes = _decode(source, manifest, layer)
-    scale_bytes = scale.nbytes
+    codes, scale = decode_layer(source, manifest, layer)
+    codes_bytes, scale_bytes = manifest.header.tensors[layer.codes].nbytes, scale.nbytes
     neg, zero = int(np.count_nonzero(codes < 0)), int(np.count_nonzero(codes == 0))
     pos = layer.count - neg - zero
     return {
@@ -135,15 +116,12 @@ def verify_file(path: str | os.PathLike[str] | bytes, *, progress: bool = False)
     Checks: the safetensors header (lengths, offsets, dtypes, contiguity); the manifest and its CRC32; that the
     manifest and header agree on every tensor; each layer's config, encoding, count, codes and scale shapes;
     the CRC32 of every tensor's bytes; every code byte (valid, within the config's range, zero padding); scales
-    finite and positive.
+    finite, positive and bounded. Memory stays bounded whatever the file's size (tensors are read in chunks).
     """
     with Source(path) as source:
         manifest = read_manifest(read_header(source))
-        for item in _progress(_items(manifest), "verify", progress):
-            if isinstance(item, LayerRecord):
-                _decode(source, manifest, item)
-            else:
-                read_array(source, manifest, item)
+        for name in _progress(list(manifest.tensors), "verify", progress):
+            check_tensor(source, manifest, name)
         return {"file": source.name, "ok": True, "tensors": len(manifest.tensors), "packed_layers": len(manifest.layers),
                 "bytes": source.size}
 
@@ -154,11 +132,12 @@ def _table(info: dict[str, Any]) -> str:
     for r in info["tensors"]:
         share = r["share"]
         shares = "" if share is None else f"{share['-']:.1%} / {share['0']:.1%} / {share['+']:.1%}"
-        body.append((r["name"], r["encoding"], "x".join(map(str, r["shape"])) or "()", f"{r['bytes']:,}",
+        body.append((printable(r["name"]), r["encoding"], "x".join(map(str, r["shape"])) or "()", f"{r['bytes']:,}",
                      f"{r['bits_per_weight']:.3f}" if r["kind"] == "packed" else f"{r['bits_per_weight']:.0f}",
                      shares))
     t = info["totals"]
-    lines = [f"{info['file']}: ternq format {info['format_version']}, written by {info['library']}",
+    lines = [f"{printable(info['file'])}: ternq format {info['format_version']}, written by "
+             f"{printable(info['library'])}",
              *aligned_table(header, body, right={3, 4})]
     if t["packed_weights"]:
         lines.append(f"{t['packed_layers']} packed layers: {t['packed_weights']:,} weights in "
@@ -167,8 +146,9 @@ def _table(info: dict[str, Any]) -> str:
     ratio = f"{1 / t['fp32_ratio']:.2f}x smaller" if t["fp32_ratio"] else "n/a"
     lines.append(f"file {human_bytes(t['file_bytes'])} vs {human_bytes(t['fp32_bytes'])} as fp32 ({ratio})")
     for key, value in info["metadata"].items():
-        shown = value if len(value) <= 100 else f"{value[:97]}... ({len(value):,} chars)"
-        lines.append(f"metadata {key}: {shown}")
+        shown = printable(value if len(value) <= 100 else value[:97]) + ("" if len(value) <= 100 else
+                                                                         f"... ({len(value):,} chars)")
+        lines.append(f"metadata {printable(key)}: {shown}")
     return "\n".join(lines)
 
 
@@ -200,6 +180,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``ternq`` console script; returns the exit status."""
+    for stream in (sys.stdout, sys.stderr):  # any text a file holds prints, whatever the terminal's encoding
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     args = _parser().parse_args(argv)
     show = not args.no_progress
     try:
@@ -209,17 +192,19 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_OK
         result = verify_file(args.file, progress=show)
     except (TernqError, OSError) as e:
+        message = printable(str(e) if isinstance(e, TernqError) else f"cannot read {args.file}: "
+                                                                      f"{e.strerror or e}")
         if args.command == "verify" and args.json:
-            print(json.dumps({"file": args.file, "ok": False, "error": str(e), "error_type": type(e).__name__}))
+            print(json.dumps({"file": args.file, "ok": False, "error": message, "error_type": type(e).__name__}))
         elif isinstance(e, TernqError):
-            print(f"ternq {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
+            print(f"ternq {args.command}: {type(e).__name__}: {message}", file=sys.stderr)
         else:
-            print(f"ternq {args.command}: cannot read {args.file}: {e}", file=sys.stderr)
+            print(f"ternq {args.command}: {message}", file=sys.stderr)
         return EXIT_INVALID if isinstance(e, TernqError) else EXIT_UNREADABLE
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"OK: {args.file}: {result['tensors']} tensors ({result['packed_layers']} packed layers), "
+        print(f"OK: {printable(args.file)}: {result['tensors']} tensors ({result['packed_layers']} packed layers), "
               f"{result['bytes']:,} bytes; every checksum and code verified")
     return EXIT_OK
 

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 from .errors import ConfigError
+from .numpy_format import MAX_EPS, MAX_GROUP_SIZE
 
 Granularity = Literal["tensor", "channel", "group"]
 InputNorm = Literal["layernorm", "rmsnorm"]
@@ -57,8 +58,9 @@ class QuantConfig:
     def __post_init__(self) -> None:
         if self.granularity not in _GRANULARITIES:
             raise ConfigError(f"granularity={self.granularity!r}: expected one of {_GRANULARITIES}")
-        if self.granularity == "group" and (not isinstance(self.group_size, int) or self.group_size < 1):
-            raise ConfigError(f"group_size={self.group_size!r}: expected a positive int")
+        if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or \
+                not 1 <= self.group_size <= MAX_GROUP_SIZE:
+            raise ConfigError(f"group_size={self.group_size!r}: expected an int in 1..{MAX_GROUP_SIZE}")
         if self.act_bits is not None and (not isinstance(self.act_bits, int) or isinstance(self.act_bits, bool)
                                           or not 2 <= self.act_bits <= 8):
             raise ConfigError(f"act_bits={self.act_bits!r}: expected an int in 2..8 or None")
@@ -66,8 +68,8 @@ class QuantConfig:
             raise ConfigError(f"input_norm={self.input_norm!r}: expected one of {_NORMS}")
         if self.ste not in _STES:
             raise ConfigError(f"ste={self.ste!r}: expected one of {_STES}")
-        if not self.eps > 0:
-            raise ConfigError(f"eps={self.eps!r}: expected a positive float")
+        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not 0 < self.eps <= MAX_EPS:
+            raise ConfigError(f"eps={self.eps!r}: expected a float in (0, {MAX_EPS}]")
         if self.act_granularity not in _ACT_GRANULARITIES:
             raise ConfigError(f"act_granularity={self.act_granularity!r}: expected one of {_ACT_GRANULARITIES}")
 

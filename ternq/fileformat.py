@@ -7,18 +7,20 @@ format version, each packed weight's layer, shape, dtype, config and encoding, t
 of every tensor; the manifest has a CRC32 of its own. docs/format.md specifies the bytes.
 
 `load_packed` needs only the file and a float skeleton of the same architecture: which layers are packed and how
-comes from the manifest. It validates the whole header, and the skeleton against it, and checks the CRC32 of
-every tensor's bytes (read in 64 KiB chunks) before changing the skeleton; then reads one tensor at a time into
-the skeleton, and swaps each packed layer for the runtime's int8 inference layer (`ternq.runtime.packed_layer`).
+comes from the manifest. It validates the whole header, and the skeleton against it, and checks every tensor as
+`ternq verify` does (CRC32, every code byte, every scale: `ternq.numpy_format.verify`, 1 MiB at a time) before
+changing the skeleton, so a bad file leaves it untouched; then reads one tensor at a time into the skeleton, and
+swaps each packed layer for the runtime's int8 inference layer (`ternq.runtime.packed_layer`). Every rule of the
+format is checked once, in the torch-free `ternq.numpy_format`; this module adds only the skeleton's checks.
 A layer's float weight is dropped *before* its codes are decoded, so peak memory never exceeds the float
 skeleton's: the layers already swapped hold a quarter of their float bytes, and one layer's decode is in flight.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
-import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +32,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from .config import QuantConfig
-from .errors import ArchitectureMismatchError, ChecksumError, FormatError
+from .errors import ArchitectureMismatchError, FormatError
 from .functional import (
     INPUT_POSITION,
     READS,
@@ -51,11 +53,15 @@ from .numpy_format import (
     build_metadata,
     check_scale,
     crc32_hex,
+    decode_layer,
+    effective_group_size,
+    read_bytes,
     read_header,
     read_manifest,
     read_metadata,
+    verify,
 )
-from .packing import encoding_for, pack_codes, unpack_codes
+from .packing import encoding_for, pack_codes
 from .quantizers import dequantize_weight, quantize_weight
 from .runtime import is_packed, packed_layer
 from .sites import SITES
@@ -227,11 +233,18 @@ class PackedModel:
         return b"".join([head, *(b.tobytes() for b in blobs)])
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the file atomically: to a temporary file in the same directory, fsync'ed, then renamed."""
+        """Write the file atomically: to a temporary file in the same directory, fsync'ed, then renamed.
+
+        The temporary file is named after the target and the writing process
+        (``.<name>.<crc32 of name>.ternq-<pid>-<random>.tmp``); one left behind by a writer that was killed
+        (SIGKILL, SIGTERM, power loss) is removed by the next save to the same path.
+        """
         head, blobs = self._layout()
         path = os.fspath(path)
         directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".ternq-", suffix=".tmp", dir=directory)
+        prefix = _temp_prefix(path)
+        _remove_stale_temps(directory, prefix)
+        fd, tmp = tempfile.mkstemp(prefix=f"{prefix}{os.getpid()}-", suffix=".tmp", dir=directory)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(head)
@@ -245,6 +258,40 @@ class PackedModel:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
+
+
+def _temp_prefix(path: str) -> str:
+    """Start of the temporary files' names for target `path`: short enough for any name the target may have."""
+    name = os.path.basename(path)
+    return f".{name[:64]}.{crc32_hex(name.encode('utf-8', 'surrogateescape'))}.ternq-"
+
+
+def _remove_stale_temps(directory: str, prefix: str) -> None:
+    """Delete the temporary files of `prefix` whose writing process no longer exists (killed mid-write)."""
+    try:
+        names = [n for n in os.listdir(directory) if n.startswith(prefix) and n.endswith(".tmp")]
+    except OSError:
+        return
+    for name in names:
+        pid_text = name[len(prefix):].partition("-")[0]
+        if not pid_text.isdigit() or int(pid_text) == os.getpid() or _process_exists(int(pid_text)):
+            continue
+        try:
+            os.unlink(os.path.join(directory, name))
+        except OSError:
+            pass  # removed by someone else meanwhile, or not ours to remove
+
+
+def _process_exists(pid: int) -> bool:
+    if os.name != "posix":  # os.kill(pid, 0) would terminate the process on Windows
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # another user's process (or an odd number): leave its file alone
+    return True
 
 
 def _umask() -> int:
@@ -309,7 +356,7 @@ def pack(model: nn.Module, *, float_dtype: torch.dtype | None = None, metadata: 
     for s in sites:
         encoding = encoding_for(s.config)
         scale = s.scale.detach().float()
-        check_scale(scale.cpu().numpy(), f"pack(): layer {s.key!r}")
+        check_scale(scale.cpu().numpy(), f"pack(): layer {s.key!r}", s.config.qmax)
         add(s.key + ".codes", pack_codes(s.codes, encoding), "codes")
         add(s.key + ".scale", scale, "scale")
         layers[s.key] = {"module": s.module, "type": s.type, "weight": s.weight, "out_dim": s.out_dim,
@@ -369,26 +416,6 @@ class _Placement:
     owned: set[str]
 
 
-_CRC_CHUNK = 1 << 16
-
-
-def _verify_checksums(source: Source, manifest: Manifest) -> None:
-    """CRC32 of every tensor's bytes, through one small buffer: a corrupted payload is found before the
-    skeleton is changed, so it never leaves a half-loaded model (reading twice costs little next to decoding)."""
-    buf = np.empty(_CRC_CHUNK, dtype=np.uint8)
-    for name, record in manifest.tensors.items():
-        entry = manifest.header.tensors[name]
-        crc, done = 0, 0
-        while done < entry.nbytes:
-            n = min(_CRC_CHUNK, entry.nbytes - done)
-            source.readinto(entry.begin + done, buf[:n])
-            crc = zlib.crc32(buf[:n], crc)
-            done += n
-        if f"{crc & 0xFFFFFFFF:08x}" != record.crc32:
-            raise ChecksumError(f"{source.name}: tensor {name!r}: bytes do not match CRC32 {record.crc32}: "
-                                "the payload is corrupted")
-
-
 def _drop_float_weight(module: nn.Module, name: str) -> None:
     """Replace a plain float weight parameter by a meta tensor of its shape and dtype (no memory), so the layer's
     float bytes are freed before its codes are decoded. Computed weights (weight_norm, parametrizations) are left
@@ -400,24 +427,16 @@ def _drop_float_weight(module: nn.Module, name: str) -> None:
 
 
 def _read_tensor(source: Source, manifest: Manifest, name: str) -> Tensor:
-    """One tensor of the file, CRC32-checked, as a torch tensor in its shape."""
-    entry, record = manifest.header.tensors[name], manifest.tensors[name]
-    raw = torch.empty(entry.nbytes, dtype=torch.uint8)
-    source.readinto(entry.begin, raw.numpy())
-    if crc32_hex(raw.numpy()) != record.crc32:
-        raise ChecksumError(f"{source.name}: tensor {name!r}: bytes do not match CRC32 {record.crc32}: "
-                            "the payload is corrupted")
-    return raw.view(_TORCH_DTYPE[entry.dtype]).reshape(entry.shape)
+    """One tensor of the file, CRC32-checked (`ternq.numpy_format.read_bytes`), as a torch tensor in its shape."""
+    entry = manifest.header.tensors[name]
+    return torch.from_numpy(read_bytes(source, manifest, name)).view(_TORCH_DTYPE[entry.dtype]).reshape(entry.shape)
 
 
 def decode_weight(source: Source, manifest: Manifest, record: LayerRecord) -> tuple[Tensor, Tensor]:
-    """Codes (int8, the weight's shape) and float32 scales of a packed weight, every byte checked."""
-    what = f"{source.name}: layer {record.key!r}"
-    payload = _read_tensor(source, manifest, record.codes)
-    codes = unpack_codes(payload, record.encoding, record.count, qmax=record.qmax, what=f"{what}: codes")
-    scale = _read_tensor(source, manifest, record.scale)
-    check_scale(scale.numpy(), what)
-    return codes.reshape(record.shape), scale
+    """Codes (int8, the weight's shape) and float32 scales of a packed weight, every byte checked
+    (`ternq.numpy_format.decode_layer`, on the same memory)."""
+    codes, scale = decode_layer(source, manifest, record)
+    return torch.from_numpy(codes), torch.from_numpy(scale)
 
 
 def _mismatch(source: Source, message: str) -> ArchitectureMismatchError:
@@ -435,10 +454,9 @@ def _get_module(model: nn.Module, path: str) -> nn.Module | None:
 def _place(source: Source, model: nn.Module, record: LayerRecord, aliases: dict[int, list[str]],
            floats: set[str]) -> _Placement:
     what = f"layer {record.key!r} ({record.type})"
-    try:
-        config = QuantConfig.from_dict(record.config)
-    except (ValueError, TypeError, ArithmeticError) as e:  # e.g. int(Infinity) in a hostile config
-        raise FormatError(f"{source.name}: {what}: invalid config {record.config}: {e}") from None
+    config = QuantConfig.from_dict(record.config)  # validated by read_manifest: cannot fail
+    if config.granularity == "group" and config.group_size != effective_group_size(record):
+        config = dataclasses.replace(config, group_size=effective_group_size(record))  # one group per row
     module = _get_module(model, record.module)
     if module is None:
         raise _mismatch(source, f"the file packs {what}, but the skeleton has no module {record.module!r}")
@@ -455,6 +473,11 @@ def _place(source: Source, model: nn.Module, record: LayerRecord, aliases: dict[
         if owned & floats:  # stored in float too: the parameter stays, with its values
             owned = set()
     elif record.type.startswith("F."):
+        spec = layer_spec(module)
+        if spec is not None and spec.weight_name == record.weight:
+            raise _mismatch(source, f"the file packs {what}, but {record.weight!r} of the skeleton's "
+                                    f"{record.module!r} is the weight of a {type(module).__name__} layer, not a "
+                                    "parameter of a functional call")
         try:
             weight = module.get_parameter(record.weight)
         except AttributeError:
@@ -515,9 +538,9 @@ def load_packed(source: str | os.PathLike[str] | bytes | PackedModel, model: nn.
     """Turn a float skeleton of the saved architecture into the packed inference model the file describes.
 
     Which layers are packed, and with which config, is read from the file. Everything is validated (header,
-    manifest, skeleton: modules, layer types, shapes, the exact set of tensors) and every tensor's CRC32 is
-    checked before the skeleton is touched, so a corrupted file leaves the skeleton unchanged; then each tensor
-    is read (checked again: the file may change in between) and loaded. Each packed layer's float weight is
+    manifest, skeleton: modules, layer types, shapes, the exact set of tensors) and every tensor is checked
+    (CRC32, code bytes, scales) before the skeleton is touched, so a corrupted or forged file leaves the skeleton
+    unchanged; then each tensor is read (its CRC32 checked again) and loaded. Each packed layer's float weight is
     freed before its codes are decoded, so loading needs no more memory than the float skeleton itself.
 
     Args:
@@ -551,7 +574,7 @@ def load_packed(source: str | os.PathLike[str] | bytes | PackedModel, model: nn.
         _check_floats(src, manifest, model, owned)
         if dequantize:
             _check_dequantizable(src, placements)
-        _verify_checksums(src, manifest)
+        verify(src, manifest)  # every CRC, code byte and scale: after this, nothing can fail half-way
         steps: Iterable[Any] = [*floats, *placements]
         if progress:
             steps = tqdm(steps, desc="loading", unit="tensor")
@@ -744,9 +767,7 @@ def _install_packed_weight(root: nn.Module, holder: nn.Module, record: LayerReco
 def _install_packed_functional(owner: nn.Module, record: LayerRecord, codes: Tensor, scale: Tensor,
                                config: QuantConfig, dtype: torch.dtype, keep: bool = False) -> None:
     """`keep`: the parameter was loaded in float too (other code reads it): no placeholder."""
-    op = record.type.removeprefix("F.")
-    if op not in _FUNCTIONAL_OPS:
-        raise FormatError(f"layer {record.key!r}: unknown functional op {record.type!r}")
+    op = record.type.removeprefix("F.")  # one of FUNCTIONAL_TYPES: read_manifest refuses any other
     module_path, _, name = record.weight.rpartition(".")
     holder = owner.get_submodule(module_path)
     if not keep:

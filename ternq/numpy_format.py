@@ -20,6 +20,7 @@ import functools
 import json
 import math
 import os
+import stat
 import zlib
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -51,7 +52,11 @@ __all__ = [
     "read_manifest",
     "build_metadata",
     "read_metadata",
+    "read_bytes",
     "read_array",
+    "check_tensor",
+    "verify",
+    "check_scale",
     "unpack_numpy",
     "decode_layer",
     "dequantize_numpy",
@@ -62,7 +67,20 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
-MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
+MAX_HEADER_BYTES = 16 * 2**20  # 16 MiB: ~120x the shipped BitTTS header (95 packed layers), ~10,000 packed layers
+# Parse memory bound: Python objects cost 24-64 bytes each, so a header may hold at most one JSON value (counted
+# by its "," and ":" separators) per MIN_BYTES_PER_VALUE bytes and one object / array per MIN_BYTES_PER_CONTAINER
+# bytes; ternq's own headers have >= 8.8 and >= 37 (measured on small and shipped models). Headers up to
+# PARSE_SLACK bytes are exempt (they cost little whatever they hold).
+MIN_BYTES_PER_VALUE = 6
+MIN_BYTES_PER_CONTAINER = 16
+PARSE_SLACK = 1 << 16
+MAX_GROUP_SIZE = 2**31  # a group longer than a row is one group per row; this bounds the integer itself
+MAX_EPS = 1.0  # config eps: a floor of scales, ~1e-5 in practice
+#: functional op -> (dimensions of its weight, the dim of its output channels); addmm / matmul: ``x @ W``
+FUNCTIONAL_TYPES = {"F.linear": (2, 0), "F.conv1d": (3, 0), "F.conv2d": (4, 0), "F.addmm": (2, 1), "F.matmul": (2, 1)}
+#: the type of a weight-only site: a parameter its readers compute with (RNN, attention, experts, matmul)
+WEIGHT_TYPE = "weight"
 MAX_DIMS = 32  # numpy's historical limit; no model weight comes near it
 MAX_DIM_SIZE = 2**53
 DECODE_CHUNK = 1 << 16  # bytes decoded per step: indices and output stay in cache
@@ -235,6 +253,33 @@ def _encoding(name: object, what: str) -> Encoding:
 # --- reading bytes ----------------------------------------------------------------------------------------------
 
 
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def open_regular_file(path: str | os.PathLike[str]) -> BinaryIO:
+    """Open `path` for reading if it is a regular file; FormatError naming what it is otherwise.
+
+    Opened non-blocking first, so a named pipe without a writer cannot block the reader; then checked with
+    fstat on the open descriptor (no race between the check and the open). A missing file raises
+    FileNotFoundError, an unreadable one PermissionError, as `open` does.
+    """
+    name = os.fspath(path)
+    try:
+        fd = os.open(name, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except IsADirectoryError:  # some systems refuse to open a directory at all
+        fd = -1
+    mode = os.fstat(fd).st_mode if fd >= 0 else stat.S_IFDIR
+    if not stat.S_ISREG(mode):
+        if fd >= 0:
+            os.close(fd)
+        kind = next((k for test, k in _FILE_KINDS if test(mode)), "not a regular file")
+        raise FormatError(f"{name} is {kind}, not a file: give the path of a .safetensors file")
+    if hasattr(os, "set_blocking"):
+        os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
 class Source:
     """Random access to the bytes of a file (path) or of an in-memory buffer; use as a context manager."""
 
@@ -246,7 +291,7 @@ class Source:
             self.size = self._buf.nbytes
         else:
             self.name = os.fspath(src)
-            self._file = open(src, "rb")  # noqa: SIM115 - closed by close()
+            self._file = open_regular_file(self.name)
             self.size = os.fstat(self._file.fileno()).st_size
 
     def readinto(self, offset: int, out: np.ndarray | memoryview) -> None:
@@ -330,13 +375,55 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _no_constants(token: str) -> Any:
+    raise ValueError(f"{token} is not a JSON number (writers never emit it)")
+
+
 def _parse_json(text: str, what: str) -> Any:
+    """Parse a header or manifest: strict JSON (no NaN / Infinity, no duplicate key), with parse memory bounded
+    by a small multiple of `text`'s length (values and containers counted over the raw text, strings included,
+    so never undercounted; see MIN_BYTES_PER_VALUE), and every string encodable as UTF-8 (no lone surrogate
+    from a ``\\ud800`` escape)."""
+    if len(text) > PARSE_SLACK:
+        containers = text.count("{") + text.count("[")
+        values = text.count(",") + text.count(":") + containers
+        for count, kind, per in ((containers, "objects/arrays", MIN_BYTES_PER_CONTAINER),
+                                 (values, "values", MIN_BYTES_PER_VALUE)):
+            if count * per > len(text):
+                raise FormatError(f"{what} holds {count:,} JSON {kind} in {len(text):,} characters (more than one "
+                                  f"per {per}): not a header ternq writes (corrupted or hostile)")
     try:
-        return json.loads(text, object_pairs_hook=_no_duplicates)
+        doc = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
     except RecursionError:
         raise FormatError(f"{what} is nested too deeply to be a ternq header") from None
     except ValueError as e:
         raise FormatError(f"{what} is not valid JSON: {e}") from None
+    _check_strings(doc, what)
+    return doc
+
+
+def _check_strings(doc: Any, what: str) -> None:
+    """Every key and string value of a parsed document must be valid Unicode text (encodable as UTF-8)."""
+    stack = [doc]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            strings: list[Any] = [item]
+        elif isinstance(item, dict):
+            strings = list(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            strings = []
+            stack.extend(item)
+        else:
+            continue
+        for text in strings:
+            if not text.isascii():
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    raise FormatError(f"{what}: string {text[:40]!r} holds a lone surrogate "
+                                      f"({text[e.start]!r}), which is not text: the header was forged") from None
 
 
 def _is_dtype(value: object) -> bool:
@@ -481,6 +568,7 @@ class Manifest:
     float_dtype: str | None
     header: Header
     metadata: dict[str, str] = dataclasses.field(default_factory=dict)  # user metadata, each value CRC-checked
+    owners: dict[str, str] = dataclasses.field(default_factory=dict)  # codes / scale tensor -> its layer's key
     tied: dict[str, str] = dataclasses.field(default_factory=dict)  # state_dict key -> float tensor stored for it
 
 
@@ -500,21 +588,51 @@ def expected_scale_shape(shape: tuple[int, ...], out_dim: int, config: dict[str,
     return (rows, -(-fan_in // config["group_size"]))
 
 
+_CONFIG_CHOICES: dict[str, tuple[Any, ...]] = {
+    "kind": ("ternary", "kbit"),
+    "granularity": _GRANULARITIES,
+    "input_norm": (None, "layernorm", "rmsnorm"),
+    "ste": ("identity", "clipped"),
+    "act_granularity": ("token", "tensor"),
+}
+_CONFIG_FIELDS = {*_CONFIG_CHOICES, "bits", "group_size", "act_bits", "eps"}
+
+
+def _int_in(value: object, lo: int, hi: int) -> bool:
+    return type(value) is int and lo <= value <= hi
+
+
 def _check_config(config: object, what: str) -> dict[str, Any]:
-    """The fields of a layer config this reader relies on; torch-side loading re-validates all of them."""
+    """A layer's config (``QuantConfig.to_dict()``): every field of a known type and in range, no unknown
+    field. This is the one validation of a stored config; the torch loader builds its QuantConfig from it."""
     if not isinstance(config, dict):
         raise FormatError(f"{what}: config must be an object, got {config!r:.80}")
-    kind = config.get("kind")
-    if kind not in ("ternary", "kbit"):
-        raise FormatError(f"{what}: config kind {kind!r} is neither 'ternary' nor 'kbit'")
-    if config.get("granularity") not in _GRANULARITIES:
-        raise FormatError(f"{what}: config granularity {config.get('granularity')!r} is not one of {_GRANULARITIES}")
-    group_size = config.get("group_size")
-    if config["granularity"] == "group" and (type(group_size) is not int or group_size < 1):
-        raise FormatError(f"{what}: config group_size {group_size!r} is not a positive integer")
-    if kind == "kbit" and (type(config.get("bits")) is not int or not 2 <= config["bits"] <= 8):
-        raise FormatError(f"{what}: config bits {config.get('bits')!r} is not an integer in 2..8")
+    unknown = sorted(set(config) - _CONFIG_FIELDS - ({"bits"} if config.get("kind") == "kbit" else set()))
+    if unknown or (config.get("kind") == "ternary" and "bits" in config):
+        raise FormatError(f"{what}: config has unknown fields {unknown or ['bits']}")
+    for key, choices in _CONFIG_CHOICES.items():
+        value = config.get(key, "token" if key == "act_granularity" else None)
+        if value not in choices or isinstance(value, bool):
+            raise FormatError(f"{what}: config {key} {value!r:.40} is not one of {choices}")
+    if config["kind"] == "kbit" and not _int_in(config.get("bits"), 2, 8):
+        raise FormatError(f"{what}: config bits {config.get('bits')!r:.40} is not an integer in 2..8")
+    if not _int_in(config.get("group_size"), 1, MAX_GROUP_SIZE):
+        raise FormatError(f"{what}: config group_size {config.get('group_size')!r:.40} is not an integer in "
+                          f"1..{MAX_GROUP_SIZE}")
+    act_bits = config.get("act_bits")
+    if act_bits is not None and not _int_in(act_bits, 2, 8):
+        raise FormatError(f"{what}: config act_bits {act_bits!r:.40} is neither null nor an integer in 2..8")
+    eps = config.get("eps")
+    if type(eps) not in (int, float) or not (math.isfinite(eps) and 0 < eps <= MAX_EPS):
+        raise FormatError(f"{what}: config eps {eps!r:.40} is not a number in (0, {MAX_EPS}]")
     return config
+
+
+def effective_group_size(layer: LayerRecord) -> int:
+    """The group length that decoding uses: a group longer than a row (``group_size`` > fan_in) is the row
+    itself, so nothing is ever sized by ``group_size`` beyond the weight's own row."""
+    rows = 1 if len(layer.shape) <= 1 else layer.shape[layer.out_dim]
+    return max(1, min(layer.config["group_size"], layer.count // max(rows, 1)))
 
 
 def _field(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], what: str) -> Any:
@@ -536,8 +654,10 @@ def read_manifest(header: Header) -> Manifest:
         raise FormatError(f"{name}: not a ternq file: its metadata has no {KEY_VERSION!r} (a plain safetensors "
                           "checkpoint? load it with safetensors / load_state_dict instead)")
     version_text = meta[KEY_VERSION]
-    if not (version_text.isascii() and version_text.isdigit()) or len(version_text) > 6:
-        raise FormatError(f"{name}: format version {version_text!r} is not a number")
+    if not (version_text.isascii() and version_text.isdigit()) or len(version_text) > 6 or \
+            version_text != str(int(version_text)):
+        raise FormatError(f"{name}: format version {version_text!r} is not a decimal number as writers write it "
+                          "(e.g. \"1\")")
     version = int(version_text)
     if version != FORMAT_VERSION:
         newer = "newer than" if version > FORMAT_VERSION else "not one of the versions"
@@ -574,7 +694,8 @@ def read_manifest(header: Header) -> Manifest:
             raise FormatError(f"{name}: tensor {t.name!r} has role {t.role!r} but no layer uses it")
     metadata = _read_user_metadata(doc.get("metadata", {}), header)
     tied = _read_tied(doc.get("tied", {}), tensors, name)
-    return Manifest(version, library, layers, tensors, doc.get("selection"), float_dtype, header, metadata, tied)
+    return Manifest(version, library, layers, tensors, doc.get("selection"), float_dtype, header, metadata, used,
+                    tied)
 
 
 def _read_tied(doc: object, tensors: dict[str, TensorRecord], name: str) -> dict[str, str]:
@@ -603,7 +724,7 @@ def _read_user_metadata(doc: object, header: Header) -> dict[str, str]:
         if key not in header.metadata:
             raise FormatError(f"{what} is listed in the manifest but missing from __metadata__")
         value = header.metadata[key]
-        if not isinstance(crc, str) or crc32_hex(value.encode("utf-8", "surrogatepass")) != crc:
+        if not isinstance(crc, str) or crc32_hex(value.encode("utf-8")) != crc:
             raise ChecksumError(f"{what}: the value does not match its CRC32 {crc!r:.20}: the header is corrupted")
         out[key] = value
     return out
@@ -659,6 +780,17 @@ def _read_layer(key: str, spec: object, tensors: dict[str, TensorRecord], name: 
     out_dim = _nonneg_int(spec["out_dim"], f"{what}: out_dim")
     if out_dim >= max(len(shape), 1):
         raise FormatError(f"{what}: out_dim {out_dim} is not a dimension of shape {list(shape)}")
+    layer_type = spec["type"]
+    if layer_type.startswith("F."):
+        if layer_type not in FUNCTIONAL_TYPES:
+            raise FormatError(f"{what}: unknown functional op {layer_type!r}; this reader knows "
+                              f"{sorted(FUNCTIONAL_TYPES)}")
+        dims, outputs = FUNCTIONAL_TYPES[layer_type]
+        if len(shape) != dims or out_dim != outputs:
+            raise FormatError(f"{what}: a {layer_type} weight has {dims} dimensions with outputs on dim {outputs}, "
+                              f"but the file says shape {list(shape)}, out_dim {out_dim}")
+    elif layer_type == WEIGHT_TYPE and len(shape) < 2:
+        raise FormatError(f"{what}: a weight-only site needs a weight of 2+ dimensions, got shape {list(shape)}")
     config = _check_config(spec["config"], what)
     encoding = _encoding(spec["encoding"], what)
     expected = encoding_for_config(config)
@@ -706,11 +838,17 @@ def build_metadata(manifest: dict[str, Any], user: dict[str, str] | None = None)
     for key, value in user.items():
         if not isinstance(key, str) or not isinstance(value, str):
             raise TypeError(f"metadata must map str to str, got {key!r}: {type(value).__name__}")
+        for text in (key, value):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"metadata {key!r}: {text[max(0, e.start - 10):e.start + 10]!r} holds a lone "
+                                 "surrogate, which is not text and cannot be stored as UTF-8") from None
         if not key or key.startswith(RESERVED_PREFIX):
             raise ValueError(f"metadata key {key!r}: keys must be non-empty and must not start with "
                              f"{RESERVED_PREFIX!r} (reserved for the format); prefix your own, e.g. 'myapp.config'")
     if user:
-        manifest = {**manifest, "metadata": {k: crc32_hex(v.encode("utf-8", "surrogatepass")) for k, v in user.items()}}
+        manifest = {**manifest, "metadata": {k: crc32_hex(v.encode("utf-8")) for k, v in user.items()}}
     text = json.dumps(manifest, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
     return {KEY_VERSION: str(FORMAT_VERSION), KEY_MANIFEST: text, KEY_MANIFEST_CRC: crc32_hex(text.encode()), **user}
 
@@ -725,18 +863,66 @@ def read_metadata(src: str | os.PathLike[str] | bytes) -> dict[str, str]:
 # --- decoding with numpy ----------------------------------------------------------------------------------------
 
 
-def read_array(source: Source, manifest: Manifest, name: str) -> np.ndarray:
-    """One tensor as a numpy array in its shape (BF16 widened to float32), after checking its CRC32."""
-    entry, record = manifest.header.tensors[name], manifest.tensors[name]
-    raw = np.empty(entry.nbytes, np.uint8)
-    source.readinto(entry.begin, raw)
-    if crc32_hex(raw) != record.crc32:
+READ_CHUNK = 1 << 20  # bytes per read of `check_tensor`: a multiple of every element size and of 2 (byte pairs)
+
+
+def _crc_matches(source: Source, name: str, record: TensorRecord, crc: int) -> None:
+    if f"{crc & 0xFFFFFFFF:08x}" != record.crc32:
         raise ChecksumError(f"{source.name}: tensor {name!r}: bytes do not match CRC32 {record.crc32}: "
                             "the payload is corrupted")
-    arr = raw.view(np.dtype(DTYPES[entry.dtype][0]))
-    if entry.dtype == "BF16":
+
+
+def read_bytes(source: Source, manifest: Manifest, name: str) -> np.ndarray:
+    """One tensor's bytes (uint8, 1-D), after checking their CRC32: what every decoder starts from."""
+    entry = manifest.header.tensors[name]
+    raw = np.empty(entry.nbytes, np.uint8)
+    source.readinto(entry.begin, raw)
+    _crc_matches(source, name, manifest.tensors[name], zlib.crc32(raw))
+    return raw
+
+
+def _as_array(raw: np.ndarray, dtype: str) -> np.ndarray:
+    arr = raw.view(np.dtype(DTYPES[dtype][0]))
+    if dtype == "BF16":
         arr = (arr.astype(np.uint32) << 16).view(np.float32)
-    return arr.astype(arr.dtype.newbyteorder("="), copy=False).reshape(entry.shape)
+    return arr.astype(arr.dtype.newbyteorder("="), copy=False)
+
+
+def read_array(source: Source, manifest: Manifest, name: str) -> np.ndarray:
+    """One tensor as a numpy array in its shape (BF16 widened to float32), after checking its CRC32."""
+    entry = manifest.header.tensors[name]
+    return _as_array(read_bytes(source, manifest, name), entry.dtype).reshape(entry.shape)
+
+
+def check_tensor(source: Source, manifest: Manifest, name: str) -> None:
+    """Everything the format says about one tensor's bytes, in bounded memory (READ_CHUNK at a time): its CRC32,
+    and for a layer's codes every byte and code (`unpack_numpy`'s checks), for its scales `check_scale`.
+    A file that passes `check_tensor` for every tensor decodes without error (`decode_layer`)."""
+    entry, record = manifest.header.tensors[name], manifest.tensors[name]
+    layer = manifest.layers[manifest.owners[name]] if record.role != "float" else None
+    what = f"{source.name}: layer {layer.key!r}" if layer is not None else ""
+    enc = ENCODINGS[layer.encoding] if layer is not None else None
+    buf = np.empty(min(READ_CHUNK, entry.nbytes), np.uint8)
+    crc, done = 0, 0
+    while done < entry.nbytes:
+        chunk = buf[:min(READ_CHUNK, entry.nbytes - done)]
+        source.readinto(entry.begin + done, chunk)
+        crc = zlib.crc32(chunk, crc)
+        if layer is not None and enc is not None and record.role == "codes":
+            count = min(chunk.size * enc.per_byte, layer.count - done * enc.per_byte)
+            unpack_numpy(chunk.view(np.dtype(DTYPES[enc.dtype][0])), enc.name, count, qmax=layer.qmax,
+                         what=f"{what}: codes")
+        elif layer is not None:
+            check_scale(_as_array(chunk, entry.dtype), what, layer.qmax)
+        done += chunk.size
+    _crc_matches(source, name, record, crc)
+
+
+def verify(source: Source, manifest: Manifest) -> None:
+    """`check_tensor` for every tensor of the file: after it, every read and decode of the file succeeds (unless
+    the file is modified in place meanwhile, which the CRC32 checks of the reads catch)."""
+    for name in manifest.tensors:
+        check_tensor(source, manifest, name)
 
 
 def decode_layer(source: Source, manifest: Manifest, layer: LayerRecord) -> tuple[np.ndarray, np.ndarray]:
@@ -745,15 +931,20 @@ def decode_layer(source: Source, manifest: Manifest, layer: LayerRecord) -> tupl
     packed = read_array(source, manifest, layer.codes)
     codes = unpack_numpy(packed, layer.encoding, layer.count, qmax=layer.qmax, what=f"{what}: codes")
     scale = read_array(source, manifest, layer.scale)
-    check_scale(scale, what)
+    check_scale(scale, what, layer.qmax)
     return codes.reshape(layer.shape), scale
 
 
-def check_scale(scale: Any, what: str) -> None:
-    """Scales must be finite and positive: the quantizers floor them at eps > 0."""
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def check_scale(scale: Any, what: str, qmax: int = 1) -> None:
+    """Scales must be finite and positive (the quantizers floor them at eps > 0), and small enough that
+    ``qmax * scale`` stays a finite float32 (dequantized weights are never infinite)."""
     arr = np.asarray(scale)
-    if arr.size and not (np.isfinite(arr).all() and (arr > 0).all()):
-        raise FormatError(f"{what}: scales must be finite and positive")
+    if arr.size and not (np.isfinite(arr).all() and (arr > 0).all() and float(arr.max()) * qmax <= _F32_MAX):
+        raise FormatError(f"{what}: scales must be finite, positive and at most {_F32_MAX / qmax:.3g} "
+                          f"(float32 max / qmax {qmax})")
 
 
 def dequantize_numpy(codes: np.ndarray, scale: np.ndarray, layer: LayerRecord) -> np.ndarray:
@@ -768,7 +959,7 @@ def dequantize_numpy(codes: np.ndarray, scale: np.ndarray, layer: LayerRecord) -
     elif granularity == "channel":
         s = scale.reshape(-1, 1)
     else:
-        s = np.repeat(scale, layer.config["group_size"], axis=1)[:, : rows.shape[1]]
+        s = np.repeat(scale, effective_group_size(layer), axis=1)[:, : rows.shape[1]]
     out = (rows * s).reshape(moved)
     return out if len(shape) <= 1 else np.moveaxis(out, 0, layer.out_dim)
 

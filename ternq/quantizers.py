@@ -100,7 +100,8 @@ def _expand(scale: Tensor, rows_shape: torch.Size, config: QuantConfig) -> Tenso
         return scale.reshape(1, 1)
     if config.granularity == "channel":
         return scale.reshape(-1, 1)
-    return scale.repeat_interleave(config.group_size, dim=1)[:, : rows_shape[1]]
+    # a group longer than the row is the row: never repeat beyond it (a file may claim any group_size)
+    return scale.repeat_interleave(max(1, min(config.group_size, rows_shape[1])), dim=1)[:, : rows_shape[1]]
 
 
 def _codes(rows: Tensor, scale_rows: Tensor, qmax: int) -> Tensor:

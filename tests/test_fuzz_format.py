@@ -2,7 +2,7 @@
 
 Invariants: reading a damaged file raises a ternq exception (never another exception, a hang or an oversized
 allocation), and never returns weights that differ from the ones saved. The default budget runs a few thousand
-cases in seconds; raise it for a long run (docs/format.md, "Fuzzing")::
+cases in seconds; raise it for a long run (docs/format.md, "Fuzzing and hostile files")::
 
     TERNQ_FUZZ_EXAMPLES=20 python -m pytest tests/test_fuzz_format.py    # 20x the examples
 """

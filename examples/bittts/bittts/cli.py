@@ -3,10 +3,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import subprocess
 import sys
 
-# subcommand -> module in bittts.commands that defines `add_arguments(parser)` and `run(args) -> int`, and may
-# name in `USER_ERRORS` the exception types that mean bad input (reported as one line, not a traceback)
+from .commands import INPUT_ERRORS
+
+# subcommand -> module in bittts.commands that defines `add_arguments(parser)` and `run(args) -> int`; the
+# exception types of `bittts.commands.INPUT_ERRORS` are reported as one line (`describe`), not a traceback
 COMMANDS = {
     "prepare": "Build a training corpus offline (flite voice + espeak-ng phonemes + features).",
     "train": "Train a BitTTS model (JETS + HiFi-GAN, optionally with ternq QAT).",
@@ -43,8 +47,21 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         if name == command:
             module = importlib.import_module(f"bittts.commands.{name}")
             module.add_arguments(p)
-            p.set_defaults(_run=module.run, _user_errors=getattr(module, "USER_ERRORS", ()))
+            p.set_defaults(_run=module.run, _user_errors=INPUT_ERRORS)
     return parser
+
+
+def describe(error: BaseException) -> str:
+    """One line for a bad-input exception: an OSError as "PATH: reason", anything else its message, with
+    newlines and runs of spaces collapsed (torch's and subprocess' messages span lines)."""
+    if isinstance(error, OSError) and error.filename is not None:
+        text = f"{os.fsdecode(error.filename)}: {error.strerror or error}"
+    elif isinstance(error, subprocess.CalledProcessError):
+        stderr = error.stderr.decode(errors="replace") if isinstance(error.stderr, bytes) else error.stderr or ""
+        text = f"{os.path.basename(str(error.cmd[0]))} failed (exit {error.returncode}): {stderr.strip()}"
+    else:
+        text = str(error) or type(error).__name__
+    return " ".join(text.split())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except args._user_errors as e:
-        raise SystemExit(f"bittts {args.command}: {e}") from e
+        raise SystemExit(f"bittts {args.command}: {describe(e)}") from e
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -137,7 +138,7 @@ def read_model_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     training. Raises ValueError if the file is a ternq file but not a BitTTS model."""
     import ternq
 
-    if not os.path.isfile(path):
+    if not os.path.exists(path):  # anything else that is not a regular file: ternq.read_metadata says what it is
         raise FileNotFoundError(f"model file {os.fspath(path)!r} not found; export one with "
                                 "`bittts export RUN_DIR -o MODEL.safetensors`")
     meta = ternq.read_metadata(path)
@@ -148,13 +149,63 @@ def read_model_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ValueError(f"{os.fspath(path)}: BitTTS model version {meta.get('bittts.version')!r}; this bittts reads "
                          f"version {MODEL_VERSION}: upgrade bittts")
     try:
-        return {"config": config_from_dict(json.loads(meta["bittts.config"])),
-                "symbols": list(json.loads(meta["bittts.symbols"])),
+        info = {"config": config_from_dict(json.loads(meta["bittts.config"])),
+                "symbols": json.loads(meta["bittts.symbols"]),
                 "phonemizer": json.loads(meta["bittts.phonemizer"]),
                 "audio": json.loads(meta["bittts.audio"]),
                 "training": json.loads(meta.get("bittts.training", "{}"))}
+        _check_model_metadata(info)
     except (KeyError, ValueError, TypeError) as e:
-        raise ValueError(f"{os.fspath(path)}: invalid bittts metadata: {e}") from e
+        raise ValueError(f"{os.fspath(path)}: invalid bittts metadata: {e}") from None
+    return info
+
+
+# Bounds of the architecture numbers an exported model may claim: far above any BitTTS preset (the paper's model
+# uses 4 layers, 256 channels, kernels <= 16), far below what would take minutes or gigabytes just to build.
+_SIZE_BOUNDS = {"layers": 64, "channels": 4096, "kernel": 127, "kernels": 127, "rates": 64, "dilations": 64,
+                "components": 64, "n_symbols": 100_000, "n_mels": 512, "max_duration": 10_000}
+_MAX_LIST = 16  # entries of a tuple field (upsampling stages, resblocks, dilations)
+SAMPLE_RATES = (1_000, 192_000)
+
+
+def _check_model_metadata(info: dict[str, Any]) -> None:
+    """Ranges of everything an exported model's metadata claims, checked before anything is built: each size
+    of the architecture (ValueError naming the field), the symbol table, the audio and phonemizer settings."""
+    cfg: BitTTSConfig = info["config"]
+    for section in ("acoustic", "vocoder"):
+        for f in dataclasses.fields(getattr(cfg, section)):
+            value = getattr(getattr(cfg, section), f.name)
+            bound = next((b for key, b in _SIZE_BOUNDS.items() if f.name == key or f.name.endswith("_" + key)), None)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{section}.{f.name} = {value} is not a finite number")
+            if bound is None:
+                continue
+            flat = [v for item in (value if isinstance(value, tuple) else (value,))
+                    for v in (item if isinstance(item, tuple) else (item,))]
+            if isinstance(value, tuple) and (not value or len(value) > _MAX_LIST or
+                                             any(isinstance(v, tuple) and len(v) > _MAX_LIST for v in value)):
+                raise ValueError(f"{section}.{f.name} has {len(value)} entries; expected 1 to {_MAX_LIST}")
+            if any(not 1 <= v <= bound for v in flat):
+                raise ValueError(f"{section}.{f.name} = {value} is outside 1..{bound}")
+    symbols = info["symbols"]
+    if not isinstance(symbols, list) or not all(isinstance(s, str) for s in symbols) or \
+            not 1 <= len(symbols) <= cfg.acoustic.n_symbols:
+        raise ValueError(f"bittts.symbols must be a list of 1 to acoustic.n_symbols = {cfg.acoustic.n_symbols} "
+                         "strings")
+    audio_info = info["audio"]
+    rate = audio_info.get("sample_rate") if isinstance(audio_info, dict) else None
+    if type(rate) is not int or not SAMPLE_RATES[0] <= rate <= SAMPLE_RATES[1]:
+        raise ValueError(f"bittts.audio sample_rate {rate!r} is not an integer in {SAMPLE_RATES[0]}.."
+                         f"{SAMPLE_RATES[1]} Hz")
+    if audio_info.get("hop") != cfg.vocoder.hop:
+        raise ValueError(f"bittts.audio hop {audio_info.get('hop')!r} is not the vocoder's upsampling "
+                         f"{cfg.vocoder.hop}")
+    phonemizer = info["phonemizer"]
+    voice = phonemizer.get("voice", PHONEMIZER_VOICE) if isinstance(phonemizer, dict) else None
+    if not isinstance(voice, str) or not text.is_voice_name(voice):
+        raise ValueError(f"bittts.phonemizer voice {voice!r:.60} is not an espeak-ng voice name")
+    if not isinstance(info["training"], dict):
+        raise ValueError("bittts.training must be a JSON object")
 
 
 @dataclasses.dataclass

@@ -194,9 +194,15 @@ def parameter_counts(model: BitTTS, discriminators: nn.Module | None = None) -> 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a training checkpoint (`RUN_DIR/checkpoint.pt`) and check its format."""
-    if not os.path.exists(path):
+    if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}; train one with `bittts train --out RUN_DIR`")
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except OSError:
+        raise
+    except Exception as e:  # torch.load of foreign bytes fails with UnpicklingError, IndexError, KeyError, ...
+        raise ValueError(f"{path} is not a BitTTS training checkpoint (torch.load cannot read it: "
+                         f"{type(e).__name__}); give a checkpoint.pt that `bittts train` wrote") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a BitTTS training checkpoint (format {CHECKPOINT_FORMAT!r})")
     return ckpt

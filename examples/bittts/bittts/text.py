@@ -294,6 +294,14 @@ def espeak_version(executable: str = "espeak-ng") -> str:
     return out.split("Data at:")[0].strip()
 
 
+_VOICE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_+\-/]{0,63}")
+
+
+def is_voice_name(voice: str) -> bool:
+    """Whether `voice` is shaped like an espeak-ng voice name (``en-us``, ``en+f3``, ``gmw/en-GB-x-rp``)."""
+    return bool(_VOICE_RE.fullmatch(voice))
+
+
 def _require_espeak(executable: str) -> str:
     path = shutil.which(executable)
     if path is None:
@@ -351,8 +359,12 @@ class Phonemizer:
     def _run_lines(self, lines: list[str]) -> list[str]:
         exe = _require_espeak(self.executable)
         cmd = [exe, "-q", "--ipa", "-v", self.voice]
-        out = subprocess.run(cmd, input="\n".join(lines) + "\n", capture_output=True, text=True,
-                             encoding="utf-8", check=True).stdout.splitlines()
+        run = subprocess.run(cmd, input="\n".join(lines) + "\n", capture_output=True, text=True, encoding="utf-8")
+        if run.returncode:
+            detail = " ".join(run.stderr.split())[:200]
+            raise ValueError(f"espeak-ng cannot phonemize with voice {self.voice!r} (exit {run.returncode}: "
+                             f"{detail}); `espeak-ng --voices` lists the installed voices")
+        out = run.stdout.splitlines()
         if len(out) == len(lines):
             return [_clean_ipa(line) for line in out]
         if len(lines) == 1:

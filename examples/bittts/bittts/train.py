@@ -229,6 +229,26 @@ def _no_sync(module: nn.Module, skip: bool) -> contextlib.AbstractContextManager
     return module.no_sync() if skip and isinstance(module, DDP) else contextlib.nullcontext()
 
 
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the lines of a metrics log (JSON objects with a "step") up to `step`, in increasing step order;
+    drop the rest (steps logged after the checkpoint a run resumes from, a line cut by a kill). Atomic."""
+    if not path.exists():
+        return
+    kept, last = [], 0
+    with open(path, "rb") as f:
+        for raw in f:
+            try:
+                entry = json.loads(raw)
+            except ValueError:
+                break  # a line cut by a kill: nothing after it is trustworthy
+            n = entry.get("step") if isinstance(entry, dict) else None
+            if type(n) is not int or not last < n <= step:
+                break
+            kept.append(raw if raw.endswith(b"\n") else raw + b"\n")
+            last = n
+    atomic_write(path, b"".join(kept))
+
+
 def _train_step(gen: nn.Module, disc: nn.Module, model: BitTTS, discriminators: Discriminators,
                 opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer, batches: Iterator[dict[str, Any]],
                 cfg: BitTTSConfig, device: torch.device, world: int, step: int
@@ -444,7 +464,10 @@ def _train(cfg: BitTTSConfig, out_dir: Path, data_dir: Any, dataset: Dataset | N
     model.train()
     discriminators.train()
     t_start, step_start, seconds_before = time.perf_counter(), state.step, state.seconds
-    # a resumed run appends; a fresh one starts the file over (a directory may hold a crashed run's log)
+    # a resumed run appends after the lines up to its step (a run killed after its last checkpoint logged steps
+    # that are now redone); a fresh one starts the file over (a directory may hold a crashed run's log)
+    if is_main and state.step:
+        truncate_metrics(out_dir / "metrics.jsonl", state.step)
     metrics_file = open(out_dir / "metrics.jsonl", "a" if state.step else "w") if is_main else None  # noqa: SIM115
     try:
         while state.step < total_steps:

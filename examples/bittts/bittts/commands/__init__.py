@@ -1,5 +1,65 @@
-"""One module per `bittts` subcommand."""
+"""One module per `bittts` subcommand, and the checks of their arguments that they share.
 
-# What the commands that read model files and user text count as bad input (a missing file, a malformed
-# model, a wrong option value): `bittts.cli` reports these as one line, not a traceback.
-INPUT_ERRORS = (FileNotFoundError, ValueError, RuntimeError)
+Every command checks what it will write and read before the slow work starts (ValueError naming the option and
+the fix), and `bittts.cli` reports the exception types in `INPUT_ERRORS` as one line, without a traceback.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+from pathlib import Path
+
+# What the commands count as bad input (a missing or unreadable file, a malformed model or checkpoint, a wrong
+# option value, a failing external tool): `bittts.cli` reports these as one line, not a traceback.
+INPUT_ERRORS = (OSError, ValueError, RuntimeError, pickle.UnpicklingError, EOFError, subprocess.CalledProcessError)
+
+NAME_MAX = 255  # bytes of one file name on Linux / macOS file systems
+
+
+def max_threads() -> int:
+    """The most torch threads a command accepts: the CPUs of this machine (more only oversubscribes them, and
+    torch crashes on absurd counts)."""
+    return os.cpu_count() or 1
+
+
+def check_threads(values: list[int] | int | None, option: str = "--threads") -> None:
+    """Refuse thread counts outside 1 .. `max_threads()`."""
+    for n in [values] if isinstance(values, int) else values or []:
+        if not 1 <= n <= max_threads():
+            raise ValueError(f"{option} {n}: expected 1 to {max_threads()} (the CPUs of this machine)")
+
+
+def output_file(path: str | os.PathLike[str], option: str = "-o", example: str = "out.wav") -> Path:
+    """Check that `path` can be written as a file: a file name (not a directory, not too long) in a writable
+    directory; a missing directory is created. Returns the path."""
+    text = os.fspath(path)
+    out = Path(text)
+    if len(os.fsencode(out.name)) > NAME_MAX:
+        raise ValueError(f"{option} {text[:60]}...: the file name has {len(os.fsencode(out.name))} bytes, more "
+                         f"than the {NAME_MAX} a file system allows; choose a shorter name")
+    if not out.name or text.endswith(os.sep) or out.is_dir():
+        raise ValueError(f"{option} {text}: is a directory; give a file path, e.g. {option} "
+                         f"{os.path.join(text, example)}")
+    _writable_dir(out.parent if str(out.parent) else Path("."), option, text)
+    return out
+
+
+def output_dir(path: str | os.PathLike[str], option: str = "-o") -> Path:
+    """Check that `path` is (or can be created as) a writable directory; creates it. Returns the path."""
+    text = os.fspath(path)
+    out = Path(text)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{option} {text}: exists and is not a directory; give a directory path")
+    _writable_dir(out, option, text)
+    return out
+
+
+def _writable_dir(directory: Path, option: str, given: str) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{option} {given}: cannot create directory {directory}: {e.strerror}; choose another "
+                         "location") from None
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {given}: directory {directory} is not writable; choose another location")

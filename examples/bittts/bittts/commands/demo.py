@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from . import INPUT_ERRORS as USER_ERRORS  # noqa: F401 - bittts.cli reports these as one line
+from . import output_file
 
 DEMO_TEXT = "The quick brown fox jumps over the lazy dog."
 
@@ -22,15 +22,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-asr", action="store_true", help="skip the pocketsphinx transcript")
 
 
-
 def run(args: argparse.Namespace) -> int:
     from ..audio import write_wav
-    from ..evaluation import fastest_pass
+    from ..evaluation import check_sentence, fastest_pass
     from ..inference import FP32_MODEL, Synthesizer, shipped_model
     from ..system import cpu_description
 
-    if not args.text.strip():
-        raise SystemExit("--text is empty")
+    check_sentence(args.text, "--text")
+    output_file(args.out)
     synth = Synthesizer(args.model)
     size = synth.path.stat().st_size
     line = f"model {synth.path.name}: {size / 1e6:.2f} MB ({synth.cfg.quant.scheme}/{synth.cfg.quant.scope})"

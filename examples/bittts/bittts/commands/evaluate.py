@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import INPUT_ERRORS as USER_ERRORS  # noqa: F401 - bittts.cli reports these as one line
+from . import check_threads, output_dir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,13 +25,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-
 def run(args: argparse.Namespace) -> int:
     from ..evaluation import evaluate_model, read_sentences, write_report
 
-    if any(n < 1 for n in args.threads):
-        raise SystemExit("--threads values must be >= 1")
+    check_threads(args.threads)
     sentences = read_sentences(args.sentences, args.limit)
+    output_dir(args.out, "--out")
     report = evaluate_model(args.model, sentences, args.out, reference_voice=args.reference_voice,
                             threads=args.threads, progress=not args.quiet)
     json_path, md_path = write_report(report, args.out)

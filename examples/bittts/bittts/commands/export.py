@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import INPUT_ERRORS as USER_ERRORS  # noqa: F401 - bittts.cli reports these as one line
+from . import output_file
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -14,10 +14,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "RUN_DIR/checkpoint.pt)")
 
 
-
 def run(args: argparse.Namespace) -> int:
     from ..inference import export_model, find_checkpoint
 
+    output_file(args.out, example="model.safetensors")
     checkpoint = find_checkpoint(args.run_dir, args.checkpoint)
     info = export_model(checkpoint, args.out)
     print(f"exported {checkpoint} (step {info['step']}, preset {info['preset']}, quant {info['quant']}): "

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
+
+from . import max_threads, output_dir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,6 +21,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.workers is not None and not 1 <= args.workers <= max_threads():
+        raise ValueError(f"--workers {args.workers}: expected 1 to {max_threads()} (the CPUs of this machine)")
+    if args.ljspeech and not os.path.isdir(args.ljspeech):
+        raise ValueError(f"--ljspeech {args.ljspeech}: not a directory; give an LJSpeech-layout folder "
+                         "(metadata.csv and wavs/)")
+    if not 0 <= args.val_fraction < 1:
+        raise ValueError(f"--val-fraction {args.val_fraction}: expected a share in [0, 1), e.g. 0.05")
+    for option, value in (("--sentences", args.sentences), ("--limit", args.limit)):
+        if value is not None and value < 1:
+            raise ValueError(f"{option} must be >= 1, got {value}")
+    output_dir(args.out, "--out")
     start = time.perf_counter()
     if args.ljspeech:
         from bittts.data import prepare_ljspeech

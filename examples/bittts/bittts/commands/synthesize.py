@@ -6,10 +6,10 @@ each utterance's duration and real-time factor (model time / audio duration; esp
 from __future__ import annotations
 
 import argparse
-import os
-from pathlib import Path
 
-from . import INPUT_ERRORS as USER_ERRORS  # noqa: F401 - bittts.cli reports these as one line
+from . import check_threads, output_dir, output_file
+
+MAX_DURATION_SCALE = 10.0  # > 1 speaks slower; the audio (and memory) of a sentence grows with it
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,32 +21,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--text-file", metavar="FILE", help="speak every non-empty line of FILE, one wav each")
     parser.add_argument("-o", "--out", required=True, metavar="OUT.wav|OUT_DIR",
                         help="wav file (--text) or directory (--text-file)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--duration-scale", type=float, default=1.0, help="> 1 speaks slower (default 1.0)")
-
+    parser.add_argument("--threads", type=int, help="torch CPU threads, 1 to the machine's CPU count (default: "
+                                                    "torch's choice)")
+    parser.add_argument("--duration-scale", type=float, default=1.0,
+                        help=f"> 1 speaks slower, at most {MAX_DURATION_SCALE:g} (default 1.0)")
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..audio import write_wav
-    from ..evaluation import read_sentences
+    from ..evaluation import check_sentence, read_sentences
     from ..inference import Synthesizer
 
+    check_threads(args.threads)
     if args.threads is not None:
-        if args.threads < 1:
-            raise SystemExit("--threads must be >= 1")
         torch.set_num_threads(args.threads)
-    if args.duration_scale <= 0:
-        raise SystemExit("--duration-scale must be > 0")
+    if not 0 < args.duration_scale <= MAX_DURATION_SCALE:
+        raise ValueError(f"--duration-scale {args.duration_scale}: expected a number in (0, {MAX_DURATION_SCALE}]")
     if args.text is not None:
-        if not args.text.strip():
-            raise SystemExit("--text is empty")
-        jobs = [(args.text, Path(args.out))]
+        jobs = [(check_sentence(args.text, "--text"), output_file(args.out))]
     else:
         lines = read_sentences(args.text_file)
-        os.makedirs(args.out, exist_ok=True)
-        jobs = [(line, Path(args.out) / f"{i:04d}.wav") for i, line in enumerate(lines, 1)]
+        out_dir = output_dir(args.out)
+        jobs = [(line, out_dir / f"{i:04d}.wav") for i, line in enumerate(lines, 1)]
     synth = Synthesizer(args.model)
     total_audio = total_model = 0.0
     for sentence, path in jobs:

@@ -9,6 +9,7 @@ import argparse
 import os
 
 from ..config import PRESETS, apply_overrides, config_from_dict, load_config, load_preset
+from . import output_dir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,9 +34,13 @@ def run(args: argparse.Namespace) -> int:
     from ..train import CHECKPOINT_NAME, train
 
     if args.steps is not None and args.steps < 1:
-        raise SystemExit("--steps must be >= 1")
+        raise ValueError("--steps must be >= 1")
+    if not os.path.isdir(args.data):
+        raise ValueError(f"--data {args.data}: not a directory; prepare a corpus with `bittts prepare --out "
+                         f"{args.data}`")
+    output_dir(args.out, "--out")
     if args.config and args.preset:
-        raise SystemExit("give either --preset or --config, not both")
+        raise ValueError("give either --preset or --config, not both")
     if args.config:
         cfg = load_config(args.config)
     elif args.preset:
@@ -43,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.resume and os.path.exists(os.path.join(args.out, CHECKPOINT_NAME)):
         cfg = config_from_dict(load_checkpoint(os.path.join(args.out, CHECKPOINT_NAME))["config"])
     else:
-        raise SystemExit(f"choose a model with --preset ({', '.join(PRESETS)}) or --config FILE")
+        raise ValueError(f"choose a model with --preset ({', '.join(PRESETS)}) or --config FILE")
     if args.set:
         cfg = apply_overrides(cfg, args.set)
     result = train(cfg, args.out, data_dir=args.data, steps=args.steps, resume=args.resume, device=args.device,
