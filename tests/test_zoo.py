@@ -177,11 +177,17 @@ def test_the_bypass_check_can_fail():
     assert "in_proj_weight" in found, found
 
 
-def test_transformer_encoder_fast_path_computes_with_quantized_weights():
+def test_transformer_encoder_fast_path_computes_with_quantized_weights(monkeypatch):
     # eval + no_grad takes torch's fused encoder kernel, which reads linear1 / linear2 weights itself
     arch = BY_NAME["transformer_encoder"]
     model, inputs = build(arch)
-    model = ternq.quantize(model.eval(), config=WEIGHT_ONLY, example_inputs=inputs)
+    calls = []
+    kernel = torch._transformer_encoder_layer_fwd
+    monkeypatch.setattr(torch, "_transformer_encoder_layer_fwd", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    with torch.no_grad():
+        model.eval()(inputs)
+    assert calls, "the float model does not take the fast path: this test would prove nothing"
+    model = ternq.quantize(model, config=WEIGHT_ONLY, example_inputs=inputs)
     slow = run(model, arch, inputs).detach()  # grad enabled: no fast path
     with torch.no_grad():
         fast = run(model, arch, inputs)
