@@ -43,7 +43,7 @@ from torch.nn.utils import parametrize
 
 from .errors import ConversionError
 from .layers import is_quantized, layer_spec
-from .uses import Use, graph_uses, native_uses, record_uses
+from .uses import GROUPED_OPS, Use, graph_uses, native_uses, record_uses
 
 __all__ = ["Candidate", "Analysis", "analyze", "walk_modules", "describe_type", "FUNCTIONAL_OPS"]
 
@@ -505,7 +505,7 @@ def _sites_from_uses(analysis: Analysis, uses: list[Use], layers: dict[str, Cand
             by_key[key] = cand
             out.setdefault(holder_name, []).append(cand)
         cand.readers.setdefault(use.reader, use.op)
-        cand.experts = cand.experts or (use.indexed and weight.dim() >= 3)
+        cand.experts = cand.experts or ((use.indexed or use.op in GROUPED_OPS) and weight.dim() >= 3)
         cand.optional = cand.optional and use.op == "embedding"
     for cand in by_key.values():
         if cand.kind == "weight":

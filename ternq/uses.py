@@ -27,7 +27,7 @@ from torch.overrides import TorchFunctionMode
 
 from .functional import WEIGHT_POSITION
 
-__all__ = ["Use", "COMPUTE_OPS", "FAST_PATHS", "graph_uses", "native_uses", "record_uses", "float_uses", "compute_op",
+__all__ = ["Use", "COMPUTE_OPS", "GROUPED_OPS", "FAST_PATHS", "graph_uses", "native_uses", "record_uses", "float_uses", "compute_op",
            "iter_tensors"]
 
 #: ops that multiply a weight with an activation, by function / method name
@@ -36,8 +36,11 @@ COMPUTE_OPS = frozenset({
     "convolution", "_convolution", "matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "addmm", "baddbmm",
     "addbmm", "addmv", "mv", "einsum", "tensordot", "multi_head_attention_forward", "_native_multi_head_attention",
     "embedding", "embedding_bag", "lstm", "gru", "rnn_tanh", "rnn_relu", "lstm_cell", "gru_cell", "rnn_tanh_cell",
-    "rnn_relu_cell", "_transformer_encoder_layer_fwd",
+    "rnn_relu_cell", "_transformer_encoder_layer_fwd", "_grouped_mm", "grouped_mm", "_scaled_grouped_mm",
 })
+
+#: ops computing one matmul per group along dim 0 of a 3-D weight (transformers' mixture-of-experts kernels)
+GROUPED_OPS = frozenset({"_grouped_mm", "grouped_mm", "_scaled_grouped_mm"})
 
 #: fused kernels a torch.nn module runs instead of calling its layers (eval + no_grad); any interception turns
 #: them off (torch checks ``has_torch_function``), so the layers run as themselves
