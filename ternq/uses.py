@@ -16,7 +16,10 @@ an index (``self.experts[idx]``), a transpose or a dtype cast. Three sources fin
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import operator
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -277,8 +280,9 @@ def record_uses(model: nn.Module, example_inputs: Any) -> list[Use]:
 
     pre = nn.modules.module.register_module_forward_pre_hook(enter)
     post = nn.modules.module.register_module_forward_hook(leave)
-    try:
-        with torch.no_grad(), recorder:
+    try:  # ternq's own run of the model: what its forward prints or warns is not for the user
+        with torch.no_grad(), recorder, warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
             if isinstance(example_inputs, dict):
                 model(**example_inputs)
             elif isinstance(example_inputs, tuple):

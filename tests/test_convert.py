@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import copy
 import math
+import random
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -559,14 +561,21 @@ def test_tracing_neither_draws_random_numbers_nor_prints(capsys):
             print("forward ran")
             if x.sum() > 0:  # untraceable: traced leniently too
                 x = x + 1
-            return self.lin(x) + torch.randn(3)
+            noise = random.random() + float(np.random.rand())  # drawn for real while tracing
+            return self.lin(x) + torch.randn(3) * noise  # drawn for real by the example run
 
     model = Noisy()
-    torch.manual_seed(0)
-    ternq.quantize(model)
-    after = torch.rand(3)
-    torch.manual_seed(0)
-    assert torch.equal(after, torch.rand(3))
+    states = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        random.seed(0)
+        np.random.seed(0)
+        if not states:
+            ternq.quantize(model, example_inputs=torch.randn(2, 3))  # traces, and runs the float model once
+        else:
+            torch.randn(2, 3)  # the same draw as the example input, nothing else
+        states.append((torch.rand(3), random.random(), np.random.rand()))
+    assert torch.equal(states[0][0], states[1][0]) and states[0][1:] == states[1][1:]
     assert capsys.readouterr().out == ""
 
 

@@ -208,7 +208,10 @@ def test_pattern_matching_nothing_names_it_and_suggests(tree, junk):
             ternq.report(model, **kwargs)
         message = str(info.value)
         assert typo in message
-        assert name in message  # the closest real name is suggested
+        # the closest real name is suggested, after the pattern (which contains it: `typo in message` alone
+        # would already put `name` in the message)
+        suggestions = message.split("Closest layer names:", 1)
+        assert len(suggestions) == 2 and name in [n.strip() for n in suggestions[1].split(",")]
 
 
 # --- fixed cases -----------------------------------------------------------------------------------------------
