@@ -134,6 +134,7 @@ class Analysis:
     lenient: dict[str, fx.Graph | None] = field(default_factory=dict)  # untraced module -> lenient graph (cache)
     candidates: list[Candidate] = field(default_factory=list)
     seen: set[int] = field(default_factory=set)  # id of every parameter some graph reads
+    example_inputs: Any = None  # what the float model was run on, if anything (`output_layers` may rerun it)
 
     def candidate(self, name: str) -> Candidate | None:
         return self._by_name.get(name)
@@ -415,7 +416,8 @@ def analyze(root: nn.Module, example_inputs: Any = None) -> Analysis:
     each parameter); list its candidate weights (module order, functional calls and weight-only sites after the
     module whose forward makes them)."""
     modules, names, refs = walk_modules(root)
-    analysis = Analysis(root=root, modules=modules, names=names, references=dict(refs))
+    analysis = Analysis(root=root, modules=modules, names=names, references=dict(refs),
+                        example_inputs=example_inputs)
     called: set[int] = set()
     with _rng_preserved():
         uses = _trace_all(analysis, called)

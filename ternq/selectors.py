@@ -29,8 +29,9 @@ from torch import fx, nn
 from . import layers as _layers
 from .config import QuantConfig
 from .errors import SelectorError, UnsupportedLayerError
-from .graph import FUNCTIONAL_OPS, Analysis, Candidate
+from .graph import Analysis, Candidate
 from .layers import layer_spec
+from .uses import compute_op, param_of, record_output_layers
 
 __all__ = ["Selector", "Rule", "OutputLayers", "output_layers", "Decision", "decide", "find_output_layers"]
 
@@ -308,7 +309,27 @@ def find_output_layers(analysis: Analysis, of: str = "") -> frozenset[str]:
         close = _closest(of, [n for n in analysis.modules if n])
         raise SelectorError(f"output_layers(of={of!r}): the model has no module {of!r}. "
                             f"Closest module names: {', '.join(close)}")
-    return _OutputSearch(analysis, of).outputs(of)[0]
+    try:
+        return _OutputSearch(analysis, of).outputs(of)[0]
+    except _Untraceable as e:
+        if analysis.example_inputs is None:
+            raise SelectorError(
+                f"output_layers(of={of!r}): cannot tell which layers produce the output of {e.name or 'the model'!r} "
+                f"({type(analysis.modules[e.name]).__name__}): fx cannot trace its forward ({e.reason}), so several "
+                "of its children may feed its outputs. Pass example_inputs=... to quantize() / report() (ternq "
+                f"then records which layers feed it), or name a deeper scope whose forward fx can trace{e.hint}") \
+                from None
+    layers = {id(c.module): c.name for c in analysis.candidates if c.kind == "layer"}
+    sites = {id(c.weight): c.name for c in analysis.candidates if c.kind in ("functional", "weight")}
+    return record_output_layers(analysis.root, analysis.example_inputs, analysis.modules[of], layers, sites)
+
+
+class _Untraceable(Exception):
+    """`output_layers` reached a module whose output no graph explains."""
+
+    def __init__(self, name: str, reason: str, hint: str) -> None:
+        super().__init__(name)
+        self.name, self.reason, self.hint = name, reason, hint
 
 
 class _OutputSearch:
@@ -327,8 +348,11 @@ class _OutputSearch:
         self.active.add(name)
         module = self.a.modules[name]
         cand = self.a.candidate(name)
-        if cand is not None and not cand.functional:
+        read = self._read_by(name)
+        if cand is not None and cand.kind == "layer":
             result: tuple[frozenset[str], bool] = (frozenset({name}), False)
+        elif read:  # a torch.nn module computing with weights in a native kernel (LSTM, MultiheadAttention)
+            result = (read, False)
         elif name in self.a.graphs or self.a.lenient_graph(name) is not None:
             result = self._from_graph(name, self.a.graphs.get(name) or self.a.lenient_graph(name))
         elif not self.a.has_params(module):
@@ -337,10 +361,22 @@ class _OutputSearch:
                 name == self.of and name in self.a.untraced):
             result = (frozenset(), False)  # a parameterized layer ternq does not quantize (LayerNorm): a barrier
         else:
-            result = (self._last_child(name), False)
+            children = [self.a.names[id(c)] for c in module.children() if self.a.has_params(c)]
+            raise _Untraceable(name, self.a.untraced.get(name, "not traceable"),
+                               f", e.g. of={children[0]!r}" if children else "")
         self.active.discard(name)
         self.memo[name] = result
         return result
+
+    def _read_by(self, name: str) -> frozenset[str]:
+        """Candidates module `name` computes with natively, not by calling them: its output comes from them
+        (MultiheadAttention: its out_proj, the layer it reads; an LSTM: its weights)."""
+        if name in self.a.graphs:
+            return frozenset()
+        read = [c for c in self.a.candidates if name in c.readers and c.path == "native" or
+                (c.kind == "layer" and c.readers.get(name) == "multi_head_attention_forward")]
+        layers = [c.name for c in read if c.kind == "layer"]
+        return frozenset(layers or [c.name for c in read])
 
     def _from_graph(self, name: str, graph: fx.Graph) -> tuple[frozenset[str], bool]:
         found: set[str] = set()
@@ -365,34 +401,13 @@ class _OutputSearch:
                     found |= layers
                     if passes:
                         stack.append(inp)
-                elif inp.op == "call_function" and inp.target in FUNCTIONAL_OPS:
-                    weight = inp.args[1] if len(inp.args) > 1 else inp.kwargs.get("weight")
-                    on_param = isinstance(weight, fx.Node) and weight.op == "get_attr"
-                    site = self.a.candidate(prefix + str(weight.target)) if on_param else None
-                    if site is not None and site.functional:
-                        found.add(site.name)
-                    elif not on_param:  # a weight computed in the forward: not a layer, look further back
+                elif inp.op in ("call_function", "call_method") and compute_op(inp.target) is not None:
+                    params = [p for p in (param_of(a) for a in inp.all_input_nodes) if p is not None]
+                    sites = [c for c in (self.a.candidate(prefix + p) for p in params)
+                             if c is not None and c.kind in ("functional", "weight")]
+                    found.update(c.name for c in sites)
+                    if not params:  # a weight computed in the forward: not a layer, look further back
                         stack.append(inp)
                 elif inp.op != "get_attr":
                     stack.append(inp)
         return frozenset(found), through
-
-    def _last_child(self, name: str) -> frozenset[str]:
-        """Untraceable module: its output is taken to come from its last child holding parameters."""
-        current = self.a.modules[name]
-        while True:
-            children = [c for c in current.children() if self.a.has_params(c)]
-            if not children:
-                reason = self.a.untraced.get(name, "not traceable")
-                deeper = [n for n in self.a.graphs if n.startswith(f"{name}.") or (not name and n)]
-                hint = f"e.g. of={deeper[-1]!r}" if deeper else "or select the layers by name"
-                raise SelectorError(
-                    f"output_layers(of={self.of!r}): cannot tell which layers produce the output of "
-                    f"{name or 'the model'!r} ({type(self.a.modules[name]).__name__}): fx cannot trace its forward "
-                    f"({reason}) and it holds its parameters itself. Name a deeper scope whose forward fx can "
-                    f"trace, {hint}")
-            last = children[-1]
-            if type(last).forward is nn.Module.forward:  # ModuleList / ModuleDict: its last element runs last
-                current = last
-                continue
-            return self.outputs(self.a.names[id(last)])[0]

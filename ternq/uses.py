@@ -30,7 +30,8 @@ from torch.overrides import TorchFunctionMode
 
 from .functional import WEIGHT_POSITION
 
-__all__ = ["Use", "COMPUTE_OPS", "GROUPED_OPS", "FAST_PATHS", "graph_uses", "native_uses", "record_uses", "float_uses", "compute_op",
+__all__ = ["Use", "COMPUTE_OPS", "GROUPED_OPS", "FAST_PATHS", "graph_uses", "native_uses", "record_uses", "float_uses", "record_output_layers", "param_of",
+           "compute_op",
            "iter_tensors"]
 
 #: ops that multiply a weight with an activation, by function / method name
@@ -140,6 +141,21 @@ def _walk_to_param(node: fx.Node, params: dict[str, Tensor]) -> tuple[str, bool,
             node = node.args[0]
             continue
         return None
+
+
+def param_of(node: fx.Node) -> str | None:
+    """The path of the parameter (or buffer) `node` reads, through view-like ops, or None."""
+    while True:
+        if node.op == "get_attr":
+            return str(node.target)
+        if node.op == "call_function" and node.target is getattr and len(node.args) == 2 \
+                and node.args[1] in _TRANSPOSE_ATTRS and isinstance(node.args[0], fx.Node):
+            node = node.args[0]
+        elif node.op in ("call_function", "call_method") and _name(node.target) in _DERIVE_OPS and node.args \
+                and isinstance(node.args[0], fx.Node):
+            node = node.args[0]
+        else:
+            return None
 
 
 def _node_inputs(node: fx.Node) -> Iterator[tuple[int, fx.Node]]:
@@ -283,12 +299,7 @@ def record_uses(model: nn.Module, example_inputs: Any) -> list[Use]:
     try:  # ternq's own run of the model: what its forward prints or warns is not for the user
         with torch.no_grad(), recorder, warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
-            if isinstance(example_inputs, dict):
-                model(**example_inputs)
-            elif isinstance(example_inputs, tuple):
-                model(*example_inputs)
-            else:
-                model(example_inputs)
+            _call(model, example_inputs)
     finally:
         pre.remove()
         post.remove()
@@ -317,6 +328,79 @@ def float_uses(model: nn.Module, example_inputs: Any) -> list[Use]:
 
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
+
+
+class _OutputTracer(TorchFunctionMode):
+    """Tags every tensor with the candidate weights whose op produced it, through parameter-free ops."""
+
+    def __init__(self, sites: dict[int, str]) -> None:
+        super().__init__()
+        self.sites = sites  # id(parameter) -> candidate name, for weights computed with by a functional op
+        self.tags: dict[int, frozenset[str]] = {}
+        self.keep: list[Tensor] = []
+
+    def tag(self, value: Any, tags: frozenset[str]) -> None:
+        for t in _flatten(value):
+            self.tags[id(t)] = tags
+            self.keep.append(t)
+
+    def tags_of(self, value: Any) -> frozenset[str]:
+        return frozenset().union(*(self.tags.get(id(t), frozenset()) for t in _flatten(value)))
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = [*args, *kwargs.values()]
+        found = frozenset(self.sites[id(t)] for _, t in iter_tensors(inputs) if id(t) in self.sites)
+        self.tag(out, found if found and _name(func) in COMPUTE_OPS else self.tags_of(inputs))
+        return out
+
+
+def _flatten(value: Any) -> Iterator[Tensor]:
+    """The tensors in a (nested) output: tuples, lists, dicts and transformers' ModelOutput."""
+    if isinstance(value, Tensor):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _flatten(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _flatten(v)
+
+
+def record_output_layers(model: nn.Module, example_inputs: Any, scope: nn.Module, layers: dict[int, str],
+                         sites: dict[int, str]) -> frozenset[str]:
+    """The candidates whose output reaches `scope`'s output with no other parameterized module between, seen
+    while `model` runs on `example_inputs`: `layers` maps id(layer module) -> name, `sites` id(parameter) -> name
+    for the other candidates. A leaf module holding parameters that is no candidate (a LayerNorm) is a barrier."""
+    tracer = _OutputTracer(sites)
+    reached: set[str] = set()
+
+    def leave(module: nn.Module, args: Any, output: Any) -> None:
+        if id(module) in layers:
+            tracer.tag(output, frozenset({layers[id(module)]}))
+        elif module._parameters and not module._modules and not any(id(p) in sites for p in
+                                                                    module._parameters.values()):
+            tracer.tag(output, frozenset())
+        if module is scope:
+            reached.update(tracer.tags_of(output))
+
+    post = nn.modules.module.register_module_forward_hook(leave)
+    try:
+        with torch.no_grad(), tracer, warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            _call(model, example_inputs)
+    finally:
+        post.remove()
+    return frozenset(reached)
+
+
+def _call(model: nn.Module, example_inputs: Any) -> Any:
+    if isinstance(example_inputs, dict):
+        return model(**example_inputs)
+    if isinstance(example_inputs, tuple):
+        return model(*example_inputs)
+    return model(example_inputs)
 
 
 def _holding_reader(recorder: _Recorder, reader: nn.Module | None, key: str) -> str:

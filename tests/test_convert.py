@@ -599,3 +599,25 @@ def test_functional_call_in_an_untraceable_forward_is_found_leniently():
     for _ in range(3):  # the interception converts every call, whatever path the lenient trace took
         expected = torch.tanh(F.linear(prepare_input(expected, ternq.TernaryConfig(), -1), w))
     torch.testing.assert_close(model(x, torch.tensor([3])), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_an_interrupted_quantize_leaves_the_model_unchanged(monkeypatch):
+    """Ctrl-C (KeyboardInterrupt, any BaseException) while converting: rolled back, then quantize() works."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.LSTM(8, 8))
+    children = list(model.children())
+    calls = {"n": 0}
+    real = ternq.convert.install_weights
+
+    def interrupted(*args, **kwargs):  # the LSTM's weights are installed after the Linear was swapped
+        calls["n"] += 1
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ternq.convert, "install_weights", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ternq.quantize(model)
+    assert calls["n"] == 1 and list(model.children()) == children
+    assert not ternq.convert.quantized_parts(model) and "forward" not in model[2].__dict__
+    monkeypatch.setattr(ternq.convert, "install_weights", real)
+    ternq.quantize(model)  # not AlreadyQuantizedError: nothing was left behind
+    assert ternq.is_quantized(model[0]) and ternq.report(model).counts == {"ternary": 3}

@@ -167,3 +167,26 @@ def test_vits_converts_and_its_vocoder_matches_dequantized():
         ternq.dequantize(model)
         assert not any(ternq.is_quantized(m) for m in model.modules())
         torch.testing.assert_close(decoder(spectrogram), qat, atol=1e-5, rtol=1e-4)
+
+
+def test_clip_output_layers_are_all_of_its_outputs_or_an_error():
+    """CLIPModel's forward is untraceable, even leniently: output_layers() must not guess one of its two
+    projections; it says so, and with example inputs it records every layer feeding an output."""
+    config = transformers.CLIPConfig(
+        projection_dim=8,
+        text_config=dict(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=1, eos_token_id=2,
+                         pad_token_id=0),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=8, patch_size=4))
+    torch.manual_seed(0)
+    model = transformers.CLIPModel(config)
+    with pytest.raises(ternq.SelectorError, match="example_inputs"):
+        ternq.report(model, exclude=[ternq.output_layers()])
+    example = dict(input_ids=torch.randint(3, 40, (2, 7)), pixel_values=torch.randn(2, 3, 8, 8))
+    ternq.quantize(model, exclude=[ternq.output_layers()], example_inputs=example)
+    kept = {r.layer for r in ternq.report(model).rows if r.rule == "exclude[0] output_layers()"}
+    # both projections, and the vision encoder's last residual branches (its last_hidden_state is an output
+    # before any norm); the text encoder's last_hidden_state comes out of final_layer_norm: a barrier
+    assert kept == {"text_projection", "visual_projection", "vision_model.encoder.layers.0.self_attn.out_proj",
+                    "vision_model.encoder.layers.0.mlp.fc2"}
