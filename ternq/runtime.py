@@ -26,24 +26,31 @@ activation quantization, ``codes * scale`` weight) by one of several *kernels*:
     token that takes several times as long as the float layer's own matrix-vector product (measured figures in
     docs/benchmarks.md). It is the path that is right everywhere (any device, autograd through the input).
 
-Kernel choice. With ``kernel="auto"`` (default) the first call for each input-shape bucket (rows rounded up to a
-power of two, per thread count, dtype and device) times every applicable kernel on the real input and keeps the
-fastest; the choice is cached per process (`kernel_choices`, `reset_kernel_choices`), so an int8 kernel is only
-used where it beats ``weight_only`` on this CPU (AVX512-VNNI / AMX make int8 GEMM several times faster than
-fp32; without VNNI it is about as fast). The int8 kernels keep their large intermediates in per-thread scratch
-buffers (at most 16 MiB each) instead of allocating them in every call. Force a
-kernel per layer (``packed_layer(..., kernel=...)`` or ``layer.kernel = "weight_only"``) or for the whole
+Kernel choice. With ``kernel="auto"`` (default) `ternq.picker` chooses from the CPU's features and the call's
+geometry, without timing anything, so the first call of a shape costs what a warm call costs; the choices are
+recorded per process (`kernel_choices`, `reset_kernel_choices`). The int8 kernels keep their large
+intermediates in per-thread scratch buffers (at most 16 MiB each) instead of allocating them in every call. Force
+a kernel per layer (``packed_layer(..., kernel=...)`` or ``layer.kernel = "weight_only"``) or for the whole
 process with the environment variable ``TERNQ_KERNEL`` = ``auto`` | ``weight_only`` | ``int8`` (the layer's
-integer kernel where it applies). A call that needs a gradient with respect to the input runs ``weight_only``.
+first integer kernel where it applies). A call that needs a gradient with respect to the input runs
+``weight_only``.
+
+Native kernels (`ternq.native`, float32 CPU inputs). Input norm + absmax + round + clamp run as one C pass per
+layer instead of about ten eager ops, and the int32 results are rescaled (and, for convolutions, their taps
+summed) in one pass; a Linear with at most a few rows runs a native GEMV (``int8_gemv``). Without a C compiler
+(or with ``TERNQ_NATIVE=0``) the same kernels run in eager torch ops.
 
 Storage (``storage=`` or ``TERNQ_STORAGE``). ``"int8"`` (default) keeps one int8 code per weight, already in the
 layout its GEMM reads: 1/4 of the float32 weight, and the fastest. ``"packed"`` keeps ternary and int2 codes at
 2 bits and int3/int4 codes at 4 bits per weight (1/16 or 1/8 of float32; wider codes stay int8) and unpacks them
 to a transient int8 tensor in every call, about 0.1 ms per million weights on one core.
 
-Tolerance. The integer codes of activations and weights are identical to the QAT layer's (same functions, same
-layout), and int32 accumulation is exact, so kernels differ from the QAT layer only by float32 rounding: the
-order in which ``s_x * scale * sum(q * c)`` is rounded and summed. `tests/test_runtime.py` checks every kernel
+Tolerance. The weight codes are identical to the QAT layer's and int32 accumulation is exact. The eager
+activation codes are the QAT layer's bit for bit; the native quantizer sums the norm's statistics in its own
+order, so one activation code in a few thousand may differ by one step where the normalized value lies within
+float32 rounding of a rounding boundary (`tests/test_runtime.py` bounds both). Beyond that, kernels differ
+from the QAT layer only by float32 rounding: the order in which ``s_x * scale * sum(q * c)`` is rounded and
+summed. `tests/test_runtime.py` checks every kernel
 against the QAT layer with ``|y - y_qat| <= 1e-5 * (|x_q| @ |W_q|) + 1e-6`` elementwise (``x_q``, ``W_q`` the
 fake-quantized input and weight), i.e. relative to the magnitude of the terms being summed.
 
@@ -55,7 +62,6 @@ from __future__ import annotations
 import math
 import os
 import threading
-import time
 from typing import Any
 
 import torch
@@ -63,9 +69,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from . import native, picker
 from .config import QuantConfig
 from .errors import ArchitectureMismatchError, FormatError
 from .layers import LayerSpec, QuantMixin, _legacy_weight_hook, take_input
+from .native import cpu_flags
 from .quantizers import _sample_dims, absmax, dequantize_weight, normalize_input
 
 __all__ = [
@@ -91,33 +99,21 @@ WEIGHT_ONLY = "weight_only"
 _ENV_KERNELS = ("auto", WEIGHT_ONLY, "int8")
 _STORAGES = ("int8", "packed")
 
-# ((layer class, geometry, storage), input bucket, dtype, device, threads) -> kernel name
+# ((layer class, geometry, storage), input bucket, dtype, device, threads) -> kernel name: a record of the
+# picker's decisions (`kernel_choices`), not a cache (the picker decides without timing)
 _CHOICES: dict[tuple[Any, ...], str] = {}
 _GENERATION = [0]
 
 
 def kernel_choices() -> dict[tuple[Any, ...], str]:
-    """A copy of the kernels picked so far by timing, keyed by layer geometry and input-shape bucket."""
+    """A copy of the kernels picked so far (`ternq.picker`), keyed by layer geometry and input-shape bucket."""
     return dict(_CHOICES)
 
 
 def reset_kernel_choices() -> None:
-    """Forget the timed choices (e.g. after changing the thread count deliberately)."""
+    """Forget the recorded choices, and every layer's memo of its last one."""
     _CHOICES.clear()
     _GENERATION[0] += 1  # invalidates every layer's memo of its last choice
-
-
-def cpu_flags() -> set[str]:
-    """The CPU feature flags the OS reports (empty off Linux). The int8 kernels' speed depends on them
-    (amx_int8 > avx512_vnni > plain AVX2) far more than fp32 speed does: print them beside speed figures."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 # --- sub-byte storage ------------------------------------------------------------------------------------------
@@ -333,47 +329,13 @@ class PackedLayer:
         fast = [k for k in applicable if k != WEIGHT_ONLY]
         if env == "int8" and fast:
             return fast[0]
-        if not fast:
-            return WEIGHT_ONLY
         geometry = self.__dict__.get("_geometry_key")
         if geometry is None:
             geometry = self._geometry_key = (type(self).__name__, self._geometry(), self.storage)
-        key = (geometry, self._bucket(x), x.dtype, x.device.type, torch.get_num_threads())
-        choice = _CHOICES.get(key)
-        if choice is None:
-            choice = self._time_kernels(applicable, x, args, kwargs)
-            _CHOICES[key] = choice
+        rows = x.numel() // max(x.shape[-1], 1) if x.dim() else 1
+        choice = picker.choose(applicable, rows)
+        _CHOICES[(geometry, self._bucket(x), x.dtype, x.device.type, torch.get_num_threads())] = choice
         return choice
-
-    def _time_kernels(self, names: tuple[str, ...], x: Tensor, args: tuple[Any, ...],
-                      kwargs: dict[str, Any]) -> str:
-        """The fastest of `names` on this very input: best of 3 rounds after a warm-up call, the kernels taking
-        turns so that a burst of load on a shared machine hits them alike. With one thread the clock is the
-        thread's CPU time, which time slices given to other processes do not inflate."""
-        cuda = x.device.type == "cuda"
-        clock = time.thread_time if torch.get_num_threads() == 1 and not cuda else time.perf_counter
-        runs = {}
-        with torch.no_grad():
-            for name in names:
-                run = getattr(self, "_k_" + name)
-                try:
-                    run(x, *args, **kwargs)
-                except RuntimeError:
-                    if name == WEIGHT_ONLY:
-                        raise
-                    continue  # e.g. _int_mm's shape limits on some devices: that kernel just drops out
-                runs[name] = run
-            best = dict.fromkeys(runs, math.inf)
-            for _ in range(3):
-                for name, run in runs.items():
-                    if cuda:
-                        torch.cuda.synchronize(x.device)
-                    start = clock()
-                    run(x, *args, **kwargs)
-                    if cuda:
-                        torch.cuda.synchronize(x.device)
-                    best[name] = min(best[name], clock() - start)
-        return min(best, key=lambda name: best[name])
 
     # -- forward ------------------------------------------------------------------------------------------------
 
@@ -387,9 +349,54 @@ class PackedLayer:
         """The QAT layer's input normalization and activation fake-quantization (float)."""
         return QuantMixin.quantize_input(self, x)  # type: ignore[arg-type]
 
-    def _quantize_int8(self, x: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    def _native_ok(self, x: Tensor) -> bool:
+        """Whether the native kernels can take this input (float32 on CPU, codes of at most 8 bits)."""
+        bias = getattr(self, "bias", None)
+        return (x.dtype == torch.float32 and x.device.type == "cpu" and int(self.qconfig.act_bits or 0) <= 8
+                and x.numel() > 0 and (bias is None or bias.dtype == torch.float32)
+                and native.available())
+
+    def _quantize_int8(self, x: Tensor, dim: int, pad: tuple[int, int] = (0, 0)) -> tuple[Tensor, Tensor]:
         """Integer activation codes (int8) and scales (per token, or per sample for ``act_granularity="tensor"``,
-        broadcastable to `x`): the very values the QAT layer rounds to."""
+        broadcastable to `x`): the values the QAT layer rounds to. Channel-major inputs (``dim=1``) can be
+        zero-padded in time by `pad` (left, right): the codes and per-step scales come back padded.
+
+        One native pass (norm, absmax, round) where available; else eager torch, bit for bit the QAT values."""
+        cfg = self.qconfig
+        if self._native_ok(x):
+            x = x.contiguous()
+            per_sample = cfg.act_granularity == "tensor"
+            if dim == 1 and x.dim() == 3:
+                b, c, t = x.shape
+                width = pad[0] + t + pad[1]
+                q = torch.empty(b, c, width, dtype=torch.int8)
+                s = torch.empty(b, 1, width if not per_sample else 1, dtype=torch.float32)
+                if pad[0] or pad[1]:
+                    q[:, :, :pad[0]] = 0
+                    q[:, :, pad[0] + t:] = 0
+                    if not per_sample:
+                        s[:, :, :pad[0]] = 0
+                        s[:, :, pad[0] + t:] = 0
+                native.quantize_channels(x, cfg.input_norm, cfg.eps, int(cfg.act_bits),  # type: ignore[arg-type]
+                                         per_sample, q, s.view(b, -1), pad[0])
+                return q, s
+            if dim in (-1, x.dim() - 1) and pad == (0, 0):
+                n = x.shape[-1]
+                rows = x.reshape(-1, n)
+                q = torch.empty(rows.shape, dtype=torch.int8)
+                s = torch.empty(rows.shape[0], dtype=torch.float32)
+                # rows per scale: 1 per token; per sample, all rows of x[b] (3+-D) or of the whole input
+                per = 1 if not per_sample else rows.shape[0] // x.shape[0] if x.dim() >= 3 else rows.shape[0]
+                native.quantize_rows(rows, cfg.input_norm, cfg.eps, int(cfg.act_bits),  # type: ignore[arg-type]
+                                     per, q, s)
+                return q.view(x.shape), s.view(*x.shape[:-1], 1)  # per sample: equal scales within a sample
+        q, s = self._quantize_eager(x, dim)
+        if pad != (0, 0):
+            q, s = F.pad(q, pad), F.pad(s.expand(*s.shape[:-1], q.shape[-1] - pad[0] - pad[1]), pad)
+        return q, s
+
+    def _quantize_eager(self, x: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+        """`_quantize_int8` in eager torch ops: exactly the QAT layer's normalization and rounding."""
         cfg = self.qconfig
         bits = int(cfg.act_bits)  # type: ignore[arg-type]
         x = normalize_input(x, cfg.input_norm, dim, cfg.eps)
@@ -457,15 +464,30 @@ class PackedLinear(PackedLayer, nn.Linear):
     ``int8_gemm``: ``x_q @ codes.T``, or ``int8_gemm_t``: ``(codes @ x_q.T).T``, with the weight as the GEMM's
     left operand, which oneDNN does not re-layout per call: about 2x faster for a few tokens, slower for many."""
 
-    kernels = ("int8_gemm", "int8_gemm_t", WEIGHT_ONLY)
+    kernels = ("int8_gemm", "int8_gemm_t", "int8_gemv", WEIGHT_ONLY)
 
     def _integer_kernel_possible(self) -> bool:
         return self.qconfig.act_bits is not None
 
     def _applicable(self, x: Tensor) -> tuple[str, ...]:
         if self.qconfig.act_bits is not None and x.is_floating_point():
-            return self.kernels
+            if self._native_ok(x) and self.qconfig.granularity != "group":
+                return self.kernels
+            return ("int8_gemm", "int8_gemm_t", WEIGHT_ONLY)
         return (WEIGHT_ONLY,)
+
+    def _k_int8_gemv(self, x: Tensor) -> Tensor:
+        return self._int8_linear(x, weight_first=False, gemv=True)
+
+    def _wsum(self, w: Tensor) -> Tensor | None:
+        """Row sums of the codes (int32), kept beside them: the VNNI GEMV needs them (4 bytes per output)."""
+        if not cpu_flags() & {"avx512_vnni", "avx_vnni"}:
+            return None
+        key = (self.qweight.data_ptr(), self.qweight._version)
+        cached = self.__dict__.get("_wsum_cache")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_wsum_cache"] = (key, w.sum(1, dtype=torch.int32))
+        return cached[1]
 
     def _bucket(self, x: Tensor) -> tuple[int, ...]:
         return (_pow2(x.numel() // max(x.shape[-1], 1)),)
@@ -476,8 +498,21 @@ class PackedLinear(PackedLayer, nn.Linear):
     def _k_int8_gemm_t(self, x: Tensor) -> Tensor:
         return self._int8_linear(x, weight_first=True)
 
-    def _int8_linear(self, x: Tensor, weight_first: bool) -> Tensor:
+    def _int8_linear(self, x: Tensor, weight_first: bool, gemv: bool = False) -> Tensor:
         n_in = x.shape[-1]
+        if self.qconfig.granularity != "group" and self._native_ok(x):
+            q, s = self._quantize_int8(x, -1)
+            a = q.view(-1, n_in)
+            w = self._layout_codes()
+            if gemv:
+                acc = native.gemv(a, w, self._wsum(w))
+            elif weight_first:
+                acc = _int_mm(w, a.t(), "linear")
+            else:
+                acc = _int_mm(a, w.t(), "linear")
+            y = native.linear_epilogue(acc, weight_first and not gemv, s.view(-1), self.scale,
+                                       self.qconfig.granularity == "channel", self.bias)
+            return y.view(*x.shape[:-1], y.shape[-1])
         q, s = self._quantize_int8(x, -1)
         a = q.reshape(-1, n_in)
         s = s.expand(*x.shape[:-1], 1).reshape(-1, 1)  # per-sample scales: one per row too
@@ -641,6 +676,8 @@ class PackedConv1d(_PackedConv1dBase, nn.Conv1d):
         return y.to(x.dtype)
 
     def _k_int8_taps(self, x: Tensor) -> Tensor:
+        if self._native_ok(x) and (self.padding_mode == "zeros" or not any(self._reversed_padding_repeated_twice)):
+            return self._native_taps(x)
         q, s = self._quantize_int8(x, 1)  # (B, C, T) int8, (B, 1, T) or per sample (B, 1, 1)
         s = s.expand(-1, -1, q.shape[-1])
         if self.qconfig.granularity == "tensor":
@@ -676,6 +713,40 @@ class PackedConv1d(_PackedConv1dBase, nn.Conv1d):
         return self._scale_and_bias(y).to(x.dtype)
 
 
+    def _native_taps(self, x: Tensor) -> Tensor:
+        """`int8_taps` with the native quantizer (codes written straight into the zero-padded buffer) and the
+        native tap sum (int32 taps -> scaled, summed, rescaled output in one pass)."""
+        left, right = self._reversed_padding_repeated_twice
+        k, dilation, stride = self.kernel_size[0], self.dilation[0], self.stride[0]
+        span = dilation * (k - 1)
+        t_pad = x.shape[-1] + left + right
+        t_out = (t_pad - span - 1) // stride + 1
+        if t_out < 1:
+            raise RuntimeError(f"{type(self).__name__}: input of length {x.shape[-1]} is shorter than the "
+                               f"kernel's reach {span + 1} after padding")
+        q, s = self._quantize_int8(x, 1, (left, right + 16))  # zero columns: 16-aligned chunk widths
+        if s.shape[-1] != q.shape[-1]:  # one scale per sample: the tap sum reads one per step
+            s = s.expand(-1, -1, q.shape[-1]).contiguous()
+        weight = self._layout_codes()
+        groups, _, out_g, in_g = weight.shape
+        per_channel = self.qconfig.granularity == "channel"
+        chunk = self._chunk(k * out_g) // stride or 1
+        y = torch.empty(x.shape[0], groups * out_g, t_out, dtype=torch.float32)
+        for g in range(groups):
+            w = weight[g].reshape(k * out_g, in_g)
+            rows = slice(g * out_g, (g + 1) * out_g)
+            wscale = self.scale[rows] if per_channel else self.scale
+            bias = None if self.bias is None else self.bias[rows]
+            for b in range(x.shape[0]):
+                for t0 in range(0, t_out, chunk):
+                    n = min(chunk, t_out - t0)
+                    start, width = t0 * stride, _align16((n - 1) * stride + span + 1)
+                    acc = _int_mm(w, q[b, g * in_g:(g + 1) * in_g, start:start + width], "taps")
+                    native.tap_sum(acc, k, s[b, 0, start:], n, stride, dilation, wscale, per_channel, bias,
+                                   y[b, rows, t0:])
+        return y
+
+
 class PackedConvTranspose1d(_PackedConv1dBase, nn.ConvTranspose1d):
     """Packed nn.ConvTranspose1d; ``int8_taps``: one int8 GEMM of all taps, per-step scales, overlap-add."""
 
@@ -690,12 +761,14 @@ class PackedConvTranspose1d(_PackedConv1dBase, nn.ConvTranspose1d):
     def _k_int8_taps(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
         output_padding = self._output_padding(x, output_size, self.stride, self.padding, self.kernel_size, 1,
                                               self.dilation)
-        q, s = self._quantize_int8(x, 1)  # (B, C, T) int8, (B, 1, T) or per sample (B, 1, 1)
+        use_native = self._native_ok(x)
+        q, s = self._quantize_int8(x, 1, (0, 16))  # 16-aligned chunk widths; (B, 1, T + 16) or per sample (B, 1, 1)
         s = s.expand(-1, -1, q.shape[-1])
         if self.qconfig.granularity == "tensor":
             s = s * self.scale
-        t_in = q.shape[-1]
-        q, s = F.pad(q, (0, 16)), F.pad(s, (0, 16))  # 16-aligned chunk widths
+        elif use_native:
+            s = s.contiguous()
+        t_in = q.shape[-1] - 16
         k, dilation, stride, pad = self.kernel_size[0], self.dilation[0], self.stride[0], self.padding[0]
         t_full = (t_in - 1) * stride + dilation * (k - 1) + 1
         t_out = t_full - 2 * pad + output_padding[0]
@@ -713,6 +786,10 @@ class PackedConvTranspose1d(_PackedConv1dBase, nn.ConvTranspose1d):
                 for t0 in range(0, t_in, chunk):
                     n = min(chunk, t_in - t0)
                     width = _align16(n)
+                    if use_native:  # scale and overlap-add the int32 taps in one pass
+                        acc = _int_mm(weight[g].reshape(k * out_g, in_g), rows[:, t0:t0 + width], "taps")
+                        native.tap_scatter(acc, k, s[b, 0, t0:], n, stride, dilation, full, t0 * stride)
+                        continue
                     taps = self._tap_gemm(weight[g], rows[:, t0:t0 + width], s[b, :, t0:t0 + width])
                     reach = stride * (n - 1) + 1
                     for j in range(k):

@@ -59,7 +59,7 @@ def pack(layer: nn.Module, config: QuantConfig, **kwargs) -> nn.Module:
     return packed_layer(layer, codes, scale, config, layer_spec(layer), **kwargs)
 
 
-def magnitude(qat: nn.Module, x: Tensor, **call) -> Tensor:
+def magnitude(qat: nn.Module, x: Tensor, xq: Tensor | None = None, **call) -> Tensor:
     """``|x_q| op |W_q| + |bias|``: the size of the terms each output sums (the rounding-error scale)."""
     spec = qat._ternq_spec
     if spec.feature_dim is None:
@@ -68,18 +68,45 @@ def magnitude(qat: nn.Module, x: Tensor, **call) -> Tensor:
     absolute._parameters = dict(qat._parameters)
     if absolute._parameters.get("bias") is not None:
         absolute._parameters["bias"] = qat.bias.abs()
-    return spec.forward(absolute, qat.quantize_input(x).abs(), qat.hard_weight().abs(), **call)
+    xq = qat.quantize_input(x) if xq is None else xq
+    return spec.forward(absolute, xq.abs(), qat.hard_weight().abs(), **call)
+
+
+def packed_activations(packed: nn.Module, qat: nn.Module, x: Tensor) -> Tensor | None:
+    """The fake-quantized input an integer kernel of `packed` multiplies (``q * s``), checked against the QAT
+    layer's: the same scales (to float32 rounding) and codes, except that a code may differ by one step where the
+    native kernels' summation order moves the normalized value across a rounding boundary. None where the
+    layer quantizes no activations."""
+    dim = packed.spec.feature_dim
+    if dim is None or packed.qconfig.act_bits is None or not x.is_floating_point() or x.numel() == 0:
+        return None
+    if x.dim() == 2 and isinstance(packed, nn.Conv1d | nn.ConvTranspose1d):
+        return None  # unbatched conv inputs run weight_only
+    q, s = packed._quantize_int8(x, dim)
+    xq = q.to(x.dtype) * s.to(x.dtype)
+    ref = qat.quantize_input(x)
+    step = s.to(x.dtype).expand_as(ref)
+    ref_codes = torch.round(ref / step)  # the QAT codes (the scales agree to a few ulp)
+    differ = q != ref_codes
+    rel = 1e-5 if x.dtype == torch.float32 else 1e-2
+    assert bool(((q - ref_codes).abs() <= 1).all()), "codes differ by more than one step"
+    assert bool(((xq - ref).abs()[~differ] <= rel * ref.abs()[~differ]).all()), "scales differ"
+    assert int(differ.sum()) <= max(2, ref.numel() // 1000), f"{int(differ.sum())} of {ref.numel()} codes differ"
+    return xq
 
 
 def assert_matches_qat(layer: nn.Module, config: QuantConfig, x: Tensor, **call) -> None:
-    """Every kernel x storage of the packed layer against the QAT layer."""
+    """Every kernel x storage of the packed layer against the QAT layer: weight_only bit for bit, the integer
+    kernels within the float32 rounding bound of the products of the codes they used (`packed_activations`)."""
     qat, codes, scale = qat_and_codes(layer, config)
     with torch.no_grad():
         ref = qat(x, **call)
-        bound = 1e-5 * magnitude(qat, x, **call) + 1e-6
         for storage in STORAGES:
             packed = packed_layer(layer, codes, scale, config, layer_spec(layer), storage=storage)
             assert torch.equal(packed.codes, codes)
+            xq = packed_activations(packed, qat, x)
+            int_ref = ref if xq is None else qat._ternq_spec.forward(qat, xq, qat.hard_weight(), **call)
+            bound = 1e-5 * magnitude(qat, x, xq, **call) + 1e-6
             for kernel in packed._applicable(x):
                 packed.kernel = kernel
                 y = packed(x, **call)
@@ -87,7 +114,7 @@ def assert_matches_qat(layer: nn.Module, config: QuantConfig, x: Tensor, **call)
                 if kernel == "weight_only":
                     assert torch.equal(y, ref), (storage, kernel)
                 else:
-                    err = (y - ref).abs()
+                    err = (y - int_ref).abs()
                     assert bool((err <= bound).all()), (storage, kernel, float(err.max()), float(bound.min()))
 
 
@@ -325,7 +352,7 @@ def test_kernel_selection_env_and_override(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv(KERNEL_ENV, "int8")
     with torch.no_grad():
         layer(x)
-    assert layer.kernel == "int8_gemm"
+    assert layer.kernel == "int8_gemm"  # the layer's first integer kernel
     monkeypatch.setenv(KERNEL_ENV, "fastest")
     with pytest.raises(ValueError, match=KERNEL_ENV):
         layer(x)
@@ -348,39 +375,71 @@ def test_kernel_selection_env_and_override(monkeypatch: pytest.MonkeyPatch) -> N
 
 def test_memoized_choice_follows_env_and_reset(monkeypatch: pytest.MonkeyPatch) -> None:
     """The per-layer memo of the last automatic choice never outlives what it depends on."""
+    import ternq.picker
     import ternq.runtime
 
     torch.manual_seed(0)
     layer = pack(nn.Linear(32, 16), TernaryConfig())
-    timed = []
-    original = ternq.runtime.PackedLayer._time_kernels
+    asked = []
+    original = ternq.picker.choose
 
-    def spy(self, *args, **kwargs):
-        timed.append(1)
-        return original(self, *args, **kwargs)
+    def spy(*args, **kwargs):
+        asked.append(1)
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(ternq.runtime.PackedLayer, "_time_kernels", spy)
+    monkeypatch.setattr(ternq.picker, "choose", spy)
     ternq.runtime.reset_kernel_choices()
     x = torch.randn(4, 32)
     with torch.no_grad():
         layer(x)
         first = layer.kernel
         layer(x)
-        assert len(timed) == 1 and layer.kernel == first
+        assert len(asked) == 1 and layer.kernel == first
         monkeypatch.setenv(KERNEL_ENV, "weight_only")
         layer(x)
         assert layer.kernel == "weight_only"
         monkeypatch.delenv(KERNEL_ENV)
         layer(x)
-        assert layer.kernel == first and len(timed) == 1
+        assert layer.kernel == first and len(asked) == 2
         ternq.runtime.reset_kernel_choices()
         layer(x)
-        assert len(timed) == 2
-        layer(torch.randn(2, 2, 32))  # another shape, same bucket of 4 rows: looked up, not timed again
-        assert len(timed) == 2
+        assert len(asked) == 3
     x.requires_grad_(True)
     layer(x).sum().backward()
     assert layer.kernel == "weight_only" and x.grad is not None
+
+
+def test_first_call_times_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel is picked from the CPU's features and the call's geometry: the first call of a shape runs
+    exactly one kernel, once (no autotuning), and runs the kernel a warm call runs."""
+    torch.manual_seed(0)
+    layers = [pack(nn.Linear(32, 16), TernaryConfig()), pack(nn.Conv1d(8, 8, 5, padding=2), TernaryConfig()),
+              pack(nn.ConvTranspose1d(8, 4, 4, stride=2), TernaryConfig())]
+    inputs = [torch.randn(3, 32), torch.randn(1, 8, 50), torch.randn(1, 8, 30)]
+    for layer, x in zip(layers, inputs):
+        calls = []
+        for name in layer._applicable(x):
+            kernel = getattr(layer, "_k_" + name)
+            monkeypatch.setattr(layer, "_k_" + name,
+                                lambda *a, _k=kernel, _n=name, _c=calls, **kw: _c.append(_n) or _k(*a, **kw))
+        with torch.no_grad():
+            layer(x)
+            layer(x)
+        assert len(calls) == 2 and calls[0] == calls[1] != "weight_only", calls
+
+
+@pytest.mark.parametrize("vnni", [True, False])
+def test_picker_rules(vnni: bool) -> None:
+    from ternq import picker
+
+    linear = ("int8_gemm", "int8_gemm_t", "int8_gemv", "weight_only")
+    assert picker.choose(linear, 1, vnni) == "int8_gemv"
+    assert picker.choose(linear, 4, vnni) == ("int8_gemv" if vnni else "int8_gemm_t")
+    assert picker.choose(linear, picker.GEMM_T_ROWS, vnni) == "int8_gemm_t"
+    assert picker.choose(linear, picker.GEMM_T_ROWS + 1, vnni) == "int8_gemm"
+    assert picker.choose(("int8_gemm", "int8_gemm_t", "weight_only"), 1, vnni) == "int8_gemm_t"  # no native
+    assert picker.choose(("int8_taps", "weight_only"), 10_000, vnni) == "int8_taps"
+    assert picker.choose(("weight_only",), 1, vnni) == "weight_only"
 
 
 def test_gradient_to_input_uses_weight_only() -> None:
@@ -449,6 +508,7 @@ def test_qat_skeleton_repack_and_generic_layer() -> None:
 
 def test_long_inputs_run_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Time is cut into GEMM chunks of >= 64 steps; chunk borders must not show in the output."""
+    import ternq.picker
     import ternq.runtime
 
     monkeypatch.setattr(ternq.runtime, "_CHUNK_BYTES", 1)  # the smallest chunks: 64 steps
@@ -500,13 +560,17 @@ def test_integer_activation_codes_are_the_qat_codes(act_bits: int, norm: str | N
     x = x.to(dtype)
     qat, codes, scale_ = qat_and_codes(layer, config)
     packed = packed_layer(layer, codes, scale_, config, layer_spec(layer))
-    q, s = packed._quantize_int8(x, 1 if conv else -1)
+    q, s = packed._quantize_eager(x, 1 if conv else -1)
     assert q.dtype == torch.int8
     assert torch.equal((q.to(dtype) * s.to(dtype)), qat.quantize_input(x))
+    q, s = packed._quantize_int8(x, 1 if conv else -1)  # native where available: one step off at most
+    assert q.dtype == torch.int8
+    packed_activations(packed, qat, x)
 
 
 def test_inference_mode_then_no_grad() -> None:
     """Reused scratch buffers made under inference_mode stay usable in plain no_grad calls, and vice versa."""
+    import ternq.picker
     import ternq.runtime
 
     ternq.runtime._SCRATCH.__dict__.pop("pool", None)  # the buffers are made in the first call below
