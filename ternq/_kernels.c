@@ -13,6 +13,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define BLOCK 256 /* time steps per block of a channel-major input: C x 256 floats stay in L2 */
@@ -287,4 +288,175 @@ void tq_gemv_s8(const int8_t *x, const int8_t *w, const int32_t *wsum, int64_t M
     }
 }
 
-int tq_abi_version(void) { return 1; }
+/* --- direct int8 Conv1d (per-step activation scales), no tap planes in memory ---------------------------------
+ *
+ * Activations are stored "grouped": xg (C4, Tp, 4) uint8, code + 128, four consecutive channels of one time step
+ * in one 32-bit word (C padded to C4 * 4 channels with code 0). A vector of time steps then loads contiguously
+ * and one vpdpbusd multiplies 4 channels of 16 steps by 4 broadcast weight codes. Weights wg (k, outp, C4, 4) int8
+ * (outp = out rounded up to 8, zero rows); with their row sums w_sum, sum (q + 128) w - 128 w_sum is exact. For every tap j the int32 dot products are converted and scaled by the per-step scale s[p] of the input
+ * step p they read, and accumulated in float32 registers: y[o, t] = sum_j s[p] * sum_c w[j, o, c] q[c, p],
+ * p = t * stride + j * dil. */
+
+void tq_quantize_grouped(const float *x, int64_t B, int64_t C, int64_t T, int norm, float eps, int bits,
+                         int per_sample, uint8_t *xg, int64_t in_g, int64_t C4, int64_t Tp, int64_t left,
+                         float *s) {
+    /* xg: (B, groups, C4, Tp, 4), channel c of conv group c / in_g in word (c % in_g) / 4; s: (B, Tp) per-step
+     * scales (per sample: the sample's scale in every step), zero in the padding, whose codes are 0 (byte 128).
+     * Input step t goes to column left + t. The norm and the scale cover all C channels. */
+    const int64_t groups = C / in_g;
+    const float qmax = (float)((1 << (bits - 1)) - 1);
+    float mean[BLOCK], rstd[BLOCK], amax[BLOCK], step[BLOCK];
+    memset(xg, 128, (size_t)(B * groups * C4 * Tp * 4));
+    for (int64_t b = 0; b < B; ++b) {
+        const float *xb = x + b * C * T;
+        uint8_t *gb = xg + b * groups * C4 * Tp * 4;
+        float *sb = s + b * Tp;
+        for (int64_t i = 0; i < Tp; ++i) sb[i] = 0.f;
+        float sample = 0.f;
+        if (per_sample) {
+            for (int64_t t0 = 0; t0 < T; t0 += BLOCK) {
+                int n = (int)(T - t0 < BLOCK ? T - t0 : BLOCK);
+                column_stats(xb + t0, C, T, n, norm, eps, mean, rstd);
+                column_absmax(xb + t0, C, T, n, norm, mean, rstd, amax);
+                for (int i = 0; i < n; ++i) sample = amax[i] > sample ? amax[i] : sample;
+            }
+            sample = (sample < eps ? eps : sample) / qmax;
+        }
+        for (int64_t t0 = 0; t0 < T; t0 += BLOCK) {
+            int n = (int)(T - t0 < BLOCK ? T - t0 : BLOCK);
+            column_stats(xb + t0, C, T, n, norm, eps, mean, rstd);
+            if (per_sample) {
+                for (int i = 0; i < n; ++i) step[i] = sample;
+            } else {
+                column_absmax(xb + t0, C, T, n, norm, mean, rstd, amax);
+                for (int i = 0; i < n; ++i) step[i] = (amax[i] < eps ? eps : amax[i]) / qmax;
+            }
+            for (int i = 0; i < n; ++i) sb[left + t0 + i] = step[i];
+            for (int64_t c = 0; c < C; ++c) {
+                const float *row = xb + c * T + t0;
+                const int64_t g = c / in_g, cc = c % in_g;
+                uint8_t *dst = gb + ((g * C4 + (cc >> 2)) * Tp + left + t0) * 4 + (cc & 3);
+                for (int i = 0; i < n; ++i) {
+                    float v = norm == 0 ? row[i] : norm == 1 ? (row[i] - mean[i]) * rstd[i] : row[i] * rstd[i];
+                    float t = rintf(v / step[i]);
+                    t = t > qmax ? qmax : t < -qmax - 1.f ? -qmax - 1.f : t;
+                    dst[i * 4] = (uint8_t)((int)t + 128);
+                }
+            }
+        }
+    }
+}
+
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+#include <immintrin.h>
+#define TQ_CONV_VNNI 1
+static void conv_grouped_vnni(const uint8_t *xg, int64_t C4, int64_t Tp, const int8_t *wg, const int32_t *wsum,
+                              int64_t out, int64_t outp, int64_t k, int64_t dil, int64_t T_out, const float *s,
+                              const float *wscale, int64_t wstep, const float *bias, float *y, int64_t ldy) {
+    const int32_t *w32 = (const int32_t *)wg;
+    for (int64_t o0 = 0; o0 < outp; o0 += 8) {
+        for (int64_t t0 = 0; t0 < T_out; t0 += 16) {
+            const int64_t n = T_out - t0 < 16 ? T_out - t0 : 16;
+            const __mmask16 m = (__mmask16)(n == 16 ? 0xFFFF : (1u << n) - 1);
+            __m512 f0 = _mm512_setzero_ps(), f1 = f0, f2 = f0, f3 = f0, f4 = f0, f5 = f0, f6 = f0, f7 = f0;
+            for (int64_t j = 0; j < k; ++j) {
+                const int64_t p = t0 + j * dil;
+                __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+                const int32_t *wp = w32 + (j * outp + o0) * C4;
+                const uint8_t *xp = xg + p * 4;
+                for (int64_t c4 = 0; c4 < C4; ++c4) {
+                    const __m512i xv = _mm512_maskz_loadu_epi32(m, xp + c4 * Tp * 4);
+                    a0 = _mm512_dpbusd_epi32(a0, xv, _mm512_set1_epi32(wp[c4]));
+                    a1 = _mm512_dpbusd_epi32(a1, xv, _mm512_set1_epi32(wp[C4 + c4]));
+                    a2 = _mm512_dpbusd_epi32(a2, xv, _mm512_set1_epi32(wp[2 * C4 + c4]));
+                    a3 = _mm512_dpbusd_epi32(a3, xv, _mm512_set1_epi32(wp[3 * C4 + c4]));
+                    a4 = _mm512_dpbusd_epi32(a4, xv, _mm512_set1_epi32(wp[4 * C4 + c4]));
+                    a5 = _mm512_dpbusd_epi32(a5, xv, _mm512_set1_epi32(wp[5 * C4 + c4]));
+                    a6 = _mm512_dpbusd_epi32(a6, xv, _mm512_set1_epi32(wp[6 * C4 + c4]));
+                    a7 = _mm512_dpbusd_epi32(a7, xv, _mm512_set1_epi32(wp[7 * C4 + c4]));
+                }
+                const __m512 sv = _mm512_maskz_loadu_ps(m, s + p);
+                const int32_t *ws = wsum + j * outp + o0;
+#define TQ_ACC(r) f##r = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a##r, _mm512_set1_epi32(128 * ws[r]))), sv, f##r)
+                TQ_ACC(0); TQ_ACC(1); TQ_ACC(2); TQ_ACC(3); TQ_ACC(4); TQ_ACC(5); TQ_ACC(6); TQ_ACC(7);
+#undef TQ_ACC
+            }
+            __m512 fs[8] = {f0, f1, f2, f3, f4, f5, f6, f7};
+            for (int r = 0; r < 8 && o0 + r < out; ++r) {
+                const int64_t o = o0 + r;
+                __m512 v = fs[r];
+                if (wscale) v = _mm512_mul_ps(v, _mm512_set1_ps(wscale[o * wstep]));
+                if (bias) v = _mm512_add_ps(v, _mm512_set1_ps(bias[o]));
+                _mm512_mask_storeu_ps(y + o * ldy + t0, m, v);
+            }
+        }
+    }
+}
+#endif
+
+/* Portable version of the same loop (any CPU; AVX2 compilers vectorize the time loop). */
+static void conv_grouped_generic(const uint8_t *xg, int64_t C4, int64_t Tp, const int8_t *wg,
+                                 const int32_t *wsum, int64_t out, int64_t outp, int64_t k, int64_t dil,
+                                 int64_t stride, int64_t T_out, const float *s, const float *wscale, int64_t wstep,
+                                 const float *bias, float *y, int64_t ldy) {
+    int32_t acc[64];
+    for (int64_t o = 0; o < out; ++o) {
+        float *dst = y + o * ldy;
+        for (int64_t t = 0; t < T_out; ++t) dst[t] = 0.f;
+        for (int64_t t0 = 0; t0 < T_out; t0 += 64) {
+            const int64_t n = T_out - t0 < 64 ? T_out - t0 : 64;
+            for (int64_t j = 0; j < k; ++j) {
+                const int8_t *w = wg + ((j * outp + o) * C4) * 4;
+                for (int64_t i = 0; i < n; ++i) acc[i] = 0;
+                for (int64_t c4 = 0; c4 < C4; ++c4) {
+                    const uint8_t *xp = xg + (c4 * Tp + (t0 * stride + j * dil)) * 4;
+                    const int8_t *wc = w + c4 * 4;
+                    for (int64_t i = 0; i < n; ++i) {
+                        const uint8_t *v = xp + i * stride * 4;
+                        acc[i] += (int32_t)v[0] * wc[0] + (int32_t)v[1] * wc[1] + (int32_t)v[2] * wc[2] +
+                                  (int32_t)v[3] * wc[3];
+                    }
+                }
+                const int32_t corr = 128 * wsum[j * outp + o];
+                const float *sp = s + t0 * stride + j * dil;
+                for (int64_t i = 0; i < n; ++i) dst[t0 + i] += (float)(acc[i] - corr) * sp[i * stride];
+            }
+        }
+        const float w = wscale ? wscale[o * wstep] : 1.f, b = bias ? bias[o] : 0.f;
+        if (wscale || bias)
+            for (int64_t t = 0; t < T_out; ++t) dst[t] = dst[t] * w + b;
+    }
+}
+
+/* y (out, T_out) rows ldy apart = the convolution of grouped codes xg (C4, Tp, 4) by wg (see above). */
+int tq_conv1d_grouped(const uint8_t *xg, int64_t C4, int64_t Tp, const int8_t *wg, int64_t out, int64_t outp,
+                      int64_t k, int64_t dil, int64_t stride, int64_t T_out, const float *s, const float *wscale,
+                      int64_t wstep, const float *bias, float *y, int64_t ldy) {
+    int32_t *wsum = (int32_t *)malloc((size_t)(k * outp) * sizeof(int32_t));
+    if (!wsum) return -1;
+    for (int64_t r = 0; r < k * outp; ++r) {
+        int32_t total = 0;
+        for (int64_t c = 0; c < C4 * 4; ++c) total += wg[r * C4 * 4 + c];
+        wsum[r] = total;
+    }
+#ifdef TQ_CONV_VNNI
+    if (stride == 1) {
+        conv_grouped_vnni(xg, C4, Tp, wg, wsum, out, outp, k, dil, T_out, s, wscale, wstep, bias, y, ldy);
+        free(wsum);
+        return 0;
+    }
+#endif
+    conv_grouped_generic(xg, C4, Tp, wg, wsum, out, outp, k, dil, stride, T_out, s, wscale, wstep, bias, y, ldy);
+    free(wsum);
+    return 0;
+}
+
+int tq_conv1d_grouped_vectorized(void) {
+#ifdef TQ_CONV_VNNI
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+int tq_abi_version(void) { return 2; }

@@ -35,7 +35,7 @@ NATIVE_ENV = "TERNQ_NATIVE"
 ARCH_ENV = "TERNQ_NATIVE_ARCH"
 CACHE_ENV = "TERNQ_CACHE"
 _SOURCE = Path(__file__).with_name("_kernels.c")
-_ABI = 1
+_ABI = 2
 _FLAGS = ("-O3", "-std=c99", "-shared", "-fPIC", "-ffp-contract=off", "-fno-math-errno")
 
 _state: dict[str, object] = {}  # "lib": the loaded CDLL or None, "why": the reason when None
@@ -52,6 +52,8 @@ _SIGNATURES: dict[str, tuple[object, ...]] = {
     "tq_tap_scatter": (_P, _I, _I, _I, _P, _I, _I, _I, _P, _I, _I),
     "tq_linear_epilogue": (_P, _I, _I, _C, _P, _P, _C, _P, _P),
     "tq_gemv_s8": (_P, _P, _P, _I, _I, _I, _P, _P),
+    "tq_quantize_grouped": (_P, _I, _I, _I, _C, _F, _C, _C, _P, _I, _I, _I, _I, _P),
+    "tq_conv1d_grouped": (_P, _I, _I, _P, _I, _I, _I, _I, _I, _I, _P, _P, _I, _P, _P, _I),
 }
 
 
@@ -131,7 +133,7 @@ def _load() -> ctypes.CDLL | None:
         for name, args in _SIGNATURES.items():
             fn = getattr(lib, name)
             fn.argtypes = args
-            fn.restype = None
+            fn.restype = ctypes.c_int if name == "tq_conv1d_grouped" else None
     except (OSError, RuntimeError, AttributeError) as exc:
         _state["why"] = f"native kernels unavailable, eager torch fallback: {exc}"
         return None
@@ -237,6 +239,39 @@ def gemv(x: Tensor, w: Tensor, wsum: Tensor | None) -> Tensor:
     xu = torch.empty(m * k, dtype=torch.uint8) if wsum is not None else None
     lib.tq_gemv_s8(x.data_ptr(), w.data_ptr(), _ptr(wsum), m, w.shape[0], k, _ptr(xu), acc.data_ptr())
     return acc
+
+
+def quantize_grouped(x: Tensor, norm: str | None, eps: float, bits: int, per_sample: bool, in_g: int,
+                     left: int, right: int) -> tuple[Tensor, Tensor]:
+    """x (B, C, T) float32 -> codes + 128 in the grouped layout (B, groups, C4, Tp, 4) uint8 (C4 = in_g / 4
+    rounded up, Tp = left + T + right, padding = code 0) and per-step scales (B, Tp) float32 (0 in the padding;
+    per sample, the sample's scale in every step)."""
+    lib = library()
+    assert lib is not None
+    x = x.contiguous()
+    b, c, t = x.shape
+    c4, tp = -(-in_g // 4), left + t + right
+    xg = torch.empty(b, c // in_g, c4, tp, 4, dtype=torch.uint8)
+    s = torch.empty(b, tp, dtype=torch.float32)
+    lib.tq_quantize_grouped(x.data_ptr(), b, c, t, _NORMS[norm], eps, bits, int(per_sample), xg.data_ptr(), in_g,
+                            c4, tp, left, s.data_ptr())
+    return xg, s
+
+
+def conv1d_grouped(xg: Tensor, w: Tensor, out: int, k: int, dilation: int, stride: int, t_out: int, s: Tensor,
+                   wscale: Tensor | None, per_channel: bool, bias: Tensor | None, y: Tensor) -> None:
+    """y (out, t_out), rows y.stride(0) apart, = the int8 convolution of grouped codes xg (C4, Tp, 4) with the
+    weight w (k, outp, C4 * 4) int8 (outp = out rounded up to 8, zero rows), each tap's products scaled by the
+    per-step scales s (Tp,) of the steps they read, then by wscale (per channel / tensor) plus bias."""
+    lib = library()
+    assert lib is not None
+    assert xg.is_contiguous() and w.is_contiguous() and s.is_contiguous() and y.stride(-1) == 1
+    c4, tp = xg.shape[-3], xg.shape[-2]
+    assert w.shape[-1] == 4 * c4 and w.shape[-2] % 8 == 0
+    if lib.tq_conv1d_grouped(xg.data_ptr(), c4, tp, w.data_ptr(), out, w.shape[-2], k, dilation, stride, t_out,
+                             s.data_ptr(), _ptr(wscale), int(per_channel), _ptr(bias), y.data_ptr(),
+                             y.stride(0)) != 0:
+        raise MemoryError("tq_conv1d_grouped: out of memory")
 
 
 def main(argv: list[str] | None = None) -> int:

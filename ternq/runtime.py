@@ -605,14 +605,28 @@ _IM2COL_BYTES = 4 << 20  # im2col's (in*k, T) int8 columns / (out, T) int32 prod
 
 
 class PackedConv1d(_PackedConv1dBase, nn.Conv1d):
-    """Packed nn.Conv1d; ``int8_taps`` (per-token activation scales): one int8 GEMM of all taps, per-step scales,
-    shifted tap sum; ``int8_im2col`` (``act_granularity="tensor"``): the convolution as one int8 GEMM
-    ``(out, in*k) @ (in*k, T)`` over the unfolded input, rescaled once by the sample's scale."""
+    """Packed nn.Conv1d. Per-token activation scales: ``int8_direct`` (native: the convolution accumulated tap
+    by tap in registers, each tap's int32 sums scaled by the scales of the steps it read, no tap planes in
+    memory) or ``int8_taps`` (one int8 GEMM of all taps, per-step scales, shifted tap sum); per-sample scales
+    (``act_granularity="tensor"``): ``int8_im2col``, the convolution as one int8 GEMM ``(out, in*k) @ (in*k, T)``
+    over the unfolded input, rescaled once by the sample's scale.
 
-    kernels = ("int8_taps", "int8_im2col", WEIGHT_ONLY)
+    Per-token codes are stored as (groups, k, out/groups rounded up to 8, in/groups rounded up to 4), zero
+    padded: the layout ``int8_direct`` reads (and a plain slice for ``int8_taps``)."""
+
+    kernels = ("int8_direct", "int8_taps", "int8_im2col", WEIGHT_ONLY)
 
     def _config_kernels(self) -> tuple[str, ...]:
-        return ("int8_im2col" if self._im2col() else "int8_taps", WEIGHT_ONLY)
+        return ("int8_im2col", WEIGHT_ONLY) if self._im2col() else ("int8_direct", "int8_taps", WEIGHT_ONLY)
+
+    def _applicable(self, x: Tensor) -> tuple[str, ...]:
+        kernels = super()._applicable(x)
+        if "int8_direct" in kernels and not (self._native_ok(x) and self._zero_padded()):
+            kernels = tuple(k for k in kernels if k != "int8_direct")
+        return kernels
+
+    def _zero_padded(self) -> bool:
+        return self.padding_mode == "zeros" or not any(self._reversed_padding_repeated_twice)
 
     def _im2col(self) -> bool:
         return self.qconfig.act_granularity == "tensor"
@@ -621,14 +635,47 @@ class PackedConv1d(_PackedConv1dBase, nn.Conv1d):
         out_ch, in_g, k = codes.shape
         if self._im2col():  # (groups, out/groups, in/groups * k): the weight's own order, rows = im2col rows
             return codes.reshape(self.groups, out_ch // self.groups, in_g * k)
-        return codes.view(self.groups, out_ch // self.groups, in_g, k).permute(0, 3, 1, 2)
+        out_g = out_ch // self.groups
+        taps = codes.view(self.groups, out_g, in_g, k).permute(0, 3, 1, 2)
+        return F.pad(taps, (0, -in_g % 4, 0, -out_g % 8))
 
     def _from_layout(self, stored: Tensor) -> Tensor:
         if self._im2col():
             groups, out_g, cols = stored.shape
             return stored.reshape(groups * out_g, -1, self.kernel_size[0])
-        groups, k, out_g, in_g = stored.shape
-        return stored.permute(0, 2, 3, 1).reshape(groups * out_g, in_g, k)
+        groups, k = stored.shape[:2]
+        out_g, in_g = self.out_channels // groups, self.in_channels // groups
+        return stored[:, :, :out_g, :in_g].permute(0, 2, 3, 1).reshape(groups * out_g, in_g, k)
+
+    def _tap_codes(self) -> Tensor:
+        """(groups, k, out/groups, in/groups) codes for ``int8_taps`` (a copy only where the layout is padded)."""
+        stored = self._layout_codes()
+        return stored[:, :, :self.out_channels // self.groups, :self.in_channels // self.groups]
+
+    def _k_int8_direct(self, x: Tensor) -> Tensor:
+        cfg = self.qconfig
+        left, right = self._reversed_padding_repeated_twice
+        k, dilation, stride = self.kernel_size[0], self.dilation[0], self.stride[0]
+        span = dilation * (k - 1)
+        t_out = (x.shape[-1] + left + right - span - 1) // stride + 1
+        if t_out < 1:
+            raise RuntimeError(f"{type(self).__name__}: input of length {x.shape[-1]} is shorter than the "
+                               f"kernel's reach {span + 1} after padding")
+        in_g, out_g = self.in_channels // self.groups, self.out_channels // self.groups
+        xg, s = native.quantize_grouped(x, cfg.input_norm, cfg.eps, int(cfg.act_bits),  # type: ignore[arg-type]
+                                        cfg.act_granularity == "tensor", in_g, left, right)
+        weight = self._layout_codes()
+        per_channel = cfg.granularity == "channel"
+        y = torch.empty(x.shape[0], self.out_channels, t_out, dtype=torch.float32)
+        for g in range(self.groups):
+            rows = slice(g * out_g, (g + 1) * out_g)
+            wscale = self.scale[rows] if per_channel else self.scale
+            bias = None if self.bias is None else self.bias[rows]
+            w = weight[g].contiguous()
+            for b in range(x.shape[0]):
+                native.conv1d_grouped(xg[b, g], w, out_g, k, dilation, stride, t_out, s[b], wscale, per_channel,
+                                      bias, y[b, rows])
+        return y
 
     def _k_int8_im2col(self, x: Tensor) -> Tensor:
         q, s = self._quantize_int8(x, 1)  # (B, C, T) int8, (B, 1, 1)
@@ -697,7 +744,7 @@ class PackedConv1d(_PackedConv1dBase, nn.Conv1d):
         if t_out < 1:
             raise RuntimeError(f"{type(self).__name__}: input of length {x.shape[-1]} is shorter than the "
                                f"kernel's reach {span + 1} after padding")
-        weight = self._layout_codes()
+        weight = self._tap_codes()
         groups, _, out_g, in_g = weight.shape
         chunk = self._chunk(k * out_g) // stride or 1
         y = torch.empty(x.shape[0], groups * out_g, t_out, dtype=torch.float32, device=x.device)
@@ -727,7 +774,7 @@ class PackedConv1d(_PackedConv1dBase, nn.Conv1d):
         q, s = self._quantize_int8(x, 1, (left, right + 16))  # zero columns: 16-aligned chunk widths
         if s.shape[-1] != q.shape[-1]:  # one scale per sample: the tap sum reads one per step
             s = s.expand(-1, -1, q.shape[-1]).contiguous()
-        weight = self._layout_codes()
+        weight = self._tap_codes()
         groups, _, out_g, in_g = weight.shape
         per_channel = self.qconfig.granularity == "channel"
         chunk = self._chunk(k * out_g) // stride or 1
