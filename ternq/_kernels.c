@@ -13,6 +13,9 @@
  */
 #include <math.h>
 #include <stdint.h>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 #include <stdlib.h>
 #include <string.h>
 
@@ -274,6 +277,34 @@ void tq_gemv_s8(const int8_t *x, const int8_t *w, const int32_t *wsum, int64_t M
         }
         return;
     }
+#elif defined(__AVX2__)
+    /* vpmaddubsw on x + 128 (u8) and w (s8); exact while |w| <= 64 (the int16 pair sums cannot saturate) */
+    int wmax = 0;
+    for (int64_t i = 0; i < N * K && wmax <= 64; ++i) wmax = abs(w[i]) > wmax ? abs(w[i]) : wmax;
+    if (wsum && xu && wmax <= 64) {
+        const __m256i ones = _mm256_set1_epi16(1);
+        for (int64_t i = 0; i < M * K; ++i) xu[i] = (uint8_t)(x[i] + 128);
+        const int64_t K32 = K / 32 * 32;
+        for (int64_t n = 0; n < N; ++n) {
+            const int8_t *wn = w + n * K;
+            for (int64_t m = 0; m < M; ++m) {
+                const uint8_t *xm = xu + m * K;
+                __m256i a = _mm256_setzero_si256();
+                for (int64_t c = 0; c < K32; c += 32) {
+                    const __m256i xv = _mm256_loadu_si256((const __m256i *)(xm + c));
+                    const __m256i wv = _mm256_loadu_si256((const __m256i *)(wn + c));
+                    a = _mm256_add_epi32(a, _mm256_madd_epi16(_mm256_maddubs_epi16(xv, wv), ones));
+                }
+                __m128i h = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+                h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4E));
+                h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xB1));
+                int32_t total = _mm_cvtsi128_si32(h);
+                for (int64_t c = K32; c < K; ++c) total += (int32_t)xm[c] * (int32_t)wn[c];
+                acc[m * N + n] = total - 128 * wsum[n];
+            }
+        }
+        return;
+    }
 #endif
     (void)wsum;
     (void)xu;
@@ -394,6 +425,51 @@ static void conv_grouped_vnni(const uint8_t *xg, int64_t C4, int64_t Tp, const i
 }
 #endif
 
+#if !defined(TQ_CONV_VNNI) && defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define TQ_CONV_AVX2 1
+/* AVX2 without VNNI: vpmaddubsw (u8 x s8 -> pairs of int16) + vpmaddwd, 8 time steps per vector, 4 outputs per
+ * block. The int16 pair sums cannot saturate while |w| <= 64 (2 * 255 * 64 < 32768): the caller checks. */
+static void conv_grouped_avx2(const uint8_t *xg, int64_t C4, int64_t Tp, const int8_t *wg, const int32_t *wsum,
+                              int64_t out, int64_t outp, int64_t k, int64_t dil, int64_t T_out, const float *s,
+                              const float *wscale, int64_t wstep, const float *bias, float *y, int64_t ldy) {
+    const int32_t *w32 = (const int32_t *)wg;
+    const __m256i ones = _mm256_set1_epi16(1), lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (int64_t o0 = 0; o0 < outp; o0 += 4) {
+        for (int64_t t0 = 0; t0 < T_out; t0 += 8) {
+            const int64_t n = T_out - t0 < 8 ? T_out - t0 : 8;
+            const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), lanes);
+            __m256 f0 = _mm256_setzero_ps(), f1 = f0, f2 = f0, f3 = f0;
+            for (int64_t j = 0; j < k; ++j) {
+                const int64_t p = t0 + j * dil;
+                __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+                const int32_t *wp = w32 + (j * outp + o0) * C4;
+                const uint8_t *xp = xg + p * 4;
+                for (int64_t c4 = 0; c4 < C4; ++c4) {
+                    const __m256i xv = _mm256_maskload_epi32((const int *)(xp + c4 * Tp * 4), m);
+#define TQ_DOT(r) a##r = _mm256_add_epi32(a##r, _mm256_madd_epi16(_mm256_maddubs_epi16(xv, _mm256_set1_epi32(wp[r * C4 + c4])), ones))
+                    TQ_DOT(0); TQ_DOT(1); TQ_DOT(2); TQ_DOT(3);
+#undef TQ_DOT
+                }
+                const __m256 sv = _mm256_maskload_ps(s + p, m);
+                const int32_t *ws = wsum + j * outp + o0;
+#define TQ_ACC(r) f##r = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(a##r, _mm256_set1_epi32(128 * ws[r]))), sv, f##r)
+                TQ_ACC(0); TQ_ACC(1); TQ_ACC(2); TQ_ACC(3);
+#undef TQ_ACC
+            }
+            __m256 fs[4] = {f0, f1, f2, f3};
+            for (int r = 0; r < 4 && o0 + r < out; ++r) {
+                const int64_t o = o0 + r;
+                __m256 v = fs[r];
+                if (wscale) v = _mm256_mul_ps(v, _mm256_set1_ps(wscale[o * wstep]));
+                if (bias) v = _mm256_add_ps(v, _mm256_set1_ps(bias[o]));
+                _mm256_maskstore_ps(y + o * ldy + t0, m, v);
+            }
+        }
+    }
+}
+#endif
+
 /* Portable version of the same loop (any CPU; AVX2 compilers vectorize the time loop). */
 static void conv_grouped_generic(const uint8_t *xg, int64_t C4, int64_t Tp, const int8_t *wg,
                                  const int32_t *wsum, int64_t out, int64_t outp, int64_t k, int64_t dil,
@@ -429,24 +505,44 @@ static void conv_grouped_generic(const uint8_t *xg, int64_t C4, int64_t Tp, cons
 }
 
 /* y (out, T_out) rows ldy apart = the convolution of grouped codes xg (C4, Tp, 4) by wg (see above). */
-int tq_conv1d_grouped(const uint8_t *xg, int64_t C4, int64_t Tp, const int8_t *wg, int64_t out, int64_t outp,
+int tq_conv1d_grouped(const uint8_t *xg, int64_t C4, int64_t Tp, const int8_t *w, int64_t out, int64_t in,
                       int64_t k, int64_t dil, int64_t stride, int64_t T_out, const float *s, const float *wscale,
                       int64_t wstep, const float *bias, float *y, int64_t ldy) {
+    /* w (k, out, in) as stored; the loops read (k, outp, C4 * 4), outp = out rounded up to 8, zero padded: a
+     * per-call copy (weights are small next to the activations), with the row sums for the +128 correction. */
+    const int64_t outp = (out + 7) / 8 * 8, cols = C4 * 4;
+    int8_t *wg = (int8_t *)calloc((size_t)(k * outp * cols), 1);
     int32_t *wsum = (int32_t *)malloc((size_t)(k * outp) * sizeof(int32_t));
-    if (!wsum) return -1;
+    if (!wg || !wsum) {
+        free(wg);
+        free(wsum);
+        return -1;
+    }
+    for (int64_t j = 0; j < k; ++j)
+        for (int64_t o = 0; o < out; ++o)
+            memcpy(wg + (j * outp + o) * cols, w + (j * out + o) * in, (size_t)in);
+    int wmax = 0;
     for (int64_t r = 0; r < k * outp; ++r) {
         int32_t total = 0;
-        for (int64_t c = 0; c < C4 * 4; ++c) total += wg[r * C4 * 4 + c];
+        for (int64_t c = 0; c < cols; ++c) {
+            total += wg[r * cols + c];
+            wmax = abs(wg[r * cols + c]) > wmax ? abs(wg[r * cols + c]) : wmax;
+        }
         wsum[r] = total;
     }
+    (void)wmax;
 #ifdef TQ_CONV_VNNI
-    if (stride == 1) {
+    if (stride == 1)
         conv_grouped_vnni(xg, C4, Tp, wg, wsum, out, outp, k, dil, T_out, s, wscale, wstep, bias, y, ldy);
-        free(wsum);
-        return 0;
-    }
+    else
+#elif defined(TQ_CONV_AVX2)
+    if (stride == 1 && wmax <= 64)
+        conv_grouped_avx2(xg, C4, Tp, wg, wsum, out, outp, k, dil, T_out, s, wscale, wstep, bias, y, ldy);
+    else
 #endif
-    conv_grouped_generic(xg, C4, Tp, wg, wsum, out, outp, k, dil, stride, T_out, s, wscale, wstep, bias, y, ldy);
+        conv_grouped_generic(xg, C4, Tp, wg, wsum, out, outp, k, dil, stride, T_out, s, wscale, wstep, bias, y,
+                             ldy);
+    free(wg);
     free(wsum);
     return 0;
 }

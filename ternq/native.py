@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["NATIVE_ENV", "ARCH_ENV", "CACHE_ENV", "available", "status", "build", "library", "cpu_flags"]
+__all__ = ["NATIVE_ENV", "ARCH_ENV", "CACHE_ENV", "available", "status", "build", "library", "cpu_flags", "vnni"]
 
 NATIVE_ENV = "TERNQ_NATIVE"
 ARCH_ENV = "TERNQ_NATIVE_ARCH"
@@ -150,6 +150,12 @@ def library() -> ctypes.CDLL | None:
     return _state["lib"]  # type: ignore[return-value]
 
 
+def vnni() -> bool:
+    """Whether the kernels are built for this CPU's VNNI instructions (vpdpbusd): ``-march=native`` on a CPU
+    that has them. The kernel picker's thresholds depend on it."""
+    return _arch() == "native" and bool(cpu_flags() & {"avx512_vnni", "avx_vnni"})
+
+
 def available() -> bool:
     """Whether the native kernels are in use in this process."""
     return library() is not None
@@ -258,17 +264,19 @@ def quantize_grouped(x: Tensor, norm: str | None, eps: float, bits: int, per_sam
     return xg, s
 
 
-def conv1d_grouped(xg: Tensor, w: Tensor, out: int, k: int, dilation: int, stride: int, t_out: int, s: Tensor,
+def conv1d_grouped(xg: Tensor, w: Tensor, k: int, dilation: int, stride: int, t_out: int, s: Tensor,
                    wscale: Tensor | None, per_channel: bool, bias: Tensor | None, y: Tensor) -> None:
     """y (out, t_out), rows y.stride(0) apart, = the int8 convolution of grouped codes xg (C4, Tp, 4) with the
-    weight w (k, outp, C4 * 4) int8 (outp = out rounded up to 8, zero rows), each tap's products scaled by the
-    per-step scales s (Tp,) of the steps they read, then by wscale (per channel / tensor) plus bias."""
+    weight codes w (k, out, in) int8, each tap's products scaled by the per-step scales s (Tp,) of the steps they
+    read, then by wscale (per channel / tensor) plus bias."""
     lib = library()
     assert lib is not None
-    assert xg.is_contiguous() and w.is_contiguous() and s.is_contiguous() and y.stride(-1) == 1
+    w = w.contiguous()
+    assert xg.is_contiguous() and s.is_contiguous() and y.stride(-1) == 1
     c4, tp = xg.shape[-3], xg.shape[-2]
-    assert w.shape[-1] == 4 * c4 and w.shape[-2] % 8 == 0
-    if lib.tq_conv1d_grouped(xg.data_ptr(), c4, tp, w.data_ptr(), out, w.shape[-2], k, dilation, stride, t_out,
+    _, out, n_in = w.shape
+    assert -(-n_in // 4) == c4
+    if lib.tq_conv1d_grouped(xg.data_ptr(), c4, tp, w.data_ptr(), out, n_in, k, dilation, stride, t_out,
                              s.data_ptr(), _ptr(wscale), int(per_channel), _ptr(bias), y.data_ptr(),
                              y.stride(0)) != 0:
         raise MemoryError("tq_conv1d_grouped: out of memory")

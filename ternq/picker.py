@@ -14,9 +14,10 @@ rules below encode what docs/benchmarks.md measured instead, so the first call r
 """
 from __future__ import annotations
 
+import os
 from functools import cache
 
-from .native import cpu_flags
+from . import native
 
 __all__ = ["GEMM_T_ROWS", "gemv_rows", "choose"]
 
@@ -25,13 +26,14 @@ GEMM_T_ROWS = 64  # int8_gemm_t up to this many rows, int8_gemm beyond (1 thread
 
 
 @cache
-def _vnni() -> bool:
-    return bool(cpu_flags() & {"avx512_vnni", "avx_vnni"})
+def _vnni(arch: str | None) -> bool:
+    """`native.vnni`, once per value of $TERNQ_NATIVE_ARCH (it reads /proc/cpuinfo)."""
+    return native.vnni()
 
 
 def gemv_rows(vnni: bool | None = None) -> int:
     """The most rows for which the native GEMV beats the int8 GEMM: 4 with VNNI, else 1."""
-    return 4 if (_vnni() if vnni is None else vnni) else 1
+    return 4 if (_vnni(os.environ.get(native.ARCH_ENV)) if vnni is None else vnni) else 1
 
 
 def choose(applicable: tuple[str, ...], rows: int, vnni: bool | None = None) -> str:

@@ -59,6 +59,7 @@ gets its gradient).
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 import threading
@@ -74,7 +75,8 @@ from .config import QuantConfig
 from .errors import ArchitectureMismatchError, FormatError
 from .layers import LayerSpec, QuantMixin, _legacy_weight_hook, take_input
 from .native import cpu_flags
-from .quantizers import _sample_dims, absmax, dequantize_weight, normalize_input
+from .packed_weight import PackedWeight
+from .quantizers import _sample_dims, absmax, dequantize_weight, normalize_input, quantize_weight
 
 __all__ = [
     "KERNEL_ENV",
@@ -252,10 +254,40 @@ class PackedLayer:
         except AttributeError:
             spec = self.__dict__.get("spec")
             if spec is not None and name == spec.weight_name:
-                raise AttributeError(
-                    f"{type(self).__name__} is a packed ternq layer and holds no float {name!r}: use .codes and "
-                    ".scale, or .dequantized_weight()") from None
+                return PackedWeight(self)  # the float weight's dtype / shape / device; dequantized on use
             raise
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        """The float layer's keys: the weight is there as a `PackedWeight` (no float data until used)."""
+        destination[prefix + self.spec.weight_name] = PackedWeight(self)  # first, as the float layer has it
+        super()._save_to_state_dict(destination, prefix, keep_vars)  # type: ignore[misc]
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: Any, strict: bool,
+                              missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
+        """A float weight under the weight's key is quantized with the layer's config and replaces the codes (a
+        float checkpoint loads into a packed model); a `PackedWeight` brings its codes and scales."""
+        key = prefix + self.spec.weight_name
+        if key in state_dict:
+            value = state_dict[key]
+            if isinstance(value, PackedWeight):
+                if value.layer is not self:
+                    self._set_codes(value.layer.codes, value.layer.scale)
+            elif tuple(value.shape) != self._weight_shape:
+                error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(value.shape)}, the "
+                                  f"shape in the packed layer is {self._weight_shape}")
+            else:
+                self._set_codes(*quantize_weight(value, self.qconfig, self.spec.weight_out_dim))
+        elif strict:
+            missing_keys.append(key)
+        rest = {k: v for k, v in state_dict.items() if k != key}
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict,  # type: ignore[misc]
+                                      missing_keys, unexpected_keys, error_msgs)
+
+    def _set_codes(self, codes: Tensor, scale: Tensor) -> None:
+        """Replace the stored codes and scales (same shapes), in this layer's layout and storage."""
+        self._init_packed(codes.to(torch.int8), scale, self.qconfig, self.spec, self._forced, self.storage,
+                          self.float_dtype)
+        self.__dict__.pop("_memo", None)
 
     # -- kernel selection ---------------------------------------------------------------------------------------
 
@@ -392,7 +424,9 @@ class PackedLayer:
                 return q.view(x.shape), s.view(*x.shape[:-1], 1)  # per sample: equal scales within a sample
         q, s = self._quantize_eager(x, dim)
         if pad != (0, 0):
-            q, s = F.pad(q, pad), F.pad(s.expand(*s.shape[:-1], q.shape[-1] - pad[0] - pad[1]), pad)
+            if s.shape[-1] != 1 or q.shape[-1] == 1:  # per step: pad the scales with the codes
+                s = F.pad(s.expand(*s.shape[:-1], q.shape[-1]), pad)
+            q = F.pad(q, pad)
         return q, s
 
     def _quantize_eager(self, x: Tensor, dim: int) -> tuple[Tensor, Tensor]:
@@ -480,9 +514,8 @@ class PackedLinear(PackedLayer, nn.Linear):
         return self._int8_linear(x, weight_first=False, gemv=True)
 
     def _wsum(self, w: Tensor) -> Tensor | None:
-        """Row sums of the codes (int32), kept beside them: the VNNI GEMV needs them (4 bytes per output)."""
-        if not cpu_flags() & {"avx512_vnni", "avx_vnni"}:
-            return None
+        """Row sums of the codes (int32), cached beside them: the native GEMV multiplies x + 128 as unsigned
+        bytes and subtracts 128 * row sum (4 bytes per output row)."""
         key = (self.qweight.data_ptr(), self.qweight._version)
         cached = self.__dict__.get("_wsum_cache")
         if cached is None or cached[0] != key:
@@ -611,8 +644,7 @@ class PackedConv1d(_PackedConv1dBase, nn.Conv1d):
     (``act_granularity="tensor"``): ``int8_im2col``, the convolution as one int8 GEMM ``(out, in*k) @ (in*k, T)``
     over the unfolded input, rescaled once by the sample's scale.
 
-    Per-token codes are stored as (groups, k, out/groups rounded up to 8, in/groups rounded up to 4), zero
-    padded: the layout ``int8_direct`` reads (and a plain slice for ``int8_taps``)."""
+    Per-token codes are stored as (groups, k, out/groups, in/groups): the tap-major layout both kernels read."""
 
     kernels = ("int8_direct", "int8_taps", "int8_im2col", WEIGHT_ONLY)
 
@@ -635,22 +667,14 @@ class PackedConv1d(_PackedConv1dBase, nn.Conv1d):
         out_ch, in_g, k = codes.shape
         if self._im2col():  # (groups, out/groups, in/groups * k): the weight's own order, rows = im2col rows
             return codes.reshape(self.groups, out_ch // self.groups, in_g * k)
-        out_g = out_ch // self.groups
-        taps = codes.view(self.groups, out_g, in_g, k).permute(0, 3, 1, 2)
-        return F.pad(taps, (0, -in_g % 4, 0, -out_g % 8))
+        return codes.view(self.groups, out_ch // self.groups, in_g, k).permute(0, 3, 1, 2)
 
     def _from_layout(self, stored: Tensor) -> Tensor:
         if self._im2col():
             groups, out_g, cols = stored.shape
             return stored.reshape(groups * out_g, -1, self.kernel_size[0])
-        groups, k = stored.shape[:2]
-        out_g, in_g = self.out_channels // groups, self.in_channels // groups
-        return stored[:, :, :out_g, :in_g].permute(0, 2, 3, 1).reshape(groups * out_g, in_g, k)
-
-    def _tap_codes(self) -> Tensor:
-        """(groups, k, out/groups, in/groups) codes for ``int8_taps`` (a copy only where the layout is padded)."""
-        stored = self._layout_codes()
-        return stored[:, :, :self.out_channels // self.groups, :self.in_channels // self.groups]
+        groups, k, out_g, in_g = stored.shape
+        return stored.permute(0, 2, 3, 1).reshape(groups * out_g, in_g, k)
 
     def _k_int8_direct(self, x: Tensor) -> Tensor:
         cfg = self.qconfig
@@ -673,8 +697,8 @@ class PackedConv1d(_PackedConv1dBase, nn.Conv1d):
             bias = None if self.bias is None else self.bias[rows]
             w = weight[g].contiguous()
             for b in range(x.shape[0]):
-                native.conv1d_grouped(xg[b, g], w, out_g, k, dilation, stride, t_out, s[b], wscale, per_channel,
-                                      bias, y[b, rows])
+                native.conv1d_grouped(xg[b, g], w, k, dilation, stride, t_out, s[b], wscale, per_channel, bias,
+                                      y[b, rows])
         return y
 
     def _k_int8_im2col(self, x: Tensor) -> Tensor:
@@ -744,7 +768,7 @@ class PackedConv1d(_PackedConv1dBase, nn.Conv1d):
         if t_out < 1:
             raise RuntimeError(f"{type(self).__name__}: input of length {x.shape[-1]} is shorter than the "
                                f"kernel's reach {span + 1} after padding")
-        weight = self._tap_codes()
+        weight = self._layout_codes()
         groups, _, out_g, in_g = weight.shape
         chunk = self._chunk(k * out_g) // stride or 1
         y = torch.empty(x.shape[0], groups * out_g, t_out, dtype=torch.float32, device=x.device)
@@ -774,7 +798,7 @@ class PackedConv1d(_PackedConv1dBase, nn.Conv1d):
         q, s = self._quantize_int8(x, 1, (left, right + 16))  # zero columns: 16-aligned chunk widths
         if s.shape[-1] != q.shape[-1]:  # one scale per sample: the tap sum reads one per step
             s = s.expand(-1, -1, q.shape[-1]).contiguous()
-        weight = self._tap_codes()
+        weight = self._layout_codes()
         groups, _, out_g, in_g = weight.shape
         per_channel = self.qconfig.granularity == "channel"
         chunk = self._chunk(k * out_g) // stride or 1
@@ -1035,7 +1059,9 @@ def packed_layer(float_module: nn.Module, codes: Tensor, scale: Tensor, config: 
                              "a packed layer needs for its own storage")
     cls = _packed_class(spec.float_type)
     layer = cls.__new__(cls)
-    layer.__dict__.update({k: dict(v) if isinstance(v, dict) else v for k, v in float_module.__dict__.items()})
+    # copies of the float module's dicts, of their own type: hook dicts are OrderedDicts, which
+    # register_forward_hook's RemovableHandle references weakly (a plain dict copy broke every hook registration)
+    layer.__dict__.update({k: copy.copy(v) if isinstance(v, dict) else v for k, v in float_module.__dict__.items()})
     _strip_float_weight(layer, float_module, name)  # type: ignore[arg-type]
     for attr in ("qweight", "scale"):
         layer._buffers.pop(attr, None)

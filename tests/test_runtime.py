@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import gc
+import itertools
+import os
 import weakref
 
 import pytest
@@ -28,6 +30,8 @@ from ternq import (
     register_layer,
 )
 from ternq.layers import layer_spec, to_quant_module
+from ternq.native import NATIVE_ENV
+from ternq.packed_weight import PackedWeight
 from ternq.runtime import (
     KERNEL_ENV,
     STORAGE_ENV,
@@ -96,26 +100,36 @@ def packed_activations(packed: nn.Module, qat: nn.Module, x: Tensor) -> Tensor |
 
 
 def assert_matches_qat(layer: nn.Module, config: QuantConfig, x: Tensor, **call) -> None:
-    """Every kernel x storage of the packed layer against the QAT layer: weight_only bit for bit, the integer
-    kernels within the float32 rounding bound of the products of the codes they used (`packed_activations`)."""
+    """Every kernel x storage x (native kernels, eager fallback) of the packed layer against the QAT layer:
+    weight_only bit for bit, the integer kernels within the float32 rounding bound of the products of the codes
+    they used (`packed_activations`)."""
     qat, codes, scale = qat_and_codes(layer, config)
     with torch.no_grad():
         ref = qat(x, **call)
-        for storage in STORAGES:
-            packed = packed_layer(layer, codes, scale, config, layer_spec(layer), storage=storage)
-            assert torch.equal(packed.codes, codes)
-            xq = packed_activations(packed, qat, x)
-            int_ref = ref if xq is None else qat._ternq_spec.forward(qat, xq, qat.hard_weight(), **call)
-            bound = 1e-5 * magnitude(qat, x, xq, **call) + 1e-6
-            for kernel in packed._applicable(x):
-                packed.kernel = kernel
-                y = packed(x, **call)
-                assert y.shape == ref.shape and y.dtype == ref.dtype, kernel
-                if kernel == "weight_only":
-                    assert torch.equal(y, ref), (storage, kernel)
-                else:
-                    err = (y - int_ref).abs()
-                    assert bool((err <= bound).all()), (storage, kernel, float(err.max()), float(bound.min()))
+        for storage, mode in itertools.product(STORAGES, ("1", "0")):
+            os.environ[NATIVE_ENV] = mode
+            try:
+                _assert_kernels(layer, qat, codes, scale, config, storage, x, ref, **call)
+            finally:
+                del os.environ[NATIVE_ENV]
+
+
+def _assert_kernels(layer: nn.Module, qat: nn.Module, codes: Tensor, scale: Tensor, config: QuantConfig,
+                    storage: str, x: Tensor, ref: Tensor, **call) -> None:
+    packed = packed_layer(layer, codes, scale, config, layer_spec(layer), storage=storage)
+    assert torch.equal(packed.codes, codes)
+    xq = packed_activations(packed, qat, x)
+    int_ref = ref if xq is None else qat._ternq_spec.forward(qat, xq, qat.hard_weight(), **call)
+    bound = 1e-5 * magnitude(qat, x, xq, **call) + 1e-6
+    for kernel in packed._applicable(x):
+        packed.kernel = kernel
+        y = packed(x, **call)
+        assert y.shape == ref.shape and y.dtype == ref.dtype, kernel
+        if kernel == "weight_only":
+            assert torch.equal(y, ref), (storage, kernel)
+        else:
+            err = (y - int_ref).abs()
+            assert bool((err <= bound).all()), (storage, kernel, float(err.max()), float(bound.min()))
 
 
 # --- properties over layer types, configs and shapes -----------------------------------------------------------
@@ -288,9 +302,9 @@ def test_no_float_weight_is_held(config: QuantConfig, storage: str) -> None:
         assert packed.qweight.dtype in (torch.int8, torch.uint8)
         bits = 8 if storage == "int8" else {1: 2, 7: 4}.get(config.qmax, 8)
         assert packed.qweight.numel() <= n_weight * bits // 8 + packed.qweight.shape[0] * 8  # + row padding
-        with pytest.raises(AttributeError, match="holds no float 'weight'"):
-            packed.weight  # noqa: B018
-        assert set(packed.state_dict()) <= {"bias"}
+        assert isinstance(packed.weight, PackedWeight)  # made on access, dequantized on use: not stored
+        assert set(packed.state_dict()) == set(layer.state_dict())
+        assert set(dict(packed.named_parameters())) <= {"bias"}
 
 
 def test_storage_env_and_memory(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -586,3 +600,72 @@ def test_inference_mode_then_no_grad() -> None:
     with torch.inference_mode():
         c = linear(conv(x).transpose(1, 2))
     assert torch.equal(a, b) and torch.equal(b, c)
+
+
+# --- the float layer's surface: .weight, hooks, state_dict ---------------------------------------------------
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+@pytest.mark.parametrize("make", [lambda: nn.Linear(24, 16), lambda: nn.Conv1d(8, 12, 3, padding=1),
+                                  lambda: nn.ConvTranspose1d(8, 4, 4, stride=2), lambda: nn.Embedding(10, 6)])
+def test_packed_weight_answers_like_the_float_weight(make, storage: str) -> None:
+    """``.weight`` has the float weight's dtype / shape / device and computes as ``codes * scale``, but the layer
+    keeps no float copy: its resident bytes stay those of the codes (<= 1/4 of fp32 plus scales and bias)."""
+    torch.manual_seed(0)
+    layer = make()
+    packed = pack(layer, TernaryConfig(), storage=storage)
+    before = resident_bytes(packed)
+    w = packed.weight
+    assert (w.dtype, w.shape, w.device) == (layer.weight.dtype, layer.weight.shape, layer.weight.device)
+    expected = packed.dequantized_weight()
+    assert torch.equal(w * 1, expected) and torch.equal(w.detach() + 0, expected)
+    ones = torch.ones(2, w[0].numel())
+    assert torch.equal(F.linear(ones, w.reshape(w.shape[0], -1)), F.linear(ones, expected.reshape(w.shape[0], -1)))
+    assert resident_bytes(packed) == before  # nothing cached by the accesses above
+    codes_bytes = packed.qweight.numel() * packed.qweight.element_size()
+    assert codes_bytes <= layer.weight.numel()  # int8 or less per weight: <= 1/4 of fp32
+    half = make().half()
+    assert pack(half, TernaryConfig()).weight.dtype == torch.float16
+
+
+def test_hooks_and_state_dict_keys() -> None:
+    """Forward hooks register and fire on packed layers; state_dict has the float model's keys; a packed
+    state_dict and a float one both load back (the float weight is quantized with the layer's config)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 4))
+    keys = list(model.state_dict())
+    config = TernaryConfig()
+    packed = nn.Sequential(*[pack(m, config) if isinstance(m, nn.Linear) else m for m in model])
+    seen = []
+    handle = packed[0].register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+    pre = packed[2].register_forward_pre_hook(lambda mod, args: seen.append("pre"))
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        y = packed(x)
+    assert seen == [torch.Size([3, 16]), "pre"]
+    handle.remove()
+    pre.remove()
+    assert list(packed.state_dict()) == keys
+    other = nn.Sequential(*[pack(nn.Linear(m.in_features, m.out_features), config)
+                            if isinstance(m, nn.Linear) else m for m in model])
+    other.load_state_dict(packed.state_dict())  # packed -> packed: codes and scales travel
+    with torch.no_grad():
+        assert torch.equal(other(x), y)
+        assert torch.equal(other[0].codes, packed[0].codes)
+    floats = nn.Sequential(*[pack(nn.Linear(m.in_features, m.out_features), config)
+                             if isinstance(m, nn.Linear) else m for m in model])
+    floats.load_state_dict(model.state_dict())  # float -> packed: quantized on load
+    with torch.no_grad():
+        assert torch.equal(floats(x), y)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        floats.load_state_dict({**model.state_dict(), "0.weight": torch.zeros(3, 3)})
+    with pytest.raises(RuntimeError, match="Missing key"):
+        floats.load_state_dict({k: v for k, v in model.state_dict().items() if k != "0.weight"})
+
+
+def test_packed_weight_pickles_as_the_dequantized_tensor(tmp_path) -> None:
+    torch.manual_seed(0)
+    packed = pack(nn.Linear(8, 4), TernaryConfig())
+    torch.save(packed.state_dict(), tmp_path / "sd.pt")
+    loaded = torch.load(tmp_path / "sd.pt")
+    assert type(loaded["weight"]) is Tensor and torch.equal(loaded["weight"], packed.dequantized_weight())
