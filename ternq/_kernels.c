@@ -146,6 +146,29 @@ void tq_quantize_channels(const float *x, int64_t B, int64_t C, int64_t T, int n
     }
 }
 
+/* sum of row[0..n) (kind 0), of (row - m)^2 (kind 1) or of row^2 (kind 2), in 16 vectorizable lanes */
+static float lane_sum(const float *row, int64_t n, float m, int kind) {
+    float lanes[16] = {0.f};
+    const int64_t n16 = n / 16 * 16;
+    for (int64_t c0 = 0; c0 < n16; c0 += 16) {
+        for (int i = 0; i < 16; ++i) {
+            float v = row[c0 + i];
+            if (kind == 1) v -= m;
+            if (kind) v = v * v;
+            lanes[i] += v;
+        }
+    }
+    float total = 0.f;
+    for (int64_t c = n16; c < n; ++c) {
+        float v = row[c];
+        if (kind == 1) v -= m;
+        if (kind) v = v * v;
+        total += v;
+    }
+    for (int i = 0; i < 16; ++i) total += lanes[i];
+    return total;
+}
+
 /* Row-major input x (R, C), normalized over C per row like torch's layer_norm (x * rstd + (-rstd * mean)),
  * quantized per row, or per group of `rows_per_sample` rows (per sample). q: (R, C) int8; s: (R,) float32. */
 void tq_quantize_rows(const float *x, int64_t R, int64_t C, int norm, float eps, int bits,
@@ -160,24 +183,27 @@ void tq_quantize_rows(const float *x, int64_t R, int64_t C, int norm, float eps,
                 const float *row = x + r * C;
                 float a = 1.f, b = 0.f;
                 if (norm == 1) {
-                    double sum = 0.0, sq = 0.0;
-                    for (int64_t c = 0; c < C; ++c) sum += row[c];
-                    double m = sum / (double)C;
-                    for (int64_t c = 0; c < C; ++c) { double d = row[c] - m; sq += d * d; }
-                    float var = (float)(sq / (double)C);
-                    a = 1.f / sqrtf(var + eps);
-                    b = -a * (float)m;
+                    const float m = lane_sum(row, C, 0.f, 0) / fc;
+                    a = 1.f / sqrtf(lane_sum(row, C, m, 1) / fc + eps);
+                    b = -a * m;
                 } else if (norm == 2) {
-                    float acc = 0.f;
-                    for (int64_t c = 0; c < C; ++c) { float v = row[c] * row[c]; acc += v; }
-                    a = 1.f / sqrtf(acc / fc + eps);
+                    a = 1.f / sqrtf(lane_sum(row, C, 0.f, 2) / fc + eps);
+                }
+                float lanes[16] = {0.f};
+                int64_t c16 = C / 16 * 16;
+                for (int64_t c0 = 0; c0 < c16; c0 += 16) {
+                    for (int i = 0; i < 16; ++i) {
+                        float v = norm == 1 ? row[c0 + i] * a + b : norm == 2 ? row[c0 + i] * a : row[c0 + i];
+                        v = fabsf(v);
+                        lanes[i] = v > lanes[i] ? v : lanes[i];
+                    }
+                }
+                for (int64_t c = c16; c < C; ++c) {
+                    float v = fabsf(norm == 1 ? row[c] * a + b : norm == 2 ? row[c] * a : row[c]);
+                    lanes[0] = v > lanes[0] ? v : lanes[0];
                 }
                 float amax = 0.f;
-                for (int64_t c = 0; c < C; ++c) {
-                    float v = norm == 1 ? row[c] * a + b : norm == 2 ? row[c] * a : row[c];
-                    float m = fabsf(v);
-                    amax = m > amax ? m : amax;
-                }
+                for (int i = 0; i < 16; ++i) amax = lanes[i] > amax ? lanes[i] : amax;
                 if (pass == 0) {
                     sample_max = amax > sample_max ? amax : sample_max;
                     continue;
@@ -263,7 +289,51 @@ void tq_linear_epilogue(const int32_t *acc, int64_t M, int64_t N, int transposed
  * x + 128 is unsigned, and 128 * rowsum(w) (wsum, precomputed per layer) is subtracted again; exact. */
 void tq_gemv_s8(const int8_t *x, const int8_t *w, const int32_t *wsum, int64_t M, int64_t N, int64_t K,
                 uint8_t *xu, int32_t *acc) {
-#if defined(__AVX512VNNI__) || defined(__AVXVNNI__)
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    if (wsum && xu) {
+        /* four weight rows per pass share the activation loads; K tails are masked loads */
+        for (int64_t i = 0; i < M * K; ++i) xu[i] = (uint8_t)(x[i] + 128);
+        const int64_t K64 = K / 64 * 64;
+        const __mmask64 tail = K - K64 ? (((__mmask64)1 << (K - K64)) - 1) : 0;
+        int64_t n = 0;
+        for (; n + 4 <= N; n += 4) {
+            const int8_t *w0 = w + n * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+            for (int64_t m = 0; m < M; ++m) {
+                const uint8_t *xm = xu + m * K;
+                __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+                for (int64_t c = 0; c < K64; c += 64) {
+                    const __m512i xv = _mm512_loadu_si512((const void *)(xm + c));
+                    a0 = _mm512_dpbusd_epi32(a0, xv, _mm512_loadu_si512((const void *)(w0 + c)));
+                    a1 = _mm512_dpbusd_epi32(a1, xv, _mm512_loadu_si512((const void *)(w1 + c)));
+                    a2 = _mm512_dpbusd_epi32(a2, xv, _mm512_loadu_si512((const void *)(w2 + c)));
+                    a3 = _mm512_dpbusd_epi32(a3, xv, _mm512_loadu_si512((const void *)(w3 + c)));
+                }
+                if (tail) {
+                    const __m512i xv = _mm512_maskz_loadu_epi8(tail, xm + K64);
+                    a0 = _mm512_dpbusd_epi32(a0, xv, _mm512_maskz_loadu_epi8(tail, w0 + K64));
+                    a1 = _mm512_dpbusd_epi32(a1, xv, _mm512_maskz_loadu_epi8(tail, w1 + K64));
+                    a2 = _mm512_dpbusd_epi32(a2, xv, _mm512_maskz_loadu_epi8(tail, w2 + K64));
+                    a3 = _mm512_dpbusd_epi32(a3, xv, _mm512_maskz_loadu_epi8(tail, w3 + K64));
+                }
+                int32_t *dst = acc + m * N + n;
+                dst[0] = _mm512_reduce_add_epi32(a0) - 128 * wsum[n];
+                dst[1] = _mm512_reduce_add_epi32(a1) - 128 * wsum[n + 1];
+                dst[2] = _mm512_reduce_add_epi32(a2) - 128 * wsum[n + 2];
+                dst[3] = _mm512_reduce_add_epi32(a3) - 128 * wsum[n + 3];
+            }
+        }
+        for (; n < N; ++n) {
+            const int8_t *wn = w + n * K;
+            for (int64_t m = 0; m < M; ++m) {
+                const uint8_t *xm = xu + m * K;
+                int32_t total = 0;
+                for (int64_t c = 0; c < K; ++c) total += (int32_t)xm[c] * (int32_t)wn[c];
+                acc[m * N + n] = total - 128 * wsum[n];
+            }
+        }
+        return;
+    }
+#elif defined(__AVX512VNNI__) || defined(__AVXVNNI__)
     if (wsum && xu) {
         for (int64_t i = 0; i < M * K; ++i) xu[i] = (uint8_t)(x[i] + 128);
         for (int64_t n = 0; n < N; ++n) {
@@ -317,6 +387,28 @@ void tq_gemv_s8(const int8_t *x, const int8_t *w, const int32_t *wsum, int64_t M
             acc[m * N + n] = total;
         }
     }
+}
+
+/* A Linear on a few rows in one call: quantize the rows, GEMV, rescale (+ bias) into y (R, N). One call instead
+ * of three keeps a one-token layer's Python / ctypes overhead below its arithmetic. */
+int tq_linear_rows(const float *x, int64_t R, int64_t K, int norm, float eps, int bits, int64_t rows_per_sample,
+                   const int8_t *w, const int32_t *wsum, int64_t N, const float *wscale, int per_channel,
+                   const float *bias, float *y) {
+    int8_t *q = (int8_t *)malloc((size_t)(R * K));
+    uint8_t *xu = (uint8_t *)malloc((size_t)(R * K));
+    float *s = (float *)malloc((size_t)R * sizeof(float));
+    int32_t *acc = (int32_t *)malloc((size_t)(R * N) * sizeof(int32_t));
+    int ok = q && xu && s && acc;
+    if (ok) {
+        tq_quantize_rows(x, R, K, norm, eps, bits, rows_per_sample, q, s);
+        tq_gemv_s8(q, w, wsum, R, N, K, xu, acc);
+        tq_linear_epilogue(acc, R, N, 0, s, wscale, per_channel, bias, y);
+    }
+    free(q);
+    free(xu);
+    free(s);
+    free(acc);
+    return ok ? 0 : -1;
 }
 
 /* --- direct int8 Conv1d (per-step activation scales), no tap planes in memory ---------------------------------

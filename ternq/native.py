@@ -52,6 +52,7 @@ _SIGNATURES: dict[str, tuple[object, ...]] = {
     "tq_tap_scatter": (_P, _I, _I, _I, _P, _I, _I, _I, _P, _I, _I),
     "tq_linear_epilogue": (_P, _I, _I, _C, _P, _P, _C, _P, _P),
     "tq_gemv_s8": (_P, _P, _P, _I, _I, _I, _P, _P),
+    "tq_linear_rows": (_P, _I, _I, _C, _F, _C, _I, _P, _P, _I, _P, _C, _P, _P),
     "tq_quantize_grouped": (_P, _I, _I, _I, _C, _F, _C, _C, _P, _I, _I, _I, _I, _P),
     "tq_conv1d_grouped": (_P, _I, _I, _P, _I, _I, _I, _I, _I, _I, _P, _P, _I, _P, _P, _I),
 }
@@ -133,7 +134,7 @@ def _load() -> ctypes.CDLL | None:
         for name, args in _SIGNATURES.items():
             fn = getattr(lib, name)
             fn.argtypes = args
-            fn.restype = ctypes.c_int if name == "tq_conv1d_grouped" else None
+            fn.restype = ctypes.c_int if name in ("tq_conv1d_grouped", "tq_linear_rows") else None
     except (OSError, RuntimeError, AttributeError) as exc:
         _state["why"] = f"native kernels unavailable, eager torch fallback: {exc}"
         return None
@@ -245,6 +246,19 @@ def gemv(x: Tensor, w: Tensor, wsum: Tensor | None) -> Tensor:
     xu = torch.empty(m * k, dtype=torch.uint8) if wsum is not None else None
     lib.tq_gemv_s8(x.data_ptr(), w.data_ptr(), _ptr(wsum), m, w.shape[0], k, _ptr(xu), acc.data_ptr())
     return acc
+
+
+def linear_rows(x: Tensor, norm: str | None, eps: float, bits: int, rows_per_sample: int, w: Tensor,
+                wsum: Tensor, wscale: Tensor, per_channel: bool, bias: Tensor | None) -> Tensor:
+    """float32 (R, N): a packed Linear on the rows x (R, K) float32 in one call (quantize, GEMV, rescale, bias);
+    w (N, K) int8 codes, wsum their row sums (int32)."""
+    lib = _state["lib"]
+    y = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
+    if lib.tq_linear_rows(x.data_ptr(), x.shape[0], x.shape[1], _NORMS[norm], eps, bits,  # type: ignore[union-attr]
+                          rows_per_sample, w.data_ptr(), wsum.data_ptr(), w.shape[0], wscale.data_ptr(),
+                          int(per_channel), _ptr(bias), y.data_ptr()) != 0:
+        raise MemoryError("tq_linear_rows: out of memory")
+    return y
 
 
 def quantize_grouped(x: Tensor, norm: str | None, eps: float, bits: int, per_sample: bool, in_g: int,

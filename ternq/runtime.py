@@ -511,7 +511,17 @@ class PackedLinear(PackedLayer, nn.Linear):
         return (WEIGHT_ONLY,)
 
     def _k_int8_gemv(self, x: Tensor) -> Tensor:
-        return self._int8_linear(x, weight_first=False, gemv=True)
+        """One native call: quantize the rows, GEMV, rescale (the picker sends only a few rows here)."""
+        cfg = self.qconfig
+        n_in = x.shape[-1]
+        rows = x.reshape(-1, n_in).contiguous()
+        w = self._layout_codes()
+        if self._bits != 8:
+            w = w.contiguous()
+        per = 1 if cfg.act_granularity == "token" else rows.shape[0] // x.shape[0] if x.dim() >= 3 else rows.shape[0]
+        y = native.linear_rows(rows, cfg.input_norm, cfg.eps, int(cfg.act_bits), max(per, 1),  # type: ignore[arg-type]
+                               w, self._wsum(w), self.scale, cfg.granularity == "channel", self.bias)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     def _wsum(self, w: Tensor) -> Tensor | None:
         """Row sums of the codes (int32), cached beside them: the native GEMV multiplies x + 128 as unsigned
@@ -531,19 +541,17 @@ class PackedLinear(PackedLayer, nn.Linear):
     def _k_int8_gemm_t(self, x: Tensor) -> Tensor:
         return self._int8_linear(x, weight_first=True)
 
-    def _int8_linear(self, x: Tensor, weight_first: bool, gemv: bool = False) -> Tensor:
+    def _int8_linear(self, x: Tensor, weight_first: bool) -> Tensor:
         n_in = x.shape[-1]
         if self.qconfig.granularity != "group" and self._native_ok(x):
             q, s = self._quantize_int8(x, -1)
             a = q.view(-1, n_in)
             w = self._layout_codes()
-            if gemv:
-                acc = native.gemv(a, w, self._wsum(w))
-            elif weight_first:
+            if weight_first:
                 acc = _int_mm(w, a.t(), "linear")
             else:
                 acc = _int_mm(a, w.t(), "linear")
-            y = native.linear_epilogue(acc, weight_first and not gemv, s.view(-1), self.scale,
+            y = native.linear_epilogue(acc, weight_first, s.view(-1), self.scale,
                                        self.qconfig.granularity == "channel", self.bias)
             return y.view(*x.shape[:-1], y.shape[-1])
         q, s = self._quantize_int8(x, -1)
