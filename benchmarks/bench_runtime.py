@@ -191,7 +191,8 @@ def available_variants() -> list[str]:
 
 
 def time_variants(models: dict[str, nn.Module], x: Tensor, rounds: int) -> dict[str, float]:
-    """Best-of-`rounds` seconds per call, the variants taking turns within each round.
+    """Best-of-`rounds` seconds per call, the variants taking turns within each round, each turn after one
+    untimed call (so that no variant pays for the caches the previous one filled with its own weights).
 
     With one thread the clock is the thread's CPU time (all the work runs in the calling thread), which time
     slices given to other processes on a shared machine do not inflate; with more threads it is wall time.
@@ -207,6 +208,7 @@ def time_variants(models: dict[str, nn.Module], x: Tensor, rounds: int) -> dict[
         best = dict.fromkeys(models, float("inf"))
         for _ in range(rounds):
             for name, m in models.items():
+                m(x)  # untimed: the previous variant's weights left the caches, this one's are brought back
                 start = clock()
                 for _ in range(reps):
                     m(x)
