@@ -51,6 +51,7 @@ from _machine import machine_line  # noqa: E402
 
 from ternq import TernaryConfig, native  # noqa: E402
 from ternq.layers import layer_spec, to_quant_module  # noqa: E402
+from ternq.packed_weight import PackedWeight  # noqa: E402
 from ternq.runtime import packed_layer  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*torch.ao.quantization is deprecated.*")
@@ -227,8 +228,8 @@ def weight_bytes(model: nn.Module) -> int:
             for v in value:
                 visit(v)
             return
-        if not isinstance(value, Tensor):
-            return
+        if not isinstance(value, Tensor) or isinstance(value, PackedWeight):
+            return  # a packed layer's .weight holds no data (its codes are the layer's buffers, counted there)
         if type(value) not in (Tensor, nn.Parameter) and hasattr(value, "__tensor_flatten__"):
             names, _ = value.__tensor_flatten__()
             for n in names:

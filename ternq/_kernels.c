@@ -348,10 +348,9 @@ void tq_gemv_s8(const int8_t *x, const int8_t *w, const int32_t *wsum, int64_t M
         return;
     }
 #elif defined(__AVX2__)
-    /* vpmaddubsw on x + 128 (u8) and w (s8); exact while |w| <= 64 (the int16 pair sums cannot saturate) */
-    int wmax = 0;
-    for (int64_t i = 0; i < N * K && wmax <= 64; ++i) wmax = abs(w[i]) > wmax ? abs(w[i]) : wmax;
-    if (wsum && xu && wmax <= 64) {
+    /* vpmaddubsw on x + 128 (u8) and w (s8); exact while |w| <= 64 (the int16 pair sums cannot saturate): on
+     * builds without VNNI the caller passes wsum only for such weights */
+    if (wsum && xu) {
         const __m256i ones = _mm256_set1_epi16(1);
         for (int64_t i = 0; i < M * K; ++i) xu[i] = (uint8_t)(x[i] + 128);
         const int64_t K32 = K / 32 * 32;

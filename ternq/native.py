@@ -236,8 +236,8 @@ def linear_epilogue(acc: Tensor, transposed: bool, s: Tensor, wscale: Tensor, pe
 
 
 def gemv(x: Tensor, w: Tensor, wsum: Tensor | None) -> Tensor:
-    """int32 (M, N) = x (M, K) int8 @ w (N, K) int8 ^T, for a few rows M; `wsum` = w.sum(1) as int32 lets
-    VNNI CPUs use unsigned x signed byte products."""
+    """int32 (M, N) = x (M, K) int8 @ w (N, K) int8 ^T, for a few rows M; `wsum` = w.sum(1) as int32 selects
+    the unsigned x signed byte products (vpdpbusd; without VNNI vpmaddubsw, exact only for |w| <= 64)."""
     lib = library()
     assert lib is not None
     x, w = x.contiguous(), w.contiguous()
@@ -249,13 +249,13 @@ def gemv(x: Tensor, w: Tensor, wsum: Tensor | None) -> Tensor:
 
 
 def linear_rows(x: Tensor, norm: str | None, eps: float, bits: int, rows_per_sample: int, w: Tensor,
-                wsum: Tensor, wscale: Tensor, per_channel: bool, bias: Tensor | None) -> Tensor:
+                wsum: Tensor | None, wscale: Tensor, per_channel: bool, bias: Tensor | None) -> Tensor:
     """float32 (R, N): a packed Linear on the rows x (R, K) float32 in one call (quantize, GEMV, rescale, bias);
-    w (N, K) int8 codes, wsum their row sums (int32)."""
+    w (N, K) int8 codes, wsum their row sums (int32; None: the plain signed-byte loop)."""
     lib = _state["lib"]
     y = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
     if lib.tq_linear_rows(x.data_ptr(), x.shape[0], x.shape[1], _NORMS[norm], eps, bits,  # type: ignore[union-attr]
-                          rows_per_sample, w.data_ptr(), wsum.data_ptr(), w.shape[0], wscale.data_ptr(),
+                          rows_per_sample, w.data_ptr(), _ptr(wsum), w.shape[0], wscale.data_ptr(),
                           int(per_channel), _ptr(bias), y.data_ptr()) != 0:
         raise MemoryError("tq_linear_rows: out of memory")
     return y

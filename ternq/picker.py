@@ -19,9 +19,11 @@ from functools import cache
 
 from . import native
 
-__all__ = ["GEMM_T_ROWS", "gemv_rows", "choose"]
+__all__ = ["KERNEL_ENV", "GEMM_T_ROWS", "gemv_rows", "choose", "pick"]
 
+KERNEL_ENV = "TERNQ_KERNEL"
 WEIGHT_ONLY = "weight_only"
+_ENV_KERNELS = ("auto", WEIGHT_ONLY, "int8")
 GEMM_T_ROWS = 64  # int8_gemm_t up to this many rows, int8_gemm beyond (1 thread, docs/benchmarks.md)
 
 
@@ -47,3 +49,26 @@ def choose(applicable: tuple[str, ...], rows: int, vnni: bool | None = None) -> 
     if "int8_gemm_t" in integer and "int8_gemm" in integer:
         return "int8_gemm_t" if rows <= GEMM_T_ROWS else "int8_gemm"
     return integer[0]
+
+
+def pick(applicable: tuple[str, ...], rows: int, *, forced: str | None = None, needs_grad: bool = False,
+         owner: str = "packed layer") -> str:
+    """The kernel a call runs: the layer's forced kernel (checked against what can compute this call), else
+    ``weight_only`` where the input needs a gradient or ``$TERNQ_KERNEL=weight_only``, else the first integer
+    kernel for ``$TERNQ_KERNEL=int8``, else `choose`."""
+    if forced is not None:
+        if forced not in applicable:
+            raise ValueError(f"{owner}: kernel={forced!r} cannot compute this input; applicable: {applicable}")
+        if needs_grad and forced != WEIGHT_ONLY:
+            raise RuntimeError(f"kernel {forced!r} is inference-only and gives no gradient to the input: run under "
+                               f"torch.no_grad() or use kernel={WEIGHT_ONLY!r}")
+        return forced
+    env = os.environ.get(KERNEL_ENV, "auto").strip() or "auto"
+    if env not in _ENV_KERNELS:
+        raise ValueError(f"{KERNEL_ENV}={env!r}: expected one of {_ENV_KERNELS}")
+    if env == WEIGHT_ONLY or needs_grad:
+        return WEIGHT_ONLY
+    integer = [k for k in applicable if k != WEIGHT_ONLY]
+    if env == "int8" and integer:
+        return integer[0]
+    return choose(applicable, rows)

@@ -62,21 +62,21 @@ from __future__ import annotations
 import copy
 import math
 import os
-import threading
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from . import native, picker
+from . import kernels, native, picker
 from .config import QuantConfig
 from .errors import ArchitectureMismatchError, FormatError
 from .layers import LayerSpec, QuantMixin, _legacy_weight_hook, take_input
 from .native import cpu_flags
 from .packed_weight import PackedWeight
-from .quantizers import _sample_dims, absmax, dequantize_weight, normalize_input, quantize_weight
+from .picker import KERNEL_ENV, WEIGHT_ONLY
+from .quantizers import dequantize_weight, quantize_weight
+from .storage import pack_rows, storage_bits, unpack_rows
 
 __all__ = [
     "KERNEL_ENV",
@@ -95,10 +95,7 @@ __all__ = [
     "cpu_flags",
 ]
 
-KERNEL_ENV = "TERNQ_KERNEL"
 STORAGE_ENV = "TERNQ_STORAGE"
-WEIGHT_ONLY = "weight_only"
-_ENV_KERNELS = ("auto", WEIGHT_ONLY, "int8")
 _STORAGES = ("int8", "packed")
 
 # ((layer class, geometry, storage), input bucket, dtype, device, threads) -> kernel name: a record of the
@@ -116,51 +113,6 @@ def reset_kernel_choices() -> None:
     """Forget the recorded choices, and every layer's memo of its last one."""
     _CHOICES.clear()
     _GENERATION[0] += 1  # invalidates every layer's memo of its last choice
-
-
-# --- sub-byte storage ------------------------------------------------------------------------------------------
-
-
-def _storage_bits(config: QuantConfig) -> int:
-    """Bits per code in packed storage: 2 for codes in [-1, 1], 4 up to [-7, 7], else 8."""
-    return 2 if config.qmax <= 1 else 4 if config.qmax <= 7 else 8
-
-
-def _pack_rows(codes: Tensor, bits: int) -> Tensor:
-    """Pack the last dim of int8 `codes` into bytes of 8 // bits two's-complement fields.
-
-    Planar within each row: field i of byte j holds element ``i * width + j``, so unpacking is a few whole-row
-    shifts (no interleaving) and rows stay separately addressable (an Embedding gathers packed rows).
-    """
-    per = 8 // bits
-    *lead, n = codes.shape
-    width = -(-n // per)
-    planes = F.pad(codes.reshape(-1, n), (0, width * per - n)).view(-1, per, width)
-    out = torch.zeros(planes.shape[0], width, dtype=torch.uint8, device=codes.device)
-    mask = (1 << bits) - 1
-    for i in range(per):
-        out |= (planes[:, i].view(torch.uint8) & mask) << (bits * i)
-    return out.view(*lead, width)
-
-
-def _unpack_rows(packed: Tensor, bits: int, n: int) -> Tensor:
-    """Inverse of `_pack_rows`: int8 codes with last dim `n` (sign-extended by a left then arithmetic right shift)."""
-    per = 8 // bits
-    *lead, width = packed.shape
-    src = packed.reshape(-1, width).view(torch.int8)
-    out = torch.empty(src.shape[0], per, width, dtype=torch.int8, device=packed.device)
-    for i in range(per):
-        plane = out[:, i]
-        up = 8 - bits * (i + 1)
-        if up:
-            torch.bitwise_left_shift(src, up, out=plane)
-            plane.bitwise_right_shift_(8 - bits)
-        else:
-            torch.bitwise_right_shift(src, 8 - bits, out=plane)
-    flat = out.view(src.shape[0], per * width)
-    if per * width != n:
-        flat = flat[:, :n]
-    return flat.reshape(*lead, n)
 
 
 # --- the packed layer ------------------------------------------------------------------------------------------
@@ -201,8 +153,8 @@ class PackedLayer:
         self._int8_layout = self._integer_kernel_possible()
         layout = (self._to_layout(codes) if self._int8_layout else codes).contiguous()
         self._layout_shape = tuple(layout.shape)
-        self._bits = _storage_bits(config) if storage == "packed" else 8
-        qweight = layout if self._bits == 8 else _pack_rows(layout, self._bits)
+        self._bits = storage_bits(config) if storage == "packed" else 8
+        qweight = layout if self._bits == 8 else pack_rows(layout, self._bits)
         self.register_buffer("qweight", qweight, persistent=False)  # type: ignore[attr-defined]
         self.register_buffer("scale", scale.to(torch.float32).contiguous(), persistent=False)  # type: ignore[attr-defined]
         self.float_dtype = float_dtype  # the float weight's dtype: the output dtype of integer-index inputs
@@ -229,7 +181,7 @@ class PackedLayer:
         """int8 codes in the stored layout (a transient unpacked copy for packed storage)."""
         if self._bits == 8:
             return self.qweight
-        return _unpack_rows(self.qweight, self._bits, self._layout_shape[-1])
+        return unpack_rows(self.qweight, self._bits, self._layout_shape[-1])
 
     @property
     def codes(self) -> Tensor:
@@ -344,28 +296,12 @@ class PackedLayer:
 
     def _pick_uncached(self, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
         applicable = self._applicable(x)
-        needs_grad = torch.is_grad_enabled() and x.requires_grad
-        if self._forced is not None:
-            if self._forced not in applicable:
-                raise ValueError(f"{type(self).__name__}.kernel={self._forced!r} cannot compute this input "
-                                 f"(shape {tuple(x.shape)}, {x.dtype}); applicable: {applicable}")
-            if needs_grad and self._forced != WEIGHT_ONLY:
-                raise RuntimeError(f"kernel {self._forced!r} is inference-only and gives no gradient to the "
-                                   f"input: run under torch.no_grad() or use kernel={WEIGHT_ONLY!r}")
-            return self._forced
-        env = os.environ.get(KERNEL_ENV, "auto").strip() or "auto"
-        if env not in _ENV_KERNELS:
-            raise ValueError(f"{KERNEL_ENV}={env!r}: expected one of {_ENV_KERNELS}")
-        if env == WEIGHT_ONLY or needs_grad:
-            return WEIGHT_ONLY
-        fast = [k for k in applicable if k != WEIGHT_ONLY]
-        if env == "int8" and fast:
-            return fast[0]
+        rows = x.numel() // max(x.shape[-1], 1) if x.dim() else 1
+        choice = picker.pick(applicable, rows, forced=self._forced, needs_grad=torch.is_grad_enabled() and
+                             x.requires_grad, owner=f"{type(self).__name__} (input {tuple(x.shape)}, {x.dtype})")
         geometry = self.__dict__.get("_geometry_key")
         if geometry is None:
             geometry = self._geometry_key = (type(self).__name__, self._geometry(), self.storage)
-        rows = x.numel() // max(x.shape[-1], 1) if x.dim() else 1
-        choice = picker.choose(applicable, rows)
         _CHOICES[(geometry, self._bucket(x), x.dtype, x.device.type, torch.get_num_threads())] = choice
         return choice
 
@@ -383,69 +319,15 @@ class PackedLayer:
 
     def _native_ok(self, x: Tensor) -> bool:
         """Whether the native kernels can take this input (float32 on CPU, codes of at most 8 bits)."""
-        bias = getattr(self, "bias", None)
-        return (x.dtype == torch.float32 and x.device.type == "cpu" and int(self.qconfig.act_bits or 0) <= 8
-                and x.numel() > 0 and (bias is None or bias.dtype == torch.float32)
-                and native.available())
+        return kernels.native_ok(x, self.qconfig, getattr(self, "bias", None))
 
     def _quantize_int8(self, x: Tensor, dim: int, pad: tuple[int, int] = (0, 0)) -> tuple[Tensor, Tensor]:
-        """Integer activation codes (int8) and scales (per token, or per sample for ``act_granularity="tensor"``,
-        broadcastable to `x`): the values the QAT layer rounds to. Channel-major inputs (``dim=1``) can be
-        zero-padded in time by `pad` (left, right): the codes and per-step scales come back padded.
-
-        One native pass (norm, absmax, round) where available; else eager torch, bit for bit the QAT values."""
-        cfg = self.qconfig
-        if self._native_ok(x):
-            x = x.contiguous()
-            per_sample = cfg.act_granularity == "tensor"
-            if dim == 1 and x.dim() == 3:
-                b, c, t = x.shape
-                width = pad[0] + t + pad[1]
-                q = torch.empty(b, c, width, dtype=torch.int8)
-                s = torch.empty(b, 1, width if not per_sample else 1, dtype=torch.float32)
-                if pad[0] or pad[1]:
-                    q[:, :, :pad[0]] = 0
-                    q[:, :, pad[0] + t:] = 0
-                    if not per_sample:
-                        s[:, :, :pad[0]] = 0
-                        s[:, :, pad[0] + t:] = 0
-                native.quantize_channels(x, cfg.input_norm, cfg.eps, int(cfg.act_bits),  # type: ignore[arg-type]
-                                         per_sample, q, s.view(b, -1), pad[0])
-                return q, s
-            if dim in (-1, x.dim() - 1) and pad == (0, 0):
-                n = x.shape[-1]
-                rows = x.reshape(-1, n)
-                q = torch.empty(rows.shape, dtype=torch.int8)
-                s = torch.empty(rows.shape[0], dtype=torch.float32)
-                # rows per scale: 1 per token; per sample, all rows of x[b] (3+-D) or of the whole input
-                per = 1 if not per_sample else rows.shape[0] // x.shape[0] if x.dim() >= 3 else rows.shape[0]
-                native.quantize_rows(rows, cfg.input_norm, cfg.eps, int(cfg.act_bits),  # type: ignore[arg-type]
-                                     per, q, s)
-                return q.view(x.shape), s.view(*x.shape[:-1], 1)  # per sample: equal scales within a sample
-        q, s = self._quantize_eager(x, dim)
-        if pad != (0, 0):
-            if s.shape[-1] != 1 or q.shape[-1] == 1:  # per step: pad the scales with the codes
-                s = F.pad(s.expand(*s.shape[:-1], q.shape[-1]), pad)
-            q = F.pad(q, pad)
-        return q, s
+        """`ternq.kernels.quantize_activations` with this layer's config."""
+        return kernels.quantize_activations(x, self.qconfig, dim, pad)
 
     def _quantize_eager(self, x: Tensor, dim: int) -> tuple[Tensor, Tensor]:
-        """`_quantize_int8` in eager torch ops: exactly the QAT layer's normalization and rounding."""
-        cfg = self.qconfig
-        bits = int(cfg.act_bits)  # type: ignore[arg-type]
-        x = normalize_input(x, cfg.input_norm, dim, cfg.eps)
-        dims = (dim,) if cfg.act_granularity == "token" else _sample_dims(x)
-        # = activation_scale(x, bits, dim, eps, granularity); for large inputs without materializing |x|:
-        # max|x| = max(amax, -amin) exactly (fewer ops win for small ones)
-        if x.numel() >= 1 << 15:
-            s = torch.maximum(x.amax(dims, keepdim=True), x.amin(dims, keepdim=True).neg_())
-        else:
-            s = absmax(x, dims)
-        s = s.clamp_(min=cfg.eps).div_(2 ** (bits - 1) - 1)
-        t = torch.div(x, s, out=_scratch("act", tuple(x.shape), x.dtype, x.device)).round_()
-        if x.dtype != torch.float32:  # in float32 |x / s| <= qmax * (1 + 2**-23): rounding cannot leave the range
-            t.clamp_(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
-        return t.to(torch.int8), s.to(torch.float32)
+        """`ternq.kernels.quantize_eager` with this layer's config (the QAT layer's codes, bit for bit)."""
+        return kernels.quantize_eager(x, self.qconfig, dim)
 
     def _k_weight_only(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         dtype = x.dtype if x.is_floating_point() else self.float_dtype
@@ -458,39 +340,6 @@ class PackedLayer:
         extra = ", act_granularity=tensor" if cfg.act_granularity == "tensor" else ""
         return (f"{base}, qconfig={cfg.name}/{cfg.granularity}, act_bits={cfg.act_bits}{extra}, "
                 f"storage={self.storage}, kernel={self.kernel}")
-
-
-def _int_mm(a: Tensor, b: Tensor, scratch: str | None = None) -> Tensor:
-    """int8 x int8 -> int32 matrix product, into the thread's `scratch` buffer of that name if given (only valid
-    until the next call using it). torch 2.13's CPU ``_int_mm`` returns garbage for K == 1: done by hand."""
-    if a.shape[1] == 1:
-        return a.to(torch.int32) * b.to(torch.int32)
-    if scratch is None:
-        return torch._int_mm(a, b)
-    return torch._int_mm(a, b, out=_scratch(scratch, (a.shape[0], b.shape[1]), torch.int32, a.device))
-
-
-_SCRATCH = threading.local()
-_SCRATCH_MIN_BYTES = 128 << 10
-_SCRATCH_MAX_BYTES = 16 << 20
-
-
-def _scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A per-thread buffer reused across calls for a kernel's intermediates.
-
-    Fresh multi-megabyte temporaries in every call cost page faults (glibc returns them to the OS and maps them
-    again), which made the Conv1d kernel up to 40% slower; a buffer of at most 16 MiB per name and thread stays
-    allocated instead. Larger requests get a plain tensor.
-    """
-    numel = math.prod(shape)
-    if not _SCRATCH_MIN_BYTES <= numel * dtype.itemsize <= _SCRATCH_MAX_BYTES:
-        return torch.empty(shape, dtype=dtype, device=device)  # small ones come from malloc's free lists
-    pool = _SCRATCH.__dict__.setdefault("pool", {})
-    buf = pool.get(name)
-    if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
-        with torch.inference_mode(False):  # a normal tensor: usable inside and outside inference mode
-            buf = pool[name] = torch.empty(numel, dtype=dtype, device=device)
-    return buf[:numel].view(shape)
 
 
 class PackedLinear(PackedLayer, nn.Linear):
@@ -511,79 +360,28 @@ class PackedLinear(PackedLayer, nn.Linear):
         return (WEIGHT_ONLY,)
 
     def _k_int8_gemv(self, x: Tensor) -> Tensor:
-        """One native call: quantize the rows, GEMV, rescale (the picker sends only a few rows here)."""
-        cfg = self.qconfig
-        n_in = x.shape[-1]
-        rows = x.reshape(-1, n_in).contiguous()
         w = self._layout_codes()
-        if self._bits != 8:
-            w = w.contiguous()
-        per = 1 if cfg.act_granularity == "token" else rows.shape[0] // x.shape[0] if x.dim() >= 3 else rows.shape[0]
-        y = native.linear_rows(rows, cfg.input_norm, cfg.eps, int(cfg.act_bits), max(per, 1),  # type: ignore[arg-type]
-                               w, self._wsum(w), self.scale, cfg.granularity == "channel", self.bias)
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return kernels.linear_gemv(x, w, self._wsum(w), self.scale, self.bias, self.qconfig)
 
     def _wsum(self, w: Tensor) -> Tensor | None:
         """Row sums of the codes (int32), cached beside them: the native GEMV multiplies x + 128 as unsigned
-        bytes and subtracts 128 * row sum (4 bytes per output row)."""
+        bytes and subtracts 128 * row sum (4 bytes per output row). None where the unsigned-byte path is not
+        exact: without VNNI it multiplies pairs into int16, which needs |codes| <= 64 (ternary codes are)."""
         key = (self.qweight.data_ptr(), self.qweight._version)
         cached = self.__dict__.get("_wsum_cache")
         if cached is None or cached[0] != key:
-            cached = self.__dict__["_wsum_cache"] = (key, w.sum(1, dtype=torch.int32))
+            exact = native.vnni() or int(w.abs().max()) <= 64 if w.numel() else True
+            cached = self.__dict__["_wsum_cache"] = (key, w.sum(1, dtype=torch.int32) if exact else None)
         return cached[1]
 
     def _bucket(self, x: Tensor) -> tuple[int, ...]:
         return (_pow2(x.numel() // max(x.shape[-1], 1)),)
 
     def _k_int8_gemm(self, x: Tensor) -> Tensor:
-        return self._int8_linear(x, weight_first=False)
+        return kernels.linear_int8(x, self._layout_codes(), self.scale, self.bias, self.qconfig, weight_first=False)
 
     def _k_int8_gemm_t(self, x: Tensor) -> Tensor:
-        return self._int8_linear(x, weight_first=True)
-
-    def _int8_linear(self, x: Tensor, weight_first: bool) -> Tensor:
-        n_in = x.shape[-1]
-        if self.qconfig.granularity != "group" and self._native_ok(x):
-            q, s = self._quantize_int8(x, -1)
-            a = q.view(-1, n_in)
-            w = self._layout_codes()
-            if weight_first:
-                acc = _int_mm(w, a.t(), "linear")
-            else:
-                acc = _int_mm(a, w.t(), "linear")
-            y = native.linear_epilogue(acc, weight_first, s.view(-1), self.scale,
-                                       self.qconfig.granularity == "channel", self.bias)
-            return y.view(*x.shape[:-1], y.shape[-1])
-        q, s = self._quantize_int8(x, -1)
-        a = q.reshape(-1, n_in)
-        s = s.expand(*x.shape[:-1], 1).reshape(-1, 1)  # per-sample scales: one per row too
-        w = self._layout_codes()  # (out, in)
-
-        def product(lo: int, hi: int) -> Tensor:
-            """float32 (tokens, out) = a[:, lo:hi] @ w[:, lo:hi].T, exact."""
-            if not weight_first:
-                return _int_mm(a[:, lo:hi], w[:, lo:hi].t(), "linear").to(torch.float32)
-            r = _int_mm(w[:, lo:hi], a[:, lo:hi].t(), "linear")  # (out, tokens)
-            if r.shape[1] == 1:
-                return r.view(1, -1).to(torch.float32)
-            return torch.empty(r.shape[1], r.shape[0], dtype=torch.float32, device=r.device).copy_(r.t())
-
-        cfg = self.qconfig
-        if cfg.granularity == "group":
-            size = cfg.group_size
-            y = product(0, size).mul_(self.scale[:, 0])
-            for g in range(1, self.scale.shape[1]):
-                y.add_(product(g * size, (g + 1) * size).mul_(self.scale[:, g]))
-            factor = s
-        else:
-            y = product(0, n_in)
-            if cfg.granularity == "tensor":
-                factor = s * self.scale
-            else:
-                y.mul_(self.scale)
-                factor = s
-        y = y.mul_(factor) if self.bias is None else torch.addcmul(self.bias, y, factor)
-        return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+        return kernels.linear_int8(x, self._layout_codes(), self.scale, self.bias, self.qconfig, weight_first=True)
 
 
 class _PackedConv1dBase(PackedLayer):
@@ -614,35 +412,19 @@ class _PackedConv1dBase(PackedLayer):
     def _bucket(self, x: Tensor) -> tuple[int, ...]:
         return (x.shape[0], _pow2(x.shape[-1]))
 
-    def _tap_gemm(self, weight: Tensor, q: Tensor, s: Tensor) -> Tensor:
-        """(k, out_g, T) float: ``s[t] * sum_c codes[tap, o, c] * q[c, t]`` for every tap; T a multiple of 16."""
-        k, out_g, in_g = weight.shape
-        r = _int_mm(weight.reshape(k * out_g, in_g), q, "taps")
-        taps = _scratch("taps_float", tuple(r.shape), torch.float32, r.device).copy_(r)
-        return taps.mul_(s).view(k, out_g, q.shape[-1])
-
-    @staticmethod
-    def _chunk(rows: int) -> int:
-        """Time steps per GEMM: keeps the (rows, chunk) int32/float intermediates near 1 MiB (L2-resident)
-        and bounds the extra memory of long inputs."""
-        return max(64, (_CHUNK_BYTES // (4 * rows)) // 16 * 16)
-
-    def _scale_and_bias(self, y: Tensor) -> Tensor:
-        if self.qconfig.granularity == "channel":
-            n = self.scale.shape[0]
-            y.view(y.shape[0], -1, n, y.shape[-1]).mul_(self.scale.view(1, 1, n, 1))
-        if self.bias is not None:  # type: ignore[attr-defined]
-            y.add_(self.bias.view(1, -1, 1))  # type: ignore[attr-defined]
-        return y
-
-
-def _align16(n: int) -> int:
-    """GEMM widths are rounded up to 16 columns: oneDNN's int8 GEMM is 2-3x slower on other widths."""
-    return -(-n // 16) * 16
-
-
-_CHUNK_BYTES = 1 << 20
-_IM2COL_BYTES = 4 << 20  # im2col's (in*k, T) int8 columns / (out, T) int32 products per chunk
+    def _conv_geometry(self) -> kernels.Conv1dGeometry:
+        """The layer's convolution hyperparameters as the kernels take them (made once per layer)."""
+        geom = self.__dict__.get("_conv_geom")
+        if geom is None:
+            if isinstance(self, nn.ConvTranspose1d):
+                padding = (self.padding[0], self.padding[0])
+            else:
+                left, right = self._reversed_padding_repeated_twice  # type: ignore[attr-defined]
+                padding = (left, right)
+            geom = self.__dict__["_conv_geom"] = kernels.Conv1dGeometry(
+                type(self).__name__, self.kernel_size[0], self.stride[0], self.dilation[0],  # type: ignore[attr-defined]
+                padding, self.padding_mode, self.groups)  # type: ignore[attr-defined]
+        return geom
 
 
 class PackedConv1d(_PackedConv1dBase, nn.Conv1d):
@@ -657,7 +439,7 @@ class PackedConv1d(_PackedConv1dBase, nn.Conv1d):
     kernels = ("int8_direct", "int8_taps", "int8_im2col", WEIGHT_ONLY)
 
     def _config_kernels(self) -> tuple[str, ...]:
-        return ("int8_im2col", WEIGHT_ONLY) if self._im2col() else ("int8_direct", "int8_taps", WEIGHT_ONLY)
+        return ("int8_direct", "int8_im2col" if self._im2col() else "int8_taps", WEIGHT_ONLY)
 
     def _applicable(self, x: Tensor) -> tuple[str, ...]:
         kernels = super()._applicable(x)
@@ -685,145 +467,19 @@ class PackedConv1d(_PackedConv1dBase, nn.Conv1d):
         return stored.permute(0, 2, 3, 1).reshape(groups * out_g, in_g, k)
 
     def _k_int8_direct(self, x: Tensor) -> Tensor:
-        cfg = self.qconfig
-        left, right = self._reversed_padding_repeated_twice
-        k, dilation, stride = self.kernel_size[0], self.dilation[0], self.stride[0]
-        span = dilation * (k - 1)
-        t_out = (x.shape[-1] + left + right - span - 1) // stride + 1
-        if t_out < 1:
-            raise RuntimeError(f"{type(self).__name__}: input of length {x.shape[-1]} is shorter than the "
-                               f"kernel's reach {span + 1} after padding")
-        in_g, out_g = self.in_channels // self.groups, self.out_channels // self.groups
-        xg, s = native.quantize_grouped(x, cfg.input_norm, cfg.eps, int(cfg.act_bits),  # type: ignore[arg-type]
-                                        cfg.act_granularity == "tensor", in_g, left, right)
         weight = self._layout_codes()
-        per_channel = cfg.granularity == "channel"
-        y = torch.empty(x.shape[0], self.out_channels, t_out, dtype=torch.float32)
-        for g in range(self.groups):
-            rows = slice(g * out_g, (g + 1) * out_g)
-            wscale = self.scale[rows] if per_channel else self.scale
-            bias = None if self.bias is None else self.bias[rows]
-            w = weight[g].contiguous()
-            for b in range(x.shape[0]):
-                native.conv1d_grouped(xg[b, g], w, k, dilation, stride, t_out, s[b], wscale, per_channel, bias,
-                                      y[b, rows])
-        return y
-
-    def _k_int8_im2col(self, x: Tensor) -> Tensor:
-        q, s = self._quantize_int8(x, 1)  # (B, C, T) int8, (B, 1, 1)
-        left, right = self._reversed_padding_repeated_twice
-        if self.padding_mode != "zeros" and (left or right):
-            index = torch.arange(q.shape[-1], dtype=torch.float32, device=q.device).view(1, 1, -1)
-            index = F.pad(index, (left, right), mode=self.padding_mode).view(-1).long()
-            q = q.index_select(2, index)
-            left = right = 0
-        k, dilation, stride = self.kernel_size[0], self.dilation[0], self.stride[0]
-        span = dilation * (k - 1)
-        t_pad = q.shape[-1] + left + right
-        t_out = (t_pad - span - 1) // stride + 1
-        if t_out < 1:
-            raise RuntimeError(f"{type(self).__name__}: input of length {x.shape[-1]} is shorter than the "
-                               f"kernel's reach {span + 1} after padding")
-        weight = self._layout_codes()
-        groups, out_g, cols = weight.shape
-        in_g = cols // k
-        chunk = max(64, (_IM2COL_BYTES // max(4 * out_g, cols)) // 16 * 16)
-        # zero columns on the right let every chunk read a 16-aligned width of output steps
-        reach = (_align16(t_out) - 1) * stride + span + 1
-        q = F.pad(q, (left, right + max(0, reach - t_pad)))
-        factor = s.reshape(-1, 1, 1) * (self.scale.view(1, -1, 1) if self.qconfig.granularity == "channel"
-                                        else self.scale.view(1, 1, 1))
-        bias = None if self.bias is None else self.bias.view(-1, 1)
-        y = torch.empty(x.shape[0], groups * out_g, t_out, dtype=torch.float32, device=x.device)
-        for b in range(x.shape[0]):
-            for g in range(groups):
-                rows = slice(g * out_g, (g + 1) * out_g)
-                f = factor[b, rows] if factor.shape[1] > 1 else factor[b]
-                for t0 in range(0, t_out, chunk):
-                    n = min(chunk, t_out - t0)
-                    width = _align16(n)
-                    start = t0 * stride
-                    window = q[b, g * in_g:(g + 1) * in_g, start:start + (width - 1) * stride + span + 1]
-                    unfolded = window.unfold(1, span + 1, stride)[:, :, ::dilation]  # (in_g, width, k)
-                    col = _scratch("im2col", (in_g, k, width), torch.int8, x.device)
-                    col.copy_(unfolded.transpose(1, 2))
-                    r = _int_mm(weight[g], col.view(in_g * k, width), "im2col_out")[:, :n]
-                    # convert, then scale and add in place: 2.4x faster than one mixed-dtype addcmul here
-                    dst = y[b, rows, t0:t0 + n].copy_(r).mul_(f)
-                    if bias is not None:
-                        dst.add_(bias[rows])
-        return y.to(x.dtype)
+        if self._im2col():  # per-sample layout (groups, out, in * k): the tap-major copy for this call
+            groups, out_g, cols = weight.shape
+            weight = weight.view(groups, out_g, -1, self.kernel_size[0]).permute(0, 3, 1, 2).contiguous()
+        return kernels.conv1d_direct(x, weight, self.scale, self.bias, self.qconfig, self._conv_geometry())
 
     def _k_int8_taps(self, x: Tensor) -> Tensor:
-        if self._native_ok(x) and (self.padding_mode == "zeros" or not any(self._reversed_padding_repeated_twice)):
-            return self._native_taps(x)
-        q, s = self._quantize_int8(x, 1)  # (B, C, T) int8, (B, 1, T) or per sample (B, 1, 1)
-        s = s.expand(-1, -1, q.shape[-1])
-        if self.qconfig.granularity == "tensor":
-            s = s * self.scale
-        left, right = self._reversed_padding_repeated_twice
-        t_pad = q.shape[-1] + left + right
-        if self.padding_mode != "zeros" and (left or right):
-            index = torch.arange(q.shape[-1], dtype=torch.float32, device=q.device).view(1, 1, -1)
-            index = F.pad(index, (left, right), mode=self.padding_mode).view(-1).long()
-            q, s = q.index_select(2, index), s.index_select(2, index)
-            left = right = 0
-        # zero columns on the right let every chunk read a 16-aligned width
-        q, s = F.pad(q, (left, right + 16)), F.pad(s, (left, right + 16))
-        k, dilation, stride = self.kernel_size[0], self.dilation[0], self.stride[0]
-        span = dilation * (k - 1)
-        t_out = (t_pad - span - 1) // stride + 1
-        if t_out < 1:
-            raise RuntimeError(f"{type(self).__name__}: input of length {x.shape[-1]} is shorter than the "
-                               f"kernel's reach {span + 1} after padding")
-        weight = self._layout_codes()
-        groups, _, out_g, in_g = weight.shape
-        chunk = self._chunk(k * out_g) // stride or 1
-        y = torch.empty(x.shape[0], groups * out_g, t_out, dtype=torch.float32, device=x.device)
-        for b in range(x.shape[0]):
-            for g in range(groups):
-                rows = q[b, g * in_g:(g + 1) * in_g]
-                for t0 in range(0, t_out, chunk):
-                    n = min(chunk, t_out - t0)
-                    start, width = t0 * stride, _align16((n - 1) * stride + span + 1)
-                    taps = self._tap_gemm(weight[g], rows[:, start:start + width], s[b, :, start:start + width])
-                    shifted = taps.as_strided((k, out_g, n), (out_g * width + dilation, width, stride))
-                    torch.sum(shifted, 0, out=y[b, g * out_g:(g + 1) * out_g, t0:t0 + n])
-        return self._scale_and_bias(y).to(x.dtype)
+        return kernels.conv1d_taps(x, self._layout_codes(), self.scale, self.bias, self.qconfig,
+                                   self._conv_geometry())
 
-
-    def _native_taps(self, x: Tensor) -> Tensor:
-        """`int8_taps` with the native quantizer (codes written straight into the zero-padded buffer) and the
-        native tap sum (int32 taps -> scaled, summed, rescaled output in one pass)."""
-        left, right = self._reversed_padding_repeated_twice
-        k, dilation, stride = self.kernel_size[0], self.dilation[0], self.stride[0]
-        span = dilation * (k - 1)
-        t_pad = x.shape[-1] + left + right
-        t_out = (t_pad - span - 1) // stride + 1
-        if t_out < 1:
-            raise RuntimeError(f"{type(self).__name__}: input of length {x.shape[-1]} is shorter than the "
-                               f"kernel's reach {span + 1} after padding")
-        q, s = self._quantize_int8(x, 1, (left, right + 16))  # zero columns: 16-aligned chunk widths
-        if s.shape[-1] != q.shape[-1]:  # one scale per sample: the tap sum reads one per step
-            s = s.expand(-1, -1, q.shape[-1]).contiguous()
-        weight = self._layout_codes()
-        groups, _, out_g, in_g = weight.shape
-        per_channel = self.qconfig.granularity == "channel"
-        chunk = self._chunk(k * out_g) // stride or 1
-        y = torch.empty(x.shape[0], groups * out_g, t_out, dtype=torch.float32)
-        for g in range(groups):
-            w = weight[g].reshape(k * out_g, in_g)
-            rows = slice(g * out_g, (g + 1) * out_g)
-            wscale = self.scale[rows] if per_channel else self.scale
-            bias = None if self.bias is None else self.bias[rows]
-            for b in range(x.shape[0]):
-                for t0 in range(0, t_out, chunk):
-                    n = min(chunk, t_out - t0)
-                    start, width = t0 * stride, _align16((n - 1) * stride + span + 1)
-                    acc = _int_mm(w, q[b, g * in_g:(g + 1) * in_g, start:start + width], "taps")
-                    native.tap_sum(acc, k, s[b, 0, start:], n, stride, dilation, wscale, per_channel, bias,
-                                   y[b, rows, t0:])
-        return y
+    def _k_int8_im2col(self, x: Tensor) -> Tensor:
+        return kernels.conv1d_im2col(x, self._layout_codes(), self.scale, self.bias, self.qconfig,
+                                     self._conv_geometry())
 
 
 class PackedConvTranspose1d(_PackedConv1dBase, nn.ConvTranspose1d):
@@ -840,42 +496,8 @@ class PackedConvTranspose1d(_PackedConv1dBase, nn.ConvTranspose1d):
     def _k_int8_taps(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
         output_padding = self._output_padding(x, output_size, self.stride, self.padding, self.kernel_size, 1,
                                               self.dilation)
-        use_native = self._native_ok(x)
-        q, s = self._quantize_int8(x, 1, (0, 16))  # 16-aligned chunk widths; (B, 1, T + 16) or per sample (B, 1, 1)
-        s = s.expand(-1, -1, q.shape[-1])
-        if self.qconfig.granularity == "tensor":
-            s = s * self.scale
-        elif use_native:
-            s = s.contiguous()
-        t_in = q.shape[-1] - 16
-        k, dilation, stride, pad = self.kernel_size[0], self.dilation[0], self.stride[0], self.padding[0]
-        t_full = (t_in - 1) * stride + dilation * (k - 1) + 1
-        t_out = t_full - 2 * pad + output_padding[0]
-        if t_out < 1:
-            raise RuntimeError(f"{type(self).__name__}: output length {t_out} < 1 for input length {t_in}")
-        weight = self._layout_codes()
-        groups, _, out_g, in_g = weight.shape
-        chunk = self._chunk(k * out_g)
-        y = torch.empty(x.shape[0], groups * out_g, t_out, dtype=torch.float32, device=x.device)
-        full = torch.empty(out_g, max(t_full, pad + t_out), dtype=torch.float32, device=x.device)
-        for b in range(x.shape[0]):
-            for g in range(groups):
-                rows = q[b, g * in_g:(g + 1) * in_g]
-                full.zero_()
-                for t0 in range(0, t_in, chunk):
-                    n = min(chunk, t_in - t0)
-                    width = _align16(n)
-                    if use_native:  # scale and overlap-add the int32 taps in one pass
-                        acc = _int_mm(weight[g].reshape(k * out_g, in_g), rows[:, t0:t0 + width], "taps")
-                        native.tap_scatter(acc, k, s[b, 0, t0:], n, stride, dilation, full, t0 * stride)
-                        continue
-                    taps = self._tap_gemm(weight[g], rows[:, t0:t0 + width], s[b, :, t0:t0 + width])
-                    reach = stride * (n - 1) + 1
-                    for j in range(k):
-                        begin = t0 * stride + j * dilation
-                        full[:, begin:begin + reach:stride].add_(taps[j, :, :n])
-                y[b, g * out_g:(g + 1) * out_g] = full[:, pad:pad + t_out]
-        return self._scale_and_bias(y).to(x.dtype)
+        return kernels.conv_transpose1d_taps(x, self._layout_codes(), self.scale, self.bias, self.qconfig,
+                                             self._conv_geometry(), output_padding[0])
 
 
 class PackedConv2d(PackedLayer, nn.Conv2d):
@@ -894,18 +516,8 @@ class PackedEmbedding(PackedLayer, nn.Embedding):
         return self.kernels if self.max_norm is None else (WEIGHT_ONLY,)  # max_norm renormalizes the table
 
     def _k_gather(self, x: Tensor) -> Tensor:
-        packed_rows = F.embedding(x, self.qweight)
-        rows = packed_rows if self._bits == 8 else _unpack_rows(packed_rows, self._bits, self._layout_shape[-1])
-        out = rows.to(torch.float32)
-        cfg = self.qconfig
-        if cfg.granularity == "tensor":
-            out.mul_(self.scale)
-        elif cfg.granularity == "channel":
-            out.mul_(self.scale[x].unsqueeze(-1))
-        else:
-            expanded = self.scale[x].repeat_interleave(cfg.group_size, dim=-1)[..., :out.shape[-1]]
-            out.mul_(expanded)
-        return out.to(self.float_dtype)
+        return kernels.embedding_gather(x, self.qweight, self._bits, self._layout_shape[-1], self.scale,
+                                        self.qconfig, self.float_dtype)
 
 
 _BUILTIN: dict[type[nn.Module], type[PackedLayer]] = {
@@ -1075,6 +687,7 @@ def packed_layer(float_module: nn.Module, codes: Tensor, scale: Tensor, config: 
         layer._buffers.pop(attr, None)
     layer.__dict__.pop("_geometry_key", None)  # re-packing: the storage may change
     layer.__dict__.pop("_memo", None)
+    layer.__dict__.pop("_conv_geom", None)
     layer.__dict__.pop("qconfig", None)
     layer._init_packed(codes.to(torch.int8), scale, config, spec, kernel, storage, float_dtype)
     return layer  # type: ignore[return-value]

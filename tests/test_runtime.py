@@ -27,6 +27,7 @@ from ternq import (
     KBitConfig,
     QuantConfig,
     TernaryConfig,
+    native,
     register_layer,
 )
 from ternq.layers import layer_spec, to_quant_module
@@ -37,13 +38,12 @@ from ternq.runtime import (
     STORAGE_ENV,
     PackedConv1d,
     PackedLinear,
-    _pack_rows,
-    _unpack_rows,
     is_packed,
     kernel_choices,
     packed_layer,
     resident_bytes,
 )
+from ternq.storage import pack_rows, unpack_rows
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.nn.utils.weight_norm. is deprecated:FutureWarning",
                                         "ignore:Using padding='same':UserWarning")
@@ -281,9 +281,9 @@ def test_pack_rows_roundtrip(bits: int, rows: list[int], n: int, seed: int) -> N
     g = torch.Generator().manual_seed(seed)
     q = 2 ** (bits - 1)
     codes = torch.randint(-q, q, (*rows, n), generator=g, dtype=torch.int8)
-    packed = _pack_rows(codes, bits)
+    packed = pack_rows(codes, bits)
     assert packed.dtype == torch.uint8 and packed.shape[-1] == -(-n // (8 // bits))
-    assert torch.equal(_unpack_rows(packed, bits, n), codes)
+    assert torch.equal(unpack_rows(packed, bits, n), codes)
 
 
 @pytest.mark.parametrize("config", [TernaryConfig(), KBitConfig(bits=4, granularity="group", group_size=16),
@@ -522,16 +522,15 @@ def test_qat_skeleton_repack_and_generic_layer() -> None:
 
 def test_long_inputs_run_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Time is cut into GEMM chunks of >= 64 steps; chunk borders must not show in the output."""
-    import ternq.picker
-    import ternq.runtime
+    import ternq.kernels
 
-    monkeypatch.setattr(ternq.runtime, "_CHUNK_BYTES", 1)  # the smallest chunks: 64 steps
+    monkeypatch.setattr(ternq.kernels, "_CHUNK_BYTES", 1)  # the smallest chunks: 64 steps
     torch.manual_seed(0)
     config = TernaryConfig(granularity="channel")
     assert_matches_qat(nn.Conv1d(6, 8, 5, padding=2), config, torch.randn(2, 6, 300))
     assert_matches_qat(nn.Conv1d(6, 8, 3, stride=2, dilation=3, padding=1), config, torch.randn(1, 6, 301))
     assert_matches_qat(nn.ConvTranspose1d(6, 4, 8, stride=4, padding=2), config, torch.randn(2, 6, 150))
-    monkeypatch.setattr(ternq.runtime, "_IM2COL_BYTES", 1)  # int8_im2col: chunks of 64 steps too
+    monkeypatch.setattr(ternq.kernels, "_IM2COL_BYTES", 1)  # int8_im2col: chunks of 64 steps too
     per_sample = TernaryConfig(granularity="channel", act_granularity="tensor")
     assert_matches_qat(nn.Conv1d(6, 8, 5, padding=2), per_sample, torch.randn(2, 6, 300))
     assert_matches_qat(nn.Conv1d(6, 8, 3, stride=2, dilation=3, padding=1, padding_mode="reflect"), per_sample,
@@ -540,7 +539,7 @@ def test_long_inputs_run_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize("weight_granularity", ["tensor", "channel"])
 def test_per_sample_activations_make_conv1d_one_gemm(weight_granularity: str) -> None:
-    """act_granularity="tensor": Conv1d runs int8_im2col (its only integer kernel; int8_taps is refused), stores
+    """act_granularity="tensor": Conv1d runs int8_im2col (or the native int8_direct; int8_taps is refused), stores
     the codes in the weight's own order, and matches the QAT layer on a BitTTS-shaped batch of two samples."""
     torch.manual_seed(0)
     config = TernaryConfig(granularity=weight_granularity, act_granularity="tensor")
@@ -548,7 +547,8 @@ def test_per_sample_activations_make_conv1d_one_gemm(weight_granularity: str) ->
     x = torch.randn(2, 32, 200) * torch.tensor([0.1, 10.0]).view(2, 1, 1)  # very different sample scales
     assert_matches_qat(conv, config, x)
     packed = pack(conv, config)
-    assert packed._applicable(x) == ("int8_im2col", "weight_only")
+    native_first = ("int8_direct",) if native.available() else ()
+    assert packed._applicable(x) == (*native_first, "int8_im2col", "weight_only")
     assert packed.qweight.shape == (1, 24, 32 * 5)
     with pytest.raises(ValueError, match="int8_taps"):
         packed.kernel = "int8_taps"
@@ -584,10 +584,9 @@ def test_integer_activation_codes_are_the_qat_codes(act_bits: int, norm: str | N
 
 def test_inference_mode_then_no_grad() -> None:
     """Reused scratch buffers made under inference_mode stay usable in plain no_grad calls, and vice versa."""
-    import ternq.picker
-    import ternq.runtime
+    import ternq.kernels
 
-    ternq.runtime._SCRATCH.__dict__.pop("pool", None)  # the buffers are made in the first call below
+    ternq.kernels._SCRATCH.__dict__.pop("pool", None)  # the buffers are made in the first call below
     torch.manual_seed(0)
     config = TernaryConfig()
     conv = pack(nn.Conv1d(4, 4, 3, padding=1), config, kernel="int8_taps")
