@@ -646,4 +646,22 @@ int tq_conv1d_grouped_vectorized(void) {
 #endif
 }
 
-int tq_abi_version(void) { return 2; }
+/* Row sums of int8 codes w (N, K) into sums (int32), returning max |w|: what the unsigned-byte GEMV needs, without
+ * the int32 copy of the whole weight that torch's sum(dtype=int32) makes. */
+int tq_row_sums(const int8_t *w, int64_t N, int64_t K, int32_t *sums) {
+    int wmax = 0;
+    for (int64_t n = 0; n < N; ++n) {
+        int32_t total = 0;
+        int rmax = 0;
+        for (int64_t c = 0; c < K; ++c) {
+            const int v = w[n * K + c];
+            total += v;
+            rmax = (v < 0 ? -v : v) > rmax ? (v < 0 ? -v : v) : rmax;
+        }
+        sums[n] = total;
+        wmax = rmax > wmax ? rmax : wmax;
+    }
+    return wmax;
+}
+
+int tq_abi_version(void) { return 3; }

@@ -35,7 +35,7 @@ NATIVE_ENV = "TERNQ_NATIVE"
 ARCH_ENV = "TERNQ_NATIVE_ARCH"
 CACHE_ENV = "TERNQ_CACHE"
 _SOURCE = Path(__file__).with_name("_kernels.c")
-_ABI = 2
+_ABI = 3
 _FLAGS = ("-O3", "-std=c99", "-shared", "-fPIC", "-ffp-contract=off", "-fno-math-errno")
 
 _state: dict[str, object] = {}  # "lib": the loaded CDLL or None, "why": the reason when None
@@ -53,6 +53,7 @@ _SIGNATURES: dict[str, tuple[object, ...]] = {
     "tq_linear_epilogue": (_P, _I, _I, _C, _P, _P, _C, _P, _P),
     "tq_gemv_s8": (_P, _P, _P, _I, _I, _I, _P, _P),
     "tq_linear_rows": (_P, _I, _I, _C, _F, _C, _I, _P, _P, _I, _P, _C, _P, _P),
+    "tq_row_sums": (_P, _I, _I, _P),
     "tq_quantize_grouped": (_P, _I, _I, _I, _C, _F, _C, _C, _P, _I, _I, _I, _I, _P),
     "tq_conv1d_grouped": (_P, _I, _I, _P, _I, _I, _I, _I, _I, _I, _P, _P, _I, _P, _P, _I),
 }
@@ -134,7 +135,7 @@ def _load() -> ctypes.CDLL | None:
         for name, args in _SIGNATURES.items():
             fn = getattr(lib, name)
             fn.argtypes = args
-            fn.restype = ctypes.c_int if name in ("tq_conv1d_grouped", "tq_linear_rows") else None
+            fn.restype = ctypes.c_int if name in ("tq_conv1d_grouped", "tq_linear_rows", "tq_row_sums") else None
     except (OSError, RuntimeError, AttributeError) as exc:
         _state["why"] = f"native kernels unavailable, eager torch fallback: {exc}"
         return None
@@ -259,6 +260,16 @@ def linear_rows(x: Tensor, norm: str | None, eps: float, bits: int, rows_per_sam
                           int(per_channel), _ptr(bias), y.data_ptr()) != 0:
         raise MemoryError("tq_linear_rows: out of memory")
     return y
+
+
+def row_sums(w: Tensor) -> tuple[Tensor, int]:
+    """Row sums (int32) of int8 codes w (N, K) and their largest magnitude, without temporaries."""
+    lib = library()
+    assert lib is not None
+    w = w.contiguous()
+    sums = torch.empty(w.shape[0], dtype=torch.int32)
+    wmax = lib.tq_row_sums(w.data_ptr(), w.shape[0], w.shape[1], sums.data_ptr())
+    return sums, int(wmax)
 
 
 def quantize_grouped(x: Tensor, norm: str | None, eps: float, bits: int, per_sample: bool, in_g: int,

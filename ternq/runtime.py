@@ -1,58 +1,39 @@
 """Packed inference layers: ternary / k-bit weights kept as int8 codes (or 2/4-bit packed) plus scales.
 
 `packed_layer` turns a float layer plus its integer codes and scales into an inference layer that never holds a
-float copy of the weight. It computes what the QAT layer computes in eval mode (input norm, per-token absmax
-activation quantization, ``codes * scale`` weight) by one of several *kernels*:
+float copy of the weight and computes what the QAT layer computes in eval mode (input norm, absmax activation
+quantization, ``codes * scale`` weight). The modules here are thin: they hold the codes in the layout their
+kernels read, answer like the float layer (``.weight`` is a `ternq.packed_weight.PackedWeight` with the float
+weight's dtype / shape / device, hooks, state_dict keys) and send each call to one kernel:
 
-``int8_gemm`` / ``int8_gemm_t`` (Linear), ``int8_taps`` (Conv1d, ConvTranspose1d)
-    For layers trained with ``act_bits`` set. The normalized input is rounded to integer codes exactly as the
-    QAT layer rounds it, multiplied with the weight codes by ``torch._int_mm`` (int8 x int8 -> int32, exact),
-    and the int32 result is rescaled by the activation and weight scales. A convolution cannot fold the
-    per-time-step activation scale out of its window sum, so ``int8_taps`` runs one GEMM of all k taps at once,
-    ``(k*out, in) @ (in, T)``, scales every column by its time step's scale and sums the k shifted tap planes
-    (overlap-adds them for the transposed conv). Per-group weight scales are accumulated group by group
-    (Linear only; grouped-scale convolutions use ``weight_only``).
-``int8_im2col`` (Conv1d trained with ``act_granularity="tensor"``)
-    One activation scale per sample factors out of every window sum, so the convolution is a single int8 GEMM
-    ``(out, in*k) @ (in*k, T)`` over the unfolded int8 input, rescaled once (2-3x faster than ``int8_taps``
-    per layer; measured in docs/benchmarks.md). Per-sample Linear layers use the ``int8_gemm`` kernels and
-    ConvTranspose1d ``int8_taps`` with the sample's scale broadcast over time.
-``gather`` (Embedding)
-    Gathers the code rows of the looked-up tokens and scales only those.
-``weight_only``
-    Any registered layer type: ``codes * scale`` is dequantized on the fly for each call, in the input's dtype,
-    and the layer's own float op runs on it (for Conv2d and layers trained without activation quantization this
-    is the only kernel). Nothing float is kept between calls, but every call rebuilds the float weight: at one
-    token that takes several times as long as the float layer's own matrix-vector product (measured figures in
-    docs/benchmarks.md). It is the path that is right everywhere (any device, autograd through the input).
+* `ternq.kernels`: the kernels, free functions (``int8_gemv`` / ``int8_gemm`` / ``int8_gemm_t`` for Linear,
+  ``int8_direct`` / ``int8_taps`` / ``int8_im2col`` for Conv1d, ``int8_taps`` for ConvTranspose1d, ``gather``
+  for Embedding), all starting from one activation quantizer and one convolution prelude;
+* `ternq.picker`: which kernel, from the CPU's features and the call's geometry, never by timing, so the first
+  call of a shape costs what a warm call costs; the decisions are recorded (`kernel_choices`);
+* `ternq.native`: the C kernels behind the fast paths (input norm + absmax + round in one pass, the direct
+  int8 convolution, the one-call GEMV), built once per machine, with an eager torch fallback;
+* `ternq.storage`: the in-memory sub-byte layout of ``storage="packed"``.
 
-Kernel choice. With ``kernel="auto"`` (default) `ternq.picker` chooses from the CPU's features and the call's
-geometry, without timing anything, so the first call of a shape costs what a warm call costs; the choices are
-recorded per process (`kernel_choices`, `reset_kernel_choices`). The int8 kernels keep their large
-intermediates in per-thread scratch buffers (at most 16 MiB each) instead of allocating them in every call. Force
-a kernel per layer (``packed_layer(..., kernel=...)`` or ``layer.kernel = "weight_only"``) or for the whole
-process with the environment variable ``TERNQ_KERNEL`` = ``auto`` | ``weight_only`` | ``int8`` (the layer's
-first integer kernel where it applies). A call that needs a gradient with respect to the input runs
-``weight_only``.
-
-Native kernels (`ternq.native`, float32 CPU inputs). Input norm + absmax + round + clamp run as one C pass per
-layer instead of about ten eager ops, and the int32 results are rescaled (and, for convolutions, their taps
-summed) in one pass; a Linear with at most a few rows runs a native GEMV (``int8_gemv``). Without a C compiler
-(or with ``TERNQ_NATIVE=0``) the same kernels run in eager torch ops.
+``weight_only`` runs on any registered layer type: ``codes * scale`` dequantized for the call, in the input's
+dtype, and the layer's own float op (for Conv2d and layers trained without activation quantization it is the
+only kernel; a call that needs a gradient with respect to the input runs it too). Force a kernel per layer
+(``packed_layer(..., kernel=...)`` or ``layer.kernel = "weight_only"``) or for the process with
+``TERNQ_KERNEL`` = ``auto`` | ``weight_only`` | ``int8``.
 
 Storage (``storage=`` or ``TERNQ_STORAGE``). ``"int8"`` (default) keeps one int8 code per weight, already in the
-layout its GEMM reads: 1/4 of the float32 weight, and the fastest. ``"packed"`` keeps ternary and int2 codes at
-2 bits and int3/int4 codes at 4 bits per weight (1/16 or 1/8 of float32; wider codes stay int8) and unpacks them
-to a transient int8 tensor in every call, about 0.1 ms per million weights on one core.
+layout its kernels read: 1/4 of the float32 weight, and the fastest. ``"packed"`` keeps ternary and int2 codes
+at 2 bits and int3/int4 codes at 4 bits per weight (1/16 or 1/8 of float32; wider codes stay int8) and unpacks
+them to a transient int8 tensor in every call, about 0.1 ms per million weights on one core.
 
 Tolerance. The weight codes are identical to the QAT layer's and int32 accumulation is exact. The eager
 activation codes are the QAT layer's bit for bit; the native quantizer sums the norm's statistics in its own
-order, so one activation code in a few thousand may differ by one step where the normalized value lies within
-float32 rounding of a rounding boundary (`tests/test_runtime.py` bounds both). Beyond that, kernels differ
-from the QAT layer only by float32 rounding: the order in which ``s_x * scale * sum(q * c)`` is rounded and
-summed. `tests/test_runtime.py` checks every kernel
-against the QAT layer with ``|y - y_qat| <= 1e-5 * (|x_q| @ |W_q|) + 1e-6`` elementwise (``x_q``, ``W_q`` the
-fake-quantized input and weight), i.e. relative to the magnitude of the terms being summed.
+order, so an activation code may differ by one step where the normalized value lies within float32 rounding of
+a rounding boundary (`tests/test_runtime.py` allows at most one in a thousand, and no larger difference; on the
+shipped BitTTS model the native and eager waveforms differ by 50 dB SNR). Beyond that, kernels differ from the
+arithmetic on those codes only by float32 rounding: ``|y - y_ref| <= 1e-5 * (|x_q| @ |W_q|) + 1e-6``
+elementwise (``x_q``, ``W_q`` the fake-quantized input and weight), relative to the magnitude of the terms
+being summed.
 
 Packed layers are for inference: the int8 kernels do not propagate gradients to the input (the bias still
 gets its gradient).
@@ -370,8 +351,8 @@ class PackedLinear(PackedLayer, nn.Linear):
         key = (self.qweight.data_ptr(), self.qweight._version)
         cached = self.__dict__.get("_wsum_cache")
         if cached is None or cached[0] != key:
-            exact = native.vnni() or int(w.abs().max()) <= 64 if w.numel() else True
-            cached = self.__dict__["_wsum_cache"] = (key, w.sum(1, dtype=torch.int32) if exact else None)
+            sums, wmax = native.row_sums(w)
+            cached = self.__dict__["_wsum_cache"] = (key, sums if native.vnni() or wmax <= 64 else None)
         return cached[1]
 
     def _bucket(self, x: Tensor) -> tuple[int, ...]:

@@ -90,7 +90,7 @@ def packed_activations(packed: nn.Module, qat: nn.Module, x: Tensor) -> Tensor |
     xq = q.to(x.dtype) * s.to(x.dtype)
     ref = qat.quantize_input(x)
     step = s.to(x.dtype).expand_as(ref)
-    ref_codes = torch.round(ref / step)  # the QAT codes (the scales agree to a few ulp)
+    ref_codes = torch.round(ref.float() / step.float())  # the QAT codes (the scales agree to a few ulp)
     differ = q != ref_codes
     rel = 1e-5 if x.dtype == torch.float32 else 1e-2
     assert bool(((q - ref_codes).abs() <= 1).all()), "codes differ by more than one step"
