@@ -12,10 +12,10 @@ import platform
 
 import torch
 
-from ternq.runtime import cpu_flags
+from ternq.native import cpu_flags
 
 _FLAGS = ("avx2", "avx512f", "avx_vnni", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
-_ENV = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "OMP_WAIT_POLICY")
+_ENV = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "TERNQ_NATIVE_ARCH", "OMP_WAIT_POLICY")
 
 
 def cpu_model() -> str:

@@ -1,14 +1,15 @@
 """Packed ternary inference vs fp32 eager, PyTorch dynamic int8 quantization and torchao's int8 configs.
 
 Prints, from one run on this machine: speed ratios (fp32 time / variant time, so 2.0x = twice as fast) at 1 and
-2 threads on a Linear-heavy model (4 x Linear(1024), 1 / 16 / 256 tokens) and on BitTTS-shaped Conv1d stacks
+2 threads on a Linear-heavy model (4 x Linear(1024), 1 / 16 / 64 / 256 tokens) and on BitTTS-shaped Conv1d stacks
 (4 x Conv1d(C, C, 5), C = 192 / 256, 500 / 1000 frames; the same stacks again quantized with
 ``act_granularity="tensor"``, one activation scale per sample, which ternq runs as one int8 GEMM per conv) and
 HiFi-GAN's ConvTranspose1d upsamplers; then resident weight memory and process peak RSS during inference (each variant in its own subprocess, so peaks do not mix), and the peak of loading a packed
 file into a float skeleton when `ternq.load_packed` is available.
 
 Variants: ``ternq`` = `ternq.runtime.packed_layer` with the paper config (ternary per-tensor weights, layer-normed
-8-bit activations), int8 code storage, kernels picked by timing; ``ternq 2-bit`` = the same with 2-bit storage;
+8-bit activations), int8 code storage, kernels picked by `ternq.picker` (no timing), native kernels where built
+(`ternq.native.status()` is printed); ``ternq 2-bit`` = the same with 2-bit storage;
 ``ternq w-only`` = the weight-only kernel forced (the path for CPUs without fast int8); ``torch dyn int8`` =
 ``torch.ao.quantization.quantize_dynamic`` (what Pocket TTS uses; Linear only); ``torchao`` = torchao's
 ``Int8DynamicActivationInt8WeightConfig`` / ``Int8WeightOnlyConfig`` when torchao imports (Linear only).
@@ -20,7 +21,8 @@ CPU time, at 2 threads wall time.
 
     python benchmarks/bench_runtime.py                 # the full table (~3 min)
     python benchmarks/bench_runtime.py --quick         # smoke run
-    python benchmarks/bench_runtime.py --emulate-avx2  # the same with oneDNN / ATen / MKL limited to AVX2
+    python benchmarks/bench_runtime.py --emulate-avx2  # the same with oneDNN / ATen / MKL limited to AVX2 and
+                                                       # ternq's native kernels built for haswell (no VNNI)
     python benchmarks/bench_runtime.py --load-only     # only the load_packed peak table
 """
 from __future__ import annotations
@@ -47,8 +49,9 @@ from torch import Tensor, nn  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _machine import machine_line  # noqa: E402
 
-from ternq import TernaryConfig  # noqa: E402
+from ternq import TernaryConfig, native  # noqa: E402
 from ternq.layers import layer_spec, to_quant_module  # noqa: E402
+from ternq.packed_weight import PackedWeight  # noqa: E402
 from ternq.runtime import packed_layer  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*torch.ao.quantization is deprecated.*")
@@ -98,6 +101,7 @@ def upsamplers() -> nn.Module:
 CASES: list[tuple[str, Callable[[], nn.Module], tuple[int, ...]]] = [
     ("MLP 4xLinear(1024)", mlp, (1, 1024)),
     ("MLP 4xLinear(1024)", mlp, (16, 1024)),
+    ("MLP 4xLinear(1024)", mlp, (64, 1024)),
     ("MLP 4xLinear(1024)", mlp, (256, 1024)),
     ("Conv1d 4x(192,k5)", conv_stack(192), (1, 192, 500)),
     ("Conv1d 4x(192,k5)", conv_stack(192), (1, 192, 1000)),
@@ -109,7 +113,7 @@ CASES: list[tuple[str, Callable[[], nn.Module], tuple[int, ...]]] = [
     ("Conv1d 4x(256,k5) per-sample act", conv_stack(256, PER_SAMPLE), (1, 256, 1000)),
     ("ConvT1d HiFi-GAN ups", upsamplers, (1, 512, 100)),
 ]
-MEMORY_CASES = [0, 6]  # one Linear model, one Conv1d model (resident weights do not depend on the input)
+MEMORY_CASES = [0, 7]  # one Linear model, one Conv1d model (resident weights do not depend on the input)
 
 
 # --- variants --------------------------------------------------------------------------------------------------
@@ -188,7 +192,8 @@ def available_variants() -> list[str]:
 
 
 def time_variants(models: dict[str, nn.Module], x: Tensor, rounds: int) -> dict[str, float]:
-    """Best-of-`rounds` seconds per call, the variants taking turns within each round.
+    """Best-of-`rounds` seconds per call, the variants taking turns within each round, each turn after one
+    untimed call (so that no variant pays for the caches the previous one filled with its own weights).
 
     With one thread the clock is the thread's CPU time (all the work runs in the calling thread), which time
     slices given to other processes on a shared machine do not inflate; with more threads it is wall time.
@@ -204,6 +209,7 @@ def time_variants(models: dict[str, nn.Module], x: Tensor, rounds: int) -> dict[
         best = dict.fromkeys(models, float("inf"))
         for _ in range(rounds):
             for name, m in models.items():
+                m(x)  # untimed: the previous variant's weights left the caches, this one's are brought back
                 start = clock()
                 for _ in range(reps):
                     m(x)
@@ -222,8 +228,8 @@ def weight_bytes(model: nn.Module) -> int:
             for v in value:
                 visit(v)
             return
-        if not isinstance(value, Tensor):
-            return
+        if not isinstance(value, Tensor) or isinstance(value, PackedWeight):
+            return  # a packed layer's .weight holds no data (its codes are the layer's buffers, counted there)
         if type(value) not in (Tensor, nn.Parameter) and hasattr(value, "__tensor_flatten__"):
             names, _ = value.__tensor_flatten__()
             for n in names:
@@ -432,6 +438,7 @@ def main() -> None:
     parser.add_argument("--emulate-avx2", action="store_true",
                         help="re-run with oneDNN, ATen and MKL limited to AVX2 (an older CPU without VNNI/AMX)")
     parser.add_argument("--load-only", action="store_true", help="only the load_packed peak table")
+    parser.add_argument("--one-thread", action="store_true", help="only the 1-thread speed table")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -445,7 +452,8 @@ def main() -> None:
         print(json.dumps(result))
         return
     if args.emulate_avx2 and os.environ.get("ONEDNN_MAX_CPU_ISA") != "AVX2":
-        env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2", MKL_ENABLE_INSTRUCTIONS="AVX2")
+        env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2", MKL_ENABLE_INSTRUCTIONS="AVX2",
+                   TERNQ_NATIVE_ARCH="haswell")
         argv = [a for a in sys.argv[1:] if a != "--emulate-avx2"]
         os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *argv, "--emulate-avx2"], env)
     if args.load_only:
@@ -457,8 +465,10 @@ def main() -> None:
     out = [f"# bench_runtime — {time.strftime('%Y-%m-%d %H:%M')}", "",
            "Speed: fp32 time / variant time (higher is faster), best of "
            f"{rounds} interleaved rounds (1 thread: thread CPU time; 2 threads: wall time). "
-           f"torchao: {torchao_status()}.", ""]
-    for threads in (1, 2):
+           f"torchao: {torchao_status()}. ternq native kernels: {native.status()} "
+           f"(TERNQ_NATIVE_ARCH={os.environ.get('TERNQ_NATIVE_ARCH', 'native')}).", ""]
+    threads_list = (1,) if args.one_thread else (1, 2)
+    for threads in threads_list:
         out += speed_table(threads, rounds, names) + [""]
     if not args.quick and not args.emulate_avx2:
         torch.set_num_threads(1)

@@ -96,7 +96,7 @@ class _Site:
     dtype: torch.dtype
     rule: str | None
     owned: set[str] = field(default_factory=set)  # state_dict keys of the float weight (all aliases)
-    readers: list[str] = field(default_factory=list)  # weight-only sites: the modules reading the weight
+    readers: list[str] = field(default_factory=list)  # other modules whose forward reads the weight
 
 
 def _type_name(cls: type) -> str:
@@ -151,7 +151,8 @@ def _collect_sites(model: nn.Module) -> list[_Site]:
                 codes, scale = module.codes, module.scale
                 dtype = module.float_dtype
             site = _Site(_join(path, spec.weight_name), path, spec.weight_name, _type_name(spec.float_type),
-                         spec.weight_out_dim, codes, scale, module.qconfig, dtype, rule)
+                         spec.weight_out_dim, codes, scale, module.qconfig, dtype, rule,
+                         readers=readers.get(_join(path, spec.weight_name), []))
             local = _owned_keys(module, spec.weight_name)
             site.owned = {_join(alias, k) for alias in aliases[id(module)] for k in local}
             sites.append(site)
@@ -460,14 +461,14 @@ def _place(source: Source, model: nn.Module, record: LayerRecord, aliases: dict[
     module = _get_module(model, record.module)
     if module is None:
         raise _mismatch(source, f"the file packs {what}, but the skeleton has no module {record.module!r}")
+    for reader in record.readers:
+        if _get_module(model, reader) is None:
+            raise _mismatch(source, f"{what} is read by module {reader!r}, which the skeleton does not have")
     if record.type == "weight":
         weight = module._parameters.get(record.weight)
         if weight is None:
             raise _mismatch(source, f"the file packs {what}, but module {record.module!r} has no parameter "
                                     f"{record.weight!r}")
-        for reader in record.readers:
-            if _get_module(model, reader) is None:
-                raise _mismatch(source, f"{what} is read by module {reader!r}, which the skeleton does not have")
         spec = None
         owned = {_join(a, record.weight) for a in aliases[id(module)]}
         if owned & floats:  # stored in float too: the parameter stays, with its values
@@ -671,7 +672,14 @@ def _load_layer(source: Source, manifest: Manifest, root: nn.Module, p: _Placeme
     new = packed_layer(p.module, codes, scale, p.config, p.spec)
     if p.record.rule is not None:
         new.ternq_rule = p.record.rule
-    return _replace(root, p.module, new, aliases)
+    root = _replace(root, p.module, new, aliases)
+    _install_readers(root, p.record)  # a parent reading the layer's weight: its fast path stays off
+    return root
+
+
+def _install_readers(root: nn.Module, record: LayerRecord) -> None:
+    for reader in record.readers:
+        install_reads(root.get_submodule(reader), [record.key[len(reader) + 1:] if reader else record.key])
 
 
 # --- functional calls ------------------------------------------------------------------------------------------
@@ -760,8 +768,7 @@ def _install_packed_weight(root: nn.Module, holder: nn.Module, record: LayerReco
     if record.rule is not None:
         wq.ternq_rule = record.rule
     install_weights(holder, [wq])
-    for reader in record.readers:
-        install_reads(root.get_submodule(reader), [record.key[len(reader) + 1:] if reader else record.key])
+    _install_readers(root, record)
 
 
 def _install_packed_functional(owner: nn.Module, record: LayerRecord, codes: Tensor, scale: Tensor,

@@ -549,7 +549,7 @@ class LayerRecord:
     codes: str
     scale: str
     rule: str | None = None
-    readers: tuple[str, ...] = ()  # weight-only sites: the modules whose forward reads the weight
+    readers: tuple[str, ...] = ()  # modules whose forward reads the weight itself (besides its layer)
 
     @property
     def qmax(self) -> int:

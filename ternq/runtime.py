@@ -1,72 +1,63 @@
 """Packed inference layers: ternary / k-bit weights kept as int8 codes (or 2/4-bit packed) plus scales.
 
 `packed_layer` turns a float layer plus its integer codes and scales into an inference layer that never holds a
-float copy of the weight. It computes what the QAT layer computes in eval mode (input norm, per-token absmax
-activation quantization, ``codes * scale`` weight) by one of several *kernels*:
+float copy of the weight and computes what the QAT layer computes in eval mode (input norm, absmax activation
+quantization, ``codes * scale`` weight). The modules here are thin: they hold the codes in the layout their
+kernels read, answer like the float layer (``.weight`` is a `ternq.packed_weight.PackedWeight` with the float
+weight's dtype / shape / device, hooks, state_dict keys) and send each call to one kernel:
 
-``int8_gemm`` / ``int8_gemm_t`` (Linear), ``int8_taps`` (Conv1d, ConvTranspose1d)
-    For layers trained with ``act_bits`` set. The normalized input is rounded to integer codes exactly as the
-    QAT layer rounds it, multiplied with the weight codes by ``torch._int_mm`` (int8 x int8 -> int32, exact),
-    and the int32 result is rescaled by the activation and weight scales. A convolution cannot fold the
-    per-time-step activation scale out of its window sum, so ``int8_taps`` runs one GEMM of all k taps at once,
-    ``(k*out, in) @ (in, T)``, scales every column by its time step's scale and sums the k shifted tap planes
-    (overlap-adds them for the transposed conv). Per-group weight scales are accumulated group by group
-    (Linear only; grouped-scale convolutions use ``weight_only``).
-``int8_im2col`` (Conv1d trained with ``act_granularity="tensor"``)
-    One activation scale per sample factors out of every window sum, so the convolution is a single int8 GEMM
-    ``(out, in*k) @ (in*k, T)`` over the unfolded int8 input, rescaled once (2-3x faster than ``int8_taps``
-    per layer; measured in docs/benchmarks.md). Per-sample Linear layers use the ``int8_gemm`` kernels and
-    ConvTranspose1d ``int8_taps`` with the sample's scale broadcast over time.
-``gather`` (Embedding)
-    Gathers the code rows of the looked-up tokens and scales only those.
-``weight_only``
-    Any registered layer type: ``codes * scale`` is dequantized on the fly for each call, in the input's dtype,
-    and the layer's own float op runs on it (for Conv2d and layers trained without activation quantization this
-    is the only kernel). Nothing float is kept between calls, but every call rebuilds the float weight: at one
-    token that takes several times as long as the float layer's own matrix-vector product (measured figures in
-    docs/benchmarks.md). It is the path that is right everywhere (any device, autograd through the input).
+* `ternq.kernels`: the kernels, free functions (``int8_gemv`` / ``int8_gemm`` / ``int8_gemm_t`` for Linear,
+  ``int8_direct`` / ``int8_taps`` / ``int8_im2col`` for Conv1d, ``int8_taps`` for ConvTranspose1d, ``gather``
+  for Embedding), all starting from one activation quantizer and one convolution prelude;
+* `ternq.picker`: which kernel, from the CPU's features and the call's geometry, never by timing, so the first
+  call of a shape costs what a warm call costs; the decisions are recorded (`kernel_choices`);
+* `ternq.native`: the C kernels behind the fast paths (input norm + absmax + round in one pass, the direct
+  int8 convolution, the one-call GEMV), built once per machine, with an eager torch fallback;
+* `ternq.storage`: the in-memory sub-byte layout of ``storage="packed"``.
 
-Kernel choice. With ``kernel="auto"`` (default) the first call for each input-shape bucket (rows rounded up to a
-power of two, per thread count, dtype and device) times every applicable kernel on the real input and keeps the
-fastest; the choice is cached per process (`kernel_choices`, `reset_kernel_choices`), so an int8 kernel is only
-used where it beats ``weight_only`` on this CPU (AVX512-VNNI / AMX make int8 GEMM several times faster than
-fp32; without VNNI it is about as fast). The int8 kernels keep their large intermediates in per-thread scratch
-buffers (at most 16 MiB each) instead of allocating them in every call. Force a
-kernel per layer (``packed_layer(..., kernel=...)`` or ``layer.kernel = "weight_only"``) or for the whole
-process with the environment variable ``TERNQ_KERNEL`` = ``auto`` | ``weight_only`` | ``int8`` (the layer's
-integer kernel where it applies). A call that needs a gradient with respect to the input runs ``weight_only``.
+``weight_only`` runs on any registered layer type: ``codes * scale`` dequantized for the call, in the input's
+dtype, and the layer's own float op (for Conv2d and layers trained without activation quantization it is the
+only kernel; a call that needs a gradient with respect to the input runs it too). Force a kernel per layer
+(``packed_layer(..., kernel=...)`` or ``layer.kernel = "weight_only"``) or for the process with
+``TERNQ_KERNEL`` = ``auto`` | ``weight_only`` | ``int8``.
 
 Storage (``storage=`` or ``TERNQ_STORAGE``). ``"int8"`` (default) keeps one int8 code per weight, already in the
-layout its GEMM reads: 1/4 of the float32 weight, and the fastest. ``"packed"`` keeps ternary and int2 codes at
-2 bits and int3/int4 codes at 4 bits per weight (1/16 or 1/8 of float32; wider codes stay int8) and unpacks them
-to a transient int8 tensor in every call, about 0.1 ms per million weights on one core.
+layout its kernels read: 1/4 of the float32 weight, and the fastest. ``"packed"`` keeps ternary and int2 codes
+at 2 bits and int3/int4 codes at 4 bits per weight (1/16 or 1/8 of float32; wider codes stay int8) and unpacks
+them to a transient int8 tensor in every call, about 0.1 ms per million weights on one core.
 
-Tolerance. The integer codes of activations and weights are identical to the QAT layer's (same functions, same
-layout), and int32 accumulation is exact, so kernels differ from the QAT layer only by float32 rounding: the
-order in which ``s_x * scale * sum(q * c)`` is rounded and summed. `tests/test_runtime.py` checks every kernel
-against the QAT layer with ``|y - y_qat| <= 1e-5 * (|x_q| @ |W_q|) + 1e-6`` elementwise (``x_q``, ``W_q`` the
-fake-quantized input and weight), i.e. relative to the magnitude of the terms being summed.
+Tolerance. The weight codes are identical to the QAT layer's and int32 accumulation is exact. The eager
+activation codes are the QAT layer's bit for bit; the native quantizer sums the norm's statistics in its own
+order, so an activation code may differ by one step where the normalized value lies within float32 rounding of
+a rounding boundary (`tests/test_runtime.py` allows at most one in a thousand, and no larger difference; on the
+shipped BitTTS model the native and eager waveforms differ by 50 dB SNR). Beyond that, kernels differ from the
+arithmetic on those codes only by float32 rounding: ``|y - y_ref| <= 1e-5 * (|x_q| @ |W_q|) + 1e-6``
+elementwise (``x_q``, ``W_q`` the fake-quantized input and weight), relative to the magnitude of the terms
+being summed.
 
 Packed layers are for inference: the int8 kernels do not propagate gradients to the input (the bias still
 gets its gradient).
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
-import threading
-import time
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from . import kernels, native, picker
 from .config import QuantConfig
 from .errors import ArchitectureMismatchError, FormatError
 from .layers import LayerSpec, QuantMixin, _legacy_weight_hook, take_input
-from .quantizers import _sample_dims, absmax, dequantize_weight, normalize_input
+from .native import cpu_flags
+from .packed_weight import PackedWeight
+from .picker import KERNEL_ENV, WEIGHT_ONLY
+from .quantizers import dequantize_weight, quantize_weight
+from .storage import pack_rows, storage_bits, unpack_rows
 
 __all__ = [
     "KERNEL_ENV",
@@ -85,84 +76,24 @@ __all__ = [
     "cpu_flags",
 ]
 
-KERNEL_ENV = "TERNQ_KERNEL"
 STORAGE_ENV = "TERNQ_STORAGE"
-WEIGHT_ONLY = "weight_only"
-_ENV_KERNELS = ("auto", WEIGHT_ONLY, "int8")
 _STORAGES = ("int8", "packed")
 
-# ((layer class, geometry, storage), input bucket, dtype, device, threads) -> kernel name
+# ((layer class, geometry, storage), input bucket, dtype, device, threads) -> kernel name: a record of the
+# picker's decisions (`kernel_choices`), not a cache (the picker decides without timing)
 _CHOICES: dict[tuple[Any, ...], str] = {}
 _GENERATION = [0]
 
 
 def kernel_choices() -> dict[tuple[Any, ...], str]:
-    """A copy of the kernels picked so far by timing, keyed by layer geometry and input-shape bucket."""
+    """A copy of the kernels picked so far (`ternq.picker`), keyed by layer geometry and input-shape bucket."""
     return dict(_CHOICES)
 
 
 def reset_kernel_choices() -> None:
-    """Forget the timed choices (e.g. after changing the thread count deliberately)."""
+    """Forget the recorded choices, and every layer's memo of its last one."""
     _CHOICES.clear()
     _GENERATION[0] += 1  # invalidates every layer's memo of its last choice
-
-
-def cpu_flags() -> set[str]:
-    """The CPU feature flags the OS reports (empty off Linux). The int8 kernels' speed depends on them
-    (amx_int8 > avx512_vnni > plain AVX2) far more than fp32 speed does: print them beside speed figures."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-# --- sub-byte storage ------------------------------------------------------------------------------------------
-
-
-def _storage_bits(config: QuantConfig) -> int:
-    """Bits per code in packed storage: 2 for codes in [-1, 1], 4 up to [-7, 7], else 8."""
-    return 2 if config.qmax <= 1 else 4 if config.qmax <= 7 else 8
-
-
-def _pack_rows(codes: Tensor, bits: int) -> Tensor:
-    """Pack the last dim of int8 `codes` into bytes of 8 // bits two's-complement fields.
-
-    Planar within each row: field i of byte j holds element ``i * width + j``, so unpacking is a few whole-row
-    shifts (no interleaving) and rows stay separately addressable (an Embedding gathers packed rows).
-    """
-    per = 8 // bits
-    *lead, n = codes.shape
-    width = -(-n // per)
-    planes = F.pad(codes.reshape(-1, n), (0, width * per - n)).view(-1, per, width)
-    out = torch.zeros(planes.shape[0], width, dtype=torch.uint8, device=codes.device)
-    mask = (1 << bits) - 1
-    for i in range(per):
-        out |= (planes[:, i].view(torch.uint8) & mask) << (bits * i)
-    return out.view(*lead, width)
-
-
-def _unpack_rows(packed: Tensor, bits: int, n: int) -> Tensor:
-    """Inverse of `_pack_rows`: int8 codes with last dim `n` (sign-extended by a left then arithmetic right shift)."""
-    per = 8 // bits
-    *lead, width = packed.shape
-    src = packed.reshape(-1, width).view(torch.int8)
-    out = torch.empty(src.shape[0], per, width, dtype=torch.int8, device=packed.device)
-    for i in range(per):
-        plane = out[:, i]
-        up = 8 - bits * (i + 1)
-        if up:
-            torch.bitwise_left_shift(src, up, out=plane)
-            plane.bitwise_right_shift_(8 - bits)
-        else:
-            torch.bitwise_right_shift(src, 8 - bits, out=plane)
-    flat = out.view(src.shape[0], per * width)
-    if per * width != n:
-        flat = flat[:, :n]
-    return flat.reshape(*lead, n)
 
 
 # --- the packed layer ------------------------------------------------------------------------------------------
@@ -203,8 +134,8 @@ class PackedLayer:
         self._int8_layout = self._integer_kernel_possible()
         layout = (self._to_layout(codes) if self._int8_layout else codes).contiguous()
         self._layout_shape = tuple(layout.shape)
-        self._bits = _storage_bits(config) if storage == "packed" else 8
-        qweight = layout if self._bits == 8 else _pack_rows(layout, self._bits)
+        self._bits = storage_bits(config) if storage == "packed" else 8
+        qweight = layout if self._bits == 8 else pack_rows(layout, self._bits)
         self.register_buffer("qweight", qweight, persistent=False)  # type: ignore[attr-defined]
         self.register_buffer("scale", scale.to(torch.float32).contiguous(), persistent=False)  # type: ignore[attr-defined]
         self.float_dtype = float_dtype  # the float weight's dtype: the output dtype of integer-index inputs
@@ -231,7 +162,7 @@ class PackedLayer:
         """int8 codes in the stored layout (a transient unpacked copy for packed storage)."""
         if self._bits == 8:
             return self.qweight
-        return _unpack_rows(self.qweight, self._bits, self._layout_shape[-1])
+        return unpack_rows(self.qweight, self._bits, self._layout_shape[-1])
 
     @property
     def codes(self) -> Tensor:
@@ -256,10 +187,40 @@ class PackedLayer:
         except AttributeError:
             spec = self.__dict__.get("spec")
             if spec is not None and name == spec.weight_name:
-                raise AttributeError(
-                    f"{type(self).__name__} is a packed ternq layer and holds no float {name!r}: use .codes and "
-                    ".scale, or .dequantized_weight()") from None
+                return PackedWeight(self)  # the float weight's dtype / shape / device; dequantized on use
             raise
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        """The float layer's keys: the weight is there as a `PackedWeight` (no float data until used)."""
+        destination[prefix + self.spec.weight_name] = PackedWeight(self)  # first, as the float layer has it
+        super()._save_to_state_dict(destination, prefix, keep_vars)  # type: ignore[misc]
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: Any, strict: bool,
+                              missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
+        """A float weight under the weight's key is quantized with the layer's config and replaces the codes (a
+        float checkpoint loads into a packed model); a `PackedWeight` brings its codes and scales."""
+        key = prefix + self.spec.weight_name
+        if key in state_dict:
+            value = state_dict[key]
+            if isinstance(value, PackedWeight):
+                if value.layer is not self:
+                    self._set_codes(value.layer.codes, value.layer.scale)
+            elif tuple(value.shape) != self._weight_shape:
+                error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(value.shape)}, the "
+                                  f"shape in the packed layer is {self._weight_shape}")
+            else:
+                self._set_codes(*quantize_weight(value, self.qconfig, self.spec.weight_out_dim))
+        elif strict:
+            missing_keys.append(key)
+        rest = {k: v for k, v in state_dict.items() if k != key}
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict,  # type: ignore[misc]
+                                      missing_keys, unexpected_keys, error_msgs)
+
+    def _set_codes(self, codes: Tensor, scale: Tensor) -> None:
+        """Replace the stored codes and scales (same shapes), in this layer's layout and storage."""
+        self._init_packed(codes.to(torch.int8), scale, self.qconfig, self.spec, self._forced, self.storage,
+                          self.float_dtype)
+        self.__dict__.pop("_memo", None)
 
     # -- kernel selection ---------------------------------------------------------------------------------------
 
@@ -316,64 +277,14 @@ class PackedLayer:
 
     def _pick_uncached(self, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
         applicable = self._applicable(x)
-        needs_grad = torch.is_grad_enabled() and x.requires_grad
-        if self._forced is not None:
-            if self._forced not in applicable:
-                raise ValueError(f"{type(self).__name__}.kernel={self._forced!r} cannot compute this input "
-                                 f"(shape {tuple(x.shape)}, {x.dtype}); applicable: {applicable}")
-            if needs_grad and self._forced != WEIGHT_ONLY:
-                raise RuntimeError(f"kernel {self._forced!r} is inference-only and gives no gradient to the "
-                                   f"input: run under torch.no_grad() or use kernel={WEIGHT_ONLY!r}")
-            return self._forced
-        env = os.environ.get(KERNEL_ENV, "auto").strip() or "auto"
-        if env not in _ENV_KERNELS:
-            raise ValueError(f"{KERNEL_ENV}={env!r}: expected one of {_ENV_KERNELS}")
-        if env == WEIGHT_ONLY or needs_grad:
-            return WEIGHT_ONLY
-        fast = [k for k in applicable if k != WEIGHT_ONLY]
-        if env == "int8" and fast:
-            return fast[0]
-        if not fast:
-            return WEIGHT_ONLY
+        rows = x.numel() // max(x.shape[-1], 1) if x.dim() else 1
+        choice = picker.pick(applicable, rows, forced=self._forced, needs_grad=torch.is_grad_enabled() and
+                             x.requires_grad, owner=f"{type(self).__name__} (input {tuple(x.shape)}, {x.dtype})")
         geometry = self.__dict__.get("_geometry_key")
         if geometry is None:
             geometry = self._geometry_key = (type(self).__name__, self._geometry(), self.storage)
-        key = (geometry, self._bucket(x), x.dtype, x.device.type, torch.get_num_threads())
-        choice = _CHOICES.get(key)
-        if choice is None:
-            choice = self._time_kernels(applicable, x, args, kwargs)
-            _CHOICES[key] = choice
+        _CHOICES[(geometry, self._bucket(x), x.dtype, x.device.type, torch.get_num_threads())] = choice
         return choice
-
-    def _time_kernels(self, names: tuple[str, ...], x: Tensor, args: tuple[Any, ...],
-                      kwargs: dict[str, Any]) -> str:
-        """The fastest of `names` on this very input: best of 3 rounds after a warm-up call, the kernels taking
-        turns so that a burst of load on a shared machine hits them alike. With one thread the clock is the
-        thread's CPU time, which time slices given to other processes do not inflate."""
-        cuda = x.device.type == "cuda"
-        clock = time.thread_time if torch.get_num_threads() == 1 and not cuda else time.perf_counter
-        runs = {}
-        with torch.no_grad():
-            for name in names:
-                run = getattr(self, "_k_" + name)
-                try:
-                    run(x, *args, **kwargs)
-                except RuntimeError:
-                    if name == WEIGHT_ONLY:
-                        raise
-                    continue  # e.g. _int_mm's shape limits on some devices: that kernel just drops out
-                runs[name] = run
-            best = dict.fromkeys(runs, math.inf)
-            for _ in range(3):
-                for name, run in runs.items():
-                    if cuda:
-                        torch.cuda.synchronize(x.device)
-                    start = clock()
-                    run(x, *args, **kwargs)
-                    if cuda:
-                        torch.cuda.synchronize(x.device)
-                    best[name] = min(best[name], clock() - start)
-        return min(best, key=lambda name: best[name])
 
     # -- forward ------------------------------------------------------------------------------------------------
 
@@ -387,24 +298,17 @@ class PackedLayer:
         """The QAT layer's input normalization and activation fake-quantization (float)."""
         return QuantMixin.quantize_input(self, x)  # type: ignore[arg-type]
 
-    def _quantize_int8(self, x: Tensor, dim: int) -> tuple[Tensor, Tensor]:
-        """Integer activation codes (int8) and scales (per token, or per sample for ``act_granularity="tensor"``,
-        broadcastable to `x`): the very values the QAT layer rounds to."""
-        cfg = self.qconfig
-        bits = int(cfg.act_bits)  # type: ignore[arg-type]
-        x = normalize_input(x, cfg.input_norm, dim, cfg.eps)
-        dims = (dim,) if cfg.act_granularity == "token" else _sample_dims(x)
-        # = activation_scale(x, bits, dim, eps, granularity); for large inputs without materializing |x|:
-        # max|x| = max(amax, -amin) exactly (fewer ops win for small ones)
-        if x.numel() >= 1 << 15:
-            s = torch.maximum(x.amax(dims, keepdim=True), x.amin(dims, keepdim=True).neg_())
-        else:
-            s = absmax(x, dims)
-        s = s.clamp_(min=cfg.eps).div_(2 ** (bits - 1) - 1)
-        t = torch.div(x, s, out=_scratch("act", tuple(x.shape), x.dtype, x.device)).round_()
-        if x.dtype != torch.float32:  # in float32 |x / s| <= qmax * (1 + 2**-23): rounding cannot leave the range
-            t.clamp_(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
-        return t.to(torch.int8), s.to(torch.float32)
+    def _native_ok(self, x: Tensor) -> bool:
+        """Whether the native kernels can take this input (float32 on CPU, codes of at most 8 bits)."""
+        return kernels.native_ok(x, self.qconfig, getattr(self, "bias", None))
+
+    def _quantize_int8(self, x: Tensor, dim: int, pad: tuple[int, int] = (0, 0)) -> tuple[Tensor, Tensor]:
+        """`ternq.kernels.quantize_activations` with this layer's config."""
+        return kernels.quantize_activations(x, self.qconfig, dim, pad)
+
+    def _quantize_eager(self, x: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+        """`ternq.kernels.quantize_eager` with this layer's config (the QAT layer's codes, bit for bit)."""
+        return kernels.quantize_eager(x, self.qconfig, dim)
 
     def _k_weight_only(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         dtype = x.dtype if x.is_floating_point() else self.float_dtype
@@ -419,95 +323,46 @@ class PackedLayer:
                 f"storage={self.storage}, kernel={self.kernel}")
 
 
-def _int_mm(a: Tensor, b: Tensor, scratch: str | None = None) -> Tensor:
-    """int8 x int8 -> int32 matrix product, into the thread's `scratch` buffer of that name if given (only valid
-    until the next call using it). torch 2.13's CPU ``_int_mm`` returns garbage for K == 1: done by hand."""
-    if a.shape[1] == 1:
-        return a.to(torch.int32) * b.to(torch.int32)
-    if scratch is None:
-        return torch._int_mm(a, b)
-    return torch._int_mm(a, b, out=_scratch(scratch, (a.shape[0], b.shape[1]), torch.int32, a.device))
-
-
-_SCRATCH = threading.local()
-_SCRATCH_MIN_BYTES = 128 << 10
-_SCRATCH_MAX_BYTES = 16 << 20
-
-
-def _scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A per-thread buffer reused across calls for a kernel's intermediates.
-
-    Fresh multi-megabyte temporaries in every call cost page faults (glibc returns them to the OS and maps them
-    again), which made the Conv1d kernel up to 40% slower; a buffer of at most 16 MiB per name and thread stays
-    allocated instead. Larger requests get a plain tensor.
-    """
-    numel = math.prod(shape)
-    if not _SCRATCH_MIN_BYTES <= numel * dtype.itemsize <= _SCRATCH_MAX_BYTES:
-        return torch.empty(shape, dtype=dtype, device=device)  # small ones come from malloc's free lists
-    pool = _SCRATCH.__dict__.setdefault("pool", {})
-    buf = pool.get(name)
-    if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
-        with torch.inference_mode(False):  # a normal tensor: usable inside and outside inference mode
-            buf = pool[name] = torch.empty(numel, dtype=dtype, device=device)
-    return buf[:numel].view(shape)
-
-
 class PackedLinear(PackedLayer, nn.Linear):
     """Packed nn.Linear; one ``torch._int_mm`` per call (per scale group for group scales), either
     ``int8_gemm``: ``x_q @ codes.T``, or ``int8_gemm_t``: ``(codes @ x_q.T).T``, with the weight as the GEMM's
     left operand, which oneDNN does not re-layout per call: about 2x faster for a few tokens, slower for many."""
 
-    kernels = ("int8_gemm", "int8_gemm_t", WEIGHT_ONLY)
+    kernels = ("int8_gemm", "int8_gemm_t", "int8_gemv", WEIGHT_ONLY)
 
     def _integer_kernel_possible(self) -> bool:
         return self.qconfig.act_bits is not None
 
     def _applicable(self, x: Tensor) -> tuple[str, ...]:
         if self.qconfig.act_bits is not None and x.is_floating_point():
-            return self.kernels
+            if self._native_ok(x) and self.qconfig.granularity != "group":
+                return self.kernels
+            return ("int8_gemm", "int8_gemm_t", WEIGHT_ONLY)
         return (WEIGHT_ONLY,)
+
+    def _k_int8_gemv(self, x: Tensor) -> Tensor:
+        w = self._layout_codes()
+        return kernels.linear_gemv(x, w, self._wsum(w), self.scale, self.bias, self.qconfig)
+
+    def _wsum(self, w: Tensor) -> Tensor | None:
+        """Row sums of the codes (int32), cached beside them: the native GEMV multiplies x + 128 as unsigned
+        bytes and subtracts 128 * row sum (4 bytes per output row). None where the unsigned-byte path is not
+        exact: without VNNI it multiplies pairs into int16, which needs |codes| <= 64 (ternary codes are)."""
+        key = (self.qweight.data_ptr(), self.qweight._version)
+        cached = self.__dict__.get("_wsum_cache")
+        if cached is None or cached[0] != key:
+            sums, wmax = native.row_sums(w)
+            cached = self.__dict__["_wsum_cache"] = (key, sums if native.vnni() or wmax <= 64 else None)
+        return cached[1]
 
     def _bucket(self, x: Tensor) -> tuple[int, ...]:
         return (_pow2(x.numel() // max(x.shape[-1], 1)),)
 
     def _k_int8_gemm(self, x: Tensor) -> Tensor:
-        return self._int8_linear(x, weight_first=False)
+        return kernels.linear_int8(x, self._layout_codes(), self.scale, self.bias, self.qconfig, weight_first=False)
 
     def _k_int8_gemm_t(self, x: Tensor) -> Tensor:
-        return self._int8_linear(x, weight_first=True)
-
-    def _int8_linear(self, x: Tensor, weight_first: bool) -> Tensor:
-        n_in = x.shape[-1]
-        q, s = self._quantize_int8(x, -1)
-        a = q.reshape(-1, n_in)
-        s = s.expand(*x.shape[:-1], 1).reshape(-1, 1)  # per-sample scales: one per row too
-        w = self._layout_codes()  # (out, in)
-
-        def product(lo: int, hi: int) -> Tensor:
-            """float32 (tokens, out) = a[:, lo:hi] @ w[:, lo:hi].T, exact."""
-            if not weight_first:
-                return _int_mm(a[:, lo:hi], w[:, lo:hi].t(), "linear").to(torch.float32)
-            r = _int_mm(w[:, lo:hi], a[:, lo:hi].t(), "linear")  # (out, tokens)
-            if r.shape[1] == 1:
-                return r.view(1, -1).to(torch.float32)
-            return torch.empty(r.shape[1], r.shape[0], dtype=torch.float32, device=r.device).copy_(r.t())
-
-        cfg = self.qconfig
-        if cfg.granularity == "group":
-            size = cfg.group_size
-            y = product(0, size).mul_(self.scale[:, 0])
-            for g in range(1, self.scale.shape[1]):
-                y.add_(product(g * size, (g + 1) * size).mul_(self.scale[:, g]))
-            factor = s
-        else:
-            y = product(0, n_in)
-            if cfg.granularity == "tensor":
-                factor = s * self.scale
-            else:
-                y.mul_(self.scale)
-                factor = s
-        y = y.mul_(factor) if self.bias is None else torch.addcmul(self.bias, y, factor)
-        return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+        return kernels.linear_int8(x, self._layout_codes(), self.scale, self.bias, self.qconfig, weight_first=True)
 
 
 class _PackedConv1dBase(PackedLayer):
@@ -538,46 +393,43 @@ class _PackedConv1dBase(PackedLayer):
     def _bucket(self, x: Tensor) -> tuple[int, ...]:
         return (x.shape[0], _pow2(x.shape[-1]))
 
-    def _tap_gemm(self, weight: Tensor, q: Tensor, s: Tensor) -> Tensor:
-        """(k, out_g, T) float: ``s[t] * sum_c codes[tap, o, c] * q[c, t]`` for every tap; T a multiple of 16."""
-        k, out_g, in_g = weight.shape
-        r = _int_mm(weight.reshape(k * out_g, in_g), q, "taps")
-        taps = _scratch("taps_float", tuple(r.shape), torch.float32, r.device).copy_(r)
-        return taps.mul_(s).view(k, out_g, q.shape[-1])
-
-    @staticmethod
-    def _chunk(rows: int) -> int:
-        """Time steps per GEMM: keeps the (rows, chunk) int32/float intermediates near 1 MiB (L2-resident)
-        and bounds the extra memory of long inputs."""
-        return max(64, (_CHUNK_BYTES // (4 * rows)) // 16 * 16)
-
-    def _scale_and_bias(self, y: Tensor) -> Tensor:
-        if self.qconfig.granularity == "channel":
-            n = self.scale.shape[0]
-            y.view(y.shape[0], -1, n, y.shape[-1]).mul_(self.scale.view(1, 1, n, 1))
-        if self.bias is not None:  # type: ignore[attr-defined]
-            y.add_(self.bias.view(1, -1, 1))  # type: ignore[attr-defined]
-        return y
-
-
-def _align16(n: int) -> int:
-    """GEMM widths are rounded up to 16 columns: oneDNN's int8 GEMM is 2-3x slower on other widths."""
-    return -(-n // 16) * 16
-
-
-_CHUNK_BYTES = 1 << 20
-_IM2COL_BYTES = 4 << 20  # im2col's (in*k, T) int8 columns / (out, T) int32 products per chunk
+    def _conv_geometry(self) -> kernels.Conv1dGeometry:
+        """The layer's convolution hyperparameters as the kernels take them (made once per layer)."""
+        geom = self.__dict__.get("_conv_geom")
+        if geom is None:
+            if isinstance(self, nn.ConvTranspose1d):
+                padding = (self.padding[0], self.padding[0])
+            else:
+                left, right = self._reversed_padding_repeated_twice  # type: ignore[attr-defined]
+                padding = (left, right)
+            geom = self.__dict__["_conv_geom"] = kernels.Conv1dGeometry(
+                type(self).__name__, self.kernel_size[0], self.stride[0], self.dilation[0],  # type: ignore[attr-defined]
+                padding, self.padding_mode, self.groups)  # type: ignore[attr-defined]
+        return geom
 
 
 class PackedConv1d(_PackedConv1dBase, nn.Conv1d):
-    """Packed nn.Conv1d; ``int8_taps`` (per-token activation scales): one int8 GEMM of all taps, per-step scales,
-    shifted tap sum; ``int8_im2col`` (``act_granularity="tensor"``): the convolution as one int8 GEMM
-    ``(out, in*k) @ (in*k, T)`` over the unfolded input, rescaled once by the sample's scale."""
+    """Packed nn.Conv1d. Per-token activation scales: ``int8_direct`` (native: the convolution accumulated tap
+    by tap in registers, each tap's int32 sums scaled by the scales of the steps it read, no tap planes in
+    memory) or ``int8_taps`` (one int8 GEMM of all taps, per-step scales, shifted tap sum); per-sample scales
+    (``act_granularity="tensor"``): ``int8_im2col``, the convolution as one int8 GEMM ``(out, in*k) @ (in*k, T)``
+    over the unfolded input, rescaled once by the sample's scale.
 
-    kernels = ("int8_taps", "int8_im2col", WEIGHT_ONLY)
+    Per-token codes are stored as (groups, k, out/groups, in/groups): the tap-major layout both kernels read."""
+
+    kernels = ("int8_direct", "int8_taps", "int8_im2col", WEIGHT_ONLY)
 
     def _config_kernels(self) -> tuple[str, ...]:
-        return ("int8_im2col" if self._im2col() else "int8_taps", WEIGHT_ONLY)
+        return ("int8_direct", "int8_im2col" if self._im2col() else "int8_taps", WEIGHT_ONLY)
+
+    def _applicable(self, x: Tensor) -> tuple[str, ...]:
+        kernels = super()._applicable(x)
+        if "int8_direct" in kernels and not (self._native_ok(x) and self._zero_padded()):
+            kernels = tuple(k for k in kernels if k != "int8_direct")
+        return kernels
+
+    def _zero_padded(self) -> bool:
+        return self.padding_mode == "zeros" or not any(self._reversed_padding_repeated_twice)
 
     def _im2col(self) -> bool:
         return self.qconfig.act_granularity == "tensor"
@@ -595,85 +447,20 @@ class PackedConv1d(_PackedConv1dBase, nn.Conv1d):
         groups, k, out_g, in_g = stored.shape
         return stored.permute(0, 2, 3, 1).reshape(groups * out_g, in_g, k)
 
-    def _k_int8_im2col(self, x: Tensor) -> Tensor:
-        q, s = self._quantize_int8(x, 1)  # (B, C, T) int8, (B, 1, 1)
-        left, right = self._reversed_padding_repeated_twice
-        if self.padding_mode != "zeros" and (left or right):
-            index = torch.arange(q.shape[-1], dtype=torch.float32, device=q.device).view(1, 1, -1)
-            index = F.pad(index, (left, right), mode=self.padding_mode).view(-1).long()
-            q = q.index_select(2, index)
-            left = right = 0
-        k, dilation, stride = self.kernel_size[0], self.dilation[0], self.stride[0]
-        span = dilation * (k - 1)
-        t_pad = q.shape[-1] + left + right
-        t_out = (t_pad - span - 1) // stride + 1
-        if t_out < 1:
-            raise RuntimeError(f"{type(self).__name__}: input of length {x.shape[-1]} is shorter than the "
-                               f"kernel's reach {span + 1} after padding")
+    def _k_int8_direct(self, x: Tensor) -> Tensor:
         weight = self._layout_codes()
-        groups, out_g, cols = weight.shape
-        in_g = cols // k
-        chunk = max(64, (_IM2COL_BYTES // max(4 * out_g, cols)) // 16 * 16)
-        # zero columns on the right let every chunk read a 16-aligned width of output steps
-        reach = (_align16(t_out) - 1) * stride + span + 1
-        q = F.pad(q, (left, right + max(0, reach - t_pad)))
-        factor = s.reshape(-1, 1, 1) * (self.scale.view(1, -1, 1) if self.qconfig.granularity == "channel"
-                                        else self.scale.view(1, 1, 1))
-        bias = None if self.bias is None else self.bias.view(-1, 1)
-        y = torch.empty(x.shape[0], groups * out_g, t_out, dtype=torch.float32, device=x.device)
-        for b in range(x.shape[0]):
-            for g in range(groups):
-                rows = slice(g * out_g, (g + 1) * out_g)
-                f = factor[b, rows] if factor.shape[1] > 1 else factor[b]
-                for t0 in range(0, t_out, chunk):
-                    n = min(chunk, t_out - t0)
-                    width = _align16(n)
-                    start = t0 * stride
-                    window = q[b, g * in_g:(g + 1) * in_g, start:start + (width - 1) * stride + span + 1]
-                    unfolded = window.unfold(1, span + 1, stride)[:, :, ::dilation]  # (in_g, width, k)
-                    col = _scratch("im2col", (in_g, k, width), torch.int8, x.device)
-                    col.copy_(unfolded.transpose(1, 2))
-                    r = _int_mm(weight[g], col.view(in_g * k, width), "im2col_out")[:, :n]
-                    # convert, then scale and add in place: 2.4x faster than one mixed-dtype addcmul here
-                    dst = y[b, rows, t0:t0 + n].copy_(r).mul_(f)
-                    if bias is not None:
-                        dst.add_(bias[rows])
-        return y.to(x.dtype)
+        if self._im2col():  # per-sample layout (groups, out, in * k): the tap-major copy for this call
+            groups, out_g, cols = weight.shape
+            weight = weight.view(groups, out_g, -1, self.kernel_size[0]).permute(0, 3, 1, 2).contiguous()
+        return kernels.conv1d_direct(x, weight, self.scale, self.bias, self.qconfig, self._conv_geometry())
 
     def _k_int8_taps(self, x: Tensor) -> Tensor:
-        q, s = self._quantize_int8(x, 1)  # (B, C, T) int8, (B, 1, T) or per sample (B, 1, 1)
-        s = s.expand(-1, -1, q.shape[-1])
-        if self.qconfig.granularity == "tensor":
-            s = s * self.scale
-        left, right = self._reversed_padding_repeated_twice
-        t_pad = q.shape[-1] + left + right
-        if self.padding_mode != "zeros" and (left or right):
-            index = torch.arange(q.shape[-1], dtype=torch.float32, device=q.device).view(1, 1, -1)
-            index = F.pad(index, (left, right), mode=self.padding_mode).view(-1).long()
-            q, s = q.index_select(2, index), s.index_select(2, index)
-            left = right = 0
-        # zero columns on the right let every chunk read a 16-aligned width
-        q, s = F.pad(q, (left, right + 16)), F.pad(s, (left, right + 16))
-        k, dilation, stride = self.kernel_size[0], self.dilation[0], self.stride[0]
-        span = dilation * (k - 1)
-        t_out = (t_pad - span - 1) // stride + 1
-        if t_out < 1:
-            raise RuntimeError(f"{type(self).__name__}: input of length {x.shape[-1]} is shorter than the "
-                               f"kernel's reach {span + 1} after padding")
-        weight = self._layout_codes()
-        groups, _, out_g, in_g = weight.shape
-        chunk = self._chunk(k * out_g) // stride or 1
-        y = torch.empty(x.shape[0], groups * out_g, t_out, dtype=torch.float32, device=x.device)
-        for b in range(x.shape[0]):
-            for g in range(groups):
-                rows = q[b, g * in_g:(g + 1) * in_g]
-                for t0 in range(0, t_out, chunk):
-                    n = min(chunk, t_out - t0)
-                    start, width = t0 * stride, _align16((n - 1) * stride + span + 1)
-                    taps = self._tap_gemm(weight[g], rows[:, start:start + width], s[b, :, start:start + width])
-                    shifted = taps.as_strided((k, out_g, n), (out_g * width + dilation, width, stride))
-                    torch.sum(shifted, 0, out=y[b, g * out_g:(g + 1) * out_g, t0:t0 + n])
-        return self._scale_and_bias(y).to(x.dtype)
+        return kernels.conv1d_taps(x, self._layout_codes(), self.scale, self.bias, self.qconfig,
+                                   self._conv_geometry())
+
+    def _k_int8_im2col(self, x: Tensor) -> Tensor:
+        return kernels.conv1d_im2col(x, self._layout_codes(), self.scale, self.bias, self.qconfig,
+                                     self._conv_geometry())
 
 
 class PackedConvTranspose1d(_PackedConv1dBase, nn.ConvTranspose1d):
@@ -690,36 +477,8 @@ class PackedConvTranspose1d(_PackedConv1dBase, nn.ConvTranspose1d):
     def _k_int8_taps(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
         output_padding = self._output_padding(x, output_size, self.stride, self.padding, self.kernel_size, 1,
                                               self.dilation)
-        q, s = self._quantize_int8(x, 1)  # (B, C, T) int8, (B, 1, T) or per sample (B, 1, 1)
-        s = s.expand(-1, -1, q.shape[-1])
-        if self.qconfig.granularity == "tensor":
-            s = s * self.scale
-        t_in = q.shape[-1]
-        q, s = F.pad(q, (0, 16)), F.pad(s, (0, 16))  # 16-aligned chunk widths
-        k, dilation, stride, pad = self.kernel_size[0], self.dilation[0], self.stride[0], self.padding[0]
-        t_full = (t_in - 1) * stride + dilation * (k - 1) + 1
-        t_out = t_full - 2 * pad + output_padding[0]
-        if t_out < 1:
-            raise RuntimeError(f"{type(self).__name__}: output length {t_out} < 1 for input length {t_in}")
-        weight = self._layout_codes()
-        groups, _, out_g, in_g = weight.shape
-        chunk = self._chunk(k * out_g)
-        y = torch.empty(x.shape[0], groups * out_g, t_out, dtype=torch.float32, device=x.device)
-        full = torch.empty(out_g, max(t_full, pad + t_out), dtype=torch.float32, device=x.device)
-        for b in range(x.shape[0]):
-            for g in range(groups):
-                rows = q[b, g * in_g:(g + 1) * in_g]
-                full.zero_()
-                for t0 in range(0, t_in, chunk):
-                    n = min(chunk, t_in - t0)
-                    width = _align16(n)
-                    taps = self._tap_gemm(weight[g], rows[:, t0:t0 + width], s[b, :, t0:t0 + width])
-                    reach = stride * (n - 1) + 1
-                    for j in range(k):
-                        begin = t0 * stride + j * dilation
-                        full[:, begin:begin + reach:stride].add_(taps[j, :, :n])
-                y[b, g * out_g:(g + 1) * out_g] = full[:, pad:pad + t_out]
-        return self._scale_and_bias(y).to(x.dtype)
+        return kernels.conv_transpose1d_taps(x, self._layout_codes(), self.scale, self.bias, self.qconfig,
+                                             self._conv_geometry(), output_padding[0])
 
 
 class PackedConv2d(PackedLayer, nn.Conv2d):
@@ -738,18 +497,8 @@ class PackedEmbedding(PackedLayer, nn.Embedding):
         return self.kernels if self.max_norm is None else (WEIGHT_ONLY,)  # max_norm renormalizes the table
 
     def _k_gather(self, x: Tensor) -> Tensor:
-        packed_rows = F.embedding(x, self.qweight)
-        rows = packed_rows if self._bits == 8 else _unpack_rows(packed_rows, self._bits, self._layout_shape[-1])
-        out = rows.to(torch.float32)
-        cfg = self.qconfig
-        if cfg.granularity == "tensor":
-            out.mul_(self.scale)
-        elif cfg.granularity == "channel":
-            out.mul_(self.scale[x].unsqueeze(-1))
-        else:
-            expanded = self.scale[x].repeat_interleave(cfg.group_size, dim=-1)[..., :out.shape[-1]]
-            out.mul_(expanded)
-        return out.to(self.float_dtype)
+        return kernels.embedding_gather(x, self.qweight, self._bits, self._layout_shape[-1], self.scale,
+                                        self.qconfig, self.float_dtype)
 
 
 _BUILTIN: dict[type[nn.Module], type[PackedLayer]] = {
@@ -911,12 +660,15 @@ def packed_layer(float_module: nn.Module, codes: Tensor, scale: Tensor, config: 
                              "a packed layer needs for its own storage")
     cls = _packed_class(spec.float_type)
     layer = cls.__new__(cls)
-    layer.__dict__.update({k: dict(v) if isinstance(v, dict) else v for k, v in float_module.__dict__.items()})
+    # copies of the float module's dicts, of their own type: hook dicts are OrderedDicts, which
+    # register_forward_hook's RemovableHandle references weakly (a plain dict copy broke every hook registration)
+    layer.__dict__.update({k: copy.copy(v) if isinstance(v, dict) else v for k, v in float_module.__dict__.items()})
     _strip_float_weight(layer, float_module, name)  # type: ignore[arg-type]
     for attr in ("qweight", "scale"):
         layer._buffers.pop(attr, None)
     layer.__dict__.pop("_geometry_key", None)  # re-packing: the storage may change
     layer.__dict__.pop("_memo", None)
+    layer.__dict__.pop("_conv_geom", None)
     layer.__dict__.pop("qconfig", None)
     layer._init_packed(codes.to(torch.int8), scale, config, spec, kernel, storage, float_dtype)
     return layer  # type: ignore[return-value]

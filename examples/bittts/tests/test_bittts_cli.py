@@ -154,6 +154,7 @@ def test_demo_reports_size_speed_with_the_cpu_and_transcript(run, capsys):
     assert _wav_info(out)[0] == 16000 and _wav_info(out)[3] > 0
     assert f"{os.path.getsize(run['model']) / 1e6:.2f} MB" in printed
     assert "real-time factor" in printed and "on 1 thread" in printed and "CPU " in printed
+    assert "fp32 model bittts-fp32.safetensors: real-time factor" in printed and "x as fast" in printed
     assert "pocketsphinx hears:" in printed
     with pytest.raises(SystemExit, match="--text is empty"):
         main(["demo", "--model", str(run["model"]), "--text", " "])

@@ -2,7 +2,8 @@
 
 Speaks one sentence with the shipped 1.58-bit model (or `--model`), writes the wav and prints what a newcomer
 wants to know: the model file's size (and how much smaller it is than the shipped fp32 model), the real-time
-factor on one CPU thread with the instruction set it ran on, and what pocketsphinx hears in the audio.
+factor on one CPU thread with the instruction set it ran on, the shipped fp32 model's real-time factor on the
+same sentence, and what pocketsphinx hears in the audio.
 """
 from __future__ import annotations
 
@@ -45,6 +46,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}: {args.text!r}, {result.duration:.2f} s of audio in {result.seconds:.3f} s on 1 thread "
           f"= real-time factor {result.rtf:.3f} ({1 / max(result.rtf, 1e-9):.0f}x faster than real time; "
           f"{cpu_description()})")
+    if fp32.is_file() and fp32.resolve() != synth.path.resolve():  # the same sentence through the fp32 model
+        (base_run,) = fastest_pass(Synthesizer(fp32), [ids], threads=1)
+        print(f"fp32 model {fp32.name}: real-time factor {base_run.rtf:.3f} on the same sentence and thread; "
+              f"{synth.path.name} is {base_run.seconds / max(result.seconds, 1e-9):.2f}x as fast")
     if not args.no_asr:
         try:
             from ..metrics import transcribe, wer

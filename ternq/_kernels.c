@@ -1,0 +1,667 @@
+/* ternq's native CPU kernels: one pass where eager torch needs many.
+ *
+ * Plain C99 with no torch headers, so it compiles in about a second with any C compiler and loads with ctypes
+ * (ternq/native.py); every function works on raw float32 / int8 / int32 pointers of contiguous tensors. The
+ * loops are written for the compiler's auto-vectorizer (-O3 -march=...): the innermost loop of each function
+ * runs over contiguous memory.
+ *
+ * Numerics follow the eager reference (ternq.quantizers.normalize_input + activation_scale + round) op for op:
+ * float32 throughout, two-pass mean / variance, 1 / sqrt, division by the scale, round half to even. Sums are
+ * taken in blocks of 16 terms like torch's cascade sum, so the result usually matches torch bit for bit, but
+ * torch's summation order is an implementation detail of its build: an activation code may differ by one
+ * where the normalized value lies within float32 rounding of a rounding boundary (documented tolerance).
+ */
+#include <math.h>
+#include <stdint.h>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+#include <stdlib.h>
+#include <string.h>
+
+#define BLOCK 256 /* time steps per block of a channel-major input: C x 256 floats stay in L2 */
+
+/* sum of rows[0..n) of a column block, torch's 4-level cascade with a step of 16 (per column). */
+static void cascade_sum(const float *x, int64_t row_stride, int64_t rows, int n, float *out,
+                        float *lv1, float *lv2, float *lv3, int square, const float *mean) {
+    for (int i = 0; i < n; ++i) { out[i] = 0.f; lv1[i] = 0.f; lv2[i] = 0.f; lv3[i] = 0.f; }
+    int64_t r = 0;
+    while (r + 16 <= rows) {
+        for (int j = 0; j < 16; ++j, ++r) {
+            const float *row = x + r * row_stride;
+            if (square == 0) {
+                for (int i = 0; i < n; ++i) out[i] += row[i];
+            } else if (square == 1) {
+                for (int i = 0; i < n; ++i) { float d = row[i] - mean[i]; float d2 = d * d; out[i] += d2; }
+            } else {
+                for (int i = 0; i < n; ++i) { float d2 = row[i] * row[i]; out[i] += d2; }
+            }
+        }
+        for (int i = 0; i < n; ++i) { lv1[i] += out[i]; out[i] = 0.f; }
+        if ((r & (15 << 4)) != 0) continue;
+        for (int i = 0; i < n; ++i) { lv2[i] += lv1[i]; lv1[i] = 0.f; }
+        if ((r & (15 << 8)) != 0) continue;
+        for (int i = 0; i < n; ++i) { lv3[i] += lv2[i]; lv2[i] = 0.f; }
+    }
+    for (; r < rows; ++r) {
+        const float *row = x + r * row_stride;
+        if (square == 0) {
+            for (int i = 0; i < n; ++i) out[i] += row[i];
+        } else if (square == 1) {
+            for (int i = 0; i < n; ++i) { float d = row[i] - mean[i]; float d2 = d * d; out[i] += d2; }
+        } else {
+            for (int i = 0; i < n; ++i) { float d2 = row[i] * row[i]; out[i] += d2; }
+        }
+    }
+    for (int i = 0; i < n; ++i) { out[i] += lv1[i]; out[i] += lv2[i]; out[i] += lv3[i]; }
+}
+
+/* mean and 1/std of a column block (norm: 0 none, 1 layernorm, 2 rmsnorm). */
+static void column_stats(const float *x, int64_t C, int64_t T, int n, int norm, float eps, float *mean,
+                         float *rstd) {
+    float acc[BLOCK], l1[BLOCK], l2[BLOCK], l3[BLOCK];
+    const float fc = (float)C;
+    if (norm == 1) {
+        cascade_sum(x, T, C, n, acc, l1, l2, l3, 0, NULL);
+        for (int i = 0; i < n; ++i) mean[i] = acc[i] / fc;
+        cascade_sum(x, T, C, n, acc, l1, l2, l3, 1, mean);
+    } else {
+        for (int i = 0; i < n; ++i) mean[i] = 0.f;
+        cascade_sum(x, T, C, n, acc, l1, l2, l3, 2, NULL);
+    }
+    for (int i = 0; i < n; ++i) { float v = acc[i] / fc + eps; rstd[i] = 1.f / sqrtf(v); }
+}
+
+/* max |normalized x| over the channels of a column block, into amax[0..n). */
+static void column_absmax(const float *x, int64_t C, int64_t T, int n, int norm, const float *mean,
+                          const float *rstd, float *amax) {
+    for (int i = 0; i < n; ++i) amax[i] = 0.f;
+    for (int64_t c = 0; c < C; ++c) {
+        const float *row = x + c * T;
+        if (norm == 0) {
+            for (int i = 0; i < n; ++i) { float a = fabsf(row[i]); amax[i] = a > amax[i] ? a : amax[i]; }
+        } else if (norm == 1) {
+            for (int i = 0; i < n; ++i) {
+                float a = fabsf((row[i] - mean[i]) * rstd[i]);
+                amax[i] = a > amax[i] ? a : amax[i];
+            }
+        } else {
+            for (int i = 0; i < n; ++i) {
+                float a = fabsf(row[i] * rstd[i]);
+                amax[i] = a > amax[i] ? a : amax[i];
+            }
+        }
+    }
+}
+
+static void column_round(const float *x, int64_t C, int64_t T, int n, int norm, const float *mean,
+                         const float *rstd, const float *scale, int scale_step, float qmax, int8_t *q,
+                         int64_t ldq) {
+    for (int64_t c = 0; c < C; ++c) {
+        const float *row = x + c * T;
+        int8_t *dst = q + c * ldq;
+        for (int i = 0; i < n; ++i) {
+            float v = norm == 0 ? row[i] : norm == 1 ? (row[i] - mean[i]) * rstd[i] : row[i] * rstd[i];
+            float t = rintf(v / scale[i * scale_step]);
+            t = t > qmax ? qmax : t < -qmax - 1.f ? -qmax - 1.f : t;
+            dst[i] = (int8_t)t;
+        }
+    }
+}
+
+/* Channel-major input x (B, C, T), normalized over C per time step, quantized to signed `bits`.
+ * q: (B, C, ldq) int8, written at columns [off, off + T); s: (B, lds) float32, written at [off, off + T)
+ * (per token) or s[b * lds] (per sample, one scale per sample). */
+void tq_quantize_channels(const float *x, int64_t B, int64_t C, int64_t T, int norm, float eps, int bits,
+                          int per_sample, int8_t *q, int64_t ldq, float *s, int64_t lds, int64_t off) {
+    const float qmax = (float)((1 << (bits - 1)) - 1);
+    float mean[BLOCK], rstd[BLOCK], amax[BLOCK];
+    for (int64_t b = 0; b < B; ++b) {
+        const float *xb = x + b * C * T;
+        int8_t *qb = q + b * C * ldq + off;
+        float *sb = s + b * lds;
+        float sample_max = 0.f;
+        if (per_sample) {
+            for (int64_t t0 = 0; t0 < T; t0 += BLOCK) {
+                int n = (int)(T - t0 < BLOCK ? T - t0 : BLOCK);
+                column_stats(xb + t0, C, T, n, norm, eps, mean, rstd);
+                column_absmax(xb + t0, C, T, n, norm, mean, rstd, amax);
+                for (int i = 0; i < n; ++i) sample_max = amax[i] > sample_max ? amax[i] : sample_max;
+            }
+            sample_max = (sample_max < eps ? eps : sample_max) / qmax;
+            sb[0] = sample_max;
+        }
+        for (int64_t t0 = 0; t0 < T; t0 += BLOCK) {
+            int n = (int)(T - t0 < BLOCK ? T - t0 : BLOCK);
+            column_stats(xb + t0, C, T, n, norm, eps, mean, rstd);
+            if (per_sample) {
+                column_round(xb + t0, C, T, n, norm, mean, rstd, &sample_max, 0, qmax, qb + t0, ldq);
+            } else {
+                column_absmax(xb + t0, C, T, n, norm, mean, rstd, amax);
+                float *st = sb + off + t0;
+                for (int i = 0; i < n; ++i) st[i] = (amax[i] < eps ? eps : amax[i]) / qmax;
+                column_round(xb + t0, C, T, n, norm, mean, rstd, st, 1, qmax, qb + t0, ldq);
+            }
+        }
+    }
+}
+
+/* sum of row[0..n) (kind 0), of (row - m)^2 (kind 1) or of row^2 (kind 2), in 16 vectorizable lanes */
+static float lane_sum(const float *row, int64_t n, float m, int kind) {
+    float lanes[16] = {0.f};
+    const int64_t n16 = n / 16 * 16;
+    for (int64_t c0 = 0; c0 < n16; c0 += 16) {
+        for (int i = 0; i < 16; ++i) {
+            float v = row[c0 + i];
+            if (kind == 1) v -= m;
+            if (kind) v = v * v;
+            lanes[i] += v;
+        }
+    }
+    float total = 0.f;
+    for (int64_t c = n16; c < n; ++c) {
+        float v = row[c];
+        if (kind == 1) v -= m;
+        if (kind) v = v * v;
+        total += v;
+    }
+    for (int i = 0; i < 16; ++i) total += lanes[i];
+    return total;
+}
+
+/* Row-major input x (R, C), normalized over C per row like torch's layer_norm (x * rstd + (-rstd * mean)),
+ * quantized per row, or per group of `rows_per_sample` rows (per sample). q: (R, C) int8; s: (R,) float32. */
+void tq_quantize_rows(const float *x, int64_t R, int64_t C, int norm, float eps, int bits,
+                      int64_t rows_per_sample, int8_t *q, float *s) {
+    const float qmax = (float)((1 << (bits - 1)) - 1);
+    const float fc = (float)C;
+    for (int64_t r0 = 0; r0 < R; r0 += rows_per_sample) {
+        int64_t r1 = r0 + rows_per_sample < R ? r0 + rows_per_sample : R;
+        float sample_max = 0.f;
+        for (int pass = rows_per_sample > 1 ? 0 : 1; pass < 2; ++pass) {
+            for (int64_t r = r0; r < r1; ++r) {
+                const float *row = x + r * C;
+                float a = 1.f, b = 0.f;
+                if (norm == 1) {
+                    const float m = lane_sum(row, C, 0.f, 0) / fc;
+                    a = 1.f / sqrtf(lane_sum(row, C, m, 1) / fc + eps);
+                    b = -a * m;
+                } else if (norm == 2) {
+                    a = 1.f / sqrtf(lane_sum(row, C, 0.f, 2) / fc + eps);
+                }
+                float lanes[16] = {0.f};
+                int64_t c16 = C / 16 * 16;
+                for (int64_t c0 = 0; c0 < c16; c0 += 16) {
+                    for (int i = 0; i < 16; ++i) {
+                        float v = norm == 1 ? row[c0 + i] * a + b : norm == 2 ? row[c0 + i] * a : row[c0 + i];
+                        v = fabsf(v);
+                        lanes[i] = v > lanes[i] ? v : lanes[i];
+                    }
+                }
+                for (int64_t c = c16; c < C; ++c) {
+                    float v = fabsf(norm == 1 ? row[c] * a + b : norm == 2 ? row[c] * a : row[c]);
+                    lanes[0] = v > lanes[0] ? v : lanes[0];
+                }
+                float amax = 0.f;
+                for (int i = 0; i < 16; ++i) amax = lanes[i] > amax ? lanes[i] : amax;
+                if (pass == 0) {
+                    sample_max = amax > sample_max ? amax : sample_max;
+                    continue;
+                }
+                float scale = rows_per_sample > 1 ? sample_max : (amax < eps ? eps : amax) / qmax;
+                s[r] = scale;
+                int8_t *dst = q + r * C;
+                for (int64_t c = 0; c < C; ++c) {
+                    float v = norm == 1 ? row[c] * a + b : norm == 2 ? row[c] * a : row[c];
+                    float t = rintf(v / scale);
+                    t = t > qmax ? qmax : t < -qmax - 1.f ? -qmax - 1.f : t;
+                    dst[c] = (int8_t)t;
+                }
+            }
+            if (pass == 0) sample_max = (sample_max < eps ? eps : sample_max) / qmax;
+        }
+    }
+}
+
+/* Conv1d per-token epilogue: the int8 GEMM of all taps gave acc (k, out, W) int32; for output steps
+ * t < n: y[o, t] = (sum_j acc[j, o, t*stride + j*dil] * s[t*stride + j*dil]) * wscale[o] + bias[o]
+ * (wscale / bias may be NULL; wscale[o * wstep]: wstep 1 per channel, 0 per tensor). y rows are ldy apart. */
+void tq_tap_sum(const int32_t *acc, int64_t k, int64_t out, int64_t W, const float *s, int64_t n,
+                int64_t stride, int64_t dil, const float *wscale, int64_t wstep, const float *bias, float *y,
+                int64_t ldy) {
+    for (int64_t o = 0; o < out; ++o) {
+        float *dst = y + o * ldy;
+        for (int64_t t = 0; t < n; ++t) dst[t] = 0.f;
+        for (int64_t j = 0; j < k; ++j) {
+            const int32_t *a = acc + (j * out + o) * W + j * dil;
+            const float *sj = s + j * dil;
+            if (stride == 1) {
+                for (int64_t t = 0; t < n; ++t) dst[t] += (float)a[t] * sj[t];
+            } else {
+                for (int64_t t = 0; t < n; ++t) dst[t] += (float)a[t * stride] * sj[t * stride];
+            }
+        }
+        float w = wscale ? wscale[o * wstep] : 1.f, b = bias ? bias[o] : 0.f;
+        if (wscale || bias)
+            for (int64_t t = 0; t < n; ++t) dst[t] = dst[t] * w + b;
+    }
+}
+
+/* ConvTranspose1d per-token epilogue: overlap-add of the taps of n input steps into full (out, ldf):
+ * full[o, start + i*stride + j*dil] += acc[j, o, i] * s[i]. */
+void tq_tap_scatter(const int32_t *acc, int64_t k, int64_t out, int64_t W, const float *s, int64_t n,
+                    int64_t stride, int64_t dil, float *full, int64_t ldf, int64_t start) {
+    for (int64_t o = 0; o < out; ++o) {
+        for (int64_t j = 0; j < k; ++j) {
+            const int32_t *a = acc + (j * out + o) * W;
+            float *dst = full + o * ldf + start + j * dil;
+            for (int64_t i = 0; i < n; ++i) dst[i * stride] += (float)a[i] * s[i];
+        }
+    }
+}
+
+/* Linear epilogue: acc (M, N) int32, or (N, M) when transposed; y (M, N) = acc * s[m] * wscale[.] + bias[n].
+ * wscale has N entries (per channel) or 1 (per tensor). */
+void tq_linear_epilogue(const int32_t *acc, int64_t M, int64_t N, int transposed, const float *s,
+                        const float *wscale, int per_channel, const float *bias, float *y) {
+    for (int64_t m = 0; m < M; ++m) {
+        float *dst = y + m * N;
+        const float sm = s[m];
+        if (transposed) {
+            for (int64_t n = 0; n < N; ++n) dst[n] = (float)acc[n * M + m];
+        } else {
+            const int32_t *a = acc + m * N;
+            for (int64_t n = 0; n < N; ++n) dst[n] = (float)a[n];
+        }
+        if (per_channel) {
+            for (int64_t n = 0; n < N; ++n) dst[n] = dst[n] * wscale[n] * sm;
+        } else {
+            const float f = sm * wscale[0];
+            for (int64_t n = 0; n < N; ++n) dst[n] = dst[n] * f;
+        }
+        if (bias)
+            for (int64_t n = 0; n < N; ++n) dst[n] += bias[n];
+    }
+}
+
+/* int8 x int8 -> int32 for a few rows: acc (M, N) = x (M, K) @ w (N, K)^T. For M <= 4 this reads the weight
+ * once, without a GEMM library's packing. With VNNI the dot products run as vpdpbusd (unsigned x signed bytes):
+ * x + 128 is unsigned, and 128 * rowsum(w) (wsum, precomputed per layer) is subtracted again; exact. */
+void tq_gemv_s8(const int8_t *x, const int8_t *w, const int32_t *wsum, int64_t M, int64_t N, int64_t K,
+                uint8_t *xu, int32_t *acc) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    if (wsum && xu) {
+        /* four weight rows per pass share the activation loads; K tails are masked loads */
+        for (int64_t i = 0; i < M * K; ++i) xu[i] = (uint8_t)(x[i] + 128);
+        const int64_t K64 = K / 64 * 64;
+        const __mmask64 tail = K - K64 ? (((__mmask64)1 << (K - K64)) - 1) : 0;
+        int64_t n = 0;
+        for (; n + 4 <= N; n += 4) {
+            const int8_t *w0 = w + n * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+            for (int64_t m = 0; m < M; ++m) {
+                const uint8_t *xm = xu + m * K;
+                __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+                for (int64_t c = 0; c < K64; c += 64) {
+                    const __m512i xv = _mm512_loadu_si512((const void *)(xm + c));
+                    a0 = _mm512_dpbusd_epi32(a0, xv, _mm512_loadu_si512((const void *)(w0 + c)));
+                    a1 = _mm512_dpbusd_epi32(a1, xv, _mm512_loadu_si512((const void *)(w1 + c)));
+                    a2 = _mm512_dpbusd_epi32(a2, xv, _mm512_loadu_si512((const void *)(w2 + c)));
+                    a3 = _mm512_dpbusd_epi32(a3, xv, _mm512_loadu_si512((const void *)(w3 + c)));
+                }
+                if (tail) {
+                    const __m512i xv = _mm512_maskz_loadu_epi8(tail, xm + K64);
+                    a0 = _mm512_dpbusd_epi32(a0, xv, _mm512_maskz_loadu_epi8(tail, w0 + K64));
+                    a1 = _mm512_dpbusd_epi32(a1, xv, _mm512_maskz_loadu_epi8(tail, w1 + K64));
+                    a2 = _mm512_dpbusd_epi32(a2, xv, _mm512_maskz_loadu_epi8(tail, w2 + K64));
+                    a3 = _mm512_dpbusd_epi32(a3, xv, _mm512_maskz_loadu_epi8(tail, w3 + K64));
+                }
+                int32_t *dst = acc + m * N + n;
+                dst[0] = _mm512_reduce_add_epi32(a0) - 128 * wsum[n];
+                dst[1] = _mm512_reduce_add_epi32(a1) - 128 * wsum[n + 1];
+                dst[2] = _mm512_reduce_add_epi32(a2) - 128 * wsum[n + 2];
+                dst[3] = _mm512_reduce_add_epi32(a3) - 128 * wsum[n + 3];
+            }
+        }
+        for (; n < N; ++n) {
+            const int8_t *wn = w + n * K;
+            for (int64_t m = 0; m < M; ++m) {
+                const uint8_t *xm = xu + m * K;
+                int32_t total = 0;
+                for (int64_t c = 0; c < K; ++c) total += (int32_t)xm[c] * (int32_t)wn[c];
+                acc[m * N + n] = total - 128 * wsum[n];
+            }
+        }
+        return;
+    }
+#elif defined(__AVX512VNNI__) || defined(__AVXVNNI__)
+    if (wsum && xu) {
+        for (int64_t i = 0; i < M * K; ++i) xu[i] = (uint8_t)(x[i] + 128);
+        for (int64_t n = 0; n < N; ++n) {
+            const int8_t *wn = w + n * K;
+            for (int64_t m = 0; m < M; ++m) {
+                const uint8_t *xm = xu + m * K;
+                int32_t total = 0;
+                for (int64_t c = 0; c < K; ++c) total += (int32_t)xm[c] * (int32_t)wn[c];
+                acc[m * N + n] = total - 128 * wsum[n];
+            }
+        }
+        return;
+    }
+#elif defined(__AVX2__)
+    /* vpmaddubsw on x + 128 (u8) and w (s8); exact while |w| <= 64 (the int16 pair sums cannot saturate): on
+     * builds without VNNI the caller passes wsum only for such weights */
+    if (wsum && xu) {
+        const __m256i ones = _mm256_set1_epi16(1);
+        for (int64_t i = 0; i < M * K; ++i) xu[i] = (uint8_t)(x[i] + 128);
+        const int64_t K32 = K / 32 * 32;
+        for (int64_t n = 0; n < N; ++n) {
+            const int8_t *wn = w + n * K;
+            for (int64_t m = 0; m < M; ++m) {
+                const uint8_t *xm = xu + m * K;
+                __m256i a = _mm256_setzero_si256();
+                for (int64_t c = 0; c < K32; c += 32) {
+                    const __m256i xv = _mm256_loadu_si256((const __m256i *)(xm + c));
+                    const __m256i wv = _mm256_loadu_si256((const __m256i *)(wn + c));
+                    a = _mm256_add_epi32(a, _mm256_madd_epi16(_mm256_maddubs_epi16(xv, wv), ones));
+                }
+                __m128i h = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+                h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4E));
+                h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xB1));
+                int32_t total = _mm_cvtsi128_si32(h);
+                for (int64_t c = K32; c < K; ++c) total += (int32_t)xm[c] * (int32_t)wn[c];
+                acc[m * N + n] = total - 128 * wsum[n];
+            }
+        }
+        return;
+    }
+#endif
+    (void)wsum;
+    (void)xu;
+    for (int64_t n = 0; n < N; ++n) {
+        const int8_t *wn = w + n * K;
+        for (int64_t m = 0; m < M; ++m) {
+            const int8_t *xm = x + m * K;
+            int32_t total = 0;
+            for (int64_t c = 0; c < K; ++c) total += (int32_t)xm[c] * (int32_t)wn[c];
+            acc[m * N + n] = total;
+        }
+    }
+}
+
+/* A Linear on a few rows in one call: quantize the rows, GEMV, rescale (+ bias) into y (R, N). One call instead
+ * of three keeps a one-token layer's Python / ctypes overhead below its arithmetic. */
+int tq_linear_rows(const float *x, int64_t R, int64_t K, int norm, float eps, int bits, int64_t rows_per_sample,
+                   const int8_t *w, const int32_t *wsum, int64_t N, const float *wscale, int per_channel,
+                   const float *bias, float *y) {
+    int8_t *q = (int8_t *)malloc((size_t)(R * K));
+    uint8_t *xu = (uint8_t *)malloc((size_t)(R * K));
+    float *s = (float *)malloc((size_t)R * sizeof(float));
+    int32_t *acc = (int32_t *)malloc((size_t)(R * N) * sizeof(int32_t));
+    int ok = q && xu && s && acc;
+    if (ok) {
+        tq_quantize_rows(x, R, K, norm, eps, bits, rows_per_sample, q, s);
+        tq_gemv_s8(q, w, wsum, R, N, K, xu, acc);
+        tq_linear_epilogue(acc, R, N, 0, s, wscale, per_channel, bias, y);
+    }
+    free(q);
+    free(xu);
+    free(s);
+    free(acc);
+    return ok ? 0 : -1;
+}
+
+/* --- direct int8 Conv1d (per-step activation scales), no tap planes in memory ---------------------------------
+ *
+ * Activations are stored "grouped": xg (C4, Tp, 4) uint8, code + 128, four consecutive channels of one time step
+ * in one 32-bit word (C padded to C4 * 4 channels with code 0). A vector of time steps then loads contiguously
+ * and one vpdpbusd multiplies 4 channels of 16 steps by 4 broadcast weight codes. Weights wg (k, outp, C4, 4) int8
+ * (outp = out rounded up to 8, zero rows); with their row sums w_sum, sum (q + 128) w - 128 w_sum is exact. For every tap j the int32 dot products are converted and scaled by the per-step scale s[p] of the input
+ * step p they read, and accumulated in float32 registers: y[o, t] = sum_j s[p] * sum_c w[j, o, c] q[c, p],
+ * p = t * stride + j * dil. */
+
+void tq_quantize_grouped(const float *x, int64_t B, int64_t C, int64_t T, int norm, float eps, int bits,
+                         int per_sample, uint8_t *xg, int64_t in_g, int64_t C4, int64_t Tp, int64_t left,
+                         float *s) {
+    /* xg: (B, groups, C4, Tp, 4), channel c of conv group c / in_g in word (c % in_g) / 4; s: (B, Tp) per-step
+     * scales (per sample: the sample's scale in every step), zero in the padding, whose codes are 0 (byte 128).
+     * Input step t goes to column left + t. The norm and the scale cover all C channels. */
+    const int64_t groups = C / in_g;
+    const float qmax = (float)((1 << (bits - 1)) - 1);
+    float mean[BLOCK], rstd[BLOCK], amax[BLOCK], step[BLOCK];
+    memset(xg, 128, (size_t)(B * groups * C4 * Tp * 4));
+    for (int64_t b = 0; b < B; ++b) {
+        const float *xb = x + b * C * T;
+        uint8_t *gb = xg + b * groups * C4 * Tp * 4;
+        float *sb = s + b * Tp;
+        for (int64_t i = 0; i < Tp; ++i) sb[i] = 0.f;
+        float sample = 0.f;
+        if (per_sample) {
+            for (int64_t t0 = 0; t0 < T; t0 += BLOCK) {
+                int n = (int)(T - t0 < BLOCK ? T - t0 : BLOCK);
+                column_stats(xb + t0, C, T, n, norm, eps, mean, rstd);
+                column_absmax(xb + t0, C, T, n, norm, mean, rstd, amax);
+                for (int i = 0; i < n; ++i) sample = amax[i] > sample ? amax[i] : sample;
+            }
+            sample = (sample < eps ? eps : sample) / qmax;
+        }
+        for (int64_t t0 = 0; t0 < T; t0 += BLOCK) {
+            int n = (int)(T - t0 < BLOCK ? T - t0 : BLOCK);
+            column_stats(xb + t0, C, T, n, norm, eps, mean, rstd);
+            if (per_sample) {
+                for (int i = 0; i < n; ++i) step[i] = sample;
+            } else {
+                column_absmax(xb + t0, C, T, n, norm, mean, rstd, amax);
+                for (int i = 0; i < n; ++i) step[i] = (amax[i] < eps ? eps : amax[i]) / qmax;
+            }
+            for (int i = 0; i < n; ++i) sb[left + t0 + i] = step[i];
+            for (int64_t c = 0; c < C; ++c) {
+                const float *row = xb + c * T + t0;
+                const int64_t g = c / in_g, cc = c % in_g;
+                uint8_t *dst = gb + ((g * C4 + (cc >> 2)) * Tp + left + t0) * 4 + (cc & 3);
+                for (int i = 0; i < n; ++i) {
+                    float v = norm == 0 ? row[i] : norm == 1 ? (row[i] - mean[i]) * rstd[i] : row[i] * rstd[i];
+                    float t = rintf(v / step[i]);
+                    t = t > qmax ? qmax : t < -qmax - 1.f ? -qmax - 1.f : t;
+                    dst[i * 4] = (uint8_t)((int)t + 128);
+                }
+            }
+        }
+    }
+}
+
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+#include <immintrin.h>
+#define TQ_CONV_VNNI 1
+static void conv_grouped_vnni(const uint8_t *xg, int64_t C4, int64_t Tp, const int8_t *wg, const int32_t *wsum,
+                              int64_t out, int64_t outp, int64_t k, int64_t dil, int64_t T_out, const float *s,
+                              const float *wscale, int64_t wstep, const float *bias, float *y, int64_t ldy) {
+    const int32_t *w32 = (const int32_t *)wg;
+    for (int64_t o0 = 0; o0 < outp; o0 += 8) {
+        for (int64_t t0 = 0; t0 < T_out; t0 += 16) {
+            const int64_t n = T_out - t0 < 16 ? T_out - t0 : 16;
+            const __mmask16 m = (__mmask16)(n == 16 ? 0xFFFF : (1u << n) - 1);
+            __m512 f0 = _mm512_setzero_ps(), f1 = f0, f2 = f0, f3 = f0, f4 = f0, f5 = f0, f6 = f0, f7 = f0;
+            for (int64_t j = 0; j < k; ++j) {
+                const int64_t p = t0 + j * dil;
+                __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+                const int32_t *wp = w32 + (j * outp + o0) * C4;
+                const uint8_t *xp = xg + p * 4;
+                for (int64_t c4 = 0; c4 < C4; ++c4) {
+                    const __m512i xv = _mm512_maskz_loadu_epi32(m, xp + c4 * Tp * 4);
+                    a0 = _mm512_dpbusd_epi32(a0, xv, _mm512_set1_epi32(wp[c4]));
+                    a1 = _mm512_dpbusd_epi32(a1, xv, _mm512_set1_epi32(wp[C4 + c4]));
+                    a2 = _mm512_dpbusd_epi32(a2, xv, _mm512_set1_epi32(wp[2 * C4 + c4]));
+                    a3 = _mm512_dpbusd_epi32(a3, xv, _mm512_set1_epi32(wp[3 * C4 + c4]));
+                    a4 = _mm512_dpbusd_epi32(a4, xv, _mm512_set1_epi32(wp[4 * C4 + c4]));
+                    a5 = _mm512_dpbusd_epi32(a5, xv, _mm512_set1_epi32(wp[5 * C4 + c4]));
+                    a6 = _mm512_dpbusd_epi32(a6, xv, _mm512_set1_epi32(wp[6 * C4 + c4]));
+                    a7 = _mm512_dpbusd_epi32(a7, xv, _mm512_set1_epi32(wp[7 * C4 + c4]));
+                }
+                const __m512 sv = _mm512_maskz_loadu_ps(m, s + p);
+                const int32_t *ws = wsum + j * outp + o0;
+#define TQ_ACC(r) f##r = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a##r, _mm512_set1_epi32(128 * ws[r]))), sv, f##r)
+                TQ_ACC(0); TQ_ACC(1); TQ_ACC(2); TQ_ACC(3); TQ_ACC(4); TQ_ACC(5); TQ_ACC(6); TQ_ACC(7);
+#undef TQ_ACC
+            }
+            __m512 fs[8] = {f0, f1, f2, f3, f4, f5, f6, f7};
+            for (int r = 0; r < 8 && o0 + r < out; ++r) {
+                const int64_t o = o0 + r;
+                __m512 v = fs[r];
+                if (wscale) v = _mm512_mul_ps(v, _mm512_set1_ps(wscale[o * wstep]));
+                if (bias) v = _mm512_add_ps(v, _mm512_set1_ps(bias[o]));
+                _mm512_mask_storeu_ps(y + o * ldy + t0, m, v);
+            }
+        }
+    }
+}
+#endif
+
+#if !defined(TQ_CONV_VNNI) && defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define TQ_CONV_AVX2 1
+/* AVX2 without VNNI: vpmaddubsw (u8 x s8 -> pairs of int16) + vpmaddwd, 8 time steps per vector, 4 outputs per
+ * block. The int16 pair sums cannot saturate while |w| <= 64 (2 * 255 * 64 < 32768): the caller checks. */
+static void conv_grouped_avx2(const uint8_t *xg, int64_t C4, int64_t Tp, const int8_t *wg, const int32_t *wsum,
+                              int64_t out, int64_t outp, int64_t k, int64_t dil, int64_t T_out, const float *s,
+                              const float *wscale, int64_t wstep, const float *bias, float *y, int64_t ldy) {
+    const int32_t *w32 = (const int32_t *)wg;
+    const __m256i ones = _mm256_set1_epi16(1), lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (int64_t o0 = 0; o0 < outp; o0 += 4) {
+        for (int64_t t0 = 0; t0 < T_out; t0 += 8) {
+            const int64_t n = T_out - t0 < 8 ? T_out - t0 : 8;
+            const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), lanes);
+            __m256 f0 = _mm256_setzero_ps(), f1 = f0, f2 = f0, f3 = f0;
+            for (int64_t j = 0; j < k; ++j) {
+                const int64_t p = t0 + j * dil;
+                __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+                const int32_t *wp = w32 + (j * outp + o0) * C4;
+                const uint8_t *xp = xg + p * 4;
+                for (int64_t c4 = 0; c4 < C4; ++c4) {
+                    const __m256i xv = _mm256_maskload_epi32((const int *)(xp + c4 * Tp * 4), m);
+#define TQ_DOT(r) a##r = _mm256_add_epi32(a##r, _mm256_madd_epi16(_mm256_maddubs_epi16(xv, _mm256_set1_epi32(wp[r * C4 + c4])), ones))
+                    TQ_DOT(0); TQ_DOT(1); TQ_DOT(2); TQ_DOT(3);
+#undef TQ_DOT
+                }
+                const __m256 sv = _mm256_maskload_ps(s + p, m);
+                const int32_t *ws = wsum + j * outp + o0;
+#define TQ_ACC(r) f##r = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(a##r, _mm256_set1_epi32(128 * ws[r]))), sv, f##r)
+                TQ_ACC(0); TQ_ACC(1); TQ_ACC(2); TQ_ACC(3);
+#undef TQ_ACC
+            }
+            __m256 fs[4] = {f0, f1, f2, f3};
+            for (int r = 0; r < 4 && o0 + r < out; ++r) {
+                const int64_t o = o0 + r;
+                __m256 v = fs[r];
+                if (wscale) v = _mm256_mul_ps(v, _mm256_set1_ps(wscale[o * wstep]));
+                if (bias) v = _mm256_add_ps(v, _mm256_set1_ps(bias[o]));
+                _mm256_maskstore_ps(y + o * ldy + t0, m, v);
+            }
+        }
+    }
+}
+#endif
+
+/* Portable version of the same loop (any CPU; AVX2 compilers vectorize the time loop). */
+static void conv_grouped_generic(const uint8_t *xg, int64_t C4, int64_t Tp, const int8_t *wg,
+                                 const int32_t *wsum, int64_t out, int64_t outp, int64_t k, int64_t dil,
+                                 int64_t stride, int64_t T_out, const float *s, const float *wscale, int64_t wstep,
+                                 const float *bias, float *y, int64_t ldy) {
+    int32_t acc[64];
+    for (int64_t o = 0; o < out; ++o) {
+        float *dst = y + o * ldy;
+        for (int64_t t = 0; t < T_out; ++t) dst[t] = 0.f;
+        for (int64_t t0 = 0; t0 < T_out; t0 += 64) {
+            const int64_t n = T_out - t0 < 64 ? T_out - t0 : 64;
+            for (int64_t j = 0; j < k; ++j) {
+                const int8_t *w = wg + ((j * outp + o) * C4) * 4;
+                for (int64_t i = 0; i < n; ++i) acc[i] = 0;
+                for (int64_t c4 = 0; c4 < C4; ++c4) {
+                    const uint8_t *xp = xg + (c4 * Tp + (t0 * stride + j * dil)) * 4;
+                    const int8_t *wc = w + c4 * 4;
+                    for (int64_t i = 0; i < n; ++i) {
+                        const uint8_t *v = xp + i * stride * 4;
+                        acc[i] += (int32_t)v[0] * wc[0] + (int32_t)v[1] * wc[1] + (int32_t)v[2] * wc[2] +
+                                  (int32_t)v[3] * wc[3];
+                    }
+                }
+                const int32_t corr = 128 * wsum[j * outp + o];
+                const float *sp = s + t0 * stride + j * dil;
+                for (int64_t i = 0; i < n; ++i) dst[t0 + i] += (float)(acc[i] - corr) * sp[i * stride];
+            }
+        }
+        const float w = wscale ? wscale[o * wstep] : 1.f, b = bias ? bias[o] : 0.f;
+        if (wscale || bias)
+            for (int64_t t = 0; t < T_out; ++t) dst[t] = dst[t] * w + b;
+    }
+}
+
+/* y (out, T_out) rows ldy apart = the convolution of grouped codes xg (C4, Tp, 4) by wg (see above). */
+int tq_conv1d_grouped(const uint8_t *xg, int64_t C4, int64_t Tp, const int8_t *w, int64_t out, int64_t in,
+                      int64_t k, int64_t dil, int64_t stride, int64_t T_out, const float *s, const float *wscale,
+                      int64_t wstep, const float *bias, float *y, int64_t ldy) {
+    /* w (k, out, in) as stored; the loops read (k, outp, C4 * 4), outp = out rounded up to 8, zero padded: a
+     * per-call copy (weights are small next to the activations), with the row sums for the +128 correction. */
+    const int64_t outp = (out + 7) / 8 * 8, cols = C4 * 4;
+    int8_t *wg = (int8_t *)calloc((size_t)(k * outp * cols), 1);
+    int32_t *wsum = (int32_t *)malloc((size_t)(k * outp) * sizeof(int32_t));
+    if (!wg || !wsum) {
+        free(wg);
+        free(wsum);
+        return -1;
+    }
+    for (int64_t j = 0; j < k; ++j)
+        for (int64_t o = 0; o < out; ++o)
+            memcpy(wg + (j * outp + o) * cols, w + (j * out + o) * in, (size_t)in);
+    int wmax = 0;
+    for (int64_t r = 0; r < k * outp; ++r) {
+        int32_t total = 0;
+        for (int64_t c = 0; c < cols; ++c) {
+            total += wg[r * cols + c];
+            wmax = abs(wg[r * cols + c]) > wmax ? abs(wg[r * cols + c]) : wmax;
+        }
+        wsum[r] = total;
+    }
+    (void)wmax;
+#ifdef TQ_CONV_VNNI
+    if (stride == 1)
+        conv_grouped_vnni(xg, C4, Tp, wg, wsum, out, outp, k, dil, T_out, s, wscale, wstep, bias, y, ldy);
+    else
+#elif defined(TQ_CONV_AVX2)
+    if (stride == 1 && wmax <= 64)
+        conv_grouped_avx2(xg, C4, Tp, wg, wsum, out, outp, k, dil, T_out, s, wscale, wstep, bias, y, ldy);
+    else
+#endif
+        conv_grouped_generic(xg, C4, Tp, wg, wsum, out, outp, k, dil, stride, T_out, s, wscale, wstep, bias, y,
+                             ldy);
+    free(wg);
+    free(wsum);
+    return 0;
+}
+
+int tq_conv1d_grouped_vectorized(void) {
+#ifdef TQ_CONV_VNNI
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* Row sums of int8 codes w (N, K) into sums (int32), returning max |w|: what the unsigned-byte GEMV needs, without
+ * the int32 copy of the whole weight that torch's sum(dtype=int32) makes. */
+int tq_row_sums(const int8_t *w, int64_t N, int64_t K, int32_t *sums) {
+    int wmax = 0;
+    for (int64_t n = 0; n < N; ++n) {
+        int32_t total = 0;
+        int rmax = 0;
+        for (int64_t c = 0; c < K; ++c) {
+            const int v = w[n * K + c];
+            total += v;
+            rmax = (v < 0 ? -v : v) > rmax ? (v < 0 ? -v : v) : rmax;
+        }
+        sums[n] = total;
+        wmax = rmax > wmax ? rmax : wmax;
+    }
+    return wmax;
+}
+
+int tq_abi_version(void) { return 3; }

@@ -1,0 +1,74 @@
+"""Which kernel a packed layer runs: decided from the CPU's features and the call's geometry, never by timing.
+
+Timing every applicable kernel on the first call of each input shape (what ternq did before) made a one-shot
+process pay for autotuning: the first synthesis of a new sentence length ran 6x slower than a warm one. The
+rules below encode what docs/benchmarks.md measured instead, so the first call runs the kernel a warm call runs:
+
+* an integer kernel whenever the layer has one for this input: with the native quantizer and epilogues it beat
+  ``weight_only`` (which rebuilds the float weight every call) on every measured shape, with and without VNNI;
+* Linear, a few rows: ``int8_gemv`` (the native GEMV reads the weight once; 3-5x faster than ``torch._int_mm``
+  at 1-2 rows with VNNI, about fp32's speed at 1 row without it); up to `GEMM_T_ROWS` rows ``int8_gemm_t``
+  (the weight as the GEMM's left operand, which oneDNN does not re-layout per call); beyond, ``int8_gemm``.
+
+`choose` is a pure function of its arguments, so a test can pin each rule.
+"""
+from __future__ import annotations
+
+import os
+from functools import cache
+
+from . import native
+
+__all__ = ["KERNEL_ENV", "GEMM_T_ROWS", "gemv_rows", "choose", "pick"]
+
+KERNEL_ENV = "TERNQ_KERNEL"
+WEIGHT_ONLY = "weight_only"
+_ENV_KERNELS = ("auto", WEIGHT_ONLY, "int8")
+GEMM_T_ROWS = 64  # int8_gemm_t up to this many rows, int8_gemm beyond (1 thread, docs/benchmarks.md)
+
+
+@cache
+def _vnni(arch: str | None) -> bool:
+    """`native.vnni`, once per value of $TERNQ_NATIVE_ARCH (it reads /proc/cpuinfo)."""
+    return native.vnni()
+
+
+def gemv_rows(vnni: bool | None = None) -> int:
+    """The most rows for which the native GEMV beats the int8 GEMM: 4 with VNNI, else 1."""
+    return 4 if (_vnni(os.environ.get(native.ARCH_ENV)) if vnni is None else vnni) else 1
+
+
+def choose(applicable: tuple[str, ...], rows: int, vnni: bool | None = None) -> str:
+    """The kernel for a call from the kernels that can compute it (`applicable`, in the layer's preference
+    order, ``weight_only`` last) and its row count (tokens for a Linear; unused by the other layers)."""
+    integer = [k for k in applicable if k != WEIGHT_ONLY]
+    if not integer:
+        return WEIGHT_ONLY
+    if "int8_gemv" in integer and rows <= gemv_rows(vnni):
+        return "int8_gemv"
+    if "int8_gemm_t" in integer and "int8_gemm" in integer:
+        return "int8_gemm_t" if rows <= GEMM_T_ROWS else "int8_gemm"
+    return integer[0]
+
+
+def pick(applicable: tuple[str, ...], rows: int, *, forced: str | None = None, needs_grad: bool = False,
+         owner: str = "packed layer") -> str:
+    """The kernel a call runs: the layer's forced kernel (checked against what can compute this call), else
+    ``weight_only`` where the input needs a gradient or ``$TERNQ_KERNEL=weight_only``, else the first integer
+    kernel for ``$TERNQ_KERNEL=int8``, else `choose`."""
+    if forced is not None:
+        if forced not in applicable:
+            raise ValueError(f"{owner}: kernel={forced!r} cannot compute this input; applicable: {applicable}")
+        if needs_grad and forced != WEIGHT_ONLY:
+            raise RuntimeError(f"kernel {forced!r} is inference-only and gives no gradient to the input: run under "
+                               f"torch.no_grad() or use kernel={WEIGHT_ONLY!r}")
+        return forced
+    env = os.environ.get(KERNEL_ENV, "auto").strip() or "auto"
+    if env not in _ENV_KERNELS:
+        raise ValueError(f"{KERNEL_ENV}={env!r}: expected one of {_ENV_KERNELS}")
+    if env == WEIGHT_ONLY or needs_grad:
+        return WEIGHT_ONLY
+    integer = [k for k in applicable if k != WEIGHT_ONLY]
+    if env == "int8" and integer:
+        return integer[0]
+    return choose(applicable, rows)
