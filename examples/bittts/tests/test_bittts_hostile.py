@@ -99,6 +99,9 @@ def test_synthesize_bad_input(tmp_path):
     garbage.write_bytes(b"\xff" * 4000)
     fails(["synthesize", "--model", str(garbage), "--text", "hi", "-o", str(tmp_path / "x.wav")],
           "header length .* exceeds the .*-byte limit")
+    escape = fails(["synthesize", "--model", str(tmp_path / "red\x1b[31m.safetensors"), "--text", "hi", "-o",
+                    str(tmp_path / "x.wav")], "not found")
+    assert "\x1b" not in escape and "red\\x1b[31m" in escape  # a terminal escape in a name is shown, not run
     fifo = tmp_path / "pipe.safetensors"
     os.mkfifo(fifo)
     fails(["synthesize", "--model", str(fifo), "--text", "hi", "-o", str(tmp_path / "x.wav")], "named pipe")
@@ -176,6 +179,10 @@ def forge_model(path: Path, out: Path, key: str, edit) -> Path:
 @pytest.mark.parametrize("forgery", [
     ("bittts.config", lambda c: c["acoustic"].update(enc_layers=100_000), "acoustic.enc_layers = 100000 is outside"),
     ("bittts.config", lambda c: c["acoustic"].update(enc_layers=10_000_000), "enc_layers = 10000000 is outside"),
+    ("bittts.config", lambda c: c["acoustic"].update(enc_layers=5), "enc_layers = 5, but the file holds 4"),
+    ("bittts.config", lambda c: c["vocoder"].update(resblock_kernels=[3, 7], resblock_dilations=[[1], [1]]),
+     "resblock_kernels\\) x upsampling stages = 8, but the file holds 12"),
+    ("bittts.config", lambda c: c["acoustic"].update(n_symbols=5000), "n_symbols x enc_channels = 5000 x"),
     ("bittts.config", lambda c: c["vocoder"].update(initial_channels=2**40), "initial_channels"),
     ("bittts.config", lambda c: c["vocoder"].update(resblock_dilations=[[1] * 1000]), "resblock_dilations"),
     ("bittts.audio", lambda a: a.update(sample_rate=0), "sample_rate 0 is not"),
