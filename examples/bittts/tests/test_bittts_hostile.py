@@ -236,3 +236,20 @@ def test_a_resumed_run_logs_each_step_once(tmp_path, one_thread):
     train(cfg, tmp_path, dataset=data, steps=4, resume=True, progress=False)
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+
+
+def test_atomic_write_removes_the_temp_files_of_killed_writers(tmp_path):
+    """A temp file of the same target left by a process that no longer exists goes on the next write; a live
+    writer's (this process' parent) and another target's stay."""
+    from bittts.atomic import _temp_prefix, atomic_write
+
+    target = tmp_path / "out.wav"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale = tmp_path / f"{_temp_prefix(target)}{dead}.0123abcd.tmp"
+    live = tmp_path / f"{_temp_prefix(target)}{os.getppid()}.0123abcd.tmp"
+    other = tmp_path / f"{_temp_prefix(tmp_path / 'other.wav')}{dead}.0123abcd.tmp"
+    for p in (stale, live, other):
+        p.write_bytes(b"partial")
+    atomic_write(target, b"data")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, live.name, other.name])
