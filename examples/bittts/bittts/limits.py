@@ -3,6 +3,6 @@ from __future__ import annotations
 
 __all__ = ["MAX_SENTENCE_CHARS", "MAX_TEXT_BYTES", "MAX_DURATION_SCALE"]
 
-MAX_SENTENCE_CHARS = 1000  # one utterance: its audio, and the memory to synthesize it, grow with its length
+MAX_SENTENCE_CHARS = 500  # one utterance (~26 s of speech, +0.5 GB peak RSS to synthesize; both grow with length)
 MAX_TEXT_BYTES = 10_000_000  # a sentence file (10 MB: ~100,000 sentences)
-MAX_DURATION_SCALE = 10.0  # `--duration-scale`: > 1 speaks slower; the audio (and memory) of a sentence grows with it
+MAX_DURATION_SCALE = 4.0  # `--duration-scale`: > 1 speaks slower; a sentence's audio and memory grow with it

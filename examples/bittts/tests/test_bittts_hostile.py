@@ -144,11 +144,12 @@ def test_text_files_are_read_with_bounded_memory(tmp_path):
     with pytest.raises(ValueError, match="line 2 is not UTF-8"):
         read_sentences(binary)
     long_line = tmp_path / "long.txt"
-    long_line.write_text("word " * (MAX_SENTENCE_CHARS // 4) + "\n")
-    with pytest.raises(ValueError, match="line 1 has 1,249 characters, more than the 1,000"):
+    long_line.write_text("word " * (MAX_SENTENCE_CHARS // 4) + "\n")  # within the bytes read per line
+    with pytest.raises(ValueError, match=f"line 1 has {5 * (MAX_SENTENCE_CHARS // 4) - 1:,} characters, more than "
+                                         f"the {MAX_SENTENCE_CHARS:,}"):
         read_sentences(long_line)
-    long_line.write_text("word " * MAX_SENTENCE_CHARS + "\n")
-    with pytest.raises(ValueError, match="line 1 is longer than 1,000 characters"):
+    long_line.write_text("word " * MAX_SENTENCE_CHARS + "\n")  # beyond them
+    with pytest.raises(ValueError, match=f"line 1 is longer than {MAX_SENTENCE_CHARS:,} characters"):
         read_sentences(long_line)
     assert read_sentences(big, limit=2) == ["A short sentence."] * 2
     assert time.perf_counter() - start < 30
