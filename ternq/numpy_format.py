@@ -622,7 +622,7 @@ def _check_config(config: object, what: str) -> dict[str, Any]:
     if act_bits is not None and not _int_in(act_bits, 2, 8):
         raise FormatError(f"{what}: config act_bits {act_bits!r:.40} is neither null nor an integer in 2..8")
     eps = config.get("eps")
-    if type(eps) not in (int, float) or not (math.isfinite(eps) and 0 < eps <= MAX_EPS):
+    if type(eps) not in (int, float) or not 0 < eps <= MAX_EPS:  # (NaN and +-inf fail the comparison)
         raise FormatError(f"{what}: config eps {eps!r:.40} is not a number in (0, {MAX_EPS}]")
     return config
 
