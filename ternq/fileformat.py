@@ -414,8 +414,8 @@ def _place(source: Source, model: nn.Module, record: LayerRecord, aliases: dict[
     if module is None:
         raise _mismatch(source, f"the file packs {what}, but the skeleton has no module {record.module!r}")
     if record.type.startswith("F."):
-        own = layer_spec(module)  # a layer ternq packs as a layer: its weight is never a functional call's
-        if own is not None and own.weight_name == record.weight:
+        spec = layer_spec(module)
+        if spec is not None and spec.weight_name == record.weight:
             raise _mismatch(source, f"the file packs {what}, but {record.weight!r} of the skeleton's "
                                     f"{record.module!r} is the weight of a {type(module).__name__} layer, not a "
                                     "parameter of a functional call")
