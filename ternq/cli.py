@@ -169,9 +169,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
     v = sub.add_parser("verify", help="re-decode everything and check all checksums; exit 0 only if intact",
                        description="Re-decode FILE completely: header, manifest and its CRC32, every tensor's "
-                                   "CRC32, every packed byte and code range, scales. Exit status 0 if the file is "
-                                   f"intact, {EXIT_INVALID} if it is corrupted or malformed, {EXIT_UNREADABLE} if "
-                                   "it cannot be read.")
+                                   "CRC32, every packed byte and code range, scales, in bounded memory. Exit status "
+                                   f"0 if the file is intact, {EXIT_INVALID} if it is corrupted, malformed or not a "
+                                   f"regular file, {EXIT_UNREADABLE} if it cannot be read.")
     v.add_argument("file", metavar="FILE")
     v.add_argument("--json", action="store_true", help="print the result as JSON")
     v.add_argument("--no-progress", action="store_true", help="never show a progress bar")

@@ -9,8 +9,9 @@ file by copying this one file (or loading it by path)::
     spec.loader.exec_module(nf)
     state = nf.load_numpy("model.safetensors", dequantize=True)   # {name: np.ndarray}, a float state dict
 
-The torch side of ternq (`ternq.fileformat`) uses the same header and manifest validation, so every check here
-guards both readers. Everything read from a file is distrusted: sizes are bounded by the file size before
+Every rule of the format is checked here, once: `read_header` and `read_manifest` (the header), `check_tensor`
+(a tensor's bytes, in bounded memory). The torch loader (`ternq.fileformat`), ``ternq verify`` / ``inspect`` and
+`read_metadata` all run these functions, so every check guards every reader. Everything read from a file is distrusted: sizes are bounded by the file size before
 anything is allocated, every field is type-checked, and every tensor's bytes are checked against its CRC32.
 """
 from __future__ import annotations
@@ -63,6 +64,8 @@ __all__ = [
     "load_numpy",
     "encoding_for_config",
     "expected_scale_shape",
+    "effective_group_size",
+    "open_regular_file",
     "crc32_hex",
 ]
 
@@ -607,9 +610,10 @@ def _check_config(config: object, what: str) -> dict[str, Any]:
     field. This is the one validation of a stored config; the torch loader builds its QuantConfig from it."""
     if not isinstance(config, dict):
         raise FormatError(f"{what}: config must be an object, got {config!r:.80}")
-    unknown = sorted(set(config) - _CONFIG_FIELDS - ({"bits"} if config.get("kind") == "kbit" else set()))
-    if unknown or (config.get("kind") == "ternary" and "bits" in config):
-        raise FormatError(f"{what}: config has unknown fields {unknown or ['bits']}")
+    unknown = sorted(set(config) - _CONFIG_FIELDS) + (["bits"] if config.get("kind") == "ternary" and "bits" in
+                                                       config else [])
+    if unknown:
+        raise FormatError(f"{what}: config has unknown fields {unknown}")
     for key, choices in _CONFIG_CHOICES.items():
         value = config.get(key, "token" if key == "act_granularity" else None)
         if value not in choices or isinstance(value, bool):
@@ -623,7 +627,7 @@ def _check_config(config: object, what: str) -> dict[str, Any]:
     if act_bits is not None and not _int_in(act_bits, 2, 8):
         raise FormatError(f"{what}: config act_bits {act_bits!r:.40} is neither null nor an integer in 2..8")
     eps = config.get("eps")
-    if type(eps) not in (int, float) or not (math.isfinite(eps) and 0 < eps <= MAX_EPS):
+    if type(eps) not in (int, float) or not 0 < eps <= MAX_EPS:  # (NaN and +-inf fail the comparison)
         raise FormatError(f"{what}: config eps {eps!r:.40} is not a number in (0, {MAX_EPS}]")
     return config
 

@@ -96,7 +96,8 @@ def run_cli(*args: str) -> tuple[int, str, str]:
 
 
 def assert_every_reader_refuses(data: bytes, match: str, tmp_path: Any) -> None:
-    """read_metadata, the numpy reader, load_packed and `ternq verify` all refuse `data` with a ternq error."""
+    """read_metadata, the numpy reader, load_packed, `ternq verify` and `ternq inspect` all refuse `data` with a
+    ternq error (the commands: exit status 1)."""
     with pytest.raises(FormatError, match=match):
         ternq.read_metadata(data)
     with pytest.raises(FormatError, match=match):
@@ -105,7 +106,8 @@ def assert_every_reader_refuses(data: bytes, match: str, tmp_path: Any) -> None:
         ternq.load_packed(data, Net())
     path = tmp_path / "forged.safetensors"
     path.write_bytes(data)
-    assert ternq_main(["verify", str(path), "--no-progress"]) == 1
+    for command in ("verify", "inspect"):
+        assert ternq_main([command, str(path), "--no-progress"]) == 1
 
 
 @contextmanager
@@ -130,6 +132,7 @@ def run_bounded(code: str, extra_mib: int, timeout: int = 120) -> subprocess.Com
         import resource, sys, time
         import numpy, torch, ternq
         from ternq.numpy_format import load_numpy
+        torch.set_num_threads(1)  # thread stacks and malloc arenas would count against the address-space limit
         def status(field):
             for line in open("/proc/self/status"):
                 if line.startswith(field):
@@ -151,9 +154,6 @@ def run_bounded(code: str, extra_mib: int, timeout: int = 120) -> subprocess.Com
 def test_lone_surrogate_in_a_forged_manifest_is_a_format_error(tmp_path):
     data = forge(packed_net(), lambda m: m.update(library="caf\ud800"))
     assert_every_reader_refuses(data, "lone surrogate", tmp_path)
-    path = tmp_path / "forged.safetensors"
-    rc, out, err = run_cli("verify", str(path), "--no-progress")
-    assert rc == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_save_refuses_metadata_that_is_not_text(tmp_path):
@@ -233,7 +233,7 @@ def _fill(unit: bytes, head: bytes = b'{"x":[', tail: bytes = b"0]}") -> bytes:
 
 
 HEADERS = {  # what a hostile header can hold, and what each reader must do with it
-    "100 MB of short strings": (b'{"x":[' + b'"ab",' * (100_000_000 // 5) + b'"ab"]}', "exceeds the"),
+    "100 MB of short strings": (b'{"x":[' + b'"ab",' * (100_000_000 // 5 - 10) + b'"ab"]}', "exceeds the"),
     "short strings": (_fill(b'"ab",'), "JSON values in"),
     "empty lists": (_fill(b"[],"), "JSON objects/arrays in"),
     "one-key objects": (_fill(b'{"a":"bcdefghijk"},'), "expected exactly the fields"),  # the costliest allowed
@@ -243,8 +243,8 @@ HEADERS = {  # what a hostile header can hold, and what each reader must do with
 
 def test_header_parse_memory_is_bounded(tmp_path):
     """A header beyond the limit is refused by its length; below it, one too dense in JSON values is refused
-    before parsing, and the costliest one allowed parses in at most ~15x its size (measured; 20x asserted).
-    Before: 100 MB headers cost 2.6-2.9 GB and 9-32 s in every reader. One process, its peak RSS reset per
+    before parsing, and the costliest one allowed parses in at most ~17x its size (measured 16.2x; 20x asserted).
+    Before: a 100 MB header cost 1.7-2.9 GB and 9-32 s in every reader. One process, its peak RSS reset per
     case (/proc/self/clear_refs)."""
     paths = {}
     for i, (kind, (body, _)) in enumerate(sorted(HEADERS.items())):

@@ -61,7 +61,8 @@ def describe(error: BaseException) -> str:
         text = f"{os.path.basename(str(error.cmd[0]))} failed (exit {error.returncode}): {stderr.strip()}"
     else:
         text = str(error) or type(error).__name__
-    return " ".join(text.split())
+    text = " ".join(text.split())  # one line; a control character (a terminal escape from a file) shown escaped
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def main(argv: list[str] | None = None) -> int:

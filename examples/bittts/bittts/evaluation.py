@@ -23,13 +23,10 @@ import torch
 
 from . import audio, metrics
 from .inference import Synthesis, Synthesizer
+from .limits import MAX_SENTENCE_CHARS, MAX_TEXT_BYTES
 from .sizes import PARTS, format_size_table, part_bytes, size_table
 
-__all__ = ["MAX_SENTENCE_CHARS", "MAX_TEXT_BYTES", "check_sentence", "read_sentences", "file_sizes", "fastest_pass", "evaluate_model", "format_report", "write_report"]
-
-
-MAX_SENTENCE_CHARS = 1000  # one utterance: its audio, and the memory to synthesize it, grow with its length
-MAX_TEXT_BYTES = 10_000_000  # a sentence file (10 MB: ~100,000 sentences)
+__all__ = ["check_sentence", "read_sentences", "file_sizes", "fastest_pass", "evaluate_model", "format_report", "write_report"]
 
 
 def check_sentence(sentence: str, what: str) -> str:

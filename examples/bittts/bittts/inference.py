@@ -136,12 +136,14 @@ def default_model() -> Path:
 def read_model_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The decoded bittts metadata of an exported model: config (BitTTSConfig), symbols, phonemizer, audio,
     training. Raises ValueError if the file is a ternq file but not a BitTTS model."""
-    import ternq
+    from ternq.numpy_format import Source, read_header, read_manifest
 
     if not os.path.exists(path):  # anything else that is not a regular file: ternq.read_metadata says what it is
         raise FileNotFoundError(f"model file {os.fspath(path)!r} not found; export one with "
                                 "`bittts export RUN_DIR -o MODEL.safetensors`")
-    meta = ternq.read_metadata(path)
+    with Source(path) as source:  # the header only (like ternq.read_metadata), with the tensors' shapes
+        manifest = read_manifest(read_header(source))
+    meta = manifest.metadata
     if meta.get("bittts.format") != MODEL_FORMAT:
         raise ValueError(f"{os.fspath(path)} is not a BitTTS model (no bittts.format={MODEL_FORMAT!r} metadata); "
                          "export one with `bittts export RUN_DIR -o MODEL.safetensors`")
@@ -155,6 +157,8 @@ def read_model_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
                 "audio": json.loads(meta["bittts.audio"]),
                 "training": json.loads(meta.get("bittts.training", "{}"))}
         _check_model_metadata(info)
+        _check_sizes_against_tensors(info["config"], {**{k: r.shape for k, r in manifest.tensors.items()},
+                                                      **{k: r.shape for k, r in manifest.layers.items()}})
     except (KeyError, ValueError, TypeError) as e:
         raise ValueError(f"{os.fspath(path)}: invalid bittts metadata: {e}") from None
     return info
@@ -166,6 +170,31 @@ _SIZE_BOUNDS = {"layers": 64, "channels": 4096, "kernel": 127, "kernels": 127, "
                 "components": 64, "n_symbols": 100_000, "n_mels": 512, "max_duration": 10_000}
 _MAX_LIST = 16  # entries of a tuple field (upsampling stages, resblocks, dilations)
 SAMPLE_RATES = (1_000, 192_000)
+
+
+def _check_sizes_against_tensors(cfg: BitTTSConfig, shapes: dict[str, tuple[int, ...]]) -> None:
+    """The config's depths and the embedding's size against the tensors the file holds (names of the float
+    skeleton's state_dict, packed weights under their own key), so that a forged config is refused before its
+    skeleton is built; `ternq.load_packed` then checks every tensor against the skeleton."""
+    def blocks(prefix: str) -> int:
+        return len({n[len(prefix):].split(".", 1)[0] for n in shapes if n.startswith(prefix)})
+
+    stages = len(cfg.vocoder.upsample_rates)
+    for field, claimed, prefix in (
+            ("acoustic.enc_layers", cfg.acoustic.enc_layers, "acoustic.encoder.blocks."),
+            ("acoustic.dec_layers", cfg.acoustic.dec_layers, "acoustic.decoder.blocks."),
+            ("acoustic.variance_layers", cfg.acoustic.variance_layers, "acoustic.pitch_predictor.convs."),
+            ("len(vocoder.upsample_rates)", stages, "vocoder.ups."),
+            ("len(vocoder.resblock_kernels) x upsampling stages", len(cfg.vocoder.resblock_kernels) * stages,
+             "vocoder.resblocks.")):
+        if blocks(prefix) != claimed:
+            raise ValueError(f"bittts.config says {field} = {claimed}, but the file holds {blocks(prefix)} "
+                             f"({prefix}N): the config does not describe this model")
+    embed = shapes.get("acoustic.embed.weight")
+    if embed != (cfg.acoustic.n_symbols, cfg.acoustic.enc_channels):
+        raise ValueError(f"bittts.config says acoustic.n_symbols x enc_channels = {cfg.acoustic.n_symbols} x "
+                         f"{cfg.acoustic.enc_channels}, but the file's acoustic.embed.weight is "
+                         f"{list(embed) if embed is not None else 'missing'}")
 
 
 def _check_model_metadata(info: dict[str, Any]) -> None:

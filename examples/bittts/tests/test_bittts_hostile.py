@@ -17,8 +17,9 @@ import pytest
 import torch
 from bittts.cli import main
 from bittts.config import apply_overrides, load_preset
-from bittts.evaluation import MAX_SENTENCE_CHARS, MAX_TEXT_BYTES, read_sentences
+from bittts.evaluation import read_sentences
 from bittts.inference import DEFAULT_MODEL, read_model_metadata, shipped_model
+from bittts.limits import MAX_SENTENCE_CHARS, MAX_TEXT_BYTES
 from bittts.model import load_checkpoint
 from bittts.train import train, truncate_metrics
 from bittts_synthetic import N_SYMBOLS, SyntheticTTS
@@ -99,6 +100,9 @@ def test_synthesize_bad_input(tmp_path):
     garbage.write_bytes(b"\xff" * 4000)
     fails(["synthesize", "--model", str(garbage), "--text", "hi", "-o", str(tmp_path / "x.wav")],
           "header length .* exceeds the .*-byte limit")
+    escape = fails(["synthesize", "--model", str(tmp_path / "red\x1b[31m.safetensors"), "--text", "hi", "-o",
+                    str(tmp_path / "x.wav")], "not found")
+    assert "\x1b" not in escape and "red\\x1b[31m" in escape  # a terminal escape in a name is shown, not run
     fifo = tmp_path / "pipe.safetensors"
     os.mkfifo(fifo)
     fails(["synthesize", "--model", str(fifo), "--text", "hi", "-o", str(tmp_path / "x.wav")], "named pipe")
@@ -140,11 +144,12 @@ def test_text_files_are_read_with_bounded_memory(tmp_path):
     with pytest.raises(ValueError, match="line 2 is not UTF-8"):
         read_sentences(binary)
     long_line = tmp_path / "long.txt"
-    long_line.write_text("word " * (MAX_SENTENCE_CHARS // 4) + "\n")
-    with pytest.raises(ValueError, match="line 1 has 1,249 characters, more than the 1,000"):
+    long_line.write_text("word " * (MAX_SENTENCE_CHARS // 4) + "\n")  # within the bytes read per line
+    with pytest.raises(ValueError, match=f"line 1 has {5 * (MAX_SENTENCE_CHARS // 4) - 1:,} characters, more than "
+                                         f"the {MAX_SENTENCE_CHARS:,}"):
         read_sentences(long_line)
-    long_line.write_text("word " * MAX_SENTENCE_CHARS + "\n")
-    with pytest.raises(ValueError, match="line 1 is longer than 1,000 characters"):
+    long_line.write_text("word " * MAX_SENTENCE_CHARS + "\n")  # beyond them
+    with pytest.raises(ValueError, match=f"line 1 is longer than {MAX_SENTENCE_CHARS:,} characters"):
         read_sentences(long_line)
     assert read_sentences(big, limit=2) == ["A short sentence."] * 2
     assert time.perf_counter() - start < 30
@@ -176,6 +181,10 @@ def forge_model(path: Path, out: Path, key: str, edit) -> Path:
 @pytest.mark.parametrize("forgery", [
     ("bittts.config", lambda c: c["acoustic"].update(enc_layers=100_000), "acoustic.enc_layers = 100000 is outside"),
     ("bittts.config", lambda c: c["acoustic"].update(enc_layers=10_000_000), "enc_layers = 10000000 is outside"),
+    ("bittts.config", lambda c: c["acoustic"].update(enc_layers=5), "enc_layers = 5, but the file holds 4"),
+    ("bittts.config", lambda c: c["vocoder"].update(resblock_kernels=[3, 7], resblock_dilations=[[1], [1]]),
+     "resblock_kernels\\) x upsampling stages = 8, but the file holds 12"),
+    ("bittts.config", lambda c: c["acoustic"].update(n_symbols=5000), "n_symbols x enc_channels = 5000 x"),
     ("bittts.config", lambda c: c["vocoder"].update(initial_channels=2**40), "initial_channels"),
     ("bittts.config", lambda c: c["vocoder"].update(resblock_dilations=[[1] * 1000]), "resblock_dilations"),
     ("bittts.audio", lambda a: a.update(sample_rate=0), "sample_rate 0 is not"),
@@ -229,3 +238,20 @@ def test_a_resumed_run_logs_each_step_once(tmp_path, one_thread):
     train(cfg, tmp_path, dataset=data, steps=4, resume=True, progress=False)
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+
+
+def test_atomic_write_removes_the_temp_files_of_killed_writers(tmp_path):
+    """A temp file of the same target left by a process that no longer exists goes on the next write; a live
+    writer's (this process' parent) and another target's stay."""
+    from bittts.atomic import _temp_prefix, atomic_write
+
+    target = tmp_path / "out.wav"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale = tmp_path / f"{_temp_prefix(target)}{dead}.0123abcd.tmp"
+    live = tmp_path / f"{_temp_prefix(target)}{os.getppid()}.0123abcd.tmp"
+    other = tmp_path / f"{_temp_prefix(tmp_path / 'other.wav')}{dead}.0123abcd.tmp"
+    for p in (stale, live, other):
+        p.write_bytes(b"partial")
+    atomic_write(target, b"data")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, live.name, other.name])

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..limits import MAX_DURATION_SCALE, MAX_SENTENCE_CHARS, MAX_TEXT_BYTES
 from . import check_threads, output_dir, output_file
-
-MAX_DURATION_SCALE = 10.0  # > 1 speaks slower; the audio (and memory) of a sentence grows with it
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,7 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(examples/bittts/pretrained/bittts-ternary.safetensors)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--text", help="the sentence to speak")
-    source.add_argument("--text-file", metavar="FILE", help="speak every non-empty line of FILE, one wav each")
+    source.add_argument("--text-file", metavar="FILE",
+                        help="speak every non-empty line of FILE, one wav each (UTF-8, at most "
+                             f"{MAX_SENTENCE_CHARS:,} characters a line and {MAX_TEXT_BYTES // 10**6} MB)")
     parser.add_argument("-o", "--out", required=True, metavar="OUT.wav|OUT_DIR",
                         help="wav file (--text) or directory (--text-file)")
     parser.add_argument("--threads", type=int, help="torch CPU threads, 1 to the machine's CPU count (default: "
