@@ -18,6 +18,7 @@ skeleton's: the layers already swapped hold a quarter of their float bytes, and 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import tempfile
@@ -32,7 +33,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from .config import QuantConfig
-from .errors import ArchitectureMismatchError, FormatError
+from .errors import ArchitectureMismatchError, ConversionError, FormatError
 from .functional import (
     INPUT_POSITION,
     READS,
@@ -592,7 +593,29 @@ def load_packed(source: str | os.PathLike[str] | bytes | PackedModel, model: nn.
                 step.module = None  # the float layer can go now: peak memory stays that of the skeleton
         if leftovers:
             root.load_state_dict(leftovers, strict=False)
+    if not dequantize:
+        _refuse_hub_saving(root)
     return root
+
+
+#: methods of a Hugging Face model that would write its state_dict as float weights: a packed model has none
+_HUB_SAVERS = ("save_pretrained", "push_to_hub")
+
+
+def _refuse_hub_saving(model: nn.Module) -> None:
+    """A packed model's ``save_pretrained`` raises instead of writing a checkpoint without its weights."""
+    for name in _HUB_SAVERS:
+        if callable(getattr(model, name, None)):
+            model.__dict__[name] = functools.partial(_hub_saving_refused, name)
+
+
+def _hub_saving_refused(method: str, *args: Any, **kwargs: Any) -> None:
+    raise ConversionError(
+        f"{method}() on a packed ternq model would write a checkpoint without its quantized weights (packed layers "
+        "hold codes, not float weights). Save the packed file and the config instead: "
+        "ternq.save_packed(model, 'model.safetensors'); model.config.save_pretrained(directory). Load them with "
+        "ternq.load_packed('model.safetensors', AutoModel.from_config(AutoConfig.from_pretrained(directory))) "
+        "(see docs/transformers.md), or load with dequantize=True for a float model that save_pretrained can write")
 
 
 def _check_floats(source: Source, manifest: Manifest, model: nn.Module, owned: set[str]) -> None:
