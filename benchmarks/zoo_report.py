@@ -20,9 +20,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from zoo_models import ZOO, Arch, no_dropout, randn  # noqa: E402
+
 import ternq  # noqa: E402
 from ternq.uses import float_uses  # noqa: E402
-from zoo_models import ZOO, Arch, no_dropout, randn  # noqa: E402
 
 WEIGHT_ONLY = ternq.TernaryConfig(act_bits=None, input_norm=None)
 
