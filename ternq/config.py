@@ -7,9 +7,12 @@ and quantized to 8 bits per token (per time step for convolutions).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from torch import Tensor
 from .numpy_format import MAX_EPS, MAX_GROUP_SIZE
 
 Granularity = Literal["tensor", "channel", "group"]
@@ -88,9 +91,16 @@ class QuantConfig:
         """Largest integer code; codes lie in [-qmax, qmax]."""
         raise NotImplementedError
 
+    #: the config's kind in file metadata ("ternary" / "kbit")
+    kind: ClassVar[str] = ""
+
+    def scale_of(self, magnitudes: Tensor, dims: tuple[int, ...], counts: Tensor | None = None) -> Tensor:
+        """The weight scale of `magnitudes` (``|W|``) over `dims`; `counts` corrects a mean for zero padding."""
+        raise NotImplementedError
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form, with the kind, for file metadata."""
-        return {"kind": self.name if isinstance(self, TernaryConfig) else "kbit", **asdict(self)}
+        return {"kind": self.kind, **asdict(self)}
 
     @staticmethod
     def from_dict(data: dict[str, Any]) -> QuantConfig:
@@ -116,6 +126,13 @@ class QuantConfig:
 class TernaryConfig(QuantConfig):
     """1.58-bit weights: W_q = clip(round(W / beta), -1, 1) with beta = mean|W| + eps (BitNet b1.58 absmean)."""
 
+    kind: ClassVar[str] = "ternary"
+
+    def scale_of(self, magnitudes: Tensor, dims: tuple[int, ...], counts: Tensor | None = None) -> Tensor:
+        """beta = mean|W| + eps."""
+        mean = magnitudes.mean(dim=dims) if counts is None else magnitudes.sum(dim=dims) / counts
+        return mean + self.eps
+
     @property
     def name(self) -> str:
         return "ternary"
@@ -139,6 +156,12 @@ class KBitConfig(QuantConfig):
         super().__post_init__()
         if not isinstance(self.bits, int) or isinstance(self.bits, bool) or not 2 <= self.bits <= 8:
             raise ConfigError(f"bits={self.bits!r}: expected an int in 2..8 (use TernaryConfig for 1.58-bit)")
+
+    kind: ClassVar[str] = "kbit"
+
+    def scale_of(self, magnitudes: Tensor, dims: tuple[int, ...], counts: Tensor | None = None) -> Tensor:
+        """s = max(max|W| / q, eps)."""
+        return (magnitudes.amax(dim=dims) / self.qmax).clamp(min=self.eps)
 
     @property
     def name(self) -> str:

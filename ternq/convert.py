@@ -22,6 +22,7 @@ from torch import nn
 
 from .config import QuantConfig, TernaryConfig
 from .errors import AlreadyQuantizedError, ConversionError, UnsupportedLayerError
+from .fileformat import _PackedFunctional, _PackedWeight
 from .functional import (
     READS,
     FunctionalQuant,
@@ -35,6 +36,7 @@ from .functional import (
 )
 from .graph import Analysis, Candidate, analyze, walk_modules
 from .layers import is_quantized, layer_spec, to_float_module, to_quant_module
+from .runtime import is_packed
 from .selectors import Decision, decide
 from .sites import SITES, Site
 from .uses import FAST_PATHS
@@ -302,12 +304,9 @@ def dequantize(model: M) -> M:
         ConversionError: `model` holds packed inference layers (from `ternq.load_packed`), which have no float
             weight; use ``load_packed(..., dequantize=True)`` instead.
     """
-    from .fileformat import _PackedFunctional  # (fileformat imports this module)
-    from .runtime import is_packed
-
     modules, _, refs = walk_modules(model)
     for name, module in modules.items():
-        if is_packed(module) or isinstance(module, _PackedFunctional):
+        if is_packed(module) or isinstance(module, (_PackedFunctional, _PackedWeight)):
             raise ConversionError(
                 f"dequantize(): {name or 'the model'!r} is a packed inference layer (from load_packed), which holds "
                 "codes, not a float weight. Load the file with ternq.load_packed(path, float_skeleton, "

@@ -33,9 +33,8 @@ from torch.overrides import TorchFunctionMode
 from .config import QuantConfig
 from .quantizers import (
     dequantize_weight,
-    fake_quantize_activation,
     fake_quantize_weight,
-    normalize_input,
+    quantize_input,
     quantize_weight,
 )
 
@@ -71,17 +70,8 @@ class FunctionalQuant(nn.Module):
         self.ternq_path = "fx"
 
     def quantize_input(self, x: Tensor) -> Tensor:
-        if not x.is_floating_point():
-            return x
-        if self.op in _BATCHED_DIMS and x.dim() == _BATCHED_DIMS[self.op] - 1:
-            # an unbatched (C, ...) input: quantized exactly as the batch of one it stands for
-            return self.quantize_input(x.unsqueeze(0)).squeeze(0)
-        dim = 1 if self.op in _BATCHED_DIMS else -1
-        x = normalize_input(x, self.qconfig.input_norm, dim, self.qconfig.eps)
-        if self.qconfig.act_bits is not None:
-            x = fake_quantize_activation(x, self.qconfig.act_bits, dim, self.qconfig.eps,
-                                         self.qconfig.act_granularity)
-        return x
+        conv = self.op in _BATCHED_DIMS
+        return quantize_input(x, self.qconfig, 1 if conv else -1, _BATCHED_DIMS.get(self.op))
 
     @property
     def out_dim(self) -> int:
@@ -215,8 +205,6 @@ def weight_quants(holder: nn.Module) -> list[WeightQuant]:
 def _quantized_reader(reader: nn.Module, path: str) -> tuple[Tensor, Callable[[], Tensor]] | None:
     """(the latent parameter at `path` under `reader`, a function giving its quantized value), or None when the
     parameter is not quantized there (anymore)."""
-    from .layers import QuantMixin  # layers imports quantizers only; functional is imported by convert
-
     holder_path, _, attr = path.rpartition(".")
     holder = reader.get_submodule(holder_path)
     param = holder._parameters.get(attr)
@@ -225,7 +213,8 @@ def _quantized_reader(reader: nn.Module, path: str) -> tuple[Tensor, Callable[[]
     for wq in weight_quants(holder):
         if wq.param == attr:
             return param, functools.partial(wq.quantized, param)
-    if isinstance(holder, QuantMixin) and attr == holder._ternq_spec.weight_name:
+    spec = getattr(holder, "_ternq_spec", None)  # a QAT layer (`ternq.layers.QuantMixin`, which imports this module)
+    if spec is not None and attr == spec.weight_name:
         return param, holder.quantized_weight
     return None
 

@@ -33,9 +33,8 @@ from .errors import AlreadyQuantizedError, UnsupportedLayerError
 from .functional import no_intercept
 from .quantizers import (
     dequantize_weight,
-    fake_quantize_activation,
     fake_quantize_weight,
-    normalize_input,
+    quantize_input,
     quantize_weight,
 )
 
@@ -93,16 +92,10 @@ class QuantMixin:
     def quantize_input(self, x: Tensor) -> Tensor:
         """Input normalization and activation fake-quantization, as configured."""
         dim = self._ternq_spec.feature_dim
-        if dim is None or not torch.is_floating_point(x):
+        if dim is None:
             return x
-        if isinstance(self, _ConvNd) and x.dim() == len(self.kernel_size) + 1:
-            # an unbatched (C, ...) input: quantized exactly as the batch of one it stands for
-            return self.quantize_input(x.unsqueeze(0)).squeeze(0)
-        x = normalize_input(x, self.qconfig.input_norm, dim, self.qconfig.eps)
-        if self.qconfig.act_bits is not None:
-            x = fake_quantize_activation(x, self.qconfig.act_bits, dim, self.qconfig.eps,
-                                         self.qconfig.act_granularity)
-        return x
+        batched = len(self.kernel_size) + 2 if isinstance(self, _ConvNd) else None
+        return quantize_input(x, self.qconfig, dim, batched)
 
     def float_weight(self) -> Tensor:
         """The effective float weight (after weight_norm / spectral_norm, before quantization).

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .config import QuantConfig, TernaryConfig
+from .config import QuantConfig
 
 __all__ = [
     "weight_scale",
@@ -34,6 +34,7 @@ __all__ = [
     "dequantize_weight",
     "fake_quantize_weight",
     "normalize_input",
+    "quantize_input",
     "activation_scale",
     "fake_quantize_activation",
 ]
@@ -73,11 +74,7 @@ def _stat(x: Tensor, config: QuantConfig, dims: tuple[int, ...], counts: Tensor 
 
     `counts` corrects the mean for zero padding.
     """
-    a = x.abs()
-    if isinstance(config, TernaryConfig):
-        mean = a.mean(dim=dims) if counts is None else a.sum(dim=dims) / counts
-        return mean + config.eps
-    return (a.amax(dim=dims) / config.qmax).clamp(min=config.eps)
+    return config.scale_of(x.abs(), dims, counts)
 
 
 def weight_scale(w: Tensor, config: QuantConfig, out_dim: int = 0) -> Tensor:
@@ -142,6 +139,24 @@ def fake_quantize_weight(w: Tensor, config: QuantConfig, out_dim: int = 0) -> Te
         inside = (rows32 / scale_rows).abs() <= config.qmax + 0.5
         out = wq + (rows - rows.detach()) * inside
     return _unrows(out, w.shape, out_dim)
+
+
+def quantize_input(x: Tensor, config: QuantConfig, dim: int, batched_dims: int | None = None) -> Tensor:
+    """A quantized layer's input as it computes with it: normalized (``config.input_norm``) and fake-quantized
+    to ``config.act_bits`` over the features on `dim`. The one definition QAT layers, functional calls and the
+    packed runtime's reference path share.
+
+    `batched_dims`: a convolution's batched input rank; an input with one dim less is one unbatched sample,
+    quantized exactly as the batch of one it stands for. Integer inputs (token ids) pass unchanged.
+    """
+    if not x.is_floating_point():
+        return x
+    if batched_dims is not None and x.dim() == batched_dims - 1:
+        return quantize_input(x.unsqueeze(0), config, dim, batched_dims).squeeze(0)
+    x = normalize_input(x, config.input_norm, dim, config.eps)
+    if config.act_bits is not None:
+        x = fake_quantize_activation(x, config.act_bits, dim, config.eps, config.act_granularity)
+    return x
 
 
 def normalize_input(x: Tensor, kind: str | None, dim: int, eps: float = 1e-5) -> Tensor:

@@ -29,6 +29,7 @@ from torch import Tensor, fx, nn
 from torch.overrides import TorchFunctionMode
 
 from .functional import WEIGHT_POSITION
+from .sites import sites_of
 
 __all__ = ["Use", "COMPUTE_OPS", "GROUPED_OPS", "FAST_PATHS", "graph_uses", "native_uses", "record_uses", "float_uses", "record_output_layers", "param_of",
            "compute_op",
@@ -316,12 +317,10 @@ def record_uses(model: nn.Module, example_inputs: Any) -> list[Use]:
 
 
 def float_uses(model: nn.Module, example_inputs: Any) -> list[Use]:
-    """The uses, while `model` runs on `example_inputs`, of a float (latent) weight that ``ternq.report(model)``
-    calls quantized: each is a path where the model computes with a float value the report says is quantized.
+    """The uses, while `model` runs on `example_inputs`, of a float (latent) weight that `quantize` quantized
+    (``ternq.report(model)`` calls it quantized): each is a path where the model computes with a float value the report says is quantized.
     Empty for a correctly converted model; a test for "nothing reported quantized computes in float"."""
-    from .report import report  # report imports convert, which imports graph, which imports this module
-
-    quantized = {r.name for r in report(model).rows if r.decision != "float"}
+    quantized = {_join(prefix, site.key) for prefix, site in sites_of(model) if site.config is not None}
     # a tied weight is judged under the name its reader uses: float under a kept-float module's name is no bypass
     return [u for u in record_uses(model, example_inputs) if _join(u.reader, u.param) in quantized]
 
