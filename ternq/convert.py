@@ -101,6 +101,8 @@ def _adapt(cand: Candidate, decision: Decision) -> Decision:
     if config is None:
         return Decision(None, decision.rule, tied) if tied else decision
     notes = [tied] if tied else []
+    if cand.idle:
+        notes.append("not called in the example run (converted by its type)")
     if cand.kind == "weight":
         notes.append(f"weights only: {', '.join(sorted(set(cand.readers.values())))} takes no quantized input")
         if cand.experts:

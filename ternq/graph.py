@@ -101,6 +101,7 @@ class Candidate:
     out_dim: int = 0
     experts: bool = False
     tied: list[str] = field(default_factory=list)  # other state_dict keys of the same weight tensor
+    idle: bool = False  # a layer the example run never called (found by its type only)
 
     @property
     def functional(self) -> bool:
@@ -438,6 +439,11 @@ def analyze(root: nn.Module, example_inputs: Any = None) -> Analysis:
                 name=name, module=module, layer_type=spec.float_type, type_name=describe_type(module),
                 path="fx" if id(module) in called else "swap", optional=spec.optional,
                 key=f"{name}.{spec.weight_name}" if name else spec.weight_name)
+    if example_inputs is not None:
+        ran = {u.reader for u in uses if u.source == "recorded"} | {
+            f"{u.reader}.{u.param}".rpartition(".")[0] for u in uses if u.source == "recorded"}
+        for name, cand in layers.items():
+            cand.idle = name not in ran
     extra = _sites_from_uses(analysis, uses, layers)
     for name in modules:
         if name in layers:

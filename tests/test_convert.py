@@ -621,3 +621,37 @@ def test_an_interrupted_quantize_leaves_the_model_unchanged(monkeypatch):
     monkeypatch.setattr(ternq.convert, "install_weights", real)
     ternq.quantize(model)  # not AlreadyQuantizedError: nothing was left behind
     assert ternq.is_quantized(model[0]) and ternq.report(model).counts == {"ternary": 3}
+
+
+def test_uses_recorded_from_example_inputs_settle_what_fx_cannot_see():
+    """A forward no tracing gets through, computing with its own parameter through a helper and a view: fx
+    cannot tell its use, so the report says "use not found" and strict=True refuses; example inputs
+    record it (weights only: einsum takes no quantized input), and a layer the run never calls is marked."""
+
+    def helper(x, w):
+        return torch.einsum("bi,oi->bo", x, w[:, : x.shape[1]])
+
+    class Odd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(6, 8) * 0.3)
+            self.used = nn.Linear(6, 4)
+            self.spare = nn.Linear(4, 4)  # never called
+
+        def forward(self, x):
+            x = torch.from_numpy(x.detach().numpy().copy())  # not even lenient tracing gets past this
+            return self.used(helper(x, self.w))
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 8)
+    rows = {r.name: r for r in ternq.report(Odd()).rows}
+    assert rows["w"].decision == "float" and rows["w"].reason.startswith("use not found")
+    with pytest.raises(ternq.ConversionError, match="strict=True.*w"):
+        ternq.quantize(Odd(), strict=True)
+    model = ternq.quantize(Odd(), example_inputs=x, strict=True)
+    rows = {r.name: r for r in ternq.report(model).rows}
+    assert rows["w"].decision == "ternary" and rows["w"].path == "recorded"
+    assert rows["w"].reason.startswith("weights only: einsum")
+    assert rows["spare.weight"].reason == "not called in the example run (converted by its type)"
+    assert rows["used.weight"].reason == ""
+    assert ternq.uses.float_uses(model, x) == []
