@@ -211,15 +211,12 @@ def _apply(model: M, analysis: Analysis, decisions: dict[str, Decision]) -> M:
                 continue
             if cand.kind == "functional":
                 fq = FunctionalQuant(cand.op, cand.param, decision.config)  # type: ignore[arg-type]
-                fq.ternq_rule, fq.ternq_path = decision.rule, cand.path
                 functional.setdefault(cand.owner_name, []).append(fq)  # type: ignore[arg-type]
             elif cand.kind == "weight":
                 wq = WeightQuant(cand.param, decision.config, cand.out_dim)  # type: ignore[arg-type]
-                wq.ternq_rule, wq.ternq_path = decision.rule, cand.path
                 weights.setdefault(cand.owner_name, []).append(wq)  # type: ignore[arg-type]
             else:
                 qmodule = to_quant_module(cand.module, decision.config)
-                qmodule.ternq_rule, qmodule.ternq_path = decision.rule, cand.path
                 if cand.name == "":
                     root = qmodule
                 for parent, attr in analysis.references.get(id(cand.module), []):
@@ -321,8 +318,6 @@ def dequantize(model: M) -> M:
     for module in modules.values():
         if is_quantized(module) and id(module) not in floats:
             fmodule = to_float_module(module)
-            for attr in ("ternq_rule", "ternq_path"):
-                fmodule.__dict__.pop(attr, None)
             floats[id(module)] = (module, fmodule)
             name = module._ternq_spec.weight_name
             weight, hard = module._parameters.get(name), fmodule._parameters[name]

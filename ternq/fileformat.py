@@ -65,7 +65,7 @@ from .numpy_format import (
 from .packing import encoding_for, pack_codes
 from .quantizers import dequantize_weight, quantize_weight
 from .runtime import is_packed, packed_layer
-from .sites import SITES
+from .sites import SITES, Site, sites_of
 
 __all__ = ["PackedModel", "pack", "save_packed", "load_packed", "read_metadata"]
 
@@ -138,9 +138,9 @@ def _collect_sites(model: nn.Module) -> list[_Site]:
     for _, param in model.named_parameters(remove_duplicate=False):
         holders[id(param)] = holders.get(id(param), 0) + 1
     sites: list[_Site] = []
+    rules = {_join(prefix, site.key): site.rule for prefix, site in sites_of(model)}
     for path, module in model.named_modules():
-        rule = getattr(module, "ternq_rule", None)
-        rule = rule if isinstance(rule, str) else None
+        rule = None  # the rule comes from the record quantize() / load_packed() left (`ternq.sites`)
         if isinstance(module, QuantMixin) or is_packed(module):
             if isinstance(module, QuantMixin):
                 spec = module._ternq_spec
@@ -156,6 +156,7 @@ def _collect_sites(model: nn.Module) -> list[_Site]:
                          readers=readers.get(_join(path, spec.weight_name), []))
             local = _owned_keys(module, spec.weight_name)
             site.owned = {_join(alias, k) for alias in aliases[id(module)] for k in local}
+            site.rule = rules.get(site.key)
             sites.append(site)
         elif isinstance(module, FunctionalQuant):
             owner_path = path.rpartition(".")[0]
@@ -174,6 +175,7 @@ def _collect_sites(model: nn.Module) -> list[_Site]:
             param = owner.get_parameter(module.param)
             if "." not in module.param and holders.get(id(param), 0) <= len(aliases[id(owner)]):
                 site.owned = {_join(alias, module.param) for alias in aliases[id(owner)]}
+            site.rule = rules.get(site.key)
             sites.append(site)
         elif isinstance(module, WeightQuant):
             holder_path = path.rpartition(".")[0]
@@ -190,6 +192,7 @@ def _collect_sites(model: nn.Module) -> list[_Site]:
                          dtype, rule, readers=readers.get(key, []))
             if holders.get(id(param), 0) <= len(aliases[id(holder)]):
                 site.owned = {_join(alias, module.param) for alias in aliases[id(holder)]}
+            site.rule = rules.get(site.key)
             sites.append(site)
     return sites
 
@@ -594,8 +597,34 @@ def load_packed(source: str | os.PathLike[str] | bytes | PackedModel, model: nn.
         if leftovers:
             root.load_state_dict(leftovers, strict=False)
     if not dequantize:
+        root.__dict__[SITES] = _loaded_sites(manifest, root)
         _refuse_hub_saving(root)
     return root
+
+
+def _loaded_sites(manifest: Manifest, root: nn.Module) -> list[Site]:
+    """The `Site` record of a loaded model, from its manifest: `report` and a later `pack` read it."""
+    sites = []
+    for record in manifest.layers.values():
+        kind = "weight" if record.type == "weight" else "functional" if record.type.startswith("F.") else "layer"
+        name = record.module if kind == "layer" else record.key
+        sites.append(Site(name, record.key, kind, record.type.rpartition(".")[2] if kind == "layer" else record.type,
+                          record.count, QuantConfig.from_dict(record.config), record.rule or "-", "packed",
+                          out_dim=record.out_dim))
+    kept = manifest.selection.get("kept_float", {}) if isinstance(manifest.selection, dict) else {}
+    for name, rule in kept.items():
+        module = _get_module(root, name)
+        spec = layer_spec(module) if module is not None else None
+        if spec is not None:  # a layer kept float
+            sites.append(Site(name, _join(name, spec.weight_name), "layer", type(module).__name__,
+                              sum(p.numel() for p in module.parameters()), None, str(rule), "packed"))
+        else:
+            try:
+                param = root.get_parameter(name)
+            except AttributeError:
+                continue  # not a weight of this skeleton: nothing to say about it
+            sites.append(Site(name, name, "weight", "parameter", param.numel(), None, str(rule), "packed"))
+    return sites
 
 
 #: methods of a Hugging Face model that would write its state_dict as float weights: a packed model has none
@@ -693,8 +722,6 @@ def _load_layer(source: Source, manifest: Manifest, root: nn.Module, p: _Placeme
             tied.setdefault(id(weight), (weight, param))
         return root
     new = packed_layer(p.module, codes, scale, p.config, p.spec)
-    if p.record.rule is not None:
-        new.ternq_rule = p.record.rule
     root = _replace(root, p.module, new, aliases)
     _install_readers(root, p.record)  # a parent reading the layer's weight: its fast path stays off
     return root
@@ -788,8 +815,6 @@ def _install_packed_weight(root: nn.Module, holder: nn.Module, record: LayerReco
         if isinstance(module, WeightQuant) and module.param == record.weight:
             del holder._modules[name]
     wq = _PackedWeight(record.weight, config, record.out_dim, codes, scale, dtype)
-    if record.rule is not None:
-        wq.ternq_rule = record.rule
     install_weights(holder, [wq])
     _install_readers(root, record)
 
@@ -807,7 +832,5 @@ def _install_packed_functional(owner: nn.Module, record: LayerRecord, codes: Ten
         if isinstance(module, FunctionalQuant) and module.param == record.weight:
             del owner._modules[name]
     fq = _PackedFunctional(op, record.weight, config, codes, scale, dtype)
-    if record.rule is not None:
-        fq.ternq_rule = record.rule
     install(owner, [fq])
 

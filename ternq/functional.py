@@ -66,8 +66,6 @@ class FunctionalQuant(nn.Module):
         self.op = op
         self.param = param
         self.qconfig = config
-        self.ternq_rule = ""
-        self.ternq_path = "fx"
 
     def quantize_input(self, x: Tensor) -> Tensor:
         conv = self.op in _BATCHED_DIMS
@@ -110,8 +108,6 @@ class WeightQuant(nn.Module):
         self.param = param
         self.qconfig = config
         self.out_dim = out_dim
-        self.ternq_rule = ""
-        self.ternq_path = "fx"
 
     def quantized(self, weight: Tensor) -> Tensor:
         """``codes * scale`` of `weight` with the straight-through gradient."""

@@ -1,9 +1,9 @@
-"""`report`: one row per candidate layer, saying what `quantize` decided and why, plus size totals.
+"""`report`: one row per candidate weight, saying what `quantize` decided and why, plus size totals.
 
-A converted model carries everything the report needs: each QAT layer / functional quantizer records its config,
-the rule that chose it (``ternq_rule``) and how it was reached (``ternq_path``: "fx" when traced code calls it,
-"swap" when only the module walk found it); the layers kept in float are listed in a plain attribute of the
-converted module. On a float model, `report` is a dry run of `quantize` with the same arguments.
+A converted model carries everything the report needs: the `ternq.sites.Site` record `quantize` (or
+`load_packed`, from the file's manifest) left on it, one per candidate weight: its config or float, the rule
+that chose it, how it was found and the reason. On a float model, `report` is a dry run of `quantize` with the
+same arguments.
 """
 from __future__ import annotations
 
@@ -192,7 +192,7 @@ def _live_sites(model: nn.Module) -> list[tuple[str, Site]]:
             spec = layer_spec(module)
             sites.append(("", Site(name, _join(name, spec.weight_name), "layer", describe_type(module),
                                    sum(p.numel() for p in module.parameters()), module.qconfig,
-                                   getattr(module, "ternq_rule", "?"), getattr(module, "ternq_path", "?"),
+                                   "-", "-", "no quantize() record: converted layer by layer",
                                    out_dim=spec.weight_out_dim)))
     return sites
 

@@ -155,7 +155,7 @@ def test_mixed_model_round_trip(tmp_path):
     for key in ("norm.running_mean", "norm.running_var", "norm.num_batches_tracked", "head.weight", "up.bias"):
         assert torch.equal(loaded.state_dict()[key], model.state_dict()[key]), key
     repacked, original = ternq.pack(loaded).manifest, ternq.pack(model).manifest
-    assert repacked["selection"]["kept_float"] == {}  # the file records it; a loaded model does not carry it
+    assert repacked["selection"]["kept_float"] == {"head": 'exclude[0] "head"'}  # the loaded model carries it
     assert {**repacked, "selection": None} == {**original, "selection": None}
     assert repacked["selection"]["quantized"] == original["selection"]["quantized"]
 
