@@ -341,7 +341,7 @@ class PackedLinear(PackedLayer, nn.Linear):
         return (WEIGHT_ONLY,)
 
     def _k_int8_gemv(self, x: Tensor) -> Tensor:
-        if self._bits == 2:  # 2-bit storage: the GEMV decodes the stored bytes itself, nothing is unpacked
+        if self._bits == 2 and native.vnni():  # 2-bit storage: the VNNI GEMV decodes the stored bytes itself
             return kernels.linear_gemv(x, self.qweight, self._wsum(None), self.scale, self.bias, self.qconfig)
         w = self._layout_codes()
         return kernels.linear_gemv(x, w, self._wsum(w), self.scale, self.bias, self.qconfig)
