@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt $(wildcard examples/bittts/pyproject.to
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -c constraints.txt -e ".[test,docs]"
 	if [ -f examples/bittts/pyproject.toml ]; then $(PIP) install -q -c constraints.txt -e "examples/bittts[eval]"; fi
-	$(BIN)/python -m ternq.native
+	$(BIN)/python -c "from ternq import native; native.main([])"
 	touch $(STAMP)
 
 # Debian tools the BitTTS example shells out to (flite voice, espeak-ng phonemes, sox).

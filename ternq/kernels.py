@@ -170,7 +170,8 @@ def quantize_eager(x: Tensor, cfg: QuantConfig, dim: int) -> tuple[Tensor, Tenso
 
 def linear_gemv(x: Tensor, w: Tensor, wsum: Tensor | None, scale: Tensor, bias: Tensor | None,
                 cfg: QuantConfig) -> Tensor:
-    """``int8_gemv``: one native call (quantize the rows, GEMV, rescale); w (out, in) int8, wsum its row sums."""
+    """``int8_gemv``: one native call (quantize the rows, GEMV, rescale); w (out, in) int8 codes, or their
+    2-bit rows (uint8, `ternq.storage.pack_rows`) read as stored; wsum the codes' row sums."""
     rows = x.reshape(-1, x.shape[-1]).contiguous()
     y = native.linear_rows(rows, cfg.input_norm, cfg.eps, int(cfg.act_bits),  # type: ignore[arg-type]
                            _rows_per_scale(x, cfg), w.contiguous(), wsum, scale, cfg.granularity == "channel",

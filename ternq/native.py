@@ -3,7 +3,7 @@
 Why C and ctypes rather than a torch C++ extension: the kernels need no torch headers (they work on the raw
 memory of contiguous float32 / int8 / int32 tensors), so one C file compiles in about a second instead of the
 30-60 s of a ``torch.utils.cpp_extension`` build, does not depend on torch's C++ ABI, and can be built lazily on
-first use without a noticeable first-call tax. ``make venv`` builds it ahead of time (``python -m ternq.native``).
+first use without a noticeable first-call tax. ``make venv`` builds it ahead of time (`main`).
 
 The shared library is cached under ``$TERNQ_CACHE`` (default ``$XDG_CACHE_HOME/ternq`` or ``~/.cache/ternq``),
 named by a hash of the source, the compiler and its flags, and written atomically (compiled to a temporary
@@ -35,7 +35,7 @@ NATIVE_ENV = "TERNQ_NATIVE"
 ARCH_ENV = "TERNQ_NATIVE_ARCH"
 CACHE_ENV = "TERNQ_CACHE"
 _SOURCE = Path(__file__).with_name("_kernels.c")
-_ABI = 3
+_ABI = 4
 _FLAGS = ("-O3", "-std=c99", "-shared", "-fPIC", "-ffp-contract=off", "-fno-math-errno")
 
 _state: dict[str, object] = {}  # "lib": the loaded CDLL or None, "why": the reason when None
@@ -52,7 +52,7 @@ _SIGNATURES: dict[str, tuple[object, ...]] = {
     "tq_tap_scatter": (_P, _I, _I, _I, _P, _I, _I, _I, _P, _I, _I),
     "tq_linear_epilogue": (_P, _I, _I, _C, _P, _P, _C, _P, _P),
     "tq_gemv_s8": (_P, _P, _P, _I, _I, _I, _P, _P),
-    "tq_linear_rows": (_P, _I, _I, _C, _F, _C, _I, _P, _P, _I, _P, _C, _P, _P),
+    "tq_linear_rows": (_P, _I, _I, _C, _F, _C, _I, _P, _C, _P, _I, _P, _C, _P, _P),
     "tq_row_sums": (_P, _I, _I, _P),
     "tq_quantize_grouped": (_P, _I, _I, _I, _C, _F, _C, _C, _P, _I, _I, _I, _I, _P),
     "tq_conv1d_grouped": (_P, _I, _I, _P, _I, _I, _I, _I, _I, _I, _P, _P, _I, _P, _P, _I),
@@ -252,11 +252,15 @@ def gemv(x: Tensor, w: Tensor, wsum: Tensor | None) -> Tensor:
 def linear_rows(x: Tensor, norm: str | None, eps: float, bits: int, rows_per_sample: int, w: Tensor,
                 wsum: Tensor | None, wscale: Tensor, per_channel: bool, bias: Tensor | None) -> Tensor:
     """float32 (R, N): a packed Linear on the rows x (R, K) float32 in one call (quantize, GEMV, rescale, bias);
-    w (N, K) int8 codes, wsum their row sums (int32; None: the plain signed-byte loop)."""
+    w (N, K) int8 codes, or (N, ceil(K / 4)) uint8 2-bit rows of `ternq.storage.pack_rows` (decoded in
+    registers); wsum the codes' row sums (int32; None: the plain signed-byte loop)."""
     lib = _state["lib"]
+    two_bit = w.dtype == torch.uint8
+    assert w.is_contiguous() and w.shape[1] == (-(-x.shape[1] // 4) if two_bit else x.shape[1])
     y = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
     if lib.tq_linear_rows(x.data_ptr(), x.shape[0], x.shape[1], _NORMS[norm], eps, bits,  # type: ignore[union-attr]
-                          rows_per_sample, w.data_ptr(), _ptr(wsum), w.shape[0], wscale.data_ptr(),
+                          rows_per_sample, w.data_ptr(), 2 if two_bit else 8, _ptr(wsum), w.shape[0],
+                          wscale.data_ptr(),
                           int(per_channel), _ptr(bias), y.data_ptr()) != 0:
         raise MemoryError("tq_linear_rows: out of memory")
     return y
@@ -308,11 +312,12 @@ def conv1d_grouped(xg: Tensor, w: Tensor, k: int, dilation: int, stride: int, t_
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m ternq.native``: build the kernels now (make venv does) and print the status line."""
+    """Build the kernels now and print where (what ``make venv`` runs: ``python -c "from ternq import native;
+    native.main([])"``); never fails: without a build the eager kernels run."""
     try:
         path = build(force="--force" in (argv or sys.argv[1:]))
         print(f"ternq native kernels: {path}")
-    except RuntimeError as exc:
+    except (OSError, RuntimeError) as exc:  # never fails the install: the eager kernels work everywhere
         print(f"ternq native kernels not built ({exc}); ternq runs its eager torch kernels instead")
     return 0
 

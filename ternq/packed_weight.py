@@ -60,4 +60,11 @@ class PackedWeight(Tensor):
         plain = tree_map(lambda a: a.dequantize() if isinstance(a, PackedWeight) else a, (args, kwargs))
         return func(*plain[0], **plain[1])
 
-    __torch_function__ = torch._C._disabled_torch_function_impl  # type: ignore[assignment]
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        """Defined (not disabled) on purpose: torch's fused fast paths that read a child layer's weight instead
+        of calling the layer (nn.TransformerEncoderLayer / nn.MultiheadAttention in eval) check
+        ``has_torch_function`` and step aside, so the packed layers run their own quantized forward. The op
+        itself runs through `__torch_dispatch__`, and its results are plain tensors."""
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **(kwargs or {}))

@@ -341,17 +341,19 @@ class PackedLinear(PackedLayer, nn.Linear):
         return (WEIGHT_ONLY,)
 
     def _k_int8_gemv(self, x: Tensor) -> Tensor:
+        if self._bits == 2 and native.vnni():  # 2-bit storage: the VNNI GEMV decodes the stored bytes itself
+            return kernels.linear_gemv(x, self.qweight, self._wsum(None), self.scale, self.bias, self.qconfig)
         w = self._layout_codes()
         return kernels.linear_gemv(x, w, self._wsum(w), self.scale, self.bias, self.qconfig)
 
-    def _wsum(self, w: Tensor) -> Tensor | None:
+    def _wsum(self, w: Tensor | None) -> Tensor | None:
         """Row sums of the codes (int32), cached beside them: the native GEMV multiplies x + 128 as unsigned
         bytes and subtracts 128 * row sum (4 bytes per output row). None where the unsigned-byte path is not
         exact: without VNNI it multiplies pairs into int16, which needs |codes| <= 64 (ternary codes are)."""
         key = (self.qweight.data_ptr(), self.qweight._version)
         cached = self.__dict__.get("_wsum_cache")
         if cached is None or cached[0] != key:
-            sums, wmax = native.row_sums(w)
+            sums, wmax = native.row_sums(self._layout_codes() if w is None else w)  # once per stored codes
             cached = self.__dict__["_wsum_cache"] = (key, sums if native.vnni() or wmax <= 64 else None)
         return cached[1]
 

@@ -13,6 +13,7 @@ from torch import nn
 from ternq import TernaryConfig, native
 from ternq.layers import layer_spec, to_quant_module
 from ternq.runtime import packed_layer
+from ternq.storage import pack_rows
 
 needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.status()}")
 
@@ -121,6 +122,10 @@ def test_linear_rows_is_quantize_then_integer_matmul(rows: int, k: int, n: int, 
     assert torch.equal(native.gemv(q, w, wsum).long(), acc)
     assert torch.equal(native.gemv(q, w, None).long(), acc)
     y = native.linear_rows(x, norm, 1e-5, 8, 1, w, wsum, wscale, False, None)
+    if wmax == 1:  # ternary codes stored at 2 bits (storage="packed"): the GEMV decodes them itself, same result
+        two_bit = pack_rows(w, 2)
+        assert torch.equal(native.linear_rows(x, norm, 1e-5, 8, 1, two_bit, wsum, wscale, False, None), y)
+        assert torch.equal(native.linear_rows(x, norm, 1e-5, 8, 1, two_bit, None, wscale, False, None), y)
     ref = acc.double() * s.double()[:, None] * float(wscale)
     bound = 1e-5 * (q.double().abs() @ w.double().abs().t()) * s.double()[:, None] * float(wscale) + 1e-6
     assert bool(((y.double() - ref).abs() <= bound).all())

@@ -668,3 +668,23 @@ def test_packed_weight_pickles_as_the_dequantized_tensor(tmp_path) -> None:
     torch.save(packed.state_dict(), tmp_path / "sd.pt")
     loaded = torch.load(tmp_path / "sd.pt")
     assert type(loaded["weight"]) is Tensor and torch.equal(loaded["weight"], packed.dequantized_weight())
+
+
+def test_fused_fast_paths_step_aside_for_packed_layers() -> None:
+    """nn.TransformerEncoderLayer's eval fast path reads linear1.weight / linear2.weight itself instead of calling
+    the layers; a PackedWeight has a torch function, so the fast path steps aside and the packed layers run their
+    quantized forward (as with the fast path disabled), instead of a float op on the dequantized weight."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True).eval()
+    layer.linear1 = pack(layer.linear1, TernaryConfig())
+    layer.linear2 = pack(layer.linear2, TernaryConfig())
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        y = layer(x)
+        assert layer.linear1.kernel != "auto" and layer.linear2.kernel != "auto"  # the packed forwards ran
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            reference = layer(x)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(True)
+    torch.testing.assert_close(y, reference, rtol=1e-5, atol=1e-5)
