@@ -22,6 +22,8 @@ from .errors import (
 )
 from .fileformat import PackedModel, load_packed, pack, read_metadata, save_packed
 from .layers import is_quantized, register_layer
+from .numpy_format import PackedFile
+from .numpy_format import open_packed as open  # noqa: A001, F401 (ternq.open, like safetensors.safe_open)
 from .report import Report, report
 from .selectors import Rule, output_layers
 
@@ -44,6 +46,7 @@ __all__ = [
     "load_packed",
     "read_metadata",
     "PackedModel",
+    "PackedFile",  # ternq.open(path) opens one; "open" is not in __all__, so `import *` keeps the builtin
     "TernqError",
     "ConfigError",
     "SelectorError",

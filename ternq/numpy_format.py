@@ -62,6 +62,8 @@ __all__ = [
     "decode_layer",
     "dequantize_numpy",
     "load_numpy",
+    "PackedFile",
+    "open_packed",
     "encoding_for_config",
     "expected_scale_shape",
     "effective_group_size",
@@ -988,4 +990,86 @@ def load_numpy(src: str | os.PathLike[str] | bytes, *, dequantize: bool = False)
         for record in manifest.tensors.values():
             if record.role == "float":
                 out[record.name] = read_array(source, manifest, record.name)
+        for key, target in manifest.tied.items():  # a tied weight is stored once, under its first key
+            out[key] = out[target]
         return out
+
+
+class PackedFile:
+    """A ternq file opened for reading (`ternq.open`): header and manifest validated, tensors read on demand.
+
+    Torch-free, like the rest of this module: what a tool needs to look into a file without loading a model
+    (its metadata, the shapes of its weights, one tensor) without reaching into the reader's internals::
+
+        with ternq.open("model.safetensors") as f:
+            f.metadata["myapp.config"]; f.shapes()["fc1.weight"]; f.read("fc1.weight")
+    """
+
+    def __init__(self, src: str | os.PathLike[str] | bytes) -> None:
+        self._source = Source(src)
+        try:
+            self.manifest = read_manifest(read_header(self._source))
+        except BaseException:
+            self._source.close()
+            raise
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The user metadata stored with the model (`ternq.save_packed(..., metadata=...)`), each CRC-checked."""
+        return dict(self.manifest.metadata)
+
+    @property
+    def layers(self) -> dict[str, LayerRecord]:
+        """The packed weights, by state_dict key: shape, config, encoding, the layer holding it."""
+        return dict(self.manifest.layers)
+
+    @property
+    def file_size(self) -> int:
+        return self.manifest.header.file_size
+
+    @property
+    def header_size(self) -> int:
+        """Bytes before the tensor data: the length prefix and the JSON header with the metadata."""
+        return self.manifest.header.data_start
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every state_dict key the file restores (float tensors, packed and tied weights) and its shape."""
+        out = {r.name: r.shape for r in self.manifest.tensors.values() if r.role == "float"}
+        out.update({key: layer.shape for key, layer in self.manifest.layers.items()})
+        out.update({key: out[target] for key, target in self.manifest.tied.items()})
+        return out
+
+    def tensor_bytes(self) -> dict[str, tuple[str, int]]:
+        """Each stored tensor's role ("float", "codes", "scale") and size in bytes."""
+        return {name: (self.manifest.tensors[name].role, entry.nbytes)
+                for name, entry in self.manifest.header.tensors.items()}
+
+    def read(self, key: str) -> np.ndarray:
+        """The values of state_dict key `key`: a float tensor as stored (BF16 widened to float32), a packed weight
+        as ``codes * scale`` in float32; CRC32, codes and scales checked."""
+        key = self.manifest.tied.get(key, key)
+        if key in self.manifest.layers:
+            layer = self.manifest.layers[key]
+            return dequantize_numpy(*decode_layer(self._source, self.manifest, layer), layer)
+        record = self.manifest.tensors.get(key)
+        if record is None or record.role != "float":
+            raise KeyError(f"{self._source.name} has no tensor {key!r}; its keys are listed by shapes()")
+        return read_array(self._source, self.manifest, key)
+
+    def verify(self) -> None:
+        """Check every tensor's bytes (CRC32, codes, scales) in bounded memory; raises FormatError."""
+        verify(self._source, self.manifest)
+
+    def close(self) -> None:
+        self._source.close()
+
+    def __enter__(self) -> PackedFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_packed(src: str | os.PathLike[str] | bytes) -> PackedFile:
+    """Open a ternq file for reading (exported as ``ternq.open``); use it as a context manager."""
+    return PackedFile(src)

@@ -666,3 +666,33 @@ def test_float_model_with_allow_float(tmp_path):
     x = torch.randn(5, 4)
     torch.testing.assert_close(loaded(x), model.eval()(x), rtol=0, atol=0)
     assert ternq.read_metadata(path) == {"myapp.kind": "float baseline"}
+
+
+def test_ternq_open_reads_what_load_packed_restores(tmp_path):
+    """ternq.open: the torch-free view of a file (metadata, shapes, one tensor) agrees with load_packed."""
+    torch.manual_seed(0)
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(10, 8)
+            self.body = nn.Linear(8, 8)
+            self.head = nn.Linear(8, 10, bias=False)
+            self.head.weight = self.emb.weight  # tied: stored once
+
+        def forward(self, ids):
+            return self.head(self.body(self.emb(ids)))
+
+    model = ternq.quantize(Tied(), exclude=["head"])
+    path = tmp_path / "m.safetensors"
+    ternq.save_packed(model, path, metadata={"app.note": "hi"})
+    loaded = ternq.load_packed(path, Tied(), dequantize=True)
+    with ternq.open(path) as f:
+        assert f.metadata == {"app.note": "hi"} and set(f.layers) == {"body.weight"}
+        assert f.shapes() == {k: tuple(v.shape) for k, v in loaded.state_dict().items()}
+        assert "head.weight" not in f.tensor_bytes()  # the tied copy is not stored again
+        for key, value in loaded.state_dict().items():
+            np.testing.assert_allclose(f.read(key), value.numpy(), rtol=0, atol=1e-7)
+        with pytest.raises(KeyError, match="shapes"):
+            f.read("body.weight.codes")
+        f.verify()

@@ -79,17 +79,15 @@ def read_sentences(path: str | os.PathLike[str], limit: int | None = None) -> li
 def file_sizes(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Bytes of a ternq file: total, header (with the metadata), and per part: all tensors, and the packed
     ones (codes + scales) among them. Read from the header alone."""
-    from ternq.numpy_format import Source, read_header, read_manifest
+    import ternq
 
-    with Source(path) as source:
-        header = read_header(source)
-        manifest = read_manifest(header)
-    sizes = {name: e.nbytes for name, e in header.tensors.items()}
-    packed = {name: n for name, n in sizes.items() if manifest.tensors[name].role != "float"}
-    weights = sum(layer.count for layer in manifest.layers.values()) + sum(
-        math.prod(r.shape) for r in manifest.tensors.values() if r.role == "float")
-    return {"bytes": header.file_size, "header_bytes": header.data_start, "parts": part_bytes(sizes),
-            "packed_parts": part_bytes(packed), "packed_layers": len(manifest.layers), "parameters": weights}
+    with ternq.open(path) as f:
+        stored = f.tensor_bytes()
+        sizes = {name: n for name, (_, n) in stored.items()}
+        packed = {name: n for name, (role, n) in stored.items() if role != "float"}
+        weights = sum(math.prod(shape) for shape in f.shapes().values())
+        return {"bytes": f.file_size, "header_bytes": f.header_size, "parts": part_bytes(sizes),
+                "packed_parts": part_bytes(packed), "packed_layers": len(f.layers), "parameters": weights}
 
 
 def fastest_pass(synth: Synthesizer, ids: Sequence[Sequence[int]], threads: int, repeats: int = 3

@@ -136,14 +136,13 @@ def default_model() -> Path:
 def read_model_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The decoded bittts metadata of an exported model: config (BitTTSConfig), symbols, phonemizer, audio,
     training. Raises ValueError if the file is a ternq file but not a BitTTS model."""
-    from ternq.numpy_format import Source, read_header, read_manifest
+    import ternq
 
     if not os.path.exists(path):  # anything else that is not a regular file: ternq.read_metadata says what it is
         raise FileNotFoundError(f"model file {os.fspath(path)!r} not found; export one with "
                                 "`bittts export RUN_DIR -o MODEL.safetensors`")
-    with Source(path) as source:  # the header only (like ternq.read_metadata), with the tensors' shapes
-        manifest = read_manifest(read_header(source))
-    meta = manifest.metadata
+    with ternq.open(path) as f:  # the header only (like ternq.read_metadata), with the tensors' shapes
+        meta, shapes = f.metadata, f.shapes()
     if meta.get("bittts.format") != MODEL_FORMAT:
         raise ValueError(f"{os.fspath(path)} is not a BitTTS model (no bittts.format={MODEL_FORMAT!r} metadata); "
                          "export one with `bittts export RUN_DIR -o MODEL.safetensors`")
@@ -157,8 +156,7 @@ def read_model_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
                 "audio": json.loads(meta["bittts.audio"]),
                 "training": json.loads(meta.get("bittts.training", "{}"))}
         _check_model_metadata(info)
-        _check_sizes_against_tensors(info["config"], {**{k: r.shape for k, r in manifest.tensors.items()},
-                                                      **{k: r.shape for k, r in manifest.layers.items()}})
+        _check_sizes_against_tensors(info["config"], shapes)
     except (KeyError, ValueError, TypeError) as e:
         raise ValueError(f"{os.fspath(path)}: invalid bittts metadata: {e}") from None
     return info
