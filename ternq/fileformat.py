@@ -28,13 +28,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from .config import QuantConfig
 from .errors import ArchitectureMismatchError, ConversionError, FormatError
 from .functional import (
+    FUNCTIONAL_OPS,
     INPUT_POSITION,
     READS,
     WEIGHT_POSITION,
@@ -735,13 +735,23 @@ def _install_readers(root: nn.Module, record: LayerRecord) -> None:
 # --- functional calls ------------------------------------------------------------------------------------------
 
 
-class _PackedFunctional(FunctionalQuant):
+class _Codes:
+    """The int8 codes and scales a packed quantizer holds (buffers, not in the state_dict) and the float dtype
+    of the weight they stand for."""
+
+    def _hold(self, codes: Tensor, scale: Tensor, weight_dtype: torch.dtype) -> None:
+        self.register_buffer("codes", codes, persistent=False)  # type: ignore[attr-defined]
+        self.register_buffer("scale", scale, persistent=False)  # type: ignore[attr-defined]
+        self.weight_dtype = weight_dtype
+
+
+class _PackedFunctional(_Codes, FunctionalQuant):
     """Inference form of a quantized functional call: holds int8 codes and scales, no float weight.
 
     The owner's parameter becomes a zero-stride placeholder of the right shape (no memory; unless other code may
     read it too, a submodule's or a tied parameter, which the file then stores in float as well), so the owner's
     forward runs unchanged; the interception (`ternq.functional`) routes the call here. ``F.linear`` calls run on
-    a `ternq.runtime` packed Linear sharing the codes (its int8 kernels, picked by timing, within the runtime's
+    a `ternq.runtime` packed Linear sharing the codes (its int8 kernels, chosen by `ternq.picker`, within the runtime's
     documented tolerance of the QAT model); convolutions compute the op with ``codes * scale`` on the quantized
     input, exactly as the QAT model does.
     """
@@ -749,9 +759,7 @@ class _PackedFunctional(FunctionalQuant):
     def __init__(self, op: str, param: str, config: QuantConfig, codes: Tensor, scale: Tensor,
                  weight_dtype: torch.dtype) -> None:
         super().__init__(op, param, config)
-        self.register_buffer("codes", codes, persistent=False)
-        self.register_buffer("scale", scale, persistent=False)
-        self.weight_dtype = weight_dtype
+        self._hold(codes, scale, weight_dtype)
 
     def _runtime_linear(self) -> nn.Module:
         """A packed Linear on this call's codes (same storage), kept outside ``_modules`` so that packing and
@@ -778,14 +786,10 @@ class _PackedFunctional(FunctionalQuant):
         args[w] = dequantize_weight(self.codes, self.scale, self.qconfig, self.out_dim,
                                     x.dtype if x.is_floating_point() else self.weight_dtype)
         args[i] = self.quantize_input(x)
-        return _FUNCTIONAL_OPS[self.op](*args, **kwargs)
+        return FUNCTIONAL_OPS[self.op](*args, **kwargs)
 
 
-_FUNCTIONAL_OPS = {"linear": F.linear, "conv1d": F.conv1d, "conv2d": F.conv2d, "addmm": torch.addmm,
-                   "matmul": torch.matmul}
-
-
-class _PackedWeight(WeightQuant):
+class _PackedWeight(_Codes, WeightQuant):
     """Inference form of a weight-only site: int8 codes and scales; its readers see ``codes * scale``.
 
     The holder's parameter becomes a zero-stride placeholder of the right shape (unless other code may read it,
@@ -795,9 +799,7 @@ class _PackedWeight(WeightQuant):
     def __init__(self, param: str, config: QuantConfig, out_dim: int, codes: Tensor, scale: Tensor,
                  weight_dtype: torch.dtype) -> None:
         super().__init__(param, config, out_dim)
-        self.register_buffer("codes", codes, persistent=False)
-        self.register_buffer("scale", scale, persistent=False)
-        self.weight_dtype = weight_dtype
+        self._hold(codes, scale, weight_dtype)
 
     def quantized(self, weight: Tensor) -> Tensor:
         return dequantize_weight(self.codes, self.scale, self.qconfig, self.out_dim, self.weight_dtype)
@@ -808,29 +810,28 @@ class _PackedWeight(WeightQuant):
 
 def _install_packed_weight(root: nn.Module, holder: nn.Module, record: LayerRecord, codes: Tensor, scale: Tensor,
                            config: QuantConfig, dtype: torch.dtype, keep: bool) -> None:
-    if not keep:
-        holder._parameters[record.weight] = nn.Parameter(torch.zeros((), dtype=dtype).expand(record.shape),
-                                                         requires_grad=False)
-    for name, module in list(holder._modules.items()):  # a QAT skeleton's own quantizer of this weight
-        if isinstance(module, WeightQuant) and module.param == record.weight:
-            del holder._modules[name]
-    wq = _PackedWeight(record.weight, config, record.out_dim, codes, scale, dtype)
-    install_weights(holder, [wq])
+    _make_room(holder, holder, record.weight, record.shape, dtype, WeightQuant, keep)
+    install_weights(holder, [_PackedWeight(record.weight, config, record.out_dim, codes, scale, dtype)])
     _install_readers(root, record)
 
 
 def _install_packed_functional(owner: nn.Module, record: LayerRecord, codes: Tensor, scale: Tensor,
                                config: QuantConfig, dtype: torch.dtype, keep: bool = False) -> None:
-    """`keep`: the parameter was loaded in float too (other code reads it): no placeholder."""
     op = record.type.removeprefix("F.")  # one of FUNCTIONAL_TYPES: read_manifest refuses any other
-    module_path, _, name = record.weight.rpartition(".")
-    holder = owner.get_submodule(module_path)
+    _make_room(owner, owner.get_submodule(record.weight.rpartition(".")[0]), record.weight, record.shape, dtype,
+               FunctionalQuant, keep)
+    install(owner, [_PackedFunctional(op, record.weight, config, codes, scale, dtype)])
+
+
+def _make_room(owner: nn.Module, holder: nn.Module, path: str, shape: tuple[int, ...], dtype: torch.dtype,
+               quantizer: type[nn.Module], keep: bool) -> None:
+    """Before a packed quantizer is installed on `owner` for parameter `path`: the parameter becomes a zero-stride
+    placeholder of its shape (no memory), unless `keep` (loaded in float too: other code reads it), and a QAT
+    skeleton's own quantizer of it goes."""
     if not keep:
-        placeholder = torch.zeros((), dtype=dtype).expand(record.shape)
-        holder._parameters[name] = nn.Parameter(placeholder, requires_grad=False)
-    for name, module in list(owner._modules.items()):  # a QAT skeleton's own quantizer of this weight
-        if isinstance(module, FunctionalQuant) and module.param == record.weight:
+        placeholder = torch.zeros((), dtype=dtype).expand(shape)
+        holder._parameters[path.rpartition(".")[2]] = nn.Parameter(placeholder, requires_grad=False)
+    for name, module in list(owner._modules.items()):
+        if isinstance(module, quantizer) and module.param == path:
             del owner._modules[name]
-    fq = _PackedFunctional(op, record.weight, config, codes, scale, dtype)
-    install(owner, [fq])
 

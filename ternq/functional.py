@@ -38,12 +38,14 @@ from .quantizers import (
     quantize_weight,
 )
 
-__all__ = ["FunctionalQuant", "WeightQuant", "InterceptedForward", "install", "install_weights", "install_reads",
+__all__ = ["FUNCTIONAL_OPS", "FunctionalQuant", "WeightQuant", "InterceptedForward", "install", "install_weights", "install_reads",
            "uninstall", "functional_quants", "weight_quants", "no_intercept"]
 
-_OPS = {"linear": F.linear, "conv1d": F.conv1d, "conv2d": F.conv2d, "addmm": torch.addmm, "matmul": torch.matmul}
+#: the functional calls ternq intercepts with quantized inputs, by op name
+FUNCTIONAL_OPS = {"linear": F.linear, "conv1d": F.conv1d, "conv2d": F.conv2d, "addmm": torch.addmm,
+                  "matmul": torch.matmul}
 _BATCHED_DIMS = {"conv1d": 3, "conv2d": 4}
-_FUNC_TO_OP = {fn: op for op, fn in _OPS.items()} | {torch.Tensor.matmul: "matmul", torch.Tensor.__matmul__: "matmul"}
+_FUNC_TO_OP = {fn: op for op, fn in FUNCTIONAL_OPS.items()} | {torch.Tensor.matmul: "matmul", torch.Tensor.__matmul__: "matmul"}
 #: where each op takes its input and its weight: ``addmm(bias, x, W)``, ``matmul(x, W)``, ``linear(x, W)``...
 INPUT_POSITION = {"linear": 0, "conv1d": 0, "conv2d": 0, "addmm": 1, "matmul": 0}
 WEIGHT_POSITION = {"linear": 1, "conv1d": 1, "conv2d": 1, "addmm": 2, "matmul": 1}
@@ -61,8 +63,8 @@ class FunctionalQuant(nn.Module):
 
     def __init__(self, op: str, param: str, config: QuantConfig) -> None:
         super().__init__()
-        if op not in _OPS:
-            raise ValueError(f"op={op!r}: expected one of {sorted(_OPS)}")
+        if op not in FUNCTIONAL_OPS:
+            raise ValueError(f"op={op!r}: expected one of {sorted(FUNCTIONAL_OPS)}")
         self.op = op
         self.param = param
         self.qconfig = config
@@ -80,7 +82,7 @@ class FunctionalQuant(nn.Module):
         i, w = INPUT_POSITION[self.op], WEIGHT_POSITION[self.op]
         args[i] = self.quantize_input(args[i])
         args[w] = fake_quantize_weight(args[w], self.qconfig, self.out_dim)
-        return _OPS[self.op](*args, **kwargs)
+        return FUNCTIONAL_OPS[self.op](*args, **kwargs)
 
     def hard_weight(self, weight: Tensor) -> Tensor:
         """``codes * scale`` of `weight`, no gradient: what `ternq.dequantize` writes back."""
