@@ -78,7 +78,7 @@ def plan(model: nn.Module, include: object = None, exclude: object = None,
     return analysis, {name: _adapt(analysis.candidate(name), d) for name, d in decisions.items()}  # type: ignore[arg-type]
 
 
-def input_features(cand: Candidate) -> int | None:
+def _input_features(cand: Candidate) -> int | None:
     """How many values the input norm of a quantized layer / call would normalize over, where known."""
     if cand.kind == "functional":
         return {"linear": cand.weight.shape[1], "addmm": cand.weight.shape[0], "matmul": cand.weight.shape[0]}.get(
@@ -97,7 +97,7 @@ def _adapt(cand: Candidate, decision: Decision) -> Decision:
     if cand.kind == "unknown":
         return Decision(None, decision.rule, "use not found: no traced op reads it; pass example_inputs= to "
                                              "quantize() / report() to record what the model computes with it")
-    tied = f"tied to {', '.join(cand.tied)}, which its other readers see as decided there" if cand.tied else ""
+    tied = f"tied to {', '.join(cand.tied)}: the same tensor, decided there for its own uses" if cand.tied else ""
     if config is None:
         return Decision(None, decision.rule, tied) if tied else decision
     notes = [tied] if tied else []
@@ -108,7 +108,7 @@ def _adapt(cand: Candidate, decision: Decision) -> Decision:
         if cand.experts:
             config = dataclasses.replace(config, granularity="channel")
             notes.append(f"{cand.weight.shape[0]} experts, a scale each")
-    elif config.input_norm is not None and input_features(cand) == 1:
+    elif config.input_norm is not None and _input_features(cand) == 1:
         config = dataclasses.replace(config, input_norm=None)
         notes.append("no input norm: 1 input feature (normalizing it would erase the input)")
     if cand.kind == "layer" and cand.readers:
