@@ -125,12 +125,12 @@ def _adapt(cand: Candidate, decision: Decision) -> Decision:
 
 def quantize(model: M, include: Any = None, exclude: Any = None, config: QuantConfig | None = None, *,
              example_inputs: Any = None, strict: bool = False) -> M:
-    """Convert the selected layers of `model` to quantization-aware (QAT) layers, in place.
+    """Convert the selected weights of `model` to quantization-aware (QAT) weights, in place.
 
     Args:
         model: any float nn.Module; it keeps its class, methods and state_dict keys.
-        include: which layers to convert: None (every Linear, Conv1d, Conv2d, ConvTranspose1d and other
-            registered non-optional type, plus functional ``F.linear/conv1d/conv2d`` calls on parameters), or a
+        include: which weights to convert: None (every candidate: weights that reach a matmul / conv-like op,
+            as layers of registered types, functional calls or weight-only sites; embeddings are opt-in), or a
             list of selectors and `ternq.Rule` objects. The first matching rule decides a layer's config; plain
             selectors use `config`. See `ternq.selectors` for the selector kinds.
         exclude: selectors of layers to keep in float; exclude always wins over include.

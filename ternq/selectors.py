@@ -12,8 +12,9 @@ A selector is one of
 * a graph-position selector, `output_layers`, read from the fx graphs.
 
 A `Rule` pairs a selector with its own config (e.g. 4-bit for the vocoder). Selectors only ever match
-*candidate* layers: modules of a registered type, and functional ``F.linear/conv1d/conv2d`` calls on a
-parameter. Opt-in types (``nn.Embedding``) become candidates only when an include rule names their type.
+*candidates* (`ternq.graph.Candidate`): modules of a registered type (by module name), functional calls and
+weight-only sites on a parameter (by the weight's path; a type selector by the type of the module holding it).
+Opt-in types (``nn.Embedding``) become candidates only when an include rule names their type.
 """
 from __future__ import annotations
 
