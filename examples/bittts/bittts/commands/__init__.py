@@ -45,6 +45,19 @@ def output_file(path: str | os.PathLike[str], option: str = "-o", example: str =
     return out
 
 
+WAV_SUFFIXES = ("", ".wav", ".wave")  # what an audio output may be named: audio is written as WAV only
+
+
+def wav_output(path: str | os.PathLike[str], option: str = "-o") -> Path:
+    """`output_file` for audio: a name whose extension promises another format (out.mp3, out.flac) is refused
+    rather than filled with WAV bytes."""
+    suffix = Path(os.fspath(path)).suffix
+    if suffix.lower() not in WAV_SUFFIXES:
+        raise ValueError(f"{option} {os.fspath(path)}: bittts writes WAV only, not {suffix}; name the file .wav "
+                         "and convert it (e.g. ffmpeg -i out.wav out" + suffix + ")")
+    return output_file(path, option)
+
+
 def output_dir(path: str | os.PathLike[str], option: str = "-o") -> Path:
     """Check that `path` is (or can be created as) a writable directory; creates it. Returns the path."""
     text = os.fspath(path)
