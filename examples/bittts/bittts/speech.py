@@ -10,6 +10,7 @@ sentence at a time. The writers below never hold more than one sentence's audio 
 from __future__ import annotations
 
 import codecs
+import contextlib
 import os
 import re
 import shutil
@@ -26,7 +27,7 @@ from .limits import MAX_SENTENCE_CHARS
 from .text import abbreviation_before
 
 __all__ = ["SENTENCE_PAUSE", "split_sentences", "read_sentences_stream", "pcm16", "speak", "wav_header",
-           "write_wav_stream", "write_wav_to_stream"]
+           "write_wav_stream", "spooled_wav", "write_wav_to_stream"]
 
 SENTENCE_PAUSE = 0.2  # seconds of silence between two sentences (Piper's default sentence_silence)
 _READ_CHUNK = 1 << 16  # bytes read from a stream at a time
@@ -157,13 +158,22 @@ def write_wav_stream(path: str | os.PathLike[str], chunks: Iterable[bytes], samp
     return total
 
 
-def write_wav_to_stream(out: BinaryIO, chunks: Iterable[bytes], sample_rate: int) -> int:
-    """Write PCM chunks as one WAV to a stream that cannot seek (standard output, a socket): the samples are
-    spooled to a temporary file until their length, which the header states first, is known."""
+@contextlib.contextmanager
+def spooled_wav(chunks: Iterable[bytes], sample_rate: int) -> Iterator[tuple[BinaryIO, int]]:
+    """The WAV of the PCM chunks in a temporary file, rewound, and its size in bytes: for a stream that cannot
+    seek (standard output, an HTTP response), whose header states the length first. Memory holds one chunk."""
     with tempfile.TemporaryFile() as spool:
+        spool.write(wav_header(sample_rate, 0))
         total = _write_pcm(spool, chunks)
-        out.write(wav_header(sample_rate, total))
         spool.seek(0)
-        shutil.copyfileobj(spool, out)
+        spool.write(wav_header(sample_rate, total))
+        spool.seek(0)
+        yield spool, len(wav_header(sample_rate, total)) + total
+
+
+def write_wav_to_stream(out: BinaryIO, chunks: Iterable[bytes], sample_rate: int) -> int:
+    """Write PCM chunks as one WAV to a stream that cannot seek (`spooled_wav`). Returns the data bytes."""
+    with spooled_wav(chunks, sample_rate) as (wav, size):
+        shutil.copyfileobj(wav, out)
     out.flush()
-    return total
+    return size - len(wav_header(sample_rate, 0))
