@@ -31,6 +31,7 @@ __all__ = ["SENTENCE_PAUSE", "split_sentences", "read_sentences_stream", "pcm16"
 
 SENTENCE_PAUSE = 0.2  # seconds of silence between two sentences (Piper's default sentence_silence)
 _READ_CHUNK = 1 << 16  # bytes read from a stream at a time
+_MAX_CACHED_PHONEMES = 10_000  # sentences the phonemizer may remember while a long text is spoken
 _MAX_WAV_DATA = 0xFFFFFFFF - 36  # a RIFF chunk size is 32 bits: ~37 hours of 16 kHz 16-bit mono
 
 # a sentence end: terminal punctuation, closing quotes/brackets, then whitespace (or the end of the text)
@@ -126,6 +127,9 @@ def speak(synth, sentences: Iterable[str], duration_scale: float = 1.0,
             on_sentence(sentence, out)
         yield (b"" if first else pause) + pcm16(out.wav)
         first = False
+        cache = getattr(getattr(synth, "phonemizer", None), "cache", None)
+        if isinstance(cache, dict) and len(cache) > _MAX_CACHED_PHONEMES:  # grows with the text, not bounded
+            cache.clear()
     if first:
         raise ValueError(last_error or "nothing to speak: the text is empty")
 
