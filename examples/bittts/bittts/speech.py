@@ -17,7 +17,7 @@ import shutil
 import struct
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 import torch
@@ -25,6 +25,9 @@ import torch
 from .atomic import atomic_open
 from .limits import MAX_SENTENCE_CHARS
 from .text import abbreviation_before
+
+if TYPE_CHECKING:
+    from .inference import Synthesis, Synthesizer
 
 __all__ = ["SENTENCE_PAUSE", "split_sentences", "read_sentences_stream", "pcm16", "speak", "wav_header",
            "write_wav_stream", "spooled_wav", "write_wav_to_stream"]
@@ -110,8 +113,8 @@ def pcm16(wav: torch.Tensor | np.ndarray) -> bytes:
     return np.clip(np.round(data * 32768.0), -32768, 32767).astype("<i2").tobytes()
 
 
-def speak(synth, sentences: Iterable[str], duration_scale: float = 1.0,
-          on_sentence: Callable[[str, object], None] | None = None) -> Iterator[bytes]:
+def speak(synth: Synthesizer, sentences: Iterable[str], duration_scale: float = 1.0,
+          on_sentence: Callable[[str, Synthesis], None] | None = None) -> Iterator[bytes]:
     """16-bit PCM of each sentence in turn (`synth` a `bittts.inference.Synthesizer`), `SENTENCE_PAUSE` of
     silence before every sentence but the first. A sentence that gives no phonemes ("...") is skipped;
     ValueError if none of them could be spoken. `on_sentence(sentence, synthesis)` is told of each one."""

@@ -15,7 +15,7 @@ import argparse
 import os
 import sys
 from collections.abc import Iterator
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 from ..limits import MAX_DURATION_SCALE, MAX_SENTENCE_CHARS, MAX_TEXT_BYTES
 from . import check_threads, output_dir, wav_output
@@ -36,8 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "or --output-raw, FILE is spoken like standard input")
     output = parser.add_mutually_exclusive_group(required=True)
     output.add_argument("-o", "--out", metavar="OUT.wav|OUT_DIR|-",
-                        help="wav file (a name ending .wav), '-' for a wav on standard output, or the directory "
-                             "of --text-file's wavs")
+                        help="wav file (named .wav, or with no extension), '-' for a wav on standard output, "
+                             "or the directory of --text-file's wavs")
     output.add_argument("--output-raw", action="store_true",
                         help="stream raw 16-bit little-endian mono PCM at the model's sample rate (16 kHz) to "
                              "standard output, flushed after each sentence (e.g. | aplay -r 16000 -f S16_LE -c 1)")
@@ -88,13 +88,13 @@ def run(args: argparse.Namespace) -> int:
     out = _stdout() if streamed else wav_output(args.out)
     log = sys.stderr if streamed else sys.stdout
 
-    from ..inference import Synthesizer
+    from ..inference import Synthesis, Synthesizer
     from ..speech import speak, write_wav_stream, write_wav_to_stream
 
     synth = Synthesizer(args.model)
     totals = {"sentences": 0, "audio": 0.0, "model": 0.0}
 
-    def count(_sentence: str, synthesis: Any) -> None:
+    def count(_sentence: str, synthesis: Synthesis) -> None:
         totals["sentences"] += 1
         totals["audio"] += synthesis.duration
         totals["model"] += synthesis.seconds
