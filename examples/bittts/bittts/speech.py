@@ -44,18 +44,22 @@ _SOFT_BREAK = re.compile(r"[,;:\u2013\u2014](?=\s)")
 
 def _fit(piece: str, max_chars: int) -> Iterator[str]:
     """`piece` stripped, cut into parts of at most `max_chars` characters: after the last comma (semicolon, colon,
-    dash) that keeps the part short enough, else at the last space, else (one giant word) anywhere."""
-    piece = piece.strip()
-    while len(piece) > max_chars:
-        window = piece[:max_chars + 1]
+    dash) that keeps the part short enough, else at the last space, else (one giant word) anywhere. Walks an
+    index instead of re-slicing the rest, so a huge piece costs linear time."""
+    piece = piece.rstrip()
+    start = len(piece) - len(piece.lstrip())
+    while len(piece) - start > max_chars:
+        window = piece[start:start + max_chars + 1]
         soft = [m.end() for m in _SOFT_BREAK.finditer(window) if m.end() <= max_chars]
         cut = soft[-1] if soft else max((i for i, c in enumerate(window) if c.isspace()), default=0)
         if cut <= 0:
             cut = max_chars
-        yield piece[:cut].rstrip()
-        piece = piece[cut:].lstrip()
-    if piece:
-        yield piece
+        yield window[:cut].rstrip()
+        start += cut
+        while piece[start].isspace():  # the piece is stripped at its end: a non-space follows
+            start += 1
+    if start < len(piece):
+        yield piece[start:]
 
 
 def split_sentences(text: str, max_chars: int = MAX_SENTENCE_CHARS) -> Iterator[str]:
