@@ -99,6 +99,11 @@ def test_synthesize_text_file_and_duration_scale(run, capsys):
     assert main(["synthesize", "--model", str(run["model"]), "--text-file", str(lines), "-o", str(out_dir)]) == 0
     assert sorted(os.listdir(out_dir)) == ["0001.wav", "0002.wav"]
     assert "2 utterances" in capsys.readouterr().out
+    together = run["root"] / "lines.wav"  # a .wav name: the whole file into one wav, a pause between lines
+    assert main(["synthesize", "--model", str(run["model"]), "--text-file", str(lines), "-o", str(together)]) == 0
+    assert "2 sentences" in capsys.readouterr().out
+    parts = _wav_info(out_dir / "0001.wav")[3] + _wav_info(out_dir / "0002.wav")[3]
+    assert _wav_info(together)[3] == parts + round(0.2 * 16000)
     slow = run["root"] / "slow.wav"
     assert main(["synthesize", "--model", str(run["model"]), "--text", "Good morning.", "-o", str(slow),
                  "--duration-scale", "2"]) == 0

@@ -97,6 +97,8 @@ def test_synthesize_bad_input(tmp_path):
     fails([*base, "--text", " \n ", "-o", str(tmp_path / "x.wav")], "--text is empty")
     fails([*base, "--text", "hi", "-o", str(tmp_path / "x.mp3")], "-o .*x.mp3: bittts writes WAV only, not .mp3")
     fails([*base, "--text", "hi", "-o", str(tmp_path / "x.FLAC")], "WAV only, not .FLAC")
+    (tmp_path / "lines.txt").write_text("hi\n")
+    fails([*base, "--text-file", str(tmp_path / "lines.txt"), "-o", str(tmp_path / "out.ogg")], "WAV only, not .ogg")
     fails(["synthesize", "--model", d, "--text", "hi", "-o", str(tmp_path / "x.wav")], "is a directory, not a file")
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"\xff" * 4000)
@@ -108,7 +110,7 @@ def test_synthesize_bad_input(tmp_path):
     fifo = tmp_path / "pipe.safetensors"
     os.mkfifo(fifo)
     fails(["synthesize", "--model", str(fifo), "--text", "hi", "-o", str(tmp_path / "x.wav")], "named pipe")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "garbage.pt", "pipe.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "garbage.pt", "lines.txt", "pipe.safetensors"]
 
 
 @needs_model

@@ -15,10 +15,11 @@ import argparse
 import os
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import BinaryIO
 
 from ..limits import MAX_DURATION_SCALE, MAX_SENTENCE_CHARS, MAX_TEXT_BYTES
-from . import check_threads, output_dir, wav_output
+from . import check_threads, wav_dir, wav_output
 
 STDOUT = "-"
 
@@ -32,8 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                        "(default: read the text from standard input)")
     source.add_argument("--text-file", metavar="FILE",
                         help="speak every non-empty line of FILE, one wav each in the -o directory (UTF-8, at most "
-                             f"{MAX_SENTENCE_CHARS:,} characters a line and {MAX_TEXT_BYTES // 10**6} MB); with -o - "
-                             "or --output-raw, FILE is spoken like standard input")
+                             f"{MAX_SENTENCE_CHARS:,} characters a line and {MAX_TEXT_BYTES // 10**6} MB); with -o "
+                             "OUT.wav, -o - or --output-raw, FILE is spoken like standard input, into one output")
     output = parser.add_mutually_exclusive_group(required=True)
     output.add_argument("-o", "--out", metavar="OUT.wav|OUT_DIR|-",
                         help="wav file (named .wav, or with no extension), '-' for a wav on standard output, "
@@ -83,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     streamed = args.output_raw or args.out == STDOUT
-    if args.text_file is not None and not streamed:
+    one_wav = args.out is not None and Path(args.out).suffix.lower() in (".wav", ".wave")
+    if args.text_file is not None and not (streamed or one_wav):
         return _per_line(args)
     out = _stdout() if streamed else wav_output(args.out)
     log = sys.stderr if streamed else sys.stdout
@@ -134,7 +136,7 @@ def _per_line(args: argparse.Namespace) -> int:
     from ..inference import Synthesizer
 
     lines = read_sentences(args.text_file)
-    out_dir = output_dir(args.out)
+    out_dir = wav_dir(args.out)
     synth = Synthesizer(args.model)
     total_audio = total_model = 0.0
     for i, sentence in enumerate(lines, 1):
