@@ -7,16 +7,18 @@ temp file of the same target left by a killed writer is removed by the next writ
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import uuid
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
-__all__ = ["atomic_write", "atomic_torch_save"]
+__all__ = ["atomic_open", "atomic_write", "atomic_torch_save"]
 
 
 def _temp_prefix(path: Path) -> str:
@@ -48,25 +50,36 @@ def _remove_stale_temps(directory: Path, prefix: str) -> None:
             pass
 
 
-def atomic_write(path: str | os.PathLike, data: bytes) -> None:
-    """Write bytes to `path` through a temp file in the same directory and os.replace (permissions follow
-    the umask, unlike mkstemp's 0600). An OSError names `path`, never the temp file."""
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """A binary file to write `path` through: a temp file in the same directory that replaces `path` (fsync +
+    os.replace) when the block ends without an error, and is removed otherwise, so a writer that streams (a long
+    synthesis) is as atomic as `atomic_write`. An OSError names `path`, never the temp file."""
     path = Path(path)
     prefix = _temp_prefix(path)
     _remove_stale_temps(path.parent, prefix)
     tmp = path.with_name(f"{prefix}{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         with open(tmp, "xb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
+        if e.filename is not None and os.fspath(e.filename) != os.fspath(tmp):
+            raise  # about another file (read by the block), not the one written
         raise type(e)(e.errno, e.strerror, os.fspath(path)) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write(path: str | os.PathLike, data: bytes) -> None:
+    """Write bytes to `path` through a temp file in the same directory and os.replace (permissions follow
+    the umask, unlike mkstemp's 0600). An OSError names `path`, never the temp file."""
+    with atomic_open(path) as f:
+        f.write(data)
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:

@@ -16,6 +16,7 @@ COMMANDS = {
     "train": "Train a BitTTS model (JETS + HiFi-GAN, optionally with ternq QAT).",
     "export": "Export a training run's inference model as a ternq packed safetensors file.",
     "synthesize": "Synthesize speech from text with an exported model.",
+    "serve": "Serve speech over HTTP: POST text to /synthesize, get a WAV (the model loaded once).",
     "evaluate": "Measure size, intelligibility (WER/CER), MCD and real-time factor of a model.",
     "demo": "Speak one sentence with the shipped 1.58-bit model; print its size, speed and transcript.",
 }
@@ -32,6 +33,8 @@ typical pipeline:
   bittts train --data data --out run --preset all     # JETS + HiFi-GAN with 1.58-bit QAT
   bittts export run -o bittts.safetensors             # the inference model as a ternq packed file
   bittts synthesize --model bittts.safetensors --text "Hello there." -o hello.wav
+  echo "Hello there." | bittts synthesize --output-raw | aplay -r 16000 -f S16_LE -c 1
+  bittts serve --port 5000                            # POST text to http://127.0.0.1:5000/synthesize
   bittts evaluate --model bittts.safetensors --sentences test.txt --out report
 
 `bittts COMMAND --help` lists a command's options."""

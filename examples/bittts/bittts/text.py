@@ -136,6 +136,19 @@ _DOTTED = {"e.g.": "for example", "i.e.": "that is", "a.m.": "a m", "p.m.": "p m
 _DOTTED_RE = re.compile(r"(?<![\w.])(" + "|".join(re.escape(k) for k in _DOTTED) + r")", re.I)
 # Titles written without a period ("Mr Smith") only before a capitalized name: lower-case output never matches.
 _TITLE_RE = re.compile(r"\b(Mr|Mrs|Ms|Dr|Prof|St)\b(?=\s+[A-Z])")
+_WORD_BEFORE_PERIOD = re.compile(r"[A-Za-z.]+$")
+
+
+def abbreviation_before(text: str, period: int) -> bool:
+    """Whether the period at `text[period]` closes an abbreviation that `normalize` expands ("Dr.", "e.g."), so
+    that sentence splitting does not end a sentence there."""
+    m = _WORD_BEFORE_PERIOD.search(text, max(0, period - 16), period + 1)
+    if m is None:
+        return False
+    word = m.group().lower().lstrip(".")
+    return word in _DOTTED or word[:-1] in _ABBREVIATIONS
+
+
 _UNITS = {
     "km": "kilometers", "kg": "kilograms", "cm": "centimeters", "mm": "millimeters", "mg": "milligrams",
     "ml": "milliliters", "lb": "pounds", "lbs": "pounds", "oz": "ounces", "ft": "feet", "mph": "miles per hour",

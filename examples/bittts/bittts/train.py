@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 from .atomic import atomic_torch_save, atomic_write
 from .config import BitTTSConfig, config_from_dict, config_to_dict, save_config
 from .discriminators import Discriminators, split_halves
+from .extras import require
 from .losses import adversarial_active, discriminator_loss, generator_loss, mel_spectrogram
 from .model import CHECKPOINT_FORMAT, BitTTS, build_model, load_checkpoint, parameter_counts
 
@@ -178,6 +179,7 @@ def _gather_rng(world: int) -> list[dict[str, Any]]:
 
 def mel_figure(panels: list[tuple[str, Tensor]], path: Path) -> np.ndarray:
     """Write a PNG with one mel spectrogram per row; returns the RGB image (for TensorBoard)."""
+    require("publish", "drawing mel spectrograms")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -321,6 +323,7 @@ def train(cfg: BitTTSConfig, out_dir: str | os.PathLike, *, data_dir: str | os.P
             `RECIPE_CHANGES` fields (changed from the checkpoint's step on, and recorded).
         device: "auto" (CUDA if available), "cpu" or "cuda".
     """
+    require("train", "training (TensorBoard logs, mel spectrogram images)")
     rank, world, local_rank = _dist_env()
     own_group = world > 1 and not dist.is_initialized()
     dev = resolve_device(device, local_rank)

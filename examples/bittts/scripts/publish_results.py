@@ -21,9 +21,15 @@ from typing import Any
 
 import numpy as np
 from bittts import audio
+from bittts.extras import require
 from bittts.train import mel_figure as train_mel_figure
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
+
+try:
+    require("publish", "publish_results.py (the results page's figures)")
+except RuntimeError as e:
+    raise SystemExit(str(e)) from None
+from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402 (after the check that it exists)
+from matplotlib.figure import Figure  # noqa: E402
 
 
 def _pairs(items: list[str], what: str) -> dict[str, Path]:

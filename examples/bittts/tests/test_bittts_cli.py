@@ -1,9 +1,11 @@
 """The inference commands end to end on a tiny flite corpus: prepare -> train -> export -> synthesize -> evaluate."""
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
+import select
 import shutil
 import subprocess
 import sys
@@ -97,10 +99,74 @@ def test_synthesize_text_file_and_duration_scale(run, capsys):
     assert main(["synthesize", "--model", str(run["model"]), "--text-file", str(lines), "-o", str(out_dir)]) == 0
     assert sorted(os.listdir(out_dir)) == ["0001.wav", "0002.wav"]
     assert "2 utterances" in capsys.readouterr().out
+    together = run["root"] / "lines.wav"  # a .wav name: the whole file into one wav, a pause between lines
+    assert main(["synthesize", "--model", str(run["model"]), "--text-file", str(lines), "-o", str(together)]) == 0
+    assert "2 sentences" in capsys.readouterr().out
+    parts = _wav_info(out_dir / "0001.wav")[3] + _wav_info(out_dir / "0002.wav")[3]
+    assert _wav_info(together)[3] == parts + round(0.2 * 16000)
     slow = run["root"] / "slow.wav"
     assert main(["synthesize", "--model", str(run["model"]), "--text", "Good morning.", "-o", str(slow),
                  "--duration-scale", "2"]) == 0
     assert _wav_info(slow)[3] > _wav_info(out_dir / "0001.wav")[3]
+
+
+def _bittts(*argv: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    result = subprocess.run([sys.executable, "-m", "bittts.cli", *argv], input=stdin, capture_output=True,
+                            timeout=180, env=env)
+    assert result.returncode == 0, result.stderr.decode()
+    return result
+
+
+def test_synthesize_reads_stdin_and_writes_wav_or_raw_pcm_to_stdout(run, tmp_path):
+    """Standard input in; `-o -` gives one WAV on standard output, `--output-raw` the same samples as raw PCM,
+    and both equal the WAV file that `--text` writes; the report goes to standard error."""
+    text = "Good morning. See you soon!\nBye."
+    model = ["synthesize", "--model", str(run["model"]), "--threads", "1"]
+    wav = _bittts(*model, "-o", "-", stdin=text.encode())
+    with wave.open(io.BytesIO(wav.stdout), "rb") as f:
+        assert (f.getframerate(), f.getnchannels(), f.getsampwidth()) == (16000, 1, 2) and f.getnframes() > 0
+        frames = f.readframes(f.getnframes())
+    assert b"3 sentences" in wav.stderr and b"RTF" in wav.stderr
+    raw = _bittts(*model, "--output-raw", stdin=text.encode())
+    assert raw.stdout == frames
+    _bittts(*model, "--text", text, "-o", str(tmp_path / "t.wav"))
+    with wave.open(str(tmp_path / "t.wav"), "rb") as f:
+        assert f.readframes(f.getnframes()) == frames
+
+
+def test_output_raw_speaks_each_line_as_it_arrives(run):
+    """As Piper does: the first line's audio comes out (flushed) while standard input is still open."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-m", "bittts.cli", "synthesize", "--model", str(run["model"]),
+                             "--threads", "1", "--output-raw"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+    try:
+        proc.stdin.write(b"Hello there.\n")
+        proc.stdin.flush()
+        ready, _, _ = select.select([proc.stdout], [], [], 120)
+        assert ready, "no audio within 120 s of the first line"
+        first = os.read(proc.stdout.fileno(), 1 << 20)
+        assert first and proc.poll() is None  # audio before the end of the input, and still listening
+        out, err = proc.communicate(b"Goodbye.\n", timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err.decode()
+    assert (len(first) + len(out)) % 2 == 0 and len(out) > 0 and b"2 sentences" in err
+
+
+def test_long_text_is_split_into_sentences(run, tmp_path, capsys):
+    """A text far longer than one utterance is spoken sentence by sentence into one WAV."""
+    from bittts.limits import MAX_SENTENCE_CHARS
+    from bittts.sentences import generate_sentences
+
+    text = " ".join(generate_sentences(40))
+    assert len(text) > 3 * MAX_SENTENCE_CHARS
+    out = tmp_path / "long.wav"
+    assert main(["synthesize", "--model", str(run["model"]), "--text", text, "-o", str(out)]) == 0
+    assert "40 sentences" in capsys.readouterr().out
+    rate, channels, width, frames = _wav_info(out)
+    assert (rate, channels, width) == (16000, 1, 2) and frames > 40 * 0.2 * rate
 
 
 def test_evaluate_writes_both_reports(run, capsys):

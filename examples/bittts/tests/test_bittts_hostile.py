@@ -94,7 +94,11 @@ def test_synthesize_bad_input(tmp_path):
     fails([*base, "--text", "hi", "-o", str(tmp_path / "x.wav"), "--threads", "100000"], "--threads 100000: expected")
     fails([*base, "--text", "hi", "-o", str(tmp_path / "x.wav"), "--threads", "0"], "--threads 0")
     fails([*base, "--text", "hi", "-o", str(tmp_path / "x.wav"), "--duration-scale", "1e9"], "--duration-scale")
-    fails([*base, "--text", "x" * (MAX_SENTENCE_CHARS + 1), "-o", str(tmp_path / "x.wav")], "split it")
+    fails([*base, "--text", " \n ", "-o", str(tmp_path / "x.wav")], "--text is empty")
+    fails([*base, "--text", "hi", "-o", str(tmp_path / "x.mp3")], "-o .*x.mp3: bittts writes WAV only, not .mp3")
+    fails([*base, "--text", "hi", "-o", str(tmp_path / "x.FLAC")], "WAV only, not .FLAC")
+    (tmp_path / "lines.txt").write_text("hi\n")
+    fails([*base, "--text-file", str(tmp_path / "lines.txt"), "-o", str(tmp_path / "out.ogg")], "WAV only, not .ogg")
     fails(["synthesize", "--model", d, "--text", "hi", "-o", str(tmp_path / "x.wav")], "is a directory, not a file")
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"\xff" * 4000)
@@ -106,7 +110,7 @@ def test_synthesize_bad_input(tmp_path):
     fifo = tmp_path / "pipe.safetensors"
     os.mkfifo(fifo)
     fails(["synthesize", "--model", str(fifo), "--text", "hi", "-o", str(tmp_path / "x.wav")], "named pipe")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "garbage.pt", "pipe.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "garbage.pt", "lines.txt", "pipe.safetensors"]
 
 
 @needs_model
@@ -120,11 +124,15 @@ def test_long_output_names_and_missing_directories_work(tmp_path):
 def test_commands_exit_with_one_line_and_no_signal(tmp_path):
     """As a process: exit status 1, one line on stderr, no traceback (--threads 100000 used to segfault)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    for argv in (["synthesize", "--text", "hi", "-o", str(tmp_path / "x.wav"), "--threads", "100000"],):
+    cases = [(["synthesize", "--text", "hi", "-o", str(tmp_path / "x.wav"), "--threads", "100000"], "")]
+    if MODEL.is_file():  # standard input that is not UTF-8
+        cases.append((["synthesize", "--output-raw"], "Hello \udcff there."))
+    for argv, stdin in cases:
         out = subprocess.run([sys.executable, "-m", "bittts.cli", *argv], capture_output=True, text=True,
-                             timeout=120, env=env)
+                             timeout=120, env=env, input=stdin, errors="surrogateescape")
         assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
         assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert len(cases) == 1 or "standard input is not UTF-8 text (byte 6)" in out.stderr
 
 
 # --- 10. bounded reads -------------------------------------------------------------------------------------------

@@ -45,6 +45,35 @@ def output_file(path: str | os.PathLike[str], option: str = "-o", example: str =
     return out
 
 
+WAV_SUFFIXES = ("", ".wav", ".wave")  # what an audio output may be named: audio is written as WAV only
+
+
+# audio formats someone may ask for by name: refused for a directory of wavs too (out.mp3/0001.wav is a mistake)
+OTHER_AUDIO_SUFFIXES = (".mp3", ".ogg", ".oga", ".opus", ".flac", ".m4a", ".aac", ".aif", ".aiff", ".au", ".raw",
+                        ".pcm", ".wma", ".webm")
+
+
+def _refuse_other_audio(path: str | os.PathLike[str], option: str) -> None:
+    suffix = Path(os.fspath(path)).suffix
+    raise ValueError(f"{option} {os.fspath(path)}: bittts writes WAV only, not {suffix}; name the file .wav "
+                     "and convert it (e.g. ffmpeg -i out.wav out" + suffix + ")")
+
+
+def wav_output(path: str | os.PathLike[str], option: str = "-o") -> Path:
+    """`output_file` for audio: a name whose extension promises another format (out.mp3, out.flac) is refused
+    rather than filled with WAV bytes."""
+    if Path(os.fspath(path)).suffix.lower() not in WAV_SUFFIXES:
+        _refuse_other_audio(path, option)
+    return output_file(path, option)
+
+
+def wav_dir(path: str | os.PathLike[str], option: str = "-o") -> Path:
+    """`output_dir` for a directory of wavs; a name that asks for another audio format (out.mp3) is refused."""
+    if Path(os.fspath(path)).suffix.lower() in OTHER_AUDIO_SUFFIXES:
+        _refuse_other_audio(path, option)
+    return output_dir(path, option)
+
+
 def output_dir(path: str | os.PathLike[str], option: str = "-o") -> Path:
     """Check that `path` is (or can be created as) a writable directory; creates it. Returns the path."""
     text = os.fspath(path)

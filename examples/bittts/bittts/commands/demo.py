@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from . import output_file
+from . import wav_output
 
 DEMO_TEXT = "The quick brown fox jumps over the lazy dog."
 
@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     from ..system import cpu_description
 
     check_sentence(args.text, "--text")
-    output_file(args.out)
+    wav_output(args.out)
     synth = Synthesizer(args.model)
     size = synth.path.stat().st_size
     line = f"model {synth.path.name}: {size / 1e6:.2f} MB ({synth.cfg.quant.scheme}/{synth.cfg.quant.scope})"
