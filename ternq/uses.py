@@ -199,6 +199,9 @@ def native_uses(reader: str, module: nn.Module) -> list[Use]:
         op = {"LSTM": "lstm", "GRU": "gru"}.get(module.mode, "rnn_tanh")
         return [Use(reader, n, op, source="native") for n in module._flat_weights_names
                 if getattr(module, n, None) is not None and getattr(module, n).dim() >= 2]
+    if isinstance(module, nn.RNNCellBase):  # torch.lstm_cell / gru_cell / rnn_*_cell on its own weights
+        op = {nn.LSTMCell: "lstm_cell", nn.GRUCell: "gru_cell"}.get(type(module), "rnn_tanh_cell")
+        return [Use(reader, n, op, source="native") for n in ("weight_ih", "weight_hh")]
     if isinstance(module, nn.MultiheadAttention):
         names = ["in_proj_weight"] if module._qkv_same_embed_dim else ["q_proj_weight", "k_proj_weight",
                                                                        "v_proj_weight"]

@@ -114,6 +114,23 @@ class FusedMoE(nn.Module):
         return self.head(flat + out).reshape(*x.shape[:-1], -1)
 
 
+class CellLoop(nn.Module):
+    """An LSTMCell and a GRUCell stepped in a Python loop (the cells' native kernels read their weights)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTMCell(8, 16)
+        self.gru = nn.GRUCell(16, 16)
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = c = g = x.new_zeros(x.shape[0], 16)
+        for t in range(x.shape[1]):
+            h, c = self.lstm(x[:, t], (h, c))
+            g = self.gru(h, g)
+        return self.out(g)
+
+
 class GrayscaleCNN(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -142,6 +159,7 @@ TORCH_ZOO = [
          lambda: randn(2, 5, 8), first),
     Arch("gru", lambda: nn.GRU(8, 16, batch_first=True), lambda: randn(2, 5, 8), first),
     Arch("rnn", lambda: nn.RNN(8, 16, num_layers=2), lambda: randn(5, 2, 8), first),
+    Arch("rnn_cells", CellLoop, lambda: randn(2, 5, 8), first),
     Arch("bilinear", lambda: nn.Bilinear(8, 6, 5), lambda: (randn(4, 8), randn(4, 6, seed=2)), first),
     Arch("conv3d", lambda: nn.Sequential(nn.Conv3d(3, 8, 3), nn.ReLU(), nn.Conv3d(8, 4, 3)),
          lambda: randn(2, 3, 6, 6, 6), first),
