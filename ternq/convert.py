@@ -73,6 +73,10 @@ def plan(model: nn.Module, include: object = None, exclude: object = None,
         raise AlreadyQuantizedError(
             f"the model is already quantized ({done[0] or 'the model'!r} is a ternq part): quantize() converts a "
             "float model once. Start again from the float model, or call ternq.dequantize(model) first")
+    lazy = next((n for n, p in model.named_parameters() if isinstance(p, nn.parameter.UninitializedParameter)), None)
+    if lazy is not None:
+        raise ConversionError(f"quantize(): parameter {lazy!r} is not initialized yet (a lazy module, e.g. "
+                              "nn.LazyLinear): run the model once on an input so that it gets its shape, then quantize")
     analysis = analyze(model, example_inputs)
     decisions = decide(analysis, include, exclude, config)
     return analysis, {name: _adapt(analysis.candidate(name), d) for name, d in decisions.items()}  # type: ignore[arg-type]
@@ -99,7 +103,9 @@ def _adapt(cand: Candidate, decision: Decision) -> Decision:
                                              "quantize() / report() to record what the model computes with it")
     tied = f"tied to {', '.join(cand.tied)}: the same tensor, decided there for its own uses" if cand.tied else ""
     if config is None:
-        return Decision(None, decision.rule, tied) if tied else decision
+        also = "; ".join(filter(None, [tied, f"read by {_readers(cand)} too, float there as well"
+                                       if cand.readers else ""]))
+        return Decision(None, decision.rule, also) if also else decision
     notes = [tied] if tied else []
     if cand.idle:
         notes.append("not called in the example run (converted by its type)")
@@ -118,9 +124,12 @@ def _adapt(cand: Candidate, decision: Decision) -> Decision:
             notes.append(f"fast path of {', '.join(r or 'the model' for r in fast)} off (it would read the "
                          "float weight)")
         if reads:
-            notes.append("weights only where " + ", ".join(f"{r or 'the model'} ({op})" for r, op in
-                                                            reads.items()) + " reads it")
+            notes.append(f"weights only where {_readers(cand, reads)} reads it")
     return Decision(config, decision.rule, "; ".join(notes))
+
+
+def _readers(cand: Candidate, readers: dict[str, str] | None = None) -> str:
+    return ", ".join(f"{r or 'the model'} ({op})" for r, op in (cand.readers if readers is None else readers).items())
 
 
 def quantize(model: M, include: Any = None, exclude: Any = None, config: QuantConfig | None = None, *,

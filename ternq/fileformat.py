@@ -611,19 +611,21 @@ def _loaded_sites(manifest: Manifest, root: nn.Module) -> list[Site]:
         sites.append(Site(name, record.key, kind, record.type.rpartition(".")[2] if kind == "layer" else record.type,
                           record.count, QuantConfig.from_dict(record.config), record.rule or "-", "packed",
                           out_dim=record.out_dim))
-    kept = manifest.selection.get("kept_float", {}) if isinstance(manifest.selection, dict) else {}
-    for name, rule in kept.items():
+    kept = manifest.selection.get("kept_float") if isinstance(manifest.selection, dict) else None
+    for name, rule in (kept.items() if isinstance(kept, dict) else ()):  # informative: trusted for nothing
+        if not isinstance(name, str) or not isinstance(rule, str):
+            continue
         module = _get_module(root, name)
         spec = layer_spec(module) if module is not None else None
         if spec is not None:  # a layer kept float
             sites.append(Site(name, _join(name, spec.weight_name), "layer", type(module).__name__,
-                              sum(p.numel() for p in module.parameters()), None, str(rule), "packed"))
+                              sum(p.numel() for p in module.parameters()), None, rule, "packed"))
         else:
             try:
                 param = root.get_parameter(name)
             except AttributeError:
                 continue  # not a weight of this skeleton: nothing to say about it
-            sites.append(Site(name, name, "weight", "parameter", param.numel(), None, str(rule), "packed"))
+            sites.append(Site(name, name, "weight", "parameter", param.numel(), None, rule, "packed"))
     return sites
 
 

@@ -424,9 +424,10 @@ def analyze(root: nn.Module, example_inputs: Any = None) -> Analysis:
         uses = _trace_all(analysis, called)
         for name, module in modules.items():
             uses.extend(native_uses(name, module))
+        ran: set[str] = set()
         if example_inputs is not None:
             try:
-                uses.extend(record_uses(root, example_inputs))
+                uses.extend(record_uses(root, example_inputs, ran))
             except Exception as e:  # the user's inputs do not run the model: say so, do not guess
                 raise ConversionError(f"example_inputs: running the float model on them failed: "
                                       f"{type(e).__name__}: {e}. Pass what model(...) accepts: a tensor, a tuple "
@@ -440,10 +441,9 @@ def analyze(root: nn.Module, example_inputs: Any = None) -> Analysis:
                 path="fx" if id(module) in called else "swap", optional=spec.optional,
                 key=f"{name}.{spec.weight_name}" if name else spec.weight_name)
     if example_inputs is not None:
-        ran = {u.reader for u in uses if u.source == "recorded"} | {
-            f"{u.reader}.{u.param}".rpartition(".")[0] for u in uses if u.source == "recorded"}
+        read = {f"{u.reader}.{u.param}".rpartition(".")[0] for u in uses if u.source == "recorded"}
         for name, cand in layers.items():
-            cand.idle = name not in ran
+            cand.idle = name not in ran and name not in read
     extra = _sites_from_uses(analysis, uses, layers)
     for name in modules:
         if name in layers:
@@ -454,11 +454,15 @@ def analyze(root: nn.Module, example_inputs: Any = None) -> Analysis:
     names: dict[int, list[str]] = {}
     for key, param in root.named_parameters(remove_duplicate=False):
         names.setdefault(id(param), []).append(key)
+    module_names: dict[int, set[str]] = {}
+    for name, module in root.named_modules(remove_duplicate=False):
+        module_names.setdefault(id(module), set()).add(name)
     for cand in analysis.candidates:
         param = cand.module._parameters.get(layer_spec(cand.module).weight_name) if cand.kind == "layer" \
             else cand.module.get_parameter(cand.param)  # type: ignore[union-attr, arg-type]
-        if param is not None:
-            cand.tied = [n for n in names.get(id(param), []) if n != cand.key]
+        if param is not None:  # other modules holding the same tensor (not this module under another name)
+            same = module_names.get(id(cand.module), set())
+            cand.tied = [n for n in names.get(id(param), []) if n != cand.key and n.rpartition(".")[0] not in same]
     analysis._by_name = {c.name: c for c in analysis.candidates}
     return analysis
 

@@ -114,7 +114,7 @@ class Report:
 
 def _weight_keys(prefix: str, module: nn.Module) -> list[str]:
     """state_dict keys of a layer that hold its weight (plain, weight_norm g/v, parametrization originals)."""
-    spec = layer_spec(module)
+    spec = layer_spec(module) or getattr(module, "spec", None)
     w = spec.weight_name if spec is not None else "weight"
     keys = [k for k in module.state_dict(keep_vars=True)
             if k == w or k.startswith(f"{w}_") or k.startswith(f"parametrizations.{w}.")]
@@ -130,7 +130,10 @@ def _packed_bytes(shape: tuple[int, ...], config: QuantConfig, out_dim: int) -> 
 
 
 def _storage_key(key: str, t: Tensor) -> tuple[Any, ...]:
-    ptr = t.untyped_storage().data_ptr() if t.device.type != "meta" else 0
+    try:
+        ptr = t.untyped_storage().data_ptr() if t.device.type != "meta" else 0
+    except RuntimeError:  # a wrapper without storage of its own (a packed layer's `PackedWeight`)
+        ptr = 0
     return (ptr, t.storage_offset(), tuple(t.shape), t.dtype) if ptr else ("key", key)
 
 
@@ -149,7 +152,7 @@ def _entries(model: nn.Module, sites: list[tuple[str, Site]]) -> list[_Entry]:
         layer, key = _join(prefix, site.name), _join(prefix, site.key)
         if site.kind == "layer":
             module = model.get_submodule(layer)
-            spec = layer_spec(module)
+            spec = layer_spec(module) or module.spec  # a packed layer (`ternq.runtime`) keeps its spec
             weight = module.float_weight() if is_quantized(module) else getattr(module, spec.weight_name)
             keys = _weight_keys(layer, module)
         else:

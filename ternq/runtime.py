@@ -529,15 +529,16 @@ def is_packed(module: nn.Module) -> bool:
 
 
 def _weight_shape(module: nn.Module, name: str) -> tuple[int, ...] | None:
-    """Shape of the float weight without computing it (a parametrization would allocate it)."""
+    """Shape of the float weight, without computing it where the stored tensors tell (legacy weight_norm's
+    ``_v``, spectral_norm's ``_orig``: ``_v`` is spectral_norm's power-iteration vector, so ``_orig`` comes first)."""
     if isinstance(module, PackedLayer):
         return module._weight_shape
-    if parametrize.is_parametrized(module, name):
-        originals = [t for t in module.parametrizations[name].parameters()]  # type: ignore[union-attr,index]
-        return tuple(max(originals, key=lambda t: t.numel()).shape) if originals else None
+    if parametrize.is_parametrized(module, name):  # a parametrization may reshape: ask it (one transient weight)
+        with torch.no_grad():
+            return tuple(getattr(module, name).shape)
     hook = _legacy_weight_hook(module, name)
     if hook is not None:
-        for suffix in ("_v", "_orig"):
+        for suffix in ("_orig", "_v"):
             t = getattr(module, name + suffix, None)
             if isinstance(t, Tensor):
                 return tuple(t.shape)

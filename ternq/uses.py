@@ -42,7 +42,16 @@ COMPUTE_OPS = frozenset({
     "addbmm", "addmv", "mv", "einsum", "tensordot", "multi_head_attention_forward", "_native_multi_head_attention",
     "embedding", "embedding_bag", "lstm", "gru", "rnn_tanh", "rnn_relu", "lstm_cell", "gru_cell", "rnn_tanh_cell",
     "rnn_relu_cell", "_transformer_encoder_layer_fwd", "_grouped_mm", "grouped_mm", "_scaled_grouped_mm",
+    "linalg_multi_dot", "multi_dot", "chain_matmul", "inner", "scaled_dot_product_attention",
 })
+
+#: argument positions that are added to a product, not multiplied: ``addmm(bias, x, W)``'s bias is no weight
+_ADDENDS = {"addmm": 0, "baddbmm": 0, "addbmm": 0, "addmv": 0}
+
+#: elementwise ops that keep a weight a weight when the other operand is a number (``w * 0.25``, ``-w``),
+#: and reorderings of its entries (``w.flip(-1)``, ``w.repeat(2, 1)``)
+_SCALE_OPS = frozenset({"mul", "__mul__", "__rmul__", "div", "__truediv__", "neg", "__neg__", "flip", "repeat",
+                        "tile", "repeat_interleave", "roll", "fliplr", "flipud", "rot90", "to_dense"})
 
 #: ops computing one matmul per group along dim 0 of a 3-D weight (transformers' mixture-of-experts kernels)
 GROUPED_OPS = frozenset({"_grouped_mm", "grouped_mm", "_scaled_grouped_mm"})
@@ -103,6 +112,21 @@ def compute_op(target: object) -> str | None:
     return name if name in COMPUTE_OPS else None
 
 
+def _derives(node: fx.Node) -> bool:
+    """Whether `node` is (a view, part, reordering or scalar multiple of) one tensor input."""
+    if node.op not in ("call_function", "call_method") or not node.args:
+        return False
+    name = _name(node.target)
+    tensors = [a for a in node.args if isinstance(a, fx.Node)]
+    if name in _DERIVE_OPS:
+        return isinstance(node.args[0], fx.Node)
+    return name in _SCALE_OPS and len(tensors) == 1
+
+
+def _derived_from(node: fx.Node) -> fx.Node:
+    return next(a for a in node.args if isinstance(a, fx.Node))
+
+
 def _selects(op: str, index: Any) -> bool:
     """Whether a derive op picks whole entries of dim 0 (``experts[idx]``, ``select``), not a slice of them."""
     if op in ("select", "index_select"):
@@ -135,11 +159,10 @@ def _walk_to_param(node: fx.Node, params: dict[str, Tensor]) -> tuple[str, bool,
             direct = False
             node = node.args[0]
             continue
-        if node.op in ("call_function", "call_method") and _name(node.target) in _DERIVE_OPS and node.args \
-                and isinstance(node.args[0], fx.Node):
+        if _derives(node):
             indexed = indexed or _selects(_name(node.target), node.args[1:2])
             direct = False
-            node = node.args[0]
+            node = _derived_from(node)
             continue
         return None
 
@@ -152,9 +175,8 @@ def param_of(node: fx.Node) -> str | None:
         if node.op == "call_function" and node.target is getattr and len(node.args) == 2 \
                 and node.args[1] in _TRANSPOSE_ATTRS and isinstance(node.args[0], fx.Node):
             node = node.args[0]
-        elif node.op in ("call_function", "call_method") and _name(node.target) in _DERIVE_OPS and node.args \
-                and isinstance(node.args[0], fx.Node):
-            node = node.args[0]
+        elif _derives(node):
+            node = _derived_from(node)
         else:
             return None
 
@@ -180,6 +202,8 @@ def graph_uses(reader: str, module: nn.Module, graph: fx.Graph) -> list[Use]:
         if op is None:
             continue
         for position, arg in _node_inputs(node):
+            if _ADDENDS.get(op) == position:
+                continue
             found = _walk_to_param(arg, params)
             if found is None:
                 continue
@@ -271,7 +295,9 @@ class _Recorder(TorchFunctionMode):
         if name == "__get__" and getattr(getattr(func, "__self__", None), "__name__", None) in _TRANSPOSE_ATTRS:
             name = "t"  # weight.T and friends
         tensors = list(iter_tensors([*args, *kwargs.values()]))
-        if name in _DERIVE_OPS and tensors:
+        scaled = name in _SCALE_OPS and len(tensors) == 1 and not any(
+            isinstance(a, Tensor) and a.dim() > 0 and id(a) != id(tensors[0][1]) for a in args)
+        if (name in _DERIVE_OPS or scaled) and tensors:
             origin = self._origin(tensors[0][1])
             if origin is not None:
                 indexed = origin[2] or _selects(name, list(args[1:2]) + list(kwargs.values())[:1])
@@ -280,6 +306,8 @@ class _Recorder(TorchFunctionMode):
                     self.keep.append(t)
         elif name in COMPUTE_OPS:
             for position, t in tensors:
+                if _ADDENDS.get(name) == position:
+                    continue
                 origin = self._origin(t)
                 if origin is not None:
                     reader = self.stack[-1] if self.stack else None
@@ -288,12 +316,19 @@ class _Recorder(TorchFunctionMode):
         return out
 
 
-def record_uses(model: nn.Module, example_inputs: Any) -> list[Use]:
+def record_uses(model: nn.Module, example_inputs: Any, ran: set[str] | None = None) -> list[Use]:
     """Run `model` once on `example_inputs` (a tuple of positional arguments, a dict of keyword arguments, or one
-    tensor) without gradients, and return every use of its parameters the run made."""
+    tensor) without gradients, and return every use of its parameters the run made; `ran`, if given, receives
+    the names (all of them, for a module registered twice) of every module whose forward ran."""
     recorder = _Recorder(model)
+    aliases: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        aliases.setdefault(id(module), []).append(name)
+
     def enter(module: nn.Module, args: Any) -> None:
         recorder.stack.append(module)
+        if ran is not None:
+            ran.update(aliases.get(id(module), ()))
 
     def leave(module: nn.Module, args: Any, output: Any) -> None:  # returns None: the output stays as it is
         recorder.stack.pop()
