@@ -104,7 +104,7 @@ def _adapt(cand: Candidate, decision: Decision) -> Decision:
     tied = f"tied to {', '.join(cand.tied)}: the same tensor, decided there for its own uses" if cand.tied else ""
     if config is None:
         also = "; ".join(filter(None, [tied, f"read by {_readers(cand)} too, float there as well"
-                                       if cand.readers else ""]))
+                                       if cand.readers and cand.kind == "layer" else ""]))
         return Decision(None, decision.rule, also) if also else decision
     notes = [tied] if tied else []
     if cand.idle:

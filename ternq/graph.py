@@ -467,6 +467,9 @@ def analyze(root: nn.Module, example_inputs: Any = None) -> Analysis:
     return analysis
 
 
+#: table lookups: opt-in like nn.Embedding (a lookup is no matmul with an activation)
+_LOOKUPS = ("embedding", "embedding_bag")
+
 _FUNCTIONAL_KINDS = {"linear": nn.Linear, "conv1d": nn.Conv1d, "conv2d": nn.Conv2d, "addmm": nn.Linear,
                      "matmul": nn.Linear}
 
@@ -513,12 +516,12 @@ def _sites_from_uses(analysis: Analysis, uses: list[Use], layers: dict[str, Cand
                 out[cand.owner_name].remove(cand)  # type: ignore[index]
             cand = Candidate(name=key, module=holder, layer_type=type(holder), type_name=type(holder).__name__,
                              path=use.source, kind="weight", key=key, op=use.op, param=attr,
-                             owner_name=holder_name, out_dim=use.out_dim, optional=use.op == "embedding")
+                             owner_name=holder_name, out_dim=use.out_dim, optional=use.op in _LOOKUPS)
             by_key[key] = cand
             out.setdefault(holder_name, []).append(cand)
         cand.readers.setdefault(use.reader, use.op)
         cand.experts = cand.experts or ((use.indexed or use.op in GROUPED_OPS) and weight.dim() >= 3)
-        cand.optional = cand.optional and use.op == "embedding"
+        cand.optional = cand.optional and use.op in _LOOKUPS
     for cand in by_key.values():
         if cand.kind == "weight":
             ops = sorted(set(cand.readers.values()))

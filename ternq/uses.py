@@ -231,6 +231,8 @@ def native_uses(reader: str, module: nn.Module) -> list[Use]:
                                                                        "v_proj_weight"]
         return [Use(reader, n, "multi_head_attention_forward", source="native")
                 for n in [*names, "out_proj.weight"] if _has_param(module, n)]
+    if isinstance(module, nn.EmbeddingBag):
+        return [Use(reader, "weight", "embedding_bag", source="native")]
     if isinstance(module, nn.Bilinear):
         return [Use(reader, "weight", "bilinear", source="native")]
     if isinstance(module, nn.TransformerEncoderLayer):  # the eval fast path reads these weights itself
