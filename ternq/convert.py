@@ -38,7 +38,7 @@ from .graph import Analysis, Candidate, analyze, walk_modules
 from .layers import is_quantized, layer_spec, to_float_module, to_quant_module
 from .runtime import is_packed
 from .selectors import Decision, decide
-from .sites import SITES, Site
+from .sites import SITES, Site, relative
 from .uses import FAST_PATHS
 
 __all__ = ["quantize", "dequantize", "plan"]
@@ -232,7 +232,7 @@ def _apply(model: M, analysis: Analysis, decisions: dict[str, Decision]) -> M:
                     undo.append(_restorer(parent, attr, parent._modules[attr]))
                     parent._modules[attr] = qmodule
             for reader in cand.readers:
-                reads.setdefault(reader, []).append(_relative(cand.key, reader))
+                reads.setdefault(reader, []).append(relative(cand.key, reader))
         for owner_name in {*functional, *weights, *reads}:
             current = owner_name
             owner = analysis.modules[owner_name]
@@ -256,10 +256,6 @@ def _apply(model: M, analysis: Analysis, decisions: dict[str, Decision]) -> M:
         raise ConversionError(f"quantize() failed{where}: {type(e).__name__}: {e}. The model was left unchanged") \
             from e
     return root  # type: ignore[return-value]
-
-
-def _relative(key: str, scope: str) -> str:
-    return key[len(scope) + 1:] if scope else key
 
 
 def site_record(cand: Candidate, decision: Decision) -> Site:

@@ -65,7 +65,8 @@ from .numpy_format import (
 from .packing import encoding_for, pack_codes
 from .quantizers import dequantize_weight, quantize_weight
 from .runtime import is_packed, packed_layer
-from .sites import SITES, Site, sites_of
+from .sites import SITES, Site, relative, sites_of
+from .sites import join as _join
 
 __all__ = ["PackedModel", "pack", "save_packed", "load_packed", "read_metadata"]
 
@@ -109,10 +110,6 @@ def _owned_keys(module: nn.Module, weight: str) -> list[str]:
     legacy = {weight + s for s in _LEGACY_SUFFIXES}
     return [k for k in module.state_dict(keep_vars=True)
             if k == weight or k in legacy or k.startswith(f"parametrizations.{weight}.")]
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
 
 
 def _aliases(model: nn.Module) -> dict[int, list[str]]:
@@ -731,7 +728,7 @@ def _load_layer(source: Source, manifest: Manifest, root: nn.Module, p: _Placeme
 
 def _install_readers(root: nn.Module, record: LayerRecord) -> None:
     for reader in record.readers:
-        install_reads(root.get_submodule(reader), [record.key[len(reader) + 1:] if reader else record.key])
+        install_reads(root.get_submodule(reader), [relative(record.key, reader)])
 
 
 # --- functional calls ------------------------------------------------------------------------------------------

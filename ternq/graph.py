@@ -43,6 +43,7 @@ from torch.nn.utils import parametrize
 
 from .errors import ConversionError
 from .layers import is_quantized, layer_spec
+from .sites import join as _join
 from .uses import GROUPED_OPS, Use, graph_uses, native_uses, record_uses
 
 __all__ = ["Candidate", "Analysis", "analyze", "walk_modules", "describe_type", "FUNCTIONAL_OPS"]
@@ -535,10 +536,6 @@ def _is_layer_weight(layer: nn.Module, spec: Any, attr: str) -> bool:
 
 def _inside_layer(name: str, layers: dict[str, Candidate]) -> bool:
     return any(name.startswith(n + ".") for n in layers if n)
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
 
 
 def _unknown_weights(analysis: Analysis) -> list[Candidate]:

@@ -20,6 +20,7 @@ from .errors import AlreadyQuantizedError
 from .graph import describe_type
 from .layers import is_quantized, layer_spec
 from .sites import Site, sites_of
+from .sites import join as _join
 
 __all__ = ["Report", "ReportRow", "report"]
 
@@ -198,10 +199,6 @@ def _live_sites(model: nn.Module) -> list[tuple[str, Site]]:
                                    "-", "-", "no quantize() record: converted layer by layer",
                                    out_dim=spec.weight_out_dim)))
     return sites
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix and name else (prefix or name)
 
 
 def report(model: nn.Module, include: Any = None, exclude: Any = None, config: QuantConfig | None = None, *,

@@ -12,7 +12,7 @@ from torch import nn
 
 from .config import QuantConfig
 
-__all__ = ["Site", "SITES", "sites_of"]
+__all__ = ["Site", "SITES", "sites_of", "join", "relative"]
 
 #: plain attribute of a converted module: its list of `Site`
 SITES = "_ternq_sites"
@@ -50,6 +50,16 @@ class Site:
     def decision(self) -> str:
         """"ternary", "int<k>", or "float"."""
         return "float" if self.config is None else self.config.name
+
+
+def join(prefix: str, name: str) -> str:
+    """The qualified name of `name` inside module `prefix` ("" is the model itself)."""
+    return f"{prefix}.{name}" if prefix and name else (prefix or name)
+
+
+def relative(key: str, scope: str) -> str:
+    """`key` (a qualified name under module `scope`) as seen from `scope`: the inverse of `join`."""
+    return key[len(scope) + 1:] if scope else key
 
 
 def sites_of(model: nn.Module) -> list[tuple[str, Site]]:

@@ -29,7 +29,8 @@ from torch import Tensor, fx, nn
 from torch.overrides import TorchFunctionMode
 
 from .functional import WEIGHT_POSITION
-from .sites import sites_of
+from .sites import join as _join
+from .sites import relative, sites_of
 
 __all__ = ["Use", "COMPUTE_OPS", "GROUPED_OPS", "FAST_PATHS", "graph_uses", "native_uses", "record_uses", "float_uses", "record_output_layers", "param_of",
            "compute_op",
@@ -148,37 +149,28 @@ def _out_dim(op: str, position: int, weight: Tensor) -> int:
 _TRANSPOSE_ATTRS = frozenset({"T", "mT", "H", "mH"})
 
 
-def _walk_to_param(node: fx.Node, params: dict[str, Tensor]) -> tuple[str, bool, bool] | None:
-    """Follow `node` back through view-like ops to a parameter: (its path, direct, indexed), or None."""
+def _walk(node: fx.Node) -> tuple[str, bool, bool] | None:
+    """Follow `node` back through view-like ops (``.T``, indexing, reshapes, scalar multiples) to a ``get_attr``:
+    (its path, whether no op was between, whether an index picked entries of dim 0), or None."""
     direct, indexed = True, False
     while True:
         if node.op == "get_attr":
-            return (str(node.target), direct, indexed) if str(node.target) in params else None
+            return str(node.target), direct, indexed
         if node.op == "call_function" and node.target is getattr and len(node.args) == 2 \
                 and node.args[1] in _TRANSPOSE_ATTRS and isinstance(node.args[0], fx.Node):  # self.weight.T
-            direct = False
             node = node.args[0]
-            continue
-        if _derives(node):
+        elif _derives(node):
             indexed = indexed or _selects(_name(node.target), node.args[1:2])
-            direct = False
             node = _derived_from(node)
-            continue
-        return None
+        else:
+            return None
+        direct = False
 
 
 def param_of(node: fx.Node) -> str | None:
     """The path of the parameter (or buffer) `node` reads, through view-like ops, or None."""
-    while True:
-        if node.op == "get_attr":
-            return str(node.target)
-        if node.op == "call_function" and node.target is getattr and len(node.args) == 2 \
-                and node.args[1] in _TRANSPOSE_ATTRS and isinstance(node.args[0], fx.Node):
-            node = node.args[0]
-        elif _derives(node):
-            node = _derived_from(node)
-        else:
-            return None
+    found = _walk(node)
+    return None if found is None else found[0]
 
 
 def _node_inputs(node: fx.Node) -> Iterator[tuple[int, fx.Node]]:
@@ -204,8 +196,8 @@ def graph_uses(reader: str, module: nn.Module, graph: fx.Graph) -> list[Use]:
         for position, arg in _node_inputs(node):
             if _ADDENDS.get(op) == position:
                 continue
-            found = _walk_to_param(arg, params)
-            if found is None:
+            found = _walk(arg)
+            if found is None or found[0] not in params:
                 continue
             path, direct, indexed = found
             weight = params[path]
@@ -266,8 +258,10 @@ class _Recorder(TorchFunctionMode):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
-        self.modules = dict(model.named_modules(remove_duplicate=False))
+        self.aliases: dict[int, list[str]] = {}  # id(module) -> its names (a module may be registered twice)
+        for n, m in model.named_modules(remove_duplicate=False):
+            self.aliases.setdefault(id(m), []).append(n)
+        self.names = {i: names[-1] for i, names in self.aliases.items()}
         self.params: dict[int, list[str]] = {}  # a tied parameter has several names
         for n, p in model.named_parameters(remove_duplicate=False):
             self.params.setdefault(id(p), []).append(n)
@@ -323,14 +317,11 @@ def record_uses(model: nn.Module, example_inputs: Any, ran: set[str] | None = No
     tensor) without gradients, and return every use of its parameters the run made; `ran`, if given, receives
     the names (all of them, for a module registered twice) of every module whose forward ran."""
     recorder = _Recorder(model)
-    aliases: dict[int, list[str]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        aliases.setdefault(id(module), []).append(name)
 
     def enter(module: nn.Module, args: Any) -> None:
         recorder.stack.append(module)
         if ran is not None:
-            ran.update(aliases.get(id(module), ()))
+            ran.update(recorder.aliases.get(id(module), ()))
 
     def leave(module: nn.Module, args: Any, output: Any) -> None:  # returns None: the output stays as it is
         recorder.stack.pop()
@@ -350,7 +341,7 @@ def record_uses(model: nn.Module, example_inputs: Any, ran: set[str] | None = No
         if weight.dim() < 2 and op != "embedding":
             continue
         reader_name = _holding_reader(recorder, reader, key)
-        rel = key[len(reader_name) + 1:] if reader_name else key
+        rel = relative(key, reader_name)
         use = Use(reader_name, rel, op, direct, indexed, _out_dim(op, position, t), "recorded")
         uses.setdefault((reader_name, rel, op), use)
     return list(uses.values())
@@ -363,10 +354,6 @@ def float_uses(model: nn.Module, example_inputs: Any) -> list[Use]:
     quantized = {_join(prefix, site.key) for prefix, site in sites_of(model) if site.config is not None}
     # a tied weight is judged under the name its reader uses: float under a kept-float module's name is no bypass
     return [u for u in record_uses(model, example_inputs) if _join(u.reader, u.param) in quantized]
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
 
 
 class _OutputTracer(TorchFunctionMode):
