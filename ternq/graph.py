@@ -493,7 +493,7 @@ def _sites_from_uses(analysis: Analysis, uses: list[Use], layers: dict[str, Cand
         holder = reader.get_submodule(holder_path)
         holder_name = analysis.names.get(id(holder))
         spec = layer_spec(holder)
-        if spec is not None and holder_name in layers and _is_layer_weight(holder, spec, attr):
+        if spec is not None and holder_name in layers and _is_layer_weight(spec, attr):
             if holder is not reader:  # another module reads the layer's weight itself
                 layers[holder_name].readers.setdefault(use.reader, use.op)
             continue
@@ -530,7 +530,8 @@ def _sites_from_uses(analysis: Analysis, uses: list[Use], layers: dict[str, Cand
     return out
 
 
-def _is_layer_weight(layer: nn.Module, spec: Any, attr: str) -> bool:
+def _is_layer_weight(spec: Any, attr: str) -> bool:
+    """Whether attribute `attr` of a layer holds its weight (plain, weight_norm's g / v, a parametrization)."""
     return attr == spec.weight_name or attr.startswith(spec.weight_name + "_") or attr.startswith("parametrizations.")
 
 
