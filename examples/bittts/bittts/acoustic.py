@@ -226,11 +226,7 @@ class AcousticModel(nn.Module):
         """
         h, mask = self.encode(phonemes, phoneme_lengths)
         text_mask = mask.squeeze(1).bool()
-        prior = None
-        if self.cfg.align_prior > 0:
-            prior = beta_binomial_log_prior(phoneme_lengths, mel_lengths, phonemes.shape[1], mel.shape[2],
-                                            self.cfg.align_prior).to(h.dtype)
-        log_p_attn = self.aligner(h, mel, text_mask, prior)
+        log_p_attn = self.align(h, text_mask, phoneme_lengths, mel, mel_lengths)
         with torch.no_grad():
             durations = maximum_path(log_p_attn, phoneme_lengths, mel_lengths).to(h.device)
         frame_mask = sequence_mask(mel_lengths, mel.shape[2]).to(pitch.dtype)
@@ -259,6 +255,16 @@ class AcousticModel(nn.Module):
             "loss_pitch": _masked_mse(pitch_pred, pitch_target, text_mask),
             "loss_energy": _masked_mse(energy_pred, energy_target, text_mask),
         }
+
+    def align(self, h: Tensor, text_mask: Tensor, phoneme_lengths: Tensor, mel: Tensor, mel_lengths: Tensor
+              ) -> Tensor:
+        """Soft alignment log-probabilities (B, T_mel, T_text) of encoder output `h` against the target mel, with
+        the beta-binomial diagonal prior when `cfg.align_prior` > 0."""
+        prior = None
+        if self.cfg.align_prior > 0:
+            prior = beta_binomial_log_prior(phoneme_lengths, mel_lengths, h.shape[2], mel.shape[2],
+                                            self.cfg.align_prior).to(h.dtype)
+        return self.aligner(h, mel, text_mask, prior)
 
     def predict_durations(self, h: Tensor, mask: Tensor, duration_scale: float = 1.0,
                           duration_mode: str = "mean") -> Tensor:

@@ -137,13 +137,14 @@ class LossConfig:
     `bin_loss_ramp` steps (as RAD-TTS / Badlani et al. enable it once the soft alignment has formed): from step 0
     it pulls the soft alignment onto MAS's early, arbitrary paths and the alignment collapses onto a few tokens.
 
-    Two knobs for short (CPU) budgets, both off in the paper recipe:
+    Three knobs for short (CPU) budgets, all off in the paper recipe:
     `adv_start`: optimizer steps of reconstruction-only training before the discriminators join (UnivNet and VITS
     style warm-up; the discriminators cost more than the generator on a CPU, and adversarial terms only refine
     audio that the mel loss has already made intelligible). `lambda_mel_aux`: weight of an L1 loss between the
     target log-mel and a training-only 1x1 projection of the decoder output (`BitTTS.mel_head`, dropped at
     export), which gives the acoustic model a direct per-frame target on every frame, not only through the
-    vocoder on a short segment.
+    vocoder on a short segment. `lambda_stft`: weight of Parallel WaveGAN's multi-resolution STFT loss on the
+    vocoder segment (`losses.stft_loss`), a cheap help against the buzz of a vocoder trained on mel L1 alone.
     """
 
     lambda_mel: float = 45.0
@@ -157,10 +158,11 @@ class LossConfig:
     bin_loss_ramp: int = 5000
     adv_start: int = 0
     lambda_mel_aux: float = 0.0
+    lambda_stft: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.adv_start < 0 or self.lambda_mel_aux < 0:
-            raise ValueError("loss.adv_start and loss.lambda_mel_aux must be >= 0")
+        if self.adv_start < 0 or self.lambda_mel_aux < 0 or self.lambda_stft < 0:
+            raise ValueError("loss.adv_start, loss.lambda_mel_aux and loss.lambda_stft must be >= 0")
 
 
 @dataclass
@@ -210,6 +212,8 @@ class TrainConfig:
         max_nonfinite: abort after this many consecutive steps with a non-finite loss or gradient.
         log_every, image_every, ckpt_every: in optimizer steps (0 = never, except the final checkpoint).
         steps: total optimizer steps (`--steps` overrides).
+        aligner_warmup: aligner-only steps before the first joint step of a run warm-started from a model
+            without an aligner (an export; see `bittts.warmstart`).
         threads: torch intra-op CPU threads during training (0 = torch's default). Small models are fastest on
             one thread, and multi-threaded tiny ops slow down many times over when other processes share the
             cores, so the `tiny` preset uses 1.
@@ -232,6 +236,7 @@ class TrainConfig:
     seed: int = 1234
     num_workers: int = 0
     threads: int = 0
+    aligner_warmup: int = 500
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "segment_frames", "grad_accum", "steps", "max_nonfinite"):

@@ -104,7 +104,8 @@ def export_model(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str]
         "bittts.audio": json.dumps({"sample_rate": audio.SAMPLE_RATE, "hop": audio.HOP, "n_mels": audio.N_MELS}),
         "bittts.training": json.dumps({"step": step, "checkpoint": os.path.basename(os.fspath(checkpoint)),
                                        "seconds": round(float(ckpt.get("state", {}).get("seconds", 0.0)), 1),
-                                       "recipe_changes": ckpt.get("recipe_changes", [])}),
+                                       "recipe_changes": ckpt.get("recipe_changes", []),
+                                       "init": ckpt.get("init")}),
     }
     packed = ternq.pack(model, metadata=metadata, allow_float=cfg.quant.scheme == "none")
     Path(out).parent.mkdir(parents=True, exist_ok=True)

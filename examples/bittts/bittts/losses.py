@@ -13,7 +13,7 @@ from torch import Tensor
 from . import audio
 from .config import LossConfig
 
-__all__ = ["mel_spectrogram", "mel_loss", "discriminator_loss", "generator_adversarial_loss",
+__all__ = ["mel_spectrogram", "mel_loss", "stft_loss", "STFT_RESOLUTIONS", "discriminator_loss", "generator_adversarial_loss",
            "feature_matching_loss", "generator_loss", "bin_loss_weight", "adversarial_active"]
 
 
@@ -25,6 +25,32 @@ def mel_spectrogram(wav: Tensor) -> Tensor:
 def mel_loss(wav_hat: Tensor, wav: Tensor) -> Tensor:
     """L1 between log-mel spectrograms of generated and real waveforms (HiFi-GAN's reconstruction loss)."""
     return F.l1_loss(mel_spectrogram(wav_hat), mel_spectrogram(wav))
+
+
+# (n_fft, hop, window) of Parallel WaveGAN's multi-resolution STFT loss (Yamamoto et al. 2020, table 1)
+STFT_RESOLUTIONS = ((1024, 120, 600), (2048, 240, 1200), (512, 50, 240))
+
+
+def stft_loss(wav_hat: Tensor, wav: Tensor, resolutions: tuple[tuple[int, int, int], ...] = STFT_RESOLUTIONS
+              ) -> Tensor:
+    """Multi-resolution STFT loss (Parallel WaveGAN): spectral convergence + L1 of log linear magnitudes, averaged
+    over three FFT sizes. Why: a mel L1 alone never sees the fine harmonic structure above the mel resolution nor
+    the frame-level smear of short windows, and a vocoder trained on it without discriminators buzzes; the linear
+    spectra at three time-frequency trade-offs give that structure a gradient at a fraction of a GAN's cost."""
+    x_hat, x = wav_hat.squeeze(1).to(wav.dtype), wav.squeeze(1)
+    total = x.new_zeros(())
+    for n_fft, hop, win in resolutions:
+        window = torch.hann_window(win, device=x.device, dtype=x.dtype)
+        m_hat, m = (_magnitude(torch.stft(signal, n_fft, hop, win, window, return_complex=True))
+                    for signal in (x_hat, x))
+        # per item, then the mean over items (the module docstring's batch/shard rule)
+        convergence = torch.linalg.norm(m - m_hat, dim=(1, 2)) / torch.linalg.norm(m, dim=(1, 2)).clamp_min(1e-7)
+        total = total + convergence.mean() + F.l1_loss(torch.log(m_hat), torch.log(m))
+    return total / len(resolutions)
+
+
+def _magnitude(spec: Tensor) -> Tensor:
+    return torch.sqrt((spec.real**2 + spec.imag**2).clamp_min(1e-7))  # |z| of 0 has no gradient
 
 
 def discriminator_loss(real_scores: list[Tensor], fake_scores: list[Tensor]) -> Tensor:
@@ -77,6 +103,7 @@ def generator_loss(out: dict[str, Tensor], fake_scores: list[Tensor] | None, rea
     zero = out["wav_hat"].new_zeros(())
     parts = {
         "mel": mel_loss(out["wav_hat"], out["wav"]),
+        "stft": stft_loss(out["wav_hat"], out["wav"]) if cfg.lambda_stft > 0 else zero,
         "adv": zero if fake_scores is None else generator_adversarial_loss(fake_scores),
         "fm": zero if fake_fmaps is None or real_fmaps is None else feature_matching_loss(real_fmaps, fake_fmaps),
         "dur": out["loss_dur"],
@@ -85,7 +112,7 @@ def generator_loss(out: dict[str, Tensor], fake_scores: list[Tensor] | None, rea
         "forward_sum": out["loss_forward_sum"],
         "bin": out["loss_bin"],
     }
-    total = (cfg.lambda_mel * parts["mel"] + cfg.lambda_adv * parts["adv"] + cfg.lambda_fm * parts["fm"]
+    total = (cfg.lambda_mel * parts["mel"] + cfg.lambda_stft * parts["stft"] + cfg.lambda_adv * parts["adv"] + cfg.lambda_fm * parts["fm"]
              + cfg.lambda_dur * parts["dur"] + cfg.lambda_pitch * parts["pitch"]
              + cfg.lambda_energy * parts["energy"]
              + cfg.lambda_align * parts["forward_sum"]

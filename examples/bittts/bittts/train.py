@@ -41,7 +41,7 @@ from .config import BitTTSConfig, config_from_dict, config_to_dict, save_config
 from .discriminators import Discriminators, split_halves
 from .extras import require
 from .losses import adversarial_active, discriminator_loss, generator_loss, mel_spectrogram
-from .model import CHECKPOINT_FORMAT, BitTTS, build_model, load_checkpoint, parameter_counts
+from .model import CHECKPOINT_FORMAT, BitTTS, apply_quantization, load_checkpoint, parameter_counts
 
 __all__ = ["train", "mel_figure", "NonFiniteLossError", "TrainState", "resolve_device", "CHECKPOINT_NAME"]
 
@@ -309,7 +309,7 @@ def _train_step(gen: nn.Module, disc: nn.Module, model: BitTTS, discriminators: 
 def train(cfg: BitTTSConfig, out_dir: str | os.PathLike, *, data_dir: str | os.PathLike | None = None,
           dataset: Dataset | None = None, collate_fn: Callable | None = None, steps: int | None = None,
           resume: bool = False, device: str = "auto", progress: bool = True,
-          log: Callable[[str], None] | None = None) -> dict[str, Any]:
+          log: Callable[[str], None] | None = None, init_from: str | os.PathLike | None = None) -> dict[str, Any]:
     """Train BitTTS; returns {"step", "skipped", "history" (logged values per log step), "params", ...}.
 
     Args:
@@ -322,6 +322,8 @@ def train(cfg: BitTTSConfig, out_dir: str | os.PathLike, *, data_dir: str | os.P
             RNG states); `cfg` must match the checkpoint's config except the `BOOKKEEPING` train fields and the
             `RECIPE_CHANGES` fields (changed from the checkpoint's step on, and recorded).
         device: "auto" (CUDA if available), "cpu" or "cuda".
+        init_from: start a new run from a float model's weights (an export or a checkpoint.pt; see
+            `bittts.warmstart`); ignored when resuming a checkpoint.
     """
     require("train", "training (TensorBoard logs, mel spectrogram images)")
     rank, world, local_rank = _dist_env()
@@ -336,7 +338,7 @@ def train(cfg: BitTTSConfig, out_dir: str | os.PathLike, *, data_dir: str | os.P
         torch.set_num_threads(cfg.train.threads)
     try:
         return _train(cfg, Path(out_dir), data_dir, dataset, collate_fn, steps, resume, dev, rank, world,
-                      progress, log)
+                      progress, log, init_from)
     finally:
         torch.set_num_threads(threads)
         if own_group:
@@ -345,7 +347,7 @@ def train(cfg: BitTTSConfig, out_dir: str | os.PathLike, *, data_dir: str | os.P
 
 def _train(cfg: BitTTSConfig, out_dir: Path, data_dir: Any, dataset: Dataset | None, collate_fn: Any,
            steps: int | None, resume: bool, dev: torch.device, rank: int, world: int, progress: bool,
-           log: Callable[[str], None] | None) -> dict[str, Any]:
+           log: Callable[[str], None] | None, init_from: Any = None) -> dict[str, Any]:
     from tqdm import tqdm
 
     is_main = rank == 0
@@ -399,8 +401,22 @@ def _train(cfg: BitTTSConfig, out_dir: Path, data_dir: Any, dataset: Dataset | N
     elif ckpt_path.exists():
         raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
 
+    init: dict[str, Any] | None = None
+    if ckpt is None and init_from is not None:
+        from .warmstart import load_init_weights, read_init_weights
+        init = read_init_weights(init_from)
+    elif init_from is not None:
+        say(f"--init-from {init_from} ignored: resuming the checkpoint in {out_dir}")
     _seed_all(cfg.train.seed)  # identical initial weights in every process
-    model = build_model(cfg).to(dev)
+    model = BitTTS(cfg)
+    rebuilt: list[str] = []
+    if init is not None:
+        rebuilt = load_init_weights(model, init, symbols)
+        symbols = symbols or init["symbols"]
+        parts = sorted({k.split(".parametrizations")[0].rsplit(".", 1)[0] for k in rebuilt})
+        say(f"initialized from {init['source']['file']} (step {init['source']['step']}); freshly initialized: "
+            f"{', '.join(parts) or 'nothing'}")
+    model = apply_quantization(model, cfg.quant).to(dev)
     discriminators = Discriminators(cfg.discriminator).to(dev)
     t = cfg.train
     opt_g = torch.optim.AdamW(model.parameters(), t.lr, betas=t.betas, eps=t.adam_eps, weight_decay=t.weight_decay)
@@ -409,6 +425,7 @@ def _train(cfg: BitTTSConfig, out_dir: Path, data_dir: Any, dataset: Dataset | N
     sched_g = torch.optim.lr_scheduler.ExponentialLR(opt_g, gamma=t.lr_decay)
     sched_d = torch.optim.lr_scheduler.ExponentialLR(opt_d, gamma=t.lr_decay)
     state = TrainState()
+    init_record = None if init is None else dict(init["source"])
     _seed_all(cfg.train.seed + rank)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -422,6 +439,7 @@ def _train(cfg: BitTTSConfig, out_dir: Path, data_dir: Any, dataset: Dataset | N
             raise ValueError(f"--resume: the corpus' symbol table differs from the one {ckpt_path} was trained "
                              "with; the phoneme ids would mean other phonemes. Use the original corpus")
         symbols = ckpt.get("symbols") or symbols
+        init_record = ckpt.get("init")
         rngs = ckpt["rng"]
         if len(rngs) == world:
             _set_rng_state(rngs[rank])
@@ -431,6 +449,13 @@ def _train(cfg: BitTTSConfig, out_dir: Path, data_dir: Any, dataset: Dataset | N
         say(f"resumed {ckpt_path} at step {state.step}")
         del ckpt
 
+    batches = iter(_Batches(dataset, collate_fn, t.batch_size, rank, world, t.seed, t.num_workers, state))
+    if init is not None and any(k.startswith("acoustic.aligner.") for k in rebuilt) and t.aligner_warmup:
+        # before DDP wraps the model: DDP then broadcasts rank 0's warmed-up aligner to every process
+        from .warmstart import warm_up_aligner
+        losses = warm_up_aligner(model, batches, t.aligner_warmup, cfg, dev, progress=is_main and progress)
+        init_record.update(aligner_warmup=t.aligner_warmup, aligner_loss=[round(losses[0], 4), round(losses[-1], 4)])
+        say(f"aligner warm-up: {t.aligner_warmup} steps, forward-sum loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     gen: nn.Module = model
     disc: nn.Module = discriminators
     if world > 1:
@@ -457,9 +482,9 @@ def _train(cfg: BitTTSConfig, out_dir: Path, data_dir: Any, dataset: Dataset | N
                 "discriminators": discriminators.state_dict(), "optim_g": opt_g.state_dict(),
                 "optim_d": opt_d.state_dict(), "sched_g": sched_g.state_dict(), "sched_d": sched_d.state_dict(),
                 "rng": rngs, "symbols": symbols, "world_size": world, "recipe_changes": recipe_changes,
+                "init": init_record,
             }, ckpt_path)
 
-    batches = iter(_Batches(dataset, collate_fn, t.batch_size, rank, world, t.seed, t.num_workers, state))
     history: list[dict[str, float]] = []
     consecutive = 0
     bar = tqdm(total=total_steps, initial=state.step, disable=not (is_main and progress), dynamic_ncols=True,

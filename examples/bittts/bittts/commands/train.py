@@ -24,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override a config value, e.g. --set train.batch_size=8 (repeatable)")
     parser.add_argument("--steps", type=int, help="total optimizer steps (default: the preset's train.steps)")
     parser.add_argument("--resume", action="store_true", help="continue RUN_DIR/checkpoint.pt exactly")
+    parser.add_argument("--init-from", metavar="MODEL", help="start a new run from a float model's weights: an "
+                        "exported model (.safetensors) or a float run's checkpoint.pt (QAT from fp32)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto = CUDA when available (default)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -52,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     if args.set:
         cfg = apply_overrides(cfg, args.set)
     result = train(cfg, args.out, data_dir=args.data, steps=args.steps, resume=args.resume, device=args.device,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, init_from=args.init_from)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     last = result["history"][-1] if result["history"] else {}
