@@ -13,6 +13,10 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, get_type_hints
 
+import tomli_w
+
+from ternq.config import QuantConfig
+
 from .atomic import atomic_write
 
 if sys.version_info >= (3, 11):
@@ -167,34 +171,44 @@ class LossConfig:
 
 @dataclass
 class QuantizationConfig:
-    """Which parts are quantized with ternq, and how.
+    """Which layers ternq quantizes (`scope`, `exclude`) and how (`config`: ternq's own config; None = float).
 
     Attributes:
-        scheme: "none" (float), "ternary" (1.58-bit BitNet absmean) or "kbit" (`bits`-bit symmetric).
         scope: "acoustic" (acoustic model only, the paper's 70 % setting) or "all" (acoustic model and vocoder,
             except the vocoder's output layer, the paper's 83 % setting). The training-only alignment module
             always stays float.
-        bits: weight bits for scheme "kbit".
-        granularity, input_norm, act_bits: passed to the ternq config; act_bits 0 = float activations,
-            input_norm "none" = no input normalization.
         exclude: extra ternq selectors (globs, "re:..." regexes) kept in float.
+        config: a `ternq.TernaryConfig` / `ternq.KBitConfig`, or None for a float model. In a config file it is
+            the table ``[quant.config]``: ternq's own record of a config (`QuantConfig.to_dict`, read back by
+            `QuantConfig.from_dict`), e.g. ``kind = "kbit"`` and ``bits = 4``; fields left out take ternq's
+            defaults, and the table replaces a base preset's whole. TOML has no null, so a field ternq sets to
+            None (``act_bits``, ``input_norm``) is written ``false``. An empty table is a float model.
+
+    Configs written before `[quant]` held ternq's config (``scheme``, ``bits``, ``granularity``, ``input_norm``,
+    ``act_bits`` keys) are read through `upgrade_quant`.
     """
 
-    scheme: str = "none"
     scope: str = "acoustic"
-    bits: int = 4
-    granularity: str = "tensor"
-    input_norm: str = "layernorm"
-    act_bits: int = 8
     exclude: tuple[str, ...] = ()
+    config: QuantConfig | None = None
 
     def __post_init__(self) -> None:
-        if self.scheme not in ("none", "ternary", "kbit"):
-            raise ValueError(f"quant.scheme={self.scheme!r}: expected 'none', 'ternary' or 'kbit'")
         if self.scope not in ("acoustic", "all"):
             raise ValueError(f"quant.scope={self.scope!r}: expected 'acoustic' or 'all'")
-        if self.input_norm not in ("layernorm", "rmsnorm", "none"):
-            raise ValueError(f"quant.input_norm={self.input_norm!r}: expected 'layernorm', 'rmsnorm' or 'none'")
+        if isinstance(self.config, dict):
+            fields = {k: None if v is False else v for k, v in self.config.items()}  # false: TOML's None
+            try:
+                self.config = QuantConfig.from_dict(fields) if fields else None
+            except ValueError as e:
+                raise ValueError(f"quant.config: {e}") from None
+        elif self.config is not None and not isinstance(self.config, QuantConfig):
+            raise ValueError(f"quant.config={self.config!r}: expected a table of ternq config fields "
+                             '(e.g. {kind = "ternary"}), or an empty table for a float model')
+
+    @property
+    def scheme(self) -> str:
+        """"none" (float) or the ternq config's kind ("ternary", "kbit"): the label logs and reports print."""
+        return "none" if self.config is None else self.config.kind
 
 
 @dataclass
@@ -297,26 +311,81 @@ def _section_from_dict(cls: type, data: dict[str, Any], section: str) -> Any:
     return cls(**{k: _coerce(v, hints[k], f"{section}.{k}") for k, v in data.items()})
 
 
+# [quant] keys of the schema before [quant] held ternq's config: bittts' own encoding of it
+_OLD_QUANT_KEYS = ("scheme", "bits", "granularity", "input_norm", "act_bits")
+
+
+def upgrade_quant(section: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """A [quant] section as bittts wrote it before it held ternq's config -> the current form.
+
+    The old schema (scheme "none" / "ternary" / "kbit", bits, granularity, input_norm "none" = off, act_bits
+    0 = off, next to scope and exclude) is in every training checkpoint, run config.toml and exported model
+    (the shipped ones included) made before the change, and in old `--set quant.KEY=...` overrides. Old keys a
+    section leaves out keep the meaning they had on top of `base` (the current-form section it overrides).
+    A section without old keys is returned as it is.
+    """
+    if not isinstance(section, dict) or not set(section) & set(_OLD_QUANT_KEYS):
+        return section
+    new = {k: v for k, v in section.items() if k not in _OLD_QUANT_KEYS}
+    config = dict(new.get("config", base.get("config", {})))
+    scheme = section.get("scheme", config.get("kind", "none"))
+    if scheme not in ("none", "ternary", "kbit"):
+        raise ValueError(f"quant.scheme={scheme!r}: expected 'none', 'ternary' or 'kbit'")
+    if scheme == "none":
+        return {**new, "config": {}}
+    config["kind"] = scheme
+    if scheme == "ternary":
+        config.pop("bits", None)  # the old schema kept bits for every scheme; ternary ignored it
+    elif "bits" in section:
+        config["bits"] = section["bits"]
+    if "granularity" in section:
+        config["granularity"] = section["granularity"]
+    if "input_norm" in section:
+        config["input_norm"] = None if section["input_norm"] == "none" else section["input_norm"]
+    if "act_bits" in section:
+        config["act_bits"] = section["act_bits"] or None
+    return {**new, "config": config}
+
+
 def config_from_dict(data: dict[str, Any], base: BitTTSConfig | None = None) -> BitTTSConfig:
     """Build a config from nested dicts (TOML / checkpoint form); keys not given keep `base`'s values."""
-    base = base or BitTTSConfig()
+    base_data = config_to_dict(base or BitTTSConfig())
     unknown = set(data) - set(_SECTIONS) - {"name"}
     if unknown:
         raise ValueError(f"unknown config section(s) {sorted(unknown)}; known: {sorted(_SECTIONS)} and 'name'")
-    out = {"name": str(data.get("name", base.name))}
+    out = {"name": str(data.get("name", base_data["name"]))}
     hints = get_type_hints(BitTTSConfig)
     for section in _SECTIONS:
-        merged = {**dataclasses.asdict(getattr(base, section)), **data.get(section, {})}
-        out[section] = _section_from_dict(hints[section], merged, section)
+        given = data.get(section, {})
+        if section == "quant":
+            given = upgrade_quant(given, base_data["quant"])
+        out[section] = _section_from_dict(hints[section], {**base_data[section], **given}, section)
     return BitTTSConfig(**out)
 
 
 def config_to_dict(cfg: BitTTSConfig) -> dict[str, Any]:
-    """Plain nested dict (tuples become lists), safe for torch.save / json / TOML."""
+    """Plain nested dict (tuples become lists, the ternq config its `to_dict()`, absent when None), safe for
+    torch.save and json; `dump_config` makes TOML of it."""
     def plain(v: Any) -> Any:
+        if isinstance(v, QuantConfig):
+            return v.to_dict()
         return [plain(x) for x in v] if isinstance(v, (list, tuple)) else v
-    return {"name": cfg.name, **{s: {k: plain(v) for k, v in dataclasses.asdict(getattr(cfg, s)).items()}
-                                 for s in _SECTIONS}}
+
+    def section(obj: Any) -> dict[str, Any]:
+        values = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+        return {k: plain(v) for k, v in values.items() if v is not None}
+    return {"name": cfg.name, **{s: section(getattr(cfg, s)) for s in _SECTIONS}}
+
+
+def config_diff(a: BitTTSConfig, b: BitTTSConfig, sections: tuple[str, ...] = tuple(_SECTIONS),
+                ignore: dict[str, tuple[str, ...]] | None = None) -> list[str]:
+    """"section.key: a's value vs b's value" for each value of `sections` that differs (keys in `ignore[section]`
+    left out): what an error about two configs that must match names."""
+    da, db = config_to_dict(a), config_to_dict(b)
+    ignore = ignore or {}
+    return [f"{section}.{k}: {da[section].get(k)!r} vs {db[section].get(k)!r}"
+            for section in sections for k in {**da[section], **db[section]}
+            if k not in ignore.get(section, ()) and da[section].get(k) != db[section].get(k)]
 
 
 def load_config(path: str | os.PathLike) -> BitTTSConfig:
@@ -349,7 +418,8 @@ def load_preset(name: str) -> BitTTSConfig:
 
 
 def apply_overrides(cfg: BitTTSConfig, overrides: list[str]) -> BitTTSConfig:
-    """Apply ``section.key=value`` strings (value in TOML syntax, e.g. ``train.batch_size=4``)."""
+    """Apply ``section.key=value`` strings (value in TOML syntax, e.g. ``train.batch_size=4``); a key may go
+    into a table, e.g. ``quant.config.granularity=channel``."""
     data = config_to_dict(cfg)
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -361,30 +431,23 @@ def apply_overrides(cfg: BitTTSConfig, overrides: list[str]) -> BitTTSConfig:
         try:
             value = tomllib.loads(f"v = {raw.strip()}")["v"]
         except tomllib.TOMLDecodeError:
-            value = raw.strip()  # bare strings need no quotes: quant.scheme=ternary
-        data[section][name] = value
+            value = raw.strip()  # bare strings need no quotes: quant.config.kind=ternary
+        *tables, leaf = name.split(".")
+        target = data[section]
+        for table in tables:
+            target = target.setdefault(table, {})
+            if not isinstance(target, dict):
+                raise ValueError(f"override {item!r}: {section}.{table} is not a table")
+        target[leaf] = value
     return config_from_dict(data)
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    raise TypeError(f"cannot write {v!r} as TOML")
 
 
 def dump_config(cfg: BitTTSConfig) -> str:
     """TOML text that `load_config` reads back to an equal config."""
     data = config_to_dict(cfg)
-    lines = [f"name = {_toml_value(data['name'])}"]
-    for section in _SECTIONS:
-        lines += ["", f"[{section}]"] + [f"{k} = {_toml_value(v)}" for k, v in data[section].items()]
-    return "\n".join(lines) + "\n"
+    if "config" in data["quant"]:  # TOML has no null: ternq's None fields are written false
+        data["quant"]["config"] = {k: False if v is None else v for k, v in data["quant"]["config"].items()}
+    return tomli_w.dumps(data)
 
 
 def save_config(cfg: BitTTSConfig, path: str | os.PathLike) -> None:

@@ -153,7 +153,7 @@ def evaluate_model(model: str | os.PathLike[str] | None, sentences: Sequence[str
     return {
         "model": {"path": os.fspath(synth.path), "preset": synth.cfg.name,
                   "quant": {"scheme": synth.cfg.quant.scheme, "scope": synth.cfg.quant.scope,
-                            "bits": synth.cfg.quant.bits},
+                            "bits": getattr(synth.cfg.quant.config, "bits", None)},
                   "training_step": synth.training.get("step"), **sizes},
         "sentences": len(utterances),
         "audio_seconds": sum(u["duration_s"] for u in utterances),

@@ -1,18 +1,19 @@
 """Exported BitTTS models: `export_model` writes one, `Synthesizer` loads one and speaks.
 
 An exported model is a ternq packed safetensors file (`ternq.save_packed`) of the inference model: BitTTS
-without discriminators and aligner, weight norm folded (`BitTTS.strip_for_inference`). The file describes
+without discriminators and aligner, weight norm folded (`BitTTS.for_inference`). The file describes
 itself through ternq user metadata (`ternq.read_metadata`), so nothing but the file is needed to synthesize:
 
     bittts.format      "bittts-model"
-    bittts.version     "1"
+    bittts.version     "2" (version 1 files, such as the shipped models, hold the [quant] schema from before it
+                       held ternq's config; they load through `bittts.config.upgrade_quant`)
     bittts.config      the BitTTSConfig as JSON (`config_to_dict`): rebuilds the float skeleton
     bittts.symbols     the symbol table as a JSON list (phoneme string -> ids)
     bittts.phonemizer  JSON: {"backend": "espeak-ng", "voice": ..., "normalizer": "bittts.text.normalize"}
     bittts.audio       JSON: {"sample_rate": 16000, "hop": 256, "n_mels": 80}
     bittts.training    JSON: {"step", "checkpoint", "seconds" (training wall time), "recipe_changes"} (informative)
 
-A float preset (quant.scheme "none") exports a file without packed layers (`allow_float=True`).
+A float preset (no `[quant.config]`) exports a file without packed layers (`allow_float=True`).
 """
 from __future__ import annotations
 
@@ -30,14 +31,16 @@ import torch
 from torch import Tensor
 
 from . import audio, text
+from .checkpoints import CHECKPOINT_NAME, load_checkpoint, model_from_checkpoint
 from .config import BitTTSConfig, config_from_dict, config_to_dict
-from .model import BitTTS, load_checkpoint, model_from_checkpoint
+from .model import BitTTS
 
 __all__ = ["MODEL_FORMAT", "MODEL_VERSION", "DEFAULT_MODEL", "FP32_MODEL", "export_model", "find_checkpoint",
            "shipped_model", "default_model", "read_model_metadata", "Synthesizer", "Synthesis"]
 
 MODEL_FORMAT = "bittts-model"
-MODEL_VERSION = 1
+MODEL_VERSION = 2  # 2: [quant] holds ternq's config (`QuantizationConfig`)
+READ_VERSIONS = ("1", "2")
 PHONEMIZER_VOICE = "en-us"  # bittts.text.Phonemizer's default, the voice every corpus is prepared with
 # the models shipped with the package (package data): the 1.58-bit one is used when a command gets no --model
 DEFAULT_MODEL = "pretrained/bittts-ternary.safetensors"
@@ -49,7 +52,7 @@ FP32_MODEL = "pretrained/bittts-fp32.safetensors"
 
 def find_checkpoint(run_dir: str | os.PathLike[str], checkpoint: str | os.PathLike[str] | None = None) -> Path:
     """The checkpoint to export: `checkpoint` (a path, or a file name inside `run_dir`), else the latest in
-    `run_dir`: ``checkpoint.pt`` (what `bittts train` writes and keeps current), or failing that the most
+    `run_dir`: `CHECKPOINT_NAME` (what `bittts train` writes and keeps current), or failing that the most
     recently modified ``*.pt``."""
     run = Path(run_dir)
     if checkpoint is not None:
@@ -60,8 +63,8 @@ def find_checkpoint(run_dir: str | os.PathLike[str], checkpoint: str | os.PathLi
     if not run.is_dir():
         raise FileNotFoundError(f"run directory {run} does not exist; train one with "
                                 f"`bittts train --data DATA_DIR --out {run}`")
-    if (run / "checkpoint.pt").is_file():
-        return run / "checkpoint.pt"
+    if (run / CHECKPOINT_NAME).is_file():
+        return run / CHECKPOINT_NAME
     found = sorted(run.glob("*.pt"), key=lambda p: p.stat().st_mtime)
     if not found:
         raise FileNotFoundError(f"no checkpoint (*.pt) in {run}; train one with "
@@ -92,7 +95,7 @@ def export_model(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str]
     ckpt = load_checkpoint(checkpoint, map_location="cpu")
     cfg = config_from_dict(ckpt["config"])
     symbols = _symbols_of(ckpt, cfg)
-    model = model_from_checkpoint(ckpt).strip_for_inference()
+    model = model_from_checkpoint(ckpt, inference=True)
     step = int(ckpt.get("state", {}).get("step", 0))
     metadata = {
         "bittts.format": MODEL_FORMAT,
@@ -107,7 +110,7 @@ def export_model(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str]
                                        "recipe_changes": ckpt.get("recipe_changes", []),
                                        "init": ckpt.get("init")}),
     }
-    packed = ternq.pack(model, metadata=metadata, allow_float=cfg.quant.scheme == "none")
+    packed = ternq.pack(model, metadata=metadata, allow_float=cfg.quant.config is None)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     packed.save(out)
     return {"path": os.fspath(out), "bytes": os.path.getsize(out), "packed_layers": len(packed.manifest["layers"]),
@@ -147,9 +150,9 @@ def read_model_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     if meta.get("bittts.format") != MODEL_FORMAT:
         raise ValueError(f"{os.fspath(path)} is not a BitTTS model (no bittts.format={MODEL_FORMAT!r} metadata); "
                          "export one with `bittts export RUN_DIR -o MODEL.safetensors`")
-    if meta.get("bittts.version") != str(MODEL_VERSION):
+    if meta.get("bittts.version") not in READ_VERSIONS:
         raise ValueError(f"{os.fspath(path)}: BitTTS model version {meta.get('bittts.version')!r}; this bittts reads "
-                         f"version {MODEL_VERSION}: upgrade bittts")
+                         f"versions {' and '.join(READ_VERSIONS)}: upgrade bittts")
     try:
         info = {"config": config_from_dict(json.loads(meta["bittts.config"])),
                 "symbols": json.loads(meta["bittts.symbols"]),
@@ -271,14 +274,8 @@ class Synthesizer:
         self.phonemizer = text.Phonemizer(voice=voice)
         self._ids = {s: i for i, s in enumerate(self.symbols)}
         self._unk = self._ids.get(text.UNK)
-        # the float skeleton of the export form: plain convs (weight norm folded), no aligner, no mel head
-        cfg = dataclasses.replace(self.cfg, vocoder=dataclasses.replace(self.cfg.vocoder, weight_norm=False))
-        with torch.device("meta"):
-            skeleton = BitTTS(cfg)
-        skeleton.acoustic.aligner = None
-        skeleton.mel_head = None
+        skeleton = BitTTS.for_inference(self.cfg, quantize=False, device="meta")
         self.model: BitTTS = ternq.load_packed(self.path, skeleton).eval()
-        self.model.cfg = self.cfg
 
     def phonemes_to_ids(self, phonemes: str) -> list[int]:
         """One id per character with the model's own symbol table; unknown characters become <unk> (or are

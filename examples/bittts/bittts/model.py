@@ -8,30 +8,28 @@
   the whole utterance through the vocoder.
 
 The GAN discriminators are a separate object (`bittts.discriminators.Discriminators`), so exporting BitTTS never
-includes them. `build_model(cfg)` builds the model and applies `cfg.quant` through `apply_quantization`, the one
-place that talks to ternq.
+includes them. `build_model(cfg)` builds the model to train and applies `cfg.quant` (`bittts.quantization`);
+`BitTTS.for_inference(cfg)` builds the form that is exported and loaded for synthesis. Checkpoint files are
+`bittts.checkpoints`' business.
 """
 from __future__ import annotations
 
-import os
+import contextlib
+import dataclasses
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .acoustic import AcousticModel, sequence_mask
-from .config import BitTTSConfig, QuantizationConfig, config_from_dict
+from .config import BitTTSConfig
+from .quantization import apply_quantization
 from .vocoder import HiFiGANGenerator, remove_weight_norm
 
-__all__ = ["BitTTS", "build_model", "apply_quantization", "parameter_counts", "load_checkpoint",
-           "model_from_checkpoint", "ALWAYS_FLOAT", "CHECKPOINT_FORMAT"]
+__all__ = ["BitTTS", "build_model", "parameter_counts", "TRAINING_ONLY"]
 
-CHECKPOINT_FORMAT = "bittts-checkpoint"
-
-# Never quantized: the alignment module is training-only (not used by `infer`, dropped by
-# `strip_for_inference`), and the pitch/energy embeddings are 1-input-channel convs, whose input a ternq
-# input norm (normalizing over channels) would turn into zeros.
-ALWAYS_FLOAT = ("acoustic.aligner.*", "acoustic.pitch_embed", "acoustic.energy_embed")
+# state_dict prefixes of the training-only parts, which the export form does not have
+TRAINING_ONLY = ("acoustic.aligner.", "mel_head.")
 
 
 class BitTTS(nn.Module):
@@ -121,13 +119,25 @@ class BitTTS(nn.Module):
         """Fold weight normalization into plain weights everywhere (outputs unchanged). Returns layers folded."""
         return remove_weight_norm(self)
 
-    def strip_for_inference(self) -> BitTTS:
-        """Make the export form: fold weight norm and drop the training-only alignment module and mel head.
-        After this, `infer` works and `forward` (training) does not."""
-        self.remove_weight_norm()
-        self.acoustic.aligner = None
-        self.mel_head = None
-        return self
+    @classmethod
+    def for_inference(cls, cfg: BitTTSConfig, *, quantize: bool = True,
+                      device: torch.device | str | None = None) -> BitTTS:
+        """The export form of `cfg`'s model: plain convs (weight norm absent: folding it gives the same
+        tensors), no aligner, no mel head; `infer` works, `forward` (training) does not. The one definition of
+        what `bittts export` writes, `Synthesizer` loads and `bittts.sizes` measures.
+
+        quantize: apply `cfg.quant` (as trained). False gives the float skeleton that `ternq.load_packed`
+            turns into the packed model; on device "meta" it allocates no weights.
+        """
+        plain = dataclasses.replace(cfg, vocoder=dataclasses.replace(cfg.vocoder, weight_norm=False))
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            model = cls(plain)
+        if quantize:  # before the aligner goes: `ALWAYS_FLOAT` names it
+            apply_quantization(model, cfg.quant)
+        model.acoustic.aligner = None
+        model.mel_head = None
+        model.cfg = cfg
+        return model
 
 
 def random_segment_starts(lengths: Tensor, segment: int) -> Tensor:
@@ -144,31 +154,9 @@ def slice_segments(x: Tensor, starts: Tensor, length: int) -> Tensor:
     return torch.gather(x, 2, idx.unsqueeze(1).expand(-1, x.shape[1], -1))
 
 
-def apply_quantization(model: BitTTS, qcfg: QuantizationConfig) -> BitTTS:
-    """Apply a quantization preset with ternq (in place; returns the model).
-
-    scope "acoustic": every Linear/Conv of `model.acoustic`; scope "all": also `model.vocoder` except the layers
-    feeding its output directly (ternq's graph-position selector `output_layers("vocoder")`: HiFi-GAN's
-    conv_post). `ALWAYS_FLOAT` and `qcfg.exclude` stay float.
-    """
-    if qcfg.scheme == "none":
-        return model
-    import ternq
-
-    common = {"granularity": qcfg.granularity, "act_bits": qcfg.act_bits or None,
-              "input_norm": None if qcfg.input_norm == "none" else qcfg.input_norm}
-    config = (ternq.TernaryConfig(**common) if qcfg.scheme == "ternary"
-              else ternq.KBitConfig(bits=qcfg.bits, **common))
-    include: list[Any] = ["acoustic.*"]
-    exclude: list[Any] = [*ALWAYS_FLOAT, *qcfg.exclude]
-    if qcfg.scope == "all":
-        include.append("vocoder.*")
-        exclude.append(ternq.output_layers("vocoder"))
-    return ternq.quantize(model, include=include, exclude=exclude, config=config)
-
-
 def build_model(cfg: BitTTSConfig) -> BitTTS:
-    """Construct BitTTS for `cfg` and apply `cfg.quant`. Deterministic given torch's RNG state."""
+    """BitTTS to train (or resume) for `cfg`, quantized as `cfg.quant` says. Deterministic given torch's RNG
+    state."""
     return apply_quantization(BitTTS(cfg), cfg.quant)
 
 
@@ -190,29 +178,3 @@ def parameter_counts(model: BitTTS, discriminators: nn.Module | None = None) -> 
     if discriminators is not None:
         counts["discriminators"] = count(discriminators)
     return counts
-
-
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a training checkpoint (`RUN_DIR/checkpoint.pt`) and check its format."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path}; train one with `bittts train --out RUN_DIR`")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except OSError:
-        raise
-    except Exception as e:  # torch.load of foreign bytes fails with UnpicklingError, IndexError, KeyError, ...
-        raise ValueError(f"{path} is not a BitTTS training checkpoint (torch.load cannot read it: "
-                         f"{type(e).__name__}); give a checkpoint.pt that `bittts train` wrote") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a BitTTS training checkpoint (format {CHECKPOINT_FORMAT!r})")
-    return ckpt
-
-
-def model_from_checkpoint(ckpt: str | os.PathLike | dict[str, Any], map_location: str | torch.device = "cpu"
-                          ) -> BitTTS:
-    """Rebuild the (quantized, weight-normed) model of a checkpoint and load its weights; in eval mode."""
-    if not isinstance(ckpt, dict):
-        ckpt = load_checkpoint(ckpt, map_location)
-    model = build_model(config_from_dict(ckpt["config"]))
-    model.load_state_dict(ckpt["model"])
-    return model.to(map_location).eval()

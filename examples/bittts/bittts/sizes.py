@@ -1,8 +1,8 @@
 """The paper's size comparison, measured: fp32 / 4-bit / 1.58-bit x {acoustic only, all} x {without, with
 weight indexing} for one architecture.
 
-Every row is a real packed file: the architecture is built, quantized the way the matching preset does it
-(`bittts.model.apply_quantization`), stripped for inference (weight norm folded, no aligner) and packed with
+Every row is a real packed file: the architecture is built in its export form, quantized the way the matching
+preset does it (`BitTTS.for_inference`: no weight norm, no aligner; `bittts.quantization`) and packed with
 `ternq.pack`; the row's size is the length of that file's bytes (header included, user metadata excluded).
 
 "With weight indexing" is the file as ternq writes it: 5 ternary weights per byte (the paper's weight
@@ -12,28 +12,27 @@ bytes plus one byte per packed weight; scales and float tensors are unchanged). 
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from .config import BitTTSConfig
-from .model import BitTTS, apply_quantization
+from .config import BitTTSConfig, QuantizationConfig
+from .model import BitTTS
 
 __all__ = ["SizeRow", "size_table", "format_size_table", "part_bytes", "PARTS", "PRECISIONS"]
 
 PARTS = ("acoustic", "vocoder")
 PRECISIONS = ("fp32", "4-bit", "1.58-bit")
 
-# (label, quant.scheme, quant.scope, quant.bits)
+# (label, ternq config kind and bits (None: float), quant.scope)
 _VARIANTS = (
-    ("fp32", "none", "acoustic", 4),
-    ("4-bit", "kbit", "acoustic", 4),
-    ("4-bit", "kbit", "all", 4),
-    ("1.58-bit", "ternary", "acoustic", 4),
-    ("1.58-bit", "ternary", "all", 4),
+    ("fp32", None, "acoustic"),
+    ("4-bit", {"kind": "kbit", "bits": 4}, "acoustic"),
+    ("4-bit", {"kind": "kbit", "bits": 4}, "all"),
+    ("1.58-bit", {"kind": "ternary"}, "acoustic"),
+    ("1.58-bit", {"kind": "ternary"}, "all"),
 )
 
 
@@ -66,18 +65,18 @@ def part_bytes(tensors: dict[str, int]) -> dict[str, int]:
     return out
 
 
-def _packed(cfg: BitTTSConfig, scheme: str, scope: str, bits: int) -> tuple[int, dict[str, int], dict[str, int]]:
+def _packed(cfg: BitTTSConfig, kind: dict[str, Any] | None, scope: str
+            ) -> tuple[int, dict[str, int], dict[str, int]]:
     """(file bytes, tensor bytes per part, bytes one int8 per code would add per part) of `cfg`'s architecture
-    quantized like a preset with `scheme`, `scope` and `bits`."""
+    quantized like a preset with ternq config `kind` (`cfg.quant.config` lends the other fields) and `scope`."""
     import ternq
 
-    cfg = copy.deepcopy(cfg)
-    cfg.quant = dataclasses.replace(cfg.quant, scheme=scheme, scope=scope, bits=bits)
-    # built without weight norm: the same tensors as folding it (`strip_for_inference`), without the work
-    cfg.vocoder = dataclasses.replace(cfg.vocoder, weight_norm=False)
+    shared = {k: v for k, v in (cfg.quant.config.to_dict() if cfg.quant.config else {}).items()
+              if k not in ("kind", "bits")}
+    quant = QuantizationConfig(scope, cfg.quant.exclude, None if kind is None else {**shared, **kind})
     torch.manual_seed(0)  # sizes do not depend on the values; fixed anyway so reruns pack identical files
-    model = apply_quantization(BitTTS(cfg), cfg.quant).eval().strip_for_inference()
-    packed = ternq.pack(model, allow_float=scheme == "none")
+    model = BitTTS.for_inference(dataclasses.replace(cfg, quant=quant)).eval()
+    packed = ternq.pack(model, allow_float=kind is None)
     parts = part_bytes({k: t.numel() * t.element_size() for k, t in packed.tensors.items()})
     unindexed_extra = part_bytes({layer["codes"]: layer["count"] - packed.tensors[layer["codes"]].numel()
                                   for layer in packed.manifest["layers"].values()})
@@ -85,7 +84,8 @@ def _packed(cfg: BitTTSConfig, scheme: str, scope: str, bits: int) -> tuple[int,
 
 
 def size_table(cfg: BitTTSConfig, precisions: Sequence[str] = PRECISIONS) -> list[SizeRow]:
-    """The size table for `cfg`'s architecture (its quant section only lends granularity, act_bits, ...).
+    """The size table for `cfg`'s architecture (its quant section only lends exclude and the ternq config's
+    granularity, act_bits, ...).
 
     Rows: fp32, then 4-bit and 1.58-bit (those of `precisions`), each for scope acoustic and all, without and
     with weight indexing. fp32 is always measured: it is what the reductions are relative to.
@@ -97,11 +97,11 @@ def size_table(cfg: BitTTSConfig, precisions: Sequence[str] = PRECISIONS) -> lis
         raise ValueError(f"size_table(): unknown precision(s) {sorted(unknown)}; choose from {PRECISIONS}")
     rows: list[SizeRow] = []
     fp32 = 0
-    for label, scheme, scope, bits in _VARIANTS:
-        if label not in precisions and scheme != "none":
+    for label, kind, scope in _VARIANTS:
+        if label not in precisions and kind is not None:
             continue
-        size, parts, extra = _packed(cfg, scheme, scope, bits)
-        if scheme == "none":
+        size, parts, extra = _packed(cfg, kind, scope)
+        if kind is None:
             fp32 = size
             rows.append(SizeRow(label, None, None, size, parts, 0.0))
             continue

@@ -10,6 +10,10 @@ updated from the same discriminator state (simultaneous updates), which is what 
 exact: every micro-batch sees the same networks. During a reconstruction-only warm-up (`step < loss.adv_start`)
 the discriminators are not run at all: no D loss, no adversarial or feature-matching term.
 
+`train` is `_set_up` (build a new run or restore a checkpointed one: config, data, model, warm start,
+discriminators, optimizers, RNG states, aligner warm-up, DDP) followed by `_loop` (the steps, logging and
+checkpoints).
+
 Runs on one process or under `torchrun` (DistributedDataParallel; gloo on CPU, nccl on CUDA; batch_size is per
 process). Rank 0 writes `RUN_DIR/checkpoint.pt` (atomically), `config.toml`, `metrics.jsonl`, TensorBoard logs in
 `RUN_DIR/tb/` and mel images in `RUN_DIR/images/`.
@@ -37,15 +41,16 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
 
 from .atomic import atomic_torch_save, atomic_write
-from .config import BitTTSConfig, config_from_dict, config_to_dict, save_config
+from .checkpoints import CHECKPOINT_FORMAT, CHECKPOINT_NAME, load_checkpoint
+from .config import BitTTSConfig, config_diff, config_from_dict, config_to_dict, save_config
 from .discriminators import Discriminators, split_halves
 from .extras import require
 from .losses import adversarial_active, discriminator_loss, generator_loss, mel_spectrogram
-from .model import CHECKPOINT_FORMAT, BitTTS, apply_quantization, load_checkpoint, parameter_counts
+from .model import BitTTS, parameter_counts
+from .quantization import apply_quantization
 
-__all__ = ["train", "mel_figure", "NonFiniteLossError", "TrainState", "resolve_device", "CHECKPOINT_NAME"]
+__all__ = ["train", "mel_figure", "NonFiniteLossError", "TrainState", "resolve_device", "truncate_metrics"]
 
-CHECKPOINT_NAME = "checkpoint.pt"
 # train.* fields a resumed run may change: they decide what is logged and when, and how fast, not what is computed
 BOOKKEEPING = ("steps", "log_every", "image_every", "ckpt_every", "num_workers", "max_nonfinite", "threads")
 # config fields a resumed run may change on purpose, as a recorded recipe change: regularization that changes no
@@ -224,11 +229,7 @@ def _snapshot(model: BitTTS, batch: dict[str, Any], out: dict[str, Any], path: P
     ], path)
 
 
-# ---------------------------------------------------------------------------------------------- the step
-
-
-def _no_sync(module: nn.Module, skip: bool) -> contextlib.AbstractContextManager:
-    return module.no_sync() if skip and isinstance(module, DDP) else contextlib.nullcontext()
+# ------------------------------------------------------------------------------------------------ metrics
 
 
 def truncate_metrics(path: Path, step: int) -> None:
@@ -251,59 +252,7 @@ def truncate_metrics(path: Path, step: int) -> None:
     atomic_write(path, b"".join(kept))
 
 
-def _train_step(gen: nn.Module, disc: nn.Module, model: BitTTS, discriminators: Discriminators,
-                opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer, batches: Iterator[dict[str, Any]],
-                cfg: BitTTSConfig, device: torch.device, world: int, step: int
-                ) -> tuple[bool, dict[str, float], Any, Any]:
-    """One optimizer step (number `step`, counting from 0) over grad_accum micro-batches.
-    Returns (finite, logged values, last batch, last out)."""
-    accum = cfg.train.grad_accum
-    adversarial = adversarial_active(cfg.loss, step)
-    opt_g.zero_grad(set_to_none=True)
-    opt_d.zero_grad(set_to_none=True)
-    g_params = [p for p in model.parameters() if p.requires_grad]
-    logs: dict[str, float] = defaultdict(float)
-    finite = True
-    batch = out = None
-    for i in range(accum):
-        batch = _to_device(next(batches), device)
-        last = i == accum - 1
-        with _no_sync(gen, not last), _no_sync(disc, not last):
-            out = gen(batch)
-            real, fake = out["wav"], out["wav_hat"]
-            if adversarial:
-                # discriminator: one call on [real; fake] (a single DDP forward), generator output detached
-                (real_scores, _), (fake_scores, _) = split_halves(disc(torch.cat([real, fake.detach()])),
-                                                                  real.shape[0])
-                loss_d = discriminator_loss(real_scores, fake_scores)
-                (loss_d / accum).backward()
-                # generator: through the raw discriminators, gradients only into the generator's parameters
-                with torch.no_grad():
-                    _, real_fmaps = discriminators(real)
-                fake_scores, fake_fmaps = discriminators(fake)
-            else:  # reconstruction-only warm-up: the discriminators are not run at all
-                loss_d = real.new_zeros(())
-                fake_scores = real_fmaps = fake_fmaps = None
-            loss_g, parts = generator_loss(out, fake_scores, real_fmaps, fake_fmaps, cfg.loss, step)
-            torch.autograd.backward(loss_g / accum, inputs=g_params)
-        finite = finite and bool(torch.isfinite(loss_g)) and bool(torch.isfinite(loss_d))
-        logs["loss_g"] += float(loss_g.detach()) / accum
-        logs["loss_d"] += float(loss_d.detach()) / accum
-        for k, v in parts.items():
-            logs[k] += v / accum
-    clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
-    gn_d = torch.nn.utils.clip_grad_norm_(discriminators.parameters(), clip)
-    gn_g = torch.nn.utils.clip_grad_norm_(g_params, clip)
-    logs["grad_norm_g"], logs["grad_norm_d"] = float(gn_g), float(gn_d)
-    finite = finite and math.isfinite(logs["grad_norm_g"]) and math.isfinite(logs["grad_norm_d"])
-    if world > 1:  # every process must take the same decision
-        flag = torch.tensor([1.0 if finite else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        finite = bool(flag.item() == 1.0)
-    return finite, dict(logs), batch, out
-
-
-# ---------------------------------------------------------------------------------------------- the loop
+# ----------------------------------------------------------------------------------------------- the run
 
 
 def train(cfg: BitTTSConfig, out_dir: str | os.PathLike, *, data_dir: str | os.PathLike | None = None,
@@ -322,10 +271,13 @@ def train(cfg: BitTTSConfig, out_dir: str | os.PathLike, *, data_dir: str | os.P
             RNG states); `cfg` must match the checkpoint's config except the `BOOKKEEPING` train fields and the
             `RECIPE_CHANGES` fields (changed from the checkpoint's step on, and recorded).
         device: "auto" (CUDA if available), "cpu" or "cuda".
+        log: where messages go (default: above the progress bar).
         init_from: start a new run from a float model's weights (an export or a checkpoint.pt; see
             `bittts.warmstart`); ignored when resuming a checkpoint.
     """
     require("train", "training (TensorBoard logs, mel spectrogram images)")
+    from tqdm import tqdm
+
     rank, world, local_rank = _dist_env()
     own_group = world > 1 and not dist.is_initialized()
     dev = resolve_device(device, local_rank)
@@ -337,24 +289,124 @@ def train(cfg: BitTTSConfig, out_dir: str | os.PathLike, *, data_dir: str | os.P
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     try:
-        return _train(cfg, Path(out_dir), data_dir, dataset, collate_fn, steps, resume, dev, rank, world,
-                      progress, log, init_from)
+        proc = _Process(rank, world, dev, (log or tqdm.write) if rank == 0 else (lambda msg: None), progress)
+        run, batches = _set_up(cfg, Path(out_dir), proc, data_dir=data_dir, dataset=dataset, collate_fn=collate_fn,
+                               steps=steps, resume=resume, init_from=init_from)
+        return _loop(run, batches, Path(out_dir), proc)
     finally:
         torch.set_num_threads(threads)
         if own_group:
             dist.destroy_process_group()
 
 
-def _train(cfg: BitTTSConfig, out_dir: Path, data_dir: Any, dataset: Dataset | None, collate_fn: Any,
-           steps: int | None, resume: bool, dev: torch.device, rank: int, world: int, progress: bool,
-           log: Callable[[str], None] | None, init_from: Any = None) -> dict[str, Any]:
-    from tqdm import tqdm
+@dataclasses.dataclass
+class _Process:
+    """This process's place in the run: rank and world size (torchrun), device, and how it reports."""
 
-    is_main = rank == 0
-    say = log or (lambda msg: tqdm.write(msg))
-    if not is_main:
-        say = lambda msg: None  # noqa: E731
+    rank: int
+    world: int
+    device: torch.device
+    say: Callable[[str], None]  # a message for the user; silent on every rank but 0
+    progress: bool  # progress bars (rank 0 only)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclasses.dataclass
+class _Run:
+    """What `_set_up` builds or restores and `_loop` trains: the networks, their optimizers and schedulers, where
+    training is, and what else a checkpoint records."""
+
+    cfg: BitTTSConfig
+    model: BitTTS
+    discriminators: Discriminators
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    sched_g: torch.optim.lr_scheduler.LRScheduler
+    sched_d: torch.optim.lr_scheduler.LRScheduler
+    state: TrainState
+    symbols: list[str] | None
+    recipe_changes: list[dict[str, Any]]
+    init: dict[str, Any] | None  # the warm start's source, or None (the checkpoint's "init" record)
+    gen: nn.Module | None = None  # model and discriminators as the step calls them: DDP wrappers under torchrun
+    disc: nn.Module | None = None
+
+
+# ---------------------------------------------------------------------------------------------- set-up
+
+
+def _set_up(cfg: BitTTSConfig, out_dir: Path, proc: _Process, *, data_dir: str | os.PathLike | None,
+            dataset: Dataset | None, collate_fn: Callable | None, steps: int | None, resume: bool,
+            init_from: str | os.PathLike | None) -> tuple[_Run, Iterator[dict[str, Any]]]:
+    """Build a new run or restore the checkpointed one: config, data, model (warm-started from `init_from`, then
+    quantized) and discriminators, optimizers, RNG states; then a warm start's aligner warm-up and, under
+    torchrun, the DDP wrappers. Returns the run and its endless batches."""
     cfg = config_from_dict(config_to_dict(cfg))  # private copy
+    dataset, collate_fn, symbols = _training_data(cfg, data_dir, dataset, collate_fn)
+    cfg.train.steps = int(steps if steps is not None else cfg.train.steps)
+    ckpt_path = out_dir / CHECKPOINT_NAME
+    ckpt = None
+    recipe_changes: list[dict[str, Any]] = []
+    if resume and ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path, map_location="cpu")
+        cfg, recipe_changes = _resumed_config(cfg, ckpt, out_dir, proc.say)
+    elif resume:
+        proc.say(f"no checkpoint in {out_dir}: starting from scratch")
+    elif ckpt_path.exists():
+        raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
+
+    init: dict[str, Any] | None = None
+    if ckpt is None and init_from is not None:
+        from .warmstart import read_init_weights
+        init = read_init_weights(init_from)
+    elif init_from is not None:
+        proc.say(f"--init-from {init_from} ignored: resuming the checkpoint in {out_dir}")
+    _seed_all(cfg.train.seed)  # identical initial weights in every process
+    model = BitTTS(cfg)
+    rebuilt: list[str] = []
+    if init is not None:
+        from .warmstart import load_init_weights
+        rebuilt = load_init_weights(model, init, symbols)
+        symbols = symbols or init["symbols"]
+        parts = sorted({k.split(".parametrizations")[0].rsplit(".", 1)[0] for k in rebuilt})
+        proc.say(f"initialized from {init['source']['file']} (step {init['source']['step']}); freshly "
+                 f"initialized: {', '.join(parts) or 'nothing'}")
+    model = apply_quantization(model, cfg.quant).to(proc.device)
+    discriminators = Discriminators(cfg.discriminator).to(proc.device)
+    t = cfg.train
+    opt_g = torch.optim.AdamW(model.parameters(), t.lr, betas=t.betas, eps=t.adam_eps, weight_decay=t.weight_decay)
+    opt_d = torch.optim.AdamW(discriminators.parameters(), t.lr, betas=t.betas, eps=t.adam_eps,
+                              weight_decay=t.weight_decay)
+    run = _Run(cfg, model, discriminators, opt_g, opt_d, torch.optim.lr_scheduler.ExponentialLR(opt_g, t.lr_decay),
+               torch.optim.lr_scheduler.ExponentialLR(opt_d, t.lr_decay), TrainState(), symbols, recipe_changes,
+               None if init is None else dict(init["source"]))
+    _seed_all(cfg.train.seed + proc.rank)
+    if ckpt is not None:
+        _restore(run, ckpt, ckpt_path, proc)
+
+    batches = iter(_Batches(dataset, collate_fn, t.batch_size, proc.rank, proc.world, t.seed, t.num_workers,
+                            run.state))
+    if init is not None and any(k.startswith("acoustic.aligner.") for k in rebuilt) and t.aligner_warmup:
+        # before DDP wraps the model: DDP then broadcasts rank 0's warmed-up aligner to every process
+        from .warmstart import warm_up_aligner
+        losses = warm_up_aligner(model, batches, t.aligner_warmup, cfg, proc.device,
+                                 progress=proc.is_main and proc.progress)
+        run.init.update(aligner_warmup=t.aligner_warmup, aligner_loss=[round(losses[0], 4), round(losses[-1], 4)])
+        proc.say(f"aligner warm-up: {t.aligner_warmup} steps, forward-sum loss {losses[0]:.3f} -> "
+                 f"{losses[-1]:.3f}")
+    run.gen, run.disc = model, discriminators
+    if proc.world > 1:
+        ids = [proc.device.index] if proc.device.type == "cuda" else None
+        run.gen, run.disc = DDP(model, device_ids=ids), DDP(discriminators, device_ids=ids)
+    return run, batches
+
+
+def _training_data(cfg: BitTTSConfig, data_dir: str | os.PathLike | None, dataset: Dataset | None,
+                   collate_fn: Callable | None) -> tuple[Dataset, Callable, list[str] | None]:
+    """The training set, its collate function and the corpus' symbol table (None for a dataset passed in); a
+    config with acoustic.n_symbols = 0 takes the table's size (`cfg` is changed in place)."""
     symbols = None
     if dataset is None:
         if data_dir is None:
@@ -368,199 +420,255 @@ def _train(cfg: BitTTSConfig, out_dir: Path, data_dir: Any, dataset: Dataset | N
             raise ValueError(f"acoustic.n_symbols={cfg.acoustic.n_symbols} but the corpus has {len(symbols)} symbols")
     if collate_fn is None:
         from .data import collate as collate_fn
-    total_steps = int(steps if steps is not None else cfg.train.steps)
-    cfg.train.steps = total_steps
+    return dataset, collate_fn, symbols
 
+
+def _resumed_config(cfg: BitTTSConfig, ckpt: dict[str, Any], out_dir: Path, say: Callable[[str], None]
+                    ) -> tuple[BitTTSConfig, list[dict[str, Any]]]:
+    """The config a resumed run continues with: the checkpoint's, with `cfg`'s `BOOKKEEPING` fields and its
+    `RECIPE_CHANGES` (recorded with the step they start at); any other difference is an error. Returns it and
+    the run's recipe changes so far."""
+    saved = config_from_dict(ckpt["config"])
+    for name in BOOKKEEPING:  # these may change between runs; everything else must match
+        setattr(saved.train, name, getattr(cfg.train, name))
+    changes = []
+    for section, names in RECIPE_CHANGES.items():
+        for name in names:
+            old, new = getattr(getattr(saved, section), name), getattr(getattr(cfg, section), name)
+            if old != new:
+                changes.append(f"{section}.{name}: {old!r} -> {new!r}")
+                setattr(getattr(saved, section), name, new)
+    diff = config_diff(saved, cfg)
+    if diff:
+        raise ValueError(f"--resume: the checkpoint in {out_dir} was trained with a different config "
+                         f"({'; '.join(diff)}); resume with the same preset/overrides or use a new --out")
+    recipe_changes = list(ckpt.get("recipe_changes", []))
+    if changes:
+        step = int(ckpt["state"]["step"])
+        recipe_changes.append({"step": step, "changes": changes})
+        say(f"--resume: recipe change from step {step}: {'; '.join(changes)}")
+    return saved, recipe_changes
+
+
+def _restore(run: _Run, ckpt: dict[str, Any], path: Path, proc: _Process) -> None:
+    """Load a checkpoint into a freshly built run: weights, optimizers, schedulers, position, RNG states."""
+    run.model.load_state_dict(ckpt["model"])
+    run.discriminators.load_state_dict(ckpt["discriminators"])
+    run.opt_g.load_state_dict(ckpt["optim_g"])
+    run.opt_d.load_state_dict(ckpt["optim_d"])
+    run.sched_g.load_state_dict(ckpt["sched_g"])
+    run.sched_d.load_state_dict(ckpt["sched_d"])
+    run.state = TrainState(**ckpt["state"])
+    if run.symbols is not None and ckpt.get("symbols") is not None and ckpt["symbols"] != run.symbols:
+        raise ValueError(f"--resume: the corpus' symbol table differs from the one {path} was trained "
+                         "with; the phoneme ids would mean other phonemes. Use the original corpus")
+    run.symbols = ckpt.get("symbols") or run.symbols
+    run.init = ckpt.get("init")
+    rngs = ckpt["rng"]
+    if len(rngs) == proc.world:
+        _set_rng_state(rngs[proc.rank])
+    else:
+        proc.say(f"checkpoint was written by {len(rngs)} processes, now {proc.world}: random streams restart")
+        _seed_all(run.cfg.train.seed + proc.rank + 7919 * run.state.step)
+    proc.say(f"resumed {path} at step {run.state.step}")
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+
+def _loop(run: _Run, batches: Iterator[dict[str, Any]], out_dir: Path, proc: _Process) -> dict[str, Any]:
+    """Train to cfg.train.steps, one optimizer step per iteration as in HiFi-GAN's train.py: D and G losses on a
+    batch (`_train_step`), both optimizers step (a non-finite step is skipped instead), then the log, the mel
+    image and the checkpoint at their intervals; a last checkpoint at the end."""
+    t, state = run.cfg.train, run.state
     ckpt_path = out_dir / CHECKPOINT_NAME
-    ckpt = None
-    recipe_changes: list[dict[str, Any]] = []
-    if resume and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path, map_location="cpu")
-        saved = config_from_dict(ckpt["config"])
-        for name in BOOKKEEPING:  # these may change between runs; everything else must match
-            setattr(saved.train, name, getattr(cfg.train, name))
-        changes = []
-        for section, names in RECIPE_CHANGES.items():
-            for name in names:
-                old, new = getattr(getattr(saved, section), name), getattr(getattr(cfg, section), name)
-                if old != new:
-                    changes.append(f"{section}.{name}: {old!r} -> {new!r}")
-                    setattr(getattr(saved, section), name, new)
-        diff = _config_diff(saved, cfg)
-        if diff:
-            raise ValueError(f"--resume: the checkpoint in {out_dir} was trained with a different config "
-                             f"({'; '.join(diff)}); resume with the same preset/overrides or use a new --out")
-        cfg = saved
-        recipe_changes += ckpt.get("recipe_changes", [])
-        if changes:
-            step = int(ckpt["state"]["step"])
-            recipe_changes.append({"step": step, "changes": changes})
-            say(f"--resume: recipe change from step {step}: {'; '.join(changes)}")
-    elif resume:
-        say(f"no checkpoint in {out_dir}: starting from scratch")
-    elif ckpt_path.exists():
-        raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
-
-    init: dict[str, Any] | None = None
-    if ckpt is None and init_from is not None:
-        from .warmstart import load_init_weights, read_init_weights
-        init = read_init_weights(init_from)
-    elif init_from is not None:
-        say(f"--init-from {init_from} ignored: resuming the checkpoint in {out_dir}")
-    _seed_all(cfg.train.seed)  # identical initial weights in every process
-    model = BitTTS(cfg)
-    rebuilt: list[str] = []
-    if init is not None:
-        rebuilt = load_init_weights(model, init, symbols)
-        symbols = symbols or init["symbols"]
-        parts = sorted({k.split(".parametrizations")[0].rsplit(".", 1)[0] for k in rebuilt})
-        say(f"initialized from {init['source']['file']} (step {init['source']['step']}); freshly initialized: "
-            f"{', '.join(parts) or 'nothing'}")
-    model = apply_quantization(model, cfg.quant).to(dev)
-    discriminators = Discriminators(cfg.discriminator).to(dev)
-    t = cfg.train
-    opt_g = torch.optim.AdamW(model.parameters(), t.lr, betas=t.betas, eps=t.adam_eps, weight_decay=t.weight_decay)
-    opt_d = torch.optim.AdamW(discriminators.parameters(), t.lr, betas=t.betas, eps=t.adam_eps,
-                              weight_decay=t.weight_decay)
-    sched_g = torch.optim.lr_scheduler.ExponentialLR(opt_g, gamma=t.lr_decay)
-    sched_d = torch.optim.lr_scheduler.ExponentialLR(opt_d, gamma=t.lr_decay)
-    state = TrainState()
-    init_record = None if init is None else dict(init["source"])
-    _seed_all(cfg.train.seed + rank)
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        discriminators.load_state_dict(ckpt["discriminators"])
-        opt_g.load_state_dict(ckpt["optim_g"])
-        opt_d.load_state_dict(ckpt["optim_d"])
-        sched_g.load_state_dict(ckpt["sched_g"])
-        sched_d.load_state_dict(ckpt["sched_d"])
-        state = TrainState(**ckpt["state"])
-        if symbols is not None and ckpt.get("symbols") is not None and ckpt["symbols"] != symbols:
-            raise ValueError(f"--resume: the corpus' symbol table differs from the one {ckpt_path} was trained "
-                             "with; the phoneme ids would mean other phonemes. Use the original corpus")
-        symbols = ckpt.get("symbols") or symbols
-        init_record = ckpt.get("init")
-        rngs = ckpt["rng"]
-        if len(rngs) == world:
-            _set_rng_state(rngs[rank])
-        else:
-            say(f"checkpoint was written by {len(rngs)} processes, now {world}: random streams restart")
-            _seed_all(cfg.train.seed + rank + 7919 * state.step)
-        say(f"resumed {ckpt_path} at step {state.step}")
-        del ckpt
-
-    batches = iter(_Batches(dataset, collate_fn, t.batch_size, rank, world, t.seed, t.num_workers, state))
-    if init is not None and any(k.startswith("acoustic.aligner.") for k in rebuilt) and t.aligner_warmup:
-        # before DDP wraps the model: DDP then broadcasts rank 0's warmed-up aligner to every process
-        from .warmstart import warm_up_aligner
-        losses = warm_up_aligner(model, batches, t.aligner_warmup, cfg, dev, progress=is_main and progress)
-        init_record.update(aligner_warmup=t.aligner_warmup, aligner_loss=[round(losses[0], 4), round(losses[-1], 4)])
-        say(f"aligner warm-up: {t.aligner_warmup} steps, forward-sum loss {losses[0]:.3f} -> {losses[-1]:.3f}")
-    gen: nn.Module = model
-    disc: nn.Module = discriminators
-    if world > 1:
-        ids = [dev.index] if dev.type == "cuda" else None
-        gen, disc = DDP(model, device_ids=ids), DDP(discriminators, device_ids=ids)
-
-    counts = parameter_counts(model, discriminators)
-    writer = None
-    if is_main:
-        (out_dir / "images").mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "config.toml")
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(str(out_dir / "tb"))
-        say(f"BitTTS preset={cfg.name} quant={cfg.quant.scheme}/{cfg.quant.scope} device={dev} processes={world} "
-            f"params: " + ", ".join(f"{k}={v:,}" for k, v in counts.items()))
-
-    def save() -> None:
-        state.seconds = seconds_before + time.perf_counter() - t_start
-        rngs = _gather_rng(world)  # collective: every process takes part
-        if is_main:
-            atomic_torch_save({
-                "format": CHECKPOINT_FORMAT, "version": 1, "config": config_to_dict(cfg),
-                "state": dataclasses.asdict(state), "model": model.state_dict(),
-                "discriminators": discriminators.state_dict(), "optim_g": opt_g.state_dict(),
-                "optim_d": opt_d.state_dict(), "sched_g": sched_g.state_dict(), "sched_d": sched_d.state_dict(),
-                "rng": rngs, "symbols": symbols, "world_size": world, "recipe_changes": recipe_changes,
-                "init": init_record,
-            }, ckpt_path)
-
-    history: list[dict[str, float]] = []
-    consecutive = 0
-    bar = tqdm(total=total_steps, initial=state.step, disable=not (is_main and progress), dynamic_ncols=True,
-               desc=f"train {cfg.name}", unit="step")
-    model.train()
-    discriminators.train()
-    t_start, step_start, seconds_before = time.perf_counter(), state.step, state.seconds
-    # a resumed run appends after the lines up to its step (a run killed after its last checkpoint logged steps
-    # that are now redone); a fresh one starts the file over (a directory may hold a crashed run's log)
-    if is_main and state.step:
-        truncate_metrics(out_dir / "metrics.jsonl", state.step)
-    metrics_file = open(out_dir / "metrics.jsonl", "a" if state.step else "w") if is_main else None  # noqa: SIM115
+    counts = parameter_counts(run.model, run.discriminators)
+    log = _Log(out_dir, run, proc, counts)
+    run.model.train()
+    run.discriminators.train()
+    consecutive = 0  # non-finite steps in a row
     try:
-        while state.step < total_steps:
-            finite, logs, batch, out = _train_step(gen, disc, model, discriminators, opt_g, opt_d, batches, cfg,
-                                                   dev, world, state.step)
+        while state.step < t.steps:
+            finite, logs, batch, out = _train_step(run, batches, proc)
             state.step += 1
             if finite:
-                opt_d.step()
-                opt_g.step()
-                sched_d.step()
-                sched_g.step()
+                run.opt_d.step()
+                run.opt_g.step()
+                run.sched_d.step()
+                run.sched_g.step()
                 consecutive = 0
             else:
-                state.skipped += 1
                 consecutive += 1
-                opt_g.zero_grad(set_to_none=True)
-                opt_d.zero_grad(set_to_none=True)
-                say(f"step {state.step}: non-finite loss or gradient (loss_g={logs['loss_g']:.4g}, "
-                    f"loss_d={logs['loss_d']:.4g}, grad norms {logs['grad_norm_g']:.4g}/{logs['grad_norm_d']:.4g})"
-                    f"; step skipped ({consecutive} in a row)")
-                if consecutive >= t.max_nonfinite:
-                    raise NonFiniteLossError(
-                        f"{consecutive} consecutive steps had a non-finite loss or gradient (last at step "
-                        f"{state.step}); stopping. Lower train.lr, check the corpus for broken features, or "
-                        f"resume from the last checkpoint in {out_dir}")
-            bar.update(1)
-            bar.set_postfix(g=f"{logs['loss_g']:.3f}", d=f"{logs['loss_d']:.3f}", mel=f"{logs['mel']:.3f}",
-                            dur=f"{logs['dur']:.3f}", refresh=False)
-            if is_main and t.log_every and (state.step % t.log_every == 0 or state.step == total_steps):
-                elapsed = time.perf_counter() - t_start
-                logs.update(step=state.step, lr=sched_g.get_last_lr()[0], skipped=state.skipped,
-                            steps_per_s=(state.step - step_start) / max(elapsed, 1e-9),
-                            wall_s=seconds_before + elapsed)
-                history.append(dict(logs))
-                metrics_file.write(json.dumps(logs) + "\n")
-                metrics_file.flush()
-                for k, v in logs.items():
-                    if k != "step":
-                        group = "train/" if k in ("lr", "skipped", "steps_per_s", "wall_s") else "loss/"
-                        writer.add_scalar(group + k, v, state.step)
-            if is_main and t.image_every and state.step % t.image_every == 0:
-                rgb = _snapshot(model, batch, out, out_dir / "images" / f"mel_{state.step:07d}.png")
-                writer.add_image("mel", rgb, state.step, dataformats="HWC")
-            if t.ckpt_every and state.step % t.ckpt_every == 0 and state.step < total_steps:
-                save()
-        save()
+                _skip_step(run, logs, consecutive, out_dir, proc)
+            log.progress(logs)
+            if t.log_every and (state.step % t.log_every == 0 or state.step == t.steps):
+                log.scalars(logs, state, run.sched_g.get_last_lr()[0])
+            if t.image_every and state.step % t.image_every == 0:
+                log.image(run.model, batch, out, state.step)
+            if t.ckpt_every and state.step % t.ckpt_every == 0 and state.step < t.steps:
+                _save_checkpoint(run, ckpt_path, proc, log.wall_s())
+        _save_checkpoint(run, ckpt_path, proc, log.wall_s())
     finally:
-        bar.close()
-        if metrics_file is not None:
-            metrics_file.close()
-        if writer is not None:
-            writer.close()
-    elapsed = time.perf_counter() - t_start
-    return {"step": state.step, "skipped": state.skipped, "history": history, "params": counts,
-            "seconds": elapsed, "steps_per_s": (state.step - step_start) / max(elapsed, 1e-9),
-            "checkpoint": str(ckpt_path), "config": cfg}
+        log.close()
+    elapsed = log.elapsed()
+    return {"step": state.step, "skipped": state.skipped, "history": log.history, "params": counts,
+            "seconds": elapsed, "steps_per_s": (state.step - log.step_start) / max(elapsed, 1e-9),
+            "checkpoint": str(ckpt_path), "config": run.cfg}
 
 
-def _config_diff(a: BitTTSConfig, b: BitTTSConfig) -> list[str]:
-    da, db = config_to_dict(a), config_to_dict(b)
-    out = []
-    for section in da:
-        if section == "name":
-            continue
-        for k in da[section]:
-            if da[section][k] != db[section][k]:
-                out.append(f"{section}.{k}: {da[section][k]!r} vs {db[section][k]!r}")
-    return out
+def _train_step(run: _Run, batches: Iterator[dict[str, Any]], proc: _Process
+                ) -> tuple[bool, dict[str, float], Any, Any]:
+    """One optimizer step's gradients (number `run.state.step`, counting from 0) over grad_accum micro-batches;
+    the caller steps the optimizers. Returns (finite, logged values, last batch, last out)."""
+    cfg, step = run.cfg, run.state.step
+    accum = cfg.train.grad_accum
+    adversarial = adversarial_active(cfg.loss, step)
+    run.opt_g.zero_grad(set_to_none=True)
+    run.opt_d.zero_grad(set_to_none=True)
+    g_params = [p for p in run.model.parameters() if p.requires_grad]
+    logs: dict[str, float] = defaultdict(float)
+    finite = True
+    batch = out = None
+    for i in range(accum):
+        batch = _to_device(next(batches), proc.device)
+        last = i == accum - 1
+        with _no_sync(run.gen, not last), _no_sync(run.disc, not last):
+            out = run.gen(batch)
+            real, fake = out["wav"], out["wav_hat"]
+            if adversarial:
+                # discriminator: one call on [real; fake] (a single DDP forward), generator output detached
+                (real_scores, _), (fake_scores, _) = split_halves(run.disc(torch.cat([real, fake.detach()])),
+                                                                  real.shape[0])
+                loss_d = discriminator_loss(real_scores, fake_scores)
+                (loss_d / accum).backward()
+                # generator: through the raw discriminators, gradients only into the generator's parameters
+                with torch.no_grad():
+                    _, real_fmaps = run.discriminators(real)
+                fake_scores, fake_fmaps = run.discriminators(fake)
+            else:  # reconstruction-only warm-up: the discriminators are not run at all
+                loss_d = real.new_zeros(())
+                fake_scores = real_fmaps = fake_fmaps = None
+            loss_g, parts = generator_loss(out, fake_scores, real_fmaps, fake_fmaps, cfg.loss, step)
+            torch.autograd.backward(loss_g / accum, inputs=g_params)
+        finite = finite and bool(torch.isfinite(loss_g)) and bool(torch.isfinite(loss_d))
+        logs["loss_g"] += float(loss_g.detach()) / accum
+        logs["loss_d"] += float(loss_d.detach()) / accum
+        for k, v in parts.items():
+            logs[k] += v / accum
+    clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
+    gn_d = torch.nn.utils.clip_grad_norm_(run.discriminators.parameters(), clip)
+    gn_g = torch.nn.utils.clip_grad_norm_(g_params, clip)
+    logs["grad_norm_g"], logs["grad_norm_d"] = float(gn_g), float(gn_d)
+    finite = finite and math.isfinite(logs["grad_norm_g"]) and math.isfinite(logs["grad_norm_d"])
+    if proc.world > 1:  # every process must take the same decision
+        flag = torch.tensor([1.0 if finite else 0.0], device=proc.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        finite = bool(flag.item() == 1.0)
+    return finite, dict(logs), batch, out
+
+
+def _no_sync(module: nn.Module, skip: bool) -> contextlib.AbstractContextManager:
+    return module.no_sync() if skip and isinstance(module, DDP) else contextlib.nullcontext()
+
+
+def _skip_step(run: _Run, logs: dict[str, float], consecutive: int, out_dir: Path, proc: _Process) -> None:
+    """A step with a non-finite loss or gradient: counted and its gradients dropped; `train.max_nonfinite` of them
+    in a row stop the run (NonFiniteLossError)."""
+    state = run.state
+    state.skipped += 1
+    run.opt_g.zero_grad(set_to_none=True)
+    run.opt_d.zero_grad(set_to_none=True)
+    proc.say(f"step {state.step}: non-finite loss or gradient (loss_g={logs['loss_g']:.4g}, "
+             f"loss_d={logs['loss_d']:.4g}, grad norms {logs['grad_norm_g']:.4g}/{logs['grad_norm_d']:.4g})"
+             f"; step skipped ({consecutive} in a row)")
+    if consecutive >= run.cfg.train.max_nonfinite:
+        raise NonFiniteLossError(
+            f"{consecutive} consecutive steps had a non-finite loss or gradient (last at step "
+            f"{state.step}); stopping. Lower train.lr, check the corpus for broken features, or "
+            f"resume from the last checkpoint in {out_dir}")
+
+
+def _save_checkpoint(run: _Run, path: Path, proc: _Process, seconds: float) -> None:
+    """Write the checkpoint (rank 0; atomically). Collective: every process gives its RNG states."""
+    run.state.seconds = seconds
+    rngs = _gather_rng(proc.world)
+    if proc.is_main:
+        atomic_torch_save({
+            "format": CHECKPOINT_FORMAT, "version": 1, "config": config_to_dict(run.cfg),
+            "state": dataclasses.asdict(run.state), "model": run.model.state_dict(),
+            "discriminators": run.discriminators.state_dict(), "optim_g": run.opt_g.state_dict(),
+            "optim_d": run.opt_d.state_dict(), "sched_g": run.sched_g.state_dict(),
+            "sched_d": run.sched_d.state_dict(), "rng": rngs, "symbols": run.symbols, "world_size": proc.world,
+            "recipe_changes": run.recipe_changes, "init": run.init,
+        }, path)
+
+
+# ----------------------------------------------------------------------------------------------- logging
+
+
+class _Log:
+    """The run's clock, and rank 0's record of it: config.toml, the progress bar, metrics.jsonl, TensorBoard
+    scalars and mel images (other ranks keep only the clock)."""
+
+    def __init__(self, out_dir: Path, run: _Run, proc: _Process, counts: dict[str, int]) -> None:
+        from tqdm import tqdm
+
+        self.out_dir, self.main = out_dir, proc.is_main
+        self.history: list[dict[str, float]] = []
+        self.writer = None
+        cfg, state = run.cfg, run.state
+        if self.main:
+            (out_dir / "images").mkdir(parents=True, exist_ok=True)
+            save_config(cfg, out_dir / "config.toml")
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(out_dir / "tb"))
+            proc.say(f"BitTTS preset={cfg.name} quant={cfg.quant.scheme}/{cfg.quant.scope} device={proc.device} "
+                     f"processes={proc.world} params: " + ", ".join(f"{k}={v:,}" for k, v in counts.items()))
+        self.bar = tqdm(total=cfg.train.steps, initial=state.step, disable=not (self.main and proc.progress),
+                        dynamic_ncols=True, desc=f"train {cfg.name}", unit="step")
+        self.start, self.step_start, self.seconds_before = time.perf_counter(), state.step, state.seconds
+        # a resumed run appends after the lines up to its step (a run killed after its last checkpoint logged
+        # steps that are now redone); a fresh one starts the file over (a directory may hold a crashed run's log)
+        if self.main and state.step:
+            truncate_metrics(out_dir / "metrics.jsonl", state.step)
+        self.metrics = open(out_dir / "metrics.jsonl", "a" if state.step else "w") if self.main else None  # noqa: SIM115
+
+    def elapsed(self) -> float:
+        """Seconds since this process started training (set-up excluded)."""
+        return time.perf_counter() - self.start
+
+    def wall_s(self) -> float:
+        """Training wall time over every resumed segment of the run."""
+        return self.seconds_before + self.elapsed()
+
+    def progress(self, logs: dict[str, float]) -> None:
+        self.bar.update(1)
+        self.bar.set_postfix(g=f"{logs['loss_g']:.3f}", d=f"{logs['loss_d']:.3f}", mel=f"{logs['mel']:.3f}",
+                             dur=f"{logs['dur']:.3f}", refresh=False)
+
+    def scalars(self, logs: dict[str, float], state: TrainState, lr: float) -> None:
+        """One line of metrics.jsonl, the TensorBoard scalars and an entry of `history`."""
+        if not self.main:
+            return
+        elapsed = self.elapsed()
+        logs.update(step=state.step, lr=lr, skipped=state.skipped,
+                    steps_per_s=(state.step - self.step_start) / max(elapsed, 1e-9), wall_s=self.seconds_before + elapsed)
+        self.history.append(dict(logs))
+        self.metrics.write(json.dumps(logs) + "\n")
+        self.metrics.flush()
+        for k, v in logs.items():
+            if k != "step":
+                group = "train/" if k in ("lr", "skipped", "steps_per_s", "wall_s") else "loss/"
+                self.writer.add_scalar(group + k, v, state.step)
+
+    def image(self, model: BitTTS, batch: dict[str, Any], out: dict[str, Any], step: int) -> None:
+        if self.main:
+            rgb = _snapshot(model, batch, out, self.out_dir / "images" / f"mel_{step:07d}.png")
+            self.writer.add_image("mel", rgb, step, dataformats="HWC")
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.writer is not None:
+            self.writer.close()

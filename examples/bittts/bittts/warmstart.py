@@ -20,13 +20,12 @@ import torch
 from torch import Tensor
 
 from .alignment import forward_sum_loss
-from .config import BitTTSConfig, config_from_dict, config_to_dict
-from .model import BitTTS, load_checkpoint
+from .checkpoints import CHECKPOINT_NAME, load_checkpoint
+from .config import BitTTSConfig, config_diff, config_from_dict
+from .model import TRAINING_ONLY, BitTTS
 
 __all__ = ["read_init_weights", "load_init_weights", "warm_up_aligner"]
 
-# training-only parts an exported model does not carry; a warm start rebuilds them
-_REBUILT = ("acoustic.aligner.", "mel_head.")
 # config fields that may differ between the source and the new run: they change no parameter shape
 _FREE = {"acoustic": ("dropout", "variance_dropout"), "vocoder": ("weight_norm",)}
 
@@ -38,7 +37,7 @@ def read_init_weights(path: str | os.PathLike[str]) -> dict[str, Any]:
     """
     path = Path(path)
     if path.is_dir():
-        path = path / "checkpoint.pt"
+        path = path / CHECKPOINT_NAME
     if not path.is_file():
         raise FileNotFoundError(f"--init-from {path}: no such file; give an exported float model (e.g. "
                                 "pretrained/bittts-fp32.safetensors) or a float run's checkpoint.pt")
@@ -54,7 +53,7 @@ def read_init_weights(path: str | os.PathLike[str]) -> dict[str, Any]:
         ckpt = load_checkpoint(path)
         cfg, symbols, state = config_from_dict(ckpt["config"]), ckpt.get("symbols"), ckpt["model"]
         step, seconds = int(ckpt["state"]["step"]), float(ckpt["state"].get("seconds", 0.0))
-    if cfg.quant.scheme != "none":
+    if cfg.quant.config is not None:
         raise ValueError(f"--init-from {path}: a {cfg.quant.scheme} model; warm starts begin from float weights "
                          "(the fp32 preset), which ternq then quantizes")
     return {"state": state, "config": cfg, "symbols": symbols,
@@ -64,10 +63,7 @@ def read_init_weights(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def _check_compatible(cfg: BitTTSConfig, source: BitTTSConfig, symbols: list[str] | None,
                       source_symbols: list[str] | None) -> None:
-    mine, theirs = config_to_dict(cfg), config_to_dict(source)
-    diff = [f"{section}.{k}: {theirs[section][k]!r} vs {mine[section][k]!r}"
-            for section in ("acoustic", "vocoder") for k in mine[section]
-            if k not in _FREE.get(section, ()) and mine[section][k] != theirs[section][k]]
+    diff = config_diff(source, cfg, ("acoustic", "vocoder"), ignore=_FREE)
     if diff:
         raise ValueError("--init-from: the source model has another architecture (" + "; ".join(diff) +
                          "); warm-start from a model trained with the same [acoustic] and [vocoder] sections")
@@ -102,7 +98,7 @@ def load_init_weights(model: BitTTS, init: dict[str, Any], symbols: list[str] | 
                 continue
             raise ValueError(f"--init-from: the source has {name}, which this model lacks")
     missing = [k for k in own if k not in done]
-    unexpected = [k for k in missing if not k.startswith(_REBUILT)]
+    unexpected = [k for k in missing if not k.startswith(TRAINING_ONLY)]  # those a warm start rebuilds
     if unexpected:
         raise ValueError(f"--init-from: the source lacks {len(unexpected)} weights of this model "
                          f"({', '.join(unexpected[:3])}...)")

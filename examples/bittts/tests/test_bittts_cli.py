@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 from bittts import inference
+from bittts.checkpoints import load_checkpoint, model_from_checkpoint
 from bittts.cli import main
 from bittts.config import config_from_dict, config_to_dict
 from bittts.inference import Synthesizer, export_model, find_checkpoint, read_model_metadata
-from bittts.model import build_model, load_checkpoint, model_from_checkpoint
+from bittts.model import build_model
 
 ternq = pytest.importorskip("ternq")
 pytest.importorskip("pocketsphinx")
@@ -199,7 +200,7 @@ def test_float_preset_exports_without_packed_layers(run):
     """A float run (quant.scheme "none") exports a ternq file without packed layers that synthesizes."""
     ckpt = load_checkpoint(run["run"] / "checkpoint.pt")
     cfg = config_from_dict(ckpt["config"])
-    cfg.quant.scheme = "none"
+    cfg.quant.config = None
     torch.manual_seed(0)
     ckpt.update(config=config_to_dict(cfg), model=build_model(cfg).state_dict())
     float_run = run["root"] / "float-run"

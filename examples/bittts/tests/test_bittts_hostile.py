@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from bittts.checkpoints import load_checkpoint
 from bittts.cli import main
 from bittts.config import apply_overrides, load_preset
 from bittts.evaluation import read_sentences
 from bittts.inference import DEFAULT_MODEL, read_model_metadata, shipped_model
 from bittts.limits import MAX_SENTENCE_CHARS, MAX_TEXT_BYTES
-from bittts.model import load_checkpoint
 from bittts.train import train, truncate_metrics
 from bittts_synthetic import N_SYMBOLS, SyntheticTTS
 

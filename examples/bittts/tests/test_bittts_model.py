@@ -1,15 +1,20 @@
 """BitTTS model: configs and presets, forward/infer contracts, weight-norm folding, quantization presets."""
 from __future__ import annotations
 
+import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 from bittts.acoustic import MDNDurationPredictor
+from bittts.checkpoints import model_from_checkpoint
 from bittts.config import (
     PRESETS,
+    QuantizationConfig,
     apply_overrides,
     config_from_dict,
+    config_to_dict,
     dump_config,
     load_config,
     load_preset,
@@ -20,16 +25,20 @@ from bittts.discriminators import Discriminators
 from bittts.losses import bin_loss_weight, discriminator_loss, generator_loss
 from bittts.model import BitTTS, build_model, parameter_counts
 from bittts_synthetic import N_SYMBOLS, SyntheticTTS
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
+
+from ternq import KBitConfig, TernaryConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny_config(**quant):
+def tiny_config(kind: str | None = "ternary", scope: str = "all", **fields):
+    """The tiny preset, quantized with ternq config `kind` (None: float) and `fields` over `scope`."""
     cfg = load_preset("tiny")
     cfg.acoustic.n_symbols = N_SYMBOLS
-    cfg = apply_overrides(cfg, [f"quant.{k}={v!r}" if isinstance(v, str) else f"quant.{k}={v}"
-                                for k, v in quant.items()])
+    cfg.quant = QuantizationConfig(scope, config=None if kind is None else {"kind": kind, **fields})
     return cfg
 
 
@@ -47,10 +56,10 @@ def test_every_preset_loads_and_round_trips_through_toml(tmp_path):
         assert cfg.name == name
         save_config(cfg, tmp_path / f"{name}.toml")
         assert load_config(tmp_path / f"{name}.toml") == cfg
-    assert load_preset("fp32").quant.scheme == "none"
-    assert (load_preset("acoustic").quant.scheme, load_preset("acoustic").quant.scope) == ("ternary", "acoustic")
-    assert (load_preset("all").quant.scheme, load_preset("all").quant.scope) == ("ternary", "all")
-    assert (load_preset("4bit").quant.scheme, load_preset("4bit").quant.bits) == ("kbit", 4)
+    assert load_preset("fp32").quant.config is None and load_preset("fp32").quant.scheme == "none"
+    assert load_preset("acoustic").quant == QuantizationConfig("acoustic", config=TernaryConfig())
+    assert load_preset("all").quant == QuantizationConfig("all", config=TernaryConfig())
+    assert load_preset("4bit").quant == QuantizationConfig("all", config=KBitConfig(bits=4))
     for name in ("acoustic", "all", "4bit"):  # `base = "fp32"`: same architecture, other quantization
         # ... and no dropout before the quantized predictor layers (docs/quantizers.md explains why)
         assert load_preset(name).acoustic.variance_dropout == 0.0 < load_preset("fp32").acoustic.variance_dropout
@@ -77,6 +86,14 @@ def test_config_errors_name_the_problem(tmp_path):
         config_from_dict({"train": {"batch_size": "8"}})
     with pytest.raises(ValueError, match="quant.scheme='binary'"):
         apply_overrides(load_preset("tiny"), ["quant.scheme=binary"])
+    with pytest.raises(ValueError, match="quant.config: unknown quantization config kind 'binary'"):
+        apply_overrides(load_preset("tiny"), ["quant.config.kind=binary"])
+    with pytest.raises(ValueError, match=r"quant.config: unknown TernaryConfig fields \['bits'\]"):
+        apply_overrides(load_preset("tiny"), ["quant.config.bits=4"])
+    with pytest.raises(ValueError, match="quant.config: unknown quantization config kind None"):
+        apply_overrides(load_preset("fp32"), ["quant.config.granularity=channel"])
+    with pytest.raises(ValueError, match="quant.config='ternary': expected a table"):
+        apply_overrides(load_preset("fp32"), ["quant.config=ternary"])
     with pytest.raises(ValueError, match="expected SECTION.KEY=VALUE"):
         apply_overrides(load_preset("tiny"), ["batch_size=3"])
     bad = tmp_path / "bad.toml"
@@ -88,11 +105,83 @@ def test_config_errors_name_the_problem(tmp_path):
 
 
 def test_overrides_parse_toml_values():
-    cfg = apply_overrides(load_preset("tiny"), ["train.batch_size=4", "train.lr=3e-4", "quant.scheme=none",
+    cfg = apply_overrides(load_preset("tiny"), ["train.batch_size=4", "train.lr=3e-4", "quant.config={}",
                                                 "vocoder.resblock_dilations=[[1, 2]]"])
-    assert (cfg.train.batch_size, cfg.train.lr, cfg.quant.scheme) == (4, 3e-4, "none")
+    assert (cfg.train.batch_size, cfg.train.lr, cfg.quant.config) == (4, 3e-4, None)
     assert cfg.vocoder.resblock_dilations == ((1, 2),)
     assert "batch_size = 4" in dump_config(cfg)
+    # a key inside the ternq config; TOML's false is ternq's None
+    cfg = apply_overrides(load_preset("tiny"), ["quant.config.granularity=channel", "quant.config.act_bits=false"])
+    assert cfg.quant.config == TernaryConfig(granularity="channel", act_bits=None)
+    cfg = apply_overrides(load_preset("fp32"), ['quant.config={kind = "kbit", bits = 3}', "quant.scope=all"])
+    assert cfg.quant == QuantizationConfig("all", config=KBitConfig(bits=3))
+
+
+# the [quant] section of configs written before it held ternq's config: every checkpoint, run config.toml and
+# exported model made until then (the shipped ones: test_bittts_pretrained.py) carries it
+OLD_QUANT = {"scheme": "ternary", "scope": "all", "bits": 4, "granularity": "tensor", "input_norm": "layernorm",
+             "act_bits": 8, "exclude": []}
+
+
+@pytest.mark.parametrize(("old", "expected"), [
+    (OLD_QUANT, QuantizationConfig("all", config=TernaryConfig())),
+    ({**OLD_QUANT, "scheme": "none", "scope": "acoustic"}, QuantizationConfig("acoustic")),
+    ({**OLD_QUANT, "scheme": "kbit", "bits": 3, "granularity": "channel", "input_norm": "none", "act_bits": 0,
+      "exclude": ["acoustic.decoder.*"]},
+     QuantizationConfig("all", ("acoustic.decoder.*",),
+                        KBitConfig(bits=3, granularity="channel", input_norm=None, act_bits=None))),
+    ({**OLD_QUANT, "input_norm": "rmsnorm"}, QuantizationConfig("all", config=TernaryConfig(input_norm="rmsnorm"))),
+])
+def test_old_quant_schema_is_upgraded(old, expected):
+    """A checkpoint's (or an export's JSON) config dict in the old schema loads as the same ternq config."""
+    old_dict = {**config_to_dict(load_preset("tiny")), "quant": old}
+    cfg = config_from_dict(json.loads(json.dumps(old_dict)))
+    assert cfg.quant == expected
+    assert config_from_dict(config_to_dict(cfg)) == cfg  # and is written back in the new form
+    assert set(config_to_dict(cfg)["quant"]) <= {"scope", "exclude", "config"}
+
+
+def test_old_config_toml_and_old_overrides_load(tmp_path):
+    """A run's config.toml written by the old TOML writer, a hand-written old-style section on a preset and old
+    `--set quant.KEY=...` overrides still mean what they meant."""
+    old = Path(__file__).parent / "data" / "config-old-quant.toml"
+    cfg = load_config(old)
+    assert cfg.quant == QuantizationConfig("acoustic", ("acoustic.decoder.*",),
+                                           KBitConfig(bits=3, granularity="channel", input_norm=None, act_bits=None))
+    assert cfg.acoustic == replace(load_preset("tiny").acoustic, n_symbols=123) and cfg.train.image_every == 0
+    partial = tmp_path / "partial.toml"
+    partial.write_text('base = "all"\n[quant]\nact_bits = 0\n')  # on the preset's ternary config
+    assert load_config(partial).quant == QuantizationConfig("all", config=TernaryConfig(act_bits=None))
+    partial.write_text('base = "fp32"\n[quant]\nscheme = "kbit"\nscope = "all"\n')
+    assert load_config(partial).quant == QuantizationConfig("all", config=KBitConfig(bits=4))
+    assert apply_overrides(load_preset("all"), ["quant.scheme=none"]).quant.config is None
+    assert apply_overrides(load_preset("all"), ["quant.scheme=kbit", "quant.bits=2"]).quant.config == KBitConfig(bits=2)
+    assert apply_overrides(load_preset("4bit"), ["quant.scheme=ternary"]).quant.config == TernaryConfig()
+
+
+_ternq_configs = st.builds(
+    lambda kind, bits, **f: TernaryConfig(**f) if kind == "ternary" else KBitConfig(bits=bits, **f),
+    st.sampled_from(["ternary", "kbit"]), st.integers(2, 8),
+    granularity=st.sampled_from(["tensor", "channel", "group"]), group_size=st.integers(1, 4096),
+    act_bits=st.none() | st.integers(2, 8), input_norm=st.sampled_from([None, "layernorm", "rmsnorm"]),
+    ste=st.sampled_from(["identity", "clipped"]), eps=st.floats(1e-12, 1e-2),
+    act_granularity=st.sampled_from(["token", "tensor"]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(config=st.none() | _ternq_configs, scope=st.sampled_from(["acoustic", "all"]),
+       exclude=st.lists(st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=12), max_size=3),
+       lr=st.floats(1e-8, 1.0), name=st.text(max_size=10))
+def test_toml_and_dict_round_trips_are_exact(tmp_path_factory, config, scope, exclude, lr, name):
+    """save_config -> load_config and config_to_dict -> JSON -> config_from_dict give back an equal config, for
+    any ternq config (None fields included: false in TOML, null in JSON)."""
+    cfg = load_preset("tiny")
+    cfg.name, cfg.train.lr = name, lr
+    cfg.quant = QuantizationConfig(scope, tuple(exclude), config)
+    path = tmp_path_factory.mktemp("cfg") / "config.toml"
+    save_config(cfg, path)
+    assert load_config(path) == cfg
+    assert config_from_dict(json.loads(json.dumps(config_to_dict(cfg)))) == cfg
 
 
 # ------------------------------------------------------------------------------------------ model
@@ -100,7 +189,7 @@ def test_overrides_parse_toml_values():
 
 def test_forward_returns_aligned_segments_and_finite_losses(batch):
     torch.manual_seed(0)
-    cfg = tiny_config(scheme="none")
+    cfg = tiny_config(None)
     model = BitTTS(cfg)
     out = model(batch)
     seg = cfg.train.segment_frames
@@ -126,7 +215,7 @@ def test_forward_returns_aligned_segments_and_finite_losses(batch):
 
 def test_infer_uses_predicted_durations_and_masks_padding(batch):
     torch.manual_seed(0)
-    model = BitTTS(tiny_config(scheme="none")).eval()
+    model = BitTTS(tiny_config(None)).eval()
     wav, lengths = model.infer(batch["phonemes"], batch["phoneme_lengths"], return_lengths=True)
     assert wav.shape[:2] == (3, 1) and wav.shape[2] == int(lengths.max())
     assert (lengths % 256 == 0).all()
@@ -146,7 +235,7 @@ def test_infer_uses_predicted_durations_and_masks_padding(batch):
 
 
 def test_binarization_loss_schedule(batch):
-    cfg = tiny_config(scheme="none")
+    cfg = tiny_config(None)
     cfg.loss.bin_loss_start, cfg.loss.bin_loss_ramp = 10, 4
     assert [bin_loss_weight(cfg.loss, s) for s in (0, 9, 10, 11, 13, 100)] == [0.0, 0.0, 0.25, 0.5, 1.0, 1.0]
     torch.manual_seed(0)
@@ -172,20 +261,38 @@ def test_mdn_duration_predictor_likelihood_and_prediction():
     torch.testing.assert_close(MDNDurationPredictor.predict(params, "mode"), torch.tensor([[1.0]]))
 
 
-@pytest.mark.parametrize("scheme", ["none", "ternary"])
-def test_weight_norm_folds_without_changing_outputs(batch, scheme):
+@pytest.mark.parametrize("kind", [None, "ternary"])
+def test_weight_norm_folds_without_changing_outputs(batch, kind):
+    """A trained model in its export form (`model_from_checkpoint(..., inference=True)`, i.e. the weights in
+    `BitTTS.for_inference`): weight norm folded, no aligner or mel head, the same outputs."""
     torch.manual_seed(0)
-    model = build_model(tiny_config(scheme=scheme)).eval()
+    cfg = tiny_config(kind)
+    cfg.loss.lambda_mel_aux = 1.0
+    model = build_model(cfg).eval()
     ids = batch["phonemes"][:1, : batch["phoneme_lengths"][0]]
     before = model.infer(ids)
-    assert model.strip_for_inference() is model
-    assert model.acoustic.aligner is None
-    assert not any("parametrizations" in k or "aligner" in k for k in model.state_dict())
-    torch.testing.assert_close(model.infer(ids), before, atol=1e-5, rtol=1e-5)
+    exported = model_from_checkpoint({"config": config_to_dict(cfg), "model": model.state_dict()}, inference=True)
+    assert exported.acoustic.aligner is None and exported.mel_head is None and exported.cfg == cfg
+    assert not any("parametrizations" in k or "aligner" in k or "mel_head" in k for k in exported.state_dict())
+    torch.testing.assert_close(exported.infer(ids), before, atol=1e-5, rtol=1e-5)
+
+
+def test_for_inference_builds_the_export_form():
+    """One definition of the export form: quantized as configured, or the float skeleton ternq.load_packed fills
+    (on the meta device: no weights allocated)."""
+    cfg = tiny_config("ternary")
+    cfg.loss.lambda_mel_aux = 1.0
+    model = BitTTS.for_inference(cfg)
+    assert model.cfg is cfg and model.acoustic.aligner is None and model.mel_head is None
+    assert _quantized_names(model) == _quantized_names(build_model(cfg))
+    skeleton = BitTTS.for_inference(cfg, quantize=False, device="meta")
+    assert not _quantized_names(skeleton) and all(p.is_meta for p in skeleton.parameters())
+    assert {k: v.shape for k, v in skeleton.state_dict().items()} == \
+        {k: v.shape for k, v in BitTTS.for_inference(cfg, quantize=False).state_dict().items()}
 
 
 def test_discriminators_are_separate_from_the_exported_model():
-    cfg = tiny_config(scheme="none")
+    cfg = tiny_config(None)
     model, disc = BitTTS(cfg), Discriminators(cfg.discriminator)
     assert not any(isinstance(m, Discriminators) for m in model.modules())
     assert not {id(p) for p in model.parameters()} & {id(p) for p in disc.parameters()}
@@ -222,23 +329,23 @@ def _layer_names(model: nn.Module, prefix: str) -> set[str]:
 def test_quantization_presets_select_the_paper_layers():
     torch.manual_seed(0)
     always_float = {"acoustic.pitch_embed", "acoustic.energy_embed"}
-    acoustic = build_model(tiny_config(scheme="ternary", scope="acoustic"))
+    acoustic = build_model(tiny_config("ternary", "acoustic"))
     q = _quantized_names(acoustic)
     layers = _layer_names(acoustic, "acoustic.")
     assert q == {n for n in layers if not n.startswith("acoustic.aligner")} - always_float
     assert not _quantized_names(acoustic.vocoder)
 
-    full = build_model(tiny_config(scheme="ternary", scope="all"))
+    full = build_model(tiny_config("ternary", "all"))
     q = _quantized_names(full)
     assert "vocoder.conv_post" not in q
     assert _layer_names(full, "vocoder.") - q == {"vocoder.conv_post"}
     assert isinstance(full.vocoder.ups[0].qconfig, ternq.TernaryConfig)
 
-    four = build_model(tiny_config(scheme="kbit", bits=4, scope="all"))
+    four = build_model(tiny_config("kbit", "all", bits=4))
     assert _quantized_names(four) == q
     assert four.vocoder.ups[0].qconfig.bits == 4
 
-    float_model = build_model(tiny_config(scheme="none"))
+    float_model = build_model(tiny_config(None))
     assert not _quantized_names(float_model)
     assert isinstance(full, BitTTS) and hasattr(full, "infer")
 
@@ -246,7 +353,7 @@ def test_quantization_presets_select_the_paper_layers():
 @needs_quantize
 def test_quantized_model_trains_and_state_dict_round_trips(batch):
     torch.manual_seed(0)
-    cfg = tiny_config(scheme="ternary", scope="all")
+    cfg = tiny_config("ternary", "all")
     model = build_model(cfg)
     out = model(batch)
     (out["wav_hat"].abs().mean() + out["loss_dur"]).backward()

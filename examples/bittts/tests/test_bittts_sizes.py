@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from bittts.config import load_preset
+from bittts.config import QuantizationConfig, load_preset
 from bittts.model import BitTTS, build_model
 from bittts.sizes import PARTS, format_size_table, part_bytes, size_table
 from bittts.text import SYMBOLS
@@ -24,9 +24,9 @@ def rows():
     return {(r.precision, r.scope, r.indexing): r for r in size_table(config())}
 
 
-def _quantized_weights(preset_scheme: str, scope: str) -> list[int]:
+def _quantized_weights(kind: str, scope: str) -> list[int]:
     cfg = config()
-    cfg.quant.scheme, cfg.quant.scope = preset_scheme, scope
+    cfg.quant = QuantizationConfig(scope, config={"kind": kind})
     model = build_model(cfg)
     return [m.float_weight().numel() for m in model.modules() if ternq.is_quantized(m)]
 
@@ -44,7 +44,7 @@ def test_rows_cover_the_paper_comparison(rows):
 
 def test_fp32_row_is_four_bytes_per_parameter_plus_header(rows):
     torch.manual_seed(0)
-    model = BitTTS(config()).strip_for_inference()
+    model = BitTTS.for_inference(config(), quantize=False)
     params = {n: p.numel() for n, p in model.state_dict().items()}
     fp32 = rows[("fp32", None, None)]
     assert fp32.parts == part_bytes({n: 4 * c for n, c in params.items()})
@@ -52,16 +52,16 @@ def test_fp32_row_is_four_bytes_per_parameter_plus_header(rows):
 
 def test_indexed_rows_are_the_files_ternq_writes(rows):
     cfg = config()
-    cfg.quant.scheme, cfg.quant.scope = "ternary", "all"
+    cfg.quant = QuantizationConfig("all", config={"kind": "ternary"})
     torch.manual_seed(123)  # other values, same size
-    model = build_model(cfg).eval().strip_for_inference()
+    model = BitTTS.for_inference(cfg).eval()
     assert len(ternq.pack(model).to_bytes()) == rows[("1.58-bit", "all", True)].bytes
 
 
-@pytest.mark.parametrize(("precision", "scheme", "per_byte"), [("1.58-bit", "ternary", 5), ("4-bit", "kbit", 2)])
+@pytest.mark.parametrize(("precision", "kind", "per_byte"), [("1.58-bit", "ternary", 5), ("4-bit", "kbit", 2)])
 @pytest.mark.parametrize("scope", ["acoustic", "all"])
-def test_without_indexing_is_one_byte_per_quantized_weight(rows, precision, scheme, per_byte, scope):
-    counts = _quantized_weights(scheme, scope)
+def test_without_indexing_is_one_byte_per_quantized_weight(rows, precision, kind, per_byte, scope):
+    counts = _quantized_weights(kind, scope)
     saved = sum(counts) - sum(math.ceil(n / per_byte) for n in counts)
     assert rows[(precision, scope, False)].bytes - rows[(precision, scope, True)].bytes == saved
     assert sum(rows[(precision, scope, False)].parts.values()) - sum(rows[(precision, scope, True)].parts.values()) \

@@ -8,10 +8,13 @@ import sys
 
 import pytest
 import torch
+from bittts.checkpoints import load_checkpoint, model_from_checkpoint
 from bittts.cli import main as cli_main
 from bittts.config import apply_overrides, load_preset
 from bittts.discriminators import Discriminators
-from bittts.model import build_model, load_checkpoint, model_from_checkpoint
+from bittts.inference import export_model
+from bittts.model import build_model
+from bittts.text import SYMBOLS
 from bittts.train import NonFiniteLossError, train
 from bittts_synthetic import N_SYMBOLS, SyntheticTTS, write_corpus
 
@@ -57,9 +60,8 @@ def test_reconstruction_warmup_runs_no_discriminator_and_mel_head_is_training_on
     for k, v in fresh.state_dict().items():
         torch.testing.assert_close(first["discriminators"][k], v, msg=k)  # untouched during the warm-up
     assert any(not torch.equal(first["discriminators"][k], second["discriminators"][k]) for k in fresh.state_dict())
-    model = model_from_checkpoint(second)
-    assert any(k.startswith("mel_head.") for k in model.state_dict())
-    assert not any(k.startswith("mel_head.") for k in model.strip_for_inference().state_dict())
+    assert any(k.startswith("mel_head.") for k in model_from_checkpoint(second).state_dict())
+    assert not any(k.startswith("mel_head.") for k in model_from_checkpoint(second, inference=True).state_dict())
 
 
 def _tensors(obj, prefix=""):
@@ -181,7 +183,7 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     # Ternary weights but float activations: 8-bit activation rounding turns the last-bit differences between
     # batch sizes (different conv blocking) into whole quantization steps, which is not what this test is about.
     data = write_corpus(tmp_path / "data", n_train=8, fixed=(5, 4))
-    sets = ["train.segment_frames=20", "train.image_every=0", "train.log_every=1", "quant.act_bits=0"]
+    sets = ["train.segment_frames=20", "train.image_every=0", "train.log_every=1", "quant.config.act_bits=false"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), "-m", "bittts.cli", "train", "--data", str(data),
@@ -207,3 +209,25 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     for k, w in one["model"].items():
         close = torch.isclose(ddp["model"][k], w, rtol=1e-4, atol=1e-6)
         assert close.float().mean() > 0.99, k
+
+
+def test_warm_start_from_an_exported_float_model(tmp_path):
+    """--init-from: a float export's weights start a ternary run (weight norm rebuilt from the folded weights, a
+    fresh aligner warmed up first); the checkpoint records the source, and a resumed run keeps the record."""
+    data = SyntheticTTS(4)
+    float_cfg = tiny("train.image_every=0", "quant.config={}")
+    float_cfg.acoustic.n_symbols = len(SYMBOLS)  # an export needs the package's symbol table
+    train(float_cfg, tmp_path / "float", dataset=data, steps=2, progress=False)
+    export_model(tmp_path / "float" / "checkpoint.pt", tmp_path / "float.safetensors")
+    cfg = tiny("train.image_every=0", "train.aligner_warmup=2")
+    cfg.acoustic.n_symbols = len(SYMBOLS)
+    messages: list[str] = []
+    train(cfg, tmp_path / "warm", dataset=data, steps=2, progress=False, log=messages.append,
+          init_from=tmp_path / "float.safetensors")
+    init = load_checkpoint(tmp_path / "warm" / "checkpoint.pt")["init"]
+    assert (init["file"], init["step"], init["preset"], init["aligner_warmup"]) == ("float.safetensors", 2, "tiny", 2)
+    assert any(m.startswith("aligner warm-up: 2 steps") for m in messages)
+    train(cfg, tmp_path / "warm", dataset=data, steps=3, resume=True, progress=False)
+    assert load_checkpoint(tmp_path / "warm" / "checkpoint.pt")["init"] == init
+    with pytest.raises(ValueError, match="warm starts begin from float weights"):
+        train(cfg, tmp_path / "again", dataset=data, steps=1, progress=False, init_from=tmp_path / "warm")
