@@ -9,8 +9,10 @@ Microsoft's reference loop (DNS-Challenge `DNSMOS/dnsmos_local.py`, the same cod
 it, step for step:
 
 * the clip is repeated (doubled) until it is at least 9.01 s long;
-* 9.01 s windows start every second (``int(floor(len / fs) - 9.01) + 1`` of them); each window gets raw
-  scores from the network, which a cubic (personalized) or quadratic (default) polynomial maps to the MOS scale;
+* 9.01 s windows start every second (``int(floor(len / fs) - 9.01) + 1`` of them; the reference computes a
+  window's end in floating point and skips a window that comes out one sample short, as those starting at 7 to
+  10 s do, so this module does too); each window gets raw scores from the network, which a cubic (personalized)
+  or quadratic (default) polynomial maps to the MOS scale;
 * the clip's scores are the means over its windows.
 
 Default: the **non-personalized** model and polynomials (`dnsmos_local.py` without `-p`, `speechmos.dnsmos.run`'s
