@@ -30,7 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sentences", metavar="FILE",
                         help=f"text file, one sentence per line (default: {DEFAULT_SENTENCES} in the bittts "
                              f"package, i.e. examples/bittts/{DEFAULT_SENTENCES}: {DEFAULT_SENTENCES_NOTE})")
-    parser.add_argument("--out", required=True, metavar="DIR", help="directory for the reports and wavs")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="receives results.md / results.json (one table), reference/ (flite's renderings) "
+                             "and per system NAME/ (report.md, report.json, wavs/)")
     parser.add_argument("--reference-voice", default="slt",
                         help="flite voice of the references for MCD and the reference WER, and of --system flite "
                              "(default: slt, the voice `bittts prepare` trains on)")
