@@ -123,7 +123,7 @@ DEFAULT_SENTENCES_NOTE = ("the 40 Harvard sentences of lists 1-4 (IEEE 1969; nat
 
 def default_sentences() -> Path:
     """The natural held-out sentences `bittts evaluate` speaks by default (`DEFAULT_SENTENCES`)."""
-    path = Path(str(resources.files("bittts") / DEFAULT_SENTENCES))
+    path = Path(str(resources.files("bittts") / DEFAULT_SENTENCES)).resolve()
     if not path.is_file():
         raise FileNotFoundError(f"no --sentences given and this installation lacks {DEFAULT_SENTENCES} (it ships "
                                 "with the source checkout, examples/bittts/eval/harvard.txt): pass --sentences FILE")

@@ -12,7 +12,7 @@ import torch
 from bittts import metrics
 from bittts.audio import resample
 from bittts.metrics import cer, dtw, edit_counts, error_rates, mcd_dtw, mel_cepstrum, transcribe, wer
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
@@ -71,6 +71,18 @@ def test_wer_and_cer_bounds(ref_words, hyp_words):
                                     len(metrics.normalize_for_scoring(hyp))) / len(metrics.normalize_for_scoring(ref))
     else:
         assert w == (1.0 if n_hyp else 0.0)
+
+
+@settings(deadline=None, max_examples=100)
+@given(words, st.lists(st.sampled_from([",", ".", "!", "?", ";", ":", ""]), min_size=10, max_size=10), st.booleans())
+def test_texts_that_normalize_alike_score_zero(ref_words, marks, upper):
+    """Case and punctuation are not errors: a hypothesis that normalizes to the reference's words has WER and
+    CER 0."""
+    ref = " ".join(ref_words)
+    hyp = " ".join(w + m for w, m in zip(ref_words, marks))
+    hyp = hyp.upper() if upper else hyp
+    assume(metrics.normalize_for_scoring(ref) == metrics.normalize_for_scoring(hyp))  # not "DR.," for "Dr."
+    assert wer(ref, hyp) == 0 and cer(ref, hyp) == 0 and error_rates([ref], [hyp]) == {"wer": 0, "cer": 0}
 
 
 def test_wer_scores_normalized_text():
