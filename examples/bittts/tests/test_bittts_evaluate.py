@@ -102,6 +102,10 @@ def test_missing_systems_are_one_line_errors(tmp_path, monkeypatch, capsys):
     message = str(info.value.code)
     assert "\n" not in message and "pip install 'bittts[peer]'" in message
     assert not (tmp_path / "o" / "reference").exists()  # refused before any work
+    monkeypatch.setitem(sys.modules, "jiwer", None)
+    with pytest.raises(SystemExit) as info:
+        main(["evaluate", "--system", "flite", "--out", str(tmp_path / "o"), "--limit", "1"])
+    assert "needs jiwer" in str(info.value.code) and "pip install 'bittts[eval]'" in str(info.value.code)
     with pytest.raises(SystemExit):
         main(["evaluate", "--system", "espeak", "--out", str(tmp_path / "o")])
     assert "argument --system: invalid choice: 'espeak'" in capsys.readouterr().err
