@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt $(wildcard examples/bittts/pyproject.to
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -c constraints.txt -e ".[test,docs]"
-	if [ -f examples/bittts/pyproject.toml ]; then $(PIP) install -q -c constraints.txt -e "examples/bittts[eval,train,publish]"; fi
+	if [ -f examples/bittts/pyproject.toml ]; then $(PIP) install -q -c constraints.txt -e "examples/bittts[eval,peer,train,publish]"; fi
 	$(BIN)/python -c "from ternq import native; native.main([])"
 	touch $(STAMP)
 

@@ -17,7 +17,7 @@ COMMANDS = {
     "export": "Export a training run's inference model as a ternq packed safetensors file.",
     "synthesize": "Synthesize speech from text with an exported model.",
     "serve": "Serve speech over HTTP: POST text to /synthesize, get a WAV (the model loaded once).",
-    "evaluate": "Measure size, intelligibility (WER/CER), MCD and real-time factor of a model.",
+    "evaluate": "Score models and reference systems (flite, Piper): size, WER/CER, DNSMOS, MCD, real-time factor.",
     "demo": "Speak one sentence with the shipped 1.58-bit model; print its size, speed and transcript.",
 }
 
@@ -25,7 +25,8 @@ COMMANDS = {
 DESCRIPTION = """\
 BitTTS: a compact English text-to-speech system (JETS acoustic model + HiFi-GAN vocoder) trained with 1.58-bit
 (ternary) quantization-aware training and stored with 5 ternary weights per byte. Everything runs offline on a
-CPU: flite speaks the training corpus, espeak-ng gives the phonemes, pocketsphinx scores intelligibility."""
+CPU: flite speaks the training corpus, espeak-ng gives the phonemes, pocketsphinx scores intelligibility and
+DNSMOS naturalness."""
 
 EPILOG = """\
 typical pipeline:
@@ -35,7 +36,7 @@ typical pipeline:
   bittts synthesize --model bittts.safetensors --text "Hello there." -o hello.wav
   echo "Hello there." | bittts synthesize --output-raw | aplay -r 16000 -f S16_LE -c 1
   bittts serve --port 5000                            # POST text to http://127.0.0.1:5000/synthesize
-  bittts evaluate --model bittts.safetensors --sentences test.txt --out report
+  bittts evaluate --model bittts.safetensors --system flite piper --out report  # one table, same metrics
 
 `bittts COMMAND --help` lists a command's options."""
 

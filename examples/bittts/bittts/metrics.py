@@ -3,7 +3,7 @@
 * ``transcribe`` uses pocketsphinx (PyPI, bundled US-English acoustic model and language model, offline).
   Absolute WER therefore includes pocketsphinx's own errors; compare systems on the same sentences.
 * ``wer``/``cer`` score the texts after ``bittts.text.normalize`` without punctuation, so "Dr. 5" and
-  "doctor five" match.
+  "doctor five" match; jiwer (PyPI) aligns the normalized texts and counts the edits.
 * ``mcd_dtw``: mel cepstra c1..c24 (c0, the loudness, excluded) from the 80-band natural-log mel spectrum,
   with the cepstral scale of ``log|X(w)| = c0 + 2 sum_k c_k cos(k w)`` (orthonormal DCT-II divided by
   sqrt(2 * n_mels)) and the usual ``10 / ln 10 * sqrt(2 * sum_k (c_k - c'_k)^2)`` in dB, averaged along
@@ -33,49 +33,55 @@ def normalize_for_scoring(text: str) -> str:
     return re.sub(r"\s+", " ", re.sub(r"[,.!?;:]", " ", normalize(text))).strip()
 
 
-def edit_distance(ref: Sequence[object], hyp: Sequence[object]) -> int:
-    """Levenshtein distance (substitutions, insertions and deletions all cost 1)."""
-    if len(ref) < len(hyp):
-        ref, hyp = hyp, ref
-    prev = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        cur = [i]
-        for j, h in enumerate(hyp, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h)))
-        prev = cur
-    return prev[-1]
+def _jiwer():  # -> the jiwer module (imported lazily: an `eval`-extra dependency)
+    try:
+        import jiwer
+    except ImportError:
+        raise ImportError("WER/CER need jiwer: pip install 'bittts[eval]' (from a checkout: "
+                          "pip install -e 'examples/bittts[eval]')") from None
+    return jiwer
 
 
-def _rate(edits: int, ref_len: int, hyp_len: int) -> float:
-    if ref_len == 0:
-        return 0.0 if hyp_len == 0 else 1.0
+def edit_counts(ref: str, hyp: str, unit: str = "word") -> tuple[int, int]:
+    """(edits, reference length) between two texts after `normalize_for_scoring`, in words or characters
+    (spaces count as characters). jiwer aligns them (Levenshtein: substitutions, insertions and deletions all
+    cost 1); the project's normalizer decides what counts as the same word, so "Dr. 5" and "doctor five" match."""
+    if unit not in ("word", "char"):
+        raise ValueError(f"unit must be 'word' or 'char', got {unit!r}")
+    jiwer = _jiwer()
+    r, h = normalize_for_scoring(ref), normalize_for_scoring(hyp)
+    out = jiwer.process_words(r, h) if unit == "word" else jiwer.process_characters(r, h)
+    return out.substitutions + out.deletions + out.insertions, out.substitutions + out.deletions + out.hits
+
+
+def _rate(edits: int, ref_len: int) -> float:
+    if ref_len == 0:  # an empty reference: any hypothesis word is an error, and counts as all of it
+        return 0.0 if edits == 0 else 1.0
     return edits / ref_len
 
 
 def wer(ref: str, hyp: str) -> float:
-    """Word error rate: word edit distance / reference words (1.0 for an empty reference with a non-empty
+    """Word error rate: word edits / reference words (1.0 for an empty reference with a non-empty
     hypothesis). Can exceed 1 when the hypothesis has insertions."""
-    r, h = normalize_for_scoring(ref).split(), normalize_for_scoring(hyp).split()
-    return _rate(edit_distance(r, h), len(r), len(h))
+    return _rate(*edit_counts(ref, hyp, "word"))
 
 
 def cer(ref: str, hyp: str) -> float:
     """Character error rate over the normalized texts (spaces count as characters)."""
-    r, h = normalize_for_scoring(ref), normalize_for_scoring(hyp)
-    return _rate(edit_distance(r, h), len(r), len(h))
+    return _rate(*edit_counts(ref, hyp, "char"))
 
 
 def error_rates(refs: Sequence[str], hyps: Sequence[str]) -> dict[str, float]:
-    """Corpus-level WER and CER: total edits over total reference length (long sentences weigh more)."""
+    """Corpus-level WER and CER: total edits over total reference length (long sentences weigh more, as in
+    jiwer's own corpus WER)."""
     if len(refs) != len(hyps):
         raise ValueError(f"{len(refs)} references but {len(hyps)} hypotheses")
     we = wn = ce = cn = 0
     for ref, hyp in zip(refs, hyps):
-        r, h = normalize_for_scoring(ref), normalize_for_scoring(hyp)
-        we += edit_distance(r.split(), h.split())
-        wn += len(r.split())
-        ce += edit_distance(r, h)
-        cn += len(r)
+        e, n = edit_counts(ref, hyp, "word")
+        we, wn = we + e, wn + n
+        e, n = edit_counts(ref, hyp, "char")
+        ce, cn = ce + e, cn + n
     return {"wer": we / max(wn, 1), "cer": ce / max(cn, 1)}
 
 

@@ -1,15 +1,18 @@
 """Turn `bittts evaluate` reports and training runs into the figures, audio samples and tables of
 docs/bittts-results.md.
 
-    python examples/bittts/scripts/publish_results.py \\
-        --report fp32=reports/fp32 --report ternary=reports/ternary \\
+    python examples/bittts/scripts/publish_results.py --results reports \\
         --run fp32=runs/fp32 --run ternary=runs/all \\
         --histogram examples/bittts/pretrained/bittts-ternary.safetensors --out docs/assets/bittts
 
-Writes to --out: mels.png (the same held-out sentence: flite reference, then each model), histogram.png (share
+--results reads a `bittts evaluate --out DIR` directory (DIR/results.json and each system's DIR/NAME/report.json,
+table order as evaluated); --report NAME=DIR adds one system's directory (DIR/report.json) under NAME.
+
+Writes to --out: mels.png (the same held-out sentence: flite reference, then each system), histogram.png (share
 of -1 / 0 / +1 weights per packed layer), curves.png (training losses per run), audio/<name>-<k>.wav (the first
---samples held-out sentences, reference included), and prints the Markdown tables (results and training
-records) for the page. Every number comes from the report.json / metrics.jsonl files given.
+--samples held-out sentences, reference included), and prints the Markdown tables (results: system, size,
+reduction, WER, CER, DNSMOS SIG / BAK / OVRL, MCD, RTF; training records) for the page. Every number comes from
+the report.json / metrics.jsonl files given.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from typing import Any
 
 import numpy as np
 from bittts import audio
+from bittts.evaluation import format_results, result_row
 from bittts.extras import require
 from bittts.train import mel_figure as train_mel_figure
 
@@ -42,11 +46,27 @@ def _pairs(items: list[str], what: str) -> dict[str, Path]:
     return out
 
 
-def _load_report(path: Path) -> dict[str, Any]:
+def _load_report(path: Path, name: str | None = None) -> dict[str, Any]:
+    """A system's report.json; one written before reports had a "system" entry (a BitTTS model, no DNSMOS) gets
+    one, so old and new reports tabulate alike. `name` renames the system."""
     file = path / "report.json"
     if not file.is_file():
-        raise SystemExit(f"{file} not found: run `bittts evaluate --out {path}` first")
-    return json.loads(file.read_text())
+        raise SystemExit(f"{file} not found: run `bittts evaluate --out DIR` first (a system's report is in DIR/NAME)")
+    report = json.loads(file.read_text())
+    if "system" not in report:
+        report["system"] = {"name": name or path.name, "kind": "bittts", "bytes": report["model"]["bytes"]}
+        report.setdefault("dnsmos", None)
+    if name:
+        report["system"]["name"] = name
+    return report
+
+
+def _load_results(path: Path) -> dict[str, Path]:
+    """name -> report directory of every system in a `bittts evaluate --out` directory, in table order."""
+    file = path / "results.json"
+    if not file.is_file():
+        raise SystemExit(f"{file} not found: give the --out directory of `bittts evaluate`")
+    return {row["name"]: path / Path(row["report"]).parent for row in json.loads(file.read_text())["systems"]}
 
 
 def _save(fig: Figure, path: Path) -> None:
@@ -57,12 +77,14 @@ def _save(fig: Figure, path: Path) -> None:
 
 
 def mel_figure(reports: dict[str, dict[str, Any]], roots: dict[str, Path], index: int, path: Path) -> None:
-    """One row per system for held-out sentence `index`: flite's reference, then each model (drawn like the
-    training run's mel images)."""
+    """One row per system for held-out sentence `index`: flite's reference, then each system (drawn like the
+    training run's mel images; a flite system in the reference voice would repeat the first row and is left out)."""
     first = next(iter(reports))
     utt = reports[first]["utterances"][index]
-    rows = [("flite reference (slt)", roots[first] / utt["reference_wav"])]
-    rows += [(name, roots[name] / r["utterances"][index]["wav"]) for name, r in reports.items()]
+    voice = reports[first]["reference"]["voice"]
+    rows = [(f"flite reference ({voice})", roots[first] / utt["reference_wav"])]
+    rows += [(name, roots[name] / r["utterances"][index]["wav"]) for name, r in reports.items()
+             if not (r["system"]["kind"] == "flite" and r["system"].get("voice") == voice)]
     panels = [(f"{title}: \"{utt['text']}\"", audio.log_mel(audio.read_wav(wav_path)[0].unsqueeze(0))[0])
               for title, wav_path in rows]
     train_mel_figure(panels, path)
@@ -131,21 +153,16 @@ def copy_samples(reports: dict[str, dict[str, Any]], roots: dict[str, Path], cou
 
 
 def results_table(reports: dict[str, dict[str, Any]], baseline: str) -> str:
-    base = reports[baseline]["model"]["bytes"] if baseline in reports else None
-    lines = ["| model | quantization | steps | size (MB) | vs fp32 | WER | CER | MCD (dB) | RTF 1 thread |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, r in reports.items():
-        m = r["model"]
-        quant = "float" if m["quant"]["scheme"] == "none" else (
-            f"{'1.58-bit' if m['quant']['scheme'] == 'ternary' else str(m['quant']['bits']) + '-bit'} "
-            f"{m['quant']['scope']}")
-        rel = f"{m['bytes'] / base - 1:+.1%}" if base else "-"
-        lines.append(f"| {name} | {quant} | {m['training_step']} | {m['bytes'] / 1e6:.2f} | {rel} | {r['wer']:.3f} "
-                     f"| {r['cer']:.3f} | {r['mcd_db']:.2f} | {r['rtf'].get('1', float('nan')):.3f} |")
-    r = next(iter(reports.values()))
-    lines.append(f"| flite `slt` (reference) | - | - | - | - | {r['reference_wer']:.3f} | {r['reference_cer']:.3f} "
-                 "| 0 | - |")
-    return "\n".join(lines)
+    """system, quantization, size, reduction against `baseline`, WER, CER, DNSMOS SIG / BAK / OVRL, MCD, RTF at
+    one thread (`bittts.evaluation.format_results`); without a flite system, flite's reference WER / CER as a
+    last row."""
+    rows = [result_row(r) for r in reports.values()]
+    table = format_results({"systems": rows}, baseline if baseline in reports else None)
+    if not any(r["system"]["kind"] == "flite" for r in reports.values()):
+        r = next(iter(reports.values()))
+        table += (f"\n| flite `{r['reference']['voice']}` (reference) | - | - | - | {r['reference_wer']:.3f} "
+                  f"| {r['reference_cer']:.3f} | - | - | - | 0 | - |")
+    return table
 
 
 def training_table(runs: dict[str, Path]) -> str:
@@ -162,18 +179,25 @@ def training_table(runs: dict[str, Path]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--report", action="append", default=[], metavar="NAME=DIR", required=True,
-                        help="a `bittts evaluate` output directory (repeatable; table order)")
+    parser.add_argument("--results", action="append", default=[], metavar="DIR",
+                        help="a `bittts evaluate --out` directory: all its systems (repeatable; table order)")
+    parser.add_argument("--report", action="append", default=[], metavar="NAME=DIR",
+                        help="one system's report directory (DIR/report.json), named NAME (repeatable)")
     parser.add_argument("--run", action="append", default=[], metavar="NAME=RUN_DIR",
                         help="a `bittts train` run directory (repeatable)")
     parser.add_argument("--histogram", metavar="MODEL.safetensors", help="ternary model for the histogram")
-    parser.add_argument("--baseline", default="fp32", help="report NAME the size reduction is against")
+    parser.add_argument("--baseline", default="fp32",
+                        help="system NAME the size reduction is against (default fp32; without one: the first "
+                             "float BitTTS model)")
     parser.add_argument("--sentence", type=int, default=0, help="held-out sentence (0-based) for the mel figure")
     parser.add_argument("--samples", type=int, default=2, help="held-out sentences copied as audio samples")
     parser.add_argument("--out", required=True, metavar="DIR", help="assets directory, e.g. docs/assets/bittts")
     args = parser.parse_args()
-    roots = _pairs(args.report, "--report")
-    reports = {name: _load_report(path) for name, path in roots.items()}
+    roots = {name: path for d in args.results for name, path in _load_results(Path(d)).items()}
+    roots.update(_pairs(args.report, "--report"))
+    if not roots:
+        parser.error("give --results DIR (a `bittts evaluate` output) or --report NAME=DIR")
+    reports = {name: _load_report(path, name) for name, path in roots.items()}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     mel_figure(reports, roots, args.sentence, out / "mels.png")

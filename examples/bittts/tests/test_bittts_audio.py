@@ -162,6 +162,19 @@ def test_resample_preserves_a_low_sine(orig, new, freq):
     assert torch.allclose(y[n // 8: -n // 8], ref[n // 8: -n // 8], atol=0.01)
 
 
+@settings(deadline=None, max_examples=30)
+@given(st.integers(min_value=64, max_value=22050 * 3), st.floats(min_value=0.1, max_value=0.9))
+def test_resample_22050_to_16k_keeps_duration_and_timing(length, where):
+    """Piper's 22.05 kHz audio at 16 kHz (how `bittts evaluate` scores it): the same duration to within one
+    output sample, and a click stays where it was (no delay from the filter)."""
+    x = torch.zeros(length)
+    at = int(where * (length - 1))
+    x[at] = 1.0
+    y = resample(x, 22050, 16000)
+    assert abs(y.numel() / 16000 - length / 22050) < 1 / 16000
+    assert abs(int(y.abs().argmax()) / 16000 - at / 22050) <= 1 / 16000
+
+
 def test_resample_removes_content_above_the_new_nyquist():
     x = sine(7000.0, seconds=0.2, rate=22050)
     y = resample(x, 22050, 8000)

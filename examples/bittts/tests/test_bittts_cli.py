@@ -170,30 +170,38 @@ def test_long_text_is_split_into_sentences(run, tmp_path, capsys):
     assert (rate, channels, width) == (16000, 1, 2) and frames > 40 * 0.2 * rate
 
 
-def test_evaluate_writes_both_reports(run, capsys):
+def test_evaluate_scores_a_model_and_flite_in_one_table(run, capsys):
     sentences = run["root"] / "sentences.txt"
     sentences.write_text("The cat sat on the mat.\nIt was a bright cold day in April.\nNot evaluated.\n")
     report_dir = run["root"] / "report"
-    assert main(["evaluate", "--model", str(run["model"]), "--sentences", str(sentences), "--out", str(report_dir),
-                 "--limit", "2", "--quiet"]) == 0
+    assert main(["evaluate", "--model", f"tiny={run['model']}", "--system", "flite", "--sentences", str(sentences),
+                 "--out", str(report_dir), "--limit", "2", "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "| 1.58-bit | all | with (5 per byte) |" in printed  # the size table goes to stdout too
-    report = json.loads((report_dir / "report.json").read_text())
+    assert "| tiny | 1.58-bit all |" in printed and "| flite-slt | - |" in printed
+    results = json.loads((report_dir / "results.json").read_text())
+    assert [r["name"] for r in results["systems"]] == ["tiny", "flite-slt"]
+    report = json.loads((report_dir / "tiny" / "report.json").read_text())
+    flite = json.loads((report_dir / "flite-slt" / "report.json").read_text())
     assert report["sentences"] == 2 and len(report["utterances"]) == 2
     for key in ("wer", "cer", "reference_wer", "reference_cer", "mcd_db"):
         assert math.isfinite(report[key]) and report[key] >= 0, key
+    assert all(math.isfinite(report["dnsmos"][k]) for k in ("sig", "bak", "ovrl"))
     assert set(report["rtf"]) == {"1", "2"} and all(math.isfinite(r) and r > 0 for r in report["rtf"].values())
+    assert set(flite["rtf"]) == {"1"}  # flite is single-threaded
     assert report["reference_wer"] < 0.5  # flite's own rendering is intelligible to pocketsphinx
+    assert flite["wer"] == report["reference_wer"] and flite["mcd_db"] == 0 < report["mcd_db"]
     m = report["model"]
-    assert m["bytes"] == run["model"].stat().st_size
+    assert m["bytes"] == run["model"].stat().st_size == report["system"]["bytes"]
     assert m["header_bytes"] + sum(m["parts"].values()) == m["bytes"]
     assert m["parts"]["acoustic"] > 0 and m["parts"]["vocoder"] > 0 and m["packed_parts"]["vocoder"] > 0
     rows = report["size_table"]
     assert len(rows) == 9 and rows[0]["precision"] == "fp32"
     for u in report["utterances"]:
-        assert _wav_info(report_dir / u["wav"])[3] > 0 and _wav_info(report_dir / u["reference_wav"])[3] > 0
-    md = (report_dir / "report.md").read_text()
-    assert "## Size" in md and "WER (pocketsphinx)" in md and "| 2 | " in md
+        tiny = report_dir / "tiny"
+        assert _wav_info(tiny / u["wav"])[3] > 0 and _wav_info(tiny / u["reference_wav"])[3] > 0
+    md = (report_dir / "tiny" / "report.md").read_text()
+    assert "## Size" in md and "WER (pocketsphinx)" in md and "| 2 | " in md and "DNSMOS" in md
 
 
 def test_float_preset_exports_without_packed_layers(run):

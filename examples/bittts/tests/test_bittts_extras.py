@@ -61,7 +61,7 @@ def test_extras_match_pyproject():
     with open(pyproject, "rb") as f:
         project = tomllib.load(f)["project"]
     extras = project["optional-dependencies"]
-    for extra, modules in EXTRAS.items():
+    for extra, distributions in EXTRAS.items():
         declared = {req.split(">")[0].split("=")[0].strip() for req in extras[extra]}
-        assert declared == set(modules), (extra, declared)
+        assert declared == set(distributions), (extra, declared)
     assert not any(dep.startswith(BLOCKED) for dep in project["dependencies"])

@@ -11,8 +11,8 @@ import pytest
 import torch
 from bittts import metrics
 from bittts.audio import resample
-from bittts.metrics import cer, dtw, edit_distance, error_rates, mcd_dtw, mel_cepstrum, transcribe, wer
-from hypothesis import given, settings
+from bittts.metrics import cer, dtw, edit_counts, error_rates, mcd_dtw, mel_cepstrum, transcribe, wer
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
@@ -20,17 +20,40 @@ words = st.lists(st.sampled_from("the a cat dog sat on mat big red 5 Dr. ran".sp
 
 
 @pytest.mark.parametrize("a, b, d", [("kitten", "sitting", 3), ("", "abc", 3), ("flaw", "lawn", 2), ("same", "same", 0)])
-def test_edit_distance_known_values(a, b, d):
-    assert edit_distance(a, b) == d
+def test_character_edits_known_values(a, b, d):
+    assert edit_counts(a, b, "char") == (d, len(a))
+
+
+def test_word_edits_count_substitutions_insertions_and_deletions():
+    assert edit_counts("the cat sat", "a cat sat down") == (2, 3)  # the -> a, + down
+    assert edit_counts("the cat sat", "cat") == (2, 3)
+    assert edit_counts("", "hello there") == (2, 0)
+    with pytest.raises(ValueError, match="unit"):
+        edit_counts("a", "b", "phone")
+
+
+def _lev(a: list[str], b: list[str]) -> int:
+    """Textbook Levenshtein distance, the oracle for jiwer's alignment."""
+    prev = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        cur = [i]
+        for j, y in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
+        prev = cur
+    return prev[-1]
 
 
 @settings(deadline=None, max_examples=150)
-@given(st.text("abc", max_size=8), st.text("abc", max_size=8), st.text("abc", max_size=8))
-def test_edit_distance_is_a_metric(a, b, c):
-    assert edit_distance(a, a) == 0
-    assert edit_distance(a, b) == edit_distance(b, a)
-    assert abs(len(a) - len(b)) <= edit_distance(a, b) <= max(len(a), len(b))
-    assert edit_distance(a, c) <= edit_distance(a, b) + edit_distance(b, c)
+@given(words, words, words)
+def test_word_edits_are_the_levenshtein_metric_on_normalized_words(a, b, c):
+    a, b, c = (" ".join(x) for x in (a, b, c))
+    na, nb = (metrics.normalize_for_scoring(x).split() for x in (a, b))
+    d = edit_counts(a, b)[0]
+    assert d == _lev(na, nb) and edit_counts(a, b)[1] == len(na)
+    assert edit_counts(a, a)[0] == 0
+    assert d == edit_counts(b, a)[0]  # the distance is symmetric; the rate is not (it divides by the reference)
+    assert abs(len(na) - len(nb)) <= d <= max(len(na), len(nb))
+    assert edit_counts(a, c)[0] <= d + edit_counts(b, c)[0]
 
 
 @settings(deadline=None, max_examples=150)
@@ -48,6 +71,18 @@ def test_wer_and_cer_bounds(ref_words, hyp_words):
                                     len(metrics.normalize_for_scoring(hyp))) / len(metrics.normalize_for_scoring(ref))
     else:
         assert w == (1.0 if n_hyp else 0.0)
+
+
+@settings(deadline=None, max_examples=100)
+@given(words, st.lists(st.sampled_from([",", ".", "!", "?", ";", ":", ""]), min_size=10, max_size=10), st.booleans())
+def test_texts_that_normalize_alike_score_zero(ref_words, marks, upper):
+    """Case and punctuation are not errors: a hypothesis that normalizes to the reference's words has WER and
+    CER 0."""
+    ref = " ".join(ref_words)
+    hyp = " ".join(w + m for w, m in zip(ref_words, marks))
+    hyp = hyp.upper() if upper else hyp
+    assume(metrics.normalize_for_scoring(ref) == metrics.normalize_for_scoring(hyp))  # not "DR.," for "Dr."
+    assert wer(ref, hyp) == 0 and cer(ref, hyp) == 0 and error_rates([ref], [hyp]) == {"wer": 0, "cer": 0}
 
 
 def test_wer_scores_normalized_text():

