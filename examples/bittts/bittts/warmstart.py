@@ -28,6 +28,8 @@ __all__ = ["read_init_weights", "load_init_weights", "warm_up_aligner"]
 
 # config fields that may differ between the source and the new run: they change no parameter shape
 _FREE = {"acoustic": ("dropout", "variance_dropout"), "vocoder": ("weight_norm",)}
+# a weight-normed layer's state_dict entries (torch's weight_norm parametrization): g and v
+_WN_G, _WN_V = ".parametrizations.weight.original0", ".parametrizations.weight.original1"
 
 
 def read_init_weights(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -82,7 +84,7 @@ def load_init_weights(model: BitTTS, init: dict[str, Any], symbols: list[str] | 
     own = model.state_dict()
     done: set[str] = set()
     with torch.no_grad():
-        for name, value in init["state"].items():
+        for name, value in _fold_weight_norm(init["state"], own).items():
             if name in own:
                 if own[name].shape != value.shape:
                     raise ValueError(f"--init-from: {name} has shape {tuple(value.shape)} in the source, "
@@ -103,6 +105,18 @@ def load_init_weights(model: BitTTS, init: dict[str, Any], symbols: list[str] | 
         raise ValueError(f"--init-from: the source lacks {len(unexpected)} weights of this model "
                          f"({', '.join(unexpected[:3])}...)")
     return missing
+
+
+def _fold_weight_norm(state: dict[str, Tensor], own: dict[str, Tensor]) -> dict[str, Tensor]:
+    """`state` with each weight-normed layer that is plain in `own` (a checkpoint trained with
+    vocoder.weight_norm, a run without it) folded into its plain weight, as `bittts export` folds it."""
+    out = dict(state)
+    for g_name in [k for k in state if k.endswith(_WN_G)]:
+        owner = g_name[: -len(_WN_G)]
+        if f"{owner}.weight" in own and f"{owner}{_WN_V}" in out:
+            g, v = out.pop(g_name), out.pop(f"{owner}{_WN_V}")
+            out[f"{owner}.weight"] = torch._weight_norm(v, g, 0)  # what weight_norm(dim=0) computes
+    return out
 
 
 def warm_up_aligner(model: BitTTS, batches: Iterator[dict[str, Any]], steps: int, cfg: BitTTSConfig,

@@ -10,12 +10,13 @@ import pytest
 import torch
 from bittts.checkpoints import load_checkpoint, model_from_checkpoint
 from bittts.cli import main as cli_main
-from bittts.config import apply_overrides, load_preset
+from bittts.config import apply_overrides, config_to_dict, load_preset
 from bittts.discriminators import Discriminators
 from bittts.inference import export_model
-from bittts.model import build_model
+from bittts.model import TRAINING_ONLY, BitTTS, build_model
 from bittts.text import SYMBOLS
 from bittts.train import NonFiniteLossError, train
+from bittts.warmstart import load_init_weights
 from bittts_synthetic import N_SYMBOLS, SyntheticTTS, write_corpus
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -209,6 +210,27 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     for k, w in one["model"].items():
         close = torch.isclose(ddp["model"][k], w, rtol=1e-4, atol=1e-6)
         assert close.float().mean() > 0.99, k
+
+
+@pytest.mark.parametrize("source_form, weight_norm", [("export", True), ("checkpoint", False)])
+def test_warm_start_weights_are_the_sources(source_form, weight_norm):
+    """load_init_weights rebuilds the source's function: an export's folded weights become weight norm again, a
+    weight-normed checkpoint's (g, v) fold into a run built without weight norm (vocoder.weight_norm=false)."""
+    torch.manual_seed(0)
+    source_cfg = tiny("quant.config={}")
+    source = BitTTS(source_cfg)
+    state = source.state_dict()
+    if source_form == "export":
+        state = model_from_checkpoint({"config": config_to_dict(source_cfg), "model": state}, inference=True
+                                      ).state_dict()
+    model = BitTTS(tiny("quant.config={}", f"vocoder.weight_norm={str(weight_norm).lower()}"))
+    rebuilt = load_init_weights(model, {"state": state, "config": source_cfg, "symbols": None})
+    assert all(k.startswith(TRAINING_ONLY) for k in rebuilt) and bool(rebuilt) == (source_form == "export")
+    model.remove_weight_norm()
+    source.remove_weight_norm()
+    for k, v in model.state_dict().items():
+        if not k.startswith(TRAINING_ONLY):
+            torch.testing.assert_close(v, source.state_dict()[k], rtol=1e-6, atol=1e-7, msg=k)
 
 
 def test_warm_start_from_an_exported_float_model(tmp_path):
