@@ -11,7 +11,8 @@ itself through ternq user metadata (`ternq.read_metadata`), so nothing but the f
     bittts.symbols     the symbol table as a JSON list (phoneme string -> ids)
     bittts.phonemizer  JSON: {"backend": "espeak-ng", "voice": ..., "normalizer": "bittts.text.normalize"}
     bittts.audio       JSON: {"sample_rate": 16000, "hop": 256, "n_mels": 80}
-    bittts.training    JSON: {"step", "checkpoint", "seconds" (training wall time), "recipe_changes"} (informative)
+    bittts.training    JSON: {"step", "checkpoint", "seconds" (training wall time), "recipe_changes", "init" (the
+                       warm start's source, `bittts.warmstart`, or null)} (informative)
 
 A float preset (no `[quant.config]`) exports a file without packed layers (`allow_float=True`).
 """

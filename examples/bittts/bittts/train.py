@@ -4,7 +4,8 @@ One explicit loop, nanoGPT style. Per optimizer step, for each of `grad_accum` m
 
     out = model(batch)                                   # teacher-forced acoustic pass + vocoder on a segment
     D loss on (real segment, generated segment detached)  -> backward into the discriminators
-    G loss = 45 mel + adv + 2 fm + dur + pitch + energy + 2 (forward-sum + w(step) bin) [+ mel_aux] -> backward
+    G loss = 45 mel + adv + 2 fm + dur + pitch + energy + 2 (forward-sum + w(step) bin) [+ mel_aux + stft]
+             -> backward
 then both AdamW optimizers step (grads clipped) and both ExponentialLR schedulers advance. Both networks are
 updated from the same discriminator state (simultaneous updates), which is what makes gradient accumulation
 exact: every micro-batch sees the same networks. During a reconstruction-only warm-up (`step < loss.adv_start`)

@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, help="total optimizer steps (default: the preset's train.steps)")
     parser.add_argument("--resume", action="store_true", help="continue RUN_DIR/checkpoint.pt exactly")
     parser.add_argument("--init-from", metavar="MODEL", help="start a new run from a float model's weights: an "
-                        "exported model (.safetensors) or a float run's checkpoint.pt (QAT from fp32)")
+                        "exported model (.safetensors), or a float run's checkpoint.pt or RUN_DIR (QAT from fp32)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto = CUDA when available (default)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
