@@ -29,17 +29,18 @@ import torch
 
 from . import audio
 
-__all__ = ["SYSTEMS", "Spoken", "TTSSystem", "BitTTSSystem", "FliteSystem", "PiperSystem", "make_system"]
+__all__ = ["SYSTEMS", "Spoken", "TTSSystem", "BitTTSSystem", "FliteSystem", "PiperSystem", "make_system",
+           "model_system"]
 
 SAMPLE_RATE = audio.SAMPLE_RATE  # what every system's audio is scored at
 
 
 @dataclass
 class Spoken:
-    """One sentence spoken by a system: 16 kHz mono float audio, the model seconds it took, and its phonemes."""
+    """One sentence spoken by a system: 16 kHz mono float audio and its phonemes (speed is `model_seconds`'
+    business)."""
 
     wav: torch.Tensor
-    seconds: float
     phonemes: str = ""
 
     @property
@@ -98,7 +99,7 @@ class BitTTSSystem(TTSSystem):
     def speak(self, text: str) -> Spoken:
         phonemes, ids = self._text_ids(text)
         r = self.synth.synthesize_ids(ids, phonemes)
-        return Spoken(audio.resample(r.wav, r.sample_rate, SAMPLE_RATE), r.seconds, phonemes)
+        return Spoken(audio.resample(r.wav, r.sample_rate, SAMPLE_RATE), phonemes)
 
     def model_seconds(self, texts: Sequence[str], threads: int) -> list[tuple[float, float]]:
         ids = [self._ids.get(t) or self._text_ids(t)[1] for t in texts]
@@ -144,8 +145,8 @@ class FliteSystem(TTSSystem):
         return wav, rate, seconds
 
     def speak(self, text: str) -> Spoken:
-        wav, rate, seconds = self._run(text)
-        return Spoken(audio.resample(wav, rate, SAMPLE_RATE), seconds)
+        wav, rate, _ = self._run(text)
+        return Spoken(audio.resample(wav, rate, SAMPLE_RATE))
 
     def model_seconds(self, texts: Sequence[str], threads: int) -> list[tuple[float, float]]:
         out = []
@@ -206,8 +207,7 @@ class PiperSystem(TTSSystem):
         rate = chunks[0].sample_rate
         wav = torch.from_numpy(np.concatenate([c.audio_float_array for c in chunks]).astype(np.float32))
         phonemes = " ".join("".join(c.phonemes) for c in chunks)
-        # the speaking time is not what RTF reports (that is `model_seconds`): here it includes phonemization
-        return Spoken(audio.resample(wav, rate, SAMPLE_RATE).clamp(-1, 1), float("nan"), phonemes)
+        return Spoken(audio.resample(wav, rate, SAMPLE_RATE).clamp(-1, 1), phonemes)
 
     def model_seconds(self, texts: Sequence[str], threads: int) -> list[tuple[float, float]]:
         self.voice.session = self._session(threads)
@@ -234,16 +234,20 @@ class PiperSystem(TTSSystem):
 SYSTEMS = ("flite", "piper")  # the reference systems `--system` accepts
 
 
-def make_system(spec: str | None, flite_voice: str = "slt") -> TTSSystem:
-    """A reference system by name ("flite" or "piper"), or a BitTTS model: "FILE" or "NAME=FILE" (None: the
-    shipped 1.58-bit model). Fails here, before any work, if the system is not installed."""
-    if spec is None:
-        return BitTTSSystem(None)
-    if spec == "flite":
+def make_system(name: str, flite_voice: str = "slt") -> TTSSystem:
+    """A reference system by name (one of `SYSTEMS`). Fails here, before any work, if it is not installed."""
+    if name == "flite":
         return FliteSystem(flite_voice)
-    if spec == "piper":
+    if name == "piper":
         return PiperSystem()
-    name, sep, path = spec.partition("=")
-    if sep and name and re.fullmatch(r"[\w.+-]+", name) and not os.path.exists(spec):
-        return BitTTSSystem(path, name)
+    raise ValueError(f"unknown reference system {name!r}: choose from {', '.join(SYSTEMS)}")
+
+
+def model_system(spec: str | None) -> BitTTSSystem:
+    """An exported BitTTS model: "FILE" or "NAME=FILE" (a FILE that exists is taken whole, '=' and all); None:
+    the shipped 1.58-bit model. A model file named like a reference system is still a model."""
+    if spec is not None:
+        name, sep, path = spec.partition("=")
+        if sep and name and re.fullmatch(r"[\w.+-]+", name) and not os.path.exists(spec):
+            return BitTTSSystem(path, name)
     return BitTTSSystem(spec)

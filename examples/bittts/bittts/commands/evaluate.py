@@ -49,15 +49,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..evaluation import default_sentences, evaluate, format_results, read_sentences
     from ..extras import require
-    from ..tts_systems import make_system
+    from ..tts_systems import make_system, model_system
 
     require("eval", "bittts evaluate (WER/CER and DNSMOS)")
     check_threads(args.threads)
     sentences_file = args.sentences or default_sentences()
     sentences = read_sentences(sentences_file, args.limit)
     output_dir(args.out, "--out")
-    specs = [*args.model, *args.system] or [None]
-    systems = [make_system(spec, args.reference_voice) for spec in specs]  # each fails here if not installed
+    models = args.model or ([] if args.system else [None])  # neither --model nor --system: the shipped model
+    # each fails here, before any work, if it is not installed
+    systems = [*map(model_system, models), *(make_system(name, args.reference_voice) for name in args.system)]
     results = evaluate(systems, sentences, args.out, reference_voice=args.reference_voice, threads=args.threads,
                        personalized=args.dnsmos_personalized, sentences_file=sentences_file,
                        progress=not args.quiet)
