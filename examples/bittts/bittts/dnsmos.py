@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from . import audio
+from .extras import install_hint
 
 __all__ = ["SAMPLE_RATE", "INPUT_LENGTH", "POLYNOMIALS", "model_path", "segments", "DNSMOS"]
 
@@ -63,8 +64,7 @@ def model_path(personalized: bool = False) -> Path:
     librosa); RuntimeError naming the `eval` extra if it is not installed."""
     spec = importlib.util.find_spec("speechmos")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("DNSMOS needs the speechmos package (Microsoft's DNSMOS models): "
-                           "pip install 'bittts[eval]' (from a checkout: pip install -e 'examples/bittts[eval]')")
+        raise RuntimeError("DNSMOS needs the speechmos package (Microsoft's DNSMOS models): " + install_hint("eval"))
     folder = "pdnsmos_models" if personalized else "dnsmos_models"
     path = Path(next(iter(spec.submodule_search_locations))) / folder / "sig_bak_ovr.onnx"
     if not path.is_file():
@@ -102,8 +102,7 @@ class DNSMOS:
         try:
             import onnxruntime as ort
         except ImportError:
-            raise RuntimeError("DNSMOS needs onnxruntime: pip install 'bittts[eval]' (from a checkout: "
-                               "pip install -e 'examples/bittts[eval]')") from None
+            raise RuntimeError("DNSMOS needs onnxruntime: " + install_hint("eval")) from None
         self.personalized = personalized
         self.path = model_path(personalized)
         options = ort.SessionOptions()

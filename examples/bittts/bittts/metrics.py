@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from bittts import audio
+from bittts.extras import install_hint
 from bittts.text import normalize
 
 AudioInput = str | os.PathLike[str] | torch.Tensor | np.ndarray
@@ -37,8 +38,7 @@ def _jiwer():  # -> the jiwer module (imported lazily: an `eval`-extra dependenc
     try:
         import jiwer
     except ImportError:
-        raise ImportError("WER/CER need jiwer: pip install 'bittts[eval]' (from a checkout: "
-                          "pip install -e 'examples/bittts[eval]')") from None
+        raise ImportError("WER/CER need jiwer: " + install_hint("eval")) from None
     return jiwer
 
 
@@ -104,9 +104,7 @@ def _decoder():  # -> a new pocketsphinx.Decoder (imported lazily)
     try:
         from pocketsphinx import Decoder
     except ImportError as e:
-        raise ImportError(
-            "transcribe() needs pocketsphinx: pip install 'bittts[eval]' (or pip install pocketsphinx)"
-        ) from e
+        raise ImportError("transcribe() needs pocketsphinx: " + install_hint("eval")) from e
     return Decoder(samprate=audio.SAMPLE_RATE, loglevel="FATAL")
 
 
