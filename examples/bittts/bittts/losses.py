@@ -13,8 +13,8 @@ from torch import Tensor
 from . import audio
 from .config import LossConfig
 
-__all__ = ["mel_spectrogram", "mel_loss", "stft_loss", "STFT_RESOLUTIONS", "discriminator_loss", "generator_adversarial_loss",
-           "feature_matching_loss", "generator_loss", "bin_loss_weight", "adversarial_active"]
+__all__ = ["mel_spectrogram", "mel_loss", "stft_loss", "STFT_RESOLUTIONS", "discriminator_loss",
+           "generator_adversarial_loss", "feature_matching_loss", "generator_loss", "bin_loss_weight", "adversarial_active"]
 
 
 def mel_spectrogram(wav: Tensor) -> Tensor:
@@ -112,7 +112,8 @@ def generator_loss(out: dict[str, Tensor], fake_scores: list[Tensor] | None, rea
         "forward_sum": out["loss_forward_sum"],
         "bin": out["loss_bin"],
     }
-    total = (cfg.lambda_mel * parts["mel"] + cfg.lambda_stft * parts["stft"] + cfg.lambda_adv * parts["adv"] + cfg.lambda_fm * parts["fm"]
+    total = (cfg.lambda_mel * parts["mel"] + cfg.lambda_stft * parts["stft"]
+             + cfg.lambda_adv * parts["adv"] + cfg.lambda_fm * parts["fm"]
              + cfg.lambda_dur * parts["dur"] + cfg.lambda_pitch * parts["pitch"]
              + cfg.lambda_energy * parts["energy"]
              + cfg.lambda_align * parts["forward_sum"]

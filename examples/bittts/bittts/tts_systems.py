@@ -115,7 +115,8 @@ class BitTTSSystem(TTSSystem):
 
         cfg = self.synth.cfg
         return {"path": os.fspath(self.synth.path), "preset": cfg.name,
-                "quant": {"scheme": cfg.quant.scheme, "scope": cfg.quant.scope, "bits": getattr(cfg.quant.config, "bits", None)},
+                "quant": {"scheme": cfg.quant.scheme, "scope": cfg.quant.scope,
+                          "bits": getattr(cfg.quant.config, "bits", None)},
                 "training_step": self.synth.training.get("step"), **file_sizes(self.synth.path)}
 
 

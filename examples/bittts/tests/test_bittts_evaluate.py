@@ -36,7 +36,8 @@ def test_default_text_is_natural_and_unseen_by_the_corpus_generator():
 
     sentences = read_sentences(default_sentences())
     assert len(sentences) >= 40 and len(set(sentences)) == len(sentences)
-    assert sentences[0] == "The birch canoe slid on the smooth planks." and sentences[-1] == "What joy there is in living."
+    assert sentences[0] == "The birch canoe slid on the smooth planks."
+    assert sentences[-1] == "What joy there is in living."
     rows = _script("check_heldout").check(sentences, generate_sentences(20000), max_ngram=5)
     assert not [s for s, run, whole in rows if whole or run >= 5]
     # the check finds what it looks for: a corpus sentence, and a 5-word run taken from one
@@ -120,7 +121,8 @@ def test_two_systems_with_one_name_are_refused(tmp_path):
     if not model.is_file():
         pytest.skip("the shipped model is not installed")
     with pytest.raises(SystemExit, match="named alike.*--model NAME=FILE"):
-        main(["evaluate", "--model", str(model), f"{model.parent}/./{model.name}", "--out", str(tmp_path / "o"), "--limit", "1"])
+        main(["evaluate", "--model", str(model), f"{model.parent}/./{model.name}", "--out", str(tmp_path / "o"),
+              "--limit", "1"])
 
 
 @needs_flite
