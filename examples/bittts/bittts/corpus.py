@@ -62,15 +62,20 @@ def flite_voices() -> list[str]:
 
 def synthesize_flite(sentence: str, voice: str = "slt") -> tuple[torch.Tensor, int]:
     """Speak ``sentence`` with flite; returns (float waveform, sample rate). Deterministic for a given flite."""
+    with tempfile.TemporaryDirectory(prefix="bittts-flite-") as tmp:
+        path = os.path.join(tmp, "out.wav")
+        run_flite(sentence, voice, path)
+        return audio.read_wav(path)
+
+
+def run_flite(sentence: str, voice: str, path: str) -> None:
+    """The flite process alone: speak ``sentence`` into the WAV file ``path`` (what `bittts evaluate` times)."""
     exe = shutil.which("flite")
     if exe is None:
         raise RuntimeError("flite is not installed; run `sudo apt-get install -y flite` (or `bittts prepare` as root)")
-    with tempfile.TemporaryDirectory(prefix="bittts-flite-") as tmp:
-        path = os.path.join(tmp, "out.wav")
-        result = subprocess.run([exe, "-voice", voice, "-t", sentence, "-o", path], capture_output=True, text=True)
-        if result.returncode != 0 or not os.path.exists(path):
-            raise RuntimeError(f"flite failed on {sentence!r} with voice {voice!r}: {result.stderr.strip()}")
-        return audio.read_wav(path)
+    result = subprocess.run([exe, "-voice", voice, "-t", sentence, "-o", path], capture_output=True, text=True)
+    if result.returncode != 0 or not os.path.exists(path):
+        raise RuntimeError(f"flite failed on {sentence!r} with voice {voice!r}: {result.stderr.strip()}")
 
 
 # ---------------------------------------------------------------------------------------------- helpers

@@ -134,19 +134,21 @@ class FliteSystem(TTSSystem):
         self.name = f"flite-{voice}"
 
     def _run(self, text: str) -> tuple[torch.Tensor, int, float]:
+        """(audio, its rate, seconds of the flite process)."""
+        from .corpus import run_flite
+
         with tempfile.TemporaryDirectory(prefix="bittts-flite-") as tmp:
             path = os.path.join(tmp, "out.wav")
             start = time.perf_counter()
-            result = subprocess.run(["flite", "-voice", self.voice, "-t", text, "-o", path], capture_output=True,
-                                    text=True)
+            run_flite(text, self.voice, path)
             seconds = time.perf_counter() - start
-            if result.returncode != 0 or not os.path.exists(path):
-                raise RuntimeError(f"flite failed on {text!r} with voice {self.voice!r}: {result.stderr.strip()}")
             wav, rate = audio.read_wav(path)
         return wav, rate, seconds
 
     def speak(self, text: str) -> Spoken:
-        wav, rate, _ = self._run(text)
+        from .corpus import synthesize_flite
+
+        wav, rate = synthesize_flite(text, self.voice)
         return Spoken(audio.resample(wav, rate, SAMPLE_RATE))
 
     def model_seconds(self, texts: Sequence[str], threads: int) -> list[tuple[float, float]]:
