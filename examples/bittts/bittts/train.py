@@ -47,7 +47,7 @@ from .config import BitTTSConfig, config_diff, config_from_dict, config_to_dict,
 from .discriminators import Discriminators, split_halves
 from .extras import require
 from .losses import adversarial_active, discriminator_loss, generator_loss, mel_spectrogram
-from .model import BitTTS, parameter_counts
+from .model import TRAINING_ONLY, BitTTS, parameter_counts
 from .quantization import apply_quantization
 
 __all__ = ["train", "mel_figure", "NonFiniteLossError", "TrainState", "resolve_device", "truncate_metrics"]
@@ -371,7 +371,7 @@ def _set_up(cfg: BitTTSConfig, out_dir: Path, proc: _Process, *, data_dir: str |
         from .warmstart import load_init_weights
         rebuilt = load_init_weights(model, init, symbols)
         symbols = symbols or init["symbols"]
-        parts = sorted({k.split(".parametrizations")[0].rsplit(".", 1)[0] for k in rebuilt})
+        parts = [p.rstrip(".") for p in TRAINING_ONLY if any(k.startswith(p) for k in rebuilt)]
         proc.say(f"initialized from {init['source']['file']} (step {init['source']['step']}); freshly "
                  f"initialized: {', '.join(parts) or 'nothing'}")
     model = apply_quantization(model, cfg.quant).to(proc.device)

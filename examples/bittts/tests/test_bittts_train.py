@@ -249,6 +249,7 @@ def test_warm_start_from_an_exported_float_model(tmp_path):
     init = load_checkpoint(tmp_path / "warm" / "checkpoint.pt")["init"]
     assert (init["file"], init["step"], init["preset"], init["aligner_warmup"]) == ("float.safetensors", 2, "tiny", 2)
     assert any(m.startswith("aligner warm-up: 2 steps") for m in messages)
+    assert any(m.endswith("freshly initialized: acoustic.aligner") for m in messages)
     train(cfg, tmp_path / "warm", dataset=data, steps=3, resume=True, progress=False)
     assert load_checkpoint(tmp_path / "warm" / "checkpoint.pt")["init"] == init
     with pytest.raises(ValueError, match="warm starts begin from float weights"):
