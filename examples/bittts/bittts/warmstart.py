@@ -98,12 +98,14 @@ def load_init_weights(model: BitTTS, init: dict[str, Any], symbols: list[str] | 
                 setattr(model.get_submodule(owner), leaf, value.to(own[f"{folded}.original1"].dtype))
                 done.update((f"{folded}.original0", f"{folded}.original1"))
                 continue
+            if name.startswith(TRAINING_ONLY):  # a training-only part this run has not (mel_head: lambda_mel_aux 0)
+                continue
             raise ValueError(f"--init-from: the source has {name}, which this model lacks")
     missing = [k for k in own if k not in done]
     unexpected = [k for k in missing if not k.startswith(TRAINING_ONLY)]  # those a warm start rebuilds
     if unexpected:
         raise ValueError(f"--init-from: the source lacks {len(unexpected)} weights of this model "
-                         f"({', '.join(unexpected[:3])}...)")
+                         f"({', '.join(unexpected[:3])}{', ...' if len(unexpected) > 3 else ''})")
     return missing
 
 
