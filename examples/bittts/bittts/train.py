@@ -442,7 +442,8 @@ def _resumed_config(cfg: BitTTSConfig, ckpt: dict[str, Any], out_dir: Path, say:
     diff = config_diff(saved, cfg)
     if diff:
         raise ValueError(f"--resume: the checkpoint in {out_dir} was trained with a different config "
-                         f"({'; '.join(diff)}); resume with the same preset/overrides or use a new --out")
+                         f"(checkpoint vs now: {'; '.join(diff)}); resume with the same preset/overrides or use a "
+                         "new --out")
     recipe_changes = list(ckpt.get("recipe_changes", []))
     if changes:
         step = int(ckpt["state"]["step"])

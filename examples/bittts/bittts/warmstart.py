@@ -67,8 +67,8 @@ def _check_compatible(cfg: BitTTSConfig, source: BitTTSConfig, symbols: list[str
                       source_symbols: list[str] | None) -> None:
     diff = config_diff(source, cfg, ("acoustic", "vocoder"), ignore=_FREE)
     if diff:
-        raise ValueError("--init-from: the source model has another architecture (" + "; ".join(diff) +
-                         "); warm-start from a model trained with the same [acoustic] and [vocoder] sections")
+        raise ValueError("--init-from: the source model has another architecture (source vs this run: "
+                         + "; ".join(diff) + "); warm-start from a model trained with the same [acoustic] and [vocoder] sections")
     if symbols is not None and source_symbols is not None and list(symbols) != list(source_symbols):
         raise ValueError("--init-from: the source model was trained with another phoneme symbol table than this "
                          "corpus; its embeddings would mean other phonemes. Use the corpus it was trained on")
