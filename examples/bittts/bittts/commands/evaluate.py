@@ -33,10 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="DIR",
                         help="receives results.md / results.json (one table), reference/ (flite's renderings) "
                              "and per system NAME/ (report.md, report.json, wavs/)")
-    parser.add_argument("--reference-voice", default="slt",
+    parser.add_argument("--reference-voice", default="slt", metavar="VOICE",
                         help="flite voice of the references for MCD and the reference WER, and of --system flite "
                              "(default: slt, the voice `bittts prepare` trains on)")
-    parser.add_argument("--limit", type=int, help="evaluate only the first N sentences")
+    parser.add_argument("--limit", type=int, metavar="N", help="evaluate only the first N sentences")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], metavar="N",
                         help="thread counts to measure the real-time factor at (default: 1 2; flite is "
                              "single-threaded and measured at 1 only)")
