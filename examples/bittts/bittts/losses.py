@@ -38,6 +38,10 @@ def stft_loss(wav_hat: Tensor, wav: Tensor, resolutions: tuple[tuple[int, int, i
     the frame-level smear of short windows, and a vocoder trained on it without discriminators buzzes; the linear
     spectra at three time-frequency trade-offs give that structure a gradient at a fraction of a GAN's cost."""
     x_hat, x = wav_hat.squeeze(1).to(wav.dtype), wav.squeeze(1)
+    longest = max(n_fft for n_fft, _, _ in resolutions)
+    if x.shape[-1] <= longest // 2:  # torch.stft's reflect padding needs more than n_fft / 2 samples
+        raise ValueError(f"loss.lambda_stft: the vocoder segment has {x.shape[-1]} samples, the STFT loss needs more "
+                         f"than {longest // 2}; raise train.segment_frames or set loss.lambda_stft=0")
     total = x.new_zeros(())
     for n_fft, hop, win in resolutions:
         window = torch.hann_window(win, device=x.device, dtype=x.dtype)

@@ -6,7 +6,8 @@ ternary latent weights start where the float training ended. The source may be a
 folded, no aligner, no mel head) or a run's `checkpoint.pt`. What an export lacks is rebuilt: weight norm from the
 folded weights (torch's weight_norm parametrization takes a plain weight through its right inverse), and the
 training-only alignment module by `warm_up_aligner`, which fits a fresh aligner to the frozen encoder before the
-first joint step, so the decoder never sees a random alignment.
+first joint step, so the decoder never sees a random alignment. Only weights carry over: the discriminators,
+optimizer moments and learning-rate schedule start fresh, as in any new run (step 0).
 """
 from __future__ import annotations
 

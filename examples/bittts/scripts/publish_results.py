@@ -129,13 +129,14 @@ def _metrics(run: Path) -> list[dict[str, float]]:
 
 
 def curves_figure(runs: dict[str, Path], path: Path) -> None:
-    fig = Figure(figsize=(11, 3.2), dpi=90)
-    for i, key in enumerate(("mel", "mel_aux", "dur")):
-        ax = fig.add_subplot(1, 3, i + 1)
+    fig = Figure(figsize=(14, 3.2), dpi=90)
+    for i, key in enumerate(("mel", "stft", "mel_aux", "dur")):
+        ax = fig.add_subplot(1, 4, i + 1)
         for name, run in runs.items():
             rows = [r for r in _metrics(run) if key in r]
             ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=name, lw=1)
-        ax.set_title({"mel": "vocoder mel L1 (segment)", "mel_aux": "decoder mel-head L1",
+        ax.set_title({"mel": "vocoder mel L1 (segment)", "stft": "multi-resolution STFT loss (segment)",
+                      "mel_aux": "decoder mel-head L1",
                       "dur": "duration NLL"}[key], fontsize=9)
         ax.set_xlabel("step")
         ax.legend(fontsize=8)

@@ -22,7 +22,7 @@ from bittts.config import (
 )
 from bittts.data import collate
 from bittts.discriminators import Discriminators
-from bittts.losses import bin_loss_weight, discriminator_loss, generator_loss
+from bittts.losses import bin_loss_weight, discriminator_loss, generator_loss, stft_loss
 from bittts.model import BitTTS, build_model, parameter_counts
 from bittts_synthetic import N_SYMBOLS, SyntheticTTS
 from hypothesis import given, settings
@@ -364,3 +364,25 @@ def test_quantized_model_trains_and_state_dict_round_trips(batch):
     clone.eval()
     ids = batch["phonemes"][:1, : batch["phoneme_lengths"][0]]
     torch.testing.assert_close(clone.infer(ids), model.infer(ids))
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**16), items=st.integers(1, 3), gain=st.floats(0.05, 1.0))
+def test_stft_loss_is_zero_only_for_the_target_and_a_batch_mean(seed, items, gain):
+    """The multi-resolution STFT loss: 0 (up to the magnitude floor) for the real waveform itself, positive for
+    another one, and the mean of per-item losses (a batch's loss = the mean of its shards', as DDP needs)."""
+    g = torch.Generator().manual_seed(seed)
+    real = gain * torch.randn(items, 1, 4096, generator=g)
+    fake = gain * torch.randn(items, 1, 4096, generator=g)
+    assert float(stft_loss(real, real)) < 1e-5
+    assert float(stft_loss(fake, real)) > 0.1
+    per_item = torch.stack([stft_loss(fake[i: i + 1], real[i: i + 1]) for i in range(items)])
+    torch.testing.assert_close(stft_loss(fake, real), per_item.mean(), rtol=1e-5, atol=1e-6)
+
+
+def test_stft_loss_gives_gradients_and_refuses_short_segments():
+    fake = torch.randn(2, 1, 4096, requires_grad=True)
+    stft_loss(fake, torch.randn(2, 1, 4096)).backward()
+    assert fake.grad is not None and bool(torch.isfinite(fake.grad).all()) and float(fake.grad.abs().sum()) > 0
+    with pytest.raises(ValueError, match="train.segment_frames"):
+        stft_loss(torch.randn(1, 1, 1024), torch.randn(1, 1, 1024))
