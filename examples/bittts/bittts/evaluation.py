@@ -283,7 +283,7 @@ def format_results(results: dict[str, Any], baseline: str | None = None) -> str:
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         size = r["bytes"]
-        reduction = f"{size / base - 1:+.1%}" if size and base else "-"
+        reduction = ("baseline" if r["name"] == baseline else f"{size / base - 1:+.1%}") if size and base else "-"
         lines.append(f"| {r['name']} | {quant_label(r['quant'])} | {_fmt(size and size / 1e6, '.2f')} | {reduction} "
                      f"| {r['wer']:.3f} | {r['cer']:.3f} | {_fmt(r['dnsmos_sig'], '.2f')} "
                      f"| {_fmt(r['dnsmos_bak'], '.2f')} | {_fmt(r['dnsmos_ovrl'], '.2f')} | {r['mcd_db']:.2f} "

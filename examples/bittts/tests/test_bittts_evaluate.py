@@ -87,7 +87,7 @@ def test_results_table_reduction_is_against_the_float_model():
                  "dnsmos_sig": None, "rtf": {}})
     lines = format_results({"systems": rows}).splitlines()
     assert lines[2] == "| ternary | 1.58-bit all | 1.00 | -93.8% | 0.100 | 0.050 | 3.00 | 4.00 | 2.50 | 5.00 | 0.050 |"
-    assert lines[3].startswith("| fp32 | float | 16.00 | +0.0% |")
+    assert lines[3].startswith("| fp32 | float | 16.00 | baseline |")
     assert lines[4] == "| piper-joe | - | 64.00 | +300.0% | 0.100 | 0.050 | - | 4.00 | 2.50 | 5.00 | - |"
 
 
