@@ -134,7 +134,9 @@ def test_piper_speaks_16k_through_the_same_code(one_thread):
     from bittts.tts_systems import make_system
 
     piper = make_system("piper")
-    text = "The birch canoe slid on the smooth planks."
+    # a sentence pocketsphinx gets nearly right from Piper (1 word of 9 in the evaluation run); Piper samples
+    # noise, so a sentence on the edge of the recognizer ("The birch canoe…", 4 of 8) flips between runs
+    text = "It's easy to tell the depth of a well."
     spoken = piper.speak(text)
     assert spoken.wav.dtype == torch.float32 and spoken.wav.abs().max() <= 1 and 1.0 < spoken.duration < 5.0
     assert metrics.wer(text, metrics.transcribe(spoken.wav)) <= 0.5
