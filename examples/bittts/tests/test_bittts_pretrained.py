@@ -1,14 +1,10 @@
 """The shipped models: present, intact, the promised sizes, described by their model card, and they speak."""
 from __future__ import annotations
 
-import hashlib
-
 import pytest
 import torch
-from bittts.config import QuantizationConfig
 from bittts.inference import DEFAULT_MODEL, FP32_MODEL, Synthesizer, shipped_model
 
-from ternq import TernaryConfig
 from ternq.cli import verify_file
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -43,30 +39,6 @@ def test_shipped_model_is_intact_and_speaks(path, scheme):
     out = synth.synthesize("The birch canoe slid on the smooth planks.")
     assert out.sample_rate == 16000 and 1.0 < out.duration < 10.0
     assert torch.isfinite(out.wav).all() and out.wav.abs().max() > 0.05
-
-
-# The models shipped until [quant] held ternq's config: their bittts.config metadata (model version 1) has the old
-# schema (scheme "ternary" / "none", bits, granularity, input_norm, act_bits), read through
-# bittts.config.upgrade_quant. Phoneme ids in, so the audio does not depend on espeak-ng; the samples and sum |x|
-# that the code before the upgrade made. A replaced model has no reference here (its sha256 differs).
-OLD_SHIPPED = {
-    "9b39eaa6564fecd6d0a7e2b8227ffe118bdc0be3a8c90446d460bebfa220e798": (39168, 2746.607421875),
-    "772c093c9ca3f4abdff9e01a8c1b9663a80c7e17432d0b8f14c070d67fecbc7f": (35584, 3454.17041015625),
-}
-
-
-@pytest.mark.parametrize("path, quant", [(TERNARY, QuantizationConfig("all", config=TernaryConfig())),
-                                         (FP32, QuantizationConfig("acoustic"))])
-def test_shipped_models_in_the_old_config_schema_load_and_sound_the_same(path, quant):
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    if digest not in OLD_SHIPPED:
-        pytest.skip(f"{path.name} is not a model shipped before the [quant] change")
-    synth = Synthesizer(path)
-    assert synth.cfg.quant == quant
-    out = synth.synthesize_ids([(i * 7) % len(synth.symbols) or 1 for i in range(40)])
-    samples, total = OLD_SHIPPED[digest]
-    assert out.wav.numel() == samples
-    assert float(out.wav.abs().sum()) == pytest.approx(total, rel=1e-4)
 
 
 def test_synthesizer_defaults_to_the_ternary_model():
