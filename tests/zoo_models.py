@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ternq.uses import _call
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -36,12 +38,8 @@ class Arch:
     needs_transformers: bool = False
 
 
-def call(model: nn.Module, inputs: Any) -> Any:
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, tuple):
-        return model(*inputs)
-    return model(inputs)
+# run a model on example inputs exactly as quantize(..., example_inputs=) does (dict -> kwargs, tuple -> args)
+call = _call
 
 
 def _gen(seed: int = 1) -> torch.Generator:
