@@ -31,6 +31,7 @@ from .functional import (
     install,
     install_reads,
     install_weights,
+    quantize_reads,
     uninstall,
     weight_quants,
 )
@@ -40,6 +41,7 @@ from .runtime import is_packed
 from .selectors import Decision, decide
 from .sites import SITES, Site, relative
 from .uses import FAST_PATHS
+from .weight_attr import QUANTIZERS, latent_parameter
 
 __all__ = ["quantize", "dequantize", "plan"]
 
@@ -231,15 +233,21 @@ def _apply(model: M, analysis: Analysis, decisions: dict[str, Decision]) -> M:
                 for parent, attr in analysis.references.get(id(cand.module), []):
                     undo.append(_restorer(parent, attr, parent._modules[attr]))
                     parent._modules[attr] = qmodule
-            for reader in cand.readers:
-                reads.setdefault(reader, []).append(relative(cand.key, reader))
+            for reader, op in cand.readers.items():  # every other reader reads the quantized attribute
+                if op in FAST_PATHS:
+                    reads.setdefault(reader, []).append(relative(cand.key, reader))
         for owner_name in {*functional, *weights, *reads}:
             current = owner_name
             owner = analysis.modules[owner_name]
             modules_before, forward_before = dict(owner._modules), owner.__dict__.get("forward", _MISSING)
             reads_before = owner.__dict__.get(READS, _MISSING)
-            undo.append(lambda o=owner, m=modules_before, f=forward_before, r=reads_before: _restore_owner(o, m, f, r))
+            before = (type(owner), owner.__dict__.get(QUANTIZERS, _MISSING))
+            undo.append(lambda o=owner, m=modules_before, f=forward_before, r=reads_before, b=before:
+                        _restore_owner(o, m, f, r, b))
             install(owner, functional.get(owner_name, []))
+            for fq in functional.get(owner_name, []):
+                if "." not in fq.param:  # the owner's own parameter: quantized wherever it is read
+                    quantize_reads(owner, fq.param, fq.quantized)
             install_weights(owner, weights.get(owner_name, []))
             if owner_name in reads:
                 install_reads(owner, reads[owner_name])
@@ -278,11 +286,14 @@ def _restorer(parent: nn.Module, attr: str, module: nn.Module) -> Callable[[], N
     return restore
 
 
-def _restore_owner(owner: nn.Module, modules: dict[str, nn.Module], forward: object, reads: object) -> None:
+def _restore_owner(owner: nn.Module, modules: dict[str, nn.Module], forward: object, reads: object,
+                   before: tuple[type, object]) -> None:
     owner._modules.clear()
     owner._modules.update(modules)
     _restore_attr(owner, "forward", forward)
     _restore_attr(owner, READS, reads)
+    owner.__class__, quantizers = before
+    _restore_attr(owner, QUANTIZERS, quantizers)
 
 
 def _restore_attr(module: nn.Module, name: str, value: object) -> None:
@@ -334,7 +345,7 @@ def dequantize(model: M) -> M:
         if fqs or READS in module.__dict__:
             owners.append(module)
             for fq in fqs:
-                param = module.get_parameter(fq.param)
+                param = latent_parameter(module, fq.param)
                 with torch.no_grad():
                     writes.append((param, fq.hard_weight(param.detach())))
     root: nn.Module = model

@@ -43,6 +43,7 @@ from .functional import (
     install,
     install_reads,
     install_weights,
+    quantize_reads,
 )
 from .layers import LayerSpec, QuantMixin, layer_spec
 from .numpy_format import (
@@ -67,6 +68,7 @@ from .quantizers import dequantize_weight, quantize_weight
 from .runtime import is_packed, packed_layer
 from .sites import SITES, Site, relative, sites_of
 from .sites import join as _join
+from .weight_attr import latent_parameter
 
 __all__ = ["PackedModel", "pack", "save_packed", "load_packed", "read_metadata"]
 
@@ -161,7 +163,7 @@ def _collect_sites(model: nn.Module) -> list[_Site]:
             if isinstance(module, _PackedFunctional):
                 codes, scale, dtype = module.codes, module.scale, module.weight_dtype
             else:
-                param = owner.get_parameter(module.param)
+                param = latent_parameter(owner, module.param)
                 with torch.no_grad():
                     codes, scale = quantize_weight(param, module.qconfig, module.out_dim)
                 dtype = param.dtype
@@ -169,7 +171,7 @@ def _collect_sites(model: nn.Module) -> list[_Site]:
                          module.out_dim, codes, scale, module.qconfig, dtype, rule)
             # a parameter of a submodule (emb.weight of an Embedding kept float) or tied to another one may be
             # read by other code too: it stays stored in float beside its codes
-            param = owner.get_parameter(module.param)
+            param = latent_parameter(owner, module.param)
             if "." not in module.param and holders.get(id(param), 0) <= len(aliases[id(owner)]):
                 site.owned = {_join(alias, module.param) for alias in aliases[id(owner)]}
             site.rule = rules.get(site.key)
@@ -481,7 +483,7 @@ def _place(source: Source, model: nn.Module, record: LayerRecord, aliases: dict[
                                     f"{record.module!r} is the weight of a {type(module).__name__} layer, not a "
                                     "parameter of a functional call")
         try:
-            weight = module.get_parameter(record.weight)
+            weight = latent_parameter(module, record.weight)
         except AttributeError:
             raise _mismatch(source, f"the file packs {what}, but module {record.module!r} has no parameter "
                                     f"{record.weight!r}") from None
@@ -619,7 +621,7 @@ def _loaded_sites(manifest: Manifest, root: nn.Module) -> list[Site]:
                               sum(p.numel() for p in module.parameters()), None, rule, "packed"))
         else:
             try:
-                param = root.get_parameter(name)
+                param = latent_parameter(root, name)
             except AttributeError:
                 continue  # not a weight of this skeleton: nothing to say about it
             sites.append(Site(name, name, "weight", "parameter", param.numel(), None, rule, "packed"))
@@ -774,18 +776,22 @@ class _PackedFunctional(_Codes, FunctionalQuant):
         self.__dict__["_runtime"] = (key, layer)
         return layer
 
-    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
-        args = list(args)
+    def quantized(self, weight: Tensor) -> Tensor:
+        """``codes * scale``: what reads of the owner's parameter give (its float values are gone)."""
+        return dequantize_weight(self.codes, self.scale, self.qconfig, self.out_dim, self.weight_dtype)
+
+    def run(self, args: tuple[Any, ...], kwargs: dict[str, Any], weight_quantized: bool) -> Tensor:
+        values = list(args)
         i, w = INPUT_POSITION[self.op], WEIGHT_POSITION[self.op]
-        if self.op == "linear" and args[i].is_floating_point() and self.codes.dim() == 2:
-            bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            y = self._runtime_linear()(args[i])
+        if self.op == "linear" and values[i].is_floating_point() and self.codes.dim() == 2:
+            bias = values[2] if len(values) > 2 else kwargs.get("bias")
+            y = self._runtime_linear()(values[i])
             return y if bias is None else y + bias
-        x = args[i]
-        args[w] = dequantize_weight(self.codes, self.scale, self.qconfig, self.out_dim,
-                                    x.dtype if x.is_floating_point() else self.weight_dtype)
-        args[i] = self.quantize_input(x)
-        return FUNCTIONAL_OPS[self.op](*args, **kwargs)
+        x = values[i]
+        values[w] = dequantize_weight(self.codes, self.scale, self.qconfig, self.out_dim,
+                                      x.dtype if x.is_floating_point() else self.weight_dtype)
+        values[i] = self.quantize_input(x)
+        return FUNCTIONAL_OPS[self.op](*values, **kwargs)
 
 
 class _PackedWeight(_Codes, WeightQuant):
@@ -819,7 +825,10 @@ def _install_packed_functional(owner: nn.Module, record: LayerRecord, codes: Ten
     op = record.type.removeprefix("F.")  # one of FUNCTIONAL_TYPES: read_manifest refuses any other
     _make_room(owner, owner.get_submodule(record.weight.rpartition(".")[0]), record.weight, record.shape, dtype,
                FunctionalQuant, keep)
-    install(owner, [_PackedFunctional(op, record.weight, config, codes, scale, dtype)])
+    packed = _PackedFunctional(op, record.weight, config, codes, scale, dtype)
+    install(owner, [packed])
+    if "." not in record.weight:  # the owner's own parameter: every read of it gives codes * scale
+        quantize_reads(owner, record.weight, packed.quantized)
 
 
 def _make_room(owner: nn.Module, holder: nn.Module, path: str, shape: tuple[int, ...], dtype: torch.dtype,

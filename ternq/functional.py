@@ -16,13 +16,14 @@ and passes every other call through. The quantization settings live in `Function
 on the owner as ``ternq_fq_<n>``: they hold no parameters or buffers, so state_dict keys do not change, and they
 show in ``print(model)``. Cost: every torch call made while the owner's forward runs goes through one Python
 check, microseconds each.
+
+The *weight* is not the interception's business: a parameter of the owner reads as its quantized value
+everywhere (`quantize_reads`, `ternq.weight_attr`), so the interception only adds the input quantization a
+layer would have. Weight-only parameters (`WeightQuant`) need no interception at all.
 """
 from __future__ import annotations
 
-import contextlib
-import functools
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -37,9 +38,10 @@ from .quantizers import (
     quantize_input,
     quantize_weight,
 )
+from .weight_attr import QUANTIZERS, cached, float_class, holder_class, is_quantized_attr, set_quantizer
 
-__all__ = ["FUNCTIONAL_OPS", "FunctionalQuant", "WeightQuant", "InterceptedForward", "install", "install_weights", "install_reads",
-           "uninstall", "functional_quants", "weight_quants", "no_intercept"]
+__all__ = ["FUNCTIONAL_OPS", "FunctionalQuant", "WeightQuant", "InterceptedForward", "install", "install_weights",
+           "install_reads", "quantize_reads", "uninstall", "functional_quants", "weight_quants"]
 
 #: the functional calls ternq intercepts with quantized inputs, by op name
 FUNCTIONAL_OPS = {"linear": F.linear, "conv1d": F.conv1d, "conv2d": F.conv2d, "addmm": torch.addmm,
@@ -58,7 +60,8 @@ class FunctionalQuant(nn.Module):
     ``torch.matmul(x, W)``, as transformers' GPT-2 ``Conv1D`` computes); holds settings, no tensors.
 
     Computes the op on the normalized, fake-quantized input and the fake-quantized weight, exactly as the QAT
-    layers do (`ternq.layers.QuantMixin`).
+    layers do (`ternq.layers.QuantMixin`). A parameter of the owner itself reads as its quantized value
+    everywhere (`quantized`, installed by `quantize_reads`): the call then only quantizes its input.
     """
 
     def __init__(self, op: str, param: str, config: QuantConfig) -> None:
@@ -77,12 +80,21 @@ class FunctionalQuant(nn.Module):
     def out_dim(self) -> int:
         return WEIGHT_OUT_DIM[self.op]
 
+    def quantized(self, weight: Tensor) -> Tensor:
+        """``codes * scale`` of the latent `weight`, straight-through: what reads of the parameter give."""
+        return fake_quantize_weight(weight, self.qconfig, self.out_dim)
+
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
-        args = list(args)
+        return self.run(args, kwargs, weight_quantized=False)
+
+    def run(self, args: tuple[Any, ...], kwargs: dict[str, Any], weight_quantized: bool) -> Tensor:
+        """The op on the quantized input; the weight is quantized here unless it already is."""
+        values = list(args)
         i, w = INPUT_POSITION[self.op], WEIGHT_POSITION[self.op]
-        args[i] = self.quantize_input(args[i])
-        args[w] = fake_quantize_weight(args[w], self.qconfig, self.out_dim)
-        return FUNCTIONAL_OPS[self.op](*args, **kwargs)
+        values[i] = self.quantize_input(values[i])
+        if not weight_quantized:
+            values[w] = self.quantized(values[w])
+        return FUNCTIONAL_OPS[self.op](*values, **kwargs)
 
     def hard_weight(self, weight: Tensor) -> Tensor:
         """``codes * scale`` of `weight`, no gradient: what `ternq.dequantize` writes back."""
@@ -98,11 +110,11 @@ class WeightQuant(nn.Module):
     """Weight-only quantization of parameter `param` of the module it is registered on (its holder).
 
     For weights no ternq layer computes: MultiheadAttention's ``in_proj_weight``, RNN weights, a mixture of
-    experts' fused 3-D ``gate_up_proj``, a parameter used through ``torch.matmul`` / ``einsum``. Every module that
-    reads the parameter in its forward (its *readers*, see `install_reads`) sees ``codes * scale`` in every torch
-    call instead of the float value: ``self.w[idx]``, ``self.w.t()``, ``self._flat_weights`` included. The input is
-    not quantized (those ops have no place for it): the report says "weights only". A stack of experts
-    (``(n_experts, out, in)``, indexed before use) gets one scale per expert: ``granularity="channel"`` on dim 0.
+    experts' fused 3-D ``gate_up_proj``, a parameter used through ``torch.matmul`` / ``einsum``. Every read of the
+    parameter (``holder.<param>`` in any forward or method, an RNN's ``_flat_weights``) gives ``codes * scale``
+    (`quantize_reads`). The input is not quantized (those ops have no place for it): the report says "weights
+    only". A stack of experts (``(n_experts, out, in)``, indexed before use) gets one scale per expert:
+    ``granularity="channel"`` on dim 0.
     """
 
     def __init__(self, param: str, config: QuantConfig, out_dim: int = 0) -> None:
@@ -125,68 +137,27 @@ class WeightQuant(nn.Module):
                f"{self.qconfig.granularity}, weights only"
 
 
-_suspended = threading.local()
-
-
-@contextlib.contextmanager
-def no_intercept() -> Iterator[None]:
-    """Run without interception: a QAT layer quantizing its own latent weight inside a reader's forward must see
-    the float weight, not a value the reader's interception already quantized."""
-    depth = getattr(_suspended, "depth", 0)
-    _suspended.depth = depth + 1
-    try:
-        yield
-    finally:
-        _suspended.depth = depth
-
-
-def _replace(value: Any, swap: Callable[[Tensor], Tensor | None]) -> Any:
-    if isinstance(value, Tensor):
-        new = swap(value)
-        return value if new is None else new
-    if isinstance(value, (list, tuple)) and any(isinstance(v, Tensor) for v in value):
-        return type(value)(_replace(v, swap) for v in value) if isinstance(value, list) else \
-            tuple(_replace(v, swap) for v in value)
-    return value
-
-
 class _Intercept(TorchFunctionMode):
-    """Routes ``F.<op>(x, w, ...)`` to the FunctionalQuant registered for parameter `w`, and replaces every read
-    of a watched parameter (`reads`: id -> a function computing its quantized value) by that value."""
+    """Routes ``F.<op>(x, w, ...)`` to the FunctionalQuant registered for weight `w`, by identity (the owner's
+    quantized parameter, one tensor for every read in this forward; or the latent parameter of a submodule that
+    reads it as float itself), and passes every other call through."""
 
-    def __init__(self, sites: dict[tuple[str, int], FunctionalQuant],
-                 reads: dict[int, Callable[[], Tensor]] | None = None) -> None:
+    def __init__(self, sites: dict[tuple[str, int], tuple[FunctionalQuant, bool]]) -> None:
         super().__init__()
         self.sites = sites
-        self.reads = reads or {}
-        self.values: dict[int, Tensor] = {}  # quantized once per forward call
-
-    def _swap(self, t: Tensor) -> Tensor | None:
-        make = self.reads.get(id(t))
-        if make is None:
-            return None
-        if id(t) not in self.values:
-            with no_intercept():
-                self.values[id(t)] = make()
-        return self.values[id(t)]
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if getattr(_suspended, "depth", 0):
-            return func(*args, **kwargs)
         op = _FUNC_TO_OP.get(func)
-        if op is not None:
+        if op is not None and self.sites:
             pos = WEIGHT_POSITION[op]
             weight = args[pos] if len(args) > pos else kwargs.get("weight" if op in ("linear", "conv1d", "conv2d")
                                                                   else "mat2" if op == "addmm" else "other")
-            fq = self.sites.get((op, id(weight)))
-            if fq is not None:
+            site = self.sites.get((op, id(weight)))
+            if site is not None:
                 if len(args) <= pos:  # the weight came by keyword: positional for the quantizer
                     args = (*args, kwargs.pop(next(k for k, v in kwargs.items() if v is weight)))
-                return fq(*args, **kwargs)
-        if self.reads:
-            args = tuple(_replace(a, self._swap) for a in args)
-            kwargs = {k: _replace(v, self._swap) for k, v in kwargs.items()}
+                return site[0].run(args, kwargs, site[1])
         return func(*args, **kwargs)
 
 
@@ -200,26 +171,9 @@ def weight_quants(holder: nn.Module) -> list[WeightQuant]:
     return [m for m in holder._modules.values() if isinstance(m, WeightQuant)]
 
 
-def _quantized_reader(reader: nn.Module, path: str) -> tuple[Tensor, Callable[[], Tensor]] | None:
-    """(the latent parameter at `path` under `reader`, a function giving its quantized value), or None when the
-    parameter is not quantized there (anymore)."""
-    holder_path, _, attr = path.rpartition(".")
-    holder = reader.get_submodule(holder_path)
-    param = holder._parameters.get(attr)
-    if param is None:
-        return None
-    for wq in weight_quants(holder):
-        if wq.param == attr:
-            return param, functools.partial(wq.quantized, param)
-    spec = getattr(holder, "_ternq_spec", None)  # a QAT layer (`ternq.layers.QuantMixin`, which imports this module)
-    if spec is not None and attr == spec.weight_name:
-        return param, holder.quantized_weight
-    return None
-
-
 class InterceptedForward:
-    """Instance-level ``forward`` of a module with quantized functional calls or quantized weight reads (see the
-    module docstring).
+    """Instance-level ``forward`` of a module with quantized functional calls, or whose torch fast path must stay
+    off (see the module docstring).
 
     Holds the owner and the instance-level forward it replaced, if any, so that `uninstall` restores it.
     """
@@ -230,18 +184,22 @@ class InterceptedForward:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         owner = self.owner
-        sites = {(fq.op, id(owner.get_parameter(fq.param))): fq for fq in functional_quants(owner)}
-        reads = {}
-        for path in owner.__dict__.get(READS, ()):
-            found = _quantized_reader(owner, path)
-            if found is not None:
-                reads[id(found[0])] = found[1]
         forward = self.replaced if self.replaced is not None else type(owner).forward.__get__(owner)
-        with _Intercept(sites, reads):
-            return forward(*args, **kwargs)
+        with cached():  # each quantized weight computed once in this forward: one tensor, found by identity
+            sites = {}
+            for fq in functional_quants(owner):
+                holder_path, _, attr = fq.param.rpartition(".")
+                holder = owner.get_submodule(holder_path) if holder_path else owner
+                if is_quantized_attr(holder, attr):
+                    sites[(fq.op, id(getattr(holder, attr)))] = (fq, True)
+                else:  # a parameter of a submodule that reads it as float itself (a kept-float Embedding)
+                    sites[(fq.op, id(holder._parameters[attr]))] = (fq, False)
+            with _Intercept(sites):
+                return forward(*args, **kwargs)
 
 
-#: plain attribute of a reader: the paths (relative to it) of quantized parameters its forward reads
+#: plain attribute of a module whose torch fast path is kept off: the paths (relative to it) of the quantized
+#: weights that fast path would read around their layers' forwards
 READS = "_ternq_reads"
 
 
@@ -266,22 +224,40 @@ def install(owner: nn.Module, fqs: list[FunctionalQuant]) -> None:
 
 
 def install_weights(holder: nn.Module, wqs: list[WeightQuant]) -> None:
-    """Register weight-only quantizers on the module holding their parameters (``ternq_wq_<n>``)."""
+    """Register weight-only quantizers on the module holding their parameters (``ternq_wq_<n>``); every read of
+    those parameters gives their quantized value from now on."""
     _register(holder, "ternq_wq_", wqs)
+    for wq in wqs:
+        quantize_reads(holder, wq.param, wq.quantized)
+
+
+def quantize_reads(holder: nn.Module, name: str, quantize: Callable[[Tensor], Tensor]) -> None:
+    """Every read of ``holder.<name>`` gives ``quantize(latent)`` (`ternq.weight_attr`): the holder's class
+    becomes a same-named subclass with a quantized attribute for `name`."""
+    cls = holder_class(type(holder), {name})
+    if type(holder) is not cls:
+        holder.__class__ = cls
+    set_quantizer(holder, name, quantize)
 
 
 def install_reads(reader: nn.Module, paths: list[str]) -> None:
-    """Make `reader`'s forward see the quantized value of the parameters at `paths` (relative to it)."""
+    """Keep `reader`'s fused fast path off (it would read the weights at `paths`, relative to it, around their
+    layers' forwards, skipping their input quantization): an intercepted forward makes torch see a function mode
+    and take the module's Python path."""
     known = reader.__dict__.setdefault(READS, [])
     known.extend(p for p in paths if p not in known)
     intercept(reader)
 
 
 def uninstall(owner: nn.Module) -> None:
-    """Remove every FunctionalQuant / WeightQuant and read from `owner`; restore the forward it had before."""
+    """Remove every FunctionalQuant / WeightQuant, quantized read and intercepted forward from `owner`: it is the
+    module it was before."""
     for name in [k for k, m in owner._modules.items() if isinstance(m, (FunctionalQuant, WeightQuant))]:
         del owner._modules[name]
     owner.__dict__.pop(READS, None)
+    owner.__dict__.pop(QUANTIZERS, None)
+    if float_class(type(owner)) is not type(owner):
+        owner.__class__ = float_class(type(owner))
     intercepted = owner.__dict__.get("forward")
     if isinstance(intercepted, InterceptedForward):
         if intercepted.replaced is None:

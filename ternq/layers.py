@@ -30,13 +30,13 @@ from torch.nn.utils.weight_norm import WeightNorm as _WeightNorm
 
 from .config import QuantConfig
 from .errors import AlreadyQuantizedError, UnsupportedLayerError
-from .functional import no_intercept
 from .quantizers import (
     dequantize_weight,
     fake_quantize_weight,
     quantize_input,
     quantize_weight,
 )
+from .weight_attr import QuantizedWeight, latent
 
 __all__ = [
     "LayerSpec",
@@ -110,7 +110,11 @@ class QuantMixin:
             return hook.compute_weight(self)
         if isinstance(hook, _SpectralNorm):
             return hook.compute_weight(self, do_power_iteration=False)
-        return getattr(self, name)
+        return latent(self, name)  # type: ignore[arg-type]
+
+    def _quantize_latent(self, w: Tensor) -> Tensor:
+        """What ``self.weight`` reads give (`LayerWeight`): ``codes * scale`` of the latent `w`, straight-through."""
+        return fake_quantize_weight(w, self.qconfig, self._ternq_spec.weight_out_dim)
 
     def quantized_weight(self) -> Tensor:
         """``codes * scale`` with a straight-through gradient to the latent float weight."""
@@ -129,16 +133,31 @@ class QuantMixin:
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
         spec = self._ternq_spec
         x, args = take_input(spec, args, kwargs)
-        # the forward pre-hooks (legacy weight_norm / spectral_norm) have just refreshed the weight attribute;
-        # a parent reading this weight too may intercept it (`ternq.functional`): quantize the latent one here
-        with no_intercept():
-            w = fake_quantize_weight(getattr(self, spec.weight_name), self.qconfig, spec.weight_out_dim)
-        return spec.forward(self, self.quantize_input(x), w, *args, **kwargs)
+        # the weight attribute reads as its quantized value (`LayerWeight`), here as anywhere else
+        return spec.forward(self, self.quantize_input(x), getattr(self, spec.weight_name), *args, **kwargs)
 
     def extra_repr(self) -> str:
         base = super().extra_repr()  # type: ignore[misc]
         extra = ", act_granularity=tensor" if self.qconfig.act_granularity == "tensor" else ""
         return f"{base}, qconfig={self.qconfig.name}/{self.qconfig.granularity}, act_bits={self.qconfig.act_bits}{extra}"
+
+
+class LayerWeight(QuantizedWeight):
+    """The weight attribute of a QAT layer: every read, in the layer's forward or anywhere else (a parent reading
+    ``child.weight``, a decode step, a checkpoint recomputation), gives ``codes * scale`` of the latent weight,
+    which stays in ``_parameters`` (`ternq.weight_attr`)."""
+
+    def quantizer(self, obj: nn.Module) -> Callable[[Tensor], Tensor] | None:
+        return obj._quantize_latent  # type: ignore[return-value]
+
+
+def _with_layer_weight(cls: type, name: str, base: type | None = None) -> None:
+    """Give QAT class `cls` its `LayerWeight` for weight `name`, wrapping what the float class has there (the
+    property of a parametrized weight), unless `cls` already defines one."""
+    if isinstance(cls.__dict__.get(name), LayerWeight):
+        return
+    shadowed = next((k.__dict__[name] for k in (base or cls).__mro__ if name in k.__dict__), None)
+    setattr(cls, name, LayerWeight(name, shadowed if not isinstance(shadowed, LayerWeight) else None))
 
 
 @functools.cache
@@ -282,6 +301,7 @@ def register_layer(
                           {"_ternq_spec": spec, "__module__": float_type.__module__})
     elif not issubclass(quant_type, QuantMixin) or quant_type._ternq_spec.float_type is not float_type:
         raise TypeError(f"register_layer: quant_type must be a QuantMixin subclass whose spec names {float_type}")
+    _with_layer_weight(quant_type, quant_type._ternq_spec.weight_name, float_type)
     _REGISTRY[float_type] = quant_type
     _DERIVED.clear()  # a subclass derived from an earlier registration may now have its own
     return quant_type
@@ -345,6 +365,9 @@ def _quant_class_for(module: nn.Module) -> type[QuantMixin]:
     # QAT layer. Not cached: the generated class is per module.
     skip = {"__module__", "__dict__", "__weakref__", "__doc__", "__qualname__"}
     namespace = {k: v for k, v in vars(type(module)).items() if k not in skip}
+    name = quant_type._ternq_spec.weight_name
+    if name in namespace:  # the parametrized weight: its reads are quantized too
+        namespace[name] = LayerWeight(name, namespace[name])
     return type(f"{quant_type.__name__}Parametrized", (quant_type,), namespace)
 
 

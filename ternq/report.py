@@ -21,6 +21,7 @@ from .graph import describe_type
 from .layers import is_quantized, layer_spec
 from .sites import Site, sites_of
 from .sites import join as _join
+from .weight_attr import latent_parameter
 
 __all__ = ["Report", "ReportRow", "report"]
 
@@ -157,7 +158,7 @@ def _entries(model: nn.Module, sites: list[tuple[str, Site]]) -> list[_Entry]:
             weight = module.float_weight() if is_quantized(module) else getattr(module, spec.weight_name)
             keys = _weight_keys(layer, module)
         else:
-            weight, keys = model.get_parameter(key), [key]
+            weight, keys = latent_parameter(model, key), [key]
         packed = 0 if site.config is None else _packed_bytes(tuple(weight.shape), site.config, site.out_dim)
         row = ReportRow(key, site.type, site.params, site.decision, site.rule, site.path, site.reason, layer, 0, 0)
         entries.append(_Entry(row, keys, packed))

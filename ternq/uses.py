@@ -31,6 +31,7 @@ from torch.overrides import TorchFunctionMode
 from .functional import WEIGHT_POSITION
 from .sites import join as _join
 from .sites import relative, sites_of
+from .weight_attr import latent_parameter
 
 __all__ = ["Use", "COMPUTE_OPS", "GROUPED_OPS", "FAST_PATHS", "graph_uses", "native_uses", "record_uses", "float_uses", "record_output_layers", "param_of",
            "compute_op",
@@ -235,7 +236,7 @@ def native_uses(reader: str, module: nn.Module) -> list[Use]:
 
 def _has_param(module: nn.Module, path: str) -> bool:
     try:
-        module.get_parameter(path)
+        latent_parameter(module, path)
     except AttributeError:
         return False
     return True
@@ -337,7 +338,7 @@ def record_uses(model: nn.Module, example_inputs: Any, ran: set[str] | None = No
         post.remove()
     uses: dict[tuple[str, str, str], Use] = {}
     for reader, key, op, direct, indexed, position, t in recorder.uses:
-        weight = model.get_parameter(key)
+        weight = latent_parameter(model, key)
         if weight.dim() < 2 and op != "embedding":
             continue
         reader_name = _holding_reader(recorder, reader, key)

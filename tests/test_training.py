@@ -117,6 +117,6 @@ def test_non_finite_weight_is_caught() -> None:
     model, teacher = _mlp()
     model = ternq.quantize(model)
     with torch.no_grad():
-        model[2].weight[0, 0] = math.nan
+        model[2]._parameters["weight"][0, 0] = math.nan  # the latent weight (model[2].weight reads its codes)
     with pytest.raises(NonFiniteLoss, match="nan at step 0"):
         train(model, teacher, (8, 16), steps=2)

@@ -13,6 +13,8 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
+from ternq.weight_attr import latent as ternq_latent
+
 from .config import VocoderConfig
 
 __all__ = ["ResBlock", "HiFiGANGenerator", "remove_weight_norm"]
@@ -102,8 +104,8 @@ def remove_weight_norm(module: nn.Module) -> int:
         if len(m.parametrizations) > 1:  # other tensors parametrized too: torch's general path
             parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
         else:
-            with torch.no_grad():
-                weight = m.weight.detach().clone()
+            with torch.no_grad():  # the float weight: a QAT layer's `weight` reads as its quantized value
+                weight = ternq_latent(m, "weight").detach().clone()
             requires_grad = any(p.requires_grad for p in m.parametrizations.weight.parameters())
             base = type(m).__bases__[0]  # ParametrizedConv1d -> Conv1d; QuantConv1dParametrized -> QuantConv1d
             if isinstance(getattr(base, "weight", None), property):
