@@ -17,6 +17,8 @@ Run on the code before the fix (88527b0, torch 2.13, transformers 5.25), these f
     weights the report calls ternary (output 0.014 off of 0.74; Bamba 0.004 of 0.13).
   - test_decode_path_recurrent_gemma [both]: cached steps read conv_1d.weight[:, 0, :] elementwise in float:
     cached-step logits 0.012 off the full forward's (the float model: equal).
+  - test_decode_path_mamba [no_example_inputs]: generate's steps compute with the float mixer weights (logits
+    0.89 off the hard-weight model's, max 0.73).
   - test_gradient_checkpointing_falcon_h1 [example_inputs-*]: gradients with checkpointing differ from those
     without (in_proj: 0.00076 of 0.0009); [no_example_inputs-*]: the mixer computes in float (invariant).
   - test_checkpoint_inside_a_reader_forward [inside_reader-*]: recomputation outside the reader's forward reads
@@ -38,7 +40,7 @@ Run on the code before the fix (88527b0, torch 2.13, transformers 5.25), these f
   - test_weights_read_through_random_paths_are_quantized: any model with a tie, a train-only branch, an
     elementwise use, a decode step, a parameter read in a checkpointed function, or a reentrant checkpoint
     feeding another part's gradients.
-Passing already (kept as guards): the [example_inputs] variants of Mamba / Bamba, whole-block checkpointing,
+Passing already (kept as guards): the [example_inputs] variants of Mamba / Bamba / Mamba decode, whole-block checkpointing,
 jit.trace of a weights-only packed model, inductor, and the checks of the checker (test_the_checker_detects_*,
 which must pass on any code: they prove the invariant check can fail) and of the oracle.
 """
@@ -255,11 +257,23 @@ def cached_vs_full(model: nn.Module, prompt: Tensor, new: int = 4) -> tuple[Tens
 @pytest.mark.parametrize("example", [False, True], ids=["no_example_inputs", "example_inputs"])
 def test_decode_path_recurrent_gemma(example: bool, tmp_path):
     make = tf_model("RecurrentGemmaConfig", "RecurrentGemmaForCausalLM", **RECURRENT_GEMMA)
+    check_decode(make, example, "conv_1d.weight", tmp_path)
+
+
+@pytest.mark.parametrize("example", [False, True], ids=["no_example_inputs", "example_inputs"])
+def test_decode_path_mamba(example: bool, tmp_path):
+    make = tf_model("MambaConfig", "MambaForCausalLM", **MAMBA, use_cache=True)
+    check_decode(make, example, "conv1d.weight", tmp_path)
+
+
+def check_decode(make: Callable[[], nn.Module], example: bool, read: str, tmp_path: Path) -> None:
+    """`generate`'s cached steps == the full forward, for the QAT and the packed model; the steps compute with
+    the hard weights (`read` is the weight the cached step reads itself)."""
     prompt = token_ids(length=5)
     float_steps, float_full = cached_vs_full(make().eval(), prompt)
     assert_close(float_steps, float_full, "the float model's cached steps vs its full forward")
     model = ternq.quantize(make(), config=WEIGHT_ONLY, example_inputs=prompt if example else None).eval()
-    assert any(n.endswith("conv_1d.weight") for n in quantized_names(model)), ternq.report(model)
+    assert any(n.endswith(read) for n in quantized_names(model)), ternq.report(model)
     steps, full = cached_vs_full(model, prompt)
     assert_close(steps, full, "QAT: cached steps vs full forward")
     ref_steps, _ = cached_vs_full(reference(model, make).eval(), prompt)
