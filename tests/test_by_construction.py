@@ -28,6 +28,9 @@ Run on the code before the fix (88527b0, torch 2.13, transformers 5.25), these f
   - test_one_parameter_shared_by_two_modules [both]: ``b.w = a.w``: a reader computes in float (0.41 of 2.1).
   - test_module_shared_by_two_parents_sam_like [both]: a reader computes in float (0.24 of 0.70), and
     load_packed refuses the file save_packed wrote for the same architecture (ArchitectureMismatchError).
+  - test_one_parameter_shared_by_two_modules_sam: transformers' SamModel: gradients differ from the hard-weight
+    model's (mask decoder v_proj), and load_packed refuses the file save_packed wrote ("the file's tensor
+    'prompt_encoder.shared_embedding.positional_embedding' has no place in the skeleton").
   - test_vecdot_on_a_parameter [both]: torch.linalg.vecdot(x, w) has no report row.
   - test_jit_trace_packed_model [default]: garbage (max |diff| 3e1 .. 3e11 where eager is O(1)).
   - test_jit_trace_packed_model_before_its_first_call: AttributeError 'Tensor' has no 'bit_length' (runtime).
@@ -536,6 +539,32 @@ def test_module_shared_by_two_parents_sam_like(example: bool, tmp_path):
         assert_close(packed(grid, points), model(grid, points), "packed vs QAT", atol=1e-4, rtol=1e-3)
         assert_close(packed(grid, points), reference(model, make).eval()(grid, points), "packed vs the hard weights", atol=1e-4,
                      rtol=1e-3)
+
+
+SAM = dict(vision_config=dict(hidden_size=16, output_channels=8, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=32, patch_size=8, mlp_dim=32, global_attn_indexes=[0], num_pos_feats=4,
+                              window_size=0),
+           prompt_encoder_config=dict(hidden_size=8, image_size=32, patch_size=8, mask_input_channels=4),
+           mask_decoder_config=dict(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, mlp_dim=16,
+                                    iou_head_hidden_dim=8))
+
+
+def test_one_parameter_shared_by_two_modules_sam(tmp_path):
+    """transformers' SamModel ties prompt_encoder.shared_embedding.positional_embedding to
+    shared_image_embedding.positional_embedding (no example inputs only: SAM takes ~3 s to build here)."""
+    make = tf_model("SamConfig", "SamModel", **SAM)
+    inputs = dict(pixel_values=randn(1, 3, 32, 32), input_points=torch.rand(
+        1, 1, 2, 2, generator=torch.Generator().manual_seed(2)) * 32)
+    fn = lambda m: m(**inputs).pred_masks  # noqa: E731
+    model = ternq.quantize(make(), config=WEIGHT_ONLY)
+    decisions = _decisions(model, {"shared_image_embedding.positional_embedding",
+                                   "prompt_encoder.shared_embedding.positional_embedding"})
+    assert decisions and len(decisions) == 1, ternq.report(model)
+    assert_computes_quantized(model, make, fn)
+    model.eval()
+    packed = packed_copy(model, make, tmp_path / "m.safetensors")
+    with torch.no_grad():
+        assert_close(fn(packed), fn(model), "packed vs QAT", atol=1e-4, rtol=1e-3)
 
 
 # --- 6. torch.linalg.vecdot ---------------------------------------------------------------------------------------
