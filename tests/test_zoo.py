@@ -58,6 +58,9 @@ _PASS = {"__getitem__", "__get__", "t", "transpose", "permute", "view", "reshape
          "reshape_as", "_weight_norm", "detach", "mT"}
 
 
+_ADDED_FIRST = {"addmm", "baddbmm", "addbmm", "addmv"}
+
+
 class _Reach(TorchFunctionMode):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -75,8 +78,10 @@ class _Reach(TorchFunctionMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         name = getattr(func, "__name__", "")
-        tensors = [t for a in [*args, *kwargs.values()]
-                   for t in (a if isinstance(a, (list, tuple)) else [a]) if isinstance(t, Tensor)]
+        operands = [*args, *kwargs.values()]
+        if name in _ADDED_FIRST:  # addmm(bias, x, W): the first operand is added, not multiplied (no weight)
+            operands = [*args[1:], *(v for k, v in kwargs.items() if k != "input")]
+        tensors = [t for a in operands for t in (a if isinstance(a, (list, tuple)) else [a]) if isinstance(t, Tensor)]
         keys = set().union(*(self._keys(t) for t in tensors)) if tensors else set()
         if name in _COMPUTE or name.split(".")[0] in _COMPUTE:
             self.reached |= keys
