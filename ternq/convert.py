@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .config import QuantConfig, TernaryConfig
 from .errors import AlreadyQuantizedError, ConversionError, UnsupportedLayerError
@@ -39,9 +39,9 @@ from .graph import Analysis, Candidate, analyze, walk_modules
 from .layers import is_quantized, layer_spec, to_float_module, to_quant_module
 from .runtime import is_packed
 from .selectors import Decision, decide
-from .sites import SITES, Site, relative
+from .sites import SITES, Site, join, relative
 from .uses import FAST_PATHS
-from .weight_attr import QUANTIZERS, latent_parameter
+from .weight_attr import QUANTIZERS, is_quantized_attr, latent_parameter
 
 __all__ = ["quantize", "dequantize", "plan"]
 
@@ -214,6 +214,7 @@ def _apply(model: M, analysis: Analysis, decisions: dict[str, Decision]) -> M:
         weights: dict[str, list[WeightQuant]] = {}
         reads: dict[str, list[str]] = {}
         sites: list[Site] = []
+        quantized: list[tuple[Tensor | None, Callable[[Tensor], Tensor]]] = []  # (latent, what reads give)
         for cand in analysis.candidates:
             current = cand.name
             decision = decisions[cand.name]
@@ -223,11 +224,16 @@ def _apply(model: M, analysis: Analysis, decisions: dict[str, Decision]) -> M:
             if cand.kind == "functional":
                 fq = FunctionalQuant(cand.op, cand.param, decision.config)  # type: ignore[arg-type]
                 functional.setdefault(cand.owner_name, []).append(fq)  # type: ignore[arg-type]
+                if "." not in cand.param:  # type: ignore[operator]
+                    quantized.append((cand.module._parameters.get(cand.param), fq.quantized))  # type: ignore[arg-type]
             elif cand.kind == "weight":
                 wq = WeightQuant(cand.param, decision.config, cand.out_dim)  # type: ignore[arg-type]
                 weights.setdefault(cand.owner_name, []).append(wq)  # type: ignore[arg-type]
+                quantized.append((cand.module._parameters.get(cand.param), wq.quantized))  # type: ignore[arg-type]
             else:
                 qmodule = to_quant_module(cand.module, decision.config)
+                quantized.append((qmodule._parameters.get(qmodule._ternq_spec.weight_name),  # type: ignore[union-attr]
+                                  qmodule._quantize_latent))  # type: ignore[union-attr]
                 if cand.name == "":
                     root = qmodule
                 for parent, attr in analysis.references.get(id(cand.module), []):
@@ -252,6 +258,7 @@ def _apply(model: M, analysis: Analysis, decisions: dict[str, Decision]) -> M:
             if owner_name in reads:
                 install_reads(owner, reads[owner_name])
         current = ""
+        _quantize_ties(root, {c.key for c in analysis.candidates if decisions[c.name].config is None}, quantized, undo)
         previous = root.__dict__.get(SITES, _MISSING)
         undo.append(lambda r=root, p=previous: _restore_attr(r, SITES, p))
         root.__dict__[SITES] = sites
@@ -264,6 +271,29 @@ def _apply(model: M, analysis: Analysis, decisions: dict[str, Decision]) -> M:
         raise ConversionError(f"quantize() failed{where}: {type(e).__name__}: {e}. The model was left unchanged") \
             from e
     return root  # type: ignore[return-value]
+
+
+def _quantize_ties(root: nn.Module, kept_float: set[str], quantized: list[tuple[Tensor | None, Callable[[Tensor],
+                   Tensor]]], undo: list[Callable[[], None]]) -> None:
+    """A quantized Parameter that other modules hold too (``b.w = a.w``) reads quantized through them as well,
+    unless that name is a weight of its own decided float (GPT-2's ``wte``, tied to a quantized ``lm_head``):
+    one latent, one value for every read that has no row saying otherwise."""
+    quantizer_of_param = {id(p): q for p, q in quantized if p is not None}
+    if not quantizer_of_param:
+        return
+    for name, module in root.named_modules(remove_duplicate=False):
+        for attr, param in list(module._parameters.items()):
+            quantize = quantizer_of_param.get(id(param)) if param is not None else None
+            if quantize is None or join(name, attr) in kept_float or is_quantized_attr(module, attr):
+                continue
+            before = (type(module), module.__dict__.get(QUANTIZERS, _MISSING))
+            undo.append(lambda m=module, b=before: _restore_class(m, b))
+            quantize_reads(module, attr, quantize)
+
+
+def _restore_class(module: nn.Module, before: tuple[type, object]) -> None:
+    module.__class__, quantizers = before
+    _restore_attr(module, QUANTIZERS, quantizers)
 
 
 def site_record(cand: Candidate, decision: Decision) -> Site:
@@ -292,8 +322,7 @@ def _restore_owner(owner: nn.Module, modules: dict[str, nn.Module], forward: obj
     owner._modules.update(modules)
     _restore_attr(owner, "forward", forward)
     _restore_attr(owner, READS, reads)
-    owner.__class__, quantizers = before
-    _restore_attr(owner, QUANTIZERS, quantizers)
+    _restore_class(owner, before)
 
 
 def _restore_attr(module: nn.Module, name: str, value: object) -> None:
@@ -342,7 +371,7 @@ def dequantize(model: M) -> M:
                 if first is not hard and torch.equal(first, hard):
                     fmodule._parameters[name] = first
         fqs: list[FunctionalQuant | WeightQuant] = [*functional_quants(module), *weight_quants(module)]
-        if fqs or READS in module.__dict__:
+        if fqs or READS in module.__dict__ or QUANTIZERS in module.__dict__:  # the last: a tie's other holder
             owners.append(module)
             for fq in fqs:
                 param = latent_parameter(module, fq.param)
@@ -358,6 +387,9 @@ def dequantize(model: M) -> M:
         for param, value in writes:
             param.copy_(value)
     for owner in owners:
+        for attr, param in list(owner._parameters.items()):  # a tie to a layer's weight: its new hard weight
+            if param is not None and id(param) in tied and is_quantized_attr(owner, attr):
+                owner._parameters[attr] = tied[id(param)]
         uninstall(owner)
     for module in [model, *modules.values()]:
         module.__dict__.pop(SITES, None)

@@ -68,7 +68,7 @@ from .quantizers import dequantize_weight, quantize_weight
 from .runtime import is_packed, packed_layer
 from .sites import SITES, Site, relative, sites_of
 from .sites import join as _join
-from .weight_attr import latent_parameter
+from .weight_attr import QUANTIZERS, latent_parameter
 
 __all__ = ["PackedModel", "pack", "save_packed", "load_packed", "read_metadata"]
 
@@ -101,6 +101,7 @@ class _Site:
     rule: str | None
     owned: set[str] = field(default_factory=set)  # state_dict keys of the float weight (all aliases)
     readers: list[str] = field(default_factory=list)  # other modules whose forward reads the weight
+    aliases: set[str] = field(default_factory=set)  # other holders' keys of the same tensor, reading its codes
 
 
 def _type_name(cls: type) -> str:
@@ -138,6 +139,13 @@ def _collect_sites(model: nn.Module) -> list[_Site]:
         holders[id(param)] = holders.get(id(param), 0) + 1
     sites: list[_Site] = []
     rules = {_join(prefix, site.key): site.rule for prefix, site in sites_of(model)}
+    followers = _tie_followers(model)
+    ties: dict[int, int] = {}  # id(parameter) -> how many of its holders are a tie's followers
+    for _, module, attr, _ in followers:
+        param = module._parameters.get(attr)
+        if param is not None:
+            ties[id(param)] = ties.get(id(param), 0) + 1
+    by_quantizer: dict[int, _Site] = {}  # id(the module whose quantizer decides) -> its site
     for path, module in model.named_modules():
         rule = None  # the rule comes from the record quantize() / load_packed() left (`ternq.sites`)
         if isinstance(module, QuantMixin) or is_packed(module):
@@ -157,6 +165,7 @@ def _collect_sites(model: nn.Module) -> list[_Site]:
             site.owned = {_join(alias, k) for alias in aliases[id(module)] for k in local}
             site.rule = rules.get(site.key)
             sites.append(site)
+            by_quantizer[id(module)] = site
         elif isinstance(module, FunctionalQuant):
             owner_path = path.rpartition(".")[0]
             owner = model.get_submodule(owner_path)
@@ -172,10 +181,11 @@ def _collect_sites(model: nn.Module) -> list[_Site]:
             # a parameter of a submodule (emb.weight of an Embedding kept float) or tied to another one may be
             # read by other code too: it stays stored in float beside its codes
             param = latent_parameter(owner, module.param)
-            if "." not in module.param and holders.get(id(param), 0) <= len(aliases[id(owner)]):
+            if "." not in module.param and holders.get(id(param), 0) - ties.get(id(param), 0) <= len(aliases[id(owner)]):
                 site.owned = {_join(alias, module.param) for alias in aliases[id(owner)]}
             site.rule = rules.get(site.key)
             sites.append(site)
+            by_quantizer[id(module)] = site
         elif isinstance(module, WeightQuant):
             holder_path = path.rpartition(".")[0]
             holder = model.get_submodule(holder_path)
@@ -189,11 +199,31 @@ def _collect_sites(model: nn.Module) -> list[_Site]:
             key = _join(holder_path, module.param)
             site = _Site(key, holder_path, module.param, "weight", module.out_dim, codes, scale, module.qconfig,
                          dtype, rule, readers=readers.get(key, []))
-            if holders.get(id(param), 0) <= len(aliases[id(holder)]):
+            if holders.get(id(param), 0) - ties.get(id(param), 0) <= len(aliases[id(holder)]):
                 site.owned = {_join(alias, module.param) for alias in aliases[id(holder)]}
             site.rule = rules.get(site.key)
             sites.append(site)
+            by_quantizer[id(module)] = site
+    for _path, module, attr, quantizer in followers:  # a tie's other holders read the site's quantized value
+        site = by_quantizer.get(id(getattr(quantizer, "__self__", None)))
+        if site is not None:
+            keys = {_join(alias, attr) for alias in aliases[id(module)]}
+            site.owned |= keys
+            site.aliases |= keys
     return sites
+
+
+def _tie_followers(model: nn.Module) -> list[tuple[str, nn.Module, str, Any]]:
+    """(path, module, attribute, quantizer) of each module reading a quantized weight that another module's
+    quantizer decides (``b.w = a.w``, `ternq.convert`): not a quantizer of its own on that module."""
+    out = []
+    for path, module in model.named_modules():
+        for attr, quantizer in module.__dict__.get(QUANTIZERS, {}).items():
+            mine = [m for m in module._modules.values() if isinstance(m, (WeightQuant, FunctionalQuant))
+                    and m.param == attr]
+            if getattr(quantizer, "__self__", None) not in mine:
+                out.append((path, module, attr, quantizer))
+    return out
 
 
 # --- the in-memory file -----------------------------------------------------------------------------------------
@@ -371,6 +401,8 @@ def pack(model: nn.Module, *, float_dtype: torch.dtype | None = None, metadata: 
             layers[s.key]["rule"] = s.rule
         if s.readers:
             layers[s.key]["readers"] = s.readers
+        if s.aliases:
+            layers[s.key]["aliases"] = sorted(s.aliases)
     first: dict[tuple[Any, ...], str] = {}  # one stored copy per tensor: tied weights are written once
     tied: dict[str, str] = {}
     for key, t in state.items():
@@ -418,6 +450,7 @@ class _Placement:
     spec: LayerSpec | None  # None for a functional call's parameter
     module: nn.Module | None
     owned: set[str]
+    weight: Tensor | None = None  # the skeleton's (latent) weight: a tie's other holders hold it too
 
 
 def _drop_float_weight(module: nn.Module, name: str) -> None:
@@ -505,7 +538,23 @@ def _place(source: Source, model: nn.Module, record: LayerRecord, aliases: dict[
     if tuple(weight.shape) != record.shape:
         raise _mismatch(source, f"{what}: the file's weight has shape {list(record.shape)}, the skeleton's "
                                 f"{list(weight.shape)}")
-    return _Placement(record, config, spec, module, owned)
+    for key in record.aliases:  # a tie's other holders read the packed value: nothing float to load for them
+        holder_path, _, attr = key.rpartition(".")
+        holder = _get_module(model, holder_path)
+        if holder is None or holder._parameters.get(attr) is not weight:
+            raise _mismatch(source, f"{what} is tied to {key!r} (the same tensor), but the skeleton's {key!r} is "
+                                    "missing or another tensor")
+        owned.add(key)
+    return _Placement(record, config, spec, module, owned, weight)
+
+
+def _tie_holders(model: nn.Module, record: LayerRecord) -> list[tuple[nn.Module, str]]:
+    """(module, attribute) of each of the weight's aliases (``b.w = a.w``), as checked by `_place`."""
+    out = []
+    for key in record.aliases:
+        holder_path, _, attr = key.rpartition(".")
+        out.append((model.get_submodule(holder_path), attr))
+    return out
 
 
 def _assign(module: nn.Module, name: str, value: Tensor) -> None:
@@ -592,7 +641,7 @@ def load_packed(source: str | os.PathLike[str] | bytes | PackedModel, model: nn.
                     _load_float(src, manifest, model, step, leftovers, into=key)
             else:
                 root = _load_layer(src, manifest, root, step, aliases, dequantize, tied)
-                step.module = None  # the float layer can go now: peak memory stays that of the skeleton
+                step.module = step.weight = None  # the float layer can go now: peak memory stays the skeleton's
         if leftovers:
             root.load_state_dict(leftovers, strict=False)
     if not dequantize:
@@ -702,14 +751,21 @@ def _load_layer(source: Source, manifest: Manifest, root: nn.Module, p: _Placeme
         _drop_float_weight(p.module, p.record.weight)
     codes, scale = decode_weight(source, manifest, p.record)
     dtype = _TORCH_DTYPE[p.record.dtype]
+    ties = _tie_holders(root, p.record)
     if p.spec is None:
         out_dim = p.record.out_dim
         if dequantize:
             _assign(p.module, p.record.weight, dequantize_weight(codes, scale, p.config, out_dim, dtype))
+            holder_path, _, attr = p.record.weight.rpartition(".")
+            value = p.module.get_submodule(holder_path)._parameters[attr]
+            for reader, name in ties:
+                reader._parameters[name] = value
         elif p.record.type == "weight":
-            _install_packed_weight(root, p.module, p.record, codes, scale, p.config, dtype, keep=not p.owned)
+            wq = _install_packed_weight(root, p.module, p.record, codes, scale, p.config, dtype, keep=not p.owned)
+            _follow(ties, p.module._parameters[p.record.weight], wq.quantized)
         else:
-            _install_packed_functional(p.module, p.record, codes, scale, p.config, dtype, keep=not p.owned)
+            fq = _install_packed_functional(p.module, p.record, codes, scale, p.config, dtype, keep=not p.owned)
+            _follow(ties, latent_parameter(p.module, p.record.weight), fq.quantized)
         return root
     if dequantize:
         assert weight is not None
@@ -725,12 +781,22 @@ def _load_layer(source: Source, manifest: Manifest, root: nn.Module, p: _Placeme
     new = packed_layer(p.module, codes, scale, p.config, p.spec)
     root = _replace(root, p.module, new, aliases)
     _install_readers(root, p.record)  # a parent reading the layer's weight: its fast path stays off
+    placeholder = torch.zeros((), dtype=dtype).expand(p.record.shape)
+    _follow(ties, nn.Parameter(placeholder, requires_grad=False), new.read_weight)  # type: ignore[attr-defined]
     return root
+
+
+def _follow(ties: list[tuple[nn.Module, str]], latent: Tensor, quantized: Any) -> None:
+    """A tie's other holders hold the packed site's latent (a placeholder, or the float weight kept beside its
+    codes) and read its quantized value."""
+    for reader, attr in ties:
+        reader._parameters[attr] = latent
+        quantize_reads(reader, attr, quantized)
 
 
 def _install_readers(root: nn.Module, record: LayerRecord) -> None:
     for reader in record.readers:
-        install_reads(root.get_submodule(reader), [relative(record.key, reader)])
+        install_reads(root.get_submodule(reader), [relative(record.key, reader)])  # fast paths stay off
 
 
 # --- functional calls ------------------------------------------------------------------------------------------
@@ -814,14 +880,16 @@ class _PackedWeight(_Codes, WeightQuant):
 
 
 def _install_packed_weight(root: nn.Module, holder: nn.Module, record: LayerRecord, codes: Tensor, scale: Tensor,
-                           config: QuantConfig, dtype: torch.dtype, keep: bool) -> None:
+                           config: QuantConfig, dtype: torch.dtype, keep: bool) -> _PackedWeight:
     _make_room(holder, holder, record.weight, record.shape, dtype, WeightQuant, keep)
-    install_weights(holder, [_PackedWeight(record.weight, config, record.out_dim, codes, scale, dtype)])
+    packed = _PackedWeight(record.weight, config, record.out_dim, codes, scale, dtype)
+    install_weights(holder, [packed])
     _install_readers(root, record)
+    return packed
 
 
 def _install_packed_functional(owner: nn.Module, record: LayerRecord, codes: Tensor, scale: Tensor,
-                               config: QuantConfig, dtype: torch.dtype, keep: bool = False) -> None:
+                               config: QuantConfig, dtype: torch.dtype, keep: bool = False) -> _PackedFunctional:
     op = record.type.removeprefix("F.")  # one of FUNCTIONAL_TYPES: read_manifest refuses any other
     _make_room(owner, owner.get_submodule(record.weight.rpartition(".")[0]), record.weight, record.shape, dtype,
                FunctionalQuant, keep)
@@ -829,6 +897,7 @@ def _install_packed_functional(owner: nn.Module, record: LayerRecord, codes: Ten
     install(owner, [packed])
     if "." not in record.weight:  # the owner's own parameter: every read of it gives codes * scale
         quantize_reads(owner, record.weight, packed.quantized)
+    return packed
 
 
 def _make_room(owner: nn.Module, holder: nn.Module, path: str, shape: tuple[int, ...], dtype: torch.dtype,

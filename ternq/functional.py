@@ -219,8 +219,9 @@ def intercept(owner: nn.Module) -> None:
 
 def install(owner: nn.Module, fqs: list[FunctionalQuant]) -> None:
     """Register `fqs` on `owner` as ``ternq_fq_<n>`` (the first free names) and intercept its forward."""
-    _register(owner, "ternq_fq_", fqs)
-    intercept(owner)
+    if fqs:
+        _register(owner, "ternq_fq_", fqs)
+        intercept(owner)
 
 
 def install_weights(holder: nn.Module, wqs: list[WeightQuant]) -> None:

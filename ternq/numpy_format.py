@@ -555,6 +555,7 @@ class LayerRecord:
     scale: str
     rule: str | None = None
     readers: tuple[str, ...] = ()  # modules whose forward reads the weight itself (besides its layer)
+    aliases: tuple[str, ...] = ()  # other state_dict keys of the same tensor (a tie), which read its codes too
 
     @property
     def qmax(self) -> int:
@@ -833,8 +834,13 @@ def _read_layer(key: str, spec: object, tensors: dict[str, TensorRecord], name: 
         raise FormatError(f"{what}: field 'readers' must be a list of module names, got {readers!r:.80}")
     if any(r and not key.startswith(r + ".") for r in readers):
         raise FormatError(f"{what}: a reader in {readers!r:.80} does not hold the weight {key!r}")
+    aliases = spec.get("aliases", [])
+    if not isinstance(aliases, list) or not all(isinstance(a, str) and a for a in aliases) \
+            or len(set(aliases)) != len(aliases) or key in aliases:
+        raise FormatError(f"{what}: field 'aliases' must be a list of distinct state_dict keys other than the "
+                          f"weight's own, got {aliases!r:.80}")
     return LayerRecord(key, spec["module"], spec["type"], spec["weight"], out_dim, shape, dtype, config, encoding.name, count,
-                       codes, scale, rule if isinstance(rule, str) else None, tuple(readers))
+                       codes, scale, rule if isinstance(rule, str) else None, tuple(readers), tuple(aliases))
 
 
 def build_metadata(manifest: dict[str, Any], user: dict[str, str] | None = None) -> dict[str, str]:

@@ -32,7 +32,7 @@ class PackedWeight(Tensor):
     @staticmethod
     def __new__(cls, layer: Any) -> PackedWeight:
         shape = layer._weight_shape
-        device = layer.qweight.device
+        device = layer.ternq_codes.device
         out = Tensor._make_wrapper_subclass(cls, shape, dtype=layer.float_dtype, device=device,  # type: ignore[attr-defined]
                                             requires_grad=False)
         out.layer = layer

@@ -19,6 +19,7 @@ from .convert import plan, quantized_parts, site_record
 from .errors import AlreadyQuantizedError
 from .graph import describe_type
 from .layers import is_quantized, layer_spec
+from .runtime import is_packed
 from .sites import Site, sites_of
 from .sites import join as _join
 from .weight_attr import latent_parameter
@@ -114,6 +115,18 @@ class Report:
         ])
 
 
+def _wrapped_layer(name: str, module: nn.Module) -> tuple[str, nn.Module]:
+    """The ternq layer of a site, where another library has wrapped it since (peft's LoRA layer holds the
+    quantized layer as ``base_layer``): (its name, it)."""
+    if is_quantized(module) or is_packed(module):
+        return name, module
+    for sub, inner in module.named_modules():
+        if is_quantized(inner) or is_packed(inner):
+            return _join(name, sub), inner
+    raise ValueError(f"report(): layer {name!r} was quantized, but the module there now ({type(module).__name__}) "
+                     "holds no ternq layer: it was replaced after ternq.quantize")
+
+
 def _weight_keys(prefix: str, module: nn.Module) -> list[str]:
     """state_dict keys of a layer that hold its weight (plain, weight_norm g/v, parametrization originals)."""
     spec = layer_spec(module) or getattr(module, "spec", None)
@@ -154,6 +167,9 @@ def _entries(model: nn.Module, sites: list[tuple[str, Site]]) -> list[_Entry]:
         layer, key = _join(prefix, site.name), _join(prefix, site.key)
         if site.kind == "layer":
             module = model.get_submodule(layer)
+            if site.config is not None:
+                layer, module = _wrapped_layer(layer, module)
+                key = _join(layer, (layer_spec(module) or module.spec).weight_name)
             spec = layer_spec(module) or module.spec  # a packed layer (`ternq.runtime`) keeps its spec
             weight = module.float_weight() if is_quantized(module) else getattr(module, spec.weight_name)
             keys = _weight_keys(layer, module)

@@ -107,7 +107,7 @@ class PackedLayer:
     """Inference forward of every packed layer; the float class provides the layer's other attributes.
 
     Like the QAT layers, ``PackedLinear`` *is* an ``nn.Linear`` (same bias, hooks and hyperparameters), minus the
-    float weight: it holds ``qweight`` (int8 codes in the kernel's layout, or packed bytes) and ``scale``
+    float weight: it holds ``ternq_codes`` (int8 codes in the kernel's layout, or packed bytes) and ``scale``
     (float32, the stored shape of `ternq.quantizers.weight_scale`), both non-persistent buffers, so
     ``state_dict()`` carries only the float parameters left (bias); `ternq.pack` reads ``.codes`` / ``.scale``.
     """
@@ -116,7 +116,7 @@ class PackedLayer:
     qconfig: QuantConfig
     spec: LayerSpec
     storage: str
-    qweight: Tensor
+    ternq_codes: Tensor
     scale: Tensor
 
     # -- construction -------------------------------------------------------------------------------------------
@@ -135,8 +135,8 @@ class PackedLayer:
         layout = (self._to_layout(codes) if self._int8_layout else codes).contiguous()
         self._layout_shape = tuple(layout.shape)
         self._bits = storage_bits(config) if storage == "packed" else 8
-        qweight = layout if self._bits == 8 else pack_rows(layout, self._bits)
-        self.register_buffer("qweight", qweight, persistent=False)  # type: ignore[attr-defined]
+        ternq_codes = layout if self._bits == 8 else pack_rows(layout, self._bits)
+        self.register_buffer("ternq_codes", ternq_codes, persistent=False)  # type: ignore[attr-defined]
         self.register_buffer("scale", scale.to(torch.float32).contiguous(), persistent=False)  # type: ignore[attr-defined]
         self.float_dtype = float_dtype  # the float weight's dtype: the output dtype of integer-index inputs
         self._forced: str | None = None
@@ -161,8 +161,8 @@ class PackedLayer:
     def _layout_codes(self) -> Tensor:
         """int8 codes in the stored layout (a transient unpacked copy for packed storage)."""
         if self._bits == 8:
-            return self.qweight
-        return unpack_rows(self.qweight, self._bits, self._layout_shape[-1])
+            return self.ternq_codes
+        return unpack_rows(self.ternq_codes, self._bits, self._layout_shape[-1])
 
     @property
     def codes(self) -> Tensor:
@@ -175,6 +175,10 @@ class PackedLayer:
         """``codes * scale`` in the weight's shape: a fresh tensor, not kept by the layer."""
         w = dequantize_weight(self.codes, self.scale, self.qconfig, self.spec.weight_out_dim)
         return w.to(dtype)
+
+    def read_weight(self, latent: Tensor | None = None) -> Tensor:
+        """What another module holding this layer's weight (a tie, `ternq.weight_attr`) reads: ``codes * scale``."""
+        return self.dequantized_weight(self.float_dtype)
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
         # .half() / .to(dtype) cast the float parameters: the output dtype of integer-index inputs follows them
@@ -290,6 +294,10 @@ class PackedLayer:
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
         x, args = take_input(self.spec, args, kwargs)
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():
+            # a traced / compiled / exported graph records torch ops only: a native kernel (a ctypes call) and the
+            # per-shape kernel choice would not be in it. The reference path is torch ops on the same codes.
+            return self._k_weight_only(x, *args, **kwargs)
         name = self._pick(x, args, kwargs)
         self.__dict__["_last"] = name  # not nn.Module.__setattr__: ~8 us per call with caches cold
         return getattr(self, "_k_" + name)(x, *args, **kwargs)
@@ -342,7 +350,7 @@ class PackedLinear(PackedLayer, nn.Linear):
 
     def _k_int8_gemv(self, x: Tensor) -> Tensor:
         if self._bits == 2 and native.vnni():  # 2-bit storage: the VNNI GEMV decodes the stored bytes itself
-            return kernels.linear_gemv(x, self.qweight, self._wsum(None), self.scale, self.bias, self.qconfig)
+            return kernels.linear_gemv(x, self.ternq_codes, self._wsum(None), self.scale, self.bias, self.qconfig)
         w = self._layout_codes()
         return kernels.linear_gemv(x, w, self._wsum(w), self.scale, self.bias, self.qconfig)
 
@@ -350,7 +358,7 @@ class PackedLinear(PackedLayer, nn.Linear):
         """Row sums of the codes (int32), cached beside them: the native GEMV multiplies x + 128 as unsigned
         bytes and subtracts 128 * row sum (4 bytes per output row). None where the unsigned-byte path is not
         exact: without VNNI it multiplies pairs into int16, which needs |codes| <= 64 (ternary codes are)."""
-        key = (self.qweight.data_ptr(), self.qweight._version)
+        key = (self.ternq_codes.data_ptr(), self.ternq_codes._version)
         cached = self.__dict__.get("_wsum_cache")
         if cached is None or cached[0] != key:
             sums, wmax = native.row_sums(self._layout_codes() if w is None else w)  # once per stored codes
@@ -499,7 +507,7 @@ class PackedEmbedding(PackedLayer, nn.Embedding):
         return self.kernels if self.max_norm is None else (WEIGHT_ONLY,)  # max_norm renormalizes the table
 
     def _k_gather(self, x: Tensor) -> Tensor:
-        return kernels.embedding_gather(x, self.qweight, self._bits, self._layout_shape[-1], self.scale,
+        return kernels.embedding_gather(x, self.ternq_codes, self._bits, self._layout_shape[-1], self.scale,
                                         self.qconfig, self.float_dtype)
 
 
@@ -655,7 +663,7 @@ def packed_layer(float_module: nn.Module, codes: Tensor, scale: Tensor, config: 
                               f"{config.qmax}] of {config.name}")
     if not torch.isfinite(scale).all():
         raise FormatError("packed_layer: scale holds non-finite values")
-    for attr in ("qweight", "scale", "codes"):
+    for attr in ("ternq_codes", "scale", "codes"):
         if is_packed(float_module):
             break  # re-packing a packed layer: its own storage is replaced
         if attr in float_module._parameters or attr in float_module._buffers or attr in float_module._modules:
@@ -667,7 +675,7 @@ def packed_layer(float_module: nn.Module, codes: Tensor, scale: Tensor, config: 
     # register_forward_hook's RemovableHandle references weakly (a plain dict copy broke every hook registration)
     layer.__dict__.update({k: copy.copy(v) if isinstance(v, dict) else v for k, v in float_module.__dict__.items()})
     _strip_float_weight(layer, float_module, name)  # type: ignore[arg-type]
-    for attr in ("qweight", "scale"):
+    for attr in ("ternq_codes", "scale"):
         layer._buffers.pop(attr, None)
     layer.__dict__.pop("_geometry_key", None)  # re-packing: the storage may change
     layer.__dict__.pop("_memo", None)

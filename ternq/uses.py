@@ -44,7 +44,8 @@ COMPUTE_OPS = frozenset({
     "addbmm", "addmv", "mv", "einsum", "tensordot", "multi_head_attention_forward", "_native_multi_head_attention",
     "embedding", "embedding_bag", "lstm", "gru", "rnn_tanh", "rnn_relu", "lstm_cell", "gru_cell", "rnn_tanh_cell",
     "rnn_relu_cell", "_transformer_encoder_layer_fwd", "_grouped_mm", "grouped_mm", "_scaled_grouped_mm",
-    "linalg_multi_dot", "multi_dot", "chain_matmul", "inner", "scaled_dot_product_attention",
+    "linalg_multi_dot", "multi_dot", "chain_matmul", "inner", "scaled_dot_product_attention", "linalg_vecdot",
+    "vecdot", "dot", "vdot",
 })
 
 #: argument positions that are added to a product, not multiplied: ``addmm(bias, x, W)``'s bias is no weight

@@ -299,9 +299,9 @@ def test_no_float_weight_is_held(config: QuantConfig, storage: str) -> None:
                    *(v for v in vars(packed).values() if isinstance(v, Tensor))]
         for t in tensors:
             assert not (t.is_floating_point() and t.numel() >= n_weight), (type(layer).__name__, t.shape, t.dtype)
-        assert packed.qweight.dtype in (torch.int8, torch.uint8)
+        assert packed.ternq_codes.dtype in (torch.int8, torch.uint8)
         bits = 8 if storage == "int8" else {1: 2, 7: 4}.get(config.qmax, 8)
-        assert packed.qweight.numel() <= n_weight * bits // 8 + packed.qweight.shape[0] * 8  # + row padding
+        assert packed.ternq_codes.numel() <= n_weight * bits // 8 + packed.ternq_codes.shape[0] * 8  # + row padding
         assert isinstance(packed.weight, PackedWeight)  # made on access, dequantized on use: not stored
         assert set(packed.state_dict()) == set(layer.state_dict())
         assert set(dict(packed.named_parameters())) <= {"bias"}
@@ -549,7 +549,7 @@ def test_per_sample_activations_make_conv1d_one_gemm(weight_granularity: str) ->
     packed = pack(conv, config)
     native_first = ("int8_direct",) if native.available() else ()
     assert packed._applicable(x) == (*native_first, "int8_im2col", "weight_only")
-    assert packed.qweight.shape == (1, 24, 32 * 5)
+    assert packed.ternq_codes.shape == (1, 24, 32 * 5)
     with pytest.raises(ValueError, match="int8_taps"):
         packed.kernel = "int8_taps"
     packed.kernel = "int8_im2col"
@@ -621,7 +621,7 @@ def test_packed_weight_answers_like_the_float_weight(make, storage: str) -> None
     ones = torch.ones(2, w[0].numel())
     assert torch.equal(F.linear(ones, w.reshape(w.shape[0], -1)), F.linear(ones, expected.reshape(w.shape[0], -1)))
     assert resident_bytes(packed) == before  # nothing cached by the accesses above
-    codes_bytes = packed.qweight.numel() * packed.qweight.element_size()
+    codes_bytes = packed.ternq_codes.numel() * packed.ternq_codes.element_size()
     assert codes_bytes <= layer.weight.numel()  # int8 or less per weight: <= 1/4 of fp32
     half = make().half()
     assert pack(half, TernaryConfig()).weight.dtype == torch.float16
