@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
+import socket
+import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -21,10 +26,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import ternq
 from ternq import ArchitectureMismatchError, FormatError, KBitConfig, Rule, TernaryConfig
+from ternq.atomic import atomic_write
 from ternq.cli import main as ternq_main
 from ternq.numpy_format import (
     KEY_MANIFEST,
@@ -433,3 +441,143 @@ def test_a_target_name_of_255_bytes_saves(tmp_path):
     target = tmp_path / ("m" * 243 + ".safetensors")
     ternq.save_packed(ternq.quantize(nn.Linear(4, 4)), target)
     assert ternq.read_metadata(target) == {}
+
+
+# --- 9. output paths: devices, FIFOs, symlinks, permissions (ternq.atomic) ----------------------------------------
+
+
+def drain_fifo(path: os.PathLike[str], writing: Callable[[], bool]) -> bytes:
+    """Everything written to FIFO `path` by a writer that runs while `writing()` is true. The read end is opened
+    first (non-blocking), so the writer's open never waits and a writer that never opens the FIFO ends the read."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    chunks = []
+    try:
+        while True:
+            try:
+                data = os.read(fd, 1 << 16)
+            except BlockingIOError:  # a writer holds it open, nothing to read yet
+                select.select([fd], [], [], 0.1)
+                continue
+            if data:
+                chunks.append(data)
+            elif not writing():
+                return b"".join(chunks)
+            else:
+                select.select([], [], [], 0.01)  # no writer yet (or between opens)
+    finally:
+        os.close(fd)
+
+
+def in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, list[BaseException]]:
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as e:  # re-raised by the test
+            errors.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, errors
+
+
+def null_device(tmp_path) -> str:
+    """A character device that discards writes and that a broken writer may replace without harm: as root a
+    private node of /dev/null's major/minor in `tmp_path` (root could replace the machine's /dev/null), for
+    anyone else /dev/null itself (whose directory they cannot write)."""
+    if os.geteuid() != 0:
+        return os.devnull
+    node = tmp_path / "null"
+    try:
+        rdev = os.stat(os.devnull).st_rdev
+        os.mknod(node, stat.S_IFCHR | 0o666, os.makedev(os.major(rdev), os.minor(rdev)))
+        with open(node, "wb") as f:
+            f.write(b"x")
+    except OSError as e:
+        pytest.skip(f"as root, only a private device node is safe to write, and none can be made here ({e})")
+    return str(node)
+
+
+def test_save_packed_writes_through_a_fifo_and_keeps_it(tmp_path):
+    packed = packed_net()
+    fifo = tmp_path / "out.safetensors"
+    os.mkfifo(fifo)
+    with deadline(60):
+        thread, errors = in_thread(lambda: packed.save(fifo))
+        got = drain_fifo(fifo, thread.is_alive)
+        thread.join()
+    assert not errors, errors
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode), "the FIFO was replaced by a regular file"
+    assert got == packed.to_bytes()
+    assert sorted(os.listdir(tmp_path)) == ["out.safetensors"]  # no temp file
+
+
+def test_save_packed_to_a_null_device_keeps_the_device(tmp_path):
+    null = null_device(tmp_path)
+    before = os.stat(null)
+    ternq.save_packed(ternq.quantize(nn.Linear(8, 8)), null)
+    after = os.stat(null)
+    assert stat.S_ISCHR(after.st_mode) and (after.st_ino, after.st_rdev) == (before.st_ino, before.st_rdev)
+
+
+def test_overwriting_keeps_the_mode_and_owner(tmp_path):
+    model = ternq.quantize(nn.Linear(8, 8))
+    path = tmp_path / "secret.safetensors"
+    path.write_bytes(b"old")
+    os.chmod(path, 0o600)
+    owner = (os.getuid(), os.getgid())
+    if os.geteuid() == 0:  # root may keep another user's ownership; anyone else at least the mode
+        owner = (12345, 23456)
+        os.chown(path, *owner)
+    ternq.save_packed(model, path)
+    st = os.stat(path)
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o600, *owner)
+    assert ternq.read_metadata(path) == {}
+    new = tmp_path / "new.safetensors"  # a new file: the umask's mode
+    ternq.save_packed(model, new)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(os.stat(new).st_mode) == 0o666 & ~mask
+
+
+@settings(max_examples=40, deadline=None)
+@given(mode=st.integers(0, 0o7777))
+def test_atomic_write_keeps_any_mode_but_setuid(mode):
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "f")
+        with open(path, "wb") as f:
+            f.write(b"old")
+        os.chmod(path, mode)
+        atomic_write(path, b"new")
+        assert stat.S_IMODE(os.stat(path).st_mode) == mode & ~0o6000
+        assert open(path, "rb").read() == b"new" and os.listdir(d) == ["f"]
+
+
+def test_a_symlink_is_written_through_and_stays_a_link(tmp_path):
+    (tmp_path / "real").mkdir()
+    target = tmp_path / "real" / "model.safetensors"
+    target.write_bytes(b"old")
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(target)
+    ternq.save_packed(ternq.quantize(nn.Linear(4, 4)), link)
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert ternq.read_metadata(target) == {} and os.listdir(tmp_path / "real") == ["model.safetensors"]
+    dangling = tmp_path / "dangling.safetensors"  # a link to a missing file creates that file
+    dangling.symlink_to(tmp_path / "real" / "created.safetensors")
+    atomic_write(dangling, b"x")
+    assert dangling.is_symlink() and (tmp_path / "real" / "created.safetensors").read_bytes() == b"x"
+
+
+def test_a_directory_or_a_socket_is_refused_naming_it(tmp_path):
+    sock_path = tmp_path / "s.sock"
+    sock = socket.socket(socket.AF_UNIX)
+    try:
+        sock.bind(str(sock_path))
+        for path, error, reason in ((tmp_path, IsADirectoryError, "is a directory"), (sock_path, OSError, "socket")):
+            with pytest.raises(error, match=reason) as info:
+                atomic_write(path, b"x")
+            assert info.value.filename == str(path)
+    finally:
+        sock.close()
+    assert stat.S_ISSOCK(os.lstat(sock_path).st_mode) and sorted(os.listdir(tmp_path)) == ["s.sock"]
