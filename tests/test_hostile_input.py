@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import signal
 import socket
@@ -244,8 +245,8 @@ HEADERS = {  # what a hostile header can hold, and what each reader must do with
     "100 MB of short strings": (b'{"x":[' + b'"ab",' * (100_000_000 // 5 - 10) + b'"ab"]}', "exceeds the"),
     "short strings": (_fill(b'"ab",'), "JSON values in"),
     "empty lists": (_fill(b"[],"), "JSON objects/arrays in"),
-    "one-key objects": (_fill(b'{"a":"bcdefghijk"},'), "expected exactly the fields"),  # the costliest allowed
-    "integers": (_fill(b"100000,"), "expected exactly the fields"),
+    "one-key objects": (_fill(b'{"a":"bcdefghijk"},'), "expected an object with dtype"),  # the costliest allowed
+    "integers": (_fill(b"100000,"), "expected an object with dtype"),
 }
 
 
@@ -581,3 +582,54 @@ def test_a_directory_or_a_socket_is_refused_naming_it(tmp_path):
     finally:
         sock.close()
     assert stat.S_ISSOCK(os.lstat(sock_path).st_mode) and sorted(os.listdir(tmp_path)) == ["s.sock"]
+
+
+# --- 10. the header: exactly what safetensors reads (S13; the property test is in test_fuzz_format.py) ------------
+
+
+def _edit_header(raw: bytes, edit: Callable[[str], str]) -> bytes:
+    end = 8 + int.from_bytes(raw[:8], "little")
+    text = edit(raw[8:end].decode()).encode()
+    return len(text).to_bytes(8, "little") + text + raw[end:]
+
+
+@pytest.mark.parametrize("edit, readable", [
+    (lambda t: t.replace('"data_offsets":[0,', '"data_offsets":[-0,', 1), False),  # verify said OK before
+    (lambda t: t.replace('"data_offsets":[0,', '"data_offsets":[0.0,', 1), False),
+    (lambda t: t.replace('"data_offsets":[0,', '"data_offsets":[0e0,', 1), False),
+    (lambda t: t.replace('"shape":[', '"shape":[-0,', 1), False),
+    (lambda t: t.replace('"__metadata__":', '"__metadata__":{},"__metadata__":', 1), False),
+    (lambda t: t.replace('"dtype":', '"dtype":"U8","dtype":', 1), False),
+    (lambda t: json.dumps(json.loads(t), indent=2), True),  # safetensors reads any JSON whitespace
+    (lambda t: t.replace('"dtype":', '"comment":[1,{"x":-0}],"dtype":', 1), True),  # and ignores unknown fields
+    (lambda t: re.sub(r'"dtype":"(\w+)"', r'"dtype":{"\1":null}', t), True),  # serde's other enum spelling
+], ids=["-0", "0.0", "0e0", "shape -0", "__metadata__ twice", "dtype twice", "pretty", "unknown field", "enum map"])
+def test_verify_reads_a_header_iff_safetensors_does(tmp_path, edit, readable):
+    from safetensors import SafetensorError, safe_open
+
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(_edit_header(packed_net().to_bytes(), edit))
+    try:
+        with safe_open(str(path), "np") as f:
+            f.keys()
+        safetensors_reads = True
+    except SafetensorError:
+        safetensors_reads = False
+    assert safetensors_reads == readable
+    assert ternq_main(["verify", str(path), "--no-progress"]) == (0 if readable else 1)
+    if readable:
+        assert ternq.read_metadata(path) == {"app.name": "net"}
+
+
+def test_a_dtype_ternq_does_not_store_is_refused_by_name(tmp_path):
+    """F8_E4M3 is valid safetensors (the header reads), but no ternq file holds it: the manifest says so."""
+    packed = packed_net()
+    name = next(k for k, r in packed.manifest["tensors"].items() if r["role"] == "codes" and r["dtype"] == "U8")
+    data = forge(packed, edit_manifest=lambda m: m["tensors"][name].update(dtype="F8_E4M3"))
+    data = _edit_header(data, lambda t: t.replace(f'"{name}":{{"dtype":"U8"', f'"{name}":{{"dtype":"F8_E4M3"', 1))
+    with pytest.raises(FormatError, match="dtype F8_E4M3 is valid safetensors, but no ternq file stores it"):
+        ternq.read_metadata(data)
+    path = tmp_path / "forged.safetensors"
+    path.write_bytes(data)
+    for command in ("verify", "inspect"):
+        assert ternq_main([command, str(path), "--no-progress"]) == 1
