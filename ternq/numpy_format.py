@@ -23,6 +23,7 @@ import math
 import os
 import stat
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -1035,10 +1036,16 @@ def read_array(source: Source, manifest: Manifest, name: str) -> np.ndarray:
     return _as_array(read_bytes(source, manifest, name), entry.dtype).reshape(entry.shape)
 
 
-def check_tensor(source: Source, manifest: Manifest, name: str) -> None:
+def check_tensor(source: Source, manifest: Manifest, name: str,
+                 visit: Callable[[np.ndarray], None] | None = None) -> None:
     """Everything the format says about one tensor's bytes, in bounded memory (READ_CHUNK at a time): its CRC32,
     and for a layer's codes every byte and code (`unpack_numpy`'s checks), for its scales `check_scale`.
-    A file that passes `check_tensor` for every tensor decodes without error (`decode_layer`)."""
+    A file that passes `check_tensor` for every tensor decodes without error (`decode_layer`).
+
+    `visit`, if given, sees the values chunk by chunk, in order, as they are checked: a packed weight's codes
+    (int8), scales (float32), a float tensor's values (as `read_array` gives them); so a tool can compute over a
+    tensor of any size in the same bounded memory (``ternq inspect``'s code shares). The CRC32 is checked last:
+    what `visit` saw counts only if `check_tensor` returns."""
     entry, record = manifest.header.tensors[name], manifest.tensors[name]
     layer = manifest.layers[manifest.owners[name]] if record.role != "float" else None
     what = f"{source.name}: layer {layer.key!r}" if layer is not None else ""
@@ -1051,10 +1058,14 @@ def check_tensor(source: Source, manifest: Manifest, name: str) -> None:
         crc = zlib.crc32(chunk, crc)
         if layer is not None and enc is not None and record.role == "codes":
             count = min(chunk.size * enc.per_byte, layer.count - done * enc.per_byte)
-            unpack_numpy(chunk.view(np.dtype(DTYPES[enc.dtype][0])), enc.name, count, qmax=layer.qmax,
-                         what=f"{what}: codes")
-        elif layer is not None:
-            check_scale(_as_array(chunk, entry.dtype), what, layer.qmax)
+            values = unpack_numpy(chunk.view(np.dtype(DTYPES[enc.dtype][0])), enc.name, count, qmax=layer.qmax,
+                                  what=f"{what}: codes")
+        else:
+            values = _as_array(chunk, entry.dtype)
+            if layer is not None:
+                check_scale(values, what, layer.qmax)
+        if visit is not None:
+            visit(values)
         done += chunk.size
     _crc_matches(source, name, record, crc)
 
