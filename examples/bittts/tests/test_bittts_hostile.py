@@ -376,3 +376,17 @@ def test_a_written_wav_keeps_the_files_mode(tmp_path):
     out.chmod(0o640)
     write_wav(out, torch.zeros(160))
     assert stat.S_IMODE(out.stat().st_mode) == 0o640 and out.stat().st_size > 44
+
+
+def test_an_output_that_is_a_socket_is_refused(tmp_path):
+    import socket
+
+    sock_path = tmp_path / "out.wav"
+    sock = socket.socket(socket.AF_UNIX)
+    try:
+        sock.bind(str(sock_path))
+        fails(["synthesize", "--model", str(MODEL), "--text", "hi", "-o", str(sock_path)], "is a socket; give a file")
+        fails(["export", str(tmp_path), "-o", str(sock_path)], "is a socket; give a file")
+    finally:
+        sock.close()
+    assert stat.S_ISSOCK(os.lstat(sock_path).st_mode)
