@@ -48,9 +48,8 @@ def atomic_open(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     atomic as one that writes bytes at once. For a character device or a FIFO: the device itself.
     """
     name = os.fspath(path)
-    target = os.path.realpath(name)  # a symlink is written through; the link stays
-    try:
-        st: os.stat_result | None = os.stat(target)
+    try:  # follows symlinks, the kernel's /proc ones too (/dev/stdout when it is a pipe)
+        st: os.stat_result | None = os.stat(name)
     except FileNotFoundError:
         st = None
     except OSError as e:
@@ -59,14 +58,20 @@ def atomic_open(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
         for test, code, reason in _REFUSED:
             if test(st.st_mode):
                 raise (IsADirectoryError if code == errno.EISDIR else OSError)(code, reason, name)
-        device = _open_device(target, name)
+        device = _open_device(name)
         if device is not None:
             with device:
                 yield device
             return
-        st = None  # replaced by a regular file meanwhile: write it as one
-        with contextlib.suppress(OSError):
-            st = os.stat(target)
+    target = os.path.realpath(name)  # a symlink's target is replaced; the link stays
+    try:
+        st = os.stat(target)
+    except FileNotFoundError:
+        st = None
+    except OSError as e:
+        raise _naming(e, name) from None
+    if not stat.S_ISREG(st.st_mode if st is not None else stat.S_IFREG):
+        raise OSError(errno.EINVAL, "changed into something other than a file while being written", name)
     with _replacing(target, name, st) as f:
         yield f
 
@@ -77,11 +82,11 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | bytearray | memoryv
         f.write(data)
 
 
-def _open_device(target: str, name: str) -> BinaryIO | None:
-    """The character device or FIFO at `target` opened for writing, or None if a regular file is there now (the
+def _open_device(name: str) -> BinaryIO | None:
+    """The character device or FIFO at `name` opened for writing, or None if a regular file is there now (the
     check is made on the open descriptor, so a file swapped in after the stat is never written in place)."""
     try:
-        fd = os.open(target, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0))
+        fd = os.open(name, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0))
     except OSError as e:
         raise _naming(e, name) from None
     mode = os.fstat(fd).st_mode

@@ -572,6 +572,21 @@ def test_a_symlink_is_written_through_and_stays_a_link(tmp_path):
     assert dangling.is_symlink() and (tmp_path / "real" / "created.safetensors").read_bytes() == b"x"
 
 
+def test_dev_stdout_is_written_through_to_a_pipe_or_a_file(tmp_path):
+    """/dev/stdout is a symlink to /proc/self/fd/1, whose target is no path when it is a pipe: the pipe is written,
+    and a file it redirects to is replaced atomically (the links stay)."""
+    if not os.path.exists("/dev/stdout"):
+        pytest.skip("no /dev/stdout here")
+    code = "from ternq.atomic import atomic_write; atomic_write('/dev/stdout', b'written')"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    piped = subprocess.run([sys.executable, "-c", code], capture_output=True, env=env, timeout=60)
+    assert (piped.returncode, piped.stdout) == (0, b"written"), piped.stderr
+    out = tmp_path / "out.bin"
+    with open(out, "wb") as f:
+        subprocess.run([sys.executable, "-c", code], stdout=f, env=env, timeout=60, check=True)
+    assert out.read_bytes() == b"written" and os.path.islink("/dev/stdout")
+
+
 def test_a_directory_or_a_socket_is_refused_naming_it(tmp_path):
     sock_path = tmp_path / "s.sock"
     sock = socket.socket(socket.AF_UNIX)
