@@ -577,7 +577,7 @@ def _tensor_entry(spec: object, what: str) -> tuple[str, tuple[int, ...], int, i
 def read_header(source: Source) -> Header:
     """Read and validate the safetensors header; nothing is allocated beyond what the file's size allows.
 
-    Accepts exactly the headers the safetensors library (0.8) accepts (docs/format.md, "Reading"), within two
+    Accepts exactly the headers the safetensors library (0.8) accepts (docs/format.md, section 1), within two
     memory bounds of ternq's own (`MAX_HEADER_BYTES`, `MIN_BYTES_PER_VALUE`): the 8-byte little-endian length
     runs within the file; the header is UTF-8 JSON (no lone surrogate, at most 127 levels deep, no number too
     large for a float); ``__metadata__`` appears at most once and maps strings to strings (or is null); each
