@@ -27,8 +27,6 @@ from .numpy_format import (
     Manifest,
     Source,
     check_tensor,
-    decode_layer,
-    read_array,
     read_header,
     read_manifest,
 )
@@ -36,6 +34,7 @@ from .numpy_format import (
 __all__ = ["main", "inspect_file", "verify_file"]
 
 EXIT_OK, EXIT_INVALID, EXIT_UNREADABLE = 0, 1, 2
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # the dtypes whose values may be non-finite
 
 
 def _items(manifest: Manifest) -> list[LayerRecord | str]:
@@ -50,7 +49,8 @@ def _progress(items: list[Any], desc: str, show: bool) -> Iterator[Any]:
 def inspect_file(path: str | os.PathLike[str] | bytes, *, progress: bool = False) -> dict[str, Any]:
     """Per-tensor description and totals of a packed file (what ``ternq inspect --json`` prints).
 
-    Everything is decoded and checked on the way, as by `verify_file` (a damaged file raises FormatError).
+    Everything is decoded and checked on the way, as by `verify_file` (a damaged file raises FormatError), in the
+    same bounded memory: code shares are counted chunk by chunk, whatever a tensor's size.
     """
     rows: list[dict[str, Any]] = []
     with Source(path) as source:
@@ -86,9 +86,16 @@ def inspect_file(path: str | os.PathLike[str] | bytes, *, progress: bool = False
 
 
 def _describe_layer(source: Source, manifest: Manifest, layer: LayerRecord) -> dict[str, Any]:
-    codes, scale = decode_layer(source, manifest, layer)
-    codes_bytes, scale_bytes = manifest.header.tensors[layer.codes].nbytes, scale.nbytes
-    neg, zero = int(np.count_nonzero(codes < 0)), int(np.count_nonzero(codes == 0))
+    counts = [0, 0]  # negative, zero: counted chunk by chunk as the codes are checked (bounded memory)
+
+    def count(codes: np.ndarray) -> None:
+        counts[0] += int(np.count_nonzero(codes < 0))
+        counts[1] += int(np.count_nonzero(codes == 0))
+
+    check_tensor(source, manifest, layer.codes, count)
+    check_tensor(source, manifest, layer.scale)
+    codes_bytes, scale_bytes = manifest.header.tensors[layer.codes].nbytes, manifest.header.tensors[layer.scale].nbytes
+    neg, zero = counts
     pos = layer.count - neg - zero
     return {
         "name": layer.key, "kind": "packed", "encoding": layer.encoding, "shape": list(layer.shape),
@@ -101,13 +108,18 @@ def _describe_layer(source: Source, manifest: Manifest, layer: LayerRecord) -> d
 
 
 def _describe_float(source: Source, manifest: Manifest, name: str) -> dict[str, Any]:
-    arr = read_array(source, manifest, name)
     record = manifest.tensors[name]
+    finite = [True]
+
+    def check_finite(values: np.ndarray) -> None:
+        finite[0] = finite[0] and bool(np.isfinite(values).all())
+
+    check_tensor(source, manifest, name, check_finite if record.dtype in FLOAT_DTYPES else None)
     count = math.prod(record.shape)
     nbytes = count * DTYPES[record.dtype][1]
     return {"name": name, "kind": "float", "encoding": record.dtype, "shape": list(record.shape), "count": count,
             "bytes": nbytes, "bits_per_weight": 8 * DTYPES[record.dtype][1], "share": None,
-            "finite": bool(np.isfinite(arr).all()) if arr.dtype.kind == "f" else None}
+            "finite": finite[0] if record.dtype in FLOAT_DTYPES else None}
 
 
 def verify_file(path: str | os.PathLike[str] | bytes, *, progress: bool = False) -> dict[str, Any]:

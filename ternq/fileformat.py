@@ -21,7 +21,6 @@ import dataclasses
 import functools
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +30,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from .atomic import atomic_open
 from .config import QuantConfig
 from .errors import ArchitectureMismatchError, ConversionError, FormatError
 from .functional import (
@@ -267,71 +267,14 @@ class PackedModel:
         return b"".join([head, *(b.tobytes() for b in blobs)])
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the file atomically: to a temporary file in the same directory, fsync'ed, then renamed.
-
-        The temporary file is named after the target and the writing process
-        (``.<name>.<crc32 of name>.ternq-<pid>-<random>.tmp``); one left behind by a writer that was killed
-        (SIGKILL, SIGTERM, power loss) is removed by the next save to the same path.
-        """
+        """Write the file atomically (`ternq.atomic.atomic_open`): to a temporary file beside it, fsync'ed, then
+        renamed over it, keeping an existing file's mode and owner; a character device or FIFO is written
+        through, never replaced."""
         head, blobs = self._layout()
-        path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(path))
-        prefix = _temp_prefix(path)
-        _remove_stale_temps(directory, prefix)
-        fd, tmp = tempfile.mkstemp(prefix=f"{prefix}{os.getpid()}-", suffix=".tmp", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(head)
-                for blob in blobs:
-                    f.write(memoryview(blob))
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it owner-only; give it a normal file's mode
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-
-
-def _temp_prefix(path: str) -> str:
-    """Start of the temporary files' names for target `path`: short enough for any name the target may have."""
-    name = os.path.basename(path)
-    return f".{name[:64]}.{crc32_hex(name.encode('utf-8', 'surrogateescape'))}.ternq-"
-
-
-def _remove_stale_temps(directory: str, prefix: str) -> None:
-    """Delete the temporary files of `prefix` whose writing process no longer exists (killed mid-write)."""
-    try:
-        names = [n for n in os.listdir(directory) if n.startswith(prefix) and n.endswith(".tmp")]
-    except OSError:
-        return
-    for name in names:
-        pid_text = name[len(prefix):].partition("-")[0]
-        if not pid_text.isdigit() or int(pid_text) == os.getpid() or _process_exists(int(pid_text)):
-            continue
-        try:
-            os.unlink(os.path.join(directory, name))
-        except OSError:
-            pass  # removed by someone else meanwhile, or not ours to remove
-
-
-def _process_exists(pid: int) -> bool:
-    if os.name != "posix":  # os.kill(pid, 0) would terminate the process on Windows
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, ValueError):
-        return True  # another user's process (or an odd number): leave its file alone
-    return True
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+        with atomic_open(path) as f:
+            f.write(head)
+            for blob in blobs:
+                f.write(memoryview(blob))
 
 
 def _raw_bytes(t: Tensor) -> np.ndarray:

@@ -23,6 +23,7 @@ import math
 import os
 import stat
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -102,6 +103,17 @@ DTYPES: dict[str, tuple[str, int]] = {
     "F16": ("<f2", 2), "BF16": ("<u2", 2), "I32": ("<i4", 4), "U32": ("<u4", 4), "F32": ("<f4", 4),
     "I64": ("<i8", 8), "U64": ("<u8", 8), "F64": ("<f8", 8),
 }
+
+#: Every dtype the safetensors library (0.8) reads, with its size in bits. The header is checked against this
+#: table, so that ternq accepts exactly the headers safetensors accepts; a ternq file stores only `DTYPES`
+#: (`read_manifest` refuses the others by name).
+SAFETENSORS_DTYPE_BITS: dict[str, int] = {
+    "BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
+    "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32,
+    "F32": 32, "C64": 64, "F64": 64, "I64": 64, "U64": 64,
+}
+U64_MAX = 2**64 - 1  # safetensors' offsets and dimensions are usize (64-bit)
+MAX_JSON_DEPTH = 127  # serde_json's recursion limit (128) as safetensors meets it: 127 nested objects / arrays
 
 
 # --- encodings --------------------------------------------------------------------------------------------------
@@ -389,14 +401,7 @@ def _parse_json(text: str, what: str) -> Any:
     by a small multiple of `text`'s length (values and containers counted over the raw text, strings included,
     so never undercounted; see MIN_BYTES_PER_VALUE), and every string encodable as UTF-8 (no lone surrogate
     from a ``\\ud800`` escape)."""
-    if len(text) > PARSE_SLACK:
-        containers = text.count("{") + text.count("[")
-        values = text.count(",") + text.count(":") + containers
-        for count, kind, per in ((containers, "objects/arrays", MIN_BYTES_PER_CONTAINER),
-                                 (values, "values", MIN_BYTES_PER_VALUE)):
-            if count * per > len(text):
-                raise FormatError(f"{what} holds {count:,} JSON {kind} in {len(text):,} characters (more than one "
-                                  f"per {per}): not a header ternq writes (corrupted or hostile)")
+    _check_density(text, what)
     try:
         doc = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
     except RecursionError:
@@ -407,6 +412,18 @@ def _parse_json(text: str, what: str) -> Any:
     return doc
 
 
+def _check_density(text: str, what: str) -> None:
+    """Parse memory bound: at most one JSON value per MIN_BYTES_PER_VALUE characters (beyond PARSE_SLACK)."""
+    if len(text) > PARSE_SLACK:
+        containers = text.count("{") + text.count("[")
+        values = text.count(",") + text.count(":") + containers
+        for count, kind, per in ((containers, "objects/arrays", MIN_BYTES_PER_CONTAINER),
+                                 (values, "values", MIN_BYTES_PER_VALUE)):
+            if count * per > len(text):
+                raise FormatError(f"{what} holds {count:,} JSON {kind} in {len(text):,} characters (more than one "
+                                  f"per {per}): not a header ternq writes (corrupted or hostile)")
+
+
 def _check_strings(doc: Any, what: str) -> None:
     """Every key and string value of a parsed document must be valid Unicode text (encodable as UTF-8)."""
     stack = [doc]
@@ -414,6 +431,9 @@ def _check_strings(doc: Any, what: str) -> None:
         item = stack.pop()
         if isinstance(item, str):
             strings: list[Any] = [item]
+        elif isinstance(item, _Object):
+            strings = [k for k, _ in item]
+            stack.extend(v for _, v in item)
         elif isinstance(item, dict):
             strings = list(item)
             stack.extend(item.values())
@@ -450,13 +470,121 @@ def _shape(value: object, what: str) -> tuple[int, ...]:
     return dims
 
 
+class _Object(list):  # type: ignore[type-arg]
+    """A JSON object of the header as its (key, value) pairs, in order: what a duplicate key means depends on
+    where it is (safetensors refuses a repeated field, keeps the last of repeated map keys)."""
+
+
+def _header_int(text: str) -> int | float:
+    """A JSON integer as serde_json reads it: ``-0`` and integers beyond 64 bits are floats (never an offset or
+    a dimension); too large for a float is an error."""
+    value = int(text)
+    if value == 0 and text.startswith("-") or not -(2**63) <= value <= U64_MAX:
+        return _header_float(text)
+    return value
+
+
+def _header_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number {text[:20]}... is out of range")
+    return value
+
+
+def _json_depth(doc: Any) -> int:
+    depth, stack = 0, [(doc, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, list):  # arrays and _Object
+            depth = max(depth, level)
+            stack.extend((v[1] if isinstance(item, _Object) else v, level + 1) for v in item)
+    return depth
+
+
+def _parse_header_json(text: str, what: str) -> Any:
+    """Parse a header exactly as safetensors' serde_json does (objects as `_Object`), within ternq's memory
+    bounds."""
+    _check_density(text, what)
+    try:
+        doc = json.loads(text, object_pairs_hook=_Object, parse_int=_header_int, parse_float=_header_float,
+                         parse_constant=_no_constants)
+    except RecursionError:
+        raise FormatError(f"{what} is nested too deeply (over {MAX_JSON_DEPTH} levels, safetensors' limit)") from None
+    except ValueError as e:
+        raise FormatError(f"{what} is not valid JSON: {e}") from None
+    if _json_depth(doc) > MAX_JSON_DEPTH:
+        raise FormatError(f"{what} is nested too deeply (over {MAX_JSON_DEPTH} levels, safetensors' limit)")
+    _check_strings(doc, what)
+    return doc
+
+
+def _brief(value: object) -> str:
+    """A short description of a parsed JSON value for an error message (never the repr of a huge container)."""
+    if isinstance(value, _Object):
+        return f"an object of {len(value)} fields" if len(value) > 4 else repr(dict(value))[:80]
+    if isinstance(value, list):
+        return f"an array of {len(value)} values" if len(value) > 4 else repr(value)[:80]
+    return repr(value)[:80]
+
+
+def _header_dtype(value: object, what: str) -> str:
+    if isinstance(value, _Object) and len(value) == 1 and value[0][1] is None:
+        value = value[0][0]  # serde's other spelling of an enum variant: {"F32": null}
+    if not isinstance(value, str) or value not in SAFETENSORS_DTYPE_BITS:
+        raise FormatError(f"{what}: unknown dtype {_brief(value)}; safetensors knows {sorted(SAFETENSORS_DTYPE_BITS)}")
+    return value
+
+
+def _usize(value: object, what: str) -> int:
+    if type(value) is not int or not 0 <= value <= U64_MAX:
+        raise FormatError(f"{what} must be a non-negative integer (no sign, fraction or exponent) below 2**64, "
+                          f"got {_brief(value)}")
+    return value
+
+
+def _tensor_fields(spec: object, what: str) -> tuple[object, object, object]:
+    """(dtype, shape, data_offsets) of a header entry: an object with these fields (others ignored, as by
+    safetensors) or, serde's other spelling of a struct, an array of exactly these three values."""
+    if isinstance(spec, _Object):
+        fields: dict[str, object] = {}
+        for key, value in spec:
+            if key in ("dtype", "shape", "data_offsets"):
+                if key in fields:
+                    raise FormatError(f"{what}: duplicate field {key!r}")
+                fields[key] = value
+        missing = [k for k in ("dtype", "shape", "data_offsets") if k not in fields]
+        if missing:
+            raise FormatError(f"{what}: missing field {missing[0]!r} (a tensor has dtype, shape, data_offsets)")
+        return fields["dtype"], fields["shape"], fields["data_offsets"]
+    if type(spec) is list and len(spec) == 3:
+        return spec[0], spec[1], spec[2]
+    raise FormatError(f"{what}: expected an object with dtype, shape and data_offsets, got {_brief(spec)}")
+
+
+def _tensor_entry(spec: object, what: str) -> tuple[str, tuple[int, ...], int, int]:
+    """dtype, shape, begin, end of a header entry, each of its type (every entry of a repeated name is)."""
+    dtype_value, shape_value, offsets = _tensor_fields(spec, what)
+    dtype = _header_dtype(dtype_value, what)
+    if type(shape_value) is not list:
+        raise FormatError(f"{what}: shape must be a list of dimensions, got {_brief(shape_value)}")
+    shape = tuple(_usize(d, f"{what}: shape") for d in shape_value)
+    if type(offsets) is not list or len(offsets) != 2:
+        raise FormatError(f"{what}: data_offsets must be [begin, end], got {_brief(offsets)}")
+    begin, end = (_usize(o, f"{what}: data_offsets") for o in offsets)
+    return dtype, shape, begin, end
+
+
 def read_header(source: Source) -> Header:
     """Read and validate the safetensors header; nothing is allocated beyond what the file's size allows.
 
-    Checks: the 8-byte little-endian length is within the file and below 100 MB; the header is UTF-8 JSON
-    without duplicate keys, tabs or newlines (ternq writes compact JSON; their presence means an edit); each
-    tensor has a known dtype, a shape, and offsets whose span is exactly its byte count; the tensors tile the
-    data section contiguously, from its first byte to the last byte of the file.
+    Accepts exactly the headers the safetensors library (0.8) accepts (docs/format.md, section 1), within two
+    memory bounds of ternq's own (`MAX_HEADER_BYTES`, `MIN_BYTES_PER_VALUE`): the 8-byte little-endian length
+    runs within the file; the header is UTF-8 JSON (no lone surrogate, at most 127 levels deep, no number too
+    large for a float); ``__metadata__`` appears at most once and maps strings to strings (or is null); each
+    tensor has a safetensors dtype, a shape of 64-bit dimensions, and 64-bit offsets whose span is exactly its
+    byte count (no overflow); the tensors, sorted by offsets, tile the data section from its first byte to the
+    file's last. Like safetensors, a tensor name given twice means its last entry, and unknown fields of a tensor
+    are ignored. Numbers that are no plain non-negative integers (``-0``, ``1.0``, ``1e0``) are no offsets.
     """
     name = source.name
     if source.size < 8:
@@ -474,34 +602,39 @@ def read_header(source: Source) -> Header:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise FormatError(f"{name}: header is not UTF-8 (byte {8 + e.start}): corrupted") from None
-    for ch in "\t\n\r":
-        if ch in text:
-            raise FormatError(f"{name}: header contains {ch!r} at byte {8 + text.index(ch)}; ternq writes "
-                              "compact JSON, so the header was altered")
-    obj = _parse_json(text, f"{name}: header")
-    if not isinstance(obj, dict):
+    obj = _parse_header_json(text, f"{name}: header")
+    if not isinstance(obj, _Object):
         raise FormatError(f"{name}: header must be a JSON object, got {type(obj).__name__}")
-    metadata = obj.pop("__metadata__", {})
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise FormatError(f"{name}: __metadata__ must map strings to strings")
+    metadata: dict[str, str] | None = None
+    specs: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
+    seen_metadata = False
+    for key, value in obj:
+        if key != "__metadata__":
+            specs[key] = _tensor_entry(value, f"{name}: tensor {key!r}")  # a repeated name: the last entry
+            continue
+        if seen_metadata:
+            raise FormatError(f"{name}: __metadata__ appears twice")
+        seen_metadata = True
+        if value is not None and not (isinstance(value, _Object) and all(isinstance(v, str) for _, v in value)):
+            raise FormatError(f"{name}: __metadata__ must map strings to strings")
+        metadata = dict(value) if value is not None else None
     data_start, data_len = 8 + n, source.size - 8 - n
     entries = []
-    for key, spec in obj.items():
+    for key, (dtype, shape, begin, end) in specs.items():
         what = f"{name}: tensor {key!r}"
-        if not isinstance(spec, dict) or set(spec) != {"dtype", "shape", "data_offsets"}:
-            raise FormatError(f"{what}: expected exactly the fields dtype, shape, data_offsets, got {spec!r:.200}")
-        dtype = spec["dtype"]
-        if not _is_dtype(dtype):
-            raise FormatError(f"{what}: unsupported dtype {dtype!r:.40}; known: {sorted(DTYPES)}")
-        shape = _shape(spec["shape"], f"{what}: shape")
-        offsets = spec["data_offsets"]
-        if not isinstance(offsets, list) or len(offsets) != 2:
-            raise FormatError(f"{what}: data_offsets must be [begin, end], got {offsets!r:.80}")
-        begin, end = (_nonneg_int(o, f"{what}: data_offsets") for o in offsets)
-        expected = math.prod(shape) * DTYPES[dtype][1]
-        if end < begin or end - begin != expected:
-            raise FormatError(f"{what}: data_offsets {offsets} span {end - begin} bytes, but {dtype} of shape "
-                              f"{list(shape)} needs {expected}")
+        count = 1
+        for d in shape:  # in safetensors' order, with its 64-bit overflow check
+            count *= d
+            if count > U64_MAX:
+                raise FormatError(f"{what}: shape {list(shape)} has more than 2**64 elements")
+        bits = count * SAFETENSORS_DTYPE_BITS[dtype]
+        if bits > U64_MAX:
+            raise FormatError(f"{what}: {count} elements of {dtype} need more than 2**64 bits: corrupted")
+        if bits % 8:
+            raise FormatError(f"{what}: {count} elements of {dtype} are not a whole number of bytes")
+        if end < begin or end - begin != bits // 8:
+            raise FormatError(f"{what}: data_offsets {[begin, end]} span {end - begin} bytes, but {dtype} of shape "
+                              f"{list(shape)} needs {bits // 8}")
         entries.append(TensorEntry(key, dtype, shape, data_start + begin, data_start + end))
     entries.sort(key=lambda e: (e.begin, e.end))
     pos = data_start
@@ -515,7 +648,7 @@ def read_header(source: Source) -> Header:
         state = "truncated" if pos > source.size else "followed by unexplained bytes"
         raise FormatError(f"{name}: the tensors need {pos - data_start} data bytes but the file holds {data_len}: "
                           f"{state}")
-    return Header({e.name: e for e in entries}, dict(metadata), data_start, source.size, name)
+    return Header({e.name: e for e in entries}, dict(metadata or {}), data_start, source.size, name)
 
 
 # --- the ternq manifest -----------------------------------------------------------------------------------------
@@ -756,6 +889,9 @@ def _read_tensor_records(doc: dict[str, Any], header: Header) -> dict[str, Tenso
         if role not in _ROLES:
             raise FormatError(f"{what}: role {role!r} is not one of {_ROLES}")
         dtype = _field(spec, "dtype", str, what)
+        if not _is_dtype(header.tensors[key].dtype):
+            raise FormatError(f"{what}: dtype {header.tensors[key].dtype} is valid safetensors, but no ternq file "
+                              f"stores it (ternq stores {sorted(DTYPES)})")
         shape = _shape(spec.get("shape"), f"{what}: manifest shape")
         crc = _field(spec, "crc32", str, what)
         if len(crc) != 8 or any(c not in "0123456789abcdef" for c in crc):
@@ -906,10 +1042,16 @@ def read_array(source: Source, manifest: Manifest, name: str) -> np.ndarray:
     return _as_array(read_bytes(source, manifest, name), entry.dtype).reshape(entry.shape)
 
 
-def check_tensor(source: Source, manifest: Manifest, name: str) -> None:
+def check_tensor(source: Source, manifest: Manifest, name: str,
+                 visit: Callable[[np.ndarray], None] | None = None) -> None:
     """Everything the format says about one tensor's bytes, in bounded memory (READ_CHUNK at a time): its CRC32,
     and for a layer's codes every byte and code (`unpack_numpy`'s checks), for its scales `check_scale`.
-    A file that passes `check_tensor` for every tensor decodes without error (`decode_layer`)."""
+    A file that passes `check_tensor` for every tensor decodes without error (`decode_layer`).
+
+    `visit`, if given, sees the values chunk by chunk, in order, as they are checked: a packed weight's codes
+    (int8), scales (float32), a float tensor's values (as `read_array` gives them); so a tool can compute over a
+    tensor of any size in the same bounded memory (``ternq inspect``'s code shares). The CRC32 is checked last:
+    what `visit` saw counts only if `check_tensor` returns."""
     entry, record = manifest.header.tensors[name], manifest.tensors[name]
     layer = manifest.layers[manifest.owners[name]] if record.role != "float" else None
     what = f"{source.name}: layer {layer.key!r}" if layer is not None else ""
@@ -922,10 +1064,14 @@ def check_tensor(source: Source, manifest: Manifest, name: str) -> None:
         crc = zlib.crc32(chunk, crc)
         if layer is not None and enc is not None and record.role == "codes":
             count = min(chunk.size * enc.per_byte, layer.count - done * enc.per_byte)
-            unpack_numpy(chunk.view(np.dtype(DTYPES[enc.dtype][0])), enc.name, count, qmax=layer.qmax,
-                         what=f"{what}: codes")
-        elif layer is not None:
-            check_scale(_as_array(chunk, entry.dtype), what, layer.qmax)
+            values = unpack_numpy(chunk.view(np.dtype(DTYPES[enc.dtype][0])), enc.name, count, qmax=layer.qmax,
+                                  what=f"{what}: codes")
+        else:
+            values = _as_array(chunk, entry.dtype)
+            if layer is not None:
+                check_scale(values, what, layer.qmax)
+        if visit is not None:
+            visit(values)
         done += chunk.size
     _crc_matches(source, name, record, crc)
 

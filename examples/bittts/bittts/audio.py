@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .atomic import atomic_write
+from ternq.atomic import atomic_write
 
 SAMPLE_RATE = 16000
 N_FFT = 1024

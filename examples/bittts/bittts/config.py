@@ -15,9 +15,8 @@ from typing import Any, get_type_hints
 
 import tomli_w
 
+from ternq.atomic import atomic_write
 from ternq.config import QuantConfig
-
-from .atomic import atomic_write
 
 if sys.version_info >= (3, 11):
     import tomllib

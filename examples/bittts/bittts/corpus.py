@@ -31,9 +31,10 @@ import torch
 from tqdm import tqdm
 
 from bittts import audio, text
-from bittts.atomic import atomic_torch_save, atomic_write
+from bittts.atomic import atomic_torch_save
 from bittts.sentences import generate_sentences
 from bittts.system import ensure_tools
+from ternq.atomic import atomic_write
 
 FEATURE_VERSION = 1
 META_VERSION = 1

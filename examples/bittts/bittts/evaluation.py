@@ -239,7 +239,7 @@ def evaluate(systems: Sequence[TTSSystem], sentences: Sequence[str], out_dir: st
         "threads": list(threads), "cpu": cpu_description(),
         "systems": [result_row(r, f"{name}/report.json") for name, r in reports.items()],
     }
-    from .atomic import atomic_write
+    from ternq.atomic import atomic_write
 
     atomic_write(out / "results.json", (json.dumps(results, indent=1, ensure_ascii=False) + "\n").encode())
     atomic_write(out / "results.md", (format_results(results) + "\n").encode())
@@ -349,7 +349,7 @@ def format_report(report: dict[str, Any]) -> str:
 
 def write_report(report: dict[str, Any], out_dir: str | os.PathLike[str]) -> tuple[Path, Path]:
     """Write report.json and report.md atomically; returns their paths."""
-    from .atomic import atomic_write
+    from ternq.atomic import atomic_write
 
     out = Path(out_dir)
     json_path, md_path = out / "report.json", out / "report.md"

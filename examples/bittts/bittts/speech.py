@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, BinaryIO
 import numpy as np
 import torch
 
-from .atomic import atomic_open
+from ternq.atomic import atomic_open
+
 from .limits import MAX_SENTENCE_CHARS
 from .text import abbreviation_before
 
@@ -160,8 +161,12 @@ def _write_pcm(f: BinaryIO, chunks: Iterable[bytes]) -> int:
 
 
 def write_wav_stream(path: str | os.PathLike[str], chunks: Iterable[bytes], sample_rate: int) -> int:
-    """Write PCM chunks as a WAV file, atomically, one chunk in memory at a time. Returns the data bytes."""
+    """Write PCM chunks as a WAV file, atomically, one chunk in memory at a time. Returns the data bytes.
+
+    A path that cannot seek (a FIFO, a terminal) is written through `write_wav_to_stream`, as standard output."""
     with atomic_open(path) as f:
+        if not f.seekable():
+            return write_wav_to_stream(f, chunks, sample_rate)
         f.write(wav_header(sample_rate, 0))
         total = _write_pcm(f, chunks)
         f.seek(0)

@@ -41,7 +41,9 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
 
-from .atomic import atomic_torch_save, atomic_write
+from ternq.atomic import atomic_write
+
+from .atomic import atomic_torch_save
 from .checkpoints import CHECKPOINT_FORMAT, CHECKPOINT_NAME, load_checkpoint
 from .config import BitTTSConfig, config_diff, config_from_dict, config_to_dict, save_config
 from .discriminators import Discriminators, split_halves

@@ -2,11 +2,13 @@
 thing and the fix, a non-zero exit, no traceback and no signal; what is read has a size bound."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -251,7 +253,10 @@ def test_a_resumed_run_logs_each_step_once(tmp_path, one_thread):
 def test_atomic_write_removes_the_temp_files_of_killed_writers(tmp_path):
     """A temp file of the same target left by a process that no longer exists goes on the next write; a live
     writer's (this process' parent) and another target's stay."""
-    from bittts.atomic import _temp_prefix, atomic_write
+    from ternq.atomic import atomic_write
+
+    def _temp_prefix(path: Path) -> str:  # ternq.atomic's naming: .<name>.<crc32 of the name>.<pid>.<random>.tmp
+        return f".{path.name}.{zlib.crc32(path.name.encode()):08x}."
 
     target = tmp_path / "out.wav"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
@@ -263,3 +268,125 @@ def test_atomic_write_removes_the_temp_files_of_killed_writers(tmp_path):
         p.write_bytes(b"partial")
     atomic_write(target, b"data")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, live.name, other.name])
+
+
+# --- 11. output paths: devices, FIFOs and permissions are kept (ternq.atomic) ------------------------------------
+
+
+def _null_device(tmp_path: Path) -> str:
+    """A character device that discards writes and that a broken writer may replace without harm: as root a
+    private node of /dev/null's numbers (root could replace the machine's /dev/null), else /dev/null itself."""
+    if os.geteuid() != 0:
+        return os.devnull
+    node = tmp_path / "null"
+    rdev = os.stat(os.devnull).st_rdev
+    try:
+        os.mknod(node, 0o20666, os.makedev(os.major(rdev), os.minor(rdev)))
+        node.write_bytes(b"x")
+    except OSError as e:
+        pytest.skip(f"as root, only a private device node is safe to write, and none can be made here ({e})")
+    return str(node)
+
+
+def _bittts(argv: list[str], fifo: Path | None = None) -> tuple[int, bytes, str]:
+    """Run `bittts ARGV` as a process; with `fifo`, read everything it writes there. (exit status, bytes read,
+    stderr)"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-m", "bittts.cli", *argv], stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, env=env, text=True)
+    got = b""
+    try:
+        if fifo is not None:
+            import select
+
+            fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # the writer's open never waits for a reader
+            chunks = []
+            try:
+                while True:
+                    try:
+                        data = os.read(fd, 1 << 16)
+                    except BlockingIOError:
+                        select.select([fd], [], [], 0.1)
+                        continue
+                    if data:
+                        chunks.append(data)
+                    elif proc.poll() is not None:
+                        break
+                    else:
+                        select.select([], [], [], 0.01)
+            finally:
+                os.close(fd)
+            got = b"".join(chunks)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+        proc.wait()
+    return proc.returncode, got, err
+
+
+@needs_model
+def test_synthesize_writes_through_a_fifo_and_a_null_device(tmp_path):
+    """`-o FIFO` feeds the FIFO's reader one whole WAV (it cannot seek, so it is spooled like standard output);
+    `-o /dev/null` discards: both stay what they are (as root the old code replaced the machine's /dev/null)."""
+    import wave
+
+    fifo = tmp_path / "speech"
+    os.mkfifo(fifo)
+    rc, got, err = _bittts(["synthesize", "--model", str(MODEL), "--text", "Hi.", "-o", str(fifo), "--threads",
+                            "1"], fifo)
+    assert rc == 0, err
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode), "the FIFO was replaced by a regular file"
+    with wave.open(io.BytesIO(got)) as w:
+        assert w.getnframes() > 1000 and w.getframerate() == 16000
+    null = _null_device(tmp_path)
+    before = os.stat(null)
+    assert main(["synthesize", "--model", str(MODEL), "--text", "Hi.", "-o", null, "--threads", "1"]) == 0
+    after = os.stat(null)
+    assert stat.S_ISCHR(after.st_mode) and (after.st_ino, after.st_rdev) == (before.st_ino, before.st_rdev)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["speech", *(["null"] if null != os.devnull else [])])
+
+
+def test_export_writes_through_a_fifo_and_keeps_a_files_mode(tmp_path, one_thread):
+    import ternq
+
+    torch.manual_seed(0)
+    from bittts.text import SYMBOLS
+
+    cfg = tiny()
+    cfg.acoustic.n_symbols = len(SYMBOLS)  # the text model's symbol table: an exportable model
+    train(cfg, tmp_path / "run", dataset=SyntheticTTS(4), steps=1, progress=False)
+    fifo = tmp_path / "model.safetensors"
+    os.mkfifo(fifo)
+    rc, got, err = _bittts(["export", str(tmp_path / "run"), "-o", str(fifo)], fifo)
+    assert rc == 0, err
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode), "the FIFO was replaced by a regular file"
+    assert ternq.read_metadata(got)["bittts.format"]
+    private = tmp_path / "private.safetensors"
+    private.write_bytes(b"old")
+    private.chmod(0o600)
+    assert main(["export", str(tmp_path / "run"), "-o", str(private)]) == 0
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600 and ternq.read_metadata(private)["bittts.format"]
+
+
+def test_a_written_wav_keeps_the_files_mode(tmp_path):
+    from bittts.audio import write_wav
+
+    out = tmp_path / "out.wav"
+    out.write_bytes(b"old")
+    out.chmod(0o640)
+    write_wav(out, torch.zeros(160))
+    assert stat.S_IMODE(out.stat().st_mode) == 0o640 and out.stat().st_size > 44
+
+
+def test_an_output_that_is_a_socket_is_refused(tmp_path):
+    import socket
+
+    sock_path = tmp_path / "out.wav"
+    sock = socket.socket(socket.AF_UNIX)
+    try:
+        sock.bind(str(sock_path))
+        fails(["synthesize", "--model", str(MODEL), "--text", "hi", "-o", str(sock_path)], "is a socket; give a file")
+        fails(["export", str(tmp_path), "-o", str(sock_path)], "is a socket; give a file")
+    finally:
+        sock.close()
+    assert stat.S_ISSOCK(os.lstat(sock_path).st_mode)

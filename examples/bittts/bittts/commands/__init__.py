@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import stat
 import subprocess
 from pathlib import Path
 
@@ -41,7 +42,19 @@ def output_file(path: str | os.PathLike[str], option: str = "-o", example: str =
     if not out.name or text.endswith(os.sep) or out.is_dir():
         raise ValueError(f"{option} {text}: is a directory; give a file path, e.g. {option} "
                          f"{os.path.join(text, example)}")
-    _writable_dir(out.parent if str(out.parent) else Path("."), option, text)
+    try:
+        mode = os.stat(text).st_mode
+    except OSError:
+        mode = None
+    if mode is not None and (stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)):  # written through (ternq.atomic)
+        if not os.access(text, os.W_OK):
+            raise ValueError(f"{option} {text}: is not writable; choose another output")
+        return out
+    if mode is not None and not stat.S_ISREG(mode):
+        kind = "a block device" if stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a file"
+        raise ValueError(f"{option} {text}: is {kind}; give a file path, e.g. {option} {example}")
+    real = Path(os.path.realpath(text))  # a symlink's target is written (the link stays), in its own directory
+    _writable_dir(real.parent, option, text)
     return out
 
 
