@@ -11,9 +11,9 @@
  * torch's summation order is an implementation detail of its build: an activation code may differ by one
  * where the normalized value lies within float32 rounding of a rounding boundary (documented tolerance).
  *
- * Non-finite input stays non-finite: the absmax (TQ_MAX) propagates NaN, so a token (or sample) holding a NaN or
- * an Inf gets a NaN or Inf scale, and every output that reads it is NaN or Inf, as in the QAT layer. Its codes
- * are written as 0 (TQ_CODE): a NaN cast to an integer is undefined behaviour in C.
+ * Non-finite input stays non-finite: the absmax propagates NaN (TQ_MAX), so a token (or sample) holding a NaN or
+ * an Inf gets a NaN or Inf scale, and every output that reads it is NaN or Inf, as in the QAT layer. Its NaN
+ * codes are written as qmax (tq_code): a NaN cast to an integer is undefined behaviour in C.
  */
 #include <math.h>
 #include <stdint.h>
@@ -25,13 +25,16 @@
 
 #define BLOCK 256 /* time steps per block of a channel-major input: C x 256 floats stay in L2 */
 
-/* max(a, m) that propagates a NaN of either (C's a > m ? a : m keeps m when a is NaN) */
+/* max(a, m) that propagates a NaN of either (C's a > m ? a : m keeps m when a is NaN); for the few maxima of
+ * maxima. The loops over every element keep the plain max (one vmaxps) and detect a NaN by a sum of the |x|
+ * they take the max of (one vaddps): a sum of non-negative numbers is NaN only if one of them is. */
 #define TQ_MAX(a, m) (((a) > (m) || (a) != (a)) ? (a) : (m))
 
-/* a rounded code t clamped to [-qmax - 1, qmax]; 0 for NaN (a token with a non-finite scale) */
+/* a rounded code t clamped to [-qmax - 1, qmax], in this order so that a NaN (of a token whose scale is NaN or
+ * Inf) becomes qmax (vminps), not a NaN cast to an integer (undefined behaviour in C) */
 static inline float tq_code(float t, float qmax) {
-    t = t > qmax ? qmax : t < -qmax - 1.f ? -qmax - 1.f : t;
-    return t == t ? t : 0.f;
+    t = t < qmax ? t : qmax;
+    return t > -qmax - 1.f ? t : -qmax - 1.f;
 }
 
 /* sum of rows[0..n) of a column block, torch's 4-level cascade with a step of 16 (per column). */
@@ -88,23 +91,27 @@ static void column_stats(const float *x, int64_t C, int64_t T, int n, int norm, 
 /* max |normalized x| over the channels of a column block, into amax[0..n). */
 static void column_absmax(const float *x, int64_t C, int64_t T, int n, int norm, const float *mean,
                           const float *rstd, float *amax) {
-    for (int i = 0; i < n; ++i) amax[i] = 0.f;
+    float nan[BLOCK]; /* NaN where a column holds one (TQ_MAX) */
+    for (int i = 0; i < n; ++i) { amax[i] = 0.f; nan[i] = 0.f; }
     for (int64_t c = 0; c < C; ++c) {
         const float *row = x + c * T;
         if (norm == 0) {
-            for (int i = 0; i < n; ++i) { float a = fabsf(row[i]); amax[i] = TQ_MAX(a, amax[i]); }
+            for (int i = 0; i < n; ++i) { float a = fabsf(row[i]); amax[i] = a > amax[i] ? a : amax[i]; nan[i] += a; }
         } else if (norm == 1) {
             for (int i = 0; i < n; ++i) {
                 float a = fabsf((row[i] - mean[i]) * rstd[i]);
-                amax[i] = TQ_MAX(a, amax[i]);
+                amax[i] = a > amax[i] ? a : amax[i];
+                nan[i] += a;
             }
         } else {
             for (int i = 0; i < n; ++i) {
                 float a = fabsf(row[i] * rstd[i]);
-                amax[i] = TQ_MAX(a, amax[i]);
+                amax[i] = a > amax[i] ? a : amax[i];
+                nan[i] += a;
             }
         }
     }
+    for (int i = 0; i < n; ++i) amax[i] = nan[i] != nan[i] ? nan[i] : amax[i];
 }
 
 static void column_round(const float *x, int64_t C, int64_t T, int n, int norm, const float *mean,
@@ -200,13 +207,14 @@ void tq_quantize_rows(const float *x, int64_t R, int64_t C, int norm, float eps,
                 } else if (norm == 2) {
                     a = 1.f / sqrtf(lane_sum(row, C, 0.f, 2) / fc + eps);
                 }
-                float lanes[16] = {0.f};
+                float lanes[16] = {0.f}, nan[16] = {0.f}; /* nan: see TQ_MAX */
                 int64_t c16 = C / 16 * 16;
                 for (int64_t c0 = 0; c0 < c16; c0 += 16) {
                     for (int i = 0; i < 16; ++i) {
                         float v = norm == 1 ? row[c0 + i] * a + b : norm == 2 ? row[c0 + i] * a : row[c0 + i];
                         v = fabsf(v);
-                        lanes[i] = TQ_MAX(v, lanes[i]);
+                        lanes[i] = v > lanes[i] ? v : lanes[i];
+                        nan[i] += v;
                     }
                 }
                 for (int64_t c = c16; c < C; ++c) {
@@ -215,6 +223,7 @@ void tq_quantize_rows(const float *x, int64_t R, int64_t C, int norm, float eps,
                 }
                 float amax = 0.f;
                 for (int i = 0; i < 16; ++i) amax = TQ_MAX(lanes[i], amax);
+                for (int i = 0; i < 16; ++i) amax = nan[i] != nan[i] ? nan[i] : amax;
                 if (pass == 0) {
                     sample_max = TQ_MAX(amax, sample_max);
                     continue;
