@@ -10,6 +10,10 @@
  * taken in blocks of 16 terms like torch's cascade sum, so the result usually matches torch bit for bit, but
  * torch's summation order is an implementation detail of its build: an activation code may differ by one
  * where the normalized value lies within float32 rounding of a rounding boundary (documented tolerance).
+ *
+ * Non-finite input stays non-finite: the absmax propagates NaN (TQ_MAX), so a token (or sample) holding a NaN or
+ * an Inf gets a NaN or Inf scale, and every output that reads it is NaN or Inf, as in the QAT layer. Its NaN
+ * codes are written as qmax (tq_code): a NaN cast to an integer is undefined behaviour in C.
  */
 #include <math.h>
 #include <stdint.h>
@@ -20,6 +24,18 @@
 #include <string.h>
 
 #define BLOCK 256 /* time steps per block of a channel-major input: C x 256 floats stay in L2 */
+
+/* max(a, m) that propagates a NaN of either (C's a > m ? a : m keeps m when a is NaN); for the few maxima of
+ * maxima. The loops over every element keep the plain max (one vmaxps) and detect a NaN by a sum of the |x|
+ * they take the max of (one vaddps): a sum of non-negative numbers is NaN only if one of them is. */
+#define TQ_MAX(a, m) (((a) > (m) || (a) != (a)) ? (a) : (m))
+
+/* a rounded code t clamped to [-qmax - 1, qmax], in this order so that a NaN (of a token whose scale is NaN or
+ * Inf) becomes qmax (vminps), not a NaN cast to an integer (undefined behaviour in C) */
+static inline float tq_code(float t, float qmax) {
+    t = t < qmax ? t : qmax;
+    return t > -qmax - 1.f ? t : -qmax - 1.f;
+}
 
 /* sum of rows[0..n) of a column block, torch's 4-level cascade with a step of 16 (per column). */
 static void cascade_sum(const float *x, int64_t row_stride, int64_t rows, int n, float *out,
@@ -75,23 +91,27 @@ static void column_stats(const float *x, int64_t C, int64_t T, int n, int norm, 
 /* max |normalized x| over the channels of a column block, into amax[0..n). */
 static void column_absmax(const float *x, int64_t C, int64_t T, int n, int norm, const float *mean,
                           const float *rstd, float *amax) {
-    for (int i = 0; i < n; ++i) amax[i] = 0.f;
+    float nan[BLOCK]; /* NaN where a column holds one (TQ_MAX) */
+    for (int i = 0; i < n; ++i) { amax[i] = 0.f; nan[i] = 0.f; }
     for (int64_t c = 0; c < C; ++c) {
         const float *row = x + c * T;
         if (norm == 0) {
-            for (int i = 0; i < n; ++i) { float a = fabsf(row[i]); amax[i] = a > amax[i] ? a : amax[i]; }
+            for (int i = 0; i < n; ++i) { float a = fabsf(row[i]); amax[i] = a > amax[i] ? a : amax[i]; nan[i] += a; }
         } else if (norm == 1) {
             for (int i = 0; i < n; ++i) {
                 float a = fabsf((row[i] - mean[i]) * rstd[i]);
                 amax[i] = a > amax[i] ? a : amax[i];
+                nan[i] += a;
             }
         } else {
             for (int i = 0; i < n; ++i) {
                 float a = fabsf(row[i] * rstd[i]);
                 amax[i] = a > amax[i] ? a : amax[i];
+                nan[i] += a;
             }
         }
     }
+    for (int i = 0; i < n; ++i) amax[i] = nan[i] != nan[i] ? nan[i] : amax[i];
 }
 
 static void column_round(const float *x, int64_t C, int64_t T, int n, int norm, const float *mean,
@@ -102,9 +122,7 @@ static void column_round(const float *x, int64_t C, int64_t T, int n, int norm, 
         int8_t *dst = q + c * ldq;
         for (int i = 0; i < n; ++i) {
             float v = norm == 0 ? row[i] : norm == 1 ? (row[i] - mean[i]) * rstd[i] : row[i] * rstd[i];
-            float t = rintf(v / scale[i * scale_step]);
-            t = t > qmax ? qmax : t < -qmax - 1.f ? -qmax - 1.f : t;
-            dst[i] = (int8_t)t;
+            dst[i] = (int8_t)tq_code(rintf(v / scale[i * scale_step]), qmax);
         }
     }
 }
@@ -126,7 +144,7 @@ void tq_quantize_channels(const float *x, int64_t B, int64_t C, int64_t T, int n
                 int n = (int)(T - t0 < BLOCK ? T - t0 : BLOCK);
                 column_stats(xb + t0, C, T, n, norm, eps, mean, rstd);
                 column_absmax(xb + t0, C, T, n, norm, mean, rstd, amax);
-                for (int i = 0; i < n; ++i) sample_max = amax[i] > sample_max ? amax[i] : sample_max;
+                for (int i = 0; i < n; ++i) sample_max = TQ_MAX(amax[i], sample_max);
             }
             sample_max = (sample_max < eps ? eps : sample_max) / qmax;
             sb[0] = sample_max;
@@ -189,23 +207,25 @@ void tq_quantize_rows(const float *x, int64_t R, int64_t C, int norm, float eps,
                 } else if (norm == 2) {
                     a = 1.f / sqrtf(lane_sum(row, C, 0.f, 2) / fc + eps);
                 }
-                float lanes[16] = {0.f};
+                float lanes[16] = {0.f}, nan[16] = {0.f}; /* nan: see TQ_MAX */
                 int64_t c16 = C / 16 * 16;
                 for (int64_t c0 = 0; c0 < c16; c0 += 16) {
                     for (int i = 0; i < 16; ++i) {
                         float v = norm == 1 ? row[c0 + i] * a + b : norm == 2 ? row[c0 + i] * a : row[c0 + i];
                         v = fabsf(v);
                         lanes[i] = v > lanes[i] ? v : lanes[i];
+                        nan[i] += v;
                     }
                 }
                 for (int64_t c = c16; c < C; ++c) {
                     float v = fabsf(norm == 1 ? row[c] * a + b : norm == 2 ? row[c] * a : row[c]);
-                    lanes[0] = v > lanes[0] ? v : lanes[0];
+                    lanes[0] = TQ_MAX(v, lanes[0]);
                 }
                 float amax = 0.f;
-                for (int i = 0; i < 16; ++i) amax = lanes[i] > amax ? lanes[i] : amax;
+                for (int i = 0; i < 16; ++i) amax = TQ_MAX(lanes[i], amax);
+                for (int i = 0; i < 16; ++i) amax = nan[i] != nan[i] ? nan[i] : amax;
                 if (pass == 0) {
-                    sample_max = amax > sample_max ? amax : sample_max;
+                    sample_max = TQ_MAX(amax, sample_max);
                     continue;
                 }
                 float scale = rows_per_sample > 1 ? sample_max : (amax < eps ? eps : amax) / qmax;
@@ -213,9 +233,7 @@ void tq_quantize_rows(const float *x, int64_t R, int64_t C, int norm, float eps,
                 int8_t *dst = q + r * C;
                 for (int64_t c = 0; c < C; ++c) {
                     float v = norm == 1 ? row[c] * a + b : norm == 2 ? row[c] * a : row[c];
-                    float t = rintf(v / scale);
-                    t = t > qmax ? qmax : t < -qmax - 1.f ? -qmax - 1.f : t;
-                    dst[c] = (int8_t)t;
+                    dst[c] = (int8_t)tq_code(rintf(v / scale), qmax);
                 }
             }
             if (pass == 0) sample_max = (sample_max < eps ? eps : sample_max) / qmax;
@@ -499,7 +517,7 @@ void tq_quantize_grouped(const float *x, int64_t B, int64_t C, int64_t T, int no
                 int n = (int)(T - t0 < BLOCK ? T - t0 : BLOCK);
                 column_stats(xb + t0, C, T, n, norm, eps, mean, rstd);
                 column_absmax(xb + t0, C, T, n, norm, mean, rstd, amax);
-                for (int i = 0; i < n; ++i) sample = amax[i] > sample ? amax[i] : sample;
+                for (int i = 0; i < n; ++i) sample = TQ_MAX(amax[i], sample);
             }
             sample = (sample < eps ? eps : sample) / qmax;
         }
@@ -519,9 +537,7 @@ void tq_quantize_grouped(const float *x, int64_t B, int64_t C, int64_t T, int no
                 uint8_t *dst = gb + ((g * C4 + (cc >> 2)) * Tp + left + t0) * 4 + (cc & 3);
                 for (int i = 0; i < n; ++i) {
                     float v = norm == 0 ? row[i] : norm == 1 ? (row[i] - mean[i]) * rstd[i] : row[i] * rstd[i];
-                    float t = rintf(v / step[i]);
-                    t = t > qmax ? qmax : t < -qmax - 1.f ? -qmax - 1.f : t;
-                    dst[i * 4] = (uint8_t)((int)t + 128);
+                    dst[i * 4] = (uint8_t)((int)tq_code(rintf(v / step[i]), qmax) + 128);
                 }
             }
         }

@@ -274,8 +274,8 @@ def _tap_gemm(weight: Tensor, q: Tensor, s: Tensor) -> Tensor:
 
 def _scale_and_bias(y: Tensor, scale: Tensor, bias: Tensor | None, cfg: QuantConfig) -> Tensor:
     if cfg.granularity == "channel":
-        n = scale.shape[0]
-        y.view(y.shape[0], -1, n, y.shape[-1]).mul_(scale.view(1, 1, n, 1))
+        n = scale.shape[0]  # the out channels of one group (ConvTranspose1d) or of all groups (Conv1d)
+        y.view(y.shape[0], y.shape[1] // n, n, y.shape[-1]).mul_(scale.view(1, 1, n, 1))  # -1: not for 0 batch
     if bias is not None:
         y.add_(bias.view(1, -1, 1))
     return y
@@ -396,6 +396,8 @@ def conv_transpose1d_taps(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor
     elif use_native:
         s = s.contiguous()
     t_in = q.shape[-1] - 16
+    if t_in == 0 and x.shape[0]:
+        raise RuntimeError(f"{geom.owner}: input of length 0 (torch's ConvTranspose1d refuses it too)")
     k, dilation, stride, pad = geom.kernel_size, geom.dilation, geom.stride, geom.padding[0]
     t_full = (t_in - 1) * stride + dilation * (k - 1) + 1
     t_out = t_full - 2 * pad + output_padding

@@ -7,38 +7,62 @@ first use without a noticeable first-call tax. ``make venv`` builds it ahead of 
 
 The shared library is cached under ``$TERNQ_CACHE`` (default ``$XDG_CACHE_HOME/ternq`` or ``~/.cache/ternq``),
 named by a hash of the source, the compiler and its flags, and written atomically (compiled to a temporary
-name, then renamed), so concurrent processes never load a half-written file. Without a C compiler, with a
-failed build, with ``TERNQ_NATIVE=0`` or off CPU, every caller falls back to the eager torch code (slower,
-same results within the documented tolerance): `available()` says which, `status()` says why.
+name, then renamed), so concurrent processes never load a half-written file. Loading a shared library runs its
+code, so the cache trusts nothing it did not check (docs/runtime.md):
+
+* the directory is created 0700 and refused (with a warning naming it and the fix) when it is a symbolic link,
+  not owned by the current user, or writable by group or others; the library and its record likewise, opened
+  without following symbolic links;
+* beside each library, a record of its size and sha256 written at build: a library that does not match it
+  (truncated, replaced) is rebuilt instead of loaded (a truncated library crashed the process with SIGBUS);
+* the compiler runs with a timeout (``$TERNQ_BUILD_TIMEOUT``, default 60 s) and is killed with its children
+  when it passes it; a compiler that "succeeds" without writing a library caches nothing.
+
+Without a C compiler, with a failed or refused build, with ``TERNQ_NATIVE=0`` or off CPU, every caller falls
+back to the eager torch code (slower, same results within the documented tolerance): `available()` says
+which, `status()` says why. ``$CC`` (or `build`'s ``cc``) picks the compiler.
 
 ``TERNQ_NATIVE_ARCH`` sets the ``-march`` of the build (default ``native``); ``haswell`` emulates an AVX2 CPU
-without VNNI / AVX-512 (benchmarks/bench_runtime.py --emulate-avx2).
+without VNNI / AVX-512 (benchmarks/bench_runtime.py --emulate-avx2), ``x86-64`` the portable loops.
 """
 from __future__ import annotations
 
 import ctypes
+import errno
 import hashlib
 import os
 import platform
 import shutil
+import signal
+import stat
 import subprocess
 import sys
 import tempfile
+import threading
+import time
+import warnings
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-__all__ = ["NATIVE_ENV", "ARCH_ENV", "CACHE_ENV", "available", "status", "build", "library", "cpu_flags", "vnni"]
+__all__ = ["NATIVE_ENV", "ARCH_ENV", "CACHE_ENV", "BUILD_TIMEOUT_ENV", "available", "status", "build", "library",
+           "cpu_flags", "vnni"]
 
 NATIVE_ENV = "TERNQ_NATIVE"
 ARCH_ENV = "TERNQ_NATIVE_ARCH"
 CACHE_ENV = "TERNQ_CACHE"
+BUILD_TIMEOUT_ENV = "TERNQ_BUILD_TIMEOUT"
+_DEFAULT_TIMEOUT = 60.0  # seconds; the build takes about 1 s
+_ON = ("1", "true", "yes", "on")
+_OFF = ("0", "false", "no", "off")
+_STALE_TEMP_S = 3600  # temporary files of builds killed without cleanup (SIGKILL, power loss) older than this go
 _SOURCE = Path(__file__).with_name("_kernels.c")
 _ABI = 4
 _FLAGS = ("-O3", "-std=c99", "-shared", "-fPIC", "-ffp-contract=off", "-fno-math-errno")
 
-_state: dict[str, object] = {}  # "lib": the loaded CDLL or None, "why": the reason when None
+_state: dict[str, object] = {}  # "lib": the loaded CDLL or None, "why": the reason when None, "key": the env
+_LOCK = threading.Lock()
 
 _NORMS = {None: 0, "layernorm": 1, "rmsnorm": 2}
 _P = ctypes.c_void_p
@@ -72,6 +96,10 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+class _Untrusted(RuntimeError):
+    """The cache holds something ternq must not load (not ours, writable by others, a symbolic link)."""
+
+
 def _cache_dir() -> Path:
     root = os.environ.get(CACHE_ENV)
     if root:
@@ -79,7 +107,9 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ternq"
 
 
-def _compiler() -> str | None:
+def _compiler(cc: str | None = None) -> str | None:
+    if cc is not None:
+        return shutil.which(cc)
     for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
         if name and shutil.which(name):
             return shutil.which(name)
@@ -88,6 +118,32 @@ def _compiler() -> str | None:
 
 def _arch() -> str:
     return os.environ.get(ARCH_ENV, "").strip() or "native"
+
+
+def _enabled() -> bool:
+    """$TERNQ_NATIVE read case-insensitively; unset or empty is on, an unknown value is an error (a typo such as
+    ``TERNQ_NATIVE=of`` must not silently leave the kernels on)."""
+    value = os.environ.get(NATIVE_ENV, "").strip().lower()
+    if value in _OFF:
+        return False
+    if value in ("", *_ON):
+        return True
+    raise ValueError(f"{NATIVE_ENV}={os.environ[NATIVE_ENV]!r}: expected one of {', '.join(_ON)} (kernels on) or "
+                     f"{', '.join(_OFF)} (off), in any case")
+
+
+def _timeout(timeout: float | None) -> float:
+    if timeout is None:
+        raw = os.environ.get(BUILD_TIMEOUT_ENV, "").strip()
+        try:
+            timeout = float(raw) if raw else _DEFAULT_TIMEOUT
+        except ValueError:
+            timeout = -1.0
+        if not 0 < timeout < float("inf"):
+            raise ValueError(f"{BUILD_TIMEOUT_ENV}={raw!r}: expected a number of seconds > 0")
+    if not 0 < timeout < float("inf"):
+        raise ValueError(f"build timeout {timeout!r}: expected a number of seconds > 0")
+    return timeout
 
 
 def _library_path(cc: str) -> Path:
@@ -99,56 +155,205 @@ def _library_path(cc: str) -> Path:
     return _cache_dir() / f"kernels-{key.hexdigest()[:16]}{'.dll' if sys.platform == 'win32' else '.so'}"
 
 
-def build(force: bool = False) -> Path:
-    """Compile the kernels into the cache (if not there yet) and return the library's path.
+def _record_path(library: Path) -> Path:
+    """The build record beside a library: its sha256 and size, written after it."""
+    return library.with_name(library.name + ".sha256")
 
-    Raises RuntimeError with the compiler's message when there is no compiler or the build fails."""
-    cc = _compiler()
-    if cc is None:
-        raise RuntimeError("no C compiler found (set $CC, or install gcc / clang)")
-    path = _library_path(cc)
-    if path.exists() and not force:
-        return path
+
+def _unsafe(st: os.stat_result) -> str | None:
+    """Why a file or directory with this (lstat) status may hold code planted by someone else; None if it may not."""
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        return f"owned by uid {st.st_uid}, not by you (uid {os.getuid()})"
+    if os.name == "posix" and st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"writable by group or others (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
+def _private_dir(path: Path) -> None:
+    """Create the cache directory (mode 0700) if missing; raise `_Untrusted` for one that others could write to."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
-    os.close(fd)
     try:
-        cmd = [cc, *_FLAGS, f"-march={_arch()}", str(_SOURCE), "-o", tmp, "-lm"]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr.strip()}")
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        fix = f"set {CACHE_ENV} to the directory it points to, if that is yours"
+        problem = "a symbolic link"
+    elif not stat.S_ISDIR(st.st_mode):
+        problem, fix = "not a directory", f"remove it, or set {CACHE_ENV} to a directory of your own"
+    else:
+        problem = _unsafe(st)
+        fix = (f"remove it, or set {CACHE_ENV} to a directory of your own" if problem and "uid" in problem else
+               f"run `chmod go-w {path}`, or set {CACHE_ENV} to a directory of your own")
+    if problem:
+        raise _Untrusted(f"ternq kernel cache {path} is {problem}: ternq loads compiled code only from a directory "
+                         f"that only you can write ({fix})")
+
+
+def _read_private(path: Path) -> bytes | None:
+    """The bytes of a regular file of ours that only we can write, opened without following a symbolic link;
+    None when it does not exist."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _Untrusted(f"{path} is a symbolic link: ternq loads no library through one (remove it)") from None
+        raise
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        problem = "not a regular file" if not stat.S_ISREG(st.st_mode) else _unsafe(st)
+        if problem:
+            raise _Untrusted(f"{path} is {problem}: ternq loads no library that others could have written "
+                             "(remove it)")
+        return f.read()
+
+
+def _verify(library: Path) -> str | None:
+    """None when `library` is the file its build recorded (size and sha256), else what differs."""
+    data = _read_private(library)
+    if data is None:
+        return "missing"
+    record = _read_private(_record_path(library))
+    if record is None:
+        return "no build record"
+    try:
+        digest, size = record.decode("ascii").split()
+        expected = int(size)
+    except (UnicodeDecodeError, ValueError):
+        return "unreadable build record"
+    if len(data) != expected:
+        return f"{len(data)} bytes, {expected} recorded at build"
+    if hashlib.sha256(data).hexdigest() != digest:
+        return "its sha256 differs from the one recorded at build"
+    return None
+
+
+def _run(cmd: list[str], timeout: float) -> None:
+    """Run the compiler; on a timeout or an interrupt kill it with its children (cc runs cc1, as, ld: killing cc
+    alone would leave them running, and holding the pipes open)."""
+    posix = os.name == "posix"
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, errors="replace", start_new_session=posix)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except BaseException as exc:
+        try:
+            if posix:
+                os.killpg(proc.pid, signal.SIGKILL)  # its own process group (start_new_session)
+            else:
+                proc.kill()
+        except OSError:
+            pass
+        proc.wait()
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+        if isinstance(exc, subprocess.TimeoutExpired):
+            raise RuntimeError(f"{cmd[0]} did not finish in {timeout:g} s and was killed (a longer limit: "
+                               f"${BUILD_TIMEOUT_ENV} seconds)") from None
+        raise
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit status {proc.returncode}):\n{err.strip()}")
+
+
+def _sweep(directory: Path) -> None:
+    """Remove temporary files of builds that were killed before they could clean up."""
+    now = time.time()
+    for p in directory.glob("kernels-*.tmp"):
+        try:
+            if now - p.lstat().st_mtime > _STALE_TEMP_S:
+                p.unlink()
+        except OSError:
+            pass
+
+
+def build(force: bool = False, *, cc: str | None = None, timeout: float | None = None) -> Path:
+    """Compile the kernels into the cache (unless a verified build is there) and return the library's path.
+
+    Args:
+        force: rebuild even if the cache holds a verified library.
+        cc: the C compiler (default ``$CC``, else cc, gcc, clang on the PATH).
+        timeout: seconds the compiler may run (default ``$TERNQ_BUILD_TIMEOUT``, else 60).
+
+    Raises RuntimeError with the compiler's message when there is no compiler, the build fails or times out, or
+    the cache directory is not private to the user (the message names it and the fix)."""
+    compiler = _compiler(cc)
+    if compiler is None:
+        raise RuntimeError(f"C compiler {cc!r} not found" if cc is not None else
+                           "no C compiler found (set $CC, or install gcc / clang)")
+    limit = _timeout(timeout)
+    path = _library_path(compiler)
+    _private_dir(path.parent)
+    if not force:
+        why = _verify(path)
+        if why is None:
+            return path
+        if why not in ("missing", "no build record"):
+            warnings.warn(f"ternq: the cached kernel library {path} is not the one that was built ({why}); "
+                          "rebuilding it", RuntimeWarning, stacklevel=2)
+    _sweep(path.parent)
+    record = _record_path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem + "-", suffix=".tmp")
+    os.close(fd)
+    tmp_record = tmp + ".sha256.tmp"
+    try:
+        _run([compiler, *_FLAGS, f"-march={_arch()}", str(_SOURCE), "-o", tmp, "-lm"], limit)
+        with open(tmp, "rb") as f:
+            data = f.read()
+        if not data:
+            raise RuntimeError(f"{compiler} exited 0 but wrote no library (an empty {tmp})")
+        os.chmod(tmp, 0o755)  # not the umask's: a group-writable library (umask 002) would be refused
+        fd = os.open(tmp_record, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        with os.fdopen(fd, "w", encoding="ascii") as f:
+            os.chmod(tmp_record, 0o644)
+            f.write(f"{hashlib.sha256(data).hexdigest()} {len(data)}\n")
         os.replace(tmp, path)  # atomic: another process sees the old name or the whole new file
+        os.replace(tmp_record, record)  # after the library: a reader without a matching record rebuilds
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for name in (tmp, tmp_record):
+            if os.path.lexists(name):
+                os.unlink(name)
     return path
 
 
 def _load() -> ctypes.CDLL | None:
-    if os.environ.get(NATIVE_ENV, "1").strip() in ("0", "false", "no", "off"):
-        _state["why"] = f"disabled by {NATIVE_ENV}=0"
+    if not _enabled():
+        _state["why"] = f"disabled by {NATIVE_ENV}={os.environ.get(NATIVE_ENV)}"
         return None
     try:
-        lib = ctypes.CDLL(str(build()))
+        path = build()
+        lib = ctypes.CDLL(str(path))
         if lib.tq_abi_version() != _ABI:
             raise RuntimeError("stale library")
         for name, args in _SIGNATURES.items():
             fn = getattr(lib, name)
             fn.argtypes = args
             fn.restype = ctypes.c_int if name in ("tq_conv1d_grouped", "tq_linear_rows", "tq_row_sums") else None
+    except _Untrusted as exc:
+        warnings.warn(f"{exc}; ternq runs its eager torch kernels instead", RuntimeWarning, stacklevel=4)
+        _state["why"] = f"native kernels refused, eager torch fallback: {exc}"
+        return None
     except (OSError, RuntimeError, AttributeError) as exc:
         _state["why"] = f"native kernels unavailable, eager torch fallback: {exc}"
         return None
-    _state["why"] = f"loaded {build()}"
+    _state["why"] = f"loaded {path}"
     return lib
 
 
 def library() -> ctypes.CDLL | None:
-    """The loaded kernels, or None (the callers' eager fallback runs); built on the first call if needed."""
-    env = os.environ.get(NATIVE_ENV)
-    if _state.get("env", ()) != env:  # (re)decide when $TERNQ_NATIVE changes
-        _state["env"] = env
-        _state["lib"] = _load()
+    """The loaded kernels, or None (the callers' eager fallback runs); built on the first call if needed.
+
+    Raises ValueError for a value of ``$TERNQ_NATIVE`` that is neither on nor off."""
+    key = (os.environ.get(NATIVE_ENV), os.environ.get(ARCH_ENV))
+    if _state.get("key", ()) != key:  # (re)decide when $TERNQ_NATIVE or $TERNQ_NATIVE_ARCH change
+        with _LOCK:
+            if _state.get("key", ()) != key:
+                _state["lib"] = _load()
+                _state["key"] = key
     return _state["lib"]  # type: ignore[return-value]
 
 
@@ -317,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path = build(force="--force" in (argv or sys.argv[1:]))
         print(f"ternq native kernels: {path}")
-    except (OSError, RuntimeError) as exc:  # never fails the install: the eager kernels work everywhere
+    except (OSError, RuntimeError, ValueError) as exc:  # never fails the install: the eager kernels work everywhere
         print(f"ternq native kernels not built ({exc}); ternq runs its eager torch kernels instead")
     return 0
 

@@ -33,7 +33,9 @@ a rounding boundary (`tests/test_runtime.py` allows at most one in a thousand, a
 shipped BitTTS model the native and eager waveforms differ by 50 dB SNR). Beyond that, kernels differ from the
 arithmetic on those codes only by float32 rounding: ``|y - y_ref| <= 1e-5 * (|x_q| @ |W_q|) + 1e-6``
 elementwise (``x_q``, ``W_q`` the fake-quantized input and weight), relative to the magnitude of the terms
-being summed.
+being summed. A NaN or Inf in a token gives it a non-finite activation scale, so the outputs reading it are
+non-finite on every kernel, as in the QAT layer; an empty batch gives the QAT layer's empty output
+(docs/runtime.md: limits, environment variables, the native kernel cache).
 
 Packed layers are for inference: the int8 kernels do not propagate gradients to the input (the bias still
 gets its gradient).

@@ -1,7 +1,15 @@
 """The native kernels (ternq/_kernels.c via ternq.native): build cache, clean degradation, kernel properties."""
 from __future__ import annotations
 
+import hashlib
 import os
+import re
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +24,8 @@ from ternq.runtime import packed_layer
 from ternq.storage import pack_rows
 
 needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.status()}")
+needs_compiler = pytest.mark.skipif(native._compiler() is None, reason="no C compiler")
+posix_only = pytest.mark.skipif(os.name != "posix", reason="POSIX permissions, process groups and shell scripts")
 
 
 def _fresh(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
@@ -60,7 +70,8 @@ def test_build_is_cached_by_content(monkeypatch: pytest.MonkeyPatch, tmp_path) -
     path = native.build()
     stamp = path.stat().st_mtime_ns
     assert native.build() == path and path.stat().st_mtime_ns == stamp  # built once
-    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # the temporary name was renamed away
+    # the temporary names were renamed away; the build record beside the library
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name, path.name + ".sha256"]
     monkeypatch.setenv(native.ARCH_ENV, "x86-64")  # another -march: another library
     assert native.build() != path
 
@@ -134,3 +145,205 @@ def test_linear_rows_is_quantize_then_integer_matmul(rows: int, k: int, n: int, 
 @needs_native
 def test_status_names_the_library() -> None:
     assert os.path.basename(str(native.build())) in native.status()
+
+
+# --- the cache trusts nothing it did not check (issue 17: S8, S9, S10) ---------------------------------------
+
+
+def _status_in_subprocess(cache: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """`native.status()` in a fresh process with `cache` as its cache (a crash or a hang there cannot take pytest
+    down: the time limit only stops a hang, it measures nothing)."""
+    return subprocess.run([sys.executable, "-c", "from ternq import native; print(native.status())"],
+                          env={**os.environ, native.CACHE_ENV: str(cache), **env}, capture_output=True, text=True,
+                          timeout=180)
+
+
+@needs_compiler
+def test_a_truncated_cached_library_is_rebuilt_not_loaded(tmp_path) -> None:
+    """S8: the next process used to dlopen a truncated library and die of SIGBUS (exit 135), without a message."""
+    first = _status_in_subprocess(tmp_path)
+    assert first.returncode == 0 and first.stdout.startswith("loaded"), first
+    (library,) = tmp_path.glob("kernels-*.so")
+    size = library.stat().st_size
+    os.truncate(library, 1000)
+    second = _status_in_subprocess(tmp_path)
+    assert second.returncode == 0, (second.returncode, second.stderr[-2000:])
+    assert second.stdout.startswith("loaded") and "not the one that was built" in second.stderr
+    assert library.stat().st_size == size  # rebuilt
+
+
+@needs_compiler
+def test_a_library_without_its_build_record_is_rebuilt(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    _fresh(monkeypatch, tmp_path)
+    path = native.build()
+    native._record_path(path).write_text("0" * 64 + " 1\n")  # another build's record: size and hash differ
+    with pytest.warns(RuntimeWarning, match="not the one that was built"):
+        assert native.build() == path
+    assert native._verify(path) is None
+
+
+def _plant(tmp_path: Path, cache: Path) -> tuple[Path, Path]:
+    """A library that runs code when loaded (it creates a marker file), under the name ternq looks for in
+    `cache`, with a matching build record: only the cache's permissions can tell it apart."""
+    marker = tmp_path / "constructor-ran"
+    source = tmp_path / "evil.c"
+    source.write_text(f'#include <stdio.h>\n__attribute__((constructor)) static void ran(void) '
+                      f'{{ FILE *f = fopen("{marker}", "w"); if (f) fclose(f); }}\nint tq_abi_version(void) '
+                      '{ return -1; }\n')
+    cc = native._compiler()
+    target = native._library_path(cc)
+    assert target.parent == cache
+    built = tmp_path / "evil.so"
+    subprocess.run([cc, "-shared", "-fPIC", str(source), "-o", str(built)], check=True)
+    return built, marker
+
+
+def _record(library: Path) -> None:
+    data = library.read_bytes()
+    library.with_name(library.name + ".sha256").write_text(f"{hashlib.sha256(data).hexdigest()} {len(data)}\n")
+
+
+@needs_compiler
+@posix_only
+@pytest.mark.parametrize("attack", ["world-writable directory", "writable library", "symlinked library",
+                                    "foreign directory", "symlinked directory"])
+def test_a_library_others_could_have_planted_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path, attack) -> None:
+    """S9: the library name is a public hash; a library planted in a cache directory that others can write (or
+    reached through a symbolic link) was loaded, and its constructor ran."""
+    cache = tmp_path / "cache"
+    _fresh(monkeypatch, cache)
+    cache.mkdir(mode=0o700)
+    built, marker = _plant(tmp_path, cache)
+    target = native._library_path(native._compiler())
+    if attack == "symlinked library":
+        target.symlink_to(built)
+    else:
+        target.write_bytes(built.read_bytes())
+    _record(target)
+    refused = cache
+    if attack == "world-writable directory":
+        cache.chmod(0o777)
+    elif attack == "writable library":
+        target.chmod(0o666)
+        refused = target
+    elif attack == "symlinked library":
+        refused = target
+    elif attack == "foreign directory":
+        real_uid = os.getuid()
+        monkeypatch.setattr(os, "getuid", lambda: real_uid + 1)  # as if another user had made the directory
+    elif attack == "symlinked directory":
+        link = tmp_path / "link"
+        link.symlink_to(cache)
+        monkeypatch.setenv(native.CACHE_ENV, str(link))
+        refused = link
+    with pytest.raises(RuntimeError, match=re.escape(str(refused))):
+        native.build()
+    with pytest.warns(RuntimeWarning, match=re.escape(str(refused))) as record:
+        assert not native.available()
+    message = str(record[0].message)
+    assert "eager" in message and ("chmod go-w" in message or "remove it" in message or native.CACHE_ENV in message)
+    assert str(refused) in native.status()
+    assert not marker.exists()  # nothing of the planted library ran
+
+
+@needs_compiler
+@posix_only
+def test_the_cache_is_private_under_a_permissive_umask(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """The directory is created 0700, and under umask 002 (group-writable files by default) ternq does not
+    refuse its own library."""
+    cache = tmp_path / "a" / "cache"
+    _fresh(monkeypatch, cache)
+    old = os.umask(0o002)
+    try:
+        path = native.build()
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o700
+    for p in (path, native._record_path(path)):
+        assert not p.stat().st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    assert native._verify(path) is None and native.available()
+
+
+def _fake_compiler(tmp_path: Path, body: str) -> Path:
+    script = tmp_path / "fake-cc"
+    script.write_text("#!/bin/sh\n" + textwrap.dedent(body))
+    script.chmod(0o755)
+    return script
+
+
+def _gone(pid: int) -> bool:
+    """Whether process `pid` has ended (a SIGKILL is delivered asynchronously: wait for it, up to 30 s)."""
+    for _ in range(300):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):  # killed, not reaped yet
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@posix_only
+def test_a_compiler_that_never_returns_is_killed(tmp_path) -> None:
+    """S10: a hanging compiler hung `native.status()` (and every packed model's first call) forever, and left a
+    0-byte temporary file in the cache. The compiler's own children (cc runs cc1, as, ld) are killed too."""
+    pids = tmp_path / "pids"
+    cc = _fake_compiler(tmp_path, f"""\
+        sleep 600 &
+        echo $$ $! > {pids}
+        wait
+        """)
+    cache = tmp_path / "cache"
+    try:
+        done = _status_in_subprocess(cache, CC=str(cc), TERNQ_BUILD_TIMEOUT="2")
+        assert done.returncode == 0 and "did not finish in 2 s" in done.stdout, done
+        assert "TERNQ_BUILD_TIMEOUT" in done.stdout
+        assert list(cache.iterdir()) == []  # no temporary file left
+        if Path("/proc").is_dir():
+            assert all(_gone(int(pid)) for pid in pids.read_text().split())
+    finally:
+        for pid in pids.read_text().split() if pids.exists() else ():
+            try:
+                os.kill(int(pid), 9)
+            except OSError:
+                pass
+
+
+@posix_only
+def test_a_compiler_that_writes_nothing_caches_nothing(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """S10: `exit 0` without output used to cache a 0-byte library (and every later process failed to load it)."""
+    cache = tmp_path / "cache"
+    _fresh(monkeypatch, cache)
+    monkeypatch.setenv("CC", str(_fake_compiler(tmp_path, "exit 0\n")))
+    with pytest.raises(RuntimeError, match="wrote no library"):
+        native.build()
+    assert list(cache.iterdir()) == []
+    assert not native.available() and "wrote no library" in native.status()
+
+
+def test_build_timeout_argument_and_environment(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    _fresh(monkeypatch, tmp_path)
+    monkeypatch.setenv(native.BUILD_TIMEOUT_ENV, "soon")
+    with pytest.raises(ValueError, match=native.BUILD_TIMEOUT_ENV):
+        native.build(cc=sys.executable)
+    with pytest.raises(ValueError, match="seconds > 0"):
+        native.build(cc=sys.executable, timeout=0)
+    with pytest.raises(RuntimeError, match="not found"):
+        native.build(cc=str(tmp_path / "no-such-cc"))
+
+
+def test_native_env_is_read_case_insensitively(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """`TERNQ_NATIVE=OFF` / `False` used to leave the kernels on (only lower-case spellings were read), and a typo
+    too; now the usual on / off spellings in any case count, and anything else is an error naming the variable."""
+    monkeypatch.setenv("CC", "false")  # on: a build is attempted (and fails), in an empty cache
+    for value in ("OFF", "False", "no", " 0 ", "Off", "ON", "True", "yes", "1", ""):
+        _fresh(monkeypatch, tmp_path)
+        monkeypatch.setenv(native.NATIVE_ENV, value)
+        assert not native.available()
+        off = value.strip().lower() in ("off", "false", "no", "0")
+        assert (native.NATIVE_ENV in native.status()) == off and ("failed" in native.status()) != off, value
+    for value in ("of", "enabled", "2"):
+        monkeypatch.setenv(native.NATIVE_ENV, value)
+        with pytest.raises(ValueError, match=f"{native.NATIVE_ENV}='{value}'.*off"):
+            native.available()

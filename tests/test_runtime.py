@@ -7,16 +7,18 @@ and must match bit for bit.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import itertools
 import os
 import weakref
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 from torch.nn.utils import parametrizations
@@ -688,3 +690,139 @@ def test_fused_fast_paths_step_aside_for_packed_layers() -> None:
         finally:
             torch.backends.mha.set_fastpath_enabled(True)
     torch.testing.assert_close(y, reference, rtol=1e-5, atol=1e-5)
+
+
+# --- hostile numerics (issue 17: S11, S12) --------------------------------------------------------------------
+
+# the native kernels as built for this CPU (VNNI where it has it), for AVX2 without VNNI, and the portable loops
+ARCHS = ("native", "haswell", "x86-64")
+
+
+@pytest.fixture(scope="module")
+def arch_cache(tmp_path_factory: pytest.TempPathFactory):
+    """A private kernel cache for the -march variants (never the user's cache)."""
+    return tmp_path_factory.mktemp("kernels")
+
+
+@contextlib.contextmanager
+def native_build(mode: str, arch: str, cache) -> Any:
+    """Run with the native kernels on ("1", built for `arch` into `cache`) or off ("0"); the environment is put
+    back after (hypothesis runs many examples in one test, so no monkeypatch)."""
+    names = (NATIVE_ENV, native.ARCH_ENV, native.CACHE_ENV)
+    saved = {name: os.environ.get(name) for name in names}
+    os.environ.update({NATIVE_ENV: mode, native.ARCH_ENV: arch, native.CACHE_ENV: str(cache)})
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def layer_of(kind: str, groups: int, per_in: int, per_out: int, k: int, stride: int, dilation: int,
+             padding: int) -> nn.Module:
+    if kind == "linear":
+        return nn.Linear(groups * per_in, per_out)
+    if kind == "conv1d":
+        return nn.Conv1d(groups * per_in, groups * per_out, k, stride=stride, dilation=dilation, padding=padding,
+                         groups=groups)
+    if kind == "conv_transpose1d":
+        return nn.ConvTranspose1d(groups * per_in, groups * per_out, k, stride=stride, dilation=dilation,
+                                  padding=min(padding, dilation * (k - 1)), groups=groups)
+    return nn.Embedding(groups * per_in + 1, per_out)
+
+
+layer_kinds = st.sampled_from(["linear", "conv1d", "conv_transpose1d"])
+layer_shapes = dict(groups=st.sampled_from([1, 2]), per_in=st.integers(1, 6), per_out=st.integers(1, 5),
+                    k=st.integers(1, 4), stride=st.integers(1, 3), dilation=st.integers(1, 2),
+                    padding=st.integers(0, 3))
+
+
+@settings(deadline=None, max_examples=30)
+@example(kind="conv1d", config=TernaryConfig(), groups=1, per_in=4, per_out=3, k=3, stride=1, dilation=1,
+         padding=1, length=6, positions=[5], value=float("nan"), seed=0)
+@given(kind=layer_kinds, config=configs, **layer_shapes, length=st.integers(1, 12),
+       positions=st.lists(st.integers(0, 10**6), min_size=1, max_size=3),
+       value=st.sampled_from([float("nan"), float("inf"), float("-inf")]), seed=st.integers(0, 2**16))
+def test_non_finite_inputs_give_non_finite_outputs(arch_cache, kind: str, config: QuantConfig, groups: int,
+                                                   per_in: int, per_out: int, k: int, stride: int, dilation: int,
+                                                   padding: int, length: int, positions: list[int], value: float,
+                                                   seed: int) -> None:
+    """NaN / Inf in, non-finite out, where the QAT layer gives NaN / Inf: on every kernel the picker can choose,
+    both storages, the native kernels of every -march variant and the eager torch ones. The native quantizer
+    used to read a NaN as 0 (C's max ignores NaN, a NaN cast to int8 is 0): the packed model returned finite
+    numbers where the QAT model and the eager runtime returned NaN."""
+    torch.manual_seed(seed)
+    layer = layer_of(kind, groups, per_in, per_out, k, stride, dilation, padding)
+    x = torch.randn(2, length, groups * per_in) * 3 if kind == "linear" else torch.randn(2, groups * per_in,
+                                                                                          length + k * dilation)
+    for position in positions:
+        x.view(-1)[position % x.numel()] = value
+    qat, codes, scale = qat_and_codes(layer, config)
+    with torch.no_grad():
+        ref = qat(x)
+    bad_ref = ~torch.isfinite(ref)
+    runs = [("0", "native")] + [("1", arch) for arch in ARCHS]
+    for (mode, arch), storage in itertools.product(runs, STORAGES):
+        with native_build(mode, arch, arch_cache), torch.no_grad():
+            packed = packed_layer(layer, codes, scale, config, layer_spec(layer), storage=storage)
+            for kernel in packed._applicable(x):
+                packed.kernel = kernel
+                bad = ~torch.isfinite(packed(x))
+                where = (kind, mode, arch, storage, kernel, native.status())
+                assert bool((bad | ~bad_ref).all()), where  # non-finite wherever the QAT layer is
+                if kernel != "int8_im2col":
+                    assert torch.equal(bad, bad_ref), where  # and finite where it is
+                else:  # one scale per sample: a window wholly in the zero padding of a sample with a NaN gives
+                    #    0 * NaN here, the bias in the QAT layer
+                    assert torch.equal(bad.flatten(1).any(1), bad_ref.flatten(1).any(1)), where
+
+
+@settings(deadline=None, max_examples=40)
+@example(kind="conv1d", config=TernaryConfig(granularity="channel"), empty="batch", groups=1, per_in=4, per_out=3,
+         k=3, stride=1, dilation=1, padding=1, length=5)
+@example(kind="conv_transpose1d", config=TernaryConfig(granularity="channel"), empty="batch", groups=2, per_in=2,
+         per_out=3, k=4, stride=2, dilation=1, padding=1, length=5)
+@example(kind="conv_transpose1d", config=TernaryConfig(), empty="time", groups=1, per_in=2, per_out=3, k=4,
+         stride=2, dilation=1, padding=1, length=5)
+@given(kind=st.sampled_from(["linear", "conv1d", "conv_transpose1d", "embedding"]), config=configs,
+       empty=st.sampled_from(["batch", "time", "both"]), **layer_shapes, length=st.integers(1, 12))
+def test_empty_batch_and_zero_length_like_qat(arch_cache, kind: str, config: QuantConfig, empty: str, groups: int, per_in: int,
+                                              per_out: int, k: int, stride: int, dilation: int, padding: int,
+                                              length: int) -> None:
+    """An empty batch (a MoE expert that got no token) or a zero-length input: the packed layer returns what the
+    QAT layer returns (an empty output of the same shape) or refuses what it refuses, on every kernel, storage
+    and with or without the native kernels. Per-channel scales used to fail on (0, C, T) Conv1d /
+    ConvTranspose1d inputs ("cannot reshape tensor of 0 elements"), and a packed ConvTranspose1d returned
+    numbers for a length-0 input that torch refuses."""
+    torch.manual_seed(0)
+    layer = layer_of(kind, groups, per_in, per_out, k, stride, dilation, padding)
+    batch = 0 if empty in ("batch", "both") else 2
+    steps = 0 if empty in ("time", "both") else length
+    if kind == "linear":
+        x = torch.randn(batch, steps, groups * per_in)
+    elif kind == "embedding":
+        x = torch.randint(0, groups * per_in + 1, (batch, steps))
+    else:
+        x = torch.randn(batch, groups * per_in, steps)
+    qat, codes, scale = qat_and_codes(layer, config)
+    with torch.no_grad():
+        try:
+            ref = qat(x)
+        except RuntimeError:
+            ref = None
+    for mode, storage in itertools.product(("1", "0"), STORAGES):
+        with native_build(mode, "native", arch_cache), torch.no_grad():
+            packed = packed_layer(layer, codes, scale, config, layer_spec(layer), storage=storage)
+            for kernel in packed._applicable(x):
+                packed.kernel = kernel
+                if ref is None:
+                    with pytest.raises(RuntimeError):
+                        packed(x)
+                    continue
+                y = packed(x)
+                assert y.shape == ref.shape and y.dtype == ref.dtype, (mode, storage, kernel)
+                if y.numel():
+                    assert bool(torch.isfinite(y).all())
