@@ -46,7 +46,7 @@ from typing import IO, Any
 
 from . import limits
 from .limits import MAX_DURATION_SCALE, MAX_REQUEST_BYTES, LimitError
-from .speech import speak, split_sentences, wav_header
+from .speech import count_phonemes, speak, split_sentences, wav_header
 
 __all__ = ["SpeechServer", "printable"]
 
@@ -436,9 +436,7 @@ class SpeechServer:
         try:
             synth = self.synth
             sentences = list(split_sentences(text))
-            batch = getattr(getattr(synth, "phonemizer", None), "batch", None)
-            if callable(batch) and sentences:  # every sentence through one espeak-ng process, before any work
-                batch(sentences)
+            count_phonemes(synth, sentences, limits.MAX_REQUEST_PHONEMES)  # refused before any synthesis
             spool = tempfile.TemporaryFile()
             spool.write(wav_header(synth.sample_rate, 0))
             total = 0

@@ -17,7 +17,7 @@ import re
 import shutil
 import struct
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
@@ -30,8 +30,8 @@ from .text import abbreviation_before
 if TYPE_CHECKING:
     from .inference import Synthesis, Synthesizer
 
-__all__ = ["SENTENCE_PAUSE", "split_sentences", "read_sentences_stream", "pcm16", "speak", "wav_header",
-           "write_wav_stream", "spooled_wav", "write_wav_to_stream"]
+__all__ = ["SENTENCE_PAUSE", "split_sentences", "read_sentences_stream", "pcm16", "speak", "count_phonemes",
+           "wav_header", "write_wav_stream", "spooled_wav", "write_wav_to_stream"]
 
 SENTENCE_PAUSE = 0.2  # seconds of silence between two sentences (Piper's default sentence_silence)
 _READ_CHUNK = 1 << 16  # bytes read from a stream at a time
@@ -140,8 +140,7 @@ def speak(synth: Synthesizer, sentences: Iterable[str], duration_scale: float = 
             continue
         phonemes_left -= len(ids)
         if phonemes_left < 0:
-            raise LimitError(f"the text gives more than {max_phonemes:,} phonemes, the most one request speaks "
-                             "(bittts.limits.MAX_REQUEST_PHONEMES): send it in parts")
+            raise _too_many_phonemes(max_phonemes)
         seconds_left -= 0 if first else SENTENCE_PAUSE
         budget = min(seconds_left, MAX_SENTENCE_SECONDS)
         try:
@@ -162,6 +161,24 @@ def speak(synth: Synthesizer, sentences: Iterable[str], duration_scale: float = 
             cache.clear()
     if first:
         raise ValueError(last_error or "nothing to speak: the text is empty")
+
+
+def count_phonemes(synth: Synthesizer, sentences: Sequence[str], max_phonemes: int | None = None) -> int:
+    """The phonemes `speak` will synthesize for `sentences`, all phonemized through one espeak-ng process (and
+    cached, so `speak` does not phonemize them again); `bittts.limits.LimitError` past `max_phonemes`. A request
+    is thus refused before any synthesis, not after the first `max_phonemes` worth of it."""
+    batch = getattr(getattr(synth, "phonemizer", None), "batch", None)
+    if callable(batch) and sentences:
+        batch(list(sentences))
+    total = sum(len(synth.text_to_ids(sentence)[1]) for sentence in sentences)
+    if max_phonemes is not None and total > max_phonemes:
+        raise _too_many_phonemes(max_phonemes)
+    return total
+
+
+def _too_many_phonemes(limit: int) -> LimitError:
+    return LimitError(f"the text gives more than {limit:,} phonemes, the most one request speaks "
+                      "(bittts.limits.MAX_REQUEST_PHONEMES): send it in parts")
 
 
 def wav_header(sample_rate: int, data_bytes: int) -> bytes:
