@@ -165,13 +165,10 @@ class SpeechServer:
                             while self._wake_r.recv(4096):
                                 pass
                     else:
-                        conn = key.data
-                        if events & selectors.EVENT_READ and not conn.closed:
-                            self._on_readable(conn)
-                        if events & selectors.EVENT_WRITE and not conn.closed:
-                            self._send(conn)
+                        self._guarded(key.data, self._on_event, key.data, events)
                 while self._done:
-                    self._finish(*self._done.popleft())
+                    conn, result = self._done.popleft()
+                    self._guarded(conn, self._finish, conn, result)
                 self._sweep(time.monotonic())
         finally:
             self._stop.clear()
@@ -273,6 +270,25 @@ class SpeechServer:
             elif conn.state in ("writing", "lingering") and (
                     age > self.request_seconds or conn.state == "lingering" and now > conn.linger_until):
                 self._close(conn)
+
+    def _guarded(self, conn: _Connection, handler: Any, *args: Any) -> None:
+        """`handler(*args)`; a bug in it is logged and closes `conn` (answered 500 if nothing was sent yet),
+        instead of ending the loop that serves every other connection."""
+        try:
+            handler(*args)
+        except Exception as e:
+            self._log(f"{conn.host} - internal error: {e!r}")
+            if conn.state in ("reading", "working") and not conn.closed:
+                with contextlib.suppress(Exception):
+                    self._reply(conn, HTTPStatus.INTERNAL_SERVER_ERROR, f"internal error: {type(e).__name__}")
+                    return
+            self._close(conn)
+
+    def _on_event(self, conn: _Connection, events: int) -> None:
+        if events & selectors.EVENT_READ and not conn.closed:
+            self._on_readable(conn)
+        if events & selectors.EVENT_WRITE and not conn.closed:
+            self._send(conn)
 
     def _on_readable(self, conn: _Connection) -> None:
         try:
@@ -470,7 +486,7 @@ class SpeechServer:
 
     def _finish(self, conn: _Connection, result: Any) -> None:
         """In the loop: answer what a synthesis thread handed over, unless its client has gone."""
-        if conn.closed or (conn.gone.is_set() and not conn.timed_out):
+        if conn.closed or conn.state != "working" or (conn.gone.is_set() and not conn.timed_out):
             self._discard(result)
             self._close(conn)
         elif conn.timed_out:

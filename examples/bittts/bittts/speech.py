@@ -144,9 +144,12 @@ def speak(synth: Synthesizer, sentences: Iterable[str], duration_scale: float = 
         seconds_left -= 0 if first else SENTENCE_PAUSE
         budget = min(seconds_left, MAX_SENTENCE_SECONDS)
         try:
-            out = synth.synthesize_ids(ids, phonemes, duration_scale, max_seconds=max(budget, 0.0))
+            if budget >= MAX_SENTENCE_SECONDS:  # the sentence's own bound (its error says so)
+                out = synth.synthesize_ids(ids, phonemes, duration_scale)
+            else:
+                out = synth.synthesize_ids(ids, phonemes, duration_scale, max_seconds=max(budget, 0.0))
         except LimitError:
-            if budget >= MAX_SENTENCE_SECONDS:  # the sentence's own bound: its message says so
+            if budget >= MAX_SENTENCE_SECONDS:
                 raise
             raise LimitError(f"the text gives more than {max_seconds:g} s of audio, the most one request speaks "
                              "(bittts.limits.MAX_REQUEST_SECONDS): send it in parts or lower the duration "
