@@ -6,14 +6,16 @@
 
 One thread runs a `selectors` loop that reads every request, answers `/health` and every refusal, and writes
 every WAV; a synthesis runs in a thread of its own, at most `jobs` at once. So a connection costs a socket and
-its buffers, never a thread: 800 idle or slow connections measured 802 threads and ~1,000 open files with the
-standard library's `ThreadingHTTPServer` (one thread per connection, a stall limit per read that a header line
-every 20 s resets), and cost 2 + `jobs` threads here, with `/health` answering throughout (the load test in
-tests/test_bittts_serve_load.py). No web library is a dependency: the server needs one request per connection
-and two routes, which the standard library covers in ~300 lines, while a server that bounds connections and
-deadlines itself (waitress) would still need the bounds on phonemes and audio, the cancellation of a synthesis
-whose client left, and its own answers made one line (its errors are HTML); and werkzeug, the only web library in
-a training environment, comes with TensorBoard, which a synthesis-only install does not have.
+its buffers, never a thread. Chosen by measurement: with the standard library's `ThreadingHTTPServer` (one
+thread per connection, a stall limit per read that a header line every 20 s resets) 800 slow connections were
+802 threads, and ~1,020 of them exhausted a 1,024 open-files limit, leaving `accept()` spinning and `/health`
+unanswered; here, under that limit, 1,100 such connections left the process at 2 threads and 263 open files, with
+no CPU used and `/health` answered in 10 ms (the load test, tests/test_bittts_serve_load.py, checks the same
+bounds). No web library is a dependency: one request per connection and two routes are a few hundred lines of the
+standard library, while a server that bounds connections and deadlines itself (waitress) would still need the
+bounds on phonemes and audio, the cancellation of a synthesis whose client has left, and its answers made one
+line (its errors are HTML), in every synthesis-only install; werkzeug, the only web library of a training
+environment, comes with TensorBoard.
 
 What a request may cost is bounded (`bittts.limits`): the connections open at once (`MAX_CONNECTIONS`, below
 the open-files limit; when full, the connection that has been reading its request longest is closed), the
