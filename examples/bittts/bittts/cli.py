@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args._run(args) or 0)
     except args._user_errors as e:
         raise SystemExit(f"bittts {args.command}: {describe(e)}") from e
+    except KeyboardInterrupt:  # Ctrl-C: one line and the shell's status for SIGINT, not a traceback
+        print(f"bittts {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

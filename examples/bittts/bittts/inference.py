@@ -34,6 +34,7 @@ from torch import Tensor
 from . import audio, text
 from .checkpoints import CHECKPOINT_NAME, load_checkpoint, model_from_checkpoint
 from .config import BitTTSConfig, config_from_dict, config_to_dict
+from .limits import MAX_SENTENCE_PHONEMES, MAX_SENTENCE_SECONDS, LimitError
 from .model import BitTTS
 
 __all__ = ["MODEL_FORMAT", "MODEL_VERSION", "DEFAULT_MODEL", "FP32_MODEL", "export_model", "find_checkpoint",
@@ -289,16 +290,34 @@ class Synthesizer:
         return phonemes, self.phonemes_to_ids(phonemes)
 
     def synthesize(self, sentence: str, duration_scale: float = 1.0) -> Synthesis:
-        """Speak one sentence. Raises ValueError if nothing in it can be spoken."""
+        """Speak one sentence. Raises ValueError if nothing in it can be spoken, `bittts.limits.LimitError` if it
+        gives more than `MAX_SENTENCE_PHONEMES` phonemes or `MAX_SENTENCE_SECONDS` of audio."""
         phonemes, ids = self.text_to_ids(sentence)
         return self.synthesize_ids(ids, phonemes, duration_scale)
 
-    def synthesize_ids(self, ids: Sequence[int], phonemes: str = "", duration_scale: float = 1.0) -> Synthesis:
-        """Speak phoneme ids (`text_to_ids`); timed without the text front end."""
+    def synthesize_ids(self, ids: Sequence[int], phonemes: str = "", duration_scale: float = 1.0,
+                       max_seconds: float = MAX_SENTENCE_SECONDS) -> Synthesis:
+        """Speak phoneme ids (`text_to_ids`); timed without the text front end. The work is bounded before it
+        starts: at most `MAX_SENTENCE_PHONEMES` ids, and at most `max_seconds` (<= `MAX_SENTENCE_SECONDS`) of
+        audio, checked on the predicted durations before the vocoder runs (`bittts.limits.LimitError`)."""
         if not ids:
             raise ValueError(f"nothing to speak: the text gave no phonemes ({phonemes!r})")
+        if len(ids) > MAX_SENTENCE_PHONEMES:
+            raise LimitError(f"a sentence gives {len(ids):,} phonemes, more than the {MAX_SENTENCE_PHONEMES:,} one "
+                             "utterance may have (bittts.limits.MAX_SENTENCE_PHONEMES): split it into shorter "
+                             "sentences (numbers and symbols are spoken as words, and their words count)")
+        max_seconds = min(max_seconds, MAX_SENTENCE_SECONDS)
         start = time.perf_counter()
-        wav, lengths = self.model.infer(torch.tensor(list(ids), dtype=torch.long), duration_scale=duration_scale,
-                                        return_lengths=True)
+        try:
+            wav, lengths = self.model.infer(torch.tensor(list(ids), dtype=torch.long), duration_scale=duration_scale,
+                                            return_lengths=True, max_frames=self.frames(max_seconds))
+        except LimitError:
+            raise LimitError(f"a sentence would give more than {max_seconds:g} s of audio, the most one utterance "
+                             "may have (bittts.limits.MAX_SENTENCE_SECONDS): split it into shorter sentences or "
+                             "lower the duration scale") from None
         seconds = time.perf_counter() - start
         return Synthesis(wav[0, 0, : int(lengths[0])].float().contiguous(), self.sample_rate, seconds, phonemes)
+
+    def frames(self, seconds: float) -> int:
+        """The model's frames (vocoder hops) in `seconds` of audio, rounded down."""
+        return max(0, int(seconds * self.sample_rate) // self.cfg.vocoder.hop)

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from .acoustic import AcousticModel, sequence_mask
 from .config import BitTTSConfig
+from .limits import LimitError
 from .quantization import apply_quantization
 from .vocoder import HiFiGANGenerator, remove_weight_norm
 
@@ -78,7 +79,8 @@ class BitTTS(nn.Module):
 
     @torch.no_grad()
     def infer(self, phoneme_ids: Tensor, phoneme_lengths: Tensor | None = None, *, duration_scale: float = 1.0,
-              duration_mode: str = "mean", return_lengths: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+              duration_mode: str = "mean", return_lengths: bool = False,
+              max_frames: int | None = None) -> Tensor | tuple[Tensor, Tensor]:
         """Synthesize waveforms from phoneme ids (call `model.eval()` first).
 
         Args:
@@ -88,6 +90,8 @@ class BitTTS(nn.Module):
             duration_mode: "mean" (mixture mean of log-duration, default) or "mode" (mean of the most probable
                 MDN component); see `MDNDurationPredictor.predict`.
             return_lengths: also return the valid samples per item.
+            max_frames: refuse (`bittts.limits.LimitError`) an item whose predicted durations sum to more frames,
+                before the vocoder runs (its time and memory grow with the frames).
 
         Returns:
             wav (B, 1, T_samples) in [-1, 1], zero past each item's length (and lengths (B,) if asked).
@@ -110,6 +114,8 @@ class BitTTS(nn.Module):
         if duration_scale <= 0:
             raise ValueError(f"duration_scale must be > 0, got {duration_scale}")
         hidden, frames = self.acoustic.infer(ids, lengths, duration_scale, duration_mode)
+        if max_frames is not None and int(frames.max()) > max_frames:
+            raise LimitError(f"{int(frames.max()):,} frames of audio, more than the {max_frames:,} asked for")
         wav = self.vocoder(hidden)
         samples = frames * self.hop
         wav = wav * sequence_mask(samples, wav.shape[-1]).unsqueeze(1).to(wav.dtype)

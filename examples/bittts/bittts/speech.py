@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import math
 import os
 import re
 import shutil
 import struct
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
@@ -24,14 +25,14 @@ import torch
 
 from ternq.atomic import atomic_open
 
-from .limits import MAX_SENTENCE_CHARS
+from .limits import MAX_SENTENCE_CHARS, MAX_SENTENCE_SECONDS, LimitError
 from .text import abbreviation_before
 
 if TYPE_CHECKING:
     from .inference import Synthesis, Synthesizer
 
-__all__ = ["SENTENCE_PAUSE", "split_sentences", "read_sentences_stream", "pcm16", "speak", "wav_header",
-           "write_wav_stream", "spooled_wav", "write_wav_to_stream"]
+__all__ = ["SENTENCE_PAUSE", "split_sentences", "read_sentences_stream", "pcm16", "speak", "count_phonemes",
+           "wav_header", "write_wav_stream", "spooled_wav", "write_wav_to_stream"]
 
 SENTENCE_PAUSE = 0.2  # seconds of silence between two sentences (Piper's default sentence_silence)
 _READ_CHUNK = 1 << 16  # bytes read from a stream at a time
@@ -119,18 +120,42 @@ def pcm16(wav: torch.Tensor | np.ndarray) -> bytes:
 
 
 def speak(synth: Synthesizer, sentences: Iterable[str], duration_scale: float = 1.0,
-          on_sentence: Callable[[str, Synthesis], None] | None = None) -> Iterator[bytes]:
+          on_sentence: Callable[[str, Synthesis], None] | None = None, *, max_phonemes: int | None = None,
+          max_seconds: float | None = None) -> Iterator[bytes]:
     """16-bit PCM of each sentence in turn (`synth` a `bittts.inference.Synthesizer`), `SENTENCE_PAUSE` of
     silence before every sentence but the first. A sentence that gives no phonemes ("...") is skipped;
-    ValueError if none of them could be spoken. `on_sentence(sentence, synthesis)` is told of each one."""
+    ValueError if none of them could be spoken. `on_sentence(sentence, synthesis)` is told of each one.
+
+    Each sentence is bounded by `Synthesizer.synthesize_ids` (`bittts.limits.MAX_SENTENCE_PHONEMES` and
+    `MAX_SENTENCE_SECONDS`); `max_phonemes` and `max_seconds` (e.g. `MAX_REQUEST_PHONEMES`, `MAX_REQUEST_SECONDS`)
+    bound all of them together: `bittts.limits.LimitError` before the sentence that would pass either is
+    synthesized (its audio is bounded through its predicted durations, before the vocoder runs)."""
     pause = bytes(2 * round(SENTENCE_PAUSE * synth.sample_rate))
     first, last_error = True, None
+    phonemes_left = math.inf if max_phonemes is None else max_phonemes
+    seconds_left = math.inf if max_seconds is None else max_seconds
     for sentence in sentences:
         phonemes, ids = synth.text_to_ids(sentence)
         if not ids:
             last_error = f"nothing to speak: the text gave no phonemes ({phonemes!r})"
             continue
-        out = synth.synthesize_ids(ids, phonemes, duration_scale)
+        phonemes_left -= len(ids)
+        if phonemes_left < 0:
+            raise _too_many_phonemes(max_phonemes)
+        seconds_left -= 0 if first else SENTENCE_PAUSE
+        budget = min(seconds_left, MAX_SENTENCE_SECONDS)
+        try:
+            if budget >= MAX_SENTENCE_SECONDS:  # the sentence's own bound (its error says so)
+                out = synth.synthesize_ids(ids, phonemes, duration_scale)
+            else:
+                out = synth.synthesize_ids(ids, phonemes, duration_scale, max_seconds=max(budget, 0.0))
+        except LimitError:
+            if budget >= MAX_SENTENCE_SECONDS:
+                raise
+            raise LimitError(f"the text gives more than {max_seconds:g} s of audio, the most one request speaks "
+                             "(bittts.limits.MAX_REQUEST_SECONDS): send it in parts or lower the duration "
+                             "scale") from None
+        seconds_left -= out.duration
         if on_sentence is not None:
             on_sentence(sentence, out)
         yield (b"" if first else pause) + pcm16(out.wav)
@@ -140,6 +165,24 @@ def speak(synth: Synthesizer, sentences: Iterable[str], duration_scale: float = 
             cache.clear()
     if first:
         raise ValueError(last_error or "nothing to speak: the text is empty")
+
+
+def count_phonemes(synth: Synthesizer, sentences: Sequence[str], max_phonemes: int | None = None) -> int:
+    """The phonemes `speak` will synthesize for `sentences`, all phonemized through one espeak-ng process (and
+    cached, so `speak` does not phonemize them again); `bittts.limits.LimitError` past `max_phonemes`. A request
+    is thus refused before any synthesis, not after the first `max_phonemes` worth of it."""
+    batch = getattr(getattr(synth, "phonemizer", None), "batch", None)
+    if callable(batch) and sentences:
+        batch(list(sentences))
+    total = sum(len(synth.text_to_ids(sentence)[1]) for sentence in sentences)
+    if max_phonemes is not None and total > max_phonemes:
+        raise _too_many_phonemes(max_phonemes)
+    return total
+
+
+def _too_many_phonemes(limit: int) -> LimitError:
+    return LimitError(f"the text gives more than {limit:,} phonemes, the most one request speaks "
+                      "(bittts.limits.MAX_REQUEST_PHONEMES): send it in parts")
 
 
 def wav_header(sample_rate: int, data_bytes: int) -> bytes:

@@ -2,7 +2,8 @@
 
 An HTTP server that loads the model once and speaks: `POST /synthesize` with the text (plain UTF-8, or JSON
 {"text": ..., "duration_scale": ...}) answers a WAV; `GET /health` answers JSON. See `bittts.server` for the
-bounds on a request (size, syntheses at once, idle time).
+bounds on a request (connections, size, total time, phonemes and seconds of audio, syntheses at once) and
+`bittts.limits` for their values.
 """
 from __future__ import annotations
 
