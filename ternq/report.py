@@ -117,14 +117,13 @@ class Report:
 
 def _wrapped_layer(name: str, module: nn.Module) -> tuple[str, nn.Module]:
     """The ternq layer of a site, where another library has wrapped it since (peft's LoRA layer holds the
-    quantized layer as ``base_layer``): (its name, it)."""
+    quantized layer as ``base_layer``): (its name, it). A float layer (a dry run's) is its own."""
     if is_quantized(module) or is_packed(module):
         return name, module
     for sub, inner in module.named_modules():
         if is_quantized(inner) or is_packed(inner):
             return _join(name, sub), inner
-    raise ValueError(f"report(): layer {name!r} was quantized, but the module there now ({type(module).__name__}) "
-                     "holds no ternq layer: it was replaced after ternq.quantize")
+    return name, module
 
 
 def _weight_keys(prefix: str, module: nn.Module) -> list[str]:

@@ -23,6 +23,7 @@ recognized by identity.
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -81,7 +82,7 @@ class QuantizedWeight:
             return self
         value = self.latent(obj)
         quantize = self.quantizer(obj)
-        if quantize is None or value is None:
+        if quantize is None or value is None or _is_sharded(value):
             return value
         cache = getattr(_local, "cache", None)
         if cache is None:
@@ -108,6 +109,13 @@ class QuantizedWeight:
             self.base.__delete__(obj)
         elif obj.__dict__.pop(self.name, None) is None:
             raise AttributeError(self.name)
+
+
+def _is_sharded(value: Any) -> bool:
+    """A sharded parameter (FSDP2's DTensor) reads as itself: FSDP2 reads and replaces its parameters through
+    the attribute, and puts the gathered plain tensor there for each forward / backward, which reads quantized."""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is not None and isinstance(value, dtensor.DTensor)
 
 
 def is_quantized_attr(module: nn.Module, name: str) -> bool:

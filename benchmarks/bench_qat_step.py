@@ -1,0 +1,117 @@
+"""QAT training-step time against fp32: a GPT-2-like decoder and a HiFi-GAN-like conv stack.
+
+    python benchmarks/bench_qat_step.py                # ~1 min on 2 cores; --threads N, --steps N
+    PYTHONPATH=/path/to/other/ternq python benchmarks/bench_qat_step.py   # the same figures for another ternq
+
+One AdamW step (forward, backward, optimizer) on a fixed batch, best of --repeats rounds of --steps steps, fp32
+and ternq's default ternary QAT measured alternately in one run; prints the machine line and a markdown table of
+milliseconds per step and the ratio to fp32. docs/benchmarks.md has the figures and the method.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _machine import machine_line  # noqa: E402
+
+import ternq  # noqa: E402
+
+
+class _Block(nn.Module):
+    """Pre-norm transformer block, as nanoGPT's."""
+
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc, self.out = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(d, dim=2)
+        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, d)
+        x = x + self.proj(y)
+        return x + self.out(F.gelu(self.fc(self.ln2(x))))
+
+
+class GPT(nn.Module):
+    """A 4-layer, d=128 character GPT (0.8 M parameters), the shape issue 19's comparison uses."""
+
+    def __init__(self, vocab: int = 65, d: int = 128, layers: int = 4, heads: int = 4, ctx: int = 128) -> None:
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(ctx, d)
+        self.blocks = nn.Sequential(*[_Block(d, heads) for _ in range(layers)])
+        self.ln, self.head = nn.LayerNorm(d), nn.Linear(d, vocab, bias=False)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1]))
+        return self.head(self.ln(self.blocks(x)))
+
+
+def conv_net() -> nn.Module:
+    """A HiFi-GAN-like stack: conv, two transposed-conv upsamplers with dilated convs, output conv."""
+    layers: list[nn.Module] = [nn.Conv1d(80, 128, 7, padding=3)]
+    ch = 128
+    for _ in range(2):
+        layers += [nn.LeakyReLU(0.1), nn.ConvTranspose1d(ch, ch // 2, 8, stride=4, padding=2)]
+        ch //= 2
+        layers += [nn.LeakyReLU(0.1), nn.Conv1d(ch, ch, 3, padding=3, dilation=3)]
+    layers += [nn.LeakyReLU(0.1), nn.Conv1d(ch, 1, 7, padding=3), nn.Tanh()]
+    return nn.Sequential(*layers)
+
+
+def _task(name: str) -> tuple[Callable[[], nn.Module], Callable[[nn.Module], torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    if name == "char-GPT":
+        idx = torch.randint(0, 65, (16, 128), generator=g)
+        return GPT, lambda m: F.cross_entropy(m(idx[:, :-1]).flatten(0, 1), idx[:, 1:].flatten())
+    mel, wav = torch.randn(4, 80, 32, generator=g), torch.randn(4, 1, 512, generator=g)
+    return conv_net, lambda m: F.l1_loss(m(mel), wav)
+
+
+def _step_ms(model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor], steps: int) -> float:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    start = time.perf_counter()
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model).backward()
+        opt.step()
+    return (time.perf_counter() - start) / steps * 1e3
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--steps", type=int, default=10, help="steps per round (default 10)")
+    ap.add_argument("--repeats", type=int, default=5, help="rounds; the best is reported (default 5)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(machine_line())
+    print(f"ternq from {os.path.dirname(ternq.__file__)}")
+    print("| model | fp32 ms/step | ternary QAT ms/step | QAT / fp32 |\n|---|---:|---:|---:|")
+    for name in ("char-GPT", "conv stack"):
+        make, loss_fn = _task(name)
+        torch.manual_seed(0)
+        fp32 = make()
+        torch.manual_seed(0)
+        qat = ternq.quantize(make())
+        best = {"fp32": float("inf"), "qat": float("inf")}
+        for _ in range(args.repeats):  # alternate, so that a busy moment costs both
+            for key, model in (("fp32", fp32), ("qat", qat)):
+                best[key] = min(best[key], _step_ms(model, loss_fn, args.steps))
+        print(f"| {name} | {best['fp32']:.1f} | {best['qat']:.1f} | {best['qat'] / best['fp32']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
