@@ -225,7 +225,7 @@ def _apply(model: M, analysis: Analysis, decisions: dict[str, Decision]) -> M:
                 fq = FunctionalQuant(cand.op, cand.param, decision.config)  # type: ignore[arg-type]
                 functional.setdefault(cand.owner_name, []).append(fq)  # type: ignore[arg-type]
                 if "." not in cand.param:  # type: ignore[operator]
-                    quantized.append((cand.module._parameters.get(cand.param), fq.quantized))  # type: ignore[arg-type]
+                    quantized.append((cand.module._parameters.get(cand.param), fq.read_value))  # type: ignore[arg-type]
             elif cand.kind == "weight":
                 wq = WeightQuant(cand.param, decision.config, cand.out_dim)  # type: ignore[arg-type]
                 weights.setdefault(cand.owner_name, []).append(wq)  # type: ignore[arg-type]
@@ -253,7 +253,7 @@ def _apply(model: M, analysis: Analysis, decisions: dict[str, Decision]) -> M:
             install(owner, functional.get(owner_name, []))
             for fq in functional.get(owner_name, []):
                 if "." not in fq.param:  # the owner's own parameter: quantized wherever it is read
-                    quantize_reads(owner, fq.param, fq.quantized)
+                    quantize_reads(owner, fq.param, fq.read_value)
             install_weights(owner, weights.get(owner_name, []))
             if owner_name in reads:
                 install_reads(owner, reads[owner_name])

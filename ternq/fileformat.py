@@ -708,7 +708,7 @@ def _load_layer(source: Source, manifest: Manifest, root: nn.Module, p: _Placeme
             _follow(ties, p.module._parameters[p.record.weight], wq.quantized)
         else:
             fq = _install_packed_functional(p.module, p.record, codes, scale, p.config, dtype, keep=not p.owned)
-            _follow(ties, latent_parameter(p.module, p.record.weight), fq.quantized)
+            _follow(ties, latent_parameter(p.module, p.record.weight), fq.read_value)
         return root
     if dequantize:
         assert weight is not None
@@ -839,7 +839,7 @@ def _install_packed_functional(owner: nn.Module, record: LayerRecord, codes: Ten
     packed = _PackedFunctional(op, record.weight, config, codes, scale, dtype)
     install(owner, [packed])
     if "." not in record.weight:  # the owner's own parameter: every read of it gives codes * scale
-        quantize_reads(owner, record.weight, packed.quantized)
+        quantize_reads(owner, record.weight, packed.read_value)
     return packed
 
 

@@ -32,13 +32,14 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from .config import QuantConfig
+from .errors import ConversionError
 from .quantizers import (
     dequantize_weight,
     fake_quantize_weight,
     quantize_input,
     quantize_weight,
 )
-from .weight_attr import QUANTIZERS, cached, float_class, holder_class, is_quantized_attr, set_quantizer
+from .weight_attr import QUANTIZERS, float_class, holder_class, is_quantized_attr, set_quantizer
 
 __all__ = ["FUNCTIONAL_OPS", "FunctionalQuant", "WeightQuant", "InterceptedForward", "install", "install_weights",
            "install_reads", "quantize_reads", "uninstall", "functional_quants", "weight_quants"]
@@ -51,6 +52,8 @@ _FUNC_TO_OP = {fn: op for op, fn in FUNCTIONAL_OPS.items()} | {torch.Tensor.matm
 #: where each op takes its input and its weight: ``addmm(bias, x, W)``, ``matmul(x, W)``, ``linear(x, W)``...
 INPUT_POSITION = {"linear": 0, "conv1d": 0, "conv2d": 0, "addmm": 1, "matmul": 0}
 WEIGHT_POSITION = {"linear": 1, "conv1d": 1, "conv2d": 1, "addmm": 2, "matmul": 1}
+#: the keyword of each op's weight argument
+_WEIGHT_KWARG = {"linear": "weight", "conv1d": "weight", "conv2d": "weight", "addmm": "mat2", "matmul": "other"}
 #: the weight dim of output channels: ``x @ W`` keeps W as (in, out)
 WEIGHT_OUT_DIM = {"linear": 0, "conv1d": 0, "conv2d": 0, "addmm": 1, "matmul": 1}
 
@@ -71,6 +74,7 @@ class FunctionalQuant(nn.Module):
         self.op = op
         self.param = param
         self.qconfig = config
+        _ = self.operand_type  # made now: a compiled forward then only reads it
 
     def quantize_input(self, x: Tensor) -> Tensor:
         conv = self.op in _BATCHED_DIMS
@@ -81,8 +85,30 @@ class FunctionalQuant(nn.Module):
         return WEIGHT_OUT_DIM[self.op]
 
     def quantized(self, weight: Tensor) -> Tensor:
-        """``codes * scale`` of the latent `weight`, straight-through: what reads of the parameter give."""
+        """``codes * scale`` of the latent `weight`, straight-through."""
         return fake_quantize_weight(weight, self.qconfig, self.out_dim)
+
+    def read_value(self, weight: Tensor) -> Tensor:
+        """What reads of the owner's parameter give: its quantized value as a `QuantizedOperand` of this call, so
+        that wherever it is the weight of this op, the op quantizes its input too."""
+        if torch.compiler.is_exporting():
+            # torch.export traces with fake tensors, which cannot become a subclass: refuse rather than export a
+            # graph whose call would compute on an unquantized input
+            raise ConversionError(
+                f"torch.export cannot trace the quantized functional call F.{self.op}(x, {self.param}) of this "
+                "model (its input quantization rides on the weight's tensor subclass). Register the module's type "
+                "with ternq.register_layer so that it becomes a QAT layer, or quantize that weight weights-only "
+                "(a config with act_bits=None, input_norm=None) before exporting")
+        return self.quantized(weight).as_subclass(self.operand_type)
+
+    @property
+    def operand_type(self) -> type[QuantizedOperand]:
+        """The `QuantizedOperand` subclass that names this call (made once per call object, copies included)."""
+        cls = self.__dict__.get("_operand_type")
+        if cls is None or cls.site is not self:
+            cls = type("QuantizedOperand", (QuantizedOperand,), {"site": self, "__module__": __name__})
+            self.__dict__["_operand_type"] = cls
+        return cls
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
         return self.run(args, kwargs, weight_quantized=False)
@@ -104,6 +130,38 @@ class FunctionalQuant(nn.Module):
     def extra_repr(self) -> str:
         return f"F.{self.op}(weight={self.param}), qconfig={self.qconfig.name}/{self.qconfig.granularity}, " \
                f"act_bits={self.qconfig.act_bits}"
+
+
+def _plain(value: Any) -> Any:
+    return value.as_subclass(Tensor) if isinstance(value, QuantizedOperand) else value
+
+
+class QuantizedOperand(Tensor):
+    """The quantized weight of a functional call as its owner's attribute reads it (``self.w`` in
+    ``F.linear(x, self.w)``): wherever it is the weight of that op, in any forward, decode step or checkpoint
+    recomputation, the op quantizes its input too (`FunctionalQuant.run`); every other op sees a plain tensor.
+    Made with ``as_subclass``, so it stays on the autograd graph of the latent weight. Each call's subclass
+    names the call (`site`)."""
+
+    site: FunctionalQuant
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        op = _FUNC_TO_OP.get(func)
+        if op is not None:
+            pos = WEIGHT_POSITION[op]
+            name = _WEIGHT_KWARG[op]
+            if len(args) == pos and name in kwargs:  # the weight by keyword: positional for the quantizer
+                kwargs = dict(kwargs)
+                args = (*args, kwargs.pop(name))
+            weight = args[pos] if len(args) > pos else None
+            if isinstance(weight, QuantizedOperand) and type(weight).site.op == op:
+                with torch._C.DisableTorchFunctionSubclass():
+                    return type(weight).site.run(tuple(_plain(a) for a in args),
+                                                 {k: _plain(v) for k, v in kwargs.items()}, weight_quantized=True)
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
 
 
 class WeightQuant(nn.Module):
@@ -185,17 +243,14 @@ class InterceptedForward:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         owner = self.owner
         forward = self.replaced if self.replaced is not None else type(owner).forward.__get__(owner)
-        with cached():  # each quantized weight computed once in this forward: one tensor, found by identity
-            sites = {}
-            for fq in functional_quants(owner):
-                holder_path, _, attr = fq.param.rpartition(".")
-                holder = owner.get_submodule(holder_path) if holder_path else owner
-                if is_quantized_attr(holder, attr):
-                    sites[(fq.op, id(getattr(holder, attr)))] = (fq, True)
-                else:  # a parameter of a submodule that reads it as float itself (a kept-float Embedding)
-                    sites[(fq.op, id(holder._parameters[attr]))] = (fq, False)
-            with _Intercept(sites):
-                return forward(*args, **kwargs)
+        sites = {}
+        for fq in functional_quants(owner):
+            holder_path, _, attr = fq.param.rpartition(".")
+            holder = owner.get_submodule(holder_path) if holder_path else owner
+            if not is_quantized_attr(holder, attr):  # a submodule's parameter it reads as float itself
+                sites[(fq.op, id(holder._parameters[attr]))] = (fq, False)
+        with _Intercept(sites):
+            return forward(*args, **kwargs)
 
 
 #: plain attribute of a module whose torch fast path is kept off: the paths (relative to it) of the quantized
@@ -218,9 +273,12 @@ def intercept(owner: nn.Module) -> None:
 
 
 def install(owner: nn.Module, fqs: list[FunctionalQuant]) -> None:
-    """Register `fqs` on `owner` as ``ternq_fq_<n>`` (the first free names) and intercept its forward."""
+    """Register `fqs` on `owner` as ``ternq_fq_<n>`` (the first free names). The owner's own parameters read as
+    their calls' `QuantizedOperand` (`quantize_reads`); a submodule's parameter, which that submodule reads as
+    float itself, is routed by intercepting the owner's forward."""
     if fqs:
         _register(owner, "ternq_fq_", fqs)
+    if any("." in fq.param for fq in fqs):
         intercept(owner)
 
 

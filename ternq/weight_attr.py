@@ -23,11 +23,13 @@ recognized by identity.
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 __all__ = ["QuantizedWeight", "QUANTIZERS", "set_quantizer", "quantizer_of", "latent", "latent_parameter",
@@ -43,6 +45,9 @@ _local = threading.local()
 def cached() -> Iterator[None]:
     """Within the block, each quantized attribute is computed once per holder and the same tensor is returned to
     every read (nested blocks share the outermost one's values)."""
+    if torch.compiler.is_compiling():  # a compiled graph computes each value once anyway (common subexpressions)
+        yield
+        return
     outer = getattr(_local, "cache", None)
     if outer is None:
         _local.cache = {}
@@ -84,7 +89,7 @@ class QuantizedWeight:
         quantize = self.quantizer(obj)
         if quantize is None or value is None or _is_sharded(value):
             return value
-        cache = getattr(_local, "cache", None)
+        cache = None if torch.compiler.is_compiling() else getattr(_local, "cache", None)
         if cache is None:
             return quantize(value)
         key = (id(obj), self.name)
@@ -179,6 +184,7 @@ def holder_class(cls: type[nn.Module], names: frozenset[str] | set[str]) -> type
                          _ternq_float_class=base_cls)
         if issubclass(base_cls, nn.RNNBase):
             namespace["_flat_weights"] = _FLAT_WEIGHTS
+        namespace["forward"] = _cached_forward(base_cls.forward)
         _HOLDERS[key] = type(base_cls.__name__, (base_cls,), namespace)
     return _HOLDERS[key]
 
@@ -191,6 +197,18 @@ def _holder_names(cls: type) -> list[str]:
 def float_class(cls: type[nn.Module]) -> type[nn.Module]:
     """The class a holder class was made from (`cls` itself for any other class)."""
     return cls.__dict__.get("_ternq_float_class", cls)
+
+
+def _cached_forward(forward: Callable[..., Any]) -> Callable[..., Any]:
+    """The holder's forward, computing each quantized weight once however often it reads it (a mixture of
+    experts indexes its stacked weight once per expert)."""
+
+    @functools.wraps(forward)
+    def cached_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        with cached():
+            return forward(self, *args, **kwargs)
+
+    return cached_forward
 
 
 class _FlatWeights:
