@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 from bittts import limits
-from bittts.inference import DEFAULT_MODEL, Synthesis, Synthesizer, shipped_model
-from bittts.server import SpeechServer, printable
+from bittts.synthesis.server import SpeechServer, printable
+from bittts.synthesis.synthesizer import DEFAULT_MODEL, Synthesis, Synthesizer, shipped_model
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -65,15 +65,12 @@ class Running:
 
 
 @pytest.fixture(scope="module")
-def server():
+def server(one_thread):
     """The shipped model at the default bounds (10,000-byte bodies), logging (to the captured standard error)."""
     if not MODEL.is_file():
         pytest.skip("the shipped model is not installed")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     with Running(Synthesizer(MODEL)) as srv:
         yield srv
-    torch.set_num_threads(threads)
 
 
 def request(srv: SpeechServer, method: str, path: str, body: bytes | None = None,

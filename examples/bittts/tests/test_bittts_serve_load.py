@@ -17,8 +17,8 @@ import threading
 import time
 
 import pytest
-from bittts.inference import DEFAULT_MODEL, shipped_model
 from bittts.limits import MAX_CONNECTIONS
+from bittts.synthesis.synthesizer import DEFAULT_MODEL, shipped_model
 
 MODEL = shipped_model(DEFAULT_MODEL)
 pytestmark = [pytest.mark.skipif(not MODEL.is_file(), reason="the shipped model is not installed"),

@@ -1,4 +1,4 @@
-"""The paper's size table, measured from real packed files (bittts.sizes)."""
+"""The paper's size table, measured from real packed files (bittts.evaluation.sizes)."""
 from __future__ import annotations
 
 import math
@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 from bittts.config import QuantizationConfig, load_preset
-from bittts.model import BitTTS, build_model
-from bittts.sizes import PARTS, format_size_table, part_bytes, size_table
-from bittts.text import SYMBOLS
+from bittts.data.text import SYMBOLS
+from bittts.evaluation.sizes import PARTS, format_size_table, part_bytes, size_table
+from bittts.model.bittts import BitTTS, build_model
 
 ternq = pytest.importorskip("ternq")
 

@@ -46,9 +46,9 @@ from email.utils import formatdate
 from http import HTTPStatus
 from typing import IO, Any
 
-from . import limits
-from .limits import MAX_DURATION_SCALE, MAX_REQUEST_BYTES, LimitError
-from .speech import count_phonemes, speak, split_sentences, wav_header
+from .. import limits
+from ..limits import MAX_DURATION_SCALE, MAX_REQUEST_BYTES, LimitError
+from .long_text import count_phonemes, speak, split_sentences, wav_header
 
 __all__ = ["SpeechServer", "printable"]
 
@@ -98,7 +98,7 @@ class _Connection:
 
 
 class SpeechServer:
-    """An HTTP server around one `bittts.inference.Synthesizer`; `jobs` syntheses run at once.
+    """An HTTP server around one `bittts.synthesis.synthesizer.Synthesizer`; `jobs` syntheses run at once.
 
     `serve_forever()` runs it in the calling thread until `shutdown()` (from another thread) or Ctrl-C;
     `server_close()` (or leaving a `with` block) closes every connection and stops the syntheses."""
