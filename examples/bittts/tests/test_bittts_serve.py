@@ -16,6 +16,7 @@ import pytest
 from bittts.limits import MAX_REQUEST_BYTES
 from bittts.synthesis.server import SpeechServer
 from bittts.synthesis.synthesizer import DEFAULT_MODEL, Synthesizer, shipped_model
+from bittts_http import http_request
 
 MODEL = shipped_model(DEFAULT_MODEL)
 pytestmark = pytest.mark.skipif(not MODEL.is_file(), reason="the shipped model is not installed")
@@ -36,13 +37,7 @@ def server(one_thread):
 
 def request(srv: SpeechServer, method: str, path: str, body: bytes | None = None,
             headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-    conn = http.client.HTTPConnection(*srv.server_address[:2], timeout=120)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        response = conn.getresponse()
-        return response.status, dict(response.getheaders()), response.read()
-    finally:
-        conn.close()
+    return http_request(*srv.server_address[:2], method, path, body, headers)
 
 
 def _wav(data: bytes) -> tuple[int, int, int, int]:

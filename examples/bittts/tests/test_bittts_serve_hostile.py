@@ -4,7 +4,6 @@ and are dropped on a total deadline (S3), malformed framing and JSON get 400 (S4
 line and an Allow header (S5), and control characters never reach the log raw (S14). 127.0.0.1 only."""
 from __future__ import annotations
 
-import http.client
 import json
 import re
 import socket
@@ -17,6 +16,7 @@ import torch
 from bittts import limits
 from bittts.synthesis.server import SpeechServer, printable
 from bittts.synthesis.synthesizer import DEFAULT_MODEL, Synthesis, Synthesizer, shipped_model
+from bittts_http import http_request
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -75,13 +75,7 @@ def server(one_thread):
 
 def request(srv: SpeechServer, method: str, path: str, body: bytes | None = None,
             headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-    conn = http.client.HTTPConnection(*srv.server_address[:2], timeout=120)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        response = conn.getresponse()
-        return response.status, dict(response.getheaders()), response.read()
-    finally:
-        conn.close()
+    return http_request(*srv.server_address[:2], method, path, body, headers)
 
 
 def raw(srv: SpeechServer, data: bytes) -> bytes:
