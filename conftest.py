@@ -11,8 +11,7 @@ import torch
 @pytest.fixture(scope="module")
 def one_thread() -> Iterator[None]:
     """Torch on one thread for a test module: tiny ops run fastest single-threaded, and on a busy machine OpenMP
-    threads wait on each other (a tiny model ran 10x slower on two threads while other work shared the cores).
-    Module-scoped, so module-scoped fixtures (a server, a trained run) can use it too."""
+    threads wait on each other. Module-scoped, so module-scoped fixtures (a server, a trained run) can use it."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -6,8 +6,8 @@ long run of words is shared with one.
 
 A corpus is a `bittts prepare` metadata file (JSON lines with "text") or a plain text file (one sentence per
 line); with no --corpus, the first --generated sentences of the generator `bittts prepare` draws its text from
-(seed 0) are checked. Texts are compared after the scoring normalizer (`bittts.evaluation.metrics.normalize_for_scoring`:
-numbers spelled out, punctuation and case dropped). Exit status 1, naming the sentence, if a held-out sentence
+(seed 0) are checked. Texts are compared after the scoring normalizer
+(`bittts.evaluation.metrics.normalize_for_scoring`: numbers spelled out, punctuation and case dropped). Exit status 1, naming the sentence, if a held-out sentence
 occurs in a corpus sentence or shares --max-ngram or more consecutive words with one.
 """
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""DNSMOS P.835 (`bittts.evaluation.dnsmos`): the same numbers as Microsoft's reference code (speechmos.dnsmos), the same
-windows, and properties that hold for any audio."""
+"""DNSMOS P.835 (`bittts.evaluation.dnsmos`): the same numbers as Microsoft's reference code (speechmos.dnsmos), the
+same windows, and properties that hold for any audio."""
 from __future__ import annotations
 
 import importlib.util

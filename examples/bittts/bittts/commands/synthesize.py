@@ -1,14 +1,13 @@
 """`bittts synthesize [--model MODEL.safetensors] [--text TEXT | --text-file FILE] (-o OUT | -o - | --output-raw)`
 
 The text (`--text`, or standard input when neither `--text` nor `--text-file` is given) is split into sentences
-(`bittts.synthesis.long_text.split_sentences`) and spoken one sentence at a time, so memory stays bounded whatever its length:
-`-o OUT.wav` writes one WAV file, `-o -` one WAV to standard output, and `--output-raw` streams raw 16-bit
-little-endian mono PCM at the model's sample rate to standard output, flushed after each sentence (as Piper's
-`--output-raw` does; standard input is then spoken line by line as it arrives). `--text-file FILE -o OUT_DIR`
-speaks every non-empty line of FILE into OUT_DIR/0001.wav, ...; with `-o -` or `--output-raw` the file is read
-like standard input. Prints each output's duration and real-time factor (model time / audio duration;
-espeak-ng phonemization excluded), on standard error when standard output carries the audio.
-"""
+(`bittts.synthesis.long_text.split_sentences`) and spoken one sentence at a time, so memory stays bounded whatever
+its length: `-o OUT.wav` writes one WAV file, `-o -` one WAV to standard output, and `--output-raw` streams raw
+16-bit little-endian mono PCM at the model's sample rate to standard output, flushed after each sentence (as Piper's
+`--output-raw` does; standard input is then spoken line by line as it arrives). `--text-file FILE -o OUT_DIR` speaks
+every non-empty line of FILE into OUT_DIR/0001.wav, ...; with `-o -` or `--output-raw` the file is read like
+standard input. Prints each output's duration and real-time factor (model time / audio duration; espeak-ng
+phonemization excluded), on standard error when standard output carries the audio."""
 from __future__ import annotations
 
 import argparse

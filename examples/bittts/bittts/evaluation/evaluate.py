@@ -1,12 +1,14 @@
-"""`evaluate`: size, intelligibility, naturalness, mel-cepstral distortion and speed of text-to-speech systems,
-all measured by the same code on the same sentences: exported BitTTS models, and flite and Piper as reference rows
+"""`evaluate`: size, intelligibility, naturalness, mel-cepstral distortion and speed of text-to-speech systems, all
+measured by the same code on the same sentences: exported BitTTS models, and flite and Piper as reference rows
 (`bittts.evaluation.systems`).
 
 * size: the model file (for a BitTTS model also the bytes of each part's tensors, by name prefix; packed = codes
   + scales, and the paper's size table for the model's architecture, `bittts.evaluation.sizes.size_table`);
-* intelligibility: WER / CER of pocketsphinx transcripts of the spoken sentences (`bittts.evaluation.metrics`), next to the
-  same numbers for flite's reference rendering of the same sentences (the recognizer's floor on this text);
-* naturalness: DNSMOS P.835 SIG / BAK / OVRL (`bittts.evaluation.dnsmos`; Microsoft's non-personalized model by default);
+* intelligibility: WER / CER of pocketsphinx transcripts of the spoken sentences (`bittts.evaluation.metrics`),
+  next to the same numbers for flite's reference rendering of the same sentences (the recognizer's floor on this
+  text);
+* naturalness: DNSMOS P.835 SIG / BAK / OVRL (`bittts.evaluation.dnsmos`; Microsoft's non-personalized model by
+  default);
 * MCD: mel-cepstral distortion (dB, DTW-aligned) between each spoken sentence and its flite reference (0 for
   flite in the reference voice itself; a different speaker, such as Piper's, is far from it by construction);
 * speed: real-time factor (model seconds / audio seconds) at each thread count, the fastest of 3 passes after a
@@ -113,7 +115,8 @@ def default_sentences() -> Path:
     path = Path(str(resources.files("bittts") / DEFAULT_SENTENCES)).resolve()
     if not path.is_file():
         raise FileNotFoundError(f"no --sentences given and this installation lacks {DEFAULT_SENTENCES} (it ships "
-                                "with the source checkout, examples/bittts/bittts/evaluation/sentences/harvard.txt): pass --sentences FILE")
+                                f"with the source checkout, examples/bittts/bittts/{DEFAULT_SENTENCES}): pass "
+                                "--sentences FILE")
     return path
 
 

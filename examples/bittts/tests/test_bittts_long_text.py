@@ -1,5 +1,5 @@
-"""Long text to speech in bounded memory (`bittts.synthesis.long_text`): sentence splitting never loses or reorders text, a
-stream is spoken as it arrives, and the WAV writers produce valid files without holding the audio."""
+"""Long text to speech in bounded memory (`bittts.synthesis.long_text`): sentence splitting never loses or reorders
+text, a stream is spoken as it arrives, and the WAV writers produce valid files without holding the audio."""
 from __future__ import annotations
 
 import io
