@@ -45,7 +45,7 @@ def _symbols_of(ckpt: dict[str, Any], cfg: BitTTSConfig) -> list[str]:
     if symbols is None:  # trained from an in-memory dataset: only the package's own table can be meant
         if cfg.acoustic.n_symbols != len(text.SYMBOLS):
             raise ValueError(f"the checkpoint has no symbol table and its {cfg.acoustic.n_symbols} symbols are not "
-                             f"bittts.text.SYMBOLS ({len(text.SYMBOLS)}); it cannot be turned into a text model")
+                             f"bittts.data.text.SYMBOLS ({len(text.SYMBOLS)}); it cannot be turned into a text model")
         symbols = list(text.SYMBOLS)
     if len(symbols) > cfg.acoustic.n_symbols:
         raise ValueError(f"the checkpoint's symbol table has {len(symbols)} entries but the model embeds only "
