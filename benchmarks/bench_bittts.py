@@ -38,13 +38,13 @@ SENTENCES = [
 
 
 def _models() -> tuple[str, str]:
-    from bittts.inference import FP32_MODEL, default_model, shipped_model
+    from bittts.synthesis.synthesizer import FP32_MODEL, default_model, shipped_model
 
     return str(default_model()), str(shipped_model(FP32_MODEL))
 
 
 def warm(rounds: int) -> list[str]:
-    from bittts.inference import Synthesizer
+    from bittts.synthesis.synthesizer import Synthesizer
 
     ternary_path, fp32_path = _models()
     synths = {"ternary": Synthesizer(ternary_path), "fp32": Synthesizer(fp32_path)}
@@ -86,7 +86,7 @@ def warm(rounds: int) -> list[str]:
 _FIRST_CALL = r"""
 import sys, time, torch
 torch.set_num_threads(1)
-from bittts.inference import Synthesizer
+from bittts.synthesis.synthesizer import Synthesizer
 syn = Synthesizer(sys.argv[1])
 a = syn.text_to_ids(sys.argv[2])[1]
 b = syn.text_to_ids(sys.argv[3])[1]
@@ -101,7 +101,7 @@ print(first, warm)
 _ONE_SHOT = r"""
 import sys, torch
 torch.set_num_threads(1)
-from bittts.inference import Synthesizer
+from bittts.synthesis.synthesizer import Synthesizer
 syn = Synthesizer(sys.argv[1])
 syn.synthesize(sys.argv[2])
 """

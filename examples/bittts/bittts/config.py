@@ -226,7 +226,7 @@ class TrainConfig:
         log_every, image_every, ckpt_every: in optimizer steps (0 = never, except the final checkpoint).
         steps: total optimizer steps (`--steps` overrides).
         aligner_warmup: aligner-only steps before the first joint step of a run warm-started from a model
-            without an aligner (an export; see `bittts.warmstart`).
+            without an aligner (an export; see `bittts.training.warmstart`).
         threads: torch intra-op CPU threads during training (0 = torch's default). Small models are fastest on
             one thread, and multi-threaded tiny ops slow down many times over when other processes share the
             cores, so the `tiny` preset uses 1.

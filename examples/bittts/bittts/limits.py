@@ -1,5 +1,6 @@
 """Bounds of what `bittts` reads from users and of the work one input may cause, in one place (the commands' help,
-the readers, `bittts.inference`, `bittts.speech` and `bittts.server` use them; docs/bittts.md lists them).
+the readers, `bittts.synthesis.synthesizer`, `bittts.synthesis.long_text` and `bittts.synthesis.server` use them;
+docs/bittts.md lists them).
 
 Characters are not work: "777777777777777" is 15 characters and ~190 phonemes, "¼" says "one quarter". So text
 is bounded in characters where it is read, and what it turns into is bounded again in phonemes (the acoustic
@@ -21,7 +22,8 @@ MAX_REQUEST_BYTES = 10_000  # one `bittts serve` request body (~10 minutes of sp
 MAX_SENTENCE_PHONEMES = 800  # 500 characters of English give ~525 (Harvard sentences: 1.04 per character)
 MAX_SENTENCE_SECONDS = 150.0  # of audio: 500 characters at duration scale 4 give ~100 s (0.85 GB peak RSS)
 
-# --- the work one `bittts serve` request may cause (and `bittts.speech.speak(max_phonemes=, max_seconds=)`)
+# --- the work one `bittts serve` request may cause (and `bittts.synthesis.long_text.speak(max_phonemes=,
+# max_seconds=)`)
 MAX_REQUEST_PHONEMES = 12_000  # MAX_REQUEST_BYTES of English give ~10,400
 MAX_REQUEST_SECONDS = 900.0  # of audio (a 29 MB WAV): MAX_REQUEST_BYTES of English give ~8 minutes at scale 1
 

@@ -1,13 +1,13 @@
 """Check that held-out evaluation text was never seen in training: no sentence of it occurs in a corpus, and no
 long run of words is shared with one.
 
-    python examples/bittts/scripts/check_heldout.py examples/bittts/eval/harvard.txt \\
+    python examples/bittts/scripts/check_heldout.py examples/bittts/bittts/evaluation/sentences/harvard.txt \\
         --corpus ~/.cache/bittts-runs/data/train.jsonl --corpus ~/.cache/bittts-runs/data/val.jsonl
 
 A corpus is a `bittts prepare` metadata file (JSON lines with "text") or a plain text file (one sentence per
 line); with no --corpus, the first --generated sentences of the generator `bittts prepare` draws its text from
-(seed 0) are checked. Texts are compared after the scoring normalizer (`bittts.metrics.normalize_for_scoring`:
-numbers spelled out, punctuation and case dropped). Exit status 1, naming the sentence, if a held-out sentence
+(seed 0) are checked. Texts are compared after the scoring normalizer
+(`bittts.evaluation.metrics.normalize_for_scoring`: numbers spelled out, punctuation and case dropped). Exit status 1, naming the sentence, if a held-out sentence
 occurs in a corpus sentence or shares --max-ngram or more consecutive words with one.
 """
 from __future__ import annotations
@@ -46,7 +46,7 @@ def longest_shared_run(sentence: Sequence[str], index: dict[int, set[tuple[str, 
 def check(heldout: Iterable[str], corpus: Iterable[str], max_ngram: int = 5) -> list[tuple[str, int, bool]]:
     """(sentence, longest word run shared with the corpus, whether the whole sentence occurs in a corpus
     sentence) for each held-out sentence, after the scoring normalizer."""
-    from bittts.metrics import normalize_for_scoring
+    from bittts.evaluation.metrics import normalize_for_scoring
 
     corpus_norm = [normalize_for_scoring(t) for t in corpus]
     joined = "\n".join(f" {t} " for t in corpus_norm)
@@ -68,14 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-ngram", type=int, default=5,
                         help="fail when a sentence shares this many consecutive words with the corpus (default 5)")
     args = parser.parse_args(argv)
-    from bittts.evaluation import read_sentences
+    from bittts.evaluation.evaluate import read_sentences
 
     heldout = read_sentences(args.heldout)
     if args.corpus:
         corpus = [t for path in args.corpus for t in corpus_texts(path.expanduser())]
         source = ", ".join(str(p) for p in args.corpus)
     else:
-        from bittts.sentences import generate_sentences
+        from bittts.data.sentences import generate_sentences
 
         corpus, source = generate_sentences(args.generated), f"the first {args.generated} generated sentences"
     rows = check(heldout, corpus, args.max_ngram)

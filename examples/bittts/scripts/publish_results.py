@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from bittts import audio
-from bittts.evaluation import format_results, result_row
+from bittts.data import audio
+from bittts.evaluation.evaluate import format_results, result_row
 from bittts.extras import require
-from bittts.train import mel_figure as train_mel_figure
+from bittts.training.loop import mel_figure as train_mel_figure
 
 try:
     require("publish", "publish_results.py (the results page's figures)")
@@ -155,7 +155,7 @@ def copy_samples(reports: dict[str, dict[str, Any]], roots: dict[str, Path], cou
 
 def results_table(reports: dict[str, dict[str, Any]], baseline: str) -> str:
     """system, quantization, size, reduction against `baseline`, WER, CER, DNSMOS SIG / BAK / OVRL, MCD, RTF at
-    one thread (`bittts.evaluation.format_results`); without a flite system, flite's reference WER / CER as a
+    one thread (`bittts.evaluation.evaluate.format_results`); without a flite system, flite's reference WER / CER as a
     last row."""
     rows = [result_row(r) for r in reports.values()]
     table = format_results({"systems": rows}, baseline if baseline in reports else None)

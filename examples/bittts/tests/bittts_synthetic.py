@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bittts import audio
+from bittts.data import audio
 from torch.utils.data import Dataset
 
 N_SYMBOLS = 12  # ids 1..11 are tones, 0 is padding
@@ -64,7 +64,7 @@ class SyntheticTTS(Dataset):
 
 
 def write_corpus(root: str | Path, n_train: int, n_val: int = 1, seed: int = 0, **kwargs: Any) -> Path:
-    """Write a prepared corpus (meta.json, train/val.jsonl, features/*.pt) that bittts.data.TTSDataset reads."""
+    """Write a prepared corpus (meta.json, train/val.jsonl, features/*.pt) that bittts.data.dataset.TTSDataset reads."""
     root = Path(root)
     (root / "features").mkdir(parents=True, exist_ok=True)
     raw = [make_item(i, seed, **kwargs) for i in range(n_train + n_val)]

@@ -6,7 +6,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from bittts.alignment import (
+from bittts.model.alignment import (
     AlignmentModule,
     average_by_duration,
     beta_binomial_log_prior,

@@ -7,8 +7,8 @@ import wave
 import numpy as np
 import pytest
 import torch
-from bittts import audio
-from bittts.audio import (
+from bittts.data import audio
+from bittts.data.audio import (
     HOP,
     N_MELS,
     SAMPLE_RATE,

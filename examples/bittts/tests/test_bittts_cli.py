@@ -14,27 +14,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from bittts import inference
-from bittts.checkpoints import load_checkpoint, model_from_checkpoint
 from bittts.cli import main
 from bittts.config import config_from_dict, config_to_dict
-from bittts.inference import Synthesizer, export_model, find_checkpoint, read_model_metadata
-from bittts.model import build_model
+from bittts.model.bittts import build_model
+from bittts.synthesis import synthesizer
+from bittts.synthesis.synthesizer import Synthesizer, read_model_metadata
+from bittts.training.checkpoints import load_checkpoint, model_from_checkpoint
+from bittts.training.export import export_model, find_checkpoint
 
 ternq = pytest.importorskip("ternq")
 pytest.importorskip("pocketsphinx")
-pytestmark = pytest.mark.skipif(not (shutil.which("flite") and shutil.which("espeak-ng")),
-                                reason="needs flite and espeak-ng")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's ops are too small for threads to pay: one thread is as fast alone and does not collapse
-    (10x, measured) when other work shares the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytest.mark.skipif(not (shutil.which("flite") and shutil.which("espeak-ng")),
+                                 reason="needs flite and espeak-ng"),
+              pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")
@@ -158,8 +150,8 @@ def test_output_raw_speaks_each_line_as_it_arrives(run):
 
 def test_long_text_is_split_into_sentences(run, tmp_path, capsys):
     """A text far longer than one utterance is spoken sentence by sentence into one WAV."""
+    from bittts.data.sentences import generate_sentences
     from bittts.limits import MAX_SENTENCE_CHARS
-    from bittts.sentences import generate_sentences
 
     text = " ".join(generate_sentences(40))
     assert len(text) > 3 * MAX_SENTENCE_CHARS
@@ -263,7 +255,7 @@ def test_clear_errors(run, tmp_path, monkeypatch):
     ternq.save_packed(ternq.quantize(torch.nn.Linear(4, 4)), plain)
     with pytest.raises(SystemExit, match="not a BitTTS model"):
         main(["synthesize", "--model", str(plain), "--text", "hi", "-o", str(tmp_path / "x.wav")])
-    monkeypatch.setattr(inference, "DEFAULT_MODEL", "pretrained/no-such-model.safetensors")
+    monkeypatch.setattr(synthesizer, "DEFAULT_MODEL", "pretrained/no-such-model.safetensors")
     with pytest.raises(SystemExit, match="bittts export run -o model.safetensors"):
         main(["synthesize", "--text", "hi", "-o", str(tmp_path / "x.wav")])
     with pytest.raises(SystemExit, match="nothing to speak"):

@@ -8,11 +8,18 @@ import shutil
 
 import pytest
 import torch
-from bittts import audio, text
 from bittts.commands import prepare
-from bittts.corpus import prepare_corpus, split_ids, synthesize_flite
-from bittts.data import LJSpeechDataset, TTSDataset, collate, load_meta, normalize_pitch, prepare_ljspeech
-from bittts.system import ensure_tools
+from bittts.data import audio, text
+from bittts.data.corpus import prepare_corpus, split_ids, synthesize_flite
+from bittts.data.dataset import (
+    LJSpeechDataset,
+    TTSDataset,
+    collate,
+    load_meta,
+    normalize_pitch,
+    prepare_ljspeech,
+)
+from bittts.machine import ensure_tools
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

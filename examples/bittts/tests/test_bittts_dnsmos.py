@@ -1,5 +1,5 @@
-"""DNSMOS P.835 (`bittts.dnsmos`): the same numbers as Microsoft's reference code (speechmos.dnsmos), the same
-windows, and properties that hold for any audio."""
+"""DNSMOS P.835 (`bittts.evaluation.dnsmos`): the same numbers as Microsoft's reference code (speechmos.dnsmos), the
+same windows, and properties that hold for any audio."""
 from __future__ import annotations
 
 import importlib.util
@@ -18,8 +18,8 @@ pytest.importorskip("onnxruntime")
 if importlib.util.find_spec("speechmos") is None:
     pytest.skip("speechmos not installed (pip install 'bittts[eval]')", allow_module_level=True)
 
-from bittts import dnsmos  # noqa: E402
-from bittts.dnsmos import DNSMOS, POLYNOMIALS, segments  # noqa: E402
+from bittts.evaluation import dnsmos
+from bittts.evaluation.dnsmos import DNSMOS, POLYNOMIALS, segments
 
 WINDOW = int(dnsmos.INPUT_LENGTH * dnsmos.SAMPLE_RATE)
 
@@ -97,7 +97,7 @@ def test_bad_audio_is_refused(scorer):
 
 def test_other_rates_are_resampled_to_16k(scorer):
     """Audio at another rate is rated as its 16 kHz resampling (close to the 16 kHz original)."""
-    from bittts.audio import resample
+    from bittts.data.audio import resample
 
     x = torch.from_numpy(vowel(3.3))
     at_22k = resample(x, 16000, 22050).clamp(-1, 1)

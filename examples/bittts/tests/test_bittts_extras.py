@@ -10,7 +10,7 @@ import wave
 import pytest
 from bittts.cli import main
 from bittts.extras import EXTRAS, require
-from bittts.inference import DEFAULT_MODEL, shipped_model
+from bittts.synthesis.synthesizer import DEFAULT_MODEL, shipped_model
 
 MODEL = shipped_model(DEFAULT_MODEL)
 BLOCKED = ("tensorboard", "matplotlib")
@@ -27,10 +27,12 @@ def _block(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.skipif(not MODEL.is_file(), reason="the shipped model is not installed")
 def test_synthesize_and_serve_import_neither_tensorboard_nor_matplotlib(tmp_path):
-    """In a fresh process where both are unimportable, `bittts synthesize` speaks and `bittts.server` loads."""
+    """In a fresh process where both are unimportable, `bittts synthesize` speaks and `bittts.synthesis.server`
+    loads."""
     out = tmp_path / "x.wav"
     code = ("import sys; sys.modules.update({m: None for m in ('tensorboard', 'matplotlib', "
-            "'torch.utils.tensorboard')}); import bittts.server, bittts.commands.serve; from bittts.cli import main; "
+            "'torch.utils.tensorboard')}); import bittts.synthesis.server, bittts.commands.serve; "
+            "from bittts.cli import main; "
             f"sys.exit(main(['synthesize', '--text', 'Hi.', '-o', {str(out)!r}, '--threads', '1']))")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from bittts.checkpoints import load_checkpoint
 from bittts.cli import main
 from bittts.config import apply_overrides, load_preset
-from bittts.evaluation import read_sentences
-from bittts.inference import DEFAULT_MODEL, read_model_metadata, shipped_model
+from bittts.evaluation.evaluate import read_sentences
 from bittts.limits import MAX_SENTENCE_CHARS, MAX_TEXT_BYTES
-from bittts.train import train, truncate_metrics
+from bittts.synthesis.synthesizer import DEFAULT_MODEL, read_model_metadata, shipped_model
+from bittts.training.checkpoints import load_checkpoint
+from bittts.training.loop import train, truncate_metrics
 from bittts_synthetic import N_SYMBOLS, SyntheticTTS
 
 MODEL = shipped_model(DEFAULT_MODEL)
@@ -350,7 +350,7 @@ def test_export_writes_through_a_fifo_and_keeps_a_files_mode(tmp_path, one_threa
     import ternq
 
     torch.manual_seed(0)
-    from bittts.text import SYMBOLS
+    from bittts.data.text import SYMBOLS
 
     cfg = tiny()
     cfg.acoustic.n_symbols = len(SYMBOLS)  # the text model's symbol table: an exportable model
@@ -369,7 +369,7 @@ def test_export_writes_through_a_fifo_and_keeps_a_files_mode(tmp_path, one_threa
 
 
 def test_a_written_wav_keeps_the_files_mode(tmp_path):
-    from bittts.audio import write_wav
+    from bittts.data.audio import write_wav
 
     out = tmp_path / "out.wav"
     out.write_bytes(b"old")

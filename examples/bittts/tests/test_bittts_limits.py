@@ -8,10 +8,9 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from bittts import limits
-from bittts.inference import DEFAULT_MODEL, Synthesizer, shipped_model
-from bittts.speech import count_phonemes, speak
+from bittts.synthesis.long_text import count_phonemes, speak
+from bittts.synthesis.synthesizer import DEFAULT_MODEL, Synthesizer, shipped_model
 
 MODEL = shipped_model(DEFAULT_MODEL)
 pytestmark = pytest.mark.skipif(not MODEL.is_file(), reason="the shipped model is not installed")
@@ -19,11 +18,8 @@ DIGITS = "777777777777777 " * 5  # 80 characters, ~970 phonemes ("seven hundred 
 
 
 @pytest.fixture(scope="module")
-def synth():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield Synthesizer(MODEL)
-    torch.set_num_threads(threads)
+def synth(one_thread):
+    return Synthesizer(MODEL)
 
 
 def test_a_short_sentence_of_digits_is_refused_by_its_phonemes(synth):

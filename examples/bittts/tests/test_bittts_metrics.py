@@ -9,9 +9,18 @@ import sys
 import numpy as np
 import pytest
 import torch
-from bittts import metrics
-from bittts.audio import resample
-from bittts.metrics import cer, dtw, edit_counts, error_rates, mcd_dtw, mel_cepstrum, transcribe, wer
+from bittts.data.audio import resample
+from bittts.evaluation import metrics
+from bittts.evaluation.metrics import (
+    cer,
+    dtw,
+    edit_counts,
+    error_rates,
+    mcd_dtw,
+    mel_cepstrum,
+    transcribe,
+    wer,
+)
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -158,7 +167,7 @@ needs_tools = pytest.mark.skipif(shutil.which("flite") is None, reason="flite no
 @needs_tools
 def test_transcribe_flite_speech():
     pytest.importorskip("pocketsphinx", reason="pocketsphinx not installed (pip install 'bittts[eval]')")
-    from bittts.corpus import synthesize_flite
+    from bittts.data.corpus import synthesize_flite
 
     sentence = "the weather is nice today"
     wav, rate = synthesize_flite(sentence)
@@ -171,7 +180,7 @@ def test_transcribe_flite_speech():
 @needs_tools
 def test_transcript_does_not_depend_on_what_was_decoded_before():
     pytest.importorskip("pocketsphinx", reason="pocketsphinx not installed (pip install 'bittts[eval]')")
-    from bittts.corpus import synthesize_flite
+    from bittts.data.corpus import synthesize_flite
 
     wav, rate = synthesize_flite("the birch canoe slid on the smooth planks")
     first = transcribe(wav, rate)

@@ -7,8 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from bittts.acoustic import MDNDurationPredictor
-from bittts.checkpoints import model_from_checkpoint
 from bittts.config import (
     PRESETS,
     QuantizationConfig,
@@ -20,10 +18,12 @@ from bittts.config import (
     load_preset,
     save_config,
 )
-from bittts.data import collate
-from bittts.discriminators import Discriminators
-from bittts.losses import bin_loss_weight, discriminator_loss, generator_loss, stft_loss
-from bittts.model import BitTTS, build_model, parameter_counts
+from bittts.data.dataset import collate
+from bittts.model.acoustic import MDNDurationPredictor
+from bittts.model.bittts import BitTTS, build_model, parameter_counts
+from bittts.model.discriminators import Discriminators
+from bittts.model.losses import bin_loss_weight, discriminator_loss, generator_loss, stft_loss
+from bittts.training.checkpoints import model_from_checkpoint
 from bittts_synthetic import N_SYMBOLS, SyntheticTTS
 from hypothesis import given, settings
 from hypothesis import strategies as st

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from bittts.inference import DEFAULT_MODEL, FP32_MODEL, Synthesizer, shipped_model
+from bittts.synthesis.synthesizer import DEFAULT_MODEL, FP32_MODEL, Synthesizer, shipped_model
 
 from ternq.cli import verify_file
 

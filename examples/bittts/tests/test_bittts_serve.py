@@ -13,20 +13,18 @@ import threading
 import wave
 
 import pytest
-import torch
-from bittts.inference import DEFAULT_MODEL, Synthesizer, shipped_model
 from bittts.limits import MAX_REQUEST_BYTES
-from bittts.server import SpeechServer
+from bittts.synthesis.server import SpeechServer
+from bittts.synthesis.synthesizer import DEFAULT_MODEL, Synthesizer, shipped_model
+from bittts_http import http_request
 
 MODEL = shipped_model(DEFAULT_MODEL)
 pytestmark = pytest.mark.skipif(not MODEL.is_file(), reason="the shipped model is not installed")
 
 
 @pytest.fixture(scope="module")
-def server():
+def server(one_thread):
     """The server on a free port of 127.0.0.1, in a thread, shut down after the module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     srv = SpeechServer(("127.0.0.1", 0), Synthesizer(MODEL), max_bytes=2_000, quiet=True)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
@@ -34,19 +32,12 @@ def server():
     srv.shutdown()
     srv.server_close()
     thread.join(timeout=10)
-    torch.set_num_threads(threads)
     assert not thread.is_alive()
 
 
 def request(srv: SpeechServer, method: str, path: str, body: bytes | None = None,
             headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-    conn = http.client.HTTPConnection(*srv.server_address[:2], timeout=120)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        response = conn.getresponse()
-        return response.status, dict(response.getheaders()), response.read()
-    finally:
-        conn.close()
+    return http_request(*srv.server_address[:2], method, path, body, headers)
 
 
 def _wav(data: bytes) -> tuple[int, int, int, int]:

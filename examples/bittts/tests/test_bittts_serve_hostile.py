@@ -4,7 +4,6 @@ and are dropped on a total deadline (S3), malformed framing and JSON get 400 (S4
 line and an Allow header (S5), and control characters never reach the log raw (S14). 127.0.0.1 only."""
 from __future__ import annotations
 
-import http.client
 import json
 import re
 import socket
@@ -15,8 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 from bittts import limits
-from bittts.inference import DEFAULT_MODEL, Synthesis, Synthesizer, shipped_model
-from bittts.server import SpeechServer, printable
+from bittts.synthesis.server import SpeechServer, printable
+from bittts.synthesis.synthesizer import DEFAULT_MODEL, Synthesis, Synthesizer, shipped_model
+from bittts_http import http_request
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -65,26 +65,17 @@ class Running:
 
 
 @pytest.fixture(scope="module")
-def server():
+def server(one_thread):
     """The shipped model at the default bounds (10,000-byte bodies), logging (to the captured standard error)."""
     if not MODEL.is_file():
         pytest.skip("the shipped model is not installed")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     with Running(Synthesizer(MODEL)) as srv:
         yield srv
-    torch.set_num_threads(threads)
 
 
 def request(srv: SpeechServer, method: str, path: str, body: bytes | None = None,
             headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-    conn = http.client.HTTPConnection(*srv.server_address[:2], timeout=120)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        response = conn.getresponse()
-        return response.status, dict(response.getheaders()), response.read()
-    finally:
-        conn.close()
+    return http_request(*srv.server_address[:2], method, path, body, headers)
 
 
 def raw(srv: SpeechServer, data: bytes) -> bytes:

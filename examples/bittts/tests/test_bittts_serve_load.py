@@ -5,7 +5,7 @@ files stay bounded, its memory grows by less than one long synthesis, /health an
 attack gets its one-line answer."""
 from __future__ import annotations
 
-import http.client
+import functools
 import json
 import os
 import re
@@ -17,13 +17,16 @@ import threading
 import time
 
 import pytest
-from bittts.inference import DEFAULT_MODEL, shipped_model
 from bittts.limits import MAX_CONNECTIONS
+from bittts.synthesis.synthesizer import DEFAULT_MODEL, shipped_model
+from bittts_http import http_request
 
 MODEL = shipped_model(DEFAULT_MODEL)
 pytestmark = [pytest.mark.skipif(not MODEL.is_file(), reason="the shipped model is not installed"),
               pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc (Linux)")]
 SLOW_CONNECTIONS = MAX_CONNECTIONS + 44
+
+_get = functools.partial(http_request, "127.0.0.1", timeout=30)  # (port, method, path, body, headers)
 
 
 def _proc(pid: int) -> dict[str, int]:
@@ -32,17 +35,6 @@ def _proc(pid: int) -> dict[str, int]:
         fields = dict(line.split(":", 1) for line in f if ":" in line)
     return {"threads": int(fields["Threads"]), "rss_kb": int(fields["VmRSS"].split()[0]),
             "files": len(os.listdir(f"/proc/{pid}/fd"))}
-
-
-def _get(port: int, method: str, path: str, body: bytes | None = None,
-         headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        response = conn.getresponse()
-        return response.status, dict(response.getheaders()), response.read()
-    finally:
-        conn.close()
 
 
 def _raw(port: int, data: bytes) -> tuple[bytes, bytes]:

@@ -5,9 +5,9 @@ import re
 import shutil
 
 import pytest
-from bittts import text
-from bittts.sentences import generate_sentences, iter_sentences
-from bittts.text import (
+from bittts.data import text
+from bittts.data.sentences import generate_sentences, iter_sentences
+from bittts.data.text import (
     PAD_ID,
     SYMBOLS,
     UNK_ID,

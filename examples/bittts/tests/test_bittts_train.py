@@ -8,15 +8,15 @@ import sys
 
 import pytest
 import torch
-from bittts.checkpoints import load_checkpoint, model_from_checkpoint
 from bittts.cli import main as cli_main
 from bittts.config import apply_overrides, config_to_dict, load_preset
-from bittts.discriminators import Discriminators
-from bittts.inference import export_model
-from bittts.model import TRAINING_ONLY, BitTTS, build_model
-from bittts.text import SYMBOLS
-from bittts.train import NonFiniteLossError, train
-from bittts.warmstart import load_init_weights
+from bittts.data.text import SYMBOLS
+from bittts.model.bittts import TRAINING_ONLY, BitTTS, build_model
+from bittts.model.discriminators import Discriminators
+from bittts.training.checkpoints import load_checkpoint, model_from_checkpoint
+from bittts.training.export import export_model
+from bittts.training.loop import NonFiniteLossError, train
+from bittts.training.warmstart import load_init_weights
 from bittts_synthetic import N_SYMBOLS, SyntheticTTS, write_corpus
 
 pytestmark = pytest.mark.usefixtures("one_thread")

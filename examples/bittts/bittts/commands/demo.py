@@ -24,10 +24,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..audio import write_wav
-    from ..evaluation import check_sentence, fastest_pass
-    from ..inference import FP32_MODEL, Synthesizer, shipped_model
-    from ..system import cpu_description
+    from ..data.audio import write_wav
+    from ..evaluation.evaluate import check_sentence, fastest_pass
+    from ..machine import cpu_description
+    from ..synthesis.synthesizer import FP32_MODEL, Synthesizer, shipped_model
 
     check_sentence(args.text, "--text")
     wav_output(args.out)
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
               f"{synth.path.name} is {base_run.seconds / max(result.seconds, 1e-9):.2f}x as fast")
     if not args.no_asr:
         try:
-            from ..metrics import transcribe, wer
+            from ..evaluation.metrics import transcribe, wer
         except ImportError:  # pragma: no cover - the eval extra is missing
             print("pocketsphinx is not installed (pip install 'bittts[eval]'): no transcript")
             return 0

@@ -16,8 +16,8 @@ from . import check_threads, output_dir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..evaluation import DEFAULT_SENTENCES, DEFAULT_SENTENCES_NOTE
-    from ..tts_systems import SYSTEMS
+    from ..evaluation.evaluate import DEFAULT_SENTENCES, DEFAULT_SENTENCES_NOTE
+    from ..evaluation.systems import SYSTEMS
 
     parser.add_argument("--model", action="extend", nargs="+", default=[], metavar="[NAME=]FILE",
                         help="exported BitTTS model(s) (bittts export), each scored under NAME (default: the file "
@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "pip install 'bittts[peer]')")
     parser.add_argument("--sentences", metavar="FILE",
                         help=f"text file, one sentence per line (default: {DEFAULT_SENTENCES} in the bittts "
-                             f"package, i.e. examples/bittts/{DEFAULT_SENTENCES}: {DEFAULT_SENTENCES_NOTE})")
+                             f"package, i.e. examples/bittts/bittts/{DEFAULT_SENTENCES}: {DEFAULT_SENTENCES_NOTE})")
     parser.add_argument("--out", required=True, metavar="DIR",
                         help="receives results.md / results.json (one table), reference/ (flite's renderings) "
                              "and per system NAME/ (report.md, report.json, wavs/)")
@@ -47,9 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluation import default_sentences, evaluate, format_results, read_sentences
+    from ..evaluation.evaluate import default_sentences, evaluate, format_results, read_sentences
+    from ..evaluation.systems import make_system, model_system
     from ..extras import require
-    from ..tts_systems import make_system, model_system
 
     require("eval", "bittts evaluate (WER/CER and DNSMOS)")
     check_threads(args.threads)

@@ -15,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..inference import export_model, find_checkpoint
+    from ..training.export import export_model, find_checkpoint
 
     output_file(args.out, example="model.safetensors")
     checkpoint = find_checkpoint(args.run_dir, args.checkpoint)

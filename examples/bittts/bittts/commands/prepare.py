@@ -34,12 +34,12 @@ def run(args: argparse.Namespace) -> int:
     output_dir(args.out, "--out")
     start = time.perf_counter()
     if args.ljspeech:
-        from bittts.data import prepare_ljspeech
+        from ..data.dataset import prepare_ljspeech
 
         meta = prepare_ljspeech(args.ljspeech, args.out, val_fraction=args.val_fraction, seed=args.seed,
                                 workers=args.workers, limit=args.limit, progress=not args.quiet)
     else:
-        from bittts.corpus import prepare_corpus
+        from ..data.corpus import prepare_corpus
 
         meta = prepare_corpus(args.out, n_sentences=args.sentences, voice=args.voice,
                               val_fraction=args.val_fraction, seed=args.seed, workers=args.workers,

@@ -1,7 +1,7 @@
 """`bittts serve [--model MODEL.safetensors] [--host 127.0.0.1] [--port 5000]`
 
 An HTTP server that loads the model once and speaks: `POST /synthesize` with the text (plain UTF-8, or JSON
-{"text": ..., "duration_scale": ...}) answers a WAV; `GET /health` answers JSON. See `bittts.server` for the
+{"text": ..., "duration_scale": ...}) answers a WAV; `GET /health` answers JSON. See `bittts.synthesis.server` for the
 bounds on a request (connections, size, total time, phonemes and seconds of audio, syntheses at once) and
 `bittts.limits` for their values.
 """
@@ -36,8 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..inference import Synthesizer
-    from ..server import SpeechServer
+    from ..synthesis.server import SpeechServer
+    from ..synthesis.synthesizer import Synthesizer
 
     check_threads(args.threads)
     if not 0 <= args.port <= 65535:

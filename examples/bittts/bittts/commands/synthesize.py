@@ -1,14 +1,13 @@
 """`bittts synthesize [--model MODEL.safetensors] [--text TEXT | --text-file FILE] (-o OUT | -o - | --output-raw)`
 
 The text (`--text`, or standard input when neither `--text` nor `--text-file` is given) is split into sentences
-(`bittts.speech.split_sentences`) and spoken one sentence at a time, so memory stays bounded whatever its length:
-`-o OUT.wav` writes one WAV file, `-o -` one WAV to standard output, and `--output-raw` streams raw 16-bit
-little-endian mono PCM at the model's sample rate to standard output, flushed after each sentence (as Piper's
-`--output-raw` does; standard input is then spoken line by line as it arrives). `--text-file FILE -o OUT_DIR`
-speaks every non-empty line of FILE into OUT_DIR/0001.wav, ...; with `-o -` or `--output-raw` the file is read
-like standard input. Prints each output's duration and real-time factor (model time / audio duration;
-espeak-ng phonemization excluded), on standard error when standard output carries the audio.
-"""
+(`bittts.synthesis.long_text.split_sentences`) and spoken one sentence at a time, so memory stays bounded whatever
+its length: `-o OUT.wav` writes one WAV file, `-o -` one WAV to standard output, and `--output-raw` streams raw
+16-bit little-endian mono PCM at the model's sample rate to standard output, flushed after each sentence (as Piper's
+`--output-raw` does; standard input is then spoken line by line as it arrives). `--text-file FILE -o OUT_DIR` speaks
+every non-empty line of FILE into OUT_DIR/0001.wav, ...; with `-o -` or `--output-raw` the file is read like
+standard input. Prints each output's duration and real-time factor (model time / audio duration; espeak-ng
+phonemization excluded), on standard error when standard output carries the audio."""
 from __future__ import annotations
 
 import argparse
@@ -58,7 +57,7 @@ def _stdout() -> BinaryIO:
 
 def _sentences(args: argparse.Namespace) -> Iterator[str]:
     """The sentences to speak, read lazily (standard input is read as the model speaks)."""
-    from ..speech import read_sentences_stream, split_sentences
+    from ..synthesis.long_text import read_sentences_stream, split_sentences
 
     if args.text is not None:
         yield from split_sentences(args.text)
@@ -90,8 +89,8 @@ def run(args: argparse.Namespace) -> int:
     out = _stdout() if streamed else wav_output(args.out)
     log = sys.stderr if streamed else sys.stdout
 
-    from ..inference import Synthesis, Synthesizer
-    from ..speech import speak, write_wav_stream, write_wav_to_stream
+    from ..synthesis.long_text import speak, write_wav_stream, write_wav_to_stream
+    from ..synthesis.synthesizer import Synthesis, Synthesizer
 
     synth = Synthesizer(args.model)
     totals = {"sentences": 0, "audio": 0.0, "model": 0.0}
@@ -131,9 +130,9 @@ def _threads() -> str:
 
 def _per_line(args: argparse.Namespace) -> int:
     """`--text-file FILE -o OUT_DIR`: one wav per non-empty line."""
-    from ..audio import write_wav
-    from ..evaluation import read_sentences
-    from ..inference import Synthesizer
+    from ..data.audio import write_wav
+    from ..evaluation.evaluate import read_sentences
+    from ..synthesis.synthesizer import Synthesizer
 
     lines = read_sentences(args.text_file)
     out_dir = wav_dir(args.out)

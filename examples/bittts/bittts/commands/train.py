@@ -32,8 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoints import CHECKPOINT_NAME, load_checkpoint
-    from ..train import train
+    from ..training.checkpoints import CHECKPOINT_NAME, load_checkpoint
+    from ..training.loop import train
 
     if args.steps is not None and args.steps < 1:
         raise ValueError("--steps must be >= 1")

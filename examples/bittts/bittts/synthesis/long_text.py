@@ -25,11 +25,11 @@ import torch
 
 from ternq.atomic import atomic_open
 
-from .limits import MAX_SENTENCE_CHARS, MAX_SENTENCE_SECONDS, LimitError
-from .text import abbreviation_before
+from ..data.text import abbreviation_before
+from ..limits import MAX_SENTENCE_CHARS, MAX_SENTENCE_SECONDS, LimitError
 
 if TYPE_CHECKING:
-    from .inference import Synthesis, Synthesizer
+    from .synthesizer import Synthesis, Synthesizer
 
 __all__ = ["SENTENCE_PAUSE", "split_sentences", "read_sentences_stream", "pcm16", "speak", "count_phonemes",
            "wav_header", "write_wav_stream", "spooled_wav", "write_wav_to_stream"]
@@ -113,7 +113,7 @@ def read_sentences_stream(stream: BinaryIO, name: str = "standard input",
 
 
 def pcm16(wav: torch.Tensor | np.ndarray) -> bytes:
-    """Little-endian 16-bit PCM of a float waveform in [-1, 1) (clipped; `bittts.audio.write_wav`'s scaling)."""
+    """Little-endian 16-bit PCM of a float waveform in [-1, 1) (clipped; `bittts.data.audio.write_wav`'s scaling)."""
     data = wav.detach().cpu().numpy() if isinstance(wav, torch.Tensor) else np.asarray(wav)
     data = np.asarray(data, dtype=np.float64).reshape(-1)
     return np.clip(np.round(data * 32768.0), -32768, 32767).astype("<i2").tobytes()
@@ -122,7 +122,7 @@ def pcm16(wav: torch.Tensor | np.ndarray) -> bytes:
 def speak(synth: Synthesizer, sentences: Iterable[str], duration_scale: float = 1.0,
           on_sentence: Callable[[str, Synthesis], None] | None = None, *, max_phonemes: int | None = None,
           max_seconds: float | None = None) -> Iterator[bytes]:
-    """16-bit PCM of each sentence in turn (`synth` a `bittts.inference.Synthesizer`), `SENTENCE_PAUSE` of
+    """16-bit PCM of each sentence in turn (`synth` a `bittts.synthesis.synthesizer.Synthesizer`), `SENTENCE_PAUSE` of
     silence before every sentence but the first. A sentence that gives no phonemes ("...") is skipped;
     ValueError if none of them could be spoken. `on_sentence(sentence, synthesis)` is told of each one.
 

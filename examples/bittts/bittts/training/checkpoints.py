@@ -1,9 +1,9 @@
 """Training checkpoints: the file `bittts train` writes (`RUN_DIR/checkpoint.pt`) and the model it holds.
 
 A checkpoint is a torch.save'd dict: "format" (`CHECKPOINT_FORMAT`), "version", "config" (`config_to_dict`),
-"state" (`bittts.train.TrainState`), "model" and "discriminators" (state dicts), the optimizers' and
+"state" (`bittts.training.loop.TrainState`), "model" and "discriminators" (state dicts), the optimizers' and
 schedulers' states, "rng" (every process's random states), "symbols", "world_size", "recipe_changes" and "init"
-(the warm start's source, or None). `bittts.train` writes it; everything else reads it through this module.
+(the warm start's source, or None). `bittts.training.loop` writes it; everything else reads it through this module.
 """
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from .config import config_from_dict
-from .model import TRAINING_ONLY, BitTTS, build_model
+from ..config import config_from_dict
+from ..model.bittts import TRAINING_ONLY, BitTTS, build_model
 
 __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_NAME", "load_checkpoint", "model_from_checkpoint"]
 

@@ -43,14 +43,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from ternq.atomic import atomic_write
 
-from .atomic import atomic_torch_save
+from ..atomic import atomic_torch_save
+from ..config import BitTTSConfig, config_diff, config_from_dict, config_to_dict, save_config
+from ..extras import require
+from ..model.bittts import TRAINING_ONLY, BitTTS, parameter_counts
+from ..model.discriminators import Discriminators, split_halves
+from ..model.losses import adversarial_active, discriminator_loss, generator_loss, mel_spectrogram
+from ..model.quantization import apply_quantization
 from .checkpoints import CHECKPOINT_FORMAT, CHECKPOINT_NAME, load_checkpoint
-from .config import BitTTSConfig, config_diff, config_from_dict, config_to_dict, save_config
-from .discriminators import Discriminators, split_halves
-from .extras import require
-from .losses import adversarial_active, discriminator_loss, generator_loss, mel_spectrogram
-from .model import TRAINING_ONLY, BitTTS, parameter_counts
-from .quantization import apply_quantization
 
 __all__ = ["train", "mel_figure", "NonFiniteLossError", "TrainState", "resolve_device", "truncate_metrics"]
 
@@ -276,7 +276,7 @@ def train(cfg: BitTTSConfig, out_dir: str | os.PathLike, *, data_dir: str | os.P
         device: "auto" (CUDA if available), "cpu" or "cuda".
         log: where messages go (default: above the progress bar).
         init_from: start a new run from a float model's weights (an export or a checkpoint.pt; see
-            `bittts.warmstart`); ignored when resuming a checkpoint.
+            `bittts.training.warmstart`); ignored when resuming a checkpoint.
     """
     require("train", "training (TensorBoard logs, mel spectrogram images)")
     from tqdm import tqdm
@@ -414,7 +414,7 @@ def _training_data(cfg: BitTTSConfig, data_dir: str | os.PathLike | None, datase
     if dataset is None:
         if data_dir is None:
             raise ValueError("train(): pass data_dir (a prepared corpus) or dataset")
-        from .data import TTSDataset, collate
+        from ..data.dataset import TTSDataset, collate
         dataset, collate_fn = TTSDataset(data_dir, "train"), collate
         symbols = list(dataset.meta["symbols"])
         if cfg.acoustic.n_symbols == 0:
@@ -422,7 +422,7 @@ def _training_data(cfg: BitTTSConfig, data_dir: str | os.PathLike | None, datase
         elif cfg.acoustic.n_symbols < len(symbols):
             raise ValueError(f"acoustic.n_symbols={cfg.acoustic.n_symbols} but the corpus has {len(symbols)} symbols")
     if collate_fn is None:
-        from .data import collate as collate_fn
+        from ..data.dataset import collate as collate_fn
     return dataset, collate_fn, symbols
 
 

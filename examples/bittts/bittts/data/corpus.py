@@ -1,7 +1,7 @@
 """Build a prepared training corpus: text -> phonemes (espeak-ng) -> audio (flite or wav files) -> features.
 
-``prepare_corpus`` synthesizes the generated sentences of ``bittts.sentences`` with a flite voice, fully
-offline and deterministic; ``build_corpus`` is the shared pipeline that ``bittts.data.prepare_ljspeech``
+``prepare_corpus`` synthesizes the generated sentences of ``bittts.data.sentences`` with a flite voice, fully
+offline and deterministic; ``build_corpus`` is the shared pipeline that ``bittts.data.dataset.prepare_ljspeech``
 also uses for recorded speech. The layout it writes is described in the package README / contract:
 ``meta.json``, ``train.jsonl``, ``val.jsonl``, ``wavs/<id>.wav`` and ``features/<id>.pt``.
 
@@ -30,11 +30,12 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from bittts import audio, text
-from bittts.atomic import atomic_torch_save
-from bittts.sentences import generate_sentences
-from bittts.system import ensure_tools
 from ternq.atomic import atomic_write
+
+from ..atomic import atomic_torch_save
+from ..machine import ensure_tools
+from . import audio, text
+from .sentences import generate_sentences
 
 FEATURE_VERSION = 1
 META_VERSION = 1

@@ -1,5 +1,5 @@
-"""Long text to speech in bounded memory (`bittts.speech`): sentence splitting never loses or reorders text, a
-stream is spoken as it arrives, and the WAV writers produce valid files without holding the audio."""
+"""Long text to speech in bounded memory (`bittts.synthesis.long_text`): sentence splitting never loses or reorders
+text, a stream is spoken as it arrives, and the WAV writers produce valid files without holding the audio."""
 from __future__ import annotations
 
 import io
@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from bittts.speech import (
+from bittts.synthesis.long_text import (
     SENTENCE_PAUSE,
     pcm16,
     read_sentences_stream,

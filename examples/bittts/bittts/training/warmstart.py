@@ -20,10 +20,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .alignment import forward_sum_loss
+from ..config import BitTTSConfig, config_diff, config_from_dict
+from ..model.alignment import forward_sum_loss
+from ..model.bittts import TRAINING_ONLY, BitTTS
 from .checkpoints import CHECKPOINT_NAME, load_checkpoint
-from .config import BitTTSConfig, config_diff, config_from_dict
-from .model import TRAINING_ONLY, BitTTS
 
 __all__ = ["read_init_weights", "load_init_weights", "warm_up_aligner"]
 
@@ -46,7 +46,7 @@ def read_init_weights(path: str | os.PathLike[str]) -> dict[str, Any]:
                                 "pretrained/bittts-fp32.safetensors) or a float run's checkpoint.pt")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     if path.suffix == ".safetensors":
-        from .inference import Synthesizer  # an exported model: loaded the way synthesis loads it
+        from ..synthesis.synthesizer import Synthesizer
 
         synth = Synthesizer(path)
         cfg, symbols = synth.cfg, synth.symbols

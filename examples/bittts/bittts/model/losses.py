@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import audio
-from .config import LossConfig
+from ..config import LossConfig
+from ..data import audio
 
 __all__ = ["mel_spectrogram", "mel_loss", "stft_loss", "STFT_RESOLUTIONS", "discriminator_loss",
            "generator_adversarial_loss", "feature_matching_loss", "generator_loss", "bin_loss_weight", "adversarial_active"]

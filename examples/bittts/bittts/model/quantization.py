@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 from torch import nn
 
-from .config import QuantizationConfig
+from ..config import QuantizationConfig
 
 __all__ = ["apply_quantization", "ALWAYS_FLOAT"]
 

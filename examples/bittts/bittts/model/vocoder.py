@@ -15,7 +15,7 @@ from torch.nn.utils.parametrizations import weight_norm
 
 from ternq.weight_attr import latent as ternq_latent
 
-from .config import VocoderConfig
+from ..config import VocoderConfig
 
 __all__ = ["ResBlock", "HiFiGANGenerator", "remove_weight_norm"]
 

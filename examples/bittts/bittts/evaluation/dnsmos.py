@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import audio
-from .extras import install_hint
+from ..data import audio
+from ..extras import install_hint
 
 __all__ = ["SAMPLE_RATE", "INPUT_LENGTH", "POLYNOMIALS", "model_path", "segments", "DNSMOS"]
 

@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from bittts import audio
-from bittts.corpus import Item, build_corpus
-from bittts.system import ensure_tools
+from ..machine import ensure_tools
+from . import audio
+from .corpus import Item, build_corpus
 
 SPLITS = ("train", "val")
 

@@ -7,10 +7,10 @@
 - `infer(phoneme_ids)` (synthesis): durations from the MDN duration predictor, predicted pitch and energy,
   the whole utterance through the vocoder.
 
-The GAN discriminators are a separate object (`bittts.discriminators.Discriminators`), so exporting BitTTS never
-includes them. `build_model(cfg)` builds the model to train and applies `cfg.quant` (`bittts.quantization`);
+The GAN discriminators are a separate object (`bittts.model.discriminators.Discriminators`), so exporting BitTTS never
+includes them. `build_model(cfg)` builds the model to train and applies `cfg.quant` (`bittts.model.quantization`);
 `BitTTS.for_inference(cfg)` builds the form that is exported and loaded for synthesis. Checkpoint files are
-`bittts.checkpoints`' business.
+`bittts.training.checkpoints`' business.
 """
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..config import BitTTSConfig
+from ..limits import LimitError
 from .acoustic import AcousticModel, sequence_mask
-from .config import BitTTSConfig
-from .limits import LimitError
 from .quantization import apply_quantization
 from .vocoder import HiFiGANGenerator, remove_weight_norm
 
@@ -52,7 +52,7 @@ class BitTTS(nn.Module):
         return self.vocoder.hop
 
     def forward(self, batch: dict[str, Any], segment_frames: int | None = None) -> dict[str, Any]:
-        """Training pass on a collated batch (see `bittts.data.collate`).
+        """Training pass on a collated batch (see `bittts.data.dataset.collate`).
 
         Returns the acoustic model's outputs and losses (see `AcousticModel.forward`) plus
         "wav_hat" (B, 1, S * hop) the vocoder output on a random S-frame segment of the decoder output,
@@ -130,7 +130,7 @@ class BitTTS(nn.Module):
                       device: torch.device | str | None = None) -> BitTTS:
         """The export form of `cfg`'s model: plain convs (weight norm absent: folding it gives the same
         tensors), no aligner, no mel head; `infer` works, `forward` (training) does not. The one definition of
-        what `bittts export` writes, `Synthesizer` loads and `bittts.sizes` measures.
+        what `bittts export` writes, `Synthesizer` loads and `bittts.evaluation.sizes` measures.
 
         quantize: apply `cfg.quant` (as trained). False gives the float skeleton that `ternq.load_packed`
             turns into the packed model; on device "meta" it allocates no weights.

@@ -2,7 +2,7 @@
 weight indexing} for one architecture.
 
 Every row is a real packed file: the architecture is built in its export form, quantized the way the matching
-preset does it (`BitTTS.for_inference`: no weight norm, no aligner; `bittts.quantization`) and packed with
+preset does it (`BitTTS.for_inference`: no weight norm, no aligner; `bittts.model.quantization`) and packed with
 `ternq.pack`; the row's size is the length of that file's bytes (header included, user metadata excluded).
 
 "With weight indexing" is the file as ternq writes it: 5 ternary weights per byte (the paper's weight
@@ -13,15 +13,17 @@ bytes plus one byte per packed weight; scales and float tensors are unchanged). 
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from .config import BitTTSConfig, QuantizationConfig
-from .model import BitTTS
+from ..config import BitTTSConfig, QuantizationConfig
+from ..model.bittts import BitTTS
 
-__all__ = ["SizeRow", "size_table", "format_size_table", "part_bytes", "PARTS", "PRECISIONS"]
+__all__ = ["SizeRow", "size_table", "format_size_table", "part_bytes", "file_sizes", "PARTS", "PRECISIONS"]
 
 PARTS = ("acoustic", "vocoder")
 PRECISIONS = ("fp32", "4-bit", "1.58-bit")
@@ -65,6 +67,20 @@ def part_bytes(tensors: dict[str, int]) -> dict[str, int]:
     return out
 
 
+def file_sizes(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Bytes of a ternq file: total, header (with the metadata), and per part: all tensors, and the packed
+    ones (codes + scales) among them. Read from the header alone."""
+    import ternq
+
+    with ternq.open(path) as f:
+        stored = f.tensor_bytes()
+        sizes = {name: n for name, (_, n) in stored.items()}
+        packed = {name: n for name, (role, n) in stored.items() if role != "float"}
+        weights = sum(math.prod(shape) for shape in f.shapes().values())
+        return {"bytes": f.file_size, "header_bytes": f.header_size, "parts": part_bytes(sizes),
+                "packed_parts": part_bytes(packed), "packed_layers": len(f.layers), "parameters": weights}
+
+
 def _packed(cfg: BitTTSConfig, kind: dict[str, Any] | None, scope: str
             ) -> tuple[int, dict[str, int], dict[str, int]]:
     """(file bytes, tensor bytes per part, bytes one int8 per code would add per part) of `cfg`'s architecture
@@ -91,7 +107,7 @@ def size_table(cfg: BitTTSConfig, precisions: Sequence[str] = PRECISIONS) -> lis
     with weight indexing. fp32 is always measured: it is what the reductions are relative to.
     """
     if cfg.acoustic.n_symbols < 1:
-        raise ValueError("size_table(): cfg.acoustic.n_symbols is 0; set it (e.g. len(bittts.text.SYMBOLS))")
+        raise ValueError("size_table(): cfg.acoustic.n_symbols is 0; set it (e.g. len(bittts.data.text.SYMBOLS))")
     unknown = set(precisions) - set(PRECISIONS)
     if unknown:
         raise ValueError(f"size_table(): unknown precision(s) {sorted(unknown)}; choose from {PRECISIONS}")

@@ -4,17 +4,14 @@
     POST /synthesize   body: UTF-8 text, or JSON {"text": ..., "duration_scale": 1.0}
                        (Content-Type: application/json); 200 audio/wav, a mono 16-bit WAV
 
-One thread runs a `selectors` loop that reads every request, answers `/health` and every refusal, and writes
-every WAV; a synthesis runs in a thread of its own, at most `jobs` at once. So a connection costs a socket and
-its buffers, never a thread. Chosen by measurement: with the standard library's `ThreadingHTTPServer` (one
-thread per connection, a stall limit per read that a header line every 20 s resets) 800 slow connections were
-802 threads, and ~1,020 of them exhausted a 1,024 open-files limit, leaving `accept()` spinning and `/health`
-unanswered; here, under that limit, 1,100 such connections left the process at 2 threads and 263 open files, with
-no CPU used and `/health` answered in 10 ms (the load test, tests/test_bittts_serve_load.py, checks the same
-bounds). No web library is a dependency: one request per connection and two routes are a few hundred lines of the
-standard library, while a server that bounds connections and deadlines itself (waitress) would still need the
-bounds on phonemes and audio, the cancellation of a synthesis whose client has left, and its answers made one
-line (its errors are HTML), in every synthesis-only install; werkzeug, the only web library of a training
+One thread runs a `selectors` loop that reads every request, answers `/health` and every refusal, and writes every
+WAV; a synthesis runs in a thread of its own, at most `jobs` at once. So a connection costs a socket and its
+buffers, never a thread, and slow clients cannot exhaust threads or open files (the load test,
+tests/test_bittts_serve_load.py, holds the process to its bounds under more slow connections than
+`MAX_CONNECTIONS`). No web library is a dependency: one request per connection and two routes are a few hundred
+lines of the standard library, while a server that bounds connections and deadlines itself (waitress) would still
+need the bounds on phonemes and audio, the cancellation of a synthesis whose client has left, and its answers made
+one line (its errors are HTML), in every synthesis-only install; werkzeug, the only web library of a training
 environment, comes with TensorBoard.
 
 What a request may cost is bounded (`bittts.limits`): the connections open at once (`MAX_CONNECTIONS`, below
@@ -46,9 +43,9 @@ from email.utils import formatdate
 from http import HTTPStatus
 from typing import IO, Any
 
-from . import limits
-from .limits import MAX_DURATION_SCALE, MAX_REQUEST_BYTES, LimitError
-from .speech import count_phonemes, speak, split_sentences, wav_header
+from .. import limits
+from ..limits import MAX_DURATION_SCALE, MAX_REQUEST_BYTES, LimitError
+from .long_text import count_phonemes, speak, split_sentences, wav_header
 
 __all__ = ["SpeechServer", "printable"]
 
@@ -98,7 +95,7 @@ class _Connection:
 
 
 class SpeechServer:
-    """An HTTP server around one `bittts.inference.Synthesizer`; `jobs` syntheses run at once.
+    """An HTTP server around one `bittts.synthesis.synthesizer.Synthesizer`; `jobs` syntheses run at once.
 
     `serve_forever()` runs it in the calling thread until `shutdown()` (from another thread) or Ctrl-C;
     `server_close()` (or leaving a `with` block) closes every connection and stops the syntheses."""

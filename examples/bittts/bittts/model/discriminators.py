@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm, weight_norm
 
-from .config import DiscriminatorConfig
+from ..config import DiscriminatorConfig
 
 __all__ = ["PeriodDiscriminator", "ScaleDiscriminator", "Discriminators"]
 

@@ -1,16 +1,18 @@
-"""`evaluate`: size, intelligibility, naturalness, mel-cepstral distortion and speed of text-to-speech systems,
-all measured by the same code on the same sentences: exported BitTTS models, and flite and Piper as reference rows
-(`bittts.tts_systems`).
+"""`evaluate`: size, intelligibility, naturalness, mel-cepstral distortion and speed of text-to-speech systems, all
+measured by the same code on the same sentences: exported BitTTS models, and flite and Piper as reference rows
+(`bittts.evaluation.systems`).
 
 * size: the model file (for a BitTTS model also the bytes of each part's tensors, by name prefix; packed = codes
-  + scales, and the paper's size table for the model's architecture, `bittts.sizes.size_table`);
-* intelligibility: WER / CER of pocketsphinx transcripts of the spoken sentences (`bittts.metrics`), next to the
-  same numbers for flite's reference rendering of the same sentences (the recognizer's floor on this text);
-* naturalness: DNSMOS P.835 SIG / BAK / OVRL (`bittts.dnsmos`; Microsoft's non-personalized model by default);
+  + scales, and the paper's size table for the model's architecture, `bittts.evaluation.sizes.size_table`);
+* intelligibility: WER / CER of pocketsphinx transcripts of the spoken sentences (`bittts.evaluation.metrics`),
+  next to the same numbers for flite's reference rendering of the same sentences (the recognizer's floor on this
+  text);
+* naturalness: DNSMOS P.835 SIG / BAK / OVRL (`bittts.evaluation.dnsmos`; Microsoft's non-personalized model by
+  default);
 * MCD: mel-cepstral distortion (dB, DTW-aligned) between each spoken sentence and its flite reference (0 for
   flite in the reference voice itself; a different speaker, such as Piper's, is far from it by construction);
 * speed: real-time factor (model seconds / audio seconds) at each thread count, the fastest of 3 passes after a
-  warm-up utterance (what the model seconds include: `bittts.tts_systems`).
+  warm-up utterance (what the model seconds include: `bittts.evaluation.systems`).
 
 Every wav is scored as written to disk (16-bit PCM, 16 kHz), so all systems go through the same quantization.
 """
@@ -29,14 +31,15 @@ from typing import Any
 
 import torch
 
-from . import audio, metrics
+from ..data import audio
+from ..limits import MAX_SENTENCE_CHARS, MAX_TEXT_BYTES
+from ..synthesis.synthesizer import Synthesis, Synthesizer
+from . import metrics
 from .dnsmos import DNSMOS
-from .inference import Synthesis, Synthesizer
-from .limits import MAX_SENTENCE_CHARS, MAX_TEXT_BYTES
-from .sizes import PARTS, format_size_table, part_bytes, size_table
-from .tts_systems import BitTTSSystem, TTSSystem
+from .sizes import PARTS, format_size_table, size_table
+from .systems import BitTTSSystem, TTSSystem
 
-__all__ = ["DEFAULT_SENTENCES", "check_sentence", "read_sentences", "default_sentences", "file_sizes", "fastest_pass",
+__all__ = ["DEFAULT_SENTENCES", "check_sentence", "read_sentences", "default_sentences", "fastest_pass",
            "evaluate", "evaluate_system", "result_row", "format_results", "format_report", "write_report"]
 
 
@@ -87,20 +90,6 @@ def read_sentences(path: str | os.PathLike[str], limit: int | None = None) -> li
     return sentences
 
 
-def file_sizes(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Bytes of a ternq file: total, header (with the metadata), and per part: all tensors, and the packed
-    ones (codes + scales) among them. Read from the header alone."""
-    import ternq
-
-    with ternq.open(path) as f:
-        stored = f.tensor_bytes()
-        sizes = {name: n for name, (_, n) in stored.items()}
-        packed = {name: n for name, (role, n) in stored.items() if role != "float"}
-        weights = sum(math.prod(shape) for shape in f.shapes().values())
-        return {"bytes": f.file_size, "header_bytes": f.header_size, "parts": part_bytes(sizes),
-                "packed_parts": part_bytes(packed), "packed_layers": len(f.layers), "parameters": weights}
-
-
 def fastest_pass(synth: Synthesizer, ids: Sequence[Sequence[int]], threads: int, repeats: int = 3
                  ) -> list[Synthesis]:
     """Synthesize every utterance `repeats` times at `threads` torch threads, after a warm-up utterance (the
@@ -116,7 +105,7 @@ def fastest_pass(synth: Synthesizer, ids: Sequence[Sequence[int]], threads: int,
     return min(passes, key=lambda runs: sum(r.seconds for r in runs))
 
 
-DEFAULT_SENTENCES = "eval/harvard.txt"  # package data: examples/bittts/eval/harvard.txt (bittts/eval links to it)
+DEFAULT_SENTENCES = "evaluation/sentences/harvard.txt"  # package data, inside the bittts package
 DEFAULT_SENTENCES_NOTE = ("the 40 Harvard sentences of lists 1-4 (IEEE 1969; natural English that no part of the "
                           "training corpus contains: scripts/check_heldout.py)")
 
@@ -126,7 +115,8 @@ def default_sentences() -> Path:
     path = Path(str(resources.files("bittts") / DEFAULT_SENTENCES)).resolve()
     if not path.is_file():
         raise FileNotFoundError(f"no --sentences given and this installation lacks {DEFAULT_SENTENCES} (it ships "
-                                "with the source checkout, examples/bittts/eval/harvard.txt): pass --sentences FILE")
+                                f"with the source checkout, examples/bittts/bittts/{DEFAULT_SENTENCES}): pass "
+                                "--sentences FILE")
     return path
 
 
@@ -135,7 +125,7 @@ def _references(sentences: Sequence[str], out: Path, voice: str, progress: bool)
     pocketsphinx hears in it: the MCD target and the recognizer's floor, computed once for all systems."""
     from tqdm import tqdm
 
-    from .corpus import synthesize_flite
+    from ..data.corpus import synthesize_flite
 
     (out / "reference").mkdir(parents=True, exist_ok=True)
     refs = []
@@ -211,7 +201,7 @@ def evaluate(systems: Sequence[TTSSystem], sentences: Sequence[str], out_dir: st
     """Score each system on `sentences` by the same code: OUT_DIR/NAME/ (wavs, report.json, report.md) per
     system, OUT_DIR/reference/ (flite's renderings), and OUT_DIR/results.json / results.md (one table).
     Returns the results dict."""
-    from .system import cpu_description
+    from ..machine import cpu_description
 
     names = [s.name for s in systems]
     if not systems:

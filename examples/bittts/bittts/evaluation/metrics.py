@@ -2,7 +2,7 @@
 
 * ``transcribe`` uses pocketsphinx (PyPI, bundled US-English acoustic model and language model, offline).
   Absolute WER therefore includes pocketsphinx's own errors; compare systems on the same sentences.
-* ``wer``/``cer`` score the texts after ``bittts.text.normalize`` without punctuation, so "Dr. 5" and
+* ``wer``/``cer`` score the texts after ``bittts.data.text.normalize`` without punctuation, so "Dr. 5" and
   "doctor five" match; jiwer (PyPI) aligns the normalized texts and counts the edits.
 * ``mcd_dtw``: mel cepstra c1..c24 (c0, the loudness, excluded) from the 80-band natural-log mel spectrum,
   with the cepstral scale of ``log|X(w)| = c0 + 2 sum_k c_k cos(k w)`` (orthonormal DCT-II divided by
@@ -20,9 +20,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from bittts import audio
-from bittts.extras import install_hint
-from bittts.text import normalize
+from ..data import audio
+from ..data.text import normalize
+from ..extras import install_hint
 
 AudioInput = str | os.PathLike[str] | torch.Tensor | np.ndarray
 
