@@ -23,7 +23,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - python 3.10
     import tomli as tomllib
 
-PRESETS = ("fp32", "acoustic", "all", "4bit", "tiny")
+PRESETS = ("fp32", "acoustic", "all", "4bit", "fp32-small", "tiny")
 
 
 @dataclass
@@ -407,7 +407,7 @@ def load_config(path: str | os.PathLike) -> BitTTSConfig:
 
 
 def load_preset(name: str) -> BitTTSConfig:
-    """One of `PRESETS` ("fp32", "acoustic", "all", "4bit", "tiny")."""
+    """One of `PRESETS` ("fp32", "acoustic", "all", "4bit", "fp32-small", "tiny")."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
     with resources.as_file(resources.files("bittts") / "presets" / f"{name}.toml") as path:
