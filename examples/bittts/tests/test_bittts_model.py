@@ -65,6 +65,8 @@ def test_every_preset_loads_and_round_trips_through_toml(tmp_path):
         assert load_preset(name).acoustic.variance_dropout == 0.0 < load_preset("fp32").acoustic.variance_dropout
         assert replace(load_preset(name).acoustic, variance_dropout=0.5) == load_preset("fp32").acoustic
         assert load_preset(name).discriminator == load_preset("fp32").discriminator
+    small = load_preset("fp32-small")  # the paper's float baseline of the ternary model's size
+    assert small.quant.config is None and small.discriminator == load_preset("fp32").discriminator
     custom = tmp_path / "custom.toml"
     custom.write_text('base = "tiny"\n[train]\nbatch_size = 3\n')
     assert load_config(custom).train.batch_size == 3
@@ -308,6 +310,15 @@ def test_paper_size_parameter_budget():
     # 10-26 MB of float32 weights for the exported model (the paper's float model is 25.66 MB)
     assert 10e6 <= 4 * counts["inference_total"] <= 26e6, counts
     assert counts["vocoder"] < counts["acoustic"]
+
+
+def test_fp32_small_has_the_weight_bytes_of_the_shipped_ternary_model():
+    """The baseline of similar size: its float32 weights within 5 % of the shipped ternary model's file."""
+    cfg = load_preset("fp32-small")
+    cfg.acoustic.n_symbols = 123  # the shipped models' phoneme inventory
+    float_bytes = 4 * parameter_counts(BitTTS(cfg))["inference_total"]
+    ternary = Path(__file__).resolve().parents[1] / "pretrained" / "bittts-ternary.safetensors"
+    assert abs(float_bytes - ternary.stat().st_size) <= 0.05 * ternary.stat().st_size, (float_bytes, ternary.stat())
 
 
 # ----------------------------------------------------------------------------------- quantization
