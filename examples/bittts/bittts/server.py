@@ -18,6 +18,7 @@ import contextlib
 import json
 import math
 import shutil
+import socket
 import sys
 import threading
 import time
@@ -44,7 +45,10 @@ class _RequestError(Exception):
 class SpeechServer(ThreadingHTTPServer):
     """A ThreadingHTTPServer around one `bittts.inference.Synthesizer`; `jobs` syntheses run at once."""
 
-    daemon_threads = True  # a stuck client never keeps the process alive
+    # Request threads are joined, not daemons: a thread still running when the interpreter exits is killed at
+    # its next GIL acquisition, and inside torch (an op returning, a tensor freed: the last reference to the model
+    # can be a request thread's) that kill is std::terminate, SIGABRT. `server_close` wakes open connections first.
+    daemon_threads = False
 
     def __init__(self, address: tuple[str, int], synth: Any, max_bytes: int = MAX_REQUEST_BYTES, jobs: int = 1,
                  quiet: bool = False) -> None:
@@ -56,7 +60,29 @@ class SpeechServer(ThreadingHTTPServer):
         self.slots = threading.BoundedSemaphore(jobs)
         self.busy = 0  # syntheses running (for /health), changed under `_busy_lock`
         self._busy_lock = threading.Lock()
+        self._open: set[socket.socket] = set()  # accepted connections not yet closed, under `_open_lock`
+        self._open_lock = threading.Lock()
         super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._open_lock:
+            self._open.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._open_lock:  # forgotten before it is closed, so `server_close` never touches a closed socket
+            self._open.discard(request)
+        super().shutdown_request(request)
+
+    def server_close(self) -> None:
+        """Stop listening, end the reading side of every open connection (an idle or stalled client is let go
+        at once; a synthesis under way finishes and is answered), and wait for the request threads, so none is
+        left to run torch code while the interpreter shuts down."""
+        with self._open_lock:
+            for conn in self._open:
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RD)
+        super().server_close()  # closes the listening socket, then joins every request thread
 
     def count_busy(self, change: int) -> None:
         with self._busy_lock:
