@@ -75,9 +75,10 @@ class SpeechServer(ThreadingHTTPServer):
         super().shutdown_request(request)
 
     def server_close(self) -> None:
-        """Stop listening, end the reading side of every open connection (an idle or stalled client is let go
-        at once; a synthesis under way finishes and is answered), and wait for the request threads, so none is
-        left to run torch code while the interpreter shuts down."""
+        """Stop listening, end the reading side of every open connection (a client still sending its request
+        is let go at once; a synthesis under way finishes and is answered; a client that stops reading its
+        answer is dropped after the 30 s stall limit), and wait for the request threads, so none is left to run
+        torch code while the interpreter shuts down."""
         with self._open_lock:
             for conn in self._open:
                 with contextlib.suppress(OSError):
