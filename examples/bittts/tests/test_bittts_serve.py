@@ -163,7 +163,7 @@ def test_ctrl_c_during_a_synthesis_answers_it_then_exits():
     def post() -> None:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
         try:
-            conn.request("POST", "/synthesize", b"The birch canoe slid on the smooth planks. " * 3)
+            conn.request("POST", "/synthesize", b"The birch canoe slid on the smooth planks. " * 8)  # ~1 s at best
             response = conn.getresponse()
             answer["status"], answer["body"] = response.status, response.read()
         except (OSError, http.client.HTTPException) as e:
