@@ -1,14 +1,13 @@
 """A QAT model under DistributedDataParallel: two gloo processes on CPU give one process's gradients."""
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from gloo import free_port, process_group
 from torch import nn
 from torch.nn.utils import parametrizations
 
@@ -41,30 +40,18 @@ def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
+    with process_group(rank, port, WORLD):
         ddp = nn.parallel.DistributedDataParallel(_model())
         x, y = _batch()
         shard = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
         # DDP averages the gradients over processes: the per-shard mean loss gives the global mean's gradient
         nn.functional.mse_loss(ddp(x[shard]), y[shard]).backward()
         torch.save(_grads(ddp), Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch built without gloo")
 def test_ddp_gradients_equal_single_process(tmp_path: Path) -> None:
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
 
     model = _model()
     assert all(ternq.is_quantized(model[i]) for i in (0, 2, 4))

@@ -5,14 +5,13 @@ sharded parameter itself while it is sharded, and the quantized value of the gat
 each forward and backward (`ternq.weight_attr`)."""
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from gloo import free_port, process_group
 from torch import nn
 
 import ternq
@@ -46,11 +45,7 @@ def _batch() -> torch.Tensor:
 def _worker(rank: int, port: int, out_dir: str) -> None:
     from torch.distributed.fsdp import fully_shard
 
-    torch.set_num_threads(1)
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
+    with process_group(rank, port, WORLD):
         model = _model()
         fully_shard(model.inp)
         fully_shard(model)
@@ -58,19 +53,11 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         out.square().sum().backward()
         grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
         torch.save({"out": out.detach(), "grads": grads}, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch built without gloo")
 def test_fsdp2_sharded_qat_model_equals_the_unsharded_one(tmp_path: Path) -> None:
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     model = _model()
     out = model(_batch())
     out.square().sum().backward()
