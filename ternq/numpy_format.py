@@ -834,8 +834,24 @@ def read_manifest(header: Header) -> Manifest:
             raise FormatError(f"{name}: tensor {t.name!r} has role {t.role!r} but no layer uses it")
     metadata = _read_user_metadata(doc.get("metadata", {}), header)
     tied = _read_tied(doc.get("tied", {}), tensors, name)
+    _check_aliases(layers, tensors, tied, name)
     return Manifest(version, library, layers, tensors, doc.get("selection"), float_dtype, header, metadata, used,
                     tied)
+
+
+def _check_aliases(layers: dict[str, LayerRecord], tensors: dict[str, TensorRecord], tied: dict[str, str],
+                   name: str) -> None:
+    """A key is the alias of one packed weight at most, and nothing else: not a packed weight's key, not a tensor
+    of the file, not a tied key (each would give one state_dict key two values)."""
+    owner: dict[str, str] = {}
+    for layer in layers.values():
+        for alias in layer.aliases:
+            other = owner.setdefault(alias, layer.key)
+            clash = ("an alias of " + repr(other) if other != layer.key else
+                     "a packed weight" if alias in layers else "a tensor of the file" if alias in tensors else
+                     "a tied key" if alias in tied else None)
+            if clash is not None:
+                raise FormatError(f"{name}: layer {layer.key!r} lists alias {alias!r}, which is also {clash}")
 
 
 def _read_tied(doc: object, tensors: dict[str, TensorRecord], name: str) -> dict[str, str]:

@@ -701,3 +701,64 @@ def test_ternq_open_reads_what_load_packed_restores(tmp_path):
         with pytest.raises(KeyError, match="shapes"):
             f.read("body.weight.codes")
         f.verify()
+
+
+class _Tie(nn.Module):
+    """``b.w = a.w``: a weight read through einsum by one module and by matmul through another name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Module(), nn.Module(), nn.Module()
+        self.a.w = nn.Parameter(torch.randn(6, 6) / 3)
+        self.b.w = self.a.w
+        self.c.w = nn.Parameter(torch.randn(6, 6) / 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bi,oi->bo", x, self.a.w) + torch.tanh(x @ self.b.w.T) @ self.c.w
+
+
+def test_a_tie_is_stored_once_and_read_quantized_through_every_name():
+    torch.manual_seed(0)
+    x = torch.randn(3, 6)
+    model = ternq.quantize(_Tie(), example_inputs=x).eval()
+    packed = ternq.pack(model)
+    assert packed.manifest["layers"]["a.w"]["aliases"] == ["b.w"]
+    assert "b.w" not in packed.manifest["tensors"] and "b.w" not in packed.manifest.get("tied", {})
+    loaded = ternq.load_packed(packed.to_bytes(), _Tie()).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+        assert torch.equal(loaded.b.w, loaded.a.w) and loaded.b.w.unique().numel() <= 3
+    again = ternq.pack(loaded)  # a loaded model packs to the same file
+    assert again.manifest["layers"]["a.w"]["aliases"] == ["b.w"]
+
+
+@pytest.mark.parametrize("aliases, match", [
+    (["c.w"], "alias 'c.w', which is also a packed weight"),
+    (["a.nothing"], "tied to 'a.nothing' .* missing or another tensor"),  # no such tensor in the skeleton
+    (["a.w"], "aliases"),  # its own key
+    (["b.w", "b.w"], "aliases"),
+    (["c.w.codes"], "alias 'c.w.codes', which is also a tensor of the file"),
+], ids=["another-packed-weight", "missing", "own-key", "twice", "a-tensor-name"])
+def test_forged_aliases_are_refused(aliases, match):
+    torch.manual_seed(0)
+    model = ternq.quantize(_Tie(), example_inputs=torch.randn(3, 6))
+
+    def edit(manifest):
+        manifest["layers"]["a.w"]["aliases"] = aliases
+
+    skeleton = _Tie()
+    before = {k: v.clone() for k, v in skeleton.state_dict().items()}
+    with pytest.raises(ternq.TernqError, match=match):
+        ternq.load_packed(rewrite(ternq.pack(model), edit), skeleton)
+    assert all(torch.equal(v, before[k]) for k, v in skeleton.state_dict().items())  # left untouched
+
+
+def test_an_alias_of_two_weights_is_refused():
+    torch.manual_seed(0)
+    model = ternq.quantize(_Tie(), example_inputs=torch.randn(3, 6))
+
+    def edit(manifest):
+        manifest["layers"]["c.w"]["aliases"] = ["b.w"]
+
+    with pytest.raises(ternq.FormatError, match="also an alias of 'a.w'"):
+        ternq.load_packed(rewrite(ternq.pack(model), edit), _Tie())
