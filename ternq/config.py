@@ -1,6 +1,6 @@
 """Quantization configs: small frozen dataclasses, like torchao's configs.
 
-A config says *how* a layer is quantized; selectors (see `ternq.selectors`) say *which* layers. The default,
+A config says *how* a layer is quantized; selectors (see `ternq.find.selectors`) say *which* layers. The default,
 `TernaryConfig()`, is the BitTTS / BitNet b1.58 recipe: per-tensor absmean ternary weights, inputs layer-normed
 and quantized to 8 bits per token (per time step for convolutions).
 """
@@ -13,7 +13,7 @@ from .errors import ConfigError
 
 if TYPE_CHECKING:
     from torch import Tensor
-from .numpy_format import MAX_EPS, MAX_GROUP_SIZE
+from .format.reader import MAX_EPS, MAX_GROUP_SIZE
 
 Granularity = Literal["tensor", "channel", "group"]
 InputNorm = Literal["layernorm", "rmsnorm"]

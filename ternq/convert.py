@@ -1,10 +1,10 @@
 """`quantize` and `dequantize`: turning a float model into a QAT model and back.
 
 Conversion never rebuilds the model. Every selected layer module is replaced, in each parent that holds it, by
-its QAT clone (`ternq.layers.to_quant_module`: same class family, same parameters, hooks and reparametrizations);
-functional ``F.linear`` / ``F.conv1d`` / ``F.conv2d`` calls on a parameter are intercepted (`ternq.functional`).
+its QAT clone (`ternq.qat.layers.to_quant_module`: same class family, same parameters, hooks and reparametrizations);
+functional ``F.linear`` / ``F.conv1d`` / ``F.conv2d`` calls on a parameter are intercepted (`ternq.qat.functional`).
 So the model keeps its class and methods (``model.infer(...)``, ``model.generate(...)``), its state_dict keys,
-and works the same whether or not fx could trace it: fx graphs (`ternq.graph`) only *find* functional calls and
+and works the same whether or not fx could trace it: fx graphs (`ternq.find.graph`) only *find* functional calls and
 answer graph-position selectors.
 
 Conversion is atomic: the whole plan (which layer, which config, which rule) is computed first, without
@@ -22,8 +22,12 @@ from torch import Tensor, nn
 
 from .config import QuantConfig, TernaryConfig
 from .errors import AlreadyQuantizedError, ConversionError, UnsupportedLayerError
-from .fileformat import _PackedFunctional, _PackedWeight
-from .functional import (
+from .find.graph import Analysis, Candidate, analyze, walk_modules
+from .find.selectors import Decision, decide
+from .find.sites import SITES, Site, join, relative
+from .find.uses import FAST_PATHS
+from .format.torch import _PackedFunctional, _PackedWeight
+from .qat.functional import (
     READS,
     FunctionalQuant,
     WeightQuant,
@@ -35,13 +39,9 @@ from .functional import (
     uninstall,
     weight_quants,
 )
-from .graph import Analysis, Candidate, analyze, walk_modules
-from .layers import is_quantized, layer_spec, to_float_module, to_quant_module
-from .runtime import is_packed
-from .selectors import Decision, decide
-from .sites import SITES, Site, join, relative
-from .uses import FAST_PATHS
-from .weight_attr import QUANTIZERS, is_quantized_attr, latent_parameter
+from .qat.layers import is_quantized, layer_spec, to_float_module, to_quant_module
+from .qat.weight_attr import QUANTIZERS, is_quantized_attr, latent_parameter
+from .runtime.layers import is_packed
 
 __all__ = ["quantize", "dequantize", "plan"]
 
@@ -143,7 +143,7 @@ def quantize(model: M, include: Any = None, exclude: Any = None, config: QuantCo
         include: which weights to convert: None (every candidate: weights that reach a matmul / conv-like op,
             as layers of registered types, functional calls or weight-only sites; embeddings are opt-in), or a
             list of selectors and `ternq.Rule` objects. The first matching rule decides a layer's config; plain
-            selectors use `config`. See `ternq.selectors` for the selector kinds.
+            selectors use `config`. See `ternq.find.selectors` for the selector kinds.
         exclude: selectors of layers to keep in float; exclude always wins over include.
         config: the default quantization config (`ternq.TernaryConfig()` when None).
         example_inputs: inputs to run the float model on once (a tensor, a tuple of positional arguments or a

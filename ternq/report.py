@@ -1,6 +1,6 @@
 """`report`: one row per candidate weight, saying what `quantize` decided and why, plus size totals.
 
-A converted model carries everything the report needs: the `ternq.sites.Site` record `quantize` (or
+A converted model carries everything the report needs: the `ternq.find.sites.Site` record `quantize` (or
 `load_packed`, from the file's manifest) left on it, one per candidate weight: its config or float, the rule
 that chose it, how it was found and the reason. On a float model, `report` is a dry run of `quantize` with the
 same arguments.
@@ -17,12 +17,12 @@ from ._text import aligned_table, human_bytes
 from .config import QuantConfig
 from .convert import plan, quantized_parts, site_record
 from .errors import AlreadyQuantizedError
-from .graph import describe_type
-from .layers import is_quantized, layer_spec
-from .runtime import is_packed
-from .sites import Site, sites_of
-from .sites import join as _join
-from .weight_attr import latent_parameter
+from .find.graph import describe_type
+from .find.sites import Site, sites_of
+from .find.sites import join as _join
+from .qat.layers import is_quantized, layer_spec
+from .qat.weight_attr import latent_parameter
+from .runtime.layers import is_packed
 
 __all__ = ["Report", "ReportRow", "report"]
 

@@ -1,4 +1,4 @@
-"""The native kernels (ternq/_kernels.c via ternq.native): build cache, clean degradation, kernel properties."""
+"""The native kernels (ternq/runtime/csrc/ternq_kernels.c via ternq.native): build cache, clean degradation, kernel properties."""
 from __future__ import annotations
 
 import hashlib
@@ -19,9 +19,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 from ternq import TernaryConfig, native
-from ternq.layers import layer_spec, to_quant_module
+from ternq.qat.layers import layer_spec, to_quant_module
 from ternq.runtime import packed_layer
-from ternq.storage import pack_rows
+from ternq.runtime.storage import pack_rows
 
 needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.status()}")
 needs_compiler = pytest.mark.skipif(native._compiler() is None, reason="no C compiler")

@@ -32,9 +32,8 @@ from ternq import (
     native,
     register_layer,
 )
-from ternq.layers import layer_spec, to_quant_module
 from ternq.native import NATIVE_ENV
-from ternq.packed_weight import PackedWeight
+from ternq.qat.layers import layer_spec, to_quant_module
 from ternq.runtime import (
     KERNEL_ENV,
     STORAGE_ENV,
@@ -45,7 +44,8 @@ from ternq.runtime import (
     packed_layer,
     resident_bytes,
 )
-from ternq.storage import pack_rows, unpack_rows
+from ternq.runtime.packed_weight import PackedWeight
+from ternq.runtime.storage import pack_rows, unpack_rows
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.nn.utils.weight_norm. is deprecated:FutureWarning",
                                         "ignore:Using padding='same':UserWarning")
@@ -328,7 +328,7 @@ def test_float_weight_is_released() -> None:
                  lambda: torch.nn.utils.weight_norm(nn.Linear(8, 8)), lambda: nn.Linear(8, 8)]
     for factory in factories:
         module = factory()
-        # the QAT reference runs on a plain copy: ternq.layers caches the QAT class of a parametrized module,
+        # the QAT reference runs on a plain copy: ternq.qat.layers caches the QAT class of a parametrized module,
         # and torch's parametrized class closes over its instance (which would keep the weight alive)
         plain = (nn.Conv1d(8, 8, 3) if isinstance(module, nn.Conv1d) else nn.Linear(8, 8))
         with torch.no_grad():
@@ -391,19 +391,19 @@ def test_kernel_selection_env_and_override(monkeypatch: pytest.MonkeyPatch) -> N
 
 def test_memoized_choice_follows_env_and_reset(monkeypatch: pytest.MonkeyPatch) -> None:
     """The per-layer memo of the last automatic choice never outlives what it depends on."""
-    import ternq.picker
     import ternq.runtime
+    import ternq.runtime.picker
 
     torch.manual_seed(0)
     layer = pack(nn.Linear(32, 16), TernaryConfig())
     asked = []
-    original = ternq.picker.choose
+    original = ternq.runtime.picker.choose
 
     def spy(*args, **kwargs):
         asked.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(ternq.picker, "choose", spy)
+    monkeypatch.setattr(ternq.runtime.picker, "choose", spy)
     ternq.runtime.reset_kernel_choices()
     x = torch.randn(4, 32)
     with torch.no_grad():
@@ -446,7 +446,7 @@ def test_first_call_times_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize("vnni", [True, False])
 def test_picker_rules(vnni: bool) -> None:
-    from ternq import picker
+    from ternq.runtime import picker
 
     linear = ("int8_gemm", "int8_gemm_t", "int8_gemv", "weight_only")
     assert picker.choose(linear, 1, vnni) == "int8_gemv"
@@ -524,15 +524,15 @@ def test_qat_skeleton_repack_and_generic_layer() -> None:
 
 def test_long_inputs_run_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Time is cut into GEMM chunks of >= 64 steps; chunk borders must not show in the output."""
-    import ternq.kernels
+    import ternq.runtime.kernels
 
-    monkeypatch.setattr(ternq.kernels, "_CHUNK_BYTES", 1)  # the smallest chunks: 64 steps
+    monkeypatch.setattr(ternq.runtime.kernels, "_CHUNK_BYTES", 1)  # the smallest chunks: 64 steps
     torch.manual_seed(0)
     config = TernaryConfig(granularity="channel")
     assert_matches_qat(nn.Conv1d(6, 8, 5, padding=2), config, torch.randn(2, 6, 300))
     assert_matches_qat(nn.Conv1d(6, 8, 3, stride=2, dilation=3, padding=1), config, torch.randn(1, 6, 301))
     assert_matches_qat(nn.ConvTranspose1d(6, 4, 8, stride=4, padding=2), config, torch.randn(2, 6, 150))
-    monkeypatch.setattr(ternq.kernels, "_IM2COL_BYTES", 1)  # int8_im2col: chunks of 64 steps too
+    monkeypatch.setattr(ternq.runtime.kernels, "_IM2COL_BYTES", 1)  # int8_im2col: chunks of 64 steps too
     per_sample = TernaryConfig(granularity="channel", act_granularity="tensor")
     assert_matches_qat(nn.Conv1d(6, 8, 5, padding=2), per_sample, torch.randn(2, 6, 300))
     assert_matches_qat(nn.Conv1d(6, 8, 3, stride=2, dilation=3, padding=1, padding_mode="reflect"), per_sample,
@@ -586,9 +586,9 @@ def test_integer_activation_codes_are_the_qat_codes(act_bits: int, norm: str | N
 
 def test_inference_mode_then_no_grad() -> None:
     """Reused scratch buffers made under inference_mode stay usable in plain no_grad calls, and vice versa."""
-    import ternq.kernels
+    import ternq.runtime.kernels
 
-    ternq.kernels._SCRATCH.__dict__.pop("pool", None)  # the buffers are made in the first call below
+    ternq.runtime.kernels._SCRATCH.__dict__.pop("pool", None)  # the buffers are made in the first call below
     torch.manual_seed(0)
     config = TernaryConfig()
     conv = pack(nn.Conv1d(4, 4, 3, padding=1), config, kernel="int8_taps")
@@ -787,6 +787,8 @@ def test_non_finite_inputs_give_non_finite_outputs(arch_cache, kind: str, config
          per_out=3, k=4, stride=2, dilation=1, padding=1, length=5)
 @example(kind="conv_transpose1d", config=TernaryConfig(), empty="time", groups=1, per_in=2, per_out=3, k=4,
          stride=2, dilation=1, padding=1, length=5)
+@example(kind="conv_transpose1d", config=TernaryConfig(), empty="batch", groups=1, per_in=1, per_out=1, k=2,
+         stride=1, dilation=1, padding=1, length=1)  # output length 0: torch gives an empty output
 @given(kind=st.sampled_from(["linear", "conv1d", "conv_transpose1d", "embedding"]), config=configs,
        empty=st.sampled_from(["batch", "time", "both"]), **layer_shapes, length=st.integers(1, 12))
 def test_empty_batch_and_zero_length_like_qat(arch_cache, kind: str, config: QuantConfig, empty: str, groups: int, per_in: int,

@@ -3,7 +3,7 @@
 Every integer kernel starts from the same activation codes (`quantize_activations`: input norm, absmax scale,
 round; one native pass where `ternq.native` is built, else eager torch ops that are the QAT layer's bit for
 bit), and every convolution from the same prelude (`conv_plan`: padding, output length, the too-short error).
-The packed modules in `ternq.runtime` only hold codes and pick a kernel (`ternq.picker`); the arithmetic lives
+The packed modules in `ternq.runtime` only hold codes and pick a kernel (`ternq.runtime.picker`); the arithmetic lives
 here, where it can be tested and benchmarked without a module around it.
 
 Kernels (names as the layers list them):
@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..config import QuantConfig
+from ..qat.quantizers import _sample_dims, absmax, normalize_input
 from . import native
-from .config import QuantConfig
-from .quantizers import _sample_dims, absmax, normalize_input
 from .storage import unpack_rows
 
 __all__ = ["Conv1dGeometry", "conv_plan", "native_ok", "quantize_activations", "quantize_eager", "int_mm",
@@ -171,7 +171,7 @@ def quantize_eager(x: Tensor, cfg: QuantConfig, dim: int) -> tuple[Tensor, Tenso
 def linear_gemv(x: Tensor, w: Tensor, wsum: Tensor | None, scale: Tensor, bias: Tensor | None,
                 cfg: QuantConfig) -> Tensor:
     """``int8_gemv``: one native call (quantize the rows, GEMV, rescale); w (out, in) int8 codes, or their
-    2-bit rows (uint8, `ternq.storage.pack_rows`) read as stored; wsum the codes' row sums."""
+    2-bit rows (uint8, `ternq.runtime.storage.pack_rows`) read as stored; wsum the codes' row sums."""
     rows = x.reshape(-1, x.shape[-1]).contiguous()
     y = native.linear_rows(rows, cfg.input_norm, cfg.eps, int(cfg.act_bits),  # type: ignore[arg-type]
                            _rows_per_scale(x, cfg), w.contiguous(), wsum, scale, cfg.granularity == "channel",
@@ -401,8 +401,9 @@ def conv_transpose1d_taps(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor
     k, dilation, stride, pad = geom.kernel_size, geom.dilation, geom.stride, geom.padding[0]
     t_full = (t_in - 1) * stride + dilation * (k - 1) + 1
     t_out = t_full - 2 * pad + output_padding
-    if t_out < 1:
+    if t_out < 1 and x.shape[0]:
         raise RuntimeError(f"{geom.owner}: output length {t_out} < 1 for input length {t_in}")
+    t_out = max(t_out, 0)  # an empty batch gives an empty output, as torch's ConvTranspose1d does
     groups, _, out_g, in_g = weight.shape
     chunk = _chunk(k * out_g)
     y = torch.empty(x.shape[0], groups * out_g, t_out, dtype=torch.float32, device=x.device)

@@ -41,8 +41,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
-from .errors import ConversionError
-from .layers import is_quantized, layer_spec
+from ..errors import ConversionError
+from ..qat.layers import is_quantized, layer_spec
 from .sites import join as _join
 from .uses import GROUPED_OPS, Use, graph_uses, native_uses, record_uses
 

@@ -1,45 +1,4 @@
-"""Packed inference layers: ternary / k-bit weights kept as int8 codes (or 2/4-bit packed) plus scales.
-
-`packed_layer` turns a float layer plus its integer codes and scales into an inference layer that never holds a
-float copy of the weight and computes what the QAT layer computes in eval mode (input norm, absmax activation
-quantization, ``codes * scale`` weight). The modules here are thin: they hold the codes in the layout their
-kernels read, answer like the float layer (``.weight`` is a `ternq.packed_weight.PackedWeight` with the float
-weight's dtype / shape / device, hooks, state_dict keys) and send each call to one kernel:
-
-* `ternq.kernels`: the kernels, free functions (``int8_gemv`` / ``int8_gemm`` / ``int8_gemm_t`` for Linear,
-  ``int8_direct`` / ``int8_taps`` / ``int8_im2col`` for Conv1d, ``int8_taps`` for ConvTranspose1d, ``gather``
-  for Embedding), all starting from one activation quantizer and one convolution prelude;
-* `ternq.picker`: which kernel, from the CPU's features and the call's geometry, never by timing, so the first
-  call of a shape costs what a warm call costs; the decisions are recorded (`kernel_choices`);
-* `ternq.native`: the C kernels behind the fast paths (input norm + absmax + round in one pass, the direct
-  int8 convolution, the one-call GEMV), built once per machine, with an eager torch fallback;
-* `ternq.storage`: the in-memory sub-byte layout of ``storage="packed"``.
-
-``weight_only`` runs on any registered layer type: ``codes * scale`` dequantized for the call, in the input's
-dtype, and the layer's own float op (for Conv2d and layers trained without activation quantization it is the
-only kernel; a call that needs a gradient with respect to the input runs it too). Force a kernel per layer
-(``packed_layer(..., kernel=...)`` or ``layer.kernel = "weight_only"``) or for the process with
-``TERNQ_KERNEL`` = ``auto`` | ``weight_only`` | ``int8``.
-
-Storage (``storage=`` or ``TERNQ_STORAGE``). ``"int8"`` (default) keeps one int8 code per weight, already in the
-layout its kernels read: 1/4 of the float32 weight, and the fastest. ``"packed"`` keeps ternary and int2 codes
-at 2 bits and int3/int4 codes at 4 bits per weight (1/16 or 1/8 of float32; wider codes stay int8) and unpacks
-them to a transient int8 tensor in every call, about 0.1 ms per million weights on one core.
-
-Tolerance. The weight codes are identical to the QAT layer's and int32 accumulation is exact. The eager
-activation codes are the QAT layer's bit for bit; the native quantizer sums the norm's statistics in its own
-order, so an activation code may differ by one step where the normalized value lies within float32 rounding of
-a rounding boundary (`tests/test_runtime.py` allows at most one in a thousand, and no larger difference; on the
-shipped BitTTS model the native and eager waveforms differ by 50 dB SNR). Beyond that, kernels differ from the
-arithmetic on those codes only by float32 rounding: ``|y - y_ref| <= 1e-5 * (|x_q| @ |W_q|) + 1e-6``
-elementwise (``x_q``, ``W_q`` the fake-quantized input and weight), relative to the magnitude of the terms
-being summed. A NaN or Inf in a token gives it a non-finite activation scale, so the outputs reading it are
-non-finite on every kernel, as in the QAT layer; an empty batch gives the QAT layer's empty output
-(docs/runtime.md: limits, environment variables, the native kernel cache).
-
-Packed layers are for inference: the int8 kernels do not propagate gradients to the input (the bias still
-gets its gradient).
-"""
+"""The packed layer classes (`ternq.runtime` documents what they compute and their tolerance)."""
 from __future__ import annotations
 
 import copy
@@ -51,14 +10,14 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from ..config import QuantConfig
+from ..errors import ArchitectureMismatchError, FormatError
+from ..qat.layers import LayerSpec, QuantMixin, _legacy_weight_hook, take_input
+from ..qat.quantizers import dequantize_weight, quantize_weight
 from . import kernels, native, picker
-from .config import QuantConfig
-from .errors import ArchitectureMismatchError, FormatError
-from .layers import LayerSpec, QuantMixin, _legacy_weight_hook, take_input
 from .native import cpu_flags
 from .packed_weight import PackedWeight
 from .picker import KERNEL_ENV, WEIGHT_ONLY
-from .quantizers import dequantize_weight, quantize_weight
 from .storage import pack_rows, storage_bits, unpack_rows
 
 __all__ = [
@@ -88,7 +47,7 @@ _GENERATION = [0]
 
 
 def kernel_choices() -> dict[tuple[Any, ...], str]:
-    """A copy of the kernels picked so far (`ternq.picker`), keyed by layer geometry and input-shape bucket."""
+    """A copy of the kernels picked so far (`ternq.runtime.picker`), keyed by layer geometry and input-shape bucket."""
     return dict(_CHOICES)
 
 
@@ -110,7 +69,7 @@ class PackedLayer:
 
     Like the QAT layers, ``PackedLinear`` *is* an ``nn.Linear`` (same bias, hooks and hyperparameters), minus the
     float weight: it holds ``ternq_codes`` (int8 codes in the kernel's layout, or packed bytes) and ``scale``
-    (float32, the stored shape of `ternq.quantizers.weight_scale`), both non-persistent buffers, so
+    (float32, the stored shape of `ternq.qat.quantizers.weight_scale`), both non-persistent buffers, so
     ``state_dict()`` carries only the float parameters left (bias); `ternq.pack` reads ``.codes`` / ``.scale``.
     """
 
@@ -313,11 +272,11 @@ class PackedLayer:
         return kernels.native_ok(x, self.qconfig, getattr(self, "bias", None))
 
     def _quantize_int8(self, x: Tensor, dim: int, pad: tuple[int, int] = (0, 0)) -> tuple[Tensor, Tensor]:
-        """`ternq.kernels.quantize_activations` with this layer's config."""
+        """`ternq.runtime.kernels.quantize_activations` with this layer's config."""
         return kernels.quantize_activations(x, self.qconfig, dim, pad)
 
     def _quantize_eager(self, x: Tensor, dim: int) -> tuple[Tensor, Tensor]:
-        """`ternq.kernels.quantize_eager` with this layer's config (the QAT layer's codes, bit for bit)."""
+        """`ternq.runtime.kernels.quantize_eager` with this layer's config (the QAT layer's codes, bit for bit)."""
         return kernels.quantize_eager(x, self.qconfig, dim)
 
     def _k_weight_only(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
@@ -633,9 +592,9 @@ def packed_layer(float_module: nn.Module, codes: Tensor, scale: Tensor, config: 
         float_module: the skeleton's layer (float or QAT); its bias, hyperparameters and hooks are reused, its
             float weight is not referenced by the result.
         codes: integer codes in the weight's shape, within [-qmax, qmax] of `config`.
-        scale: float scales in their stored shape (see `ternq.quantizers.weight_scale`).
+        scale: float scales in their stored shape (see `ternq.qat.quantizers.weight_scale`).
         config: the layer's quantization config (granularity, act_bits, input_norm as trained).
-        spec: the layer type's `LayerSpec` (`ternq.layers.layer_spec(float_module)`).
+        spec: the layer type's `LayerSpec` (`ternq.qat.layers.layer_spec(float_module)`).
         kernel: "auto" (default: fastest measured per input shape), "weight_only", or a kernel of the layer's
             class (``PackedLinear.kernels`` ...).
         storage: "int8" (default; fastest) or "packed" (2 / 4 bits per weight, unpacked per call);

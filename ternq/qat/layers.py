@@ -28,8 +28,8 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.spectral_norm import SpectralNorm as _SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm as _WeightNorm
 
-from .config import QuantConfig
-from .errors import AlreadyQuantizedError, UnsupportedLayerError
+from ..config import QuantConfig
+from ..errors import AlreadyQuantizedError, UnsupportedLayerError
 from .quantizers import (
     dequantize_weight,
     fake_quantize_weight,

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .config import QuantConfig
+from ..config import QuantConfig
 
 __all__ = ["Site", "SITES", "sites_of", "join", "relative"]
 
@@ -25,7 +25,7 @@ class Site:
     Attributes:
         name: what selectors matched (a layer's module name, or the weight's path for the other kinds).
         key: the weight's state_dict key, relative to the converted module.
-        kind: "layer", "functional", "weight" or "unknown" (see `ternq.graph.Candidate`).
+        kind: "layer", "functional", "weight" or "unknown" (see `ternq.find.graph.Candidate`).
         type: the layer type the report shows.
         params: parameters the layer holds (the weight alone for the other kinds).
         config: the config applied (after kind-specific changes), None when kept float.

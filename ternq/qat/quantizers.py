@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .config import QuantConfig
+from ..config import QuantConfig
 
 __all__ = [
     "weight_scale",

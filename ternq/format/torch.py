@@ -8,10 +8,10 @@ of every tensor; the manifest has a CRC32 of its own. docs/format.md specifies t
 
 `load_packed` needs only the file and a float skeleton of the same architecture: which layers are packed and how
 comes from the manifest. It validates the whole header, and the skeleton against it, and checks every tensor as
-`ternq verify` does (CRC32, every code byte, every scale: `ternq.numpy_format.verify`, 1 MiB at a time) before
+`ternq verify` does (CRC32, every code byte, every scale: `ternq.format.reader.verify`, 1 MiB at a time) before
 changing the skeleton, so a bad file leaves it untouched; then reads one tensor at a time into the skeleton, and
 swaps each packed layer for the runtime's int8 inference layer (`ternq.runtime.packed_layer`). Every rule of the
-format is checked once, in the torch-free `ternq.numpy_format`; this module adds only the skeleton's checks.
+format is checked once, in the torch-free `ternq.format.reader`; this module adds only the skeleton's checks.
 A layer's float weight is dropped *before* its codes are decoded, so peak memory never exceeds the float
 skeleton's: the layers already swapped hold a quarter of their float bytes, and one layer's decode is in flight.
 """
@@ -30,10 +30,11 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from .atomic import atomic_open
-from .config import QuantConfig
-from .errors import ArchitectureMismatchError, ConversionError, FormatError
-from .functional import (
+from ..config import QuantConfig
+from ..errors import ArchitectureMismatchError, ConversionError, FormatError
+from ..find.sites import SITES, Site, relative, sites_of
+from ..find.sites import join as _join
+from ..qat.functional import (
     FUNCTIONAL_OPS,
     INPUT_POSITION,
     READS,
@@ -45,8 +46,13 @@ from .functional import (
     install_weights,
     quantize_reads,
 )
-from .layers import LayerSpec, QuantMixin, layer_spec
-from .numpy_format import (
+from ..qat.layers import LayerSpec, QuantMixin, layer_spec
+from ..qat.quantizers import dequantize_weight, quantize_weight
+from ..qat.weight_attr import QUANTIZERS, latent_parameter
+from ..runtime.layers import is_packed, packed_layer
+from .atomic import atomic_open
+from .encoding import encoding_for, pack_codes
+from .reader import (
     FORMAT_VERSION,
     KEY_MANIFEST,
     LayerRecord,
@@ -63,12 +69,6 @@ from .numpy_format import (
     read_metadata,
     verify,
 )
-from .packing import encoding_for, pack_codes
-from .quantizers import dequantize_weight, quantize_weight
-from .runtime import is_packed, packed_layer
-from .sites import SITES, Site, relative, sites_of
-from .sites import join as _join
-from .weight_attr import QUANTIZERS, latent_parameter
 
 __all__ = ["PackedModel", "pack", "save_packed", "load_packed", "read_metadata"]
 
@@ -123,7 +123,7 @@ def _aliases(model: nn.Module) -> dict[int, list[str]]:
 
 
 def _readers(model: nn.Module) -> dict[str, list[str]]:
-    """Weight key -> the modules whose forward reads it through an interception (`ternq.functional.READS`)."""
+    """Weight key -> the modules whose forward reads it through an interception (`ternq.qat.functional.READS`)."""
     out: dict[str, list[str]] = {}
     for name, module in model.named_modules():
         for path in module.__dict__.get(READS, ()):
@@ -147,7 +147,7 @@ def _collect_sites(model: nn.Module) -> list[_Site]:
             ties[id(param)] = ties.get(id(param), 0) + 1
     by_quantizer: dict[int, _Site] = {}  # id(the module whose quantizer decides) -> its site
     for path, module in model.named_modules():
-        rule = None  # the rule comes from the record quantize() / load_packed() left (`ternq.sites`)
+        rule = None  # the rule comes from the record quantize() / load_packed() left (`ternq.find.sites`)
         if isinstance(module, QuantMixin) or is_packed(module):
             if isinstance(module, QuantMixin):
                 spec = module._ternq_spec
@@ -358,7 +358,7 @@ def pack(model: nn.Module, *, float_dtype: torch.dtype | None = None, metadata: 
         first[identity] = key
         stored = t.to(float_dtype) if float_dtype is not None and t.is_floating_point() else t
         add(key, stored, "float", t.dtype)
-    from . import __version__
+    from .. import __version__
 
     kept = {site.name: site.rule for site in model.__dict__.get(SITES, ()) if site.config is None}
     manifest = {
@@ -407,14 +407,14 @@ def _drop_float_weight(module: nn.Module, name: str) -> None:
 
 
 def _read_tensor(source: Source, manifest: Manifest, name: str) -> Tensor:
-    """One tensor of the file, CRC32-checked (`ternq.numpy_format.read_bytes`), as a torch tensor in its shape."""
+    """One tensor of the file, CRC32-checked (`ternq.format.reader.read_bytes`), as a torch tensor in its shape."""
     entry = manifest.header.tensors[name]
     return torch.from_numpy(read_bytes(source, manifest, name)).view(_TORCH_DTYPE[entry.dtype]).reshape(entry.shape)
 
 
 def decode_weight(source: Source, manifest: Manifest, record: LayerRecord) -> tuple[Tensor, Tensor]:
     """Codes (int8, the weight's shape) and float32 scales of a packed weight, every byte checked
-    (`ternq.numpy_format.decode_layer`, on the same memory)."""
+    (`ternq.format.reader.decode_layer`, on the same memory)."""
     codes, scale = decode_layer(source, manifest, record)
     return torch.from_numpy(codes), torch.from_numpy(scale)
 
@@ -760,8 +760,8 @@ class _PackedFunctional(_Codes, FunctionalQuant):
 
     The owner's parameter becomes a zero-stride placeholder of the right shape (no memory; unless other code may
     read it too, a submodule's or a tied parameter, which the file then stores in float as well), so the owner's
-    forward runs unchanged; the interception (`ternq.functional`) routes the call here. ``F.linear`` calls run on
-    a `ternq.runtime` packed Linear sharing the codes (its int8 kernels, chosen by `ternq.picker`, within the runtime's
+    forward runs unchanged; the interception (`ternq.qat.functional`) routes the call here. ``F.linear`` calls run on
+    a `ternq.runtime` packed Linear sharing the codes (its int8 kernels, chosen by `ternq.runtime.picker`, within the runtime's
     documented tolerance of the QAT model); convolutions compute the op with ``codes * scale`` on the quantized
     input, exactly as the QAT model does.
     """
