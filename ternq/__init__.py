@@ -7,6 +7,9 @@ The whole public API lives here, flat:
     ternq.save_packed(model, "model.safetensors")
     model = ternq.load_packed("model.safetensors", skeleton)
 """
+# the documented submodule paths (ternq.uses.float_uses, ternq.weight_attr.latent, ternq.native.status, ...)
+# are attributes of the package, as before the subpackages; each is the same module object as its new home
+from . import atomic, native, numpy_format, runtime, uses, weight_attr  # noqa: F401
 from .config import KBitConfig, QuantConfig, TernaryConfig
 from .convert import dequantize, quantize
 from .errors import (

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 from torch.nn.utils import parametrizations
 
+import ternq
 from ternq import (
     ArchitectureMismatchError,
     FormatError,
@@ -352,32 +353,42 @@ def test_float_weight_is_released() -> None:
 # --- kernel selection --------------------------------------------------------------------------------------
 
 
+def ran(layer: nn.Module, x: Tensor, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The kernels that computed ``layer(x)``, seen by wrapping the class's kernel registry (not read back from
+    `layer.kernel`, which reports a forced kernel whether or not it ran)."""
+    calls: list[str] = []
+    with monkeypatch.context() as m:
+        for name, impl in list(type(layer).kernel_impls.items()):
+            m.setitem(type(layer).kernel_impls, name,
+                      lambda *a, _k=impl, _n=name, **kw: calls.append(_n) or _k(*a, **kw))
+        with torch.no_grad():
+            layer(x)
+    return calls
+
+
 def test_kernel_selection_env_and_override(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
     layer = pack(nn.Linear(32, 16), TernaryConfig())
     x = torch.randn(4, 32)
     assert layer.kernel == "auto"
-    with torch.no_grad():
-        layer(x)
-    assert layer.kernel in PackedLinear.kernels
+    first = ran(layer, x, monkeypatch)
+    assert len(first) == 1 and first[0] in PackedLinear.kernels and layer.kernel == first[0]
     assert any(key[0][0] == "PackedLinear" for key in kernel_choices())
     monkeypatch.setenv(KERNEL_ENV, "weight_only")
-    with torch.no_grad():
-        layer(x)
-    assert layer.kernel == "weight_only"
+    assert ran(layer, x, monkeypatch) == ["weight_only"] and layer.kernel == "weight_only"
     monkeypatch.setenv(KERNEL_ENV, "int8")
-    with torch.no_grad():
-        layer(x)
-    assert layer.kernel == "int8_gemm"  # the layer's first integer kernel
+    assert ran(layer, x, monkeypatch) == ["int8_gemm"]  # the layer's first integer kernel
     monkeypatch.setenv(KERNEL_ENV, "fastest")
     with pytest.raises(ValueError, match=KERNEL_ENV):
         layer(x)
     monkeypatch.delenv(KERNEL_ENV)
     layer.kernel = "weight_only"  # a forced kernel wins over the environment
     monkeypatch.setenv(KERNEL_ENV, "int8")
-    with torch.no_grad():
-        layer(x)
-    assert layer.kernel == "weight_only"
+    assert ran(layer, x, monkeypatch) == ["weight_only"]
+    layer.kernel = "int8_gemv"
+    assert ran(layer, x, monkeypatch) == ["int8_gemv"]
+    layer.kernel = "auto"  # back to the environment's choice
+    assert ran(layer, x, monkeypatch) == ["int8_gemm"]
     with pytest.raises(ValueError, match="does not exist"):
         layer.kernel = "int8_taps"
     with pytest.raises(ValueError, match="act_bits=None"):
@@ -435,8 +446,8 @@ def test_first_call_times_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     for layer, x in zip(layers, inputs):
         calls = []
         for name in layer._applicable(x):
-            kernel = getattr(layer, "_k_" + name)
-            monkeypatch.setattr(layer, "_k_" + name,
+            kernel = layer.kernel_impls[name]
+            monkeypatch.setitem(layer.kernel_impls, name,
                                 lambda *a, _k=kernel, _n=name, _c=calls, **kw: _c.append(_n) or _k(*a, **kw))
         with torch.no_grad():
             layer(x)
@@ -789,6 +800,8 @@ def test_non_finite_inputs_give_non_finite_outputs(arch_cache, kind: str, config
          stride=2, dilation=1, padding=1, length=5)
 @example(kind="conv_transpose1d", config=TernaryConfig(), empty="batch", groups=1, per_in=1, per_out=1, k=2,
          stride=1, dilation=1, padding=1, length=1)  # output length 0: torch gives an empty output
+@example(kind="conv1d", config=TernaryConfig(), empty="time", groups=1, per_in=1, per_out=1, k=1, stride=1,
+         dilation=1, padding=1, length=1)  # K == 1 (the hand-made int8 product): length 0 is refused too
 @given(kind=st.sampled_from(["linear", "conv1d", "conv_transpose1d", "embedding"]), config=configs,
        empty=st.sampled_from(["batch", "time", "both"]), **layer_shapes, length=st.integers(1, 12))
 def test_empty_batch_and_zero_length_like_qat(arch_cache, kind: str, config: QuantConfig, empty: str, groups: int, per_in: int,
@@ -828,3 +841,49 @@ def test_empty_batch_and_zero_length_like_qat(arch_cache, kind: str, config: Qua
                 assert y.shape == ref.shape and y.dtype == ref.dtype, (mode, storage, kernel)
                 if y.numel():
                     assert bool(torch.isfinite(y).all())
+
+
+class _FunctionalHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(32, 16)
+        self.w = nn.Parameter(torch.randn(8, 16) / 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(torch.relu(self.body(x)), self.w)
+
+
+def test_load_packed_takes_storage_and_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``load_packed(storage=, kernel=)``: the arguments decide; $TERNQ_STORAGE is the default storage and
+    $TERNQ_KERNEL overrides only "auto"; a bad value is refused before the skeleton is touched."""
+    torch.manual_seed(0)
+    monkeypatch.delenv(STORAGE_ENV, raising=False)
+    monkeypatch.delenv(KERNEL_ENV, raising=False)
+    packed = ternq.pack(ternq.quantize(_FunctionalHead()))
+    x = torch.randn(3, 32)
+    default = ternq.load_packed(packed, _FunctionalHead())
+    small = ternq.load_packed(packed, _FunctionalHead(), storage="packed")
+    assert default.body.storage == "int8" and small.body.storage == "packed"
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), default(x))
+    assert resident_bytes(small.body) < resident_bytes(default.body)
+    head = [m for m in small.modules() if type(m).__name__ == "PackedFunctional"]
+    assert len(head) == 1 and head[0]._runtime_linear().storage == "packed"  # the F.linear call's layer too
+    monkeypatch.setenv(STORAGE_ENV, "packed")
+    assert ternq.load_packed(packed, _FunctionalHead()).body.storage == "packed"
+    assert ternq.load_packed(packed, _FunctionalHead(), storage="int8").body.storage == "int8"
+    monkeypatch.delenv(STORAGE_ENV)
+
+    monkeypatch.setenv(KERNEL_ENV, "weight_only")
+    assert ran(ternq.load_packed(packed, _FunctionalHead(), kernel="int8").body, x, monkeypatch) == ["int8_gemm"]
+    monkeypatch.setenv(KERNEL_ENV, "int8")
+    assert ran(ternq.load_packed(packed, _FunctionalHead(), kernel="weight_only").body, x, monkeypatch) == \
+        ["weight_only"]
+    assert ran(ternq.load_packed(packed, _FunctionalHead(), kernel="auto").body, x, monkeypatch) == ["int8_gemm"]
+
+    skeleton = _FunctionalHead()
+    for bad, match in ((dict(storage="int4"), "storage='int4'"), (dict(kernel="fastest"), "kernel='fastest'"),
+                       (dict(kernel="int8_gemv"), "kernel='int8_gemv'")):
+        with pytest.raises(ValueError, match=match):
+            ternq.load_packed(packed, skeleton, **bad)
+    assert type(skeleton.body) is nn.Linear and not any(is_packed(m) for m in skeleton.modules())

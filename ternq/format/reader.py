@@ -67,6 +67,7 @@ __all__ = [
     "open_packed",
     "encoding_for_config",
     "expected_scale_shape",
+    "check_config",
     "effective_group_size",
     "open_regular_file",
     "crc32_hex",
@@ -738,33 +739,38 @@ _CONFIG_FIELDS = {*_CONFIG_CHOICES, "bits", "group_size", "act_bits", "eps"}
 
 
 def _int_in(value: object, lo: int, hi: int) -> bool:
-    return type(value) is int and lo <= value <= hi
+    return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
 
 
-def _check_config(config: object, what: str) -> dict[str, Any]:
-    """A layer's config (``QuantConfig.to_dict()``): every field of a known type and in range, no unknown
-    field. This is the one validation of a stored config; the torch loader builds its QuantConfig from it."""
+def check_config(config: object, what: str, error: type[Exception] | None = None) -> dict[str, Any]:
+    """A config (``QuantConfig.to_dict()``): every field of a known type and in range, no unknown field.
+
+    The one validation of a config: of a stored one (raising `FormatError`) and, through ``QuantConfig``, of
+    one made in code (raising `error`, there `ConfigError`); the torch loader builds its QuantConfig from it.
+    """
+    if error is None:
+        error = FormatError
     if not isinstance(config, dict):
-        raise FormatError(f"{what}: config must be an object, got {config!r:.80}")
+        raise error(f"{what}: config must be an object, got {config!r:.80}")
     unknown = sorted(set(config) - _CONFIG_FIELDS) + (["bits"] if config.get("kind") == "ternary" and "bits" in
                                                        config else [])
     if unknown:
-        raise FormatError(f"{what}: config has unknown fields {unknown}")
+        raise error(f"{what}: config has unknown fields {unknown}")
     for key, choices in _CONFIG_CHOICES.items():
         value = config.get(key, "token" if key == "act_granularity" else None)
         if value not in choices or isinstance(value, bool):
-            raise FormatError(f"{what}: config {key} {value!r:.40} is not one of {choices}")
+            raise error(f"{what}: config {key} {value!r:.40} is not one of {choices}")
     if config["kind"] == "kbit" and not _int_in(config.get("bits"), 2, 8):
-        raise FormatError(f"{what}: config bits {config.get('bits')!r:.40} is not an integer in 2..8")
+        raise error(f"{what}: config bits {config.get('bits')!r:.40} is not an integer in 2..8")
     if not _int_in(config.get("group_size"), 1, MAX_GROUP_SIZE):
-        raise FormatError(f"{what}: config group_size {config.get('group_size')!r:.40} is not an integer in "
+        raise error(f"{what}: config group_size {config.get('group_size')!r:.40} is not an integer in "
                           f"1..{MAX_GROUP_SIZE}")
     act_bits = config.get("act_bits")
     if act_bits is not None and not _int_in(act_bits, 2, 8):
-        raise FormatError(f"{what}: config act_bits {act_bits!r:.40} is neither null nor an integer in 2..8")
+        raise error(f"{what}: config act_bits {act_bits!r:.40} is neither null nor an integer in 2..8")
     eps = config.get("eps")
-    if type(eps) not in (int, float) or not 0 < eps <= MAX_EPS:  # (NaN and +-inf fail the comparison)
-        raise FormatError(f"{what}: config eps {eps!r:.40} is not a number in (0, {MAX_EPS}]")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps <= MAX_EPS:  # (NaN and +-inf fail the comparison)
+        raise error(f"{what}: config eps {eps!r:.40} is not a number in (0, {MAX_EPS}]")
     return config
 
 
@@ -934,7 +940,7 @@ def _read_layer(key: str, spec: object, tensors: dict[str, TensorRecord], name: 
                               f"but the file says shape {list(shape)}, out_dim {out_dim}")
     elif layer_type == WEIGHT_TYPE and len(shape) < 2:
         raise FormatError(f"{what}: a weight-only site needs a weight of 2+ dimensions, got shape {list(shape)}")
-    config = _check_config(spec["config"], what)
+    config = check_config(spec["config"], what)
     encoding = _encoding(spec["encoding"], what)
     expected = encoding_for_config(config)
     if encoding.name != expected:

@@ -17,14 +17,11 @@ weight's dtype / shape / device, hooks, state_dict keys) and send each call to o
 
 ``weight_only`` runs on any registered layer type: ``codes * scale`` dequantized for the call, in the input's
 dtype, and the layer's own float op (for Conv2d and layers trained without activation quantization it is the
-only kernel; a call that needs a gradient with respect to the input runs it too). Force a kernel per layer
-(``packed_layer(..., kernel=...)`` or ``layer.kernel = "weight_only"``) or for the process with
-``TERNQ_KERNEL`` = ``auto`` | ``weight_only`` | ``int8``.
+only kernel; a call that needs a gradient with respect to the input runs it too).
 
-Storage (``storage=`` or ``TERNQ_STORAGE``). ``"int8"`` (default) keeps one int8 code per weight, already in the
-layout its kernels read: 1/4 of the float32 weight, and the fastest. ``"packed"`` keeps ternary and int2 codes
-at 2 bits and int3/int4 codes at 4 bits per weight (1/16 or 1/8 of float32; wider codes stay int8) and unpacks
-them to a transient int8 tensor in every call, about 0.1 ms per million weights on one core.
+The options, ``storage`` ("int8" or "packed" sub-byte codes) and ``kernel`` (the picker's choice or a forced
+one), are arguments of `ternq.load_packed` and `packed_layer`; docs/runtime.md describes them and the
+environment variables that override them.
 
 Tolerance. The weight codes are identical to the QAT layer's and int32 accumulation is exact. The eager
 activation codes are the QAT layer's bit for bit; the native quantizer sums the norm's statistics in its own
@@ -42,32 +39,38 @@ gets its gradient).
 """
 from __future__ import annotations
 
+from .functional import PackedFunctional, PackedWeightOnly
 from .layers import (
-    KERNEL_ENV,
     STORAGE_ENV,
+    STORAGES,
     PackedConv1d,
     PackedConv2d,
     PackedConvTranspose1d,
     PackedEmbedding,
     PackedLayer,
     PackedLinear,
-    cpu_flags,
     is_packed,
     kernel_choices,
     packed_layer,
     reset_kernel_choices,
     resident_bytes,
 )
+from .native import cpu_flags
+from .picker import KERNEL_ENV, KERNEL_POLICIES
 
 __all__ = [
     "KERNEL_ENV",
+    "KERNEL_POLICIES",
     "STORAGE_ENV",
+    "STORAGES",
     "PackedLayer",
     "PackedLinear",
     "PackedConv1d",
     "PackedConv2d",
     "PackedConvTranspose1d",
     "PackedEmbedding",
+    "PackedFunctional",
+    "PackedWeightOnly",
     "packed_layer",
     "is_packed",
     "resident_bytes",

@@ -32,6 +32,7 @@ import errno
 import hashlib
 import os
 import platform
+import re
 import shutil
 import signal
 import stat
@@ -58,7 +59,7 @@ _ON = ("1", "true", "yes", "on")
 _OFF = ("0", "false", "no", "off")
 _STALE_TEMP_S = 3600  # temporary files of builds killed without cleanup (SIGKILL, power loss) older than this go
 _SOURCE = Path(__file__).parent / "csrc" / "ternq_kernels.c"
-_ABI = 4
+_HEADER = _SOURCE.with_suffix(".h")  # the ABI number and the prototypes: `_interface` checks the binding against it
 _FLAGS = ("-O3", "-std=c99", "-shared", "-fPIC", "-ffp-contract=off", "-fno-math-errno")
 
 _state: dict[str, object] = {}  # "lib": the loaded CDLL or None, "why": the reason when None, "key": the env
@@ -81,6 +82,57 @@ _SIGNATURES: dict[str, tuple[object, ...]] = {
     "tq_quantize_grouped": (_P, _I, _I, _I, _C, _F, _C, _C, _P, _I, _I, _I, _I, _P),
     "tq_conv1d_grouped": (_P, _I, _I, _P, _I, _I, _I, _I, _I, _I, _P, _P, _I, _P, _P, _I),
 }
+_RETURNS_INT = ("tq_conv1d_grouped", "tq_linear_rows", "tq_row_sums")
+_C_TYPES = {"int64_t": _I, "int": _C, "float": _F}  # and every pointer: _P
+
+
+class NativeInterfaceError(RuntimeError):
+    """The ctypes binding here and the prototypes of ``ternq_kernels.h`` disagree: a developer's mistake that
+    would pass wrong values or corrupt memory, so it is raised, never degraded to the eager fallback."""
+
+
+def _interface(header: str) -> tuple[int, dict[str, tuple[object, ...]]]:
+    """The ABI number and each function's ctypes argument types, read from the header's text."""
+    abi = re.search(r"^#define TQ_ABI_VERSION (\d+)$", header, re.M)
+    if abi is None:
+        raise NativeInterfaceError(f"{_HEADER.name} defines no TQ_ABI_VERSION")
+    functions: dict[str, tuple[object, ...]] = {}
+    for ret, name, params in re.findall(r"^(void|int) (tq_\w+)\(([^)]*)\);", header, re.M):
+        types = []
+        for param in " ".join(params.split()).split(","):
+            param = param.strip()
+            if param in ("void", ""):
+                continue
+            c_type = param.rsplit(" ", 1)[0].removeprefix("const ").strip()
+            if "*" in param:
+                types.append(_P)
+            elif c_type in _C_TYPES:
+                types.append(_C_TYPES[c_type])
+            else:
+                raise NativeInterfaceError(f"{_HEADER.name}: {name} takes {param!r}, a type the binding cannot pass")
+        functions[name] = (ret, *types)
+    return int(abi.group(1)), functions
+
+
+def _check_interface(header: str) -> int:
+    """The ABI number of `header`, after checking that every function bound here is declared there with the
+    argument and return types bound here; raises `NativeInterfaceError` naming the first difference."""
+    abi, declared = _interface(header)
+    for name, args in _SIGNATURES.items():
+        ret = "int" if name in _RETURNS_INT else "void"
+        if name not in declared:
+            raise NativeInterfaceError(f"native.py binds {name}, which {_HEADER.name} does not declare")
+        if declared[name] != (ret, *args):
+            raise NativeInterfaceError(f"native.py binds {name} as {ret}({', '.join(_ctype_name(a) for a in args)}), "
+                                       f"but {_HEADER.name} declares {declared[name][0]}"
+                                       f"({', '.join(_ctype_name(a) for a in declared[name][1:])}): fix one of them")
+    if declared.get("tq_abi_version") != ("int",):
+        raise NativeInterfaceError(f"{_HEADER.name} must declare int tq_abi_version(void)")
+    return abi
+
+
+def _ctype_name(t: object) -> str:
+    return getattr(t, "__name__", str(t))
 
 
 def cpu_flags() -> set[str]:
@@ -151,7 +203,7 @@ def _library_path(cc: str) -> Path:
     cpu = ""
     if _arch() == "native":  # -march=native code is only valid on a CPU with the same features
         cpu = " ".join(sorted(cpu_flags()))
-    key = hashlib.sha256("\0".join([_SOURCE.read_text(), cc, *flags, platform.machine(), cpu]).encode())
+    key = hashlib.sha256("\0".join([_SOURCE.read_text(), _HEADER.read_text(), cc, *flags, platform.machine(), cpu]).encode())
     return _cache_dir() / f"kernels-{key.hexdigest()[:16]}{'.dll' if sys.platform == 'win32' else '.so'}"
 
 
@@ -327,16 +379,18 @@ def _load() -> ctypes.CDLL | None:
     try:
         path = build()
         lib = ctypes.CDLL(str(path))
-        if lib.tq_abi_version() != _ABI:
+        if lib.tq_abi_version() != _check_interface(_HEADER.read_text()):
             raise RuntimeError("stale library")
         for name, args in _SIGNATURES.items():
             fn = getattr(lib, name)
             fn.argtypes = args
-            fn.restype = ctypes.c_int if name in ("tq_conv1d_grouped", "tq_linear_rows", "tq_row_sums") else None
+            fn.restype = ctypes.c_int if name in _RETURNS_INT else None
     except _Untrusted as exc:
         warnings.warn(f"{exc}; ternq runs its eager torch kernels instead", RuntimeWarning, stacklevel=4)
         _state["why"] = f"native kernels refused, eager torch fallback: {exc}"
         return None
+    except NativeInterfaceError:
+        raise
     except (OSError, RuntimeError, AttributeError) as exc:
         _state["why"] = f"native kernels unavailable, eager torch fallback: {exc}"
         return None
