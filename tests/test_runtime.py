@@ -800,6 +800,8 @@ def test_non_finite_inputs_give_non_finite_outputs(arch_cache, kind: str, config
          stride=2, dilation=1, padding=1, length=5)
 @example(kind="conv_transpose1d", config=TernaryConfig(), empty="batch", groups=1, per_in=1, per_out=1, k=2,
          stride=1, dilation=1, padding=1, length=1)  # output length 0: torch gives an empty output
+@example(kind="conv_transpose1d", config=TernaryConfig(), empty="both", groups=1, per_in=1, per_out=1, k=1,
+         stride=2, dilation=1, padding=0, length=1)  # output length -1: torch refuses it even for an empty batch
 @example(kind="conv1d", config=TernaryConfig(), empty="time", groups=1, per_in=1, per_out=1, k=1, stride=1,
          dilation=1, padding=1, length=1)  # K == 1 (the hand-made int8 product): length 0 is refused too
 @given(kind=st.sampled_from(["linear", "conv1d", "conv_transpose1d", "embedding"]), config=configs,

@@ -403,9 +403,8 @@ def conv_transpose1d_taps(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor
     k, dilation, stride, pad = geom.kernel_size, geom.dilation, geom.stride, geom.padding[0]
     t_full = (t_in - 1) * stride + dilation * (k - 1) + 1
     t_out = t_full - 2 * pad + output_padding
-    if t_out < 1 and x.shape[0]:
-        raise RuntimeError(f"{geom.owner}: output length {t_out} < 1 for input length {t_in}")
-    t_out = max(t_out, 0)  # an empty batch gives an empty output, as torch's ConvTranspose1d does
+    if t_out < 0:  # output length 0 gives an empty output, as torch does (except, on CPU, for a batch of one)
+        raise RuntimeError(f"{geom.owner}: output length {t_out} < 0 for input length {t_in}")
     groups, _, out_g, in_g = weight.shape
     chunk = _chunk(k * out_g)
     y = torch.empty(x.shape[0], groups * out_g, t_out, dtype=torch.float32, device=x.device)
