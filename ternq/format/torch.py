@@ -91,8 +91,8 @@ _FLOAT_STORAGE = (None, torch.float32, torch.float16, torch.bfloat16)
 
 
 @dataclass
-class _Site:
-    """One quantized weight of a model: a QAT / packed layer's weight or a functional call's parameter."""
+class _PackedSite:
+    """One quantized weight on its way into the file: a `Site` plus its codes, scales and state_dict keys."""
 
     key: str
     module: str
@@ -152,7 +152,7 @@ class _Scan:
         return self.holders.get(id(param), 0) - self.ties.get(id(param), 0) <= len(self.aliases[id(module)])
 
 
-_Collector = Callable[[_Scan, str, nn.Module], _Site]
+_Collector = Callable[[_Scan, str, nn.Module], _PackedSite]
 #: quantizer class -> how its weight's codes, scales and keys are read for packing; `_collector` looks a module's
 #: class up along its MRO, as torchao looks a config's handler up (a new quantizer kind registers one)
 _COLLECTORS: dict[type, _Collector] = {}
@@ -174,7 +174,7 @@ def _collector(module: nn.Module) -> _Collector | None:
 
 
 @_collects(QuantMixin)
-def _qat_layer_site(scan: _Scan, path: str, module: nn.Module) -> _Site:
+def _qat_layer_site(scan: _Scan, path: str, module: nn.Module) -> _PackedSite:
     with torch.no_grad():
         codes, scale = module.weight_codes()  # type: ignore[operator]
     return _layer_site(scan, path, module, module._ternq_spec, codes, scale,  # type: ignore[arg-type]
@@ -182,15 +182,15 @@ def _qat_layer_site(scan: _Scan, path: str, module: nn.Module) -> _Site:
 
 
 @_collects(PackedLayer)
-def _packed_layer_site(scan: _Scan, path: str, module: nn.Module) -> _Site:
+def _packed_layer_site(scan: _Scan, path: str, module: nn.Module) -> _PackedSite:
     return _layer_site(scan, path, module, module.spec, module.codes, module.scale,  # type: ignore[arg-type]
                        module.float_dtype)  # type: ignore[arg-type]
 
 
 def _layer_site(scan: _Scan, path: str, module: nn.Module, spec: LayerSpec, codes: Tensor, scale: Tensor,
-                dtype: torch.dtype) -> _Site:
+                dtype: torch.dtype) -> _PackedSite:
     key = _join(path, spec.weight_name)
-    site = _Site(key, path, spec.weight_name, _type_name(spec.float_type), spec.weight_out_dim, codes, scale,
+    site = _PackedSite(key, path, spec.weight_name, _type_name(spec.float_type), spec.weight_out_dim, codes, scale,
                  module.qconfig, dtype, None, readers=scan.readers.get(key, []))  # type: ignore[arg-type]
     local = _owned_keys(module, spec.weight_name)
     site.owned = {_join(alias, k) for alias in scan.aliases[id(module)] for k in local}
@@ -208,12 +208,12 @@ def _quantizer_codes(module: nn.Module, param: Tensor) -> tuple[Tensor, Tensor, 
 
 
 @_collects(FunctionalQuant)
-def _functional_site(scan: _Scan, path: str, module: nn.Module) -> _Site:
+def _functional_site(scan: _Scan, path: str, module: nn.Module) -> _PackedSite:
     owner_path = path.rpartition(".")[0]
     owner = scan.model.get_submodule(owner_path)
     param = latent_parameter(owner, module.param)  # type: ignore[arg-type]
     codes, scale, dtype = _quantizer_codes(module, param)
-    site = _Site(_join(owner_path, module.param), owner_path, module.param, f"F.{module.op}",  # type: ignore[arg-type]
+    site = _PackedSite(_join(owner_path, module.param), owner_path, module.param, f"F.{module.op}",  # type: ignore[arg-type]
                  module.out_dim, codes, scale, module.qconfig, dtype, None)  # type: ignore[arg-type]
     # a parameter of a submodule (emb.weight of an Embedding kept float) or tied to another one may be read by
     # other code too: it stays stored in float beside its codes
@@ -223,21 +223,21 @@ def _functional_site(scan: _Scan, path: str, module: nn.Module) -> _Site:
 
 
 @_collects(WeightQuant)
-def _weight_site(scan: _Scan, path: str, module: nn.Module) -> _Site:
+def _weight_site(scan: _Scan, path: str, module: nn.Module) -> _PackedSite:
     holder_path = path.rpartition(".")[0]
     holder = scan.model.get_submodule(holder_path)
     param = holder._parameters[module.param]  # type: ignore[index]
     assert param is not None
     codes, scale, dtype = _quantizer_codes(module, param)
     key = _join(holder_path, module.param)  # type: ignore[arg-type]
-    site = _Site(key, holder_path, module.param, "weight", module.out_dim, codes, scale,  # type: ignore[arg-type]
+    site = _PackedSite(key, holder_path, module.param, "weight", module.out_dim, codes, scale,  # type: ignore[arg-type]
                  module.qconfig, dtype, None, readers=scan.readers.get(key, []))  # type: ignore[arg-type]
     if scan.sole_holder(param, holder):
         site.owned = {_join(alias, module.param) for alias in scan.aliases[id(holder)]}  # type: ignore[arg-type]
     return site
 
 
-def _collect_sites(model: nn.Module) -> list[_Site]:
+def _collect_sites(model: nn.Module) -> list[_PackedSite]:
     """Every quantized weight of `model`, each read by the collector its quantizer's class registered."""
     holders: dict[int, int] = {}
     for _, param in model.named_parameters(remove_duplicate=False):
@@ -251,8 +251,8 @@ def _collect_sites(model: nn.Module) -> list[_Site]:
     scan = _Scan(model, _aliases(model), _readers(model), holders, ties)
     rules = {_join(prefix, site.key): site.rule for prefix, site in sites_of(model)}  # what quantize() /
     # load_packed() recorded (`ternq.find.sites`)
-    sites: list[_Site] = []
-    by_quantizer: dict[int, _Site] = {}  # id(the module whose quantizer decides) -> its site
+    sites: list[_PackedSite] = []
+    by_quantizer: dict[int, _PackedSite] = {}  # id(the module whose quantizer decides) -> its site
     for path, module in model.named_modules():
         collect = _collector(module)
         if collect is None:
