@@ -6,7 +6,7 @@ Prints the machine line and one markdown table, every figure measured in this ru
 int8 codes (the decoder's output, one byte per weight; for packing, its input), best of --repeats runs.
 
 The decoder comparison behind ternq's choices (docs/format.md, "Why this encoding"):
-* "pair table": the shipped decoder (`ternq.numpy_format.unpack_numpy`, which `ternq.packing.unpack_codes` runs
+* "pair table": the shipped decoder (`ternq.numpy_format.unpack_numpy`, which `ternq.format.encoding.unpack_codes` runs
   on torch tensors): one lookup per byte pair into a 65536-row table, byte-range and padding checks included;
 * "index_select table": torch's gather on a 256 x 5 table, one row per byte, with the same checks;
 * "multiply-shift": arithmetic decode of the scaled encoding ternq stores, trit k = ((b * 3**k mod 256) * 3) >> 8;
@@ -33,8 +33,8 @@ from _machine import machine_line  # noqa: E402
 import ternq  # noqa: E402
 from ternq import KBitConfig, Rule, TernaryConfig  # noqa: E402
 from ternq.cli import verify_file  # noqa: E402
+from ternq.format.encoding import pack_codes, unpack_codes  # noqa: E402
 from ternq.numpy_format import TRIT5_DECODE, TRIT5_ENCODE, unpack_numpy  # noqa: E402
-from ternq.packing import pack_codes, unpack_codes  # noqa: E402
 
 LOG2_3 = math.log2(3)
 

@@ -8,7 +8,7 @@ HiFi-GAN's ConvTranspose1d upsamplers; then resident weight memory and process p
 file into a float skeleton when `ternq.load_packed` is available.
 
 Variants: ``ternq`` = `ternq.runtime.packed_layer` with the paper config (ternary per-tensor weights, layer-normed
-8-bit activations), int8 code storage, kernels picked by `ternq.picker` (no timing), native kernels where built
+8-bit activations), int8 code storage, kernels picked by `ternq.runtime.picker` (no timing), native kernels where built
 (`ternq.native.status()` is printed); ``ternq 2-bit`` = the same with 2-bit storage;
 ``ternq w-only`` = the weight-only kernel forced (the path for CPUs without fast int8); ``torch dyn int8`` =
 ``torch.ao.quantization.quantize_dynamic`` (what Pocket TTS uses; Linear only); ``torchao`` = torchao's
@@ -50,9 +50,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _machine import machine_line  # noqa: E402
 
 from ternq import TernaryConfig, native  # noqa: E402
-from ternq.layers import layer_spec, to_quant_module  # noqa: E402
-from ternq.packed_weight import PackedWeight  # noqa: E402
+from ternq.qat.layers import layer_spec, to_quant_module  # noqa: E402
 from ternq.runtime import packed_layer  # noqa: E402
+from ternq.runtime.packed_weight import PackedWeight  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*torch.ao.quantization is deprecated.*")
 warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")

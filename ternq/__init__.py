@@ -7,6 +7,9 @@ The whole public API lives here, flat:
     ternq.save_packed(model, "model.safetensors")
     model = ternq.load_packed("model.safetensors", skeleton)
 """
+# the documented submodule paths (ternq.uses.float_uses, ternq.weight_attr.latent, ternq.native.status, ...)
+# are attributes of the package, as before the subpackages; each is the same module object as its new home
+from . import atomic, native, numpy_format, runtime, uses, weight_attr  # noqa: F401
 from .config import KBitConfig, QuantConfig, TernaryConfig
 from .convert import dequantize, quantize
 from .errors import (
@@ -20,12 +23,12 @@ from .errors import (
     TernqError,
     UnsupportedLayerError,
 )
-from .fileformat import PackedModel, load_packed, pack, read_metadata, save_packed
-from .layers import is_quantized, register_layer
-from .numpy_format import PackedFile
-from .numpy_format import open_packed as open  # noqa: A001, F401 (ternq.open, like safetensors.safe_open)
+from .find.selectors import Rule, output_layers
+from .format.reader import PackedFile
+from .format.reader import open_packed as open  # noqa: A001, F401 (ternq.open, like safetensors.safe_open)
+from .format.torch import PackedModel, load_packed, pack, read_metadata, save_packed
+from .qat.layers import is_quantized, register_layer
 from .report import Report, report
-from .selectors import Rule, output_layers
 
 __version__ = "0.1.0"
 

@@ -3,7 +3,7 @@
     ternq inspect model.safetensors [--json]   per-tensor encoding, shape, bytes, bits/weight, code shares, metadata
     ternq verify model.safetensors [--json]    re-decode everything, check metadata and checksums; exit 0 if intact
 
-Both read files with the numpy reference decoder (`ternq.numpy_format`), so they check exactly what the format
+Both read files with the numpy reference decoder (`ternq.format.reader`), so they check exactly what the format
 specifies (docs/format.md), independently of the torch loader.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from ._text import aligned_table, human_bytes, printable
 from .errors import TernqError
-from .numpy_format import (
+from .format.reader import (
     DTYPES,
     LayerRecord,
     Manifest,

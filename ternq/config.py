@@ -1,6 +1,6 @@
 """Quantization configs: small frozen dataclasses, like torchao's configs.
 
-A config says *how* a layer is quantized; selectors (see `ternq.selectors`) say *which* layers. The default,
+A config says *how* a layer is quantized; selectors (see `ternq.find.selectors`) say *which* layers. The default,
 `TernaryConfig()`, is the BitTTS / BitNet b1.58 recipe: per-tensor absmean ternary weights, inputs layer-normed
 and quantized to 8 bits per token (per time step for convolutions).
 """
@@ -10,20 +10,16 @@ from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from .errors import ConfigError
+from .format.reader import check_config, expected_scale_shape
 
 if TYPE_CHECKING:
     from torch import Tensor
-from .numpy_format import MAX_EPS, MAX_GROUP_SIZE
 
 Granularity = Literal["tensor", "channel", "group"]
 InputNorm = Literal["layernorm", "rmsnorm"]
 STEMode = Literal["identity", "clipped"]
 ActGranularity = Literal["token", "tensor"]
 
-_GRANULARITIES = ("tensor", "channel", "group")
-_NORMS = (None, "layernorm", "rmsnorm")
-_STES = ("identity", "clipped")
-_ACT_GRANULARITIES = ("token", "tensor")
 
 
 @dataclass(frozen=True)
@@ -59,22 +55,13 @@ class QuantConfig:
     act_granularity: ActGranularity = "token"
 
     def __post_init__(self) -> None:
-        if self.granularity not in _GRANULARITIES:
-            raise ConfigError(f"granularity={self.granularity!r}: expected one of {_GRANULARITIES}")
-        if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or \
-                not 1 <= self.group_size <= MAX_GROUP_SIZE:
-            raise ConfigError(f"group_size={self.group_size!r}: expected an int in 1..{MAX_GROUP_SIZE}")
-        if self.act_bits is not None and (not isinstance(self.act_bits, int) or isinstance(self.act_bits, bool)
-                                          or not 2 <= self.act_bits <= 8):
-            raise ConfigError(f"act_bits={self.act_bits!r}: expected an int in 2..8 or None")
-        if self.input_norm not in _NORMS:
-            raise ConfigError(f"input_norm={self.input_norm!r}: expected one of {_NORMS}")
-        if self.ste not in _STES:
-            raise ConfigError(f"ste={self.ste!r}: expected one of {_STES}")
-        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not 0 < self.eps <= MAX_EPS:
-            raise ConfigError(f"eps={self.eps!r}: expected a float in (0, {MAX_EPS}]")
-        if self.act_granularity not in _ACT_GRANULARITIES:
-            raise ConfigError(f"act_granularity={self.act_granularity!r}: expected one of {_ACT_GRANULARITIES}")
+        # one validation for configs made in code and configs read from files: the format's (its limits are
+        # the format's: what a file can store is what a config may say)
+        check_config(self.to_dict(), type(self).__name__, ConfigError)
+
+    def scale_shape(self, shape: tuple[int, ...], out_dim: int) -> tuple[int, ...]:
+        """Shape of the scales of a weight of `shape`: (1,), (rows,) or (rows, n_groups) (the format's rule)."""
+        return expected_scale_shape(shape, out_dim, {"granularity": self.granularity, "group_size": self.group_size})
 
     @property
     def name(self) -> str:
@@ -151,11 +138,6 @@ class KBitConfig(QuantConfig):
     """k-bit symmetric weights: W_q = clip(round(W / s), -q, q), s = max(max|W| / q, eps), q = 2**(k-1) - 1."""
 
     bits: int = 4
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not isinstance(self.bits, int) or isinstance(self.bits, bool) or not 2 <= self.bits <= 8:
-            raise ConfigError(f"bits={self.bits!r}: expected an int in 2..8 (use TernaryConfig for 1.58-bit)")
 
     kind: ClassVar[str] = "kbit"
 

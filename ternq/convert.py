@@ -1,10 +1,10 @@
 """`quantize` and `dequantize`: turning a float model into a QAT model and back.
 
 Conversion never rebuilds the model. Every selected layer module is replaced, in each parent that holds it, by
-its QAT clone (`ternq.layers.to_quant_module`: same class family, same parameters, hooks and reparametrizations);
-functional ``F.linear`` / ``F.conv1d`` / ``F.conv2d`` calls on a parameter are intercepted (`ternq.functional`).
+its QAT clone (`ternq.qat.layers.to_quant_module`: same class family, same parameters, hooks and reparametrizations);
+functional ``F.linear`` / ``F.conv1d`` / ``F.conv2d`` calls on a parameter are intercepted (`ternq.qat.functional`).
 So the model keeps its class and methods (``model.infer(...)``, ``model.generate(...)``), its state_dict keys,
-and works the same whether or not fx could trace it: fx graphs (`ternq.graph`) only *find* functional calls and
+and works the same whether or not fx could trace it: fx graphs (`ternq.find.graph`) only *find* functional calls and
 answer graph-position selectors.
 
 Conversion is atomic: the whole plan (which layer, which config, which rule) is computed first, without
@@ -22,8 +22,11 @@ from torch import Tensor, nn
 
 from .config import QuantConfig, TernaryConfig
 from .errors import AlreadyQuantizedError, ConversionError, UnsupportedLayerError
-from .fileformat import _PackedFunctional, _PackedWeight
-from .functional import (
+from .find.graph import Analysis, Candidate, analyze, walk_modules
+from .find.selectors import Decision, decide
+from .find.sites import SITES, Kind, Site, join, relative
+from .find.uses import FAST_PATHS
+from .qat.functional import (
     READS,
     FunctionalQuant,
     WeightQuant,
@@ -35,13 +38,9 @@ from .functional import (
     uninstall,
     weight_quants,
 )
-from .graph import Analysis, Candidate, analyze, walk_modules
-from .layers import is_quantized, layer_spec, to_float_module, to_quant_module
-from .runtime import is_packed
-from .selectors import Decision, decide
-from .sites import SITES, Site, join, relative
-from .uses import FAST_PATHS
-from .weight_attr import QUANTIZERS, is_quantized_attr, latent_parameter
+from .qat.layers import is_quantized, layer_spec, to_float_module, to_quant_module
+from .qat.weight_attr import QUANTIZERS, is_quantized_attr, latent_parameter
+from .runtime import PackedFunctional, PackedWeightOnly, is_packed
 
 __all__ = ["quantize", "dequantize", "plan"]
 
@@ -86,10 +85,10 @@ def plan(model: nn.Module, include: object = None, exclude: object = None,
 
 def _input_features(cand: Candidate) -> int | None:
     """How many values the input norm of a quantized layer / call would normalize over, where known."""
-    if cand.kind == "functional":
+    if cand.kind == Kind.FUNCTIONAL:
         return {"linear": cand.weight.shape[1], "addmm": cand.weight.shape[0], "matmul": cand.weight.shape[0]}.get(
             cand.op)  # type: ignore[arg-type]
-    if cand.kind == "layer":
+    if cand.kind == Kind.LAYER:
         for attr in ("in_features", "in_channels"):
             n = getattr(cand.module, attr, None)
             if isinstance(n, int):
@@ -100,18 +99,18 @@ def _input_features(cand: Candidate) -> int | None:
 def _adapt(cand: Candidate, decision: Decision) -> Decision:
     """The decision as applied to this weight: kind-specific settings and the reason a user should know."""
     config = decision.config
-    if cand.kind == "unknown":
+    if cand.kind == Kind.UNKNOWN:
         return Decision(None, decision.rule, "use not found: no traced op reads it; pass example_inputs= to "
                                              "quantize() / report() to record what the model computes with it")
     tied = f"tied to {', '.join(cand.tied)}: the same tensor, decided there for its own uses" if cand.tied else ""
     if config is None:
         also = "; ".join(filter(None, [tied, f"read by {_readers(cand)} too, float there as well"
-                                       if cand.readers and cand.kind == "layer" else ""]))
+                                       if cand.readers and cand.kind == Kind.LAYER else ""]))
         return Decision(None, decision.rule, also) if also else decision
     notes = [tied] if tied else []
     if cand.idle:
         notes.append("not called in the example run (converted by its type)")
-    if cand.kind == "weight":
+    if cand.kind == Kind.WEIGHT:
         notes.append(f"weights only: {', '.join(sorted(set(cand.readers.values())))} takes no quantized input")
         if cand.experts:
             config = dataclasses.replace(config, granularity="channel")
@@ -119,7 +118,7 @@ def _adapt(cand: Candidate, decision: Decision) -> Decision:
     elif config.input_norm is not None and _input_features(cand) == 1:
         config = dataclasses.replace(config, input_norm=None)
         notes.append("no input norm: 1 input feature (normalizing it would erase the input)")
-    if cand.kind == "layer" and cand.readers:
+    if cand.kind == Kind.LAYER and cand.readers:
         fast = [r for r, op in cand.readers.items() if op in FAST_PATHS]
         reads = {r: op for r, op in cand.readers.items() if r not in fast}
         if fast:
@@ -143,7 +142,7 @@ def quantize(model: M, include: Any = None, exclude: Any = None, config: QuantCo
         include: which weights to convert: None (every candidate: weights that reach a matmul / conv-like op,
             as layers of registered types, functional calls or weight-only sites; embeddings are opt-in), or a
             list of selectors and `ternq.Rule` objects. The first matching rule decides a layer's config; plain
-            selectors use `config`. See `ternq.selectors` for the selector kinds.
+            selectors use `config`. See `ternq.find.selectors` for the selector kinds.
         exclude: selectors of layers to keep in float; exclude always wins over include.
         config: the default quantization config (`ternq.TernaryConfig()` when None).
         example_inputs: inputs to run the float model on once (a tensor, a tuple of positional arguments or a
@@ -176,10 +175,10 @@ def quantize(model: M, include: Any = None, exclude: Any = None, config: QuantCo
         ```
     """
     analysis, decisions = plan(model, include, exclude, config, example_inputs)
-    if include is None and not any(not c.optional and c.kind != "unknown" for c in analysis.candidates):
+    if include is None and not any(not c.optional and c.kind != Kind.UNKNOWN for c in analysis.candidates):
         raise _nothing_to_quantize(analysis)
     if strict:
-        unsure = [c.key for c in analysis.candidates if c.kind == "unknown"]
+        unsure = [c.key for c in analysis.candidates if c.kind == Kind.UNKNOWN]
         if unsure:
             raise ConversionError(
                 f"quantize(strict=True): {len(unsure)} weight(s) would stay float without a rule saying so, because "
@@ -221,12 +220,12 @@ def _apply(model: M, analysis: Analysis, decisions: dict[str, Decision]) -> M:
             sites.append(site_record(cand, decision))
             if decision.config is None:
                 continue
-            if cand.kind == "functional":
+            if cand.kind == Kind.FUNCTIONAL:
                 fq = FunctionalQuant(cand.op, cand.param, decision.config)  # type: ignore[arg-type]
                 functional.setdefault(cand.owner_name, []).append(fq)  # type: ignore[arg-type]
                 if "." not in cand.param:  # type: ignore[operator]
                     quantized.append((cand.module._parameters.get(cand.param), fq.read_value))  # type: ignore[arg-type]
-            elif cand.kind == "weight":
+            elif cand.kind == Kind.WEIGHT:
                 wq = WeightQuant(cand.param, decision.config, cand.out_dim)  # type: ignore[arg-type]
                 weights.setdefault(cand.owner_name, []).append(wq)  # type: ignore[arg-type]
                 quantized.append((cand.module._parameters.get(cand.param), wq.quantized))  # type: ignore[arg-type]
@@ -299,7 +298,7 @@ def _restore_class(module: nn.Module, before: tuple[type, object]) -> None:
 def site_record(cand: Candidate, decision: Decision) -> Site:
     """The `Site` record of a candidate and its decision."""
     return Site(cand.name, cand.key, cand.kind, cand.type_name, cand.n_params, decision.config, decision.rule,
-                cand.path, decision.reason, cand.out_dim if cand.kind != "layer" else _layer_out_dim(cand))
+                cand.path, decision.reason, cand.out_dim if cand.kind != Kind.LAYER else _layer_out_dim(cand))
 
 
 def _layer_out_dim(cand: Candidate) -> int:
@@ -350,7 +349,7 @@ def dequantize(model: M) -> M:
     """
     modules, _, refs = walk_modules(model)
     for name, module in modules.items():
-        if is_packed(module) or isinstance(module, (_PackedFunctional, _PackedWeight)):
+        if is_packed(module) or isinstance(module, (PackedFunctional, PackedWeightOnly)):
             raise ConversionError(
                 f"dequantize(): {name or 'the model'!r} is a packed inference layer (from load_packed), which holds "
                 "codes, not a float weight. Load the file with ternq.load_packed(path, float_skeleton, "

@@ -1,6 +1,6 @@
 """`report`: one row per candidate weight, saying what `quantize` decided and why, plus size totals.
 
-A converted model carries everything the report needs: the `ternq.sites.Site` record `quantize` (or
+A converted model carries everything the report needs: the `ternq.find.sites.Site` record `quantize` (or
 `load_packed`, from the file's manifest) left on it, one per candidate weight: its config or float, the rule
 that chose it, how it was found and the reason. On a float model, `report` is a dry run of `quantize` with the
 same arguments.
@@ -17,12 +17,12 @@ from ._text import aligned_table, human_bytes
 from .config import QuantConfig
 from .convert import plan, quantized_parts, site_record
 from .errors import AlreadyQuantizedError
-from .graph import describe_type
-from .layers import is_quantized, layer_spec
+from .find.graph import describe_type
+from .find.sites import Kind, Site, sites_of
+from .find.sites import join as _join
+from .qat.layers import is_quantized, layer_spec
+from .qat.weight_attr import latent_parameter
 from .runtime import is_packed
-from .sites import Site, sites_of
-from .sites import join as _join
-from .weight_attr import latent_parameter
 
 __all__ = ["Report", "ReportRow", "report"]
 
@@ -137,9 +137,7 @@ def _weight_keys(prefix: str, module: nn.Module) -> list[str]:
 
 def _packed_bytes(shape: tuple[int, ...], config: QuantConfig, out_dim: int) -> int:
     numel = math.prod(shape)
-    rows = shape[out_dim] if len(shape) > 1 else 1
-    fan_in = numel // max(rows, 1)
-    n_scales = {"tensor": 1, "channel": rows}.get(config.granularity, rows * math.ceil(fan_in / config.group_size))
+    n_scales = math.prod(config.scale_shape(shape, out_dim))
     return math.ceil(numel * config.bits_per_weight / 8) + n_scales * _SCALE_BYTES
 
 
@@ -164,7 +162,7 @@ def _entries(model: nn.Module, sites: list[tuple[str, Site]]) -> list[_Entry]:
     entries = []
     for prefix, site in sites:
         layer, key = _join(prefix, site.name), _join(prefix, site.key)
-        if site.kind == "layer":
+        if site.kind == Kind.LAYER:
             module = model.get_submodule(layer)
             if site.config is not None:
                 layer, module = _wrapped_layer(layer, module)
@@ -210,7 +208,7 @@ def _live_sites(model: nn.Module) -> list[tuple[str, Site]]:
     for name, module in model.named_modules():
         if is_quantized(module):
             spec = layer_spec(module)
-            sites.append(("", Site(name, _join(name, spec.weight_name), "layer", describe_type(module),
+            sites.append(("", Site(name, _join(name, spec.weight_name), Kind.LAYER, describe_type(module),
                                    sum(p.numel() for p in module.parameters()), module.qconfig,
                                    "-", "-", "no quantize() record: converted layer by layer",
                                    out_dim=spec.weight_out_dim)))

@@ -311,7 +311,7 @@ def test_in_memory_pack_is_the_file(tmp_path, mlp_file):
 
 
 def test_numpy_reader_without_torch(tmp_path):
-    """A device without torch decodes the file with ternq/numpy_format.py alone."""
+    """A device without torch decodes the file with ternq/format/reader.py alone."""
     model = mixed_qat()
     path = tmp_path / "m.safetensors"
     ternq.save_packed(model, path)
@@ -320,7 +320,7 @@ def test_numpy_reader_without_torch(tmp_path):
     script = textwrap.dedent(f"""
         import importlib.util, sys
         sys.modules["torch"] = None  # any import of torch now fails
-        spec = importlib.util.spec_from_file_location("nf", {str(ROOT / "ternq" / "numpy_format.py")!r})
+        spec = importlib.util.spec_from_file_location("nf", {str(ROOT / "ternq" / "format" / "reader.py")!r})
         nf = sys.modules["nf"] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(nf)
         import numpy as np
@@ -557,7 +557,7 @@ def test_corrupted_payload_leaves_the_skeleton_unchanged(mlp_file, offset):
 
 def test_load_frees_each_float_weight_before_decoding(mlp_file, monkeypatch):
     """While a layer's codes are decoded, its float weight is already gone (peak <= the float skeleton)."""
-    from ternq import fileformat
+    from ternq.format import torch as fileformat
 
     _, path = mlp_file
     skeleton = mlp()

@@ -14,9 +14,9 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrizations
 
 import ternq
-import ternq.layers
+import ternq.qat.layers
 from ternq import KBitConfig, QuantConfig, TernaryConfig, UnsupportedLayerError
-from ternq.layers import (
+from ternq.qat.layers import (
     QuantConvTranspose1d,
     QuantLinear,
     QuantMixin,
@@ -450,7 +450,7 @@ def _transposed_forward(m: TransposedLinear, x: Tensor, w: Tensor) -> Tensor:
 @pytest.fixture
 def registry(monkeypatch: pytest.MonkeyPatch) -> None:
     """Registrations made by a test are dropped after it."""
-    monkeypatch.setattr(ternq.layers, "_REGISTRY", dict(ternq.layers._REGISTRY))
+    monkeypatch.setattr(ternq.qat.layers, "_REGISTRY", dict(ternq.qat.layers._REGISTRY))
 
 
 def test_registered_transposed_layer_is_quantized_per_output_channel(registry: None) -> None:
@@ -483,7 +483,7 @@ def test_registered_transposed_layer_is_quantized_per_output_channel(registry: N
 
 def test_register_a_ready_quant_type(registry: None) -> None:
     class QuantTransposedLinear(QuantMixin, TransposedLinear):
-        _ternq_spec = ternq.layers.LayerSpec(TransposedLinear, _transposed_forward, weight_out_dim=1)
+        _ternq_spec = ternq.qat.layers.LayerSpec(TransposedLinear, _transposed_forward, weight_out_dim=1)
 
     assert ternq.register_layer(TransposedLinear, quant_type=QuantTransposedLinear) is QuantTransposedLinear
     assert type(to_quant_module(TransposedLinear(3, 2), TernaryConfig())) is QuantTransposedLinear
@@ -562,7 +562,7 @@ def test_torch_remove_parametrizations_leaves_a_plain_qat_layer() -> None:
     codes = q.weight_codes()[0]
     baked = q.weight.detach().clone()
     parametrize.remove_parametrizations(q, "weight")
-    assert type(q) is ternq.layers.QuantConv1d
+    assert type(q) is ternq.qat.layers.QuantConv1d
     assert isinstance(q._parameters["weight"], nn.Parameter)
     torch.testing.assert_close(q.float_weight(), baked)
     assert torch.equal(q.weight_codes()[0], codes)

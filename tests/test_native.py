@@ -1,4 +1,4 @@
-"""The native kernels (ternq/_kernels.c via ternq.native): build cache, clean degradation, kernel properties."""
+"""The native kernels (ternq/runtime/csrc/ternq_kernels.c via ternq.native): build cache, clean degradation, kernel properties."""
 from __future__ import annotations
 
 import hashlib
@@ -19,9 +19,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 from ternq import TernaryConfig, native
-from ternq.layers import layer_spec, to_quant_module
+from ternq.qat.layers import layer_spec, to_quant_module
 from ternq.runtime import packed_layer
-from ternq.storage import pack_rows
+from ternq.runtime.storage import pack_rows
 
 needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.status()}")
 needs_compiler = pytest.mark.skipif(native._compiler() is None, reason="no C compiler")
@@ -347,3 +347,29 @@ def test_native_env_is_read_case_insensitively(monkeypatch: pytest.MonkeyPatch, 
         monkeypatch.setenv(native.NATIVE_ENV, value)
         with pytest.raises(ValueError, match=f"{native.NATIVE_ENV}='{value}'.*off"):
             native.available()
+
+
+@needs_compiler
+def test_the_binding_is_checked_against_the_header(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """ternq_kernels.h is the one statement of the ABI number and the prototypes: the library reports the header's
+    number, and a ctypes signature that differs from a prototype raises at load (a mismatched signature would
+    pass wrong values, or corrupt memory, instead of failing), naming the function."""
+    header = native._HEADER.read_text()
+    abi = native._check_interface(header)
+    if native.library() is not None:
+        assert native.library().tq_abi_version() == abi
+    proto = "int tq_row_sums(const int8_t *w, int64_t N, int64_t K, int32_t *sums);"
+    assert proto in header
+    for bad, match in ((header.replace(proto, proto.replace("int64_t N", "int N")), "tq_row_sums as int"),
+                       (header.replace(proto, proto.replace("int tq_", "void tq_")), "tq_row_sums as int"),
+                       (header.replace(proto, ""), "does not declare"),
+                       (header.replace("#define TQ_ABI_VERSION", "#define TQ_ABI"), "TQ_ABI_VERSION")):
+        with pytest.raises(native.NativeInterfaceError, match=match):
+            native._check_interface(bad)
+    planted = tmp_path / "ternq_kernels.h"
+    planted.write_text(header.replace(proto, proto.replace("int64_t N", "int N")))
+    monkeypatch.setattr(native, "_HEADER", planted)
+    _fresh(monkeypatch, tmp_path / "cache")
+    monkeypatch.setenv(native.NATIVE_ENV, "1")
+    with pytest.raises(native.NativeInterfaceError, match="tq_row_sums"):
+        native.library()  # raised, not degraded to the eager fallback

@@ -10,8 +10,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ternq import FormatError, KBitConfig, TernaryConfig
+from ternq.format.encoding import (
+    encoding_for,
+    pack_codes,
+    pack_ternary,
+    packed_length,
+    unpack_codes,
+    unpack_ternary,
+)
 from ternq.numpy_format import ENCODINGS, TRIT5_DECODE, TRIT5_ENCODE, unpack_numpy
-from ternq.packing import encoding_for, pack_codes, pack_ternary, packed_length, unpack_codes, unpack_ternary
 
 RANGES = {name: (e.lo, e.hi) for name, e in ENCODINGS.items()}
 

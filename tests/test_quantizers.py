@@ -15,7 +15,7 @@ from hypothesis import given, settings
 
 import ternq
 from ternq import KBitConfig, QuantConfig, TernaryConfig
-from ternq.quantizers import (
+from ternq.qat.quantizers import (
     activation_scale,
     dequantize_weight,
     fake_quantize_activation,

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 from torch.nn.utils import parametrizations
 
+import ternq
 from ternq import (
     ArchitectureMismatchError,
     FormatError,
@@ -32,9 +33,8 @@ from ternq import (
     native,
     register_layer,
 )
-from ternq.layers import layer_spec, to_quant_module
 from ternq.native import NATIVE_ENV
-from ternq.packed_weight import PackedWeight
+from ternq.qat.layers import layer_spec, to_quant_module
 from ternq.runtime import (
     KERNEL_ENV,
     STORAGE_ENV,
@@ -45,7 +45,8 @@ from ternq.runtime import (
     packed_layer,
     resident_bytes,
 )
-from ternq.storage import pack_rows, unpack_rows
+from ternq.runtime.packed_weight import PackedWeight
+from ternq.runtime.storage import pack_rows, unpack_rows
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.nn.utils.weight_norm. is deprecated:FutureWarning",
                                         "ignore:Using padding='same':UserWarning")
@@ -328,7 +329,7 @@ def test_float_weight_is_released() -> None:
                  lambda: torch.nn.utils.weight_norm(nn.Linear(8, 8)), lambda: nn.Linear(8, 8)]
     for factory in factories:
         module = factory()
-        # the QAT reference runs on a plain copy: ternq.layers caches the QAT class of a parametrized module,
+        # the QAT reference runs on a plain copy: ternq.qat.layers caches the QAT class of a parametrized module,
         # and torch's parametrized class closes over its instance (which would keep the weight alive)
         plain = (nn.Conv1d(8, 8, 3) if isinstance(module, nn.Conv1d) else nn.Linear(8, 8))
         with torch.no_grad():
@@ -352,32 +353,42 @@ def test_float_weight_is_released() -> None:
 # --- kernel selection --------------------------------------------------------------------------------------
 
 
+def ran(layer: nn.Module, x: Tensor, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The kernels that computed ``layer(x)``, seen by wrapping the class's kernel registry (not read back from
+    `layer.kernel`, which reports a forced kernel whether or not it ran)."""
+    calls: list[str] = []
+    with monkeypatch.context() as m:
+        for name, impl in list(type(layer).kernel_impls.items()):
+            m.setitem(type(layer).kernel_impls, name,
+                      lambda *a, _k=impl, _n=name, **kw: calls.append(_n) or _k(*a, **kw))
+        with torch.no_grad():
+            layer(x)
+    return calls
+
+
 def test_kernel_selection_env_and_override(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
     layer = pack(nn.Linear(32, 16), TernaryConfig())
     x = torch.randn(4, 32)
     assert layer.kernel == "auto"
-    with torch.no_grad():
-        layer(x)
-    assert layer.kernel in PackedLinear.kernels
+    first = ran(layer, x, monkeypatch)
+    assert len(first) == 1 and first[0] in PackedLinear.kernels and layer.kernel == first[0]
     assert any(key[0][0] == "PackedLinear" for key in kernel_choices())
     monkeypatch.setenv(KERNEL_ENV, "weight_only")
-    with torch.no_grad():
-        layer(x)
-    assert layer.kernel == "weight_only"
+    assert ran(layer, x, monkeypatch) == ["weight_only"] and layer.kernel == "weight_only"
     monkeypatch.setenv(KERNEL_ENV, "int8")
-    with torch.no_grad():
-        layer(x)
-    assert layer.kernel == "int8_gemm"  # the layer's first integer kernel
+    assert ran(layer, x, monkeypatch) == ["int8_gemm"]  # the layer's first integer kernel
     monkeypatch.setenv(KERNEL_ENV, "fastest")
     with pytest.raises(ValueError, match=KERNEL_ENV):
         layer(x)
     monkeypatch.delenv(KERNEL_ENV)
     layer.kernel = "weight_only"  # a forced kernel wins over the environment
     monkeypatch.setenv(KERNEL_ENV, "int8")
-    with torch.no_grad():
-        layer(x)
-    assert layer.kernel == "weight_only"
+    assert ran(layer, x, monkeypatch) == ["weight_only"]
+    layer.kernel = "int8_gemv"
+    assert ran(layer, x, monkeypatch) == ["int8_gemv"]
+    layer.kernel = "auto"  # back to the environment's choice
+    assert ran(layer, x, monkeypatch) == ["int8_gemm"]
     with pytest.raises(ValueError, match="does not exist"):
         layer.kernel = "int8_taps"
     with pytest.raises(ValueError, match="act_bits=None"):
@@ -391,19 +402,19 @@ def test_kernel_selection_env_and_override(monkeypatch: pytest.MonkeyPatch) -> N
 
 def test_memoized_choice_follows_env_and_reset(monkeypatch: pytest.MonkeyPatch) -> None:
     """The per-layer memo of the last automatic choice never outlives what it depends on."""
-    import ternq.picker
     import ternq.runtime
+    import ternq.runtime.picker
 
     torch.manual_seed(0)
     layer = pack(nn.Linear(32, 16), TernaryConfig())
     asked = []
-    original = ternq.picker.choose
+    original = ternq.runtime.picker.choose
 
     def spy(*args, **kwargs):
         asked.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(ternq.picker, "choose", spy)
+    monkeypatch.setattr(ternq.runtime.picker, "choose", spy)
     ternq.runtime.reset_kernel_choices()
     x = torch.randn(4, 32)
     with torch.no_grad():
@@ -435,8 +446,8 @@ def test_first_call_times_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     for layer, x in zip(layers, inputs):
         calls = []
         for name in layer._applicable(x):
-            kernel = getattr(layer, "_k_" + name)
-            monkeypatch.setattr(layer, "_k_" + name,
+            kernel = layer.kernel_impls[name]
+            monkeypatch.setitem(layer.kernel_impls, name,
                                 lambda *a, _k=kernel, _n=name, _c=calls, **kw: _c.append(_n) or _k(*a, **kw))
         with torch.no_grad():
             layer(x)
@@ -446,7 +457,7 @@ def test_first_call_times_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize("vnni", [True, False])
 def test_picker_rules(vnni: bool) -> None:
-    from ternq import picker
+    from ternq.runtime import picker
 
     linear = ("int8_gemm", "int8_gemm_t", "int8_gemv", "weight_only")
     assert picker.choose(linear, 1, vnni) == "int8_gemv"
@@ -524,15 +535,15 @@ def test_qat_skeleton_repack_and_generic_layer() -> None:
 
 def test_long_inputs_run_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Time is cut into GEMM chunks of >= 64 steps; chunk borders must not show in the output."""
-    import ternq.kernels
+    import ternq.runtime.kernels
 
-    monkeypatch.setattr(ternq.kernels, "_CHUNK_BYTES", 1)  # the smallest chunks: 64 steps
+    monkeypatch.setattr(ternq.runtime.kernels, "_CHUNK_BYTES", 1)  # the smallest chunks: 64 steps
     torch.manual_seed(0)
     config = TernaryConfig(granularity="channel")
     assert_matches_qat(nn.Conv1d(6, 8, 5, padding=2), config, torch.randn(2, 6, 300))
     assert_matches_qat(nn.Conv1d(6, 8, 3, stride=2, dilation=3, padding=1), config, torch.randn(1, 6, 301))
     assert_matches_qat(nn.ConvTranspose1d(6, 4, 8, stride=4, padding=2), config, torch.randn(2, 6, 150))
-    monkeypatch.setattr(ternq.kernels, "_IM2COL_BYTES", 1)  # int8_im2col: chunks of 64 steps too
+    monkeypatch.setattr(ternq.runtime.kernels, "_IM2COL_BYTES", 1)  # int8_im2col: chunks of 64 steps too
     per_sample = TernaryConfig(granularity="channel", act_granularity="tensor")
     assert_matches_qat(nn.Conv1d(6, 8, 5, padding=2), per_sample, torch.randn(2, 6, 300))
     assert_matches_qat(nn.Conv1d(6, 8, 3, stride=2, dilation=3, padding=1, padding_mode="reflect"), per_sample,
@@ -586,9 +597,9 @@ def test_integer_activation_codes_are_the_qat_codes(act_bits: int, norm: str | N
 
 def test_inference_mode_then_no_grad() -> None:
     """Reused scratch buffers made under inference_mode stay usable in plain no_grad calls, and vice versa."""
-    import ternq.kernels
+    import ternq.runtime.kernels
 
-    ternq.kernels._SCRATCH.__dict__.pop("pool", None)  # the buffers are made in the first call below
+    ternq.runtime.kernels._SCRATCH.__dict__.pop("pool", None)  # the buffers are made in the first call below
     torch.manual_seed(0)
     config = TernaryConfig()
     conv = pack(nn.Conv1d(4, 4, 3, padding=1), config, kernel="int8_taps")
@@ -787,6 +798,12 @@ def test_non_finite_inputs_give_non_finite_outputs(arch_cache, kind: str, config
          per_out=3, k=4, stride=2, dilation=1, padding=1, length=5)
 @example(kind="conv_transpose1d", config=TernaryConfig(), empty="time", groups=1, per_in=2, per_out=3, k=4,
          stride=2, dilation=1, padding=1, length=5)
+@example(kind="conv_transpose1d", config=TernaryConfig(), empty="batch", groups=1, per_in=1, per_out=1, k=2,
+         stride=1, dilation=1, padding=1, length=1)  # output length 0: torch gives an empty output
+@example(kind="conv_transpose1d", config=TernaryConfig(), empty="both", groups=1, per_in=1, per_out=1, k=1,
+         stride=2, dilation=1, padding=0, length=1)  # output length -1: torch refuses it even for an empty batch
+@example(kind="conv1d", config=TernaryConfig(), empty="time", groups=1, per_in=1, per_out=1, k=1, stride=1,
+         dilation=1, padding=1, length=1)  # K == 1 (the hand-made int8 product): length 0 is refused too
 @given(kind=st.sampled_from(["linear", "conv1d", "conv_transpose1d", "embedding"]), config=configs,
        empty=st.sampled_from(["batch", "time", "both"]), **layer_shapes, length=st.integers(1, 12))
 def test_empty_batch_and_zero_length_like_qat(arch_cache, kind: str, config: QuantConfig, empty: str, groups: int, per_in: int,
@@ -826,3 +843,49 @@ def test_empty_batch_and_zero_length_like_qat(arch_cache, kind: str, config: Qua
                 assert y.shape == ref.shape and y.dtype == ref.dtype, (mode, storage, kernel)
                 if y.numel():
                     assert bool(torch.isfinite(y).all())
+
+
+class _FunctionalHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(32, 16)
+        self.w = nn.Parameter(torch.randn(8, 16) / 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(torch.relu(self.body(x)), self.w)
+
+
+def test_load_packed_takes_storage_and_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``load_packed(storage=, kernel=)``: the arguments decide; $TERNQ_STORAGE is the default storage and
+    $TERNQ_KERNEL overrides only "auto"; a bad value is refused before the skeleton is touched."""
+    torch.manual_seed(0)
+    monkeypatch.delenv(STORAGE_ENV, raising=False)
+    monkeypatch.delenv(KERNEL_ENV, raising=False)
+    packed = ternq.pack(ternq.quantize(_FunctionalHead()))
+    x = torch.randn(3, 32)
+    default = ternq.load_packed(packed, _FunctionalHead())
+    small = ternq.load_packed(packed, _FunctionalHead(), storage="packed")
+    assert default.body.storage == "int8" and small.body.storage == "packed"
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), default(x))
+    assert resident_bytes(small.body) < resident_bytes(default.body)
+    head = [m for m in small.modules() if type(m).__name__ == "PackedFunctional"]
+    assert len(head) == 1 and head[0]._runtime_linear().storage == "packed"  # the F.linear call's layer too
+    monkeypatch.setenv(STORAGE_ENV, "packed")
+    assert ternq.load_packed(packed, _FunctionalHead()).body.storage == "packed"
+    assert ternq.load_packed(packed, _FunctionalHead(), storage="int8").body.storage == "int8"
+    monkeypatch.delenv(STORAGE_ENV)
+
+    monkeypatch.setenv(KERNEL_ENV, "weight_only")
+    assert ran(ternq.load_packed(packed, _FunctionalHead(), kernel="int8").body, x, monkeypatch) == ["int8_gemm"]
+    monkeypatch.setenv(KERNEL_ENV, "int8")
+    assert ran(ternq.load_packed(packed, _FunctionalHead(), kernel="weight_only").body, x, monkeypatch) == \
+        ["weight_only"]
+    assert ran(ternq.load_packed(packed, _FunctionalHead(), kernel="auto").body, x, monkeypatch) == ["int8_gemm"]
+
+    skeleton = _FunctionalHead()
+    for bad, match in ((dict(storage="int4"), "storage='int4'"), (dict(kernel="fastest"), "kernel='fastest'"),
+                       (dict(kernel="int8_gemv"), "kernel='int8_gemv'")):
+        with pytest.raises(ValueError, match=match):
+            ternq.load_packed(packed, skeleton, **bad)
+    assert type(skeleton.body) is nn.Linear and not any(is_packed(m) for m in skeleton.modules())

@@ -6,7 +6,6 @@ across processes is training-loop policy (the BitTTS example has its own), not q
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -14,14 +13,7 @@ from torch import Tensor, nn
 
 import ternq
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny ops are fastest single-threaded, and a busy 2-core machine makes OpenMP threads wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 class NonFiniteLoss(AssertionError):

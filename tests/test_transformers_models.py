@@ -80,7 +80,7 @@ def test_gpt2_with_its_conv1d_registered():
             weight_out_dim=1)
         check(make, run, n_layers=8)  # 2 layers x (c_attn, c_proj, mlp.c_fc, mlp.c_proj)
     finally:
-        ternq.layers._REGISTRY.pop(Conv1D, None)
+        ternq.qat.layers._REGISTRY.pop(Conv1D, None)
 
 
 def test_llama_with_int4_attention():

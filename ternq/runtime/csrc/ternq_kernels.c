@@ -1,11 +1,11 @@
 /* ternq's native CPU kernels: one pass where eager torch needs many.
  *
  * Plain C99 with no torch headers, so it compiles in about a second with any C compiler and loads with ctypes
- * (ternq/native.py); every function works on raw float32 / int8 / int32 pointers of contiguous tensors. The
+ * (ternq/runtime/native.py, which binds the prototypes of ternq_kernels.h); every function works on raw float32 / int8 / int32 pointers of contiguous tensors. The
  * loops are written for the compiler's auto-vectorizer (-O3 -march=...): the innermost loop of each function
  * runs over contiguous memory.
  *
- * Numerics follow the eager reference (ternq.quantizers.normalize_input + activation_scale + round) op for op:
+ * Numerics follow the eager reference (ternq.qat.quantizers.normalize_input + activation_scale + round) op for op:
  * float32 throughout, two-pass mean / variance, 1 / sqrt, division by the scale, round half to even. Sums are
  * taken in blocks of 16 terms like torch's cascade sum, so the result usually matches torch bit for bit, but
  * torch's summation order is an implementation detail of its build: an activation code may differ by one
@@ -15,6 +15,8 @@
  * an Inf gets a NaN or Inf scale, and every output that reads it is NaN or Inf, as in the QAT layer. Its NaN
  * codes are written as qmax (tq_code): a NaN cast to an integer is undefined behaviour in C.
  */
+#include "ternq_kernels.h"
+
 #include <math.h>
 #include <stdint.h>
 #if defined(__AVX2__)
@@ -410,7 +412,7 @@ void tq_gemv_s8(const int8_t *x, const int8_t *w, const int32_t *wsum, int64_t M
  * width = ceil(K / 4), field p (bits 2p..2p+1, two's complement) of byte j is element p * width + j. The fields
  * are decoded in registers next to the multiply, so the weight is read at 2 bits per code and never unpacked
  * to memory. wsum: row sums of the codes (the +128 correction, as above). */
-void tq_gemv_2bit(const int8_t *x, const uint8_t *w2, const int32_t *wsum, int64_t M, int64_t N, int64_t K,
+static void tq_gemv_2bit(const int8_t *x, const uint8_t *w2, const int32_t *wsum, int64_t M, int64_t N, int64_t K,
                   uint8_t *xu, int32_t *acc) {
     const int64_t width = (K + 3) / 4;
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
@@ -713,14 +715,6 @@ int tq_conv1d_grouped(const uint8_t *xg, int64_t C4, int64_t Tp, const int8_t *w
     return 0;
 }
 
-int tq_conv1d_grouped_vectorized(void) {
-#ifdef TQ_CONV_VNNI
-    return 1;
-#else
-    return 0;
-#endif
-}
-
 /* Row sums of int8 codes w (N, K) into sums (int32), returning max |w|: what the unsigned-byte GEMV needs, without
  * the int32 copy of the whole weight that torch's sum(dtype=int32) makes. */
 int tq_row_sums(const int8_t *w, int64_t N, int64_t K, int32_t *sums) {
@@ -739,4 +733,4 @@ int tq_row_sums(const int8_t *w, int64_t N, int64_t K, int32_t *sums) {
     return wmax;
 }
 
-int tq_abi_version(void) { return 4; }
+int tq_abi_version(void) { return TQ_ABI_VERSION; }

@@ -12,7 +12,7 @@ A selector is one of
 * a graph-position selector, `output_layers`, read from the fx graphs.
 
 A `Rule` pairs a selector with its own config (e.g. 4-bit for the vocoder). Selectors only ever match
-*candidates* (`ternq.graph.Candidate`): modules of a registered type (by module name), functional calls and
+*candidates* (`ternq.find.graph.Candidate`): modules of a registered type (by module name), functional calls and
 weight-only sites on a parameter (by the weight's path; a type selector by the type of the module holding it).
 Opt-in types (``nn.Embedding``) become candidates only when an include rule names their type.
 """
@@ -27,11 +27,11 @@ from dataclasses import dataclass
 
 from torch import fx, nn
 
-from . import layers as _layers
-from .config import QuantConfig
-from .errors import SelectorError, UnsupportedLayerError
+from ..config import QuantConfig
+from ..errors import SelectorError, UnsupportedLayerError
+from ..qat import layers as _layers
+from ..qat.layers import layer_spec
 from .graph import Analysis, Candidate
-from .layers import layer_spec
 from .uses import compute_op, param_of, record_output_layers
 
 __all__ = ["Selector", "Rule", "OutputLayers", "output_layers", "Decision", "decide", "find_output_layers"]
@@ -63,7 +63,7 @@ def output_layers(of: str = "") -> OutputLayers:
 
     The answer is read from fx graphs. Where strict fx cannot trace a forward, its submodules are traced on
     their own and the forward itself is traced leniently (one path through its data-dependent control flow,
-    see `ternq.graph`). Where even that fails, the module is assumed to run its children in registration
+    see `ternq.find.graph`). Where even that fails, the module is assumed to run its children in registration
     order, so its output comes from its last child holding parameters. When that cannot tell either (the module
     holds its parameters itself), a `SelectorError` asks for a deeper `of`.
 

@@ -12,7 +12,6 @@ runs the layer with a given weight, and where its output channels and input feat
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import inspect
@@ -28,17 +27,19 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.spectral_norm import SpectralNorm as _SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm as _WeightNorm
 
-from .config import QuantConfig
-from .errors import AlreadyQuantizedError, UnsupportedLayerError
+from ..config import QuantConfig
+from ..errors import AlreadyQuantizedError, UnsupportedLayerError
 from .quantizers import (
     dequantize_weight,
     fake_quantize_weight,
     quantize_input,
     quantize_weight,
 )
+from .surgery import drop_legacy_weight, legacy_weight_hook, shallow_clone
 from .weight_attr import QuantizedWeight, latent
 
 __all__ = [
+    "quantize_layer_input",
     "LayerSpec",
     "QuantMixin",
     "QuantLinear",
@@ -83,6 +84,15 @@ class LayerSpec:
     optional: bool = False
 
 
+def quantize_layer_input(layer: nn.Module, x: Tensor, config: QuantConfig, spec: LayerSpec) -> Tensor:
+    """`layer`'s input normalization and activation fake-quantization: what a QAT layer applies and its packed
+    form reproduces (one function, so the two cannot drift)."""
+    if spec.feature_dim is None:
+        return x
+    batched = len(layer.kernel_size) + 2 if isinstance(layer, _ConvNd) else None
+    return quantize_input(x, config, spec.feature_dim, batched)
+
+
 class QuantMixin:
     """Forward of every QAT layer; the float class provides parameters and the rest of the behaviour."""
 
@@ -91,11 +101,7 @@ class QuantMixin:
 
     def quantize_input(self, x: Tensor) -> Tensor:
         """Input normalization and activation fake-quantization, as configured."""
-        dim = self._ternq_spec.feature_dim
-        if dim is None:
-            return x
-        batched = len(self.kernel_size) + 2 if isinstance(self, _ConvNd) else None
-        return quantize_input(x, self.qconfig, dim, batched)
+        return quantize_layer_input(self, x, self.qconfig, self._ternq_spec)  # type: ignore[arg-type]
 
     def float_weight(self) -> Tensor:
         """The effective float weight (after weight_norm / spectral_norm, before quantization).
@@ -105,7 +111,7 @@ class QuantMixin:
         weight_orig/u/v, without a power iteration) so that packing sees the current weight.
         """
         name = self._ternq_spec.weight_name
-        hook = _legacy_weight_hook(self, name)  # type: ignore[arg-type]
+        hook = legacy_weight_hook(self, name)  # type: ignore[arg-type]
         if isinstance(hook, _WeightNorm):
             return hook.compute_weight(self)
         if isinstance(hook, _SpectralNorm):
@@ -179,14 +185,6 @@ def take_input(spec: LayerSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) -
     if name is None or name not in kwargs:
         raise TypeError(f"{spec.float_type.__name__}.forward() missing its input argument {name or ''}".rstrip())
     return kwargs.pop(name), ()
-
-
-def _legacy_weight_hook(module: nn.Module, name: str) -> Any:
-    """The legacy ``torch.nn.utils.weight_norm`` / ``spectral_norm`` pre-hook computing `name`, if any."""
-    for hook in module._forward_pre_hooks.values():
-        if isinstance(hook, (_WeightNorm, _SpectralNorm)) and hook.name == name:
-            return hook
-    return None
 
 
 # --- built-in layer forwards -----------------------------------------------------------------------------------
@@ -371,19 +369,11 @@ def _quant_class_for(module: nn.Module) -> type[QuantMixin]:
     return type(f"{quant_type.__name__}Parametrized", (quant_type,), namespace)
 
 
-def _shallow_clone(module: nn.Module, cls: type) -> nn.Module:
-    """A new object of `cls` sharing parameters and submodules, with its own registries and hooks dicts,
-    so that changing the clone never changes `module` (conversion can be rolled back by keeping it)."""
-    clone = cls.__new__(cls)
-    clone.__dict__.update({k: copy.copy(v) if isinstance(v, dict) else v for k, v in module.__dict__.items()})
-    return clone
-
-
 def to_quant_module(module: nn.Module, config: QuantConfig) -> nn.Module:
     """The QAT version of `module` (shares its parameters; `module` itself is left unchanged)."""
     if isinstance(module, QuantMixin):
         raise AlreadyQuantizedError(f"{type(module).__name__} is already quantized (a ternq QAT layer)")
-    qmodule = _shallow_clone(module, _quant_class_for(module))
+    qmodule = shallow_clone(module, _quant_class_for(module))
     qmodule.qconfig = config
     return qmodule
 
@@ -398,7 +388,7 @@ def to_float_module(module: nn.Module) -> nn.Module:
     spec = module._ternq_spec
     with torch.no_grad():
         hard = module.hard_weight().detach().clone()
-    clone = _shallow_clone(module, spec.float_type)
+    clone = shallow_clone(module, spec.float_type)
     clone.__dict__.pop("qconfig", None)
     if parametrize.is_parametrized(module):
         # fold every parametrized tensor into a plain parameter (torch's remove_parametrizations would edit
@@ -407,15 +397,8 @@ def to_float_module(module: nn.Module) -> nn.Module:
         del clone._modules["parametrizations"]
         for name, value in folded.items():
             clone.register_parameter(name, nn.Parameter(value, requires_grad=False))
-    for hook_id, hook in list(clone._forward_pre_hooks.items()):
-        # legacy weight_norm / spectral_norm recompute the weight before every forward: drop them
-        if hook is _legacy_weight_hook(module, spec.weight_name):
-            del clone._forward_pre_hooks[hook_id]
-            for suffix in ("_g", "_v", "_orig", "_u"):
-                clone._parameters.pop(spec.weight_name + suffix, None)
-                clone._buffers.pop(spec.weight_name + suffix, None)
-            clone._state_dict_hooks.clear()
-            clone._load_state_dict_pre_hooks.clear()
+    # legacy weight_norm / spectral_norm recompute the weight before every forward: drop them
+    drop_legacy_weight(clone, module, spec.weight_name)
     clone.__dict__.pop(spec.weight_name, None)  # the legacy hooks' last computed weight
     clone._parameters.pop(spec.weight_name, None)
     clone.register_parameter(spec.weight_name, nn.Parameter(hard, requires_grad=module.float_weight().requires_grad))

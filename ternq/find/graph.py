@@ -41,8 +41,9 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
-from .errors import ConversionError
-from .layers import is_quantized, layer_spec
+from ..errors import ConversionError
+from ..qat.layers import is_quantized, layer_spec
+from .sites import Kind
 from .sites import join as _join
 from .uses import GROUPED_OPS, Use, graph_uses, native_uses, record_uses
 
@@ -92,7 +93,7 @@ class Candidate:
     layer_type: type[nn.Module]
     type_name: str
     path: str
-    kind: str = "layer"
+    kind: Kind = Kind.LAYER
     key: str = ""
     optional: bool = False
     op: str | None = None
@@ -106,19 +107,19 @@ class Candidate:
 
     @property
     def functional(self) -> bool:
-        return self.kind == "functional"
+        return self.kind == Kind.FUNCTIONAL
 
     @property
     def weight(self) -> torch.Tensor:
         """The weight as its layer or owner holds it (weight_norm's effective weight for a layer)."""
-        if self.kind == "layer":
+        if self.kind == Kind.LAYER:
             return getattr(self.module, layer_spec(self.module).weight_name)  # type: ignore[union-attr]
         return self.module.get_parameter(self.param)  # type: ignore[arg-type]
 
     @property
     def n_params(self) -> int:
         """Parameters the layer holds (weight_norm's g and v, bias included); the weight alone for the others."""
-        if self.kind == "layer":
+        if self.kind == Kind.LAYER:
             return sum(p.numel() for p in self.module.parameters())
         return self.weight.numel()
 
@@ -459,7 +460,7 @@ def analyze(root: nn.Module, example_inputs: Any = None) -> Analysis:
     for name, module in root.named_modules(remove_duplicate=False):
         module_names.setdefault(id(module), set()).add(name)
     for cand in analysis.candidates:
-        param = cand.module._parameters.get(layer_spec(cand.module).weight_name) if cand.kind == "layer" \
+        param = cand.module._parameters.get(layer_spec(cand.module).weight_name) if cand.kind == Kind.LAYER \
             else cand.module.get_parameter(cand.param)  # type: ignore[union-attr, arg-type]
         if param is not None:  # other modules holding the same tensor (not this module under another name)
             same = module_names.get(id(cand.module), set())
@@ -503,20 +504,20 @@ def _sites_from_uses(analysis: Analysis, uses: list[Use], layers: dict[str, Cand
                 and weight.dim() == (2 if use.op in ("linear", "addmm", "matmul") else weight.dim()):
             prefix = "F." if use.op in ("linear", "conv1d", "conv2d") else "torch."
             cand = Candidate(name=_join(use.reader, attr), module=reader, layer_type=_FUNCTIONAL_KINDS[use.op],
-                             type_name=f"{prefix}{use.op}", path=use.source, kind="functional", key=key, op=use.op,
+                             type_name=f"{prefix}{use.op}", path=use.source, kind=Kind.FUNCTIONAL, key=key, op=use.op,
                              param=attr, owner_name=use.reader, out_dim=use.out_dim)
             by_key[key] = cand
             out.setdefault(use.reader, []).append(cand)
             continue
         cand = by_key.get(key)
-        if cand is not None and cand.kind == "functional" and use.direct and use.op == cand.op \
+        if cand is not None and cand.kind == Kind.FUNCTIONAL and use.direct and use.op == cand.op \
                 and use.reader == cand.owner_name:
             continue  # the same call, seen by another source
-        if cand is None or cand.kind == "functional":
+        if cand is None or cand.kind == Kind.FUNCTIONAL:
             if cand is not None:  # used as F.linear's weight *and* otherwise: quantized wherever read instead
                 out[cand.owner_name].remove(cand)  # type: ignore[index]
             cand = Candidate(name=key, module=holder, layer_type=type(holder), type_name=type(holder).__name__,
-                             path=use.source, kind="weight", key=key, op=use.op, param=attr,
+                             path=use.source, kind=Kind.WEIGHT, key=key, op=use.op, param=attr,
                              owner_name=holder_name, out_dim=use.out_dim, optional=use.op in _LOOKUPS)
             by_key[key] = cand
             out.setdefault(holder_name, []).append(cand)
@@ -524,7 +525,7 @@ def _sites_from_uses(analysis: Analysis, uses: list[Use], layers: dict[str, Cand
         cand.experts = cand.experts or ((use.indexed or use.op in GROUPED_OPS) and weight.dim() >= 3)
         cand.optional = cand.optional and use.op in _LOOKUPS
     for cand in by_key.values():
-        if cand.kind == "weight":
+        if cand.kind == Kind.WEIGHT:
             ops = sorted(set(cand.readers.values()))
             cand.type_name = f"{type(cand.module).__name__}[{', '.join(ops)}{', experts' if cand.experts else ''}]"
     return out
@@ -543,7 +544,7 @@ def _unknown_weights(analysis: Analysis) -> list[Candidate]:
     """Parameters of 2+ dims no graph reads and no other source saw used (no example inputs were run): reported,
     kept float."""
     covered = {c.key for c in analysis.candidates}
-    layer_names = [c.name for c in analysis.candidates if c.kind == "layer"]
+    layer_names = [c.name for c in analysis.candidates if c.kind == Kind.LAYER]
     found = []
     for key, param in analysis.root.named_parameters():
         if param.dim() < 2 or key in covered or id(param) in analysis.seen:
@@ -554,6 +555,6 @@ def _unknown_weights(analysis: Analysis) -> list[Candidate]:
             continue
         holder = analysis.root.get_submodule(holder_name)
         found.append(Candidate(name=key, module=holder, layer_type=type(holder), type_name=type(holder).__name__,
-                               path="-", kind="unknown", key=key, param=key.rpartition(".")[2],
+                               path="-", kind=Kind.UNKNOWN, key=key, param=key.rpartition(".")[2],
                                owner_name=holder_name))
     return found

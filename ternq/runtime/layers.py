@@ -1,85 +1,26 @@
-"""Packed inference layers: ternary / k-bit weights kept as int8 codes (or 2/4-bit packed) plus scales.
-
-`packed_layer` turns a float layer plus its integer codes and scales into an inference layer that never holds a
-float copy of the weight and computes what the QAT layer computes in eval mode (input norm, absmax activation
-quantization, ``codes * scale`` weight). The modules here are thin: they hold the codes in the layout their
-kernels read, answer like the float layer (``.weight`` is a `ternq.packed_weight.PackedWeight` with the float
-weight's dtype / shape / device, hooks, state_dict keys) and send each call to one kernel:
-
-* `ternq.kernels`: the kernels, free functions (``int8_gemv`` / ``int8_gemm`` / ``int8_gemm_t`` for Linear,
-  ``int8_direct`` / ``int8_taps`` / ``int8_im2col`` for Conv1d, ``int8_taps`` for ConvTranspose1d, ``gather``
-  for Embedding), all starting from one activation quantizer and one convolution prelude;
-* `ternq.picker`: which kernel, from the CPU's features and the call's geometry, never by timing, so the first
-  call of a shape costs what a warm call costs; the decisions are recorded (`kernel_choices`);
-* `ternq.native`: the C kernels behind the fast paths (input norm + absmax + round in one pass, the direct
-  int8 convolution, the one-call GEMV), built once per machine, with an eager torch fallback;
-* `ternq.storage`: the in-memory sub-byte layout of ``storage="packed"``.
-
-``weight_only`` runs on any registered layer type: ``codes * scale`` dequantized for the call, in the input's
-dtype, and the layer's own float op (for Conv2d and layers trained without activation quantization it is the
-only kernel; a call that needs a gradient with respect to the input runs it too). Force a kernel per layer
-(``packed_layer(..., kernel=...)`` or ``layer.kernel = "weight_only"``) or for the process with
-``TERNQ_KERNEL`` = ``auto`` | ``weight_only`` | ``int8``.
-
-Storage (``storage=`` or ``TERNQ_STORAGE``). ``"int8"`` (default) keeps one int8 code per weight, already in the
-layout its kernels read: 1/4 of the float32 weight, and the fastest. ``"packed"`` keeps ternary and int2 codes
-at 2 bits and int3/int4 codes at 4 bits per weight (1/16 or 1/8 of float32; wider codes stay int8) and unpacks
-them to a transient int8 tensor in every call, about 0.1 ms per million weights on one core.
-
-Tolerance. The weight codes are identical to the QAT layer's and int32 accumulation is exact. The eager
-activation codes are the QAT layer's bit for bit; the native quantizer sums the norm's statistics in its own
-order, so an activation code may differ by one step where the normalized value lies within float32 rounding of
-a rounding boundary (`tests/test_runtime.py` allows at most one in a thousand, and no larger difference; on the
-shipped BitTTS model the native and eager waveforms differ by 50 dB SNR). Beyond that, kernels differ from the
-arithmetic on those codes only by float32 rounding: ``|y - y_ref| <= 1e-5 * (|x_q| @ |W_q|) + 1e-6``
-elementwise (``x_q``, ``W_q`` the fake-quantized input and weight), relative to the magnitude of the terms
-being summed. A NaN or Inf in a token gives it a non-finite activation scale, so the outputs reading it are
-non-finite on every kernel, as in the QAT layer; an empty batch gives the QAT layer's empty output
-(docs/runtime.md: limits, environment variables, the native kernel cache).
-
-Packed layers are for inference: the int8 kernels do not propagate gradients to the input (the bias still
-gets its gradient).
-"""
+"""The packed layer classes (`ternq.runtime` documents what they compute and their tolerance)."""
 from __future__ import annotations
 
-import copy
-import math
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from ..config import QuantConfig
+from ..errors import ArchitectureMismatchError, FormatError
+from ..qat.layers import LayerSpec, quantize_layer_input, take_input
+from ..qat.quantizers import dequantize_weight, quantize_weight
+from ..qat.surgery import drop_legacy_weight, legacy_weight_hook, shallow_clone
 from . import kernels, native, picker
-from .config import QuantConfig
-from .errors import ArchitectureMismatchError, FormatError
-from .layers import LayerSpec, QuantMixin, _legacy_weight_hook, take_input
-from .native import cpu_flags
 from .packed_weight import PackedWeight
 from .picker import KERNEL_ENV, WEIGHT_ONLY
-from .quantizers import dequantize_weight, quantize_weight
 from .storage import pack_rows, storage_bits, unpack_rows
 
-__all__ = [
-    "KERNEL_ENV",
-    "STORAGE_ENV",
-    "PackedLayer",
-    "PackedLinear",
-    "PackedConv1d",
-    "PackedConv2d",
-    "PackedConvTranspose1d",
-    "PackedEmbedding",
-    "packed_layer",
-    "is_packed",
-    "resident_bytes",
-    "kernel_choices",
-    "reset_kernel_choices",
-    "cpu_flags",
-]
-
 STORAGE_ENV = "TERNQ_STORAGE"
-_STORAGES = ("int8", "packed")
+STORAGES = ("int8", "packed")
 
 # ((layer class, geometry, storage), input bucket, dtype, device, threads) -> kernel name: a record of the
 # picker's decisions (`kernel_choices`), not a cache (the picker decides without timing)
@@ -88,7 +29,7 @@ _GENERATION = [0]
 
 
 def kernel_choices() -> dict[tuple[Any, ...], str]:
-    """A copy of the kernels picked so far (`ternq.picker`), keyed by layer geometry and input-shape bucket."""
+    """A copy of the kernels picked so far (`ternq.runtime.picker`), keyed by layer geometry and input-shape bucket."""
     return dict(_CHOICES)
 
 
@@ -105,16 +46,44 @@ def _pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
+_KERNEL_ATTR = "_ternq_kernel"
+_F = TypeVar("_F", bound=Callable[..., Tensor])
+
+
+def register_kernel(name: str) -> Callable[[_F], _F]:
+    """Registers a `PackedLayer` method as the kernel `name` of its class and subclasses (`kernel_impls`)."""
+    def mark(method: _F) -> _F:
+        setattr(method, _KERNEL_ATTR, name)
+        return method
+    return mark
+
+
 class PackedLayer:
     """Inference forward of every packed layer; the float class provides the layer's other attributes.
 
     Like the QAT layers, ``PackedLinear`` *is* an ``nn.Linear`` (same bias, hooks and hyperparameters), minus the
     float weight: it holds ``ternq_codes`` (int8 codes in the kernel's layout, or packed bytes) and ``scale``
-    (float32, the stored shape of `ternq.quantizers.weight_scale`), both non-persistent buffers, so
+    (float32, the stored shape of `ternq.qat.quantizers.weight_scale`), both non-persistent buffers, so
     ``state_dict()`` carries only the float parameters left (bias); `ternq.pack` reads ``.codes`` / ``.scale``.
     """
 
     kernels: tuple[str, ...] = (WEIGHT_ONLY,)  # in preference order; subclasses add integer kernels
+    #: kernel name -> its implementation (a method marked ``@register_kernel(name)`` on the class or a base): the registry
+    #: `forward` dispatches through, checked against `kernels` when the class is made
+    kernel_impls: ClassVar[dict[str, Callable[..., Tensor]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        impls: dict[str, Callable[..., Tensor]] = {}
+        for klass in reversed(cls.__mro__):
+            for attr in vars(klass).values():
+                name = getattr(attr, _KERNEL_ATTR, None)
+                if name is not None:
+                    impls[name] = attr
+        missing = [name for name in cls.kernels if name not in impls]
+        if missing and issubclass(cls, nn.Module):  # a concrete layer (not a mixin like _PackedConv1dBase)
+            raise TypeError(f"{cls.__name__}.kernels names {missing} but no method is marked @register_kernel(...) for them")
+        cls.kernel_impls = impls
     qconfig: QuantConfig
     spec: LayerSpec
     storage: str
@@ -127,11 +96,10 @@ class PackedLayer:
                      kernel: str | None, storage: str | None, float_dtype: torch.dtype = torch.float32) -> None:
         self.qconfig = config
         self.spec = spec
-        self._ternq_spec = spec  # what QuantMixin.quantize_input reads
         self._weight_shape = tuple(codes.shape)
         storage = storage if storage is not None else os.environ.get(STORAGE_ENV, "int8").strip() or "int8"
-        if storage not in _STORAGES:
-            raise ValueError(f"storage={storage!r}: expected one of {_STORAGES} (or set {STORAGE_ENV})")
+        if storage not in STORAGES:
+            raise ValueError(f"storage={storage!r}: expected one of {STORAGES} (or set {STORAGE_ENV})")
         self.storage = storage
         self._int8_layout = self._integer_kernel_possible()
         layout = (self._to_layout(codes) if self._int8_layout else codes).contiguous()
@@ -142,8 +110,11 @@ class PackedLayer:
         self.register_buffer("scale", scale.to(torch.float32).contiguous(), persistent=False)  # type: ignore[attr-defined]
         self.float_dtype = float_dtype  # the float weight's dtype: the output dtype of integer-index inputs
         self._forced: str | None = None
+        self._policy: str | None = None  # "int8": an integer kernel wherever one fits (`picker.pick`)
         self._last: str | None = None
-        if kernel is not None and kernel != "auto":
+        if kernel == "int8":
+            self._policy = kernel
+        elif kernel is not None and kernel != "auto":
             self.kernel = kernel
 
     def _integer_kernel_possible(self) -> bool:
@@ -224,7 +195,8 @@ class PackedLayer:
 
     def _set_codes(self, codes: Tensor, scale: Tensor) -> None:
         """Replace the stored codes and scales (same shapes), in this layer's layout and storage."""
-        self._init_packed(codes.to(torch.int8), scale, self.qconfig, self.spec, self._forced, self.storage,
+        self._init_packed(codes.to(torch.int8), scale, self.qconfig, self.spec, self._forced or self._policy,
+                          self.storage,
                           self.float_dtype)
         self.__dict__.pop("_memo", None)
 
@@ -284,7 +256,7 @@ class PackedLayer:
     def _pick_uncached(self, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
         applicable = self._applicable(x)
         rows = x.numel() // max(x.shape[-1], 1) if x.dim() else 1
-        choice = picker.pick(applicable, rows, forced=self._forced, needs_grad=torch.is_grad_enabled() and
+        choice = picker.pick(applicable, rows, forced=self._forced, policy=self._policy, needs_grad=torch.is_grad_enabled() and
                              x.requires_grad, owner=f"{type(self).__name__} (input {tuple(x.shape)}, {x.dtype})")
         geometry = self.__dict__.get("_geometry_key")
         if geometry is None:
@@ -299,27 +271,28 @@ class PackedLayer:
         if torch.jit.is_tracing() or torch.compiler.is_compiling():
             # a traced / compiled / exported graph records torch ops only: a native kernel (a ctypes call) and the
             # per-shape kernel choice would not be in it. The reference path is torch ops on the same codes.
-            return self._k_weight_only(x, *args, **kwargs)
+            return self.kernel_impls[WEIGHT_ONLY](self, x, *args, **kwargs)
         name = self._pick(x, args, kwargs)
         self.__dict__["_last"] = name  # not nn.Module.__setattr__: ~8 us per call with caches cold
-        return getattr(self, "_k_" + name)(x, *args, **kwargs)
+        return self.kernel_impls[name](self, x, *args, **kwargs)
 
     def quantize_input(self, x: Tensor) -> Tensor:
         """The QAT layer's input normalization and activation fake-quantization (float)."""
-        return QuantMixin.quantize_input(self, x)  # type: ignore[arg-type]
+        return quantize_layer_input(self, x, self.qconfig, self.spec)  # type: ignore[arg-type]
 
     def _native_ok(self, x: Tensor) -> bool:
         """Whether the native kernels can take this input (float32 on CPU, codes of at most 8 bits)."""
         return kernels.native_ok(x, self.qconfig, getattr(self, "bias", None))
 
     def _quantize_int8(self, x: Tensor, dim: int, pad: tuple[int, int] = (0, 0)) -> tuple[Tensor, Tensor]:
-        """`ternq.kernels.quantize_activations` with this layer's config."""
+        """`ternq.runtime.kernels.quantize_activations` with this layer's config."""
         return kernels.quantize_activations(x, self.qconfig, dim, pad)
 
     def _quantize_eager(self, x: Tensor, dim: int) -> tuple[Tensor, Tensor]:
-        """`ternq.kernels.quantize_eager` with this layer's config (the QAT layer's codes, bit for bit)."""
+        """`ternq.runtime.kernels.quantize_eager` with this layer's config (the QAT layer's codes, bit for bit)."""
         return kernels.quantize_eager(x, self.qconfig, dim)
 
+    @register_kernel("weight_only")
     def _k_weight_only(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         dtype = x.dtype if x.is_floating_point() else self.float_dtype
         w = self.dequantized_weight(dtype)
@@ -350,6 +323,7 @@ class PackedLinear(PackedLayer, nn.Linear):
             return ("int8_gemm", "int8_gemm_t", WEIGHT_ONLY)
         return (WEIGHT_ONLY,)
 
+    @register_kernel("int8_gemv")
     def _k_int8_gemv(self, x: Tensor) -> Tensor:
         if self._bits == 2 and native.vnni():  # 2-bit storage: the VNNI GEMV decodes the stored bytes itself
             return kernels.linear_gemv(x, self.ternq_codes, self._wsum(None), self.scale, self.bias, self.qconfig)
@@ -370,9 +344,11 @@ class PackedLinear(PackedLayer, nn.Linear):
     def _bucket(self, x: Tensor) -> tuple[int, ...]:
         return (_pow2(x.numel() // max(x.shape[-1], 1)),)
 
+    @register_kernel("int8_gemm")
     def _k_int8_gemm(self, x: Tensor) -> Tensor:
         return kernels.linear_int8(x, self._layout_codes(), self.scale, self.bias, self.qconfig, weight_first=False)
 
+    @register_kernel("int8_gemm_t")
     def _k_int8_gemm_t(self, x: Tensor) -> Tensor:
         return kernels.linear_int8(x, self._layout_codes(), self.scale, self.bias, self.qconfig, weight_first=True)
 
@@ -459,6 +435,7 @@ class PackedConv1d(_PackedConv1dBase, nn.Conv1d):
         groups, k, out_g, in_g = stored.shape
         return stored.permute(0, 2, 3, 1).reshape(groups * out_g, in_g, k)
 
+    @register_kernel("int8_direct")
     def _k_int8_direct(self, x: Tensor) -> Tensor:
         weight = self._layout_codes()
         if self._im2col():  # per-sample layout (groups, out, in * k): the tap-major copy for this call
@@ -466,10 +443,12 @@ class PackedConv1d(_PackedConv1dBase, nn.Conv1d):
             weight = weight.view(groups, out_g, -1, self.kernel_size[0]).permute(0, 3, 1, 2).contiguous()
         return kernels.conv1d_direct(x, weight, self.scale, self.bias, self.qconfig, self._conv_geometry())
 
+    @register_kernel("int8_taps")
     def _k_int8_taps(self, x: Tensor) -> Tensor:
         return kernels.conv1d_taps(x, self._layout_codes(), self.scale, self.bias, self.qconfig,
                                    self._conv_geometry())
 
+    @register_kernel("int8_im2col")
     def _k_int8_im2col(self, x: Tensor) -> Tensor:
         return kernels.conv1d_im2col(x, self._layout_codes(), self.scale, self.bias, self.qconfig,
                                      self._conv_geometry())
@@ -486,6 +465,7 @@ class PackedConvTranspose1d(_PackedConv1dBase, nn.ConvTranspose1d):
         groups, k, out_g, in_g = stored.shape
         return stored.permute(0, 3, 2, 1).reshape(groups * in_g, out_g, k)
 
+    @register_kernel("int8_taps")
     def _k_int8_taps(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
         output_padding = self._output_padding(x, output_size, self.stride, self.padding, self.kernel_size, 1,
                                               self.dilation)
@@ -508,6 +488,7 @@ class PackedEmbedding(PackedLayer, nn.Embedding):
     def _applicable(self, x: Tensor) -> tuple[str, ...]:
         return self.kernels if self.max_norm is None else (WEIGHT_ONLY,)  # max_norm renormalizes the table
 
+    @register_kernel("gather")
     def _k_gather(self, x: Tensor) -> Tensor:
         return kernels.embedding_gather(x, self.ternq_codes, self._bits, self._layout_shape[-1], self.scale,
                                         self.qconfig, self.float_dtype)
@@ -546,7 +527,7 @@ def _weight_shape(module: nn.Module, name: str) -> tuple[int, ...] | None:
     if parametrize.is_parametrized(module, name):  # a parametrization may reshape: ask it (one transient weight)
         with torch.no_grad():
             return tuple(getattr(module, name).shape)
-    hook = _legacy_weight_hook(module, name)
+    hook = legacy_weight_hook(module, name)
     if hook is not None:
         for suffix in ("_orig", "_v"):
             t = getattr(module, name + suffix, None)
@@ -563,7 +544,7 @@ def _weight_dtype(module: nn.Module, name: str) -> torch.dtype:
     if parametrize.is_parametrized(module, name):
         originals = [t for t in module.parametrizations[name].parameters()]  # type: ignore[union-attr,index]
         return originals[0].dtype if originals else torch.float32
-    hook = _legacy_weight_hook(module, name)
+    hook = legacy_weight_hook(module, name)
     if hook is not None:
         for suffix in ("_v", "_orig"):
             t = getattr(module, name + suffix, None)
@@ -571,16 +552,6 @@ def _weight_dtype(module: nn.Module, name: str) -> torch.dtype:
                 return t.dtype
     t = module._parameters.get(name, module._buffers.get(name, getattr(module, name, None)))
     return t.dtype if isinstance(t, Tensor) and t.is_floating_point() else torch.float32
-
-
-def _expected_scale_shape(shape: tuple[int, ...], config: QuantConfig, out_dim: int) -> tuple[int, ...]:
-    rows = 1 if len(shape) <= 1 else shape[out_dim]
-    fan_in = math.prod(shape) // max(rows, 1)
-    if config.granularity == "tensor":
-        return (1,)
-    if config.granularity == "channel":
-        return (rows,)
-    return (rows, -(-fan_in // config.group_size))
 
 
 def _strip_float_weight(layer: nn.Module, source: nn.Module, name: str) -> None:
@@ -591,16 +562,7 @@ def _strip_float_weight(layer: nn.Module, source: nn.Module, name: str) -> None:
         del layer._modules["parametrizations"]
         for other in others:
             layer.register_parameter(other, nn.Parameter(getattr(source, other).detach(), requires_grad=False))
-    hook = _legacy_weight_hook(source, name)
-    if hook is not None:
-        for hook_id, h in list(layer._forward_pre_hooks.items()):
-            if h is hook:
-                del layer._forward_pre_hooks[hook_id]
-        for suffix in ("_g", "_v", "_orig", "_u"):
-            layer._parameters.pop(name + suffix, None)
-            layer._buffers.pop(name + suffix, None)
-        layer._state_dict_hooks.clear()
-        layer._load_state_dict_pre_hooks.clear()
+    drop_legacy_weight(layer, source, name)
     layer.__dict__.pop(name, None)
     layer._parameters.pop(name, None)
     layer._buffers.pop(name, None)
@@ -633,13 +595,13 @@ def packed_layer(float_module: nn.Module, codes: Tensor, scale: Tensor, config: 
         float_module: the skeleton's layer (float or QAT); its bias, hyperparameters and hooks are reused, its
             float weight is not referenced by the result.
         codes: integer codes in the weight's shape, within [-qmax, qmax] of `config`.
-        scale: float scales in their stored shape (see `ternq.quantizers.weight_scale`).
+        scale: float scales in their stored shape (see `ternq.qat.quantizers.weight_scale`).
         config: the layer's quantization config (granularity, act_bits, input_norm as trained).
-        spec: the layer type's `LayerSpec` (`ternq.layers.layer_spec(float_module)`).
-        kernel: "auto" (default: fastest measured per input shape), "weight_only", or a kernel of the layer's
-            class (``PackedLinear.kernels`` ...).
-        storage: "int8" (default; fastest) or "packed" (2 / 4 bits per weight, unpacked per call);
-            defaults to ``$TERNQ_STORAGE``.
+        spec: the layer type's `LayerSpec` (`ternq.qat.layers.layer_spec(float_module)`).
+        kernel: "auto" (default: the picker's choice per call), "int8" (an integer kernel wherever one
+            applies), "weight_only", or a kernel of the layer's class (``PackedLinear.kernels`` ...).
+        storage: "int8" (fastest) or "packed" (2 / 4 bits per weight, unpacked per call); None: the
+            environment's, else "int8" (docs/runtime.md).
     """
     if not isinstance(float_module, nn.Module):
         raise TypeError(f"packed_layer: float_module must be an nn.Module, got {type(float_module).__name__}")
@@ -654,7 +616,7 @@ def packed_layer(float_module: nn.Module, codes: Tensor, scale: Tensor, config: 
     if shape is not None and tuple(codes.shape) != shape:
         raise ArchitectureMismatchError(f"packed_layer: codes of shape {tuple(codes.shape)} do not fit "
                                         f"{type(float_module).__name__}.{name} of shape {shape}")
-    expected = _expected_scale_shape(tuple(codes.shape), config, spec.weight_out_dim)
+    expected = config.scale_shape(tuple(codes.shape), spec.weight_out_dim)
     if tuple(scale.shape) != expected:
         raise FormatError(f"packed_layer: scale of shape {tuple(scale.shape)} for granularity "
                           f"{config.granularity!r} of a weight {tuple(codes.shape)}; expected {expected}")
@@ -672,10 +634,7 @@ def packed_layer(float_module: nn.Module, codes: Tensor, scale: Tensor, config: 
             raise ValueError(f"packed_layer: {type(float_module).__name__} already has a member {attr!r}, which "
                              "a packed layer needs for its own storage")
     cls = _packed_class(spec.float_type)
-    layer = cls.__new__(cls)
-    # copies of the float module's dicts, of their own type: hook dicts are OrderedDicts, which
-    # register_forward_hook's RemovableHandle references weakly (a plain dict copy broke every hook registration)
-    layer.__dict__.update({k: copy.copy(v) if isinstance(v, dict) else v for k, v in float_module.__dict__.items()})
+    layer = shallow_clone(float_module, cls)
     _strip_float_weight(layer, float_module, name)  # type: ignore[arg-type]
     for attr in ("ternq_codes", "scale"):
         layer._buffers.pop(attr, None)

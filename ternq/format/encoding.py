@@ -1,6 +1,6 @@
 """Packing integer weight codes into bytes, in torch: the "weight indexing" of BitTTS and k-bit layouts.
 
-Encodings (byte layouts in docs/format.md; the numpy decoder is `ternq.numpy_format.unpack_numpy`):
+Encodings (byte layouts in docs/format.md; the numpy decoder is `ternq.format.reader.unpack_numpy`):
 
 * ``trit5``: 5 ternary codes per byte (3**5 = 243 <= 256), 1.6 bits per weight against log2(3) = 1.585.
   The five codes form a base-3 number v (first code most significant) stored scaled to the byte range,
@@ -24,8 +24,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .config import QuantConfig
-from .numpy_format import (
+from ..config import QuantConfig
+from .reader import (
     ENCODINGS,
     TRIT5_ENCODE,
     Encoding,
@@ -105,7 +105,7 @@ def unpack_codes(packed: Tensor, encoding: str, count: int, *, qmax: int | None 
     Raises FormatError (naming `what`) when the payload has the wrong dtype or length, holds a byte no encoder
     writes, a code outside ``[-qmax, qmax]`` (default: the encoding's range) or non-zero padding.
 
-    The work is done by `ternq.numpy_format.unpack_numpy` on the tensor's memory (no copy either way): its
+    The work is done by `ternq.format.reader.unpack_numpy` on the tensor's memory (no copy either way): its
     byte-pair table lookup measured about twice as fast as torch's ``index_select`` on a 256-row table
     (benchmarks/bench_packing.py).
     """

@@ -1,6 +1,6 @@
 """Sub-byte storage of integer codes in memory (``storage="packed"``): 2 bits per ternary / int2 code, 4 bits up
 to int4, planar within each row so that unpacking is a few whole-row shifts and rows stay separately addressable
-(an Embedding gathers packed rows). The file format's 5-trits-per-byte encoding is `ternq.packing`'s concern;
+(an Embedding gathers packed rows). The file format's 5-trits-per-byte encoding is `ternq.format.encoding`'s concern;
 this is the runtime's in-memory layout.
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .config import QuantConfig
+from ..config import QuantConfig
 
 __all__ = ["storage_bits", "pack_rows", "unpack_rows"]
 

@@ -7,15 +7,36 @@ parameter's name and config).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 
 from torch import nn
 
-from .config import QuantConfig
+from ..config import QuantConfig
 
-__all__ = ["Site", "SITES", "sites_of", "join", "relative"]
+__all__ = ["Kind", "Site", "SITES", "sites_of", "join", "relative"]
 
 #: plain attribute of a converted module: its list of `Site`
 SITES = "_ternq_sites"
+
+
+class Kind(StrEnum):
+    """What holds a quantized weight; every stage (find, quantize, pack, load, report) dispatches on it.
+
+    A `StrEnum`, so it prints and compares as its value ("layer" == Kind.LAYER) and the file format, which
+    stores a record's ``type`` and not its kind, is unchanged.
+    """
+
+    LAYER = "layer"  #: a module of a registered layer type: QAT layer, inputs quantized too
+    FUNCTIONAL = "functional"  #: a parameter a forward passes to ``F.linear`` / ``F.conv1d`` / ...: call quantized
+    WEIGHT = "weight"  #: a parameter read some other way: only the weight is quantized
+    UNKNOWN = "unknown"  #: a parameter whose use ternq could not see (kept float unless asked)
+
+    @classmethod
+    def of_type(cls, type_name: str) -> Kind:
+        """The kind of a packed file's record from its ``type``: "weight", "F.<op>" or a layer class's name."""
+        if type_name == "weight":
+            return cls.WEIGHT
+        return cls.FUNCTIONAL if type_name.startswith("F.") else cls.LAYER
 
 
 @dataclass(frozen=True)
@@ -25,7 +46,7 @@ class Site:
     Attributes:
         name: what selectors matched (a layer's module name, or the weight's path for the other kinds).
         key: the weight's state_dict key, relative to the converted module.
-        kind: "layer", "functional", "weight" or "unknown" (see `ternq.graph.Candidate`).
+        kind: what holds the weight (`Kind`).
         type: the layer type the report shows.
         params: parameters the layer holds (the weight alone for the other kinds).
         config: the config applied (after kind-specific changes), None when kept float.
@@ -37,7 +58,7 @@ class Site:
 
     name: str
     key: str
-    kind: str
+    kind: Kind
     type: str
     params: int
     config: QuantConfig | None

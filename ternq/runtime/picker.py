@@ -1,8 +1,7 @@
 """Which kernel a packed layer runs: decided from the CPU's features and the call's geometry, never by timing.
 
-Timing every applicable kernel on the first call of each input shape (what ternq did before) made a one-shot
-process pay for autotuning: the first synthesis of a new sentence length ran 6x slower than a warm one. The
-rules below encode what docs/benchmarks.md measured instead, so the first call runs the kernel a warm call runs:
+Deciding without timing means a one-shot process pays nothing for autotuning: the first call of a shape runs
+the kernel a warm call runs (CHANGELOG.md: what timing cost). The rules encode what docs/benchmarks.md measured:
 
 * an integer kernel whenever the layer has one for this input: with the native quantizer and epilogues it beat
   ``weight_only`` (which rebuilds the float weight every call) on every measured shape, with and without VNNI;
@@ -19,11 +18,11 @@ from functools import cache
 
 from . import native
 
-__all__ = ["KERNEL_ENV", "GEMM_T_ROWS", "gemv_rows", "choose", "pick"]
+__all__ = ["KERNEL_ENV", "KERNEL_POLICIES", "GEMM_T_ROWS", "gemv_rows", "choose", "pick"]
 
 KERNEL_ENV = "TERNQ_KERNEL"
 WEIGHT_ONLY = "weight_only"
-_ENV_KERNELS = ("auto", WEIGHT_ONLY, "int8")
+KERNEL_POLICIES = ("auto", WEIGHT_ONLY, "int8")  # what load_packed(kernel=) and $TERNQ_KERNEL accept
 GEMM_T_ROWS = 64  # int8_gemm_t up to this many rows, int8_gemm beyond (1 thread, docs/benchmarks.md)
 
 
@@ -51,11 +50,12 @@ def choose(applicable: tuple[str, ...], rows: int, vnni: bool | None = None) -> 
     return integer[0]
 
 
-def pick(applicable: tuple[str, ...], rows: int, *, forced: str | None = None, needs_grad: bool = False,
-         owner: str = "packed layer") -> str:
+def pick(applicable: tuple[str, ...], rows: int, *, forced: str | None = None, policy: str | None = None,
+         needs_grad: bool = False, owner: str = "packed layer") -> str:
     """The kernel a call runs: the layer's forced kernel (checked against what can compute this call), else
-    ``weight_only`` where the input needs a gradient or ``$TERNQ_KERNEL=weight_only``, else the first integer
-    kernel for ``$TERNQ_KERNEL=int8``, else `choose`."""
+    ``weight_only`` where the input needs a gradient or the policy is "weight_only", else the first integer
+    kernel for the policy "int8", else `choose`. The policy is the layer's (``kernel="int8"``), else
+    ``$TERNQ_KERNEL``, else "auto"."""
     if forced is not None:
         if forced not in applicable:
             raise ValueError(f"{owner}: kernel={forced!r} cannot compute this input; applicable: {applicable}")
@@ -63,9 +63,9 @@ def pick(applicable: tuple[str, ...], rows: int, *, forced: str | None = None, n
             raise RuntimeError(f"kernel {forced!r} is inference-only and gives no gradient to the input: run under "
                                f"torch.no_grad() or use kernel={WEIGHT_ONLY!r}")
         return forced
-    env = os.environ.get(KERNEL_ENV, "auto").strip() or "auto"
-    if env not in _ENV_KERNELS:
-        raise ValueError(f"{KERNEL_ENV}={env!r}: expected one of {_ENV_KERNELS}")
+    env = policy if policy is not None else os.environ.get(KERNEL_ENV, "auto").strip() or "auto"
+    if env not in KERNEL_POLICIES:
+        raise ValueError(f"{KERNEL_ENV}={env!r}: expected one of {KERNEL_POLICIES}")
     if env == WEIGHT_ONLY or needs_grad:
         return WEIGHT_ONLY
     integer = [k for k in applicable if k != WEIGHT_ONLY]

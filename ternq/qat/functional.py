@@ -1,6 +1,6 @@
 """Quantizing functional calls: ``F.linear(x, self.weight)`` / ``F.conv1d`` / ``F.conv2d`` on a parameter.
 
-Such a layer has no module object to swap. fx finds the call (see `ternq.graph`); at run time ternq must change
+Such a layer has no module object to swap. fx finds the call (see `ternq.find.graph`); at run time ternq must change
 what it computes while keeping the model's class, methods and state_dict. Two designs were possible:
 
 1. rewrite the owner's forward from the fx graph (replace the call node, recompile, rebind ``forward``);
@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from .config import QuantConfig
-from .errors import ConversionError
+from ..config import QuantConfig
+from ..errors import ConversionError
 from .quantizers import (
     dequantize_weight,
     fake_quantize_weight,
@@ -63,7 +63,7 @@ class FunctionalQuant(nn.Module):
     ``torch.matmul(x, W)``, as transformers' GPT-2 ``Conv1D`` computes); holds settings, no tensors.
 
     Computes the op on the normalized, fake-quantized input and the fake-quantized weight, exactly as the QAT
-    layers do (`ternq.layers.QuantMixin`). A parameter of the owner itself reads as its quantized value
+    layers do (`ternq.qat.layers.QuantMixin`). A parameter of the owner itself reads as its quantized value
     everywhere (`quantized`, installed by `quantize_reads`): the call then only quantizes its input.
     """
 

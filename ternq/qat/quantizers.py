@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .config import QuantConfig
+from ..config import QuantConfig
 
 __all__ = [
     "weight_scale",
@@ -175,7 +175,7 @@ def normalize_input(x: Tensor, kind: str | None, dim: int, eps: float = 1e-5) ->
     raise ValueError(f"input_norm={kind!r}: expected 'layernorm', 'rmsnorm' or None")
 
 
-def _sample_dims(x: Tensor) -> tuple[int, ...]:
+def sample_dims(x: Tensor) -> tuple[int, ...]:
     """Dims one per-sample scale covers: all but the batch dim (3+ dims), or all of a 1-D / 2-D input."""
     return tuple(range(1, x.dim())) if x.dim() >= 3 else tuple(range(x.dim()))
 
@@ -187,7 +187,7 @@ def activation_scale(x: Tensor, bits: int, dim: int, eps: float = 1e-5, granular
     if granularity == "token":
         dims: tuple[int, ...] = (dim,)
     elif granularity == "tensor":
-        dims = _sample_dims(x)
+        dims = sample_dims(x)
     else:
         raise ValueError(f"act granularity={granularity!r}: expected 'token' or 'tensor'")
     return absmax(x.detach(), dims).clamp(min=eps) / qmax

@@ -3,7 +3,7 @@
 Every integer kernel starts from the same activation codes (`quantize_activations`: input norm, absmax scale,
 round; one native pass where `ternq.native` is built, else eager torch ops that are the QAT layer's bit for
 bit), and every convolution from the same prelude (`conv_plan`: padding, output length, the too-short error).
-The packed modules in `ternq.runtime` only hold codes and pick a kernel (`ternq.picker`); the arithmetic lives
+The packed modules in `ternq.runtime` only hold codes and pick a kernel (`ternq.runtime.picker`); the arithmetic lives
 here, where it can be tested and benchmarked without a module around it.
 
 Kernels (names as the layers list them):
@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..config import QuantConfig
+from ..qat.quantizers import absmax, normalize_input, sample_dims
 from . import native
-from .config import QuantConfig
-from .quantizers import _sample_dims, absmax, normalize_input
 from .storage import unpack_rows
 
 __all__ = ["Conv1dGeometry", "conv_plan", "native_ok", "quantize_activations", "quantize_eager", "int_mm",
@@ -151,7 +151,7 @@ def quantize_eager(x: Tensor, cfg: QuantConfig, dim: int) -> tuple[Tensor, Tenso
     """`quantize_activations` in eager torch ops: exactly the QAT layer's normalization and rounding."""
     bits = int(cfg.act_bits)  # type: ignore[arg-type]
     x = normalize_input(x, cfg.input_norm, dim, cfg.eps)
-    dims = (dim,) if cfg.act_granularity == "token" else _sample_dims(x)
+    dims = (dim,) if cfg.act_granularity == "token" else sample_dims(x)
     # = activation_scale(x, bits, dim, eps, granularity); for large inputs without materializing |x|:
     # max|x| = max(amax, -amin) exactly (fewer ops win for small ones)
     if x.numel() >= 1 << 15:
@@ -171,7 +171,7 @@ def quantize_eager(x: Tensor, cfg: QuantConfig, dim: int) -> tuple[Tensor, Tenso
 def linear_gemv(x: Tensor, w: Tensor, wsum: Tensor | None, scale: Tensor, bias: Tensor | None,
                 cfg: QuantConfig) -> Tensor:
     """``int8_gemv``: one native call (quantize the rows, GEMV, rescale); w (out, in) int8 codes, or their
-    2-bit rows (uint8, `ternq.storage.pack_rows`) read as stored; wsum the codes' row sums."""
+    2-bit rows (uint8, `ternq.runtime.storage.pack_rows`) read as stored; wsum the codes' row sums."""
     rows = x.reshape(-1, x.shape[-1]).contiguous()
     y = native.linear_rows(rows, cfg.input_norm, cfg.eps, int(cfg.act_bits),  # type: ignore[arg-type]
                            _rows_per_scale(x, cfg), w.contiguous(), wsum, scale, cfg.granularity == "channel",
@@ -240,9 +240,11 @@ class ConvPlan:
     t_out: int
 
 
-def conv_plan(geom: Conv1dGeometry, t_in: int) -> ConvPlan:
+def conv_plan(geom: Conv1dGeometry, t_in: int, batch: int = 1) -> ConvPlan:
     """The shared prelude of every Conv1d kernel: padded length and output length, or the error of an input
-    shorter than the kernel's reach."""
+    shorter than the kernel's reach, or of length 0 in a non-empty batch (torch's Conv1d refuses it too)."""
+    if t_in == 0 and batch:
+        raise RuntimeError(f"{geom.owner}: input of length 0 (torch's Conv1d refuses it too)")
     span = geom.dilation * (geom.kernel_size - 1)
     t_pad = t_in + geom.padding[0] + geom.padding[1]
     t_out = (t_pad - span - 1) // geom.stride + 1
@@ -284,7 +286,7 @@ def _scale_and_bias(y: Tensor, scale: Tensor, bias: Tensor | None, cfg: QuantCon
 def conv1d_direct(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None, cfg: QuantConfig,
                   geom: Conv1dGeometry) -> Tensor:
     """``int8_direct`` (native, zero padding): weight (groups, k, out/groups, in/groups) int8 codes."""
-    plan = conv_plan(geom, x.shape[-1])
+    plan = conv_plan(geom, x.shape[-1], x.shape[0])
     groups, k, out_g, in_g = weight.shape
     xg, s = native.quantize_grouped(x, cfg.input_norm, cfg.eps, int(cfg.act_bits),  # type: ignore[arg-type]
                                     cfg.act_granularity == "tensor", in_g, *geom.padding)
@@ -305,7 +307,7 @@ def conv1d_taps(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None, c
                 geom: Conv1dGeometry) -> Tensor:
     """``int8_taps``: one int8 GEMM of all taps per chunk of steps, per-step scales, shifted tap sum (native
     tap sum where available); weight (groups, k, out/groups, in/groups) int8 codes."""
-    plan = conv_plan(geom, x.shape[-1])
+    plan = conv_plan(geom, x.shape[-1], x.shape[0])
     groups, k, out_g, in_g = weight.shape
     stride, dilation, span = geom.stride, geom.dilation, plan.span
     chunk = _chunk(k * out_g) // stride or 1
@@ -351,7 +353,7 @@ def conv1d_taps(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None, c
 def conv1d_im2col(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None, cfg: QuantConfig,
                   geom: Conv1dGeometry) -> Tensor:
     """``int8_im2col`` (one activation scale per sample): weight (groups, out/groups, in/groups * k) codes."""
-    plan = conv_plan(geom, x.shape[-1])
+    plan = conv_plan(geom, x.shape[-1], x.shape[0])
     q, s = quantize_activations(x, cfg, 1)  # (B, C, T) int8, (B, 1, 1)
     (q,), (left, right) = _mode_pad(geom, q)
     k, dilation, stride, span, t_out = geom.kernel_size, geom.dilation, geom.stride, plan.span, plan.t_out
@@ -401,8 +403,8 @@ def conv_transpose1d_taps(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor
     k, dilation, stride, pad = geom.kernel_size, geom.dilation, geom.stride, geom.padding[0]
     t_full = (t_in - 1) * stride + dilation * (k - 1) + 1
     t_out = t_full - 2 * pad + output_padding
-    if t_out < 1:
-        raise RuntimeError(f"{geom.owner}: output length {t_out} < 1 for input length {t_in}")
+    if t_out < 0:  # output length 0 gives an empty output, as torch does (except, on CPU, for a batch of one)
+        raise RuntimeError(f"{geom.owner}: output length {t_out} < 0 for input length {t_in}")
     groups, _, out_g, in_g = weight.shape
     chunk = _chunk(k * out_g)
     y = torch.empty(x.shape[0], groups * out_g, t_out, dtype=torch.float32, device=x.device)

@@ -8,10 +8,10 @@ of every tensor; the manifest has a CRC32 of its own. docs/format.md specifies t
 
 `load_packed` needs only the file and a float skeleton of the same architecture: which layers are packed and how
 comes from the manifest. It validates the whole header, and the skeleton against it, and checks every tensor as
-`ternq verify` does (CRC32, every code byte, every scale: `ternq.numpy_format.verify`, 1 MiB at a time) before
+`ternq verify` does (CRC32, every code byte, every scale: `ternq.format.reader.verify`, 1 MiB at a time) before
 changing the skeleton, so a bad file leaves it untouched; then reads one tensor at a time into the skeleton, and
 swaps each packed layer for the runtime's int8 inference layer (`ternq.runtime.packed_layer`). Every rule of the
-format is checked once, in the torch-free `ternq.numpy_format`; this module adds only the skeleton's checks.
+format is checked once, in the torch-free `ternq.format.reader`; this module adds only the skeleton's checks.
 A layer's float weight is dropped *before* its codes are decoded, so peak memory never exceeds the float
 skeleton's: the layers already swapped hold a quarter of their float bytes, and one layer's decode is in flight.
 """
@@ -21,7 +21,7 @@ import dataclasses
 import functools
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,14 +30,12 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from .atomic import atomic_open
-from .config import QuantConfig
-from .errors import ArchitectureMismatchError, ConversionError, FormatError
-from .functional import (
-    FUNCTIONAL_OPS,
-    INPUT_POSITION,
+from ..config import QuantConfig
+from ..errors import ArchitectureMismatchError, ConversionError, FormatError
+from ..find.sites import SITES, Kind, Site, relative, sites_of
+from ..find.sites import join as _join
+from ..qat.functional import (
     READS,
-    WEIGHT_POSITION,
     FunctionalQuant,
     WeightQuant,
     install,
@@ -45,8 +43,23 @@ from .functional import (
     install_weights,
     quantize_reads,
 )
-from .layers import LayerSpec, QuantMixin, layer_spec
-from .numpy_format import (
+from ..qat.layers import LayerSpec, QuantMixin, layer_spec
+from ..qat.quantizers import dequantize_weight, quantize_weight
+from ..qat.surgery import LEGACY_SUFFIXES
+from ..qat.weight_attr import QUANTIZERS, latent_parameter
+from ..runtime import (
+    KERNEL_POLICIES,
+    STORAGE_ENV,
+    STORAGES,
+    PackedFunctional,
+    PackedLayer,
+    PackedWeightOnly,
+    packed_layer,
+)
+from .atomic import atomic_open
+from .encoding import encoding_for, pack_codes
+from .reader import (
+    DTYPES,
     FORMAT_VERSION,
     KEY_MANIFEST,
     LayerRecord,
@@ -63,31 +76,23 @@ from .numpy_format import (
     read_metadata,
     verify,
 )
-from .packing import encoding_for, pack_codes
-from .quantizers import dequantize_weight, quantize_weight
-from .runtime import is_packed, packed_layer
-from .sites import SITES, Site, relative, sites_of
-from .sites import join as _join
-from .weight_attr import QUANTIZERS, latent_parameter
 
 __all__ = ["PackedModel", "pack", "save_packed", "load_packed", "read_metadata"]
 
-_ST_DTYPE = {
-    torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.uint16: "U16",
-    torch.float16: "F16", torch.bfloat16: "BF16", torch.int32: "I32", torch.uint32: "U32", torch.float32: "F32",
-    torch.int64: "I64", torch.uint64: "U64", torch.float64: "F64",
-}
-_TORCH_DTYPE = {v: k for k, v in _ST_DTYPE.items()}
+# safetensors dtype name <-> torch dtype, from the reader's one table (`DTYPES`: name -> numpy dtype); BF16 has
+# no numpy dtype (the reader reads its bytes as uint16)
+_TORCH_DTYPE = {name: torch.bfloat16 if name == "BF16" else torch.from_numpy(np.empty(0, np.dtype(npd))).dtype
+                for name, (npd, _) in DTYPES.items()}
+_ST_DTYPE = {dtype: name for name, dtype in _TORCH_DTYPE.items()}
 _FLOAT_STORAGE = (None, torch.float32, torch.float16, torch.bfloat16)
-_LEGACY_SUFFIXES = ("_g", "_v", "_orig", "_u")  # legacy weight_norm (g, v) and spectral_norm (orig, u, v)
 
 
 # --- what gets packed -------------------------------------------------------------------------------------------
 
 
 @dataclass
-class _Site:
-    """One quantized weight of a model: a QAT / packed layer's weight or a functional call's parameter."""
+class _PackedSite:
+    """One quantized weight on its way into the file: a `Site` plus its codes, scales and state_dict keys."""
 
     key: str
     module: str
@@ -110,7 +115,7 @@ def _type_name(cls: type) -> str:
 
 def _owned_keys(module: nn.Module, weight: str) -> list[str]:
     """Local state_dict keys that hold `weight` (plain, parametrized or legacy weight_norm / spectral_norm)."""
-    legacy = {weight + s for s in _LEGACY_SUFFIXES}
+    legacy = {weight + s for s in LEGACY_SUFFIXES}
     return [k for k in module.state_dict(keep_vars=True)
             if k == weight or k in legacy or k.startswith(f"parametrizations.{weight}.")]
 
@@ -123,7 +128,7 @@ def _aliases(model: nn.Module) -> dict[int, list[str]]:
 
 
 def _readers(model: nn.Module) -> dict[str, list[str]]:
-    """Weight key -> the modules whose forward reads it through an interception (`ternq.functional.READS`)."""
+    """Weight key -> the modules whose forward reads it through an interception (`ternq.qat.functional.READS`)."""
     out: dict[str, list[str]] = {}
     for name, module in model.named_modules():
         for path in module.__dict__.get(READS, ()):
@@ -131,83 +136,135 @@ def _readers(model: nn.Module) -> dict[str, list[str]]:
     return out
 
 
-def _collect_sites(model: nn.Module) -> list[_Site]:
-    aliases = _aliases(model)
-    readers = _readers(model)
-    holders: dict[int, int] = {}  # id(parameter) -> how many module attributes hold it
+@dataclass
+class _Scan:
+    """What the collectors share while scanning a model: aliases, readers, holders of each parameter."""
+
+    model: nn.Module
+    aliases: dict[int, list[str]]
+    readers: dict[str, list[str]]
+    holders: dict[int, int]  # id(parameter) -> how many module attributes hold it
+    ties: dict[int, int]  # id(parameter) -> how many of its holders are a tie's followers
+
+    def sole_holder(self, param: Tensor, module: nn.Module) -> bool:
+        """Whether only `module` (under any of its names) holds `param`, not counting ties' followers: then its
+        float values can go; otherwise other code may read them and the file keeps them in float too."""
+        return self.holders.get(id(param), 0) - self.ties.get(id(param), 0) <= len(self.aliases[id(module)])
+
+
+_Collector = Callable[[_Scan, str, nn.Module], _PackedSite]
+#: quantizer class -> how its weight's codes, scales and keys are read for packing; `_collector` looks a module's
+#: class up along its MRO, as torchao looks a config's handler up (a new quantizer kind registers one)
+_COLLECTORS: dict[type, _Collector] = {}
+
+
+def _collects(*classes: type) -> Callable[[_Collector], _Collector]:
+    def register(collector: _Collector) -> _Collector:
+        for cls in classes:
+            _COLLECTORS[cls] = collector
+        return collector
+    return register
+
+
+def _collector(module: nn.Module) -> _Collector | None:
+    for cls in type(module).__mro__:
+        if cls in _COLLECTORS:
+            return _COLLECTORS[cls]
+    return None
+
+
+@_collects(QuantMixin)
+def _qat_layer_site(scan: _Scan, path: str, module: nn.Module) -> _PackedSite:
+    with torch.no_grad():
+        codes, scale = module.weight_codes()  # type: ignore[operator]
+    return _layer_site(scan, path, module, module._ternq_spec, codes, scale,  # type: ignore[arg-type]
+                       module.float_weight().dtype)  # type: ignore[operator]
+
+
+@_collects(PackedLayer)
+def _packed_layer_site(scan: _Scan, path: str, module: nn.Module) -> _PackedSite:
+    return _layer_site(scan, path, module, module.spec, module.codes, module.scale,  # type: ignore[arg-type]
+                       module.float_dtype)  # type: ignore[arg-type]
+
+
+def _layer_site(scan: _Scan, path: str, module: nn.Module, spec: LayerSpec, codes: Tensor, scale: Tensor,
+                dtype: torch.dtype) -> _PackedSite:
+    key = _join(path, spec.weight_name)
+    site = _PackedSite(key, path, spec.weight_name, _type_name(spec.float_type), spec.weight_out_dim, codes, scale,
+                 module.qconfig, dtype, None, readers=scan.readers.get(key, []))  # type: ignore[arg-type]
+    local = _owned_keys(module, spec.weight_name)
+    site.owned = {_join(alias, k) for alias in scan.aliases[id(module)] for k in local}
+    return site
+
+
+def _quantizer_codes(module: nn.Module, param: Tensor) -> tuple[Tensor, Tensor, torch.dtype]:
+    """Codes, scales and float dtype of a functional / weight-only site: a packed quantizer holds them, a QAT
+    one computes them from the parameter."""
+    if isinstance(module, (PackedFunctional, PackedWeightOnly)):
+        return module.codes, module.scale, module.weight_dtype
+    with torch.no_grad():
+        codes, scale = quantize_weight(param, module.qconfig, module.out_dim)  # type: ignore[arg-type]
+    return codes, scale, param.dtype
+
+
+@_collects(FunctionalQuant)
+def _functional_site(scan: _Scan, path: str, module: nn.Module) -> _PackedSite:
+    owner_path = path.rpartition(".")[0]
+    owner = scan.model.get_submodule(owner_path)
+    param = latent_parameter(owner, module.param)  # type: ignore[arg-type]
+    codes, scale, dtype = _quantizer_codes(module, param)
+    site = _PackedSite(_join(owner_path, module.param), owner_path, module.param, f"F.{module.op}",  # type: ignore[arg-type]
+                 module.out_dim, codes, scale, module.qconfig, dtype, None)  # type: ignore[arg-type]
+    # a parameter of a submodule (emb.weight of an Embedding kept float) or tied to another one may be read by
+    # other code too: it stays stored in float beside its codes
+    if "." not in module.param and scan.sole_holder(param, owner):  # type: ignore[operator]
+        site.owned = {_join(alias, module.param) for alias in scan.aliases[id(owner)]}  # type: ignore[arg-type]
+    return site
+
+
+@_collects(WeightQuant)
+def _weight_site(scan: _Scan, path: str, module: nn.Module) -> _PackedSite:
+    holder_path = path.rpartition(".")[0]
+    holder = scan.model.get_submodule(holder_path)
+    param = holder._parameters[module.param]  # type: ignore[index]
+    assert param is not None
+    codes, scale, dtype = _quantizer_codes(module, param)
+    key = _join(holder_path, module.param)  # type: ignore[arg-type]
+    site = _PackedSite(key, holder_path, module.param, "weight", module.out_dim, codes, scale,  # type: ignore[arg-type]
+                 module.qconfig, dtype, None, readers=scan.readers.get(key, []))  # type: ignore[arg-type]
+    if scan.sole_holder(param, holder):
+        site.owned = {_join(alias, module.param) for alias in scan.aliases[id(holder)]}  # type: ignore[arg-type]
+    return site
+
+
+def _collect_sites(model: nn.Module) -> list[_PackedSite]:
+    """Every quantized weight of `model`, each read by the collector its quantizer's class registered."""
+    holders: dict[int, int] = {}
     for _, param in model.named_parameters(remove_duplicate=False):
         holders[id(param)] = holders.get(id(param), 0) + 1
-    sites: list[_Site] = []
-    rules = {_join(prefix, site.key): site.rule for prefix, site in sites_of(model)}
     followers = _tie_followers(model)
-    ties: dict[int, int] = {}  # id(parameter) -> how many of its holders are a tie's followers
+    ties: dict[int, int] = {}
     for _, module, attr, _ in followers:
         param = module._parameters.get(attr)
         if param is not None:
             ties[id(param)] = ties.get(id(param), 0) + 1
-    by_quantizer: dict[int, _Site] = {}  # id(the module whose quantizer decides) -> its site
+    scan = _Scan(model, _aliases(model), _readers(model), holders, ties)
+    rules = {_join(prefix, site.key): site.rule for prefix, site in sites_of(model)}  # what quantize() /
+    # load_packed() recorded (`ternq.find.sites`)
+    sites: list[_PackedSite] = []
+    by_quantizer: dict[int, _PackedSite] = {}  # id(the module whose quantizer decides) -> its site
     for path, module in model.named_modules():
-        rule = None  # the rule comes from the record quantize() / load_packed() left (`ternq.sites`)
-        if isinstance(module, QuantMixin) or is_packed(module):
-            if isinstance(module, QuantMixin):
-                spec = module._ternq_spec
-                with torch.no_grad():
-                    codes, scale = module.weight_codes()
-                dtype = module.float_weight().dtype
-            else:
-                spec = module.spec
-                codes, scale = module.codes, module.scale
-                dtype = module.float_dtype
-            site = _Site(_join(path, spec.weight_name), path, spec.weight_name, _type_name(spec.float_type),
-                         spec.weight_out_dim, codes, scale, module.qconfig, dtype, rule,
-                         readers=readers.get(_join(path, spec.weight_name), []))
-            local = _owned_keys(module, spec.weight_name)
-            site.owned = {_join(alias, k) for alias in aliases[id(module)] for k in local}
-            site.rule = rules.get(site.key)
-            sites.append(site)
-            by_quantizer[id(module)] = site
-        elif isinstance(module, FunctionalQuant):
-            owner_path = path.rpartition(".")[0]
-            owner = model.get_submodule(owner_path)
-            if isinstance(module, _PackedFunctional):
-                codes, scale, dtype = module.codes, module.scale, module.weight_dtype
-            else:
-                param = latent_parameter(owner, module.param)
-                with torch.no_grad():
-                    codes, scale = quantize_weight(param, module.qconfig, module.out_dim)
-                dtype = param.dtype
-            site = _Site(_join(owner_path, module.param), owner_path, module.param, f"F.{module.op}",
-                         module.out_dim, codes, scale, module.qconfig, dtype, rule)
-            # a parameter of a submodule (emb.weight of an Embedding kept float) or tied to another one may be
-            # read by other code too: it stays stored in float beside its codes
-            param = latent_parameter(owner, module.param)
-            if "." not in module.param and holders.get(id(param), 0) - ties.get(id(param), 0) <= len(aliases[id(owner)]):
-                site.owned = {_join(alias, module.param) for alias in aliases[id(owner)]}
-            site.rule = rules.get(site.key)
-            sites.append(site)
-            by_quantizer[id(module)] = site
-        elif isinstance(module, WeightQuant):
-            holder_path = path.rpartition(".")[0]
-            holder = model.get_submodule(holder_path)
-            param = holder._parameters[module.param]
-            if isinstance(module, _PackedWeight):
-                codes, scale, dtype = module.codes, module.scale, module.weight_dtype
-            else:
-                with torch.no_grad():
-                    codes, scale = quantize_weight(param, module.qconfig, module.out_dim)
-                dtype = param.dtype
-            key = _join(holder_path, module.param)
-            site = _Site(key, holder_path, module.param, "weight", module.out_dim, codes, scale, module.qconfig,
-                         dtype, rule, readers=readers.get(key, []))
-            if holders.get(id(param), 0) - ties.get(id(param), 0) <= len(aliases[id(holder)]):
-                site.owned = {_join(alias, module.param) for alias in aliases[id(holder)]}
-            site.rule = rules.get(site.key)
-            sites.append(site)
-            by_quantizer[id(module)] = site
+        collect = _collector(module)
+        if collect is None:
+            continue
+        site = collect(scan, path, module)
+        site.rule = rules.get(site.key)
+        sites.append(site)
+        by_quantizer[id(module)] = site
     for _path, module, attr, quantizer in followers:  # a tie's other holders read the site's quantized value
         site = by_quantizer.get(id(getattr(quantizer, "__self__", None)))
         if site is not None:
-            keys = {_join(alias, attr) for alias in aliases[id(module)]}
+            keys = {_join(alias, attr) for alias in scan.aliases[id(module)]}
             site.owned |= keys
             site.aliases |= keys
     return sites
@@ -358,7 +415,7 @@ def pack(model: nn.Module, *, float_dtype: torch.dtype | None = None, metadata: 
         first[identity] = key
         stored = t.to(float_dtype) if float_dtype is not None and t.is_floating_point() else t
         add(key, stored, "float", t.dtype)
-    from . import __version__
+    from .. import __version__
 
     kept = {site.name: site.rule for site in model.__dict__.get(SITES, ()) if site.config is None}
     manifest = {
@@ -407,14 +464,14 @@ def _drop_float_weight(module: nn.Module, name: str) -> None:
 
 
 def _read_tensor(source: Source, manifest: Manifest, name: str) -> Tensor:
-    """One tensor of the file, CRC32-checked (`ternq.numpy_format.read_bytes`), as a torch tensor in its shape."""
+    """One tensor of the file, CRC32-checked (`ternq.format.reader.read_bytes`), as a torch tensor in its shape."""
     entry = manifest.header.tensors[name]
     return torch.from_numpy(read_bytes(source, manifest, name)).view(_TORCH_DTYPE[entry.dtype]).reshape(entry.shape)
 
 
 def decode_weight(source: Source, manifest: Manifest, record: LayerRecord) -> tuple[Tensor, Tensor]:
     """Codes (int8, the weight's shape) and float32 scales of a packed weight, every byte checked
-    (`ternq.numpy_format.decode_layer`, on the same memory)."""
+    (`ternq.format.reader.decode_layer`, on the same memory)."""
     codes, scale = decode_layer(source, manifest, record)
     return torch.from_numpy(codes), torch.from_numpy(scale)
 
@@ -443,7 +500,8 @@ def _place(source: Source, model: nn.Module, record: LayerRecord, aliases: dict[
     for reader in record.readers:
         if _get_module(model, reader) is None:
             raise _mismatch(source, f"{what} is read by module {reader!r}, which the skeleton does not have")
-    if record.type == "weight":
+    kind = Kind.of_type(record.type)
+    if kind is Kind.WEIGHT:
         weight = module._parameters.get(record.weight)
         if weight is None:
             raise _mismatch(source, f"the file packs {what}, but module {record.module!r} has no parameter "
@@ -452,7 +510,7 @@ def _place(source: Source, model: nn.Module, record: LayerRecord, aliases: dict[
         owned = {_join(a, record.weight) for a in aliases[id(module)]}
         if owned & floats:  # stored in float too: the parameter stays, with its values
             owned = set()
-    elif record.type.startswith("F."):
+    elif kind is Kind.FUNCTIONAL:
         spec = layer_spec(module)
         if spec is not None and spec.weight_name == record.weight:
             raise _mismatch(source, f"the file packs {what}, but {record.weight!r} of the skeleton's "
@@ -530,7 +588,8 @@ def _replace(model: nn.Module, old: nn.Module, new: nn.Module, aliases: dict[int
 
 
 def load_packed(source: str | os.PathLike[str] | bytes | PackedModel, model: nn.Module, *,
-                dequantize: bool = False, progress: bool = False) -> nn.Module:
+                dequantize: bool = False, progress: bool = False, storage: str | None = None,
+                kernel: str | None = None) -> nn.Module:
     """Turn a float skeleton of the saved architecture into the packed inference model the file describes.
 
     Which layers are packed, and with which config, is read from the file. Everything is validated (header,
@@ -547,6 +606,11 @@ def load_packed(source: str | os.PathLike[str] | bytes | PackedModel, model: nn.
             hard-quantized weights ``codes * scale`` into them (for interop or to resume training; activation
             quantization is not applied). Needs plain ``weight`` parameters (no weight_norm) in packed layers.
         progress: show a progress bar.
+        storage: how packed layers keep their codes: ``"int8"`` (one byte per weight, the fastest) or
+            ``"packed"`` (2 or 4 bits per weight, unpacked in every call). None: ``$TERNQ_STORAGE``, else "int8".
+        kernel: which kernels packed layers run: ``"auto"`` (picked per call from the CPU and the input's shape;
+            ``$TERNQ_KERNEL`` can override it for the process), ``"int8"`` (an integer kernel wherever the layer
+            has one) or ``"weight_only"`` (dequantize and run the float op). None is "auto". See docs/runtime.md.
 
     Returns:
         the loaded model: `model` itself, unless `model` is itself the one packed layer.
@@ -555,6 +619,11 @@ def load_packed(source: str | os.PathLike[str] | bytes | PackedModel, model: nn.
         FormatError: the file is truncated, corrupted (ChecksumError), inconsistent or of an unknown version.
         ArchitectureMismatchError: the skeleton is not the architecture the file was saved from.
     """
+    if storage not in (None, *STORAGES):
+        raise ValueError(f"load_packed: storage={storage!r}: expected one of {STORAGES} (or None: ${STORAGE_ENV})")
+    if kernel not in (None, *KERNEL_POLICIES):
+        raise ValueError(f"load_packed: kernel={kernel!r}: expected one of {KERNEL_POLICIES} (or None: 'auto')")
+    options = {"storage": storage, "kernel": kernel}
     data = source.to_bytes() if isinstance(source, PackedModel) else source
     with Source(data) as src:
         manifest = read_manifest(read_header(src))
@@ -583,7 +652,7 @@ def load_packed(source: str | os.PathLike[str] | bytes | PackedModel, model: nn.
                 for key in [k for k, target in manifest.tied.items() if target == step]:
                     _load_float(src, manifest, model, step, leftovers, into=key)
             else:
-                root = _load_layer(src, manifest, root, step, aliases, dequantize, tied)
+                root = _load_layer(src, manifest, root, step, aliases, dequantize, tied, options)
                 step.module = step.weight = None  # the float layer can go now: peak memory stays the skeleton's
         if leftovers:
             root.load_state_dict(leftovers, strict=False)
@@ -597,9 +666,9 @@ def _loaded_sites(manifest: Manifest, root: nn.Module) -> list[Site]:
     """The `Site` record of a loaded model, from its manifest: `report` and a later `pack` read it."""
     sites = []
     for record in manifest.layers.values():
-        kind = "weight" if record.type == "weight" else "functional" if record.type.startswith("F.") else "layer"
-        name = record.module if kind == "layer" else record.key
-        sites.append(Site(name, record.key, kind, record.type.rpartition(".")[2] if kind == "layer" else record.type,
+        kind = Kind.of_type(record.type)
+        name = record.module if kind is Kind.LAYER else record.key
+        sites.append(Site(name, record.key, kind, record.type.rpartition(".")[2] if kind is Kind.LAYER else record.type,
                           record.count, QuantConfig.from_dict(record.config), record.rule or "-", "packed",
                           out_dim=record.out_dim))
     kept = manifest.selection.get("kept_float") if isinstance(manifest.selection, dict) else None
@@ -609,14 +678,14 @@ def _loaded_sites(manifest: Manifest, root: nn.Module) -> list[Site]:
         module = _get_module(root, name)
         spec = layer_spec(module) if module is not None else None
         if spec is not None:  # a layer kept float
-            sites.append(Site(name, _join(name, spec.weight_name), "layer", type(module).__name__,
+            sites.append(Site(name, _join(name, spec.weight_name), Kind.LAYER, type(module).__name__,
                               sum(p.numel() for p in module.parameters()), None, rule, "packed"))
         else:
             try:
                 param = latent_parameter(root, name)
             except AttributeError:
                 continue  # not a weight of this skeleton: nothing to say about it
-            sites.append(Site(name, name, "weight", "parameter", param.numel(), None, rule, "packed"))
+            sites.append(Site(name, name, Kind.WEIGHT, "parameter", param.numel(), None, rule, "packed"))
     return sites
 
 
@@ -685,7 +754,7 @@ def _load_float(source: Source, manifest: Manifest, model: nn.Module, name: str,
 
 def _load_layer(source: Source, manifest: Manifest, root: nn.Module, p: _Placement,
                 aliases: dict[int, list[str]], dequantize: bool,
-                tied: dict[int, tuple[Tensor, nn.Parameter]]) -> nn.Module:
+                tied: dict[int, tuple[Tensor, nn.Parameter]], options: dict[str, str | None]) -> nn.Module:
     """`tied`: skeleton weight Parameter (by id) -> (it, the new Parameter loaded for it), so that weights tied
     between packed layers stay tied under ``dequantize=True`` (a float module sharing it keeps the float one)."""
     assert p.module is not None
@@ -703,11 +772,12 @@ def _load_layer(source: Source, manifest: Manifest, root: nn.Module, p: _Placeme
             value = p.module.get_submodule(holder_path)._parameters[attr]
             for reader, name in ties:
                 reader._parameters[name] = value
-        elif p.record.type == "weight":
+        elif Kind.of_type(p.record.type) is Kind.WEIGHT:
             wq = _install_packed_weight(root, p.module, p.record, codes, scale, p.config, dtype, keep=not p.owned)
             _follow(ties, p.module._parameters[p.record.weight], wq.quantized)
         else:
-            fq = _install_packed_functional(p.module, p.record, codes, scale, p.config, dtype, keep=not p.owned)
+            fq = _install_packed_functional(p.module, p.record, codes, scale, p.config, dtype, keep=not p.owned,
+                                            options=options)
             _follow(ties, latent_parameter(p.module, p.record.weight), fq.read_value)
         return root
     if dequantize:
@@ -721,7 +791,7 @@ def _load_layer(source: Source, manifest: Manifest, root: nn.Module, p: _Placeme
             p.module._parameters[p.record.weight] = param
             tied.setdefault(id(weight), (weight, param))
         return root
-    new = packed_layer(p.module, codes, scale, p.config, p.spec)
+    new = packed_layer(p.module, codes, scale, p.config, p.spec, **options)
     root = _replace(root, p.module, new, aliases)
     _install_readers(root, p.record)  # a parent reading the layer's weight: its fast path stays off
     placeholder = torch.zeros((), dtype=dtype).expand(p.record.shape)
@@ -742,101 +812,22 @@ def _install_readers(root: nn.Module, record: LayerRecord) -> None:
         install_reads(root.get_submodule(reader), [relative(record.key, reader)])  # fast paths stay off
 
 
-# --- functional calls ------------------------------------------------------------------------------------------
-
-
-class _Codes:
-    """The int8 codes and scales a packed quantizer holds (buffers, not in the state_dict) and the float dtype
-    of the weight they stand for."""
-
-    def _hold(self, codes: Tensor, scale: Tensor, weight_dtype: torch.dtype) -> None:
-        self.register_buffer("codes", codes, persistent=False)  # type: ignore[attr-defined]
-        self.register_buffer("scale", scale, persistent=False)  # type: ignore[attr-defined]
-        self.weight_dtype = weight_dtype
-
-
-class _PackedFunctional(_Codes, FunctionalQuant):
-    """Inference form of a quantized functional call: holds int8 codes and scales, no float weight.
-
-    The owner's parameter becomes a zero-stride placeholder of the right shape (no memory; unless other code may
-    read it too, a submodule's or a tied parameter, which the file then stores in float as well), so the owner's
-    forward runs unchanged; the interception (`ternq.functional`) routes the call here. ``F.linear`` calls run on
-    a `ternq.runtime` packed Linear sharing the codes (its int8 kernels, chosen by `ternq.picker`, within the runtime's
-    documented tolerance of the QAT model); convolutions compute the op with ``codes * scale`` on the quantized
-    input, exactly as the QAT model does.
-    """
-
-    def __init__(self, op: str, param: str, config: QuantConfig, codes: Tensor, scale: Tensor,
-                 weight_dtype: torch.dtype) -> None:
-        super().__init__(op, param, config)
-        self._hold(codes, scale, weight_dtype)
-
-    def _runtime_linear(self) -> nn.Module:
-        """A packed Linear on this call's codes (same storage), kept outside ``_modules`` so that packing and
-        ``named_modules`` see only this call; rebuilt when the buffers move (``.to(device)``)."""
-        key = (self.codes.data_ptr(), self.scale.data_ptr(), self.codes.device)
-        cached = self.__dict__.get("_runtime")
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        out_features, in_features = self.codes.shape
-        with torch.device("meta"):
-            skeleton = nn.Linear(in_features, out_features, bias=False)
-        layer = packed_layer(skeleton, self.codes, self.scale, self.qconfig, layer_spec(skeleton))
-        self.__dict__["_runtime"] = (key, layer)
-        return layer
-
-    def quantized(self, weight: Tensor) -> Tensor:
-        """``codes * scale``: what reads of the owner's parameter give (its float values are gone)."""
-        return dequantize_weight(self.codes, self.scale, self.qconfig, self.out_dim, self.weight_dtype)
-
-    def run(self, args: tuple[Any, ...], kwargs: dict[str, Any], weight_quantized: bool) -> Tensor:
-        values = list(args)
-        i, w = INPUT_POSITION[self.op], WEIGHT_POSITION[self.op]
-        if self.op == "linear" and values[i].is_floating_point() and self.codes.dim() == 2:
-            bias = values[2] if len(values) > 2 else kwargs.get("bias")
-            y = self._runtime_linear()(values[i])
-            return y if bias is None else y + bias
-        x = values[i]
-        values[w] = dequantize_weight(self.codes, self.scale, self.qconfig, self.out_dim,
-                                      x.dtype if x.is_floating_point() else self.weight_dtype)
-        values[i] = self.quantize_input(x)
-        return FUNCTIONAL_OPS[self.op](*values, **kwargs)
-
-
-class _PackedWeight(_Codes, WeightQuant):
-    """Inference form of a weight-only site: int8 codes and scales; its readers see ``codes * scale``.
-
-    The holder's parameter becomes a zero-stride placeholder of the right shape (unless other code may read it,
-    then the file stores it in float too), so that the readers' forwards run unchanged on the dequantized value.
-    """
-
-    def __init__(self, param: str, config: QuantConfig, out_dim: int, codes: Tensor, scale: Tensor,
-                 weight_dtype: torch.dtype) -> None:
-        super().__init__(param, config, out_dim)
-        self._hold(codes, scale, weight_dtype)
-
-    def quantized(self, weight: Tensor) -> Tensor:
-        return dequantize_weight(self.codes, self.scale, self.qconfig, self.out_dim, self.weight_dtype)
-
-    def hard_weight(self, weight: Tensor) -> Tensor:
-        return self.quantized(weight)
-
-
 def _install_packed_weight(root: nn.Module, holder: nn.Module, record: LayerRecord, codes: Tensor, scale: Tensor,
-                           config: QuantConfig, dtype: torch.dtype, keep: bool) -> _PackedWeight:
+                           config: QuantConfig, dtype: torch.dtype, keep: bool) -> PackedWeightOnly:
     _make_room(holder, holder, record.weight, record.shape, dtype, WeightQuant, keep)
-    packed = _PackedWeight(record.weight, config, record.out_dim, codes, scale, dtype)
+    packed = PackedWeightOnly(record.weight, config, record.out_dim, codes, scale, dtype)
     install_weights(holder, [packed])
     _install_readers(root, record)
     return packed
 
 
 def _install_packed_functional(owner: nn.Module, record: LayerRecord, codes: Tensor, scale: Tensor,
-                               config: QuantConfig, dtype: torch.dtype, keep: bool = False) -> _PackedFunctional:
+                               config: QuantConfig, dtype: torch.dtype, keep: bool = False,
+                               options: dict[str, str | None] | None = None) -> PackedFunctional:
     op = record.type.removeprefix("F.")  # one of FUNCTIONAL_TYPES: read_manifest refuses any other
     _make_room(owner, owner.get_submodule(record.weight.rpartition(".")[0]), record.weight, record.shape, dtype,
                FunctionalQuant, keep)
-    packed = _PackedFunctional(op, record.weight, config, codes, scale, dtype)
+    packed = PackedFunctional(op, record.weight, config, codes, scale, dtype, **(options or {}))
     install(owner, [packed])
     if "." not in record.weight:  # the owner's own parameter: every read of it gives codes * scale
         quantize_reads(owner, record.weight, packed.read_value)

@@ -1,0 +1,48 @@
+/* The interface of ternq_kernels.c: the functions ternq/runtime/native.py binds with ctypes.
+ *
+ * native.py reads this file: the ABI number below is the one the library must report (tq_abi_version), and each
+ * prototype must match the ctypes signature native.py declares for it, or loading raises (a mismatched ctypes
+ * signature would pass wrong values, or corrupt memory, instead of failing). Change a prototype here, in
+ * ternq_kernels.c and in native.py together, and bump the ABI number.
+ */
+#ifndef TERNQ_KERNELS_H
+#define TERNQ_KERNELS_H
+
+#include <stdint.h>
+
+#define TQ_ABI_VERSION 4
+
+void tq_quantize_channels(const float *x, int64_t B, int64_t C, int64_t T, int norm, float eps, int bits, int
+    per_sample, int8_t *q, int64_t ldq, float *s, int64_t lds, int64_t off);
+
+void tq_quantize_rows(const float *x, int64_t R, int64_t C, int norm, float eps, int bits, int64_t rows_per_sample,
+    int8_t *q, float *s);
+
+void tq_tap_sum(const int32_t *acc, int64_t k, int64_t out, int64_t W, const float *s, int64_t n, int64_t stride,
+    int64_t dil, const float *wscale, int64_t wstep, const float *bias, float *y, int64_t ldy);
+
+void tq_tap_scatter(const int32_t *acc, int64_t k, int64_t out, int64_t W, const float *s, int64_t n, int64_t
+    stride, int64_t dil, float *full, int64_t ldf, int64_t start);
+
+void tq_linear_epilogue(const int32_t *acc, int64_t M, int64_t N, int transposed, const float *s, const float
+    *wscale, int per_channel, const float *bias, float *y);
+
+void tq_gemv_s8(const int8_t *x, const int8_t *w, const int32_t *wsum, int64_t M, int64_t N, int64_t K, uint8_t *xu,
+    int32_t *acc);
+
+int tq_linear_rows(const float *x, int64_t R, int64_t K, int norm, float eps, int bits, int64_t rows_per_sample,
+    const int8_t *w, int wbits, const int32_t *wsum, int64_t N, const float *wscale, int per_channel, const float
+    *bias, float *y);
+
+void tq_quantize_grouped(const float *x, int64_t B, int64_t C, int64_t T, int norm, float eps, int bits, int
+    per_sample, uint8_t *xg, int64_t in_g, int64_t C4, int64_t Tp, int64_t left, float *s);
+
+int tq_conv1d_grouped(const uint8_t *xg, int64_t C4, int64_t Tp, const int8_t *w, int64_t out, int64_t in, int64_t
+    k, int64_t dil, int64_t stride, int64_t T_out, const float *s, const float *wscale, int64_t wstep, const float
+    *bias, float *y, int64_t ldy);
+
+int tq_row_sums(const int8_t *w, int64_t N, int64_t K, int32_t *sums);
+
+int tq_abi_version(void);
+
+#endif /* TERNQ_KERNELS_H */

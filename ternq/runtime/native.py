@@ -1,0 +1,585 @@
+"""ternq's native CPU kernels (``ternq/runtime/csrc/ternq_kernels.c``): built once per machine, loaded with ctypes, optional.
+
+Why C and ctypes rather than a torch C++ extension: the kernels need no torch headers (they work on the raw
+memory of contiguous float32 / int8 / int32 tensors), so one C file compiles in about a second instead of the
+30-60 s of a ``torch.utils.cpp_extension`` build, does not depend on torch's C++ ABI, and can be built lazily on
+first use without a noticeable first-call tax. ``make venv`` builds it ahead of time (`main`).
+
+The shared library is cached under ``$TERNQ_CACHE`` (default ``$XDG_CACHE_HOME/ternq`` or ``~/.cache/ternq``),
+named by a hash of the source, the compiler and its flags, and written atomically (compiled to a temporary
+name, then renamed), so concurrent processes never load a half-written file. Loading a shared library runs its
+code, so the cache trusts nothing it did not check (docs/runtime.md):
+
+* the directory is created 0700 and refused (with a warning naming it and the fix) when it is a symbolic link,
+  not owned by the current user, or writable by group or others; the library and its record likewise, opened
+  without following symbolic links;
+* beside each library, a record of its size and sha256 written at build: a library that does not match it
+  (truncated, replaced) is rebuilt instead of loaded (a truncated library crashed the process with SIGBUS);
+* the compiler runs with a timeout (``$TERNQ_BUILD_TIMEOUT``, default 60 s) and is killed with its children
+  when it passes it; a compiler that "succeeds" without writing a library caches nothing.
+
+Without a C compiler, with a failed or refused build, with ``TERNQ_NATIVE=0`` or off CPU, every caller falls
+back to the eager torch code (slower, same results within the documented tolerance): `available()` says
+which, `status()` says why. ``$CC`` (or `build`'s ``cc``) picks the compiler.
+
+``TERNQ_NATIVE_ARCH`` sets the ``-march`` of the build (default ``native``); ``haswell`` emulates an AVX2 CPU
+without VNNI / AVX-512 (benchmarks/bench_runtime.py --emulate-avx2), ``x86-64`` the portable loops.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import hashlib
+import os
+import platform
+import re
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["NATIVE_ENV", "ARCH_ENV", "CACHE_ENV", "BUILD_TIMEOUT_ENV", "available", "status", "build", "library",
+           "cpu_flags", "vnni"]
+
+NATIVE_ENV = "TERNQ_NATIVE"
+ARCH_ENV = "TERNQ_NATIVE_ARCH"
+CACHE_ENV = "TERNQ_CACHE"
+BUILD_TIMEOUT_ENV = "TERNQ_BUILD_TIMEOUT"
+_DEFAULT_TIMEOUT = 60.0  # seconds; the build takes about 1 s
+_ON = ("1", "true", "yes", "on")
+_OFF = ("0", "false", "no", "off")
+_STALE_TEMP_S = 3600  # temporary files of builds killed without cleanup (SIGKILL, power loss) older than this go
+_SOURCE = Path(__file__).parent / "csrc" / "ternq_kernels.c"
+_HEADER = _SOURCE.with_suffix(".h")  # the ABI number and the prototypes: `_interface` checks the binding against it
+_FLAGS = ("-O3", "-std=c99", "-shared", "-fPIC", "-ffp-contract=off", "-fno-math-errno")
+
+_state: dict[str, object] = {}  # "lib": the loaded CDLL or None, "why": the reason when None, "key": the env
+_LOCK = threading.Lock()
+
+_NORMS = {None: 0, "layernorm": 1, "rmsnorm": 2}
+_P = ctypes.c_void_p
+_I = ctypes.c_int64
+_C = ctypes.c_int
+_F = ctypes.c_float
+_SIGNATURES: dict[str, tuple[object, ...]] = {
+    "tq_quantize_channels": (_P, _I, _I, _I, _C, _F, _C, _C, _P, _I, _P, _I, _I),
+    "tq_quantize_rows": (_P, _I, _I, _C, _F, _C, _I, _P, _P),
+    "tq_tap_sum": (_P, _I, _I, _I, _P, _I, _I, _I, _P, _I, _P, _P, _I),
+    "tq_tap_scatter": (_P, _I, _I, _I, _P, _I, _I, _I, _P, _I, _I),
+    "tq_linear_epilogue": (_P, _I, _I, _C, _P, _P, _C, _P, _P),
+    "tq_gemv_s8": (_P, _P, _P, _I, _I, _I, _P, _P),
+    "tq_linear_rows": (_P, _I, _I, _C, _F, _C, _I, _P, _C, _P, _I, _P, _C, _P, _P),
+    "tq_row_sums": (_P, _I, _I, _P),
+    "tq_quantize_grouped": (_P, _I, _I, _I, _C, _F, _C, _C, _P, _I, _I, _I, _I, _P),
+    "tq_conv1d_grouped": (_P, _I, _I, _P, _I, _I, _I, _I, _I, _I, _P, _P, _I, _P, _P, _I),
+}
+_RETURNS_INT = ("tq_conv1d_grouped", "tq_linear_rows", "tq_row_sums")
+_C_TYPES = {"int64_t": _I, "int": _C, "float": _F}  # and every pointer: _P
+
+
+class NativeInterfaceError(RuntimeError):
+    """The ctypes binding here and the prototypes of ``ternq_kernels.h`` disagree: a developer's mistake that
+    would pass wrong values or corrupt memory, so it is raised, never degraded to the eager fallback."""
+
+
+def _interface(header: str) -> tuple[int, dict[str, tuple[object, ...]]]:
+    """The ABI number and each function's ctypes argument types, read from the header's text."""
+    abi = re.search(r"^#define TQ_ABI_VERSION (\d+)$", header, re.M)
+    if abi is None:
+        raise NativeInterfaceError(f"{_HEADER.name} defines no TQ_ABI_VERSION")
+    functions: dict[str, tuple[object, ...]] = {}
+    for ret, name, params in re.findall(r"^(void|int) (tq_\w+)\(([^)]*)\);", header, re.M):
+        types = []
+        for param in " ".join(params.split()).split(","):
+            param = param.strip()
+            if param in ("void", ""):
+                continue
+            c_type = param.rsplit(" ", 1)[0].removeprefix("const ").strip()
+            if "*" in param:
+                types.append(_P)
+            elif c_type in _C_TYPES:
+                types.append(_C_TYPES[c_type])
+            else:
+                raise NativeInterfaceError(f"{_HEADER.name}: {name} takes {param!r}, a type the binding cannot pass")
+        functions[name] = (ret, *types)
+    return int(abi.group(1)), functions
+
+
+def _check_interface(header: str) -> int:
+    """The ABI number of `header`, after checking that every function bound here is declared there with the
+    argument and return types bound here; raises `NativeInterfaceError` naming the first difference."""
+    abi, declared = _interface(header)
+    for name, args in _SIGNATURES.items():
+        ret = "int" if name in _RETURNS_INT else "void"
+        if name not in declared:
+            raise NativeInterfaceError(f"native.py binds {name}, which {_HEADER.name} does not declare")
+        if declared[name] != (ret, *args):
+            raise NativeInterfaceError(f"native.py binds {name} as {ret}({', '.join(_ctype_name(a) for a in args)}), "
+                                       f"but {_HEADER.name} declares {declared[name][0]}"
+                                       f"({', '.join(_ctype_name(a) for a in declared[name][1:])}): fix one of them")
+    if declared.get("tq_abi_version") != ("int",):
+        raise NativeInterfaceError(f"{_HEADER.name} must declare int tq_abi_version(void)")
+    return abi
+
+
+def _ctype_name(t: object) -> str:
+    return getattr(t, "__name__", str(t))
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags the OS reports (empty off Linux). The int8 kernels' speed depends on them
+    (amx_int8 > avx512_vnni > plain AVX2) far more than fp32 speed does: print them beside speed figures."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+class _Untrusted(RuntimeError):
+    """The cache holds something ternq must not load (not ours, writable by others, a symbolic link)."""
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get(CACHE_ENV)
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ternq"
+
+
+def _compiler(cc: str | None = None) -> str | None:
+    if cc is not None:
+        return shutil.which(cc)
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _arch() -> str:
+    return os.environ.get(ARCH_ENV, "").strip() or "native"
+
+
+def _enabled() -> bool:
+    """$TERNQ_NATIVE read case-insensitively; unset or empty is on, an unknown value is an error (a typo such as
+    ``TERNQ_NATIVE=of`` must not silently leave the kernels on)."""
+    value = os.environ.get(NATIVE_ENV, "").strip().lower()
+    if value in _OFF:
+        return False
+    if value in ("", *_ON):
+        return True
+    raise ValueError(f"{NATIVE_ENV}={os.environ[NATIVE_ENV]!r}: expected one of {', '.join(_ON)} (kernels on) or "
+                     f"{', '.join(_OFF)} (off), in any case")
+
+
+def _timeout(timeout: float | None) -> float:
+    if timeout is None:
+        raw = os.environ.get(BUILD_TIMEOUT_ENV, "").strip()
+        try:
+            timeout = float(raw) if raw else _DEFAULT_TIMEOUT
+        except ValueError:
+            timeout = -1.0
+        if not 0 < timeout < float("inf"):
+            raise ValueError(f"{BUILD_TIMEOUT_ENV}={raw!r}: expected a number of seconds > 0")
+    if not 0 < timeout < float("inf"):
+        raise ValueError(f"build timeout {timeout!r}: expected a number of seconds > 0")
+    return timeout
+
+
+def _library_path(cc: str) -> Path:
+    flags = (*_FLAGS, f"-march={_arch()}")
+    cpu = ""
+    if _arch() == "native":  # -march=native code is only valid on a CPU with the same features
+        cpu = " ".join(sorted(cpu_flags()))
+    key = hashlib.sha256("\0".join([_SOURCE.read_text(), _HEADER.read_text(), cc, *flags, platform.machine(), cpu]).encode())
+    return _cache_dir() / f"kernels-{key.hexdigest()[:16]}{'.dll' if sys.platform == 'win32' else '.so'}"
+
+
+def _record_path(library: Path) -> Path:
+    """The build record beside a library: its sha256 and size, written after it."""
+    return library.with_name(library.name + ".sha256")
+
+
+def _unsafe(st: os.stat_result) -> str | None:
+    """Why a file or directory with this (lstat) status may hold code planted by someone else; None if it may not."""
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        return f"owned by uid {st.st_uid}, not by you (uid {os.getuid()})"
+    if os.name == "posix" and st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"writable by group or others (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
+def _private_dir(path: Path) -> None:
+    """Create the cache directory (mode 0700) if missing; raise `_Untrusted` for one that others could write to."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        fix = f"set {CACHE_ENV} to the directory it points to, if that is yours"
+        problem = "a symbolic link"
+    elif not stat.S_ISDIR(st.st_mode):
+        problem, fix = "not a directory", f"remove it, or set {CACHE_ENV} to a directory of your own"
+    else:
+        problem = _unsafe(st)
+        fix = (f"remove it, or set {CACHE_ENV} to a directory of your own" if problem and "uid" in problem else
+               f"run `chmod go-w {path}`, or set {CACHE_ENV} to a directory of your own")
+    if problem:
+        raise _Untrusted(f"ternq kernel cache {path} is {problem}: ternq loads compiled code only from a directory "
+                         f"that only you can write ({fix})")
+
+
+def _read_private(path: Path) -> bytes | None:
+    """The bytes of a regular file of ours that only we can write, opened without following a symbolic link;
+    None when it does not exist."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _Untrusted(f"{path} is a symbolic link: ternq loads no library through one (remove it)") from None
+        raise
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        problem = "not a regular file" if not stat.S_ISREG(st.st_mode) else _unsafe(st)
+        if problem:
+            raise _Untrusted(f"{path} is {problem}: ternq loads no library that others could have written "
+                             "(remove it)")
+        return f.read()
+
+
+def _verify(library: Path) -> str | None:
+    """None when `library` is the file its build recorded (size and sha256), else what differs."""
+    data = _read_private(library)
+    if data is None:
+        return "missing"
+    record = _read_private(_record_path(library))
+    if record is None:
+        return "no build record"
+    try:
+        digest, size = record.decode("ascii").split()
+        expected = int(size)
+    except (UnicodeDecodeError, ValueError):
+        return "unreadable build record"
+    if len(data) != expected:
+        return f"{len(data)} bytes, {expected} recorded at build"
+    if hashlib.sha256(data).hexdigest() != digest:
+        return "its sha256 differs from the one recorded at build"
+    return None
+
+
+def _run(cmd: list[str], timeout: float) -> None:
+    """Run the compiler; on a timeout or an interrupt kill it with its children (cc runs cc1, as, ld: killing cc
+    alone would leave them running, and holding the pipes open)."""
+    posix = os.name == "posix"
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, errors="replace", start_new_session=posix)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except BaseException as exc:
+        try:
+            if posix:
+                os.killpg(proc.pid, signal.SIGKILL)  # its own process group (start_new_session)
+            else:
+                proc.kill()
+        except OSError:
+            pass
+        proc.wait()
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+        if isinstance(exc, subprocess.TimeoutExpired):
+            raise RuntimeError(f"{cmd[0]} did not finish in {timeout:g} s and was killed (a longer limit: "
+                               f"${BUILD_TIMEOUT_ENV} seconds)") from None
+        raise
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit status {proc.returncode}):\n{err.strip()}")
+
+
+def _sweep(directory: Path) -> None:
+    """Remove temporary files of builds that were killed before they could clean up."""
+    now = time.time()
+    for p in directory.glob("kernels-*.tmp"):
+        try:
+            if now - p.lstat().st_mtime > _STALE_TEMP_S:
+                p.unlink()
+        except OSError:
+            pass
+
+
+def build(force: bool = False, *, cc: str | None = None, timeout: float | None = None) -> Path:
+    """Compile the kernels into the cache (unless a verified build is there) and return the library's path.
+
+    Args:
+        force: rebuild even if the cache holds a verified library.
+        cc: the C compiler (default ``$CC``, else cc, gcc, clang on the PATH).
+        timeout: seconds the compiler may run (default ``$TERNQ_BUILD_TIMEOUT``, else 60).
+
+    Raises RuntimeError with the compiler's message when there is no compiler, the build fails or times out, or
+    the cache directory is not private to the user (the message names it and the fix)."""
+    compiler = _compiler(cc)
+    if compiler is None:
+        raise RuntimeError(f"C compiler {cc!r} not found" if cc is not None else
+                           "no C compiler found (set $CC, or install gcc / clang)")
+    limit = _timeout(timeout)
+    path = _library_path(compiler)
+    _private_dir(path.parent)
+    if not force:
+        why = _verify(path)
+        if why is None:
+            return path
+        if why not in ("missing", "no build record"):
+            warnings.warn(f"ternq: the cached kernel library {path} is not the one that was built ({why}); "
+                          "rebuilding it", RuntimeWarning, stacklevel=2)
+    _sweep(path.parent)
+    record = _record_path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem + "-", suffix=".tmp")
+    os.close(fd)
+    tmp_record = tmp + ".sha256.tmp"
+    try:
+        _run([compiler, *_FLAGS, f"-march={_arch()}", str(_SOURCE), "-o", tmp, "-lm"], limit)
+        with open(tmp, "rb") as f:
+            data = f.read()
+        if not data:
+            raise RuntimeError(f"{compiler} exited 0 but wrote no library (an empty {tmp})")
+        os.chmod(tmp, 0o755)  # not the umask's: a group-writable library (umask 002) would be refused
+        fd = os.open(tmp_record, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        with os.fdopen(fd, "w", encoding="ascii") as f:
+            os.chmod(tmp_record, 0o644)
+            f.write(f"{hashlib.sha256(data).hexdigest()} {len(data)}\n")
+        os.replace(tmp, path)  # atomic: another process sees the old name or the whole new file
+        os.replace(tmp_record, record)  # after the library: a reader without a matching record rebuilds
+    finally:
+        for name in (tmp, tmp_record):
+            if os.path.lexists(name):
+                os.unlink(name)
+    return path
+
+
+def _load() -> ctypes.CDLL | None:
+    if not _enabled():
+        _state["why"] = f"disabled by {NATIVE_ENV}={os.environ.get(NATIVE_ENV)}"
+        return None
+    try:
+        path = build()
+        lib = ctypes.CDLL(str(path))
+        if lib.tq_abi_version() != _check_interface(_HEADER.read_text()):
+            raise RuntimeError("stale library")
+        for name, args in _SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.argtypes = args
+            fn.restype = ctypes.c_int if name in _RETURNS_INT else None
+    except _Untrusted as exc:
+        warnings.warn(f"{exc}; ternq runs its eager torch kernels instead", RuntimeWarning, stacklevel=4)
+        _state["why"] = f"native kernels refused, eager torch fallback: {exc}"
+        return None
+    except NativeInterfaceError:
+        raise
+    except (OSError, RuntimeError, AttributeError) as exc:
+        _state["why"] = f"native kernels unavailable, eager torch fallback: {exc}"
+        return None
+    _state["why"] = f"loaded {path}"
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, or None (the callers' eager fallback runs); built on the first call if needed.
+
+    Raises ValueError for a value of ``$TERNQ_NATIVE`` that is neither on nor off."""
+    key = (os.environ.get(NATIVE_ENV), os.environ.get(ARCH_ENV))
+    if _state.get("key", ()) != key:  # (re)decide when $TERNQ_NATIVE or $TERNQ_NATIVE_ARCH change
+        with _LOCK:
+            if _state.get("key", ()) != key:
+                _state["lib"] = _load()
+                _state["key"] = key
+    return _state["lib"]  # type: ignore[return-value]
+
+
+def vnni() -> bool:
+    """Whether the kernels are built for this CPU's VNNI instructions (vpdpbusd): ``-march=native`` on a CPU
+    that has them. The kernel picker's thresholds depend on it."""
+    return _arch() == "native" and bool(cpu_flags() & {"avx512_vnni", "avx_vnni"})
+
+
+def available() -> bool:
+    """Whether the native kernels are in use in this process."""
+    return library() is not None
+
+
+def status() -> str:
+    """One line: which kernels run, and why (print it beside speed figures)."""
+    library()
+    return str(_state.get("why"))
+
+
+# --- tensor wrappers: CPU tensors of the stated dtypes; the outputs they write into (q, s, y, full) must be
+# laid out as stated (the callers allocate them), the inputs are made contiguous where a kernel needs it -------
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def quantize_channels(x: Tensor, norm: str | None, eps: float, bits: int, per_sample: bool, q: Tensor,
+                      s: Tensor, offset: int) -> None:
+    """x (B, C, T) float32 -> codes q[:, :, offset:offset+T] (q: (B, C, ldq) int8) and scales
+    s[:, offset:offset+T] (s: (B, lds) float32; per sample: s[:, 0])."""
+    lib = library()
+    assert lib is not None
+    x = x.contiguous()
+    assert q.is_contiguous() and s.is_contiguous()
+    b, c, t = x.shape
+    lib.tq_quantize_channels(x.data_ptr(), b, c, t, _NORMS[norm], eps, bits, int(per_sample), q.data_ptr(),
+                             q.shape[-1], s.data_ptr(), s.shape[-1], offset)
+
+
+def quantize_rows(x: Tensor, norm: str | None, eps: float, bits: int, rows_per_sample: int, q: Tensor,
+                  s: Tensor) -> None:
+    """x (R, C) float32 -> codes q (R, C) int8 and per-row scales s (R,) float32 (equal within a sample)."""
+    lib = library()
+    assert lib is not None
+    x = x.contiguous()
+    assert q.is_contiguous() and s.is_contiguous()
+    r, c = x.shape
+    lib.tq_quantize_rows(x.data_ptr(), r, c, _NORMS[norm], eps, bits, max(rows_per_sample, 1), q.data_ptr(),
+                         s.data_ptr())
+
+
+def tap_sum(acc: Tensor, k: int, s: Tensor, n: int, stride: int, dilation: int, wscale: Tensor | None,
+            per_channel: bool, bias: Tensor | None, y: Tensor) -> None:
+    """y (out, >= n, row stride y.stride(0)) = per-step-scaled sum of the k tap planes of acc (k * out, W)."""
+    lib = library()
+    assert lib is not None
+    assert acc.is_contiguous() and s.stride(-1) == 1 and y.stride(-1) == 1
+    out = acc.shape[0] // k
+    lib.tq_tap_sum(acc.data_ptr(), k, out, acc.shape[1], s.data_ptr(), n, stride, dilation, _ptr(wscale),
+                   int(per_channel), _ptr(bias), y.data_ptr(), y.stride(0))
+
+
+def tap_scatter(acc: Tensor, k: int, s: Tensor, n: int, stride: int, dilation: int, full: Tensor,
+                start: int) -> None:
+    """Overlap-add the k tap planes of acc (k * out, W), scaled per input step, into full (out, L) at start."""
+    lib = library()
+    assert lib is not None
+    assert acc.is_contiguous() and s.stride(-1) == 1 and full.is_contiguous()
+    lib.tq_tap_scatter(acc.data_ptr(), k, acc.shape[0] // k, acc.shape[1], s.data_ptr(), n, stride, dilation,
+                       full.data_ptr(), full.shape[1], start)
+
+
+def linear_epilogue(acc: Tensor, transposed: bool, s: Tensor, wscale: Tensor, per_channel: bool,
+                    bias: Tensor | None) -> Tensor:
+    """float32 (M, N) = acc * s[m] * wscale + bias, from acc (M, N) int32 or its transpose (N, M)."""
+    lib = library()
+    assert lib is not None
+    acc, s, wscale = acc.contiguous(), s.contiguous(), wscale.contiguous()
+    m, n = (acc.shape[1], acc.shape[0]) if transposed else acc.shape
+    y = torch.empty(m, n, dtype=torch.float32)
+    lib.tq_linear_epilogue(acc.data_ptr(), m, n, int(transposed), s.data_ptr(), wscale.data_ptr(),
+                           int(per_channel), _ptr(bias), y.data_ptr())
+    return y
+
+
+def gemv(x: Tensor, w: Tensor, wsum: Tensor | None) -> Tensor:
+    """int32 (M, N) = x (M, K) int8 @ w (N, K) int8 ^T, for a few rows M; `wsum` = w.sum(1) as int32 selects
+    the unsigned x signed byte products (vpdpbusd; without VNNI vpmaddubsw, exact only for |w| <= 64)."""
+    lib = library()
+    assert lib is not None
+    x, w = x.contiguous(), w.contiguous()
+    m, k = x.shape
+    acc = torch.empty(m, w.shape[0], dtype=torch.int32)
+    xu = torch.empty(m * k, dtype=torch.uint8) if wsum is not None else None
+    lib.tq_gemv_s8(x.data_ptr(), w.data_ptr(), _ptr(wsum), m, w.shape[0], k, _ptr(xu), acc.data_ptr())
+    return acc
+
+
+def linear_rows(x: Tensor, norm: str | None, eps: float, bits: int, rows_per_sample: int, w: Tensor,
+                wsum: Tensor | None, wscale: Tensor, per_channel: bool, bias: Tensor | None) -> Tensor:
+    """float32 (R, N): a packed Linear on the rows x (R, K) float32 in one call (quantize, GEMV, rescale, bias);
+    w (N, K) int8 codes, or (N, ceil(K / 4)) uint8 2-bit rows of `ternq.runtime.storage.pack_rows` (decoded in
+    registers); wsum the codes' row sums (int32; None: the plain signed-byte loop)."""
+    lib = _state["lib"]
+    two_bit = w.dtype == torch.uint8
+    assert w.is_contiguous() and w.shape[1] == (-(-x.shape[1] // 4) if two_bit else x.shape[1])
+    y = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
+    if lib.tq_linear_rows(x.data_ptr(), x.shape[0], x.shape[1], _NORMS[norm], eps, bits,  # type: ignore[union-attr]
+                          rows_per_sample, w.data_ptr(), 2 if two_bit else 8, _ptr(wsum), w.shape[0],
+                          wscale.data_ptr(),
+                          int(per_channel), _ptr(bias), y.data_ptr()) != 0:
+        raise MemoryError("tq_linear_rows: out of memory")
+    return y
+
+
+def row_sums(w: Tensor) -> tuple[Tensor, int]:
+    """Row sums (int32) of int8 codes w (N, K) and their largest magnitude, without temporaries."""
+    lib = library()
+    assert lib is not None
+    w = w.contiguous()
+    sums = torch.empty(w.shape[0], dtype=torch.int32)
+    wmax = lib.tq_row_sums(w.data_ptr(), w.shape[0], w.shape[1], sums.data_ptr())
+    return sums, int(wmax)
+
+
+def quantize_grouped(x: Tensor, norm: str | None, eps: float, bits: int, per_sample: bool, in_g: int,
+                     left: int, right: int) -> tuple[Tensor, Tensor]:
+    """x (B, C, T) float32 -> codes + 128 in the grouped layout (B, groups, C4, Tp, 4) uint8 (C4 = in_g / 4
+    rounded up, Tp = left + T + right, padding = code 0) and per-step scales (B, Tp) float32 (0 in the padding;
+    per sample, the sample's scale in every step)."""
+    lib = library()
+    assert lib is not None
+    x = x.contiguous()
+    b, c, t = x.shape
+    c4, tp = -(-in_g // 4), left + t + right
+    xg = torch.empty(b, c // in_g, c4, tp, 4, dtype=torch.uint8)
+    s = torch.empty(b, tp, dtype=torch.float32)
+    lib.tq_quantize_grouped(x.data_ptr(), b, c, t, _NORMS[norm], eps, bits, int(per_sample), xg.data_ptr(), in_g,
+                            c4, tp, left, s.data_ptr())
+    return xg, s
+
+
+def conv1d_grouped(xg: Tensor, w: Tensor, k: int, dilation: int, stride: int, t_out: int, s: Tensor,
+                   wscale: Tensor | None, per_channel: bool, bias: Tensor | None, y: Tensor) -> None:
+    """y (out, t_out), rows y.stride(0) apart, = the int8 convolution of grouped codes xg (C4, Tp, 4) with the
+    weight codes w (k, out, in) int8, each tap's products scaled by the per-step scales s (Tp,) of the steps they
+    read, then by wscale (per channel / tensor) plus bias."""
+    lib = library()
+    assert lib is not None
+    w = w.contiguous()
+    assert xg.is_contiguous() and s.is_contiguous() and y.stride(-1) == 1
+    c4, tp = xg.shape[-3], xg.shape[-2]
+    _, out, n_in = w.shape
+    assert -(-n_in // 4) == c4
+    if lib.tq_conv1d_grouped(xg.data_ptr(), c4, tp, w.data_ptr(), out, n_in, k, dilation, stride, t_out,
+                             s.data_ptr(), _ptr(wscale), int(per_channel), _ptr(bias), y.data_ptr(),
+                             y.stride(0)) != 0:
+        raise MemoryError("tq_conv1d_grouped: out of memory")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Build the kernels now and print where (what ``make venv`` runs: ``python -c "from ternq import native;
+    native.main([])"``); never fails: without a build the eager kernels run."""
+    try:
+        path = build(force="--force" in (argv or sys.argv[1:]))
+        print(f"ternq native kernels: {path}")
+    except (OSError, RuntimeError, ValueError) as exc:  # never fails the install: the eager kernels work everywhere
+        print(f"ternq native kernels not built ({exc}); ternq runs its eager torch kernels instead")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
