@@ -71,9 +71,12 @@ def plan(model: nn.Module, include: object = None, exclude: object = None,
         raise TypeError(f"quantize() takes an nn.Module, got {type(model).__name__}")
     done = quantized_parts(model)
     if done:
+        packed = any(is_packed(m) for m in model.modules())
         raise AlreadyQuantizedError(
             f"the model is already quantized ({done[0] or 'the model'!r} is a ternq part): quantize() converts a "
-            "float model once. Start again from the float model, or call ternq.dequantize(model) first")
+            "float model once. Start again from the float model, or "
+            + ("load the packed file with ternq.load_packed(path, skeleton, dequantize=True) for float layers"
+               if packed else "call ternq.dequantize(model) first"))
     lazy = next((n for n, p in model.named_parameters() if isinstance(p, nn.parameter.UninitializedParameter)), None)
     if lazy is not None:
         raise ConversionError(f"quantize(): parameter {lazy!r} is not initialized yet (a lazy module, e.g. "

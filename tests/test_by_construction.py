@@ -945,3 +945,134 @@ def test_the_oracle_is_ternq_dequantize():
         assert_close(deq(x), ref(x), "dequantize vs reference")
         assert_close(model(x), ref(x), "QAT vs reference")
 
+
+
+# --- found by attacking the design ------------------------------------------------------------------------------
+
+
+class ReadsUnderNoGrad(nn.Module):
+    """A forward that reads its weights once without gradient (a statistic, a log line), then computes with them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(D, D) / 4)
+        self.lin = nn.Linear(D, D)
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            scale = self.w.abs().mean() + self.lin.weight.abs().mean()
+        return torch.einsum("bi,oi->bo", self.lin(x), self.w) / scale.detach()
+
+
+def test_a_read_without_gradient_does_not_serve_a_later_read():
+    make = seeded(ReadsUnderNoGrad)
+    x = randn(3, D)
+    model = ternq.quantize(make(), config=WEIGHT_ONLY, example_inputs=x)
+    assert_computes_quantized(model, make, lambda m: m(x))
+    model(x).sum().backward()
+    assert model._parameters["w"].grad is not None and model.lin.float_weight().grad is not None
+
+
+class CallsTwice(nn.Module):
+    """`torch.func.functional_call` of a quantized child with two parameter sets in one forward (MAML)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(D, D)
+        self.w = nn.Parameter(torch.randn(D, D) / 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        other = {"weight": self.inner.float_weight() * 2 if hasattr(self.inner, "float_weight")
+                 else self.inner.weight * 2, "bias": self.inner.bias}
+        first = torch.func.functional_call(self.inner, dict(self.inner.named_parameters()), (x,))
+        second = torch.func.functional_call(self.inner, other, (x,))
+        return torch.einsum("bi,oi->bo", first + second, self.w)
+
+
+def test_functional_call_with_other_parameters_inside_a_forward_reads_them():
+    make = seeded(CallsTwice)
+    x = randn(3, D)
+    model = ternq.quantize(make(), config=WEIGHT_ONLY, example_inputs=x)
+    assert_computes_quantized(model, make, lambda m: m(x))
+
+
+def test_a_quantized_model_pickles_and_loads_the_same():
+    import io
+    import pickle
+
+    make = seeded(Small)
+    x = randn(2, 5, D)
+    model = ternq.quantize(make(), example_inputs=x).eval()
+    for again in (pickle.loads(pickle.dumps(model)), torch.load(_saved(model), weights_only=False)):
+        assert type(again).__name__ == "Small" and isinstance(again.w, Tensor)
+        with torch.no_grad():
+            assert_close(again(x), model(x), "pickled vs original")
+    operand = ternq.quantize(seeded(FunctionalOwner)(), example_inputs=randn(3, D)).w
+    assert type(torch.load(_saved(operand), weights_only=False)) is Tensor  # saved as the plain quantized tensor
+    del io
+
+
+def _saved(obj: Any) -> Any:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return buf
+
+
+class FunctionalOwner(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(D, D) / 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.w)
+
+
+def test_the_latent_weight_is_where_writes_go():
+    model = ternq.quantize(nn.Sequential(nn.Linear(D, D), nn.ReLU(), nn.Linear(D, D)))
+    latent = ternq.weight_attr.latent(model[0], "weight")
+    assert latent is model[0]._parameters["weight"] and latent is ternq.weight_attr.latent_parameter(model, "0.weight")
+    nn.init.zeros_(latent)  # written, and every read after gives its quantized value
+    assert torch.count_nonzero(model[0].weight) == 0
+
+
+def test_a_layer_whose_weight_is_a_property_is_refused():
+    class PropertyWeight(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(D, D))
+
+        @property
+        def weight(self) -> Tensor:
+            return self.w
+
+        def forward(self, x: Tensor) -> Tensor:
+            return F.linear(x, self.weight)
+
+    ternq.register_layer(PropertyWeight, lambda m, x, w: F.linear(x, w))
+    model = nn.Sequential(PropertyWeight())
+    with pytest.raises(ternq.TernqError, match="is a property"):
+        ternq.quantize(model, include=[PropertyWeight])
+    assert type(model[0]) is PropertyWeight
+
+
+def test_load_packed_dequantize_keeps_a_tie_to_a_layer_weight(tmp_path):
+    class TiedToLayer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(D, D)
+            self.b = nn.Module()
+            self.b.w = self.a.weight
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.a(x) + x @ self.b.w.T
+
+    make = seeded(TiedToLayer)
+    x = randn(3, D)
+    model = ternq.quantize(make(), config=WEIGHT_ONLY, example_inputs=x).eval()
+    plain = ternq.load_packed(ternq.pack(model), make(), dequantize=True).eval()
+    assert plain.b.w is plain.a.weight
+    with torch.no_grad():
+        assert_close(plain(x), model(x), "dequantized load vs QAT")

@@ -790,6 +790,8 @@ def _load_layer(source: Source, manifest: Manifest, root: nn.Module, p: _Placeme
             param = nn.Parameter(value, requires_grad=weight.requires_grad)
             p.module._parameters[p.record.weight] = param
             tied.setdefault(id(weight), (weight, param))
+        for holder, name in ties:  # a tie's other holders: the same new Parameter
+            holder._parameters[name] = p.module._parameters[p.record.weight]
         return root
     new = packed_layer(p.module, codes, scale, p.config, p.spec, **options)
     root = _replace(root, p.module, new, aliases)

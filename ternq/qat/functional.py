@@ -96,10 +96,17 @@ class FunctionalQuant(nn.Module):
             # graph whose call would compute on an unquantized input
             raise ConversionError(
                 f"torch.export cannot trace the quantized functional call F.{self.op}(x, {self.param}) of this "
-                "model (its input quantization rides on the weight's tensor subclass). Register the module's type "
-                "with ternq.register_layer so that it becomes a QAT layer, or quantize that weight weights-only "
-                "(a config with act_bits=None, input_norm=None) before exporting")
+                "model: its input quantization rides on the weight's tensor subclass, which export's fake tensors "
+                "cannot become. Quantize the float model again with that module's type registered "
+                "(ternq.register_layer, so that it becomes a QAT layer) or with that weight weights-only (a config "
+                "with act_bits=None, input_norm=None), then export it or its packed file; torch.jit.trace and "
+                "torch.compile take the model as it is")
         return self.quantized(weight).as_subclass(self.operand_type)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_operand_type", None)  # a generated class: made again on use (`operand_type`)
+        return state
 
     @property
     def operand_type(self) -> type[QuantizedOperand]:
@@ -144,6 +151,9 @@ class QuantizedOperand(Tensor):
     names the call (`site`)."""
 
     site: FunctionalQuant
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        return self.as_subclass(Tensor).__reduce_ex__(protocol)  # saved, it is the plain quantized tensor
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):

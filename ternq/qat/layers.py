@@ -355,6 +355,14 @@ def _quant_class_for(module: nn.Module) -> type[QuantMixin]:
         known = ", ".join(sorted(t.__name__ for t in _REGISTRY))
         raise UnsupportedLayerError(f"ternq cannot quantize {base.__name__}: not a registered layer type "
                                     f"({known}); teach it with ternq.register_layer(...)")
+    name = quant_type._ternq_spec.weight_name
+    if isinstance(next((k.__dict__[name] for k in base.__mro__ if name in k.__dict__), None), property):
+        # its weight reads another attribute: quantizing both would quantize twice, one of them alone would
+        # leave the other a float way to the same weight
+        raise UnsupportedLayerError(
+            f"ternq cannot quantize {base.__name__}: its {name!r} is a property computed from other attributes. "
+            f"Register it with weight_name= the Parameter that property reads (ternq.register_layer({base.__name__}, "
+            "forward, weight_name=...)), so that every read of that Parameter gives the quantized weight")
     if type(module) is base:
         return quant_type
     # parametrized: torch replaced the module's class by a generated subclass holding the parametrized

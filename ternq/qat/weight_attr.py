@@ -89,13 +89,22 @@ class QuantizedWeight:
         quantize = self.quantizer(obj)
         if quantize is None or value is None or _is_sharded(value):
             return value
-        cache = None if torch.compiler.is_compiling() else getattr(_local, "cache", None)
-        if cache is None:
+        if torch.compiler.is_compiling():
             return quantize(value)
-        key = (id(obj), self.name)
-        if key not in cache:
-            cache[key] = (obj, quantize(value))  # the holder kept alive while the id is a key
-        return cache[key][1]
+        cache = getattr(_local, "cache", None)
+        if cache is None:
+            out = quantize(value)
+        else:
+            # a cached value stands only for the same latent, unchanged, read in the same grad mode (a read under
+            # no_grad for a statistic must not hand the next read a value without a graph; functional_call swaps
+            # the latent)
+            key = (id(obj), self.name)
+            state = (value, value._version, torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+            hit = cache.get(key)
+            if hit is None or hit[1][0] is not value or hit[1][1:] != state[1:]:
+                hit = cache[key] = (obj, state, quantize(value))  # the holder kept alive while its id is a key
+            out = hit[2]
+        return out
 
     def quantizer(self, obj: nn.Module) -> Callable[[Tensor], Tensor] | None:
         """The function computing the read value from the latent one (None: reads give the latent value)."""
@@ -185,8 +194,20 @@ def holder_class(cls: type[nn.Module], names: frozenset[str] | set[str]) -> type
         if issubclass(base_cls, nn.RNNBase):
             namespace["_flat_weights"] = _FLAT_WEIGHTS
         namespace["forward"] = _cached_forward(base_cls.forward)
+        namespace["__reduce_ex__"] = _reduce_holder
         _HOLDERS[key] = type(base_cls.__name__, (base_cls,), namespace)
     return _HOLDERS[key]
+
+
+def _reduce_holder(self: nn.Module, protocol: int) -> tuple[Any, ...]:
+    """Pickle a holder as its float class and quantized names (a generated class has no importable name)."""
+    cls = type(self)
+    return _rebuild_holder, (float_class(cls), tuple(_holder_names(cls))), self.__getstate__()
+
+
+def _rebuild_holder(float_cls: type[nn.Module], names: tuple[str, ...]) -> nn.Module:
+    cls = holder_class(float_cls, set(names))
+    return cls.__new__(cls)
 
 
 def _holder_names(cls: type) -> list[str]:

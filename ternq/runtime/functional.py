@@ -70,7 +70,8 @@ class PackedFunctional(_Codes, FunctionalQuant):
     def run(self, args: tuple[Any, ...], kwargs: dict[str, Any], weight_quantized: bool) -> Tensor:
         values = list(args)
         i, w = INPUT_POSITION[self.op], WEIGHT_POSITION[self.op]
-        if self.op == "linear" and values[i].is_floating_point() and self.codes.dim() == 2:
+        tracing = torch.jit.is_tracing() or torch.compiler.is_compiling()  # torch ops only: the reference path
+        if self.op == "linear" and values[i].is_floating_point() and self.codes.dim() == 2 and not tracing:
             bias = values[2] if len(values) > 2 else kwargs.get("bias")
             y = self._runtime_linear()(values[i])
             return y if bias is None else y + bias
