@@ -29,5 +29,6 @@ for preset in "${PRESETS[@]}"; do
         --set loss.lambda_mel_aux=1.0 --set loss.lambda_stft=20 --set loss.bin_loss_start=250 \
         --set loss.bin_loss_ramp=250 --set train.aligner_warmup=500 \
         --set train.ckpt_every=100 --set train.image_every=400 --set train.log_every=25
-    bittts export "$RUNS/$preset" -o "$RUNS/bittts-${preset/all/ternary}.safetensors"
+    name=$preset; [ "$preset" = all ] && name=ternary  # the `all` preset ships as bittts-ternary
+    bittts export "$RUNS/$preset" -o "$RUNS/bittts-$name.safetensors"
 done
