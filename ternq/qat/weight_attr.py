@@ -16,9 +16,9 @@ the descriptor keeps them, and composes with a parametrization that is already t
 wraps.
 
 Each read computes the quantized value afresh (a few small ops), so that gradient checkpointing recomputes it and
-an optimizer step is seen at once. Inside one intercepted forward (`ternq.qat.functional`) the value is computed once
-and shared (`cached`): repeated reads give the same tensor, which is how an ``F.linear(x, self.w)`` call is
-recognized by identity.
+an optimizer step is seen at once. Within one forward of a holder (its class wraps ``forward`` in `cached`), a
+weight read many times (a stack of experts indexed once per expert) is computed once, and reused only for the
+same latent tensor, unchanged, read in the same grad mode.
 """
 from __future__ import annotations
 
