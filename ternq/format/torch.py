@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import json
 import os
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -239,15 +240,10 @@ def _weight_site(scan: _Scan, path: str, module: nn.Module) -> _PackedSite:
 
 def _collect_sites(model: nn.Module) -> list[_PackedSite]:
     """Every quantized weight of `model`, each read by the collector its quantizer's class registered."""
-    holders: dict[int, int] = {}
-    for _, param in model.named_parameters(remove_duplicate=False):
-        holders[id(param)] = holders.get(id(param), 0) + 1
+    holders = Counter(id(param) for _, param in model.named_parameters(remove_duplicate=False))
     followers = _tie_followers(model)
-    ties: dict[int, int] = {}
-    for _, module, attr, _ in followers:
-        param = module._parameters.get(attr)
-        if param is not None:
-            ties[id(param)] = ties.get(id(param), 0) + 1
+    ties = Counter(id(module._parameters[attr]) for module, attr, _ in followers
+                   if module._parameters.get(attr) is not None)
     scan = _Scan(model, _aliases(model), _readers(model), holders, ties)
     rules = {_join(prefix, site.key): site.rule for prefix, site in sites_of(model)}  # what quantize() /
     # load_packed() recorded (`ternq.find.sites`)
@@ -261,7 +257,7 @@ def _collect_sites(model: nn.Module) -> list[_PackedSite]:
         site.rule = rules.get(site.key)
         sites.append(site)
         by_quantizer[id(module)] = site
-    for _path, module, attr, quantizer in followers:  # a tie's other holders read the site's quantized value
+    for module, attr, quantizer in followers:  # a tie's other holders read the site's quantized value
         site = by_quantizer.get(id(getattr(quantizer, "__self__", None)))
         if site is not None:
             keys = {_join(alias, attr) for alias in scan.aliases[id(module)]}
@@ -270,16 +266,16 @@ def _collect_sites(model: nn.Module) -> list[_PackedSite]:
     return sites
 
 
-def _tie_followers(model: nn.Module) -> list[tuple[str, nn.Module, str, Any]]:
-    """(path, module, attribute, quantizer) of each module reading a quantized weight that another module's
-    quantizer decides (``b.w = a.w``, `ternq.convert`): not a quantizer of its own on that module."""
+def _tie_followers(model: nn.Module) -> list[tuple[nn.Module, str, Any]]:
+    """(module, attribute, quantizer) of each module reading a quantized weight that another module's quantizer
+    decides (``b.w = a.w``, `ternq.convert`): not a quantizer of its own on that module."""
     out = []
-    for path, module in model.named_modules():
+    for module in model.modules():
         for attr, quantizer in module.__dict__.get(QUANTIZERS, {}).items():
             mine = [m for m in module._modules.values() if isinstance(m, (WeightQuant, FunctionalQuant))
                     and m.param == attr]
             if getattr(quantizer, "__self__", None) not in mine:
-                out.append((path, module, attr, quantizer))
+                out.append((module, attr, quantizer))
     return out
 
 

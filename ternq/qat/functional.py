@@ -139,6 +139,17 @@ class FunctionalQuant(nn.Module):
                f"act_bits={self.qconfig.act_bits}"
 
 
+def _weight_argument(op: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...],
+                                                                                   dict[str, Any], Any]:
+    """(args, kwargs, the weight) of a call of `op`, the weight made positional where it came by keyword (the
+    quantizers take it by position)."""
+    pos, name = WEIGHT_POSITION[op], _WEIGHT_KWARG[op]
+    if len(args) == pos and name in kwargs:
+        kwargs = dict(kwargs)
+        args = (*args, kwargs.pop(name))
+    return args, kwargs, args[pos] if len(args) > pos else None
+
+
 def _plain(value: Any) -> Any:
     return value.as_subclass(Tensor) if isinstance(value, QuantizedOperand) else value
 
@@ -160,12 +171,7 @@ class QuantizedOperand(Tensor):
         kwargs = kwargs or {}
         op = _FUNC_TO_OP.get(func)
         if op is not None:
-            pos = WEIGHT_POSITION[op]
-            name = _WEIGHT_KWARG[op]
-            if len(args) == pos and name in kwargs:  # the weight by keyword: positional for the quantizer
-                kwargs = dict(kwargs)
-                args = (*args, kwargs.pop(name))
-            weight = args[pos] if len(args) > pos else None
+            args, kwargs, weight = _weight_argument(op, args, kwargs)
             if isinstance(weight, QuantizedOperand) and type(weight).site.op == op:
                 with torch._C.DisableTorchFunctionSubclass():
                     return type(weight).site.run(tuple(_plain(a) for a in args),
@@ -206,11 +212,10 @@ class WeightQuant(nn.Module):
 
 
 class _Intercept(TorchFunctionMode):
-    """Routes ``F.<op>(x, w, ...)`` to the FunctionalQuant registered for weight `w`, by identity (the owner's
-    quantized parameter, one tensor for every read in this forward; or the latent parameter of a submodule that
-    reads it as float itself), and passes every other call through."""
+    """Routes ``F.<op>(x, w, ...)`` to the FunctionalQuant registered for the latent parameter `w` of a submodule
+    that reads it as float itself (by identity), and passes every other call through."""
 
-    def __init__(self, sites: dict[tuple[str, int], tuple[FunctionalQuant, bool]]) -> None:
+    def __init__(self, sites: dict[tuple[str, int], FunctionalQuant]) -> None:
         super().__init__()
         self.sites = sites
 
@@ -218,14 +223,10 @@ class _Intercept(TorchFunctionMode):
         kwargs = kwargs or {}
         op = _FUNC_TO_OP.get(func)
         if op is not None and self.sites:
-            pos = WEIGHT_POSITION[op]
-            weight = args[pos] if len(args) > pos else kwargs.get("weight" if op in ("linear", "conv1d", "conv2d")
-                                                                  else "mat2" if op == "addmm" else "other")
+            args, kwargs, weight = _weight_argument(op, args, kwargs)
             site = self.sites.get((op, id(weight)))
             if site is not None:
-                if len(args) <= pos:  # the weight came by keyword: positional for the quantizer
-                    args = (*args, kwargs.pop(next(k for k, v in kwargs.items() if v is weight)))
-                return site[0].run(args, kwargs, site[1])
+                return site.run(args, kwargs, weight_quantized=False)
         return func(*args, **kwargs)
 
 
@@ -258,7 +259,7 @@ class InterceptedForward:
             holder_path, _, attr = fq.param.rpartition(".")
             holder = owner.get_submodule(holder_path) if holder_path else owner
             if not is_quantized_attr(holder, attr):  # a submodule's parameter it reads as float itself
-                sites[(fq.op, id(holder._parameters[attr]))] = (fq, False)
+                sites[(fq.op, id(holder._parameters[attr]))] = fq
         with _Intercept(sites):
             return forward(*args, **kwargs)
 

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["QuantizedWeight", "QUANTIZERS", "set_quantizer", "quantizer_of", "latent", "latent_parameter",
+__all__ = ["QuantizedWeight", "QUANTIZERS", "set_quantizer", "latent", "latent_parameter",
            "is_quantized_attr", "holder_class", "float_class", "cached"]
 
 #: instance attribute of a holder: weight name -> the function computing its quantized value from the latent one
@@ -93,18 +93,16 @@ class QuantizedWeight:
             return quantize(value)
         cache = getattr(_local, "cache", None)
         if cache is None:
-            out = quantize(value)
-        else:
-            # a cached value stands only for the same latent, unchanged, read in the same grad mode (a read under
-            # no_grad for a statistic must not hand the next read a value without a graph; functional_call swaps
-            # the latent)
-            key = (id(obj), self.name)
-            state = (value, value._version, torch.is_grad_enabled(), torch.is_inference_mode_enabled())
-            hit = cache.get(key)
-            if hit is None or hit[1][0] is not value or hit[1][1:] != state[1:]:
-                hit = cache[key] = (obj, state, quantize(value))  # the holder kept alive while its id is a key
-            out = hit[2]
-        return out
+            return quantize(value)
+        # a cached value stands only for the same latent, unchanged, read in the same grad mode (a read under
+        # no_grad for a statistic must not hand the next read a value without a graph; functional_call swaps the
+        # latent). The entry keeps the holder and the latent alive while their ids are in use.
+        key = (id(obj), self.name)
+        stamp = (id(value), value._version, torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+        hit = cache.get(key)
+        if hit is None or hit[1] != stamp:
+            hit = cache[key] = ((obj, value), stamp, quantize(value))
+        return hit[2]
 
     def quantizer(self, obj: nn.Module) -> Callable[[Tensor], Tensor] | None:
         """The function computing the read value from the latent one (None: reads give the latent value)."""
@@ -147,22 +145,13 @@ def latent(module: nn.Module, name: str) -> Any:
     return getattr(module, name)
 
 
-def quantizer_of(module: nn.Module, name: str) -> Callable[[Tensor], Tensor] | None:
-    """The function that computes ``module.<name>`` from its latent value, or None."""
-    return module.__dict__.get(QUANTIZERS, {}).get(name)
-
-
-def set_quantizer(module: nn.Module, name: str, quantize: Callable[[Tensor], Tensor] | None) -> None:
-    """Make reads of ``module.<name>`` return ``quantize(latent)`` (None: the latent value again). The module's
-    class must hold a `QuantizedWeight` for `name` (`holder_class`)."""
+def set_quantizer(module: nn.Module, name: str, quantize: Callable[[Tensor], Tensor]) -> None:
+    """Make reads of ``module.<name>`` return ``quantize(latent)``. The module's class must hold a
+    `QuantizedWeight` for `name` (`holder_class`); `ternq.qat.functional.uninstall` undoes both."""
     if not isinstance(_find(type(module), name), QuantizedWeight):
         raise TypeError(f"{type(module).__name__} has no quantized attribute {name!r}: use holder_class first")
-    quantizers = dict(module.__dict__.get(QUANTIZERS, {}))  # a new dict: a shallow clone's is never shared
-    if quantize is None:
-        quantizers.pop(name, None)
-    else:
-        quantizers[name] = quantize
-    module.__dict__[QUANTIZERS] = quantizers
+    # a new dict: a shallow clone's is never shared
+    module.__dict__[QUANTIZERS] = {**module.__dict__.get(QUANTIZERS, {}), name: quantize}
 
 
 def _find(cls: type, name: str) -> Any:

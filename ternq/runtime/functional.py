@@ -13,7 +13,7 @@ from ..config import QuantConfig
 from ..qat.functional import FUNCTIONAL_OPS, INPUT_POSITION, WEIGHT_POSITION, FunctionalQuant, WeightQuant
 from ..qat.layers import layer_spec
 from ..qat.quantizers import dequantize_weight
-from .layers import packed_layer
+from .layers import packed_layer, recording_a_graph
 
 __all__ = ["PackedFunctional", "PackedWeightOnly"]
 
@@ -70,8 +70,8 @@ class PackedFunctional(_Codes, FunctionalQuant):
     def run(self, args: tuple[Any, ...], kwargs: dict[str, Any], weight_quantized: bool) -> Tensor:
         values = list(args)
         i, w = INPUT_POSITION[self.op], WEIGHT_POSITION[self.op]
-        tracing = torch.jit.is_tracing() or torch.compiler.is_compiling()  # torch ops only: the reference path
-        if self.op == "linear" and values[i].is_floating_point() and self.codes.dim() == 2 and not tracing:
+        if self.op == "linear" and values[i].is_floating_point() and self.codes.dim() == 2 \
+                and not recording_a_graph():
             bias = values[2] if len(values) > 2 else kwargs.get("bias")
             y = self._runtime_linear()(values[i])
             return y if bias is None else y + bias

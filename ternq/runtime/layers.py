@@ -58,6 +58,13 @@ def register_kernel(name: str) -> Callable[[_F], _F]:
     return mark
 
 
+def recording_a_graph() -> bool:
+    """Whether torch.jit.trace, torch.compile or torch.export is recording this call: a graph records torch ops
+    only, so a native kernel (a ctypes call) and the per-shape kernel choice would not be in it. Packed layers
+    then run their reference path, torch ops on the same codes."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling()
+
+
 class PackedLayer:
     """Inference forward of every packed layer; the float class provides the layer's other attributes.
 
@@ -268,9 +275,7 @@ class PackedLayer:
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
         x, args = take_input(self.spec, args, kwargs)
-        if torch.jit.is_tracing() or torch.compiler.is_compiling():
-            # a traced / compiled / exported graph records torch ops only: a native kernel (a ctypes call) and the
-            # per-shape kernel choice would not be in it. The reference path is torch ops on the same codes.
+        if recording_a_graph():
             return self.kernel_impls[WEIGHT_ONLY](self, x, *args, **kwargs)
         name = self._pick(x, args, kwargs)
         self.__dict__["_last"] = name  # not nn.Module.__setattr__: ~8 us per call with caches cold
