@@ -3,8 +3,10 @@
 What the graph holds. Every quantized layer of the model becomes an *export layer* (`OnnxLayer`) in a clone of
 the model: its weight is kept as ternq's packed codes, the bytes of the packed safetensors file (5 ternary codes
 per byte, 2 or 4-bit fields; `ternq.format.encoding`), with its float32 scales, and is decoded in the graph by
-the encoding's own integer arithmetic (the trit5 multiply-and-shift, the k-bit field shifts), a reshape, a slice
-and the scale multiply. Nothing in that subgraph depends on the model's inputs, so onnxruntime folds it into a
+the encoding's own arithmetic (the trit5 multiply-and-shift, the k-bit field shifts; in float32 ops, exact for
+these integers), a reshape, a slice and the scale multiply. Arithmetic rather than a lookup table (256 x 5 for
+trit5): torch's exporter writes a module's tensors per module, so a table would be one more initializer per
+layer. Nothing in that subgraph depends on the model's inputs, so onnxruntime folds it into a
 float weight when a session starts (its default graph optimizations, "basic" and up): the file stays the size of
 the packed file and the session runs float kernels. The layer's input normalization and activation
 quantization (absmax per token, ``round`` half to even as ``torch.round``) are ops of the graph, so the
@@ -29,6 +31,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.conv import _ConvNd
 from torch.overrides import TorchFunctionMode
 
 from ..config import QuantConfig
@@ -51,7 +54,7 @@ from ..runtime import PackedFunctional, PackedLayer, PackedWeightOnly, packed_la
 
 __all__ = ["export_onnx", "export_module", "OnnxLayer", "OnnxWeight", "decode_codes"]
 
-#: the opset torch's exporter writes by default (LayerNormalization needs 17)
+#: the opset written unless asked otherwise (torch's exporter's default)
 DEFAULT_OPSET = 18
 
 
@@ -66,11 +69,11 @@ def decode_codes(payload: Tensor, encoding: str, count: int) -> Tensor:
     # integer division exports as ops onnxruntime cannot fold (CastLike)
     b = payload.to(torch.float32).unsqueeze(-1)
     if encoding == "trit5":
-        powers = torch.tensor([1.0, 3.0, 9.0, 27.0, 81.0])
+        powers = torch.tensor([1.0, 3.0, 9.0, 27.0, 81.0], device=b.device)
         codes = torch.floor(torch.remainder(b * powers, 256.0) * (3.0 / 256.0)) - 1.0
     elif encoding in ("int2", "int4"):
         bits = 2 if encoding == "int2" else 4
-        shifts = torch.tensor([1.0 / (1 << (bits * j)) for j in range(8 // bits)])
+        shifts = torch.tensor([1.0 / (1 << (bits * j)) for j in range(8 // bits)], device=b.device)
         codes = torch.remainder(torch.floor(b * shifts), float(1 << bits)) - float(1 << (bits - 1))
     else:
         raise ValueError(f"unknown encoding {encoding!r}")
@@ -107,7 +110,7 @@ def _hold(module: nn.Module, codes: Tensor, scale: Tensor, config: QuantConfig, 
     encoding = encoding_for(config)
     # persistent: the TorchScript tracer makes initializers of the state_dict only (other tensors are constants,
     # folded into float weights)
-    module.register_buffer("ternq_payload", pack_codes(codes, encoding))
+    module.register_buffer("ternq_payload", pack_codes(codes, encoding).to(scale.device))
     module.register_buffer("ternq_scale", scale.detach().to(torch.float32).clone())
     module.__dict__.update(qconfig=config, encoding=encoding, weight_shape=tuple(codes.shape), float_dtype=dtype)
 
@@ -142,8 +145,7 @@ class OnnxLayer:
         spec = self.spec
         if spec.feature_dim is None:
             return x
-        kernel_size = getattr(self, "kernel_size", None)
-        batched = len(kernel_size) + 2 if isinstance(self, nn.modules.conv._ConvNd) and kernel_size else None
+        batched = len(self.kernel_size) + 2 if isinstance(self, _ConvNd) else None
         return quantize_activations(x, self.qconfig, spec.feature_dim, batched)
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
@@ -164,7 +166,7 @@ def _onnx_class(spec: LayerSpec) -> type[nn.Module]:
     return cls
 
 
-def _onnx_layer(module: nn.Module, path: str) -> nn.Module:
+def _onnx_layer(module: nn.Module) -> nn.Module:
     """The export layer of a QAT or packed layer (a new module; `module` is unchanged)."""
     if isinstance(module, QuantMixin):
         spec, config = module._ternq_spec, module.qconfig
@@ -199,7 +201,6 @@ class OnnxWeight(nn.Module):
         self.op = site.op if isinstance(site, FunctionalQuant) else None
         self.out_dim = site.out_dim
         _hold(self, codes, scale, site.qconfig, dtype)
-        self.__dict__["_site"] = site  # its input quantization (`quantize_input`)
 
     def read(self, latent: Tensor | None = None) -> Tensor:
         """``codes * scale`` decoded in the graph (the latent, a placeholder or the float weight, is not read)."""
@@ -285,7 +286,7 @@ def export_module(model: nn.Module) -> nn.Module:
         if id(module) in memo:
             return memo[id(module)]
         if isinstance(module, (QuantMixin, PackedLayer)):
-            clone = memo[id(module)] = _onnx_layer(module, path)
+            clone = memo[id(module)] = _onnx_layer(module)
             return clone
         clone = memo[id(module)] = shallow_clone(module, type(module))
         for name, child in module._modules.items():
@@ -413,7 +414,7 @@ def export_onnx(model: nn.Module, example_inputs: Tensor | tuple[Any, ...], path
         input_names, output_names: names of the graph's inputs and outputs.
         dynamic_shapes: torch.export's dynamic shapes of the inputs (``torch.export.Dim``), passed through.
         dynamic_axes: the older form, ``{"input name": {axis: "name"}}``, passed through.
-        opset_version: the ONNX opset (at least 17, for LayerNormalization).
+        opset_version: the ONNX opset.
         dynamo: True (default): torch.export's exporter; False: the TorchScript tracer, without constant
             folding (so the codes stay packed), for models torch.export cannot trace.
 
