@@ -253,6 +253,19 @@ def test_qat_and_packed_export_match_the_runtime_with_dynamic_axes(tmp_path: Pat
     assert sum(ternq.runtime.is_packed(m) for m in packed.modules()) == 4
 
 
+@pytest.mark.parametrize("config", [TernaryConfig(granularity="channel"), KBitConfig(bits=2, granularity="group",
+                                    group_size=8), KBitConfig(bits=4), KBitConfig(bits=8)], ids=lambda c: c.name)
+def test_onnxruntime_folds_every_decode(config: QuantConfig, tmp_path: Path) -> None:
+    """For every encoding, the decode subgraph (its Floor ops) is in the file and folded away by onnxruntime's
+    session: inference runs no decode."""
+    qat = ternq.quantize(nn.Sequential(nn.Linear(32, 64)), include=["*"], config=config)
+    path = ternq.export_onnx(qat, torch.randn(2, 32), tmp_path / "m.onnx")
+    session(path, optimized=tmp_path / "opt.onnx")
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node}
+    assert not ops & {"Floor", "Cast", "Reshape", "Expand"}, ops
+    assert onnx_bytes(path)[0] <= len(ternq.pack(qat).to_bytes())  # the packed codes, not float weights
+
+
 def _lm(arch: str) -> nn.Module:
     tf = pytest.importorskip("transformers")
     torch.manual_seed(0)
