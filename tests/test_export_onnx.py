@@ -206,9 +206,10 @@ def test_random_stacks_match_the_packed_model(kinds: list[str], layer_configs: l
 
 
 def conv_stack() -> nn.Module:
+    """A vocoder's layers: weight-normed convolutions (parametrized and legacy) and a transposed upsampler."""
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv1d(16, 32, 5, padding=2), nn.ReLU(),
-                         nn.ConvTranspose1d(32, 24, 4, stride=2, padding=1), nn.ReLU(),
+    return nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Conv1d(16, 32, 5, padding=2)), nn.ReLU(),
+                         nn.utils.weight_norm(nn.ConvTranspose1d(32, 24, 4, stride=2, padding=1)), nn.ReLU(),
                          nn.Conv1d(24, 20, 3, groups=4))
 
 
