@@ -18,18 +18,16 @@ import shutil
 import struct
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
-import torch
 
-from ternq.atomic import atomic_open
-
+from ..atomic import atomic_open
 from ..data.text import abbreviation_before
 from ..limits import MAX_SENTENCE_CHARS, MAX_SENTENCE_SECONDS, LimitError
 
 if TYPE_CHECKING:
-    from .synthesizer import Synthesis, Synthesizer
+    from .voice import Synthesis, Voice
 
 __all__ = ["SENTENCE_PAUSE", "split_sentences", "read_sentences_stream", "pcm16", "speak", "count_phonemes",
            "wav_header", "write_wav_stream", "spooled_wav", "write_wav_to_stream"]
@@ -112,21 +110,22 @@ def read_sentences_stream(stream: BinaryIO, name: str = "standard input",
             pending = last
 
 
-def pcm16(wav: torch.Tensor | np.ndarray) -> bytes:
-    """Little-endian 16-bit PCM of a float waveform in [-1, 1) (clipped; `bittts.data.audio.write_wav`'s scaling)."""
-    data = wav.detach().cpu().numpy() if isinstance(wav, torch.Tensor) else np.asarray(wav)
+def pcm16(wav: Any) -> bytes:
+    """Little-endian 16-bit PCM of a float waveform in [-1, 1) (clipped; `bittts.data.audio.write_wav`'s scaling):
+    a numpy array, or a CPU torch tensor (this module never imports torch)."""
+    data = wav.detach().numpy() if hasattr(wav, "detach") else wav
     data = np.asarray(data, dtype=np.float64).reshape(-1)
     return np.clip(np.round(data * 32768.0), -32768, 32767).astype("<i2").tobytes()
 
 
-def speak(synth: Synthesizer, sentences: Iterable[str], duration_scale: float = 1.0,
+def speak(synth: Voice, sentences: Iterable[str], duration_scale: float = 1.0,
           on_sentence: Callable[[str, Synthesis], None] | None = None, *, max_phonemes: int | None = None,
           max_seconds: float | None = None) -> Iterator[bytes]:
-    """16-bit PCM of each sentence in turn (`synth` a `bittts.synthesis.synthesizer.Synthesizer`), `SENTENCE_PAUSE` of
-    silence before every sentence but the first. A sentence that gives no phonemes ("...") is skipped;
-    ValueError if none of them could be spoken. `on_sentence(sentence, synthesis)` is told of each one.
+    """16-bit PCM of each sentence in turn (`synth` a `bittts.synthesis.voice.Voice`: the torch or the ONNX
+    runtime), `SENTENCE_PAUSE` of silence before every sentence but the first. A sentence that gives no phonemes
+    ("...") is skipped; ValueError if none of them could be spoken. `on_sentence(sentence, synthesis)` is told of each one.
 
-    Each sentence is bounded by `Synthesizer.synthesize_ids` (`bittts.limits.MAX_SENTENCE_PHONEMES` and
+    Each sentence is bounded by `Voice.synthesize_ids` (`bittts.limits.MAX_SENTENCE_PHONEMES` and
     `MAX_SENTENCE_SECONDS`); `max_phonemes` and `max_seconds` (e.g. `MAX_REQUEST_PHONEMES`, `MAX_REQUEST_SECONDS`)
     bound all of them together: `bittts.limits.LimitError` before the sentence that would pass either is
     synthesized (its audio is bounded through its predicted durations, before the vocoder runs)."""
@@ -167,7 +166,7 @@ def speak(synth: Synthesizer, sentences: Iterable[str], duration_scale: float = 
         raise ValueError(last_error or "nothing to speak: the text is empty")
 
 
-def count_phonemes(synth: Synthesizer, sentences: Sequence[str], max_phonemes: int | None = None) -> int:
+def count_phonemes(synth: Voice, sentences: Sequence[str], max_phonemes: int | None = None) -> int:
     """The phonemes `speak` will synthesize for `sentences`, all phonemized through one espeak-ng process (and
     cached, so `speak` does not phonemize them again); `bittts.limits.LimitError` past `max_phonemes`. A request
     is thus refused before any synthesis, not after the first `max_phonemes` worth of it."""
