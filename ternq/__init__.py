@@ -6,6 +6,7 @@ The whole public API lives here, flat:
     print(ternq.report(model))
     ternq.save_packed(model, "model.safetensors")
     model = ternq.load_packed("model.safetensors", skeleton)
+    ternq.export_onnx(model, example_inputs, "model.onnx")
 """
 # the documented submodule paths (ternq.uses.float_uses, ternq.weight_attr.latent, ternq.native.status, ...)
 # are attributes of the package, as before the subpackages; each is the same module object as its new home
@@ -18,11 +19,13 @@ from .errors import (
     ChecksumError,
     ConfigError,
     ConversionError,
+    ExportError,
     FormatError,
     SelectorError,
     TernqError,
     UnsupportedLayerError,
 )
+from .export.onnx import export_onnx
 from .find.selectors import Rule, output_layers
 from .format.reader import PackedFile
 from .format.reader import open_packed as open  # noqa: A001, F401 (ternq.open, like safetensors.safe_open)
@@ -49,6 +52,7 @@ __all__ = [
     "load_packed",
     "read_metadata",
     "PackedModel",
+    "export_onnx",
     "PackedFile",  # ternq.open(path) opens one; "open" is not in __all__, so `import *` keeps the builtin
     "TernqError",
     "ConfigError",
@@ -59,4 +63,5 @@ __all__ = [
     "FormatError",
     "ChecksumError",
     "ArchitectureMismatchError",
+    "ExportError",
 ]

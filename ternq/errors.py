@@ -36,3 +36,8 @@ class ChecksumError(FormatError):
 
 class ArchitectureMismatchError(FormatError):
     """A packed file does not fit the float skeleton it is loaded into."""
+
+
+class ExportError(TernqError):
+    """A model could not be exported (`ternq.export_onnx`); the message names the module or op and what to do.
+    The model is left exactly as it was."""

@@ -23,6 +23,7 @@ LAYERS = [
     ("ternq.find",),
     ("ternq.runtime",),
     ("ternq.format",),
+    ("ternq.export",),
     ("ternq.convert", "ternq.report"),
     ("ternq.cli", "ternq.demo", "ternq.atomic", "ternq.native", "ternq.numpy_format", "ternq.uses",
      "ternq.weight_attr", "ternq"),
