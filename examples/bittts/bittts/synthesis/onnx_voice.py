@@ -106,6 +106,8 @@ class OnnxSynthesizer(Voice):
     threads: onnxruntime's intra-op threads (None: its default, one per physical core). One session serves
     concurrent `synthesize` calls (onnxruntime's `run` is thread-safe)."""
 
+    runtime = "onnxruntime"
+
     def __init__(self, path: str | os.PathLike[str], threads: int | None = None,
                  config: str | os.PathLike[str] | None = None) -> None:
         try:
@@ -113,7 +115,7 @@ class OnnxSynthesizer(Voice):
         except ImportError:
             raise ModuleNotFoundError("an ONNX voice runs on onnxruntime: pip install onnxruntime (or "
                                       "'bittts[onnx]')") from None
-        self.path = Path(path)
+        self.path, self._threads = Path(path), threads
         if not self.path.is_file():
             raise FileNotFoundError(f"ONNX voice {os.fspath(path)!r} not found; export one with "
                                     "`bittts export MODEL.safetensors --format onnx -o VOICE.onnx`")
@@ -134,6 +136,9 @@ class OnnxSynthesizer(Voice):
         if sorted(names[0]) != sorted(INPUTS) or sorted(names[1]) != sorted(OUTPUTS):
             raise ValueError(f"{self.path}: the graph's inputs {names[0]} and outputs {names[1]} are not a BitTTS "
                              f"voice's ({list(INPUTS)} -> {list(OUTPUTS)}); export it with `bittts export`")
+
+    def threads(self) -> int | None:
+        return self._threads
 
     def _run(self, ids: list[int], duration_scale: float, max_frames: int) -> np.ndarray:
         if max_frames < len(ids):  # every phoneme lasts a frame at least

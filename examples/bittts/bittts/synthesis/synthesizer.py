@@ -169,6 +169,8 @@ def _check_model_metadata(info: dict[str, Any]) -> None:
 class Synthesizer(Voice):
     """An exported BitTTS model, loaded for synthesis on torch: text -> phonemes (espeak-ng) -> ids -> waveform."""
 
+    runtime = "torch"
+
     def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
         import ternq
 
@@ -180,6 +182,9 @@ class Synthesizer(Voice):
                             self.cfg.vocoder.hop)
         skeleton = BitTTS.for_inference(self.cfg, quantize=False, device="meta")
         self.model: BitTTS = ternq.load_packed(self.path, skeleton).eval()
+
+    def threads(self) -> int:
+        return torch.get_num_threads()
 
     def _run(self, ids: list[int], duration_scale: float, max_frames: int) -> Tensor:
         wav, lengths = self.model.infer(torch.tensor(ids, dtype=torch.long), duration_scale=duration_scale,

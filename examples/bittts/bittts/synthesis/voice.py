@@ -47,10 +47,15 @@ class Voice:
     """Text -> phonemes (espeak-ng) -> ids -> waveform, bounded. A subclass sets `symbols`, `sample_rate`, `hop`
     and `phonemizer` (`init_front_end`) and runs its model in `_run`."""
 
+    runtime: str  # what runs the model: "torch", "onnxruntime"
     symbols: list[str]
     sample_rate: int
     hop: int
     phonemizer: text.Phonemizer
+
+    def threads(self) -> int | None:
+        """The CPU threads the model runs on (None: the runtime's default)."""
+        raise NotImplementedError
 
     def init_front_end(self, symbols: list[str], phonemizer: dict[str, Any], sample_rate: int, hop: int) -> None:
         self.symbols, self.sample_rate, self.hop = symbols, sample_rate, hop

@@ -7,7 +7,6 @@ The files' formats (metadata keys, graph inputs and outputs, versions) are docum
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 from pathlib import Path
@@ -130,16 +129,19 @@ class VoiceGraph(nn.Module):
         return self.model.vocoder(x).reshape(-1), frames
 
 
-def _export_graph(model: BitTTS, ids: list[int]) -> bytes:
-    """The ONNX bytes of `VoiceGraph(model)`, traced on `ids` with dynamic text and audio lengths."""
-    graph = VoiceGraph(model).eval()
+def _export_graph(model: BitTTS, ids: list[int], out: str | os.PathLike[str]) -> bytes:
+    """Write `VoiceGraph(model)` to `out` with `ternq.export_onnx` (the packed codes stay packed, decoded in the
+    graph), traced on `ids` with dynamic text and audio lengths; returns the file's bytes.
+
+    The TorchScript tracer (``dynamo=False``): torch.export stops at the length regulator's data-dependent frame
+    count, inside the activation quantizers' guards on it; the tracer records the same ops with dynamic shapes."""
+    import ternq
+
     example = (torch.tensor([ids], dtype=torch.long), torch.tensor(1.0), torch.tensor(1_000_000))
-    buffer = io.BytesIO()
-    with torch.no_grad():
-        torch.onnx.export(graph, example, buffer, dynamo=False, opset_version=ONNX_OPSET,
-                          input_names=list(onnx_voice.INPUTS), output_names=list(onnx_voice.OUTPUTS),
-                          dynamic_axes={"ids": {1: "phonemes"}, "wav": {0: "samples"}})
-    return buffer.getvalue()
+    ternq.export_onnx(VoiceGraph(model), example, out, input_names=list(onnx_voice.INPUTS),
+                      output_names=list(onnx_voice.OUTPUTS), opset_version=ONNX_OPSET, dynamo=False,
+                      dynamic_axes={"ids": {1: "phonemes"}, "wav": {0: "samples"}})
+    return Path(out).read_bytes()
 
 
 def export_onnx_voice(model: str | os.PathLike[str], out: str | os.PathLike[str]) -> dict[str, Any]:
@@ -147,7 +149,8 @@ def export_onnx_voice(model: str | os.PathLike[str], out: str | os.PathLike[str]
     its JSON (`onnx_voice.config_path(out)`), both atomically. Returns a summary: path, config, bytes, source
     bytes."""
     synth = Synthesizer(model)
-    data = _export_graph(synth.model, synth.phonemes_to_ids("ðə bˈɜːtʃ kənˈuː slˈɪd."))
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    data = _export_graph(synth.model, synth.phonemes_to_ids("ðə bˈɜːtʃ kənˈuː slˈɪd."), out)
     config = {
         "format": onnx_voice.ONNX_FORMAT,
         "version": onnx_voice.ONNX_VERSION,
@@ -159,8 +162,6 @@ def export_onnx_voice(model: str | os.PathLike[str], out: str | os.PathLike[str]
                        "normalizer": "bittts.data.text.normalize"},
         "source": {"file": Path(model).name, "config": config_to_dict(synth.cfg), "training": synth.training},
     }
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out, data)
     atomic_write(onnx_voice.config_path(out), (json.dumps(config, ensure_ascii=False, indent=1) + "\n").encode())
     return {"path": os.fspath(out), "config": os.fspath(onnx_voice.config_path(out)), "bytes": len(data),
             "source_bytes": os.path.getsize(model)}
