@@ -10,6 +10,10 @@ import pickle
 import stat
 import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..synthesis.voice import Voice
 
 # What the commands count as bad input (a missing or unreadable file, a malformed model or checkpoint, a wrong
 # option value, a failing external tool): `bittts.cli` reports these as one line, not a traceback.
@@ -29,6 +33,18 @@ def check_threads(values: list[int] | int | None, option: str = "--threads") -> 
     for n in [values] if isinstance(values, int) else values or []:
         if not 1 <= n <= max_threads():
             raise ValueError(f"{option} {n}: expected 1 to {max_threads()} (the CPUs of this machine)")
+
+
+def load_voice(model: str | None, threads: int | None) -> Voice:
+    """--model on its runtime with --threads: an ONNX voice (``.onnx``) on onnxruntime, which never imports
+    torch, anything else on torch (`bittts.synthesis.voice.open_voice`)."""
+    from ..synthesis.voice import open_voice
+
+    if threads is not None and not (model or "").lower().endswith(".onnx"):
+        import torch
+
+        torch.set_num_threads(threads)
+    return open_voice(model, threads=threads)
 
 
 def output_file(path: str | os.PathLike[str], option: str = "-o", example: str = "out.wav") -> Path:

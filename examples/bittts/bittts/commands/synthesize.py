@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from ..limits import MAX_DURATION_SCALE, MAX_SENTENCE_CHARS, MAX_TEXT_BYTES
-from . import check_threads, wav_dir, wav_output
+from . import check_threads, load_voice, wav_dir, wav_output
 
 if TYPE_CHECKING:
     from ..synthesis.voice import Voice
@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     from ..synthesis.long_text import speak, write_wav_stream, write_wav_to_stream
     from ..synthesis.voice import Synthesis
 
-    synth = _voice(args)
+    synth = load_voice(args.model, args.threads)
     totals = {"sentences": 0, "audio": 0.0, "model": 0.0}
 
     def count(_sentence: str, synthesis: Synthesis) -> None:
@@ -126,21 +126,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _voice(args: argparse.Namespace) -> Voice:
-    """The model of --model on its runtime, with --threads: an ONNX voice on onnxruntime, else torch."""
-    from ..synthesis.voice import open_voice
-
-    if args.threads is not None and not _is_onnx(args.model):
-        import torch
-
-        torch.set_num_threads(args.threads)
-    return open_voice(args.model, threads=args.threads)
-
-
-def _is_onnx(model: str | None) -> bool:
-    return model is not None and model.lower().endswith(".onnx")
-
-
 def _threads(synth: Voice) -> str:
     threads = synth.threads()
     count = "default threads" if threads is None else f"{threads} thread{'s' if threads != 1 else ''}"
@@ -153,7 +138,7 @@ def _per_line(args: argparse.Namespace) -> int:
 
     lines = read_sentences(args.text_file)
     out_dir = wav_dir(args.out)
-    synth = _voice(args)
+    synth = load_voice(args.model, args.threads)
     total_audio = total_model = 0.0
     for i, sentence in enumerate(lines, 1):
         path = out_dir / f"{i:04d}.wav"

@@ -24,7 +24,7 @@ from ..synthesis import onnx_voice
 from ..synthesis.synthesizer import MODEL_FORMAT, MODEL_VERSION, PHONEMIZER_VOICE, Synthesizer
 from .checkpoints import CHECKPOINT_NAME, load_checkpoint, model_from_checkpoint
 
-__all__ = ["export_model", "export_onnx_voice", "find_checkpoint", "VoiceGraph", "ONNX_OPSET"]
+__all__ = ["export_model", "export_onnx_voice", "find_checkpoint", "VoiceGraph", "frame_tokens", "ONNX_OPSET"]
 
 ONNX_OPSET = 17  # ScatterElements with reduction="add" (16) for the length regulator; LayerNormalization (17)
 
@@ -116,17 +116,23 @@ class VoiceGraph(nn.Module):
         log_d = MDNDurationPredictor.predict(ac.duration_predictor(h, mask), "mean")
         durations = torch.round(torch.exp(log_d) * duration_scale).clamp(1, ac.cfg.max_duration).long()[0]
         h = h + ac.pitch_embed(ac.pitch_predictor(h, mask)) + ac.energy_embed(ac.energy_predictor(h, mask))
-        ends = torch.cumsum(durations, 0)  # frame where each phoneme's run ends
-        frames = ends[-1]
-        n = torch.minimum(frames, max_frames)
-        # token of frame f = the phonemes ending at or before f: one count per run end, summed up (O(frames))
-        starts = torch.zeros_like(torch.arange(n + 1)).scatter_add(  # arange: a traced length
-            0, ends.clamp(max=n), torch.ones_like(ends))
-        token = torch.cumsum(starts, 0)[:-1]
+        token, frames = frame_tokens(durations, max_frames)
         x = h.index_select(2, token)
         frame_mask = torch.ones_like(x[:, :1])
         x = ac.decoder(ac.dec_pos(ac.dec_in(x)) * frame_mask, frame_mask)
         return self.model.vocoder(x).reshape(-1), frames
+
+
+def frame_tokens(durations: Tensor, max_frames: Tensor) -> tuple[Tensor, Tensor]:
+    """The length regulator's gather index in ops a tracer records with a data-dependent length: for (T,)
+    durations >= 1, the phoneme of each of the first min(sum, max_frames) frames (``np.repeat(arange(T),
+    durations)[:max_frames]``), and the sum. Token of frame f = the runs ending at or before f: one count at each
+    run's end, summed up (O(frames + T) memory, no (frames, T) comparison)."""
+    ends = torch.cumsum(durations, 0)
+    frames = ends[-1]
+    n = torch.minimum(frames, max_frames)
+    counts = torch.zeros_like(torch.arange(n + 1)).scatter_add(0, ends.clamp(max=n), torch.ones_like(ends))
+    return torch.cumsum(counts, 0)[:-1], frames
 
 
 def _export_graph(model: BitTTS, ids: list[int], out: str | os.PathLike[str]) -> bytes:
