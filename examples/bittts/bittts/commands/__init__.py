@@ -36,15 +36,20 @@ def check_threads(values: list[int] | int | None, option: str = "--threads") -> 
 
 
 def load_voice(model: str | None, threads: int | None) -> Voice:
-    """--model on its runtime with --threads: an ONNX voice (``.onnx``) on onnxruntime, which never imports
-    torch, anything else on torch (`bittts.synthesis.voice.open_voice`)."""
-    from ..synthesis.voice import open_voice
+    """--model on its runtime with --threads: an ONNX voice (``.onnx``) on onnxruntime
+    (`bittts.synthesis.onnx_voice.OnnxSynthesizer`, torch is never imported), anything else a packed safetensors
+    model on torch (`bittts.synthesis.synthesizer.Synthesizer`; None: the shipped 1.58-bit model)."""
+    if model is not None and model.lower().endswith(".onnx"):
+        from ..synthesis.onnx_voice import OnnxSynthesizer
 
-    if threads is not None and not (model or "").lower().endswith(".onnx"):
-        import torch
+        return OnnxSynthesizer(model, threads=threads)
+    import torch
 
+    from ..synthesis.synthesizer import Synthesizer
+
+    if threads is not None:
         torch.set_num_threads(threads)
-    return open_voice(model, threads=threads)
+    return Synthesizer(model)
 
 
 def output_file(path: str | os.PathLike[str], option: str = "-o", example: str = "out.wav") -> Path:

@@ -3,13 +3,12 @@ ids), the bounds of one utterance, and `Synthesis`, what speaking one gives.
 
 Two runtimes subclass `Voice`: `bittts.synthesis.synthesizer.Synthesizer` (the packed safetensors file on torch
 and ternq's kernels) and `bittts.synthesis.onnx_voice.OnnxSynthesizer` (an ONNX export on onnxruntime and numpy,
-no torch). `open_voice` picks one by the file's name; this module imports neither, so that the ONNX path never
-loads torch.
+no torch). This module imports neither, so that the ONNX path never loads torch; `bittts.commands.load_voice`
+picks one by the file's name.
 """
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 from ..data import text
 from ..limits import MAX_SENTENCE_PHONEMES, MAX_SENTENCE_SECONDS, LimitError
 
-__all__ = ["PHONEMIZER_VOICE", "SAMPLE_RATES", "Synthesis", "Voice", "open_voice"]
+__all__ = ["PHONEMIZER_VOICE", "SAMPLE_RATES", "Synthesis", "Voice"]
 
 PHONEMIZER_VOICE = "en-us"  # bittts.data.text.Phonemizer's default, the voice every corpus is prepared with
 SAMPLE_RATES = (1_000, 192_000)  # the sample rates a model file may claim (Hz)
@@ -109,16 +108,3 @@ class Voice:
     def frames(self, seconds: float) -> int:
         """The model's frames (vocoder hops) in `seconds` of audio, rounded down."""
         return max(0, int(seconds * self.sample_rate) // self.hop)
-
-
-def open_voice(path: str | os.PathLike[str] | None = None, threads: int | None = None) -> Voice:
-    """The voice in `path`: an ``.onnx`` export runs on onnxruntime (`OnnxSynthesizer`, torch is never imported),
-    anything else is a packed safetensors model on torch (`Synthesizer`; None: the shipped 1.58-bit model).
-    `threads`: the onnxruntime intra-op threads of an ONNX voice; a torch voice uses torch's setting."""
-    if path is not None and os.fspath(path).lower().endswith(".onnx"):
-        from .onnx_voice import OnnxSynthesizer
-
-        return OnnxSynthesizer(path, threads=threads)
-    from .synthesizer import Synthesizer
-
-    return Synthesizer(path)
