@@ -11,7 +11,7 @@ from one run, with the machine line:
   exit): best of `--oneshot` wall-clock runs, its import + load and first-sentence parts, and its peak RSS;
 * how far the ONNX waveform is from the torch runtime's: SNR in dB (min and median over the sentences).
 
-    python benchmarks/bench_bittts_onnx.py [--voices ternary 4bit acoustic fp32] [--rounds 5] [--oneshot 3]
+    python benchmarks/bench_bittts_onnx.py [--voices ternary 4bit acoustic fp32 fp32-small] [--rounds 5] [--oneshot 3]
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ SENTENCES = [
     "How much wood would a woodchuck chuck?",
     "Tomorrow will be sunny with a chance of rain in the afternoon.",
 ]
-VOICES = ("ternary", "4bit", "acoustic", "fp32")
+VOICES = ("ternary", "4bit", "acoustic", "fp32", "fp32-small")
 
 
 def _env() -> dict[str, str]:
@@ -103,8 +103,10 @@ def warm(source: Path, onnx: Path, rounds: int) -> list[str]:
     return lines
 
 
+# peak RSS from VmHWM (of this process's memory only: getrusage's ru_maxrss survives execve, so a child started
+# by a big parent would report the parent's peak)
 _ONE_SHOT = r"""
-import resource, sys, time
+import sys, time
 start = time.perf_counter()
 if sys.argv[1] == "onnx":
     from bittts.synthesis.onnx_voice import OnnxSynthesizer
@@ -117,7 +119,8 @@ else:
 loaded = time.perf_counter()
 voice.synthesize(sys.argv[3])
 done = time.perf_counter()
-print(loaded - start, done - loaded, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "torch" in sys.modules)
+peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(loaded - start, done - loaded, peak, "torch" in sys.modules)
 """
 
 
