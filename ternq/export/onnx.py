@@ -18,28 +18,37 @@ folding off) for models torch.export cannot trace.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import io
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from ..config import QuantConfig
 from ..errors import ExportError
 from ..format.atomic import atomic_write
 from ..format.encoding import encoding_for, pack_codes
-from ..qat.functional import FunctionalQuant, WeightQuant
+from ..qat.functional import (
+    FUNCTIONAL_OPS,
+    INPUT_POSITION,
+    WEIGHT_POSITION,
+    FunctionalQuant,
+    InterceptedForward,
+    WeightQuant,
+)
 from ..qat.layers import LayerSpec, QuantMixin, take_input
-from ..qat.quantizers import activation_scale, dequantize_weight, normalize_input
+from ..qat.quantizers import activation_scale, dequantize_weight, normalize_input, quantize_weight
 from ..qat.surgery import shallow_clone
-from ..qat.weight_attr import QUANTIZERS
-from ..runtime import PackedLayer, packed_layer
+from ..qat.weight_attr import QUANTIZERS, latent
+from ..runtime import PackedFunctional, PackedLayer, PackedWeightOnly, packed_layer
 
-__all__ = ["export_onnx", "export_module", "OnnxLayer", "decode_codes"]
+__all__ = ["export_onnx", "export_module", "OnnxLayer", "OnnxWeight", "decode_codes"]
 
 #: the opset torch's exporter writes by default (LayerNormalization needs 17)
 DEFAULT_OPSET = 18
@@ -82,6 +91,24 @@ def quantize_activations(x: Tensor, config: QuantConfig, dim: int, batched_dims:
     return x
 
 
+def _hold(module: nn.Module, codes: Tensor, scale: Tensor, config: QuantConfig, dtype: torch.dtype) -> None:
+    """Give `module` the packed payload and scales of `codes` / `scale` as buffers, and what decoding needs."""
+    encoding = encoding_for(config)
+    # persistent: the TorchScript tracer makes initializers of the state_dict only (other tensors are constants,
+    # folded into float weights)
+    module.register_buffer("ternq_payload", pack_codes(codes, encoding))
+    module.register_buffer("ternq_scale", scale.detach().to(torch.float32).clone())
+    module.__dict__.update(qconfig=config, encoding=encoding, weight_shape=tuple(codes.shape), float_dtype=dtype)
+
+
+def _decode(module: Any, out_dim: int, dtype: torch.dtype | None) -> Tensor:
+    n = 1
+    for d in module.weight_shape:
+        n *= d
+    codes = decode_codes(module.ternq_payload, module.encoding, n).reshape(module.weight_shape)
+    return dequantize_weight(codes, module.ternq_scale, module.qconfig, out_dim, dtype or module.float_dtype)
+
+
 class OnnxLayer:
     """Forward of an export layer: the float layer's op on the quantized input and the weight decoded from the
     packed codes. Its class is ``Onnx<Float>(OnnxLayer, <Float>)``, a shallow clone of the packed layer (bias,
@@ -98,12 +125,7 @@ class OnnxLayer:
 
     def decoded_weight(self, dtype: torch.dtype | None = None) -> Tensor:
         """``codes * scale`` in the weight's shape, computed from the payload by graph ops."""
-        n = 1
-        for d in self.weight_shape:
-            n *= d
-        codes = decode_codes(self.ternq_payload, self.encoding, n).reshape(self.weight_shape)
-        return dequantize_weight(codes, self.ternq_scale, self.qconfig, self.spec.weight_out_dim,
-                                 dtype or self.float_dtype)
+        return _decode(self, self.spec.weight_out_dim, dtype)
 
     def quantize_input(self, x: Tensor) -> Tensor:
         spec = self.spec
@@ -146,69 +168,192 @@ def _onnx_layer(module: nn.Module, path: str) -> nn.Module:
     layer = shallow_clone(module, _onnx_class(spec))
     for name in ("ternq_codes", "scale"):
         layer._buffers.pop(name, None)
-    encoding = encoding_for(config)
-    # persistent: the TorchScript tracer makes initializers of the state_dict only (other tensors are constants,
-    # folded into float weights)
-    layer.register_buffer("ternq_payload", pack_codes(codes, encoding))
-    layer.register_buffer("ternq_scale", scale.detach().to(torch.float32).clone())
-    layer.__dict__.update(spec=spec, qconfig=config, encoding=encoding, weight_shape=tuple(codes.shape),
-                          float_dtype=dtype)
+    _hold(layer, codes, scale, config, dtype)
+    layer.__dict__["spec"] = spec
     for name in ("_memo", "_last", "_geometry_key", "_conv_geom", "_wsum_cache"):
         layer.__dict__.pop(name, None)
     return layer
 
 
-def _refuse_unsupported(module: nn.Module, path: str) -> None:
-    where = f"{path or 'the model'} ({type(module).__name__})"
-    for name, child in module._modules.items():
-        if isinstance(child, (FunctionalQuant, WeightQuant)):
-            kind = f"functional call F.{child.op}" if isinstance(child, FunctionalQuant) else "weight-only site"
-            raise ExportError(
-                f"{where}: its quantized {kind} on {child.param!r} ({name}) cannot be exported yet; only "
-                "quantized layers can. Register the module's type with ternq.register_layer so that ternq "
-                "quantizes it as a layer, or exclude that weight from quantization")
-    if QUANTIZERS in module.__dict__ and not isinstance(module, (QuantMixin, PackedLayer)):
-        raise ExportError(f"{where}: it reads a quantized weight of another module (a tied weight: "
-                          f"{sorted(module.__dict__[QUANTIZERS])}), which cannot be exported yet; untie it "
-                          "before quantizing")
+class OnnxWeight(nn.Module):
+    """Export form of a quantized weight no layer computes: a functional call's (``F.linear(x, self.w)``,
+    ``torch.addmm``, ``matmul``) or a weight-only site's (an RNN's, an expert stack's). It holds the packed
+    payload and scales; the holder's attribute reads the decoded weight (`read`). For a call, the decoded tensor
+    is remembered for the forward being recorded, so that the op taking it as its weight quantizes its input
+    (`_Operands`), as the QAT model's `ternq.qat.functional.QuantizedOperand` does."""
+
+    def __init__(self, site: FunctionalQuant | WeightQuant, codes: Tensor, scale: Tensor, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.param = site.param
+        self.op = site.op if isinstance(site, FunctionalQuant) else None
+        self.out_dim = site.out_dim
+        _hold(self, codes, scale, site.qconfig, dtype)
+        self.__dict__["_site"] = site  # its input quantization (`quantize_input`)
+
+    def read(self, latent: Tensor | None = None) -> Tensor:
+        """``codes * scale`` decoded in the graph (the latent, a placeholder or the float weight, is not read)."""
+        w = _decode(self, self.out_dim, None)
+        if self.op is not None:
+            _Operands.live[id(w)] = (self, w)
+        return w
+
+    def run(self, func: Callable[..., Tensor], args: list[Any], kwargs: dict[str, Any]) -> Tensor:
+        """The call on the quantized input (the weight is already the decoded one)."""
+        i = INPUT_POSITION[self.op]  # type: ignore[index]
+        x = args[i]
+        if x.is_floating_point():
+            conv = self.op in ("conv1d", "conv2d")
+            batched = {"conv1d": 3, "conv2d": 4}.get(self.op)  # type: ignore[arg-type]
+            args[i] = quantize_activations(x, self.qconfig, 1 if conv else -1, batched)
+        return func(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        what = f"F.{self.op}" if self.op else "weight only"
+        return f"{what}({self.param}), {self.qconfig.name}/{self.qconfig.granularity}, {self.encoding}"
+
+
+_OPS = {fn: op for op, fn in FUNCTIONAL_OPS.items()} | {Tensor.matmul: "matmul", Tensor.__matmul__: "matmul"}
+_WEIGHT_KWARG = {"linear": "weight", "conv1d": "weight", "conv2d": "weight", "addmm": "mat2", "matmul": "other"}
+
+
+class _Operands(TorchFunctionMode):
+    """Active while the export records the model: a call of a functional op whose weight is a decoded weight of
+    a quantized call (`OnnxWeight.read`, by identity) runs on the quantized input; every other call passes."""
+
+    live: dict[int, tuple[OnnxWeight, Tensor]] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        op = _OPS.get(func)
+        if op is not None and self.live:
+            values, pos = list(args), WEIGHT_POSITION[op]
+            weight = values[pos] if len(values) > pos else kwargs.get(_WEIGHT_KWARG[op])
+            hit = self.live.get(id(weight))
+            if hit is not None and hit[1] is weight and hit[0].op == op:
+                return hit[0].run(func, values, kwargs)
+        return func(*args, **kwargs)
+
+
+def _onnx_weight(holder: nn.Module, site: nn.Module) -> OnnxWeight:
+    """The `OnnxWeight` of a QAT or packed site registered on `holder` (the parameter's module)."""
+    if isinstance(site, (PackedFunctional, PackedWeightOnly)):
+        return OnnxWeight(site, site.codes, site.scale, site.weight_dtype)
+    assert isinstance(site, (FunctionalQuant, WeightQuant))
+    attr = site.param.rpartition(".")[2]
+    with torch.no_grad():
+        weight = latent(holder, attr)
+        codes, scale = quantize_weight(weight, site.qconfig, site.out_dim)
+    return OnnxWeight(site, codes, scale, weight.dtype)
+
+
+def _reader(fn: Any, memo: dict[int, nn.Module], where: str) -> Callable[[Tensor], Tensor]:
+    """The export form of a quantized attribute's read function: the same site's decode in the clone."""
+    source = getattr(fn, "__self__", None)
+    clone = memo.get(id(source)) if source is not None else None
+    if isinstance(clone, OnnxLayer):
+        return lambda latent, layer=clone: layer.decoded_weight()
+    if isinstance(clone, OnnxWeight):
+        return clone.read
+    raise ExportError(f"{where}: a quantized weight read through {getattr(fn, '__qualname__', fn)!r}, which "
+                      "export_onnx does not know how to decode; export the model's packed file "
+                      "(ternq.load_packed) instead, or untie the weight before quantizing")
 
 
 def export_module(model: nn.Module) -> nn.Module:
     """The module `export_onnx` records: a clone of `model` in eval mode (every module a shallow clone, sharing
-    its tensors) whose quantized layers are export layers (`OnnxLayer`). `model` is not changed.
+    its tensors) whose quantized layers are export layers (`OnnxLayer`) and whose other quantized weights are
+    `OnnxWeight`s. `model` is not changed.
 
     Raises:
-        ExportError: a quantized site other than a layer, naming it and what to do.
+        ExportError: a quantized weight the exporter cannot express, naming it and what to do.
     """
     memo: dict[int, nn.Module] = {}
+    holders: list[tuple[nn.Module, str]] = []
 
     def visit(module: nn.Module, path: str) -> nn.Module:
         if id(module) in memo:
             return memo[id(module)]
         if isinstance(module, (QuantMixin, PackedLayer)):
-            clone = _onnx_layer(module, path)
-        else:
-            _refuse_unsupported(module, path)
-            clone = shallow_clone(module, type(module))
-            for name, child in module._modules.items():
-                if child is not None:
-                    clone._modules[name] = visit(child, f"{path}.{name}" if path else name)
-        memo[id(module)] = clone
+            clone = memo[id(module)] = _onnx_layer(module, path)
+            return clone
+        clone = memo[id(module)] = shallow_clone(module, type(module))
+        for name, child in module._modules.items():
+            if isinstance(child, (FunctionalQuant, WeightQuant)):
+                if isinstance(child, FunctionalQuant) and "." in child.param:
+                    raise ExportError(
+                        f"{path or 'the model'} ({type(module).__name__}): its quantized call F.{child.op} takes "
+                        f"the parameter {child.param!r} of a submodule, which export_onnx cannot route yet; "
+                        "register the submodule's type with ternq.register_layer, or exclude that weight")
+                site = memo[id(child)] = _onnx_weight(module, child)
+                clone._modules[name] = site
+            elif child is not None:
+                clone._modules[name] = visit(child, f"{path}.{name}" if path else name)
+        forward = clone.__dict__.get("forward")
+        if isinstance(forward, InterceptedForward):  # it ran the original module: the clone runs its class's
+            if forward.replaced is None:
+                del clone.__dict__["forward"]
+            else:
+                clone.__dict__["forward"] = forward.replaced
+        if QUANTIZERS in module.__dict__:
+            holders.append((clone, path))
         return clone
 
     root = visit(model, "")
+    for clone, path in holders:  # after the visit: a tie may read a site of a module visited later
+        where = f"{path or 'the model'} ({type(clone).__name__})"
+        clone.__dict__[QUANTIZERS] = {name: _reader(fn, memo, where)
+                                      for name, fn in clone.__dict__[QUANTIZERS].items()}
     for module in memo.values():
         module.training = False  # the clones only; `model` keeps its mode
     return root
 
 
-def _without_trace_metadata(proto: Any) -> Any:
+def _recording(root: nn.Module) -> nn.Module:
+    """`root` whose forward runs under `_Operands` (an instance attribute with the class forward's signature,
+    which torch.export reads to match dynamic_shapes to arguments)."""
+    forward = root.forward
+
+    @functools.wraps(forward)
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        _Operands.live.clear()
+        try:
+            with _Operands():
+                return forward(*args, **kwargs)
+        finally:
+            _Operands.live.clear()
+
+    root.__dict__["forward"] = recorded
+    return root
+
+
+def _tidy(proto: Any) -> Any:
     """`proto` without the exporter's per-node debugging records (the Python stack trace and fx node of every
-    op: 90% of a small model's file, and paths of the exporting machine)."""
-    for node in proto.graph.node:
-        node.ClearField("metadata_props")
-        node.ClearField("doc_string")
-    proto.graph.ClearField("value_info")  # intermediate shapes: onnxruntime infers them
+    op: 90% of a small model's file, and paths of the exporting machine), intermediate shapes (onnxruntime infers
+    them) and initializers no node reads (the float latents and placeholders of weights that are decoded)."""
+    used: set[str] = set()
+
+    def walk(graph: Any) -> None:
+        for node in graph.node:
+            node.ClearField("metadata_props")
+            node.ClearField("doc_string")
+            used.update(node.input)
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    walk(attr.g)
+                for g in attr.graphs:
+                    walk(g)
+
+    walk(proto.graph)
+    used.update(o.name for o in proto.graph.output)
+    proto.graph.ClearField("value_info")
+    dropped = {t.name for t in proto.graph.initializer if t.name not in used}
+    if dropped:
+        keep = [t for t in proto.graph.initializer if t.name not in dropped]
+        del proto.graph.initializer[:]
+        proto.graph.initializer.extend(keep)
+        inputs = [i for i in proto.graph.input if i.name not in dropped]  # initializers listed as inputs
+        del proto.graph.input[:]
+        proto.graph.input.extend(inputs)
     return proto
 
 
@@ -251,6 +396,8 @@ def export_onnx(model: nn.Module, example_inputs: Tensor | tuple[Any, ...], path
     """
     _require("onnx", *(["onnxscript"] if dynamo else []))
     graph = export_module(model)
+    if any(isinstance(m, OnnxWeight) and m.op is not None for m in graph.modules()):
+        graph = _recording(graph)
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     common = dict(kwargs=example_kwargs, input_names=list(input_names) if input_names else None,
                   output_names=list(output_names) if output_names else None, opset_version=opset_version,
@@ -261,13 +408,15 @@ def export_onnx(model: nn.Module, example_inputs: Tensor | tuple[Any, ...], path
                 # optimize=False: onnxscript's optimizer would fold small decode subgraphs into float weights
                 program = torch.onnx.export(graph, args, None, dynamo=True, dynamic_shapes=dynamic_shapes,
                                             optimize=False, external_data=False, verbose=False, **common)
-                data = _without_trace_metadata(program.model_proto).SerializeToString()
+                proto = program.model_proto
             else:
                 if dynamic_shapes is not None:
                     raise ExportError("export_onnx(dynamo=False) takes dynamic_axes, not dynamic_shapes")
                 buffer = io.BytesIO()
                 torch.onnx.export(graph, args, buffer, dynamo=False, do_constant_folding=False, **common)
-                data = buffer.getvalue()
+                import onnx
+
+                proto = onnx.load_from_string(buffer.getvalue())
     except ExportError:
         raise
     except Exception as e:  # torch's exporters raise many types; the message names the op or module
@@ -276,5 +425,5 @@ def export_onnx(model: nn.Module, example_inputs: Tensor | tuple[Any, ...], path
             "The quantized layers export; this is an op of the model itself. Make that code traceable "
             "(torch.export: data-dependent branches as torch.cond, dynamic sizes declared in dynamic_shapes), or "
             "try export_onnx(..., dynamo=False)") from e
-    atomic_write(path, data)
+    atomic_write(path, _tidy(proto).SerializeToString())
     return Path(path)
