@@ -152,3 +152,28 @@ def test_frame_tokens_is_the_length_regulator(durations, max_frames):
     token, frames = frame_tokens(torch.tensor(durations), torch.tensor(max_frames))
     expected = np.repeat(np.arange(len(durations)), durations)[:max_frames]
     assert token.tolist() == expected.tolist() and int(frames) == sum(durations)
+
+
+def test_the_server_speaks_an_onnx_voice(voice):
+    import io
+    import threading
+
+    from bittts.synthesis.onnx_voice import OnnxSynthesizer
+    from bittts.synthesis.server import SpeechServer
+    from bittts_http import http_request
+
+    srv = SpeechServer(("127.0.0.1", 0), OnnxSynthesizer(voice[0], threads=1), jobs=2, quiet=True)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        status, headers, body = http_request(*srv.server_address[:2], "POST", "/synthesize",
+                                             SENTENCES[2].encode(), {"Content-Type": "text/plain; charset=utf-8"})
+        health = json.loads(http_request(*srv.server_address[:2], "GET", "/health")[2])
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(timeout=10)
+    assert status == 200 and headers["Content-Type"] == "audio/wav"
+    assert health["model"] == "bittts-ternary.onnx" and health["sample_rate"] == 16000
+    with wave.open(io.BytesIO(body)) as f:
+        assert f.getnframes() == len(voice[1].synthesize(SENTENCES[2]).wav)
