@@ -128,7 +128,9 @@ def test_a_voice_config_that_does_not_describe_its_file_is_refused(voice, tmp_pa
     for field, value, message in (("version", 2, "version 2; this bittts reads version 1"),
                                   ("audio", {"sample_rate": 5, "hop": 256}, "audio.sample_rate 5"),
                                   ("symbols", [1, 2], "symbols must be a list"),
-                                  ("phonemizer", {"voice": "-x; rm"}, "not an espeak-ng voice name")):
+                                  ("phonemizer", {"voice": "-x; rm"}, "not an espeak-ng voice name"),
+                                  ("onnx", [], "onnx must be an object, not \\[\\]"),
+                                  ("n_symbols", None, "n_symbols must be an integer, not null")):
         config_path(model).write_text(json.dumps({**config, field: value}))
         with pytest.raises(ValueError, match=message):
             OnnxSynthesizer(model)

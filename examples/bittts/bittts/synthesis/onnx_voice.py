@@ -76,16 +76,23 @@ def read_onnx_config(path: str | os.PathLike[str]) -> dict[str, Any]:
                          f"{ONNX_VERSION}: upgrade bittts, or export the voice again")
     try:
         _check(cfg)
-    except (KeyError, TypeError, ValueError) as e:
+    except ValueError as e:
         raise ValueError(f"{path}: invalid voice config: {e}") from None
     return cfg
 
 
+_SECTIONS = (("onnx", dict, "an object"), ("audio", dict, "an object"), ("symbols", list, "an array"),
+             ("n_symbols", int, "an integer"), ("phonemizer", dict, "an object"))
+
+
 def _check(cfg: dict[str, Any]) -> None:
+    for key, kind, what in _SECTIONS:
+        if not isinstance(cfg.get(key), kind):
+            raise ValueError(f"{key} must be {what}, not {json.dumps(cfg.get(key))[:40]}")
     onnx = cfg["onnx"]
     if not isinstance(onnx.get("sha256"), str) or len(onnx["sha256"]) != 64:
         raise ValueError("onnx.sha256 must be the 64 hex digits of the ONNX file's SHA-256")
-    rate, hop = cfg["audio"]["sample_rate"], cfg["audio"]["hop"]
+    rate, hop = cfg["audio"].get("sample_rate"), cfg["audio"].get("hop")
     if type(rate) is not int or not SAMPLE_RATES[0] <= rate <= SAMPLE_RATES[1]:
         raise ValueError(f"audio.sample_rate {rate!r} is not an integer in {SAMPLE_RATES[0]}..{SAMPLE_RATES[1]} Hz")
     if type(hop) is not int or not 1 <= hop <= 4096:
