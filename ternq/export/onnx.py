@@ -22,6 +22,7 @@ import functools
 import importlib.util
 import io
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,16 @@ def decode_codes(payload: Tensor, encoding: str, count: int) -> Tensor:
     return codes.reshape(-1)[:count]
 
 
+def _normalize(x: Tensor, kind: str | None, dim: int, eps: float) -> Tensor:
+    """`ternq.qat.quantizers.normalize_input` in the ops it uses for a channels-first input, for every `dim`: its
+    fused ``F.layer_norm`` over the innermost dim takes the normalized shape as a list of sizes, which the
+    TorchScript tracer cannot export for a dynamic axis (the two differ by float32 rounding only)."""
+    if kind == "layernorm":
+        centered = x - x.mean(dim=dim, keepdim=True)
+        return centered * torch.rsqrt(centered.square().mean(dim=dim, keepdim=True) + eps)
+    return normalize_input(x, kind, dim, eps)
+
+
 def quantize_activations(x: Tensor, config: QuantConfig, dim: int, batched_dims: int | None = None) -> Tensor:
     """`ternq.qat.quantizers.quantize_input` without the straight-through term (the exported graph only runs
     forward): the input normalized and fake-quantized to ``act_bits`` with the same scale and rounding."""
@@ -83,7 +94,7 @@ def quantize_activations(x: Tensor, config: QuantConfig, dim: int, batched_dims:
         return x
     if batched_dims is not None and x.dim() == batched_dims - 1:
         return quantize_activations(x.unsqueeze(0), config, dim, batched_dims).squeeze(0)
-    x = normalize_input(x, config.input_norm, dim, config.eps)
+    x = _normalize(x, config.input_norm, dim, config.eps)
     if config.act_bits is not None:
         bits = config.act_bits
         s = activation_scale(x, bits, dim, config.eps, config.act_granularity)
@@ -309,12 +320,18 @@ def export_module(model: nn.Module) -> nn.Module:
 
 
 def _recording(root: nn.Module) -> nn.Module:
-    """`root` whose forward runs under `_Operands` (an instance attribute with the class forward's signature,
-    which torch.export reads to match dynamic_shapes to arguments)."""
+    """`root` with an instance-level forward that torch.export records: the same call, with the signature of the
+    forward the user sees (torch.export matches dynamic_shapes to its parameters; an export layer's own forward
+    takes ``*args``, its float layer's names the input), run under `_Operands` where the model has quantized
+    functional calls."""
+    signature = root.spec.float_type.forward.__get__(root) if isinstance(root, OnnxLayer) else root.forward
     forward = root.forward
+    operands = any(isinstance(m, OnnxWeight) and m.op is not None for m in root.modules())
 
-    @functools.wraps(forward)
+    @functools.wraps(signature)
     def recorded(*args: Any, **kwargs: Any) -> Any:
+        if not operands:
+            return forward(*args, **kwargs)
         _Operands.live.clear()
         try:
             with _Operands():
@@ -324,6 +341,19 @@ def _recording(root: nn.Module) -> nn.Module:
 
     root.__dict__["forward"] = recorded
     return root
+
+
+#: onnxscript's constant folding may fold a node whose constant inputs hold at most this many elements into outputs
+#: of at most this many: shapes and small constants fold, a weight's decode (its payload, its float output) never
+_FOLD_INPUT_LIMIT, _FOLD_OUTPUT_LIMIT = 64, 16
+
+
+def _simplify(proto: Any) -> Any:
+    """`proto` through onnxscript's optimizer (a third of the nodes go: casts, identities, shape arithmetic), with
+    folding limits that keep every weight's decode subgraph for onnxruntime to fold at load time."""
+    from onnxscript import optimizer
+
+    return optimizer.optimize(proto, input_size_limit=_FOLD_INPUT_LIMIT, output_size_limit=_FOLD_OUTPUT_LIMIT)
 
 
 def _tidy(proto: Any) -> Any:
@@ -395,9 +425,7 @@ def export_onnx(model: nn.Module, example_inputs: Tensor | tuple[Any, ...], path
             failing (its message, which names the op, is included).
     """
     _require("onnx", *(["onnxscript"] if dynamo else []))
-    graph = export_module(model)
-    if any(isinstance(m, OnnxWeight) and m.op is not None for m in graph.modules()):
-        graph = _recording(graph)
+    graph = _recording(export_module(model))
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     common = dict(kwargs=example_kwargs, input_names=list(input_names) if input_names else None,
                   output_names=list(output_names) if output_names else None, opset_version=opset_version,
@@ -405,10 +433,11 @@ def export_onnx(model: nn.Module, example_inputs: Tensor | tuple[Any, ...], path
     try:
         with torch.no_grad():
             if dynamo:
-                # optimize=False: onnxscript's optimizer would fold small decode subgraphs into float weights
+                # optimize=False: torch runs onnxscript's optimizer with limits that fold decode subgraphs of
+                # up to 256k weights into float weights; `_simplify` runs it with limits that fold none
                 program = torch.onnx.export(graph, args, None, dynamo=True, dynamic_shapes=dynamic_shapes,
                                             optimize=False, external_data=False, verbose=False, **common)
-                proto = program.model_proto
+                proto = _simplify(program.model_proto)
             else:
                 if dynamic_shapes is not None:
                     raise ExportError("export_onnx(dynamo=False) takes dynamic_axes, not dynamic_shapes")
@@ -420,8 +449,9 @@ def export_onnx(model: nn.Module, example_inputs: Tensor | tuple[Any, ...], path
     except ExportError:
         raise
     except Exception as e:  # torch's exporters raise many types; the message names the op or module
+        message = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # torch colours its headings for a terminal
         raise ExportError(
-            f"torch.onnx.export could not export {type(model).__name__}: {type(e).__name__}: {e}\n"
+            f"torch.onnx.export could not export {type(model).__name__}: {type(e).__name__}: {message}\n"
             "The quantized layers export; this is an op of the model itself. Make that code traceable "
             "(torch.export: data-dependent branches as torch.cond, dynamic sizes declared in dynamic_shapes), or "
             "try export_onnx(..., dynamo=False)") from e
