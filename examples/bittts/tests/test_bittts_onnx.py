@@ -43,28 +43,33 @@ def snr_db(reference: np.ndarray, other: np.ndarray) -> float:
                                np.sum((reference.astype(np.float64) - other) ** 2)))
 
 
-# a Python started with torch's import refused: importing any torch module raises, and at exit it says which
-# ternq modules were imported (none may be: `import ternq` imports torch)
-BLOCKED = textwrap.dedent("""
-    import atexit, sys
-    class NoTorch:
-        def find_spec(self, name, path=None, target=None):
-            if name == "torch" or name.startswith("torch."):
-                raise ImportError("torch is blocked in this test: " + name)
-    sys.meta_path.insert(0, NoTorch())
-    atexit.register(lambda: print("ternq modules:", sorted(m for m in sys.modules if m.split(".")[0] == "ternq"),
-                                  file=sys.stderr))
-    from bittts.cli import main
-    sys.exit(main(sys.argv[1:]))
-""")
+def blocked(*names: str) -> str:
+    """A Python whose imports of `names` (and their submodules) raise, running `bittts` with its arguments; at exit
+    it says which ternq modules were imported (none may be: `import ternq` imports torch)."""
+    return textwrap.dedent(f"""
+        import atexit, sys
+        class Refuse:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in {names!r}:
+                    raise ImportError(name + " is blocked in this test")
+        sys.meta_path.insert(0, Refuse())
+        atexit.register(lambda: print("ternq modules:", sorted(m for m in sys.modules if m.split(".")[0] == "ternq"),
+                                      file=sys.stderr))
+        from bittts.cli import main
+        sys.exit(main(sys.argv[1:]))
+    """)
+
+
+def run_blocked(names: tuple[str, ...], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", blocked(*names), *args], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}, timeout=300)
 
 
 def test_the_onnx_voice_speaks_with_torch_blocked(voice, tmp_path):
     model, synth = voice
     out = tmp_path / "out.wav"
-    run = subprocess.run([sys.executable, "-c", BLOCKED, "synthesize", "--model", str(model), "--threads", "1",
-                          "--text", " ".join(SENTENCES[:2]), "-o", str(out)], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}, timeout=300)
+    run = run_blocked(("torch",), "synthesize", "--model", str(model), "--threads", "1", "--text",
+                      " ".join(SENTENCES[:2]), "-o", str(out))
     assert run.returncode == 0, run.stderr
     assert "onnxruntime, 1 thread" in run.stdout and "2 sentences" in run.stdout
     assert "ternq modules: []" in run.stderr
@@ -75,10 +80,16 @@ def test_the_onnx_voice_speaks_with_torch_blocked(voice, tmp_path):
     expected = sum(len(synth.synthesize(s).wav) for s in SENTENCES[:2]) + round(0.2 * synth.sample_rate)
     assert len(pcm) == expected and np.abs(pcm).max() > 0.05
     # the blocker works: the same Python cannot run the torch runtime
-    blocked = subprocess.run([sys.executable, "-c", BLOCKED, "synthesize", "--text", "Hi.", "-o",
-                              str(tmp_path / "t.wav")], capture_output=True, text=True,
-                             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}, timeout=300)
-    assert blocked.returncode != 0 and "torch is blocked" in blocked.stderr
+    refused = run_blocked(("torch",), "synthesize", "--text", "Hi.", "-o", str(tmp_path / "t.wav"))
+    assert refused.returncode != 0 and "torch is blocked" in refused.stderr
+
+
+def test_without_onnxruntime_an_onnx_voice_says_what_to_install(voice, tmp_path):
+    run = run_blocked(("torch", "onnxruntime"), "synthesize", "--model", str(voice[0]), "--text", "Hi.", "-o",
+                      str(tmp_path / "t.wav"))
+    assert run.returncode == 1 and not (tmp_path / "t.wav").exists()
+    assert run.stderr.startswith("bittts synthesize: an ONNX voice runs on onnxruntime, which is not installed: pip "
+                                 "install onnxruntime, or pip install 'bittts[onnx]'"), run.stderr
 
 
 def test_the_onnx_voice_matches_the_torch_runtime(voice):

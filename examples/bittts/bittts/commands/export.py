@@ -7,6 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from ..extras import require
 from . import output_file
 
 FORMATS = ("safetensors", "onnx")
@@ -32,6 +33,8 @@ def run(args: argparse.Namespace) -> int:
 
     fmt = args.format or ("onnx" if args.out.lower().endswith(".onnx") else "safetensors")
     output_file(args.out, example="voice.onnx" if fmt == "onnx" else "model.safetensors")
+    if fmt == "onnx":
+        require("onnx", "bittts export --format onnx")
     source_is_model = Path(args.source).is_file()
     if source_is_model and fmt == "safetensors":
         raise ValueError(f"{args.source} is a file: export reads a training run directory (RUN_DIR); to turn an "

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from ..data import text
+from ..extras import install_hint
 from ..limits import LimitError
 from .voice import PHONEMIZER_VOICE, SAMPLE_RATES, Voice
 
@@ -120,8 +121,8 @@ class OnnxSynthesizer(Voice):
         try:
             import onnxruntime as ort
         except ImportError:
-            raise ModuleNotFoundError("an ONNX voice runs on onnxruntime: pip install onnxruntime (or "
-                                      "'bittts[onnx]')") from None
+            raise RuntimeError("an ONNX voice runs on onnxruntime, which is not installed: pip install onnxruntime, "
+                               "or " + install_hint("onnx")) from None
         self.path, self._threads = Path(path), threads
         if not self.path.is_file():
             raise FileNotFoundError(f"ONNX voice {os.fspath(path)!r} not found; export one with "
