@@ -14,7 +14,8 @@ from .commands import INPUT_ERRORS
 COMMANDS = {
     "prepare": "Build a training corpus offline (flite voice + espeak-ng phonemes + features).",
     "train": "Train a BitTTS model (JETS + HiFi-GAN, optionally with ternq QAT).",
-    "export": "Export a training run's inference model as a ternq packed safetensors file.",
+    "export": "Export a training run's inference model as a ternq packed safetensors file, or a model as an ONNX "
+              "voice that speaks without torch (--format onnx).",
     "synthesize": "Synthesize speech from text with an exported model.",
     "serve": "Serve speech over HTTP: POST text to /synthesize, get a WAV (the model loaded once).",
     "evaluate": "Score models and reference systems (flite, Piper): size, WER/CER, DNSMOS, MCD, real-time factor.",
@@ -34,6 +35,8 @@ typical pipeline:
   bittts train --data data --out run --preset all     # JETS + HiFi-GAN with 1.58-bit QAT
   bittts export run -o bittts.safetensors             # the inference model as a ternq packed file
   bittts synthesize --model bittts.safetensors --text "Hello there." -o hello.wav
+  bittts export bittts.safetensors -o bittts.onnx     # an ONNX voice (+ bittts.onnx.json): no torch needed
+  bittts synthesize --model bittts.onnx --text "Hello there." -o hello.wav   # onnxruntime + numpy only
   echo "Hello there." | bittts synthesize --output-raw | aplay -r 16000 -f S16_LE -c 1
   bittts serve --port 5000                            # POST text to http://127.0.0.1:5000/synthesize
   bittts evaluate --model bittts.safetensors --system flite piper --out report  # one table, same metrics

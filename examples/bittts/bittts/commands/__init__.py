@@ -10,6 +10,10 @@ import pickle
 import stat
 import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..synthesis.voice import Voice
 
 # What the commands count as bad input (a missing or unreadable file, a malformed model or checkpoint, a wrong
 # option value, a failing external tool): `bittts.cli` reports these as one line, not a traceback.
@@ -29,6 +33,23 @@ def check_threads(values: list[int] | int | None, option: str = "--threads") -> 
     for n in [values] if isinstance(values, int) else values or []:
         if not 1 <= n <= max_threads():
             raise ValueError(f"{option} {n}: expected 1 to {max_threads()} (the CPUs of this machine)")
+
+
+def load_voice(model: str | None, threads: int | None) -> Voice:
+    """--model on its runtime with --threads: an ONNX voice (``.onnx``) on onnxruntime
+    (`bittts.synthesis.onnx_voice.OnnxSynthesizer`, torch is never imported), anything else a packed safetensors
+    model on torch (`bittts.synthesis.synthesizer.Synthesizer`; None: the shipped 1.58-bit model)."""
+    if model is not None and model.lower().endswith(".onnx"):
+        from ..synthesis.onnx_voice import OnnxSynthesizer
+
+        return OnnxSynthesizer(model, threads=threads)
+    import torch
+
+    from ..synthesis.synthesizer import Synthesizer
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return Synthesizer(model)
 
 
 def output_file(path: str | os.PathLike[str], option: str = "-o", example: str = "out.wav") -> Path:

@@ -20,7 +20,7 @@ import unicodedata
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from ternq.atomic import atomic_write
+from ..atomic import atomic_write
 
 PAD, UNK, SPACE = "<pad>", "<unk>", " "
 PUNCTUATION = ",.!?;:"

@@ -18,7 +18,6 @@ Every wav is scored as written to disk (16-bit PCM, 16 kHz), so all systems go t
 """
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
@@ -32,7 +31,7 @@ from typing import Any
 import torch
 
 from ..data import audio
-from ..limits import MAX_SENTENCE_CHARS, MAX_TEXT_BYTES
+from ..synthesis.long_text import check_sentence, read_sentences
 from ..synthesis.synthesizer import Synthesis, Synthesizer
 from . import metrics
 from .dnsmos import DNSMOS
@@ -41,53 +40,6 @@ from .systems import BitTTSSystem, TTSSystem
 
 __all__ = ["DEFAULT_SENTENCES", "check_sentence", "read_sentences", "default_sentences", "fastest_pass",
            "evaluate", "evaluate_system", "result_row", "format_results", "format_report", "write_report"]
-
-
-def check_sentence(sentence: str, what: str) -> str:
-    """`sentence` stripped, if it is non-empty and at most MAX_SENTENCE_CHARS long; ValueError otherwise."""
-    text = sentence.strip()
-    if not text:
-        raise ValueError(f"{what} is empty: give a sentence to speak")
-    if len(text) > MAX_SENTENCE_CHARS:
-        raise ValueError(f"{what} has {len(text):,} characters, more than the {MAX_SENTENCE_CHARS:,} of one "
-                         "utterance: split it into sentences (one per line with --text-file)")
-    return text
-
-
-def read_sentences(path: str | os.PathLike[str], limit: int | None = None) -> list[str]:
-    """Non-empty lines of a UTF-8 text file (the first `limit`), each checked by `check_sentence`.
-
-    Reads at most MAX_TEXT_BYTES and one line of at most ~4 x MAX_SENTENCE_CHARS bytes at a time, so memory is
-    bounded whatever the file is (a device such as /dev/zero, a huge or binary file)."""
-    if limit is not None and limit < 1:
-        raise ValueError(f"--limit must be >= 1, got {limit}")
-    name = os.fspath(path)
-    if os.path.isdir(name):
-        raise ValueError(f"{name} is a directory: give a text file with one sentence per line")
-    sentences: list[str] = []
-    total, line_bytes = 0, 4 * MAX_SENTENCE_CHARS + 8  # UTF-8: at most 4 bytes per character, and the newline
-    with open(name, "rb") as f:
-        for number in itertools.count(1):
-            raw = f.readline(line_bytes)
-            if not raw:
-                break
-            total += len(raw)
-            if total > MAX_TEXT_BYTES:
-                raise ValueError(f"{name} is larger than {MAX_TEXT_BYTES:,} bytes: split it into smaller files")
-            if len(raw) == line_bytes and not raw.endswith(b"\n"):
-                raise ValueError(f"{name}: line {number} is longer than {MAX_SENTENCE_CHARS:,} characters (one "
-                                 "utterance): split it into sentences")
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{name}: line {number} is not UTF-8 text (byte {e.start}): give a text file") from None
-            if line.strip():
-                sentences.append(check_sentence(line, f"{name}: line {number}"))
-                if limit is not None and len(sentences) == limit:
-                    break
-    if not sentences:
-        raise ValueError(f"{name} has no non-empty line to synthesize")
-    return sentences
 
 
 def fastest_pass(synth: Synthesizer, ids: Sequence[Sequence[int]], threads: int, repeats: int = 3

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import itertools
 import math
 import os
 import re
@@ -18,20 +19,18 @@ import shutil
 import struct
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
-import torch
 
-from ternq.atomic import atomic_open
-
+from ..atomic import atomic_open
 from ..data.text import abbreviation_before
-from ..limits import MAX_SENTENCE_CHARS, MAX_SENTENCE_SECONDS, LimitError
+from ..limits import MAX_SENTENCE_CHARS, MAX_SENTENCE_SECONDS, MAX_TEXT_BYTES, LimitError
 
 if TYPE_CHECKING:
-    from .synthesizer import Synthesis, Synthesizer
+    from .voice import Synthesis, Voice
 
-__all__ = ["SENTENCE_PAUSE", "split_sentences", "read_sentences_stream", "pcm16", "speak", "count_phonemes",
+__all__ = ["SENTENCE_PAUSE", "split_sentences", "read_sentences_stream", "check_sentence", "read_sentences", "pcm16", "speak", "count_phonemes",
            "wav_header", "write_wav_stream", "spooled_wav", "write_wav_to_stream"]
 
 SENTENCE_PAUSE = 0.2  # seconds of silence between two sentences (Piper's default sentence_silence)
@@ -112,21 +111,69 @@ def read_sentences_stream(stream: BinaryIO, name: str = "standard input",
             pending = last
 
 
-def pcm16(wav: torch.Tensor | np.ndarray) -> bytes:
-    """Little-endian 16-bit PCM of a float waveform in [-1, 1) (clipped; `bittts.data.audio.write_wav`'s scaling)."""
-    data = wav.detach().cpu().numpy() if isinstance(wav, torch.Tensor) else np.asarray(wav)
+def check_sentence(sentence: str, what: str) -> str:
+    """`sentence` stripped, if it is non-empty and at most MAX_SENTENCE_CHARS long; ValueError otherwise."""
+    text = sentence.strip()
+    if not text:
+        raise ValueError(f"{what} is empty: give a sentence to speak")
+    if len(text) > MAX_SENTENCE_CHARS:
+        raise ValueError(f"{what} has {len(text):,} characters, more than the {MAX_SENTENCE_CHARS:,} of one "
+                         "utterance: split it into sentences (one per line with --text-file)")
+    return text
+
+
+def read_sentences(path: str | os.PathLike[str], limit: int | None = None) -> list[str]:
+    """Non-empty lines of a UTF-8 text file (the first `limit`), each checked by `check_sentence`.
+
+    Reads at most MAX_TEXT_BYTES and one line of at most ~4 x MAX_SENTENCE_CHARS bytes at a time, so memory is
+    bounded whatever the file is (a device such as /dev/zero, a huge or binary file)."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {limit}")
+    name = os.fspath(path)
+    if os.path.isdir(name):
+        raise ValueError(f"{name} is a directory: give a text file with one sentence per line")
+    sentences: list[str] = []
+    total, line_bytes = 0, 4 * MAX_SENTENCE_CHARS + 8  # UTF-8: at most 4 bytes per character, and the newline
+    with open(name, "rb") as f:
+        for number in itertools.count(1):
+            raw = f.readline(line_bytes)
+            if not raw:
+                break
+            total += len(raw)
+            if total > MAX_TEXT_BYTES:
+                raise ValueError(f"{name} is larger than {MAX_TEXT_BYTES:,} bytes: split it into smaller files")
+            if len(raw) == line_bytes and not raw.endswith(b"\n"):
+                raise ValueError(f"{name}: line {number} is longer than {MAX_SENTENCE_CHARS:,} characters (one "
+                                 "utterance): split it into sentences")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{name}: line {number} is not UTF-8 text (byte {e.start}): give a text file") from None
+            if line.strip():
+                sentences.append(check_sentence(line, f"{name}: line {number}"))
+                if limit is not None and len(sentences) == limit:
+                    break
+    if not sentences:
+        raise ValueError(f"{name} has no non-empty line to synthesize")
+    return sentences
+
+
+def pcm16(wav: Any) -> bytes:
+    """Little-endian 16-bit PCM of a float waveform in [-1, 1) (clipped; `bittts.data.audio.write_wav`'s scaling):
+    a numpy array, or a CPU torch tensor (this module never imports torch)."""
+    data = wav.detach().numpy() if hasattr(wav, "detach") else wav
     data = np.asarray(data, dtype=np.float64).reshape(-1)
     return np.clip(np.round(data * 32768.0), -32768, 32767).astype("<i2").tobytes()
 
 
-def speak(synth: Synthesizer, sentences: Iterable[str], duration_scale: float = 1.0,
+def speak(synth: Voice, sentences: Iterable[str], duration_scale: float = 1.0,
           on_sentence: Callable[[str, Synthesis], None] | None = None, *, max_phonemes: int | None = None,
           max_seconds: float | None = None) -> Iterator[bytes]:
-    """16-bit PCM of each sentence in turn (`synth` a `bittts.synthesis.synthesizer.Synthesizer`), `SENTENCE_PAUSE` of
-    silence before every sentence but the first. A sentence that gives no phonemes ("...") is skipped;
-    ValueError if none of them could be spoken. `on_sentence(sentence, synthesis)` is told of each one.
+    """16-bit PCM of each sentence in turn (`synth` a `bittts.synthesis.voice.Voice`: the torch or the ONNX
+    runtime), `SENTENCE_PAUSE` of silence before every sentence but the first. A sentence that gives no phonemes
+    ("...") is skipped; ValueError if none of them could be spoken. `on_sentence(sentence, synthesis)` is told of each one.
 
-    Each sentence is bounded by `Synthesizer.synthesize_ids` (`bittts.limits.MAX_SENTENCE_PHONEMES` and
+    Each sentence is bounded by `Voice.synthesize_ids` (`bittts.limits.MAX_SENTENCE_PHONEMES` and
     `MAX_SENTENCE_SECONDS`); `max_phonemes` and `max_seconds` (e.g. `MAX_REQUEST_PHONEMES`, `MAX_REQUEST_SECONDS`)
     bound all of them together: `bittts.limits.LimitError` before the sentence that would pass either is
     synthesized (its audio is bounded through its predicted durations, before the vocoder runs)."""
@@ -167,7 +214,7 @@ def speak(synth: Synthesizer, sentences: Iterable[str], duration_scale: float = 
         raise ValueError(last_error or "nothing to speak: the text is empty")
 
 
-def count_phonemes(synth: Synthesizer, sentences: Sequence[str], max_phonemes: int | None = None) -> int:
+def count_phonemes(synth: Voice, sentences: Sequence[str], max_phonemes: int | None = None) -> int:
     """The phonemes `speak` will synthesize for `sentences`, all phonemized through one espeak-ng process (and
     cached, so `speak` does not phonemize them again); `bittts.limits.LimitError` past `max_phonemes`. A request
     is thus refused before any synthesis, not after the first `max_phonemes` worth of it."""

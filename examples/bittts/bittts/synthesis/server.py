@@ -95,7 +95,7 @@ class _Connection:
 
 
 class SpeechServer:
-    """An HTTP server around one `bittts.synthesis.synthesizer.Synthesizer`; `jobs` syntheses run at once.
+    """An HTTP server around one `bittts.synthesis.voice.Voice` (torch or ONNX); `jobs` syntheses run at once.
 
     `serve_forever()` runs it in the calling thread until `shutdown()` (from another thread) or Ctrl-C;
     `server_close()` (or leaving a `with` block) closes every connection and stops the syntheses."""

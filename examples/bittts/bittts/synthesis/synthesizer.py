@@ -22,8 +22,6 @@ import dataclasses
 import json
 import math
 import os
-import time
-from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -33,8 +31,8 @@ from torch import Tensor
 
 from ..config import BitTTSConfig, config_from_dict
 from ..data import text
-from ..limits import MAX_SENTENCE_PHONEMES, MAX_SENTENCE_SECONDS, LimitError
 from ..model.bittts import BitTTS
+from .voice import PHONEMIZER_VOICE, SAMPLE_RATES, Synthesis, Voice
 
 __all__ = ["MODEL_FORMAT", "MODEL_VERSION", "DEFAULT_MODEL", "FP32_MODEL",
            "shipped_model", "default_model", "read_model_metadata", "Synthesizer", "Synthesis"]
@@ -42,7 +40,6 @@ __all__ = ["MODEL_FORMAT", "MODEL_VERSION", "DEFAULT_MODEL", "FP32_MODEL",
 MODEL_FORMAT = "bittts-model"
 MODEL_VERSION = 2  # 2: [quant] holds ternq's config (`QuantizationConfig`)
 READ_VERSIONS = ("1", "2")
-PHONEMIZER_VOICE = "en-us"  # bittts.data.text.Phonemizer's default, the voice every corpus is prepared with
 # the models shipped with the package (package data): the 1.58-bit one is used when a command gets no --model
 DEFAULT_MODEL = "pretrained/bittts-ternary.safetensors"
 FP32_MODEL = "pretrained/bittts-fp32.safetensors"
@@ -102,7 +99,6 @@ def read_model_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
 _SIZE_BOUNDS = {"layers": 64, "channels": 4096, "kernel": 127, "kernels": 127, "rates": 64, "dilations": 64,
                 "components": 64, "n_symbols": 100_000, "n_mels": 512, "max_duration": 10_000}
 _MAX_LIST = 16  # entries of a tuple field (upsampling stages, resblocks, dilations)
-SAMPLE_RATES = (1_000, 192_000)
 
 
 def _check_sizes_against_tensors(cfg: BitTTSConfig, shapes: dict[str, tuple[int, ...]]) -> None:
@@ -170,27 +166,10 @@ def _check_model_metadata(info: dict[str, Any]) -> None:
         raise ValueError("bittts.training must be a JSON object")
 
 
-@dataclasses.dataclass
-class Synthesis:
-    """One synthesized utterance: the waveform (1-D float in [-1, 1]) and timings."""
+class Synthesizer(Voice):
+    """An exported BitTTS model, loaded for synthesis on torch: text -> phonemes (espeak-ng) -> ids -> waveform."""
 
-    wav: Tensor
-    sample_rate: int
-    seconds: float  # wall time of the model (text front end excluded)
-    phonemes: str
-
-    @property
-    def duration(self) -> float:
-        return self.wav.numel() / self.sample_rate
-
-    @property
-    def rtf(self) -> float:
-        """Real-time factor: model seconds per second of audio (< 1 is faster than real time)."""
-        return self.seconds / max(self.duration, 1e-9)
-
-
-class Synthesizer:
-    """An exported BitTTS model, loaded for synthesis: text -> phonemes (espeak-ng) -> ids -> waveform."""
+    runtime = "torch"
 
     def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
         import ternq
@@ -198,55 +177,16 @@ class Synthesizer:
         self.path = Path(path) if path is not None else default_model()
         info = read_model_metadata(self.path)
         self.cfg: BitTTSConfig = info["config"]
-        self.symbols: list[str] = info["symbols"]
-        self.sample_rate = int(info["audio"]["sample_rate"])
         self.training: dict[str, Any] = info["training"]
-        voice = info["phonemizer"].get("voice", PHONEMIZER_VOICE)
-        self.phonemizer = text.Phonemizer(voice=voice)
-        self._ids = {s: i for i, s in enumerate(self.symbols)}
-        self._unk = self._ids.get(text.UNK)
+        self.init_front_end(info["symbols"], info["phonemizer"], int(info["audio"]["sample_rate"]),
+                            self.cfg.vocoder.hop)
         skeleton = BitTTS.for_inference(self.cfg, quantize=False, device="meta")
         self.model: BitTTS = ternq.load_packed(self.path, skeleton).eval()
 
-    def phonemes_to_ids(self, phonemes: str) -> list[int]:
-        """One id per character with the model's own symbol table; unknown characters become <unk> (or are
-        dropped if the table has none)."""
-        ids = [self._ids.get(c, self._unk) for c in phonemes]
-        return [i for i in ids if i is not None]
+    def threads(self) -> int:
+        return torch.get_num_threads()
 
-    def text_to_ids(self, sentence: str) -> tuple[str, list[int]]:
-        phonemes = self.phonemizer(sentence)
-        return phonemes, self.phonemes_to_ids(phonemes)
-
-    def synthesize(self, sentence: str, duration_scale: float = 1.0) -> Synthesis:
-        """Speak one sentence. Raises ValueError if nothing in it can be spoken, `bittts.limits.LimitError` if it
-        gives more than `MAX_SENTENCE_PHONEMES` phonemes or `MAX_SENTENCE_SECONDS` of audio."""
-        phonemes, ids = self.text_to_ids(sentence)
-        return self.synthesize_ids(ids, phonemes, duration_scale)
-
-    def synthesize_ids(self, ids: Sequence[int], phonemes: str = "", duration_scale: float = 1.0,
-                       max_seconds: float = MAX_SENTENCE_SECONDS) -> Synthesis:
-        """Speak phoneme ids (`text_to_ids`); timed without the text front end. The work is bounded before it
-        starts: at most `MAX_SENTENCE_PHONEMES` ids, and at most `max_seconds` (<= `MAX_SENTENCE_SECONDS`) of
-        audio, checked on the predicted durations before the vocoder runs (`bittts.limits.LimitError`)."""
-        if not ids:
-            raise ValueError(f"nothing to speak: the text gave no phonemes ({phonemes!r})")
-        if len(ids) > MAX_SENTENCE_PHONEMES:
-            raise LimitError(f"a sentence gives {len(ids):,} phonemes, more than the {MAX_SENTENCE_PHONEMES:,} one "
-                             "utterance may have (bittts.limits.MAX_SENTENCE_PHONEMES): split it into shorter "
-                             "sentences (numbers and symbols are spoken as words, and their words count)")
-        max_seconds = min(max_seconds, MAX_SENTENCE_SECONDS)
-        start = time.perf_counter()
-        try:
-            wav, lengths = self.model.infer(torch.tensor(list(ids), dtype=torch.long), duration_scale=duration_scale,
-                                            return_lengths=True, max_frames=self.frames(max_seconds))
-        except LimitError:
-            raise LimitError(f"a sentence would give more than {max_seconds:g} s of audio, the most one utterance "
-                             "may have (bittts.limits.MAX_SENTENCE_SECONDS): split it into shorter sentences or "
-                             "lower the duration scale") from None
-        seconds = time.perf_counter() - start
-        return Synthesis(wav[0, 0, : int(lengths[0])].float().contiguous(), self.sample_rate, seconds, phonemes)
-
-    def frames(self, seconds: float) -> int:
-        """The model's frames (vocoder hops) in `seconds` of audio, rounded down."""
-        return max(0, int(seconds * self.sample_rate) // self.cfg.vocoder.hop)
+    def _run(self, ids: list[int], duration_scale: float, max_frames: int) -> Tensor:
+        wav, lengths = self.model.infer(torch.tensor(ids, dtype=torch.long), duration_scale=duration_scale,
+                                        return_lengths=True, max_frames=max_frames)
+        return wav[0, 0, : int(lengths[0])].float().contiguous()

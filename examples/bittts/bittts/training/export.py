@@ -1,21 +1,32 @@
-"""Export: a training checkpoint -> the self-describing model file that `bittts.synthesis.synthesizer` reads.
+"""Export: a training checkpoint -> the self-describing model file that `bittts.synthesis.synthesizer` reads,
+and such a model file -> an ONNX voice that `bittts.synthesis.onnx_voice` reads without torch.
 
-The file's format (its metadata keys and versions) is documented, and read, in `bittts.synthesis.synthesizer`;
-this module is the one writer.
+The files' formats (metadata keys, graph inputs and outputs, versions) are documented, and read, in
+`bittts.synthesis.synthesizer` and `bittts.synthesis.onnx_voice`; this module is the one writer of both.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import Tensor, nn
+
+from ..atomic import atomic_write
 from ..config import BitTTSConfig, config_from_dict, config_to_dict
 from ..data import audio, text
-from ..synthesis.synthesizer import MODEL_FORMAT, MODEL_VERSION, PHONEMIZER_VOICE
+from ..model.acoustic import MDNDurationPredictor
+from ..model.bittts import BitTTS
+from ..synthesis import onnx_voice
+from ..synthesis.synthesizer import MODEL_FORMAT, MODEL_VERSION, PHONEMIZER_VOICE, Synthesizer
 from .checkpoints import CHECKPOINT_NAME, load_checkpoint, model_from_checkpoint
 
-__all__ = ["export_model", "find_checkpoint"]
+__all__ = ["export_model", "export_onnx_voice", "find_checkpoint", "VoiceGraph", "frame_tokens", "ONNX_OPSET"]
+
+ONNX_OPSET = 17  # ScatterElements with reduction="add" (16) for the length regulator; LayerNormalization (17)
 
 
 def find_checkpoint(run_dir: str | os.PathLike[str], checkpoint: str | os.PathLike[str] | None = None) -> Path:
@@ -83,3 +94,80 @@ def export_model(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str]
     packed.save(out)
     return {"path": os.fspath(out), "bytes": os.path.getsize(out), "packed_layers": len(packed.manifest["layers"]),
             "step": step, "preset": cfg.name, "quant": f"{cfg.quant.scheme}/{cfg.quant.scope}"}
+
+
+# ------------------------------------------------------------------------------------------------ ONNX
+
+
+class VoiceGraph(nn.Module):
+    """`BitTTS.infer` for one utterance as one traceable graph (`bittts.synthesis.onnx_voice` states its inputs
+    and outputs): durations, pitch and energy as `AcousticModel.infer` predicts them ("mean" durations), the
+    length regulator written with tensor ops only (its output length is data, not a Python int), the decoder
+    and the vocoder on at most `max_frames` frames."""
+
+    def __init__(self, model: BitTTS) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: Tensor, duration_scale: Tensor, max_frames: Tensor) -> tuple[Tensor, Tensor]:
+        ac = self.model.acoustic
+        mask = torch.ones_like(ids, dtype=torch.float32).unsqueeze(1)  # one utterance: no padding
+        h = ac.encoder(ac.enc_pos(ac.embed(ids).transpose(1, 2)), mask)
+        log_d = MDNDurationPredictor.predict(ac.duration_predictor(h, mask), "mean")
+        durations = torch.round(torch.exp(log_d) * duration_scale).clamp(1, ac.cfg.max_duration).long()[0]
+        h = h + ac.pitch_embed(ac.pitch_predictor(h, mask)) + ac.energy_embed(ac.energy_predictor(h, mask))
+        token, frames = frame_tokens(durations, max_frames)
+        x = h.index_select(2, token)
+        frame_mask = torch.ones_like(x[:, :1])
+        x = ac.decoder(ac.dec_pos(ac.dec_in(x)) * frame_mask, frame_mask)
+        return self.model.vocoder(x).reshape(-1), frames
+
+
+def frame_tokens(durations: Tensor, max_frames: Tensor) -> tuple[Tensor, Tensor]:
+    """The length regulator's gather index in ops a tracer records with a data-dependent length: for (T,)
+    durations >= 1, the phoneme of each of the first min(sum, max_frames) frames (``np.repeat(arange(T),
+    durations)[:max_frames]``), and the sum. Token of frame f = the runs ending at or before f: one count at each
+    run's end, summed up (O(frames + T) memory, no (frames, T) comparison)."""
+    ends = torch.cumsum(durations, 0)
+    frames = ends[-1]
+    n = torch.minimum(frames, max_frames)
+    counts = torch.zeros_like(torch.arange(n + 1)).scatter_add(0, ends.clamp(max=n), torch.ones_like(ends))
+    return torch.cumsum(counts, 0)[:-1], frames
+
+
+def _export_graph(model: BitTTS, ids: list[int], out: str | os.PathLike[str]) -> bytes:
+    """Write `VoiceGraph(model)` to `out` with `ternq.export_onnx` (the packed codes stay packed, decoded in the
+    graph), traced on `ids` with dynamic text and audio lengths; returns the file's bytes.
+
+    The TorchScript tracer (``dynamo=False``): torch.export stops at the length regulator's data-dependent frame
+    count, inside the activation quantizers' guards on it; the tracer records the same ops with dynamic shapes."""
+    import ternq
+
+    example = (torch.tensor([ids], dtype=torch.long), torch.tensor(1.0), torch.tensor(1_000_000))
+    ternq.export_onnx(VoiceGraph(model), example, out, input_names=list(onnx_voice.INPUTS),
+                      output_names=list(onnx_voice.OUTPUTS), opset_version=ONNX_OPSET, dynamo=False,
+                      dynamic_axes={"ids": {1: "phonemes"}, "wav": {0: "samples"}})
+    return Path(out).read_bytes()
+
+
+def export_onnx_voice(model: str | os.PathLike[str], out: str | os.PathLike[str]) -> dict[str, Any]:
+    """Write the exported BitTTS model `model` (a packed safetensors file) as an ONNX voice: `out` (VOICE.onnx) and
+    its JSON (`onnx_voice.config_path(out)`), both atomically. Returns a summary: path, config, bytes, source
+    bytes."""
+    synth = Synthesizer(model)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    data = _export_graph(synth.model, synth.phonemes_to_ids("ðə bˈɜːtʃ kənˈuː slˈɪd."), out)
+    config = {
+        "format": onnx_voice.ONNX_FORMAT,
+        "version": onnx_voice.ONNX_VERSION,
+        "onnx": {"file": Path(out).name, "sha256": hashlib.sha256(data).hexdigest(), "opset": ONNX_OPSET},
+        "audio": {"sample_rate": synth.sample_rate, "hop": synth.hop},
+        "symbols": synth.symbols,
+        "n_symbols": synth.cfg.acoustic.n_symbols,
+        "phonemizer": {"backend": "espeak-ng", "voice": synth.phonemizer.voice,
+                       "normalizer": "bittts.data.text.normalize"},
+        "source": {"file": Path(model).name, "config": config_to_dict(synth.cfg), "training": synth.training},
+    }
+    atomic_write(onnx_voice.config_path(out), (json.dumps(config, ensure_ascii=False, indent=1) + "\n").encode())
+    return {"path": os.fspath(out), "config": os.fspath(onnx_voice.config_path(out)), "bytes": len(data),
+            "source_bytes": os.path.getsize(model)}
