@@ -210,6 +210,45 @@ def test_packed_model_exports_the_same_file(tmp_path, one_thread):
     assert types["token_embd.weight"] == "F16" and types["output_norm.weight"] == "F32"
 
 
+def bpe_tokenizer(vocab_size: int = 300):
+    """A small byte-level BPE tokenizer (GPT-2's pre-tokenization), trained here: no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog", "hello world, hello there"], trainer)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+
+
+def test_hf_tokenizer_is_written(tmp_path, one_thread):
+    tokenizer = bpe_tokenizer()
+    ternq.export_gguf(quantized_llama(), tmp_path / "tok.gguf", tokenizer=tokenizer)
+    reader = gguf.GGUFReader(tmp_path / "tok.gguf")
+    assert field(reader, "tokenizer.ggml.model") == "gpt2" and field(reader, "tokenizer.ggml.pre") == "gpt2"
+    tokens = field(reader, "tokenizer.ggml.tokens")
+    vocab = tokenizer.get_vocab()
+    assert len(tokens) == 320 and all(tokens[i] == t for t, i in vocab.items())
+    assert tokens[len(vocab):] == [f"[PAD{i}]" for i in range(len(vocab), 320)]
+    assert field(reader, "tokenizer.ggml.merges")[0] == "h e"
+    assert field(reader, "tokenizer.ggml.bos_token_id") == vocab["<s>"]
+    types = field(reader, "tokenizer.ggml.token_type")
+    assert types[vocab["<s>"]] == gguf.TokenType.CONTROL and types[vocab["the"]] == gguf.TokenType.NORMAL
+
+
+def test_refuses_other_tokenizers(tmp_path, one_thread):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok)
+    with pytest.raises(ternq.ExportError, match="only byte-level BPE.*tokenizer=None"):
+        ternq.export_gguf(quantized_llama(), tmp_path / "x.gguf", tokenizer=tokenizer)
+    assert os.listdir(tmp_path) == []
+
+
 # --- what llama.cpp cannot represent is refused, and nothing is written ------------------------------------------
 
 
@@ -239,3 +278,59 @@ def test_refuses_other_architectures(tmp_path, one_thread):
     with pytest.raises(ternq.ExportError, match="type='Q4_0': unknown"):
         ternq.export_gguf(quantized_llama(), tmp_path / "x.gguf", type="Q4_0")
     assert os.listdir(tmp_path) == []
+
+
+# --- llama.cpp runs the file (llama-cpp-python, the `bench` extra: it builds llama.cpp from source) ---------------
+
+
+def greedy(step, prompt: list[int], n: int) -> list[int]:
+    out: list[int] = []
+    logits = step(prompt)
+    for _ in range(n):
+        out.append(int(np.argmax(logits)))
+        logits = step([out[-1]])
+    return out
+
+
+def test_llama_cpp_matches_ternq(tmp_path, one_thread):
+    """llama.cpp's logits on the exported model against ternq's packed model's, and their greedy tokens.
+
+    Not equal: llama.cpp quantizes each layer's input to int8 per block of 256 features (Q8_K), ternq per token;
+    the weights are the same up to fp16 scale rounding."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    model = quantized_llama()
+    ternq.save_packed(model, tmp_path / "model.safetensors")
+    packed = ternq.load_packed(tmp_path / "model.safetensors", tiny_llama())
+    prompt = [1, 17, 42, 99, 7, 250, 3, 64]
+    ids: list[int] = []
+
+    def ternq_step(new: list[int]) -> np.ndarray:  # the whole sequence again: no cache to get wrong
+        ids.extend(new)
+        with torch.no_grad():
+            return packed(torch.tensor([ids])).logits[0, -1].numpy()
+
+    with torch.no_grad():
+        want = packed(torch.tensor([prompt])).logits[0].numpy()
+    want_tokens = greedy(ternq_step, prompt, 16)
+    for qtype in TYPES:
+        path = tmp_path / f"model-{qtype}.gguf"
+        ternq.export_gguf(model, path, type=qtype, tokenizer=bpe_tokenizer())
+        llm = llama_cpp.Llama(str(path), n_ctx=64, n_threads=1, n_batch=64, logits_all=True, verbose=False)
+        llm.eval(prompt)
+        got = np.array(llm.scores[:len(prompt)])
+        corr = np.corrcoef(got.ravel(), want.ravel())[0, 1]
+        rel = np.abs(got - want).max() / np.abs(want).max()
+
+        def cpp_step(new: list[int], llm=llm) -> np.ndarray:
+            llm.eval(new)
+            return np.array(llm.scores[llm.n_tokens - 1])
+
+        llm.reset()
+        tokens = greedy(cpp_step, prompt, 16)
+        print(f"{qtype}: logits correlation {corr:.5f}, max |diff| / max |logit| {rel:.4f}, "
+              f"greedy tokens {tokens} vs ternq {want_tokens}")
+        assert corr > 0.99, (qtype, corr)
+        assert tokens[:8] == want_tokens[:8], (qtype, tokens, want_tokens)
+        # the tokenizer: llama.cpp splits text as the Hugging Face tokenizer does
+        text = "hello the quick fox, jumps over there"
+        assert llm.tokenize(text.encode(), add_bos=False) == bpe_tokenizer().encode(text)

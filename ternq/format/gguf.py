@@ -210,17 +210,37 @@ def _write_vocab(writer: Any, gguf: Any, config: Any, tokenizer: Any) -> None:
     writer.add_add_bos_token(False)
 
 
+#: Llama 3's pre-tokenizer split (tokenizer.json), which llama.cpp names "llama-bpe"
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _pre_tokenizer(pre: dict[str, Any] | None) -> str | None:
+    """llama.cpp's name of a byte-level BPE pre-tokenizer: GPT-2's (ByteLevel with its regex) or Llama 3's."""
+    if pre is None:
+        return None
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space"):
+        return "gpt2"
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else []
+    if (len(steps) == 2 and steps[0].get("type") == "Split"
+            and steps[0].get("pattern", {}).get("Regex") == _LLAMA3_SPLIT
+            and steps[1].get("type") == "ByteLevel" and not steps[1].get("use_regex", True)):
+        return "llama-bpe"
+    return None
+
+
 def _write_hf_vocab(writer: Any, gguf: Any, config: Any, tokenizer: Any) -> None:
-    """A byte-level BPE fast tokenizer (Llama 3, GPT-2 style) as llama.cpp's "gpt2" vocabulary."""
+    """A byte-level BPE fast tokenizer (GPT-2 or Llama 3 pre-tokenization) as llama.cpp's "gpt2" vocabulary."""
     import json
 
     backend = getattr(tokenizer, "backend_tokenizer", None)
     spec = json.loads(backend.to_str()) if backend is not None else {}
     model = spec.get("model") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
-        raise _refuse(type(tokenizer).__name__, "only byte-level BPE fast tokenizers are exported",
-                      "pass tokenizer=None (a minimal vocabulary: token ids in, ids out) and convert the "
-                      "tokenizer with llama.cpp's convert_hf_to_gguf.py --vocab-only")
+    pre = _pre_tokenizer(spec.get("pre_tokenizer"))
+    if model.get("type") != "BPE" or model.get("byte_fallback") or pre is None:
+        raise _refuse(tokenizer.__class__.__name__, "only byte-level BPE fast tokenizers with GPT-2's or Llama 3's "
+                      "pre-tokenizer are exported", "pass tokenizer=None (a minimal vocabulary: token ids in, ids "
+                      "out) and convert the tokenizer with llama.cpp's convert_hf_to_gguf.py")
     vocab: dict[str, int] = tokenizer.get_vocab()
     n = config.vocab_size
     if max(vocab.values()) >= n:
@@ -233,7 +253,7 @@ def _write_hf_vocab(writer: Any, gguf: Any, config: Any, tokenizer: Any) -> None
         types[i] = gguf.TokenType.CONTROL if token in special else gguf.TokenType.NORMAL
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
@@ -241,6 +261,7 @@ def _write_hf_vocab(writer: Any, gguf: Any, config: Any, tokenizer: Any) -> None
                        (writer.add_pad_token_id, tokenizer.pad_token)):
         if token is not None and token in vocab:
             add(vocab[token])
+    writer.add_add_bos_token(False)
 
 
 def export_gguf(model: nn.Module, path: str | os.PathLike[str], *, type: GGUFType = "TQ2_0",
@@ -333,7 +354,7 @@ def export_gguf(model: nn.Module, path: str | os.PathLike[str], *, type: GGUFTyp
     name = name or getattr(config, "name_or_path", "") or "ternq-llama"
     path = os.fspath(path)
     partial = f"{path}.{os.getpid()}.partial"  # renamed over `path` once complete: no half-written model
-    writer = gguf.GGUFWriter(partial, "llama")
+    writer = gguf.GGUFWriter(partial, "llama")  # holds the metadata in memory until write_header_to_file
     try:
         _write_metadata(writer, gguf, config, name, type)
         _write_vocab(writer, gguf, config, tokenizer)
