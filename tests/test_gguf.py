@@ -80,7 +80,7 @@ def test_encoders_refuse_what_a_block_cannot_hold(qtype):
 def tiny_llama(hidden: int = 256, tie: bool = False, **config) -> torch.nn.Module:
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=320, hidden_size=hidden, intermediate_size=512, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                                    tie_word_embeddings=tie, **config)
     return transformers.LlamaForCausalLM(cfg).eval()
 
@@ -227,7 +227,7 @@ def test_hf_tokenizer_is_written(tmp_path, one_thread):
     tokenizer = bpe_tokenizer()
     ternq.export_gguf(quantized_llama(), tmp_path / "tok.gguf", tokenizer=tokenizer)
     reader = gguf.GGUFReader(tmp_path / "tok.gguf")
-    assert field(reader, "tokenizer.ggml.model") == "gpt2" and field(reader, "tokenizer.ggml.pre") == "gpt2"
+    assert field(reader, "tokenizer.ggml.model") == "gpt2" and field(reader, "tokenizer.ggml.pre") == "gpt-2"
     tokens = field(reader, "tokenizer.ggml.tokens")
     vocab = tokenizer.get_vocab()
     assert len(tokens) == 320 and all(tokens[i] == t for t, i in vocab.items())
@@ -296,9 +296,17 @@ def test_llama_cpp_matches_ternq(tmp_path, one_thread):
     """llama.cpp's logits on the exported model against ternq's packed model's, and their greedy tokens.
 
     Not equal: llama.cpp quantizes each layer's input to int8 per block of 256 features (Q8_K), ternq per token;
-    the weights are the same up to fp16 scale rounding."""
+    the weights are the same up to fp16 scale rounding. Measured (x86-64 AVX-512, llama-cpp-python 0.3.36):
+    logits correlation 0.9999, max |difference| 1.8 % of max |logit|, 16 of 16 greedy tokens equal, for both
+    types; the test asks for 0.999 and the first 8 tokens. Without the Q/K permutation the correlation is 0.90
+    and the first greedy token differs."""
     llama_cpp = pytest.importorskip("llama_cpp")
-    model = quantized_llama()
+    model = tiny_llama()
+    with torch.no_grad():  # sharp attention, so that the Q/K row order matters (a random init's is near uniform)
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight *= 8
+            layer.self_attn.k_proj.weight *= 8
+    model = ternq.quantize(model, config=ternq.TernaryConfig(input_norm=None))
     ternq.save_packed(model, tmp_path / "model.safetensors")
     packed = ternq.load_packed(tmp_path / "model.safetensors", tiny_llama())
     prompt = [1, 17, 42, 99, 7, 250, 3, 64]
@@ -329,7 +337,7 @@ def test_llama_cpp_matches_ternq(tmp_path, one_thread):
         tokens = greedy(cpp_step, prompt, 16)
         print(f"{qtype}: logits correlation {corr:.5f}, max |diff| / max |logit| {rel:.4f}, "
               f"greedy tokens {tokens} vs ternq {want_tokens}")
-        assert corr > 0.99, (qtype, corr)
+        assert corr > 0.999, (qtype, corr)
         assert tokens[:8] == want_tokens[:8], (qtype, tokens, want_tokens)
         # the tokenizer: llama.cpp splits text as the Hugging Face tokenizer does
         text = "hello the quick fox, jumps over there"

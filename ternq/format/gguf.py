@@ -220,7 +220,7 @@ def _pre_tokenizer(pre: dict[str, Any] | None) -> str | None:
     if pre is None:
         return None
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space"):
-        return "gpt2"
+        return "gpt-2"
     steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else []
     if (len(steps) == 2 and steps[0].get("type") == "Split"
             and steps[0].get("pattern", {}).get("Regex") == _LLAMA3_SPLIT
