@@ -238,6 +238,22 @@ def test_hf_tokenizer_is_written(tmp_path, one_thread):
     assert types[vocab["<s>"]] == gguf.TokenType.CONTROL and types[vocab["the"]] == gguf.TokenType.NORMAL
 
 
+def test_pre_tokenizer_names_are_llama_cpps():
+    """tokenizer.json's pre_tokenizer -> llama.cpp's tokenizer.ggml.pre (the names its llama-vocab.cpp knows)."""
+    from ternq.format.gguf import _pre_tokenizer
+
+    llama3 = {"type": "Sequence", "pretokenizers": [  # Meta-Llama-3's tokenizer.json, verbatim
+        {"type": "Split", "pattern": {"Regex": "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|"
+                                               "\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|"
+                                               "\\s+(?!\\S)|\\s+"},
+         "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+    assert _pre_tokenizer(llama3) == "llama-bpe"
+    assert _pre_tokenizer({"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}) == "gpt-2"
+    assert _pre_tokenizer({"type": "ByteLevel", "add_prefix_space": True, "use_regex": True}) is None
+    assert _pre_tokenizer({"type": "Whitespace"}) is None
+
+
 def test_refuses_other_tokenizers(tmp_path, one_thread):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
