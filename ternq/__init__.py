@@ -27,6 +27,7 @@ from .errors import (
 )
 from .export.onnx import export_onnx
 from .find.selectors import Rule, output_layers
+from .format.gguf import export_gguf
 from .format.reader import PackedFile
 from .format.reader import open_packed as open  # noqa: A001, F401 (ternq.open, like safetensors.safe_open)
 from .format.torch import PackedModel, load_packed, pack, read_metadata, save_packed
@@ -53,6 +54,7 @@ __all__ = [
     "read_metadata",
     "PackedModel",
     "export_onnx",
+    "export_gguf",
     "PackedFile",  # ternq.open(path) opens one; "open" is not in __all__, so `import *` keeps the builtin
     "TernqError",
     "ConfigError",

@@ -38,6 +38,6 @@ class ArchitectureMismatchError(FormatError):
     """A packed file does not fit the float skeleton it is loaded into."""
 
 
-class ExportError(TernqError):
-    """A model could not be exported (`ternq.export_onnx`); the message names the module or op and what to do.
-    The model is left exactly as it was."""
+class ExportError(TernqError, ValueError):
+    """A model cannot be written in a deployment format (`ternq.export_onnx`, `ternq.export_gguf`): the message names
+    the module, op or setting and what to do; the model is left as it was and no file is written."""
