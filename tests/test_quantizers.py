@@ -439,3 +439,17 @@ def test_each_quantizer_is_one_autograd_node(ste: str) -> None:
     for out, leaf in ((fake_quantize_weight(w, TernaryConfig(ste=ste)), w), (fake_quantize_activation(x, 8, -1), x)):
         (inner, _), *_ = out.grad_fn.next_functions
         assert inner is not None and inner.variable is leaf, out.grad_fn
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("granularity", ["token", "tensor"])
+def test_fused_activation_quantizer_on_a_large_input(dtype: torch.dtype, granularity: str) -> None:
+    """Past 32K values the scale comes from amax and amin (no |x| tensor), and float32 codes skip the clip:
+    still the chain's value, bit for bit."""
+    x = (torch.randn(4, 65, 129, generator=torch.Generator().manual_seed(0)) * 3).to(dtype)
+    s = activation_scale(x, 8, -1, 1e-5, granularity)
+    chain = torch.clamp(torch.round(x / s), -128, 127) * s
+    fused = fake_quantize_activation(x, 8, -1, 1e-5, granularity)
+    torch.testing.assert_close(fused, chain, rtol=0, atol=0)
+    if granularity == "token" and dtype == torch.float32:  # the clip skipped: codes still within +-127
+        assert torch.equal((fused / s).round().abs().amax(-1), torch.full((4, 65), 127.0, dtype=dtype))

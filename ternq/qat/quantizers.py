@@ -140,16 +140,22 @@ class _WeightSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, w: Tensor, config: QuantConfig, out_dim: int) -> Tensor:
-        scale = weight_scale(w, config, out_dim)
-        rows32 = _rows(w.detach().float(), out_dim)
-        scale_rows = _expand(scale, rows32.shape, config)
+        w32 = w.float()
+        if config.granularity == "tensor" and (out_dim == 0 or w.dim() <= 1) and w32.is_contiguous():
+            # one scale over a contiguous weight whose rows are a view: the same reduction in the same order as
+            # the row layout's, without its reshapes (a small layer's step is mostly per-op overhead)
+            rows32 = w32
+            scale_rows = config.scale_of(w32.abs(), tuple(range(w.dim())))
+        else:
+            rows32 = _rows(w32, out_dim)
+            scale_rows = _expand(weight_scale(w, config, out_dim), rows32.shape, config)
         ratio = rows32 / scale_rows  # a new tensor: rounded in place below
         ctx.clipped = config.ste == "clipped"
         if ctx.clipped:
             ctx.shape, ctx.out_dim = w.shape, out_dim
             ctx.save_for_backward(ratio.abs() <= config.qmax + 0.5)
-        wq = torch.round(ratio, out=ratio).clamp_(-config.qmax, config.qmax).mul_(scale_rows)
-        return _unrows(wq.to(w.dtype), w.shape, out_dim)
+        wq = torch.round(ratio, out=ratio).clamp_(-config.qmax, config.qmax).mul_(scale_rows).to(w.dtype)
+        return wq if rows32 is w32 else _unrows(wq, w.shape, out_dim)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
@@ -234,8 +240,15 @@ class _ActivationSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, bits: int, dims: tuple[int, ...], eps: float) -> Tensor:
         qmax = 2 ** (bits - 1) - 1
-        s = absmax(x, dims).clamp_(min=eps).div_(qmax)
-        return torch.div(x, s).round_().clamp_(-qmax - 1, qmax).mul_(s)
+        if x.numel() >= 1 << 15:  # max|x| = max(max x, -min x) exactly, without materializing |x|
+            s = torch.maximum(x.amax(dims, keepdim=True), x.amin(dims, keepdim=True).neg_())
+        else:
+            s = absmax(x, dims)
+        s = s.clamp_(min=eps).div_(qmax)
+        codes = torch.div(x, s).round_()
+        if x.dtype != torch.float32:  # in float32 |x / s| <= qmax * (1 + 2**-23): rounding cannot leave the range
+            codes.clamp_(-qmax - 1, qmax)
+        return codes.mul_(s)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
