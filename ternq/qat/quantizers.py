@@ -154,7 +154,7 @@ class _WeightSTE(torch.autograd.Function):
         if ctx.clipped:
             ctx.shape, ctx.out_dim = w.shape, out_dim
             ctx.save_for_backward(ratio.abs() <= config.qmax + 0.5)
-        wq = torch.round(ratio, out=ratio).clamp_(-config.qmax, config.qmax).mul_(scale_rows).to(w.dtype)
+        wq = ratio.round_().clamp_(-config.qmax, config.qmax).mul_(scale_rows).to(w.dtype)
         return wq if rows32 is w32 else _unrows(wq, w.shape, out_dim)
 
     @staticmethod
