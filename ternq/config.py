@@ -33,7 +33,9 @@ class QuantConfig:
         act_bits: quantize layer inputs to this many bits with per-token absmax scaling (8 in BitNet / BitTTS),
             or None to keep activations in float ("weight-only" QAT).
         input_norm: normalize the layer input before activation quantization, as BitNet's BitLinear does
-            ("layernorm", "rmsnorm", parameter-free so float checkpoints still load) or None.
+            ("layernorm", "rmsnorm", parameter-free so float checkpoints still load) or None. `ternq.quantize`
+            leaves it out where the input is normalized already (the output of a LayerNorm / RMSNorm over the
+            layer's features) or has one feature.
         ste: straight-through estimator. "identity" passes the gradient to every latent weight (BitNet);
             "clipped" zeroes it for weights beyond the clip range, so saturated weights stop drifting.
         eps: keeps scales positive, so an all-zero weight never divides by zero: added to the ternary

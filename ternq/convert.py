@@ -121,6 +121,9 @@ def _adapt(cand: Candidate, decision: Decision) -> Decision:
     elif config.input_norm is not None and _input_features(cand) == 1:
         config = dataclasses.replace(config, input_norm=None)
         notes.append("no input norm: 1 input feature (normalizing it would erase the input)")
+    elif config.input_norm is not None and cand.normed_by:
+        config = dataclasses.replace(config, input_norm=None)
+        notes.append(f"no input norm: its input is {cand.normed_by}'s output, normalized already")
     if cand.kind == Kind.LAYER and cand.readers:
         fast = [r for r, op in cand.readers.items() if op in FAST_PATHS]
         reads = {r: op for r, op in cand.readers.items() if r not in fast}

@@ -659,3 +659,66 @@ def test_uses_recorded_from_example_inputs_settle_what_fx_cannot_see():
     assert rows["spare.weight"].reason == "not called in the example run (converted by its type)"
     assert rows["used.weight"].reason == ""
     assert ternq.uses.float_uses(model, x) == []
+
+
+# --- a layer right after a norm takes no input norm (issue 19) ---------------------------------------------------
+
+
+class _ChannelNorm(nn.LayerNorm):
+    """A LayerNorm over the channels of (B, C, T): its own forward, so not a norm of a Linear's features."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.transpose(1, 2)).transpose(1, 2)
+
+
+class _PreNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln, self.rms, self.wide, self.chan = nn.LayerNorm(8), nn.RMSNorm(8), nn.LayerNorm((8, 8)), _ChannelNorm(8)
+        self.after_ln, self.after_rms, self.mixed, self.plain = (nn.Linear(8, 8) for _ in range(4))
+        self.after_wide, self.after_chan = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (B, 8, 8)
+        h = self.after_ln(self.ln(x))
+        h = h + self.after_rms(self.rms(h))
+        h = self.mixed(self.ln(h)) + self.mixed(h)  # once after a norm, once not
+        h = self.plain(F.gelu(h))
+        h = self.after_wide(self.wide(h))  # normalized over (8, 8), not over the layer's 8 features
+        return self.after_chan(self.chan(h))  # normalized over dim 1, not over the features
+
+
+class _Untraced(nn.Module):
+    """Calls its layer after a norm, but fx cannot trace it: another path may feed it anything."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln, self.fc = nn.LayerNorm(8), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.ln(x)) if float(x.sum()) > -1e9 else self.fc(x)
+
+
+def test_a_linear_fed_by_a_norm_over_its_features_takes_no_input_norm() -> None:
+    """Only where every call the graphs show takes a LayerNorm's / RMSNorm's output over exactly the layer's
+    input features; the report says why, the QAT model computes it so, and the packed model the same."""
+    torch.manual_seed(0)
+    model = _PreNorm()
+    x = torch.randn(2, 8, 8)
+    plan = ternq.report(model)
+    rows = {r.name: r for r in plan.rows}
+    for name, norm in (("after_ln", "ln"), ("after_rms", "rms")):
+        assert f"its input is {norm}'s output" in rows[f"{name}.weight"].reason
+    for name in ("mixed", "plain", "after_wide", "after_chan"):
+        assert "input norm" not in rows[f"{name}.weight"].reason, name
+    q = ternq.quantize(copy.deepcopy(model))
+    norms = {name: m.qconfig.input_norm for name, m in q.named_children() if ternq.is_quantized(m)}
+    assert norms == {"after_ln": None, "after_rms": None, "mixed": "layernorm", "plain": "layernorm",
+                     "after_wide": "layernorm", "after_chan": "layernorm"}
+    explicit = ternq.quantize(copy.deepcopy(model), include=[
+        ternq.Rule("re:after_(ln|rms)", ternq.TernaryConfig(input_norm=None)), "*"])
+    with torch.no_grad():
+        torch.testing.assert_close(q(x), explicit(x), rtol=0, atol=0)
+        loaded = ternq.load_packed(ternq.pack(q), _PreNorm())
+        torch.testing.assert_close(loaded(x), q(x), rtol=1e-4, atol=1e-4)
+    untraced = ternq.quantize(_Untraced())
+    assert untraced.fc.qconfig.input_norm == "layernorm"

@@ -375,3 +375,81 @@ def test_per_sample_activation_quantization(shape: tuple[int, ...]) -> None:
     assert torch.equal(x.grad, torch.ones_like(x))
     with pytest.raises(ValueError, match="granularity"):
         fake_quantize_activation(x, 8, dim=-1, granularity="channel")
+
+
+# --- fused straight-through nodes (issue 19) ---------------------------------------------------------------------
+
+
+def unfused_weight(w: torch.Tensor, config: QuantConfig, out_dim: int) -> torch.Tensor:
+    """The quantizer as a chain of autograd ops: ``codes * scale + (w - sg(w))``, masked for the clipped STE."""
+    scale = dequantize_weight(torch.ones_like(w, dtype=torch.int8), weight_scale(w, config, out_dim), config,
+                              out_dim, torch.float32)
+    ratio = w.detach().float() / scale
+    wq = (torch.clamp(torch.round(ratio), -config.qmax, config.qmax) * scale).to(w.dtype)
+    if config.ste == "identity":
+        return wq + (w - w.detach())
+    return wq + (w - w.detach()) * (ratio.abs() <= config.qmax + 0.5)
+
+
+@PROPS
+@given(weights(), configs(), st.sampled_from([torch.float32, torch.bfloat16]), st.integers(0, 2**31 - 1))
+def test_fused_weight_quantizer_equals_the_unfused_chain(wo: tuple[torch.Tensor, int], config: QuantConfig,
+                                                         dtype: torch.dtype, seed: int) -> None:
+    """One autograd node gives the value and the gradient of the op chain it replaces, in float32 and bf16."""
+    w, out_dim = wo
+    upstream = torch.randn(w.shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    grads, values = [], []
+    for fn in (fake_quantize_weight, unfused_weight):
+        latent = w.to(dtype).requires_grad_(True)
+        value = fn(latent, config, out_dim)
+        (value * upstream).sum().backward()
+        values.append(value.detach())
+        grads.append(latent.grad)
+    torch.testing.assert_close(values[0], values[1], rtol=0, atol=0)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(hnp.arrays(np.float32, hnp.array_shapes(min_dims=1, max_dims=4, min_side=1, max_side=5),
+                  elements=st.floats(-100, 100, width=32, allow_subnormal=False)),
+       st.integers(2, 8), st.sampled_from(["token", "tensor"]), st.booleans())
+def test_fused_activation_quantizer_equals_the_unfused_chain(x_np: np.ndarray, bits: int, granularity: str,
+                                                             channels_first: bool) -> None:
+    x = torch.from_numpy(x_np)
+    dim = 1 if channels_first and x.dim() > 1 else -1
+    q = 2 ** (bits - 1) - 1
+    upstream = torch.randn_like(x)
+    latent = x.clone().requires_grad_(True)
+    s = activation_scale(latent, bits, dim, 1e-5, granularity)
+    chain = torch.clamp(torch.round(latent.detach() / s), -q - 1, q) * s + (latent - latent.detach())
+    (chain * upstream).sum().backward()
+    fused_latent = x.clone().requires_grad_(True)
+    fused = fake_quantize_activation(fused_latent, bits, dim, 1e-5, granularity)
+    (fused * upstream).sum().backward()
+    torch.testing.assert_close(fused.detach(), chain.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(fused_latent.grad, latent.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("ste", ["identity", "clipped"])
+def test_each_quantizer_is_one_autograd_node(ste: str) -> None:
+    """The weight and the activation quantizer each add one node between their input and their output (issue
+    19: the chain ``wq + (w - sg(w))`` cost three more nodes and two more passes per call)."""
+    w = torch.randn(4, 6, requires_grad=True)
+    x = torch.randn(3, 6, requires_grad=True)
+    for out, leaf in ((fake_quantize_weight(w, TernaryConfig(ste=ste)), w), (fake_quantize_activation(x, 8, -1), x)):
+        (inner, _), *_ = out.grad_fn.next_functions
+        assert inner is not None and inner.variable is leaf, out.grad_fn
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("granularity", ["token", "tensor"])
+def test_fused_activation_quantizer_on_a_large_input(dtype: torch.dtype, granularity: str) -> None:
+    """Past 32K values the scale comes from amax and amin (no |x| tensor), and float32 codes skip the clip:
+    still the chain's value, bit for bit."""
+    x = (torch.randn(4, 65, 129, generator=torch.Generator().manual_seed(0)) * 3).to(dtype)
+    s = activation_scale(x, 8, -1, 1e-5, granularity)
+    chain = torch.clamp(torch.round(x / s), -128, 127) * s
+    fused = fake_quantize_activation(x, 8, -1, 1e-5, granularity)
+    torch.testing.assert_close(fused, chain, rtol=0, atol=0)
+    if granularity == "token" and dtype == torch.float32:  # the clip skipped: codes still within +-127
+        assert torch.equal((fused / s).round().abs().amax(-1), torch.full((4, 65), 127.0, dtype=dtype))

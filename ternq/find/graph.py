@@ -86,6 +86,8 @@ class Candidate:
             the modules computing with a weight-only site's parameter), each with the op.
         out_dim / experts: weight-only sites: the dim of output channels; True when the parameter stacks one
             weight per expert along dim 0 (indexed before use), which then get a scale each.
+        normed_by: a layer whose input, at every call the graphs show, is the output of a norm over the same
+            features (``self.qkv(self.ln1(x))``): that norm's name (see `_normed_inputs`), else "".
     """
 
     name: str
@@ -104,6 +106,7 @@ class Candidate:
     experts: bool = False
     tied: list[str] = field(default_factory=list)  # other state_dict keys of the same weight tensor
     idle: bool = False  # a layer the example run never called (found by its type only)
+    normed_by: str = ""  # the norm layer whose output is this layer's input at every call, if any
 
     @property
     def functional(self) -> bool:
@@ -442,6 +445,8 @@ def analyze(root: nn.Module, example_inputs: Any = None) -> Analysis:
                 name=name, module=module, layer_type=spec.float_type, type_name=describe_type(module),
                 path="fx" if id(module) in called else "swap", optional=spec.optional,
                 key=f"{name}.{spec.weight_name}" if name else spec.weight_name)
+    for name, norm in _normed_inputs(analysis, layers).items():
+        layers[name].normed_by = norm
     if example_inputs is not None:
         read = {f"{u.reader}.{u.param}".rpartition(".")[0] for u in uses if u.source == "recorded"}
         for name, cand in layers.items():
@@ -467,6 +472,48 @@ def analyze(root: nn.Module, example_inputs: Any = None) -> Analysis:
             cand.tied = [n for n in names.get(id(param), []) if n != cand.key and n.rpartition(".")[0] not in same]
     analysis._by_name = {c.name: c for c in analysis.candidates}
     return analysis
+
+
+#: norm layers whose output is normalized over the last dims, as their own forward computes it (a subclass with
+#: another forward, e.g. a LayerNorm over the channels of (B, C, T), is no such norm)
+_LAST_DIM_NORMS = (nn.LayerNorm.forward, nn.RMSNorm.forward)
+
+
+def _normed_inputs(analysis: Analysis, layers: dict[str, Candidate]) -> dict[str, str]:
+    """Layers over the last dim (Linear-like) whose every call in the traced graphs takes the output of a
+    LayerNorm / RMSNorm over exactly their input features, and which no untraced forward calls: name -> the
+    (first) norm's name.
+
+    A pre-norm transformer's ``self.qkv(self.ln1(x))``: the input is normalized already, so a quantizer's own
+    input norm would only normalize it again (issue 19 measured it costing loss). Anything the graphs cannot
+    show (a call from an untraced forward, a norm over other dims, a norm computed inline) keeps the norm.
+    """
+    feeds: dict[int, list[tuple[str, tuple[int, ...]] | None]] = {}  # id(layer) -> per call: (norm, its shape)
+    for scope, graph in analysis.graphs.items():
+        owner = analysis.modules[scope]
+        for node in graph.nodes:
+            if node.op != "call_module" or not node.args:
+                continue
+            layer, producer = owner.get_submodule(str(node.target)), node.args[0]
+            norm = None
+            if isinstance(producer, fx.Node) and producer.op == "call_module":
+                module = owner.get_submodule(str(producer.target))
+                if type(module).forward in _LAST_DIM_NORMS:
+                    norm = (analysis.names.get(id(module), str(producer.target)), tuple(module.normalized_shape))
+            feeds.setdefault(id(layer), []).append(norm)
+    found = {}
+    for name, cand in layers.items():
+        spec, module = layer_spec(cand.module), cand.module
+        calls = feeds.get(id(module), [])
+        weight = getattr(module, spec.weight_name, None) if spec is not None else None
+        if spec is None or spec.feature_dim != -1 or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            continue
+        features = (weight.shape[1 - spec.weight_out_dim],)
+        parents = [analysis.names.get(id(p)) for p, _ in analysis.references.get(id(module), [])]
+        if calls and all(c is not None and c[1] == features for c in calls) \
+                and all(p in analysis.graphs for p in parents):  # an untraced parent may call it on anything
+            found[name] = calls[0][0]  # type: ignore[index]
+    return found
 
 
 #: table lookups: opt-in like nn.Embedding (a lookup is no matmul with an activation)

@@ -21,6 +21,7 @@ clipping (not rounding) decided the code.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -124,21 +125,44 @@ def fake_quantize_weight(w: Tensor, config: QuantConfig, out_dim: int = 0) -> Te
     """``codes * scale`` in w's dtype, differentiable with respect to `w` through the configured STE.
 
     Codes are computed in float32 whatever w's dtype, so training sees exactly the codes `quantize_weight`
-    packs. The value is exactly ``codes * scale``: the STE adds ``w - w.detach()`` (zero) rather than the
-    rounding error, which would be inexact in floating point.
+    packs. One autograd node (`_WeightSTE`): the forward value is exactly ``codes * scale``, and the backward
+    passes the gradient straight through (``ste="identity"``) or masked to the weights inside the clip range
+    (``ste="clipped"``).
     """
-    scale = weight_scale(w, config, out_dim)
-    rows = _rows(w, out_dim)
-    with torch.no_grad():
-        rows32 = rows.detach().float()
-        scale_rows = _expand(scale, rows32.shape, config)
-        wq = (_codes(rows32, scale_rows, config.qmax) * scale_rows).to(w.dtype)
-    if config.ste == "identity":
-        out = wq + (rows - rows.detach())
-    else:
-        inside = (rows32 / scale_rows).abs() <= config.qmax + 0.5
-        out = wq + (rows - rows.detach()) * inside
-    return _unrows(out, w.shape, out_dim)
+    return _WeightSTE.apply(w, config, out_dim)
+
+
+class _WeightSTE(torch.autograd.Function):
+    """Scale, round, clip and rescale in one node, with the straight-through gradient as its backward.
+
+    Written as ``wq + (w - w.detach())``, the same estimator costs three more autograd nodes and two more
+    passes over the weight per read; this form's value is the same tensor and its gradient the same."""
+
+    @staticmethod
+    def forward(ctx: Any, w: Tensor, config: QuantConfig, out_dim: int) -> Tensor:
+        w32 = w.float()
+        if config.granularity == "tensor" and (out_dim == 0 or w.dim() <= 1) and w32.is_contiguous():
+            # one scale over a contiguous weight whose rows are a view: the same reduction in the same order as
+            # the row layout's, without its reshapes (a small layer's step is mostly per-op overhead)
+            rows32 = w32
+            scale_rows = config.scale_of(w32.abs(), tuple(range(w.dim())))
+        else:
+            rows32 = _rows(w32, out_dim)
+            scale_rows = _expand(weight_scale(w, config, out_dim), rows32.shape, config)
+        ratio = rows32 / scale_rows  # a new tensor: rounded in place below
+        ctx.clipped = config.ste == "clipped"
+        if ctx.clipped:
+            ctx.shape, ctx.out_dim = w.shape, out_dim
+            ctx.save_for_backward(ratio.abs() <= config.qmax + 0.5)
+        wq = ratio.round_().clamp_(-config.qmax, config.qmax).mul_(scale_rows).to(w.dtype)
+        return wq if rows32 is w32 else _unrows(wq, w.shape, out_dim)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        if ctx.clipped:
+            (inside,) = ctx.saved_tensors
+            grad = grad * _unrows(inside, ctx.shape, ctx.out_dim)
+        return grad, None, None
 
 
 def quantize_input(x: Tensor, config: QuantConfig, dim: int, batched_dims: int | None = None) -> Tensor:
@@ -183,14 +207,15 @@ def sample_dims(x: Tensor) -> tuple[int, ...]:
 def activation_scale(x: Tensor, bits: int, dim: int, eps: float = 1e-5, granularity: str = "token") -> Tensor:
     """Absmax scale (float units per integer step), broadcastable to `x`: per token along `dim` ("token"), or
     one per sample ("tensor": over every dim but the batch dim of a 3+-D input, over all of a 1-D / 2-D one)."""
-    qmax = 2 ** (bits - 1) - 1
+    return absmax(x.detach(), _act_dims(x, dim, granularity)).clamp(min=eps) / (2 ** (bits - 1) - 1)
+
+
+def _act_dims(x: Tensor, dim: int, granularity: str) -> tuple[int, ...]:
     if granularity == "token":
-        dims: tuple[int, ...] = (dim,)
-    elif granularity == "tensor":
-        dims = sample_dims(x)
-    else:
-        raise ValueError(f"act granularity={granularity!r}: expected 'token' or 'tensor'")
-    return absmax(x.detach(), dims).clamp(min=eps) / qmax
+        return (dim,)
+    if granularity == "tensor":
+        return sample_dims(x)
+    raise ValueError(f"act granularity={granularity!r}: expected 'token' or 'tensor'")
 
 
 def absmax(x: Tensor, dims: tuple[int, ...]) -> Tensor:
@@ -204,8 +229,27 @@ def absmax(x: Tensor, dims: tuple[int, ...]) -> Tensor:
 
 def fake_quantize_activation(x: Tensor, bits: int, dim: int, eps: float = 1e-5, granularity: str = "token") -> Tensor:
     """Absmax quantization to signed `bits`, per token along `dim` (BitNet's activation quant) or per sample
-    (``granularity="tensor"``), identity STE."""
-    s = activation_scale(x, bits, dim, eps, granularity)
-    with torch.no_grad():
-        xq = torch.clamp(torch.round(x / s), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1) * s
-    return xq + (x - x.detach())
+    (``granularity="tensor"``), identity STE (one autograd node, `_ActivationSTE`)."""
+    return _ActivationSTE.apply(x, bits, _act_dims(x, dim, granularity), eps)
+
+
+class _ActivationSTE(torch.autograd.Function):
+    """``clip(round(x / s)) * s`` in one node whose backward is the identity: the value of
+    ``xq + (x - x.detach())`` without its three extra nodes and two extra passes over the activation."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, bits: int, dims: tuple[int, ...], eps: float) -> Tensor:
+        qmax = 2 ** (bits - 1) - 1
+        if x.numel() >= 1 << 15:  # max|x| = max(max x, -min x) exactly, without materializing |x|
+            s = torch.maximum(x.amax(dims, keepdim=True), x.amin(dims, keepdim=True).neg_())
+        else:
+            s = absmax(x, dims)
+        s = s.clamp_(min=eps).div_(qmax)
+        codes = torch.div(x, s).round_()
+        if x.dtype != torch.float32:  # in float32 |x / s| <= qmax * (1 + 2**-23): rounding cannot leave the range
+            codes.clamp_(-qmax - 1, qmax)
+        return codes.mul_(s)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        return grad, None, None, None

@@ -29,7 +29,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from ternq import KBitConfig, TernaryConfig
+from ternq import KBitConfig, TernaryConfig, is_quantized
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -397,3 +397,15 @@ def test_stft_loss_gives_gradients_and_refuses_short_segments():
     assert fake.grad is not None and bool(torch.isfinite(fake.grad).all()) and float(fake.grad.abs().sum()) > 0
     with pytest.raises(ValueError, match="train.segment_frames"):
         stft_loss(torch.randn(1, 1, 1024), torch.randn(1, 1, 1024))
+
+
+@pytest.mark.parametrize("preset", ["acoustic", "all", "4bit"])
+def test_every_quantized_layer_keeps_the_papers_input_layernorm(preset):
+    """Issue 19's rule (no input norm right after a LayerNorm / RMSNorm) concerns Linear layers; BitTTS' quantized
+    layers are convolutions after channel norms, so its presets keep the paper's recipe: an input LayerNorm on
+    every quantized layer (a guard: this holds before the rule and must hold after it)."""
+    cfg = load_preset(preset)
+    cfg.acoustic.n_symbols = N_SYMBOLS
+    model = build_model(cfg)
+    norms = [m.qconfig.input_norm for m in model.modules() if is_quantized(m)]
+    assert len(norms) > 10 and set(norms) == {"layernorm"}, norms
