@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import hashlib
 import os
 import platform
@@ -48,7 +49,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["NATIVE_ENV", "ARCH_ENV", "CACHE_ENV", "BUILD_TIMEOUT_ENV", "available", "status", "build", "library",
-           "cpu_flags", "vnni"]
+           "cpu_flags", "vnni", "num_threads"]
 
 NATIVE_ENV = "TERNQ_NATIVE"
 ARCH_ENV = "TERNQ_NATIVE_ARCH"
@@ -64,6 +65,8 @@ _FLAGS = ("-O3", "-std=c99", "-shared", "-fPIC", "-ffp-contract=off", "-fno-math
 
 _state: dict[str, object] = {}  # "lib": the loaded CDLL or None, "why": the reason when None, "key": the env
 _LOCK = threading.Lock()
+_THREAD = threading.local()  # .seen: this thread has asked torch for its thread count (`library`)
+_OPENMP_NAMES = ("libgomp", "libiomp5", "libomp")  # runtimes that export GNU OpenMP's GOMP_parallel
 
 _NORMS = {None: 0, "layernorm": 1, "rmsnorm": 2}
 _P = ctypes.c_void_p
@@ -81,8 +84,10 @@ _SIGNATURES: dict[str, tuple[object, ...]] = {
     "tq_row_sums": (_P, _I, _I, _P),
     "tq_quantize_grouped": (_P, _I, _I, _I, _C, _F, _C, _C, _P, _I, _I, _I, _I, _P),
     "tq_conv1d_grouped": (_P, _I, _I, _P, _I, _I, _I, _I, _I, _I, _P, _P, _I, _P, _P, _I),
+    "tq_set_openmp": (_P, _P),
+    "tq_num_threads": (),
 }
-_RETURNS_INT = ("tq_conv1d_grouped", "tq_linear_rows", "tq_row_sums")
+_RETURNS_INT = ("tq_conv1d_grouped", "tq_linear_rows", "tq_row_sums", "tq_num_threads")
 _C_TYPES = {"int64_t": _I, "int": _C, "float": _F}  # and every pointer: _P
 
 
@@ -135,17 +140,23 @@ def _ctype_name(t: object) -> str:
     return getattr(t, "__name__", str(t))
 
 
-def cpu_flags() -> set[str]:
-    """The CPU feature flags the OS reports (empty off Linux). The int8 kernels' speed depends on them
-    (amx_int8 > avx512_vnni > plain AVX2) far more than fp32 speed does: print them beside speed figures."""
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags the OS reports (empty off Linux), read once per process. The int8 kernels' speed
+    depends on them (amx_int8 > avx512_vnni > plain AVX2) far more than fp32 speed does: print them beside
+    speed figures."""
+    return _cpu_flags()
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return set()
+    return frozenset()
 
 
 class _Untrusted(RuntimeError):
@@ -394,8 +405,43 @@ def _load() -> ctypes.CDLL | None:
     except (OSError, RuntimeError, AttributeError) as exc:
         _state["why"] = f"native kernels unavailable, eager torch fallback: {exc}"
         return None
-    _state["why"] = f"loaded {path}"
+    runtime = _openmp_runtime()
+    if runtime is None:
+        lib.tq_set_openmp(None, None)
+        threads = "serial: torch uses no OpenMP runtime that exports GOMP_parallel"
+    else:
+        where, parallel, max_threads = runtime
+        lib.tq_set_openmp(parallel, max_threads)
+        threads = f"threads: torch's OpenMP runtime {where}"
+    _state["why"] = f"loaded {path} ({threads})"
     return lib
+
+
+def _openmp_runtime() -> tuple[str, int, int] | None:
+    """The OpenMP runtime torch runs its parallel regions on (its path, and the addresses of GOMP_parallel and
+    omp_get_max_threads), or None. Only a library the process has already loaded (or torch's own copy in
+    torch/lib, which torch loaded): one runtime means one pool of worker threads for torch and the kernels."""
+    if "OpenMP" not in torch.__config__.parallel_info():
+        return None
+    paths: list[str] = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                path = line.rstrip("\n").split(maxsplit=5)[-1]
+                if path.startswith("/") and Path(path).name.startswith(_OPENMP_NAMES) and path not in paths:
+                    paths.append(path)
+    except OSError:
+        pass
+    lib_dir = Path(torch.__file__).parent / "lib"
+    paths += [str(p) for name in _OPENMP_NAMES for p in sorted(lib_dir.glob(name + "*")) if str(p) not in paths]
+    for path in paths:
+        try:
+            runtime = ctypes.CDLL(path)
+            parallel, max_threads = runtime.GOMP_parallel, runtime.omp_get_max_threads
+        except (OSError, AttributeError):
+            continue
+        return path, ctypes.cast(parallel, _P).value, ctypes.cast(max_threads, _P).value  # type: ignore[return-value]
+    return None
 
 
 def library() -> ctypes.CDLL | None:
@@ -408,12 +454,29 @@ def library() -> ctypes.CDLL | None:
             if _state.get("key", ()) != key:
                 _state["lib"] = _load()
                 _state["key"] = key
+    if not getattr(_THREAD, "seen", False):
+        # torch gives a new thread its set_num_threads count on the thread's first parallel region; asking torch
+        # for it does that too, so the kernels' first call in this thread already uses it
+        torch.get_num_threads()
+        _THREAD.seen = True
     return _state["lib"]  # type: ignore[return-value]
+
+
+def num_threads() -> int:
+    """The threads a native kernel may use in this thread: ``torch.get_num_threads()`` where the kernels share
+    torch's OpenMP runtime, else 1 (print it beside speed figures)."""
+    lib = library()
+    return 1 if lib is None else int(lib.tq_num_threads())
 
 
 def vnni() -> bool:
     """Whether the kernels are built for this CPU's VNNI instructions (vpdpbusd): ``-march=native`` on a CPU
     that has them. The kernel picker's thresholds depend on it."""
+    return _vnni(os.environ.get(ARCH_ENV))
+
+
+@functools.cache
+def _vnni(arch: str | None) -> bool:
     return _arch() == "native" and bool(cpu_flags() & {"avx512_vnni", "avx_vnni"})
 
 
