@@ -43,6 +43,7 @@ import tempfile
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -576,16 +577,42 @@ def linear_rows(x: Tensor, norm: str | None, eps: float, bits: int, rows_per_sam
     """float32 (R, N): a packed Linear on the rows x (R, K) float32 in one call (quantize, GEMV, rescale, bias);
     w (N, K) int8 codes, or (N, ceil(K / 4)) uint8 2-bit rows of `ternq.runtime.storage.pack_rows` (decoded in
     registers); wsum the codes' row sums (int32; None: the plain signed-byte loop)."""
-    lib = _state["lib"]
+    return linear_rows_bound(norm, eps, bits, w, wsum, wscale, per_channel, bias)(x, rows_per_sample)
+
+
+def linear_rows_bound(norm: str | None, eps: float, bits: int, w: Tensor, wsum: Tensor | None, wscale: Tensor,
+                      per_channel: bool, bias: Tensor | None) -> Callable[[Tensor, int], Tensor]:
+    """`linear_rows` with a layer's constant arguments bound once: ``call(x, rows_per_sample)``. A one-token
+    layer's call then costs the ctypes call and the output's allocation only. The returned function keeps the
+    tensors it was given alive (their memory is what it passes): bind again when the layer's tensors change."""
+    lib = library()
+    assert lib is not None
+    fn = lib.tq_linear_rows
     two_bit = w.dtype == torch.uint8
-    assert w.is_contiguous() and w.shape[1] == (-(-x.shape[1] // 4) if two_bit else x.shape[1])
-    y = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
-    if lib.tq_linear_rows(x.data_ptr(), x.shape[0], x.shape[1], _NORMS[norm], eps, bits,  # type: ignore[union-attr]
-                          rows_per_sample, w.data_ptr(), 2 if two_bit else 8, _ptr(wsum), w.shape[0],
-                          wscale.data_ptr(),
-                          int(per_channel), _ptr(bias), y.data_ptr()) != 0:
-        raise MemoryError("tq_linear_rows: out of memory")
-    return y
+    for name, t in (("w", w), ("wsum", wsum), ("wscale", wscale), ("bias", bias)):
+        if t is not None and not t.is_contiguous():
+            raise ValueError(f"linear_rows_bound: {name} must be contiguous")
+    n, stored = w.shape
+    k = stored * 4 if two_bit else stored  # the 2-bit rows hold up to 3 codes of padding
+    norm_id, wbits, w_ptr, sum_ptr = _NORMS[norm], 2 if two_bit else 8, w.data_ptr(), _ptr(wsum)
+    scale_ptr, channel, bias_ptr = wscale.data_ptr(), int(per_channel), _ptr(bias)
+    keep = (w, wsum, wscale, bias)  # the memory the pointers above point into
+    f32 = torch.float32
+
+    def call(x: Tensor, rows_per_sample: int) -> Tensor:
+        r, kx = x.shape
+        if not (k - 4 < kx <= k if two_bit else kx == k) or x.dtype != f32 or not x.is_contiguous():
+            raise ValueError(f"linear_rows: x {tuple(x.shape)} {x.dtype} does not fit the weight {tuple(w.shape)}")
+        if not _THREAD.__dict__.get("seen"):
+            library()  # this thread's first call: its thread count (`library`)
+        y = torch.empty(r, n, dtype=f32)
+        if fn(x.data_ptr(), r, kx, norm_id, eps, bits, rows_per_sample, w_ptr, wbits, sum_ptr, n, scale_ptr,
+              channel, bias_ptr, y.data_ptr()) != 0:
+            raise MemoryError("tq_linear_rows: out of memory")
+        return y
+
+    call.keep = keep  # type: ignore[attr-defined]
+    return call
 
 
 def row_sums(w: Tensor) -> tuple[Tensor, int]:

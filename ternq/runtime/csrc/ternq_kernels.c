@@ -45,7 +45,7 @@ typedef int (*tq_omp_max_threads_fn)(void);
 static tq_gomp_parallel_fn tq_gomp_parallel = NULL;
 static tq_omp_max_threads_fn tq_omp_max_threads = NULL;
 
-#define TQ_MIN_WORK ((int64_t)1 << 15) /* ~bytes touched or multiply-adds per chunk: below, a fork costs more */
+#define TQ_MIN_WORK ((int64_t)1 << 18) /* ~bytes touched or multiply-adds per chunk: below, a fork costs more */
 
 void tq_set_openmp(void *parallel, void *max_threads) {
     /* both or neither: a runtime without one of them leaves the kernels serial */
