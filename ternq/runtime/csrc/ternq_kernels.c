@@ -45,7 +45,11 @@ typedef int (*tq_omp_max_threads_fn)(void);
 static tq_gomp_parallel_fn tq_gomp_parallel = NULL;
 static tq_omp_max_threads_fn tq_omp_max_threads = NULL;
 
-#define TQ_MIN_WORK ((int64_t)1 << 18) /* ~bytes touched or multiply-adds per chunk: below, a fork costs more */
+/* the least work (about bytes touched or multiply-adds) worth a chunk of its own: a fork and join of the
+ * pool's threads costs about as much as 256 K of it; tq_set_min_work changes it (tests split small shapes) */
+static int64_t tq_min_work = (int64_t)1 << 18;
+
+void tq_set_min_work(int64_t work) { tq_min_work = work > 1 ? work : 1; }
 
 void tq_set_openmp(void *parallel, void *max_threads) {
     /* both or neither: a runtime without one of them leaves the kernels serial */
@@ -76,13 +80,13 @@ static void tq_job_run(void *arg) {
 }
 
 /* fn(ctx, r0, r1) for chunks covering [0, n), on up to tq_num_threads() threads. Chunks hold a multiple of
- * `grain` rows (the last one the rest) and about TQ_MIN_WORK of the total `work` at least, up to 4 per thread
+ * `grain` rows (the last one the rest) and tq_min_work of the total `work` at least, up to 4 per thread
  * (a thread delayed by another process leaves its chunks to the others). */
 static void tq_parallel_for(int64_t n, int64_t grain, int64_t work, tq_range_fn fn, void *ctx) {
     if (n <= 0) return;
     const int64_t threads = tq_num_threads();
     int64_t parts = (n + grain - 1) / grain;
-    if (parts > work / TQ_MIN_WORK) parts = work / TQ_MIN_WORK;
+    if (parts > work / tq_min_work) parts = work / tq_min_work;
     if (parts > 4 * threads) parts = 4 * threads;
     if (parts <= 1 || threads <= 1 || tq_gomp_parallel == NULL) {
         fn(ctx, 0, n);

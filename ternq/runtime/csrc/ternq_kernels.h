@@ -49,6 +49,9 @@ void tq_set_openmp(void *parallel, void *max_threads);
 
 int tq_num_threads(void);
 
+/* the least work per parallel chunk (default 256 K; tests set 1 so that small shapes split too) */
+void tq_set_min_work(int64_t work);
+
 int tq_abi_version(void);
 
 #endif /* TERNQ_KERNELS_H */
