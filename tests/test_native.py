@@ -415,8 +415,10 @@ def _every_kernel(seed: int, rows: int, k: int, n: int, c_in: int, t: int, taps:
     out["linear_rows_2bit"] = native.linear_rows(x, None, 1e-5, 8, 1, pack_rows(w, 2), out["row_sums"], wscale[:1],
                                                  False, None)
     acc = torch.randint(-5000, 5000, (n, rows), dtype=torch.int32, generator=g)
-    out["epilogue_t"] = native.linear_epilogue(acc, True, s, wscale, True, bias)
-    out["epilogue"] = native.linear_epilogue(acc.t().contiguous(), False, s, wscale[:1], False, None)
+    for per_channel, b in ((True, bias), (False, None)):
+        w_s = wscale if per_channel else wscale[:1]
+        out[f"epilogue_t_{per_channel}"] = native.linear_epilogue(acc, True, s, w_s, per_channel, b)
+        out[f"epilogue_{per_channel}"] = native.linear_epilogue(acc.t().contiguous(), False, s, w_s, per_channel, b)
     qc, sc = torch.zeros(2, c_in, t + 3, dtype=torch.int8), torch.zeros(2, t + 3)
     native.quantize_channels(xc, "layernorm", 1e-5, 8, per_sample, qc, sc, 1)
     out["quantize_channels"], out["channel_scales"] = qc, sc
@@ -445,7 +447,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 @needs_native
 @settings(deadline=None, max_examples=25)
-@given(seed=st.integers(0, 2**16), rows=st.sampled_from([1, 2, 5, 33]), k=st.integers(1, 150),
+@given(seed=st.integers(0, 2**16), rows=st.sampled_from([1, 2, 5, 16, 33]), k=st.integers(1, 150),
        n=st.integers(1, 45), c_in=st.integers(1, 13), t=st.sampled_from([1, 7, 255, 257, 600]),
        taps=st.integers(1, 5), spoil=st.sampled_from([None, float("nan"), float("inf"), -float("inf")]),
        per_sample=st.booleans())
@@ -463,6 +465,8 @@ def test_every_kernel_gives_the_same_bits_at_any_thread_count(seed: int, rows: i
     for threads in (2, 3):
         for name, value in results[1].items():
             assert torch.equal(_bits(results[threads][name]), _bits(value)), (name, threads)
+    for per_channel in (True, False):  # the transposed epilogue (16 x 16 tiles) is the plain one, bit for bit
+        assert torch.equal(_bits(results[1][f"epilogue_t_{per_channel}"]), _bits(results[1][f"epilogue_{per_channel}"]))
     y = results[1]["linear_rows"]
     if spoil is not None:  # the spoiled row's outputs, and only they, are not finite
         assert not bool(torch.isfinite(y[rows // 2]).any())
