@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
+import io
 import os
 import re
 import stat
@@ -520,7 +522,16 @@ def test_a_one_token_linear_does_its_lookups_once(monkeypatch: pytest.MonkeyPatc
             monkeypatch.setattr(native, name, lambda *a, _n=name, _f=original, **k: calls.append(_n) or _f(*a, **k))
         for _ in range(3):
             assert torch.equal(packed(x), first)
-    assert packed.kernel == "int8_gemv" and calls == []
+        assert packed.kernel == "int8_gemv" and calls == []
+        # what it binds holds pointers into its own tensors: a copy and a pickled layer bind their own
+        monkeypatch.undo()
+        clone = copy.deepcopy(packed)
+        buffer = io.BytesIO()
+        torch.save(packed, buffer)
+        buffer.seek(0)
+        assert torch.equal(torch.load(buffer, weights_only=False)(x), first)
+        clone.ternq_codes.zero_()
+        assert torch.equal(packed(x), first) and not torch.equal(clone(x), first)
 
 
 @needs_native
