@@ -10,7 +10,7 @@
 
 #include <stdint.h>
 
-#define TQ_ABI_VERSION 5
+#define TQ_ABI_VERSION 6
 
 void tq_quantize_channels(const float *x, int64_t B, int64_t C, int64_t T, int norm, float eps, int bits, int
     per_sample, int8_t *q, int64_t ldq, float *s, int64_t lds, int64_t off);
