@@ -427,17 +427,18 @@ def _every_kernel(seed: int, rows: int, k: int, n: int, c_in: int, t: int, taps:
     xg, sg = native.quantize_grouped(xc, "layernorm", 1e-5, 8, per_sample, c_in, 1, taps)
     out["quantize_grouped"], out["grouped_scales"] = xg, sg
     wc = torch.randint(-1, 2, (taps, n, c_in), dtype=torch.int8, generator=g)
-    t_out = t + 1 + taps - taps  # (left 1 + t + right taps) - (taps - 1) ... steps
+    t_out = t + 2  # the 1 + t + taps padded steps, less the window's reach taps - 1
     y = torch.empty(n, t_out)
     native.conv1d_grouped(xg[1, 0], wc, taps, 1, 1, t_out, sg[1], wscale, True, bias, y)
     out["conv1d"] = y
-    width = t + 3
+    width = t + taps  # t output steps of a taps-wide window: the tap planes' columns
     acc3 = torch.randint(-3000, 3000, (taps * n, width), dtype=torch.int32, generator=g)
+    steps = torch.rand(width, generator=g)  # per-step scales
     ys = torch.empty(n, t)
-    native.tap_sum(acc3, taps, sc[1], t - taps + 1 if t >= taps else 1, 1, 1, wscale, True, bias, ys)
-    out["tap_sum"] = ys[:, : (t - taps + 1 if t >= taps else 1)]
+    native.tap_sum(acc3, taps, steps, t, 1, 1, wscale, True, bias, ys)
+    out["tap_sum"] = ys
     full = torch.zeros(n, width + taps + 1)
-    native.tap_scatter(acc3, taps, sc[1], width - 1, 1, 1, full, 1)
+    native.tap_scatter(acc3, taps, steps, width, 1, 1, full, 1)
     out["tap_scatter"] = full
     return out
 
