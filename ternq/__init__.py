@@ -33,6 +33,7 @@ from .format.reader import open_packed as open  # noqa: A001, F401 (ternq.open, 
 from .format.torch import PackedModel, load_packed, pack, read_metadata, save_packed
 from .qat.layers import is_quantized, register_layer
 from .report import Report, report
+from .runtime.skeleton import skeleton
 
 __version__ = "0.1.0"
 
@@ -51,6 +52,7 @@ __all__ = [
     "pack",
     "save_packed",
     "load_packed",
+    "skeleton",
     "read_metadata",
     "PackedModel",
     "export_onnx",

@@ -26,6 +26,7 @@ STORAGES = ("int8", "packed")
 # picker's decisions (`kernel_choices`), not a cache (the picker decides without timing)
 _CHOICES: dict[tuple[Any, ...], str] = {}
 _GENERATION = [0]
+_MEMO_SIZE = 32  # input shapes whose kernel choice a layer remembers
 
 
 def kernel_choices() -> dict[tuple[Any, ...], str]:
@@ -206,6 +207,14 @@ class PackedLayer:
                           self.storage,
                           self.float_dtype)
         self.__dict__.pop("_memo", None)
+        self.__dict__.pop("_gemv", None)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The layer without its bound native call (`PackedLinear._k_int8_gemv`): that holds raw pointers into
+        this layer's tensors, which a copy or an unpickled layer does not share (it binds its own)."""
+        state = dict(super().__getstate__())  # type: ignore[misc]
+        state.pop("_gemv", None)
+        return state
 
     # -- kernel selection ---------------------------------------------------------------------------------------
 
@@ -247,16 +256,20 @@ class PackedLayer:
         return tuple(_pow2(d) for d in x.shape)
 
     def _pick(self, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
-        """The kernel for this call. The layer memoizes its last automatic choice per input shape, dtype, device,
-        thread count and $TERNQ_KERNEL: repeated calls of one shape (decoding token by token) skip the lookup,
-        which costs ~10 us per call with caches cold after a GEMM."""
+        """The kernel for this call. The layer memoizes its automatic choices per input shape, dtype, device,
+        thread count and $TERNQ_KERNEL (up to `_MEMO_SIZE` of them: a prompt's shape and the decode step's
+        alternate): repeated shapes skip the lookup, which costs ~10 us per call with caches cold after a GEMM."""
         if self._forced is None and not (torch.is_grad_enabled() and x.requires_grad):
             key = (x.shape, x.dtype, x.device, torch.get_num_threads(), os.environ.get(KERNEL_ENV), _GENERATION[0])
             memo = self.__dict__.get("_memo")
-            if memo is not None and memo[0] == key:
-                return memo[1]
-            choice = self._pick_uncached(x, args, kwargs)
-            self.__dict__["_memo"] = (key, choice)
+            if memo is None:
+                memo = self.__dict__["_memo"] = {}
+            choice = memo.get(key)
+            if choice is None:
+                choice = self._pick_uncached(x, args, kwargs)
+                if len(memo) >= _MEMO_SIZE:
+                    memo.clear()
+                memo[key] = choice
             return choice
         return self._pick_uncached(x, args, kwargs)
 
@@ -330,21 +343,32 @@ class PackedLinear(PackedLayer, nn.Linear):
 
     @register_kernel("int8_gemv")
     def _k_int8_gemv(self, x: Tensor) -> Tensor:
-        if self._bits == 2 and native.vnni():  # 2-bit storage: the VNNI GEMV decodes the stored bytes itself
-            return kernels.linear_gemv(x, self.ternq_codes, self._wsum(None), self.scale, self.bias, self.qconfig)
-        w = self._layout_codes()
-        return kernels.linear_gemv(x, w, self._wsum(w), self.scale, self.bias, self.qconfig)
+        # the bound call of `kernels.linear_gemv_bound`, kept while the codes, scales and bias are the same
+        # objects (`_set_codes`, `.to()` and assignments replace them): no per-call lookups, sums or checks
+        codes, scale, bias = self._buffers["ternq_codes"], self._buffers["scale"], self._parameters.get("bias")
+        bound = self.__dict__.get("_gemv")
+        if bound is None or bound[0] is not codes or bound[1] is not scale or bound[2] is not bias:
+            run = self._bind_gemv(codes, scale, bias)
+            if run is None:  # packed storage the GEMV cannot read: unpacked per call, not kept (memory is its point)
+                w = self._layout_codes()
+                return kernels.linear_gemv(x, w, self._row_sums(w), scale, bias, self.qconfig)
+            bound = self.__dict__["_gemv"] = (codes, scale, bias, run)
+        return bound[3](x)
 
-    def _wsum(self, w: Tensor | None) -> Tensor | None:
-        """Row sums of the codes (int32), cached beside them: the native GEMV multiplies x + 128 as unsigned
-        bytes and subtracts 128 * row sum (4 bytes per output row). None where the unsigned-byte path is not
-        exact: without VNNI it multiplies pairs into int16, which needs |codes| <= 64 (ternary codes are)."""
-        key = (self.ternq_codes.data_ptr(), self.ternq_codes._version)
-        cached = self.__dict__.get("_wsum_cache")
-        if cached is None or cached[0] != key:
-            sums, wmax = native.row_sums(self._layout_codes() if w is None else w)  # once per stored codes
-            cached = self.__dict__["_wsum_cache"] = (key, sums if native.vnni() or wmax <= 64 else None)
-        return cached[1]
+    def _bind_gemv(self, codes: Tensor, scale: Tensor, bias: Tensor | None) -> Callable[[Tensor], Tensor] | None:
+        if self._bits == 8:
+            return kernels.linear_gemv_bound(codes, self._row_sums(codes), scale, bias, self.qconfig)
+        if self._bits == 2 and native.vnni():  # 2-bit storage: the VNNI GEMV decodes the stored bytes itself
+            return kernels.linear_gemv_bound(codes, self._row_sums(self._layout_codes()), scale, bias, self.qconfig)
+        return None
+
+    @staticmethod
+    def _row_sums(w: Tensor) -> Tensor | None:
+        """Row sums of the codes (int32): the native GEMV multiplies x + 128 as unsigned bytes and subtracts
+        128 * row sum (4 bytes per output row). None where the unsigned-byte path is not exact: without VNNI it
+        multiplies pairs into int16, which needs |codes| <= 64 (ternary codes are)."""
+        sums, wmax = native.row_sums(w)
+        return sums if native.vnni() or wmax <= 64 else None
 
     def _bucket(self, x: Tensor) -> tuple[int, ...]:
         return (_pow2(x.numel() // max(x.shape[-1], 1)),)
@@ -645,6 +669,7 @@ def packed_layer(float_module: nn.Module, codes: Tensor, scale: Tensor, config: 
         layer._buffers.pop(attr, None)
     layer.__dict__.pop("_geometry_key", None)  # re-packing: the storage may change
     layer.__dict__.pop("_memo", None)
+    layer.__dict__.pop("_gemv", None)
     layer.__dict__.pop("_conv_geom", None)
     layer.__dict__.pop("qconfig", None)
     layer._init_packed(codes.to(torch.int8), scale, config, spec, kernel, storage, float_dtype)
