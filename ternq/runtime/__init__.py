@@ -42,6 +42,7 @@ from __future__ import annotations
 from .functional import PackedFunctional, PackedWeightOnly
 from .layers import (
     STORAGE_ENV,
+    STORAGE_POLICIES,
     STORAGES,
     PackedConv1d,
     PackedConv2d,
@@ -63,6 +64,7 @@ __all__ = [
     "KERNEL_POLICIES",
     "STORAGE_ENV",
     "STORAGES",
+    "STORAGE_POLICIES",
     "PackedLayer",
     "PackedLinear",
     "PackedConv1d",

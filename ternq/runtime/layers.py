@@ -20,7 +20,8 @@ from .picker import KERNEL_ENV, WEIGHT_ONLY
 from .storage import pack_rows, storage_bits, unpack_rows
 
 STORAGE_ENV = "TERNQ_STORAGE"
-STORAGES = ("int8", "packed")
+STORAGES = ("int8", "packed")  # what a layer holds
+STORAGE_POLICIES = ("auto", *STORAGES)  # what load_packed(storage=) and $TERNQ_STORAGE accept
 
 # ((layer class, geometry, storage), input bucket, dtype, device, threads) -> kernel name: a record of the
 # picker's decisions (`kernel_choices`), not a cache (the picker decides without timing)
@@ -104,9 +105,11 @@ class PackedLayer:
         self.qconfig = config
         self.spec = spec
         self._weight_shape = tuple(codes.shape)
-        storage = storage if storage is not None else os.environ.get(STORAGE_ENV, "int8").strip() or "int8"
-        if storage not in STORAGES:
-            raise ValueError(f"storage={storage!r}: expected one of {STORAGES} (or set {STORAGE_ENV})")
+        storage = storage if storage is not None else os.environ.get(STORAGE_ENV, "auto").strip() or "auto"
+        if storage not in STORAGE_POLICIES:
+            raise ValueError(f"storage={storage!r}: expected one of {STORAGE_POLICIES} (or set {STORAGE_ENV})")
+        if storage == "auto":
+            storage = self._auto_storage(codes, config)
         self.storage = storage
         self._int8_layout = self._integer_kernel_possible()
         layout = (self._to_layout(codes) if self._int8_layout else codes).contiguous()
@@ -127,6 +130,10 @@ class PackedLayer:
     def _integer_kernel_possible(self) -> bool:
         """Whether an integer kernel can ever run for this layer (decides the stored layout)."""
         return len(self.kernels) > 1
+
+    def _auto_storage(self, codes: Tensor, config: QuantConfig) -> str:
+        """The storage for ``storage="auto"``: int8, the layout every kernel reads (`PackedLinear` overrides)."""
+        return "int8"
 
     def _to_layout(self, codes: Tensor) -> Tensor:
         """Weight-shaped codes -> the layout the integer kernel reads (identity unless overridden)."""
@@ -321,6 +328,11 @@ class PackedLinear(PackedLayer, nn.Linear):
     def _integer_kernel_possible(self) -> bool:
         return self.qconfig.act_bits is not None
 
+    def _auto_storage(self, codes: Tensor, config: QuantConfig) -> str:
+        """2-bit rows where the decode GEMV on them is the faster one (`ternq.runtime.picker.choose_storage`)."""
+        linear = config.act_bits is not None and config.granularity != "group"  # where the 2-bit kernels run
+        return picker.choose_storage(linear, storage_bits(config), codes.numel(), native.packed_isa())
+
     def _applicable(self, x: Tensor) -> tuple[str, ...]:
         if self.qconfig.act_bits is not None and x.is_floating_point():
             if self._native_ok(x) and self.qconfig.granularity != "group":
@@ -330,8 +342,8 @@ class PackedLinear(PackedLayer, nn.Linear):
 
     @register_kernel("int8_gemv")
     def _k_int8_gemv(self, x: Tensor) -> Tensor:
-        if self._bits == 2 and native.vnni():  # 2-bit storage: the VNNI GEMV decodes the stored bytes itself
-            return kernels.linear_gemv(x, self.ternq_codes, self._wsum(None), self.scale, self.bias, self.qconfig)
+        if self._bits == 2:  # 2-bit rows, read as stored: decoded in registers (ternq_packed.c)
+            return kernels.linear_gemv(x, self.ternq_codes, None, self.scale, self.bias, self.qconfig)
         w = self._layout_codes()
         return kernels.linear_gemv(x, w, self._wsum(w), self.scale, self.bias, self.qconfig)
 
@@ -349,13 +361,18 @@ class PackedLinear(PackedLayer, nn.Linear):
     def _bucket(self, x: Tensor) -> tuple[int, ...]:
         return (_pow2(x.numel() // max(x.shape[-1], 1)),)
 
+    def _gemm_codes(self) -> Tensor:
+        """The codes the GEMM kernels take: 2-bit rows as stored (decoded tile by tile where the native kernels
+        run, `kernels.linear_int8`), else int8 codes."""
+        return self.ternq_codes if self._bits == 2 else self._layout_codes()
+
     @register_kernel("int8_gemm")
     def _k_int8_gemm(self, x: Tensor) -> Tensor:
-        return kernels.linear_int8(x, self._layout_codes(), self.scale, self.bias, self.qconfig, weight_first=False)
+        return kernels.linear_int8(x, self._gemm_codes(), self.scale, self.bias, self.qconfig, weight_first=False)
 
     @register_kernel("int8_gemm_t")
     def _k_int8_gemm_t(self, x: Tensor) -> Tensor:
-        return kernels.linear_int8(x, self._layout_codes(), self.scale, self.bias, self.qconfig, weight_first=True)
+        return kernels.linear_int8(x, self._gemm_codes(), self.scale, self.bias, self.qconfig, weight_first=True)
 
 
 class _PackedConv1dBase(PackedLayer):

@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["NATIVE_ENV", "ARCH_ENV", "CACHE_ENV", "BUILD_TIMEOUT_ENV", "available", "status", "build", "library",
-           "cpu_flags", "vnni"]
+           "cpu_flags", "vnni", "packed_isa", "PACKED_ISAS"]
 
 NATIVE_ENV = "TERNQ_NATIVE"
 ARCH_ENV = "TERNQ_NATIVE_ARCH"
@@ -59,6 +59,8 @@ _ON = ("1", "true", "yes", "on")
 _OFF = ("0", "false", "no", "off")
 _STALE_TEMP_S = 3600  # temporary files of builds killed without cleanup (SIGKILL, power loss) older than this go
 _SOURCE = Path(__file__).parent / "csrc" / "ternq_kernels.c"
+# one library from these translation units (ternq_packed.c: the kernels on 2-bit rows, storage="packed")
+_SOURCES = (_SOURCE, _SOURCE.with_name("ternq_packed.c"))
 _HEADER = _SOURCE.with_suffix(".h")  # the ABI number and the prototypes: `_interface` checks the binding against it
 _FLAGS = ("-O3", "-std=c99", "-shared", "-fPIC", "-ffp-contract=off", "-fno-math-errno")
 
@@ -77,12 +79,15 @@ _SIGNATURES: dict[str, tuple[object, ...]] = {
     "tq_tap_scatter": (_P, _I, _I, _I, _P, _I, _I, _I, _P, _I, _I),
     "tq_linear_epilogue": (_P, _I, _I, _C, _P, _P, _C, _P, _P),
     "tq_gemv_s8": (_P, _P, _P, _I, _I, _I, _P, _P),
-    "tq_linear_rows": (_P, _I, _I, _C, _F, _C, _I, _P, _C, _P, _I, _P, _C, _P, _P),
+    "tq_linear_rows": (_P, _I, _I, _C, _F, _C, _I, _P, _P, _I, _P, _C, _P, _P),
     "tq_row_sums": (_P, _I, _I, _P),
+    "tq_linear_2bit": (_P, _I, _I, _C, _F, _C, _I, _P, _I, _P, _C, _P, _P),
+    "tq_unpack_2bit": (_P, _I, _I, _I, _P),
+    "tq_packed_isa": (),
     "tq_quantize_grouped": (_P, _I, _I, _I, _C, _F, _C, _C, _P, _I, _I, _I, _I, _P),
     "tq_conv1d_grouped": (_P, _I, _I, _P, _I, _I, _I, _I, _I, _I, _P, _P, _I, _P, _P, _I),
 }
-_RETURNS_INT = ("tq_conv1d_grouped", "tq_linear_rows", "tq_row_sums")
+_RETURNS_INT = ("tq_conv1d_grouped", "tq_linear_rows", "tq_row_sums", "tq_linear_2bit", "tq_packed_isa")
 _C_TYPES = {"int64_t": _I, "int": _C, "float": _F}  # and every pointer: _P
 
 
@@ -203,7 +208,7 @@ def _library_path(cc: str) -> Path:
     cpu = ""
     if _arch() == "native":  # -march=native code is only valid on a CPU with the same features
         cpu = " ".join(sorted(cpu_flags()))
-    key = hashlib.sha256("\0".join([_SOURCE.read_text(), _HEADER.read_text(), cc, *flags, platform.machine(), cpu]).encode())
+    key = hashlib.sha256("\0".join([*(p.read_text() for p in _SOURCES), _HEADER.read_text(), cc, *flags, platform.machine(), cpu]).encode())
     return _cache_dir() / f"kernels-{key.hexdigest()[:16]}{'.dll' if sys.platform == 'win32' else '.so'}"
 
 
@@ -353,7 +358,7 @@ def build(force: bool = False, *, cc: str | None = None, timeout: float | None =
     os.close(fd)
     tmp_record = tmp + ".sha256.tmp"
     try:
-        _run([compiler, *_FLAGS, f"-march={_arch()}", str(_SOURCE), "-o", tmp, "-lm"], limit)
+        _run([compiler, *_FLAGS, f"-march={_arch()}", *map(str, _SOURCES), "-o", tmp, "-lm"], limit)
         with open(tmp, "rb") as f:
             data = f.read()
         if not data:
@@ -415,6 +420,22 @@ def vnni() -> bool:
     """Whether the kernels are built for this CPU's VNNI instructions (vpdpbusd): ``-march=native`` on a CPU
     that has them. The kernel picker's thresholds depend on it."""
     return _arch() == "native" and bool(cpu_flags() & {"avx512_vnni", "avx_vnni"})
+
+
+PACKED_ISAS = ("portable", "avx2", "avx_vnni", "avx512_vnni")
+
+
+def packed_isa() -> str | None:
+    """The inner loop of the kernels on 2-bit rows in this build (one of `PACKED_ISAS`), None without the native
+    kernels: what the default storage is chosen by (`ternq.runtime.picker.choose_storage`)."""
+    lib = library()
+    if lib is None:
+        return None
+    isa = _state.get("packed_isa")
+    if isa is None or _state.get("packed_isa_lib") is not lib:
+        isa = _state["packed_isa"] = PACKED_ISAS[lib.tq_packed_isa()]
+        _state["packed_isa_lib"] = lib
+    return isa  # type: ignore[return-value]
 
 
 def available() -> bool:
@@ -511,18 +532,35 @@ def gemv(x: Tensor, w: Tensor, wsum: Tensor | None) -> Tensor:
 def linear_rows(x: Tensor, norm: str | None, eps: float, bits: int, rows_per_sample: int, w: Tensor,
                 wsum: Tensor | None, wscale: Tensor, per_channel: bool, bias: Tensor | None) -> Tensor:
     """float32 (R, N): a packed Linear on the rows x (R, K) float32 in one call (quantize, GEMV, rescale, bias);
-    w (N, K) int8 codes, or (N, ceil(K / 4)) uint8 2-bit rows of `ternq.runtime.storage.pack_rows` (decoded in
-    registers); wsum the codes' row sums (int32; None: the plain signed-byte loop)."""
+    w (N, K) int8 codes with wsum their row sums (int32; None: the plain signed-byte loop), or (N, ceil(K / 4))
+    uint8 2-bit rows of `ternq.runtime.storage.pack_rows`, read as stored (decoded in registers, never unpacked to
+    memory; wsum unused): equal bit for bit."""
     lib = _state["lib"]
-    two_bit = w.dtype == torch.uint8
-    assert w.is_contiguous() and w.shape[1] == (-(-x.shape[1] // 4) if two_bit else x.shape[1])
-    y = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
-    if lib.tq_linear_rows(x.data_ptr(), x.shape[0], x.shape[1], _NORMS[norm], eps, bits,  # type: ignore[union-attr]
-                          rows_per_sample, w.data_ptr(), 2 if two_bit else 8, _ptr(wsum), w.shape[0],
-                          wscale.data_ptr(),
-                          int(per_channel), _ptr(bias), y.data_ptr()) != 0:
-        raise MemoryError("tq_linear_rows: out of memory")
+    r, k = x.shape
+    assert x.is_contiguous() and w.is_contiguous()
+    y = torch.empty(r, w.shape[0], dtype=torch.float32)
+    if w.dtype == torch.uint8:
+        assert w.shape[1] == -(-k // 4)
+        status = lib.tq_linear_2bit(x.data_ptr(), r, k, _NORMS[norm], eps, bits,  # type: ignore[union-attr]
+                                    rows_per_sample, w.data_ptr(), w.shape[0], wscale.data_ptr(), int(per_channel),
+                                    _ptr(bias), y.data_ptr())
+    else:
+        assert w.shape[1] == k
+        status = lib.tq_linear_rows(x.data_ptr(), r, k, _NORMS[norm], eps, bits,  # type: ignore[union-attr]
+                                    rows_per_sample, w.data_ptr(), _ptr(wsum), w.shape[0], wscale.data_ptr(),
+                                    int(per_channel), _ptr(bias), y.data_ptr())
+    if status != 0:
+        raise MemoryError("native linear_rows: out of memory")
     return y
+
+
+def unpack_2bit(w2: Tensor, k: int, r0: int, r1: int, out: Tensor) -> None:
+    """Rows [r0, r1) of 2-bit rows w2 (N, ceil(K / 4)) uint8 as int8 codes into out (r1 - r0, K), contiguous: a
+    tile of the weight for the int8 GEMM, decoded where it is read."""
+    lib = _state["lib"]
+    assert w2.dtype == torch.uint8 and w2.is_contiguous() and out.is_contiguous() and out.shape == (r1 - r0, k)
+    assert out.dtype == torch.int8 and 0 <= r0 <= r1 <= w2.shape[0] and w2.shape[1] == -(-k // 4)
+    lib.tq_unpack_2bit(w2.data_ptr(), k, r0, r1, out.data_ptr())  # type: ignore[union-attr]
 
 
 def row_sums(w: Tensor) -> tuple[Tensor, int]:

@@ -408,78 +408,20 @@ void tq_gemv_s8(const int8_t *x, const int8_t *w, const int32_t *wsum, int64_t M
     }
 }
 
-/* The same GEMV on 2-bit codes as `ternq.storage.pack_rows` keeps them (storage="packed"): w2 (N, width) bytes,
- * width = ceil(K / 4), field p (bits 2p..2p+1, two's complement) of byte j is element p * width + j. The fields
- * are decoded in registers next to the multiply, so the weight is read at 2 bits per code and never unpacked
- * to memory. wsum: row sums of the codes (the +128 correction, as above). */
-static void tq_gemv_2bit(const int8_t *x, const uint8_t *w2, const int32_t *wsum, int64_t M, int64_t N, int64_t K,
-                  uint8_t *xu, int32_t *acc) {
-    const int64_t width = (K + 3) / 4;
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-    if (wsum && xu) {
-        const int64_t ld = 4 * width + 64; /* xu rows: the 4 planes' activations, padded (the codes there are 0) */
-        for (int64_t m = 0; m < M; ++m) {
-            for (int64_t i = 0; i < ld; ++i) xu[m * ld + i] = 128;
-            for (int64_t i = 0; i < K; ++i) xu[m * ld + i] = (uint8_t)(x[m * K + i] + 128);
-        }
-        const __m512i three = _mm512_set1_epi8(3), two = _mm512_set1_epi8(2);
-        for (int64_t n = 0; n < N; ++n) {
-            const uint8_t *wn = w2 + n * width;
-            for (int64_t m = 0; m < M; ++m) {
-                const uint8_t *xm = xu + m * ld;
-                __m512i a = _mm512_setzero_si512();
-                for (int64_t j = 0; j < width; j += 64) {
-                    const __mmask64 mk = width - j >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (width - j)) - 1);
-                    const __m512i bytes = _mm512_maskz_loadu_epi8(mk, wn + j);
-                    for (int p = 0; p < 4; ++p) {
-                        const __m512i f = _mm512_and_si512(_mm512_srli_epi16(bytes, 2 * p), three);
-                        const __m512i t = _mm512_and_si512(f, two);
-                        const __m512i wv = _mm512_sub_epi8(f, _mm512_add_epi8(t, t));
-                        const __m512i xv = _mm512_loadu_si512((const void *)(xm + p * width + j));
-                        a = _mm512_dpbusd_epi32(a, xv, wv);
-                    }
-                }
-                acc[m * N + n] = _mm512_reduce_add_epi32(a) - 128 * wsum[n];
-            }
-        }
-        return;
-    }
-#endif
-    (void)wsum;
-    (void)xu;
-    for (int64_t n = 0; n < N; ++n) {
-        const uint8_t *wn = w2 + n * width;
-        for (int64_t m = 0; m < M; ++m) {
-            const int8_t *xm = x + m * K;
-            int32_t total = 0;
-            for (int p = 0; p < 4; ++p) {
-                for (int64_t j = 0; j < width && p * width + j < K; ++j) {
-                    const int f = (wn[j] >> (2 * p)) & 3;
-                    total += (int32_t)xm[p * width + j] * (f - ((f & 2) << 1));
-                }
-            }
-            acc[m * N + n] = total;
-        }
-    }
-}
-
 /* A Linear on a few rows in one call: quantize the rows, GEMV, rescale (+ bias) into y (R, N). One call instead
  * of three keeps a one-token layer's Python / ctypes overhead below its arithmetic. */
 int tq_linear_rows(const float *x, int64_t R, int64_t K, int norm, float eps, int bits, int64_t rows_per_sample,
-                   const int8_t *w, int wbits, const int32_t *wsum, int64_t N, const float *wscale,
-                   int per_channel, const float *bias, float *y) {
-    /* wbits 8: w (N, K) int8 codes; wbits 2: w (N, ceil(K / 4)) 2-bit planar bytes (tq_gemv_2bit) */
+                   const int8_t *w, const int32_t *wsum, int64_t N, const float *wscale, int per_channel,
+                   const float *bias, float *y) {
+    /* w (N, K) int8 codes; 2-bit rows (storage="packed"): tq_linear_2bit in ternq_packed.c */
     int8_t *q = (int8_t *)malloc((size_t)(R * K));
-    uint8_t *xu = (uint8_t *)malloc((size_t)(R * (4 * ((K + 3) / 4) + 64)));
+    uint8_t *xu = (uint8_t *)malloc((size_t)(R * K));
     float *s = (float *)malloc((size_t)R * sizeof(float));
     int32_t *acc = (int32_t *)malloc((size_t)(R * N) * sizeof(int32_t));
     int ok = q && xu && s && acc;
     if (ok) {
         tq_quantize_rows(x, R, K, norm, eps, bits, rows_per_sample, q, s);
-        if (wbits == 2)
-            tq_gemv_2bit(q, (const uint8_t *)w, wsum, R, N, K, xu, acc);
-        else
-            tq_gemv_s8(q, w, wsum, R, N, K, xu, acc);
+        tq_gemv_s8(q, w, wsum, R, N, K, xu, acc);
         tq_linear_epilogue(acc, R, N, 0, s, wscale, per_channel, bias, y);
     }
     free(q);
