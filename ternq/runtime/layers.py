@@ -622,8 +622,10 @@ def packed_layer(float_module: nn.Module, codes: Tensor, scale: Tensor, config: 
         spec: the layer type's `LayerSpec` (`ternq.qat.layers.layer_spec(float_module)`).
         kernel: "auto" (default: the picker's choice per call), "int8" (an integer kernel wherever one
             applies), "weight_only", or a kernel of the layer's class (``PackedLinear.kernels`` ...).
-        storage: "int8" (fastest) or "packed" (2 / 4 bits per weight, unpacked per call); None: the
-            environment's, else "int8" (docs/runtime.md).
+        storage: "int8" (1 byte per weight: the fastest prefill), "packed" (2 / 4 bits per weight; a Linear's
+            2-bit rows are computed on as stored: the fastest decode) or "auto" (chosen from the CPU and the
+            layer's shape, `ternq.runtime.picker.choose_storage`); None: the environment's, else "auto"
+            (docs/runtime.md).
     """
     if not isinstance(float_module, nn.Module):
         raise TypeError(f"packed_layer: float_module must be an nn.Module, got {type(float_module).__name__}")
