@@ -26,7 +26,7 @@ from .errors import (
 from .find.selectors import Rule, output_layers
 from .format.reader import PackedFile
 from .format.reader import open_packed as open  # noqa: A001, F401 (ternq.open, like safetensors.safe_open)
-from .format.torch import PackedModel, load_packed, pack, read_metadata, save_packed
+from .format.torch import PackedModel, load_packed, pack, read_metadata, save_packed, skeleton
 from .qat.layers import is_quantized, register_layer
 from .report import Report, report
 
@@ -47,6 +47,7 @@ __all__ = [
     "pack",
     "save_packed",
     "load_packed",
+    "skeleton",
     "read_metadata",
     "PackedModel",
     "PackedFile",  # ternq.open(path) opens one; "open" is not in __all__, so `import *` keeps the builtin

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -41,7 +42,8 @@ from . import native
 from .storage import unpack_rows
 
 __all__ = ["Conv1dGeometry", "conv_plan", "native_ok", "quantize_activations", "quantize_eager", "int_mm",
-           "linear_gemv", "linear_int8", "int_mm_2bit", "conv1d_direct", "conv1d_taps", "conv1d_im2col", "conv_transpose1d_taps",
+           "linear_gemv", "linear_gemv_bound", "linear_int8", "int_mm_2bit", "conv1d_direct", "conv1d_taps",
+           "conv1d_im2col", "conv_transpose1d_taps",
            "embedding_gather"]
 
 _SCRATCH = threading.local()
@@ -173,11 +175,26 @@ def linear_gemv(x: Tensor, w: Tensor, wsum: Tensor | None, scale: Tensor, bias: 
                 cfg: QuantConfig) -> Tensor:
     """``int8_gemv``: one native call (quantize the rows, GEMV, rescale); w (out, in) int8 codes, or their
     2-bit rows (uint8, `ternq.runtime.storage.pack_rows`) read as stored; wsum the codes' row sums."""
-    rows = x.reshape(-1, x.shape[-1]).contiguous()
-    y = native.linear_rows(rows, cfg.input_norm, cfg.eps, int(cfg.act_bits),  # type: ignore[arg-type]
-                           _rows_per_scale(x, cfg), w.contiguous(), wsum, scale, cfg.granularity == "channel",
-                           bias)
-    return y.view(*x.shape[:-1], y.shape[-1])
+    return linear_gemv_bound(w.contiguous(), wsum, scale, bias, cfg)(x)
+
+
+def linear_gemv_bound(w: Tensor, wsum: Tensor | None, scale: Tensor, bias: Tensor | None,
+                      cfg: QuantConfig) -> Callable[[Tensor], Tensor]:
+    """`linear_gemv` with the layer's codes, sums, scales, bias and config bound once (a layer keeps it while
+    they stay the same objects): what remains per call is a reshape and the native call."""
+    call = native.linear_rows_bound(cfg.input_norm, cfg.eps, int(cfg.act_bits),  # type: ignore[arg-type]
+                                    w, wsum, scale, cfg.granularity == "channel", bias)
+    per_token = cfg.act_granularity == "token"
+
+    def run(x: Tensor) -> Tensor:
+        flat = x.dim() == 2
+        rows = x if flat else x.reshape(-1, x.shape[-1])
+        if not rows.is_contiguous():
+            rows = rows.contiguous()
+        y = call(rows, 1 if per_token else _rows_per_scale(x, cfg))
+        return y if flat else y.view(*x.shape[:-1], y.shape[-1])
+
+    return run
 
 
 def linear_int8(x: Tensor, w: Tensor, scale: Tensor, bias: Tensor | None, cfg: QuantConfig,

@@ -213,6 +213,7 @@ class PackedLayer:
                           self.storage,
                           self.float_dtype)
         self.__dict__.pop("_memo", None)
+        self.__dict__.pop("_gemv", None)
 
     # -- kernel selection ---------------------------------------------------------------------------------------
 
@@ -342,21 +343,32 @@ class PackedLinear(PackedLayer, nn.Linear):
 
     @register_kernel("int8_gemv")
     def _k_int8_gemv(self, x: Tensor) -> Tensor:
-        if self._bits == 2:  # 2-bit rows, read as stored: decoded in registers (ternq_packed.c)
-            return kernels.linear_gemv(x, self.ternq_codes, None, self.scale, self.bias, self.qconfig)
-        w = self._layout_codes()
-        return kernels.linear_gemv(x, w, self._wsum(w), self.scale, self.bias, self.qconfig)
+        # the bound call of `kernels.linear_gemv_bound`, kept while the codes, scales and bias are the same
+        # objects (`_set_codes`, `.to()` and assignments replace them): no per-call lookups, sums or checks
+        codes, scale, bias = self._buffers["ternq_codes"], self._buffers["scale"], self._parameters.get("bias")
+        bound = self.__dict__.get("_gemv")
+        if bound is None or bound[0] is not codes or bound[1] is not scale or bound[2] is not bias:
+            run = self._bind_gemv(codes, scale, bias)
+            if run is None:  # 4-bit rows the GEMV cannot read: unpacked per call, not kept (memory is its point)
+                w = self._layout_codes()
+                return kernels.linear_gemv(x, w, self._row_sums(w), scale, bias, self.qconfig)
+            bound = self.__dict__["_gemv"] = (codes, scale, bias, run)
+        return bound[3](x)
 
-    def _wsum(self, w: Tensor | None) -> Tensor | None:
-        """Row sums of the codes (int32), cached beside them: the native GEMV multiplies x + 128 as unsigned
-        bytes and subtracts 128 * row sum (4 bytes per output row). None where the unsigned-byte path is not
-        exact: without VNNI it multiplies pairs into int16, which needs |codes| <= 64 (ternary codes are)."""
-        key = (self.ternq_codes.data_ptr(), self.ternq_codes._version)
-        cached = self.__dict__.get("_wsum_cache")
-        if cached is None or cached[0] != key:
-            sums, wmax = native.row_sums(self._layout_codes() if w is None else w)  # once per stored codes
-            cached = self.__dict__["_wsum_cache"] = (key, sums if native.vnni() or wmax <= 64 else None)
-        return cached[1]
+    def _bind_gemv(self, codes: Tensor, scale: Tensor, bias: Tensor | None) -> Callable[[Tensor], Tensor] | None:
+        if self._bits == 8:
+            return kernels.linear_gemv_bound(codes, self._row_sums(codes), scale, bias, self.qconfig)
+        if self._bits == 2:  # 2-bit rows, read as stored: decoded in registers (ternq_packed.c), no row sums
+            return kernels.linear_gemv_bound(codes, None, scale, bias, self.qconfig)
+        return None
+
+    @staticmethod
+    def _row_sums(w: Tensor) -> Tensor | None:
+        """Row sums of the codes (int32): the native GEMV multiplies x + 128 as unsigned bytes and subtracts
+        128 * row sum (4 bytes per output row). None where the unsigned-byte path is not exact: without VNNI it
+        multiplies pairs into int16, which needs |codes| <= 64 (ternary codes are)."""
+        sums, wmax = native.row_sums(w)
+        return sums if native.vnni() or wmax <= 64 else None
 
     def _bucket(self, x: Tensor) -> tuple[int, ...]:
         return (_pow2(x.numel() // max(x.shape[-1], 1)),)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import hashlib
 import os
 import platform
@@ -42,13 +43,14 @@ import tempfile
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 __all__ = ["NATIVE_ENV", "ARCH_ENV", "CACHE_ENV", "BUILD_TIMEOUT_ENV", "available", "status", "build", "library",
-           "cpu_flags", "vnni", "packed_isa", "PACKED_ISAS"]
+           "cpu_flags", "vnni", "num_threads", "packed_isa", "PACKED_ISAS"]
 
 NATIVE_ENV = "TERNQ_NATIVE"
 ARCH_ENV = "TERNQ_NATIVE_ARCH"
@@ -59,13 +61,17 @@ _ON = ("1", "true", "yes", "on")
 _OFF = ("0", "false", "no", "off")
 _STALE_TEMP_S = 3600  # temporary files of builds killed without cleanup (SIGKILL, power loss) older than this go
 _SOURCE = Path(__file__).parent / "csrc" / "ternq_kernels.c"
-# one library from these translation units (ternq_packed.c: the kernels on 2-bit rows, storage="packed")
+# one library from these translation units (ternq_packed.c: the kernels on 2-bit rows, storage="packed"), which
+# share ternq_internal.h (tq_parallel_for)
 _SOURCES = (_SOURCE, _SOURCE.with_name("ternq_packed.c"))
+_INTERNAL = _SOURCE.with_name("ternq_internal.h")
 _HEADER = _SOURCE.with_suffix(".h")  # the ABI number and the prototypes: `_interface` checks the binding against it
 _FLAGS = ("-O3", "-std=c99", "-shared", "-fPIC", "-ffp-contract=off", "-fno-math-errno")
 
 _state: dict[str, object] = {}  # "lib": the loaded CDLL or None, "why": the reason when None, "key": the env
 _LOCK = threading.Lock()
+_THREAD = threading.local()  # .seen: this thread has asked torch for its thread count (`library`)
+_OPENMP_NAMES = ("libgomp", "libiomp5", "libomp")  # runtimes that export GNU OpenMP's GOMP_parallel
 
 _NORMS = {None: 0, "layernorm": 1, "rmsnorm": 2}
 _P = ctypes.c_void_p
@@ -86,8 +92,11 @@ _SIGNATURES: dict[str, tuple[object, ...]] = {
     "tq_packed_isa": (),
     "tq_quantize_grouped": (_P, _I, _I, _I, _C, _F, _C, _C, _P, _I, _I, _I, _I, _P),
     "tq_conv1d_grouped": (_P, _I, _I, _P, _I, _I, _I, _I, _I, _I, _P, _P, _I, _P, _P, _I),
+    "tq_set_openmp": (_P, _P),
+    "tq_num_threads": (),
 }
-_RETURNS_INT = ("tq_conv1d_grouped", "tq_linear_rows", "tq_row_sums", "tq_linear_2bit", "tq_packed_isa")
+_RETURNS_INT = ("tq_conv1d_grouped", "tq_linear_rows", "tq_row_sums", "tq_num_threads", "tq_linear_2bit",
+                "tq_packed_isa")
 _C_TYPES = {"int64_t": _I, "int": _C, "float": _F}  # and every pointer: _P
 
 
@@ -140,17 +149,23 @@ def _ctype_name(t: object) -> str:
     return getattr(t, "__name__", str(t))
 
 
-def cpu_flags() -> set[str]:
-    """The CPU feature flags the OS reports (empty off Linux). The int8 kernels' speed depends on them
-    (amx_int8 > avx512_vnni > plain AVX2) far more than fp32 speed does: print them beside speed figures."""
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags the OS reports (empty off Linux), read once per process. The int8 kernels' speed
+    depends on them (amx_int8 > avx512_vnni > plain AVX2) far more than fp32 speed does: print them beside
+    speed figures."""
+    return _cpu_flags()
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return set()
+    return frozenset()
 
 
 class _Untrusted(RuntimeError):
@@ -208,7 +223,7 @@ def _library_path(cc: str) -> Path:
     cpu = ""
     if _arch() == "native":  # -march=native code is only valid on a CPU with the same features
         cpu = " ".join(sorted(cpu_flags()))
-    key = hashlib.sha256("\0".join([*(p.read_text() for p in _SOURCES), _HEADER.read_text(), cc, *flags, platform.machine(), cpu]).encode())
+    key = hashlib.sha256("\0".join([*(p.read_text() for p in _SOURCES), _HEADER.read_text(), _INTERNAL.read_text(), cc, *flags, platform.machine(), cpu]).encode())
     return _cache_dir() / f"kernels-{key.hexdigest()[:16]}{'.dll' if sys.platform == 'win32' else '.so'}"
 
 
@@ -399,8 +414,43 @@ def _load() -> ctypes.CDLL | None:
     except (OSError, RuntimeError, AttributeError) as exc:
         _state["why"] = f"native kernels unavailable, eager torch fallback: {exc}"
         return None
-    _state["why"] = f"loaded {path}"
+    runtime = _openmp_runtime()
+    if runtime is None:
+        lib.tq_set_openmp(None, None)
+        threads = "serial: torch uses no OpenMP runtime that exports GOMP_parallel"
+    else:
+        where, parallel, max_threads = runtime
+        lib.tq_set_openmp(parallel, max_threads)
+        threads = f"threads: torch's OpenMP runtime {where}"
+    _state["why"] = f"loaded {path} ({threads})"
     return lib
+
+
+def _openmp_runtime() -> tuple[str, int, int] | None:
+    """The OpenMP runtime torch runs its parallel regions on (its path, and the addresses of GOMP_parallel and
+    omp_get_max_threads), or None. Only a library the process has already loaded (or torch's own copy in
+    torch/lib, which torch loaded): one runtime means one pool of worker threads for torch and the kernels."""
+    if "OpenMP" not in torch.__config__.parallel_info():
+        return None
+    paths: list[str] = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                path = line.rstrip("\n").split(maxsplit=5)[-1]
+                if path.startswith("/") and Path(path).name.startswith(_OPENMP_NAMES) and path not in paths:
+                    paths.append(path)
+    except OSError:
+        pass
+    lib_dir = Path(torch.__file__).parent / "lib"
+    paths += [str(p) for name in _OPENMP_NAMES for p in sorted(lib_dir.glob(name + "*")) if str(p) not in paths]
+    for path in paths:
+        try:
+            runtime = ctypes.CDLL(path)
+            parallel, max_threads = runtime.GOMP_parallel, runtime.omp_get_max_threads
+        except (OSError, AttributeError):
+            continue
+        return path, ctypes.cast(parallel, _P).value, ctypes.cast(max_threads, _P).value  # type: ignore[return-value]
+    return None
 
 
 def library() -> ctypes.CDLL | None:
@@ -413,12 +463,29 @@ def library() -> ctypes.CDLL | None:
             if _state.get("key", ()) != key:
                 _state["lib"] = _load()
                 _state["key"] = key
+    if not getattr(_THREAD, "seen", False):
+        # torch gives a new thread its set_num_threads count on the thread's first parallel region; asking torch
+        # for it does that too, so the kernels' first call in this thread already uses it
+        torch.get_num_threads()
+        _THREAD.seen = True
     return _state["lib"]  # type: ignore[return-value]
+
+
+def num_threads() -> int:
+    """The threads a native kernel may use in this thread: ``torch.get_num_threads()`` where the kernels share
+    torch's OpenMP runtime, else 1 (print it beside speed figures)."""
+    lib = library()
+    return 1 if lib is None else int(lib.tq_num_threads())
 
 
 def vnni() -> bool:
     """Whether the kernels are built for this CPU's VNNI instructions (vpdpbusd): ``-march=native`` on a CPU
     that has them. The kernel picker's thresholds depend on it."""
+    return _vnni(os.environ.get(ARCH_ENV))
+
+
+@functools.cache
+def _vnni(arch: str | None) -> bool:
     return _arch() == "native" and bool(cpu_flags() & {"avx512_vnni", "avx_vnni"})
 
 
@@ -533,31 +600,55 @@ def linear_rows(x: Tensor, norm: str | None, eps: float, bits: int, rows_per_sam
                 wsum: Tensor | None, wscale: Tensor, per_channel: bool, bias: Tensor | None) -> Tensor:
     """float32 (R, N): a packed Linear on the rows x (R, K) float32 in one call (quantize, GEMV, rescale, bias);
     w (N, K) int8 codes with wsum their row sums (int32; None: the plain signed-byte loop), or (N, ceil(K / 4))
-    uint8 2-bit rows of `ternq.runtime.storage.pack_rows`, read as stored (decoded in registers, never unpacked to
-    memory; wsum unused): equal bit for bit."""
-    lib = _state["lib"]
-    r, k = x.shape
-    assert x.is_contiguous() and w.is_contiguous()
-    y = torch.empty(r, w.shape[0], dtype=torch.float32)
-    if w.dtype == torch.uint8:
-        assert w.shape[1] == -(-k // 4)
-        status = lib.tq_linear_2bit(x.data_ptr(), r, k, _NORMS[norm], eps, bits,  # type: ignore[union-attr]
-                                    rows_per_sample, w.data_ptr(), w.shape[0], wscale.data_ptr(), int(per_channel),
-                                    _ptr(bias), y.data_ptr())
-    else:
-        assert w.shape[1] == k
-        status = lib.tq_linear_rows(x.data_ptr(), r, k, _NORMS[norm], eps, bits,  # type: ignore[union-attr]
-                                    rows_per_sample, w.data_ptr(), _ptr(wsum), w.shape[0], wscale.data_ptr(),
-                                    int(per_channel), _ptr(bias), y.data_ptr())
-    if status != 0:
-        raise MemoryError("native linear_rows: out of memory")
-    return y
+    uint8 2-bit rows of `ternq.runtime.storage.pack_rows`, read as stored (``tq_linear_2bit``: decoded in
+    registers, never unpacked to memory; wsum unused): equal bit for bit."""
+    return linear_rows_bound(norm, eps, bits, w, wsum, wscale, per_channel, bias)(x, rows_per_sample)
+
+
+def linear_rows_bound(norm: str | None, eps: float, bits: int, w: Tensor, wsum: Tensor | None, wscale: Tensor,
+                      per_channel: bool, bias: Tensor | None) -> Callable[[Tensor, int], Tensor]:
+    """`linear_rows` with a layer's constant arguments bound once: ``call(x, rows_per_sample)``. A one-token
+    layer's call then costs the ctypes call and the output's allocation only. The returned function keeps the
+    tensors it was given alive (their memory is what it passes): bind again when the layer's tensors change."""
+    lib = library()
+    assert lib is not None
+    two_bit = w.dtype == torch.uint8
+    fn = lib.tq_linear_2bit if two_bit else lib.tq_linear_rows
+    for name, t in (("w", w), ("wsum", wsum), ("wscale", wscale), ("bias", bias)):
+        if t is not None and not t.is_contiguous():
+            raise ValueError(f"linear_rows_bound: {name} must be contiguous")
+    n, stored = w.shape
+    k = stored * 4 if two_bit else stored  # the 2-bit rows hold up to 3 codes of padding
+    norm_id, w_ptr, sum_ptr = _NORMS[norm], w.data_ptr(), _ptr(wsum)
+    scale_ptr, channel, bias_ptr = wscale.data_ptr(), int(per_channel), _ptr(bias)
+    keep = (w, wsum, wscale, bias)  # the memory the pointers above point into
+    f32 = torch.float32
+
+    def call(x: Tensor, rows_per_sample: int) -> Tensor:
+        r, kx = x.shape
+        if not (k - 4 < kx <= k if two_bit else kx == k) or x.dtype != f32 or not x.is_contiguous():
+            raise ValueError(f"linear_rows: x {tuple(x.shape)} {x.dtype} does not fit the weight {tuple(w.shape)}")
+        if not _THREAD.__dict__.get("seen"):
+            library()  # this thread's first call: its thread count (`library`)
+        y = torch.empty(r, n, dtype=f32)
+        if two_bit:
+            status = fn(x.data_ptr(), r, kx, norm_id, eps, bits, rows_per_sample, w_ptr, n, scale_ptr, channel,
+                        bias_ptr, y.data_ptr())
+        else:
+            status = fn(x.data_ptr(), r, kx, norm_id, eps, bits, rows_per_sample, w_ptr, sum_ptr, n, scale_ptr,
+                        channel, bias_ptr, y.data_ptr())
+        if status != 0:
+            raise MemoryError("native linear_rows: out of memory")
+        return y
+
+    call.keep = keep  # type: ignore[attr-defined]
+    return call
 
 
 def unpack_2bit(w2: Tensor, k: int, r0: int, r1: int, out: Tensor) -> None:
     """Rows [r0, r1) of 2-bit rows w2 (N, ceil(K / 4)) uint8 as int8 codes into out (r1 - r0, K), contiguous: a
     tile of the weight for the int8 GEMM, decoded where it is read."""
-    lib = _state["lib"]
+    lib = library()
     assert w2.dtype == torch.uint8 and w2.is_contiguous() and out.is_contiguous() and out.shape == (r1 - r0, k)
     assert out.dtype == torch.int8 and 0 <= r0 <= r1 <= w2.shape[0] and w2.shape[1] == -(-k // 4)
     lib.tq_unpack_2bit(w2.data_ptr(), k, r0, r1, out.data_ptr())  # type: ignore[union-attr]

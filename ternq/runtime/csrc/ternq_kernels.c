@@ -16,6 +16,7 @@
  * codes are written as qmax (tq_code): a NaN cast to an integer is undefined behaviour in C.
  */
 #include "ternq_kernels.h"
+#include "ternq_internal.h"
 
 #include <math.h>
 #include <stdint.h>
@@ -26,6 +27,75 @@
 #include <string.h>
 
 #define BLOCK 256 /* time steps per block of a channel-major input: C x 256 floats stay in L2 */
+
+/* --- threads -----------------------------------------------------------------------------------------------
+ *
+ * One pool, torch's own. native.py hands the library two entry points of the OpenMP runtime torch loaded
+ * (tq_set_openmp): GOMP_parallel, the GNU OpenMP ABI that libgomp, LLVM's libomp and Intel's libiomp5 all
+ * export, and omp_get_max_threads. The kernels' parallel regions then run on the worker threads torch's own
+ * regions use (no second pool whose spinning workers fight torch's), with the count torch.set_num_threads set
+ * (torch sets it with omp_set_num_threads). Nothing here needs omp.h or -fopenmp, so any C compiler builds it;
+ * without a runtime every kernel runs on the calling thread.
+ *
+ * A kernel is parallel by computing a range of independent output rows [r0, r1) in a function of that shape
+ * and calling tq_parallel_for: the rows are split into chunks of a multiple of `grain` rows, claimed by the
+ * threads in turn. Every output is computed by the same instructions whichever chunk holds it, so results are
+ * bitwise identical at any thread count. */
+typedef void (*tq_gomp_parallel_fn)(void (*)(void *), void *, unsigned, unsigned);
+typedef int (*tq_omp_max_threads_fn)(void);
+static tq_gomp_parallel_fn tq_gomp_parallel = NULL;
+static tq_omp_max_threads_fn tq_omp_max_threads = NULL;
+
+#define TQ_MIN_WORK ((int64_t)1 << 18) /* ~bytes touched or multiply-adds per chunk: below, a fork costs more */
+
+void tq_set_openmp(void *parallel, void *max_threads) {
+    /* both or neither: a runtime without one of them leaves the kernels serial */
+    tq_gomp_parallel = parallel && max_threads ? (tq_gomp_parallel_fn)parallel : NULL;
+    tq_omp_max_threads = parallel && max_threads ? (tq_omp_max_threads_fn)max_threads : NULL;
+}
+
+int tq_num_threads(void) {
+    const int n = tq_omp_max_threads ? tq_omp_max_threads() : 1;
+    return n > 1 ? n : 1;
+}
+
+struct tq_job {
+    tq_range_fn fn;
+    void *ctx;
+    int64_t n, chunk, next;
+};
+
+static void tq_job_run(void *arg) {
+    struct tq_job *job = (struct tq_job *)arg;
+    for (;;) {
+        const int64_t r0 = __atomic_fetch_add(&job->next, job->chunk, __ATOMIC_RELAXED);
+        if (r0 >= job->n) break;
+        job->fn(job->ctx, r0, r0 + job->chunk < job->n ? r0 + job->chunk : job->n);
+    }
+}
+
+/* fn(ctx, r0, r1) for chunks covering [0, n), on up to tq_num_threads() threads. Chunks hold a multiple of
+ * `grain` rows (the last one the rest) and about TQ_MIN_WORK of the total `work` at least, up to 4 per thread
+ * (a thread delayed by another process leaves its chunks to the others). */
+void tq_parallel_for(int64_t n, int64_t grain, int64_t work, tq_range_fn fn, void *ctx) {
+    if (n <= 0) return;
+    const int64_t threads = tq_num_threads();
+    int64_t parts = (n + grain - 1) / grain;
+    if (parts > work / TQ_MIN_WORK) parts = work / TQ_MIN_WORK;
+    if (parts > 4 * threads) parts = 4 * threads;
+    if (parts <= 1 || threads <= 1 || tq_gomp_parallel == NULL) {
+        fn(ctx, 0, n);
+        return;
+    }
+    struct tq_job job;
+    job.fn = fn;
+    job.ctx = ctx;
+    job.n = n;
+    job.chunk = ((n + parts - 1) / parts + grain - 1) / grain * grain;
+    job.next = 0;
+    parts = (n + job.chunk - 1) / job.chunk;
+    tq_gomp_parallel(tq_job_run, &job, (unsigned)(parts < threads ? parts : threads), 0);
+}
 
 /* max(a, m) that propagates a NaN of either (C's a > m ? a : m keeps m when a is NaN); for the few maxima of
  * maxima. The loops over every element keep the plain max (one vmaxps) and detect a NaN by a sum of the |x|
@@ -131,39 +201,92 @@ static void column_round(const float *x, int64_t C, int64_t T, int n, int norm, 
 
 /* Channel-major input x (B, C, T), normalized over C per time step, quantized to signed `bits`.
  * q: (B, C, ldq) int8, written at columns [off, off + T); s: (B, lds) float32, written at [off, off + T)
- * (per token) or s[b * lds] (per sample, one scale per sample). */
-void tq_quantize_channels(const float *x, int64_t B, int64_t C, int64_t T, int norm, float eps, int bits,
-                          int per_sample, int8_t *q, int64_t ldq, float *s, int64_t lds, int64_t off) {
-    const float qmax = (float)((1 << (bits - 1)) - 1);
+ * (per token) or s[b * lds] (per sample, one scale per sample). Parallel over blocks of BLOCK time steps. */
+struct channels_job {
+    const float *x;
+    int64_t C, T, nblocks, ldq, lds, off;
+    int norm, per_sample;
+    float eps, qmax;
+    int8_t *q;
+    float *s, *block_max; /* block_max: per sample, each block's absmax (first pass) */
+};
+
+static void channels_absmax(void *arg, int64_t u0, int64_t u1) {
+    const struct channels_job *j = (const struct channels_job *)arg;
     float mean[BLOCK], rstd[BLOCK], amax[BLOCK];
-    for (int64_t b = 0; b < B; ++b) {
-        const float *xb = x + b * C * T;
-        int8_t *qb = q + b * C * ldq + off;
-        float *sb = s + b * lds;
-        float sample_max = 0.f;
-        if (per_sample) {
-            for (int64_t t0 = 0; t0 < T; t0 += BLOCK) {
-                int n = (int)(T - t0 < BLOCK ? T - t0 : BLOCK);
-                column_stats(xb + t0, C, T, n, norm, eps, mean, rstd);
-                column_absmax(xb + t0, C, T, n, norm, mean, rstd, amax);
-                for (int i = 0; i < n; ++i) sample_max = TQ_MAX(amax[i], sample_max);
-            }
-            sample_max = (sample_max < eps ? eps : sample_max) / qmax;
-            sb[0] = sample_max;
-        }
-        for (int64_t t0 = 0; t0 < T; t0 += BLOCK) {
-            int n = (int)(T - t0 < BLOCK ? T - t0 : BLOCK);
-            column_stats(xb + t0, C, T, n, norm, eps, mean, rstd);
-            if (per_sample) {
-                column_round(xb + t0, C, T, n, norm, mean, rstd, &sample_max, 0, qmax, qb + t0, ldq);
-            } else {
-                column_absmax(xb + t0, C, T, n, norm, mean, rstd, amax);
-                float *st = sb + off + t0;
-                for (int i = 0; i < n; ++i) st[i] = (amax[i] < eps ? eps : amax[i]) / qmax;
-                column_round(xb + t0, C, T, n, norm, mean, rstd, st, 1, qmax, qb + t0, ldq);
-            }
+    for (int64_t u = u0; u < u1; ++u) {
+        const int64_t b = u / j->nblocks, t0 = u % j->nblocks * BLOCK;
+        const int n = (int)(j->T - t0 < BLOCK ? j->T - t0 : BLOCK);
+        const float *xb = j->x + b * j->C * j->T + t0;
+        column_stats(xb, j->C, j->T, n, j->norm, j->eps, mean, rstd);
+        column_absmax(xb, j->C, j->T, n, j->norm, mean, rstd, amax);
+        float m = 0.f;
+        for (int i = 0; i < n; ++i) m = TQ_MAX(amax[i], m);
+        j->block_max[u] = m;
+    }
+}
+
+static void channels_round(void *arg, int64_t u0, int64_t u1) {
+    const struct channels_job *j = (const struct channels_job *)arg;
+    float mean[BLOCK], rstd[BLOCK], amax[BLOCK];
+    for (int64_t u = u0; u < u1; ++u) {
+        const int64_t b = u / j->nblocks, t0 = u % j->nblocks * BLOCK;
+        const int n = (int)(j->T - t0 < BLOCK ? j->T - t0 : BLOCK);
+        const float *xb = j->x + b * j->C * j->T + t0;
+        int8_t *qb = j->q + b * j->C * j->ldq + j->off + t0;
+        float *sb = j->s + b * j->lds;
+        column_stats(xb, j->C, j->T, n, j->norm, j->eps, mean, rstd);
+        if (j->per_sample) {
+            column_round(xb, j->C, j->T, n, j->norm, mean, rstd, sb, 0, j->qmax, qb, j->ldq);
+        } else {
+            column_absmax(xb, j->C, j->T, n, j->norm, mean, rstd, amax);
+            float *st = sb + j->off + t0;
+            for (int i = 0; i < n; ++i) st[i] = (amax[i] < j->eps ? j->eps : amax[i]) / j->qmax;
+            column_round(xb, j->C, j->T, n, j->norm, mean, rstd, st, 1, j->qmax, qb, j->ldq);
         }
     }
+}
+
+void tq_quantize_channels(const float *x, int64_t B, int64_t C, int64_t T, int norm, float eps, int bits,
+                          int per_sample, int8_t *q, int64_t ldq, float *s, int64_t lds, int64_t off) {
+    struct channels_job j;
+    j.x = x;
+    j.C = C;
+    j.T = T;
+    j.nblocks = (T + BLOCK - 1) / BLOCK;
+    j.ldq = ldq;
+    j.lds = lds;
+    j.off = off;
+    j.norm = norm;
+    j.per_sample = per_sample;
+    j.eps = eps;
+    j.qmax = (float)((1 << (bits - 1)) - 1);
+    j.q = q;
+    j.s = s;
+    j.block_max = NULL;
+    const int64_t units = B * j.nblocks, work = 4 * C * T * B;
+    if (per_sample) {
+        float one[1];
+        j.block_max = units > 1 ? (float *)malloc((size_t)units * sizeof(float)) : one;
+        if (j.block_max == NULL) { /* no memory for the block maxima: one block at a time, serially */
+            j.block_max = one;
+            for (int64_t u = 0; u < units; ++u) {
+                channels_absmax(&j, u, u + 1);
+                const int64_t b = u / j.nblocks;
+                s[b * lds] = u % j.nblocks == 0 ? one[0] : TQ_MAX(one[0], s[b * lds]);
+            }
+        } else {
+            tq_parallel_for(units, 1, work, channels_absmax, &j);
+            for (int64_t b = 0; b < B; ++b) {
+                float m = 0.f; /* in block order, as one pass over the steps would (the same NaN wins) */
+                for (int64_t i = 0; i < j.nblocks; ++i) m = TQ_MAX(j.block_max[b * j.nblocks + i], m);
+                s[b * lds] = m;
+            }
+            if (j.block_max != one) free(j.block_max);
+        }
+        for (int64_t b = 0; b < B; ++b) s[b * lds] = (s[b * lds] < eps ? eps : s[b * lds]) / j.qmax;
+    }
+    tq_parallel_for(units, 1, work, channels_round, &j);
 }
 
 /* sum of row[0..n) (kind 0), of (row - m)^2 (kind 1) or of row^2 (kind 2), in 16 vectorizable lanes */
@@ -191,11 +314,45 @@ static float lane_sum(const float *row, int64_t n, float m, int kind) {
 
 /* Row-major input x (R, C), normalized over C per row like torch's layer_norm (x * rstd + (-rstd * mean)),
  * quantized per row, or per group of `rows_per_sample` rows (per sample). q: (R, C) int8; s: (R,) float32. */
+struct rows_job {
+    const float *x;
+    int64_t R, C, rows_per_sample;
+    int norm, bits;
+    float eps;
+    int8_t *q;
+    float *s;
+};
+
+static void quantize_samples(void *arg, int64_t u0, int64_t u1);
+
+/* Parallel over samples (groups of rows_per_sample rows; a row each per token). */
 void tq_quantize_rows(const float *x, int64_t R, int64_t C, int norm, float eps, int bits,
                       int64_t rows_per_sample, int8_t *q, float *s) {
-    const float qmax = (float)((1 << (bits - 1)) - 1);
+    struct rows_job j;
+    j.x = x;
+    j.R = R;
+    j.C = C;
+    j.rows_per_sample = rows_per_sample;
+    j.norm = norm;
+    j.bits = bits;
+    j.eps = eps;
+    j.q = q;
+    j.s = s;
+    tq_parallel_for((R + rows_per_sample - 1) / rows_per_sample, 1, 4 * R * C, quantize_samples, &j);
+}
+
+static void quantize_samples(void *arg, int64_t u0, int64_t u1) {
+    const struct rows_job *j = (const struct rows_job *)arg;
+    const float *x = j->x;
+    const int64_t R = j->R, C = j->C, rows_per_sample = j->rows_per_sample;
+    const int norm = j->norm;
+    const float eps = j->eps;
+    int8_t *q = j->q;
+    float *s = j->s;
+    const float qmax = (float)((1 << (j->bits - 1)) - 1);
     const float fc = (float)C;
-    for (int64_t r0 = 0; r0 < R; r0 += rows_per_sample) {
+    const int64_t end = u1 * rows_per_sample < R ? u1 * rows_per_sample : R;
+    for (int64_t r0 = u0 * rows_per_sample; r0 < end; r0 += rows_per_sample) {
         int64_t r1 = r0 + rows_per_sample < R ? r0 + rows_per_sample : R;
         float sample_max = 0.f;
         for (int pass = rows_per_sample > 1 ? 0 : 1; pass < 2; ++pass) {
@@ -246,77 +403,162 @@ void tq_quantize_rows(const float *x, int64_t R, int64_t C, int norm, float eps,
 /* Conv1d per-token epilogue: the int8 GEMM of all taps gave acc (k, out, W) int32; for output steps
  * t < n: y[o, t] = (sum_j acc[j, o, t*stride + j*dil] * s[t*stride + j*dil]) * wscale[o] + bias[o]
  * (wscale / bias may be NULL; wscale[o * wstep]: wstep 1 per channel, 0 per tensor). y rows are ldy apart. */
-void tq_tap_sum(const int32_t *acc, int64_t k, int64_t out, int64_t W, const float *s, int64_t n,
-                int64_t stride, int64_t dil, const float *wscale, int64_t wstep, const float *bias, float *y,
-                int64_t ldy) {
-    for (int64_t o = 0; o < out; ++o) {
-        float *dst = y + o * ldy;
+struct taps_job {
+    const int32_t *acc;
+    int64_t k, out, W, n, stride, dil, wstep, ldy, start;
+    const float *s, *wscale, *bias;
+    float *y;
+};
+
+static void tap_sum_rows(void *arg, int64_t o0, int64_t o1) {
+    const struct taps_job *p = (const struct taps_job *)arg;
+    const int64_t k = p->k, out = p->out, W = p->W, n = p->n, stride = p->stride, dil = p->dil;
+    for (int64_t o = o0; o < o1; ++o) {
+        float *dst = p->y + o * p->ldy;
         for (int64_t t = 0; t < n; ++t) dst[t] = 0.f;
         for (int64_t j = 0; j < k; ++j) {
-            const int32_t *a = acc + (j * out + o) * W + j * dil;
-            const float *sj = s + j * dil;
+            const int32_t *a = p->acc + (j * out + o) * W + j * dil;
+            const float *sj = p->s + j * dil;
             if (stride == 1) {
                 for (int64_t t = 0; t < n; ++t) dst[t] += (float)a[t] * sj[t];
             } else {
                 for (int64_t t = 0; t < n; ++t) dst[t] += (float)a[t * stride] * sj[t * stride];
             }
         }
-        float w = wscale ? wscale[o * wstep] : 1.f, b = bias ? bias[o] : 0.f;
-        if (wscale || bias)
+        float w = p->wscale ? p->wscale[o * p->wstep] : 1.f, b = p->bias ? p->bias[o] : 0.f;
+        if (p->wscale || p->bias)
             for (int64_t t = 0; t < n; ++t) dst[t] = dst[t] * w + b;
     }
 }
 
-/* ConvTranspose1d per-token epilogue: overlap-add of the taps of n input steps into full (out, ldf):
- * full[o, start + i*stride + j*dil] += acc[j, o, i] * s[i]. */
-void tq_tap_scatter(const int32_t *acc, int64_t k, int64_t out, int64_t W, const float *s, int64_t n,
-                    int64_t stride, int64_t dil, float *full, int64_t ldf, int64_t start) {
-    for (int64_t o = 0; o < out; ++o) {
+/* Parallel over output channels. */
+void tq_tap_sum(const int32_t *acc, int64_t k, int64_t out, int64_t W, const float *s, int64_t n,
+                int64_t stride, int64_t dil, const float *wscale, int64_t wstep, const float *bias, float *y,
+                int64_t ldy) {
+    struct taps_job p = {acc, k, out, W, n, stride, dil, wstep, ldy, 0, s, wscale, bias, y};
+    tq_parallel_for(out, 1, 8 * k * out * n, tap_sum_rows, &p);
+}
+
+static void tap_scatter_rows(void *arg, int64_t o0, int64_t o1) {
+    const struct taps_job *p = (const struct taps_job *)arg;
+    const int64_t k = p->k, out = p->out, W = p->W, n = p->n, stride = p->stride;
+    for (int64_t o = o0; o < o1; ++o) {
         for (int64_t j = 0; j < k; ++j) {
-            const int32_t *a = acc + (j * out + o) * W;
-            float *dst = full + o * ldf + start + j * dil;
-            for (int64_t i = 0; i < n; ++i) dst[i * stride] += (float)a[i] * s[i];
+            const int32_t *a = p->acc + (j * out + o) * W;
+            float *dst = p->y + o * p->ldy + p->start + j * p->dil;
+            for (int64_t i = 0; i < n; ++i) dst[i * stride] += (float)a[i] * p->s[i];
         }
     }
+}
+
+/* ConvTranspose1d per-token epilogue: overlap-add of the taps of n input steps into full (out, ldf):
+ * full[o, start + i*stride + j*dil] += acc[j, o, i] * s[i]. Parallel over output channels. */
+void tq_tap_scatter(const int32_t *acc, int64_t k, int64_t out, int64_t W, const float *s, int64_t n,
+                    int64_t stride, int64_t dil, float *full, int64_t ldf, int64_t start) {
+    struct taps_job p = {acc, k, out, W, n, stride, dil, 0, ldf, start, s, NULL, NULL, full};
+    tq_parallel_for(out, 1, 8 * k * out * n, tap_scatter_rows, &p);
 }
 
 /* Linear epilogue: acc (M, N) int32, or (N, M) when transposed; y (M, N) = acc * s[m] * wscale[.] + bias[n].
  * wscale has N entries (per channel) or 1 (per tensor). */
+struct epilogue_job {
+    const int32_t *acc;
+    int64_t M, N;
+    const float *s, *wscale, *bias;
+    int per_channel;
+    float *y;
+};
+
+#define TQ_TILE 16 /* rows x columns of the transposed epilogue's tiles: 16 x 16 int32 = 16 cache lines */
+
+/* y[m, n0:n1] from float products v[0:n1-n0] (in place in y's row), the same operations in the same order for
+ * every element: (v * wscale[n]) * s[m] per channel, v * (s[m] * wscale[0]) per tensor, then + bias[n] */
+static inline void epilogue_row(const struct epilogue_job *p, int64_t m, int64_t n0, int64_t n1, float *dst) {
+    const float sm = p->s[m];
+    if (p->per_channel) {
+        for (int64_t n = n0; n < n1; ++n) dst[n] = dst[n] * p->wscale[n] * sm;
+    } else {
+        const float f = sm * p->wscale[0];
+        for (int64_t n = n0; n < n1; ++n) dst[n] = dst[n] * f;
+    }
+    if (p->bias)
+        for (int64_t n = n0; n < n1; ++n) dst[n] += p->bias[n];
+}
+
+static void epilogue_rows(void *arg, int64_t m0, int64_t m1) {
+    const struct epilogue_job *p = (const struct epilogue_job *)arg;
+    const int64_t N = p->N;
+    for (int64_t m = m0; m < m1; ++m) {
+        float *dst = p->y + m * N;
+        const int32_t *a = p->acc + m * N;
+        for (int64_t n = 0; n < N; ++n) dst[n] = (float)a[n];
+        epilogue_row(p, m, 0, N, dst);
+    }
+}
+
+/* acc (N, M): read in TQ_TILE x TQ_TILE tiles, each row of a tile contiguous, transposed in a local buffer,
+ * then written row by row; the strided reads of a row of y across all of acc thrashed the cache */
+static void epilogue_rows_t(void *arg, int64_t m0, int64_t m1) {
+    const struct epilogue_job *p = (const struct epilogue_job *)arg;
+    const int64_t M = p->M, N = p->N;
+    float tile[TQ_TILE][TQ_TILE];
+    for (int64_t mb = m0; mb < m1; mb += TQ_TILE) {
+        const int64_t rows = m1 - mb < TQ_TILE ? m1 - mb : TQ_TILE;
+        for (int64_t nb = 0; nb < N; nb += TQ_TILE) {
+            const int64_t cols = N - nb < TQ_TILE ? N - nb : TQ_TILE;
+            for (int64_t j = 0; j < cols; ++j) {
+                const int32_t *a = p->acc + (nb + j) * M + mb;
+                for (int64_t i = 0; i < rows; ++i) tile[j][i] = (float)a[i];
+            }
+            for (int64_t i = 0; i < rows; ++i) {
+                float *dst = p->y + (mb + i) * N;
+                for (int64_t j = 0; j < cols; ++j) dst[nb + j] = tile[j][i];
+                epilogue_row(p, mb + i, nb, nb + cols, dst);
+            }
+        }
+    }
+}
+
+/* Parallel over rows of y (blocks of TQ_TILE rows when transposed). */
 void tq_linear_epilogue(const int32_t *acc, int64_t M, int64_t N, int transposed, const float *s,
                         const float *wscale, int per_channel, const float *bias, float *y) {
-    for (int64_t m = 0; m < M; ++m) {
-        float *dst = y + m * N;
-        const float sm = s[m];
-        if (transposed) {
-            for (int64_t n = 0; n < N; ++n) dst[n] = (float)acc[n * M + m];
-        } else {
-            const int32_t *a = acc + m * N;
-            for (int64_t n = 0; n < N; ++n) dst[n] = (float)a[n];
-        }
-        if (per_channel) {
-            for (int64_t n = 0; n < N; ++n) dst[n] = dst[n] * wscale[n] * sm;
-        } else {
-            const float f = sm * wscale[0];
-            for (int64_t n = 0; n < N; ++n) dst[n] = dst[n] * f;
-        }
-        if (bias)
-            for (int64_t n = 0; n < N; ++n) dst[n] += bias[n];
-    }
+    struct epilogue_job p = {acc, M, N, s, wscale, bias, per_channel, y};
+    tq_parallel_for(M, transposed ? TQ_TILE : 1, 8 * M * N, transposed ? epilogue_rows_t : epilogue_rows, &p);
 }
 
 /* int8 x int8 -> int32 for a few rows: acc (M, N) = x (M, K) @ w (N, K)^T. For M <= 4 this reads the weight
  * once, without a GEMM library's packing. With VNNI the dot products run as vpdpbusd (unsigned x signed bytes):
- * x + 128 is unsigned, and 128 * rowsum(w) (wsum, precomputed per layer) is subtracted again; exact. */
-void tq_gemv_s8(const int8_t *x, const int8_t *w, const int32_t *wsum, int64_t M, int64_t N, int64_t K,
-                uint8_t *xu, int32_t *acc) {
+ * x + 128 is unsigned (xu), and 128 * rowsum(w) (wsum, precomputed per layer) is subtracted again; exact.
+ * Parallel over the weight's rows (output columns), each thread reading its share of the weight once. */
+struct gemv_job {
+    const int8_t *x;
+    const int8_t *w; /* (N, K) codes */
+    const int32_t *wsum;
+    int64_t M, N, K;
+    const uint8_t *xu; /* x + 128 (NULL: the signed-byte loop) */
+    int32_t *acc;
+    const struct epilogue_job *epilogue; /* tq_linear_rows: y[:, n0:n1] right after acc[:, n0:n1] */
+};
+
+/* the unsigned-byte path exists in this build: VNNI, or AVX2's vpmaddubsw (exact only for |w| <= 64: on
+ * builds without VNNI the caller passes wsum only for such weights) */
+#if defined(__AVX512VNNI__) || defined(__AVXVNNI__) || defined(__AVX2__)
+#define TQ_GEMV_UNSIGNED 1
+#endif
+
+static void gemv_s8_cols(const struct gemv_job *g, int64_t n0, int64_t n1) {
+    const int8_t *x = g->x, *w = g->w;
+    const int32_t *wsum = g->wsum;
+    const uint8_t *xu = g->xu;
+    const int64_t M = g->M, N = g->N, K = g->K;
+    int32_t *acc = g->acc;
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-    if (wsum && xu) {
+    if (xu) {
         /* four weight rows per pass share the activation loads; K tails are masked loads */
-        for (int64_t i = 0; i < M * K; ++i) xu[i] = (uint8_t)(x[i] + 128);
         const int64_t K64 = K / 64 * 64;
         const __mmask64 tail = K - K64 ? (((__mmask64)1 << (K - K64)) - 1) : 0;
-        int64_t n = 0;
-        for (; n + 4 <= N; n += 4) {
+        int64_t n = n0;
+        for (; n + 4 <= n1; n += 4) {
             const int8_t *w0 = w + n * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
             for (int64_t m = 0; m < M; ++m) {
                 const uint8_t *xm = xu + m * K;
@@ -342,7 +584,7 @@ void tq_gemv_s8(const int8_t *x, const int8_t *w, const int32_t *wsum, int64_t M
                 dst[3] = _mm512_reduce_add_epi32(a3) - 128 * wsum[n + 3];
             }
         }
-        for (; n < N; ++n) {
+        for (; n < n1; ++n) {
             const int8_t *wn = w + n * K;
             for (int64_t m = 0; m < M; ++m) {
                 const uint8_t *xm = xu + m * K;
@@ -354,9 +596,8 @@ void tq_gemv_s8(const int8_t *x, const int8_t *w, const int32_t *wsum, int64_t M
         return;
     }
 #elif defined(__AVX512VNNI__) || defined(__AVXVNNI__)
-    if (wsum && xu) {
-        for (int64_t i = 0; i < M * K; ++i) xu[i] = (uint8_t)(x[i] + 128);
-        for (int64_t n = 0; n < N; ++n) {
+    if (xu) {
+        for (int64_t n = n0; n < n1; ++n) {
             const int8_t *wn = w + n * K;
             for (int64_t m = 0; m < M; ++m) {
                 const uint8_t *xm = xu + m * K;
@@ -368,13 +609,11 @@ void tq_gemv_s8(const int8_t *x, const int8_t *w, const int32_t *wsum, int64_t M
         return;
     }
 #elif defined(__AVX2__)
-    /* vpmaddubsw on x + 128 (u8) and w (s8); exact while |w| <= 64 (the int16 pair sums cannot saturate): on
-     * builds without VNNI the caller passes wsum only for such weights */
-    if (wsum && xu) {
+    /* vpmaddubsw on x + 128 (u8) and w (s8); exact while |w| <= 64 (the int16 pair sums cannot saturate) */
+    if (xu) {
         const __m256i ones = _mm256_set1_epi16(1);
-        for (int64_t i = 0; i < M * K; ++i) xu[i] = (uint8_t)(x[i] + 128);
         const int64_t K32 = K / 32 * 32;
-        for (int64_t n = 0; n < N; ++n) {
+        for (int64_t n = n0; n < n1; ++n) {
             const int8_t *wn = w + n * K;
             for (int64_t m = 0; m < M; ++m) {
                 const uint8_t *xm = xu + m * K;
@@ -397,7 +636,7 @@ void tq_gemv_s8(const int8_t *x, const int8_t *w, const int32_t *wsum, int64_t M
 #endif
     (void)wsum;
     (void)xu;
-    for (int64_t n = 0; n < N; ++n) {
+    for (int64_t n = n0; n < n1; ++n) {
         const int8_t *wn = w + n * K;
         for (int64_t m = 0; m < M; ++m) {
             const int8_t *xm = x + m * K;
@@ -408,8 +647,44 @@ void tq_gemv_s8(const int8_t *x, const int8_t *w, const int32_t *wsum, int64_t M
     }
 }
 
+static void gemv_cols(void *arg, int64_t n0, int64_t n1) {
+    const struct gemv_job *g = (const struct gemv_job *)arg;
+    gemv_s8_cols(g, n0, n1);
+    const struct epilogue_job *e = g->epilogue;
+    if (e)
+        for (int64_t m = 0; m < g->M; ++m) {
+            float *dst = e->y + m * g->N;
+            const int32_t *a = g->acc + m * g->N;
+            for (int64_t n = n0; n < n1; ++n) dst[n] = (float)a[n];
+            epilogue_row(e, m, n0, n1, dst);
+        }
+}
+
+/* acc = x @ w^T (and, given an epilogue, its y) in one parallel region; chunks of 16 columns (a cache line of
+ * acc and y, and the VNNI loop's blocks of 4 rows) */
+static void gemv_run(struct gemv_job *g, uint8_t *xu) {
+    g->xu = NULL;
+#if defined(TQ_GEMV_UNSIGNED)
+    if (g->wsum && xu) {
+        for (int64_t i = 0; i < g->M * g->K; ++i) xu[i] = (uint8_t)(g->x[i] + 128);
+        g->xu = xu;
+    }
+#else
+    (void)xu;
+#endif
+    tq_parallel_for(g->N, 16, g->M * g->N * g->K + g->N * g->K / 8,
+                    gemv_cols, g);
+}
+
+void tq_gemv_s8(const int8_t *x, const int8_t *w, const int32_t *wsum, int64_t M, int64_t N, int64_t K,
+                uint8_t *xu, int32_t *acc) {
+    struct gemv_job g = {x, w, wsum, M, N, K, NULL, acc, NULL};
+    gemv_run(&g, xu);
+}
+
 /* A Linear on a few rows in one call: quantize the rows, GEMV, rescale (+ bias) into y (R, N). One call instead
- * of three keeps a one-token layer's Python / ctypes overhead below its arithmetic. */
+ * of three keeps a one-token layer's Python / ctypes overhead below its arithmetic; the GEMV and the rescale
+ * share one parallel region. */
 int tq_linear_rows(const float *x, int64_t R, int64_t K, int norm, float eps, int bits, int64_t rows_per_sample,
                    const int8_t *w, const int32_t *wsum, int64_t N, const float *wscale, int per_channel,
                    const float *bias, float *y) {
@@ -421,8 +696,9 @@ int tq_linear_rows(const float *x, int64_t R, int64_t K, int norm, float eps, in
     int ok = q && xu && s && acc;
     if (ok) {
         tq_quantize_rows(x, R, K, norm, eps, bits, rows_per_sample, q, s);
-        tq_gemv_s8(q, w, wsum, R, N, K, xu, acc);
-        tq_linear_epilogue(acc, R, N, 0, s, wscale, per_channel, bias, y);
+        struct epilogue_job e = {acc, R, N, s, wscale, bias, per_channel, y};
+        struct gemv_job g = {q, w, wsum, R, N, K, NULL, acc, &e};
+        gemv_run(&g, xu);
     }
     free(q);
     free(xu);
@@ -440,52 +716,97 @@ int tq_linear_rows(const float *x, int64_t R, int64_t K, int norm, float eps, in
  * step p they read, and accumulated in float32 registers: y[o, t] = sum_j s[p] * sum_c w[j, o, c] q[c, p],
  * p = t * stride + j * dil. */
 
+struct grouped_job {
+    struct channels_job c; /* first: channels_absmax reads it */
+    uint8_t *xg;
+    int64_t in_g, C4, Tp, left;
+    const float *sample; /* per sample: each sample's scale, sample_stride apart */
+    int64_t sample_stride;
+};
+
+static void grouped_round(void *arg, int64_t u0, int64_t u1) {
+    const struct grouped_job *j = (const struct grouped_job *)arg;
+    const int64_t C = j->c.C, T = j->c.T, in_g = j->in_g, C4 = j->C4, Tp = j->Tp, groups = C / in_g;
+    const int norm = j->c.norm;
+    const float eps = j->c.eps, qmax = j->c.qmax;
+    float mean[BLOCK], rstd[BLOCK], amax[BLOCK], step[BLOCK];
+    for (int64_t u = u0; u < u1; ++u) {
+        const int64_t b = u / j->c.nblocks, t0 = u % j->c.nblocks * BLOCK;
+        const int n = (int)(T - t0 < BLOCK ? T - t0 : BLOCK);
+        const float *xb = j->c.x + b * C * T;
+        uint8_t *gb = j->xg + b * groups * C4 * Tp * 4;
+        column_stats(xb + t0, C, T, n, norm, eps, mean, rstd);
+        if (j->sample) {
+            for (int i = 0; i < n; ++i) step[i] = j->sample[b * j->sample_stride];
+        } else {
+            column_absmax(xb + t0, C, T, n, norm, mean, rstd, amax);
+            for (int i = 0; i < n; ++i) step[i] = (amax[i] < eps ? eps : amax[i]) / qmax;
+        }
+        for (int i = 0; i < n; ++i) j->c.s[b * Tp + j->left + t0 + i] = step[i];
+        for (int64_t c = 0; c < C; ++c) {
+            const float *row = xb + c * T + t0;
+            const int64_t g = c / in_g, cc = c % in_g;
+            uint8_t *dst = gb + ((g * C4 + (cc >> 2)) * Tp + j->left + t0) * 4 + (cc & 3);
+            for (int i = 0; i < n; ++i) {
+                float v = norm == 0 ? row[i] : norm == 1 ? (row[i] - mean[i]) * rstd[i] : row[i] * rstd[i];
+                dst[i * 4] = (uint8_t)((int)tq_code(rintf(v / step[i]), qmax) + 128);
+            }
+        }
+    }
+}
+
+/* Parallel over blocks of BLOCK time steps (per sample: a first parallel pass finds each block's absmax). */
 void tq_quantize_grouped(const float *x, int64_t B, int64_t C, int64_t T, int norm, float eps, int bits,
                          int per_sample, uint8_t *xg, int64_t in_g, int64_t C4, int64_t Tp, int64_t left,
                          float *s) {
     /* xg: (B, groups, C4, Tp, 4), channel c of conv group c / in_g in word (c % in_g) / 4; s: (B, Tp) per-step
      * scales (per sample: the sample's scale in every step), zero in the padding, whose codes are 0 (byte 128).
      * Input step t goes to column left + t. The norm and the scale cover all C channels. */
-    const int64_t groups = C / in_g;
-    const float qmax = (float)((1 << (bits - 1)) - 1);
-    float mean[BLOCK], rstd[BLOCK], amax[BLOCK], step[BLOCK];
-    memset(xg, 128, (size_t)(B * groups * C4 * Tp * 4));
-    for (int64_t b = 0; b < B; ++b) {
-        const float *xb = x + b * C * T;
-        uint8_t *gb = xg + b * groups * C4 * Tp * 4;
-        float *sb = s + b * Tp;
-        for (int64_t i = 0; i < Tp; ++i) sb[i] = 0.f;
-        float sample = 0.f;
-        if (per_sample) {
-            for (int64_t t0 = 0; t0 < T; t0 += BLOCK) {
-                int n = (int)(T - t0 < BLOCK ? T - t0 : BLOCK);
-                column_stats(xb + t0, C, T, n, norm, eps, mean, rstd);
-                column_absmax(xb + t0, C, T, n, norm, mean, rstd, amax);
-                for (int i = 0; i < n; ++i) sample = TQ_MAX(amax[i], sample);
+    struct grouped_job j;
+    memset(&j, 0, sizeof j);
+    j.c.x = x;
+    j.c.C = C;
+    j.c.T = T;
+    j.c.nblocks = (T + BLOCK - 1) / BLOCK;
+    j.c.norm = norm;
+    j.c.eps = eps;
+    j.c.qmax = (float)((1 << (bits - 1)) - 1);
+    j.c.s = s;
+    j.xg = xg;
+    j.in_g = in_g;
+    j.C4 = C4;
+    j.Tp = Tp;
+    j.left = left;
+    memset(xg, 128, (size_t)(B * (C / in_g) * C4 * Tp * 4));
+    for (int64_t i = 0; i < B * Tp; ++i) s[i] = 0.f;
+    const int64_t units = B * j.c.nblocks, work = 4 * B * C * T;
+    float *sample = NULL;
+    if (per_sample) {
+        /* the samples' scales, then each block's maxima in one buffer; without the memory for it, one block at a
+         * time, serially, each sample's scale waiting in its s[b, 0] */
+        sample = (float *)malloc((size_t)(B + units) * sizeof(float));
+        float one[1];
+        j.c.block_max = sample ? sample + B : one;
+        if (sample) tq_parallel_for(units, 1, work, channels_absmax, &j.c);
+        j.sample = sample ? sample : s;
+        j.sample_stride = sample ? 1 : Tp;
+        for (int64_t b = 0; b < B; ++b) {
+            float m = 0.f; /* in block order, as one pass over the steps would (the same NaN wins) */
+            for (int64_t i = 0; i < j.c.nblocks; ++i) {
+                if (!sample) channels_absmax(&j.c, b * j.c.nblocks + i, b * j.c.nblocks + i + 1);
+                m = TQ_MAX(j.c.block_max[sample ? b * j.c.nblocks + i : 0], m);
             }
-            sample = (sample < eps ? eps : sample) / qmax;
+            *(sample ? sample + b : s + b * Tp) = (m < eps ? eps : m) / j.c.qmax;
         }
-        for (int64_t t0 = 0; t0 < T; t0 += BLOCK) {
-            int n = (int)(T - t0 < BLOCK ? T - t0 : BLOCK);
-            column_stats(xb + t0, C, T, n, norm, eps, mean, rstd);
-            if (per_sample) {
-                for (int i = 0; i < n; ++i) step[i] = sample;
-            } else {
-                column_absmax(xb + t0, C, T, n, norm, mean, rstd, amax);
-                for (int i = 0; i < n; ++i) step[i] = (amax[i] < eps ? eps : amax[i]) / qmax;
-            }
-            for (int i = 0; i < n; ++i) sb[left + t0 + i] = step[i];
-            for (int64_t c = 0; c < C; ++c) {
-                const float *row = xb + c * T + t0;
-                const int64_t g = c / in_g, cc = c % in_g;
-                uint8_t *dst = gb + ((g * C4 + (cc >> 2)) * Tp + left + t0) * 4 + (cc & 3);
-                for (int i = 0; i < n; ++i) {
-                    float v = norm == 0 ? row[i] : norm == 1 ? (row[i] - mean[i]) * rstd[i] : row[i] * rstd[i];
-                    dst[i * 4] = (uint8_t)((int)tq_code(rintf(v / step[i]), qmax) + 128);
-                }
-            }
+        if (!sample) {
+            grouped_round(&j, 0, units); /* writes the same scale over s[b, left:left + T] */
+            if (left > 0)
+                for (int64_t b = 0; b < B; ++b) s[b * Tp] = 0.f;
+            return;
         }
     }
+    tq_parallel_for(units, 1, work, grouped_round, &j);
+    free(sample);
 }
 
 #if defined(__AVX512F__) && defined(__AVX512VNNI__)
@@ -493,9 +814,11 @@ void tq_quantize_grouped(const float *x, int64_t B, int64_t C, int64_t T, int no
 #define TQ_CONV_VNNI 1
 static void conv_grouped_vnni(const uint8_t *xg, int64_t C4, int64_t Tp, const int8_t *wg, const int32_t *wsum,
                               int64_t out, int64_t outp, int64_t k, int64_t dil, int64_t T_out, const float *s,
-                              const float *wscale, int64_t wstep, const float *bias, float *y, int64_t ldy) {
+                              const float *wscale, int64_t wstep, const float *bias, float *y, int64_t ldy,
+                              int64_t ob, int64_t oe) {
+    /* outputs [ob, oe), multiples of 8 */
     const int32_t *w32 = (const int32_t *)wg;
-    for (int64_t o0 = 0; o0 < outp; o0 += 8) {
+    for (int64_t o0 = ob; o0 < oe; o0 += 8) {
         for (int64_t t0 = 0; t0 < T_out; t0 += 16) {
             const int64_t n = T_out - t0 < 16 ? T_out - t0 : 16;
             const __mmask16 m = (__mmask16)(n == 16 ? 0xFFFF : (1u << n) - 1);
@@ -542,10 +865,12 @@ static void conv_grouped_vnni(const uint8_t *xg, int64_t C4, int64_t Tp, const i
  * block. The int16 pair sums cannot saturate while |w| <= 64 (2 * 255 * 64 < 32768): the caller checks. */
 static void conv_grouped_avx2(const uint8_t *xg, int64_t C4, int64_t Tp, const int8_t *wg, const int32_t *wsum,
                               int64_t out, int64_t outp, int64_t k, int64_t dil, int64_t T_out, const float *s,
-                              const float *wscale, int64_t wstep, const float *bias, float *y, int64_t ldy) {
+                              const float *wscale, int64_t wstep, const float *bias, float *y, int64_t ldy,
+                              int64_t ob, int64_t oe) {
+    /* outputs [ob, oe), multiples of 4 */
     const int32_t *w32 = (const int32_t *)wg;
     const __m256i ones = _mm256_set1_epi16(1), lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    for (int64_t o0 = 0; o0 < outp; o0 += 4) {
+    for (int64_t o0 = ob; o0 < oe; o0 += 4) {
         for (int64_t t0 = 0; t0 < T_out; t0 += 8) {
             const int64_t n = T_out - t0 < 8 ? T_out - t0 : 8;
             const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), lanes);
@@ -584,9 +909,10 @@ static void conv_grouped_avx2(const uint8_t *xg, int64_t C4, int64_t Tp, const i
 static void conv_grouped_generic(const uint8_t *xg, int64_t C4, int64_t Tp, const int8_t *wg,
                                  const int32_t *wsum, int64_t out, int64_t outp, int64_t k, int64_t dil,
                                  int64_t stride, int64_t T_out, const float *s, const float *wscale, int64_t wstep,
-                                 const float *bias, float *y, int64_t ldy) {
+                                 const float *bias, float *y, int64_t ldy, int64_t ob, int64_t oe) {
     int32_t acc[64];
-    for (int64_t o = 0; o < out; ++o) {
+    (void)outp;
+    for (int64_t o = ob; o < oe && o < out; ++o) {
         float *dst = y + o * ldy;
         for (int64_t t = 0; t < T_out; ++t) dst[t] = 0.f;
         for (int64_t t0 = 0; t0 < T_out; t0 += 64) {
@@ -614,7 +940,38 @@ static void conv_grouped_generic(const uint8_t *xg, int64_t C4, int64_t Tp, cons
     }
 }
 
-/* y (out, T_out) rows ldy apart = the convolution of grouped codes xg (C4, Tp, 4) by wg (see above). */
+struct conv_job {
+    const uint8_t *xg;
+    int64_t C4, Tp;
+    const int8_t *wg;
+    const int32_t *wsum;
+    int64_t out, outp, k, dil, stride, T_out, wstep, ldy;
+    const float *s, *wscale, *bias;
+    float *y;
+    int wmax;
+};
+
+static void conv_rows(void *arg, int64_t ob, int64_t oe) {
+    const struct conv_job *c = (const struct conv_job *)arg;
+#ifdef TQ_CONV_VNNI
+    if (c->stride == 1) {
+        conv_grouped_vnni(c->xg, c->C4, c->Tp, c->wg, c->wsum, c->out, c->outp, c->k, c->dil, c->T_out, c->s,
+                          c->wscale, c->wstep, c->bias, c->y, c->ldy, ob, oe);
+        return;
+    }
+#elif defined(TQ_CONV_AVX2)
+    if (c->stride == 1 && c->wmax <= 64) {
+        conv_grouped_avx2(c->xg, c->C4, c->Tp, c->wg, c->wsum, c->out, c->outp, c->k, c->dil, c->T_out, c->s,
+                          c->wscale, c->wstep, c->bias, c->y, c->ldy, ob, oe);
+        return;
+    }
+#endif
+    conv_grouped_generic(c->xg, c->C4, c->Tp, c->wg, c->wsum, c->out, c->outp, c->k, c->dil, c->stride, c->T_out,
+                         c->s, c->wscale, c->wstep, c->bias, c->y, c->ldy, ob, oe);
+}
+
+/* y (out, T_out) rows ldy apart = the convolution of grouped codes xg (C4, Tp, 4) by wg (see above); parallel
+ * over blocks of 8 output channels. */
 int tq_conv1d_grouped(const uint8_t *xg, int64_t C4, int64_t Tp, const int8_t *w, int64_t out, int64_t in,
                       int64_t k, int64_t dil, int64_t stride, int64_t T_out, const float *s, const float *wscale,
                       int64_t wstep, const float *bias, float *y, int64_t ldy) {
@@ -640,18 +997,9 @@ int tq_conv1d_grouped(const uint8_t *xg, int64_t C4, int64_t Tp, const int8_t *w
         }
         wsum[r] = total;
     }
-    (void)wmax;
-#ifdef TQ_CONV_VNNI
-    if (stride == 1)
-        conv_grouped_vnni(xg, C4, Tp, wg, wsum, out, outp, k, dil, T_out, s, wscale, wstep, bias, y, ldy);
-    else
-#elif defined(TQ_CONV_AVX2)
-    if (stride == 1 && wmax <= 64)
-        conv_grouped_avx2(xg, C4, Tp, wg, wsum, out, outp, k, dil, T_out, s, wscale, wstep, bias, y, ldy);
-    else
-#endif
-        conv_grouped_generic(xg, C4, Tp, wg, wsum, out, outp, k, dil, stride, T_out, s, wscale, wstep, bias, y,
-                             ldy);
+    struct conv_job c = {xg, C4, Tp, wg, wsum, out, outp, k, dil, stride, T_out, wstep, ldy, s, wscale, bias, y,
+                         wmax};
+    tq_parallel_for(outp, 8, outp * k * cols * T_out, conv_rows, &c);
     free(wg);
     free(wsum);
     return 0;
@@ -659,20 +1007,37 @@ int tq_conv1d_grouped(const uint8_t *xg, int64_t C4, int64_t Tp, const int8_t *w
 
 /* Row sums of int8 codes w (N, K) into sums (int32), returning max |w|: what the unsigned-byte GEMV needs, without
  * the int32 copy of the whole weight that torch's sum(dtype=int32) makes. */
-int tq_row_sums(const int8_t *w, int64_t N, int64_t K, int32_t *sums) {
+struct sums_job {
+    const int8_t *w;
+    int64_t K;
+    int32_t *sums;
+    int wmax;
+};
+
+static void row_sums_rows(void *arg, int64_t n0, int64_t n1) {
+    struct sums_job *j = (struct sums_job *)arg;
     int wmax = 0;
-    for (int64_t n = 0; n < N; ++n) {
+    for (int64_t n = n0; n < n1; ++n) {
         int32_t total = 0;
         int rmax = 0;
-        for (int64_t c = 0; c < K; ++c) {
-            const int v = w[n * K + c];
+        for (int64_t c = 0; c < j->K; ++c) {
+            const int v = j->w[n * j->K + c];
             total += v;
             rmax = (v < 0 ? -v : v) > rmax ? (v < 0 ? -v : v) : rmax;
         }
-        sums[n] = total;
+        j->sums[n] = total;
         wmax = rmax > wmax ? rmax : wmax;
     }
-    return wmax;
+    int seen = __atomic_load_n(&j->wmax, __ATOMIC_RELAXED);
+    while (wmax > seen && !__atomic_compare_exchange_n(&j->wmax, &seen, wmax, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+    }
+}
+
+/* Parallel over rows. */
+int tq_row_sums(const int8_t *w, int64_t N, int64_t K, int32_t *sums) {
+    struct sums_job j = {w, K, sums, 0};
+    tq_parallel_for(N, 16, N * K, row_sums_rows, &j);
+    return j.wmax;
 }
 
 int tq_abi_version(void) { return TQ_ABI_VERSION; }

@@ -10,7 +10,7 @@
 
 #include <stdint.h>
 
-#define TQ_ABI_VERSION 5
+#define TQ_ABI_VERSION 6
 
 void tq_quantize_channels(const float *x, int64_t B, int64_t C, int64_t T, int norm, float eps, int bits, int
     per_sample, int8_t *q, int64_t ldq, float *s, int64_t lds, int64_t off);
@@ -42,6 +42,12 @@ int tq_conv1d_grouped(const uint8_t *xg, int64_t C4, int64_t Tp, const int8_t *w
     *bias, float *y, int64_t ldy);
 
 int tq_row_sums(const int8_t *w, int64_t N, int64_t K, int32_t *sums);
+
+/* threads: the OpenMP runtime's GOMP_parallel and omp_get_max_threads (NULL, NULL: serial); the threads the next
+ * call may use */
+void tq_set_openmp(void *parallel, void *max_threads);
+
+int tq_num_threads(void);
 
 /* ternq_packed.c: Linear on 2-bit rows (storage="packed") */
 

@@ -19,9 +19,11 @@
  * Prefill (many tokens) stays on torch._int_mm: tq_unpack_2bit decodes a tile of rows into a small int8 buffer
  * that the GEMM reads from cache (ternq/runtime/kernels.py: linear_int8_packed).
  *
- * tq_gemv_2bit_range computes the output rows [r0, r1): the unit a parallel loop splits among threads.
+ * Both are parallel over output rows (tq_parallel_for, ternq_kernels.c: torch's OpenMP pool), each thread reading
+ * its share of the weight once; every output is computed by the same instructions at any thread count.
  */
 #include "ternq_kernels.h"
+#include "ternq_internal.h"
 
 #include <stdint.h>
 #include <stdlib.h>
@@ -148,23 +150,36 @@ TQ_INLINE void dots_generic(int rows, const int8_t *xm, const uint8_t *w, int64_
  * the storage by it (ternq.runtime.picker.choose_storage): the portable loop is not faster than the int8 one. */
 int tq_packed_isa(void) { return TQ_PACKED_ISA; }
 
-/* y[m, n] for n in [r0, r1), m in [0, M): activation codes xp (M, ldx) int8, zero from K to ldx >= 4 * width + 64,
- * their row sums xsum, scales s (M,); w2 (N, width) 2-bit rows. Four weight rows per pass (from L1 for each m). */
-static void gemv_2bit_range(const int8_t *xp, const int32_t *xsum, int64_t M, int64_t ldx, const uint8_t *w2,
-                            int64_t width, int64_t N, int64_t r0, int64_t r1, const float *s, const float *wscale,
-                            int per_channel, const float *bias, float *y) {
+/* One call's operands: activation codes xp (M, ldx) int8, zero from K to ldx >= 4 * width + 64, their row sums
+ * xsum, scales s (M,); w2 (N, width) 2-bit rows; y (M, N). */
+struct gemv_2bit_job {
+    const int8_t *xp;
+    const int32_t *xsum;
+    int64_t M, ldx;
+    const uint8_t *w2;
+    int64_t width, N;
+    const float *s, *wscale, *bias;
+    int per_channel;
+    float *y;
+};
+
+/* y[m, n] for the output rows n in [r0, r1), every m: four weight rows per pass (from L1 for each m). */
+static void gemv_2bit_range(void *arg, int64_t r0, int64_t r1) {
+    const struct gemv_2bit_job *g = (const struct gemv_2bit_job *)arg;
+    const int64_t M = g->M, N = g->N, width = g->width;
     int32_t d[4];
     int64_t n = r0;
     for (; n + 4 <= r1; n += 4)
         for (int64_t m = 0; m < M; ++m) {
-            TQ_DOTS(4, xp + m * ldx, w2 + n * width, width, d);
+            TQ_DOTS(4, g->xp + m * g->ldx, g->w2 + n * width, width, d);
             for (int r = 0; r < 4; ++r)
-                y[m * N + n + r] = rescale(d[r] - 2 * xsum[m], s[m], wscale, per_channel, bias, n + r);
+                g->y[m * N + n + r] = rescale(d[r] - 2 * g->xsum[m], g->s[m], g->wscale, g->per_channel, g->bias,
+                                              n + r);
         }
     for (; n < r1; ++n)
         for (int64_t m = 0; m < M; ++m) {
-            TQ_DOTS(1, xp + m * ldx, w2 + n * width, width, d);
-            y[m * N + n] = rescale(d[0] - 2 * xsum[m], s[m], wscale, per_channel, bias, n);
+            TQ_DOTS(1, g->xp + m * g->ldx, g->w2 + n * width, width, d);
+            g->y[m * N + n] = rescale(d[0] - 2 * g->xsum[m], g->s[m], g->wscale, g->per_channel, g->bias, n);
         }
 }
 
@@ -184,7 +199,9 @@ int tq_linear_2bit(const float *x, int64_t R, int64_t K, int norm, float eps, in
             memcpy(xp + m * ldx, q + m * K, (size_t)K);
             xsum[m] = total;
         }
-        gemv_2bit_range(xp, xsum, R, ldx, w2, width, N, 0, N, s, wscale, per_channel, bias, y);
+        struct gemv_2bit_job g = {xp, xsum, R, ldx, w2, width, N, s, wscale, bias, per_channel, y};
+        /* chunks of 16 rows: a cache line of y, and whole 4-row passes */
+        tq_parallel_for(N, 16, R * N * width + N * width, gemv_2bit_range, &g);
     }
     free(q);
     free(xp);
@@ -195,9 +212,19 @@ int tq_linear_2bit(const float *x, int64_t R, int64_t K, int norm, float eps, in
 
 /* Rows [r0, r1) of 2-bit rows w2 (N, ceil(K / 4)) as int8 codes into out ((r1 - r0), K): a tile for the GEMM.
  * Vectorized by hand: the compilers' version of the scalar loop was 8x slower, as slow as the AMX GEMM it feeds. */
-void tq_unpack_2bit(const uint8_t *w2, int64_t K, int64_t r0, int64_t r1, int8_t *out) {
-    const int64_t width = (K + 3) / 4;
-    for (int64_t n = r0; n < r1; ++n) {
+struct unpack_job {
+    const uint8_t *w2;
+    int64_t K, r0;
+    int8_t *out;
+};
+
+static void unpack_range(void *arg, int64_t u0, int64_t u1) {
+    const struct unpack_job *u = (const struct unpack_job *)arg;
+    const int64_t K = u->K, width = (K + 3) / 4;
+    const uint8_t *w2 = u->w2;
+    const int64_t r0 = u->r0;
+    int8_t *out = u->out;
+    for (int64_t n = r0 + u0; n < r0 + u1; ++n) {
         const uint8_t *src = w2 + n * width;
         int8_t *dst = out + (n - r0) * K;
         int64_t j = 0;
@@ -227,4 +254,9 @@ void tq_unpack_2bit(const uint8_t *w2, int64_t K, int64_t r0, int64_t r1, int8_t
             for (int64_t i = j; i < width && p * width + i < K; ++i)
                 dst[p * width + i] = (int8_t)((((src[i] >> (2 * p)) & 3) ^ 2) - 2);
     }
+}
+
+void tq_unpack_2bit(const uint8_t *w2, int64_t K, int64_t r0, int64_t r1, int8_t *out) {
+    struct unpack_job u = {w2, K, r0, out};
+    tq_parallel_for(r1 - r0, 1, (r1 - r0) * K, unpack_range, &u);
 }

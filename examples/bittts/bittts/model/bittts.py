@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+import ternq
+
 from ..config import BitTTSConfig
 from ..limits import LimitError
 from .acoustic import AcousticModel, sequence_mask
@@ -136,7 +138,11 @@ class BitTTS(nn.Module):
             turns into the packed model; on device "meta" it allocates no weights.
         """
         plain = dataclasses.replace(cfg, vocoder=dataclasses.replace(cfg.vocoder, weight_norm=False))
-        with torch.device(device) if device is not None else contextlib.nullcontext():
+        if device is not None and torch.device(device).type == "meta":
+            context = ternq.skeleton()  # meta without the initializations (they import torch._dynamo there)
+        else:
+            context = torch.device(device) if device is not None else contextlib.nullcontext()
+        with context:
             model = cls(plain)
         if quantize:  # before the aligner goes: `ALWAYS_FLOAT` names it
             apply_quantization(model, cfg.quant)
