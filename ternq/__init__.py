@@ -18,12 +18,14 @@ from .errors import (
     ChecksumError,
     ConfigError,
     ConversionError,
+    ExportError,
     FormatError,
     SelectorError,
     TernqError,
     UnsupportedLayerError,
 )
 from .find.selectors import Rule, output_layers
+from .format.gguf import export_gguf
 from .format.reader import PackedFile
 from .format.reader import open_packed as open  # noqa: A001, F401 (ternq.open, like safetensors.safe_open)
 from .format.torch import PackedModel, load_packed, pack, read_metadata, save_packed, skeleton
@@ -50,6 +52,7 @@ __all__ = [
     "skeleton",
     "read_metadata",
     "PackedModel",
+    "export_gguf",
     "PackedFile",  # ternq.open(path) opens one; "open" is not in __all__, so `import *` keeps the builtin
     "TernqError",
     "ConfigError",
@@ -60,4 +63,5 @@ __all__ = [
     "FormatError",
     "ChecksumError",
     "ArchitectureMismatchError",
+    "ExportError",
 ]

@@ -36,3 +36,7 @@ class ChecksumError(FormatError):
 
 class ArchitectureMismatchError(FormatError):
     """A packed file does not fit the float skeleton it is loaded into."""
+
+
+class ExportError(TernqError, ValueError):
+    """A model cannot be written in a foreign format (`ternq.export_gguf`); nothing was written."""
