@@ -73,9 +73,9 @@ def build(config: Any, seed: int = 0) -> nn.Module:
     return LlamaForCausalLM(config).eval()
 
 
-def quantized(config: Any) -> nn.Module:
-    """The fp32 model (same seed) quantized as llama.cpp can represent it."""
-    return ternq.quantize(build(config), exclude=["lm_head"], config=ternq.TernaryConfig(input_norm=None))
+def quantized(model: nn.Module) -> nn.Module:
+    """`model` quantized in place as llama.cpp can represent it (no input norm; lm_head float)."""
+    return ternq.quantize(model, exclude=["lm_head"], config=ternq.TernaryConfig(input_norm=None))
 
 
 # --- measuring -------------------------------------------------------------------------------------------------
@@ -198,18 +198,19 @@ def run(args: argparse.Namespace) -> None:
 
     print(machine_line())
     print(f"ternq native: {native.status()} | 2-bit loop: {native.packed_isa()}")
-    n_params = sum(p.numel() for p in build(config).parameters())
+    fp32 = build(config)  # measured first, then quantized in place (one random init of 206 M weights, not two)
+    n_params = sum(p.numel() for p in fp32.parameters())
     print(f"model: Llama hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, "
           f"{args.heads} heads ({args.kv_heads} KV), vocab {args.vocab}: {n_params / 1e6:.1f} M parameters; "
           f"prompt {args.prompt} tokens, greedy decode {args.new} tokens, best of {args.rounds}")
     print(f"{'variant':22s} {'threads':>7s} {'decode tok/s':>13s} {'prompt tok/s':>13s} {'bits/weight':>12s}")
 
     if "fp32" in args.variants:
-        measure("fp32", lambda: build(config), fp32_bits)
-    if "dyn-int8" in args.variants:
-        measure("torch dyn int8", lambda: torch.ao.quantization.quantize_dynamic(build(config), {nn.Linear},
+        measure("fp32", lambda: fp32, fp32_bits)
+    if "dyn-int8" in args.variants:  # a quantized copy (quantize_dynamic is not in place by default)
+        measure("torch dyn int8", lambda: torch.ao.quantization.quantize_dynamic(fp32, {nn.Linear},
                                                                                  dtype=torch.qint8), quantized_bits)
-    qat = quantized(config)
+    qat = quantized(fp32)
     packed = ternq.pack(qat)
     for storage in TERNQ_STORAGES:
         if f"ternq-{storage}" in args.variants:
