@@ -13,9 +13,9 @@ the kernel a warm call runs (CHANGELOG.md: what timing cost). The rules encode w
 
 Storage (`choose_storage`, once per layer at load, for ``storage="auto"``): 2-bit rows (``"packed"``) for a
 Linear whose codes fit 2 bits and whose weight has at least `PACKED_MIN_WEIGHTS` codes, where the build runs a SIMD
-loop on them (`ternq.native.packed_isa`): decode is weight-bandwidth bound and the 2-bit GEMV read a quarter of the
-bytes, 3-7x faster than the int8 GEMV on 4-23 M codes (docs/benchmarks.md); below, the weight sits in cache and the
-int8 GEMV, one multiply per code and no decoding, is as fast. Elsewhere int8, the layout every kernel reads.
+loop on them (`ternq.native.packed_isa`): decode is weight-bandwidth bound and the 2-bit GEMV reads a quarter of the
+bytes, 3-7x faster than the int8 GEMV on 4-23 M codes (CHANGELOG.md, issue 18); below, the weight sits in cache and
+the int8 GEMV, one multiply per code and no decoding, is as fast. Elsewhere int8, the layout every kernel reads.
 """
 from __future__ import annotations
 
