@@ -1,7 +1,7 @@
 """Packed ternary inference vs fp32 eager, PyTorch dynamic int8 quantization and torchao's int8 configs.
 
-Prints, from one run on this machine: speed ratios (fp32 time / variant time, so 2.0x = twice as fast) at 1 and
-2 threads on a Linear-heavy model (4 x Linear(1024), 1 / 16 / 64 / 256 tokens) and on BitTTS-shaped Conv1d stacks
+Prints, from one run on this machine: speed ratios (fp32 time / variant time, so 2.0x = twice as fast) at 1 thread
+and at all threads (``--threads``; OpenMP's default settings, as users run it) on a Linear-heavy model (4 x Linear(1024), 1 / 16 / 64 / 256 tokens) and on BitTTS-shaped Conv1d stacks
 (4 x Conv1d(C, C, 5), C = 192 / 256, 500 / 1000 frames; the same stacks again quantized with
 ``act_granularity="tensor"``, one activation scale per sample, which ternq runs as one int8 GEMM per conv) and
 HiFi-GAN's ConvTranspose1d upsamplers; then resident weight memory and process peak RSS during inference (each variant in its own subprocess, so peaks do not mix), and the peak of loading a packed
@@ -17,13 +17,14 @@ The variants compute different models (different quantizers), so this compares s
 
 Times are the best of `--rounds` interleaved rounds (the variants take turns, so a burst of load on a shared
 machine hits all of them), each round timing enough calls to last ~10 ms; at 1 thread the clock is the thread's
-CPU time, at 2 threads wall time.
+CPU time, at more threads wall time. A last table divides ternq's ratio at N threads by its 1-thread ratio.
 
     python benchmarks/bench_runtime.py                 # the full table (~3 min)
     python benchmarks/bench_runtime.py --quick         # smoke run
     python benchmarks/bench_runtime.py --emulate-avx2  # the same with oneDNN / ATen / MKL limited to AVX2 and
                                                        # ternq's native kernels built for haswell (no VNNI)
     python benchmarks/bench_runtime.py --load-only     # only the load_packed peak table
+    python benchmarks/bench_runtime.py --threads 1,2,4,all  # speed tables at these thread counts
 """
 from __future__ import annotations
 
@@ -39,12 +40,11 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-# Waiting OpenMP threads sleep instead of spinning: on a shared machine a spinning thread holds its core while
-# its partner waits for one, which made 2-thread times 10-50x slower and random here. Set before torch loads.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import torch  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
+# OpenMP runs with its defaults (no OMP_WAIT_POLICY): what users get. On a machine shared with other busy
+# processes, multi-thread times are then noisy (a spinning thread holds a core its partner waits for): run the
+# thread tables on a quiet machine.
+import torch
+from torch import Tensor, nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _machine import machine_line  # noqa: E402
@@ -53,6 +53,8 @@ from ternq import TernaryConfig, native  # noqa: E402
 from ternq.qat.layers import layer_spec, to_quant_module  # noqa: E402
 from ternq.runtime import packed_layer  # noqa: E402
 from ternq.runtime.packed_weight import PackedWeight  # noqa: E402
+
+ALL_THREADS = torch.get_num_threads()  # torch's default: every core (or $OMP_NUM_THREADS)
 
 warnings.filterwarnings("ignore", message=".*torch.ao.quantization is deprecated.*")
 warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
@@ -350,11 +352,13 @@ def run_child(*args: str) -> dict[str, Any] | str:
 # --- report ----------------------------------------------------------------------------------------------------
 
 
-def speed_table(threads: int, rounds: int, names: list[str]) -> list[str]:
+def speed_table(threads: int, rounds: int, names: list[str], ratios: dict[tuple[str, int], float] | None = None
+                ) -> list[str]:
+    """The speed table at `threads` threads; `ratios` collects ternq's ratio per (row, threads)."""
     torch.set_num_threads(threads)
     head = "| model | input | fp32 ms | " + " | ".join(n for n in names if n != "fp32") + " | ternq kernels |"
-    lines = [f"**{threads} thread{'s' if threads > 1 else ''}** — {machine_line()}", "", head,
-             "|" + "---|" * (head.count("|") - 1)]
+    lines = [f"**{threads} thread{'s' if threads > 1 else ''}** (native kernels: {native.num_threads()}) — "
+             f"{machine_line()}", "", head, "|" + "---|" * (head.count("|") - 1)]
     for label, make, shape in CASES:
         models: dict[str, nn.Module] = {}
         for name in names:
@@ -365,9 +369,26 @@ def speed_table(threads: int, rounds: int, names: list[str]) -> list[str]:
         best = time_variants(models, x, rounds)
         kernels = sorted({m.kernel for m in models["ternq"].modules() if hasattr(m, "kernel")})
         cells = [f"{best['fp32'] / best[n]:.2f}x" if n in best else "n/a" for n in names if n != "fp32"]
+        if ratios is not None and "ternq" in best:
+            ratios[(f"{label} {'x'.join(map(str, shape))}", threads)] = best["fp32"] / best["ternq"]
         lines.append(f"| {label} | {'x'.join(map(str, shape))} | {best['fp32'] * 1e3:.2f} | "
                      + " | ".join(cells) + f" | {', '.join(kernels)} |")
         print(lines[-1], file=sys.stderr, flush=True)
+    return lines
+
+
+def threads_table(ratios: dict[tuple[str, int], float], threads_list: list[int]) -> list[str]:
+    """ternq's speed ratio to fp32 at each thread count against its 1-thread ratio (issue 18's goal: at N threads
+    at least the 1-thread ratio, on every row)."""
+    rows = list(dict.fromkeys(label for label, _ in ratios))
+    more = [t for t in threads_list if t > 1]
+    lines = ["ternq's ratio to fp32 at N threads / its ratio at 1 thread (>= 1.00 meets the goal):", "",
+             "| row | 1 thread | " + " | ".join(f"{t} threads" for t in more) + " |",
+             "|" + "---|" * (2 + len(more))]
+    for row in rows:
+        one = ratios.get((row, 1))
+        cells = [f"{ratios[(row, t)] / one:.2f}" if one and (row, t) in ratios else "n/a" for t in more]
+        lines.append(f"| {row} | {one:.2f}x | " + " | ".join(cells) + " |" if one else f"| {row} | n/a |")
     return lines
 
 
@@ -439,6 +460,9 @@ def main() -> None:
                         help="re-run with oneDNN, ATen and MKL limited to AVX2 (an older CPU without VNNI/AMX)")
     parser.add_argument("--load-only", action="store_true", help="only the load_packed peak table")
     parser.add_argument("--one-thread", action="store_true", help="only the 1-thread speed table")
+    parser.add_argument("--threads", default="1,all",
+                        help="thread counts of the speed tables, comma-separated ('all': torch's default, "
+                             f"{ALL_THREADS} here)")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -464,12 +488,16 @@ def main() -> None:
     names = available_variants()
     out = [f"# bench_runtime — {time.strftime('%Y-%m-%d %H:%M')}", "",
            "Speed: fp32 time / variant time (higher is faster), best of "
-           f"{rounds} interleaved rounds (1 thread: thread CPU time; 2 threads: wall time). "
+           f"{rounds} interleaved rounds (1 thread: thread CPU time; more threads: wall time). "
            f"torchao: {torchao_status()}. ternq native kernels: {native.status()} "
            f"(TERNQ_NATIVE_ARCH={os.environ.get('TERNQ_NATIVE_ARCH', 'native')}).", ""]
-    threads_list = (1,) if args.one_thread else (1, 2)
+    threads_list = [1] if args.one_thread else sorted({1, *(ALL_THREADS if t == "all" else int(t)
+                                                           for t in args.threads.split(","))})
+    ratios: dict[tuple[str, int], float] = {}
     for threads in threads_list:
-        out += speed_table(threads, rounds, names) + [""]
+        out += speed_table(threads, rounds, names, ratios) + [""]
+    if len(threads_list) > 1:
+        out += threads_table(ratios, threads_list) + [""]
     if not args.quick and not args.emulate_avx2:
         torch.set_num_threads(1)
         out += ["Memory, 1 thread. weights: bytes of every tensor the model keeps. RSS: a fresh subprocess per "

@@ -28,9 +28,10 @@ from .find.selectors import Rule, output_layers
 from .format.gguf import export_gguf
 from .format.reader import PackedFile
 from .format.reader import open_packed as open  # noqa: A001, F401 (ternq.open, like safetensors.safe_open)
-from .format.torch import PackedModel, load_packed, pack, read_metadata, save_packed, skeleton
+from .format.torch import PackedModel, load_packed, pack, read_metadata, save_packed
 from .qat.layers import is_quantized, register_layer
 from .report import Report, report
+from .runtime.skeleton import skeleton
 
 __version__ = "0.1.0"
 

@@ -243,6 +243,28 @@ def test_meta_skeleton_allocates_nothing_for_packed_weights(mlp_file):
         assert_close_to_qat(loaded(x), model(x))
 
 
+def test_skeleton_builds_without_initializing(tmp_path):
+    """`ternq.skeleton()`: the mixed model (every layer kind, BatchNorm buffers, weight norm) builds on meta with no
+    initialization run, loads like any skeleton, and in a fresh process does not import torch._dynamo (which
+    initializing meta tensors does: 1-3 s of a one-shot load)."""
+    model = mixed_qat()
+    path = tmp_path / "mixed.safetensors"
+    ternq.save_packed(model, path)
+    with ternq.skeleton():
+        skeleton = Mixed()
+    assert all(t.is_meta for t in [*skeleton.parameters(), *skeleton.buffers()])
+    loaded = ternq.load_packed(path, skeleton).eval()
+    assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
+    with torch.no_grad():
+        assert_close_to_qat(loaded(tokens()), model(tokens()))
+    assert torch.ones(2).device.type == "cpu"  # the context is gone
+    code = ("import sys, torch, ternq\nfrom torch import nn\nwith ternq.skeleton():\n"
+            "    m = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 3), nn.Conv1d(3, 3, 5), nn.LayerNorm(3))\n"
+            "print('torch._dynamo' in sys.modules, all(p.is_meta for p in m.parameters()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
+    assert out.stdout.split() == ["False", "True"]
+
+
 def test_dequantize_option_gives_float_layers_with_hard_weights(tmp_path):
     torch.manual_seed(0)
     model = ternq.quantize(nn.Sequential(nn.Linear(6, 5), nn.Conv1d(5, 4, 3)),

@@ -1,7 +1,10 @@
 """The native kernels (ternq/runtime/csrc/ternq_kernels.c via ternq.native): build cache, clean degradation, kernel properties."""
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
+import io
 import os
 import re
 import stat
@@ -9,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -373,3 +377,171 @@ def test_the_binding_is_checked_against_the_header(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv(native.NATIVE_ENV, "1")
     with pytest.raises(native.NativeInterfaceError, match="tq_row_sums"):
         native.library()  # raised, not degraded to the eager fallback
+
+
+# --- threads: torch's OpenMP pool, torch's thread count, the same bits at any count (issue 18) -----------------
+
+
+@contextlib.contextmanager
+def _split_small_shapes() -> Iterator[None]:
+    """Every kernel splits even the small shapes of a property test into chunks (1 unit of work each), and the
+    thread count comes back as it was."""
+    lib, threads = native.library(), torch.get_num_threads()
+    lib.tq_set_min_work(1)
+    try:
+        yield
+    finally:
+        lib.tq_set_min_work(1 << 18)  # the library's default
+        torch.set_num_threads(threads)
+
+
+def _every_kernel(seed: int, rows: int, k: int, n: int, c_in: int, t: int, taps: int, spoil: float | None,
+                  per_sample: bool) -> dict[str, torch.Tensor]:
+    """The outputs of every native kernel on one random case (`spoil`: a NaN / Inf planted in each input)."""
+    g = torch.Generator().manual_seed(seed)
+    out: dict[str, torch.Tensor] = {}
+    x = torch.randn(rows, k, generator=g) * 2
+    xc = torch.randn(2, c_in, t, generator=g)
+    if spoil is not None:
+        x[rows // 2, k // 3] = spoil
+        xc[1, c_in // 2, t // 2] = spoil
+    w = torch.randint(-1, 2, (n, k), dtype=torch.int8, generator=g)
+    wscale, bias = torch.rand(n, generator=g) + 0.5, torch.randn(n, generator=g)
+    q, s = torch.empty(rows, k, dtype=torch.int8), torch.empty(rows)
+    native.quantize_rows(x, "layernorm", 1e-5, 8, 1 if not per_sample else rows, q, s)
+    out["quantize_rows"], out["row_scales"] = q, s
+    out["row_sums"], wmax = native.row_sums(w)
+    out["gemv"] = native.gemv(q, w, out["row_sums"])
+    out["gemv_signed"] = native.gemv(q, w, None)
+    out["linear_rows"] = native.linear_rows(x, "rmsnorm", 1e-5, 8, 1, w, out["row_sums"], wscale, True, bias)
+    out["linear_rows_2bit"] = native.linear_rows(x, None, 1e-5, 8, 1, pack_rows(w, 2), out["row_sums"], wscale[:1],
+                                                 False, None)
+    acc = torch.randint(-5000, 5000, (n, rows), dtype=torch.int32, generator=g)
+    for per_channel, b in ((True, bias), (False, None)):
+        w_s = wscale if per_channel else wscale[:1]
+        out[f"epilogue_t_{per_channel}"] = native.linear_epilogue(acc, True, s, w_s, per_channel, b)
+        out[f"epilogue_{per_channel}"] = native.linear_epilogue(acc.t().contiguous(), False, s, w_s, per_channel, b)
+    qc, sc = torch.zeros(2, c_in, t + 3, dtype=torch.int8), torch.zeros(2, t + 3)
+    native.quantize_channels(xc, "layernorm", 1e-5, 8, per_sample, qc, sc, 1)
+    out["quantize_channels"], out["channel_scales"] = qc, sc
+    xg, sg = native.quantize_grouped(xc, "layernorm", 1e-5, 8, per_sample, c_in, 1, taps)
+    out["quantize_grouped"], out["grouped_scales"] = xg, sg
+    wc = torch.randint(-1, 2, (taps, n, c_in), dtype=torch.int8, generator=g)
+    t_out = t + 1 + taps - taps  # (left 1 + t + right taps) - (taps - 1) ... steps
+    y = torch.empty(n, t_out)
+    native.conv1d_grouped(xg[1, 0], wc, taps, 1, 1, t_out, sg[1], wscale, True, bias, y)
+    out["conv1d"] = y
+    width = t + 3
+    acc3 = torch.randint(-3000, 3000, (taps * n, width), dtype=torch.int32, generator=g)
+    ys = torch.empty(n, t)
+    native.tap_sum(acc3, taps, sc[1], t - taps + 1 if t >= taps else 1, 1, 1, wscale, True, bias, ys)
+    out["tap_sum"] = ys[:, : (t - taps + 1 if t >= taps else 1)]
+    full = torch.zeros(n, width + taps + 1)
+    native.tap_scatter(acc3, taps, sc[1], width - 1, 1, 1, full, 1)
+    out["tap_scatter"] = full
+    return out
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes: NaN payloads and signed zeros included."""
+    return t.contiguous().view(torch.uint8)
+
+
+@needs_native
+@settings(deadline=None, max_examples=25)
+@given(seed=st.integers(0, 2**16), rows=st.sampled_from([1, 2, 5, 16, 33]), k=st.integers(1, 150),
+       n=st.integers(1, 45), c_in=st.integers(1, 13), t=st.sampled_from([1, 7, 255, 257, 600]),
+       taps=st.integers(1, 5), spoil=st.sampled_from([None, float("nan"), float("inf"), -float("inf")]),
+       per_sample=st.booleans())
+def test_every_kernel_gives_the_same_bits_at_any_thread_count(seed: int, rows: int, k: int, n: int, c_in: int,
+                                                              t: int, taps: int, spoil: float | None,
+                                                              per_sample: bool) -> None:
+    """Each kernel splits its output rows between torch's threads: 1, 2 and 3 threads give the same bytes (shapes
+    off every block size, one row and many, non-finite inputs), and NaN / Inf in gives NaN / Inf out."""
+    results = {}
+    with _split_small_shapes():
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            assert native.num_threads() == threads  # torch's count is the kernels' count
+            results[threads] = _every_kernel(seed, rows, k, n, c_in, t, taps, spoil, per_sample)
+    for threads in (2, 3):
+        for name, value in results[1].items():
+            assert torch.equal(_bits(results[threads][name]), _bits(value)), (name, threads)
+    for per_channel in (True, False):  # the transposed epilogue (16 x 16 tiles) is the plain one, bit for bit
+        assert torch.equal(_bits(results[1][f"epilogue_t_{per_channel}"]), _bits(results[1][f"epilogue_{per_channel}"]))
+    y = results[1]["linear_rows"]
+    if spoil is not None:  # the spoiled row's outputs, and only they, are not finite
+        assert not bool(torch.isfinite(y[rows // 2]).any())
+        assert bool(torch.isfinite(torch.cat([y[: rows // 2], y[rows // 2 + 1:]])).all())
+    else:
+        assert bool(torch.isfinite(y).all())
+
+
+@needs_native
+def test_the_kernels_take_torchs_thread_count_in_every_thread() -> None:
+    """torch.set_num_threads is honoured, also in a thread that has not run a torch op yet (torch gives a thread
+    its count lazily), and the kernels share torch's OpenMP runtime (one pool of worker threads)."""
+    import threading
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        assert native.num_threads() == 3
+        seen: list[int] = []
+        worker = threading.Thread(target=lambda: seen.append(native.num_threads()))
+        worker.start()
+        worker.join()
+        assert seen == [3]
+        torch.set_num_threads(1)
+        assert native.num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    if "OpenMP" in torch.__config__.parallel_info():
+        assert "threads: torch's OpenMP runtime" in native.status()
+
+
+# --- no per-call work that could be done once (issue 18) -------------------------------------------------------
+
+
+@needs_native
+@pytest.mark.parametrize("storage", ["int8", "packed"])
+def test_a_one_token_linear_does_its_lookups_once(monkeypatch: pytest.MonkeyPatch, storage: str) -> None:
+    """After the first call, a packed Linear's one-token calls go straight to the native call: no CPU flags read
+    (2-bit storage read them in every call), no row sums, no kernel choice made again."""
+    torch.manual_seed(0)
+    config = TernaryConfig()
+    layer = nn.Linear(64, 32)
+    codes, scale = to_quant_module(layer, config).weight_codes()
+    packed = packed_layer(layer, codes, scale, config, layer_spec(layer), storage=storage)
+    x = torch.randn(1, 64)
+    with torch.no_grad():
+        first = packed(x)
+        calls: list[str] = []
+        for name in ("cpu_flags", "vnni", "row_sums", "available", "library"):
+            original = getattr(native, name)
+            monkeypatch.setattr(native, name, lambda *a, _n=name, _f=original, **k: calls.append(_n) or _f(*a, **k))
+        for _ in range(3):
+            assert torch.equal(packed(x), first)
+        assert packed.kernel == "int8_gemv" and calls == []
+        # what it binds holds pointers into its own tensors: a copy and a pickled layer bind their own
+        monkeypatch.undo()
+        clone = copy.deepcopy(packed)
+        buffer = io.BytesIO()
+        torch.save(packed, buffer)
+        buffer.seek(0)
+        assert torch.equal(torch.load(buffer, weights_only=False)(x), first)
+        clone.ternq_codes.zero_()
+        assert torch.equal(packed(x), first) and not torch.equal(clone(x), first)
+
+
+@needs_native
+def test_a_packed_linear_built_under_inference_mode_runs() -> None:
+    """Its codes are inference tensors, which have no version counter: the row sums' cache read one and raised."""
+    torch.manual_seed(0)
+    config = TernaryConfig()
+    layer = nn.Linear(64, 32)
+    codes, scale = to_quant_module(layer, config).weight_codes()
+    with torch.inference_mode():
+        packed = packed_layer(layer, codes.detach().clone(), scale.detach().clone(), config, layer_spec(layer))
+        y = packed(torch.randn(1, 64))
+    assert packed.kernel == "int8_gemv" and bool(torch.isfinite(y).all())

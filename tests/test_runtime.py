@@ -401,7 +401,8 @@ def test_kernel_selection_env_and_override(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_memoized_choice_follows_env_and_reset(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The per-layer memo of the last automatic choice never outlives what it depends on."""
+    """The per-layer memo of automatic choices never outlives what it depends on, and keeps more than one shape
+    (a prompt's and the decode step's alternate)."""
     import ternq.runtime
     import ternq.runtime.picker
 
@@ -427,7 +428,10 @@ def test_memoized_choice_follows_env_and_reset(monkeypatch: pytest.MonkeyPatch) 
         assert layer.kernel == "weight_only"
         monkeypatch.delenv(KERNEL_ENV)
         layer(x)
-        assert layer.kernel == first and len(asked) == 2
+        assert layer.kernel == first and len(asked) == 1  # remembered beside the weight_only call's key
+        layer(torch.randn(1, 32))
+        layer(x)
+        assert len(asked) == 2  # one new shape, the old one still known
         ternq.runtime.reset_kernel_choices()
         layer(x)
         assert len(asked) == 3

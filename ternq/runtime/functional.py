@@ -14,6 +14,7 @@ from ..qat.functional import FUNCTIONAL_OPS, INPUT_POSITION, WEIGHT_POSITION, Fu
 from ..qat.layers import layer_spec
 from ..qat.quantizers import dequantize_weight
 from .layers import packed_layer, recording_a_graph
+from .skeleton import skeleton as meta_skeleton
 
 __all__ = ["PackedFunctional", "PackedWeightOnly"]
 
@@ -56,7 +57,7 @@ class PackedFunctional(_Codes, FunctionalQuant):
         if cached is not None and cached[0] == key:
             return cached[1]
         out_features, in_features = self.codes.shape
-        with torch.device("meta"):
+        with meta_skeleton():
             skeleton = nn.Linear(in_features, out_features, bias=False)
         layer = packed_layer(skeleton, self.codes, self.scale, self.qconfig, layer_spec(skeleton),
                              **self.__dict__.get("options", {}))

@@ -27,6 +27,7 @@ STORAGE_POLICIES = ("auto", *STORAGES)  # what load_packed(storage=) and $TERNQ_
 # picker's decisions (`kernel_choices`), not a cache (the picker decides without timing)
 _CHOICES: dict[tuple[Any, ...], str] = {}
 _GENERATION = [0]
+_MEMO_SIZE = 32  # input shapes whose kernel choice a layer remembers
 
 
 def kernel_choices() -> dict[tuple[Any, ...], str]:
@@ -215,6 +216,13 @@ class PackedLayer:
         self.__dict__.pop("_memo", None)
         self.__dict__.pop("_gemv", None)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """The layer without its bound native call (`PackedLinear._k_int8_gemv`): that holds raw pointers into
+        this layer's tensors, which a copy or an unpickled layer does not share (it binds its own)."""
+        state = dict(super().__getstate__())  # type: ignore[misc]
+        state.pop("_gemv", None)
+        return state
+
     # -- kernel selection ---------------------------------------------------------------------------------------
 
     @property
@@ -255,16 +263,20 @@ class PackedLayer:
         return tuple(_pow2(d) for d in x.shape)
 
     def _pick(self, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
-        """The kernel for this call. The layer memoizes its last automatic choice per input shape, dtype, device,
-        thread count and $TERNQ_KERNEL: repeated calls of one shape (decoding token by token) skip the lookup,
-        which costs ~10 us per call with caches cold after a GEMM."""
+        """The kernel for this call. The layer memoizes its automatic choices per input shape, dtype, device,
+        thread count and $TERNQ_KERNEL (up to `_MEMO_SIZE` of them: a prompt's shape and the decode step's
+        alternate): repeated shapes skip the lookup, which costs ~10 us per call with caches cold after a GEMM."""
         if self._forced is None and not (torch.is_grad_enabled() and x.requires_grad):
             key = (x.shape, x.dtype, x.device, torch.get_num_threads(), os.environ.get(KERNEL_ENV), _GENERATION[0])
             memo = self.__dict__.get("_memo")
-            if memo is not None and memo[0] == key:
-                return memo[1]
-            choice = self._pick_uncached(x, args, kwargs)
-            self.__dict__["_memo"] = (key, choice)
+            if memo is None:
+                memo = self.__dict__["_memo"] = {}
+            choice = memo.get(key)
+            if choice is None:
+                choice = self._pick_uncached(x, args, kwargs)
+                if len(memo) >= _MEMO_SIZE:
+                    memo.clear()
+                memo[key] = choice
             return choice
         return self._pick_uncached(x, args, kwargs)
 
@@ -676,6 +688,7 @@ def packed_layer(float_module: nn.Module, codes: Tensor, scale: Tensor, config: 
         layer._buffers.pop(attr, None)
     layer.__dict__.pop("_geometry_key", None)  # re-packing: the storage may change
     layer.__dict__.pop("_memo", None)
+    layer.__dict__.pop("_gemv", None)
     layer.__dict__.pop("_conv_geom", None)
     layer.__dict__.pop("qconfig", None)
     layer._init_packed(codes.to(torch.int8), scale, config, spec, kernel, storage, float_dtype)

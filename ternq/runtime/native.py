@@ -94,6 +94,7 @@ _SIGNATURES: dict[str, tuple[object, ...]] = {
     "tq_conv1d_grouped": (_P, _I, _I, _P, _I, _I, _I, _I, _I, _I, _P, _P, _I, _P, _P, _I),
     "tq_set_openmp": (_P, _P),
     "tq_num_threads": (),
+    "tq_set_min_work": (_I,),
 }
 _RETURNS_INT = ("tq_conv1d_grouped", "tq_linear_rows", "tq_row_sums", "tq_num_threads", "tq_linear_2bit",
                 "tq_packed_isa")

@@ -46,12 +46,22 @@ typedef int (*tq_omp_max_threads_fn)(void);
 static tq_gomp_parallel_fn tq_gomp_parallel = NULL;
 static tq_omp_max_threads_fn tq_omp_max_threads = NULL;
 
-#define TQ_MIN_WORK ((int64_t)1 << 18) /* ~bytes touched or multiply-adds per chunk: below, a fork costs more */
+/* the least work (about bytes touched or multiply-adds) worth a chunk of its own: a fork and join of the
+ * pool's threads costs about as much as 256 K of it; tq_set_min_work changes it (tests split small shapes) */
+static int64_t tq_min_work = (int64_t)1 << 18;
+
+void tq_set_min_work(int64_t work) { tq_min_work = work > 1 ? work : 1; }
 
 void tq_set_openmp(void *parallel, void *max_threads) {
-    /* both or neither: a runtime without one of them leaves the kernels serial */
-    tq_gomp_parallel = parallel && max_threads ? (tq_gomp_parallel_fn)parallel : NULL;
-    tq_omp_max_threads = parallel && max_threads ? (tq_omp_max_threads_fn)max_threads : NULL;
+    /* both or neither: a runtime without one of them leaves the kernels serial (memcpy: ISO C has no cast from
+     * an object pointer to a function pointer; POSIX's dlsym relies on the same representation) */
+    if (parallel == NULL || max_threads == NULL) {
+        tq_gomp_parallel = NULL;
+        tq_omp_max_threads = NULL;
+        return;
+    }
+    memcpy(&tq_gomp_parallel, &parallel, sizeof tq_gomp_parallel);
+    memcpy(&tq_omp_max_threads, &max_threads, sizeof tq_omp_max_threads);
 }
 
 int tq_num_threads(void) {
@@ -75,13 +85,13 @@ static void tq_job_run(void *arg) {
 }
 
 /* fn(ctx, r0, r1) for chunks covering [0, n), on up to tq_num_threads() threads. Chunks hold a multiple of
- * `grain` rows (the last one the rest) and about TQ_MIN_WORK of the total `work` at least, up to 4 per thread
+ * `grain` rows (the last one the rest) and tq_min_work of the total `work` at least, up to 4 per thread
  * (a thread delayed by another process leaves its chunks to the others). */
 void tq_parallel_for(int64_t n, int64_t grain, int64_t work, tq_range_fn fn, void *ctx) {
     if (n <= 0) return;
     const int64_t threads = tq_num_threads();
     int64_t parts = (n + grain - 1) / grain;
-    if (parts > work / TQ_MIN_WORK) parts = work / TQ_MIN_WORK;
+    if (parts > work / tq_min_work) parts = work / tq_min_work;
     if (parts > 4 * threads) parts = 4 * threads;
     if (parts <= 1 || threads <= 1 || tq_gomp_parallel == NULL) {
         fn(ctx, 0, n);
@@ -496,8 +506,47 @@ static void epilogue_rows(void *arg, int64_t m0, int64_t m1) {
     }
 }
 
-/* acc (N, M): read in TQ_TILE x TQ_TILE tiles, each row of a tile contiguous, transposed in a local buffer,
- * then written row by row; the strided reads of a row of y across all of acc thrashed the cache */
+#if defined(__AVX512F__)
+/* a full 16 x 16 tile: 16 rows of acc (16 columns of y) loaded and converted, transposed in registers (the
+ * unpack / shuffle network), rescaled with the same operations as epilogue_row, stored as 16 rows of y */
+static void epilogue_tile16(const struct epilogue_job *p, int64_t mb, int64_t nb) {
+    __m512 r[16], t[16];
+    for (int j = 0; j < 16; ++j)
+        r[j] = _mm512_cvtepi32_ps(_mm512_loadu_si512((const void *)(p->acc + (nb + j) * p->M + mb)));
+    for (int j = 0; j < 16; j += 2) {
+        t[j] = _mm512_unpacklo_ps(r[j], r[j + 1]);
+        t[j + 1] = _mm512_unpackhi_ps(r[j], r[j + 1]);
+    }
+    for (int j = 0; j < 16; j += 4) {
+        r[j] = _mm512_shuffle_ps(t[j], t[j + 2], 0x44);
+        r[j + 1] = _mm512_shuffle_ps(t[j], t[j + 2], 0xEE);
+        r[j + 2] = _mm512_shuffle_ps(t[j + 1], t[j + 3], 0x44);
+        r[j + 3] = _mm512_shuffle_ps(t[j + 1], t[j + 3], 0xEE);
+    }
+    for (int h = 0; h < 16; h += 8)
+        for (int j = 0; j < 4; ++j) {
+            t[h + j] = _mm512_shuffle_f32x4(r[h + j], r[h + 4 + j], 0x88);
+            t[h + 4 + j] = _mm512_shuffle_f32x4(r[h + j], r[h + 4 + j], 0xDD);
+        }
+    for (int j = 0; j < 8; ++j) {
+        r[j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88);
+        r[8 + j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0xDD);
+    }
+    const __m512 ws = p->per_channel ? _mm512_loadu_ps(p->wscale + nb) : _mm512_setzero_ps();
+    const __m512 b = p->bias ? _mm512_loadu_ps(p->bias + nb) : _mm512_setzero_ps();
+    for (int i = 0; i < 16; ++i) {
+        const float sm = p->s[mb + i];
+        __m512 v = p->per_channel ? _mm512_mul_ps(_mm512_mul_ps(r[i], ws), _mm512_set1_ps(sm))
+                                  : _mm512_mul_ps(r[i], _mm512_set1_ps(sm * p->wscale[0]));
+        if (p->bias) v = _mm512_add_ps(v, b);
+        _mm512_storeu_ps(p->y + (mb + i) * p->N + nb, v);
+    }
+}
+#endif
+
+/* acc (N, M): read in TQ_TILE x TQ_TILE tiles, each row of a tile contiguous, transposed (in registers with
+ * AVX-512, else in a local buffer), then written row by row; the strided reads of a row of y across all of acc
+ * thrashed the cache */
 static void epilogue_rows_t(void *arg, int64_t m0, int64_t m1) {
     const struct epilogue_job *p = (const struct epilogue_job *)arg;
     const int64_t M = p->M, N = p->N;
@@ -506,6 +555,12 @@ static void epilogue_rows_t(void *arg, int64_t m0, int64_t m1) {
         const int64_t rows = m1 - mb < TQ_TILE ? m1 - mb : TQ_TILE;
         for (int64_t nb = 0; nb < N; nb += TQ_TILE) {
             const int64_t cols = N - nb < TQ_TILE ? N - nb : TQ_TILE;
+#if defined(__AVX512F__)
+            if (rows == 16 && cols == 16) {
+                epilogue_tile16(p, mb, nb);
+                continue;
+            }
+#endif
             for (int64_t j = 0; j < cols; ++j) {
                 const int32_t *a = p->acc + (nb + j) * M + mb;
                 for (int64_t i = 0; i < rows; ++i) tile[j][i] = (float)a[i];

@@ -10,7 +10,7 @@
 
 #include <stdint.h>
 
-#define TQ_ABI_VERSION 6
+#define TQ_ABI_VERSION 7
 
 void tq_quantize_channels(const float *x, int64_t B, int64_t C, int64_t T, int norm, float eps, int bits, int
     per_sample, int8_t *q, int64_t ldq, float *s, int64_t lds, int64_t off);
@@ -48,6 +48,9 @@ int tq_row_sums(const int8_t *w, int64_t N, int64_t K, int32_t *sums);
 void tq_set_openmp(void *parallel, void *max_threads);
 
 int tq_num_threads(void);
+
+/* the least work per parallel chunk (default 256 K; tests set 1 so that small shapes split too) */
+void tq_set_min_work(int64_t work);
 
 /* ternq_packed.c: Linear on 2-bit rows (storage="packed") */
 
