@@ -51,7 +51,7 @@ from ..qat.weight_attr import QUANTIZERS, latent_parameter
 from ..runtime import (
     KERNEL_POLICIES,
     STORAGE_ENV,
-    STORAGES,
+    STORAGE_POLICIES,
     PackedFunctional,
     PackedLayer,
     PackedWeightOnly,
@@ -602,8 +602,10 @@ def load_packed(source: str | os.PathLike[str] | bytes | PackedModel, model: nn.
             hard-quantized weights ``codes * scale`` into them (for interop or to resume training; activation
             quantization is not applied). Needs plain ``weight`` parameters (no weight_norm) in packed layers.
         progress: show a progress bar.
-        storage: how packed layers keep their codes: ``"int8"`` (one byte per weight, the fastest) or
-            ``"packed"`` (2 or 4 bits per weight, unpacked in every call). None: ``$TERNQ_STORAGE``, else "int8".
+        storage: how packed layers keep their codes: ``"int8"`` (one byte per weight, the fastest prefill),
+            ``"packed"`` (2 or 4 bits per weight; 2-bit Linear rows are read as stored: the fastest decode) or
+            ``"auto"`` (2-bit rows for the large Linear layers where this CPU's SIMD loop on them is the faster
+            decode, else int8: `ternq.runtime.picker.choose_storage`). None: ``$TERNQ_STORAGE``, else "auto".
         kernel: which kernels packed layers run: ``"auto"`` (picked per call from the CPU and the input's shape;
             ``$TERNQ_KERNEL`` can override it for the process), ``"int8"`` (an integer kernel wherever the layer
             has one) or ``"weight_only"`` (dequantize and run the float op). None is "auto". See docs/runtime.md.
@@ -615,8 +617,9 @@ def load_packed(source: str | os.PathLike[str] | bytes | PackedModel, model: nn.
         FormatError: the file is truncated, corrupted (ChecksumError), inconsistent or of an unknown version.
         ArchitectureMismatchError: the skeleton is not the architecture the file was saved from.
     """
-    if storage not in (None, *STORAGES):
-        raise ValueError(f"load_packed: storage={storage!r}: expected one of {STORAGES} (or None: ${STORAGE_ENV})")
+    if storage not in (None, *STORAGE_POLICIES):
+        raise ValueError(f"load_packed: storage={storage!r}: expected one of {STORAGE_POLICIES} (or None: "
+                         f"${STORAGE_ENV})")
     if kernel not in (None, *KERNEL_POLICIES):
         raise ValueError(f"load_packed: kernel={kernel!r}: expected one of {KERNEL_POLICIES} (or None: 'auto')")
     options = {"storage": storage, "kernel": kernel}

@@ -12,14 +12,15 @@ weight's dtype / shape / device, hooks, state_dict keys) and send each call to o
 * `ternq.runtime.picker`: which kernel, from the CPU's features and the call's geometry, never by timing, so the first
   call of a shape costs what a warm call costs; the decisions are recorded (`kernel_choices`);
 * `ternq.runtime.native`: the C kernels behind the fast paths (input norm + absmax + round in one pass, the direct
-  int8 convolution, the one-call GEMV), built once per machine, with an eager torch fallback;
+  int8 convolution, the one-call GEMV, the GEMV on 2-bit rows read as stored), built once per machine, with an
+  eager torch fallback;
 * `ternq.runtime.storage`: the in-memory sub-byte layout of ``storage="packed"``.
 
 ``weight_only`` runs on any registered layer type: ``codes * scale`` dequantized for the call, in the input's
 dtype, and the layer's own float op (for Conv2d and layers trained without activation quantization it is the
 only kernel; a call that needs a gradient with respect to the input runs it too).
 
-The options, ``storage`` ("int8" or "packed" sub-byte codes) and ``kernel`` (the picker's choice or a forced
+The options, ``storage`` ("auto", "int8" or "packed" sub-byte codes) and ``kernel`` (the picker's choice or a forced
 one), are arguments of `ternq.load_packed` and `packed_layer`; docs/runtime.md describes them and the
 environment variables that override them.
 
@@ -42,6 +43,7 @@ from __future__ import annotations
 from .functional import PackedFunctional, PackedWeightOnly
 from .layers import (
     STORAGE_ENV,
+    STORAGE_POLICIES,
     STORAGES,
     PackedConv1d,
     PackedConv2d,
@@ -63,6 +65,7 @@ __all__ = [
     "KERNEL_POLICIES",
     "STORAGE_ENV",
     "STORAGES",
+    "STORAGE_POLICIES",
     "PackedLayer",
     "PackedLinear",
     "PackedConv1d",

@@ -42,7 +42,8 @@ from . import native
 from .storage import unpack_rows
 
 __all__ = ["Conv1dGeometry", "conv_plan", "native_ok", "quantize_activations", "quantize_eager", "int_mm",
-           "linear_gemv", "linear_gemv_bound", "linear_int8", "conv1d_direct", "conv1d_taps", "conv1d_im2col", "conv_transpose1d_taps",
+           "linear_gemv", "linear_gemv_bound", "linear_int8", "int_mm_2bit", "conv1d_direct", "conv1d_taps",
+           "conv1d_im2col", "conv_transpose1d_taps",
            "embedding_gather"]
 
 _SCRATCH = threading.local()
@@ -50,6 +51,7 @@ _SCRATCH_MIN_BYTES = 128 << 10
 _SCRATCH_MAX_BYTES = 16 << 20
 _CHUNK_BYTES = 1 << 20
 _IM2COL_BYTES = 4 << 20  # im2col's (in*k, T) int8 columns / (out, T) int32 products per chunk
+_TILE_BYTES = 512 << 10  # int8 weight rows decoded from 2-bit rows per GEMM (int_mm_2bit): stays in L2
 
 
 def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -197,12 +199,20 @@ def linear_gemv_bound(w: Tensor, wsum: Tensor | None, scale: Tensor, bias: Tenso
 
 def linear_int8(x: Tensor, w: Tensor, scale: Tensor, bias: Tensor | None, cfg: QuantConfig,
                 weight_first: bool) -> Tensor:
-    """``int8_gemm`` (``x_q @ w.T``) / ``int8_gemm_t`` (``(w @ x_q.T).T``); w (out, in) int8 codes."""
+    """``int8_gemm`` (``x_q @ w.T``) / ``int8_gemm_t`` (``(w @ x_q.T).T``); w (out, in) int8 codes, or their 2-bit
+    rows (uint8, `ternq.runtime.storage.pack_rows`): decoded tile by tile into a cache-sized buffer that the GEMM
+    reads (`int_mm_2bit`) where the native kernels run, else unpacked whole."""
     n_in = x.shape[-1]
     q, s = quantize_activations(x, cfg, -1)
     a = q.reshape(-1, n_in)
-    if cfg.granularity != "group" and native_ok(x, cfg, bias):
-        acc = int_mm(w, a.t(), "linear") if weight_first else int_mm(a, w.t(), "linear")
+    native_path = cfg.granularity != "group" and native_ok(x, cfg, bias)
+    if w.dtype == torch.uint8 and not (native_path and n_in > 1):
+        w = unpack_rows(w, 2, n_in)
+    if native_path:
+        if w.dtype == torch.uint8:
+            acc = int_mm_2bit(w, a, weight_first)
+        else:
+            acc = int_mm(w, a.t(), "linear") if weight_first else int_mm(a, w.t(), "linear")
         y = native.linear_epilogue(acc, weight_first, s.reshape(-1), scale, cfg.granularity == "channel", bias)
         return y.view(*x.shape[:-1], y.shape[-1])
     s = s.expand(*x.shape[:-1], 1).reshape(-1, 1)  # per-sample scales: one per row too
@@ -231,6 +241,26 @@ def linear_int8(x: Tensor, w: Tensor, scale: Tensor, bias: Tensor | None, cfg: Q
             factor = s
     y = y.mul_(factor) if bias is None else torch.addcmul(bias, y, factor)
     return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+
+
+def int_mm_2bit(w2: Tensor, a: Tensor, weight_first: bool) -> Tensor:
+    """int32 ``w @ a.T`` (N, M) if `weight_first`, else ``a @ w.T`` (M, N), of the codes a (M, K) int8 (K > 1) and
+    the weight as 2-bit rows w2 (N, ceil(K / 4)): `_TILE_BYTES` of weight rows at a time decoded into a scratch
+    tile (`native.unpack_2bit`), multiplied while it is in cache; exact, the int8 GEMM's result. The int8 codes
+    are never all in memory: the layer stays at 2 bits per weight."""
+    n, (m, k) = w2.shape[0], a.shape
+    rows = max(16, min(n, _TILE_BYTES // k))
+    tile = scratch("tile", (rows, k), torch.int8, a.device)
+    acc = scratch("linear", (n, m) if weight_first else (m, n), torch.int32, a.device)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        t = tile[: r1 - r0]
+        native.unpack_2bit(w2, k, r0, r1, t)
+        if weight_first:  # rows r0:r1 of a contiguous (N, M): a contiguous out
+            torch._int_mm(t, a.t(), out=acc[r0:r1])
+        else:
+            acc[:, r0:r1] = torch._int_mm(a, t.t(), out=scratch("tile_acc", (m, r1 - r0), torch.int32, a.device))
+    return acc
 
 
 # --- Conv1d / ConvTranspose1d ----------------------------------------------------------------------------------

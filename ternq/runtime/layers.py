@@ -20,7 +20,8 @@ from .picker import KERNEL_ENV, WEIGHT_ONLY
 from .storage import pack_rows, storage_bits, unpack_rows
 
 STORAGE_ENV = "TERNQ_STORAGE"
-STORAGES = ("int8", "packed")
+STORAGES = ("int8", "packed")  # what a layer holds
+STORAGE_POLICIES = ("auto", *STORAGES)  # what load_packed(storage=) and $TERNQ_STORAGE accept
 
 # ((layer class, geometry, storage), input bucket, dtype, device, threads) -> kernel name: a record of the
 # picker's decisions (`kernel_choices`), not a cache (the picker decides without timing)
@@ -105,9 +106,11 @@ class PackedLayer:
         self.qconfig = config
         self.spec = spec
         self._weight_shape = tuple(codes.shape)
-        storage = storage if storage is not None else os.environ.get(STORAGE_ENV, "int8").strip() or "int8"
-        if storage not in STORAGES:
-            raise ValueError(f"storage={storage!r}: expected one of {STORAGES} (or set {STORAGE_ENV})")
+        storage = storage if storage is not None else os.environ.get(STORAGE_ENV, "auto").strip() or "auto"
+        if storage not in STORAGE_POLICIES:
+            raise ValueError(f"storage={storage!r}: expected one of {STORAGE_POLICIES} (or set {STORAGE_ENV})")
+        if storage == "auto":
+            storage = self._auto_storage(codes, config)
         self.storage = storage
         self._int8_layout = self._integer_kernel_possible()
         layout = (self._to_layout(codes) if self._int8_layout else codes).contiguous()
@@ -128,6 +131,10 @@ class PackedLayer:
     def _integer_kernel_possible(self) -> bool:
         """Whether an integer kernel can ever run for this layer (decides the stored layout)."""
         return len(self.kernels) > 1
+
+    def _auto_storage(self, codes: Tensor, config: QuantConfig) -> str:
+        """The storage for ``storage="auto"``: int8, the layout every kernel reads (`PackedLinear` overrides)."""
+        return "int8"
 
     def _to_layout(self, codes: Tensor) -> Tensor:
         """Weight-shaped codes -> the layout the integer kernel reads (identity unless overridden)."""
@@ -334,6 +341,11 @@ class PackedLinear(PackedLayer, nn.Linear):
     def _integer_kernel_possible(self) -> bool:
         return self.qconfig.act_bits is not None
 
+    def _auto_storage(self, codes: Tensor, config: QuantConfig) -> str:
+        """2-bit rows where the decode GEMV on them is the faster one (`ternq.runtime.picker.choose_storage`)."""
+        linear = config.act_bits is not None and config.granularity != "group"  # where the 2-bit kernels run
+        return picker.choose_storage(linear, storage_bits(config), codes.numel(), native.packed_isa())
+
     def _applicable(self, x: Tensor) -> tuple[str, ...]:
         if self.qconfig.act_bits is not None and x.is_floating_point():
             if self._native_ok(x) and self.qconfig.granularity != "group":
@@ -349,7 +361,7 @@ class PackedLinear(PackedLayer, nn.Linear):
         bound = self.__dict__.get("_gemv")
         if bound is None or bound[0] is not codes or bound[1] is not scale or bound[2] is not bias:
             run = self._bind_gemv(codes, scale, bias)
-            if run is None:  # packed storage the GEMV cannot read: unpacked per call, not kept (memory is its point)
+            if run is None:  # 4-bit rows the GEMV cannot read: unpacked per call, not kept (memory is its point)
                 w = self._layout_codes()
                 return kernels.linear_gemv(x, w, self._row_sums(w), scale, bias, self.qconfig)
             bound = self.__dict__["_gemv"] = (codes, scale, bias, run)
@@ -358,8 +370,8 @@ class PackedLinear(PackedLayer, nn.Linear):
     def _bind_gemv(self, codes: Tensor, scale: Tensor, bias: Tensor | None) -> Callable[[Tensor], Tensor] | None:
         if self._bits == 8:
             return kernels.linear_gemv_bound(codes, self._row_sums(codes), scale, bias, self.qconfig)
-        if self._bits == 2 and native.vnni():  # 2-bit storage: the VNNI GEMV decodes the stored bytes itself
-            return kernels.linear_gemv_bound(codes, self._row_sums(self._layout_codes()), scale, bias, self.qconfig)
+        if self._bits == 2:  # 2-bit rows, read as stored: decoded in registers (ternq_packed.c), no row sums
+            return kernels.linear_gemv_bound(codes, None, scale, bias, self.qconfig)
         return None
 
     @staticmethod
@@ -373,13 +385,18 @@ class PackedLinear(PackedLayer, nn.Linear):
     def _bucket(self, x: Tensor) -> tuple[int, ...]:
         return (_pow2(x.numel() // max(x.shape[-1], 1)),)
 
+    def _gemm_codes(self) -> Tensor:
+        """The codes the GEMM kernels take: 2-bit rows as stored (decoded tile by tile where the native kernels
+        run, `kernels.linear_int8`), else int8 codes."""
+        return self.ternq_codes if self._bits == 2 else self._layout_codes()
+
     @register_kernel("int8_gemm")
     def _k_int8_gemm(self, x: Tensor) -> Tensor:
-        return kernels.linear_int8(x, self._layout_codes(), self.scale, self.bias, self.qconfig, weight_first=False)
+        return kernels.linear_int8(x, self._gemm_codes(), self.scale, self.bias, self.qconfig, weight_first=False)
 
     @register_kernel("int8_gemm_t")
     def _k_int8_gemm_t(self, x: Tensor) -> Tensor:
-        return kernels.linear_int8(x, self._layout_codes(), self.scale, self.bias, self.qconfig, weight_first=True)
+        return kernels.linear_int8(x, self._gemm_codes(), self.scale, self.bias, self.qconfig, weight_first=True)
 
 
 class _PackedConv1dBase(PackedLayer):
@@ -629,8 +646,10 @@ def packed_layer(float_module: nn.Module, codes: Tensor, scale: Tensor, config: 
         spec: the layer type's `LayerSpec` (`ternq.qat.layers.layer_spec(float_module)`).
         kernel: "auto" (default: the picker's choice per call), "int8" (an integer kernel wherever one
             applies), "weight_only", or a kernel of the layer's class (``PackedLinear.kernels`` ...).
-        storage: "int8" (fastest) or "packed" (2 / 4 bits per weight, unpacked per call); None: the
-            environment's, else "int8" (docs/runtime.md).
+        storage: "int8" (1 byte per weight: the fastest prefill), "packed" (2 / 4 bits per weight; a Linear's
+            2-bit rows are computed on as stored: the fastest decode) or "auto" (chosen from the CPU and the
+            layer's shape, `ternq.runtime.picker.choose_storage`); None: the environment's, else "auto"
+            (docs/runtime.md).
     """
     if not isinstance(float_module, nn.Module):
         raise TypeError(f"packed_layer: float_module must be an nn.Module, got {type(float_module).__name__}")

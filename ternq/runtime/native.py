@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["NATIVE_ENV", "ARCH_ENV", "CACHE_ENV", "BUILD_TIMEOUT_ENV", "available", "status", "build", "library",
-           "cpu_flags", "vnni", "num_threads"]
+           "cpu_flags", "vnni", "num_threads", "packed_isa", "PACKED_ISAS"]
 
 NATIVE_ENV = "TERNQ_NATIVE"
 ARCH_ENV = "TERNQ_NATIVE_ARCH"
@@ -61,6 +61,10 @@ _ON = ("1", "true", "yes", "on")
 _OFF = ("0", "false", "no", "off")
 _STALE_TEMP_S = 3600  # temporary files of builds killed without cleanup (SIGKILL, power loss) older than this go
 _SOURCE = Path(__file__).parent / "csrc" / "ternq_kernels.c"
+# one library from these translation units (ternq_packed.c: the kernels on 2-bit rows, storage="packed"), which
+# share ternq_internal.h (tq_parallel_for)
+_SOURCES = (_SOURCE, _SOURCE.with_name("ternq_packed.c"))
+_INTERNAL = _SOURCE.with_name("ternq_internal.h")
 _HEADER = _SOURCE.with_suffix(".h")  # the ABI number and the prototypes: `_interface` checks the binding against it
 _FLAGS = ("-O3", "-std=c99", "-shared", "-fPIC", "-ffp-contract=off", "-fno-math-errno")
 
@@ -81,15 +85,19 @@ _SIGNATURES: dict[str, tuple[object, ...]] = {
     "tq_tap_scatter": (_P, _I, _I, _I, _P, _I, _I, _I, _P, _I, _I),
     "tq_linear_epilogue": (_P, _I, _I, _C, _P, _P, _C, _P, _P),
     "tq_gemv_s8": (_P, _P, _P, _I, _I, _I, _P, _P),
-    "tq_linear_rows": (_P, _I, _I, _C, _F, _C, _I, _P, _C, _P, _I, _P, _C, _P, _P),
+    "tq_linear_rows": (_P, _I, _I, _C, _F, _C, _I, _P, _P, _I, _P, _C, _P, _P),
     "tq_row_sums": (_P, _I, _I, _P),
+    "tq_linear_2bit": (_P, _I, _I, _C, _F, _C, _I, _P, _I, _P, _C, _P, _P),
+    "tq_unpack_2bit": (_P, _I, _I, _I, _P),
+    "tq_packed_isa": (),
     "tq_quantize_grouped": (_P, _I, _I, _I, _C, _F, _C, _C, _P, _I, _I, _I, _I, _P),
     "tq_conv1d_grouped": (_P, _I, _I, _P, _I, _I, _I, _I, _I, _I, _P, _P, _I, _P, _P, _I),
     "tq_set_openmp": (_P, _P),
     "tq_num_threads": (),
     "tq_set_min_work": (_I,),
 }
-_RETURNS_INT = ("tq_conv1d_grouped", "tq_linear_rows", "tq_row_sums", "tq_num_threads")
+_RETURNS_INT = ("tq_conv1d_grouped", "tq_linear_rows", "tq_row_sums", "tq_num_threads", "tq_linear_2bit",
+                "tq_packed_isa")
 _C_TYPES = {"int64_t": _I, "int": _C, "float": _F}  # and every pointer: _P
 
 
@@ -216,7 +224,7 @@ def _library_path(cc: str) -> Path:
     cpu = ""
     if _arch() == "native":  # -march=native code is only valid on a CPU with the same features
         cpu = " ".join(sorted(cpu_flags()))
-    key = hashlib.sha256("\0".join([_SOURCE.read_text(), _HEADER.read_text(), cc, *flags, platform.machine(), cpu]).encode())
+    key = hashlib.sha256("\0".join([*(p.read_text() for p in _SOURCES), _HEADER.read_text(), _INTERNAL.read_text(), cc, *flags, platform.machine(), cpu]).encode())
     return _cache_dir() / f"kernels-{key.hexdigest()[:16]}{'.dll' if sys.platform == 'win32' else '.so'}"
 
 
@@ -366,7 +374,7 @@ def build(force: bool = False, *, cc: str | None = None, timeout: float | None =
     os.close(fd)
     tmp_record = tmp + ".sha256.tmp"
     try:
-        _run([compiler, *_FLAGS, f"-march={_arch()}", str(_SOURCE), "-o", tmp, "-lm"], limit)
+        _run([compiler, *_FLAGS, f"-march={_arch()}", *map(str, _SOURCES), "-o", tmp, "-lm"], limit)
         with open(tmp, "rb") as f:
             data = f.read()
         if not data:
@@ -482,6 +490,22 @@ def _vnni(arch: str | None) -> bool:
     return _arch() == "native" and bool(cpu_flags() & {"avx512_vnni", "avx_vnni"})
 
 
+PACKED_ISAS = ("portable", "avx2", "avx_vnni", "avx512_vnni")
+
+
+def packed_isa() -> str | None:
+    """The inner loop of the kernels on 2-bit rows in this build (one of `PACKED_ISAS`), None without the native
+    kernels: what the default storage is chosen by (`ternq.runtime.picker.choose_storage`)."""
+    lib = library()
+    if lib is None:
+        return None
+    isa = _state.get("packed_isa")
+    if isa is None or _state.get("packed_isa_lib") is not lib:
+        isa = _state["packed_isa"] = PACKED_ISAS[lib.tq_packed_isa()]
+        _state["packed_isa_lib"] = lib
+    return isa  # type: ignore[return-value]
+
+
 def available() -> bool:
     """Whether the native kernels are in use in this process."""
     return library() is not None
@@ -576,8 +600,9 @@ def gemv(x: Tensor, w: Tensor, wsum: Tensor | None) -> Tensor:
 def linear_rows(x: Tensor, norm: str | None, eps: float, bits: int, rows_per_sample: int, w: Tensor,
                 wsum: Tensor | None, wscale: Tensor, per_channel: bool, bias: Tensor | None) -> Tensor:
     """float32 (R, N): a packed Linear on the rows x (R, K) float32 in one call (quantize, GEMV, rescale, bias);
-    w (N, K) int8 codes, or (N, ceil(K / 4)) uint8 2-bit rows of `ternq.runtime.storage.pack_rows` (decoded in
-    registers); wsum the codes' row sums (int32; None: the plain signed-byte loop)."""
+    w (N, K) int8 codes with wsum their row sums (int32; None: the plain signed-byte loop), or (N, ceil(K / 4))
+    uint8 2-bit rows of `ternq.runtime.storage.pack_rows`, read as stored (``tq_linear_2bit``: decoded in
+    registers, never unpacked to memory; wsum unused): equal bit for bit."""
     return linear_rows_bound(norm, eps, bits, w, wsum, wscale, per_channel, bias)(x, rows_per_sample)
 
 
@@ -588,14 +613,14 @@ def linear_rows_bound(norm: str | None, eps: float, bits: int, w: Tensor, wsum: 
     tensors it was given alive (their memory is what it passes): bind again when the layer's tensors change."""
     lib = library()
     assert lib is not None
-    fn = lib.tq_linear_rows
     two_bit = w.dtype == torch.uint8
+    fn = lib.tq_linear_2bit if two_bit else lib.tq_linear_rows
     for name, t in (("w", w), ("wsum", wsum), ("wscale", wscale), ("bias", bias)):
         if t is not None and not t.is_contiguous():
             raise ValueError(f"linear_rows_bound: {name} must be contiguous")
     n, stored = w.shape
     k = stored * 4 if two_bit else stored  # the 2-bit rows hold up to 3 codes of padding
-    norm_id, wbits, w_ptr, sum_ptr = _NORMS[norm], 2 if two_bit else 8, w.data_ptr(), _ptr(wsum)
+    norm_id, w_ptr, sum_ptr = _NORMS[norm], w.data_ptr(), _ptr(wsum)
     scale_ptr, channel, bias_ptr = wscale.data_ptr(), int(per_channel), _ptr(bias)
     keep = (w, wsum, wscale, bias)  # the memory the pointers above point into
     f32 = torch.float32
@@ -607,13 +632,27 @@ def linear_rows_bound(norm: str | None, eps: float, bits: int, w: Tensor, wsum: 
         if not _THREAD.__dict__.get("seen"):
             library()  # this thread's first call: its thread count (`library`)
         y = torch.empty(r, n, dtype=f32)
-        if fn(x.data_ptr(), r, kx, norm_id, eps, bits, rows_per_sample, w_ptr, wbits, sum_ptr, n, scale_ptr,
-              channel, bias_ptr, y.data_ptr()) != 0:
-            raise MemoryError("tq_linear_rows: out of memory")
+        if two_bit:
+            status = fn(x.data_ptr(), r, kx, norm_id, eps, bits, rows_per_sample, w_ptr, n, scale_ptr, channel,
+                        bias_ptr, y.data_ptr())
+        else:
+            status = fn(x.data_ptr(), r, kx, norm_id, eps, bits, rows_per_sample, w_ptr, sum_ptr, n, scale_ptr,
+                        channel, bias_ptr, y.data_ptr())
+        if status != 0:
+            raise MemoryError("native linear_rows: out of memory")
         return y
 
     call.keep = keep  # type: ignore[attr-defined]
     return call
+
+
+def unpack_2bit(w2: Tensor, k: int, r0: int, r1: int, out: Tensor) -> None:
+    """Rows [r0, r1) of 2-bit rows w2 (N, ceil(K / 4)) uint8 as int8 codes into out (r1 - r0, K), contiguous: a
+    tile of the weight for the int8 GEMM, decoded where it is read."""
+    lib = library()
+    assert w2.dtype == torch.uint8 and w2.is_contiguous() and out.is_contiguous() and out.shape == (r1 - r0, k)
+    assert out.dtype == torch.int8 and 0 <= r0 <= r1 <= w2.shape[0] and w2.shape[1] == -(-k // 4)
+    lib.tq_unpack_2bit(w2.data_ptr(), k, r0, r1, out.data_ptr())  # type: ignore[union-attr]
 
 
 def row_sums(w: Tensor) -> tuple[Tensor, int]:

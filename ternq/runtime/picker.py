@@ -10,6 +10,12 @@ the kernel a warm call runs (CHANGELOG.md: what timing cost). The rules encode w
   (the weight as the GEMM's left operand, which oneDNN does not re-layout per call); beyond, ``int8_gemm``.
 
 `choose` is a pure function of its arguments, so a test can pin each rule.
+
+Storage (`choose_storage`, once per layer at load, for ``storage="auto"``): 2-bit rows (``"packed"``) for a
+Linear whose codes fit 2 bits and whose weight has at least `PACKED_MIN_WEIGHTS` codes, where the build runs a SIMD
+loop on them (`ternq.native.packed_isa`): decode is weight-bandwidth bound and the 2-bit GEMV reads a quarter of the
+bytes, 3-7x faster than the int8 GEMV on 4-23 M codes (CHANGELOG.md, issue 18); below, the weight sits in cache and
+the int8 GEMV, one multiply per code and no decoding, is as fast. Elsewhere int8, the layout every kernel reads.
 """
 from __future__ import annotations
 
@@ -18,12 +24,14 @@ from functools import cache
 
 from . import native
 
-__all__ = ["KERNEL_ENV", "KERNEL_POLICIES", "GEMM_T_ROWS", "gemv_rows", "choose", "pick"]
+__all__ = ["KERNEL_ENV", "KERNEL_POLICIES", "GEMM_T_ROWS", "PACKED_MIN_WEIGHTS", "gemv_rows", "choose", "pick",
+           "choose_storage"]
 
 KERNEL_ENV = "TERNQ_KERNEL"
 WEIGHT_ONLY = "weight_only"
 KERNEL_POLICIES = ("auto", WEIGHT_ONLY, "int8")  # what load_packed(kernel=) and $TERNQ_KERNEL accept
 GEMM_T_ROWS = 64  # int8_gemm_t up to this many rows, int8_gemm beyond (1 thread, docs/benchmarks.md)
+PACKED_MIN_WEIGHTS = 1 << 20  # storage="auto": 2-bit rows from this many codes on (1024 x 1024: as fast as int8)
 
 
 @cache
@@ -72,3 +80,12 @@ def pick(applicable: tuple[str, ...], rows: int, *, forced: str | None = None, p
     if env == "int8" and integer:
         return integer[0]
     return choose(applicable, rows)
+
+
+def choose_storage(linear: bool, bits: int, weights: int, isa: str | None) -> str:
+    """The storage of a layer with ``storage="auto"``: "packed" (2-bit rows) for a Linear (`linear`) whose codes fit
+    `bits` = 2 with at least `PACKED_MIN_WEIGHTS` codes (`weights`) where the native build's loop on 2-bit rows
+    (`isa`, `ternq.native.packed_isa`) is SIMD; else "int8"."""
+    if linear and bits == 2 and weights >= PACKED_MIN_WEIGHTS and isa not in (None, "portable"):
+        return "packed"
+    return "int8"

@@ -16,6 +16,7 @@
  * codes are written as qmax (tq_code): a NaN cast to an integer is undefined behaviour in C.
  */
 #include "ternq_kernels.h"
+#include "ternq_internal.h"
 
 #include <math.h>
 #include <stdint.h>
@@ -68,8 +69,6 @@ int tq_num_threads(void) {
     return n > 1 ? n : 1;
 }
 
-typedef void (*tq_range_fn)(void *ctx, int64_t r0, int64_t r1);
-
 struct tq_job {
     tq_range_fn fn;
     void *ctx;
@@ -88,7 +87,7 @@ static void tq_job_run(void *arg) {
 /* fn(ctx, r0, r1) for chunks covering [0, n), on up to tq_num_threads() threads. Chunks hold a multiple of
  * `grain` rows (the last one the rest) and tq_min_work of the total `work` at least, up to 4 per thread
  * (a thread delayed by another process leaves its chunks to the others). */
-static void tq_parallel_for(int64_t n, int64_t grain, int64_t work, tq_range_fn fn, void *ctx) {
+void tq_parallel_for(int64_t n, int64_t grain, int64_t work, tq_range_fn fn, void *ctx) {
     if (n <= 0) return;
     const int64_t threads = tq_num_threads();
     int64_t parts = (n + grain - 1) / grain;
@@ -588,12 +587,11 @@ void tq_linear_epilogue(const int32_t *acc, int64_t M, int64_t N, int transposed
  * Parallel over the weight's rows (output columns), each thread reading its share of the weight once. */
 struct gemv_job {
     const int8_t *x;
-    const void *w; /* int8 (N, K) codes, or (N, ceil(K / 4)) 2-bit bytes (wbits 2) */
+    const int8_t *w; /* (N, K) codes */
     const int32_t *wsum;
     int64_t M, N, K;
     const uint8_t *xu; /* x + 128 (NULL: the signed-byte loop) */
     int32_t *acc;
-    int wbits;
     const struct epilogue_job *epilogue; /* tq_linear_rows: y[:, n0:n1] right after acc[:, n0:n1] */
 };
 
@@ -602,14 +600,9 @@ struct gemv_job {
 #if defined(__AVX512VNNI__) || defined(__AVXVNNI__) || defined(__AVX2__)
 #define TQ_GEMV_UNSIGNED 1
 #endif
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-#define TQ_GEMV_2BIT_UNSIGNED 1 /* the 2-bit GEMV's unsigned-byte loop */
-#else
-#define TQ_GEMV_2BIT_UNSIGNED 0
-#endif
 
 static void gemv_s8_cols(const struct gemv_job *g, int64_t n0, int64_t n1) {
-    const int8_t *x = g->x, *w = (const int8_t *)g->w;
+    const int8_t *x = g->x, *w = g->w;
     const int32_t *wsum = g->wsum;
     const uint8_t *xu = g->xu;
     const int64_t M = g->M, N = g->N, K = g->K;
@@ -709,63 +702,9 @@ static void gemv_s8_cols(const struct gemv_job *g, int64_t n0, int64_t n1) {
     }
 }
 
-/* The same GEMV on 2-bit codes as `ternq.storage.pack_rows` keeps them (storage="packed"): w2 (N, width) bytes,
- * width = ceil(K / 4), field p (bits 2p..2p+1, two's complement) of byte j is element p * width + j. The fields
- * are decoded in registers next to the multiply, so the weight is read at 2 bits per code and never unpacked
- * to memory. wsum: row sums of the codes (the +128 correction, as above); xu rows are 4 * width + 64 apart. */
-static void gemv_2bit_cols(const struct gemv_job *g, int64_t n0, int64_t n1) {
-    const int8_t *x = g->x;
-    const uint8_t *w2 = (const uint8_t *)g->w;
-    const int64_t M = g->M, N = g->N, K = g->K, width = (K + 3) / 4;
-    int32_t *acc = g->acc;
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-    if (g->xu) {
-        const int64_t ld = 4 * width + 64;
-        const __m512i three = _mm512_set1_epi8(3), two = _mm512_set1_epi8(2);
-        for (int64_t n = n0; n < n1; ++n) {
-            const uint8_t *wn = w2 + n * width;
-            for (int64_t m = 0; m < M; ++m) {
-                const uint8_t *xm = g->xu + m * ld;
-                __m512i a = _mm512_setzero_si512();
-                for (int64_t j = 0; j < width; j += 64) {
-                    const __mmask64 mk = width - j >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (width - j)) - 1);
-                    const __m512i bytes = _mm512_maskz_loadu_epi8(mk, wn + j);
-                    for (int p = 0; p < 4; ++p) {
-                        const __m512i f = _mm512_and_si512(_mm512_srli_epi16(bytes, 2 * p), three);
-                        const __m512i t = _mm512_and_si512(f, two);
-                        const __m512i wv = _mm512_sub_epi8(f, _mm512_add_epi8(t, t));
-                        const __m512i xv = _mm512_loadu_si512((const void *)(xm + p * width + j));
-                        a = _mm512_dpbusd_epi32(a, xv, wv);
-                    }
-                }
-                acc[m * N + n] = _mm512_reduce_add_epi32(a) - 128 * g->wsum[n];
-            }
-        }
-        return;
-    }
-#endif
-    for (int64_t n = n0; n < n1; ++n) {
-        const uint8_t *wn = w2 + n * width;
-        for (int64_t m = 0; m < M; ++m) {
-            const int8_t *xm = x + m * K;
-            int32_t total = 0;
-            for (int p = 0; p < 4; ++p) {
-                for (int64_t j = 0; j < width && p * width + j < K; ++j) {
-                    const int f = (wn[j] >> (2 * p)) & 3;
-                    total += (int32_t)xm[p * width + j] * (f - ((f & 2) << 1));
-                }
-            }
-            acc[m * N + n] = total;
-        }
-    }
-}
-
 static void gemv_cols(void *arg, int64_t n0, int64_t n1) {
     const struct gemv_job *g = (const struct gemv_job *)arg;
-    if (g->wbits == 2)
-        gemv_2bit_cols(g, n0, n1);
-    else
-        gemv_s8_cols(g, n0, n1);
+    gemv_s8_cols(g, n0, n1);
     const struct epilogue_job *e = g->epilogue;
     if (e)
         for (int64_t m = 0; m < g->M; ++m) {
@@ -781,28 +720,20 @@ static void gemv_cols(void *arg, int64_t n0, int64_t n1) {
 static void gemv_run(struct gemv_job *g, uint8_t *xu) {
     g->xu = NULL;
 #if defined(TQ_GEMV_UNSIGNED)
-    if (g->wsum && xu && (g->wbits == 8 || TQ_GEMV_2BIT_UNSIGNED)) {
-        if (g->wbits == 2) {
-            const int64_t width = (g->K + 3) / 4, ld = 4 * width + 64; /* the 4 planes' activations, padded */
-            for (int64_t m = 0; m < g->M; ++m) {
-                for (int64_t i = 0; i < ld; ++i) xu[m * ld + i] = 128;
-                for (int64_t i = 0; i < g->K; ++i) xu[m * ld + i] = (uint8_t)(g->x[m * g->K + i] + 128);
-            }
-        } else {
-            for (int64_t i = 0; i < g->M * g->K; ++i) xu[i] = (uint8_t)(g->x[i] + 128);
-        }
+    if (g->wsum && xu) {
+        for (int64_t i = 0; i < g->M * g->K; ++i) xu[i] = (uint8_t)(g->x[i] + 128);
         g->xu = xu;
     }
 #else
     (void)xu;
 #endif
-    tq_parallel_for(g->N, 16, g->M * g->N * (g->wbits == 2 ? (g->K + 3) / 4 : g->K) + g->N * g->K / 8,
+    tq_parallel_for(g->N, 16, g->M * g->N * g->K + g->N * g->K / 8,
                     gemv_cols, g);
 }
 
 void tq_gemv_s8(const int8_t *x, const int8_t *w, const int32_t *wsum, int64_t M, int64_t N, int64_t K,
                 uint8_t *xu, int32_t *acc) {
-    struct gemv_job g = {x, w, wsum, M, N, K, NULL, acc, 8, NULL};
+    struct gemv_job g = {x, w, wsum, M, N, K, NULL, acc, NULL};
     gemv_run(&g, xu);
 }
 
@@ -810,18 +741,18 @@ void tq_gemv_s8(const int8_t *x, const int8_t *w, const int32_t *wsum, int64_t M
  * of three keeps a one-token layer's Python / ctypes overhead below its arithmetic; the GEMV and the rescale
  * share one parallel region. */
 int tq_linear_rows(const float *x, int64_t R, int64_t K, int norm, float eps, int bits, int64_t rows_per_sample,
-                   const int8_t *w, int wbits, const int32_t *wsum, int64_t N, const float *wscale,
-                   int per_channel, const float *bias, float *y) {
-    /* wbits 8: w (N, K) int8 codes; wbits 2: w (N, ceil(K / 4)) 2-bit planar bytes (gemv_2bit_cols) */
+                   const int8_t *w, const int32_t *wsum, int64_t N, const float *wscale, int per_channel,
+                   const float *bias, float *y) {
+    /* w (N, K) int8 codes; 2-bit rows (storage="packed"): tq_linear_2bit in ternq_packed.c */
     int8_t *q = (int8_t *)malloc((size_t)(R * K));
-    uint8_t *xu = (uint8_t *)malloc((size_t)(R * (4 * ((K + 3) / 4) + 64)));
+    uint8_t *xu = (uint8_t *)malloc((size_t)(R * K));
     float *s = (float *)malloc((size_t)R * sizeof(float));
     int32_t *acc = (int32_t *)malloc((size_t)(R * N) * sizeof(int32_t));
     int ok = q && xu && s && acc;
     if (ok) {
         tq_quantize_rows(x, R, K, norm, eps, bits, rows_per_sample, q, s);
         struct epilogue_job e = {acc, R, N, s, wscale, bias, per_channel, y};
-        struct gemv_job g = {q, w, wsum, R, N, K, NULL, acc, wbits, &e};
+        struct gemv_job g = {q, w, wsum, R, N, K, NULL, acc, &e};
         gemv_run(&g, xu);
     }
     free(q);

@@ -1,4 +1,4 @@
-/* The interface of ternq_kernels.c: the functions ternq/runtime/native.py binds with ctypes.
+/* The interface of ternq_kernels.c and ternq_packed.c: the functions ternq/runtime/native.py binds with ctypes.
  *
  * native.py reads this file: the ABI number below is the one the library must report (tq_abi_version), and each
  * prototype must match the ctypes signature native.py declares for it, or loading raises (a mismatched ctypes
@@ -10,7 +10,7 @@
 
 #include <stdint.h>
 
-#define TQ_ABI_VERSION 6
+#define TQ_ABI_VERSION 7
 
 void tq_quantize_channels(const float *x, int64_t B, int64_t C, int64_t T, int norm, float eps, int bits, int
     per_sample, int8_t *q, int64_t ldq, float *s, int64_t lds, int64_t off);
@@ -31,8 +31,8 @@ void tq_gemv_s8(const int8_t *x, const int8_t *w, const int32_t *wsum, int64_t M
     int32_t *acc);
 
 int tq_linear_rows(const float *x, int64_t R, int64_t K, int norm, float eps, int bits, int64_t rows_per_sample,
-    const int8_t *w, int wbits, const int32_t *wsum, int64_t N, const float *wscale, int per_channel, const float
-    *bias, float *y);
+    const int8_t *w, const int32_t *wsum, int64_t N, const float *wscale, int per_channel, const float *bias,
+    float *y);
 
 void tq_quantize_grouped(const float *x, int64_t B, int64_t C, int64_t T, int norm, float eps, int bits, int
     per_sample, uint8_t *xg, int64_t in_g, int64_t C4, int64_t Tp, int64_t left, float *s);
@@ -51,6 +51,15 @@ int tq_num_threads(void);
 
 /* the least work per parallel chunk (default 256 K; tests set 1 so that small shapes split too) */
 void tq_set_min_work(int64_t work);
+
+/* ternq_packed.c: Linear on 2-bit rows (storage="packed") */
+
+int tq_linear_2bit(const float *x, int64_t R, int64_t K, int norm, float eps, int bits, int64_t rows_per_sample,
+    const uint8_t *w2, int64_t N, const float *wscale, int per_channel, const float *bias, float *y);
+
+void tq_unpack_2bit(const uint8_t *w2, int64_t K, int64_t r0, int64_t r1, int8_t *out);
+
+int tq_packed_isa(void);
 
 int tq_abi_version(void);
 

@@ -1,0 +1,165 @@
+"""Linear layers on 2-bit rows read as stored (ternq/runtime/csrc/ternq_packed.c, storage="packed"): exactly the
+int8 kernels' results on every -march variant, never the int8 codes of a whole layer in memory, and the default
+storage chosen once at load from the CPU and the layer's shape."""
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import pytest
+import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from ternq import KBitConfig, TernaryConfig, native
+from ternq.qat.layers import layer_spec, to_quant_module
+from ternq.runtime import STORAGE_ENV, packed_layer, picker, resident_bytes
+from ternq.runtime import kernels as runtime_kernels
+from ternq.runtime import layers as runtime_layers
+from ternq.runtime.storage import pack_rows
+
+needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.status()}")
+ARCHS = ("native", "haswell", "x86-64")  # AVX-512 VNNI where the CPU has it, AVX2, portable C
+
+
+@pytest.fixture(scope="module")
+def arch_cache(tmp_path_factory: pytest.TempPathFactory):
+    """A private kernel cache for the -march variants (never the user's cache)."""
+    return tmp_path_factory.mktemp("kernels")
+
+
+@contextlib.contextmanager
+def native_arch(arch: str, cache) -> Iterator[None]:
+    """The native kernels built for `arch` into `cache`; the environment is put back after (hypothesis runs many
+    examples in one test, so no monkeypatch)."""
+    names = (native.NATIVE_ENV, native.ARCH_ENV, native.CACHE_ENV)
+    saved = {name: os.environ.get(name) for name in names}
+    os.environ.update({native.NATIVE_ENV: "1", native.ARCH_ENV: arch, native.CACHE_ENV: str(cache)})
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@needs_native
+@settings(deadline=None, max_examples=60)
+@example(rows=1, k=2048, n=9, lo=-1, per_channel=True, bias=True, bad=None, seed=0)  # 8 full AVX-512 chunks
+@example(rows=3, k=257, n=5, lo=-2, per_channel=False, bias=False, bad=float("nan"), seed=1)
+@given(rows=st.integers(1, 6), k=st.integers(1, 600), n=st.integers(1, 13), lo=st.sampled_from([-1, -2]),
+       per_channel=st.booleans(), bias=st.booleans(),
+       bad=st.sampled_from([None, float("nan"), float("inf"), float("-inf")]), seed=st.integers(0, 2**16))
+def test_2bit_rows_give_the_int8_result_bit_for_bit(arch_cache, rows: int, k: int, n: int, lo: int,
+                                                    per_channel: bool, bias: bool, bad: float | None,
+                                                    seed: int) -> None:
+    """The one-call Linear on 2-bit rows == the one on int8 codes, bit for bit, on every loop (AVX-512 VNNI,
+    AVX2, portable): K not a multiple of 4, 32 or 64 (masked tails, the last plane's padding fields), ternary
+    and int2 codes ([-2, 1]), 1 to 6 rows; a NaN / Inf in a row gives a non-finite output row, as the int8 path.
+    `unpack_2bit` (the GEMM's tiles) gives the codes back."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, k, generator=g) * 3
+    if bad is not None:
+        x[rows // 2, k // 3] = bad
+    w = torch.randint(lo, 2, (n, k), generator=g, dtype=torch.int8)
+    wscale = torch.rand(n if per_channel else 1, generator=g) + 0.5
+    b = torch.randn(n, generator=g) if bias else None
+    two_bit = pack_rows(w, 2)
+    for arch in ARCHS:
+        with native_arch(arch, arch_cache):
+            assert native.available(), native.status()
+            ref = native.linear_rows(x, "rmsnorm", 1e-5, 8, 1, w, None, wscale, per_channel, b)
+            y = native.linear_rows(x, "rmsnorm", 1e-5, 8, 1, two_bit, None, wscale, per_channel, b)
+            torch.testing.assert_close(y, ref, rtol=0, atol=0, equal_nan=True)  # bit for bit
+            if bad is not None:
+                assert not bool(torch.isfinite(y[rows // 2]).any()), arch
+            tile = torch.full((n, k), 99, dtype=torch.int8)
+            r0 = n // 3
+            native.unpack_2bit(two_bit, k, r0, n, tile[: n - r0])
+            assert torch.equal(tile[: n - r0], w[r0:]), arch
+
+
+def _fresh_packed(layer: nn.Linear, storage: str):
+    config = TernaryConfig(granularity="channel")
+    qat = to_quant_module(layer, config).eval()
+    with torch.no_grad():
+        codes, scale = qat.weight_codes()
+    return qat, packed_layer(layer, codes, scale, config, layer_spec(layer), storage=storage)
+
+
+@needs_native
+@settings(deadline=None, max_examples=12)
+@example(tokens=64, k=1000, n=1100, threads=1, seed=0)  # several 512 KiB tiles, the last one partial
+@given(tokens=st.sampled_from([1, 2, 5, 64, 100]), k=st.integers(2, 300), n=st.integers(1, 40),
+       threads=st.sampled_from([1, 3]), seed=st.integers(0, 2**16))
+def test_packed_linear_every_kernel_equals_int8_storage(tokens: int, k: int, n: int, threads: int,
+                                                        seed: int) -> None:
+    """storage="packed" gives storage="int8"'s output bit for bit on every integer kernel (the GEMV, and the GEMMs
+    on decoded tiles), at 1 and an odd number of threads, without unpacking the layer's codes (what every GEMM
+    call did before: the int8 codes of the whole layer, made and dropped per call)."""
+    torch.manual_seed(seed)
+    layer = nn.Linear(k, n)
+    qat, packed = _fresh_packed(layer, "packed")
+    _, int8 = _fresh_packed(layer, "int8")
+    x = torch.randn(tokens, k)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the 2-bit rows were unpacked whole")
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    mp = pytest.MonkeyPatch()  # not the fixture: hypothesis runs many examples in one test
+    mp.setattr(runtime_kernels, "unpack_rows", refuse)
+    mp.setattr(runtime_layers, "unpack_rows", refuse)
+    try:
+        with torch.no_grad():
+            for kernel in packed._applicable(x):
+                if kernel == "weight_only":
+                    continue
+                packed.kernel = int8.kernel = kernel
+                assert torch.equal(packed(x), int8(x)), kernel
+            ref = qat(x)
+    finally:
+        mp.undo()
+        torch.set_num_threads(saved)
+    packed.kernel = "auto"
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_choose_storage_rules() -> None:
+    """2-bit rows for large Linear layers of 2-bit codes on a SIMD build; int8 everywhere else."""
+    big = picker.PACKED_MIN_WEIGHTS
+    for isa in ("avx2", "avx_vnni", "avx512_vnni"):
+        assert picker.choose_storage(True, 2, big, isa) == "packed"
+    assert picker.choose_storage(True, 2, big - 1, "avx512_vnni") == "int8"  # in cache: int8 is as fast
+    assert picker.choose_storage(True, 2, big, "portable") == "int8"
+    assert picker.choose_storage(True, 2, big, None) == "int8"  # no native kernels
+    assert picker.choose_storage(True, 4, big, "avx2") == "int8"
+    assert picker.choose_storage(False, 2, big, "avx2") == "int8"  # not a Linear the 2-bit kernels run
+
+
+def test_default_storage_is_chosen_at_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without storage= (or with "auto"), a large ternary Linear keeps 2-bit rows where the native build has a SIMD
+    loop on them: at most 2.1 bits per weight resident; small layers and 4-bit codes keep int8."""
+    monkeypatch.delenv(STORAGE_ENV, raising=False)
+    torch.manual_seed(0)
+    big = nn.Linear(1024, 1024, bias=False)
+    _, packed = _fresh_packed(big, None)  # type: ignore[arg-type]
+    expected = "packed" if native.packed_isa() not in (None, "portable") else "int8"
+    assert packed.storage == expected
+    if expected == "packed":
+        assert resident_bytes(packed) * 8 / big.weight.numel() <= 2.1
+        assert packed.ternq_codes.dtype == torch.uint8
+    _, small = _fresh_packed(nn.Linear(256, 256), "auto")
+    assert small.storage == "int8"
+    config = KBitConfig(bits=4, granularity="channel")
+    qat = to_quant_module(nn.Linear(1024, 1024), config).eval()
+    codes, scale = qat.weight_codes()
+    assert packed_layer(qat, codes, scale, config, layer_spec(qat)).storage == "int8"
+    with pytest.raises(ValueError, match="auto"):
+        _fresh_packed(big, "int2")
