@@ -359,6 +359,38 @@ def test_a_model_that_cannot_export_raises_and_is_left_unchanged(tmp_path: Path)
     assert ternq.is_quantized(qat.proj) and qat.training
 
 
+class Regulated(nn.Module):
+    """A TTS acoustic model's shape: features repeated by durations the model predicts (a length that is data),
+    then quantized layers on those frames, per token and per sample."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.duration = nn.Linear(8, 1)
+        self.proj = nn.Linear(8, 8)
+        self.conv = nn.Conv1d(8, 4, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:  # x (T, 8)
+        durations = torch.sigmoid(self.duration(x)).mul(3).round().long().clamp(min=1).reshape(-1)
+        frames = self.proj(x.repeat_interleave(durations, dim=0))
+        return self.conv(frames.t().unsqueeze(0))
+
+
+@pytest.mark.parametrize("granularity", ["token", "tensor"])
+def test_a_data_dependent_length_exports_with_torch_export(granularity: str, tmp_path: Path) -> None:
+    """torch.export records a length that is data (an unbacked size) through the activation quantizers: they
+    branch on no size the trace cannot know, and the graph matches the packed model on other inputs."""
+    torch.manual_seed(0)
+    config = TernaryConfig(act_granularity=granularity)
+    ternq.save_packed(ternq.quantize(Regulated(), include=["*"], config=config), tmp_path / "m.safetensors")
+    packed = ternq.load_packed(tmp_path / "m.safetensors", Regulated())
+    path = ternq.export_onnx(packed, torch.randn(5, 8), tmp_path / "m.onnx", input_names=["x"],
+                             dynamic_shapes=({0: torch.export.Dim("text", min=1, max=64)},))
+    for length in (5, 9, 2):
+        x = torch.randn(length, 8)
+        with torch.no_grad():
+            assert_close_to_runtime(run_onnx(path, x), packed(x))
+
+
 class SubmoduleCall(nn.Module):
     """A forward that calls F.linear on a child's parameter."""
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import io
+import itertools
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -385,7 +386,68 @@ def _tidy(proto: Any) -> Any:
         inputs = [i for i in proto.graph.input if i.name not in dropped]  # initializers listed as inputs
         del proto.graph.input[:]
         proto.graph.input.extend(inputs)
+    _shorten(proto.graph, _dedupe(proto.graph))
     return proto
+
+
+def _dedupe(graph: Any) -> dict[str, str]:
+    """Drop initializers equal to an earlier one (type, shape and bytes: torch's exporters write a constant once
+    per module that makes it); returns each dropped name's replacement."""
+    first: dict[tuple[int, tuple[int, ...], bytes], str] = {}
+    same: dict[str, str] = {}
+    for t in graph.initializer:
+        key = (t.data_type, tuple(t.dims), t.SerializeToString(deterministic=True).replace(t.name.encode(), b""))
+        same[t.name] = first.setdefault(key, t.name)
+    same = {a: b for a, b in same.items() if a != b}
+    if same:
+        keep = [t for t in graph.initializer if t.name not in same]
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+        inputs = [i for i in graph.input if i.name not in same]
+        del graph.input[:]
+        graph.input.extend(inputs)
+    return same
+
+
+def _base36(i: int) -> str:
+    digits = ""
+    while True:
+        i, r = divmod(i, 36)
+        digits = "0123456789abcdefghijklmnopqrstuvwxyz"[r] + digits
+        if not i:
+            return digits
+
+
+def _shorten(graph: Any, renamed: dict[str, str]) -> None:
+    """Name every value of `graph` and its subgraphs but the graph's inputs and outputs by a short id, and drop
+    node names: the exporters' names spell each value's module path and op (a third of a small model's file), and
+    onnxruntime reads none of them. `renamed` maps a value to the one it stands for (`_dedupe`)."""
+    keep = {v.name for v in graph.input} | {v.name for v in graph.output}
+    names: dict[str, str] = {n: n for n in keep}
+    fresh = (n for n in map(_base36, itertools.count()) if n not in keep)
+
+    def short(name: str) -> str:
+        if not name:  # an omitted optional input
+            return name
+        name = renamed.get(name, name)
+        if name not in names:
+            names[name] = next(fresh)
+        return names[name]
+
+    def walk(g: Any) -> None:
+        for value in (*g.input, *g.output, *g.value_info, *g.initializer):
+            value.name = short(value.name)
+        for node in g.node:
+            node.ClearField("name")
+            node.input[:] = [short(n) for n in node.input]
+            node.output[:] = [short(n) for n in node.output]
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    walk(attr.g)
+                for sub in attr.graphs:
+                    walk(sub)
+
+    walk(graph)
 
 
 def _require(*packages: str) -> None:
