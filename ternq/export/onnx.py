@@ -59,26 +59,37 @@ __all__ = ["export_onnx", "export_module", "OnnxLayer", "OnnxWeight", "decode_co
 DEFAULT_OPSET = 18
 
 
-def decode_codes(payload: Tensor, encoding: str, count: int) -> Tensor:
-    """The first `count` codes of a `ternq.format.encoding.pack_codes` payload, as float32, in torch ops an
-    exporter records: the integer arithmetic of docs/format.md (no table, so no per-layer constant beside the
-    payload). trit5: ``c_k = ((((b * 3**k) mod 256) * 3) >> 8) - 1``; int2 / int4: field ``j`` of byte ``b``
-    is ``(b >> (bits * j)) & mask`` minus the bias; int8: the byte itself."""
-    if encoding == "int8":
-        return payload[:count].to(torch.float32)
-    # in float32, where every value here is an exact integer (< 2**24) and dividing by a power of two is exact:
-    # integer division exports as ops onnxruntime cannot fold (CastLike)
-    b = payload.to(torch.float32).unsqueeze(-1)
+def _code_table(encoding: str) -> Tensor:
+    """(256, codes per byte) int8: the codes of every byte value, by the arithmetic of docs/format.md.
+    trit5: ``c_k = ((((b * 3**k) mod 256) * 3) >> 8) - 1``; int2 / int4: field ``j`` of byte ``b`` is
+    ``(b >> (bits * j)) & mask`` minus the bias."""
+    b = torch.arange(256, dtype=torch.int64).unsqueeze(-1)
     if encoding == "trit5":
-        powers = torch.tensor([1.0, 3.0, 9.0, 27.0, 81.0], device=b.device)
-        codes = torch.floor(torch.remainder(b * powers, 256.0) * (3.0 / 256.0)) - 1.0
+        powers = torch.tensor([1, 3, 9, 27, 81])
+        codes = (((b * powers) % 256) * 3 >> 8) - 1
     elif encoding in ("int2", "int4"):
         bits = 2 if encoding == "int2" else 4
-        shifts = torch.tensor([1.0 / (1 << (bits * j)) for j in range(8 // bits)], device=b.device)
-        codes = torch.remainder(torch.floor(b * shifts), float(1 << bits)) - float(1 << (bits - 1))
+        shifts = torch.arange(0, 8, bits)
+        codes = ((b >> shifts) & ((1 << bits) - 1)) - (1 << (bits - 1))
     else:
         raise ValueError(f"unknown encoding {encoding!r}")
-    return codes.reshape(-1)[:count]
+    return codes.to(torch.int8)
+
+
+#: built at import, never while an exporter traces (it would record the table's arithmetic, or cache a traced tensor)
+_CODE_TABLES = {encoding: _code_table(encoding) for encoding in ("trit5", "int2", "int4")}
+
+
+def decode_codes(payload: Tensor, encoding: str, count: int) -> Tensor:
+    """The first `count` codes of a `ternq.format.encoding.pack_codes` payload, as float32, in ops an exporter
+    records: a lookup of each byte's codes in a 256-row table (`_code_table`), a reshape and a slice; int8: the
+    bytes themselves. The table is one tensor for every layer: the export writes it once (`_dedupe`)."""
+    if encoding == "int8":
+        return payload[:count].to(torch.float32)
+    if encoding not in _CODE_TABLES:
+        raise ValueError(f"unknown encoding {encoding!r}")
+    table = _CODE_TABLES[encoding].to(payload.device)
+    return torch.index_select(table, 0, payload.long()).reshape(-1)[:count].to(torch.float32)
 
 
 def _normalize(x: Tensor, kind: str | None, dim: int, eps: float) -> Tensor:
@@ -392,7 +403,17 @@ def _tidy(proto: Any) -> Any:
 
 def _dedupe(graph: Any) -> dict[str, str]:
     """Drop initializers equal to an earlier one (type, shape and bytes: torch's exporters write a constant once
-    per module that makes it); returns each dropped name's replacement."""
+    per module that makes it, as the decode's code table), after making the main graph's Constant nodes
+    initializers; returns each dropped name's replacement."""
+    constants = [n for n in graph.node if n.op_type == "Constant" and [a.name for a in n.attribute] == ["value"]]
+    for node in constants:  # the TorchScript exporter's constants: initializers, to be deduplicated with the rest
+        tensor = graph.initializer.add()
+        tensor.CopyFrom(node.attribute[0].t)
+        tensor.name = node.output[0]
+    if constants:
+        nodes = [n for n in graph.node if not (n.op_type == "Constant" and [a.name for a in n.attribute] == ["value"])]
+        del graph.node[:]
+        graph.node.extend(nodes)
     first: dict[tuple[int, tuple[int, ...], bytes], str] = {}
     same: dict[str, str] = {}
     for t in graph.initializer:

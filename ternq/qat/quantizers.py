@@ -198,19 +198,14 @@ def absmax(x: Tensor, dims: tuple[int, ...]) -> Tensor:
     """``x.abs().amax(dims, keepdim=True)``; zeros for an empty `x`, where amax refuses to reduce (no value to
     scale, but an empty batch must still run)."""
     reduced = {d % max(x.dim(), 1) for d in dims}
-    # the reduced sizes only (an empty batch reduces fine), and no guard where a size is unknown while exporting
-    # (torch.export: a length that is data, as a TTS model's frame count, is never 0 in a traced run)
-    if any(_is_zero(x.shape[d]) for d in reduced):
+    if torch.jit.is_tracing():  # the TorchScript tracer: sizes may be 0-d tensors, numel an int
+        empty = x.numel() == 0
+    else:  # the reduced sizes only (an empty batch reduces fine); guard_or_false: no guard on a size that
+        # torch.export knows as a symbol only (a length that is data, as a TTS model's frame count)
+        empty = any(guard_or_false(x.shape[d] == 0) for d in reduced)
+    if empty:
         return x.new_zeros([1 if d in reduced else n for d, n in enumerate(x.shape)])
     return x.abs().amax(dim=dims, keepdim=True)
-
-
-def _is_zero(size: int | torch.SymInt) -> bool:
-    """``size == 0``, False for a size torch.export only knows as a symbol (the TorchScript tracer's sizes are
-    plain ints or 0-d tensors: compared as they are)."""
-    if isinstance(size, torch.SymInt):
-        return guard_or_false(size == 0)
-    return bool(size == 0)
 
 
 def fake_quantize_activation(x: Tensor, bits: int, dim: int, eps: float = 1e-5, granularity: str = "token") -> Tensor:
