@@ -6,9 +6,8 @@ per byte, 2 or 4-bit fields; `ternq.format.encoding`), with its float32 scales, 
 a lookup of each byte's codes in a 256-row int8 table (one ``Gather``), a reshape, a slice and the scale
 multiply. A lookup rather than the encoding's arithmetic in float ops: onnxruntime folds each op of the decode
 into a full-size intermediate, so one op instead of six cuts the session's start by a third and the memory
-it adds by half. torch's
-exporters write the table once per layer; the export keeps one of equal tensors (`_dedupe`), so the graph
-holds it once. Nothing in that subgraph depends on the model's inputs, so onnxruntime folds it into a
+it adds by half. torch's exporters write the table once per layer; the export keeps one of equal tensors
+(`_dedupe`), so the graph holds it once. Nothing in that subgraph depends on the model's inputs, so onnxruntime folds it into a
 float weight when a session starts (its default graph optimizations, "basic" and up): the file stays the size of
 the packed file and the session runs float kernels. The layer's input normalization and activation
 quantization (absmax per token, ``round`` half to even as ``torch.round``) are ops of the graph, so the
