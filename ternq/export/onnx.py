@@ -406,19 +406,25 @@ def _dedupe(graph: Any) -> dict[str, str]:
     """Drop initializers equal to an earlier one (type, shape and bytes: torch's exporters write a constant once
     per module that makes it, as the decode's code table), after making the main graph's Constant nodes
     initializers; returns each dropped name's replacement."""
-    constants = [n for n in graph.node if n.op_type == "Constant" and [a.name for a in n.attribute] == ["value"]]
+    from onnx.numpy_helper import to_array
+
+    def constant(node: Any) -> bool:
+        return node.op_type == "Constant" and [a.name for a in node.attribute] == ["value"]
+
+    constants = [n for n in graph.node if constant(n)]
     for node in constants:  # the TorchScript exporter's constants: initializers, to be deduplicated with the rest
         tensor = graph.initializer.add()
         tensor.CopyFrom(node.attribute[0].t)
         tensor.name = node.output[0]
     if constants:
-        nodes = [n for n in graph.node if not (n.op_type == "Constant" and [a.name for a in n.attribute] == ["value"])]
+        nodes = [n for n in graph.node if not constant(n)]
         del graph.node[:]
         graph.node.extend(nodes)
     first: dict[tuple[int, tuple[int, ...], bytes], str] = {}
     same: dict[str, str] = {}
     for t in graph.initializer:
-        key = (t.data_type, tuple(t.dims), t.SerializeToString(deterministic=True).replace(t.name.encode(), b""))
+        # the values, not the proto: equal tensors may hold them in raw_data or in a typed field
+        key = (t.data_type, tuple(t.dims), to_array(t).tobytes())
         same[t.name] = first.setdefault(key, t.name)
     same = {a: b for a, b in same.items() if a != b}
     if same:
