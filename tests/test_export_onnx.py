@@ -68,10 +68,23 @@ def assert_close_to_runtime(y: Tensor, ref: Tensor) -> None:
 
 
 def onnx_bytes(path: Path) -> tuple[int, int]:
-    """(bytes of the file's initializers, bytes of its float initializers)."""
+    """(bytes of the file's initializers, bytes of its float initializers), without the decode's code tables
+    (one 256-row int8 table per encoding the model uses, 1.3 kB at most)."""
     model = onnx.load(str(path))
-    sizes = [(onnx.numpy_helper.to_array(t).nbytes, t.data_type) for t in model.graph.initializer]
+    sizes = [(onnx.numpy_helper.to_array(t).nbytes, t.data_type) for t in model.graph.initializer
+             if not (t.data_type == onnx.TensorProto.INT8 and tuple(t.dims[:1]) == (256,))]
     return sum(n for n, _ in sizes), sum(n for n, t in sizes if t == onnx.TensorProto.FLOAT)
+
+
+def assert_tidy(model: Any, inputs: list[str]) -> None:
+    """A valid graph that keeps the input names, whose other values have short ids, and that holds no tensor
+    twice (the decode's code table, looked up by every layer of an encoding, is written once)."""
+    onnx.checker.check_model(model, full_check=True)
+    assert [i.name for i in model.graph.input] == inputs
+    names = {t.name for t in model.graph.initializer} | {o for n in model.graph.node for o in n.output}
+    assert max(len(n) for n in names - {o.name for o in model.graph.output}) <= 3
+    tensors = [onnx.numpy_helper.to_array(t) for t in model.graph.initializer]
+    assert len({(a.dtype.str, a.shape, a.tobytes()) for a in tensors}) == len(tensors)
 
 
 # --- the decode ------------------------------------------------------------------------------------------------
@@ -200,6 +213,7 @@ def test_random_stacks_match_the_packed_model(kinds: list[str], layer_configs: l
         assert_close_to_runtime(run_onnx(path, x2), ref)
         total, floats = onnx_bytes(path)  # codes as the file's bytes: no more than the packed file holds
         assert total <= (tmp / "m.safetensors").stat().st_size
+        assert_tidy(onnx.load(str(path)), ["x"])
 
 
 # --- whole models ----------------------------------------------------------------------------------------------
@@ -248,7 +262,8 @@ def test_qat_and_packed_export_match_the_runtime_with_dynamic_axes(tmp_path: Pat
         assert floats < 1024  # scales and biases; 2,624 float32 weights would be 10 kB
         session(path, optimized=tmp_path / f"{name}.opt.onnx")
         ops = {n.op_type for n in onnx.load(str(tmp_path / f"{name}.opt.onnx")).graph.node}
-        assert "Floor" in {n.op_type for n in onnx.load(str(path)).graph.node} and "Floor" not in ops, ops
+        assert "Gather" in {n.op_type for n in onnx.load(str(path)).graph.node} and "Gather" not in ops, ops
+        assert_tidy(onnx.load(str(path)), ["x"])
     assert all(torch.equal(v, qat.state_dict()[k]) for k, v in before.items())
     assert qat.training and sum(ternq.is_quantized(m) for m in qat.modules()) == 4
     assert sum(ternq.runtime.is_packed(m) for m in packed.modules()) == 4
@@ -257,13 +272,13 @@ def test_qat_and_packed_export_match_the_runtime_with_dynamic_axes(tmp_path: Pat
 @pytest.mark.parametrize("config", [TernaryConfig(granularity="channel"), KBitConfig(bits=2, granularity="group",
                                     group_size=8), KBitConfig(bits=4), KBitConfig(bits=8)], ids=lambda c: c.name)
 def test_onnxruntime_folds_every_decode(config: QuantConfig, tmp_path: Path) -> None:
-    """For every encoding, the decode subgraph (its Floor ops) is in the file and folded away by onnxruntime's
+    """For every encoding, the decode subgraph (its table lookup) is in the file and folded away by onnxruntime's
     session: inference runs no decode."""
     qat = ternq.quantize(nn.Sequential(nn.Linear(32, 64)), include=["*"], config=config)
     path = ternq.export_onnx(qat, torch.randn(2, 32), tmp_path / "m.onnx")
     session(path, optimized=tmp_path / "opt.onnx")
     ops = {n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node}
-    assert not ops & {"Floor", "Cast", "Reshape", "Expand"}, ops
+    assert not ops & {"Gather", "Cast", "Reshape", "Expand"}, ops
     assert onnx_bytes(path)[0] <= len(ternq.pack(qat).to_bytes())  # the packed codes, not float weights
 
 
@@ -357,6 +372,38 @@ def test_a_model_that_cannot_export_raises_and_is_left_unchanged(tmp_path: Path)
     assert (tmp_path / "m.onnx").read_bytes() == b"old"
     assert all(torch.equal(v, qat.state_dict()[k]) for k, v in before.items())
     assert ternq.is_quantized(qat.proj) and qat.training
+
+
+class Regulated(nn.Module):
+    """A TTS acoustic model's shape: features repeated by durations the model predicts (a length that is data),
+    then quantized layers on those frames, per token and per sample."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.duration = nn.Linear(8, 1)
+        self.proj = nn.Linear(8, 8)
+        self.conv = nn.Conv1d(8, 4, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:  # x (T, 8)
+        durations = torch.sigmoid(self.duration(x)).mul(3).round().long().clamp(min=1).reshape(-1)
+        frames = self.proj(x.repeat_interleave(durations, dim=0))
+        return self.conv(frames.t().unsqueeze(0))
+
+
+@pytest.mark.parametrize("granularity", ["token", "tensor"])
+def test_a_data_dependent_length_exports_with_torch_export(granularity: str, tmp_path: Path) -> None:
+    """torch.export records a length that is data (an unbacked size) through the activation quantizers: they
+    branch on no size the trace cannot know, and the graph matches the packed model on other inputs."""
+    torch.manual_seed(0)
+    config = TernaryConfig(act_granularity=granularity)
+    ternq.save_packed(ternq.quantize(Regulated(), include=["*"], config=config), tmp_path / "m.safetensors")
+    packed = ternq.load_packed(tmp_path / "m.safetensors", Regulated())
+    path = ternq.export_onnx(packed, torch.randn(5, 8), tmp_path / "m.onnx", input_names=["x"],
+                             dynamic_shapes=({0: torch.export.Dim("text", min=1, max=64)},))
+    for length in (5, 9, 2):
+        x = torch.randn(length, 8)
+        with torch.no_grad():
+            assert_close_to_runtime(run_onnx(path, x), packed(x))
 
 
 class SubmoduleCall(nn.Module):

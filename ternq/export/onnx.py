@@ -3,10 +3,11 @@
 What the graph holds. Every quantized layer of the model becomes an *export layer* (`OnnxLayer`) in a clone of
 the model: its weight is kept as ternq's packed codes, the bytes of the packed safetensors file (5 ternary codes
 per byte, 2 or 4-bit fields; `ternq.format.encoding`), with its float32 scales, and is decoded in the graph by
-the encoding's own arithmetic (the trit5 multiply-and-shift, the k-bit field shifts; in float32 ops, exact for
-these integers), a reshape, a slice and the scale multiply. Arithmetic rather than a lookup table (256 x 5 for
-trit5): torch's exporter writes a module's tensors per module, so a table would be one more initializer per
-layer. Nothing in that subgraph depends on the model's inputs, so onnxruntime folds it into a
+a lookup of each byte's codes in a 256-row int8 table (one ``Gather``), a reshape, a slice and the scale
+multiply. A lookup rather than the encoding's arithmetic in float ops: onnxruntime folds each op of the decode
+into a full-size intermediate, so one op instead of six cuts the session's start by a third and the memory
+it adds by half. torch's exporters write the table once per layer; the export keeps one of equal tensors
+(`_dedupe`), so the graph holds it once. Nothing in that subgraph depends on the model's inputs, so onnxruntime folds it into a
 float weight when a session starts (its default graph optimizations, "basic" and up): the file stays the size of
 the packed file and the session runs float kernels. The layer's input normalization and activation
 quantization (absmax per token, ``round`` half to even as ``torch.round``) are ops of the graph, so the
@@ -23,6 +24,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import io
+import itertools
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -58,26 +60,37 @@ __all__ = ["export_onnx", "export_module", "OnnxLayer", "OnnxWeight", "decode_co
 DEFAULT_OPSET = 18
 
 
-def decode_codes(payload: Tensor, encoding: str, count: int) -> Tensor:
-    """The first `count` codes of a `ternq.format.encoding.pack_codes` payload, as float32, in torch ops an
-    exporter records: the integer arithmetic of docs/format.md (no table, so no per-layer constant beside the
-    payload). trit5: ``c_k = ((((b * 3**k) mod 256) * 3) >> 8) - 1``; int2 / int4: field ``j`` of byte ``b``
-    is ``(b >> (bits * j)) & mask`` minus the bias; int8: the byte itself."""
-    if encoding == "int8":
-        return payload[:count].to(torch.float32)
-    # in float32, where every value here is an exact integer (< 2**24) and dividing by a power of two is exact:
-    # integer division exports as ops onnxruntime cannot fold (CastLike)
-    b = payload.to(torch.float32).unsqueeze(-1)
+def _code_table(encoding: str) -> Tensor:
+    """(256, codes per byte) int8: the codes of every byte value, by the arithmetic of docs/format.md.
+    trit5: ``c_k = ((((b * 3**k) mod 256) * 3) >> 8) - 1``; int2 / int4: field ``j`` of byte ``b`` is
+    ``(b >> (bits * j)) & mask`` minus the bias."""
+    b = torch.arange(256, dtype=torch.int64).unsqueeze(-1)
     if encoding == "trit5":
-        powers = torch.tensor([1.0, 3.0, 9.0, 27.0, 81.0], device=b.device)
-        codes = torch.floor(torch.remainder(b * powers, 256.0) * (3.0 / 256.0)) - 1.0
+        powers = torch.tensor([1, 3, 9, 27, 81])
+        codes = (((b * powers) % 256) * 3 >> 8) - 1
     elif encoding in ("int2", "int4"):
         bits = 2 if encoding == "int2" else 4
-        shifts = torch.tensor([1.0 / (1 << (bits * j)) for j in range(8 // bits)], device=b.device)
-        codes = torch.remainder(torch.floor(b * shifts), float(1 << bits)) - float(1 << (bits - 1))
+        shifts = torch.arange(0, 8, bits)
+        codes = ((b >> shifts) & ((1 << bits) - 1)) - (1 << (bits - 1))
     else:
         raise ValueError(f"unknown encoding {encoding!r}")
-    return codes.reshape(-1)[:count]
+    return codes.to(torch.int8)
+
+
+#: built at import, never while an exporter traces (it would record the table's arithmetic, or cache a traced tensor)
+_CODE_TABLES = {encoding: _code_table(encoding) for encoding in ("trit5", "int2", "int4")}
+
+
+def decode_codes(payload: Tensor, encoding: str, count: int) -> Tensor:
+    """The first `count` codes of a `ternq.format.encoding.pack_codes` payload, as float32, in ops an exporter
+    records: a lookup of each byte's codes in a 256-row table (`_code_table`), a reshape and a slice; int8: the
+    bytes themselves. The table is one tensor for every layer: the export writes it once (`_dedupe`)."""
+    if encoding == "int8":
+        return payload[:count].to(torch.float32)
+    if encoding not in _CODE_TABLES:
+        raise ValueError(f"unknown encoding {encoding!r}")
+    table = _CODE_TABLES[encoding].to(payload.device)
+    return torch.index_select(table, 0, payload.long()).reshape(-1)[:count].to(torch.float32)
 
 
 def _normalize(x: Tensor, kind: str | None, dim: int, eps: float) -> Tensor:
@@ -385,7 +398,84 @@ def _tidy(proto: Any) -> Any:
         inputs = [i for i in proto.graph.input if i.name not in dropped]  # initializers listed as inputs
         del proto.graph.input[:]
         proto.graph.input.extend(inputs)
+    _shorten(proto.graph, _dedupe(proto.graph))
     return proto
+
+
+def _dedupe(graph: Any) -> dict[str, str]:
+    """Drop initializers equal to an earlier one (type, shape and bytes: torch's exporters write a constant once
+    per module that makes it, as the decode's code table), after making the main graph's Constant nodes
+    initializers; returns each dropped name's replacement."""
+    from onnx.numpy_helper import to_array
+
+    def constant(node: Any) -> bool:
+        return node.op_type == "Constant" and [a.name for a in node.attribute] == ["value"]
+
+    constants = [n for n in graph.node if constant(n)]
+    for node in constants:  # the TorchScript exporter's constants: initializers, to be deduplicated with the rest
+        tensor = graph.initializer.add()
+        tensor.CopyFrom(node.attribute[0].t)
+        tensor.name = node.output[0]
+    if constants:
+        nodes = [n for n in graph.node if not constant(n)]
+        del graph.node[:]
+        graph.node.extend(nodes)
+    first: dict[tuple[int, tuple[int, ...], bytes], str] = {}
+    same: dict[str, str] = {}
+    for t in graph.initializer:
+        # the values, not the proto: equal tensors may hold them in raw_data or in a typed field
+        key = (t.data_type, tuple(t.dims), to_array(t).tobytes())
+        same[t.name] = first.setdefault(key, t.name)
+    same = {a: b for a, b in same.items() if a != b}
+    if same:
+        keep = [t for t in graph.initializer if t.name not in same]
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+        inputs = [i for i in graph.input if i.name not in same]
+        del graph.input[:]
+        graph.input.extend(inputs)
+    return same
+
+
+def _base36(i: int) -> str:
+    digits = ""
+    while True:
+        i, r = divmod(i, 36)
+        digits = "0123456789abcdefghijklmnopqrstuvwxyz"[r] + digits
+        if not i:
+            return digits
+
+
+def _shorten(graph: Any, renamed: dict[str, str]) -> None:
+    """Name every value of `graph` and its subgraphs but the graph's inputs and outputs by a short id, and drop
+    node names: the exporters' names spell each value's module path and op (a third of a small model's file), and
+    onnxruntime reads none of them. `renamed` maps a value to the one it stands for (`_dedupe`)."""
+    keep = {v.name for v in graph.input} | {v.name for v in graph.output}
+    names: dict[str, str] = {n: n for n in keep}
+    fresh = (n for n in map(_base36, itertools.count()) if n not in keep)
+
+    def short(name: str) -> str:
+        if not name:  # an omitted optional input
+            return name
+        name = renamed.get(name, name)
+        if name not in names:
+            names[name] = next(fresh)
+        return names[name]
+
+    def walk(g: Any) -> None:
+        for value in (*g.input, *g.output, *g.value_info, *g.initializer):
+            value.name = short(value.name)
+        for node in g.node:
+            node.ClearField("name")
+            node.input[:] = [short(n) for n in node.input]
+            node.output[:] = [short(n) for n in node.output]
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    walk(attr.g)
+                for sub in attr.graphs:
+                    walk(sub)
+
+    walk(graph)
 
 
 def _require(*packages: str) -> None:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from ..config import QuantConfig
 
@@ -221,8 +222,13 @@ def _act_dims(x: Tensor, dim: int, granularity: str) -> tuple[int, ...]:
 def absmax(x: Tensor, dims: tuple[int, ...]) -> Tensor:
     """``x.abs().amax(dims, keepdim=True)``; zeros for an empty `x`, where amax refuses to reduce (no value to
     scale, but an empty batch must still run)."""
-    if x.numel() == 0:
-        reduced = {d % x.dim() for d in dims}
+    reduced = {d % max(x.dim(), 1) for d in dims}
+    if torch.jit.is_tracing():  # the TorchScript tracer: sizes may be 0-d tensors, numel an int
+        empty = x.numel() == 0
+    else:  # the reduced sizes only (an empty batch reduces fine); guard_or_false: no guard on a size that
+        # torch.export knows as a symbol only (a length that is data, as a TTS model's frame count)
+        empty = any(guard_or_false(x.shape[d] == 0) for d in reduced)
+    if empty:
         return x.new_zeros([1 if d in reduced else n for d, n in enumerate(x.shape)])
     return x.abs().amax(dim=dims, keepdim=True)
 

@@ -119,6 +119,23 @@ def test_length_regulator_max_frames_and_gradient():
         length_regulate(x, torch.tensor([[1, 2]]))
 
 
+def test_length_regulator_exports_with_torch_export():
+    """Its input check branches on data only in eager mode: torch.export records the regulator (a fixed frame
+    count), and the program repeats as the eager call does."""
+
+    class Regulate(torch.nn.Module):
+        def forward(self, x, durations):
+            return length_regulate(x, durations, max_frames=12)
+
+    x, durations = torch.randn(1, 3, 4), torch.tensor([[2, 0, 3, 1]])
+    program = torch.export.export(Regulate(), (x, durations))
+    other = torch.tensor([[1, 4, 2, 2]])
+    for got, expected in zip(program.module()(x, other), length_regulate(x, other, max_frames=12)):
+        assert torch.equal(got, expected)
+    with pytest.raises(ValueError, match="durations must be >= 0"):
+        length_regulate(x, -durations)
+
+
 def test_average_by_duration():
     values = torch.tensor([[1.0, 3.0, 5.0, 7.0, 0.0]])
     out = average_by_duration(values, torch.tensor([[2, 0, 2]]))

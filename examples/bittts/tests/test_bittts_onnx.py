@@ -105,6 +105,14 @@ def test_the_onnx_voice_matches_the_torch_runtime(voice):
             assert snr_db(theirs, ours.wav) > 30  # measured 50-57 dB (AVX-512 machine)
 
 
+def test_the_onnx_voice_is_the_size_of_the_packed_model(voice):
+    """The codes stay packed and the graph costs little beside them: short value names, one code table."""
+    size = voice[0].stat().st_size
+    assert size <= 1.05 * shipped_model(DEFAULT_MODEL).stat().st_size, size  # measured 1.007x (1,176,554 B)
+    config = json.loads(voice[0].with_name(voice[0].name + ".json").read_text())
+    assert config["onnx"]["opset"] == 18
+
+
 def test_the_onnx_voice_keeps_the_bounds(voice):
     from bittts.synthesis.onnx_voice import OnnxSynthesizer
 

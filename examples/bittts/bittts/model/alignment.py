@@ -152,11 +152,13 @@ def _frame_to_token(durations: Tensor, max_frames: int | None) -> Tensor:
     """(B, T_out) index of the token each output frame copies; T_text for frames past the item's end."""
     if durations.dim() != 2:
         raise ValueError(f"durations must be (batch, text), got shape {tuple(durations.shape)}")
-    if (durations < 0).any():
+    if not torch.compiler.is_exporting() and (durations < 0).any():  # a check on data torch.export cannot record
         raise ValueError("durations must be >= 0")
     cum = durations.long().cumsum(1)
-    total = int(cum[:, -1].max()) if cum.numel() else 0
-    t_out = total if max_frames is None else int(max_frames)
+    if max_frames is None:
+        t_out = int(cum[:, -1].max()) if cum.numel() else 0
+    else:
+        t_out = int(max_frames)
     frames = torch.arange(t_out, device=durations.device).unsqueeze(0).expand(durations.shape[0], -1)
     return torch.searchsorted(cum.contiguous(), frames.contiguous(), right=True)
 

@@ -26,7 +26,7 @@ from .checkpoints import CHECKPOINT_NAME, load_checkpoint, model_from_checkpoint
 
 __all__ = ["export_model", "export_onnx_voice", "find_checkpoint", "VoiceGraph", "frame_tokens", "ONNX_OPSET"]
 
-ONNX_OPSET = 17  # ScatterElements with reduction="add" (16) for the length regulator; LayerNormalization (17)
+ONNX_OPSET = 18  # torch.export's exporter writes 18 and up (the length regulator needs 16: ScatterElements "add")
 
 
 def find_checkpoint(run_dir: str | os.PathLike[str], checkpoint: str | os.PathLike[str] | None = None) -> Path:
@@ -139,14 +139,16 @@ def _export_graph(model: BitTTS, ids: list[int], out: str | os.PathLike[str]) ->
     """Write `VoiceGraph(model)` to `out` with `ternq.export_onnx` (the packed codes stay packed, decoded in the
     graph), traced on `ids` with dynamic text and audio lengths; returns the file's bytes.
 
-    The TorchScript tracer (``dynamo=False``): torch.export stops at the length regulator's data-dependent frame
-    count, inside the activation quantizers' guards on it; the tracer records the same ops with dynamic shapes."""
+    torch.export (``dynamo=True``): the frame count is data (the predicted durations), which it records as a
+    dynamic size downstream of the length regulator; the phoneme count is bounded well above
+    `bittts.limits.MAX_SENTENCE_PHONEMES`."""
     import ternq
 
     example = (torch.tensor([ids], dtype=torch.long), torch.tensor(1.0), torch.tensor(1_000_000))
+    phonemes = torch.export.Dim("phonemes", min=1, max=4096)
     ternq.export_onnx(VoiceGraph(model), example, out, input_names=list(onnx_voice.INPUTS),
-                      output_names=list(onnx_voice.OUTPUTS), opset_version=ONNX_OPSET, dynamo=False,
-                      dynamic_axes={"ids": {1: "phonemes"}, "wav": {0: "samples"}})
+                      output_names=list(onnx_voice.OUTPUTS), opset_version=ONNX_OPSET,
+                      dynamic_shapes=({1: phonemes}, None, None))
     return Path(out).read_bytes()
 
 
