@@ -546,3 +546,33 @@ def test_a_packed_linear_built_under_inference_mode_runs() -> None:
         packed = packed_layer(layer, codes.detach().clone(), scale.detach().clone(), config, layer_spec(layer))
         y = packed(torch.randn(1, 64))
     assert packed.kernel == "int8_gemv" and bool(torch.isfinite(y).all())
+
+
+def _foreign_openmp_runtimes() -> list[str]:
+    """OpenMP runtimes on this machine that are not torch's: the system libgomp, scikit-learn's bundled copy."""
+    import glob
+
+    torch_lib = os.path.realpath(os.path.join(os.path.dirname(torch.__file__), "lib"))
+    found = glob.glob("/usr/lib/*/libgomp.so.1.*") + glob.glob("/usr/lib*/libgomp.so.1.*")
+    found += glob.glob(os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), "*.libs", "libgomp*"))
+    return sorted({os.path.realpath(p) for p in found if not os.path.realpath(p).startswith(torch_lib)})
+
+
+@needs_native
+@pytest.mark.parametrize("foreign", _foreign_openmp_runtimes() or [None])
+def test_a_second_openmp_runtime_is_not_taken_for_torchs(foreign: str | None) -> None:
+    """Another package's OpenMP runtime loaded after torch (scikit-learn's bundled libgomp did, in the full suite)
+    must not become the kernels' pool: its thread count ignores torch.set_num_threads."""
+    if foreign is None:
+        pytest.skip("no second OpenMP runtime on this machine")
+    code = textwrap.dedent(f"""
+        import ctypes, torch
+        ctypes.CDLL({foreign!r})
+        from ternq.runtime import native
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            assert native.num_threads() == n, (n, native.num_threads(), native.status())
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]

@@ -429,11 +429,16 @@ def _load() -> ctypes.CDLL | None:
 
 def _openmp_runtime() -> tuple[str, int, int] | None:
     """The OpenMP runtime torch runs its parallel regions on (its path, and the addresses of GOMP_parallel and
-    omp_get_max_threads), or None. Only a library the process has already loaded (or torch's own copy in
-    torch/lib, which torch loaded): one runtime means one pool of worker threads for torch and the kernels."""
+    omp_get_max_threads), or None. One runtime means one pool of worker threads for torch and the kernels.
+
+    The symbols are looked up through libtorch_cpu's own handle, which searches the libraries torch links, so a
+    second OpenMP runtime another package loaded (llama.cpp's and scikit-learn's bring the system libgomp) is
+    never taken for torch's: its thread count is not the one `torch.set_num_threads` sets. Without
+    libtorch_cpu in torch/lib, the runtimes the process has loaded and torch/lib's copies are tried in turn."""
     if "OpenMP" not in torch.__config__.parallel_info():
         return None
-    paths: list[str] = []
+    lib_dir = Path(torch.__file__).parent / "lib"
+    paths = [str(p) for p in sorted(lib_dir.glob("libtorch_cpu.*"))]
     try:
         with open("/proc/self/maps") as f:
             for line in f:
@@ -442,7 +447,6 @@ def _openmp_runtime() -> tuple[str, int, int] | None:
                     paths.append(path)
     except OSError:
         pass
-    lib_dir = Path(torch.__file__).parent / "lib"
     paths += [str(p) for name in _OPENMP_NAMES for p in sorted(lib_dir.glob(name + "*")) if str(p) not in paths]
     for path in paths:
         try:
@@ -450,8 +454,27 @@ def _openmp_runtime() -> tuple[str, int, int] | None:
             parallel, max_threads = runtime.GOMP_parallel, runtime.omp_get_max_threads
         except (OSError, AttributeError):
             continue
-        return path, ctypes.cast(parallel, _P).value, ctypes.cast(max_threads, _P).value  # type: ignore[return-value]
+        address = ctypes.cast(parallel, _P).value
+        return _defining_file(address) or path, address, ctypes.cast(max_threads, _P).value  # type: ignore[return-value]
     return None
+
+
+class _DlInfo(ctypes.Structure):
+    _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", _P), ("dli_sname", ctypes.c_char_p),
+                ("dli_saddr", _P)]
+
+
+def _defining_file(address: int | None) -> str | None:
+    """The file a loaded symbol's code lives in (glibc's dladdr), for the status line; None where unknown."""
+    try:
+        dladdr = ctypes.CDLL(None).dladdr
+    except (OSError, AttributeError):
+        return None
+    info = _DlInfo()
+    dladdr.argtypes = [_P, ctypes.POINTER(_DlInfo)]
+    if not address or not dladdr(address, ctypes.byref(info)) or not info.dli_fname:
+        return None
+    return os.fsdecode(info.dli_fname)
 
 
 def library() -> ctypes.CDLL | None:
