@@ -12,7 +12,9 @@ Variants: ``ternq`` = `ternq.runtime.packed_layer` with the paper config (ternar
 (`ternq.native.status()` is printed); ``ternq 2-bit`` = the same with 2-bit storage;
 ``ternq w-only`` = the weight-only kernel forced (the path for CPUs without fast int8); ``torch dyn int8`` =
 ``torch.ao.quantization.quantize_dynamic`` (what Pocket TTS uses; Linear only); ``torchao`` = torchao's
-``Int8DynamicActivationInt8WeightConfig`` / ``Int8WeightOnlyConfig`` when torchao imports (Linear only).
+``Int8DynamicActivationInt8WeightConfig`` / ``Int8WeightOnlyConfig`` when torchao imports (Linear only);
+``ort dyn int8`` = onnxruntime's ``quantize_dynamic`` of the fp32 model's ONNX export (MatMulInteger; Linear only),
+its session at the table's thread count.
 The variants compute different models (different quantizers), so this compares speed and memory only.
 
 Times are the best of `--rounds` interleaved rounds (the variants take turns, so a burst of load on a shared
@@ -150,6 +152,51 @@ def torch_dynamic(model: nn.Module) -> nn.Module | None:
     return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
 
 
+class _OrtModule(nn.Module):
+    """An onnxruntime session behind a module's call: what a user deploying with onnxruntime runs."""
+
+    def __init__(self, session: Any) -> None:
+        super().__init__()
+        self.session = session
+        self.input = session.get_inputs()[0].name
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.from_numpy(self.session.run(None, {self.input: x.numpy()})[0])
+
+
+def ort_dynamic(model: nn.Module) -> nn.Module | None:
+    """onnxruntime's dynamic int8 quantization (MatMulInteger, int8 activations per call) of the fp32 model,
+    at torch's current thread count. Linear only: its ConvInteger ran at 0.23x fp32 on the Conv1d stacks."""
+    if not all(isinstance(m, (nn.Linear, nn.Sequential, nn.ReLU, nn.GELU)) for m in model.modules()):
+        return None
+    try:
+        import onnxruntime as ort
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+    except ImportError:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32, int8 = os.path.join(tmp, "fp32.onnx"), os.path.join(tmp, "int8.onnx")
+        features = next(m for m in model.modules() if isinstance(m, nn.Linear)).in_features
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (torch.randn(2, features),), fp32, input_names=["x"], dynamo=False,
+                              dynamic_axes={"x": {0: "rows"}})
+        quantize_dynamic(fp32, int8, weight_type=QuantType.QInt8)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        session = ort.InferenceSession(int8, options, providers=["CPUExecutionProvider"])
+    return _OrtModule(session)
+
+
+def ort_status() -> str:
+    try:
+        import onnxruntime
+    except ImportError as e:
+        return f"unavailable ({e})"
+    return f"onnxruntime {onnxruntime.__version__}"
+
+
 def _torchao(config_name: str) -> Callable[[nn.Module], nn.Module | None]:
     def convert(model: nn.Module) -> nn.Module | None:
         if not any(isinstance(m, nn.Linear) for m in model.modules()):
@@ -178,6 +225,7 @@ VARIANTS: dict[str, Callable[[nn.Module], nn.Module | None]] = {
     "ternq 2-bit": lambda m: ternq_packed(m, storage="packed"),
     "ternq w-only": lambda m: ternq_packed(m, kernel="weight_only"),
     "torch dyn int8": torch_dynamic,
+    "ort dyn int8": ort_dynamic,
     "torchao dyn-act int8": _torchao("Int8DynamicActivationInt8WeightConfig"),
     "torchao w-only int8": _torchao("Int8WeightOnlyConfig"),
 }
@@ -187,6 +235,8 @@ def available_variants() -> list[str]:
     names = list(VARIANTS)
     if not torchao_status().startswith("torchao"):
         names = [n for n in names if not n.startswith("torchao")]
+    if not ort_status().startswith("onnxruntime"):
+        names = [n for n in names if not n.startswith("ort")]
     return names
 
 
@@ -489,7 +539,7 @@ def main() -> None:
     out = [f"# bench_runtime — {time.strftime('%Y-%m-%d %H:%M')}", "",
            "Speed: fp32 time / variant time (higher is faster), best of "
            f"{rounds} interleaved rounds (1 thread: thread CPU time; more threads: wall time). "
-           f"torchao: {torchao_status()}. ternq native kernels: {native.status()} "
+           f"torchao: {torchao_status()}. {ort_status()}. ternq native kernels: {native.status()} "
            f"(TERNQ_NATIVE_ARCH={os.environ.get('TERNQ_NATIVE_ARCH', 'native')}).", ""]
     threads_list = [1] if args.one_thread else sorted({1, *(ALL_THREADS if t == "all" else int(t)
                                                            for t in args.threads.split(","))})
