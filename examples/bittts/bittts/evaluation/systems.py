@@ -171,7 +171,9 @@ class PiperSystem(TTSSystem):
 
     def __init__(self) -> None:
         from ..data.piper import VOICE, joe_voice
+        from ..extras import require
 
+        require("peer", "--system piper")  # here too: joe_voice() may be cached from before the extra went away
         self.joe = joe_voice()
         self.model_path, self.config, self.voice = self.joe.model_path, self.joe.config, self.joe.voice
         self.name = VOICE
