@@ -576,3 +576,23 @@ def test_a_second_openmp_runtime_is_not_taken_for_torchs(foreign: str | None) ->
     """)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+
+
+@needs_native
+@pytest.mark.parametrize("make, shape", [(lambda: nn.Conv1d(16, 24, 5, padding=2), (1, 16, 40)),
+                                         (lambda: nn.Linear(64, 32), (1, 64)), (lambda: nn.Linear(64, 32), (9, 64))])
+def test_native_turned_off_after_a_call_reaches_the_next_call(monkeypatch: pytest.MonkeyPatch, make, shape) -> None:
+    """A layer remembers its kernel per input shape; `TERNQ_NATIVE=0` set after a call must still take effect
+    (bench_bittts's eager pass raised `assert lib is not None` from a remembered native kernel)."""
+    torch.manual_seed(0)
+    config, float_layer = TernaryConfig(), make()
+    codes, scale = to_quant_module(float_layer, config).eval().weight_codes()
+    layer = packed_layer(float_layer, codes, scale, config, layer_spec(float_layer))
+    x = torch.randn(*shape)
+    with torch.inference_mode():
+        native_out = layer(x)
+        assert layer.kernel.startswith("int8")
+        monkeypatch.setenv(native.NATIVE_ENV, "0")
+        eager_out = layer(x)
+    monkeypatch.delenv(native.NATIVE_ENV)
+    torch.testing.assert_close(eager_out, native_out, rtol=0.05, atol=0.05 * native_out.abs().max().item())

@@ -267,7 +267,11 @@ class PackedLayer:
         thread count and $TERNQ_KERNEL (up to `_MEMO_SIZE` of them: a prompt's shape and the decode step's
         alternate): repeated shapes skip the lookup, which costs ~10 us per call with caches cold after a GEMM."""
         if self._forced is None and not (torch.is_grad_enabled() and x.requires_grad):
-            key = (x.shape, x.dtype, x.device, torch.get_num_threads(), os.environ.get(KERNEL_ENV), _GENERATION[0])
+            env = os.environ
+            # every override the picker reads is in the key: $TERNQ_NATIVE=0 set after a call must reach the
+            # next one (a remembered native kernel would run without its library)
+            key = (x.shape, x.dtype, x.device, torch.get_num_threads(), env.get(KERNEL_ENV),
+                   env.get(native.NATIVE_ENV), env.get(native.ARCH_ENV), _GENERATION[0])
             memo = self.__dict__.get("_memo")
             if memo is None:
                 memo = self.__dict__["_memo"] = {}
