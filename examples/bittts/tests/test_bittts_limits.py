@@ -17,6 +17,13 @@ pytestmark = pytest.mark.skipif(not MODEL.is_file(), reason="the shipped model i
 DIGITS = "777777777777777 " * 5  # 80 characters, ~970 phonemes ("seven hundred seventy-seven trillion, ...")
 
 
+def _sigint_as_a_terminal_gives_it() -> None:
+    """In the child: SIGINT's default action and unblocked, whatever the test process inherited (a suite run as
+    `cmd &` ignores SIGINT; a library may block it in the parent's mask)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 @pytest.fixture(scope="module")
 def synth(one_thread):
     return Synthesizer(MODEL)
@@ -55,7 +62,8 @@ def test_speak_bounds_a_request_in_phonemes_and_seconds(synth):
 
 def _bittts(*args: str, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    return subprocess.Popen([sys.executable, "-m", "bittts.cli", *args], env=env, **kwargs)
+    return subprocess.Popen([sys.executable, "-m", "bittts.cli", *args], env=env,
+                            preexec_fn=_sigint_as_a_terminal_gives_it, **kwargs)
 
 
 def test_the_command_refuses_digits_in_one_line_and_writes_nothing(tmp_path):

@@ -29,6 +29,13 @@ SLOW_CONNECTIONS = MAX_CONNECTIONS + 44
 _get = functools.partial(http_request, "127.0.0.1", timeout=30)  # (port, method, path, body, headers)
 
 
+def _sigint_as_a_terminal_gives_it() -> None:
+    """In the child: SIGINT's default action and unblocked, whatever the test process inherited (a suite run as
+    `cmd &` ignores SIGINT; a library may block it in the parent's mask)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def _proc(pid: int) -> dict[str, int]:
     """Threads, resident memory (kB) and open files of a process, from /proc."""
     with open(f"/proc/{pid}/status") as f:
@@ -58,7 +65,8 @@ def test_serve_under_load_stays_bounded_and_answers_health(tmp_path):
     log_path = tmp_path / "serve.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "bittts.cli", "serve", "--port", "0", "--threads", "1"],
-                                stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+                                stdout=subprocess.PIPE, stderr=log, text=True, env=env,
+                                preexec_fn=_sigint_as_a_terminal_gives_it)  # even from `cmd &`
     slow: list[socket.socket] = []
     health: list[object] = []
     peak: dict[str, int] = {}
