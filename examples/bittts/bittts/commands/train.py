@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from ..config import PRESETS, apply_overrides, config_from_dict, load_config, load_preset
 from . import output_dir
@@ -55,10 +56,16 @@ def run(args: argparse.Namespace) -> int:
         cfg = apply_overrides(cfg, args.set)
     result = train(cfg, args.out, data_dir=args.data, steps=args.steps, resume=args.resume, device=args.device,
                    progress=not args.no_progress, init_from=args.init_from)
-    if int(os.environ.get("RANK", "0")) != 0:
-        return 0
-    last = result["history"][-1] if result["history"] else {}
-    summary = ", ".join(f"{k}={last[k]:.4f}" for k in ("loss_g", "loss_d", "mel") if k in last)
-    print(f"trained to step {result['step']} ({result['steps_per_s']:.2f} steps/s"
-          f"{', ' + summary if summary else ''}); checkpoint: {result['checkpoint']}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        last = result["history"][-1] if result["history"] else {}
+        summary = ", ".join(f"{k}={last[k]:.4f}" for k in ("loss_g", "loss_d", "mel") if k in last)
+        print(f"trained to step {result['step']} ({result['steps_per_s']:.2f} steps/s"
+              f"{', ' + summary if summary else ''}); checkpoint: {result['checkpoint']}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # a torchrun worker whose work is saved leaves without the interpreter's finalization: gloo's threads,
+        # which DistributedDataParallel keeps alive in C++ after its wrappers are gone, can abort it there
+        # ("terminate called without an active exception", SIGABRT, seen in CI after a finished run)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0

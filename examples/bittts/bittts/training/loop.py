@@ -295,7 +295,10 @@ def train(cfg: BitTTSConfig, out_dir: str | os.PathLike, *, data_dir: str | os.P
         proc = _Process(rank, world, dev, (log or tqdm.write) if rank == 0 else (lambda msg: None), progress)
         run, batches = _set_up(cfg, Path(out_dir), proc, data_dir=data_dir, dataset=dataset, collate_fn=collate_fn,
                                steps=steps, resume=resume, init_from=init_from)
-        return _loop(run, batches, Path(out_dir), proc)
+        result = _loop(run, batches, Path(out_dir), proc)
+        if own_group:
+            dist.barrier()  # no process tears the group down while another still talks to it
+        return result
     finally:
         torch.set_num_threads(threads)
         if own_group:
