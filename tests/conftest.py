@@ -14,3 +14,9 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def arch_cache(tmp_path_factory: pytest.TempPathFactory):
+    """A private kernel cache for the -march variants (never the user's cache)."""
+    return tmp_path_factory.mktemp("kernels")

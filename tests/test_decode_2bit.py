@@ -3,14 +3,11 @@ int8 kernels' results on every -march variant, never the int8 codes of a whole l
 storage chosen once at load from the CPU and the layer's shape."""
 from __future__ import annotations
 
-import contextlib
-import os
-from collections.abc import Iterator
-
 import pytest
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from native_builds import ARCHS, native_build
 from torch import nn
 
 from ternq import KBitConfig, TernaryConfig, native
@@ -21,32 +18,6 @@ from ternq.runtime import layers as runtime_layers
 from ternq.runtime.storage import pack_rows
 
 needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.status()}")
-ARCHS = ("native", "haswell", "x86-64")  # AVX-512 VNNI where the CPU has it, AVX2, portable C
-
-
-@pytest.fixture(scope="module")
-def arch_cache(tmp_path_factory: pytest.TempPathFactory):
-    """A private kernel cache for the -march variants (never the user's cache)."""
-    return tmp_path_factory.mktemp("kernels")
-
-
-@contextlib.contextmanager
-def native_arch(arch: str, cache) -> Iterator[None]:
-    """The native kernels built for `arch` into `cache`; the environment is put back after (hypothesis runs many
-    examples in one test, so no monkeypatch)."""
-    names = (native.NATIVE_ENV, native.ARCH_ENV, native.CACHE_ENV)
-    saved = {name: os.environ.get(name) for name in names}
-    os.environ.update({native.NATIVE_ENV: "1", native.ARCH_ENV: arch, native.CACHE_ENV: str(cache)})
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
 @needs_native
 @settings(deadline=None, max_examples=60)
 @example(rows=1, k=2048, n=9, lo=-1, per_channel=True, bias=True, bad=None, seed=0)  # 8 full AVX-512 chunks
@@ -70,7 +41,7 @@ def test_2bit_rows_give_the_int8_result_bit_for_bit(arch_cache, rows: int, k: in
     b = torch.randn(n, generator=g) if bias else None
     two_bit = pack_rows(w, 2)
     for arch in ARCHS:
-        with native_arch(arch, arch_cache):
+        with native_build("1", arch, arch_cache):
             assert native.available(), native.status()
             ref = native.linear_rows(x, "rmsnorm", 1e-5, 8, 1, w, None, wscale, per_channel, b)
             y = native.linear_rows(x, "rmsnorm", 1e-5, 8, 1, two_bit, None, wscale, per_channel, b)

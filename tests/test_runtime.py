@@ -7,19 +7,18 @@ and must match bit for bit.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import gc
 import itertools
 import os
 import weakref
-from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from native_builds import ARCHS, native_build
 from torch import Tensor, nn
 from torch.nn.utils import parametrizations
 
@@ -708,33 +707,6 @@ def test_fused_fast_paths_step_aside_for_packed_layers() -> None:
 
 
 # --- hostile numerics (issue 17: S11, S12) --------------------------------------------------------------------
-
-# the native kernels as built for this CPU (VNNI where it has it), for AVX2 without VNNI, and the portable loops
-ARCHS = ("native", "haswell", "x86-64")
-
-
-@pytest.fixture(scope="module")
-def arch_cache(tmp_path_factory: pytest.TempPathFactory):
-    """A private kernel cache for the -march variants (never the user's cache)."""
-    return tmp_path_factory.mktemp("kernels")
-
-
-@contextlib.contextmanager
-def native_build(mode: str, arch: str, cache) -> Any:
-    """Run with the native kernels on ("1", built for `arch` into `cache`) or off ("0"); the environment is put
-    back after (hypothesis runs many examples in one test, so no monkeypatch)."""
-    names = (NATIVE_ENV, native.ARCH_ENV, native.CACHE_ENV)
-    saved = {name: os.environ.get(name) for name in names}
-    os.environ.update({NATIVE_ENV: mode, native.ARCH_ENV: arch, native.CACHE_ENV: str(cache)})
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
 
 def layer_of(kind: str, groups: int, per_in: int, per_out: int, k: int, stride: int, dilation: int,
              padding: int) -> nn.Module:

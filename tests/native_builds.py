@@ -1,0 +1,28 @@
+"""What the tests that run each -march build of the native kernels share."""
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+from ternq import native
+
+# the native kernels as built for this CPU (VNNI where it has it), for AVX2 without VNNI, and the portable loops
+ARCHS = ("native", "haswell", "x86-64")
+
+
+@contextlib.contextmanager
+def native_build(mode: str, arch: str, cache) -> Iterator[None]:
+    """Run with the native kernels on ("1", built for `arch` into `cache`) or off ("0"); the environment is put
+    back after (hypothesis runs many examples in one test, so no monkeypatch)."""
+    names = (native.NATIVE_ENV, native.ARCH_ENV, native.CACHE_ENV)
+    saved = {name: os.environ.get(name) for name in names}
+    os.environ.update({native.NATIVE_ENV: mode, native.ARCH_ENV: arch, native.CACHE_ENV: str(cache)})
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
