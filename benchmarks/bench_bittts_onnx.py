@@ -29,14 +29,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _machine import machine_line  # noqa: E402
+from bench_bittts import SENTENCES  # noqa: E402  (the same five sentences as the torch runtime's benchmark)
 
-SENTENCES = [
-    "The quick brown fox jumps over the lazy dog.",
-    "She sells sea shells by the sea shore.",
-    "A packed runtime should be faster than floating point.",
-    "How much wood would a woodchuck chuck?",
-    "Tomorrow will be sunny with a chance of rain in the afternoon.",
-]
 VOICES = ("ternary", "4bit", "acoustic", "fp32", "fp32-small")
 
 
