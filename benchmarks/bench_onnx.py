@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _machine import machine_line  # noqa: E402
+from bench_packing import best_time  # noqa: E402
 
 import ternq  # noqa: E402
 from ternq import native  # noqa: E402
@@ -58,16 +59,6 @@ class MLP(nn.Module):
         return x
 
 
-def best(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=10)
@@ -101,9 +92,9 @@ def main() -> None:
             session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
             start = time.perf_counter() - t0
             feed = {"x": x.numpy()}
-            t_ort = best(lambda s=session, f=feed: s.run(None, f), args.repeats)
+            t_ort = best_time(lambda s=session, f=feed: s.run(None, f), args.repeats)
             with torch.no_grad():
-                t_ternq = best(lambda m=packed, x=x: m(x), args.repeats)
+                t_ternq = best_time(lambda m=packed, x=x: m(x), args.repeats)
                 ref = packed(x)
             err = (torch.from_numpy(session.run(None, feed)[0]) - ref).abs().max() / ref.abs().max()
             params = sum(p.numel() for p in make().parameters())
