@@ -358,3 +358,58 @@ def test_llama_cpp_matches_ternq(tmp_path, one_thread):
         # the tokenizer: llama.cpp splits text as the Hugging Face tokenizer does
         text = "hello the quick fox, jumps over there"
         assert llm.tokenize(text.encode(), add_bos=False) == bpe_tokenizer().encode(text)
+
+
+# --- the output path: ternq's rules for output files (ternq.format.atomic), as every other writer ----------------
+
+
+@pytest.fixture(scope="module")
+def small_llama():
+    torch.set_num_threads(1)
+    return quantized_llama()
+
+
+def test_output_follows_ternqs_rules_for_files(tmp_path, small_llama):
+    # before: the GGUF writer opened `<path>.<pid>.partial` by name (following a link planted there) and renamed
+    # it over `path`, so a symlink became a regular file, an existing file's mode went back to the umask's, and
+    # a name near the file system's limit failed on the temporary name
+    (tmp_path / "victim").write_bytes(b"not yours")
+    os.symlink(tmp_path / "victim", tmp_path / f"planted.gguf.{os.getpid()}.partial")
+    ternq.export_gguf(small_llama, tmp_path / "planted.gguf")
+    assert (tmp_path / "victim").read_bytes() == b"not yours"
+    assert not (tmp_path / "planted.gguf").is_symlink()
+
+    (tmp_path / "private.gguf").write_bytes(b"old")
+    os.chmod(tmp_path / "private.gguf", 0o600)
+    os.symlink("private.gguf", tmp_path / "link.gguf")
+    ternq.export_gguf(small_llama, tmp_path / "link.gguf")
+    assert (tmp_path / "link.gguf").is_symlink() and os.stat(tmp_path / "private.gguf").st_mode & 0o777 == 0o600
+    assert len(read_back(tmp_path / "private.gguf")[0]) == 21
+
+    long = tmp_path / ("x" * 250 + ".gguf")
+    ternq.export_gguf(small_llama, long)
+    assert long.read_bytes() == (tmp_path / "private.gguf").read_bytes()
+
+    os.symlink(os.devnull, tmp_path / "discard.gguf")  # a character device is written through, never replaced
+    ternq.export_gguf(small_llama, tmp_path / "discard.gguf")
+    assert os.readlink(tmp_path / "discard.gguf") == os.devnull
+    assert sorted(os.listdir(tmp_path)) == sorted(["victim", f"planted.gguf.{os.getpid()}.partial", "planted.gguf",
+                                                   "private.gguf", "link.gguf", long.name, "discard.gguf"])
+
+
+def test_a_fifo_is_refused_before_it_is_opened(tmp_path, small_llama):
+    # before: the FIFO was replaced by a regular file (now: refused without waiting for a reader)
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(ternq.ExportError, match="pipe: is a FIFO.*write to a file"):
+        ternq.export_gguf(small_llama, tmp_path / "pipe")
+    assert os.path.exists(tmp_path / "pipe") and not os.path.isfile(tmp_path / "pipe")
+
+
+def test_a_nan_scale_is_refused_as_not_finite(tmp_path, small_llama):
+    # before: refused as "overflows fp16", which a NaN does not
+    ternq.save_packed(small_llama, tmp_path / "model.safetensors")
+    packed = ternq.load_packed(tmp_path / "model.safetensors", tiny_llama())
+    packed.model.layers[0].mlp.up_proj.scale.fill_(float("nan"))
+    with pytest.raises(ternq.ExportError, match="up_proj.weight: a scale is not finite"):
+        ternq.export_gguf(packed, tmp_path / "nan.gguf")
+    assert os.listdir(tmp_path) == ["model.safetensors"]

@@ -13,12 +13,14 @@ The ``gguf`` package (``pip install gguf``) writes the container.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from ..errors import ExportError
+from .atomic import atomic_open
 from .torch import _collect_sites
 
 if TYPE_CHECKING:
@@ -330,8 +332,9 @@ def export_gguf(model: nn.Module, path: str | os.PathLike[str], *, type: GGUFTyp
             targets = ["token_embd.weight"]
         codes = arrange(s.key, _numpy(s.codes).astype(np.int8))
         scales = arrange(s.key, _block_scales(_numpy(s.scale).astype(np.float32), shape, s.config))  # type: ignore[arg-type]
-        if not (np.abs(scales) <= np.finfo(np.float16).max).all():
-            raise _refuse(s.key, "a scale overflows fp16, the type of a TQ block's d", "keep this layer float")
+        if not (np.abs(scales) <= np.finfo(np.float16).max).all():  # NaN too
+            raise _refuse(s.key, "a scale is not finite or overflows fp16, the type of a TQ block's d",
+                          "keep this layer float")
         blocks = _ENCODERS[type](codes.reshape(-1, BLOCK), scales.reshape(-1))
         tensors[targets[0]] = (blocks.reshape(shape[0], -1), gguf.GGMLQuantizationType[type])
         quantized |= {s.key, *s.aliases, *s.owned}
@@ -352,20 +355,34 @@ def export_gguf(model: nn.Module, path: str | os.PathLike[str], *, type: GGUFTyp
         tensors[target] = (a.astype(dtype), None)
 
     name = name or getattr(config, "name_or_path", "") or "ternq-llama"
-    path = os.fspath(path)
-    partial = f"{path}.{os.getpid()}.partial"  # renamed over `path` once complete: no half-written model
-    writer = gguf.GGUFWriter(partial, "llama")  # holds the metadata in memory until write_header_to_file
+    _check_seekable(path)
+    writer = gguf.GGUFWriter(None, "llama")  # holds the metadata in memory; writes to the file given below
+    _write_metadata(writer, gguf, config, name, type)
+    _write_vocab(writer, gguf, config, tokenizer)
+    for target, (a, raw) in tensors.items():
+        writer.add_tensor(target, a, raw_dtype=raw)
+    # by ternq's rules for output files (ternq.format.atomic): a temporary file renamed over a regular one (its
+    # mode and owner kept, a symlink followed), a character device written through, never replaced
+    with atomic_open(path) as f:
+        if not f.seekable():  # a terminal: gguf's writer and numpy's tofile need file positions
+            raise _refuse(os.fspath(path), "cannot be written by seeking (a terminal or a pipe); the GGUF writer "
+                          "needs file positions", "write to a file, then copy it")
+        writer.fout, writer.state = [f], gguf.WriterState.EMPTY
+        try:
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.flush()
+        finally:
+            writer.fout = None  # atomic_open closes (and renames) its file
+
+
+def _check_seekable(path: str | os.PathLike[str]) -> None:
+    """Refuse a FIFO (or a pipe named by /dev/stdout) before opening it, which would wait for its reader."""
     try:
-        _write_metadata(writer, gguf, config, name, type)
-        _write_vocab(writer, gguf, config, tokenizer)
-        for target, (a, raw) in tensors.items():
-            writer.add_tensor(target, a, raw_dtype=raw)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(partial, path)
-    finally:
-        writer.close()
-        if os.path.exists(partial):
-            os.remove(partial)
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # a new file, or an error atomic_open reports with the path
+    if stat.S_ISFIFO(mode):
+        raise _refuse(os.fspath(path), "is a FIFO (named pipe); a GGUF file is written with seeks",
+                      "write to a file, then copy it into the pipe")
