@@ -44,6 +44,7 @@ from ternq.numpy_format import (
     crc32_hex,
     load_numpy,
 )
+from ternq.qat.quantizers import quantize_weight
 from ternq.runtime import is_packed
 
 # --- forging helpers -------------------------------------------------------------------------------------------
@@ -689,3 +690,32 @@ def test_inspect_counts_code_shares_in_bounded_memory(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     got = json.loads(out.stdout.splitlines()[0])
     assert got.keys() == share.keys() and all(abs(got[s] - share[s]) < 1e-12 for s in share), (got, share)
+
+
+def _packed_linear(config: Any, in_features: int, storage: str) -> nn.Module:
+    torch.manual_seed(0)
+    model = ternq.quantize(nn.Sequential(nn.Linear(in_features, 8)), config=config)
+    with ternq.skeleton():
+        skeleton = nn.Sequential(nn.Linear(in_features, 8))
+    return ternq.load_packed(ternq.pack(model).to_bytes(), skeleton, storage=storage)
+
+
+@pytest.mark.parametrize("storage", ["packed", "int8"])
+def test_a_state_dict_of_other_packed_codes_is_quantized_or_refused(storage):
+    # before: another packed model's PackedWeight brought its codes as they were: int4 codes in a ternary layer
+    # (wrapped to [-2, 1] in 2-bit rows, kept as 7 in int8 storage), and a weight of another shape replaced the
+    # layer's shape silently (its forward then failed)
+    ternary = _packed_linear(TernaryConfig(), 64, storage)
+    int4 = _packed_linear(KBitConfig(bits=4), 64, "int8")
+    ternary.load_state_dict(int4.state_dict())
+    expected_codes, expected_scale = quantize_weight(int4[0].dequantized_weight(), TernaryConfig(), 0)
+    assert torch.equal(ternary[0].codes, expected_codes.to(torch.int8))
+    assert torch.equal(ternary[0].scale, expected_scale)
+    before = ternary[0].codes.clone()
+    with pytest.raises(RuntimeError, match=r"size mismatch for 0.weight.*\(8, 32\).*\(8, 64\)"):
+        ternary.load_state_dict(_packed_linear(TernaryConfig(), 32, "int8").state_dict())
+    assert ternary[0]._weight_shape == (8, 64) and torch.equal(ternary[0].codes, before)
+    same = _packed_linear(TernaryConfig(), 64, "int8")  # the same config: its codes, as they are
+    same[0]._set_codes(-same[0].codes, same[0].scale * 2)
+    ternary.load_state_dict(same.state_dict())
+    assert torch.equal(ternary[0].codes, same[0].codes) and torch.equal(ternary[0].scale, same[0].scale)

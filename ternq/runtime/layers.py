@@ -190,18 +190,24 @@ class PackedLayer:
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: Any, strict: bool,
                               missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
         """A float weight under the weight's key is quantized with the layer's config and replaces the codes (a
-        float checkpoint loads into a packed model); a `PackedWeight` brings its codes and scales."""
+        float checkpoint loads into a packed model); a `PackedWeight` of the same config brings its codes and
+        scales, one of another config (other codes: 4-bit codes do not fit 2-bit rows) is quantized as a float
+        weight is."""
         key = prefix + self.spec.weight_name
         if key in state_dict:
             value = state_dict[key]
-            if isinstance(value, PackedWeight):
-                if value.layer is not self:
-                    self._set_codes(value.layer.codes, value.layer.scale)
+            packed = isinstance(value, PackedWeight)
+            if packed and value.layer is self:
+                pass
             elif tuple(value.shape) != self._weight_shape:
                 error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(value.shape)}, the "
                                   f"shape in the packed layer is {self._weight_shape}")
+            elif packed and (value.layer.qconfig, value.layer.spec.weight_out_dim) == (self.qconfig,
+                                                                                      self.spec.weight_out_dim):
+                self._set_codes(value.layer.codes, value.layer.scale)
             else:
-                self._set_codes(*quantize_weight(value, self.qconfig, self.spec.weight_out_dim))
+                weight = value.dequantize() if packed else value
+                self._set_codes(*quantize_weight(weight, self.qconfig, self.spec.weight_out_dim))
         elif strict:
             missing_keys.append(key)
         rest = {k: v for k, v in state_dict.items() if k != key}
