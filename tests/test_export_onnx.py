@@ -429,3 +429,34 @@ def test_unexportable_sites_and_missing_packages_are_named(monkeypatch: pytest.M
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real(name, *a))
     with pytest.raises(ExportError, match=r"onnxscript.*ternq\[onnx\]"):
         ternq.export_onnx(ternq.quantize(nn.Linear(4, 4)), torch.randn(1, 4), "unused.onnx")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0, 0.0])
+def test_a_scale_the_format_refuses_is_refused(bad: float, tmp_path: Path) -> None:
+    """A packed layer or weight-only site whose scale `ternq.pack` would refuse (NaN, infinite, not positive):
+    before, the graph held it and computed NaN or flipped signs; now `ExportError` names the weight, nothing is
+    written."""
+    torch.manual_seed(0)
+    model = ternq.quantize(nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4)), config=TernaryConfig())
+    with ternq.skeleton():
+        skeleton = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+    packed = ternq.load_packed(ternq.pack(model).to_bytes(), skeleton)
+    packed[2].scale.fill_(bad)
+    with pytest.raises(ExportError, match=r"export_onnx: 2: scales must be finite, positive.*ternq.pack refuses"):
+        ternq.export_onnx(packed, torch.randn(2, 16), tmp_path / "bad.onnx")
+    site = PackedWeightSite()
+    install(site, [FunctionalQuant("linear", "w", TernaryConfig())])
+    site = ternq.load_packed(ternq.pack(site).to_bytes(), PackedWeightSite())
+    next(m for m in site.modules() if hasattr(m, "scale") and m is not site).scale.fill_(bad)
+    with pytest.raises(ExportError, match=r"export_onnx: w: scales must be finite"):
+        ternq.export_onnx(site, torch.randn(2, 16), tmp_path / "bad.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+class PackedWeightSite(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 16))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.nn.functional.linear(x, self.w)

@@ -37,9 +37,10 @@ from torch.nn.modules.conv import _ConvNd
 from torch.overrides import TorchFunctionMode
 
 from ..config import QuantConfig
-from ..errors import ExportError
+from ..errors import ExportError, FormatError
 from ..format.atomic import atomic_write
 from ..format.encoding import encoding_for, pack_codes
+from ..format.reader import check_scale
 from ..qat.functional import (
     FUNCTIONAL_OPS,
     INPUT_POSITION,
@@ -271,6 +272,16 @@ def _onnx_weight(holder: nn.Module, site: nn.Module) -> OnnxWeight:
     return OnnxWeight(site, codes, scale, weight.dtype)
 
 
+def _check_scales(module: Any, where: str) -> None:
+    """The packed file's rule for scales (`ternq.format.reader.check_scale`: finite, positive, ``qmax * scale`` a
+    finite float32): the graph holds what `ternq.pack` would store, and `pack` refuses the rest."""
+    try:
+        check_scale(module.ternq_scale.cpu().numpy(), where, module.qconfig.qmax)
+    except FormatError as e:
+        raise ExportError(f"export_onnx: {e}; a packed file cannot hold it either (ternq.pack refuses it): fix or "
+                          "exclude that weight") from None
+
+
 def _reader(fn: Any, memo: dict[int, nn.Module], where: str) -> Callable[[Tensor], Tensor]:
     """The export form of a quantized attribute's read function: the same site's decode in the clone."""
     source = getattr(fn, "__self__", None)
@@ -300,6 +311,7 @@ def export_module(model: nn.Module) -> nn.Module:
             return memo[id(module)]
         if isinstance(module, (QuantMixin, PackedLayer)):
             clone = memo[id(module)] = _onnx_layer(module)
+            _check_scales(clone, path or "the model")
             return clone
         clone = memo[id(module)] = shallow_clone(module, type(module))
         for name, child in module._modules.items():
@@ -310,6 +322,7 @@ def export_module(model: nn.Module) -> nn.Module:
                         f"the parameter {child.param!r} of a submodule, which export_onnx cannot route yet; "
                         "register the submodule's type with ternq.register_layer, or exclude that weight")
                 site = memo[id(child)] = _onnx_weight(module, child)
+                _check_scales(site, f"{path}.{child.param}" if path else child.param)
                 clone._modules[name] = site
             elif child is not None:
                 clone._modules[name] = visit(child, f"{path}.{name}" if path else name)
