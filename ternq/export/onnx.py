@@ -22,6 +22,7 @@ folding off) for models torch.export cannot trace.
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 import io
 import itertools
@@ -436,8 +437,9 @@ def _dedupe(graph: Any) -> dict[str, str]:
     first: dict[tuple[int, tuple[int, ...], bytes], str] = {}
     same: dict[str, str] = {}
     for t in graph.initializer:
-        # the values, not the proto: equal tensors may hold them in raw_data or in a typed field
-        key = (t.data_type, tuple(t.dims), to_array(t).tobytes())
+        # the values, not the proto: equal tensors may hold them in raw_data or in a typed field; by their
+        # SHA-256, so that the keys do not hold a second copy of every weight of the model
+        key = (t.data_type, tuple(t.dims), hashlib.sha256(to_array(t).tobytes()).digest())
         same[t.name] = first.setdefault(key, t.name)
     same = {a: b for a, b in same.items() if a != b}
     if same:

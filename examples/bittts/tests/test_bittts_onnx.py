@@ -165,6 +165,19 @@ def test_export_refuses_what_it_cannot_write(tmp_path):
         main(["export", model, "-o", str(tmp_path / "v.onnx"), "--checkpoint", "x.pt"])
 
 
+def test_export_writes_a_voice_only_where_both_files_can_be(tmp_path):
+    # before: through a link to /dev/null the graph went to the device and VOICE.onnx.json beside the link (with
+    # the SHA-256 of the empty file read back), and a name whose .json passes 255 bytes failed after the .onnx
+    # was written, leaving a pair that does not match
+    model = str(shipped_model(DEFAULT_MODEL))
+    os.symlink(os.devnull, tmp_path / "null.onnx")
+    with pytest.raises(SystemExit, match="null.onnx: is not a regular file; an ONNX voice is two files"):
+        main(["export", model, "-o", str(tmp_path / "null.onnx")])
+    with pytest.raises(SystemExit, match="has 258 bytes, more than the 255 .*VOICE.onnx.json"):
+        main(["export", model, "-o", str(tmp_path / ("v" * 248 + ".onnx"))])
+    assert os.listdir(tmp_path) == ["null.onnx"]
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.integers(1, 9), min_size=1, max_size=12), st.integers(0, 120))
 def test_frame_tokens_is_the_length_regulator(durations, max_frames):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -152,10 +153,29 @@ def _export_graph(model: BitTTS, ids: list[int], out: str | os.PathLike[str]) ->
     return Path(out).read_bytes()
 
 
+def _check_voice_paths(out: str | os.PathLike[str]) -> None:
+    """Before the export: both files of the voice can be written as files. A voice is a pair read together (the
+    JSON names the ONNX file's SHA-256), so a device or a FIFO is no place for it (``-o /dev/null`` would put
+    ``/dev/null.json`` into /dev), and a sidecar name past the file system's limit would fail after the ONNX file
+    was written, leaving a pair that does not match."""
+    for path in (Path(out), onnx_voice.config_path(out)):
+        if len(os.fsencode(path.name)) > 255:
+            raise ValueError(f"{path}: the file name has {len(os.fsencode(path.name))} bytes, more than the 255 a "
+                             "file system allows (an ONNX voice also writes VOICE.onnx.json): choose a shorter name")
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            continue  # a new file (or an error the write reports)
+        if not stat.S_ISREG(mode):
+            raise ValueError(f"{path}: is not a regular file; an ONNX voice is two files, VOICE.onnx and "
+                             "VOICE.onnx.json beside it: give a file name, e.g. -o voice.onnx")
+
+
 def export_onnx_voice(model: str | os.PathLike[str], out: str | os.PathLike[str]) -> dict[str, Any]:
     """Write the exported BitTTS model `model` (a packed safetensors file) as an ONNX voice: `out` (VOICE.onnx) and
     its JSON (`onnx_voice.config_path(out)`), both atomically. Returns a summary: path, config, bytes, source
     bytes."""
+    _check_voice_paths(out)
     synth = Synthesizer(model)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     data = _export_graph(synth.model, synth.phonemes_to_ids("ðə bˈɜːtʃ kənˈuː slˈɪd."), out)
