@@ -413,3 +413,24 @@ def test_a_nan_scale_is_refused_as_not_finite(tmp_path, small_llama):
     with pytest.raises(ternq.ExportError, match="up_proj.weight: a scale is not finite"):
         ternq.export_gguf(packed, tmp_path / "nan.gguf")
     assert os.listdir(tmp_path) == ["model.safetensors"]
+
+
+def test_two_tensors_under_one_llama_cpp_name_are_refused(tmp_path):
+    # llama.cpp's converter knows several names for a tensor (Meta's `layers.N.attention.wq`, GPT-2's
+    # `transformer.ln_f`, ...); a model holding one beside the transformers name lost one of the two silently
+    # before (a quantized one overwrote the other, a float one was skipped)
+    model = tiny_llama()
+    model.model.layers[0].attention = torch.nn.Module()
+    model.model.layers[0].attention.wq = torch.nn.Linear(256, 256, bias=False)
+    model = ternq.quantize(model, config=ternq.TernaryConfig(input_norm=None))
+    with pytest.raises(ternq.ExportError, match=r"attention.wq.weight: llama.cpp's tensor 'blk.0.attn_q.weight' "
+                                                r"would also hold 'model.layers.0.self_attn.q_proj.weight'"):
+        ternq.export_gguf(model, tmp_path / "x.gguf")
+    model = tiny_llama()
+    model.transformer = torch.nn.Module()
+    model.transformer.ln_f = torch.nn.LayerNorm(256)
+    model = ternq.quantize(model, config=ternq.TernaryConfig(input_norm=None))
+    with pytest.raises(ternq.ExportError, match=r"transformer.ln_f.weight: llama.cpp's tensor 'output_norm.weight' "
+                                                r"would also hold 'model.norm.weight'"):
+        ternq.export_gguf(model, tmp_path / "x.gguf")
+    assert os.listdir(tmp_path) == []

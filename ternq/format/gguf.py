@@ -106,6 +106,12 @@ def _refuse(what: str, why: str, fix: str) -> ExportError:
     return ExportError(f"export_gguf(): {what}: {why}; {fix}")
 
 
+def _collision(target: str, first: str, second: str) -> ExportError:
+    return _refuse(second, f"llama.cpp's tensor {target!r} would also hold {first!r} (its converter's names for "
+                   "the same tensor), and one of them would be lost", "export a plain LlamaForCausalLM: rename or "
+                   "remove the extra module")
+
+
 def _check_config(key: str, config: Any, shape: tuple[int, ...], out_dim: int) -> None:
     """Whether llama.cpp's TQ blocks represent this weight exactly (and its inputs as ternq quantizes them)."""
     if config.kind != "ternary":
@@ -316,6 +322,7 @@ def export_gguf(model: nn.Module, path: str | os.PathLike[str], *, type: GGUFTyp
 
     # everything is checked and encoded before the file is opened: a refusal writes nothing
     tensors: dict[str, tuple[np.ndarray, Any]] = {}
+    sources: dict[str, str] = {}  # llama.cpp's name -> the model's key written under it
     sites = _collect_sites(model)
     if not sites:
         raise _refuse(model.__class__.__name__, "nothing in it is quantized", "call ternq.quantize(model, ...) first")
@@ -330,6 +337,9 @@ def export_gguf(model: nn.Module, path: str | os.PathLike[str], *, type: GGUFTyp
             raise _refuse(s.key, "no llama.cpp tensor has this name", "keep the model's transformers names")
         if "token_embd.weight" in targets:  # tied embedding and lm_head: llama.cpp reuses token_embd
             targets = ["token_embd.weight"]
+        if targets[0] in sources:
+            raise _collision(targets[0], sources[targets[0]], s.key)
+        sources[targets[0]] = s.key
         codes = arrange(s.key, _numpy(s.codes).astype(np.int8))
         scales = arrange(s.key, _block_scales(_numpy(s.scale).astype(np.float32), shape, s.config))  # type: ignore[arg-type]
         if not (np.abs(scales) <= np.finfo(np.float16).max).all():  # NaN too
@@ -338,7 +348,8 @@ def export_gguf(model: nn.Module, path: str | os.PathLike[str], *, type: GGUFTyp
         blocks = _ENCODERS[type](codes.reshape(-1, BLOCK), scales.reshape(-1))
         tensors[targets[0]] = (blocks.reshape(shape[0], -1), gguf.GGMLQuantizationType[type])
         quantized |= {s.key, *s.aliases, *s.owned}
-    for key, t in model.state_dict().items():
+    state = model.state_dict()
+    for key, t in state.items():
         if key in quantized or not t.is_floating_point():
             continue
         target = gguf_name(key)
@@ -348,8 +359,12 @@ def export_gguf(model: nn.Module, path: str | os.PathLike[str], *, type: GGUFTyp
             raise _refuse(key, "no llama.cpp tensor has this name", "export a plain LlamaForCausalLM")
         if target == "output.weight" and getattr(config, "tie_word_embeddings", False):
             continue  # llama.cpp reads token_embd for a missing output
-        if target in tensors:
-            continue
+        if target in sources:
+            first = state.get(sources[target])
+            if first is not None and (first.data_ptr(), first.shape) == (t.data_ptr(), t.shape):
+                continue  # a tied parameter, under both of its names
+            raise _collision(target, sources[target], key)
+        sources[target] = key
         a = arrange(key, _numpy(t))
         dtype = np.float16 if float_type == "F16" and a.ndim > 1 else np.float32
         tensors[target] = (a.astype(dtype), None)
