@@ -434,3 +434,15 @@ def test_two_tensors_under_one_llama_cpp_name_are_refused(tmp_path):
                                                 r"would also hold 'model.norm.weight'"):
         ternq.export_gguf(model, tmp_path / "x.gguf")
     assert os.listdir(tmp_path) == []
+
+
+def test_a_local_directory_names_the_model_by_its_last_part(tmp_path, small_llama):
+    # before: general.name was config.name_or_path as it was, the exporting machine's full path when the model
+    # was loaded from a local directory
+    small_llama.config.name_or_path = str(tmp_path / "home" / "someone" / "my-llama")
+    ternq.export_gguf(small_llama, tmp_path / "local.gguf")
+    assert field(read_back(tmp_path / "local.gguf")[2], "general.name") == "my-llama"
+    small_llama.config.name_or_path = "org/model-id"  # a Hub id stays whole
+    ternq.export_gguf(small_llama, tmp_path / "hub.gguf")
+    assert field(read_back(tmp_path / "hub.gguf")[2], "general.name") == "org/model-id"
+    assert str(tmp_path).encode() not in (tmp_path / "local.gguf").read_bytes()

@@ -291,7 +291,8 @@ def export_gguf(model: nn.Module, path: str | os.PathLike[str], *, type: GGUFTyp
         float_type: storage of the float matrices ("F32" or "F16").
         tokenizer: the model's Hugging Face byte-level BPE fast tokenizer, or None for a minimal vocabulary
             (``<unk>``, ``<s>``, ``</s>``, the 256 byte tokens, placeholders): token ids in, ids out.
-        name: ``general.name`` (default: the model's ``config.name_or_path`` or "ternq-llama").
+        name: ``general.name`` (default: the model's ``config.name_or_path``, a Hub id, or the last part of a
+            local directory's path; else "ternq-llama").
 
     Raises:
         ExportError: the model or a weight's config has no llama.cpp equivalent (the message says why and what
@@ -369,7 +370,7 @@ def export_gguf(model: nn.Module, path: str | os.PathLike[str], *, type: GGUFTyp
         dtype = np.float16 if float_type == "F16" and a.ndim > 1 else np.float32
         tensors[target] = (a.astype(dtype), None)
 
-    name = name or getattr(config, "name_or_path", "") or "ternq-llama"
+    name = name or _model_name(getattr(config, "name_or_path", "")) or "ternq-llama"
     _check_seekable(path)
     writer = gguf.GGUFWriter(None, "llama")  # holds the metadata in memory; writes to the file given below
     _write_metadata(writer, gguf, config, name, type)
@@ -390,6 +391,16 @@ def export_gguf(model: nn.Module, path: str | os.PathLike[str], *, type: GGUFTyp
             writer.flush()
         finally:
             writer.fout = None  # atomic_open closes (and renames) its file
+
+
+def _model_name(name_or_path: str) -> str:
+    """A name for ``general.name`` from transformers' ``name_or_path``: a Hub id as it is, a local directory by its
+    last part (the file is shared; the exporting machine's paths are not its business, as in `export_onnx`)."""
+    if not isinstance(name_or_path, str):
+        return ""
+    if os.path.isabs(name_or_path) or name_or_path.startswith((".", "~")) or os.path.exists(name_or_path):
+        return os.path.basename(os.path.normpath(name_or_path))
+    return name_or_path
 
 
 def _check_seekable(path: str | os.PathLike[str]) -> None:
