@@ -162,7 +162,8 @@ class OnnxSynthesizer(Voice):
 
     def _check_interface(self) -> None:
         """The graph's inputs and outputs are a BitTTS voice's: names, element types and (where the graph states
-        them) ranks; ValueError naming the first that is not."""
+        them) ranks; ValueError naming the first that is not. onnxruntime gives an unknown rank as ``[]``, a
+        scalar's shape, so ``[]`` passes (the outputs are checked again on each run)."""
         names = ([i.name for i in self.session.get_inputs()], [o.name for o in self.session.get_outputs()])
         if sorted(names[0]) != sorted(INPUTS) or sorted(names[1]) != sorted(OUTPUTS):
             raise ValueError(f"{self.path}: the graph's inputs {names[0]} and outputs {names[1]} are not a BitTTS "
@@ -170,7 +171,7 @@ class OnnxSynthesizer(Voice):
         for args, expected in ((self.session.get_inputs(), _INPUT_TYPES), (self.session.get_outputs(), _OUTPUT_TYPES)):
             for arg in args:
                 kind, rank = expected[arg.name]
-                if arg.type != kind or arg.shape is not None and len(arg.shape) != rank:
+                if arg.type != kind or arg.shape and len(arg.shape) != rank:
                     raise ValueError(f"{self.path}: the graph's {arg.name!r} is a {arg.type} of shape {arg.shape}, "
                                      f"not a BitTTS voice's (a {kind} of rank {rank}); export it with `bittts export`")
 
