@@ -167,6 +167,10 @@ def test_a_model_onnxruntime_cannot_load_or_run_names_the_voice(tmp_path):
     garbage.mkdir()
     with pytest.raises(ValueError, match="voice.onnx: not an ONNX model"):
         OnnxSynthesizer(write_voice(garbage, b"\x0f" * 64), threads=1)
+    ort_format = tmp_path / "ort"  # onnxruntime detects its own format by these bytes, whatever the name
+    ort_format.mkdir()
+    with pytest.raises(ValueError, match="voice.onnx: an onnxruntime-format model"):
+        OnnxSynthesizer(write_voice(ort_format, b"\x0a\x40\x00\x00ORTM" + bytes(64)), threads=1)
     empty = tmp_path / "empty"  # parses (no field), and onnxruntime refuses it: its error, as a ValueError
     empty.mkdir()
     with pytest.raises(ValueError, match="voice.onnx: onnxruntime cannot load this model"):

@@ -140,6 +140,9 @@ class OnnxSynthesizer(Voice):
         if hashlib.sha256(data).hexdigest() != self.config["onnx"]["sha256"]:
             raise ValueError(f"{self.path} is not the ONNX file {config_path(self.path).name} describes (its SHA-256 "
                              "differs): keep the two files of one export together, or export the voice again")
+        if data[4:8] == b"ORTM":  # onnxruntime would load it in its own format, which is not walked below
+            raise ValueError(f"{self.path}: an onnxruntime-format model (.ort), not an ONNX file: export the voice "
+                             "with `bittts export`")
         try:
             external = external_tensor(data)
         except ValueError as e:
