@@ -383,6 +383,8 @@ def export_gguf(model: nn.Module, path: str | os.PathLike[str], *, type: GGUFTyp
         if not f.seekable():  # a terminal: gguf's writer and numpy's tofile need file positions
             raise _refuse(os.fspath(path), "cannot be written by seeking (a terminal or a pipe); the GGUF writer "
                           "needs file positions", "write to a file, then copy it")
+        # the writer opens files by name only: given this one as its open output (gguf >= 0.10's fields, which
+        # open_output_file sets), it writes the header, metadata and tensors into it
         writer.fout, writer.state = [f], gguf.WriterState.EMPTY
         try:
             writer.write_header_to_file()
