@@ -12,9 +12,10 @@ Kernels (names as the layers list them):
     A few rows: one native call (quantize, GEMV, rescale). More: ``torch._int_mm`` (int8 x int8 -> int32,
     exact) as ``x_q @ codes.T`` or ``(codes @ x_q.T).T`` (the weight as the left operand, which oneDNN does not
     re-layout per call), then one native rescale pass (or eager ops; per-group scales accumulate group by group).
-``int8_direct`` (Conv1d, per-token scales, native)
+``int8_direct`` (Conv1d, ConvTranspose1d of dilation 1; native)
     The convolution accumulated tap by tap in registers, each tap's int32 sums scaled by the scales of the steps
-    it read: no intermediate planes in memory.
+    it read: no intermediate planes in memory; parallel over blocks of output channels and of time. A transposed
+    convolution of stride u runs as u interleaved stride-1 convolutions (its phases).
 ``int8_taps`` (Conv1d, ConvTranspose1d)
     A convolution cannot fold per-step activation scales out of its window sum, so one GEMM of all k taps,
     ``(k*out, in) @ (in, T)``, then every column scaled by its step's scale and the k shifted tap planes summed
@@ -42,8 +43,8 @@ from . import native
 from .storage import unpack_rows
 
 __all__ = ["Conv1dGeometry", "conv_plan", "native_ok", "quantize_activations", "quantize_eager", "int_mm",
-           "linear_gemv", "linear_gemv_bound", "linear_int8", "int_mm_2bit", "conv1d_direct", "conv1d_taps",
-           "conv1d_im2col", "conv_transpose1d_taps",
+           "linear_gemv", "linear_gemv_bound", "linear_int8", "int_mm_2bit", "conv1d_direct", "direct_weights",
+           "conv1d_taps", "conv1d_im2col", "conv_transpose1d_direct", "conv_transpose1d_taps",
            "embedding_gather"]
 
 _SCRATCH = threading.local()
@@ -329,11 +330,12 @@ def _scale_and_bias(y: Tensor, scale: Tensor, bias: Tensor | None, cfg: QuantCon
     return y
 
 
-def conv1d_direct(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None, cfg: QuantConfig,
-                  geom: Conv1dGeometry) -> Tensor:
-    """``int8_direct`` (native, zero padding): weight (groups, k, out/groups, in/groups) int8 codes."""
+def conv1d_direct(x: Tensor, weights: list[native.ConvWeights], scale: Tensor, bias: Tensor | None,
+                  cfg: QuantConfig, geom: Conv1dGeometry) -> Tensor:
+    """``int8_direct`` (native, zero padding): `weights` one `native.ConvWeights` per group, of the codes
+    (k, out/groups, in/groups) (made once per layer: `direct_weights`)."""
     plan = conv_plan(geom, x.shape[-1], x.shape[0])
-    groups, k, out_g, in_g = weight.shape
+    groups, k, out_g, in_g = len(weights), geom.kernel_size, weights[0].out, weights[0].n_in
     xg, s = native.quantize_grouped(x, cfg.input_norm, cfg.eps, int(cfg.act_bits),  # type: ignore[arg-type]
                                     cfg.act_granularity == "tensor", in_g, *geom.padding)
     per_channel = cfg.granularity == "channel"
@@ -342,10 +344,47 @@ def conv1d_direct(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None,
         rows = slice(g * out_g, (g + 1) * out_g)
         wscale = scale[rows] if per_channel else scale
         b_g = None if bias is None else bias[rows]
-        w = weight[g].contiguous()
         for b in range(x.shape[0]):
-            native.conv1d_grouped(xg[b, g], w, k, geom.dilation, geom.stride, plan.t_out, s[b], wscale, per_channel,
-                                  b_g, y[b, rows])
+            native.conv1d_grouped(xg[b, g], weights[g], k, geom.dilation, geom.stride, plan.t_out, s[b], wscale,
+                                  per_channel, b_g, y[b, rows])
+    return y
+
+
+def direct_weights(weight: Tensor, upsample: int | None = None) -> list[native.ConvWeights]:
+    """One `native.ConvWeights` per group of the codes (groups, k, out/groups, in/groups) of a Conv1d, or of a
+    ConvTranspose1d of stride `upsample` (taps reordered into `native.transpose_phases`): what `conv1d_direct` /
+    `conv_transpose1d_direct` read, made once per layer (no per-call copies or row sums)."""
+    if upsample is not None:
+        weight = weight[:, native.transpose_phases(weight.shape[1], upsample)]
+    return [native.conv_weights(w) for w in weight]
+
+
+def conv_transpose1d_direct(x: Tensor, weights: list[native.ConvWeights], scale: Tensor, bias: Tensor | None,
+                            cfg: QuantConfig, geom: Conv1dGeometry, output_padding: int) -> Tensor:
+    """``int8_direct`` for ConvTranspose1d (native, dilation 1): `weights` one `native.ConvWeights` per group of
+    the codes (k, out/groups, in/groups) with the taps in `native.transpose_phases` order. The upsampling as
+    `stride` interleaved stride-1 convolutions of the input (the same loops as Conv1d's ``int8_direct``): no
+    tap planes, no overlap-add."""
+    k, stride, pad = geom.kernel_size, geom.stride, geom.padding[0]
+    t_in = x.shape[-1]
+    if t_in == 0 and x.shape[0]:
+        raise RuntimeError(f"{geom.owner}: input of length 0 (torch's ConvTranspose1d refuses it too)")
+    t_out = (t_in - 1) * stride - 2 * pad + geom.dilation * (k - 1) + 1 + output_padding
+    if t_out < 0:  # output length 0 gives an empty output, as torch does (except, on CPU, for a batch of one)
+        raise RuntimeError(f"{geom.owner}: output length {t_out} < 0 for input length {t_in}")
+    groups, out_g, in_g = len(weights), weights[0].out, weights[0].n_in
+    left, right = native.conv_transpose_padding(k, stride, pad, t_in, t_out)
+    xg, s = native.quantize_grouped(x, cfg.input_norm, cfg.eps, int(cfg.act_bits),  # type: ignore[arg-type]
+                                    cfg.act_granularity == "tensor", in_g, left, right)
+    per_channel = cfg.granularity == "channel"
+    y = torch.empty(x.shape[0], groups * out_g, t_out, dtype=torch.float32)
+    for g in range(groups):
+        rows = slice(g * out_g, (g + 1) * out_g)
+        b_g = None if bias is None else bias[rows]
+        for b in range(x.shape[0]):
+            # per channel: the scales of one group's outputs, the same for every group (the weight's dim 1)
+            native.conv_transpose1d_grouped(xg[b, g], weights[g], stride, pad, t_out, s[b], scale, per_channel,
+                                            b_g, y[b, rows])
     return y
 
 
