@@ -331,13 +331,14 @@ def _scale_and_bias(y: Tensor, scale: Tensor, bias: Tensor | None, cfg: QuantCon
 
 
 def conv1d_direct(x: Tensor, weights: list[native.ConvWeights], scale: Tensor, bias: Tensor | None,
-                  cfg: QuantConfig, geom: Conv1dGeometry) -> Tensor:
+                  cfg: QuantConfig, geom: Conv1dGeometry, slope: float | None = None) -> Tensor:
     """``int8_direct`` (native, zero padding): `weights` one `native.ConvWeights` per group, of the codes
-    (k, out/groups, in/groups) (made once per layer: `direct_weights`)."""
+    (k, out/groups, in/groups) (made once per layer: `direct_weights`); `slope`: the layer's input is
+    ``F.leaky_relu(x, slope)``, applied inside the input quantization."""
     plan = conv_plan(geom, x.shape[-1], x.shape[0])
     groups, k, out_g, in_g = len(weights), geom.kernel_size, weights[0].out, weights[0].n_in
     xg, s = native.quantize_grouped(x, cfg.input_norm, cfg.eps, int(cfg.act_bits),  # type: ignore[arg-type]
-                                    cfg.act_granularity == "tensor", in_g, *geom.padding)
+                                    cfg.act_granularity == "tensor", in_g, *geom.padding, slope=slope)
     per_channel = cfg.granularity == "channel"
     y = torch.empty(x.shape[0], groups * out_g, plan.t_out, dtype=torch.float32)
     for g in range(groups):
@@ -360,11 +361,12 @@ def direct_weights(weight: Tensor, upsample: int | None = None) -> list[native.C
 
 
 def conv_transpose1d_direct(x: Tensor, weights: list[native.ConvWeights], scale: Tensor, bias: Tensor | None,
-                            cfg: QuantConfig, geom: Conv1dGeometry, output_padding: int) -> Tensor:
+                            cfg: QuantConfig, geom: Conv1dGeometry, output_padding: int,
+                            slope: float | None = None) -> Tensor:
     """``int8_direct`` for ConvTranspose1d (native, dilation 1): `weights` one `native.ConvWeights` per group of
     the codes (k, out/groups, in/groups) with the taps in `native.transpose_phases` order. The upsampling as
     `stride` interleaved stride-1 convolutions of the input (the same loops as Conv1d's ``int8_direct``): no
-    tap planes, no overlap-add."""
+    tap planes, no overlap-add. `slope`: as for `conv1d_direct`."""
     k, stride, pad = geom.kernel_size, geom.stride, geom.padding[0]
     t_in = x.shape[-1]
     if t_in == 0 and x.shape[0]:
@@ -375,7 +377,7 @@ def conv_transpose1d_direct(x: Tensor, weights: list[native.ConvWeights], scale:
     groups, out_g, in_g = len(weights), weights[0].out, weights[0].n_in
     left, right = native.conv_transpose_padding(k, stride, pad, t_in, t_out)
     xg, s = native.quantize_grouped(x, cfg.input_norm, cfg.eps, int(cfg.act_bits),  # type: ignore[arg-type]
-                                    cfg.act_granularity == "tensor", in_g, left, right)
+                                    cfg.act_granularity == "tensor", in_g, left, right, slope=slope)
     per_channel = cfg.granularity == "channel"
     y = torch.empty(x.shape[0], groups * out_g, t_out, dtype=torch.float32)
     for g in range(groups):

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
@@ -437,6 +438,19 @@ class _PackedConv1dBase(PackedLayer):
         """int8 codes in the stored layout -> (groups, k, out/groups, in/groups)."""
         return stored
 
+    def after_leaky_relu(self, x: Tensor, negative_slope: float) -> Tensor:
+        """``self(F.leaky_relu(x, negative_slope))``; where the call runs ``int8_direct``, the activation is applied
+        inside the input quantization (the same codes bit for bit, no activation tensor). Hooks, a graph being
+        recorded or a layer with an input hook get the plain call (they see the activated input)."""
+        if (self._forward_pre_hooks or self._forward_hooks or _global_hooks() or recording_a_graph()
+                or x.dim() != 3):
+            return self(F.leaky_relu(x, negative_slope))
+        name = self._pick(x, (), {})
+        if name != "int8_direct":
+            return self(F.leaky_relu(x, negative_slope))
+        self.__dict__["_last"] = name
+        return self.kernel_impls[name](self, x, slope=negative_slope)
+
     def _direct_weights(self) -> list[native.ConvWeights]:
         """The codes as ``int8_direct`` reads them (`kernels.direct_weights`), kept while the stored codes are the
         same object (`_set_codes` and ``.to()`` replace it): no per-call copies or row sums. 2 / 4-bit storage is
@@ -512,9 +526,9 @@ class PackedConv1d(_PackedConv1dBase, nn.Conv1d):
         return stored
 
     @register_kernel("int8_direct")
-    def _k_int8_direct(self, x: Tensor) -> Tensor:
+    def _k_int8_direct(self, x: Tensor, *, slope: float | None = None) -> Tensor:
         return kernels.conv1d_direct(x, self._direct_weights(), self.scale, self.bias, self.qconfig,
-                                     self._conv_geometry())
+                                     self._conv_geometry(), slope)
 
     @register_kernel("int8_taps")
     def _k_int8_taps(self, x: Tensor) -> Tensor:
@@ -553,9 +567,9 @@ class PackedConvTranspose1d(_PackedConv1dBase, nn.ConvTranspose1d):
                                     self.dilation)[0]
 
     @register_kernel("int8_direct")
-    def _k_int8_direct(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
+    def _k_int8_direct(self, x: Tensor, output_size: list[int] | None = None, *, slope: float | None = None) -> Tensor:
         return kernels.conv_transpose1d_direct(x, self._direct_weights(), self.scale, self.bias, self.qconfig,
-                                               self._conv_geometry(), self._output_padding_of(x, output_size))
+                                               self._conv_geometry(), self._output_padding_of(x, output_size), slope)
 
     @register_kernel("int8_taps")
     def _k_int8_taps(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
@@ -602,6 +616,21 @@ def _packed_class(float_type: type[nn.Module]) -> type[PackedLayer]:
         _GENERIC[float_type] = type(f"Packed{float_type.__name__}", (PackedLayer, float_type),
                                     {"__module__": float_type.__module__})
     return _GENERIC[float_type]
+
+
+def _global_hooks() -> bool:
+    """Whether torch has global module hooks (``register_module_forward_hook``...) that a call must run."""
+    m = nn.modules.module
+    return bool(m._global_forward_pre_hooks or m._global_forward_hooks)
+
+
+def leaky_relu_then(module: nn.Module, x: Tensor, negative_slope: float = 0.01) -> Tensor:
+    """``module(F.leaky_relu(x, negative_slope))``, the activation before a convolution (HiFi-GAN's pattern):
+    a packed Conv1d / ConvTranspose1d running ``int8_direct`` applies it while quantizing its input, bit for bit
+    the same, without the activation's own pass over memory; any other module gets the plain call."""
+    if isinstance(module, _PackedConv1dBase):
+        return module.after_leaky_relu(x, negative_slope)
+    return module(F.leaky_relu(x, negative_slope))
 
 
 def is_packed(module: nn.Module) -> bool:

@@ -91,14 +91,14 @@ _SIGNATURES: dict[str, tuple[object, ...]] = {
     "tq_linear_2bit": (_P, _I, _I, _C, _F, _C, _I, _P, _I, _P, _C, _P, _P),
     "tq_unpack_2bit": (_P, _I, _I, _I, _P),
     "tq_packed_isa": (),
-    "tq_quantize_grouped": (_P, _I, _I, _I, _C, _F, _C, _C, _P, _I, _I, _I, _I, _P),
+    "tq_quantize_grouped": (_P, _I, _I, _I, _F, _C, _F, _C, _C, _P, _I, _I, _I, _I, _P),
     "tq_conv1d_grouped": (_P, _I, _I, _P, _P, _C, _I, _I, _I, _I, _I, _P, _P, _I, _P, _P, _I),
     "tq_conv_transpose1d_grouped": (_P, _I, _I, _P, _P, _C, _I, _I, _I, _I, _I, _P, _P, _I, _P, _P, _I),
     "tq_set_openmp": (_P, _P),
     "tq_num_threads": (),
     "tq_set_min_work": (_I,),
 }
-_RETURNS_INT = ("tq_conv_transpose1d_grouped", "tq_linear_rows", "tq_row_sums", "tq_num_threads", "tq_linear_2bit",
+_RETURNS_INT = ("tq_quantize_grouped", "tq_conv_transpose1d_grouped", "tq_linear_rows", "tq_row_sums", "tq_num_threads", "tq_linear_2bit",
                 "tq_packed_isa")
 _C_TYPES = {"int64_t": _I, "int": _C, "float": _F}  # and every pointer: _P
 
@@ -691,10 +691,11 @@ def row_sums(w: Tensor) -> tuple[Tensor, int]:
 
 
 def quantize_grouped(x: Tensor, norm: str | None, eps: float, bits: int, per_sample: bool, in_g: int,
-                     left: int, right: int) -> tuple[Tensor, Tensor]:
+                     left: int, right: int, slope: float | None = None) -> tuple[Tensor, Tensor]:
     """x (B, C, T) float32 -> codes + 128 in the grouped layout (B, groups, C4, Tp, 4) uint8 (C4 = in_g / 4
     rounded up, Tp = left + T + right, padding = code 0) and per-step scales (B, Tp) float32 (0 in the padding;
-    per sample, the sample's scale in every step)."""
+    per sample, the sample's scale in every step). `slope`: the codes of ``F.leaky_relu(x, slope)``, bit for
+    bit, without that tensor."""
     lib = library()
     assert lib is not None
     x = x.contiguous()
@@ -702,8 +703,9 @@ def quantize_grouped(x: Tensor, norm: str | None, eps: float, bits: int, per_sam
     c4, tp = -(-in_g // 4), left + t + right
     xg = torch.empty(b, c // in_g, c4, tp, 4, dtype=torch.uint8)
     s = torch.empty(b, tp, dtype=torch.float32)
-    lib.tq_quantize_grouped(x.data_ptr(), b, c, t, _NORMS[norm], eps, bits, int(per_sample), xg.data_ptr(), in_g,
-                            c4, tp, left, s.data_ptr())
+    if lib.tq_quantize_grouped(x.data_ptr(), b, c, t, 1.0 if slope is None else slope, _NORMS[norm], eps, bits,
+                               int(per_sample), xg.data_ptr(), in_g, c4, tp, left, s.data_ptr()) != 0:
+        raise MemoryError("tq_quantize_grouped: out of memory for the leaky ReLU's block buffers")
     return xg, s
 
 

@@ -219,21 +219,55 @@ struct channels_job {
     float eps, qmax;
     int8_t *q;
     float *s, *block_max; /* block_max: per sample, each block's absmax (first pass) */
+    float slope; /* the leaky ReLU applied to x first (tq_quantize_grouped); 1: none */
+    int failed; /* a chunk found no memory for its leaky ReLU buffer */
 };
+
+/* A buffer for one block of the leaky-ReLU'd input (NULL where slope is 1: the passes read x). Without the memory
+ * the job fails (the caller reports it) rather than quantize the input without its activation. */
+static float *block_buffer(const struct channels_job *j) {
+    if (j->slope == 1.f) return NULL;
+    float *buf = (float *)malloc((size_t)(j->C * BLOCK) * sizeof(float));
+    if (buf == NULL) __atomic_store_n(&((struct channels_job *)j)->failed, 1, __ATOMIC_RELAXED);
+    return buf;
+}
+
+/* The columns [t0, t0 + n) of sample b as the passes read them: x itself (rows *ld = T apart), or, with a buffer,
+ * leaky_relu(x) as torch computes it (x > 0 ? x : x * slope, the same float operations), rows *ld = n apart. */
+static const float *block_input(const struct channels_job *j, int64_t b, int64_t t0, int n, float *buf,
+                                int64_t *ld) {
+    const float *xb = j->x + b * j->C * j->T + t0;
+    if (buf == NULL) {
+        *ld = j->T;
+        return xb;
+    }
+    const float slope = j->slope;
+    for (int64_t c = 0; c < j->C; ++c) {
+        const float *row = xb + c * j->T;
+        float *dst = buf + c * n;
+        for (int i = 0; i < n; ++i) dst[i] = row[i] > 0.f ? row[i] : row[i] * slope;
+    }
+    *ld = n;
+    return buf;
+}
 
 static void channels_absmax(void *arg, int64_t u0, int64_t u1) {
     const struct channels_job *j = (const struct channels_job *)arg;
     float mean[BLOCK], rstd[BLOCK], amax[BLOCK];
+    float *buf = block_buffer(j);
+    if (j->slope != 1.f && buf == NULL) return;
     for (int64_t u = u0; u < u1; ++u) {
         const int64_t b = u / j->nblocks, t0 = u % j->nblocks * BLOCK;
         const int n = (int)(j->T - t0 < BLOCK ? j->T - t0 : BLOCK);
-        const float *xb = j->x + b * j->C * j->T + t0;
-        column_stats(xb, j->C, j->T, n, j->norm, j->eps, mean, rstd);
-        column_absmax(xb, j->C, j->T, n, j->norm, mean, rstd, amax);
+        int64_t ld;
+        const float *xb = block_input(j, b, t0, n, buf, &ld);
+        column_stats(xb, j->C, ld, n, j->norm, j->eps, mean, rstd);
+        column_absmax(xb, j->C, ld, n, j->norm, mean, rstd, amax);
         float m = 0.f;
         for (int i = 0; i < n; ++i) m = TQ_MAX(amax[i], m);
         j->block_max[u] = m;
     }
+    free(buf);
 }
 
 static void channels_round(void *arg, int64_t u0, int64_t u1) {
@@ -274,6 +308,8 @@ void tq_quantize_channels(const float *x, int64_t B, int64_t C, int64_t T, int n
     j.q = q;
     j.s = s;
     j.block_max = NULL;
+    j.slope = 1.f;
+    j.failed = 0;
     const int64_t units = B * j.nblocks, work = 4 * C * T * B;
     if (per_sample) {
         float one[1];
@@ -785,16 +821,19 @@ static void grouped_round(void *arg, int64_t u0, int64_t u1) {
     const int norm = j->c.norm;
     const float eps = j->c.eps, qmax = j->c.qmax;
     float mean[BLOCK], rstd[BLOCK], amax[BLOCK], step[BLOCK];
+    float *buf = block_buffer(&j->c);
+    if (j->c.slope != 1.f && buf == NULL) return;
     for (int64_t u = u0; u < u1; ++u) {
         const int64_t b = u / j->c.nblocks, t0 = u % j->c.nblocks * BLOCK;
         const int n = (int)(T - t0 < BLOCK ? T - t0 : BLOCK);
-        const float *xb = j->c.x + b * C * T;
+        int64_t ld;
+        const float *xin = block_input(&j->c, b, t0, n, buf, &ld);
         uint8_t *gb = j->xg + b * groups * C4 * Tp * 4;
-        column_stats(xb + t0, C, T, n, norm, eps, mean, rstd);
+        column_stats(xin, C, ld, n, norm, eps, mean, rstd);
         if (j->sample) {
             for (int i = 0; i < n; ++i) step[i] = j->sample[b * j->sample_stride];
         } else {
-            column_absmax(xb + t0, C, T, n, norm, mean, rstd, amax);
+            column_absmax(xin, C, ld, n, norm, mean, rstd, amax);
             for (int i = 0; i < n; ++i) step[i] = (amax[i] < eps ? eps : amax[i]) / qmax;
         }
         for (int i = 0; i < n; ++i) j->c.s[b * Tp + j->left + t0 + i] = step[i];
@@ -811,7 +850,7 @@ static void grouped_round(void *arg, int64_t u0, int64_t u1) {
                         for (int i = 0; i < n; ++i) word[i] |= (uint32_t)128 << shift;
                         continue;
                     }
-                    const float *row = xb + (g * in_g + cc) * T + t0;
+                    const float *row = xin + (g * in_g + cc) * ld;
                     for (int i = 0; i < n; ++i) {
                         float v = norm == 0 ? row[i] : norm == 1 ? (row[i] - mean[i]) * rstd[i] : row[i] * rstd[i];
                         word[i] |= (uint32_t)((int32_t)tq_code(rintf(v / step[i]), qmax) + 128) << shift;
@@ -821,17 +860,21 @@ static void grouped_round(void *arg, int64_t u0, int64_t u1) {
             }
         }
     }
+    free(buf);
 }
 
 /* Parallel over blocks of BLOCK time steps (per sample: a first parallel pass finds each block's absmax). */
-void tq_quantize_grouped(const float *x, int64_t B, int64_t C, int64_t T, int norm, float eps, int bits,
-                         int per_sample, uint8_t *xg, int64_t in_g, int64_t C4, int64_t Tp, int64_t left,
-                         float *s) {
+int tq_quantize_grouped(const float *x, int64_t B, int64_t C, int64_t T, float slope, int norm, float eps,
+                        int bits, int per_sample, uint8_t *xg, int64_t in_g, int64_t C4, int64_t Tp, int64_t left,
+                        float *s) {
     /* xg: (B, groups, C4, Tp, 4), channel c of conv group c / in_g in word (c % in_g) / 4; s: (B, Tp) per-step
      * scales (per sample: the sample's scale in every step), zero in the padding, whose codes are 0 (byte 128).
-     * Input step t goes to column left + t. The norm and the scale cover all C channels. */
+     * Input step t goes to column left + t. The norm and the scale cover all C channels. slope != 1: the input
+     * is leaky_relu(x, slope) (the activation before a convolution, without its own pass over memory).
+     * Returns -1 where the leaky ReLU's block buffers found no memory, else 0. */
     struct grouped_job j;
     memset(&j, 0, sizeof j);
+    j.c.slope = slope;
     j.c.x = x;
     j.c.C = C;
     j.c.T = T;
@@ -877,11 +920,12 @@ void tq_quantize_grouped(const float *x, int64_t B, int64_t C, int64_t T, int no
             grouped_round(&j, 0, units); /* writes the same scale over s[b, left:left + T] */
             if (left > 0)
                 for (int64_t b = 0; b < B; ++b) s[b * Tp] = 0.f;
-            return;
+            return j.c.failed ? -1 : 0;
         }
     }
-    tq_parallel_for(units, 1, work, grouped_round, &j);
+    if (!j.c.failed) tq_parallel_for(units, 1, work, grouped_round, &j);
     free(sample);
+    return j.c.failed ? -1 : 0;
 }
 
 /* The inner loops of the direct convolution take one span of work: output channels [ob, oe) (multiples of the
