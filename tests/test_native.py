@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from native_builds import ARCHS, native_build
 from torch import nn
 
 from ternq import TernaryConfig, native
@@ -122,13 +123,20 @@ def test_direct_conv_is_the_scaled_integer_convolution(c_in: int, out: int, k: i
 @given(c_in=st.integers(1, 20), out=st.integers(1, 20), k=st.sampled_from([1, 2, 3, 4, 5, 7, 11, 16]),
        up=st.sampled_from([1, 2, 3, 5, 8]), padding=st.integers(0, 8), extra=st.integers(0, 7),
        t=st.sampled_from([1, 2, 3, 17, 70, 300]), per_sample=st.booleans(), wmax=st.sampled_from([1, 7, 127]),
-       per_channel=st.booleans(), seed=st.integers(0, 2**16))
+       per_channel=st.booleans(), arch=st.sampled_from(ARCHS), seed=st.integers(0, 2**16))
 def test_direct_conv_transpose_is_the_scaled_integer_transposed_convolution(
-        c_in: int, out: int, k: int, up: int, padding: int, extra: int, t: int, per_sample: bool, wmax: int,
-        per_channel: bool, seed: int) -> None:
+        arch_cache, c_in: int, out: int, k: int, up: int, padding: int, extra: int, t: int, per_sample: bool,
+        wmax: int, per_channel: bool, arch: str, seed: int) -> None:
     """conv_transpose1d_grouped (the upsampling as `up` interleaved stride-1 convolutions) == the transposed
-    convolution of the dequantized codes, in float64: every output step of every phase written once, the steps
-    no tap reaches (output padding) only the bias, nothing past the output."""
+    convolution of the dequantized codes, in float64, in every -march build (VNNI, AVX2 with |w| <= 64 and
+    beyond, portable): every output step of every phase written once, the steps no tap reaches (output padding)
+    only the bias, nothing past the output."""
+    with native_build("1", arch, arch_cache):
+        _check_direct_conv_transpose(c_in, out, k, up, padding, extra, t, per_sample, wmax, per_channel, seed)
+
+
+def _check_direct_conv_transpose(c_in: int, out: int, k: int, up: int, padding: int, extra: int, t: int,
+                                 per_sample: bool, wmax: int, per_channel: bool, seed: int) -> None:
     torch.manual_seed(seed)
     output_padding = extra % up
     t_out = (t - 1) * up - 2 * padding + k + output_padding
