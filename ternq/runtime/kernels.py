@@ -341,14 +341,32 @@ def conv1d_direct(x: Tensor, weights: list[native.ConvWeights], scale: Tensor, b
                                     cfg.act_granularity == "tensor", in_g, *geom.padding, slope=slope)
     per_channel = cfg.granularity == "channel"
     y = torch.empty(x.shape[0], groups * out_g, plan.t_out, dtype=torch.float32)
-    for g in range(groups):
-        rows = slice(g * out_g, (g + 1) * out_g)
-        wscale = scale[rows] if per_channel else scale
-        b_g = None if bias is None else bias[rows]
-        for b in range(x.shape[0]):
-            native.conv1d_grouped(xg[b, g], weights[g], k, geom.dilation, geom.stride, plan.t_out, s[b], wscale,
-                                  per_channel, b_g, y[b, rows])
+    if k != weights[0].wg.shape[0] or scale.dtype != torch.float32 or not scale.is_contiguous():
+        raise ValueError(f"{geom.owner}: int8_direct got {weights[0].wg.shape[0]} taps for kernel size {k} or "
+                         f"scales not contiguous float32")
+    _run_grouped(xg, s, y, scale, bias, per_channel, out_g, lambda lib, xp, c4, tp, g, sp, wp, bp, yp, ldy: (
+        native._conv1d_at(lib, xp, c4, tp, weights[g], geom.dilation, geom.stride, plan.t_out, sp, wp,
+                          per_channel, bp, yp, ldy)))
     return y
+
+
+def _run_grouped(xg: Tensor, s: Tensor, y: Tensor, scale: Tensor, bias: Tensor | None, per_channel: bool,
+                 out_g: int, call: Callable[..., None], group_scales: bool = True) -> None:
+    """`call(lib, xg, C4, Tp, group, s, wscale, bias, y, ldy)` for each sample and group, on the addresses of
+    that sample's and group's rows of the grouped codes xg (B, groups, C4, Tp, 4), scales s (B, Tp), output y
+    (B, groups * out_g, T) and the layer's scales / bias (per channel: a group's rows, unless not
+    `group_scales`): no tensor views per call."""
+    lib = native.library()
+    batch, groups, c4, tp = xg.shape[0], xg.shape[1], xg.shape[2], xg.shape[3]
+    t_out = y.shape[-1]
+    x0, s0, y0 = xg.data_ptr(), s.data_ptr(), y.data_ptr()
+    w0, b0 = scale.data_ptr(), None if bias is None else bias.contiguous().data_ptr()
+    for g in range(groups):
+        wp = w0 + 4 * g * out_g if per_channel and group_scales else w0
+        bp = None if b0 is None else b0 + 4 * g * out_g
+        for b in range(batch):
+            call(lib, x0 + (b * groups + g) * c4 * tp * 4, c4, tp, g, s0 + 4 * b * tp, wp, bp,
+                 y0 + 4 * (b * groups + g) * out_g * t_out, t_out)
 
 
 def direct_weights(weight: Tensor, upsample: int | None = None) -> list[native.ConvWeights]:
@@ -380,13 +398,12 @@ def conv_transpose1d_direct(x: Tensor, weights: list[native.ConvWeights], scale:
                                     cfg.act_granularity == "tensor", in_g, left, right, slope=slope)
     per_channel = cfg.granularity == "channel"
     y = torch.empty(x.shape[0], groups * out_g, t_out, dtype=torch.float32)
-    for g in range(groups):
-        rows = slice(g * out_g, (g + 1) * out_g)
-        b_g = None if bias is None else bias[rows]
-        for b in range(x.shape[0]):
-            # per channel: the scales of one group's outputs, the same for every group (the weight's dim 1)
-            native.conv_transpose1d_grouped(xg[b, g], weights[g], stride, pad, t_out, s[b], scale, per_channel,
-                                            b_g, y[b, rows])
+    if scale.dtype != torch.float32 or not scale.is_contiguous():
+        raise ValueError(f"{geom.owner}: int8_direct needs contiguous float32 scales")
+    # per channel: the scales of one group's outputs, the same for every group (the weight's dim 1)
+    _run_grouped(xg, s, y, scale, bias, per_channel, out_g, lambda lib, xp, c4, tp, g, sp, wp, bp, yp, ldy: (
+        native._conv_transpose1d_at(lib, xp, c4, tp, weights[g], stride, pad, t_out, sp, wp, per_channel, bp, yp,
+                                    ldy)), group_scales=False)
     return y
 
 

@@ -773,9 +773,17 @@ def conv1d_grouped(xg: Tensor, weights: ConvWeights | Tensor, k: int, dilation: 
         weights = conv_weights(weights)
     c4, tp = _conv_args(xg, weights, s, wscale, per_channel, bias, y)
     assert weights.wg.shape[0] == k and (t_out - 1) * stride + dilation * (k - 1) < tp
-    lib.tq_conv1d_grouped(xg.data_ptr(), c4, tp, weights.wg.data_ptr(), weights.wsum.data_ptr(), weights.wmax,
-                          weights.out, k, dilation, stride, t_out, s.data_ptr(), _ptr(wscale), int(per_channel),
-                          _ptr(bias), y.data_ptr(), y.stride(0))
+    _conv1d_at(lib, xg.data_ptr(), c4, tp, weights, dilation, stride, t_out, s.data_ptr(), _ptr(wscale),
+               per_channel, _ptr(bias), y.data_ptr(), y.stride(0))
+
+
+def _conv1d_at(lib: ctypes.CDLL, xg: int, c4: int, tp: int, weights: ConvWeights, dilation: int, stride: int,
+               t_out: int, s: int, wscale: int | None, per_channel: bool, bias: int | None, y: int,
+               ldy: int) -> None:
+    """`conv1d_grouped` on addresses, unchecked: for `ternq.runtime.kernels`, whose buffers are made to fit
+    (the checks and views of the public call cost 5x the call itself on a short input)."""
+    lib.tq_conv1d_grouped(xg, c4, tp, weights.wg.data_ptr(), weights.wsum.data_ptr(), weights.wmax, weights.out,
+                          weights.wg.shape[0], dilation, stride, t_out, s, wscale, int(per_channel), bias, y, ldy)
 
 
 def conv_transpose1d_grouped(xg: Tensor, weights: ConvWeights, up: int, padding: int, t_out: int, s: Tensor,
@@ -787,10 +795,17 @@ def conv_transpose1d_grouped(xg: Tensor, weights: ConvWeights, up: int, padding:
     lib = library()
     assert lib is not None
     c4, tp = _conv_args(xg, weights, s, wscale, per_channel, bias, y)
-    if lib.tq_conv_transpose1d_grouped(xg.data_ptr(), c4, tp, weights.wg.data_ptr(), weights.wsum.data_ptr(),
-                                       weights.wmax, weights.out, weights.wg.shape[0], up, padding, t_out,
-                                       s.data_ptr(), _ptr(wscale), int(per_channel), _ptr(bias), y.data_ptr(),
-                                       y.stride(0)) != 0:
+    _conv_transpose1d_at(lib, xg.data_ptr(), c4, tp, weights, up, padding, t_out, s.data_ptr(), _ptr(wscale),
+                         per_channel, _ptr(bias), y.data_ptr(), y.stride(0))
+
+
+def _conv_transpose1d_at(lib: ctypes.CDLL, xg: int, c4: int, tp: int, weights: ConvWeights, up: int, padding: int,
+                         t_out: int, s: int, wscale: int | None, per_channel: bool, bias: int | None, y: int,
+                         ldy: int) -> None:
+    """`conv_transpose1d_grouped` on addresses (see `_conv1d_at`); the C kernel still checks the padded length."""
+    if lib.tq_conv_transpose1d_grouped(xg, c4, tp, weights.wg.data_ptr(), weights.wsum.data_ptr(), weights.wmax,
+                                       weights.out, weights.wg.shape[0], up, padding, t_out, s, wscale,
+                                       int(per_channel), bias, y, ldy) != 0:
         raise ValueError(f"tq_conv_transpose1d_grouped: {tp} input steps do not cover {t_out} output steps of "
                          f"stride {up} (pad the input as conv_transpose_padding says), or stride {up} > 64")
 
