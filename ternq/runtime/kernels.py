@@ -337,13 +337,12 @@ def conv1d_direct(x: Tensor, weights: list[native.ConvWeights], scale: Tensor, b
     ``F.leaky_relu(x, slope)``, applied inside the input quantization."""
     plan = conv_plan(geom, x.shape[-1], x.shape[0])
     groups, k, out_g, in_g = len(weights), geom.kernel_size, weights[0].out, weights[0].n_in
+    if k != weights[0].wg.shape[0]:
+        raise ValueError(f"{geom.owner}: int8_direct got {weights[0].wg.shape[0]} taps for kernel size {k}")
     xg, s = native.quantize_grouped(x, cfg.input_norm, cfg.eps, int(cfg.act_bits),  # type: ignore[arg-type]
                                     cfg.act_granularity == "tensor", in_g, *geom.padding, slope=slope)
     per_channel = cfg.granularity == "channel"
     y = torch.empty(x.shape[0], groups * out_g, plan.t_out, dtype=torch.float32)
-    if k != weights[0].wg.shape[0] or scale.dtype != torch.float32 or not scale.is_contiguous():
-        raise ValueError(f"{geom.owner}: int8_direct got {weights[0].wg.shape[0]} taps for kernel size {k} or "
-                         f"scales not contiguous float32")
     _run_grouped(xg, s, y, scale, bias, per_channel, out_g, lambda lib, xp, c4, tp, g, sp, wp, bp, yp, ldy: (
         native._conv1d_at(lib, xp, c4, tp, weights[g], geom.dilation, geom.stride, plan.t_out, sp, wp,
                           per_channel, bp, yp, ldy)))
@@ -357,10 +356,12 @@ def _run_grouped(xg: Tensor, s: Tensor, y: Tensor, scale: Tensor, bias: Tensor |
     (B, groups * out_g, T) and the layer's scales / bias (per channel: a group's rows, unless not
     `group_scales`): no tensor views per call."""
     lib = native.library()
+    scale = scale.to(torch.float32).contiguous()  # the layer's own buffer (no copy) unless cast by .to()
+    bias = None if bias is None else bias.contiguous()  # kept referenced while its address is in use
     batch, groups, c4, tp = xg.shape[0], xg.shape[1], xg.shape[2], xg.shape[3]
     t_out = y.shape[-1]
     x0, s0, y0 = xg.data_ptr(), s.data_ptr(), y.data_ptr()
-    w0, b0 = scale.data_ptr(), None if bias is None else bias.contiguous().data_ptr()
+    w0, b0 = scale.data_ptr(), None if bias is None else bias.data_ptr()
     for g in range(groups):
         wp = w0 + 4 * g * out_g if per_channel and group_scales else w0
         bp = None if b0 is None else b0 + 4 * g * out_g
@@ -398,8 +399,6 @@ def conv_transpose1d_direct(x: Tensor, weights: list[native.ConvWeights], scale:
                                     cfg.act_granularity == "tensor", in_g, left, right, slope=slope)
     per_channel = cfg.granularity == "channel"
     y = torch.empty(x.shape[0], groups * out_g, t_out, dtype=torch.float32)
-    if scale.dtype != torch.float32 or not scale.is_contiguous():
-        raise ValueError(f"{geom.owner}: int8_direct needs contiguous float32 scales")
     # per channel: the scales of one group's outputs, the same for every group (the weight's dim 1)
     _run_grouped(xg, s, y, scale, bias, per_channel, out_g, lambda lib, xp, c4, tp, g, sp, wp, bp, yp, ldy: (
         native._conv_transpose1d_at(lib, xp, c4, tp, weights[g], stride, pad, t_out, sp, wp, per_channel, bp, yp,

@@ -438,10 +438,11 @@ class _PackedConv1dBase(PackedLayer):
         """int8 codes in the stored layout -> (groups, k, out/groups, in/groups)."""
         return stored
 
-    def after_leaky_relu(self, x: Tensor, negative_slope: float) -> Tensor:
-        """``self(F.leaky_relu(x, negative_slope))``; where the call runs ``int8_direct``, the activation is applied
-        inside the input quantization (the same codes bit for bit, no activation tensor). Hooks, a graph being
-        recorded or a layer with an input hook get the plain call (they see the activated input)."""
+    def _after_leaky_relu(self, x: Tensor, negative_slope: float) -> Tensor:
+        """``self(F.leaky_relu(x, negative_slope))`` (`leaky_relu_then`); where the call runs ``int8_direct``, the
+        activation is applied inside the input quantization (the same codes bit for bit, no activation tensor).
+        A layer with hooks (they see the activated input), a graph being recorded and an unbatched input get the
+        plain call."""
         if (self._forward_pre_hooks or self._forward_hooks or _global_hooks() or recording_a_graph()
                 or x.dim() != 3):
             return self(F.leaky_relu(x, negative_slope))
@@ -629,7 +630,7 @@ def leaky_relu_then(module: nn.Module, x: Tensor, negative_slope: float = 0.01) 
     a packed Conv1d / ConvTranspose1d running ``int8_direct`` applies it while quantizing its input, bit for bit
     the same, without the activation's own pass over memory; any other module gets the plain call."""
     if isinstance(module, _PackedConv1dBase):
-        return module.after_leaky_relu(x, negative_slope)
+        return module._after_leaky_relu(x, negative_slope)
     return module(F.leaky_relu(x, negative_slope))
 
 
