@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from native_builds import ARCHS, native_build
 from torch import nn
 
 from ternq import TernaryConfig, native
@@ -115,6 +116,83 @@ def test_direct_conv_is_the_scaled_integer_convolution(c_in: int, out: int, k: i
     magnitude = F.conv1d(scaled.abs()[None], w.permute(1, 2, 0).double().abs(), stride=stride, dilation=dilation)[0]
     bound = 1e-5 * (magnitude * wscale.double()[:, None] + bias.double().abs()[:, None]) + 1e-6
     assert bool(((y[:, :t_out].double() - ref).abs() <= bound).all())
+
+
+@needs_native
+@settings(deadline=None, max_examples=60)
+@given(c_in=st.integers(1, 20), out=st.integers(1, 20), k=st.sampled_from([1, 2, 3, 4, 5, 7, 11, 16]),
+       up=st.sampled_from([1, 2, 3, 5, 8]), padding=st.integers(0, 8), extra=st.integers(0, 7),
+       t=st.sampled_from([1, 2, 3, 17, 70, 300]), per_sample=st.booleans(), wmax=st.sampled_from([1, 7, 127]),
+       per_channel=st.booleans(), arch=st.sampled_from(ARCHS), seed=st.integers(0, 2**16))
+def test_direct_conv_transpose_is_the_scaled_integer_transposed_convolution(
+        arch_cache, c_in: int, out: int, k: int, up: int, padding: int, extra: int, t: int, per_sample: bool,
+        wmax: int, per_channel: bool, arch: str, seed: int) -> None:
+    """conv_transpose1d_grouped (the upsampling as `up` interleaved stride-1 convolutions) == the transposed
+    convolution of the dequantized codes, in float64, in every -march build (VNNI, AVX2 with |w| <= 64 and
+    beyond, portable): every output step of every phase written once, the steps no tap reaches (output padding)
+    only the bias, nothing past the output."""
+    with native_build("1", arch, arch_cache):
+        _check_direct_conv_transpose(c_in, out, k, up, padding, extra, t, per_sample, wmax, per_channel, seed)
+
+
+def _check_direct_conv_transpose(c_in: int, out: int, k: int, up: int, padding: int, extra: int, t: int,
+                                 per_sample: bool, wmax: int, per_channel: bool, seed: int) -> None:
+    torch.manual_seed(seed)
+    output_padding = extra % up
+    t_out = (t - 1) * up - 2 * padding + k + output_padding
+    if t_out < 1:
+        return
+    x = torch.randn(1, c_in, t) * 3
+    left, right = native.conv_transpose_padding(k, up, padding, t, t_out)
+    xg, s = native.quantize_grouped(x, "layernorm", 1e-5, 8, per_sample, c_in, left, right)
+    c4, tp = xg.shape[2], xg.shape[3]
+    q = (xg[0, 0].to(torch.int32) - 128).permute(0, 2, 1).reshape(c4 * 4, tp)[:c_in, left:left + t]
+    scaled = q.double() * s[0, left:left + t].double()  # (C, T): the dequantized activations
+    w = torch.randint(-wmax, wmax + 1, (k, out, c_in), dtype=torch.int8)
+    weights = native.conv_weights(w[native.transpose_phases(k, up)])
+    wscale = torch.rand(out if per_channel else 1) + 0.5
+    bias = torch.randn(out)
+    y = torch.full((out, t_out + 3), float("nan"))
+    native.conv_transpose1d_grouped(xg[0, 0], weights, up, padding, t_out, s[0], wscale, per_channel, bias, y)
+    assert bool(torch.isnan(y[:, t_out:]).all())  # nothing written past the output
+    w_t = w.permute(2, 1, 0).double()  # (in, out, k): ConvTranspose1d's weight
+    kw = dict(stride=up, padding=padding, output_padding=output_padding)
+    ws = wscale.double()[:, None] if per_channel else wscale.double()
+    ref = F.conv_transpose1d(scaled[None], w_t, **kw)[0] * ws + bias.double()[:, None]
+    magnitude = F.conv_transpose1d(scaled.abs()[None], w_t.abs(), **kw)[0] * ws + bias.double().abs()[:, None]
+    assert bool(((y[:, :t_out].double() - ref).abs() <= 1e-5 * magnitude + 1e-6).all())
+
+
+@needs_native
+def test_direct_conv_transpose_refuses_an_input_too_short_for_its_phases() -> None:
+    """The C kernel checks the padded length it is given against what its phases read: a wrapper that forgot
+    conv_transpose_padding gets an error naming the fix, not a read past the buffer."""
+    w = native.conv_weights(torch.ones(16, 8, 8, dtype=torch.int8))
+    xg, s = native.quantize_grouped(torch.randn(1, 8, 10), None, 1e-5, 8, False, 8, 0, 0)
+    with pytest.raises(ValueError, match="conv_transpose_padding"):
+        native.conv_transpose1d_grouped(xg[0, 0], w, 8, 4, 80, s[0], None, False, None, torch.empty(8, 80))
+
+
+@needs_native
+@settings(deadline=None, max_examples=40)
+@given(c=st.integers(1, 20), t=st.sampled_from([1, 5, 255, 256, 257, 600]), slope=st.sampled_from([0.1, 0.01, 0.2, -0.5, 0.0]),
+       norm=st.sampled_from([None, "layernorm", "rmsnorm"]), per_sample=st.booleans(), groups=st.sampled_from([1, 2]),
+       spoil=st.sampled_from([None, float("nan"), float("inf"), -float("inf"), -0.0]), seed=st.integers(0, 2**16))
+def test_quantize_grouped_with_a_slope_is_the_codes_of_leaky_relu(c: int, t: int, slope: float, norm: str | None,
+                                                                 per_sample: bool, groups: int, spoil: float | None,
+                                                                 seed: int) -> None:
+    """The leaky ReLU inside the input quantization gives the codes and scales of torch's F.leaky_relu(x) bit for
+    bit (NaN, Inf and -0.0 included), at 1, 2 and 3 threads."""
+    torch.manual_seed(seed)
+    x = torch.randn(2, c * groups, t) * 2
+    if spoil is not None:
+        x[1, c // 2, t // 2] = spoil
+    ref = native.quantize_grouped(F.leaky_relu(x, slope), norm, 1e-5, 8, per_sample, c, 2, 3)
+    with _split_small_shapes():
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            got = native.quantize_grouped(x, norm, 1e-5, 8, per_sample, c, 2, 3, slope=slope)
+            assert torch.equal(got[0], ref[0]) and torch.equal(_bits(got[1]), _bits(ref[1])), threads
 
 
 @needs_native
@@ -431,6 +509,17 @@ def _every_kernel(seed: int, rows: int, k: int, n: int, c_in: int, t: int, taps:
     y = torch.empty(n, t_out)
     native.conv1d_grouped(xg[1, 0], wc, taps, 1, 1, t_out, sg[1], wscale, True, bias, y)
     out["conv1d"] = y
+    out["quantize_grouped_leaky"] = native.quantize_grouped(xc, "layernorm", 1e-5, 8, per_sample, c_in, 1, taps,
+                                                            slope=0.1)[0]
+    up = 1 + seed % 8  # the vocoder's factors (8, 2) among others; k = 2 * up: its kernels
+    tt_out = (t - 1) * up - 2 * (up // 2) + 2 * up  # ConvTranspose1d(k=2 * up, stride=up, padding=up // 2)
+    left_t, right_t = native.conv_transpose_padding(2 * up, up, up // 2, t, tt_out)
+    xt, st_ = native.quantize_grouped(xc, "layernorm", 1e-5, 8, per_sample, c_in, left_t, right_t)
+    wt = torch.randint(-1, 2, (2 * up, n, c_in), dtype=torch.int8, generator=g)
+    yt = torch.empty(n, tt_out)
+    native.conv_transpose1d_grouped(xt[1, 0], native.conv_weights(wt[native.transpose_phases(2 * up, up)]), up,
+                                    up // 2, tt_out, st_[1], wscale, True, bias, yt)
+    out["conv_transpose1d"] = yt
     width = t + taps  # t output steps of a taps-wide window: the tap planes' columns
     acc3 = torch.randint(-3000, 3000, (taps * n, width), dtype=torch.int32, generator=g)
     steps = torch.rand(width, generator=g)  # per-step scales

@@ -203,6 +203,118 @@ def test_embedding_matches_qat(config: QuantConfig, num: int, dim: int, seed: in
     assert_matches_qat(nn.Embedding(num, dim), config, torch.randint(0, num, (3, 4)))
 
 
+# the vocoder's convolutions (HiFi-GAN): resblock kernels 3 / 7 / 11 with dilations 1 / 3 / 5, upsampling by 8 and 2
+VOCODER_CONVS = [
+    *[(nn.Conv1d, dict(kernel_size=k, dilation=d, padding=(k * d - d) // 2)) for k in (1, 3, 5, 7, 11) for d in (1, 3, 5)],
+    (nn.ConvTranspose1d, dict(kernel_size=16, stride=8, padding=4)),
+    (nn.ConvTranspose1d, dict(kernel_size=4, stride=2, padding=1)),
+    (nn.ConvTranspose1d, dict(kernel_size=11, stride=5, padding=3, output_padding=2)),
+    (nn.ConvTranspose1d, dict(kernel_size=3, stride=8, padding=0)),  # stride > k: phases without taps
+]
+
+
+@pytest.mark.skipif(not native.available(), reason="native kernels")
+@settings(deadline=None, max_examples=30)
+@given(conv=st.sampled_from(VOCODER_CONVS), c_in=st.sampled_from([1, 5, 8, 13, 32]),
+       c_out=st.sampled_from([1, 3, 8, 16, 33]), length=st.sampled_from([1, 2, 37, 255, 300]),
+       slope=st.sampled_from([None, 0.1]), spoil=st.sampled_from([None, float("nan"), float("inf")]),
+       seed=st.integers(0, 2**16))
+def test_vocoder_convolutions_direct_at_any_thread_count(conv, c_in: int, c_out: int, length: int,
+                                                         slope: float | None, spoil: float | None,
+                                                         seed: int) -> None:
+    """Conv1d / ConvTranspose1d of the vocoder's shapes run ``int8_direct`` (channels and lengths off every block,
+    one frame): within the documented bound of the QAT layer, the same bits at 1, 2 and 3 threads (split over
+    channels and time), `leaky_relu_then` bit for bit the layer on ``F.leaky_relu(x)``, and a NaN / Inf step
+    makes exactly the outputs that read it non-finite."""
+    cls, kwargs = conv
+    torch.manual_seed(seed)
+    layer = cls(c_in, c_out, **kwargs)
+    config = TernaryConfig()
+    reach = kwargs.get("dilation", 1) * (kwargs["kernel_size"] - 1) if cls is nn.Conv1d else 0
+    x = torch.randn(1, c_in, length + reach)
+    if spoil is not None:
+        x[0, c_in // 2, x.shape[-1] // 2] = spoil
+    qat, codes, scale = qat_and_codes(layer, config)
+    packed = packed_layer(layer, codes, scale, config, layer_spec(layer))
+    lib, before = native.library(), torch.get_num_threads()
+    outputs = []
+    lib.tq_set_min_work(1)  # split even these small shapes between the threads
+    try:
+        with torch.no_grad():
+            for threads in (1, 2, 3):
+                torch.set_num_threads(threads)
+                if slope is None:
+                    outputs.append(packed(x))
+                else:
+                    outputs.append(ternq.runtime.leaky_relu_then(packed, x, slope))
+                assert packed.kernel == "int8_direct"
+            plain = packed(F.leaky_relu(x, slope)) if slope is not None else outputs[0]
+    finally:
+        lib.tq_set_min_work(1 << 18)
+        torch.set_num_threads(before)
+    for y in outputs[1:]:
+        assert torch.equal(y.view(torch.int32), outputs[0].view(torch.int32))
+    assert torch.equal(plain.view(torch.int32), outputs[0].view(torch.int32))
+    x_in = x if slope is None else F.leaky_relu(x, slope)
+    if spoil is None:
+        assert bool(torch.isfinite(outputs[0]).all())
+        xq = packed_activations(packed, qat, x_in)
+        with torch.no_grad():
+            ref = qat._ternq_spec.forward(qat, xq, qat.hard_weight())
+            bound = 1e-5 * magnitude(qat, x_in, xq) + 1e-6
+        assert bool(((outputs[0] - ref).abs() <= bound).all())
+    else:  # the outputs that read the spoiled step through any tap (zero weights too), as in the QAT layer
+        with torch.no_grad():
+            ref = qat(x_in)
+        assert torch.equal(torch.isfinite(outputs[0]), torch.isfinite(ref))
+
+
+@pytest.mark.skipif(not native.available(), reason="native kernels")
+def test_leaky_relu_then_is_the_plain_call_where_nothing_is_fused() -> None:
+    """Float and QAT modules, weight_only, hooks and unbatched inputs: ``module(F.leaky_relu(x))`` exactly (a hook
+    sees the activated input)."""
+    torch.manual_seed(0)
+    conv = nn.Conv1d(4, 6, 3, padding=1)
+    x = torch.randn(2, 4, 20)
+    qat, codes, scale = qat_and_codes(conv, TernaryConfig())
+    packed = packed_layer(conv, codes, scale, TernaryConfig(), layer_spec(conv))
+    with torch.no_grad():
+        for module in (conv, qat):
+            assert torch.equal(ternq.runtime.leaky_relu_then(module, x, 0.1), module(F.leaky_relu(x, 0.1)))
+        seen = []
+        handle = packed.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+        ternq.runtime.leaky_relu_then(packed, x, 0.1)
+        handle.remove()
+        assert torch.equal(seen[0], F.leaky_relu(x, 0.1))
+        packed.kernel = "weight_only"
+        assert torch.equal(ternq.runtime.leaky_relu_then(packed, x, 0.1), packed(F.leaky_relu(x, 0.1)))
+        assert packed.kernel == "weight_only"
+        packed.kernel = "auto"
+        assert torch.equal(ternq.runtime.leaky_relu_then(packed, x[0], 0.1), packed(F.leaky_relu(x[0], 0.1)))
+
+
+@pytest.mark.skipif(not native.available(), reason="native kernels")
+@pytest.mark.parametrize("cls", [nn.Conv1d, nn.ConvTranspose1d])
+def test_direct_conv_packs_its_weights_once(monkeypatch: pytest.MonkeyPatch, cls: type[nn.Module]) -> None:
+    """int8_direct packs the codes for its loops (padding, row sums, phase order) at the first call and keeps
+    them while the codes are the same tensor; new codes (load_state_dict) are packed again."""
+    torch.manual_seed(0)
+    layer = cls(8, 16, 4, stride=2, padding=1)
+    config = TernaryConfig()
+    _, codes, scale = qat_and_codes(layer, config)
+    packed = packed_layer(layer, codes, scale, config, layer_spec(layer))
+    calls = []
+    real = native.conv_weights
+    monkeypatch.setattr(native, "conv_weights", lambda w: calls.append(1) or real(w))
+    x = torch.randn(1, 8, 30)
+    with torch.no_grad():
+        first = packed(x)
+        assert packed.kernel == "int8_direct" and len(calls) == 1
+        assert torch.equal(packed(x), first) and len(calls) == 1
+        packed.load_state_dict({"weight": -layer.weight.detach(), "bias": layer.bias.detach()})
+        assert not torch.equal(packed(x), first) and len(calls) == 2
+
+
 def test_conv_padding_same_unbatched_and_output_size() -> None:
     torch.manual_seed(0)
     config = TernaryConfig(granularity="channel")

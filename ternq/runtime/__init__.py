@@ -7,8 +7,8 @@ kernels read, answer like the float layer (``.weight`` is a `ternq.runtime.packe
 weight's dtype / shape / device, hooks, state_dict keys) and send each call to one kernel:
 
 * `ternq.runtime.kernels`: the kernels, free functions (``int8_gemv`` / ``int8_gemm`` / ``int8_gemm_t`` for Linear,
-  ``int8_direct`` / ``int8_taps`` / ``int8_im2col`` for Conv1d, ``int8_taps`` for ConvTranspose1d, ``gather``
-  for Embedding), all starting from one activation quantizer and one convolution prelude;
+  ``int8_direct`` / ``int8_taps`` / ``int8_im2col`` for Conv1d, ``int8_direct`` / ``int8_taps`` for
+  ConvTranspose1d, ``gather`` for Embedding), all starting from one activation quantizer and one convolution prelude;
 * `ternq.runtime.picker`: which kernel, from the CPU's features and the call's geometry, never by timing, so the first
   call of a shape costs what a warm call costs; the decisions are recorded (`kernel_choices`);
 * `ternq.runtime.native`: the C kernels behind the fast paths (input norm + absmax + round in one pass, the direct
@@ -53,6 +53,7 @@ from .layers import (
     PackedLinear,
     is_packed,
     kernel_choices,
+    leaky_relu_then,
     packed_layer,
     reset_kernel_choices,
     resident_bytes,
@@ -79,5 +80,6 @@ __all__ = [
     "resident_bytes",
     "kernel_choices",
     "reset_kernel_choices",
+    "leaky_relu_then",
     "cpu_flags",
 ]

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
@@ -221,12 +222,14 @@ class PackedLayer:
                           self.float_dtype)
         self.__dict__.pop("_memo", None)
         self.__dict__.pop("_gemv", None)
+        self.__dict__.pop("_direct", None)
 
     def __getstate__(self) -> dict[str, Any]:
         """The layer without its bound native call (`PackedLinear._k_int8_gemv`): that holds raw pointers into
         this layer's tensors, which a copy or an unpickled layer does not share (it binds its own)."""
         state = dict(super().__getstate__())  # type: ignore[misc]
         state.pop("_gemv", None)
+        state.pop("_direct", None)  # views of the codes, remade on the first call
         return state
 
     # -- kernel selection ---------------------------------------------------------------------------------------
@@ -437,6 +440,38 @@ class _PackedConv1dBase(PackedLayer):
     def _bucket(self, x: Tensor) -> tuple[int, ...]:
         return (x.shape[0], _pow2(x.shape[-1]))
 
+    def _tap_major(self, stored: Tensor) -> Tensor:
+        """int8 codes in the stored layout -> (groups, k, out/groups, in/groups)."""
+        return stored
+
+    def _after_leaky_relu(self, x: Tensor, negative_slope: float) -> Tensor:
+        """``self(F.leaky_relu(x, negative_slope))`` (`leaky_relu_then`); where the call runs ``int8_direct``, the
+        activation is applied inside the input quantization (the same codes bit for bit, no activation tensor).
+        A layer with hooks (they see the activated input), a graph being recorded and an unbatched input get the
+        plain call."""
+        if (self._forward_pre_hooks or self._forward_hooks or _global_hooks() or recording_a_graph()
+                or x.dim() != 3):
+            return self(F.leaky_relu(x, negative_slope))
+        name = self._pick(x, (), {})
+        if name != "int8_direct":
+            return self(F.leaky_relu(x, negative_slope))
+        self.__dict__["_last"] = name
+        return self.kernel_impls[name](self, x, slope=negative_slope)
+
+    def _direct_weights(self) -> list[native.ConvWeights]:
+        """The codes as ``int8_direct`` reads them (`kernels.direct_weights`), kept while the stored codes are the
+        same object (`_set_codes` and ``.to()`` replace it): no per-call copies or row sums. 2 / 4-bit storage is
+        unpacked per call, not kept (memory is its point)."""
+        codes = self._buffers["ternq_codes"]
+        cached = self.__dict__.get("_direct")
+        if cached is not None and cached[0] is codes:
+            return cached[1]
+        up = self.stride[0] if isinstance(self, nn.ConvTranspose1d) else None  # type: ignore[attr-defined]
+        weights = kernels.direct_weights(self._tap_major(self._layout_codes()), up)
+        if self._bits == 8:
+            self.__dict__["_direct"] = (codes, weights)
+        return weights
+
     def _conv_geometry(self) -> kernels.Conv1dGeometry:
         """The layer's convolution hyperparameters as the kernels take them (made once per layer)."""
         geom = self.__dict__.get("_conv_geom")
@@ -491,13 +526,16 @@ class PackedConv1d(_PackedConv1dBase, nn.Conv1d):
         groups, k, out_g, in_g = stored.shape
         return stored.permute(0, 2, 3, 1).reshape(groups * out_g, in_g, k)
 
+    def _tap_major(self, stored: Tensor) -> Tensor:
+        if self._im2col():  # per-sample layout (groups, out, in * k): the tap-major order int8_direct reads
+            groups, out_g, cols = stored.shape
+            return stored.view(groups, out_g, -1, self.kernel_size[0]).permute(0, 3, 1, 2)
+        return stored
+
     @register_kernel("int8_direct")
-    def _k_int8_direct(self, x: Tensor) -> Tensor:
-        weight = self._layout_codes()
-        if self._im2col():  # per-sample layout (groups, out, in * k): the tap-major copy for this call
-            groups, out_g, cols = weight.shape
-            weight = weight.view(groups, out_g, -1, self.kernel_size[0]).permute(0, 3, 1, 2).contiguous()
-        return kernels.conv1d_direct(x, weight, self.scale, self.bias, self.qconfig, self._conv_geometry())
+    def _k_int8_direct(self, x: Tensor, *, slope: float | None = None) -> Tensor:
+        return kernels.conv1d_direct(x, self._direct_weights(), self.scale, self.bias, self.qconfig,
+                                     self._conv_geometry(), slope)
 
     @register_kernel("int8_taps")
     def _k_int8_taps(self, x: Tensor) -> Tensor:
@@ -511,7 +549,17 @@ class PackedConv1d(_PackedConv1dBase, nn.Conv1d):
 
 
 class PackedConvTranspose1d(_PackedConv1dBase, nn.ConvTranspose1d):
-    """Packed nn.ConvTranspose1d; ``int8_taps``: one int8 GEMM of all taps, per-step scales, overlap-add."""
+    """Packed nn.ConvTranspose1d: ``int8_direct`` (native, dilation 1: the upsampling by the stride u as u
+    interleaved stride-1 convolutions of the input, tap by tap in registers) or ``int8_taps`` (one int8 GEMM of
+    all taps, per-step scales, overlap-add)."""
+
+    kernels = ("int8_direct", "int8_taps", WEIGHT_ONLY)
+
+    def _applicable(self, x: Tensor) -> tuple[str, ...]:
+        kernels = super()._applicable(x)
+        if "int8_direct" in kernels and not (self._native_ok(x) and self.dilation[0] == 1 and self.stride[0] <= 64):
+            kernels = tuple(k for k in kernels if k != "int8_direct")
+        return kernels
 
     def _to_layout(self, codes: Tensor) -> Tensor:
         in_ch, out_g, k = codes.shape
@@ -521,12 +569,19 @@ class PackedConvTranspose1d(_PackedConv1dBase, nn.ConvTranspose1d):
         groups, k, out_g, in_g = stored.shape
         return stored.permute(0, 3, 2, 1).reshape(groups * in_g, out_g, k)
 
+    def _output_padding_of(self, x: Tensor, output_size: list[int] | None) -> int:
+        return self._output_padding(x, output_size, self.stride, self.padding, self.kernel_size, 1,
+                                    self.dilation)[0]
+
+    @register_kernel("int8_direct")
+    def _k_int8_direct(self, x: Tensor, output_size: list[int] | None = None, *, slope: float | None = None) -> Tensor:
+        return kernels.conv_transpose1d_direct(x, self._direct_weights(), self.scale, self.bias, self.qconfig,
+                                               self._conv_geometry(), self._output_padding_of(x, output_size), slope)
+
     @register_kernel("int8_taps")
     def _k_int8_taps(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
-        output_padding = self._output_padding(x, output_size, self.stride, self.padding, self.kernel_size, 1,
-                                              self.dilation)
         return kernels.conv_transpose1d_taps(x, self._layout_codes(), self.scale, self.bias, self.qconfig,
-                                             self._conv_geometry(), output_padding[0])
+                                             self._conv_geometry(), self._output_padding_of(x, output_size))
 
 
 class PackedConv2d(PackedLayer, nn.Conv2d):
@@ -568,6 +623,21 @@ def _packed_class(float_type: type[nn.Module]) -> type[PackedLayer]:
         _GENERIC[float_type] = type(f"Packed{float_type.__name__}", (PackedLayer, float_type),
                                     {"__module__": float_type.__module__})
     return _GENERIC[float_type]
+
+
+def _global_hooks() -> bool:
+    """Whether torch has global module hooks (``register_module_forward_hook``...) that a call must run."""
+    m = nn.modules.module
+    return bool(m._global_forward_pre_hooks or m._global_forward_hooks)
+
+
+def leaky_relu_then(module: nn.Module, x: Tensor, negative_slope: float = 0.01) -> Tensor:
+    """``module(F.leaky_relu(x, negative_slope))``, the activation before a convolution (HiFi-GAN's pattern):
+    a packed Conv1d / ConvTranspose1d running ``int8_direct`` applies it while quantizing its input, bit for bit
+    the same, without the activation's own pass over memory; any other module gets the plain call."""
+    if isinstance(module, _PackedConv1dBase):
+        return module._after_leaky_relu(x, negative_slope)
+    return module(F.leaky_relu(x, negative_slope))
 
 
 def is_packed(module: nn.Module) -> bool:

@@ -45,6 +45,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -90,13 +91,14 @@ _SIGNATURES: dict[str, tuple[object, ...]] = {
     "tq_linear_2bit": (_P, _I, _I, _C, _F, _C, _I, _P, _I, _P, _C, _P, _P),
     "tq_unpack_2bit": (_P, _I, _I, _I, _P),
     "tq_packed_isa": (),
-    "tq_quantize_grouped": (_P, _I, _I, _I, _C, _F, _C, _C, _P, _I, _I, _I, _I, _P),
-    "tq_conv1d_grouped": (_P, _I, _I, _P, _I, _I, _I, _I, _I, _I, _P, _P, _I, _P, _P, _I),
+    "tq_quantize_grouped": (_P, _I, _I, _I, _F, _C, _F, _C, _C, _P, _I, _I, _I, _I, _P),
+    "tq_conv1d_grouped": (_P, _I, _I, _P, _P, _C, _I, _I, _I, _I, _I, _P, _P, _I, _P, _P, _I),
+    "tq_conv_transpose1d_grouped": (_P, _I, _I, _P, _P, _C, _I, _I, _I, _I, _I, _P, _P, _I, _P, _P, _I),
     "tq_set_openmp": (_P, _P),
     "tq_num_threads": (),
     "tq_set_min_work": (_I,),
 }
-_RETURNS_INT = ("tq_conv1d_grouped", "tq_linear_rows", "tq_row_sums", "tq_num_threads", "tq_linear_2bit",
+_RETURNS_INT = ("tq_quantize_grouped", "tq_conv_transpose1d_grouped", "tq_linear_rows", "tq_row_sums", "tq_num_threads", "tq_linear_2bit",
                 "tq_packed_isa")
 _C_TYPES = {"int64_t": _I, "int": _C, "float": _F}  # and every pointer: _P
 
@@ -689,10 +691,11 @@ def row_sums(w: Tensor) -> tuple[Tensor, int]:
 
 
 def quantize_grouped(x: Tensor, norm: str | None, eps: float, bits: int, per_sample: bool, in_g: int,
-                     left: int, right: int) -> tuple[Tensor, Tensor]:
+                     left: int, right: int, slope: float | None = None) -> tuple[Tensor, Tensor]:
     """x (B, C, T) float32 -> codes + 128 in the grouped layout (B, groups, C4, Tp, 4) uint8 (C4 = in_g / 4
     rounded up, Tp = left + T + right, padding = code 0) and per-step scales (B, Tp) float32 (0 in the padding;
-    per sample, the sample's scale in every step)."""
+    per sample, the sample's scale in every step). `slope`: the codes of ``F.leaky_relu(x, slope)``, bit for
+    bit, without that tensor."""
     lib = library()
     assert lib is not None
     x = x.contiguous()
@@ -700,27 +703,111 @@ def quantize_grouped(x: Tensor, norm: str | None, eps: float, bits: int, per_sam
     c4, tp = -(-in_g // 4), left + t + right
     xg = torch.empty(b, c // in_g, c4, tp, 4, dtype=torch.uint8)
     s = torch.empty(b, tp, dtype=torch.float32)
-    lib.tq_quantize_grouped(x.data_ptr(), b, c, t, _NORMS[norm], eps, bits, int(per_sample), xg.data_ptr(), in_g,
-                            c4, tp, left, s.data_ptr())
+    if lib.tq_quantize_grouped(x.data_ptr(), b, c, t, 1.0 if slope is None else slope, _NORMS[norm], eps, bits,
+                               int(per_sample), xg.data_ptr(), in_g, c4, tp, left, s.data_ptr()) != 0:
+        raise MemoryError("tq_quantize_grouped: out of memory for the leaky ReLU's block buffers")
     return xg, s
 
 
-def conv1d_grouped(xg: Tensor, w: Tensor, k: int, dilation: int, stride: int, t_out: int, s: Tensor,
-                   wscale: Tensor | None, per_channel: bool, bias: Tensor | None, y: Tensor) -> None:
+class ConvWeights(NamedTuple):
+    """A convolution's codes as the direct kernels read them, made once per layer (`conv_weights`)."""
+
+    wg: Tensor  # (k, out rounded up to 8, in rounded up to 4) int8, zero padded
+    wsum: Tensor  # (k * rows,) int32: each row's sum, for the +128 of the unsigned activation bytes
+    wmax: int  # the largest |code|: the AVX2 loop (int16 pair sums) is exact up to 64
+    out: int
+    n_in: int
+
+
+def conv_weights(w: Tensor) -> ConvWeights:
+    """`ConvWeights` of codes w (k, out, in) int8: w itself where out is a multiple of 8 and in of 4 (no copy),
+    else a zero-padded copy."""
+    k, out, n_in = w.shape
+    rows, cols = -(-out // 8) * 8, -(-n_in // 4) * 4
+    if (rows, cols) == (out, n_in):
+        wg = w.contiguous()
+    else:
+        wg = torch.zeros(k, rows, cols, dtype=torch.int8)
+        wg[:, :out, :n_in] = w
+    wmax = int(w.to(torch.int16).abs().max()) if w.numel() else 0
+    return ConvWeights(wg, wg.sum(-1, dtype=torch.int32).reshape(-1), wmax, out, n_in)
+
+
+def transpose_phases(k: int, up: int) -> list[int]:
+    """The taps of a transposed convolution (k taps, upsampling `up`, dilation 1) in the order its direct kernel
+    reads them: phase r = 0 .. up - 1 (the output steps t with t + padding = r mod up), each phase's taps
+    r + (L_r - 1 - l) * up for l = 0 .. L_r - 1."""
+    order = []
+    for r in range(min(up, k)):
+        taps = -(-(k - r) // up)
+        order.extend(r + (taps - 1 - i) * up for i in range(taps))
+    return order
+
+
+def conv_transpose_padding(k: int, up: int, padding: int, t_in: int, t_out: int) -> tuple[int, int]:
+    """The zero steps (left, right) around a transposed convolution's input that its direct kernel reads: the
+    taps of phase 0 less one on the left, enough on the right for the last output step of every phase."""
+    lmax = -(-k // up)
+    last = max((t_out + padding - r + up - 1) // up for r in range(up))  # one past the last input block
+    return lmax - 1, max(0, last - t_in)
+
+
+def _conv_args(xg: Tensor, weights: ConvWeights, s: Tensor, wscale: Tensor | None, per_channel: bool,
+               bias: Tensor | None, y: Tensor) -> tuple[int, int]:
+    assert xg.is_contiguous() and s.is_contiguous() and y.stride(-1) == 1 and weights.wg.is_contiguous()
+    assert weights.wg.shape[-1] == xg.shape[-3] * 4 and s.shape[-1] == xg.shape[-2]
+    assert wscale is None or wscale.is_contiguous() and wscale.numel() >= (weights.out if per_channel else 1)
+    assert bias is None or bias.is_contiguous() and bias.numel() >= weights.out
+    assert y.dtype == torch.float32 and y.shape[0] >= weights.out
+    return xg.shape[-3], xg.shape[-2]
+
+
+def conv1d_grouped(xg: Tensor, weights: ConvWeights | Tensor, k: int, dilation: int, stride: int, t_out: int,
+                   s: Tensor, wscale: Tensor | None, per_channel: bool, bias: Tensor | None, y: Tensor) -> None:
     """y (out, t_out), rows y.stride(0) apart, = the int8 convolution of grouped codes xg (C4, Tp, 4) with the
-    weight codes w (k, out, in) int8, each tap's products scaled by the per-step scales s (Tp,) of the steps they
-    read, then by wscale (per channel / tensor) plus bias."""
+    weight codes (`ConvWeights`, or codes (k, out, in) int8 packed for this call), each tap's products scaled by
+    the per-step scales s (Tp,) of the steps they read, then by wscale (per channel / tensor) plus bias."""
     lib = library()
     assert lib is not None
-    w = w.contiguous()
-    assert xg.is_contiguous() and s.is_contiguous() and y.stride(-1) == 1
-    c4, tp = xg.shape[-3], xg.shape[-2]
-    _, out, n_in = w.shape
-    assert -(-n_in // 4) == c4
-    if lib.tq_conv1d_grouped(xg.data_ptr(), c4, tp, w.data_ptr(), out, n_in, k, dilation, stride, t_out,
-                             s.data_ptr(), _ptr(wscale), int(per_channel), _ptr(bias), y.data_ptr(),
-                             y.stride(0)) != 0:
-        raise MemoryError("tq_conv1d_grouped: out of memory")
+    if isinstance(weights, Tensor):
+        weights = conv_weights(weights)
+    c4, tp = _conv_args(xg, weights, s, wscale, per_channel, bias, y)
+    assert weights.wg.shape[0] == k and (t_out - 1) * stride + dilation * (k - 1) < tp
+    _conv1d_at(lib, xg.data_ptr(), c4, tp, weights, dilation, stride, t_out, s.data_ptr(), _ptr(wscale),
+               per_channel, _ptr(bias), y.data_ptr(), y.stride(0))
+
+
+def _conv1d_at(lib: ctypes.CDLL, xg: int, c4: int, tp: int, weights: ConvWeights, dilation: int, stride: int,
+               t_out: int, s: int, wscale: int | None, per_channel: bool, bias: int | None, y: int,
+               ldy: int) -> None:
+    """`conv1d_grouped` on addresses, unchecked: for `ternq.runtime.kernels`, whose buffers are made to fit
+    (the checks and views of the public call cost 5x the call itself on a short input)."""
+    lib.tq_conv1d_grouped(xg, c4, tp, weights.wg.data_ptr(), weights.wsum.data_ptr(), weights.wmax, weights.out,
+                          weights.wg.shape[0], dilation, stride, t_out, s, wscale, int(per_channel), bias, y, ldy)
+
+
+def conv_transpose1d_grouped(xg: Tensor, weights: ConvWeights, up: int, padding: int, t_out: int, s: Tensor,
+                             wscale: Tensor | None, per_channel: bool, bias: Tensor | None, y: Tensor) -> None:
+    """y (out, t_out) = the transposed convolution (stride `up`, `padding`, dilation 1) of grouped codes xg
+    (C4, Tp, 4) padded as `conv_transpose_padding` says, with the codes in `transpose_phases` order
+    (`ConvWeights` of (k, out, in)), per-step scales s (Tp,), then wscale and bias: `up` interleaved stride-1
+    convolutions, no tap planes."""
+    lib = library()
+    assert lib is not None
+    c4, tp = _conv_args(xg, weights, s, wscale, per_channel, bias, y)
+    _conv_transpose1d_at(lib, xg.data_ptr(), c4, tp, weights, up, padding, t_out, s.data_ptr(), _ptr(wscale),
+                         per_channel, _ptr(bias), y.data_ptr(), y.stride(0))
+
+
+def _conv_transpose1d_at(lib: ctypes.CDLL, xg: int, c4: int, tp: int, weights: ConvWeights, up: int, padding: int,
+                         t_out: int, s: int, wscale: int | None, per_channel: bool, bias: int | None, y: int,
+                         ldy: int) -> None:
+    """`conv_transpose1d_grouped` on addresses (see `_conv1d_at`); the C kernel still checks the padded length."""
+    if lib.tq_conv_transpose1d_grouped(xg, c4, tp, weights.wg.data_ptr(), weights.wsum.data_ptr(), weights.wmax,
+                                       weights.out, weights.wg.shape[0], up, padding, t_out, s, wscale,
+                                       int(per_channel), bias, y, ldy) != 0:
+        raise ValueError(f"tq_conv_transpose1d_grouped: {tp} input steps do not cover {t_out} output steps of "
+                         f"stride {up} (pad the input as conv_transpose_padding says), or stride {up} > 64")
 
 
 def main(argv: list[str] | None = None) -> int:

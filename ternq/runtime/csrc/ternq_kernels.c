@@ -219,21 +219,55 @@ struct channels_job {
     float eps, qmax;
     int8_t *q;
     float *s, *block_max; /* block_max: per sample, each block's absmax (first pass) */
+    float slope; /* the leaky ReLU applied to x first (tq_quantize_grouped); 1: none */
+    int failed; /* a chunk found no memory for its leaky ReLU buffer */
 };
+
+/* A buffer for one block of the leaky-ReLU'd input (NULL where slope is 1: the passes read x). Without the memory
+ * the job fails (the caller reports it) rather than quantize the input without its activation. */
+static float *block_buffer(const struct channels_job *j) {
+    if (j->slope == 1.f) return NULL;
+    float *buf = (float *)malloc((size_t)(j->C * BLOCK) * sizeof(float));
+    if (buf == NULL) __atomic_store_n(&((struct channels_job *)j)->failed, 1, __ATOMIC_RELAXED);
+    return buf;
+}
+
+/* The columns [t0, t0 + n) of sample b as the passes read them: x itself (rows *ld = T apart), or, with a buffer,
+ * leaky_relu(x) as torch computes it (x > 0 ? x : x * slope, the same float operations), rows *ld = n apart. */
+static const float *block_input(const struct channels_job *j, int64_t b, int64_t t0, int n, float *buf,
+                                int64_t *ld) {
+    const float *xb = j->x + b * j->C * j->T + t0;
+    if (buf == NULL) {
+        *ld = j->T;
+        return xb;
+    }
+    const float slope = j->slope;
+    for (int64_t c = 0; c < j->C; ++c) {
+        const float *row = xb + c * j->T;
+        float *dst = buf + c * n;
+        for (int i = 0; i < n; ++i) dst[i] = row[i] > 0.f ? row[i] : row[i] * slope;
+    }
+    *ld = n;
+    return buf;
+}
 
 static void channels_absmax(void *arg, int64_t u0, int64_t u1) {
     const struct channels_job *j = (const struct channels_job *)arg;
     float mean[BLOCK], rstd[BLOCK], amax[BLOCK];
+    float *buf = block_buffer(j);
+    if (j->slope != 1.f && buf == NULL) return;
     for (int64_t u = u0; u < u1; ++u) {
         const int64_t b = u / j->nblocks, t0 = u % j->nblocks * BLOCK;
         const int n = (int)(j->T - t0 < BLOCK ? j->T - t0 : BLOCK);
-        const float *xb = j->x + b * j->C * j->T + t0;
-        column_stats(xb, j->C, j->T, n, j->norm, j->eps, mean, rstd);
-        column_absmax(xb, j->C, j->T, n, j->norm, mean, rstd, amax);
+        int64_t ld;
+        const float *xb = block_input(j, b, t0, n, buf, &ld);
+        column_stats(xb, j->C, ld, n, j->norm, j->eps, mean, rstd);
+        column_absmax(xb, j->C, ld, n, j->norm, mean, rstd, amax);
         float m = 0.f;
         for (int i = 0; i < n; ++i) m = TQ_MAX(amax[i], m);
         j->block_max[u] = m;
     }
+    free(buf);
 }
 
 static void channels_round(void *arg, int64_t u0, int64_t u1) {
@@ -274,6 +308,8 @@ void tq_quantize_channels(const float *x, int64_t B, int64_t C, int64_t T, int n
     j.q = q;
     j.s = s;
     j.block_max = NULL;
+    j.slope = 1.f;
+    j.failed = 0;
     const int64_t units = B * j.nblocks, work = 4 * C * T * B;
     if (per_sample) {
         float one[1];
@@ -785,40 +821,60 @@ static void grouped_round(void *arg, int64_t u0, int64_t u1) {
     const int norm = j->c.norm;
     const float eps = j->c.eps, qmax = j->c.qmax;
     float mean[BLOCK], rstd[BLOCK], amax[BLOCK], step[BLOCK];
+    float *buf = block_buffer(&j->c);
+    if (j->c.slope != 1.f && buf == NULL) return;
     for (int64_t u = u0; u < u1; ++u) {
         const int64_t b = u / j->c.nblocks, t0 = u % j->c.nblocks * BLOCK;
         const int n = (int)(T - t0 < BLOCK ? T - t0 : BLOCK);
-        const float *xb = j->c.x + b * C * T;
+        int64_t ld;
+        const float *xin = block_input(&j->c, b, t0, n, buf, &ld);
         uint8_t *gb = j->xg + b * groups * C4 * Tp * 4;
-        column_stats(xb + t0, C, T, n, norm, eps, mean, rstd);
+        column_stats(xin, C, ld, n, norm, eps, mean, rstd);
         if (j->sample) {
             for (int i = 0; i < n; ++i) step[i] = j->sample[b * j->sample_stride];
         } else {
-            column_absmax(xb + t0, C, T, n, norm, mean, rstd, amax);
+            column_absmax(xin, C, ld, n, norm, mean, rstd, amax);
             for (int i = 0; i < n; ++i) step[i] = (amax[i] < eps ? eps : amax[i]) / qmax;
         }
         for (int i = 0; i < n; ++i) j->c.s[b * Tp + j->left + t0 + i] = step[i];
-        for (int64_t c = 0; c < C; ++c) {
-            const float *row = xb + c * T + t0;
-            const int64_t g = c / in_g, cc = c % in_g;
-            uint8_t *dst = gb + ((g * C4 + (cc >> 2)) * Tp + j->left + t0) * 4 + (cc & 3);
-            for (int i = 0; i < n; ++i) {
-                float v = norm == 0 ? row[i] : norm == 1 ? (row[i] - mean[i]) * rstd[i] : row[i] * rstd[i];
-                dst[i * 4] = (uint8_t)((int)tq_code(rintf(v / step[i]), qmax) + 128);
+        /* one word of 4 channels per step, assembled in `word` and stored whole: byte stores 4 apart did not
+         * vectorize (the pass took 5x the convolution's time on 8 channels) */
+        for (int64_t g = 0; g < groups; ++g) {
+            for (int64_t c4 = 0; c4 < C4; ++c4) {
+                uint32_t word[BLOCK];
+                for (int i = 0; i < n; ++i) word[i] = 0;
+                for (int lane = 0; lane < 4; ++lane) {
+                    const int64_t cc = c4 * 4 + lane;
+                    const int shift = 8 * lane;
+                    if (cc >= in_g) { /* padding channel: code 0 */
+                        for (int i = 0; i < n; ++i) word[i] |= (uint32_t)128 << shift;
+                        continue;
+                    }
+                    const float *row = xin + (g * in_g + cc) * ld;
+                    for (int i = 0; i < n; ++i) {
+                        float v = norm == 0 ? row[i] : norm == 1 ? (row[i] - mean[i]) * rstd[i] : row[i] * rstd[i];
+                        word[i] |= (uint32_t)((int32_t)tq_code(rintf(v / step[i]), qmax) + 128) << shift;
+                    }
+                }
+                memcpy(gb + ((g * C4 + c4) * Tp + j->left + t0) * 4, word, (size_t)n * 4);
             }
         }
     }
+    free(buf);
 }
 
 /* Parallel over blocks of BLOCK time steps (per sample: a first parallel pass finds each block's absmax). */
-void tq_quantize_grouped(const float *x, int64_t B, int64_t C, int64_t T, int norm, float eps, int bits,
-                         int per_sample, uint8_t *xg, int64_t in_g, int64_t C4, int64_t Tp, int64_t left,
-                         float *s) {
+int tq_quantize_grouped(const float *x, int64_t B, int64_t C, int64_t T, float slope, int norm, float eps,
+                        int bits, int per_sample, uint8_t *xg, int64_t in_g, int64_t C4, int64_t Tp, int64_t left,
+                        float *s) {
     /* xg: (B, groups, C4, Tp, 4), channel c of conv group c / in_g in word (c % in_g) / 4; s: (B, Tp) per-step
      * scales (per sample: the sample's scale in every step), zero in the padding, whose codes are 0 (byte 128).
-     * Input step t goes to column left + t. The norm and the scale cover all C channels. */
+     * Input step t goes to column left + t. The norm and the scale cover all C channels. slope != 1: the input
+     * is leaky_relu(x, slope) (the activation before a convolution, without its own pass over memory).
+     * Returns -1 where the leaky ReLU's block buffers found no memory, else 0. */
     struct grouped_job j;
     memset(&j, 0, sizeof j);
+    j.c.slope = slope;
     j.c.x = x;
     j.c.C = C;
     j.c.T = T;
@@ -832,8 +888,15 @@ void tq_quantize_grouped(const float *x, int64_t B, int64_t C, int64_t T, int no
     j.C4 = C4;
     j.Tp = Tp;
     j.left = left;
-    memset(xg, 128, (size_t)(B * (C / in_g) * C4 * Tp * 4));
-    for (int64_t i = 0; i < B * Tp; ++i) s[i] = 0.f;
+    /* the padding columns only: the rounding pass writes every other byte and scale */
+    for (int64_t r = 0; r < B * (C / in_g) * C4; ++r) {
+        memset(xg + r * Tp * 4, 128, (size_t)left * 4);
+        memset(xg + (r * Tp + left + T) * 4, 128, (size_t)(Tp - left - T) * 4);
+    }
+    for (int64_t b = 0; b < B; ++b) {
+        for (int64_t i = 0; i < left; ++i) s[b * Tp + i] = 0.f;
+        for (int64_t i = left + T; i < Tp; ++i) s[b * Tp + i] = 0.f;
+    }
     const int64_t units = B * j.c.nblocks, work = 4 * B * C * T;
     float *sample = NULL;
     if (per_sample) {
@@ -857,32 +920,58 @@ void tq_quantize_grouped(const float *x, int64_t B, int64_t C, int64_t T, int no
             grouped_round(&j, 0, units); /* writes the same scale over s[b, left:left + T] */
             if (left > 0)
                 for (int64_t b = 0; b < B; ++b) s[b * Tp] = 0.f;
-            return;
+            return j.c.failed ? -1 : 0;
         }
     }
-    tq_parallel_for(units, 1, work, grouped_round, &j);
+    if (!j.c.failed) tq_parallel_for(units, 1, work, grouped_round, &j);
     free(sample);
+    return j.c.failed ? -1 : 0;
+}
+
+/* The inner loops of the direct convolution take one span of work: output channels [ob, oe) (multiples of the
+ * loop's block), output steps [tb, te) (tb a multiple of TQ_CONV_TILE), written to y[o * ldy + t * ys] (ys > 1:
+ * a phase of a transposed convolution, every ys-th step). The steps are taken in blocks from t = 0 whatever the
+ * span, so every output is computed by the same instructions however the work is split: results are bitwise
+ * identical at any thread count. */
+#define TQ_CONV_TILE 256 /* output steps per parallel unit: a multiple of every loop's block (16, 8, 64) */
+
+struct conv_span {
+    const uint8_t *xg; /* (C4, Tp, 4), at the step that output step 0 reads first */
+    int64_t C4, Tp;
+    const int8_t *wg; /* (k, outp, C4 * 4) */
+    const int32_t *wsum; /* (k, outp) */
+    int64_t out, outp, k, dil, stride;
+    const float *s; /* per-step scales, aligned with xg */
+    const float *wscale;
+    int64_t wstep;
+    const float *bias;
+    float *y; /* output step 0 of channel 0 */
+    int64_t ldy, ys;
+};
+
+/* store 8 / 4 / n output values of channel o at steps t0.. (masked / strided forms in the callers) */
+static inline void conv_store(const struct conv_span *c, int64_t o, int64_t t0, const float *v, int64_t n) {
+    float *dst = c->y + o * c->ldy + t0 * c->ys;
+    for (int64_t i = 0; i < n; ++i) dst[i * c->ys] = v[i];
 }
 
 #if defined(__AVX512F__) && defined(__AVX512VNNI__)
 #include <immintrin.h>
 #define TQ_CONV_VNNI 1
-static void conv_grouped_vnni(const uint8_t *xg, int64_t C4, int64_t Tp, const int8_t *wg, const int32_t *wsum,
-                              int64_t out, int64_t outp, int64_t k, int64_t dil, int64_t T_out, const float *s,
-                              const float *wscale, int64_t wstep, const float *bias, float *y, int64_t ldy,
-                              int64_t ob, int64_t oe) {
+static void conv_span_vnni(const struct conv_span *c, int64_t ob, int64_t oe, int64_t tb, int64_t te) {
     /* outputs [ob, oe), multiples of 8 */
-    const int32_t *w32 = (const int32_t *)wg;
+    const int32_t *w32 = (const int32_t *)c->wg;
+    const int64_t C4 = c->C4, Tp = c->Tp, outp = c->outp, k = c->k, dil = c->dil;
     for (int64_t o0 = ob; o0 < oe; o0 += 8) {
-        for (int64_t t0 = 0; t0 < T_out; t0 += 16) {
-            const int64_t n = T_out - t0 < 16 ? T_out - t0 : 16;
+        for (int64_t t0 = tb; t0 < te; t0 += 16) {
+            const int64_t n = te - t0 < 16 ? te - t0 : 16;
             const __mmask16 m = (__mmask16)(n == 16 ? 0xFFFF : (1u << n) - 1);
             __m512 f0 = _mm512_setzero_ps(), f1 = f0, f2 = f0, f3 = f0, f4 = f0, f5 = f0, f6 = f0, f7 = f0;
             for (int64_t j = 0; j < k; ++j) {
                 const int64_t p = t0 + j * dil;
                 __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
                 const int32_t *wp = w32 + (j * outp + o0) * C4;
-                const uint8_t *xp = xg + p * 4;
+                const uint8_t *xp = c->xg + p * 4;
                 for (int64_t c4 = 0; c4 < C4; ++c4) {
                     const __m512i xv = _mm512_maskz_loadu_epi32(m, xp + c4 * Tp * 4);
                     a0 = _mm512_dpbusd_epi32(a0, xv, _mm512_set1_epi32(wp[c4]));
@@ -894,19 +983,25 @@ static void conv_grouped_vnni(const uint8_t *xg, int64_t C4, int64_t Tp, const i
                     a6 = _mm512_dpbusd_epi32(a6, xv, _mm512_set1_epi32(wp[6 * C4 + c4]));
                     a7 = _mm512_dpbusd_epi32(a7, xv, _mm512_set1_epi32(wp[7 * C4 + c4]));
                 }
-                const __m512 sv = _mm512_maskz_loadu_ps(m, s + p);
-                const int32_t *ws = wsum + j * outp + o0;
+                const __m512 sv = _mm512_maskz_loadu_ps(m, c->s + p);
+                const int32_t *ws = c->wsum + j * outp + o0;
 #define TQ_ACC(r) f##r = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a##r, _mm512_set1_epi32(128 * ws[r]))), sv, f##r)
                 TQ_ACC(0); TQ_ACC(1); TQ_ACC(2); TQ_ACC(3); TQ_ACC(4); TQ_ACC(5); TQ_ACC(6); TQ_ACC(7);
 #undef TQ_ACC
             }
             __m512 fs[8] = {f0, f1, f2, f3, f4, f5, f6, f7};
-            for (int r = 0; r < 8 && o0 + r < out; ++r) {
+            for (int r = 0; r < 8 && o0 + r < c->out; ++r) {
                 const int64_t o = o0 + r;
                 __m512 v = fs[r];
-                if (wscale) v = _mm512_mul_ps(v, _mm512_set1_ps(wscale[o * wstep]));
-                if (bias) v = _mm512_add_ps(v, _mm512_set1_ps(bias[o]));
-                _mm512_mask_storeu_ps(y + o * ldy + t0, m, v);
+                if (c->wscale) v = _mm512_mul_ps(v, _mm512_set1_ps(c->wscale[o * c->wstep]));
+                if (c->bias) v = _mm512_add_ps(v, _mm512_set1_ps(c->bias[o]));
+                if (c->ys == 1) {
+                    _mm512_mask_storeu_ps(c->y + o * c->ldy + t0, m, v);
+                } else {
+                    float lanes[16];
+                    _mm512_storeu_ps(lanes, v);
+                    conv_store(c, o, t0, lanes, n);
+                }
             }
         }
     }
@@ -918,42 +1013,46 @@ static void conv_grouped_vnni(const uint8_t *xg, int64_t C4, int64_t Tp, const i
 #define TQ_CONV_AVX2 1
 /* AVX2 without VNNI: vpmaddubsw (u8 x s8 -> pairs of int16) + vpmaddwd, 8 time steps per vector, 4 outputs per
  * block. The int16 pair sums cannot saturate while |w| <= 64 (2 * 255 * 64 < 32768): the caller checks. */
-static void conv_grouped_avx2(const uint8_t *xg, int64_t C4, int64_t Tp, const int8_t *wg, const int32_t *wsum,
-                              int64_t out, int64_t outp, int64_t k, int64_t dil, int64_t T_out, const float *s,
-                              const float *wscale, int64_t wstep, const float *bias, float *y, int64_t ldy,
-                              int64_t ob, int64_t oe) {
+static void conv_span_avx2(const struct conv_span *c, int64_t ob, int64_t oe, int64_t tb, int64_t te) {
     /* outputs [ob, oe), multiples of 4 */
-    const int32_t *w32 = (const int32_t *)wg;
+    const int32_t *w32 = (const int32_t *)c->wg;
+    const int64_t C4 = c->C4, Tp = c->Tp, outp = c->outp, k = c->k, dil = c->dil;
     const __m256i ones = _mm256_set1_epi16(1), lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     for (int64_t o0 = ob; o0 < oe; o0 += 4) {
-        for (int64_t t0 = 0; t0 < T_out; t0 += 8) {
-            const int64_t n = T_out - t0 < 8 ? T_out - t0 : 8;
+        for (int64_t t0 = tb; t0 < te; t0 += 8) {
+            const int64_t n = te - t0 < 8 ? te - t0 : 8;
             const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), lanes);
             __m256 f0 = _mm256_setzero_ps(), f1 = f0, f2 = f0, f3 = f0;
             for (int64_t j = 0; j < k; ++j) {
                 const int64_t p = t0 + j * dil;
                 __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
                 const int32_t *wp = w32 + (j * outp + o0) * C4;
-                const uint8_t *xp = xg + p * 4;
+                const uint8_t *xp = c->xg + p * 4;
                 for (int64_t c4 = 0; c4 < C4; ++c4) {
                     const __m256i xv = _mm256_maskload_epi32((const int *)(xp + c4 * Tp * 4), m);
 #define TQ_DOT(r) a##r = _mm256_add_epi32(a##r, _mm256_madd_epi16(_mm256_maddubs_epi16(xv, _mm256_set1_epi32(wp[r * C4 + c4])), ones))
                     TQ_DOT(0); TQ_DOT(1); TQ_DOT(2); TQ_DOT(3);
 #undef TQ_DOT
                 }
-                const __m256 sv = _mm256_maskload_ps(s + p, m);
-                const int32_t *ws = wsum + j * outp + o0;
+                const __m256 sv = _mm256_maskload_ps(c->s + p, m);
+                const int32_t *ws = c->wsum + j * outp + o0;
 #define TQ_ACC(r) f##r = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(a##r, _mm256_set1_epi32(128 * ws[r]))), sv, f##r)
                 TQ_ACC(0); TQ_ACC(1); TQ_ACC(2); TQ_ACC(3);
 #undef TQ_ACC
             }
             __m256 fs[4] = {f0, f1, f2, f3};
-            for (int r = 0; r < 4 && o0 + r < out; ++r) {
+            for (int r = 0; r < 4 && o0 + r < c->out; ++r) {
                 const int64_t o = o0 + r;
                 __m256 v = fs[r];
-                if (wscale) v = _mm256_mul_ps(v, _mm256_set1_ps(wscale[o * wstep]));
-                if (bias) v = _mm256_add_ps(v, _mm256_set1_ps(bias[o]));
-                _mm256_maskstore_ps(y + o * ldy + t0, m, v);
+                if (c->wscale) v = _mm256_mul_ps(v, _mm256_set1_ps(c->wscale[o * c->wstep]));
+                if (c->bias) v = _mm256_add_ps(v, _mm256_set1_ps(c->bias[o]));
+                if (c->ys == 1) {
+                    _mm256_maskstore_ps(c->y + o * c->ldy + t0, m, v);
+                } else {
+                    float vals[8];
+                    _mm256_storeu_ps(vals, v);
+                    conv_store(c, o, t0, vals, n);
+                }
             }
         }
     }
@@ -961,102 +1060,162 @@ static void conv_grouped_avx2(const uint8_t *xg, int64_t C4, int64_t Tp, const i
 #endif
 
 /* Portable version of the same loop (any CPU; AVX2 compilers vectorize the time loop). */
-static void conv_grouped_generic(const uint8_t *xg, int64_t C4, int64_t Tp, const int8_t *wg,
-                                 const int32_t *wsum, int64_t out, int64_t outp, int64_t k, int64_t dil,
-                                 int64_t stride, int64_t T_out, const float *s, const float *wscale, int64_t wstep,
-                                 const float *bias, float *y, int64_t ldy, int64_t ob, int64_t oe) {
+static void conv_span_generic(const struct conv_span *c, int64_t ob, int64_t oe, int64_t tb, int64_t te) {
     int32_t acc[64];
-    (void)outp;
-    for (int64_t o = ob; o < oe && o < out; ++o) {
-        float *dst = y + o * ldy;
-        for (int64_t t = 0; t < T_out; ++t) dst[t] = 0.f;
-        for (int64_t t0 = 0; t0 < T_out; t0 += 64) {
-            const int64_t n = T_out - t0 < 64 ? T_out - t0 : 64;
+    float f[64];
+    const int64_t C4 = c->C4, Tp = c->Tp, outp = c->outp, k = c->k, dil = c->dil, stride = c->stride;
+    for (int64_t o = ob; o < oe && o < c->out; ++o) {
+        const float w = c->wscale ? c->wscale[o * c->wstep] : 1.f, b = c->bias ? c->bias[o] : 0.f;
+        for (int64_t t0 = tb; t0 < te; t0 += 64) {
+            const int64_t n = te - t0 < 64 ? te - t0 : 64;
+            for (int64_t i = 0; i < n; ++i) f[i] = 0.f;
             for (int64_t j = 0; j < k; ++j) {
-                const int8_t *w = wg + ((j * outp + o) * C4) * 4;
+                const int8_t *wj = c->wg + ((j * outp + o) * C4) * 4;
                 for (int64_t i = 0; i < n; ++i) acc[i] = 0;
                 for (int64_t c4 = 0; c4 < C4; ++c4) {
-                    const uint8_t *xp = xg + (c4 * Tp + (t0 * stride + j * dil)) * 4;
-                    const int8_t *wc = w + c4 * 4;
+                    const uint8_t *xp = c->xg + (c4 * Tp + (t0 * stride + j * dil)) * 4;
+                    const int8_t *wc = wj + c4 * 4;
                     for (int64_t i = 0; i < n; ++i) {
                         const uint8_t *v = xp + i * stride * 4;
                         acc[i] += (int32_t)v[0] * wc[0] + (int32_t)v[1] * wc[1] + (int32_t)v[2] * wc[2] +
                                   (int32_t)v[3] * wc[3];
                     }
                 }
-                const int32_t corr = 128 * wsum[j * outp + o];
-                const float *sp = s + t0 * stride + j * dil;
-                for (int64_t i = 0; i < n; ++i) dst[t0 + i] += (float)(acc[i] - corr) * sp[i * stride];
+                const int32_t corr = 128 * c->wsum[j * outp + o];
+                const float *sp = c->s + t0 * stride + j * dil;
+                for (int64_t i = 0; i < n; ++i) f[i] += (float)(acc[i] - corr) * sp[i * stride];
             }
+            if (c->wscale || c->bias)
+                for (int64_t i = 0; i < n; ++i) f[i] = f[i] * w + b;
+            conv_store(c, o, t0, f, n);
         }
-        const float w = wscale ? wscale[o * wstep] : 1.f, b = bias ? bias[o] : 0.f;
-        if (wscale || bias)
-            for (int64_t t = 0; t < T_out; ++t) dst[t] = dst[t] * w + b;
     }
 }
 
-struct conv_job {
-    const uint8_t *xg;
-    int64_t C4, Tp;
-    const int8_t *wg;
-    const int32_t *wsum;
-    int64_t out, outp, k, dil, stride, T_out, wstep, ldy;
-    const float *s, *wscale, *bias;
-    float *y;
-    int wmax;
-};
-
-static void conv_rows(void *arg, int64_t ob, int64_t oe) {
-    const struct conv_job *c = (const struct conv_job *)arg;
+static void conv_span_run(const struct conv_span *c, int wmax, int64_t ob, int64_t oe, int64_t tb, int64_t te) {
 #ifdef TQ_CONV_VNNI
+    (void)wmax;
     if (c->stride == 1) {
-        conv_grouped_vnni(c->xg, c->C4, c->Tp, c->wg, c->wsum, c->out, c->outp, c->k, c->dil, c->T_out, c->s,
-                          c->wscale, c->wstep, c->bias, c->y, c->ldy, ob, oe);
+        conv_span_vnni(c, ob, oe, tb, te);
         return;
     }
 #elif defined(TQ_CONV_AVX2)
-    if (c->stride == 1 && c->wmax <= 64) {
-        conv_grouped_avx2(c->xg, c->C4, c->Tp, c->wg, c->wsum, c->out, c->outp, c->k, c->dil, c->T_out, c->s,
-                          c->wscale, c->wstep, c->bias, c->y, c->ldy, ob, oe);
+    if (c->stride == 1 && wmax <= 64) {
+        conv_span_avx2(c, ob, oe, tb, te);
         return;
     }
+#else
+    (void)wmax;
 #endif
-    conv_grouped_generic(c->xg, c->C4, c->Tp, c->wg, c->wsum, c->out, c->outp, c->k, c->dil, c->stride, c->T_out,
-                         c->s, c->wscale, c->wstep, c->bias, c->y, c->ldy, ob, oe);
+    conv_span_generic(c, ob, oe, tb, te);
 }
 
-/* y (out, T_out) rows ldy apart = the convolution of grouped codes xg (C4, Tp, 4) by wg (see above); parallel
- * over blocks of 8 output channels. */
-int tq_conv1d_grouped(const uint8_t *xg, int64_t C4, int64_t Tp, const int8_t *w, int64_t out, int64_t in,
-                      int64_t k, int64_t dil, int64_t stride, int64_t T_out, const float *s, const float *wscale,
-                      int64_t wstep, const float *bias, float *y, int64_t ldy) {
-    /* w (k, out, in) as stored; the loops read (k, outp, C4 * 4), outp = out rounded up to 8, zero padded: a
-     * per-call copy (weights are small next to the activations), with the row sums for the +128 correction. */
-    const int64_t outp = (out + 7) / 8 * 8, cols = C4 * 4;
-    int8_t *wg = (int8_t *)calloc((size_t)(k * outp * cols), 1);
-    int32_t *wsum = (int32_t *)malloc((size_t)(k * outp) * sizeof(int32_t));
-    if (!wg || !wsum) {
-        free(wg);
-        free(wsum);
-        return -1;
+/* The parallel units of a convolution: (phase, block of 8 output channels, tile of TQ_CONV_TILE output steps),
+ * so that a layer with few channels splits over time and one with few steps over channels. */
+struct conv_job {
+    struct conv_span c; /* phase 0 (a plain convolution: the only one) */
+    int wmax;
+    int64_t nob, ntiles, T_out;
+    /* transposed: phases of the upsampling factor `up`, taps `lmax` at most (xg / s start at step 0 here) */
+    int64_t up, pad, k;
+};
+
+static void conv_units(void *arg, int64_t u0, int64_t u1) {
+    const struct conv_job *j = (const struct conv_job *)arg;
+    for (int64_t u = u0; u < u1; ++u) {
+        const int64_t tile = u % j->ntiles, ob = (u / j->ntiles) % j->nob * 8;
+        const int64_t oe = ob + 8 < j->c.outp ? ob + 8 : j->c.outp;
+        const int64_t tb = tile * TQ_CONV_TILE;
+        const int64_t te = tb + TQ_CONV_TILE < j->T_out ? tb + TQ_CONV_TILE : j->T_out;
+        if (tb < te) conv_span_run(&j->c, j->wmax, ob, oe, tb, te);
     }
-    for (int64_t j = 0; j < k; ++j)
-        for (int64_t o = 0; o < out; ++o)
-            memcpy(wg + (j * outp + o) * cols, w + (j * out + o) * in, (size_t)in);
-    int wmax = 0;
-    for (int64_t r = 0; r < k * outp; ++r) {
-        int32_t total = 0;
-        for (int64_t c = 0; c < cols; ++c) {
-            total += wg[r * cols + c];
-            wmax = abs(wg[r * cols + c]) > wmax ? abs(wg[r * cols + c]) : wmax;
-        }
-        wsum[r] = total;
+}
+
+/* y (out, T_out) rows ldy apart = the convolution of grouped codes xg (C4, Tp, 4) by the weight wg
+ * (k, outp, C4 * 4) int8, outp = out rounded up to 8, zero padded, with wsum its row sums (k, outp) and wmax
+ * its largest |code| (packed once per layer: ternq.native.conv_weights). Parallel over channels and time. */
+void tq_conv1d_grouped(const uint8_t *xg, int64_t C4, int64_t Tp, const int8_t *wg, const int32_t *wsum, int wmax,
+                       int64_t out, int64_t k, int64_t dil, int64_t stride, int64_t T_out, const float *s,
+                       const float *wscale, int64_t wstep, const float *bias, float *y, int64_t ldy) {
+    struct conv_job j;
+    memset(&j, 0, sizeof j);
+    const int64_t outp = (out + 7) / 8 * 8;
+    const struct conv_span c = {xg, C4, Tp, wg, wsum, out, outp, k, dil, stride, s, wscale, wstep, bias, y, ldy, 1};
+    j.c = c;
+    j.wmax = wmax;
+    j.nob = outp / 8;
+    j.ntiles = (T_out + TQ_CONV_TILE - 1) / TQ_CONV_TILE;
+    j.T_out = T_out;
+    tq_parallel_for(j.nob * j.ntiles, 1, outp * k * C4 * 4 * T_out, conv_units, &j);
+}
+
+/* the taps of phase r of a transposed convolution (k taps, upsampling `up`), and the first of them in the
+ * phase-ordered weight */
+static int64_t phase_taps(int64_t k, int64_t up, int64_t r) { return r < k ? (k - r + up - 1) / up : 0; }
+
+struct conv_t_job {
+    struct conv_job base;
+    int64_t lmax, first[64], lo[64], len[64]; /* per phase: first tap, first input block m, output steps */
+};
+
+static void conv_t_units(void *arg, int64_t u0, int64_t u1) {
+    const struct conv_t_job *j = (const struct conv_t_job *)arg;
+    const struct conv_job *b = &j->base;
+    const int64_t C4 = b->c.C4, outp = b->c.outp;
+    for (int64_t u = u0; u < u1; ++u) {
+        const int64_t tile = u % b->ntiles, ob = (u / b->ntiles) % b->nob * 8, r = u / (b->ntiles * b->nob);
+        const int64_t tb = tile * TQ_CONV_TILE;
+        const int64_t te = tb + TQ_CONV_TILE < j->len[r] ? tb + TQ_CONV_TILE : j->len[r];
+        if (tb >= te) continue;
+        const int64_t taps = phase_taps(b->k, b->up, r), shift = j->lo[r] + j->lmax - taps;
+        struct conv_span c = b->c;
+        c.xg += shift * 4;
+        c.s += shift;
+        c.wg += j->first[r] * outp * C4 * 4;
+        c.wsum += j->first[r] * outp;
+        c.k = taps;
+        c.y += j->lo[r] * b->up + r - b->pad;
+        conv_span_run(&c, b->wmax, ob, ob + 8 < outp ? ob + 8 : outp, tb, te);
     }
-    struct conv_job c = {xg, C4, Tp, wg, wsum, out, outp, k, dil, stride, T_out, wstep, ldy, s, wscale, bias, y,
-                         wmax};
-    tq_parallel_for(outp, 8, outp * k * cols * T_out, conv_rows, &c);
-    free(wg);
-    free(wsum);
+}
+
+/* ConvTranspose1d (dilation 1) as `up` interleaved convolutions: output step t = m * up + r - pad (phase r) is
+ * sum over the phase's taps l of W[r + (L_r - 1 - l) * up] x[m - L_r + 1 + l], a stride-1 convolution over the
+ * input, written every up-th step. No tap planes, no overlap-add: the same inner loops as tq_conv1d_grouped.
+ * xg (C4, Tp, 4) / s (Tp,): the input at steps lmax - 1 .. lmax - 1 + T_in of Tp (lmax = the taps of phase 0),
+ * zero padded; wg (k, outp, C4 * 4): the taps in phase order (ternq.native.conv_transpose_weights). Returns -1
+ * where Tp is shorter than the phases read or up > 64, else 0. Parallel over phases, channels and time. */
+int tq_conv_transpose1d_grouped(const uint8_t *xg, int64_t C4, int64_t Tp, const int8_t *wg, const int32_t *wsum,
+                                int wmax, int64_t out, int64_t k, int64_t up, int64_t pad, int64_t T_out,
+                                const float *s, const float *wscale, int64_t wstep, const float *bias, float *y,
+                                int64_t ldy) {
+    struct conv_t_job j;
+    memset(&j, 0, sizeof j);
+    if (up < 1 || up > 64 || k < 1 || pad < 0) return -1;
+    const int64_t outp = (out + 7) / 8 * 8;
+    const struct conv_span c = {xg, C4, Tp, wg, wsum, out, outp, 0, 1, 1, s, wscale, wstep, bias, y, ldy, up};
+    j.base.c = c;
+    j.base.wmax = wmax;
+    j.base.nob = outp / 8;
+    j.base.T_out = T_out;
+    j.base.up = up;
+    j.base.pad = pad;
+    j.base.k = k;
+    j.lmax = phase_taps(k, up, 0);
+    int64_t first = 0, longest = 0;
+    for (int64_t r = 0; r < up; ++r) {
+        const int64_t taps = phase_taps(k, up, r);
+        j.first[r] = first;
+        first += taps;
+        /* output steps t in [0, T_out) with t + pad = m * up + r: m in [lo, hi) (pad - r > -up: lo >= 0) */
+        j.lo[r] = (pad - r + up - 1) / up;
+        const int64_t hi = (T_out + pad - r + up - 1) / up;
+        j.len[r] = hi > j.lo[r] ? hi - j.lo[r] : 0;
+        if (j.len[r] && hi - 1 + j.lmax - 1 >= Tp) return -1; /* the last step this phase reads */
+        longest = j.len[r] > longest ? j.len[r] : longest;
+    }
+    j.base.ntiles = (longest + TQ_CONV_TILE - 1) / TQ_CONV_TILE;
+    tq_parallel_for(up * j.base.nob * j.base.ntiles, 1, outp * k * C4 * 4 * (T_out / up + 1), conv_t_units, &j);
     return 0;
 }
 

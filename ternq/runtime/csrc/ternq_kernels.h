@@ -10,7 +10,7 @@
 
 #include <stdint.h>
 
-#define TQ_ABI_VERSION 7
+#define TQ_ABI_VERSION 8
 
 void tq_quantize_channels(const float *x, int64_t B, int64_t C, int64_t T, int norm, float eps, int bits, int
     per_sample, int8_t *q, int64_t ldq, float *s, int64_t lds, int64_t off);
@@ -34,12 +34,16 @@ int tq_linear_rows(const float *x, int64_t R, int64_t K, int norm, float eps, in
     const int8_t *w, const int32_t *wsum, int64_t N, const float *wscale, int per_channel, const float *bias,
     float *y);
 
-void tq_quantize_grouped(const float *x, int64_t B, int64_t C, int64_t T, int norm, float eps, int bits, int
-    per_sample, uint8_t *xg, int64_t in_g, int64_t C4, int64_t Tp, int64_t left, float *s);
+int tq_quantize_grouped(const float *x, int64_t B, int64_t C, int64_t T, float slope, int norm, float eps, int bits,
+    int per_sample, uint8_t *xg, int64_t in_g, int64_t C4, int64_t Tp, int64_t left, float *s);
 
-int tq_conv1d_grouped(const uint8_t *xg, int64_t C4, int64_t Tp, const int8_t *w, int64_t out, int64_t in, int64_t
-    k, int64_t dil, int64_t stride, int64_t T_out, const float *s, const float *wscale, int64_t wstep, const float
-    *bias, float *y, int64_t ldy);
+void tq_conv1d_grouped(const uint8_t *xg, int64_t C4, int64_t Tp, const int8_t *wg, const int32_t *wsum, int wmax,
+    int64_t out, int64_t k, int64_t dil, int64_t stride, int64_t T_out, const float *s, const float *wscale, int64_t
+    wstep, const float *bias, float *y, int64_t ldy);
+
+int tq_conv_transpose1d_grouped(const uint8_t *xg, int64_t C4, int64_t Tp, const int8_t *wg, const int32_t *wsum,
+    int wmax, int64_t out, int64_t k, int64_t up, int64_t pad, int64_t T_out, const float *s, const float *wscale,
+    int64_t wstep, const float *bias, float *y, int64_t ldy);
 
 int tq_row_sums(const int8_t *w, int64_t N, int64_t K, int32_t *sums);
 

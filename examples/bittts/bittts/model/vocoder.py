@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
+from ternq.runtime import leaky_relu_then
 from ternq.weight_attr import latent as ternq_latent
 
 from ..config import VocoderConfig
@@ -44,7 +45,8 @@ class ResBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         for c1, c2 in zip(self.convs1, self.convs2):
-            x = x + c2(F.leaky_relu(c1(F.leaky_relu(x, LRELU_SLOPE)), LRELU_SLOPE))
+            # leaky_relu_then: c(F.leaky_relu(x)), the activation fused into a packed conv's input quantization
+            x = x + leaky_relu_then(c2, leaky_relu_then(c1, x, LRELU_SLOPE), LRELU_SLOPE)
         return x
 
 
@@ -77,7 +79,7 @@ class HiFiGANGenerator(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = self.conv_pre(x)
         for i, up in enumerate(self.ups):
-            x = up(F.leaky_relu(x, LRELU_SLOPE))
+            x = leaky_relu_then(up, x, LRELU_SLOPE)
             xs = self.resblocks[i * self.num_kernels](x)
             for j in range(1, self.num_kernels):
                 xs = xs + self.resblocks[i * self.num_kernels + j](x)
