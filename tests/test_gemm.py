@@ -79,7 +79,7 @@ def test_tiled_gemm_gives_the_int8_gemm_result_bit_for_bit(arch_cache, rows: int
                     with _loop(isa, threads):
                         y = kernels.linear_tiled_bound(w, scale, b, cfg)(x3)
                     torch.testing.assert_close(y, ref, rtol=0, atol=0, equal_nan=True,
-                                               msg=lambda m: f"{arch} {isa} {threads} threads: {m}")
+                                               msg=lambda m, where=f"{arch} {isa} {threads} threads": f"{where}: {m}")
 
 
 def test_picker_chooses_tiled_only_where_measured_faster() -> None:
