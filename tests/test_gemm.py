@@ -83,19 +83,20 @@ def test_tiled_gemm_gives_the_int8_gemm_result_bit_for_bit(arch_cache, rows: int
 
 
 def test_picker_chooses_tiled_only_where_measured_faster() -> None:
-    """AMX: ``int8_tiled`` from `TILED_MIN_ROWS` rows (the GEMV below). Any other loop (AVX-512 VNNI, portable: an
+    """AMX and AVX-512 VNNI: ``int8_tiled`` from `TILED_MIN_ROWS` rows (the GEMV below). The portable loop (an
     AVX2-only build), no native kernels, or a layer without the kernel (2-bit storage): the rules before it."""
     linear = ("int8_gemm", "int8_gemm_t", "int8_gemv", "int8_tiled", "weight_only")
-    for vnni in (True, False):
-        assert picker.choose(linear, 1, vnni, "amx") == "int8_gemv"
-        assert picker.choose(linear, picker.TILED_MIN_ROWS - 1, vnni, "amx") == (
-            "int8_gemv" if picker.TILED_MIN_ROWS - 1 <= picker.gemv_rows(vnni) else "int8_gemm_t")
-        for rows in (picker.TILED_MIN_ROWS, 64, 10_000):
-            assert picker.choose(linear, rows, vnni, "amx") == "int8_tiled"
-        for isa in ("avx512_vnni", "portable", None):
+    assert picker.TILED_MIN_ROWS == {"amx": 4, "avx512_vnni": 5}
+    for isa, least in picker.TILED_MIN_ROWS.items():
+        assert picker.choose(linear, 1, True, isa) == "int8_gemv"
+        assert picker.choose(linear, least - 1, True, isa) == "int8_gemv"
+        for rows in (least, 64, 10_000):
+            assert picker.choose(linear, rows, True, isa) == "int8_tiled"
+        assert picker.choose(linear[:3] + linear[4:], 64, True, isa) == "int8_gemm_t"
+    for isa in ("portable", None):
+        for vnni in (True, False):
             assert picker.choose(linear, 64, vnni, isa) == "int8_gemm_t"
             assert picker.choose(linear, picker.GEMM_T_ROWS + 1, vnni, isa) == "int8_gemm"
-        assert picker.choose(linear[:3] + linear[4:], 64, vnni, "amx") == "int8_gemm_t"
 
 
 def test_avx2_build_never_picks_the_portable_loop(arch_cache) -> None:

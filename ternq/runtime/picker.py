@@ -8,10 +8,10 @@ the kernel a warm call runs (CHANGELOG.md: what timing cost). The rules encode w
 * Linear, a few rows: ``int8_gemv`` (the native GEMV reads the weight once; 3-5x faster than ``torch._int_mm``
   at 1-2 rows with VNNI, about fp32's speed at 1 row without it); up to `GEMM_T_ROWS` rows ``int8_gemm_t``
   (the weight as the GEMM's left operand, which oneDNN does not re-layout per call); beyond, ``int8_gemm``;
-* Linear, from `TILED_MIN_ROWS` rows, where the native build runs AMX tiles (`TILED_ISAS`): ``int8_tiled`` (one
-  native call on a weight packed once into the GEMM's tiles; 1.6-2.6x ``int8_gemm_t`` at 16-256 rows, and 1.3x the
-  GEMV at 4 rows). Its AVX-512 VNNI loop (a CPU without AMX) was slower than oneDNN's ``_int_mm`` on this Xeon, so
-  it is not chosen there.
+* Linear, from `TILED_MIN_ROWS` rows, where the native build runs AMX tiles or AVX-512 VNNI: ``int8_tiled`` (one
+  native call on a weight packed once into the GEMM's tiles; with AMX 1.6-2.6x ``int8_gemm_t`` at 16-256 rows and
+  1.3x the GEMV at 4; the VNNI loop 1.0-1.7x the faster of ``int8_gemm`` / ``int8_gemm_t`` on oneDNN's VNNI
+  kernels). Its portable loop (an AVX2-only or generic build) is slower than ``_int_mm``: not chosen there.
 
 `choose` is a pure function of its arguments, so a test can pin each rule.
 
@@ -28,15 +28,16 @@ from functools import cache
 
 from . import native
 
-__all__ = ["KERNEL_ENV", "KERNEL_POLICIES", "GEMM_T_ROWS", "PACKED_MIN_WEIGHTS", "TILED_ISAS", "TILED_MIN_ROWS", "gemv_rows", "choose",
+__all__ = ["KERNEL_ENV", "KERNEL_POLICIES", "GEMM_T_ROWS", "PACKED_MIN_WEIGHTS", "TILED_MIN_ROWS", "gemv_rows", "choose",
            "pick", "choose_storage"]
 
 KERNEL_ENV = "TERNQ_KERNEL"
 WEIGHT_ONLY = "weight_only"
 KERNEL_POLICIES = ("auto", WEIGHT_ONLY, "int8")  # what load_packed(kernel=) and $TERNQ_KERNEL accept
 GEMM_T_ROWS = 64  # int8_gemm_t up to this many rows, int8_gemm beyond (1 thread, docs/benchmarks.md)
-TILED_ISAS = ("amx",)  # the `ternq.native.gemm_isa` loops for which int8_tiled is chosen (measured faster)
-TILED_MIN_ROWS = 4  # int8_tiled from this many rows on (1024 x 1024, 1 thread: = int8_gemv at 2 rows, 1.3x at 4)
+# int8_tiled from this many rows on, per `ternq.native.gemm_isa` loop (1024 x 1024, 1 thread): AMX ties the GEMV
+# at 2 rows and is 1.3x faster at 4; the AVX-512 VNNI loop ties it at 4. Not the portable loop (slower than _int_mm).
+TILED_MIN_ROWS = {"amx": 4, "avx512_vnni": 5}
 PACKED_MIN_WEIGHTS = 1 << 20  # storage="auto": 2-bit rows from this many codes on (1024 x 1024: as fast as int8)
 
 
@@ -58,7 +59,7 @@ def choose(applicable: tuple[str, ...], rows: int, vnni: bool | None = None, til
     integer = [k for k in applicable if k != WEIGHT_ONLY]
     if not integer:
         return WEIGHT_ONLY
-    if "int8_tiled" in integer and tiled in TILED_ISAS and rows >= TILED_MIN_ROWS:
+    if "int8_tiled" in integer and tiled in TILED_MIN_ROWS and rows >= TILED_MIN_ROWS[tiled]:
         return "int8_tiled"
     if "int8_gemv" in integer and rows <= gemv_rows(vnni):
         return "int8_gemv"
