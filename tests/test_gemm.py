@@ -143,3 +143,26 @@ def test_packed_linear_tiled_kernel() -> None:
             assert torch.equal(layer(x), layer.bias.expand(2, 9, 40))  # rebound on the new codes
     two_bit = _packed(nn.Linear(100, 40), "packed")
     assert "int8_tiled" not in two_bit._applicable(torch.randn(64, 100))
+
+
+@needs_native
+@settings(deadline=None, max_examples=30)
+@given(c=st.integers(1, 300), magnitude=st.integers(-3, 3), ulps=st.integers(0, 4), seed=st.integers(0, 2**16))
+def test_quantizer_rounds_like_the_division_at_half_integers(c: int, magnitude: int, ulps: int, seed: int) -> None:
+    """The native quantizer multiplies by 1 / scale and divides only the lanes near a half-integer of the scale
+    (csrc/ternq_kernels.c, round_row_avx512): its codes equal the eager ``x / scale`` rounding bit for bit on
+    inputs within a few ulps of those boundaries, where the product alone rounds the other way."""
+    g = torch.Generator().manual_seed(seed)
+    rows = 8
+    amax = torch.rand(rows, 1, generator=g).add_(0.5) * 10.0 ** magnitude
+    scale = amax / 127
+    k = torch.randint(-127, 127, (rows, c), generator=g).float() + 0.5
+    x = k * scale
+    x = x + torch.randint(-ulps, ulps + 1, (rows, c), generator=g).float() * torch.finfo(torch.float32).eps * x.abs()
+    x = torch.where(x.abs() > amax, amax, x)
+    x[:, 0] = amax[:, 0]  # the row's absmax, so that its scale is `scale`
+    cfg = TernaryConfig(input_norm=None)
+    q, s = torch.empty(rows, c, dtype=torch.int8), torch.empty(rows)
+    native.quantize_rows(x, None, cfg.eps, 8, 1, q, s)
+    ref_q, ref_s = kernels.quantize_eager(x, cfg, -1)
+    assert torch.equal(s, ref_s.view(-1)) and torch.equal(q, ref_q)
