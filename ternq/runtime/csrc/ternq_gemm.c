@@ -119,12 +119,14 @@ static inline void store_row(const struct gemm_job *g, int64_t m, int64_t n0, in
     }
 }
 
-/* the outputs of a block of `rows` x `cols` from its sums acc (rows x 32, row stride 32), clipped to M x N */
+#if defined(TQ_AMX) || defined(TQ_VNNI512)
+/* the outputs of a block of `rows` x 32 channels from its sums acc (row stride 32), clipped to M x N */
 static void store_block(const struct gemm_job *g, int64_t m0, int64_t rows, int64_t n0, const int32_t *acc) {
     const int64_t cols = g->N - n0 < 32 ? g->N - n0 : 32;
     if (cols <= 0) return;
     for (int64_t i = 0; i < rows && m0 + i < g->M; ++i) store_row(g, m0 + i, n0, cols, acc + i * 32);
 }
+#endif
 
 #if defined(TQ_AMX)
 struct tq_tilecfg {
@@ -233,7 +235,6 @@ static void vnni_blocks(const struct gemm_job *g, int64_t b0, int64_t b1) {
 /* portable: 4 rows x 16 channels of sums per pass, the 4 codes of a k4 step in the innermost loops */
 static void generic_blocks(const struct gemm_job *g, int64_t b0, int64_t b1) {
     const int64_t Kp = g->Kp, M = g->M, bstride = TQ_NB * Kp, K4 = Kp / 4;
-    int32_t acc[4 * 32];
     for (int64_t b = b0; b < b1; ++b) {
         const int8_t *wb = g->wp + b * bstride;
         for (int64_t m0 = 0; m0 < M; m0 += 4) {
@@ -248,10 +249,8 @@ static void generic_blocks(const struct gemm_job *g, int64_t b0, int64_t b1) {
                         c[i][j] += x[0] * wk[j * 4] + x[1] * wk[j * 4 + 1] + x[2] * wk[j * 4 + 2] + x[3] * wk[j * 4 + 3];
                 }
             }
-            for (int i = 0; i < rows; ++i) memcpy(acc + i * 32, c[i], sizeof c[i]);
-            /* store_block writes up to 32 channels: one block of 16 here, so clip through a narrower N view */
             const int64_t n0 = b * TQ_NB, cols = g->N - n0 < TQ_NB ? g->N - n0 : TQ_NB;
-            for (int i = 0; i < rows; ++i) store_row(g, m0 + i, n0, cols, acc + i * 32);
+            for (int i = 0; i < rows; ++i) store_row(g, m0 + i, n0, cols, c[i]);
         }
     }
 }
