@@ -6,13 +6,14 @@ quantization, ``codes * scale`` weight). The modules here are thin: they hold th
 kernels read, answer like the float layer (``.weight`` is a `ternq.runtime.packed_weight.PackedWeight` with the float
 weight's dtype / shape / device, hooks, state_dict keys) and send each call to one kernel:
 
-* `ternq.runtime.kernels`: the kernels, free functions (``int8_gemv`` / ``int8_gemm`` / ``int8_gemm_t`` for Linear,
-  ``int8_direct`` / ``int8_taps`` / ``int8_im2col`` for Conv1d, ``int8_direct`` / ``int8_taps`` for
-  ConvTranspose1d, ``gather`` for Embedding), all starting from one activation quantizer and one convolution prelude;
+* `ternq.runtime.kernels`: the kernels, free functions (``int8_gemv`` / ``int8_tiled`` / ``int8_gemm`` /
+  ``int8_gemm_t`` for Linear, ``int8_direct`` / ``int8_taps`` / ``int8_im2col`` for Conv1d, ``int8_direct`` /
+  ``int8_taps`` for ConvTranspose1d, ``gather`` for Embedding), all starting from one activation quantizer and
+  one convolution prelude;
 * `ternq.runtime.picker`: which kernel, from the CPU's features and the call's geometry, never by timing, so the first
   call of a shape costs what a warm call costs; the decisions are recorded (`kernel_choices`);
 * `ternq.runtime.native`: the C kernels behind the fast paths (input norm + absmax + round in one pass, the direct
-  int8 convolution, the one-call GEMV, the GEMV on 2-bit rows read as stored), built once per machine, with an
+  int8 convolution, the one-call GEMV, the GEMV on 2-bit rows read as stored, the tiled GEMM on AMX / VNNI), built once per machine, with an
   eager torch fallback;
 * `ternq.runtime.storage`: the in-memory sub-byte layout of ``storage="packed"``.
 

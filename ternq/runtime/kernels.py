@@ -12,6 +12,9 @@ Kernels (names as the layers list them):
     A few rows: one native call (quantize, GEMV, rescale). More: ``torch._int_mm`` (int8 x int8 -> int32,
     exact) as ``x_q @ codes.T`` or ``(codes @ x_q.T).T`` (the weight as the left operand, which oneDNN does not
     re-layout per call), then one native rescale pass (or eager ops; per-group scales accumulate group by group).
+``int8_tiled`` (Linear, native)
+    Many rows: one native call (quantize, int8 GEMM on a copy of the codes packed once into the GEMM's tiles, AMX
+    or AVX-512 VNNI where present, rescale in the store); the ``int8_gemm`` result bit for bit.
 ``int8_direct`` (Conv1d, ConvTranspose1d of dilation 1; native)
     The convolution accumulated tap by tap in registers, each tap's int32 sums scaled by the scales of the steps
     it read: no intermediate planes in memory; parallel over blocks of output channels and of time. A transposed
@@ -43,8 +46,9 @@ from . import native
 from .storage import unpack_rows
 
 __all__ = ["Conv1dGeometry", "conv_plan", "native_ok", "quantize_activations", "quantize_eager", "int_mm",
-           "linear_gemv", "linear_gemv_bound", "linear_int8", "int_mm_2bit", "conv1d_direct", "direct_weights",
-           "conv1d_taps", "conv1d_im2col", "conv_transpose1d_direct", "conv_transpose1d_taps",
+           "linear_gemv", "linear_gemv_bound", "linear_tiled_bound", "linear_int8", "int_mm_2bit",
+           "conv1d_direct", "direct_weights", "conv1d_taps", "conv1d_im2col", "conv_transpose1d_direct",
+           "conv_transpose1d_taps",
            "embedding_gather"]
 
 _SCRATCH = threading.local()
@@ -185,6 +189,20 @@ def linear_gemv_bound(w: Tensor, wsum: Tensor | None, scale: Tensor, bias: Tenso
     they stay the same objects): what remains per call is a reshape and the native call."""
     call = native.linear_rows_bound(cfg.input_norm, cfg.eps, int(cfg.act_bits),  # type: ignore[arg-type]
                                     w, wsum, scale, cfg.granularity == "channel", bias)
+    return _on_rows(call, cfg)
+
+
+def linear_tiled_bound(w: Tensor, scale: Tensor, bias: Tensor | None, cfg: QuantConfig) -> Callable[[Tensor], Tensor]:
+    """``int8_tiled``: one native call (quantize the rows, int8 GEMM, rescale) on the codes w (out, in) int8, packed
+    here once into the GEMM's tiles (`ternq.native.linear_gemm_bound`: a copy of about out x in bytes, which the
+    returned function holds). Equal to ``int8_gemm`` bit for bit, without its per-call operand packing."""
+    call = native.linear_gemm_bound(cfg.input_norm, cfg.eps, int(cfg.act_bits),  # type: ignore[arg-type]
+                                    w, scale, cfg.granularity == "channel", bias)
+    return _on_rows(call, cfg)
+
+
+def _on_rows(call: Callable[[Tensor, int], Tensor], cfg: QuantConfig) -> Callable[[Tensor], Tensor]:
+    """A native ``call(rows, rows_per_sample)`` on (R, in) float32 rows as a function of an input of any rank."""
     per_token = cfg.act_granularity == "token"
 
     def run(x: Tensor) -> Tensor:

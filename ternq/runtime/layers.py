@@ -223,13 +223,16 @@ class PackedLayer:
         self.__dict__.pop("_memo", None)
         self.__dict__.pop("_gemv", None)
         self.__dict__.pop("_direct", None)
+        self.__dict__.pop("_tiled", None)
 
     def __getstate__(self) -> dict[str, Any]:
-        """The layer without its bound native call (`PackedLinear._k_int8_gemv`): that holds raw pointers into
-        this layer's tensors, which a copy or an unpickled layer does not share (it binds its own)."""
+        """The layer without its bound native calls (`PackedLinear._k_int8_gemv`, `PackedLinear._k_int8_tiled`):
+        they hold raw pointers into this layer's tensors, which a copy or an unpickled layer does not share (it binds
+        its own)."""
         state = dict(super().__getstate__())  # type: ignore[misc]
         state.pop("_gemv", None)
         state.pop("_direct", None)  # views of the codes, remade on the first call
+        state.pop("_tiled", None)
         return state
 
     # -- kernel selection ---------------------------------------------------------------------------------------
@@ -347,9 +350,11 @@ class PackedLayer:
 class PackedLinear(PackedLayer, nn.Linear):
     """Packed nn.Linear; one ``torch._int_mm`` per call (per scale group for group scales), either
     ``int8_gemm``: ``x_q @ codes.T``, or ``int8_gemm_t``: ``(codes @ x_q.T).T``, with the weight as the GEMM's
-    left operand, which oneDNN does not re-layout per call: about 2x faster for a few tokens, slower for many."""
+    left operand, which oneDNN does not re-layout per call: about 2x faster for a few tokens, slower for many.
+    ``int8_tiled`` (int8 storage, native): one call on a copy of the codes packed into the GEMM's tiles at the first
+    call that runs it (about out x in bytes more)."""
 
-    kernels = ("int8_gemm", "int8_gemm_t", "int8_gemv", WEIGHT_ONLY)
+    kernels = ("int8_gemm", "int8_gemm_t", "int8_gemv", "int8_tiled", WEIGHT_ONLY)
 
     def _integer_kernel_possible(self) -> bool:
         return self.qconfig.act_bits is not None
@@ -362,7 +367,8 @@ class PackedLinear(PackedLayer, nn.Linear):
     def _applicable(self, x: Tensor) -> tuple[str, ...]:
         if self.qconfig.act_bits is not None and x.is_floating_point():
             if self._native_ok(x) and self.qconfig.granularity != "group":
-                return self.kernels
+                # the tiled copy is of int8 codes: a layer stored at 2 or 4 bits keeps its memory
+                return self.kernels if self._bits == 8 else ("int8_gemm", "int8_gemm_t", "int8_gemv", WEIGHT_ONLY)
             return ("int8_gemm", "int8_gemm_t", WEIGHT_ONLY)
         return (WEIGHT_ONLY,)
 
@@ -410,6 +416,17 @@ class PackedLinear(PackedLayer, nn.Linear):
     @register_kernel("int8_gemm_t")
     def _k_int8_gemm_t(self, x: Tensor) -> Tensor:
         return kernels.linear_int8(x, self._gemm_codes(), self.scale, self.bias, self.qconfig, weight_first=True)
+
+    @register_kernel("int8_tiled")
+    def _k_int8_tiled(self, x: Tensor) -> Tensor:
+        # the bound call of `kernels.linear_tiled_bound` (it holds the tiled copy of the codes), kept while the
+        # codes, scales and bias are the same objects, as `_k_int8_gemv`'s
+        codes, scale, bias = self._buffers["ternq_codes"], self._buffers["scale"], self._parameters.get("bias")
+        bound = self.__dict__.get("_tiled")
+        if bound is None or bound[0] is not codes or bound[1] is not scale or bound[2] is not bias:
+            run = kernels.linear_tiled_bound(self._layout_codes(), scale, bias, self.qconfig)
+            bound = self.__dict__["_tiled"] = (codes, scale, bias, run)
+        return bound[3](x)
 
 
 class _PackedConv1dBase(PackedLayer):
@@ -769,6 +786,7 @@ def packed_layer(float_module: nn.Module, codes: Tensor, scale: Tensor, config: 
     layer.__dict__.pop("_geometry_key", None)  # re-packing: the storage may change
     layer.__dict__.pop("_memo", None)
     layer.__dict__.pop("_gemv", None)
+    layer.__dict__.pop("_tiled", None)
     layer.__dict__.pop("_conv_geom", None)
     layer.__dict__.pop("qconfig", None)
     layer._init_packed(codes.to(torch.int8), scale, config, spec, kernel, storage, float_dtype)

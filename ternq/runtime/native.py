@@ -51,7 +51,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["NATIVE_ENV", "ARCH_ENV", "CACHE_ENV", "BUILD_TIMEOUT_ENV", "available", "status", "build", "library",
-           "cpu_flags", "vnni", "num_threads", "packed_isa", "PACKED_ISAS"]
+           "cpu_flags", "vnni", "num_threads", "packed_isa", "PACKED_ISAS", "gemm_isa", "GEMM_ISAS"]
 
 NATIVE_ENV = "TERNQ_NATIVE"
 ARCH_ENV = "TERNQ_NATIVE_ARCH"
@@ -62,9 +62,9 @@ _ON = ("1", "true", "yes", "on")
 _OFF = ("0", "false", "no", "off")
 _STALE_TEMP_S = 3600  # temporary files of builds killed without cleanup (SIGKILL, power loss) older than this go
 _SOURCE = Path(__file__).parent / "csrc" / "ternq_kernels.c"
-# one library from these translation units (ternq_packed.c: the kernels on 2-bit rows, storage="packed"), which
-# share ternq_internal.h (tq_parallel_for)
-_SOURCES = (_SOURCE, _SOURCE.with_name("ternq_packed.c"))
+# one library from these translation units (ternq_packed.c: the kernels on 2-bit rows, storage="packed"; ternq_gemm.c:
+# Linear on many tokens), which share ternq_internal.h (tq_parallel_for)
+_SOURCES = (_SOURCE, _SOURCE.with_name("ternq_packed.c"), _SOURCE.with_name("ternq_gemm.c"))
 _INTERNAL = _SOURCE.with_name("ternq_internal.h")
 _HEADER = _SOURCE.with_suffix(".h")  # the ABI number and the prototypes: `_interface` checks the binding against it
 _FLAGS = ("-O3", "-std=c99", "-shared", "-fPIC", "-ffp-contract=off", "-fno-math-errno")
@@ -94,12 +94,15 @@ _SIGNATURES: dict[str, tuple[object, ...]] = {
     "tq_quantize_grouped": (_P, _I, _I, _I, _F, _C, _F, _C, _C, _P, _I, _I, _I, _I, _P),
     "tq_conv1d_grouped": (_P, _I, _I, _P, _P, _C, _I, _I, _I, _I, _I, _P, _P, _I, _P, _P, _I),
     "tq_conv_transpose1d_grouped": (_P, _I, _I, _P, _P, _C, _I, _I, _I, _I, _I, _P, _P, _I, _P, _P, _I),
+    "tq_gemm_pack": (_P, _I, _I, _P, _P),
+    "tq_linear_gemm": (_P, _I, _I, _C, _F, _C, _I, _P, _P, _I, _P, _C, _P, _P),
+    "tq_gemm_isa": (_C,),
     "tq_set_openmp": (_P, _P),
     "tq_num_threads": (),
     "tq_set_min_work": (_I,),
 }
-_RETURNS_INT = ("tq_quantize_grouped", "tq_conv_transpose1d_grouped", "tq_linear_rows", "tq_row_sums", "tq_num_threads", "tq_linear_2bit",
-                "tq_packed_isa")
+_RETURNS_INT = ("tq_quantize_grouped", "tq_conv_transpose1d_grouped", "tq_linear_rows", "tq_row_sums", "tq_num_threads",
+                "tq_linear_2bit", "tq_packed_isa", "tq_linear_gemm", "tq_gemm_isa")
 _C_TYPES = {"int64_t": _I, "int": _C, "float": _F}  # and every pointer: _P
 
 
@@ -531,6 +534,21 @@ def packed_isa() -> str | None:
     return isa  # type: ignore[return-value]
 
 
+GEMM_ISAS = ("portable", "avx512_vnni", "amx")
+
+
+def gemm_isa(cap: str | None = None) -> str | None:
+    """The inner loop of the tiled GEMM (``int8_tiled``, csrc/ternq_gemm.c) in this build and process, one of
+    `GEMM_ISAS` (AMX needs the OS's grant, asked once); None without the native kernels. `cap` limits it to that
+    loop or a simpler one from now on, for every caller in the process (tests run each loop the build has)."""
+    lib = library()
+    if lib is None:
+        return None
+    if cap is not None and cap not in GEMM_ISAS:
+        raise ValueError(f"gemm_isa(cap={cap!r}): expected one of {GEMM_ISAS}")
+    return GEMM_ISAS[lib.tq_gemm_isa(-1 if cap is None else GEMM_ISAS.index(cap))]
+
+
 def available() -> bool:
     """Whether the native kernels are in use in this process."""
     return library() is not None
@@ -668,6 +686,53 @@ def linear_rows_bound(norm: str | None, eps: float, bits: int, w: Tensor, wsum: 
         return y
 
     call.keep = keep  # type: ignore[attr-defined]
+    return call
+
+
+def gemm_pack(w: Tensor) -> tuple[Tensor, Tensor]:
+    """The codes w (N, K) int8 packed for `linear_gemm_bound` (csrc/ternq_gemm.c: blocks of 16 output channels,
+    K padded to 64; about N x K bytes) and their row sums (int32, N padded to 16)."""
+    lib = library()
+    assert lib is not None
+    w = w.contiguous()
+    n, k = w.shape
+    np_, kp = -(-n // 16) * 16, -(-k // 64) * 64
+    wp = torch.empty(np_ * kp, dtype=torch.int8)
+    wsum = torch.empty(np_, dtype=torch.int32)
+    lib.tq_gemm_pack(w.data_ptr(), n, k, wp.data_ptr(), wsum.data_ptr())
+    return wp, wsum
+
+
+def linear_gemm_bound(norm: str | None, eps: float, bits: int, w: Tensor, wscale: Tensor, per_channel: bool,
+                      bias: Tensor | None) -> Callable[[Tensor, int], Tensor]:
+    """A Linear on many rows in one native call with the layer's codes w (N, K) int8 packed once here
+    (`gemm_pack`): ``call(x, rows_per_sample)`` quantizes x (R, K) float32, multiplies and rescales (+ bias); the
+    output equals `linear_rows`' (and the ``int8_gemm`` kernel's) bit for bit. The returned function holds the
+    packed copy and the tensors it was given (their memory is what it passes): bind again when they change."""
+    lib = library()
+    assert lib is not None
+    for name, t in (("wscale", wscale), ("bias", bias)):
+        if t is not None and not t.is_contiguous():
+            raise ValueError(f"linear_gemm_bound: {name} must be contiguous")
+    n, k = w.shape
+    wp, wsum = gemm_pack(w)
+    fn, norm_id, wp_ptr, sum_ptr = lib.tq_linear_gemm, _NORMS[norm], wp.data_ptr(), wsum.data_ptr()
+    scale_ptr, channel, bias_ptr = wscale.data_ptr(), int(per_channel), _ptr(bias)
+    f32 = torch.float32
+
+    def call(x: Tensor, rows_per_sample: int) -> Tensor:
+        r, kx = x.shape
+        if kx != k or x.dtype != f32 or not x.is_contiguous():
+            raise ValueError(f"linear_gemm: x {tuple(x.shape)} {x.dtype} does not fit the weight {tuple(w.shape)}")
+        if not _THREAD.__dict__.get("seen"):
+            library()  # this thread's first call: its thread count (`library`)
+        y = torch.empty(r, n, dtype=f32)
+        if fn(x.data_ptr(), r, k, norm_id, eps, bits, rows_per_sample, wp_ptr, sum_ptr, n, scale_ptr, channel,
+              bias_ptr, y.data_ptr()) != 0:
+            raise MemoryError("native linear_gemm: out of memory")
+        return y
+
+    call.keep = (wp, wsum, wscale, bias)  # type: ignore[attr-defined]
     return call
 
 

@@ -7,7 +7,11 @@ the kernel a warm call runs (CHANGELOG.md: what timing cost). The rules encode w
   ``weight_only`` (which rebuilds the float weight every call) on every measured shape, with and without VNNI;
 * Linear, a few rows: ``int8_gemv`` (the native GEMV reads the weight once; 3-5x faster than ``torch._int_mm``
   at 1-2 rows with VNNI, about fp32's speed at 1 row without it); up to `GEMM_T_ROWS` rows ``int8_gemm_t``
-  (the weight as the GEMM's left operand, which oneDNN does not re-layout per call); beyond, ``int8_gemm``.
+  (the weight as the GEMM's left operand, which oneDNN does not re-layout per call); beyond, ``int8_gemm``;
+* Linear, from `TILED_MIN_ROWS` rows, where the native build runs AMX tiles or AVX-512 VNNI: ``int8_tiled`` (one
+  native call on a weight packed once into the GEMM's tiles; with AMX 1.6-2.6x ``int8_gemm_t`` at 16-256 rows and
+  1.3x the GEMV at 4; the VNNI loop 1.0-1.7x the faster of ``int8_gemm`` / ``int8_gemm_t`` on oneDNN's VNNI
+  kernels). Its portable loop (an AVX2-only or generic build) is slower than ``_int_mm``: not chosen there.
 
 `choose` is a pure function of its arguments, so a test can pin each rule.
 
@@ -24,13 +28,16 @@ from functools import cache
 
 from . import native
 
-__all__ = ["KERNEL_ENV", "KERNEL_POLICIES", "GEMM_T_ROWS", "PACKED_MIN_WEIGHTS", "gemv_rows", "choose", "pick",
-           "choose_storage"]
+__all__ = ["KERNEL_ENV", "KERNEL_POLICIES", "GEMM_T_ROWS", "PACKED_MIN_WEIGHTS", "TILED_MIN_ROWS", "gemv_rows", "choose",
+           "pick", "choose_storage"]
 
 KERNEL_ENV = "TERNQ_KERNEL"
 WEIGHT_ONLY = "weight_only"
 KERNEL_POLICIES = ("auto", WEIGHT_ONLY, "int8")  # what load_packed(kernel=) and $TERNQ_KERNEL accept
 GEMM_T_ROWS = 64  # int8_gemm_t up to this many rows, int8_gemm beyond (1 thread, docs/benchmarks.md)
+# int8_tiled from this many rows on, per `ternq.native.gemm_isa` loop (1024 x 1024, 1 thread): AMX ties the GEMV
+# at 2 rows and is 1.3x faster at 4; the AVX-512 VNNI loop ties it at 4. Not the portable loop (slower than _int_mm).
+TILED_MIN_ROWS = {"amx": 4, "avx512_vnni": 5}
 PACKED_MIN_WEIGHTS = 1 << 20  # storage="auto": 2-bit rows from this many codes on (1024 x 1024: as fast as int8)
 
 
@@ -45,14 +52,18 @@ def gemv_rows(vnni: bool | None = None) -> int:
     return 4 if (_vnni(os.environ.get(native.ARCH_ENV)) if vnni is None else vnni) else 1
 
 
-def choose(applicable: tuple[str, ...], rows: int, vnni: bool | None = None) -> str:
+def choose(applicable: tuple[str, ...], rows: int, vnni: bool | None = None, tiled: str | None = None) -> str:
     """The kernel for a call from the kernels that can compute it (`applicable`, in the layer's preference
-    order, ``weight_only`` last) and its row count (tokens for a Linear; unused by the other layers)."""
+    order, ``weight_only`` last), its row count (tokens for a Linear; unused by the other layers) and the tiled
+    GEMM's loop in this build (`tiled`, `ternq.native.gemm_isa`)."""
     integer = [k for k in applicable if k != WEIGHT_ONLY]
     if not integer:
         return WEIGHT_ONLY
+    if "int8_tiled" in integer and tiled in TILED_MIN_ROWS and rows >= TILED_MIN_ROWS[tiled]:
+        return "int8_tiled"
     if "int8_gemv" in integer and rows <= gemv_rows(vnni):
         return "int8_gemv"
+    integer = [k for k in integer if k != "int8_tiled"]
     if "int8_gemm_t" in integer and "int8_gemm" in integer:
         return "int8_gemm_t" if rows <= GEMM_T_ROWS else "int8_gemm"
     return integer[0]
@@ -79,7 +90,7 @@ def pick(applicable: tuple[str, ...], rows: int, *, forced: str | None = None, p
     integer = [k for k in applicable if k != WEIGHT_ONLY]
     if env == "int8" and integer:
         return integer[0]
-    return choose(applicable, rows)
+    return choose(applicable, rows, tiled=native.gemm_isa() if "int8_tiled" in applicable else None)
 
 
 def choose_storage(linear: bool, bits: int, weights: int, isa: str | None) -> str:

@@ -387,6 +387,52 @@ void tq_quantize_rows(const float *x, int64_t R, int64_t C, int norm, float eps,
     tq_parallel_for((R + rows_per_sample - 1) / rows_per_sample, 1, 4 * R * C, quantize_samples, &j);
 }
 
+#if defined(__AVX512F__)
+/* The lane loop of quantize_samples' absmax in registers, the same operations per lane in the same order (the
+ * compiler kept `lanes` and `nan` on the stack, reloading them every step: 45% of the quantizer's time). */
+static void absmax_lanes_avx512(const float *row, int64_t c16, int norm, float a, float b, float *lanes,
+                                float *nan) {
+    const __m512 va = _mm512_set1_ps(a), vb = _mm512_set1_ps(b);
+    __m512 m = _mm512_loadu_ps(lanes), sum = _mm512_loadu_ps(nan);
+    for (int64_t c0 = 0; c0 < c16; c0 += 16) {
+        __m512 v = _mm512_loadu_ps(row + c0);
+        if (norm == 1) v = _mm512_add_ps(_mm512_mul_ps(v, va), vb);
+        else if (norm == 2) v = _mm512_mul_ps(v, va);
+        v = _mm512_abs_ps(v);
+        m = _mm512_max_ps(v, m); /* v > m ? v : m, as the scalar loop: a NaN v keeps m, the sum catches it */
+        sum = _mm512_add_ps(sum, v);
+    }
+    _mm512_storeu_ps(lanes, m);
+    _mm512_storeu_ps(nan, sum);
+}
+
+/* dst[0:C) = tq_code(rintf(v / scale)) of the (normalized) row, 16 at a time; returns how many it wrote (C rounded
+ * down to 16). A division is 4x the cost of a multiply, so t = v * (1 / scale) first: it is within 2^-16 of v / scale
+ * (|v / scale| <= 128, two roundings of 2^-24), so both round to the same integer unless v / scale lies within
+ * 2^-16 of a half-integer, where rint's result changes; a vector with a lane within 2^-14 of one (and only those,
+ * rare) is divided. NaN lanes stay NaN (no compare is true for them), as with the division. */
+static int64_t round_row_avx512(const float *row, int64_t C, int norm, float a, float b, float scale, float qmax,
+                                int8_t *dst) {
+    const __m512 va = _mm512_set1_ps(a), vb = _mm512_set1_ps(b), vs = _mm512_set1_ps(scale);
+    const __m512 vr = _mm512_set1_ps(1.f / scale), half = _mm512_set1_ps(0.5f), near = _mm512_set1_ps(0x1p-14f);
+    const __m512 hi = _mm512_set1_ps(qmax), lo = _mm512_set1_ps(-qmax - 1.f);
+    const int64_t C16 = C / 16 * 16;
+    for (int64_t c = 0; c < C16; c += 16) {
+        __m512 v = _mm512_loadu_ps(row + c);
+        if (norm == 1) v = _mm512_add_ps(_mm512_mul_ps(v, va), vb);
+        else if (norm == 2) v = _mm512_mul_ps(v, va);
+        __m512 t = _mm512_mul_ps(v, vr);
+        const __m512 frac = _mm512_sub_ps(t, _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC));
+        const __mmask16 tie = _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_sub_ps(frac, half)), near, _CMP_LT_OQ);
+        if (tie) t = _mm512_mask_div_ps(t, tie, v, vs);
+        t = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        t = _mm512_max_ps(_mm512_min_ps(t, hi), lo); /* tq_code: min returns hi for a NaN t */
+        _mm_storeu_si128((__m128i *)(dst + c), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(t)));
+    }
+    return C16;
+}
+#endif
+
 static void quantize_samples(void *arg, int64_t u0, int64_t u1) {
     const struct rows_job *j = (const struct rows_job *)arg;
     const float *x = j->x;
@@ -414,6 +460,9 @@ static void quantize_samples(void *arg, int64_t u0, int64_t u1) {
                 }
                 float lanes[16] = {0.f}, nan[16] = {0.f}; /* nan: see TQ_MAX */
                 int64_t c16 = C / 16 * 16;
+#if defined(__AVX512F__)
+                absmax_lanes_avx512(row, c16, norm, a, b, lanes, nan);
+#else
                 for (int64_t c0 = 0; c0 < c16; c0 += 16) {
                     for (int i = 0; i < 16; ++i) {
                         float v = norm == 1 ? row[c0 + i] * a + b : norm == 2 ? row[c0 + i] * a : row[c0 + i];
@@ -422,6 +471,7 @@ static void quantize_samples(void *arg, int64_t u0, int64_t u1) {
                         nan[i] += v;
                     }
                 }
+#endif
                 for (int64_t c = c16; c < C; ++c) {
                     float v = fabsf(norm == 1 ? row[c] * a + b : norm == 2 ? row[c] * a : row[c]);
                     lanes[0] = TQ_MAX(v, lanes[0]);
@@ -436,7 +486,11 @@ static void quantize_samples(void *arg, int64_t u0, int64_t u1) {
                 float scale = rows_per_sample > 1 ? sample_max : (amax < eps ? eps : amax) / qmax;
                 s[r] = scale;
                 int8_t *dst = q + r * C;
-                for (int64_t c = 0; c < C; ++c) {
+                int64_t c = 0;
+#if defined(__AVX512F__)
+                c = round_row_avx512(row, C, norm, a, b, scale, qmax, dst);
+#endif
+                for (; c < C; ++c) {
                     float v = norm == 1 ? row[c] * a + b : norm == 2 ? row[c] * a : row[c];
                     dst[c] = (int8_t)tq_code(rintf(v / scale), qmax);
                 }

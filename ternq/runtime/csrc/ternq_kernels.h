@@ -1,4 +1,4 @@
-/* The interface of ternq_kernels.c and ternq_packed.c: the functions ternq/runtime/native.py binds with ctypes.
+/* The interface of ternq_kernels.c, ternq_packed.c and ternq_gemm.c: the functions ternq/runtime/native.py binds with ctypes.
  *
  * native.py reads this file: the ABI number below is the one the library must report (tq_abi_version), and each
  * prototype must match the ctypes signature native.py declares for it, or loading raises (a mismatched ctypes
@@ -10,7 +10,7 @@
 
 #include <stdint.h>
 
-#define TQ_ABI_VERSION 8
+#define TQ_ABI_VERSION 9
 
 void tq_quantize_channels(const float *x, int64_t B, int64_t C, int64_t T, int norm, float eps, int bits, int
     per_sample, int8_t *q, int64_t ldq, float *s, int64_t lds, int64_t off);
@@ -64,6 +64,18 @@ int tq_linear_2bit(const float *x, int64_t R, int64_t K, int norm, float eps, in
 void tq_unpack_2bit(const uint8_t *w2, int64_t K, int64_t r0, int64_t r1, int8_t *out);
 
 int tq_packed_isa(void);
+
+/* ternq_gemm.c: Linear on many tokens (int8 GEMM on a weight packed once, tq_gemm_pack) */
+
+void tq_gemm_pack(const int8_t *w, int64_t N, int64_t K, int8_t *wp, int32_t *wsum);
+
+int tq_linear_gemm(const float *x, int64_t R, int64_t K, int norm, float eps, int bits, int64_t rows_per_sample,
+    const int8_t *wp, const int32_t *wsum, int64_t N, const float *wscale, int per_channel, const float *bias,
+    float *y);
+
+/* the inner loop tq_linear_gemm runs (0 portable, 1 AVX-512 VNNI, 2 AMX), after capping it at `cap` (< 0: no
+ * change; tests run each loop this build has) */
+int tq_gemm_isa(int cap);
 
 int tq_abi_version(void);
 
