@@ -190,7 +190,8 @@ def quantize_input(x: Tensor, config: QuantConfig, dim: int, batched_dims: int |
     if batched_dims is not None and x.dim() == batched_dims - 1:
         return quantize_input(x.unsqueeze(0), config, dim, batched_dims).squeeze(0)
     if config.input_norm is not None and x.requires_grad and torch.is_grad_enabled() and x.dim() >= 1 \
-            and not torch.jit.is_tracing() and not torch.compiler.is_compiling():
+            and not torch.jit.is_tracing() and not torch.compiler.is_compiling() \
+            and not torch.is_autocast_enabled(x.device.type):  # (autocast runs F.layer_norm in float32)
         act_dims = None if config.act_bits is None else _act_dims(x, dim, config.act_granularity)
         return _NormQuantize.apply(x, config.input_norm, dim, config.eps, config.act_bits, act_dims)
     x = normalize_input(x, config.input_norm, dim, config.eps)
@@ -300,7 +301,9 @@ class _NormQuantize(torch.autograd.Function):
         ctx.native = kind == "layernorm" and ctx.dim == x.dim() - 1
         if ctx.native:
             n = x.shape[-1]
-            y, mean, rstd = torch.native_layer_norm(x, (n,), x.new_ones(n), x.new_zeros(n), eps)
+            unit = x.device.type == "cpu"  # the CPU kernel's vectorized path (see above); elsewhere F.layer_norm's call
+            y, mean, rstd = torch.native_layer_norm(x, (n,), x.new_ones(n) if unit else None,
+                                                    x.new_zeros(n) if unit else None, eps)
         elif kind == "layernorm":
             mean = x.mean(dim=dim, keepdim=True)
             centered = x - mean
