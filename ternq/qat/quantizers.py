@@ -115,9 +115,21 @@ def quantize_weight(w: Tensor, config: QuantConfig, out_dim: int = 0) -> tuple[T
     return _unrows(codes, w.shape, out_dim).to(torch.int8), scale
 
 
+def _in_layout(scale: Tensor, ndim: int, config: QuantConfig, out_dim: int) -> Tensor:
+    """A per-tensor or per-channel scale shaped to broadcast over the weight's own layout (not the rows')."""
+    shape = [1] * ndim
+    if config.granularity == "channel" and ndim > 1:
+        shape[out_dim] = -1
+    return scale.reshape(shape)
+
+
 def dequantize_weight(codes: Tensor, scale: Tensor, config: QuantConfig, out_dim: int = 0,
                       dtype: torch.dtype = torch.float32) -> Tensor:
-    """codes * scale, in the weight's layout."""
+    """codes * scale, in the weight's layout: contiguous for per-tensor and per-channel scales, as the weight a
+    QAT layer computes with (`fake_quantize_weight`), so that a convolution on either takes the same path."""
+    if config.granularity != "group":
+        w = codes.to(dtype, memory_format=torch.contiguous_format)
+        return w * _in_layout(scale.to(dtype), codes.dim(), config, out_dim)  # not in place: w may be codes
     rows = _rows(codes.to(dtype), out_dim)
     return _unrows(rows * _expand(scale.to(dtype), rows.shape, config), codes.shape, out_dim)
 
@@ -156,11 +168,7 @@ class _WeightSTE(torch.autograd.Function):
                 # reshapes (a small layer's step is mostly per-op overhead)
                 scale = config.scale_of(w32.abs(), tuple(range(w.dim())))
             else:
-                scale = weight_scale(w, config, out_dim)
-                shape = [1] * w.dim()
-                if config.granularity == "channel" and w.dim() > 1:
-                    shape[out_dim] = -1
-                scale = scale.reshape(shape)
+                scale = _in_layout(weight_scale(w, config, out_dim), w.dim(), config, out_dim)
         ratio = rows32 / scale  # a new tensor: rounded in place below
         ctx.clipped = config.ste == "clipped"
         if ctx.clipped:
