@@ -1,6 +1,7 @@
 """QAT training-step time against fp32: a GPT-2-like decoder and a HiFi-GAN-like conv stack.
 
     python benchmarks/bench_qat_step.py                # ~1 min on 2 cores; --threads N, --steps N
+    python benchmarks/bench_qat_step.py --breakdown    # also the step with weights only and without the input norm
     PYTHONPATH=/path/to/other/ternq python benchmarks/bench_qat_step.py   # the same figures for another ternq
 
 One AdamW step (forward, backward, optimizer) on a fixed batch, best of --repeats rounds of --steps steps, fp32
@@ -95,22 +96,33 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--steps", type=int, default=10, help="steps per round (default 10)")
     ap.add_argument("--repeats", type=int, default=5, help="rounds; the best is reported (default 5)")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also time ternary weights alone (act_bits=None, input_norm=None) and with 8-bit "
+                         "activations but no input norm (input_norm=None): where the QAT step's extra time goes")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(machine_line())
     print(f"ternq from {os.path.dirname(ternq.__file__)}")
-    print("| model | fp32 ms/step | ternary QAT ms/step | QAT / fp32 |\n|---|---:|---:|---:|")
+    configs = {"qat": None}
+    if args.breakdown:
+        configs = {"weights only": ternq.TernaryConfig(act_bits=None, input_norm=None),
+                   "+ activations": ternq.TernaryConfig(input_norm=None), "qat": None}
+    extra = "".join(f" {key} ms/step | / fp32 |" for key in configs if key != "qat")
+    print(f"| model | fp32 ms/step |{extra} ternary QAT ms/step | QAT / fp32 |")
+    print("|---|---:|" + "---:|---:|" * len(configs))
     for name in ("char-GPT", "conv stack"):
         make, loss_fn = _task(name)
         torch.manual_seed(0)
-        fp32 = make()
-        torch.manual_seed(0)
-        qat = ternq.quantize(make())
-        best = {"fp32": float("inf"), "qat": float("inf")}
-        for _ in range(args.repeats):  # alternate, so that a busy moment costs both
-            for key, model in (("fp32", fp32), ("qat", qat)):
+        models = {"fp32": make()}
+        for key, config in configs.items():
+            torch.manual_seed(0)
+            models[key] = ternq.quantize(make(), config=config)
+        best = dict.fromkeys(models, float("inf"))
+        for _ in range(args.repeats):  # alternate, so that a busy moment costs all
+            for key, model in models.items():
                 best[key] = min(best[key], _step_ms(model, loss_fn, args.steps))
-        print(f"| {name} | {best['fp32']:.1f} | {best['qat']:.1f} | {best['qat'] / best['fp32']:.2f}x |")
+        cells = "".join(f" {best[key]:.1f} | {best[key] / best['fp32']:.2f}x |" for key in configs)
+        print(f"| {name} | {best['fp32']:.1f} |{cells}")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from ternq.qat.quantizers import (
     fake_quantize_activation,
     fake_quantize_weight,
     normalize_input,
+    quantize_input,
     quantize_weight,
     weight_scale,
 )
@@ -453,3 +454,103 @@ def test_fused_activation_quantizer_on_a_large_input(dtype: torch.dtype, granula
     torch.testing.assert_close(fused, chain, rtol=0, atol=0)
     if granularity == "token" and dtype == torch.float32:  # the clip skipped: codes still within +-127
         assert torch.equal((fused / s).round().abs().amax(-1), torch.full((4, 65), 127.0, dtype=dtype))
+
+
+# --- input norm and activation quantization in one node (issue 19) ---------------------------------------------
+
+
+def one_node(out: torch.Tensor, leaf: torch.Tensor) -> bool:
+    """Whether `out` is one autograd node away from `leaf`."""
+    (inner, _), *rest = out.grad_fn.next_functions
+    return getattr(inner, "variable", None) is leaf and all(f is None for f, _ in rest)
+
+
+@st.composite
+def layer_inputs(draw: st.DrawFn) -> tuple[torch.Tensor, int]:
+    """A float32 layer input (2-4 dims, sides 1-9: one row, odd sizes) and its feature dim (-1 or 1)."""
+    shape = draw(hnp.array_shapes(min_dims=2, max_dims=4, min_side=1, max_side=9))
+    values = draw(hnp.arrays(np.float32, shape, elements=st.floats(-50, 50, width=32, allow_subnormal=False)))
+    offset = draw(st.sampled_from([0.0, 3.0, -1000.0]))  # a large mean: the backward must not cancel
+    return torch.from_numpy(values) + offset, draw(st.sampled_from([-1, 1]))
+
+
+def reference_input(x: torch.Tensor, config: QuantConfig, dim: int) -> torch.Tensor:
+    """The input quantization as plain autograd ops: the norm's graph, then the straight-through quantizer."""
+    y = normalize_input(x, config.input_norm, dim, config.eps)
+    if config.act_bits is None:
+        return y
+    return fake_quantize_activation(y, config.act_bits, dim, config.eps, config.act_granularity)
+
+
+@settings(max_examples=60, deadline=None)
+@given(layer_inputs(), st.sampled_from(["layernorm", "rmsnorm"]), st.sampled_from([8, 4, None]),
+       st.sampled_from(["token", "tensor"]), st.sampled_from([torch.float32, torch.bfloat16]),
+       st.integers(0, 2**31 - 1))
+def test_fused_input_quantizer_equals_the_op_chain(xd: tuple[torch.Tensor, int], norm: str, bits: int | None,
+                                                   granularity: str, dtype: torch.dtype, seed: int) -> None:
+    """Under autograd the norm and the activation quantizer are one node (`_NormQuantize`): its value is the op
+    chain's bit for bit (and the no-grad path's, which the packed runtime shares), its gradient the chain's to
+    float rounding."""
+    x, dim = xd
+    x = x.to(dtype)
+    config = TernaryConfig(input_norm=norm, act_bits=bits, act_granularity=granularity)
+    upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    fused_leaf, chain_leaf = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    fused = quantize_input(fused_leaf, config, dim)
+    chain = reference_input(chain_leaf, config, dim)
+    assert one_node(fused, fused_leaf), fused.grad_fn
+    with torch.no_grad():
+        plain = quantize_input(x, config, dim)
+    torch.testing.assert_close(fused.detach(), chain.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(fused.detach(), plain, rtol=0, atol=0)
+    (fused * upstream).sum().backward()
+    (chain * upstream).sum().backward()
+    scale = chain_leaf.grad.abs().amax().item() + 1.0
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bfloat16: 8 mantissa bits, either way of summing
+    torch.testing.assert_close(fused_leaf.grad, chain_leaf.grad, rtol=10 * tol, atol=tol * scale)
+
+
+@pytest.mark.parametrize("dim", [-1, 1])
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+def test_fused_input_quantizer_passes_nan_and_inf(norm: str, dim: int) -> None:
+    """A NaN or an Inf in a token makes that token's value NaN, as the op chain; the other tokens are untouched."""
+    x = torch.randn(3, 6, 5, generator=torch.Generator().manual_seed(1))
+    x[0, 2, 1], x[2, 4, 3] = float("nan"), float("inf")
+    config = TernaryConfig(input_norm=norm)
+    leaf = x.clone().requires_grad_(True)
+    fused = quantize_input(leaf, config, dim)
+    assert one_node(fused, leaf)
+    torch.testing.assert_close(fused.detach(), reference_input(x, config, dim), rtol=0, atol=0, equal_nan=True)
+    assert fused.isnan().any() and fused.isfinite().any()
+    fused.sum().backward()
+    assert leaf.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("dim", [-1, 1])
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+def test_fused_input_quantizer_second_derivative(norm: str, dim: int) -> None:
+    """With create_graph the fused node's gradient is itself differentiable, and equals the op chain's (a gradient
+    penalty through a QAT layer stays right)."""
+    x = torch.randn(2, 5, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    config = TernaryConfig(input_norm=norm)
+    grads = []
+    for fn in (quantize_input, reference_input):
+        leaf = x.clone().requires_grad_(True)
+        out = fn(leaf, config, dim)
+        assert one_node(out, leaf) == (fn is quantize_input)
+        (g,) = torch.autograd.grad((out * out.detach()).sum(), leaf, create_graph=True)
+        (gg,) = torch.autograd.grad(g.square().sum(), leaf)
+        grads.append((g.detach(), gg))
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+def test_transposed_conv_weight_reads_contiguous(granularity: str) -> None:
+    """A ConvTranspose weight (outputs on dim 1) quantized per tensor or per channel is computed in its own layout:
+    contiguous, so that the convolution does not copy it back from the row layout (forward and backward), and the
+    same values as the hard quantization."""
+    layer = ternq.quantize(torch.nn.Sequential(torch.nn.ConvTranspose1d(6, 4, 5)),
+                           config=TernaryConfig(granularity=granularity))[0]
+    w, hard = layer.weight, layer.hard_weight()
+    assert w.is_contiguous() and hard.is_contiguous()  # the packed runtime's weight_only computes with the latter
+    torch.testing.assert_close(w.detach(), hard, rtol=0, atol=0)

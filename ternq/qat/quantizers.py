@@ -115,9 +115,21 @@ def quantize_weight(w: Tensor, config: QuantConfig, out_dim: int = 0) -> tuple[T
     return _unrows(codes, w.shape, out_dim).to(torch.int8), scale
 
 
+def _in_layout(scale: Tensor, ndim: int, config: QuantConfig, out_dim: int) -> Tensor:
+    """A per-tensor or per-channel scale shaped to broadcast over the weight's own layout (not the rows')."""
+    shape = [1] * ndim
+    if config.granularity == "channel" and ndim > 1:
+        shape[out_dim] = -1
+    return scale.reshape(shape)
+
+
 def dequantize_weight(codes: Tensor, scale: Tensor, config: QuantConfig, out_dim: int = 0,
                       dtype: torch.dtype = torch.float32) -> Tensor:
-    """codes * scale, in the weight's layout."""
+    """codes * scale, in the weight's layout: contiguous for per-tensor and per-channel scales, as the weight a
+    QAT layer computes with (`fake_quantize_weight`), so that a convolution on either takes the same path."""
+    if config.granularity != "group":
+        w = codes.to(dtype, memory_format=torch.contiguous_format)
+        return w * _in_layout(scale.to(dtype), codes.dim(), config, out_dim)  # not in place: w may be codes
     rows = _rows(codes.to(dtype), out_dim)
     return _unrows(rows * _expand(scale.to(dtype), rows.shape, config), codes.shape, out_dim)
 
@@ -142,27 +154,34 @@ class _WeightSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, w: Tensor, config: QuantConfig, out_dim: int) -> Tensor:
         w32 = w.float()
-        if config.granularity == "tensor" and (out_dim == 0 or w.dim() <= 1) and w32.is_contiguous():
-            # one scale over a contiguous weight whose rows are a view: the same reduction in the same order as
-            # the row layout's, without its reshapes (a small layer's step is mostly per-op overhead)
-            rows32 = w32
-            scale_rows = config.scale_of(w32.abs(), tuple(range(w.dim())))
-        else:
+        ctx.rows = config.granularity == "group"
+        if ctx.rows:
             rows32 = _rows(w32, out_dim)
-            scale_rows = _expand(weight_scale(w, config, out_dim), rows32.shape, config)
-        ratio = rows32 / scale_rows  # a new tensor: rounded in place below
+            scale = _expand(weight_scale(w, config, out_dim), rows32.shape, config)
+        else:
+            # one scale per tensor or per output channel broadcasts over the weight's own layout: the value is
+            # computed where it is read, contiguous (a ConvTranspose weight's rows are a permuted copy, which
+            # the convolution would copy back, forward and backward), each element from the same two numbers
+            rows32 = w32
+            if config.granularity == "tensor" and (out_dim == 0 or w.dim() <= 1) and w32.is_contiguous():
+                # the rows are a view: the same reduction in the same order as `weight_scale`'s, without its
+                # reshapes (a small layer's step is mostly per-op overhead)
+                scale = config.scale_of(w32.abs(), tuple(range(w.dim())))
+            else:
+                scale = _in_layout(weight_scale(w, config, out_dim), w.dim(), config, out_dim)
+        ratio = rows32 / scale  # a new tensor: rounded in place below
         ctx.clipped = config.ste == "clipped"
         if ctx.clipped:
             ctx.shape, ctx.out_dim = w.shape, out_dim
             ctx.save_for_backward(ratio.abs() <= config.qmax + 0.5)
-        wq = ratio.round_().clamp_(-config.qmax, config.qmax).mul_(scale_rows).to(w.dtype)
-        return wq if rows32 is w32 else _unrows(wq, w.shape, out_dim)
+        wq = ratio.round_().clamp_(-config.qmax, config.qmax).mul_(scale).to(w.dtype)
+        return _unrows(wq, w.shape, out_dim) if ctx.rows else wq
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
         if ctx.clipped:
             (inside,) = ctx.saved_tensors
-            grad = grad * _unrows(inside, ctx.shape, ctx.out_dim)
+            grad = grad * (_unrows(inside, ctx.shape, ctx.out_dim) if ctx.rows else inside)
         return grad, None, None
 
 
@@ -178,6 +197,11 @@ def quantize_input(x: Tensor, config: QuantConfig, dim: int, batched_dims: int |
         return x
     if batched_dims is not None and x.dim() == batched_dims - 1:
         return quantize_input(x.unsqueeze(0), config, dim, batched_dims).squeeze(0)
+    if config.input_norm is not None and x.requires_grad and torch.is_grad_enabled() and x.dim() >= 1 \
+            and not torch.jit.is_tracing() and not torch.compiler.is_compiling() \
+            and not torch.is_autocast_enabled(x.device.type):  # (autocast runs F.layer_norm in float32)
+        act_dims = None if config.act_bits is None else _act_dims(x, dim, config.act_granularity)
+        return _NormQuantize.apply(x, config.input_norm, dim, config.eps, config.act_bits, act_dims)
     x = normalize_input(x, config.input_norm, dim, config.eps)
     if config.act_bits is not None:
         x = fake_quantize_activation(x, config.act_bits, dim, config.eps, config.act_granularity)
@@ -245,17 +269,82 @@ class _ActivationSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, bits: int, dims: tuple[int, ...], eps: float) -> Tensor:
-        qmax = 2 ** (bits - 1) - 1
-        if x.numel() >= 1 << 15:  # max|x| = max(max x, -min x) exactly, without materializing |x|
-            s = torch.maximum(x.amax(dims, keepdim=True), x.amin(dims, keepdim=True).neg_())
-        else:
-            s = absmax(x, dims)
-        s = s.clamp_(min=eps).div_(qmax)
-        codes = torch.div(x, s).round_()
-        if x.dtype != torch.float32:  # in float32 |x / s| <= qmax * (1 + 2**-23): rounding cannot leave the range
-            codes.clamp_(-qmax - 1, qmax)
-        return codes.mul_(s)
+        return _fake_quantize(x, bits, dims, eps, inplace=False)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
         return grad, None, None, None
+
+
+def _fake_quantize(x: Tensor, bits: int, dims: tuple[int, ...], eps: float, inplace: bool) -> Tensor:
+    """``clip(round(x / s)) * s`` with the absmax scale over `dims`; `inplace` reuses x (a tensor of one's own)."""
+    qmax = 2 ** (bits - 1) - 1
+    if x.numel() >= 1 << 15:  # max|x| = max(max x, -min x) exactly, without materializing |x|
+        s = torch.maximum(x.amax(dims, keepdim=True), x.amin(dims, keepdim=True).neg_())
+    else:
+        s = absmax(x, dims)
+    s = s.clamp_(min=eps).div_(qmax)
+    codes = (x.div_(s) if inplace else torch.div(x, s)).round_()
+    if x.dtype != torch.float32:  # in float32 |x / s| <= qmax * (1 + 2**-23): rounding cannot leave the range
+        codes.clamp_(-qmax - 1, qmax)
+    return codes.mul_(s)
+
+
+class _NormQuantize(torch.autograd.Function):
+    """`normalize_input` then `fake_quantize_activation` in one node, for training: the same value, bit for bit;
+    the backward is the norm's alone (the quantizer's straight-through gradient is the identity).
+
+    Why: autograd's graph of the norm over a conv's channels is eight nodes whose backward costs ~8x its forward
+    (issue 19: most of a conv stack's QAT overhead); LayerNorm over the features of a Linear input runs torch's
+    kernel with a unit weight and zero bias, which computes ``(x - mean) * rstd`` exactly as without them but
+    vectorized (torch's CPU kernel without them is a scalar loop, ~2x slower). Saves what the unfused graph
+    saved (the input and the per-token statistics); with ``create_graph`` the backward runs the reference ops,
+    so higher derivatives stay right.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, kind: str, dim: int, eps: float, bits: int | None,
+                act_dims: tuple[int, ...] | None) -> Tensor:
+        ctx.kind, ctx.dim, ctx.eps = kind, dim % x.dim(), eps
+        ctx.native = kind == "layernorm" and ctx.dim == x.dim() - 1
+        if ctx.native:
+            n = x.shape[-1]
+            unit = x.device.type == "cpu"  # the CPU kernel's vectorized path (see above); elsewhere F.layer_norm's call
+            y, mean, rstd = torch.native_layer_norm(x, (n,), x.new_ones(n) if unit else None,
+                                                    x.new_zeros(n) if unit else None, eps)
+        elif kind == "layernorm":
+            mean = x.mean(dim=dim, keepdim=True)
+            centered = x - mean
+            rstd = torch.rsqrt(centered.square().mean(dim=dim, keepdim=True) + eps)
+            y = centered.mul_(rstd)
+        elif kind == "rmsnorm":
+            mean = None
+            rstd = torch.rsqrt(x.pow(2).mean(dim=dim, keepdim=True) + eps)
+            y = x * rstd
+        else:
+            raise ValueError(f"input_norm={kind!r}: expected 'layernorm', 'rmsnorm' or None")
+        ctx.save_for_backward(x, mean, rstd)
+        return y if bits is None or act_dims is None else _fake_quantize(y, bits, act_dims, eps, inplace=True)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, mean, rstd = ctx.saved_tensors
+        none = (None,) * 5
+        if torch.is_grad_enabled():  # create_graph: a gradient that is itself differentiable
+            with torch.enable_grad():
+                y = normalize_input(x, ctx.kind, ctx.dim, ctx.eps)
+            return torch.autograd.grad(y, x, grad, create_graph=True)[0], *none
+        if ctx.native:
+            n = x.shape[-1]
+            return torch.ops.aten.native_layer_norm_backward(
+                grad, x, (n,), mean, rstd, None, None, [True, False, False])[0], *none
+        # y = (x - mean) * r (RMSNorm: x * r): dx = r * (g - y * mean(g * y) - mean(g)), the last term for LayerNorm
+        # only; computed as r * g - (x - mean) * r**3 * mean(g * (x - mean)) - r * mean(g), from the centered input
+        # (no cancellation when |mean| >> std): two reductions and five passes, where autograd's graph takes ~15
+        dim = ctx.dim
+        centered = x if mean is None else x - mean
+        c1 = (grad * centered).mean(dim=dim, keepdim=True).mul_(rstd.pow(3))
+        gx = torch.mul(grad, rstd).addcmul_(centered, c1, value=-1)
+        if mean is not None:
+            gx.sub_(grad.mean(dim=dim, keepdim=True).mul_(rstd))
+        return gx, *none
