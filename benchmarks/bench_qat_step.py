@@ -23,41 +23,9 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _machine import machine_line  # noqa: E402
+from bench_qat import gpt_model  # noqa: E402  (the char-GPT of the peer comparison, one definition)
 
 import ternq  # noqa: E402
-
-
-class _Block(nn.Module):
-    """Pre-norm transformer block, as nanoGPT's."""
-
-    def __init__(self, d: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.fc, self.out = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        q, k, v = self.qkv(self.ln1(x)).split(d, dim=2)
-        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, d)
-        x = x + self.proj(y)
-        return x + self.out(F.gelu(self.fc(self.ln2(x))))
-
-
-class GPT(nn.Module):
-    """A 4-layer, d=128 character GPT (0.8 M parameters), the shape issue 19's comparison uses."""
-
-    def __init__(self, vocab: int = 65, d: int = 128, layers: int = 4, heads: int = 4, ctx: int = 128) -> None:
-        super().__init__()
-        self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(ctx, d)
-        self.blocks = nn.Sequential(*[_Block(d, heads) for _ in range(layers)])
-        self.ln, self.head = nn.LayerNorm(d), nn.Linear(d, vocab, bias=False)
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1]))
-        return self.head(self.ln(self.blocks(x)))
 
 
 def conv_net() -> nn.Module:
@@ -76,7 +44,7 @@ def _task(name: str) -> tuple[Callable[[], nn.Module], Callable[[nn.Module], tor
     g = torch.Generator().manual_seed(0)
     if name == "char-GPT":
         idx = torch.randint(0, 65, (16, 128), generator=g)
-        return GPT, lambda m: F.cross_entropy(m(idx[:, :-1]).flatten(0, 1), idx[:, 1:].flatten())
+        return lambda: gpt_model(65), lambda m: F.cross_entropy(m(idx[:, :-1]).flatten(0, 1), idx[:, 1:].flatten())
     mel, wav = torch.randn(4, 80, 32, generator=g), torch.randn(4, 1, 512, generator=g)
     return conv_net, lambda m: F.l1_loss(m(mel), wav)
 
