@@ -57,6 +57,7 @@ def test_2bit_rows_give_the_int8_result_bit_for_bit(arch_cache, rows: int, k: in
 @needs_native
 @settings(deadline=None, max_examples=40)
 @example(lead=(1, 1), k=2048, n=7, two_bit=True, per_sample=False, strided=False, seed=0)  # a decode step's input
+@example(lead=(0, 4), k=5, n=3, two_bit=False, per_sample=True, strided=False, seed=0)  # an empty batch, per sample
 @given(lead=st.sampled_from([(), (1,), (3,), (1, 1), (2, 3), (2, 1, 3), (0, 4)]), k=st.integers(1, 300),
        n=st.integers(1, 13), two_bit=st.booleans(), per_sample=st.booleans(), strided=st.booleans(),
        seed=st.integers(0, 2**16))
@@ -64,7 +65,8 @@ def test_bound_gemv_takes_any_rank(lead: tuple[int, ...], k: int, n: int, two_bi
                                    strided: bool, seed: int) -> None:
     """The bound GEMV a packed Linear calls per token (`kernels.linear_gemv_bound`, `native.linear_rows_bound`)
     takes x (..., K) of any rank, contiguous or not, and returns (..., N): the 2-D call's result on
-    x.reshape(-1, K), bit for bit (per token, and per sample with its rows per scale)."""
+    x.reshape(-1, K), bit for bit (per token, and per sample with its rows per scale; an empty batch per sample
+    divided by zero in a direct call before)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(*lead, k, generator=g) * 3
     if strided and x.dim() >= 2:  # same values, another memory order
