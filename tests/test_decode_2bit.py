@@ -54,6 +54,39 @@ def test_2bit_rows_give_the_int8_result_bit_for_bit(arch_cache, rows: int, k: in
             assert torch.equal(tile[: n - r0], w[r0:]), arch
 
 
+@needs_native
+@settings(deadline=None, max_examples=40)
+@example(lead=(1, 1), k=2048, n=7, two_bit=True, per_sample=False, strided=False, seed=0)  # a decode step's input
+@example(lead=(0, 4), k=5, n=3, two_bit=False, per_sample=True, strided=False, seed=0)  # an empty batch, per sample
+@given(lead=st.sampled_from([(), (1,), (3,), (1, 1), (2, 3), (2, 1, 3), (0, 4)]), k=st.integers(1, 300),
+       n=st.integers(1, 13), two_bit=st.booleans(), per_sample=st.booleans(), strided=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_bound_gemv_takes_any_rank(lead: tuple[int, ...], k: int, n: int, two_bit: bool, per_sample: bool,
+                                   strided: bool, seed: int) -> None:
+    """The bound GEMV a packed Linear calls per token (`kernels.linear_gemv_bound`, `native.linear_rows_bound`)
+    takes x (..., K) of any rank, contiguous or not, and returns (..., N): the 2-D call's result on
+    x.reshape(-1, K), bit for bit (per token, and per sample with its rows per scale; an empty batch per sample
+    divided by zero in a direct call before)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, k, generator=g) * 3
+    if strided and x.dim() >= 2:  # same values, another memory order
+        x = x.transpose(0, -1).contiguous().transpose(0, -1)
+    w = torch.randint(-1, 2, (n, k), generator=g, dtype=torch.int8)
+    wscale, bias = torch.rand(n, generator=g) + 0.5, torch.randn(n, generator=g)
+    stored = pack_rows(w, 2) if two_bit else w
+    wsum = None if two_bit else w.sum(-1, dtype=torch.int32)
+    cfg = TernaryConfig(granularity="channel", act_granularity="tensor" if per_sample else "token")
+    rows = x.reshape(-1, k).contiguous()
+    per = runtime_kernels._rows_per_scale(x, cfg)
+    ref = native.linear_rows(rows, cfg.input_norm, cfg.eps, 8, per, stored, wsum, wscale, True, bias)
+    got = runtime_kernels.linear_gemv_bound(stored, wsum, wscale, bias, cfg)(x)
+    assert got.shape == (*lead, n)
+    torch.testing.assert_close(got.reshape(-1, n), ref, rtol=0, atol=0, equal_nan=True)
+    if not per_sample:
+        direct = native.linear_rows_bound(cfg.input_norm, cfg.eps, 8, stored, wsum, wscale, True, bias)(x)
+        torch.testing.assert_close(direct, got, rtol=0, atol=0)
+
+
 def _fresh_packed(layer: nn.Linear, storage: str):
     config = TernaryConfig(granularity="channel")
     qat = to_quant_module(layer, config).eval()

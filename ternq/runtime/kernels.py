@@ -152,7 +152,7 @@ def _rows_per_scale(x: Tensor, cfg: QuantConfig) -> int:
     rows = x.numel() // max(x.shape[-1], 1)
     if cfg.act_granularity == "token":
         return 1
-    return max(1, rows // x.shape[0] if x.dim() >= 3 else rows)
+    return max(1, rows // max(x.shape[0], 1) if x.dim() >= 3 else rows)  # an empty batch: no rows
 
 
 def quantize_eager(x: Tensor, cfg: QuantConfig, dim: int) -> tuple[Tensor, Tensor]:
@@ -186,10 +186,12 @@ def linear_gemv(x: Tensor, w: Tensor, wsum: Tensor | None, scale: Tensor, bias: 
 def linear_gemv_bound(w: Tensor, wsum: Tensor | None, scale: Tensor, bias: Tensor | None,
                       cfg: QuantConfig) -> Callable[[Tensor], Tensor]:
     """`linear_gemv` with the layer's codes, sums, scales, bias and config bound once (a layer keeps it while
-    they stay the same objects): what remains per call is a reshape and the native call."""
+    they stay the same objects): per token, the native call itself (it takes any rank), nothing in between."""
     call = native.linear_rows_bound(cfg.input_norm, cfg.eps, int(cfg.act_bits),  # type: ignore[arg-type]
                                     w, wsum, scale, cfg.granularity == "channel", bias)
-    return _on_rows(call, cfg)
+    if cfg.act_granularity == "token":
+        return call
+    return lambda x: call(x, _rows_per_scale(x, cfg))
 
 
 def linear_tiled_bound(w: Tensor, scale: Tensor, bias: Tensor | None, cfg: QuantConfig) -> Callable[[Tensor], Tensor]:

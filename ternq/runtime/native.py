@@ -642,7 +642,7 @@ def gemv(x: Tensor, w: Tensor, wsum: Tensor | None) -> Tensor:
 
 def linear_rows(x: Tensor, norm: str | None, eps: float, bits: int, rows_per_sample: int, w: Tensor,
                 wsum: Tensor | None, wscale: Tensor, per_channel: bool, bias: Tensor | None) -> Tensor:
-    """float32 (R, N): a packed Linear on the rows x (R, K) float32 in one call (quantize, GEMV, rescale, bias);
+    """float32 (..., N): a packed Linear on the rows x (..., K) float32 in one call (quantize, GEMV, rescale, bias);
     w (N, K) int8 codes with wsum their row sums (int32; None: the plain signed-byte loop), or (N, ceil(K / 4))
     uint8 2-bit rows of `ternq.runtime.storage.pack_rows`, read as stored (``tq_linear_2bit``: decoded in
     registers, never unpacked to memory; wsum unused): equal bit for bit."""
@@ -651,9 +651,11 @@ def linear_rows(x: Tensor, norm: str | None, eps: float, bits: int, rows_per_sam
 
 def linear_rows_bound(norm: str | None, eps: float, bits: int, w: Tensor, wsum: Tensor | None, wscale: Tensor,
                       per_channel: bool, bias: Tensor | None) -> Callable[[Tensor, int], Tensor]:
-    """`linear_rows` with a layer's constant arguments bound once: ``call(x, rows_per_sample)``. A one-token
-    layer's call then costs the ctypes call and the output's allocation only. The returned function keeps the
-    tensors it was given alive (their memory is what it passes): bind again when the layer's tensors change."""
+    """`linear_rows` with a layer's constant arguments bound once: ``call(x, rows_per_sample=1)`` on x (..., K) of
+    any rank, the output (..., N) allocated in its final shape. A one-token layer's call then costs the ctypes
+    call and the output's allocation only (no reshape, view or wrapper per call: a decode step makes one call per
+    matrix). The returned function keeps the tensors it was given alive (their memory is what it passes): bind
+    again when the layer's tensors change."""
     lib = library()
     assert lib is not None
     two_bit = w.dtype == torch.uint8
@@ -668,13 +670,17 @@ def linear_rows_bound(norm: str | None, eps: float, bits: int, w: Tensor, wsum: 
     keep = (w, wsum, wscale, bias)  # the memory the pointers above point into
     f32 = torch.float32
 
-    def call(x: Tensor, rows_per_sample: int) -> Tensor:
-        r, kx = x.shape
-        if not (k - 4 < kx <= k if two_bit else kx == k) or x.dtype != f32 or not x.is_contiguous():
-            raise ValueError(f"linear_rows: x {tuple(x.shape)} {x.dtype} does not fit the weight {tuple(w.shape)}")
+    def call(x: Tensor, rows_per_sample: int = 1) -> Tensor:
+        shape = x.shape
+        kx = shape[-1] if shape else -1
+        if not (k - 4 < kx <= k if two_bit else kx == k) or x.dtype != f32:
+            raise ValueError(f"linear_rows: x {tuple(shape)} {x.dtype} does not fit the weight {tuple(w.shape)}")
+        if not x.is_contiguous():
+            x = x.contiguous()
         if not _THREAD.__dict__.get("seen"):
             library()  # this thread's first call: its thread count (`library`)
-        y = torch.empty(r, n, dtype=f32)
+        y = torch.empty((*shape[:-1], n), dtype=f32)
+        r = y.numel() // n if n else x.numel() // max(kx, 1)
         if two_bit:
             status = fn(x.data_ptr(), r, kx, norm_id, eps, bits, rows_per_sample, w_ptr, n, scale_ptr, channel,
                         bias_ptr, y.data_ptr())

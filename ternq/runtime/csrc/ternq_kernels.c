@@ -214,7 +214,7 @@ static void column_round(const float *x, int64_t C, int64_t T, int n, int norm, 
  * (per token) or s[b * lds] (per sample, one scale per sample). Parallel over blocks of BLOCK time steps. */
 struct channels_job {
     const float *x;
-    int64_t C, T, nblocks, ldq, lds, off;
+    int64_t C, T, span, nblocks, ldq, lds, off; /* blocks of `span` <= BLOCK steps: the parallel units */
     int norm, per_sample;
     float eps, qmax;
     int8_t *q;
@@ -227,7 +227,7 @@ struct channels_job {
  * the job fails (the caller reports it) rather than quantize the input without its activation. */
 static float *block_buffer(const struct channels_job *j) {
     if (j->slope == 1.f) return NULL;
-    float *buf = (float *)malloc((size_t)(j->C * BLOCK) * sizeof(float));
+    float *buf = (float *)malloc((size_t)(j->C * j->span) * sizeof(float));
     if (buf == NULL) __atomic_store_n(&((struct channels_job *)j)->failed, 1, __ATOMIC_RELAXED);
     return buf;
 }
@@ -257,8 +257,8 @@ static void channels_absmax(void *arg, int64_t u0, int64_t u1) {
     float *buf = block_buffer(j);
     if (j->slope != 1.f && buf == NULL) return;
     for (int64_t u = u0; u < u1; ++u) {
-        const int64_t b = u / j->nblocks, t0 = u % j->nblocks * BLOCK;
-        const int n = (int)(j->T - t0 < BLOCK ? j->T - t0 : BLOCK);
+        const int64_t b = u / j->nblocks, t0 = u % j->nblocks * j->span;
+        const int n = (int)(j->T - t0 < j->span ? j->T - t0 : j->span);
         int64_t ld;
         const float *xb = block_input(j, b, t0, n, buf, &ld);
         column_stats(xb, j->C, ld, n, j->norm, j->eps, mean, rstd);
@@ -274,8 +274,8 @@ static void channels_round(void *arg, int64_t u0, int64_t u1) {
     const struct channels_job *j = (const struct channels_job *)arg;
     float mean[BLOCK], rstd[BLOCK], amax[BLOCK];
     for (int64_t u = u0; u < u1; ++u) {
-        const int64_t b = u / j->nblocks, t0 = u % j->nblocks * BLOCK;
-        const int n = (int)(j->T - t0 < BLOCK ? j->T - t0 : BLOCK);
+        const int64_t b = u / j->nblocks, t0 = u % j->nblocks * j->span;
+        const int n = (int)(j->T - t0 < j->span ? j->T - t0 : j->span);
         const float *xb = j->x + b * j->C * j->T + t0;
         int8_t *qb = j->q + b * j->C * j->ldq + j->off + t0;
         float *sb = j->s + b * j->lds;
@@ -297,6 +297,7 @@ void tq_quantize_channels(const float *x, int64_t B, int64_t C, int64_t T, int n
     j.x = x;
     j.C = C;
     j.T = T;
+    j.span = BLOCK;
     j.nblocks = (T + BLOCK - 1) / BLOCK;
     j.ldq = ldq;
     j.lds = lds;
@@ -878,8 +879,8 @@ static void grouped_round(void *arg, int64_t u0, int64_t u1) {
     float *buf = block_buffer(&j->c);
     if (j->c.slope != 1.f && buf == NULL) return;
     for (int64_t u = u0; u < u1; ++u) {
-        const int64_t b = u / j->c.nblocks, t0 = u % j->c.nblocks * BLOCK;
-        const int n = (int)(T - t0 < BLOCK ? T - t0 : BLOCK);
+        const int64_t b = u / j->c.nblocks, t0 = u % j->c.nblocks * j->c.span;
+        const int n = (int)(T - t0 < j->c.span ? T - t0 : j->c.span);
         int64_t ld;
         const float *xin = block_input(&j->c, b, t0, n, buf, &ld);
         uint8_t *gb = j->xg + b * groups * C4 * Tp * 4;
@@ -917,7 +918,10 @@ static void grouped_round(void *arg, int64_t u0, int64_t u1) {
     free(buf);
 }
 
-/* Parallel over blocks of BLOCK time steps (per sample: a first parallel pass finds each block's absmax). */
+/* Parallel over blocks of time steps (per sample: a first parallel pass finds each block's absmax): BLOCK steps,
+ * or down to 64 where the input has too few blocks to give every thread some (a convolution's 100-500 frames were
+ * one or two blocks, quantized on one thread while the others waited). Every step's code and scale is computed
+ * by the same operations whatever the block size, so the split never changes a result. */
 int tq_quantize_grouped(const float *x, int64_t B, int64_t C, int64_t T, float slope, int norm, float eps,
                         int bits, int per_sample, uint8_t *xg, int64_t in_g, int64_t C4, int64_t Tp, int64_t left,
                         float *s) {
@@ -932,7 +936,10 @@ int tq_quantize_grouped(const float *x, int64_t B, int64_t C, int64_t T, float s
     j.c.x = x;
     j.c.C = C;
     j.c.T = T;
-    j.c.nblocks = (T + BLOCK - 1) / BLOCK;
+    const int64_t threads = tq_num_threads();
+    j.c.span = BLOCK;
+    while (j.c.span > 64 && B * ((T + j.c.span - 1) / j.c.span) < 4 * threads) j.c.span /= 2;
+    j.c.nblocks = (T + j.c.span - 1) / j.c.span;
     j.c.norm = norm;
     j.c.eps = eps;
     j.c.qmax = (float)((1 << (bits - 1)) - 1);
@@ -951,7 +958,9 @@ int tq_quantize_grouped(const float *x, int64_t B, int64_t C, int64_t T, float s
         for (int64_t i = 0; i < left; ++i) s[b * Tp + i] = 0.f;
         for (int64_t i = left + T; i < Tp; ++i) s[b * Tp + i] = 0.f;
     }
-    const int64_t units = B * j.c.nblocks, work = 4 * B * C * T;
+    /* work: about 16 units per element (two passes, a division and the word assembly; 0.5-1 ns per element, the
+     * 2-bit GEMV's time for 16 bytes), so that 100 K elements already split */
+    const int64_t units = B * j.c.nblocks, work = 16 * B * C * T;
     float *sample = NULL;
     if (per_sample) {
         /* the samples' scales, then each block's maxima in one buffer; without the memory for it, one block at a

@@ -1,0 +1,128 @@
+"""Where a decode step's time goes: ternq's packed Llama (bench_decode.py's model) split into its parts.
+
+For each thread count, one greedy decode step (one token, KV cache) is timed as a whole and in parts:
+
+* ``step``: the transformers forward of one token (what bench_decode.py's tokens/s is the inverse of);
+* ``gemv native``: the native 2-bit GEMV calls alone, every quantized matrix once in the model's order
+  (weights streamed from memory as in a step: 2 bits per weight), through the bound ctypes call;
+* ``layer calls``: the same matrices through ``PackedLinear.__call__`` (picker, kernel dispatch, ctypes);
+* ``rest``: step minus layer calls: transformers' Python, attention, RoPE, the KV cache, norms, lm_head (fp32);
+  the model-independent overhead that no GEMV speed removes.
+
+Wall-clock times (``--cpu-clock``: the process's CPU time, for development on a machine other processes load; at
+1 thread only, as the spinning OpenMP workers count too).
+
+    python benchmarks/profile_decode.py                   # issue 18's model, 1 and 2 threads
+    python benchmarks/profile_decode.py --threads 1 --layers 2
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import warnings
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _machine import machine_line  # noqa: E402
+from bench_decode import build, llama_config, quantized  # noqa: E402
+
+import ternq  # noqa: E402
+from ternq.runtime import is_packed  # noqa: E402
+
+warnings.filterwarnings("ignore")
+
+
+CLOCK = time.perf_counter
+
+
+def best(fn, reps: int, rounds: int = 5) -> float:
+    """Best-of-`rounds` mean seconds of `reps` calls of fn."""
+    fn()
+    out = float("inf")
+    for _ in range(rounds):
+        start = CLOCK()
+        for _ in range(reps):
+            fn()
+        out = min(out, (CLOCK() - start) / reps)
+    return out
+
+
+@torch.inference_mode()
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--intermediate", type=int, default=5632)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--kv-heads", type=int, default=16)
+    p.add_argument("--vocab", type=int, default=512)
+    p.add_argument("--prompt", type=int, default=64)
+    p.add_argument("--new", type=int, default=64)
+    p.add_argument("--threads", default="1,2")
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--cpu-clock", action="store_true",
+                   help="time by the process's CPU time (development on a loaded machine; 1 thread only)")
+    args = p.parse_args()
+    global CLOCK
+    if args.cpu_clock:
+        CLOCK = time.process_time
+    config = llama_config(args)
+    model = ternq.load_packed(ternq.pack(quantized(build(config))), build(config))
+    layers = [m for m in model.modules() if is_packed(m)]
+    weights = sum(m.weight.numel() for m in layers)
+    print(machine_line())
+    print(f"{len(layers)} packed Linear layers, {weights / 1e6:.1f} M weights, storage "
+          f"{sorted({m.storage for m in layers})}")
+    torch.manual_seed(1)
+    prompt = torch.randint(3, args.vocab, (1, args.prompt))
+    for threads in [int(t) for t in args.threads.split(",")]:
+        measure(model, layers, prompt, threads, args)
+
+
+def measure(model: torch.nn.Module, layers: list[torch.nn.Module], prompt: torch.Tensor, threads: int,
+            args: argparse.Namespace) -> None:
+    """Print one thread count's line: the step, its native GEMVs, its layer calls and the rest."""
+    import inspect
+
+    from transformers import DynamicCache
+
+    key = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    torch.set_num_threads(threads)
+    cache = DynamicCache()
+    model(input_ids=prompt, use_cache=True, **{key: cache})
+    tok = torch.tensor([[5]])
+    length = args.prompt
+    weights = sum(m.weight.numel() for m in layers)
+    xs = [torch.randn(1, 1, m.in_features) for m in layers]
+
+    def step() -> None:
+        nonlocal length
+        model(input_ids=tok, use_cache=True, **{key: cache})
+        length += 1
+        if length >= args.prompt + args.new:  # keep the cache near the bench's length
+            cache.crop(args.prompt - length)
+            length = args.prompt
+
+    for m, x in zip(layers, xs):  # bind the GEMVs
+        m(x)
+    bound = [m.__dict__["_gemv"][3] for m in layers]
+
+    def natives() -> None:
+        for b, x in zip(bound, xs):
+            b(x)
+
+    def calls() -> None:
+        for m, x in zip(layers, xs):
+            m(x)
+
+    t_step, t_native, t_calls = best(step, args.reps), best(natives, args.reps), best(calls, args.reps)
+    print(f"threads {threads}: step {t_step * 1e3:.3f} ms ({1 / t_step:.1f} tok/s) | gemv native "
+          f"{t_native * 1e3:.3f} ms ({weights / 4 / t_native / 1e9:.1f} GB/s of 2-bit weights) | layer calls "
+          f"{t_calls * 1e3:.3f} ms ({(t_calls - t_native) / len(layers) * 1e6:.1f} us/call over native) | rest "
+          f"{(t_step - t_calls) * 1e3:.3f} ms", flush=True)
+
+if __name__ == "__main__":
+    main()
