@@ -98,6 +98,7 @@ def _fresh_packed(layer: nn.Linear, storage: str):
 @needs_native
 @settings(deadline=None, max_examples=12)
 @example(tokens=64, k=1000, n=1100, threads=1, seed=0)  # several 512 KiB tiles, the last one partial
+@example(tokens=64, k=77, n=7, threads=1, seed=32557)  # activation codes one apart from the float reference's
 @given(tokens=st.sampled_from([1, 2, 5, 64, 100]), k=st.integers(2, 300), n=st.integers(1, 40),
        threads=st.sampled_from([1, 3]), seed=st.integers(0, 2**16))
 def test_packed_linear_every_kernel_equals_int8_storage(tokens: int, k: int, n: int, threads: int,
@@ -132,7 +133,14 @@ def test_packed_linear_every_kernel_equals_int8_storage(tokens: int, k: int, n: 
         torch.set_num_threads(saved)
     packed.kernel = "auto"
     with torch.no_grad():
-        torch.testing.assert_close(packed(x), ref, rtol=1e-4, atol=1e-4)
+        got = packed(x)
+        # The float reference rounds its activations in float, the kernels after their own (native) norm: at a
+        # rounding tie the two may pick neighbouring codes, which moves an output by one activation step times the
+        # channel's weight scale (seed 32557, 64 x 77 -> 7: 3 of 448 outputs by 1.1e-3). Allow two such steps.
+        _, wscale = qat.weight_codes()
+        normed = torch.nn.functional.layer_norm(x, (k,), eps=qat.qconfig.eps)
+        step = normed.abs().amax(dim=1, keepdim=True) / 127 * wscale.reshape(1, -1)
+        assert bool(((got - ref).abs() <= 2 * step + 1e-4).all()), (got - ref).abs().max()
 
 
 def test_choose_storage_rules() -> None:
