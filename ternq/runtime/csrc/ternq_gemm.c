@@ -1,6 +1,7 @@
-/* Linear on many tokens in one call: quantize the rows, int8 GEMM on a weight packed once at load, rescale (+ bias)
- * in the store. Replaces three passes (native quantizer, torch._int_mm, native epilogue) and their Python glue, and
- * torch._int_mm's per-call packing of its operands.
+/* Linear on many tokens in one call: quantize the rows, int8 GEMM on a weight packed once at load (or on 2-bit rows
+ * decoded into the same tiles inside the call), rescale (+ bias) in the store. Replaces three passes (native
+ * quantizer, torch._int_mm, native epilogue) and their Python glue, and torch._int_mm's per-call packing of its
+ * operands.
  *
  * Packed weight ("tiles", tq_gemm_pack): the codes w (N, K) int8 as column blocks of 16 output channels, each
  * (Kp / 4, 16, 4): row k4 of a block holds, for its 16 channels, the codes k4*4 .. k4*4+3; N padded to a multiple
@@ -8,17 +9,24 @@
  * consecutive k per int32 lane) and, one row at a time, of an AVX-512 vpdpbusd operand (16 channels x 4 k), so one
  * copy serves every ISA. The row sums of w (wsum, Np entries, 0 past N) undo the +128 of the unsigned-byte products (vpdpbusd).
  *
+ * 2-bit rows (tq_linear_gemm_2bit, storage="packed", the default of a large Linear): no packed copy. Each thread
+ * decodes its channel blocks, two at a time, into that layout in a panel of 32 x Kp bytes (L1 / L2), one byte of a
+ * row to one 4-code group, in the rows' own k order (planar_order: the activations are reordered instead, once
+ * per row); resident: the rows and their sums, 2 bits + 32 / K bits per weight.
+ *
  * Inner loops (tq_gemm_isa: the best this build and the OS allow, capped by tq_gemm_isa(cap) for tests):
  *   2  AMX (amx_int8, -march=native on a CPU with it; the OS grants the tile state once per process via
  *      arch_prctl(ARCH_REQ_XCOMP_PERM)): tdpbssd, signed x signed bytes, 32 x 32 outputs per 2 x 2 block of tiles;
  *   1  AVX-512 VNNI: vpdpbusd on (x + 128) x w, 8 rows x 32 channels of int32 accumulators in registers;
  *   0  portable C (any compiler, -march=x86-64): the same sums, in the order the auto-vectorizer likes.
- * The sums are exact integers (|sum| <= K * 128 * 128 < 2^31 for K < 2^17), so every path gives the same int32
- * products, and the float epilogue is tq_linear_epilogue's operations in its order: the output equals the
+ * The sums are exact integers (|sum| <= K * 128 * 128 < 2^31 for K < 2^17), so every path and k order gives the
+ * same int32 products, and the float epilogue is tq_linear_epilogue's operations in its order: the output equals the
  * int8_gemm kernel's (native quantizer + torch._int_mm + epilogue) bit for bit, at any thread count.
  *
- * Parallel over blocks of 32 output channels (tq_parallel_for, torch's OpenMP pool): each thread reads its share of
- * the weight once, and each (rows, channels) output is computed by the same instructions whatever chunk holds it.
+ * Threads (tq_parallel_for, torch's OpenMP pool): the activations are quantized and laid out in parallel over
+ * samples (prepare), then the GEMM runs in parallel over blocks of 32 output channels: each thread reads (or
+ * decodes) its share of the weight once, and each output is computed by the same instructions whatever chunk
+ * holds it.
  */
 #define _GNU_SOURCE /* syscall() for arch_prctl */
 #include "ternq_kernels.h"
