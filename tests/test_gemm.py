@@ -17,6 +17,7 @@ from torch import nn
 from ternq import KBitConfig, TernaryConfig, native
 from ternq.qat.layers import layer_spec, to_quant_module
 from ternq.runtime import kernels, packed_layer, picker
+from ternq.runtime.storage import pack_rows
 
 needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.status()}")
 
@@ -82,6 +83,50 @@ def test_tiled_gemm_gives_the_int8_gemm_result_bit_for_bit(arch_cache, rows: int
                                                msg=lambda m, where=f"{arch} {isa} {threads} threads": f"{where}: {m}")
 
 
+@needs_native
+@settings(deadline=None, max_examples=40)
+@example(rows=64, k=1024, n=100, per_channel=False, bias=True, bad=None, granularity="token", seed=0)
+@example(rows=1, k=1, n=1, per_channel=True, bias=False, bad=float("nan"), granularity="token", seed=1)
+@example(rows=37, k=130, n=33, per_channel=True, bias=True, bad=float("-inf"), granularity="tensor", seed=2)
+@example(rows=17, k=259, n=47, per_channel=True, bias=True, bad=float("inf"), granularity="token", seed=3)
+@given(rows=st.integers(1, 70), k=st.integers(1, 300), n=st.integers(1, 70), per_channel=st.booleans(),
+       bias=st.booleans(), bad=st.sampled_from([None, float("nan"), float("inf"), float("-inf")]),
+       granularity=st.sampled_from(["token", "tensor"]), seed=st.integers(0, 2**16))
+def test_tiled_gemm_on_2bit_rows_gives_the_int8_gemm_result_bit_for_bit(arch_cache, rows: int, k: int, n: int,
+                                                                        per_channel: bool, bias: bool,
+                                                                        bad: float | None, granularity: str,
+                                                                        seed: int) -> None:
+    """``int8_tiled`` on 2-bit rows read as stored (storage="packed": decoded per thread in the native call, the
+    activations multiplied in the rows' planar k order) == ``int8_gemm`` on the int8 codes == ``int8_tiled`` on
+    int8 storage, bit for bit, on each loop of each -march build at 1, 2 and 3 threads: K not a multiple of 4
+    (padded fields), 16 (the decoder's 16 bytes) or 64 (a tile), every 2-bit code (-2..1), 1 row to several
+    tiles of rows, N past 16-channel blocks; a NaN / Inf in a row gives a non-finite output row."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, k, generator=g) * 3
+    if bad is not None:
+        x[rows // 2, k // 3] = bad
+    w = torch.randint(-2, 2, (n, k), generator=g, dtype=torch.int8)
+    w2 = pack_rows(w, 2)
+    scale = torch.rand(n if per_channel else 1, generator=g) + 0.5
+    b = torch.randn(n, generator=g) if bias else None
+    cfg = TernaryConfig(granularity="channel" if per_channel else "tensor", act_granularity=granularity)
+    x3 = x.view(1, rows, k)
+    for arch in ARCHS:
+        with native_build("1", arch, arch_cache):
+            assert native.available(), native.status()
+            ref = kernels.linear_int8(x3, w, scale, b, cfg, weight_first=False)
+            if bad is not None:
+                assert not bool(torch.isfinite(ref[0, rows // 2]).any())
+            for isa in _loops():
+                for threads in (1, 2, 3):
+                    with _loop(isa, threads):
+                        y = kernels.linear_tiled_bound(w2, scale, b, cfg)(x3)
+                        y8 = kernels.linear_tiled_bound(w, scale, b, cfg)(x3)
+                    for out in (y, y8):
+                        torch.testing.assert_close(out, ref, rtol=0, atol=0, equal_nan=True,
+                                                   msg=lambda m, where=f"{arch} {isa} {threads} threads": f"{where}: {m}")
+
+
 def test_picker_chooses_tiled_only_where_measured_faster() -> None:
     """AMX and AVX-512 VNNI: ``int8_tiled`` from `TILED_MIN_ROWS` rows (the GEMV below). The portable loop (an
     AVX2-only build), no native kernels, or a layer without the kernel (2-bit storage): the rules before it."""
@@ -97,6 +142,14 @@ def test_picker_chooses_tiled_only_where_measured_faster() -> None:
         for vnni in (True, False):
             assert picker.choose(linear, 64, vnni, isa) == "int8_gemm_t"
             assert picker.choose(linear, picker.GEMM_T_ROWS + 1, vnni, isa) == "int8_gemm"
+            assert picker.choose(linear, 64, vnni, isa, two_bit=True) == "int8_gemm_t"
+    # 2-bit rows: decoded on every call, so the GEMV on the rows as stored up to its rows, the tiled GEMM past them
+    for isa in picker.TILED_MIN_ROWS:
+        for vnni in (True, False):
+            least = picker.gemv_rows(vnni) + 1
+            assert picker.choose(linear, least - 1, vnni, isa, two_bit=True) == "int8_gemv"
+            for rows in (max(least, picker.TILED_MIN_ROWS[isa]), 16, 64, 10_000):
+                assert picker.choose(linear, rows, vnni, isa, two_bit=True) == "int8_tiled"
 
 
 def test_avx2_build_never_picks_the_portable_loop(arch_cache) -> None:
@@ -123,8 +176,9 @@ def _packed(layer: nn.Linear, storage: str, config=None) -> nn.Module:
 @needs_native
 def test_packed_linear_tiled_kernel() -> None:
     """The layer's ``int8_tiled``: ``int8_gemm``'s output on a 3-D input, 8-bit codes too; its tiled copy is made
-    once, rebound when the codes change, never copied or pickled with the layer, and not offered for 2-bit storage
-    (whose memory is its point)."""
+    once, rebound when the codes change, never copied or pickled with the layer; on 2-bit storage (the default
+    of a large Linear) it reads the rows as stored, holding only their row sums (4 bytes per output channel: the
+    layer stays under 2.1 bits per weight); not offered for 4-bit storage (whose memory is its point)."""
     torch.manual_seed(0)
     for config in (TernaryConfig(), KBitConfig(bits=8, granularity="channel")):
         layer = _packed(nn.Linear(100, 40), "int8", config)
@@ -141,8 +195,27 @@ def test_packed_linear_tiled_kernel() -> None:
             assert "_tiled" not in clone.__dict__ and torch.equal(clone(x), ref)
             layer.load_state_dict({**layer.state_dict(), "weight": torch.zeros(40, 100)}, strict=False)
             assert torch.equal(layer(x), layer.bias.expand(2, 9, 40))  # rebound on the new codes
-    two_bit = _packed(nn.Linear(100, 40), "packed")
-    assert "int8_tiled" not in two_bit._applicable(torch.randn(64, 100))
+    four_bit = _packed(nn.Linear(100, 40), "packed", KBitConfig(bits=4, granularity="channel"))
+    assert four_bit._bits == 4 and "int8_tiled" not in four_bit._applicable(torch.randn(64, 100))
+    linear = nn.Linear(1024, 1024)
+    two_bit = _packed(linear, "auto")
+    assert two_bit._bits == 2 and "int8_tiled" in two_bit._applicable(torch.randn(64, 1024))
+    x = torch.randn(2, 32, 1024)
+    with torch.no_grad():
+        two_bit.kernel = "auto"
+        y = two_bit(x)
+        assert two_bit.kernel == ("int8_tiled" if native.gemm_isa() in picker.TILED_MIN_ROWS else "int8_gemm_t")
+        two_bit.kernel = "int8_tiled"
+        assert torch.equal(two_bit(x), y)
+        two_bit.kernel = "int8_gemm"
+        assert torch.equal(two_bit(x), y)
+        _, _, _, run = two_bit.__dict__["_tiled"]
+        held = sum(t.numel() * t.element_size() for t in run.keep if t is not None
+                   and t.data_ptr() not in (two_bit.ternq_codes.data_ptr(), two_bit.scale.data_ptr(),
+                                            two_bit.bias.data_ptr()))
+        assert held == 4 * 1024  # the row sums; the 2-bit rows are the layer's own
+        bits = 8 * (two_bit.ternq_codes.numel() + held) / linear.weight.numel()
+        assert bits <= 2.1, bits
 
 
 @needs_native

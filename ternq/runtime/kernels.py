@@ -13,8 +13,9 @@ Kernels (names as the layers list them):
     exact) as ``x_q @ codes.T`` or ``(codes @ x_q.T).T`` (the weight as the left operand, which oneDNN does not
     re-layout per call), then one native rescale pass (or eager ops; per-group scales accumulate group by group).
 ``int8_tiled`` (Linear, native)
-    Many rows: one native call (quantize, int8 GEMM on a copy of the codes packed once into the GEMM's tiles, AMX
-    or AVX-512 VNNI where present, rescale in the store); the ``int8_gemm`` result bit for bit.
+    Many rows: one native call (quantize, int8 GEMM on a copy of the codes packed once into the GEMM's tiles, or on
+    the 2-bit rows decoded per thread into a cache-sized panel; AMX or AVX-512 VNNI where present, rescale in the
+    store); the ``int8_gemm`` result bit for bit.
 ``int8_direct`` (Conv1d, ConvTranspose1d of dilation 1; native)
     The convolution accumulated tap by tap in registers, each tap's int32 sums scaled by the scales of the steps
     it read: no intermediate planes in memory; parallel over blocks of output channels and of time. A transposed
@@ -196,8 +197,9 @@ def linear_gemv_bound(w: Tensor, wsum: Tensor | None, scale: Tensor, bias: Tenso
 
 def linear_tiled_bound(w: Tensor, scale: Tensor, bias: Tensor | None, cfg: QuantConfig) -> Callable[[Tensor], Tensor]:
     """``int8_tiled``: one native call (quantize the rows, int8 GEMM, rescale) on the codes w (out, in) int8, packed
-    here once into the GEMM's tiles (`ternq.native.linear_gemm_bound`: a copy of about out x in bytes, which the
-    returned function holds). Equal to ``int8_gemm`` bit for bit, without its per-call operand packing."""
+    here once into the GEMM's tiles (a copy of about out x in bytes, which the returned function holds), or on their
+    2-bit rows (uint8, `ternq.runtime.storage.pack_rows`) read as stored (`ternq.native.linear_gemm_bound`). Equal
+    to ``int8_gemm`` bit for bit, without its per-call operand packing or weight decoding."""
     call = native.linear_gemm_bound(cfg.input_norm, cfg.eps, int(cfg.act_bits),  # type: ignore[arg-type]
                                     w, scale, cfg.granularity == "channel", bias)
     return _on_rows(call, cfg)
@@ -215,6 +217,7 @@ def _on_rows(call: Callable[[Tensor, int], Tensor], cfg: QuantConfig) -> Callabl
         y = call(rows, 1 if per_token else _rows_per_scale(x, cfg))
         return y if flat else y.view(*x.shape[:-1], y.shape[-1])
 
+    run.keep = getattr(call, "keep", ())  # type: ignore[attr-defined]  # what the native call holds
     return run
 
 

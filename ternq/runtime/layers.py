@@ -300,7 +300,8 @@ class PackedLayer:
         applicable = self._applicable(x)
         rows = x.numel() // max(x.shape[-1], 1) if x.dim() else 1
         choice = picker.pick(applicable, rows, forced=self._forced, policy=self._policy, needs_grad=torch.is_grad_enabled() and
-                             x.requires_grad, owner=f"{type(self).__name__} (input {tuple(x.shape)}, {x.dtype})")
+                             x.requires_grad, owner=f"{type(self).__name__} (input {tuple(x.shape)}, {x.dtype})",
+                             two_bit=self._bits == 2)
         geometry = self.__dict__.get("_geometry_key")
         if geometry is None:
             geometry = self._geometry_key = (type(self).__name__, self._geometry(), self.storage)
@@ -351,8 +352,9 @@ class PackedLinear(PackedLayer, nn.Linear):
     """Packed nn.Linear; one ``torch._int_mm`` per call (per scale group for group scales), either
     ``int8_gemm``: ``x_q @ codes.T``, or ``int8_gemm_t``: ``(codes @ x_q.T).T``, with the weight as the GEMM's
     left operand, which oneDNN does not re-layout per call: about 2x faster for a few tokens, slower for many.
-    ``int8_tiled`` (int8 storage, native): one call on a copy of the codes packed into the GEMM's tiles at the first
-    call that runs it (about out x in bytes more)."""
+    ``int8_tiled`` (native): one call on a copy of the codes packed into the GEMM's tiles at the first call that runs
+    it (int8 storage: about out x in bytes more), or on the 2-bit rows as stored (their row sums: 4 bytes per output
+    channel more)."""
 
     kernels = ("int8_gemm", "int8_gemm_t", "int8_gemv", "int8_tiled", WEIGHT_ONLY)
 
@@ -367,8 +369,8 @@ class PackedLinear(PackedLayer, nn.Linear):
     def _applicable(self, x: Tensor) -> tuple[str, ...]:
         if self.qconfig.act_bits is not None and x.is_floating_point():
             if self._native_ok(x) and self.qconfig.granularity != "group":
-                # the tiled copy is of int8 codes: a layer stored at 2 or 4 bits keeps its memory
-                return self.kernels if self._bits == 8 else ("int8_gemm", "int8_gemm_t", "int8_gemv", WEIGHT_ONLY)
+                # int8_tiled reads int8 codes (a tiled copy) or 2-bit rows as stored; 4-bit rows keep their memory
+                return self.kernels if self._bits != 4 else ("int8_gemm", "int8_gemm_t", "int8_gemv", WEIGHT_ONLY)
             return ("int8_gemm", "int8_gemm_t", WEIGHT_ONLY)
         return (WEIGHT_ONLY,)
 
@@ -424,7 +426,7 @@ class PackedLinear(PackedLayer, nn.Linear):
         codes, scale, bias = self._buffers["ternq_codes"], self._buffers["scale"], self._parameters.get("bias")
         bound = self.__dict__.get("_tiled")
         if bound is None or bound[0] is not codes or bound[1] is not scale or bound[2] is not bias:
-            run = kernels.linear_tiled_bound(self._layout_codes(), scale, bias, self.qconfig)
+            run = kernels.linear_tiled_bound(self._gemm_codes(), scale, bias, self.qconfig)
             bound = self.__dict__["_tiled"] = (codes, scale, bias, run)
         return bound[3](x)
 

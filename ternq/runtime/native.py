@@ -96,13 +96,14 @@ _SIGNATURES: dict[str, tuple[object, ...]] = {
     "tq_conv_transpose1d_grouped": (_P, _I, _I, _P, _P, _C, _I, _I, _I, _I, _I, _P, _P, _I, _P, _P, _I),
     "tq_gemm_pack": (_P, _I, _I, _P, _P),
     "tq_linear_gemm": (_P, _I, _I, _C, _F, _C, _I, _P, _P, _I, _P, _C, _P, _P),
+    "tq_linear_gemm_2bit": (_P, _I, _I, _C, _F, _C, _I, _P, _P, _I, _P, _C, _P, _P),
     "tq_gemm_isa": (_C,),
     "tq_set_openmp": (_P, _P),
     "tq_num_threads": (),
     "tq_set_min_work": (_I,),
 }
 _RETURNS_INT = ("tq_quantize_grouped", "tq_conv_transpose1d_grouped", "tq_linear_rows", "tq_row_sums", "tq_num_threads",
-                "tq_linear_2bit", "tq_packed_isa", "tq_linear_gemm", "tq_gemm_isa")
+                "tq_linear_2bit", "tq_packed_isa", "tq_linear_gemm", "tq_linear_gemm_2bit", "tq_gemm_isa")
 _C_TYPES = {"int64_t": _I, "int": _C, "float": _F}  # and every pointer: _P
 
 
@@ -711,35 +712,57 @@ def gemm_pack(w: Tensor) -> tuple[Tensor, Tensor]:
 
 def linear_gemm_bound(norm: str | None, eps: float, bits: int, w: Tensor, wscale: Tensor, per_channel: bool,
                       bias: Tensor | None) -> Callable[[Tensor, int], Tensor]:
-    """A Linear on many rows in one native call with the layer's codes w (N, K) int8 packed once here
-    (`gemm_pack`): ``call(x, rows_per_sample)`` quantizes x (R, K) float32, multiplies and rescales (+ bias); the
-    output equals `linear_rows`' (and the ``int8_gemm`` kernel's) bit for bit. The returned function holds the
-    packed copy and the tensors it was given (their memory is what it passes): bind again when they change."""
+    """A Linear on many rows in one native call: ``call(x, rows_per_sample)`` quantizes x (R, K) float32, multiplies
+    and rescales (+ bias); the output equals `linear_rows`' (and the ``int8_gemm`` kernel's) bit for bit. w is
+    either the codes (N, K) int8, packed once here (`gemm_pack`: a copy of about N x K bytes), or their 2-bit rows
+    (N, ceil(K / 4)) uint8 (`ternq.runtime.storage.pack_rows`), read as stored (``tq_linear_gemm_2bit`` decodes
+    them per thread into a cache-sized panel): only their row sums are added (4 bytes per output channel). The
+    returned function holds what it passes the addresses of: bind again when the layer's tensors change."""
     lib = library()
     assert lib is not None
-    for name, t in (("wscale", wscale), ("bias", bias)):
+    for name, t in (("w", w), ("wscale", wscale), ("bias", bias)):
         if t is not None and not t.is_contiguous():
             raise ValueError(f"linear_gemm_bound: {name} must be contiguous")
-    n, k = w.shape
-    wp, wsum = gemm_pack(w)
-    fn, norm_id, wp_ptr, sum_ptr = lib.tq_linear_gemm, _NORMS[norm], wp.data_ptr(), wsum.data_ptr()
+    two_bit = w.dtype == torch.uint8
+    n, stored = w.shape
+    if two_bit:
+        wp, wsum = w, _row_sums_2bit(w)
+        fn = lib.tq_linear_gemm_2bit
+    else:
+        wp, wsum = gemm_pack(w)
+        fn = lib.tq_linear_gemm
+    k = stored * 4 if two_bit else stored  # the 2-bit rows hold up to 3 codes of padding
+    norm_id, wp_ptr, sum_ptr = _NORMS[norm], wp.data_ptr(), wsum.data_ptr()
     scale_ptr, channel, bias_ptr = wscale.data_ptr(), int(per_channel), _ptr(bias)
     f32 = torch.float32
 
     def call(x: Tensor, rows_per_sample: int) -> Tensor:
         r, kx = x.shape
-        if kx != k or x.dtype != f32 or not x.is_contiguous():
+        if not (k - 4 < kx <= k if two_bit else kx == k) or x.dtype != f32 or not x.is_contiguous():
             raise ValueError(f"linear_gemm: x {tuple(x.shape)} {x.dtype} does not fit the weight {tuple(w.shape)}")
         if not _THREAD.__dict__.get("seen"):
             library()  # this thread's first call: its thread count (`library`)
         y = torch.empty(r, n, dtype=f32)
-        if fn(x.data_ptr(), r, k, norm_id, eps, bits, rows_per_sample, wp_ptr, sum_ptr, n, scale_ptr, channel,
+        if fn(x.data_ptr(), r, kx, norm_id, eps, bits, rows_per_sample, wp_ptr, sum_ptr, n, scale_ptr, channel,
               bias_ptr, y.data_ptr()) != 0:
             raise MemoryError("native linear_gemm: out of memory")
         return y
 
     call.keep = (wp, wsum, wscale, bias)  # type: ignore[attr-defined]
     return call
+
+
+def _row_sums_2bit(w2: Tensor, rows: int = 256) -> Tensor:
+    """Row sums (int32, N rounded up to 16 entries, 0 past N) of 2-bit rows w2 (N, W) uint8, decoded `rows` rows
+    at a time (a transient of rows x 4W bytes: the layer never holds its int8 codes)."""
+    n, width = w2.shape
+    sums = torch.zeros(-(-n // 16) * 16, dtype=torch.int32)
+    tile = torch.empty(min(rows, n), width * 4, dtype=torch.int8)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        unpack_2bit(w2, width * 4, r0, r1, tile[: r1 - r0])
+        sums[r0:r1] = row_sums(tile[: r1 - r0])[0]
+    return sums
 
 
 def unpack_2bit(w2: Tensor, k: int, r0: int, r1: int, out: Tensor) -> None:

@@ -11,7 +11,10 @@ the kernel a warm call runs (CHANGELOG.md: what timing cost). The rules encode w
 * Linear, from `TILED_MIN_ROWS` rows, where the native build runs AMX tiles or AVX-512 VNNI: ``int8_tiled`` (one
   native call on a weight packed once into the GEMM's tiles; with AMX 1.6-2.6x ``int8_gemm_t`` at 16-256 rows and
   1.3x the GEMV at 4; the VNNI loop 1.0-1.7x the faster of ``int8_gemm`` / ``int8_gemm_t`` on oneDNN's VNNI
-  kernels). Its portable loop (an AVX2-only or generic build) is slower than ``_int_mm``: not chosen there.
+  kernels). Its portable loop (an AVX2-only or generic build) is slower than ``_int_mm``: not chosen there. On 2-bit
+  rows it decodes the weight on every call (per thread, in cache): past the GEMV's rows only (at 4 rows the GEMV on
+  the rows as stored is ~1.5x faster; at 16, 2-3x slower than the tiled GEMM, which is 1.5-3x ``int8_gemm_t``
+  decoding tile by tile).
 
 `choose` is a pure function of its arguments, so a test can pin each rule.
 
@@ -52,15 +55,19 @@ def gemv_rows(vnni: bool | None = None) -> int:
     return 4 if (_vnni(os.environ.get(native.ARCH_ENV)) if vnni is None else vnni) else 1
 
 
-def choose(applicable: tuple[str, ...], rows: int, vnni: bool | None = None, tiled: str | None = None) -> str:
+def choose(applicable: tuple[str, ...], rows: int, vnni: bool | None = None, tiled: str | None = None,
+           two_bit: bool = False) -> str:
     """The kernel for a call from the kernels that can compute it (`applicable`, in the layer's preference
-    order, ``weight_only`` last), its row count (tokens for a Linear; unused by the other layers) and the tiled
-    GEMM's loop in this build (`tiled`, `ternq.native.gemm_isa`)."""
+    order, ``weight_only`` last), its row count (tokens for a Linear; unused by the other layers), the tiled
+    GEMM's loop in this build (`tiled`, `ternq.native.gemm_isa`) and whether the weight is 2-bit rows (`two_bit`:
+    the tiled GEMM decodes them on every call, which the GEMV, reading them as stored, beats up to `gemv_rows`)."""
     integer = [k for k in applicable if k != WEIGHT_ONLY]
     if not integer:
         return WEIGHT_ONLY
-    if "int8_tiled" in integer and tiled in TILED_MIN_ROWS and rows >= TILED_MIN_ROWS[tiled]:
-        return "int8_tiled"
+    if "int8_tiled" in integer and tiled in TILED_MIN_ROWS:
+        least = max(TILED_MIN_ROWS[tiled], gemv_rows(vnni) + 1) if two_bit else TILED_MIN_ROWS[tiled]
+        if rows >= least:
+            return "int8_tiled"
     if "int8_gemv" in integer and rows <= gemv_rows(vnni):
         return "int8_gemv"
     integer = [k for k in integer if k != "int8_tiled"]
@@ -70,7 +77,7 @@ def choose(applicable: tuple[str, ...], rows: int, vnni: bool | None = None, til
 
 
 def pick(applicable: tuple[str, ...], rows: int, *, forced: str | None = None, policy: str | None = None,
-         needs_grad: bool = False, owner: str = "packed layer") -> str:
+         needs_grad: bool = False, owner: str = "packed layer", two_bit: bool = False) -> str:
     """The kernel a call runs: the layer's forced kernel (checked against what can compute this call), else
     ``weight_only`` where the input needs a gradient or the policy is "weight_only", else the first integer
     kernel for the policy "int8", else `choose`. The policy is the layer's (``kernel="int8"``), else
@@ -90,7 +97,7 @@ def pick(applicable: tuple[str, ...], rows: int, *, forced: str | None = None, p
     integer = [k for k in applicable if k != WEIGHT_ONLY]
     if env == "int8" and integer:
         return integer[0]
-    return choose(applicable, rows, tiled=native.gemm_isa() if "int8_tiled" in applicable else None)
+    return choose(applicable, rows, tiled=native.gemm_isa() if "int8_tiled" in applicable else None, two_bit=two_bit)
 
 
 def choose_storage(linear: bool, bits: int, weights: int, isa: str | None) -> str:

@@ -1,6 +1,7 @@
-/* Linear on many tokens in one call: quantize the rows, int8 GEMM on a weight packed once at load, rescale (+ bias)
- * in the store. Replaces three passes (native quantizer, torch._int_mm, native epilogue) and their Python glue, and
- * torch._int_mm's per-call packing of its operands.
+/* Linear on many tokens in one call: quantize the rows, int8 GEMM on a weight packed once at load (or on 2-bit rows
+ * decoded into the same tiles inside the call), rescale (+ bias) in the store. Replaces three passes (native
+ * quantizer, torch._int_mm, native epilogue) and their Python glue, and torch._int_mm's per-call packing of its
+ * operands.
  *
  * Packed weight ("tiles", tq_gemm_pack): the codes w (N, K) int8 as column blocks of 16 output channels, each
  * (Kp / 4, 16, 4): row k4 of a block holds, for its 16 channels, the codes k4*4 .. k4*4+3; N padded to a multiple
@@ -8,17 +9,24 @@
  * consecutive k per int32 lane) and, one row at a time, of an AVX-512 vpdpbusd operand (16 channels x 4 k), so one
  * copy serves every ISA. The row sums of w (wsum, Np entries, 0 past N) undo the +128 of the unsigned-byte products (vpdpbusd).
  *
+ * 2-bit rows (tq_linear_gemm_2bit, storage="packed", the default of a large Linear): no packed copy. Each thread
+ * decodes its channel blocks, two at a time, into that layout in a panel of 32 x Kp bytes (L1 / L2), one byte of a
+ * row to one 4-code group, in the rows' own k order (planar_order: the activations are reordered instead, once
+ * per row); resident: the rows and their sums, 2 bits + 32 / K bits per weight.
+ *
  * Inner loops (tq_gemm_isa: the best this build and the OS allow, capped by tq_gemm_isa(cap) for tests):
  *   2  AMX (amx_int8, -march=native on a CPU with it; the OS grants the tile state once per process via
  *      arch_prctl(ARCH_REQ_XCOMP_PERM)): tdpbssd, signed x signed bytes, 32 x 32 outputs per 2 x 2 block of tiles;
  *   1  AVX-512 VNNI: vpdpbusd on (x + 128) x w, 8 rows x 32 channels of int32 accumulators in registers;
  *   0  portable C (any compiler, -march=x86-64): the same sums, in the order the auto-vectorizer likes.
- * The sums are exact integers (|sum| <= K * 128 * 128 < 2^31 for K < 2^17), so every path gives the same int32
- * products, and the float epilogue is tq_linear_epilogue's operations in its order: the output equals the
+ * The sums are exact integers (|sum| <= K * 128 * 128 < 2^31 for K < 2^17), so every path and k order gives the
+ * same int32 products, and the float epilogue is tq_linear_epilogue's operations in its order: the output equals the
  * int8_gemm kernel's (native quantizer + torch._int_mm + epilogue) bit for bit, at any thread count.
  *
- * Parallel over blocks of 32 output channels (tq_parallel_for, torch's OpenMP pool): each thread reads its share of
- * the weight once, and each (rows, channels) output is computed by the same instructions whatever chunk holds it.
+ * Threads (tq_parallel_for, torch's OpenMP pool): the activations are quantized and laid out in parallel over
+ * samples (prepare), then the GEMM runs in parallel over blocks of 32 output channels: each thread reads (or
+ * decodes) its share of the weight once, and each output is computed by the same instructions whatever chunk
+ * holds it.
  */
 #define _GNU_SOURCE /* syscall() for arch_prctl */
 #include "ternq_kernels.h"
@@ -27,7 +35,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__AVX512F__) || defined(__AMX_INT8__)
+#if defined(__SSE2__) || defined(__AVX512F__) || defined(__AMX_INT8__)
 #include <immintrin.h>
 #endif
 #if defined(__AMX_INT8__) && defined(__AMX_TILE__) && defined(__linux__) && defined(__x86_64__)
@@ -89,17 +97,20 @@ int tq_gemm_isa(int cap) {
     return gemm_isa();
 }
 
+
 /* --- the job ----------------------------------------------------------------------------------------------- */
 
 struct gemm_job {
-    const int8_t *q;   /* (Mp, Kp) codes, zero padded (AMX, portable) */
+    const int8_t *q;   /* (Mp, Kp) codes, zero padded (AMX: 16 x 64 tiles, portable: rows) */
     const uint8_t *xu; /* (Mp, Kp) codes + 128 (VNNI) */
-    const int8_t *wp;
+    const int8_t *wp;  /* int8 weight: tq_gemm_pack's tiles */
+    const uint8_t *w2; /* 2-bit weight: its rows (N, W), decoded per thread into tiles (decode_blocks) */
     const int32_t *wsum;
-    int64_t M, N, Kp;
+    int64_t M, N, Kp, W;
     const float *s, *wscale, *bias;
     int per_channel, isa;
     float *y;
+    int failed;
 };
 
 /* y[m, n0:n0+cols] from the int32 sums acc[0:cols] (the operations of tq_linear_epilogue, in its order) */
@@ -118,6 +129,185 @@ static inline void store_row(const struct gemm_job *g, int64_t m, int64_t n0, in
         for (int64_t j = 0; j < cols; ++j) dst[j] += b[j];
     }
 }
+
+/* --- the activations: quantized and laid out in one pass, parallel over samples ----------------------------- */
+
+struct prep_job {
+    const float *x;
+    int64_t R, K, rows_per_sample;
+    int norm, bits;
+    float eps;
+    int8_t *q; /* (R, K) codes */
+    float *s;
+    int amx;        /* 16 x 64 tiles, else rows */
+    uint8_t offset; /* added to every code (128 for vpdpbusd's unsigned operand) */
+    int64_t Kp;
+    int64_t W;      /* > 0: the weight is 2-bit rows of W bytes: the codes in their k order (planar_order) */
+    uint8_t *dst;
+};
+
+/* The k order of 2-bit rows: byte j of a row holds the codes k = j, W + j, 2W + j, 3W + j (the planar fields of
+ * ternq/runtime/storage.py), so the activations are multiplied in the order k' = 4j + p <-> k = pW + j: one weight
+ * byte decodes to one 4-code group of the tiles. A sum over k in another order is the same integer. row: K codes;
+ * out: 4W (zero past K). */
+static void planar_order(const int8_t *row, int64_t K, int64_t W, int8_t *out) {
+    int64_t j = 0;
+#if defined(__SSE2__)
+    for (; j + 16 <= W && 3 * W + j + 16 <= K; j += 16) {
+        const __m128i p0 = _mm_loadu_si128((const __m128i *)(row + j));
+        const __m128i p1 = _mm_loadu_si128((const __m128i *)(row + W + j));
+        const __m128i p2 = _mm_loadu_si128((const __m128i *)(row + 2 * W + j));
+        const __m128i p3 = _mm_loadu_si128((const __m128i *)(row + 3 * W + j));
+        const __m128i lo01 = _mm_unpacklo_epi8(p0, p1), hi01 = _mm_unpackhi_epi8(p0, p1);
+        const __m128i lo23 = _mm_unpacklo_epi8(p2, p3), hi23 = _mm_unpackhi_epi8(p2, p3);
+        _mm_storeu_si128((__m128i *)(out + 4 * j), _mm_unpacklo_epi16(lo01, lo23));
+        _mm_storeu_si128((__m128i *)(out + 4 * j + 16), _mm_unpackhi_epi16(lo01, lo23));
+        _mm_storeu_si128((__m128i *)(out + 4 * j + 32), _mm_unpacklo_epi16(hi01, hi23));
+        _mm_storeu_si128((__m128i *)(out + 4 * j + 48), _mm_unpackhi_epi16(hi01, hi23));
+    }
+#endif
+    for (; j < W; ++j)
+        for (int64_t p = 0; p < 4; ++p) out[4 * j + p] = p * W + j < K ? row[p * W + j] : 0;
+}
+
+static void lay_row(const struct prep_job *p, int64_t m, const int8_t *src, int64_t K) {
+    const int64_t Kp = p->Kp;
+    if (p->amx) {
+        /* each 16 x 64 tile of codes contiguous (tile (i, j) at (i * Kp / 64 + j) * 1024: the same start of a block
+         * of 16 rows as row-major), which the prefetcher streams better than 16 rows Kp apart */
+        uint8_t *dst = p->dst + (m / 16) * 16 * Kp + (m % 16) * TQ_KB;
+        for (int64_t k0 = 0; k0 < Kp; k0 += TQ_KB) {
+            const int64_t n = K - k0 < TQ_KB ? (K > k0 ? K - k0 : 0) : TQ_KB;
+            memcpy(dst + k0 * 16, src + k0, (size_t)n);
+            memset(dst + k0 * 16 + n, 0, (size_t)(TQ_KB - n));
+        }
+    } else {
+        uint8_t *dst = p->dst + m * Kp;
+        for (int64_t k = 0; k < K; ++k) dst[k] = (uint8_t)((uint8_t)src[k] + p->offset);
+        memset(dst + K, p->offset, (size_t)(Kp - K));
+    }
+}
+
+/* samples [u0, u1) (a row each per token): quantized one sample per call (tq_quantize_rows on one sample runs on
+ * this thread: no nested parallel region), then laid out */
+static void prep_samples(void *arg, int64_t u0, int64_t u1) {
+    const struct prep_job *p = (const struct prep_job *)arg;
+    const int64_t rps = p->rows_per_sample, K = p->K, W = p->W;
+    const int64_t m1 = u1 * rps < p->R ? u1 * rps : p->R;
+    for (int64_t m = u0 * rps; m < m1; m += rps) {
+        const int64_t rows = m1 - m < rps ? m1 - m : rps;
+        tq_quantize_rows(p->x + m * K, rows, K, p->norm, p->eps, p->bits, rps, p->q + m * K, p->s + m);
+    }
+    int8_t *ordered = W ? (int8_t *)malloc((size_t)(4 * W)) : NULL;
+    for (int64_t m = u0 * rps; m < m1; ++m) {
+        if (ordered) {
+            planar_order(p->q + m * K, K, W, ordered);
+            lay_row(p, m, ordered, 4 * W);
+        } else {
+            lay_row(p, m, p->q + m * K, W ? 0 : K); /* W without memory: rows of zeros, the call fails */
+        }
+    }
+    free(ordered);
+}
+
+/* quantize x (R, K) into s and the layout, padding rows [R, Mp) with zero codes (+ offset). The quantizer's passes
+ * over each float (norm, absmax, round) and the copies count as ~16 units of work per code, so that 16 rows of
+ * 1024 codes already split over the threads. */
+static void prepare(const struct prep_job *p, int64_t Mp) {
+    const int64_t units = (p->R + p->rows_per_sample - 1) / p->rows_per_sample;
+    tq_parallel_for(units, 1, 16 * p->R * p->K, prep_samples, (void *)p);
+    if (p->amx) {
+        for (int64_t m = p->R; m < Mp; ++m)
+            for (int64_t k0 = 0; k0 < p->Kp; k0 += TQ_KB)
+                memset(p->dst + (m / 16) * 16 * p->Kp + (m % 16) * TQ_KB + k0 * 16, 0, TQ_KB);
+    } else {
+        memset(p->dst + p->R * p->Kp, p->offset, (size_t)((Mp - p->R) * p->Kp));
+    }
+}
+
+/* --- the weight: tq_gemm_pack's tiles, or 2-bit rows decoded into them --------------------------------------- */
+
+#if defined(TQ_VNNI512)
+/* the 16 x 16 int32 matrix r (rows r[i]) transposed in place */
+static inline void transpose16(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 8; ++i) {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; ++i) { /* u[4i + q], lane L: rows 4i..4i+3 of column 4L + q */
+        r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    for (int q = 0; q < 4; ++q) {
+        const __m512i v0 = _mm512_shuffle_i32x4(r[q], r[4 + q], 0x44), v1 = _mm512_shuffle_i32x4(r[q], r[4 + q], 0xEE);
+        const __m512i v2 = _mm512_shuffle_i32x4(r[8 + q], r[12 + q], 0x44);
+        const __m512i v3 = _mm512_shuffle_i32x4(r[8 + q], r[12 + q], 0xEE);
+        t[q] = _mm512_shuffle_i32x4(v0, v2, 0x88);
+        t[4 + q] = _mm512_shuffle_i32x4(v0, v2, 0xDD);
+        t[8 + q] = _mm512_shuffle_i32x4(v1, v3, 0x88);
+        t[12 + q] = _mm512_shuffle_i32x4(v1, v3, 0xDD);
+    }
+    for (int i = 0; i < 16; ++i) r[i] = t[i];
+}
+
+/* 16 bytes of a 2-bit row -> their 16 x 4 codes (sign-extended fields, byte f of lane j = field f of byte j) */
+static inline __m512i decode16(const uint8_t *b) {
+#if defined(__AVX512VBMI__)
+    const __m512i v = _mm512_cvtepu16_epi64(_mm_loadu_si128((const __m128i *)b));
+    const __m512i fields = _mm512_multishift_epi64_epi8(_mm512_set1_epi64(0x0E0C0A0806040200LL), v);
+    const __m512i codes = _mm512_set4_epi32(0, 0, 0, (int)0xFFFE0100u); /* 0, 1, -2, -1 */
+    return _mm512_shuffle_epi8(codes, _mm512_and_si512(fields, _mm512_set1_epi8(3)));
+#else
+    const __m512i two = _mm512_set1_epi32(0x02020202);
+    __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)b));
+    /* field f (bits 2f, 2f + 1) to bits 8f, 8f + 1 of its lane, then sign-extended: (f ^ 2) - 2 */
+    v = _mm512_or_si512(_mm512_or_si512(v, _mm512_slli_epi32(v, 6)),
+                        _mm512_or_si512(_mm512_slli_epi32(v, 12), _mm512_slli_epi32(v, 18)));
+    return _mm512_sub_epi8(_mm512_xor_si512(_mm512_and_si512(v, _mm512_set1_epi32(0x03030303)), two), two);
+#endif
+}
+#endif
+
+/* channel blocks [b0, b1) of the 2-bit rows into tq_gemm_pack's layout at wp (block b at (b - b0) * 16 * Kp; k
+ * in the planar order, zero past W and past N) */
+static void decode_blocks(const struct gemm_job *g, int64_t b0, int64_t b1, int8_t *wp) {
+    const int64_t W = g->W, Kp = g->Kp, J = Kp / 4;
+    for (int64_t b = b0; b < b1; ++b) {
+        int8_t *block = wp + (b - b0) * TQ_NB * Kp;
+#if defined(TQ_VNNI512)
+        static const uint8_t zeros[16] = {0};
+        for (int64_t j0 = 0; j0 < J; j0 += 16) {
+            __m512i r[16];
+            for (int c = 0; c < TQ_NB; ++c) {
+                const int64_t n = b * TQ_NB + c;
+                uint8_t tail[16];
+                const uint8_t *src = n < g->N && j0 < W ? g->w2 + n * W + j0 : zeros;
+                if (src != zeros && j0 + 16 > W) {
+                    memset(tail, 0, sizeof tail);
+                    memcpy(tail, src, (size_t)(W - j0));
+                    src = tail;
+                }
+                r[c] = decode16(src); /* lane j: channel c's codes of k4 row j0 + j */
+            }
+            transpose16(r); /* r[j]: k4 row j0 + j, lane c: channel c */
+            for (int j = 0; j < 16; ++j) _mm512_storeu_si512((void *)(block + (j0 + j) * 64), r[j]);
+        }
+#else
+        for (int64_t j = 0; j < J; ++j)
+            for (int c = 0; c < TQ_NB; ++c) {
+                const int64_t n = b * TQ_NB + c;
+                const unsigned byte = n < g->N && j < W ? g->w2[n * W + j] : 0u;
+                for (int f = 0; f < 4; ++f)
+                    block[j * 64 + c * 4 + f] = (int8_t)((int)(((byte >> (2 * f)) & 3u) ^ 2u) - 2);
+            }
+#endif
+    }
+}
+
+/* --- the inner loops, on channel blocks [b0, b1) whose tiles start at wp ------------------------------------- */
 
 #if defined(TQ_AMX) || defined(TQ_VNNI512)
 /* the outputs of a block of `rows` x 32 channels from its sums acc (row stride 32), clipped to M x N */
@@ -147,15 +337,14 @@ static void amx_config(void) {
     _tile_loadconfig(&cfg);
 }
 
-/* channel blocks [b0, b1) (of 16): 32 x 32 outputs per pass in tiles 0-3, A in 4-5, B in 6-7; a 16-row or
- * 16-channel remainder runs the same loop with the tiles it needs */
-static void amx_blocks(const struct gemm_job *g, int64_t b0, int64_t b1) {
+/* 32 x 32 outputs per pass in tiles 0-3, A in 4-5, B in 6-7; a 16-row or 16-channel remainder runs the same loop
+ * with the tiles it needs */
+static void amx_blocks(const struct gemm_job *g, const int8_t *wp, int64_t b0, int64_t b1) {
     const int64_t Kp = g->Kp, Mp = round_up(g->M, 16), bstride = TQ_NB * Kp;
     int32_t acc[32 * 32];
-    amx_config();
     for (int64_t b = b0; b < b1; b += 2) {
         const int two_cols = b + 1 < b1;
-        const int8_t *w0 = g->wp + b * bstride, *w1 = w0 + bstride;
+        const int8_t *w0 = wp + (b - b0) * bstride, *w1 = w0 + bstride;
         for (int64_t m0 = 0; m0 < Mp; m0 += 32) {
             const int two_rows = m0 + 16 < Mp;
             const int8_t *a0 = g->q + m0 * Kp, *a1 = a0 + 16 * Kp;
@@ -186,20 +375,19 @@ static void amx_blocks(const struct gemm_job *g, int64_t b0, int64_t b1) {
             store_block(g, m0, two_rows ? 32 : 16, b * TQ_NB, acc);
         }
     }
-    _tile_release();
 }
 #endif
 
 #if defined(TQ_VNNI512)
-/* channel blocks [b0, b1): up to 8 rows x 32 channels of int32 sums in 16 registers, one activation broadcast
- * (4 codes + 128) feeding two vpdpbusd; a lone last block of 16 channels reads zeros for the second half */
-static void vnni_blocks(const struct gemm_job *g, int64_t b0, int64_t b1) {
+/* up to 8 rows x 32 channels of int32 sums in 16 registers, one activation broadcast (4 codes + 128) feeding two
+ * vpdpbusd; a lone last block of 16 channels reads zeros for the second half */
+static void vnni_blocks(const struct gemm_job *g, const int8_t *wp, int64_t b0, int64_t b1) {
     const int64_t Kp = g->Kp, M = g->M, bstride = TQ_NB * Kp, K4 = Kp / 4;
     int32_t acc[8 * 32];
     static const int8_t zeros[64] = {0};
     for (int64_t b = b0; b < b1; b += 2) {
         const int two_cols = b + 1 < b1;
-        const int8_t *w0 = g->wp + b * bstride, *w1 = two_cols ? w0 + bstride : zeros;
+        const int8_t *w0 = wp + (b - b0) * bstride, *w1 = two_cols ? w0 + bstride : zeros;
         const int64_t w1step = two_cols ? 64 : 0;
         for (int64_t m0 = 0; m0 < M; m0 += 8) {
             const int rows = M - m0 < 8 ? (int)(M - m0) : 8;
@@ -233,10 +421,10 @@ static void vnni_blocks(const struct gemm_job *g, int64_t b0, int64_t b1) {
 #endif
 
 /* portable: 4 rows x 16 channels of sums per pass, the 4 codes of a k4 step in the innermost loops */
-static void generic_blocks(const struct gemm_job *g, int64_t b0, int64_t b1) {
+static void generic_blocks(const struct gemm_job *g, const int8_t *wp, int64_t b0, int64_t b1) {
     const int64_t Kp = g->Kp, M = g->M, bstride = TQ_NB * Kp, K4 = Kp / 4;
     for (int64_t b = b0; b < b1; ++b) {
-        const int8_t *wb = g->wp + b * bstride;
+        const int8_t *wb = wp + (b - b0) * bstride;
         for (int64_t m0 = 0; m0 < M; m0 += 4) {
             const int rows = M - m0 < 4 ? (int)(M - m0) : 4;
             int32_t c[4][TQ_NB];
@@ -255,56 +443,84 @@ static void generic_blocks(const struct gemm_job *g, int64_t b0, int64_t b1) {
     }
 }
 
-static void gemm_blocks(void *arg, int64_t b0, int64_t b1) {
-    const struct gemm_job *g = (const struct gemm_job *)arg;
+static void run_blocks(const struct gemm_job *g, const int8_t *wp, int64_t b0, int64_t b1) {
 #if defined(TQ_AMX)
     if (g->isa == 2) {
-        amx_blocks(g, b0, b1);
+        amx_blocks(g, wp, b0, b1);
         return;
     }
 #endif
 #if defined(TQ_VNNI512)
     if (g->isa == 1) {
-        vnni_blocks(g, b0, b1);
+        vnni_blocks(g, wp, b0, b1);
         return;
     }
 #endif
-    generic_blocks(g, b0, b1);
+    generic_blocks(g, wp, b0, b1);
 }
 
-int tq_linear_gemm(const float *x, int64_t R, int64_t K, int norm, float eps, int bits, int64_t rows_per_sample,
-                   const int8_t *wp, const int32_t *wsum, int64_t N, const float *wscale, int per_channel,
-                   const float *bias, float *y) {
-    const int isa = gemm_isa();
-    const int64_t Kp = round_up(K, TQ_KB), Mp = round_up(R, 32);
-    int8_t *q = (int8_t *)malloc((size_t)(R * K));
-    int8_t *qp = (int8_t *)malloc((size_t)(Mp * Kp));
-    float *s = (float *)malloc((size_t)R * sizeof(float));
-    const int ok = q && qp && s;
-    if (ok) {
-        tq_quantize_rows(x, R, K, norm, eps, bits, rows_per_sample, q, s);
-        /* rows padded to Kp codes (and Mp rows) of zeros; + 128 for vpdpbusd (a padded k meets a zero weight); for
-         * AMX each 16 x 64 tile of codes contiguous (tile (i, j) at (i * Kp / 64 + j) * 1024: the same start of a
-         * block of 16 rows as row-major), which the prefetcher streams better than 16 rows Kp apart */
-        const uint8_t offset = isa == 1 ? 128 : 0;
-        memset(qp, (int)offset, (size_t)(Mp * Kp));
-        for (int64_t m = 0; m < R; ++m) {
-            const int8_t *src = q + m * K;
-            if (isa == 2) {
-                int8_t *dst = qp + (m / 16) * 16 * Kp + (m % 16) * TQ_KB;
-                for (int64_t k0 = 0; k0 < K; k0 += TQ_KB)
-                    memcpy(dst + k0 * 16, src + k0, (size_t)(K - k0 < TQ_KB ? K - k0 : TQ_KB));
-            } else {
-                int8_t *dst = qp + m * Kp;
-                for (int64_t k = 0; k < K; ++k) dst[k] = (int8_t)(uint8_t)((uint8_t)src[k] + offset);
+/* a chunk of channel blocks: the packed tiles in place, or the 2-bit rows decoded two blocks at a time into this
+ * thread's panel (32 channels x Kp codes: in L1 / L2 for K up to a few thousand) and multiplied by every row */
+static void gemm_blocks(void *arg, int64_t b0, int64_t b1) {
+    struct gemm_job *g = (struct gemm_job *)arg;
+#if defined(TQ_AMX)
+    if (g->isa == 2) amx_config();
+#endif
+    if (g->w2 == NULL) {
+        run_blocks(g, g->wp + b0 * TQ_NB * g->Kp, b0, b1);
+    } else {
+        int8_t *panel = (int8_t *)malloc((size_t)(2 * TQ_NB * g->Kp));
+        if (panel == NULL) {
+            __atomic_store_n(&g->failed, 1, __ATOMIC_RELAXED);
+        } else {
+            for (int64_t b = b0; b < b1; b += 2) {
+                const int64_t e = b + 2 < b1 ? b + 2 : b1;
+                decode_blocks(g, b, e, panel);
+                run_blocks(g, panel, b, e);
             }
+            free(panel);
         }
-        struct gemm_job g = {qp, (const uint8_t *)qp, wp, wsum, R, N, Kp, s, wscale, bias, per_channel, isa, y};
+    }
+#if defined(TQ_AMX)
+    if (g->isa == 2) _tile_release();
+#endif
+}
+
+/* the call of tq_linear_gemm (wp) and tq_linear_gemm_2bit (w2 with W bytes per row) */
+static int linear_gemm(const float *x, int64_t R, int64_t K, int norm, float eps, int bits, int64_t rows_per_sample,
+                       const int8_t *wp, const uint8_t *w2, int64_t W, const int32_t *wsum, int64_t N,
+                       const float *wscale, int per_channel, const float *bias, float *y) {
+    const int isa = gemm_isa();
+    const int64_t Kp = round_up(w2 ? 4 * W : K, TQ_KB), Mp = round_up(R, 32);
+    int8_t *q = (int8_t *)malloc((size_t)(R * K));
+    uint8_t *qp = (uint8_t *)malloc((size_t)(Mp * Kp));
+    float *s = (float *)malloc((size_t)R * sizeof(float));
+    int ok = q && qp && s;
+    if (ok) {
+        /* rows padded to Kp codes (and Mp rows) of zeros; + 128 for vpdpbusd (a padded k meets a zero weight) */
+        const struct prep_job p = {x, R, K, rows_per_sample, norm, bits, eps, q, s, isa == 2,
+                                   (uint8_t)(isa == 1 ? 128 : 0), Kp, w2 ? W : 0, qp};
+        prepare(&p, Mp);
+        struct gemm_job g = {(const int8_t *)qp, qp, wp, w2, wsum, R, N, Kp, W, s, wscale, bias, per_channel, isa, y, 0};
         const int64_t blocks = round_up(N, TQ_NB) / TQ_NB;
         tq_parallel_for(blocks, 2, R * N * K, gemm_blocks, &g);
+        ok = !g.failed;
     }
     free(q);
     free(qp);
     free(s);
     return ok ? 0 : -1;
+}
+
+int tq_linear_gemm(const float *x, int64_t R, int64_t K, int norm, float eps, int bits, int64_t rows_per_sample,
+                   const int8_t *wp, const int32_t *wsum, int64_t N, const float *wscale, int per_channel,
+                   const float *bias, float *y) {
+    return linear_gemm(x, R, K, norm, eps, bits, rows_per_sample, wp, NULL, 0, wsum, N, wscale, per_channel, bias, y);
+}
+
+int tq_linear_gemm_2bit(const float *x, int64_t R, int64_t K, int norm, float eps, int bits, int64_t rows_per_sample,
+                        const uint8_t *w2, const int32_t *wsum, int64_t N, const float *wscale, int per_channel,
+                        const float *bias, float *y) {
+    return linear_gemm(x, R, K, norm, eps, bits, rows_per_sample, NULL, w2, (K + 3) / 4, wsum, N, wscale,
+                       per_channel, bias, y);
 }

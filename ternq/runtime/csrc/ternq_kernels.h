@@ -10,7 +10,7 @@
 
 #include <stdint.h>
 
-#define TQ_ABI_VERSION 9
+#define TQ_ABI_VERSION 10
 
 void tq_quantize_channels(const float *x, int64_t B, int64_t C, int64_t T, int norm, float eps, int bits, int
     per_sample, int8_t *q, int64_t ldq, float *s, int64_t lds, int64_t off);
@@ -73,7 +73,13 @@ int tq_linear_gemm(const float *x, int64_t R, int64_t K, int norm, float eps, in
     const int8_t *wp, const int32_t *wsum, int64_t N, const float *wscale, int per_channel, const float *bias,
     float *y);
 
-/* the inner loop tq_linear_gemm runs (0 portable, 1 AVX-512 VNNI, 2 AMX), after capping it at `cap` (< 0: no
+/* the same on the 2-bit rows w2 (N, ceil(K / 4)) of storage="packed", read as stored (decoded per thread into a
+ * cache-sized panel, never unpacked whole); wsum: their row sums, N rounded up to 16 entries (0 past N) */
+int tq_linear_gemm_2bit(const float *x, int64_t R, int64_t K, int norm, float eps, int bits, int64_t rows_per_sample,
+    const uint8_t *w2, const int32_t *wsum, int64_t N, const float *wscale, int per_channel, const float *bias,
+    float *y);
+
+/* the inner loop tq_linear_gemm and tq_linear_gemm_2bit run (0 portable, 1 AVX-512 VNNI, 2 AMX), after capping it at `cap` (< 0: no
  * change; tests run each loop this build has) */
 int tq_gemm_isa(int cap);
 
