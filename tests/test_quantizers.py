@@ -587,3 +587,33 @@ def test_per_tensor_scale_is_reduced_in_the_weight_layout(shape: list[int], conf
     assert torch.equal(scale, config.scale_of(w.abs(), tuple(range(w.dim()))).reshape(1))
     codes = torch.clamp(torch.round(w / scale), -config.qmax, config.qmax)
     assert torch.equal(fake_quantize_weight(w.requires_grad_(), config, out_dim).detach(), codes * scale)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(0, 5), min_size=1, max_size=4), st.data())
+def test_absmax_checks_sizes_only_for_an_empty_input(shape: list[int], data: st.DataObject) -> None:
+    """`absmax` (every small activation's scale) asks for the reduced sizes, a Python loop with a symbolic-size
+    guard per dim, only where the input is empty; a non-empty eager input goes straight to the reduction (issue 19:
+    that loop was a per-call cost of every layer). The value is ``|x|.amax`` either way, zeros for an empty one."""
+    import ternq.qat.quantizers as quantizers
+
+    dims = tuple(data.draw(st.sets(st.integers(0, len(shape) - 1), min_size=1)))
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    calls = []
+
+    def counting(cond):  # noqa: ANN001, ANN202
+        calls.append(cond)
+        return guard(cond)
+
+    guard, quantizers.guard_or_false = quantizers.guard_or_false, counting
+    try:
+        got = quantizers.absmax(x, dims)
+    finally:
+        quantizers.guard_or_false = guard
+    assert (calls != []) == (x.numel() == 0)
+    if x.numel():
+        assert torch.equal(got, x.abs().amax(dim=dims, keepdim=True))
+    else:
+        reduced = {d % len(shape) for d in dims}
+        expected = [1 if d in reduced else n for d, n in enumerate(shape)]
+        assert list(got.shape) == expected and not got.any()

@@ -253,6 +253,9 @@ def _act_dims(x: Tensor, dim: int, granularity: str) -> tuple[int, ...]:
 def absmax(x: Tensor, dims: tuple[int, ...]) -> Tensor:
     """``x.abs().amax(dims, keepdim=True)``; zeros for an empty `x`, where amax refuses to reduce (no value to
     scale, but an empty batch must still run)."""
+    n = x.numel()
+    if type(n) is int and n > 0 and not torch.jit.is_tracing():  # known sizes, not empty: no per-dim checks
+        return x.abs().amax(dim=dims, keepdim=True)
     reduced = {d % max(x.dim(), 1) for d in dims}
     if torch.jit.is_tracing():  # the TorchScript tracer: sizes may be 0-d tensors, numel an int
         empty = x.numel() == 0
