@@ -240,8 +240,9 @@ def convert(model, peer: str, task: str):
                   "ternq-4bit": ternq.KBitConfig(bits=4)}[peer]
         model = ternq.quantize(model, config=config)
         if peer == "ternq-layernorm":  # the default before issue 19: an input norm also right after a norm layer
-            for m in model.modules():
-                if ternq.is_quantized(m) and m.qconfig.act_bits is not None:
+            for m in model.modules():  # (not on a 1-feature input, which it normalizes to zeros: the rule then too)
+                features = getattr(m, "in_features", getattr(m, "in_channels", None))
+                if ternq.is_quantized(m) and m.qconfig.act_bits is not None and features != 1:
                     m.qconfig = dataclasses.replace(m.qconfig, input_norm="layernorm")
         return model
     if peer == "hf-bitnet":

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import ternq
 from ternq import KBitConfig, QuantConfig, TernaryConfig
@@ -554,3 +555,65 @@ def test_transposed_conv_weight_reads_contiguous(granularity: str) -> None:
     w, hard = layer.weight, layer.hard_weight()
     assert w.is_contiguous() and hard.is_contiguous()  # the packed runtime's weight_only computes with the latter
     torch.testing.assert_close(w.detach(), hard, rtol=0, atol=0)
+
+
+class _Ops(TorchDispatchMode):
+    """Records the aten ops run inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        self.ops.append(str(func.overloadpacket.__name__))
+        return func(*args, **(kwargs or {}))
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(1, 9), min_size=2, max_size=4), st.sampled_from([TernaryConfig(), KBitConfig(bits=4)]),
+       st.booleans())
+def test_per_tensor_scale_is_reduced_in_the_weight_layout(shape: list[int], config: QuantConfig,
+                                                          transposed: bool) -> None:
+    """A per-tensor scale is one reduction over the weight as it lies in memory, for any output dim: no copy of a
+    ConvTranspose weight into rows (issue 19: that copy was half of such a layer's weight-quantizer cost), and the
+    same bits in training (`_WeightSTE`) as in packing (`weight_scale`)."""
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(len(shape))) * 0.3
+    out_dim = 1 if transposed else 0
+    for fn in (lambda: weight_scale(w, config, out_dim), lambda: fake_quantize_weight(w, config, out_dim)):
+        with _Ops() as rec:
+            fn()
+        assert not {"clone", "copy_", "contiguous"} & set(rec.ops), rec.ops
+    scale = weight_scale(w, config, out_dim)
+    assert torch.equal(scale, config.scale_of(w.abs(), tuple(range(w.dim()))).reshape(1))
+    codes = torch.clamp(torch.round(w / scale), -config.qmax, config.qmax)
+    assert torch.equal(fake_quantize_weight(w.requires_grad_(), config, out_dim).detach(), codes * scale)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(0, 5), min_size=1, max_size=4), st.data())
+def test_absmax_checks_sizes_only_for_an_empty_input(shape: list[int], data: st.DataObject) -> None:
+    """`absmax` (every small activation's scale) asks for the reduced sizes, a Python loop with a symbolic-size
+    guard per dim, only where the input is empty; a non-empty eager input goes straight to the reduction (issue 19:
+    that loop was a per-call cost of every layer). The value is ``|x|.amax`` either way, zeros for an empty one."""
+    import ternq.qat.quantizers as quantizers
+
+    dims = tuple(data.draw(st.sets(st.integers(0, len(shape) - 1), min_size=1)))
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    calls = []
+
+    def counting(cond):  # noqa: ANN001, ANN202
+        calls.append(cond)
+        return guard(cond)
+
+    guard, quantizers.guard_or_false = quantizers.guard_or_false, counting
+    try:
+        got = quantizers.absmax(x, dims)
+    finally:
+        quantizers.guard_or_false = guard
+    assert (calls != []) == (x.numel() == 0)
+    if x.numel():
+        assert torch.equal(got, x.abs().amax(dim=dims, keepdim=True))
+    else:
+        reduced = {d % len(shape) for d in dims}
+        expected = [1 if d in reduced else n for d, n in enumerate(shape)]
+        assert list(got.shape) == expected and not got.any()

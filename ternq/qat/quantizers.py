@@ -82,15 +82,24 @@ def _stat(x: Tensor, config: QuantConfig, dims: tuple[int, ...], counts: Tensor 
 def weight_scale(w: Tensor, config: QuantConfig, out_dim: int = 0) -> Tensor:
     """Scale(s) of `w` in stored shape: ``(1,)`` per tensor, ``(rows,)`` per channel, ``(rows, n_groups)`` per group."""
     w = w.detach().float()
-    rows = _rows(w, out_dim)
     if config.granularity == "tensor":
-        s = _stat(rows, config, (0, 1)).reshape(1)
-    elif config.granularity == "channel":
+        # one statistic of every element: reduced in the weight's own layout (a ConvTranspose weight's rows are a
+        # permuted copy), the reduction `_WeightSTE` runs, so that training and packing get the same scale bits
+        return _tensor_scale(w, config)
+    rows = _rows(w, out_dim)
+    if config.granularity == "channel":
         s = _stat(rows, config, (1,))
     else:
         grouped, counts = _grouped(rows, config.group_size)
         s = _stat(grouped, config, (2,), counts)
     return s
+
+
+def _tensor_scale(w32: Tensor, config: QuantConfig) -> Tensor:
+    """The per-tensor scale ``(1,)`` of float32 `w32`, over all its elements as they lie in memory."""
+    if w32.dim() == 0:
+        raise ValueError("cannot quantize a 0-d tensor: a weight needs at least one dimension")
+    return config.scale_of(w32.abs(), tuple(range(w32.dim()))).reshape(1)
 
 
 def _expand(scale: Tensor, rows_shape: torch.Size, config: QuantConfig) -> Tensor:
@@ -163,9 +172,7 @@ class _WeightSTE(torch.autograd.Function):
             # computed where it is read, contiguous (a ConvTranspose weight's rows are a permuted copy, which
             # the convolution would copy back, forward and backward), each element from the same two numbers
             rows32 = w32
-            if config.granularity == "tensor" and (out_dim == 0 or w.dim() <= 1) and w32.is_contiguous():
-                # the rows are a view: the same reduction in the same order as `weight_scale`'s, without its
-                # reshapes (a small layer's step is mostly per-op overhead)
+            if config.granularity == "tensor":  # `weight_scale`'s reduction, without its checks and reshapes
                 scale = config.scale_of(w32.abs(), tuple(range(w.dim())))
             else:
                 scale = _in_layout(weight_scale(w, config, out_dim), w.dim(), config, out_dim)
@@ -246,6 +253,9 @@ def _act_dims(x: Tensor, dim: int, granularity: str) -> tuple[int, ...]:
 def absmax(x: Tensor, dims: tuple[int, ...]) -> Tensor:
     """``x.abs().amax(dims, keepdim=True)``; zeros for an empty `x`, where amax refuses to reduce (no value to
     scale, but an empty batch must still run)."""
+    n = x.numel()
+    if type(n) is int and n > 0 and not torch.jit.is_tracing():  # known sizes, not empty: no per-dim checks
+        return x.abs().amax(dim=dims, keepdim=True)
     reduced = {d % max(x.dim(), 1) for d in dims}
     if torch.jit.is_tracing():  # the TorchScript tracer: sizes may be 0-d tensors, numel an int
         empty = x.numel() == 0
