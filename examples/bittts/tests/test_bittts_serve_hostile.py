@@ -318,3 +318,29 @@ def test_any_request_gets_one_status_line_and_no_500(fast_server, method, path, 
     _, _, reply = rest.partition(b"\r\n\r\n")
     if not status_line.startswith(b"HTTP/1.1 200") and method != "HEAD":
         one_line(reply)
+
+
+def test_a_full_server_never_drops_a_request_that_has_arrived():
+    """At `max_connections` a newcomer evicts the reader waiting longest among those with nothing sent: a client
+    whose whole request waits unread in its socket (it connected first, the server has not turned to it yet) is
+    about to be answered, not slow (before: it was the oldest reader, so it was reset; the load test's first
+    /health poll, now and then)."""
+    from bittts.synthesis.server import _Connection
+
+    srv = SpeechServer(("127.0.0.1", 0), SlowSynth(), quiet=True, max_connections=2)
+    pairs = [socket.socketpair() for _ in range(2)]
+    try:
+        now = time.monotonic()
+        waiting = _Connection(pairs[0][0], ("127.0.0.1", 1), now - 10)  # connected first, its request unread
+        idle = _Connection(pairs[1][0], ("127.0.0.1", 2), now - 1)  # sent nothing yet
+        pairs[0][1].sendall(b"GET /health HTTP/1.1\r\n\r\n")
+        for conn in (waiting, idle):
+            conn.sock.setblocking(False)
+            srv._conns.add(conn)
+        assert srv._evict()
+        assert idle.closed and not waiting.closed
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
+        srv.server_close()

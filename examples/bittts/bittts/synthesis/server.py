@@ -73,6 +73,14 @@ class _RequestError(Exception):
         self.status, self.headers = status, headers or {}
 
 
+def _input_waiting(sock: socket.socket) -> bool:
+    """Whether bytes from the client wait in `sock` (an end of stream does not count)."""
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except OSError:  # nothing yet (EAGAIN), or a broken connection: evictable either way
+        return False
+
+
 class _Connection:
     """One client connection: reading its request, then working (a synthesis runs for it), then writing the
     answer (then, after a refused body, lingering: reading what it still sends, so it sees the answer)."""
@@ -222,14 +230,17 @@ class SpeechServer:
 
     def _evict(self) -> bool:
         """Close a connection that only reads: one lingering after its answer, else the one that has been reading
-        its request longest (a slow or idle client). False if there is none."""
+        its request longest (a slow or idle client) among those with nothing waiting to be read (a request that
+        has arrived but not been read yet is about to be answered, however long ago it connected). False if
+        there is none."""
         for state in ("lingering", "reading"):
             readers = [c for c in self._conns if c.state == state]
+            if state == "reading":
+                readers = [c for c in readers if not _input_waiting(c.sock)] or readers
             if readers:
                 self._close(min(readers, key=lambda c: c.started))
                 return True
         return False
-        return True
 
     def _pause_accepting(self, until: float) -> None:
         if self._listening:
