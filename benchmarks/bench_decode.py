@@ -271,8 +271,8 @@ def summary(rows: list[tuple[str, int, dict[str, Any] | str, float | None]]) -> 
             print(f"  {threads} thread(s): ternq storages decode the same tokens: {'yes' if same else 'NO'}")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The Llama's shape and the decode's length (also `profile_decode.py`'s: the same model)."""
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--intermediate", type=int, default=5632)
     p.add_argument("--layers", type=int, default=4)
@@ -281,6 +281,11 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=512)
     p.add_argument("--prompt", type=int, default=64, help="prompt tokens (processed in one call)")
     p.add_argument("--new", type=int, default=64, help="tokens decoded greedily")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_args(p)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", default="1,all", help="comma-separated thread counts ('all': every core)")
     variants = ["fp32", "dyn-int8", *(f"ternq-{s}" for s in TERNQ_STORAGES), "llama-tq2_0", "llama-tq1_0"]

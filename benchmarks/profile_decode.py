@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _machine import machine_line  # noqa: E402
-from bench_decode import build, llama_config, quantized  # noqa: E402
+from bench_decode import add_model_args, build, llama_config, quantized  # noqa: E402
 
 import ternq  # noqa: E402
 from ternq.runtime import is_packed  # noqa: E402
@@ -53,14 +53,7 @@ def best(fn, reps: int, rounds: int = 5) -> float:
 @torch.inference_mode()
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--hidden", type=int, default=2048)
-    p.add_argument("--intermediate", type=int, default=5632)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--kv-heads", type=int, default=16)
-    p.add_argument("--vocab", type=int, default=512)
-    p.add_argument("--prompt", type=int, default=64)
-    p.add_argument("--new", type=int, default=64)
+    add_model_args(p)
     p.add_argument("--threads", default="1,2")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--cpu-clock", action="store_true",
