@@ -328,9 +328,9 @@ def _native_split(x: Tensor, dims: tuple[int, ...]) -> tuple[int, int, int] | No
     """(outer, c, inner) of a plain contiguous CPU tensor whose reduced `dims` are consecutive, the view the
     activation kernel reads; None where the eager form must run (a graph being recorded, autocast, a tensor
     subclass such as a fake tensor, an empty tensor, other dims)."""
-    if type(x) is not Tensor or x.device.type != "cpu" or not x.is_contiguous() or x.dim() == 0 \
-            or x.numel() == 0 or torch.jit.is_tracing() or torch.compiler.is_compiling() \
-            or torch.is_autocast_enabled("cpu"):
+    if torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu") \
+            or type(x) is not Tensor or x.device.type != "cpu" or not x.is_contiguous() or x.dim() == 0 \
+            or x.numel() == 0:
         return None
     ds = sorted({d % x.dim() for d in dims})
     if not ds or ds[-1] - ds[0] != len(ds) - 1:
