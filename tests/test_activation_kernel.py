@@ -12,8 +12,8 @@ import hypothesis.strategies as st
 import pytest
 import torch
 from hypothesis import given, settings
-
 from native_builds import ARCHS, native_build
+
 from ternq import TernaryConfig, native
 from ternq.qat import quantizers
 from ternq.qat.quantizers import fake_quantize_activation, quantize_input, register_activation_kernel
