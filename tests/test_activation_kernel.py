@@ -181,3 +181,16 @@ def test_the_runtime_registers_the_kernel() -> None:
         fake_quantize_activation(torch.randn(3, 4), 8, -1)
     assert spy.ran == 1
     assert quantizers._ACTIVATION_KERNEL[0] is native.fake_quantize
+
+
+def test_torch_compile_records_the_torch_form() -> None:
+    """Under torch.compile the quantizer is traced as torch ops (a ctypes call cannot be in a graph): the kernel
+    is not called, and the compiled function gives the same values and gradient."""
+    x = torch.randn(4, 8, requires_grad=True)
+    spy = Spy()
+    with kernel(spy):
+        compiled = torch.compile(lambda t: fake_quantize_activation(t, 8, -1), backend="eager", fullgraph=True)
+        y = compiled(x)
+    assert spy.calls == 0
+    y.backward(torch.ones_like(y))
+    assert torch.equal(y, fake_quantize_activation(x, 8, -1)) and torch.equal(x.grad, torch.ones_like(x))
