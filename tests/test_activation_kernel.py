@@ -144,8 +144,9 @@ def test_non_contiguous_and_other_dtypes_take_the_eager_form() -> None:
             eager = fake_quantize_activation(t, 8, -1)
         assert torch.equal(fast, eager)
     assert spy.calls == 0
-    with kernel(spy):  # dims that are not one run of consecutive dims: eager
+    with kernel(spy):  # dims that are not one run of consecutive dims, and 1 bit (no code but 0): eager
         quantizers._fake_quantize(x, 8, (0, 2), 1e-5, inplace=False)
+        quantizers._fake_quantize(x, 1, (2,), 1e-5, inplace=False)
     assert spy.calls == 0
 
 

@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 #: ``kernel(x, out, outer, c, inner, bits, eps) -> bool``: `_fake_quantize` on x viewed as (outer, c, inner), float32
-#: contiguous on the CPU, over c, written into out (which may be x); False when it cannot run
+#: contiguous on the CPU, over c, written into out (which may be x), bits 2..16; False when it cannot run
 ActivationKernel = Callable[[Tensor, Tensor, int, int, int, int, float], bool]
 _ACTIVATION_KERNEL: list[ActivationKernel | None] = [None]
 
@@ -306,7 +306,7 @@ class _ActivationSTE(torch.autograd.Function):
 def _fake_quantize(x: Tensor, bits: int, dims: tuple[int, ...], eps: float, inplace: bool) -> Tensor:
     """``clip(round(x / s)) * s`` with the absmax scale over `dims`; `inplace` reuses x (a tensor of one's own)."""
     kernel = _ACTIVATION_KERNEL[0]
-    if kernel is not None and x.dtype == torch.float32:
+    if kernel is not None and x.dtype == torch.float32 and type(bits) is int and 2 <= bits <= 16:
         split = _native_split(x, dims)
         if split is not None:
             out = x if inplace else torch.empty_like(x, memory_format=torch.contiguous_format)
