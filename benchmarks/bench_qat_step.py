@@ -3,6 +3,7 @@
     python benchmarks/bench_qat_step.py                # ~1 min on 2 cores; --threads N, --steps N
     python benchmarks/bench_qat_step.py --breakdown    # also the step with weights only and without the input norm
     python benchmarks/bench_qat_step.py --clock thread # thread CPU time: steadier on a loaded machine (1 thread)
+    python benchmarks/bench_qat_step.py --torch-act    # also the QAT step with the torch activation quantizer
     PYTHONPATH=/path/to/other/ternq python benchmarks/bench_qat_step.py   # the same figures for another ternq
 
 One AdamW step (forward, backward, optimizer) on a fixed batch, best of --repeats rounds of --steps steps, fp32
@@ -27,6 +28,18 @@ from _machine import machine_line  # noqa: E402
 from bench_qat import gpt_model  # noqa: E402  (the char-GPT of the peer comparison, one definition)
 
 import ternq  # noqa: E402
+from ternq import native  # noqa: E402
+
+try:
+    from ternq.qat.quantizers import register_activation_kernel
+except ImportError:  # an older ternq (PYTHONPATH=<other ternq>): its activation quantizer is torch ops only
+    register_activation_kernel = None
+
+
+def _torch_act(on: bool) -> None:
+    """Run the activation quantizer's torch form (on) or its native kernel (off), where this ternq has one."""
+    if register_activation_kernel is not None:
+        register_activation_kernel(None if on else native.fake_quantize)
 
 
 def conv_net() -> nn.Module:
@@ -72,6 +85,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--clock", choices=("wall", "thread"), default="wall",
                     help="wall time (default), or this thread's CPU time, which time slices given to other processes "
                          "do not inflate (a loaded machine; --threads 1 only: other threads' work is not counted)")
+    ap.add_argument("--torch-act", action="store_true",
+                    help="also time the default QAT step with the activation quantizer's torch form instead of its "
+                         "native one-pass kernel (csrc/ternq_act.c): what the kernel saves, in the same run")
     args = ap.parse_args(argv)
     if args.clock == "thread" and args.threads != 1:
         ap.error("--clock thread counts the calling thread only: use it with --threads 1")
@@ -80,12 +96,15 @@ def main(argv: list[str] | None = None) -> None:
     print(machine_line())
     print(f"clock: {args.clock}")
     print(f"ternq from {os.path.dirname(ternq.__file__)}")
-    configs = {"qat": None}
+    print(f"native kernels: {native.status()}")
+    configs: dict[str, ternq.QuantConfig | None] = {"qat": None}
     if args.breakdown:
         configs = {"weights only": ternq.TernaryConfig(act_bits=None, input_norm=None),
                    "+ activations": ternq.TernaryConfig(input_norm=None), "qat": None}
-    extra = "".join(f" {key} ms/step | / fp32 |" for key in configs if key != "qat")
-    print(f"| model | fp32 ms/step |{extra} ternary QAT ms/step | QAT / fp32 |")
+    if args.torch_act:
+        configs["torch act"] = None
+    columns = "".join(f" {'ternary QAT' if key == 'qat' else key} ms/step | / fp32 |" for key in configs)
+    print(f"| model | fp32 ms/step |{columns}")
     print("|---|---:|" + "---:|---:|" * len(configs))
     for name in ("char-GPT", "conv stack"):
         make, loss_fn = _task(name)
@@ -97,7 +116,9 @@ def main(argv: list[str] | None = None) -> None:
         best = dict.fromkeys(models, float("inf"))
         for _ in range(args.repeats):  # alternate, so that a busy moment costs all
             for key, model in models.items():
+                _torch_act(key == "torch act")
                 best[key] = min(best[key], _step_ms(model, loss_fn, args.steps, clock))
+        _torch_act(False)
         cells = "".join(f" {best[key]:.1f} | {best[key] / best['fp32']:.2f}x |" for key in configs)
         print(f"| {name} | {best['fp32']:.1f} |{cells}")
 

@@ -21,6 +21,7 @@ clipping (not rounding) decided the code.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -39,7 +40,23 @@ __all__ = [
     "quantize_input",
     "activation_scale",
     "fake_quantize_activation",
+    "register_activation_kernel",
 ]
+
+#: ``kernel(x, out, outer, c, inner, bits, eps) -> bool``: `_fake_quantize` on x viewed as (outer, c, inner), float32
+#: contiguous on the CPU, over c, written into out (which may be x), bits 2..16; False when it cannot run
+ActivationKernel = Callable[[Tensor, Tensor, int, int, int, int, float], bool]
+_ACTIVATION_KERNEL: list[ActivationKernel | None] = [None]
+
+
+def register_activation_kernel(kernel: ActivationKernel | None) -> None:
+    """Install the one-pass activation fake-quantizer the training forward runs where it can (None: remove it).
+
+    Why a registry: the kernel is native code, built and bound by ``ternq.runtime.native``, a layer above this
+    one, which registers it when it loads (``import ternq`` loads it). The kernel must return exactly the eager
+    form's bits (`_fake_quantize`); it runs only on float32 contiguous CPU tensors outside autocast and graph
+    recording (jit.trace, torch.compile, torch.export), and the eager form everywhere else."""
+    _ACTIVATION_KERNEL[0] = kernel
 
 
 def _rows(w: Tensor, out_dim: int) -> Tensor:
@@ -288,6 +305,13 @@ class _ActivationSTE(torch.autograd.Function):
 
 def _fake_quantize(x: Tensor, bits: int, dims: tuple[int, ...], eps: float, inplace: bool) -> Tensor:
     """``clip(round(x / s)) * s`` with the absmax scale over `dims`; `inplace` reuses x (a tensor of one's own)."""
+    kernel = _ACTIVATION_KERNEL[0]
+    if kernel is not None and x.dtype == torch.float32 and type(bits) is int and 2 <= bits <= 16:
+        split = _native_split(x, dims)
+        if split is not None:
+            out = x if inplace else torch.empty_like(x, memory_format=torch.contiguous_format)
+            if kernel(x, out, *split, bits, eps):
+                return out
     qmax = 2 ** (bits - 1) - 1
     if x.numel() >= 1 << 15:  # max|x| = max(max x, -min x) exactly, without materializing |x|
         s = torch.maximum(x.amax(dims, keepdim=True), x.amin(dims, keepdim=True).neg_())
@@ -298,6 +322,21 @@ def _fake_quantize(x: Tensor, bits: int, dims: tuple[int, ...], eps: float, inpl
     if x.dtype != torch.float32:  # in float32 |x / s| <= qmax * (1 + 2**-23): rounding cannot leave the range
         codes.clamp_(-qmax - 1, qmax)
     return codes.mul_(s)
+
+
+def _native_split(x: Tensor, dims: tuple[int, ...]) -> tuple[int, int, int] | None:
+    """(outer, c, inner) of a plain contiguous CPU tensor whose reduced `dims` are consecutive, the view the
+    activation kernel reads; None where the eager form must run (a graph being recorded, autocast, a tensor
+    subclass such as a fake tensor, an empty tensor, other dims)."""
+    if torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu") \
+            or type(x) is not Tensor or x.device.type != "cpu" or not x.is_contiguous() or x.dim() == 0 \
+            or x.numel() == 0:
+        return None
+    ds = sorted({d % x.dim() for d in dims})
+    if not ds or ds[-1] - ds[0] != len(ds) - 1:
+        return None
+    shape = x.shape
+    return math.prod(shape[: ds[0]]), math.prod(shape[ds[0]: ds[-1] + 1]), math.prod(shape[ds[-1] + 1:])
 
 
 class _NormQuantize(torch.autograd.Function):

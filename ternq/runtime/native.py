@@ -50,6 +50,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from ..qat.quantizers import register_activation_kernel
+
 __all__ = ["NATIVE_ENV", "ARCH_ENV", "CACHE_ENV", "BUILD_TIMEOUT_ENV", "available", "status", "build", "library",
            "cpu_flags", "vnni", "num_threads", "packed_isa", "PACKED_ISAS", "gemm_isa", "GEMM_ISAS"]
 
@@ -64,7 +66,8 @@ _STALE_TEMP_S = 3600  # temporary files of builds killed without cleanup (SIGKIL
 _SOURCE = Path(__file__).parent / "csrc" / "ternq_kernels.c"
 # one library from these translation units (ternq_packed.c: the kernels on 2-bit rows, storage="packed"; ternq_gemm.c:
 # Linear on many tokens), which share ternq_internal.h (tq_parallel_for)
-_SOURCES = (_SOURCE, _SOURCE.with_name("ternq_packed.c"), _SOURCE.with_name("ternq_gemm.c"))
+_SOURCES = (_SOURCE, _SOURCE.with_name("ternq_packed.c"), _SOURCE.with_name("ternq_gemm.c"),
+            _SOURCE.with_name("ternq_act.c"))  # ternq_act.c: QAT's activation fake-quantizer (`fake_quantize`)
 _INTERNAL = _SOURCE.with_name("ternq_internal.h")
 _HEADER = _SOURCE.with_suffix(".h")  # the ABI number and the prototypes: `_interface` checks the binding against it
 _FLAGS = ("-O3", "-std=c99", "-shared", "-fPIC", "-ffp-contract=off", "-fno-math-errno")
@@ -101,6 +104,7 @@ _SIGNATURES: dict[str, tuple[object, ...]] = {
     "tq_set_openmp": (_P, _P),
     "tq_num_threads": (),
     "tq_set_min_work": (_I,),
+    "tq_fake_quantize": (_P, _I, _I, _I, _F, _C, _P),
 }
 _RETURNS_INT = ("tq_quantize_grouped", "tq_conv_transpose1d_grouped", "tq_linear_rows", "tq_row_sums", "tq_num_threads",
                 "tq_linear_2bit", "tq_packed_isa", "tq_linear_gemm", "tq_linear_gemm_2bit", "tq_gemm_isa")
@@ -902,6 +906,21 @@ def _conv_transpose1d_at(lib: ctypes.CDLL, xg: int, c4: int, tp: int, weights: C
                                        int(per_channel), bias, y, ldy) != 0:
         raise ValueError(f"tq_conv_transpose1d_grouped: {tp} input steps do not cover {t_out} output steps of "
                          f"stride {up} (pad the input as conv_transpose_padding says), or stride {up} > 64")
+
+
+def fake_quantize(x: Tensor, out: Tensor, outer: int, c: int, inner: int, bits: int, eps: float) -> bool:
+    """QAT's activation fake-quantizer in one pass: out = round(x / s) * s with s = max(max|x|, eps) / qmax over
+    each line of the c elements of x (outer, c, inner) float32 contiguous (out the same; it may be x), bit for bit
+    the eager torch form. False without the native kernels (the caller runs that form). Registered with
+    `ternq.qat.quantizers.register_activation_kernel` when this module loads."""
+    lib = library()
+    if lib is None:
+        return False
+    lib.tq_fake_quantize(x.data_ptr(), outer, c, inner, eps, bits, out.data_ptr())
+    return True
+
+
+register_activation_kernel(fake_quantize)
 
 
 def main(argv: list[str] | None = None) -> int:

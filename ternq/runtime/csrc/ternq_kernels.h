@@ -1,4 +1,4 @@
-/* The interface of ternq_kernels.c, ternq_packed.c and ternq_gemm.c: the functions ternq/runtime/native.py binds with ctypes.
+/* The interface of ternq_kernels.c, ternq_packed.c, ternq_gemm.c and ternq_act.c: the functions ternq/runtime/native.py binds with ctypes.
  *
  * native.py reads this file: the ABI number below is the one the library must report (tq_abi_version), and each
  * prototype must match the ctypes signature native.py declares for it, or loading raises (a mismatched ctypes
@@ -10,7 +10,7 @@
 
 #include <stdint.h>
 
-#define TQ_ABI_VERSION 10
+#define TQ_ABI_VERSION 11
 
 void tq_quantize_channels(const float *x, int64_t B, int64_t C, int64_t T, int norm, float eps, int bits, int
     per_sample, int8_t *q, int64_t ldq, float *s, int64_t lds, int64_t off);
@@ -55,6 +55,10 @@ int tq_num_threads(void);
 
 /* the least work per parallel chunk (default 256 K; tests set 1 so that small shapes split too) */
 void tq_set_min_work(int64_t work);
+
+/* ternq_act.c: QAT's activation fake-quantizer, x viewed as (outer, C, inner) contiguous, absmax over C (y may be x) */
+
+void tq_fake_quantize(const float *x, int64_t outer, int64_t C, int64_t inner, float eps, int bits, float *y);
 
 /* ternq_packed.c: Linear on 2-bit rows (storage="packed") */
 
