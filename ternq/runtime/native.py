@@ -94,6 +94,10 @@ _SIGNATURES: dict[str, tuple[object, ...]] = {
     "tq_quantize_grouped": (_P, _I, _I, _I, _F, _C, _F, _C, _C, _P, _I, _I, _I, _I, _P),
     "tq_conv1d_grouped": (_P, _I, _I, _P, _P, _C, _I, _I, _I, _I, _I, _P, _P, _I, _P, _P, _I),
     "tq_conv_transpose1d_grouped": (_P, _I, _I, _P, _P, _C, _I, _I, _I, _I, _I, _P, _P, _I, _P, _P, _I),
+    "tq_conv1d_direct": (_P, _I, _I, _I, _F, _C, _F, _C, _C, _I, _I, _I, _P, _P, _C, _I, _I, _I, _I, _I, _P, _C, _P,
+                         _P),
+    "tq_conv_transpose1d_direct": (_P, _I, _I, _I, _F, _C, _F, _C, _C, _I, _I, _I, _P, _P, _C, _I, _I, _I, _I, _I, _P,
+                                   _C, _P, _P),
     "tq_gemm_pack": (_P, _I, _I, _P, _P),
     "tq_linear_gemm": (_P, _I, _I, _C, _F, _C, _I, _P, _P, _I, _P, _C, _P, _P),
     "tq_linear_gemm_2bit": (_P, _I, _I, _C, _F, _C, _I, _P, _P, _I, _P, _C, _P, _P),
@@ -103,7 +107,8 @@ _SIGNATURES: dict[str, tuple[object, ...]] = {
     "tq_set_min_work": (_I,),
 }
 _RETURNS_INT = ("tq_quantize_grouped", "tq_conv_transpose1d_grouped", "tq_linear_rows", "tq_row_sums", "tq_num_threads",
-                "tq_linear_2bit", "tq_packed_isa", "tq_linear_gemm", "tq_linear_gemm_2bit", "tq_gemm_isa")
+                "tq_linear_2bit", "tq_packed_isa", "tq_linear_gemm", "tq_linear_gemm_2bit", "tq_gemm_isa",
+                "tq_conv1d_direct", "tq_conv_transpose1d_direct")
 _C_TYPES = {"int64_t": _I, "int": _C, "float": _F}  # and every pointer: _P
 
 
@@ -902,6 +907,55 @@ def _conv_transpose1d_at(lib: ctypes.CDLL, xg: int, c4: int, tp: int, weights: C
                                        int(per_channel), bias, y, ldy) != 0:
         raise ValueError(f"tq_conv_transpose1d_grouped: {tp} input steps do not cover {t_out} output steps of "
                          f"stride {up} (pad the input as conv_transpose_padding says), or stride {up} > 64")
+
+
+def conv_direct_bound(weights: list[ConvWeights], transposed: bool, norm: str | None, eps: float, bits: int,
+                      per_sample: bool, a: int, b: int, wscale: Tensor, per_channel: bool,
+                      bias: Tensor | None) -> Callable[[Tensor, int, int, int, float | None], Tensor]:
+    """A Conv1d (`a`, `b` = dilation, stride) or ConvTranspose1d (`a`, `b` = stride, padding; `weights` in
+    `transpose_phases` order) ``int8_direct`` layer in one native call, with its constant arguments bound once:
+    ``call(x, left, right, t_out, slope)`` quantizes x (B, C, T) float32 with `left` / `right` zero steps (the
+    leaky ReLU of `slope` first, unless None) and convolves every sample and group into y (B, groups * out, t_out).
+    `weights`: one `ConvWeights` per group, copied into one (groups, ...) tensor unless there is one group. The
+    caller computes t_out and the padding (`ternq.runtime.kernels`); the C call checks that they fit. The returned
+    function holds what it passes the addresses of."""
+    lib = library()
+    assert lib is not None
+    groups, out_g, k = len(weights), weights[0].out, weights[0].wg.shape[0]
+    wg = weights[0].wg.unsqueeze(0) if groups == 1 else torch.stack([w.wg for w in weights])
+    wsum = weights[0].wsum.unsqueeze(0) if groups == 1 else torch.stack([w.wsum for w in weights])
+    wmax = max(w.wmax for w in weights)
+    scale = wscale.to(torch.float32).contiguous()
+    bias = None if bias is None else bias.contiguous()
+    if not (wg.is_contiguous() and wsum.is_contiguous()) or (bias is not None and bias.dtype != torch.float32):
+        raise ValueError("conv_direct_bound: the codes must be contiguous and the bias float32")
+    fn = lib.tq_conv_transpose1d_direct if transposed else lib.tq_conv1d_direct
+    n_in = weights[0].n_in * groups
+    norm_id, wg_ptr, ws_ptr, scale_ptr, bias_ptr = _NORMS[norm], wg.data_ptr(), wsum.data_ptr(), scale.data_ptr(), _ptr(bias)
+    channel, sample, f32 = int(per_channel), int(per_sample), torch.float32
+
+    def call(x: Tensor, left: int, right: int, t_out: int, slope: float | None = None) -> Tensor:
+        if x.dim() != 3 or x.shape[1] != n_in or x.dtype != f32:
+            raise ValueError(f"conv_direct: x {tuple(x.shape)} {x.dtype} does not fit the layer's {n_in} float32 "
+                             "input channels")
+        if not x.is_contiguous():
+            x = x.contiguous()
+        if not _THREAD.__dict__.get("seen"):
+            library()  # this thread's first call: its thread count (`library`)
+        batch, c, t = x.shape
+        y = torch.empty(batch, groups * out_g, t_out, dtype=f32)
+        status = fn(x.data_ptr(), batch, c, t, 1.0 if slope is None else slope, norm_id, eps, bits, sample, groups,
+                    left, right, wg_ptr, ws_ptr, wmax, out_g, k, a, b, t_out, scale_ptr, channel, bias_ptr,
+                    y.data_ptr())
+        if status == -1:
+            raise MemoryError("native int8_direct convolution: out of memory")
+        if status != 0:
+            raise ValueError(f"native int8_direct convolution: {left} + {t} + {right} input steps do not cover "
+                             f"{t_out} output steps (a={a}, b={b}, {k} taps)")
+        return y
+
+    call.keep = (wg, wsum, scale, bias)  # type: ignore[attr-defined]
+    return call
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -98,7 +98,6 @@ void tq_scratch_done(int slot, void *p) {
 }
 #endif
 
-enum { SLOT_Q, SLOT_QP, SLOT_S, SLOT_ORDERED, SLOT_PANEL };
 
 void tq_gemm_pack(const int8_t *w, int64_t N, int64_t K, int8_t *wp, int32_t *wsum) {
     const int64_t Kp = round_up(K, TQ_KB), Np = round_up(N, TQ_NB);
@@ -246,7 +245,7 @@ static void prep_samples(void *arg, int64_t u0, int64_t u1) {
         const int64_t rows = m1 - m < rps ? m1 - m : rps;
         tq_quantize_rows(p->x + m * K, rows, K, p->norm, p->eps, p->bits, rps, p->q + m * K, p->s + m);
     }
-    int8_t *ordered = W ? (int8_t *)tq_scratch(SLOT_ORDERED, (size_t)(4 * W)) : NULL;
+    int8_t *ordered = W ? (int8_t *)tq_scratch(TQ_SLOT_ROW, (size_t)(4 * W)) : NULL;
     for (int64_t m = u0 * rps; m < m1; ++m) {
         if (ordered) {
             planar_order(p->q + m * K, K, W, ordered);
@@ -255,7 +254,7 @@ static void prep_samples(void *arg, int64_t u0, int64_t u1) {
             lay_row(p, m, p->q + m * K, W ? 0 : K); /* W without memory: rows of zeros, the call fails */
         }
     }
-    if (ordered) tq_scratch_done(SLOT_ORDERED, ordered);
+    if (ordered) tq_scratch_done(TQ_SLOT_ROW, ordered);
 }
 
 /* quantize x (R, K) into s and the layout, padding rows [R, Mp) with zero codes (+ offset). The quantizer's passes
@@ -517,7 +516,7 @@ static void gemm_blocks(void *arg, int64_t b0, int64_t b1) {
     if (g->w2 == NULL) {
         run_blocks(g, g->wp + b0 * TQ_NB * g->Kp, b0, b1);
     } else {
-        int8_t *panel = (int8_t *)tq_scratch(SLOT_PANEL, (size_t)(2 * TQ_NB * g->Kp));
+        int8_t *panel = (int8_t *)tq_scratch(TQ_SLOT_PANEL, (size_t)(2 * TQ_NB * g->Kp));
         if (panel == NULL) {
             __atomic_store_n(&g->failed, 1, __ATOMIC_RELAXED);
         } else {
@@ -526,7 +525,7 @@ static void gemm_blocks(void *arg, int64_t b0, int64_t b1) {
                 decode_blocks(g, b, e, panel);
                 run_blocks(g, panel, b, e);
             }
-            tq_scratch_done(SLOT_PANEL, panel);
+            tq_scratch_done(TQ_SLOT_PANEL, panel);
         }
     }
 #if defined(TQ_AMX)
@@ -540,9 +539,9 @@ static int linear_gemm(const float *x, int64_t R, int64_t K, int norm, float eps
                        const float *wscale, int per_channel, const float *bias, float *y) {
     const int isa = gemm_isa();
     const int64_t Kp = round_up(w2 ? 4 * W : K, TQ_KB), Mp = round_up(R, 32);
-    int8_t *q = (int8_t *)tq_scratch(SLOT_Q, (size_t)(R * K));
-    uint8_t *qp = (uint8_t *)tq_scratch(SLOT_QP, (size_t)(Mp * Kp));
-    float *s = (float *)tq_scratch(SLOT_S, (size_t)R * sizeof(float));
+    int8_t *q = (int8_t *)tq_scratch(TQ_SLOT_Q, (size_t)(R * K));
+    uint8_t *qp = (uint8_t *)tq_scratch(TQ_SLOT_QP, (size_t)(Mp * Kp));
+    float *s = (float *)tq_scratch(TQ_SLOT_S, (size_t)R * sizeof(float));
     int ok = q && qp && s;
     if (ok) {
         /* rows padded to Kp codes (and Mp rows) of zeros; + 128 for vpdpbusd (a padded k meets a zero weight) */
@@ -554,9 +553,9 @@ static int linear_gemm(const float *x, int64_t R, int64_t K, int norm, float eps
         tq_parallel_for(blocks, 2, R * N * K, gemm_blocks, &g);
         ok = !g.failed;
     }
-    if (q) tq_scratch_done(SLOT_Q, q);
-    if (qp) tq_scratch_done(SLOT_QP, qp);
-    if (s) tq_scratch_done(SLOT_S, s);
+    if (q) tq_scratch_done(TQ_SLOT_Q, q);
+    if (qp) tq_scratch_done(TQ_SLOT_QP, qp);
+    if (s) tq_scratch_done(TQ_SLOT_S, s);
     return ok ? 0 : -1;
 }
 

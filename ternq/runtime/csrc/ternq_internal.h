@@ -14,7 +14,8 @@ void tq_parallel_for(int64_t n, int64_t grain, int64_t work, tq_range_fn fn, voi
 /* A 64-byte aligned buffer of at least `bytes` for this thread's `slot` (0 .. TQ_SCRATCH_SLOTS - 1), kept between
  * calls (a worker thread of the pool keeps its own) up to TQ_SCRATCH_MAX bytes; a larger one is allocated for the
  * call. Give it back with tq_scratch_done (which frees only the latter). NULL when out of memory. (ternq_gemm.c) */
-#define TQ_SCRATCH_SLOTS 6
+#define TQ_SCRATCH_SLOTS 5
+enum { TQ_SLOT_Q, TQ_SLOT_QP, TQ_SLOT_S, TQ_SLOT_ROW, TQ_SLOT_PANEL }; /* codes, their layout, scales, a row, a panel */
 #define TQ_SCRATCH_MAX ((size_t)16 << 20)
 void *tq_scratch(int slot, size_t bytes);
 void tq_scratch_done(int slot, void *p);

@@ -1355,6 +1355,30 @@ static void conv_t_units(void *arg, int64_t u0, int64_t u1) {
     }
 }
 
+/* The phases of a transposed convolution (1 <= up <= 64) into j: each one's first tap, first input block and
+ * output steps, and the tiles of the longest; -1 where Tp input steps do not cover the steps a phase reads. */
+static int transpose_plan(struct conv_t_job *j, int64_t k, int64_t up, int64_t pad, int64_t T_out, int64_t Tp) {
+    j->base.T_out = T_out;
+    j->base.up = up;
+    j->base.pad = pad;
+    j->base.k = k;
+    j->lmax = phase_taps(k, up, 0);
+    int64_t first = 0, longest = 0;
+    for (int64_t r = 0; r < up; ++r) {
+        const int64_t taps = phase_taps(k, up, r);
+        j->first[r] = first;
+        first += taps;
+        /* output steps t in [0, T_out) with t + pad = m * up + r: m in [lo, hi) (pad - r > -up: lo >= 0) */
+        j->lo[r] = (pad - r + up - 1) / up;
+        const int64_t hi = (T_out + pad - r + up - 1) / up;
+        j->len[r] = hi > j->lo[r] ? hi - j->lo[r] : 0;
+        if (j->len[r] && hi - 1 + j->lmax - 1 >= Tp) return -1; /* the last step this phase reads */
+        longest = j->len[r] > longest ? j->len[r] : longest;
+    }
+    j->base.ntiles = (longest + TQ_CONV_TILE - 1) / TQ_CONV_TILE;
+    return 0;
+}
+
 /* ConvTranspose1d (dilation 1) as `up` interleaved convolutions: output step t = m * up + r - pad (phase r) is
  * sum over the phase's taps l of W[r + (L_r - 1 - l) * up] x[m - L_r + 1 + l], a stride-1 convolution over the
  * input, written every up-th step. No tap planes, no overlap-add: the same inner loops as tq_conv1d_grouped.
@@ -1367,31 +1391,123 @@ int tq_conv_transpose1d_grouped(const uint8_t *xg, int64_t C4, int64_t Tp, const
                                 int64_t ldy) {
     struct conv_t_job j;
     memset(&j, 0, sizeof j);
-    if (up < 1 || up > 64 || k < 1 || pad < 0) return -1;
+    if (up < 1 || up > 64 || k < 1 || pad < 0 || transpose_plan(&j, k, up, pad, T_out, Tp) != 0) return -1;
     const int64_t outp = (out + 7) / 8 * 8;
     const struct conv_span c = {xg, C4, Tp, wg, wsum, out, outp, 0, 1, 1, s, wscale, wstep, bias, y, ldy, up};
     j.base.c = c;
     j.base.wmax = wmax;
     j.base.nob = outp / 8;
-    j.base.T_out = T_out;
-    j.base.up = up;
-    j.base.pad = pad;
-    j.base.k = k;
-    j.lmax = phase_taps(k, up, 0);
-    int64_t first = 0, longest = 0;
-    for (int64_t r = 0; r < up; ++r) {
-        const int64_t taps = phase_taps(k, up, r);
-        j.first[r] = first;
-        first += taps;
-        /* output steps t in [0, T_out) with t + pad = m * up + r: m in [lo, hi) (pad - r > -up: lo >= 0) */
-        j.lo[r] = (pad - r + up - 1) / up;
-        const int64_t hi = (T_out + pad - r + up - 1) / up;
-        j.len[r] = hi > j.lo[r] ? hi - j.lo[r] : 0;
-        if (j.len[r] && hi - 1 + j.lmax - 1 >= Tp) return -1; /* the last step this phase reads */
-        longest = j.len[r] > longest ? j.len[r] : longest;
-    }
-    j.base.ntiles = (longest + TQ_CONV_TILE - 1) / TQ_CONV_TILE;
     tq_parallel_for(up * j.base.nob * j.base.ntiles, 1, outp * k * C4 * 4 * (T_out / up + 1), conv_t_units, &j);
+    return 0;
+}
+
+/* --- a whole int8_direct layer in one call --------------------------------------------------------------------
+ *
+ * A Conv1d / ConvTranspose1d forward of any batch and groups: the input quantized into this thread's scratch
+ * (tq_quantize_grouped), then every (sample, group) in one parallel region whose units are the plain call's units
+ * of each. From Python this was a quantizer call with two tensors allocated, then a ctypes call per sample and group
+ * (each a fork and join of the threads), with the library and environment lookups of each: ~20 us per layer call,
+ * as much as the arithmetic of a small layer, and serial. Every output is still computed by the same instructions
+ * whichever unit holds it: bitwise identical at any thread count, and to the per-group calls. */
+
+struct layer_job {
+    const struct conv_job *conv;     /* the plain call's job for sample 0, group 0 (conv_units) */
+    const struct conv_t_job *conv_t; /* or the transposed call's (conv_t_units) */
+    int64_t groups, per;             /* per: units of one (sample, group) */
+    int64_t x_step, s_step, w_step, wsum_step, scale_step, out_g, y_step;
+};
+
+static void layer_units(void *arg, int64_t u0, int64_t u1) {
+    const struct layer_job *L = (const struct layer_job *)arg;
+    while (u0 < u1) {
+        const int64_t bg = u0 / L->per, b = bg / L->groups, g = bg % L->groups;
+        const int64_t r0 = u0 % L->per, r1 = (bg + 1) * L->per < u1 ? L->per : u1 - bg * L->per;
+        struct conv_t_job t;
+        struct conv_job *j = &t.base;
+        if (L->conv_t) t = *L->conv_t;
+        else *j = *L->conv;
+        j->c.xg += bg * L->x_step;
+        j->c.s += b * L->s_step;
+        j->c.wg += g * L->w_step;
+        j->c.wsum += g * L->wsum_step;
+        if (j->c.wscale) j->c.wscale += g * L->scale_step;
+        if (j->c.bias) j->c.bias += g * L->out_g;
+        j->c.y += bg * L->y_step;
+        if (L->conv_t) conv_t_units(&t, r0, r1);
+        else conv_units(j, r0, r1);
+        u0 = bg * L->per + r1;
+    }
+}
+
+/* The scratch for the grouped codes (B, groups, C4, Tp, 4) and scales (B, Tp), quantized; NULL (and *status -1)
+ * without the memory. */
+static uint8_t *layer_input(const float *x, int64_t B, int64_t C, int64_t T, float slope, int norm, float eps,
+                            int bits, int per_sample, int64_t groups, int64_t C4, int64_t Tp, int64_t left,
+                            float **s) {
+    uint8_t *xg = (uint8_t *)tq_scratch(TQ_SLOT_QP, (size_t)(B * groups * C4 * Tp * 4));
+    *s = (float *)tq_scratch(TQ_SLOT_S, (size_t)(B * Tp) * sizeof(float));
+    if (xg == NULL || *s == NULL ||
+        tq_quantize_grouped(x, B, C, T, slope, norm, eps, bits, per_sample, xg, C / groups, C4, Tp, left, *s) != 0) {
+        if (xg) tq_scratch_done(TQ_SLOT_QP, xg);
+        if (*s) tq_scratch_done(TQ_SLOT_S, *s);
+        return NULL;
+    }
+    return xg;
+}
+
+int tq_conv1d_direct(const float *x, int64_t B, int64_t C, int64_t T, float slope, int norm, float eps, int bits,
+                     int per_sample, int64_t groups, int64_t left, int64_t right, const int8_t *wg,
+                     const int32_t *wsum, int wmax, int64_t out_g, int64_t k, int64_t dil, int64_t stride,
+                     int64_t T_out, const float *wscale, int per_channel, const float *bias, float *y) {
+    const int64_t in_g = C / groups, C4 = (in_g + 3) / 4, Tp = left + T + right, outp = (out_g + 7) / 8 * 8;
+    if (B <= 0 || T_out <= 0) return 0;
+    if (groups < 1 || C % groups || (T_out - 1) * stride + dil * (k - 1) >= Tp) return -2;
+    float *s;
+    uint8_t *xg = layer_input(x, B, C, T, slope, norm, eps, bits, per_sample, groups, C4, Tp, left, &s);
+    if (xg == NULL) return -1;
+    struct conv_job j;
+    memset(&j, 0, sizeof j);
+    const struct conv_span c = {xg, C4, Tp, wg, wsum, out_g, outp, k, dil, stride, s, wscale, per_channel, bias, y,
+                                T_out, 1};
+    j.c = c;
+    j.wmax = wmax;
+    j.nob = outp / 8;
+    j.ntiles = (T_out + TQ_CONV_TILE - 1) / TQ_CONV_TILE;
+    j.T_out = T_out;
+    const struct layer_job L = {&j, NULL, groups, j.nob * j.ntiles, C4 * Tp * 4, Tp, k * outp * C4 * 4, k * outp,
+                                per_channel ? out_g : 0, out_g, out_g * T_out};
+    tq_parallel_for(B * groups * L.per, 1, B * groups * outp * k * C4 * 4 * T_out, layer_units, (void *)&L);
+    tq_scratch_done(TQ_SLOT_QP, xg);
+    tq_scratch_done(TQ_SLOT_S, s);
+    return 0;
+}
+
+int tq_conv_transpose1d_direct(const float *x, int64_t B, int64_t C, int64_t T, float slope, int norm, float eps,
+                               int bits, int per_sample, int64_t groups, int64_t left, int64_t right,
+                               const int8_t *wg, const int32_t *wsum, int wmax, int64_t out_g, int64_t k,
+                               int64_t up, int64_t pad, int64_t T_out, const float *wscale, int per_channel,
+                               const float *bias, float *y) {
+    const int64_t in_g = C / groups, C4 = (in_g + 3) / 4, Tp = left + T + right, outp = (out_g + 7) / 8 * 8;
+    if (B <= 0 || T_out <= 0) return 0;
+    if (groups < 1 || C % groups || up < 1 || up > 64 || k < 1 || pad < 0) return -2;
+    struct conv_t_job j;
+    memset(&j, 0, sizeof j);
+    if (transpose_plan(&j, k, up, pad, T_out, Tp) != 0) return -2;
+    float *s;
+    uint8_t *xg = layer_input(x, B, C, T, slope, norm, eps, bits, per_sample, groups, C4, Tp, left, &s);
+    if (xg == NULL) return -1;
+    /* per channel: the scales of one group's outputs, the same for every group (the weight's dim 1) */
+    const struct conv_span c = {xg, C4, Tp, wg, wsum, out_g, outp, 0, 1, 1, s, wscale, per_channel, bias, y, T_out,
+                                up};
+    j.base.c = c;
+    j.base.wmax = wmax;
+    j.base.nob = outp / 8;
+    const struct layer_job L = {NULL, &j, groups, up * j.base.nob * j.base.ntiles, C4 * Tp * 4, Tp,
+                                k * outp * C4 * 4, k * outp, 0, out_g, out_g * T_out};
+    tq_parallel_for(B * groups * L.per, 1, B * groups * outp * k * C4 * 4 * (T_out / up + 1), layer_units,
+                    (void *)&L);
+    tq_scratch_done(TQ_SLOT_QP, xg);
+    tq_scratch_done(TQ_SLOT_S, s);
     return 0;
 }
 
