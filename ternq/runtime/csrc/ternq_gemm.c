@@ -235,16 +235,14 @@ static void lay_row(const struct prep_job *p, int64_t m, const int8_t *src, int6
     }
 }
 
-/* samples [u0, u1) (a row each per token): quantized one sample per call (tq_quantize_rows on one sample runs on
- * this thread: no nested parallel region), then laid out */
+/* samples [u0, u1) (a row each per token): quantized on this thread (no nested parallel region; per token all
+ * rows in one call, which takes four rows' reductions at once), then laid out */
 static void prep_samples(void *arg, int64_t u0, int64_t u1) {
     const struct prep_job *p = (const struct prep_job *)arg;
     const int64_t rps = p->rows_per_sample, K = p->K, W = p->W;
     const int64_t m1 = u1 * rps < p->R ? u1 * rps : p->R;
-    for (int64_t m = u0 * rps; m < m1; m += rps) {
-        const int64_t rows = m1 - m < rps ? m1 - m : rps;
-        tq_quantize_rows(p->x + m * K, rows, K, p->norm, p->eps, p->bits, rps, p->q + m * K, p->s + m);
-    }
+    tq_quantize_rows_serial(p->x + u0 * rps * K, m1 - u0 * rps, K, p->norm, p->eps, p->bits, rps,
+                            p->q + u0 * rps * K, p->s + u0 * rps);
     int8_t *ordered = W ? (int8_t *)tq_scratch(TQ_SLOT_ROW, (size_t)(4 * W)) : NULL;
     for (int64_t m = u0 * rps; m < m1; ++m) {
         if (ordered) {

@@ -372,19 +372,31 @@ struct rows_job {
 
 static void quantize_samples(void *arg, int64_t u0, int64_t u1);
 
+static void rows_job_init(struct rows_job *j, const float *x, int64_t R, int64_t C, int norm, float eps, int bits,
+                          int64_t rows_per_sample, int8_t *q, float *s) {
+    j->x = x;
+    j->R = R;
+    j->C = C;
+    j->rows_per_sample = rows_per_sample;
+    j->norm = norm;
+    j->bits = bits;
+    j->eps = eps;
+    j->q = q;
+    j->s = s;
+}
+
+void tq_quantize_rows_serial(const float *x, int64_t R, int64_t C, int norm, float eps, int bits,
+                             int64_t rows_per_sample, int8_t *q, float *s) {
+    struct rows_job j;
+    rows_job_init(&j, x, R, C, norm, eps, bits, rows_per_sample, q, s);
+    quantize_samples(&j, 0, (R + rows_per_sample - 1) / rows_per_sample);
+}
+
 /* Parallel over samples (groups of rows_per_sample rows; a row each per token). */
 void tq_quantize_rows(const float *x, int64_t R, int64_t C, int norm, float eps, int bits,
                       int64_t rows_per_sample, int8_t *q, float *s) {
     struct rows_job j;
-    j.x = x;
-    j.R = R;
-    j.C = C;
-    j.rows_per_sample = rows_per_sample;
-    j.norm = norm;
-    j.bits = bits;
-    j.eps = eps;
-    j.q = q;
-    j.s = s;
+    rows_job_init(&j, x, R, C, norm, eps, bits, rows_per_sample, q, s);
     tq_parallel_for((R + rows_per_sample - 1) / rows_per_sample, 1, 4 * R * C, quantize_samples, &j);
 }
 
