@@ -322,7 +322,33 @@ static void decode_blocks(const struct gemm_job *g, int64_t b0, int64_t b1, int8
     const int64_t W = g->W, Kp = g->Kp, J = Kp / 4;
     for (int64_t b = b0; b < b1; ++b) {
         int8_t *block = wp + (b - b0) * TQ_NB * Kp;
-#if defined(TQ_VNNI512)
+#if defined(TQ_VNNI512) && defined(__AVX512VBMI__)
+        /* 64 bytes of each of the 16 rows, transposed as 16 x 16 words (word q of every row in r[q]: 4 k4 rows of
+         * the tiles), then each byte's 4 fields picked out by one multishift per k4 row: one transposition per 64
+         * bytes of a row, not per 16 after decoding (decode16's 4x larger vectors) */
+        const __m512i codes = _mm512_set4_epi32(0, 0, 0, (int)0xFFFE0100u); /* 0, 1, -2, -1 */
+        const __m512i three = _mm512_set1_epi8(3);
+        __m512i pick[4];
+        for (int jj = 0; jj < 4; ++jj) /* byte jj of each word: fields at bits 8 jj + 2 f (+ 32: the odd word) */
+            pick[jj] = _mm512_set1_epi64((long long)((uint64_t)(8 * jj) | (uint64_t)(8 * jj + 2) << 8 |
+                                                     (uint64_t)(8 * jj + 4) << 16 | (uint64_t)(8 * jj + 6) << 24 |
+                                                     (uint64_t)(32 + 8 * jj) << 32 | (uint64_t)(34 + 8 * jj) << 40 |
+                                                     (uint64_t)(36 + 8 * jj) << 48 | (uint64_t)(38 + 8 * jj) << 56));
+        for (int64_t j0 = 0; j0 < J; j0 += 64) {
+            __m512i r[16];
+            const __mmask64 m = j0 >= W ? 0 : W - j0 >= 64 ? ~(__mmask64)0 : ((__mmask64)1 << (W - j0)) - 1;
+            for (int c = 0; c < TQ_NB; ++c) {
+                const int64_t n = b * TQ_NB + c;
+                r[c] = n < g->N ? _mm512_maskz_loadu_epi8(m, (const void *)(g->w2 + n * W + j0)) : _mm512_setzero_si512();
+            }
+            transpose16(r); /* r[q], lane c: bytes j0 + 4q .. j0 + 4q + 3 of row c */
+            for (int64_t q = 0; q < 16 && j0 + 4 * q < J; ++q)
+                for (int jj = 0; jj < 4; ++jj) {
+                    const __m512i f = _mm512_and_si512(_mm512_multishift_epi64_epi8(pick[jj], r[q]), three);
+                    _mm512_storeu_si512((void *)(block + (j0 + 4 * q + jj) * 64), _mm512_shuffle_epi8(codes, f));
+                }
+        }
+#elif defined(TQ_VNNI512)
         static const uint8_t zeros[16] = {0};
         for (int64_t j0 = 0; j0 < J; j0 += 16) {
             __m512i r[16];
