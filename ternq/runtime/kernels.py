@@ -202,23 +202,14 @@ def linear_tiled_bound(w: Tensor, scale: Tensor, bias: Tensor | None, cfg: Quant
     to ``int8_gemm`` bit for bit, without its per-call operand packing or weight decoding."""
     call = native.linear_gemm_bound(cfg.input_norm, cfg.eps, int(cfg.act_bits),  # type: ignore[arg-type]
                                     w, scale, cfg.granularity == "channel", bias)
-    return _on_rows(call, cfg)
+    if cfg.act_granularity == "token":
+        return call  # per token: the native call itself (it takes any rank), nothing in between
 
+    def per_sample(x: Tensor) -> Tensor:
+        return call(x, _rows_per_scale(x, cfg))
 
-def _on_rows(call: Callable[[Tensor, int], Tensor], cfg: QuantConfig) -> Callable[[Tensor], Tensor]:
-    """A native ``call(rows, rows_per_sample)`` on (R, in) float32 rows as a function of an input of any rank."""
-    per_token = cfg.act_granularity == "token"
-
-    def run(x: Tensor) -> Tensor:
-        flat = x.dim() == 2
-        rows = x if flat else x.reshape(-1, x.shape[-1])
-        if not rows.is_contiguous():
-            rows = rows.contiguous()
-        y = call(rows, 1 if per_token else _rows_per_scale(x, cfg))
-        return y if flat else y.view(*x.shape[:-1], y.shape[-1])
-
-    run.keep = getattr(call, "keep", ())  # type: ignore[attr-defined]  # what the native call holds
-    return run
+    per_sample.keep = call.keep  # type: ignore[attr-defined]  # what the native call holds
+    return per_sample
 
 
 def linear_int8(x: Tensor, w: Tensor, scale: Tensor, bias: Tensor | None, cfg: QuantConfig,

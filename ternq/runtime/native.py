@@ -716,9 +716,10 @@ def gemm_pack(w: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def linear_gemm_bound(norm: str | None, eps: float, bits: int, w: Tensor, wscale: Tensor, per_channel: bool,
-                      bias: Tensor | None) -> Callable[[Tensor, int], Tensor]:
-    """A Linear on many rows in one native call: ``call(x, rows_per_sample)`` quantizes x (R, K) float32, multiplies
-    and rescales (+ bias); the output equals `linear_rows`' (and the ``int8_gemm`` kernel's) bit for bit. w is
+                      bias: Tensor | None) -> Callable[..., Tensor]:
+    """A Linear on many rows in one native call: ``call(x, rows_per_sample=1)`` quantizes x (..., K) float32 of any
+    rank (the output (..., N) allocated in its final shape, as `linear_rows_bound`'s), multiplies and rescales
+    (+ bias); the output equals `linear_rows`' (and the ``int8_gemm`` kernel's) bit for bit. w is
     either the codes (N, K) int8, packed once here (`gemm_pack`: a copy of about N x K bytes), or their 2-bit rows
     (N, ceil(K / 4)) uint8 (`ternq.runtime.storage.pack_rows`), read as stored (``tq_linear_gemm_2bit`` decodes
     them per thread into a cache-sized panel): only their row sums are added (4 bytes per output channel). The
@@ -741,13 +742,17 @@ def linear_gemm_bound(norm: str | None, eps: float, bits: int, w: Tensor, wscale
     scale_ptr, channel, bias_ptr = wscale.data_ptr(), int(per_channel), _ptr(bias)
     f32 = torch.float32
 
-    def call(x: Tensor, rows_per_sample: int) -> Tensor:
-        r, kx = x.shape
-        if not (k - 4 < kx <= k if two_bit else kx == k) or x.dtype != f32 or not x.is_contiguous():
-            raise ValueError(f"linear_gemm: x {tuple(x.shape)} {x.dtype} does not fit the weight {tuple(w.shape)}")
+    def call(x: Tensor, rows_per_sample: int = 1) -> Tensor:
+        shape = x.shape
+        kx = shape[-1] if shape else -1
+        if not (k - 4 < kx <= k if two_bit else kx == k) or x.dtype != f32:
+            raise ValueError(f"linear_gemm: x {tuple(shape)} {x.dtype} does not fit the weight {tuple(w.shape)}")
+        if not x.is_contiguous():
+            x = x.contiguous()
         if not _THREAD.__dict__.get("seen"):
             library()  # this thread's first call: its thread count (`library`)
-        y = torch.empty(r, n, dtype=f32)
+        y = torch.empty((*shape[:-1], n), dtype=f32)
+        r = y.numel() // n if n else x.numel() // max(kx, 1)
         if fn(x.data_ptr(), r, kx, norm_id, eps, bits, rows_per_sample, wp_ptr, sum_ptr, n, scale_ptr, channel,
               bias_ptr, y.data_ptr()) != 0:
             raise MemoryError("native linear_gemm: out of memory")
