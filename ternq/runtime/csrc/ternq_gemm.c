@@ -256,11 +256,11 @@ static void prep_samples(void *arg, int64_t u0, int64_t u1) {
 }
 
 /* quantize x (R, K) into s and the layout, padding rows [R, Mp) with zero codes (+ offset). The quantizer's passes
- * over each float (norm, absmax, round) and the copies count as ~16 units of work per code, so that 16 rows of
- * 1024 codes already split over the threads. */
+ * over each float (norm, mean, absmax, round) and the copies count as 32 units of work per code, so that 16 rows of
+ * 1024 codes already split over the threads (at 16 units, 16 x 1024 was exactly one chunk's least work: serial). */
 static void prepare(const struct prep_job *p, int64_t Mp) {
     const int64_t units = (p->R + p->rows_per_sample - 1) / p->rows_per_sample;
-    tq_parallel_for(units, 1, 16 * p->R * p->K, prep_samples, (void *)p);
+    tq_parallel_for(units, 1, 32 * p->R * p->K, prep_samples, (void *)p);
     if (p->amx) {
         for (int64_t m = p->R; m < Mp; ++m)
             for (int64_t k0 = 0; k0 < p->Kp; k0 += TQ_KB)
