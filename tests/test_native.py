@@ -255,8 +255,9 @@ def test_a_direct_conv_layer_call_is_its_per_group_calls_bit_for_bit(
 
 @needs_native
 def test_a_direct_conv_layer_call_refuses_what_does_not_fit() -> None:
-    """The bound call checks the input's channels and dtype (a message naming them), the C call the padded length
-    it is given against the output length (not a read past the buffer)."""
+    """The binding checks the scales and bias against the groups and outputs, the bound call the input's channels
+    and dtype (a message naming them), the C call the padded length it is given against the output length (not a
+    read past the buffer)."""
     weights = [native.conv_weights(torch.ones(3, 8, 4, dtype=torch.int8))]
     call = native.conv_direct_bound(weights, False, None, 1e-5, 8, False, 1, 1, torch.ones(1), False, None)
     assert call(torch.randn(2, 4, 10), 1, 1, 10).shape == (2, 8, 10)
@@ -269,6 +270,10 @@ def test_a_direct_conv_layer_call_refuses_what_does_not_fit() -> None:
     transposed = native.conv_direct_bound(weights, True, None, 1e-5, 8, False, 8, 2, torch.ones(1), False, None)
     with pytest.raises(ValueError, match="do not cover"):
         transposed(torch.randn(1, 4, 10), 0, 0, 80)
+    with pytest.raises(ValueError, match="8 scales"):  # per channel: one per output
+        native.conv_direct_bound(weights, False, None, 1e-5, 8, False, 1, 1, torch.ones(1), True, None)
+    with pytest.raises(ValueError, match="a float32 bias of 8"):
+        native.conv_direct_bound(weights, False, None, 1e-5, 8, False, 1, 1, torch.ones(1), False, torch.ones(4))
 
 
 @needs_native

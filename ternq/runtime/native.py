@@ -877,17 +877,9 @@ def conv1d_grouped(xg: Tensor, weights: ConvWeights | Tensor, k: int, dilation: 
         weights = conv_weights(weights)
     c4, tp = _conv_args(xg, weights, s, wscale, per_channel, bias, y)
     assert weights.wg.shape[0] == k and (t_out - 1) * stride + dilation * (k - 1) < tp
-    _conv1d_at(lib, xg.data_ptr(), c4, tp, weights, dilation, stride, t_out, s.data_ptr(), _ptr(wscale),
-               per_channel, _ptr(bias), y.data_ptr(), y.stride(0))
-
-
-def _conv1d_at(lib: ctypes.CDLL, xg: int, c4: int, tp: int, weights: ConvWeights, dilation: int, stride: int,
-               t_out: int, s: int, wscale: int | None, per_channel: bool, bias: int | None, y: int,
-               ldy: int) -> None:
-    """`conv1d_grouped` on addresses, unchecked: for `ternq.runtime.kernels`, whose buffers are made to fit
-    (the checks and views of the public call cost 5x the call itself on a short input)."""
-    lib.tq_conv1d_grouped(xg, c4, tp, weights.wg.data_ptr(), weights.wsum.data_ptr(), weights.wmax, weights.out,
-                          weights.wg.shape[0], dilation, stride, t_out, s, wscale, int(per_channel), bias, y, ldy)
+    lib.tq_conv1d_grouped(xg.data_ptr(), c4, tp, weights.wg.data_ptr(), weights.wsum.data_ptr(), weights.wmax,
+                          weights.out, k, dilation, stride, t_out, s.data_ptr(), _ptr(wscale), int(per_channel),
+                          _ptr(bias), y.data_ptr(), y.stride(0))
 
 
 def conv_transpose1d_grouped(xg: Tensor, weights: ConvWeights, up: int, padding: int, t_out: int, s: Tensor,
@@ -899,17 +891,10 @@ def conv_transpose1d_grouped(xg: Tensor, weights: ConvWeights, up: int, padding:
     lib = library()
     assert lib is not None
     c4, tp = _conv_args(xg, weights, s, wscale, per_channel, bias, y)
-    _conv_transpose1d_at(lib, xg.data_ptr(), c4, tp, weights, up, padding, t_out, s.data_ptr(), _ptr(wscale),
-                         per_channel, _ptr(bias), y.data_ptr(), y.stride(0))
-
-
-def _conv_transpose1d_at(lib: ctypes.CDLL, xg: int, c4: int, tp: int, weights: ConvWeights, up: int, padding: int,
-                         t_out: int, s: int, wscale: int | None, per_channel: bool, bias: int | None, y: int,
-                         ldy: int) -> None:
-    """`conv_transpose1d_grouped` on addresses (see `_conv1d_at`); the C kernel still checks the padded length."""
-    if lib.tq_conv_transpose1d_grouped(xg, c4, tp, weights.wg.data_ptr(), weights.wsum.data_ptr(), weights.wmax,
-                                       weights.out, weights.wg.shape[0], up, padding, t_out, s, wscale,
-                                       int(per_channel), bias, y, ldy) != 0:
+    if lib.tq_conv_transpose1d_grouped(xg.data_ptr(), c4, tp, weights.wg.data_ptr(), weights.wsum.data_ptr(),
+                                       weights.wmax, weights.out, weights.wg.shape[0], up, padding, t_out,
+                                       s.data_ptr(), _ptr(wscale), int(per_channel), _ptr(bias), y.data_ptr(),
+                                       y.stride(0)) != 0:
         raise ValueError(f"tq_conv_transpose1d_grouped: {tp} input steps do not cover {t_out} output steps of "
                          f"stride {up} (pad the input as conv_transpose_padding says), or stride {up} > 64")
 
@@ -932,8 +917,11 @@ def conv_direct_bound(weights: list[ConvWeights], transposed: bool, norm: str | 
     wmax = max(w.wmax for w in weights)
     scale = wscale.to(torch.float32).contiguous()
     bias = None if bias is None else bias.contiguous()
-    if not (wg.is_contiguous() and wsum.is_contiguous()) or (bias is not None and bias.dtype != torch.float32):
-        raise ValueError("conv_direct_bound: the codes must be contiguous and the bias float32")
+    scales = (out_g if transposed else groups * out_g) if per_channel else 1
+    if scale.numel() < scales or (bias is not None and (bias.dtype != torch.float32 or bias.numel() < groups * out_g)):
+        raise ValueError(f"conv_direct_bound: {scale.numel()} scales and a bias of {None if bias is None else bias.numel()} "
+                         f"do not fit {groups} groups of {out_g} outputs ({scales} scales, a float32 bias of "
+                         f"{groups * out_g} or None)")
     fn = lib.tq_conv_transpose1d_direct if transposed else lib.tq_conv1d_direct
     n_in = weights[0].n_in * groups
     norm_id, wg_ptr, ws_ptr, scale_ptr, bias_ptr = _NORMS[norm], wg.data_ptr(), wsum.data_ptr(), scale.data_ptr(), _ptr(bias)
