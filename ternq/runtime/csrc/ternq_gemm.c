@@ -69,24 +69,57 @@ static void *aligned_get(size_t bytes) {
 static void aligned_put(void *p) { free(p); }
 #endif
 
-#if defined(__GNUC__) && !defined(TQ_NO_TLS)
-static __thread void *tq_scratch_buf[TQ_SCRATCH_SLOTS];
-static __thread size_t tq_scratch_size[TQ_SCRATCH_SLOTS];
+#if defined(__GNUC__) && !defined(_WIN32) && !defined(TQ_NO_TLS)
+#include <pthread.h>
+/* each thread's buffers, freed when the thread exits (a server's short-lived request threads would otherwise leave
+ * theirs behind: up to TQ_SCRATCH_SLOTS x TQ_SCRATCH_MAX each) */
+struct tq_scratch_set {
+    void *buf[TQ_SCRATCH_SLOTS];
+    size_t size[TQ_SCRATCH_SLOTS];
+};
+static __thread struct tq_scratch_set *tq_mine;
+static pthread_key_t tq_scratch_key;
+static pthread_once_t tq_scratch_once = PTHREAD_ONCE_INIT;
+static int tq_scratch_keyed;
+
+static void tq_scratch_free(void *arg) {
+    struct tq_scratch_set *set = (struct tq_scratch_set *)arg;
+    for (int i = 0; i < TQ_SCRATCH_SLOTS; ++i) aligned_put(set->buf[i]);
+    free(set);
+}
+
+static void tq_scratch_make_key(void) { tq_scratch_keyed = pthread_key_create(&tq_scratch_key, tq_scratch_free) == 0; }
+
+/* this thread's set, made at its first use; NULL where it cannot be freed at the thread's exit (no key) */
+static struct tq_scratch_set *tq_scratch_set(void) {
+    if (tq_mine == NULL) {
+        pthread_once(&tq_scratch_once, tq_scratch_make_key);
+        if (!tq_scratch_keyed) return NULL;
+        struct tq_scratch_set *set = (struct tq_scratch_set *)calloc(1, sizeof *set);
+        if (set == NULL || pthread_setspecific(tq_scratch_key, set) != 0) {
+            free(set);
+            return NULL;
+        }
+        tq_mine = set;
+    }
+    return tq_mine;
+}
 
 void *tq_scratch(int slot, size_t bytes) {
-    if (bytes > TQ_SCRATCH_MAX) return aligned_get(bytes);
-    if (tq_scratch_size[slot] < bytes || tq_scratch_buf[slot] == NULL) {
-        aligned_put(tq_scratch_buf[slot]);
-        tq_scratch_buf[slot] = aligned_get(bytes);
-        tq_scratch_size[slot] = tq_scratch_buf[slot] ? bytes : 0;
+    struct tq_scratch_set *set = bytes > TQ_SCRATCH_MAX ? NULL : tq_scratch_set();
+    if (set == NULL) return aligned_get(bytes);
+    if (set->size[slot] < bytes || set->buf[slot] == NULL) {
+        aligned_put(set->buf[slot]);
+        set->buf[slot] = aligned_get(bytes);
+        set->size[slot] = set->buf[slot] ? bytes : 0;
     }
-    return tq_scratch_buf[slot];
+    return set->buf[slot];
 }
 
 void tq_scratch_done(int slot, void *p) {
-    if (p != tq_scratch_buf[slot]) aligned_put(p);
+    if (tq_mine == NULL || p != tq_mine->buf[slot]) aligned_put(p);
 }
-#else /* no thread-local storage: a buffer per call */
+#else /* no thread-local storage or thread-exit hook: a buffer per call */
 void *tq_scratch(int slot, size_t bytes) {
     (void)slot;
     return aligned_get(bytes);
