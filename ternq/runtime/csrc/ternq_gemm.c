@@ -131,7 +131,6 @@ void tq_scratch_done(int slot, void *p) {
 }
 #endif
 
-
 void tq_gemm_pack(const int8_t *w, int64_t N, int64_t K, int8_t *wp, int32_t *wsum) {
     const int64_t Kp = round_up(K, TQ_KB), Np = round_up(N, TQ_NB);
     memset(wp, 0, (size_t)(Np * Kp));

@@ -16,8 +16,9 @@ void tq_quantize_rows_serial(const float *x, int64_t R, int64_t C, int norm, flo
                              int64_t rows_per_sample, int8_t *q, float *s);
 
 /* A 64-byte aligned buffer of at least `bytes` for this thread's `slot` (0 .. TQ_SCRATCH_SLOTS - 1), kept between
- * calls (a worker thread of the pool keeps its own) up to TQ_SCRATCH_MAX bytes; a larger one is allocated for the
- * call. Give it back with tq_scratch_done (which frees only the latter). NULL when out of memory. (ternq_gemm.c) */
+ * calls (a worker thread of the pool keeps its own; freed when the thread exits) up to TQ_SCRATCH_MAX bytes; a
+ * larger one is allocated for the call. Give it back with tq_scratch_done (which frees only the latter). NULL when
+ * out of memory. (ternq_gemm.c) */
 #define TQ_SCRATCH_SLOTS 5
 enum { TQ_SLOT_Q, TQ_SLOT_QP, TQ_SLOT_S, TQ_SLOT_ROW, TQ_SLOT_PANEL }; /* codes, their layout, scales, a row, a panel */
 #define TQ_SCRATCH_MAX ((size_t)16 << 20)
