@@ -507,7 +507,8 @@ static void absmax_lanes4(const float *const *rows, int nr, int64_t c16, int nor
     }
 }
 
-/* per token (one row per scale), rows [r0, r1) four at a time: quantize_samples' operations per row, bit for bit */
+/* per token (one row per scale), rows [r0, r1) four at a time (r1 - r0 a multiple of 4): quantize_samples'
+ * operations per row, bit for bit */
 static void quantize_tokens4(const struct rows_job *j, int64_t r0, int64_t r1) {
     const int64_t C = j->C, c16 = C / 16 * 16;
     const int norm = j->norm;
@@ -556,9 +557,10 @@ static void quantize_tokens4(const struct rows_job *j, int64_t r0, int64_t r1) {
 static void quantize_samples(void *arg, int64_t u0, int64_t u1) {
     const struct rows_job *j = (const struct rows_job *)arg;
 #if defined(__AVX512F__)
-    if (j->rows_per_sample == 1) {
-        quantize_tokens4(j, u0, u1 < j->R ? u1 : j->R);
-        return;
+    if (j->rows_per_sample == 1) { /* whole groups of four rows; the rest (a decode step's one row) below */
+        const int64_t r1 = u1 < j->R ? u1 : j->R, r4 = u0 + (r1 - u0) / 4 * 4;
+        quantize_tokens4(j, u0, r4);
+        u0 = r4;
     }
 #endif
     const float *x = j->x;
