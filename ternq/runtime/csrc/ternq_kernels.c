@@ -427,18 +427,18 @@ static void absmax_lanes_avx512(const float *row, int64_t c16, int norm, float a
 static int64_t round_row_avx512(const float *row, int64_t C, int norm, float a, float b, float scale, float qmax,
                                 int8_t *dst) {
     const __m512 va = _mm512_set1_ps(a), vb = _mm512_set1_ps(b), vs = _mm512_set1_ps(scale);
-    const __m512 vr = _mm512_set1_ps(1.f / scale), half = _mm512_set1_ps(0.5f), near = _mm512_set1_ps(0x1p-14f);
+    const __m512 vr = _mm512_set1_ps(1.f / scale), near = _mm512_set1_ps(0.5f - 0x1p-14f);
     const __m512 hi = _mm512_set1_ps(qmax), lo = _mm512_set1_ps(-qmax - 1.f);
     const int64_t C16 = C / 16 * 16;
     for (int64_t c = 0; c < C16; c += 16) {
         __m512 v = _mm512_loadu_ps(row + c);
         if (norm == 1) v = _mm512_add_ps(_mm512_mul_ps(v, va), vb);
         else if (norm == 2) v = _mm512_mul_ps(v, va);
-        __m512 t = _mm512_mul_ps(v, vr);
-        const __m512 frac = _mm512_sub_ps(t, _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC));
-        const __mmask16 tie = _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_sub_ps(frac, half)), near, _CMP_LT_OQ);
-        if (tie) t = _mm512_mask_div_ps(t, tie, v, vs);
-        t = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        const __m512 p = _mm512_mul_ps(v, vr);
+        __m512 t = _mm512_roundscale_ps(p, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        /* |p - rint(p)| (exact) within 2^-14 of 1/2 <=> p's fraction within 2^-14 of a half-integer */
+        const __mmask16 tie = _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_sub_ps(p, t)), near, _CMP_GT_OQ);
+        if (tie) t = _mm512_mask_roundscale_ps(t, tie, _mm512_div_ps(v, vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         t = _mm512_max_ps(_mm512_min_ps(t, hi), lo); /* tq_code: min returns hi for a NaN t */
         _mm_storeu_si128((__m128i *)(dst + c), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(t)));
     }
