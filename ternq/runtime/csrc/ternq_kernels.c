@@ -427,7 +427,7 @@ static void absmax_lanes_avx512(const float *row, int64_t c16, int norm, float a
 static int64_t round_row_avx512(const float *row, int64_t C, int norm, float a, float b, float scale, float qmax,
                                 int8_t *dst) {
     const __m512 va = _mm512_set1_ps(a), vb = _mm512_set1_ps(b), vs = _mm512_set1_ps(scale);
-    const __m512 vr = _mm512_set1_ps(1.f / scale), near = _mm512_set1_ps(0.5f - 0x1p-14f);
+    const __m512 vr = _mm512_set1_ps(1.f / scale), near = _mm512_set1_ps(0.5f - 0x1p-14f); /* |p - rint(p)| > near */
     const __m512 hi = _mm512_set1_ps(qmax), lo = _mm512_set1_ps(-qmax - 1.f);
     const int64_t C16 = C / 16 * 16;
     for (int64_t c = 0; c < C16; c += 16) {
