@@ -175,6 +175,109 @@ def test_direct_conv_transpose_refuses_an_input_too_short_for_its_phases() -> No
 
 @needs_native
 @settings(deadline=None, max_examples=40)
+@given(batch=st.integers(1, 3), groups=st.integers(1, 3), in_g=st.integers(1, 9), out_g=st.integers(1, 19),
+       k=st.integers(1, 6), a=st.integers(1, 3), b=st.integers(0, 3), transposed=st.booleans(),
+       t=st.sampled_from([1, 2, 9, 70, 300]), per_sample=st.booleans(), per_channel=st.booleans(),
+       has_bias=st.booleans(), slope=st.sampled_from([None, 0.1]),
+       spoil=st.sampled_from([None, float("nan"), float("inf"), -float("inf")]), arch=st.sampled_from(ARCHS),
+       seed=st.integers(0, 2**16))
+def test_a_direct_conv_layer_call_is_its_per_group_calls_bit_for_bit(
+        arch_cache, batch: int, groups: int, in_g: int, out_g: int, k: int, a: int, b: int, transposed: bool, t: int,
+        per_sample: bool, per_channel: bool, has_bias: bool, slope: float | None, spoil: float | None, arch: str,
+        seed: int) -> None:
+    """`native.conv_direct_bound` (one native call: quantize, then every sample and group in one parallel region)
+    == quantize_grouped + conv1d_grouped / conv_transpose1d_grouped per sample and group, bit for bit, at 1, 2 and
+    3 threads and in every -march build: batches, groups, dilation / stride / padding off every block, per-channel
+    scales of each group (Conv1d) or shared by the groups (ConvTranspose1d), no bias, a leaky ReLU, per-sample
+    scales; a NaN / Inf step makes exactly the outputs that read it non-finite."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, groups * in_g, t, generator=g) * 2
+    if spoil is not None:
+        x[batch - 1, in_g // 2, t // 2] = spoil
+    w = torch.randint(-1 if seed % 2 else -127, 2 if seed % 2 else 128, (groups, k, out_g, in_g), dtype=torch.int8,
+                      generator=g)
+    if transposed:
+        up, pad, extra = a, min(b, k - 1), b % a
+        t_out = (t - 1) * up - 2 * pad + k + extra
+        if t_out < 1:
+            return
+        left, right = native.conv_transpose_padding(k, up, pad, t, t_out)
+        w = w[:, native.transpose_phases(k, up)]
+    else:
+        dilation, stride, left, right = a, 1 + b % 2, b, (seed >> 3) % 3
+        t_out = (left + t + right - dilation * (k - 1) - 1) // stride + 1
+        if t_out < 1:
+            return
+    weights = [native.conv_weights(wg) for wg in w]
+    n_scales = (out_g if transposed else groups * out_g) if per_channel else 1
+    wscale = torch.rand(n_scales, generator=g) + 0.5
+    bias = torch.randn(groups * out_g, generator=g) if has_bias else None
+    with native_build("1", arch, arch_cache):
+        lib, threads = native.library(), torch.get_num_threads()
+        xg, s = native.quantize_grouped(x, "layernorm", 1e-5, 8, per_sample, in_g, left, right, slope=slope)
+        ref = torch.empty(batch, groups * out_g, t_out)
+        for i in range(batch):
+            for j in range(groups):
+                rows = slice(j * out_g, (j + 1) * out_g)
+                ws = wscale[rows] if per_channel and not transposed else wscale
+                bj = None if bias is None else bias[rows]
+                if transposed:
+                    native.conv_transpose1d_grouped(xg[i, j], weights[j], up, pad, t_out, s[i], ws, per_channel,
+                                                    bj, ref[i, rows])
+                else:
+                    native.conv1d_grouped(xg[i, j], weights[j], k, dilation, stride, t_out, s[i], ws, per_channel,
+                                          bj, ref[i, rows])
+        call = native.conv_direct_bound(weights, transposed, "layernorm", 1e-5, 8, per_sample,
+                                        up if transposed else dilation, pad if transposed else stride, wscale,
+                                        per_channel, bias)
+        lib.tq_set_min_work(1)  # split even these small shapes between the threads
+        try:
+            for n in (1, 2, 3):
+                torch.set_num_threads(n)
+                y = call(x, left, right, t_out, slope)
+                assert torch.equal(_bits(y), _bits(ref)), (n, arch)
+        finally:
+            lib.tq_set_min_work(1 << 18)
+            torch.set_num_threads(threads)
+    # the outputs that read the spoiled step (per sample: any step of the sample) through any tap
+    hit = torch.ones(1, 1, t, dtype=torch.float64) if per_sample else torch.zeros(1, 1, t, dtype=torch.float64)
+    hit[0, 0, t // 2] = 1
+    taps = torch.ones(1, 1, k, dtype=torch.float64)
+    if transposed:
+        reached = F.conv_transpose1d(hit, taps, stride=up, padding=pad, output_padding=extra)[0, 0] > 0
+    else:
+        reached = F.conv1d(F.pad(hit, (left, right)), taps, stride=stride, dilation=dilation)[0, 0] > 0
+    finite = torch.ones_like(y, dtype=torch.bool)
+    if spoil is not None:
+        finite[batch - 1] = ~reached
+    assert torch.equal(torch.isfinite(y), finite)
+
+
+@needs_native
+def test_a_direct_conv_layer_call_refuses_what_does_not_fit() -> None:
+    """The binding checks the scales and bias against the groups and outputs, the bound call the input's channels
+    and dtype (a message naming them), the C call the padded length it is given against the output length (not a
+    read past the buffer)."""
+    weights = [native.conv_weights(torch.ones(3, 8, 4, dtype=torch.int8))]
+    call = native.conv_direct_bound(weights, False, None, 1e-5, 8, False, 1, 1, torch.ones(1), False, None)
+    assert call(torch.randn(2, 4, 10), 1, 1, 10).shape == (2, 8, 10)
+    with pytest.raises(ValueError, match="4 float32 input channels"):
+        call(torch.randn(2, 5, 10), 1, 1, 10)
+    with pytest.raises(ValueError, match="4 float32 input channels"):
+        call(torch.randn(2, 4, 10, dtype=torch.float64), 1, 1, 10)
+    with pytest.raises(ValueError, match="do not cover"):
+        call(torch.randn(2, 4, 10), 0, 0, 10)
+    transposed = native.conv_direct_bound(weights, True, None, 1e-5, 8, False, 8, 2, torch.ones(1), False, None)
+    with pytest.raises(ValueError, match="do not cover"):
+        transposed(torch.randn(1, 4, 10), 0, 0, 80)
+    with pytest.raises(ValueError, match="8 scales"):  # per channel: one per output
+        native.conv_direct_bound(weights, False, None, 1e-5, 8, False, 1, 1, torch.ones(1), True, None)
+    with pytest.raises(ValueError, match="a float32 bias of 8"):
+        native.conv_direct_bound(weights, False, None, 1e-5, 8, False, 1, 1, torch.ones(1), False, torch.ones(4))
+
+
+@needs_native
+@settings(deadline=None, max_examples=40)
 @given(c=st.integers(1, 20), t=st.sampled_from([1, 5, 255, 256, 257, 600]), slope=st.sampled_from([0.1, 0.01, 0.2, -0.5, 0.0]),
        norm=st.sampled_from([None, "layernorm", "rmsnorm"]), per_sample=st.booleans(), groups=st.sampled_from([1, 2]),
        spoil=st.sampled_from([None, float("nan"), float("inf"), -float("inf"), -0.0]), seed=st.integers(0, 2**16))

@@ -48,8 +48,8 @@ from .storage import unpack_rows
 
 __all__ = ["Conv1dGeometry", "conv_plan", "native_ok", "quantize_activations", "quantize_eager", "int_mm",
            "linear_gemv", "linear_gemv_bound", "linear_tiled_bound", "linear_int8", "int_mm_2bit",
-           "conv1d_direct", "direct_weights", "conv1d_taps", "conv1d_im2col", "conv_transpose1d_direct",
-           "conv_transpose1d_taps",
+           "conv1d_direct", "conv1d_direct_bound", "direct_weights", "conv1d_taps", "conv1d_im2col",
+           "conv_transpose1d_direct", "conv_transpose1d_direct_bound", "conv_transpose1d_taps",
            "embedding_gather"]
 
 _SCRATCH = threading.local()
@@ -202,23 +202,14 @@ def linear_tiled_bound(w: Tensor, scale: Tensor, bias: Tensor | None, cfg: Quant
     to ``int8_gemm`` bit for bit, without its per-call operand packing or weight decoding."""
     call = native.linear_gemm_bound(cfg.input_norm, cfg.eps, int(cfg.act_bits),  # type: ignore[arg-type]
                                     w, scale, cfg.granularity == "channel", bias)
-    return _on_rows(call, cfg)
+    if cfg.act_granularity == "token":
+        return call  # per token: the native call itself (it takes any rank), nothing in between
 
+    def per_sample(x: Tensor) -> Tensor:
+        return call(x, _rows_per_scale(x, cfg))
 
-def _on_rows(call: Callable[[Tensor, int], Tensor], cfg: QuantConfig) -> Callable[[Tensor], Tensor]:
-    """A native ``call(rows, rows_per_sample)`` on (R, in) float32 rows as a function of an input of any rank."""
-    per_token = cfg.act_granularity == "token"
-
-    def run(x: Tensor) -> Tensor:
-        flat = x.dim() == 2
-        rows = x if flat else x.reshape(-1, x.shape[-1])
-        if not rows.is_contiguous():
-            rows = rows.contiguous()
-        y = call(rows, 1 if per_token else _rows_per_scale(x, cfg))
-        return y if flat else y.view(*x.shape[:-1], y.shape[-1])
-
-    run.keep = getattr(call, "keep", ())  # type: ignore[attr-defined]  # what the native call holds
-    return run
+    per_sample.keep = call.keep  # type: ignore[attr-defined]  # what the native call holds
+    return per_sample
 
 
 def linear_int8(x: Tensor, w: Tensor, scale: Tensor, bias: Tensor | None, cfg: QuantConfig,
@@ -357,40 +348,30 @@ def conv1d_direct(x: Tensor, weights: list[native.ConvWeights], scale: Tensor, b
                   cfg: QuantConfig, geom: Conv1dGeometry, slope: float | None = None) -> Tensor:
     """``int8_direct`` (native, zero padding): `weights` one `native.ConvWeights` per group, of the codes
     (k, out/groups, in/groups) (made once per layer: `direct_weights`); `slope`: the layer's input is
-    ``F.leaky_relu(x, slope)``, applied inside the input quantization."""
-    plan = conv_plan(geom, x.shape[-1], x.shape[0])
-    groups, k, out_g, in_g = len(weights), geom.kernel_size, weights[0].out, weights[0].n_in
+    ``F.leaky_relu(x, slope)``, applied inside the input quantization. A layer binds it once
+    (`conv1d_direct_bound`)."""
+    return conv1d_direct_bound(weights, scale, bias, cfg, geom)(x, slope)
+
+
+def conv1d_direct_bound(weights: list[native.ConvWeights], scale: Tensor, bias: Tensor | None, cfg: QuantConfig,
+                        geom: Conv1dGeometry) -> Callable[..., Tensor]:
+    """`conv1d_direct` with the layer's codes, scales, bias, config and geometry bound once: ``call(x, slope=None)``
+    is the output length and one native call (quantize, then every sample and group in one parallel region,
+    `native.conv_direct_bound`)."""
+    k = geom.kernel_size
     if k != weights[0].wg.shape[0]:
         raise ValueError(f"{geom.owner}: int8_direct got {weights[0].wg.shape[0]} taps for kernel size {k}")
-    xg, s = native.quantize_grouped(x, cfg.input_norm, cfg.eps, int(cfg.act_bits),  # type: ignore[arg-type]
-                                    cfg.act_granularity == "tensor", in_g, *geom.padding, slope=slope)
-    per_channel = cfg.granularity == "channel"
-    y = torch.empty(x.shape[0], groups * out_g, plan.t_out, dtype=torch.float32)
-    _run_grouped(xg, s, y, scale, bias, per_channel, out_g, lambda lib, xp, c4, tp, g, sp, wp, bp, yp, ldy: (
-        native._conv1d_at(lib, xp, c4, tp, weights[g], geom.dilation, geom.stride, plan.t_out, sp, wp,
-                          per_channel, bp, yp, ldy)))
-    return y
+    run = native.conv_direct_bound(weights, False, cfg.input_norm, cfg.eps, int(cfg.act_bits),  # type: ignore[arg-type]
+                                   cfg.act_granularity == "tensor", geom.dilation, geom.stride, scale,
+                                   cfg.granularity == "channel", bias)
+    left, right = geom.padding
 
+    def call(x: Tensor, slope: float | None = None) -> Tensor:
+        plan = conv_plan(geom, x.shape[-1], x.shape[0])
+        return run(x, left, right, plan.t_out, slope)
 
-def _run_grouped(xg: Tensor, s: Tensor, y: Tensor, scale: Tensor, bias: Tensor | None, per_channel: bool,
-                 out_g: int, call: Callable[..., None], group_scales: bool = True) -> None:
-    """`call(lib, xg, C4, Tp, group, s, wscale, bias, y, ldy)` for each sample and group, on the addresses of
-    that sample's and group's rows of the grouped codes xg (B, groups, C4, Tp, 4), scales s (B, Tp), output y
-    (B, groups * out_g, T) and the layer's scales / bias (per channel: a group's rows, unless not
-    `group_scales`): no tensor views per call."""
-    lib = native.library()
-    scale = scale.to(torch.float32).contiguous()  # the layer's own buffer (no copy) unless cast by .to()
-    bias = None if bias is None else bias.contiguous()  # kept referenced while its address is in use
-    batch, groups, c4, tp = xg.shape[0], xg.shape[1], xg.shape[2], xg.shape[3]
-    t_out = y.shape[-1]
-    x0, s0, y0 = xg.data_ptr(), s.data_ptr(), y.data_ptr()
-    w0, b0 = scale.data_ptr(), None if bias is None else bias.data_ptr()
-    for g in range(groups):
-        wp = w0 + 4 * g * out_g if per_channel and group_scales else w0
-        bp = None if b0 is None else b0 + 4 * g * out_g
-        for b in range(batch):
-            call(lib, x0 + (b * groups + g) * c4 * tp * 4, c4, tp, g, s0 + 4 * b * tp, wp, bp,
-                 y0 + 4 * (b * groups + g) * out_g * t_out, t_out)
+    call.keep = run.keep  # type: ignore[attr-defined]
+    return call
 
 
 def direct_weights(weight: Tensor, upsample: int | None = None) -> list[native.ConvWeights]:
@@ -408,25 +389,34 @@ def conv_transpose1d_direct(x: Tensor, weights: list[native.ConvWeights], scale:
     """``int8_direct`` for ConvTranspose1d (native, dilation 1): `weights` one `native.ConvWeights` per group of
     the codes (k, out/groups, in/groups) with the taps in `native.transpose_phases` order. The upsampling as
     `stride` interleaved stride-1 convolutions of the input (the same loops as Conv1d's ``int8_direct``): no
-    tap planes, no overlap-add. `slope`: as for `conv1d_direct`."""
+    tap planes, no overlap-add. `slope`: as for `conv1d_direct`. A layer binds it once
+    (`conv_transpose1d_direct_bound`)."""
+    return conv_transpose1d_direct_bound(weights, scale, bias, cfg, geom)(x, output_padding, slope)
+
+
+def conv_transpose1d_direct_bound(weights: list[native.ConvWeights], scale: Tensor, bias: Tensor | None,
+                                  cfg: QuantConfig, geom: Conv1dGeometry) -> Callable[..., Tensor]:
+    """`conv_transpose1d_direct` bound once: ``call(x, output_padding, slope=None)`` is the output length, the
+    input's padding and one native call (`native.conv_direct_bound`); per channel, the scales of one group's
+    outputs serve every group (the weight's dim 1)."""
     k, stride, pad = geom.kernel_size, geom.stride, geom.padding[0]
-    t_in = x.shape[-1]
-    if t_in == 0 and x.shape[0]:
-        raise RuntimeError(f"{geom.owner}: input of length 0 (torch's ConvTranspose1d refuses it too)")
-    t_out = (t_in - 1) * stride - 2 * pad + geom.dilation * (k - 1) + 1 + output_padding
-    if t_out < 0:  # output length 0 gives an empty output, as torch does (except, on CPU, for a batch of one)
-        raise RuntimeError(f"{geom.owner}: output length {t_out} < 0 for input length {t_in}")
-    groups, out_g, in_g = len(weights), weights[0].out, weights[0].n_in
-    left, right = native.conv_transpose_padding(k, stride, pad, t_in, t_out)
-    xg, s = native.quantize_grouped(x, cfg.input_norm, cfg.eps, int(cfg.act_bits),  # type: ignore[arg-type]
-                                    cfg.act_granularity == "tensor", in_g, left, right, slope=slope)
-    per_channel = cfg.granularity == "channel"
-    y = torch.empty(x.shape[0], groups * out_g, t_out, dtype=torch.float32)
-    # per channel: the scales of one group's outputs, the same for every group (the weight's dim 1)
-    _run_grouped(xg, s, y, scale, bias, per_channel, out_g, lambda lib, xp, c4, tp, g, sp, wp, bp, yp, ldy: (
-        native._conv_transpose1d_at(lib, xp, c4, tp, weights[g], stride, pad, t_out, sp, wp, per_channel, bp, yp,
-                                    ldy)), group_scales=False)
-    return y
+    run = native.conv_direct_bound(weights, True, cfg.input_norm, cfg.eps, int(cfg.act_bits),  # type: ignore[arg-type]
+                                   cfg.act_granularity == "tensor", stride, pad, scale, cfg.granularity == "channel",
+                                   bias)
+    reach = geom.dilation * (k - 1) + 1
+
+    def call(x: Tensor, output_padding: int, slope: float | None = None) -> Tensor:
+        t_in = x.shape[-1]
+        if t_in == 0 and x.shape[0]:
+            raise RuntimeError(f"{geom.owner}: input of length 0 (torch's ConvTranspose1d refuses it too)")
+        t_out = (t_in - 1) * stride - 2 * pad + reach + output_padding
+        if t_out < 0:  # output length 0 gives an empty output, as torch does (except, on CPU, for a batch of one)
+            raise RuntimeError(f"{geom.owner}: output length {t_out} < 0 for input length {t_in}")
+        left, right = native.conv_transpose_padding(k, stride, pad, t_in, t_out)
+        return run(x, left, right, t_out, slope)
+
+    call.keep = run.keep  # type: ignore[attr-defined]
+    return call
 
 
 def conv1d_taps(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None, cfg: QuantConfig,

@@ -226,12 +226,12 @@ class PackedLayer:
         self.__dict__.pop("_tiled", None)
 
     def __getstate__(self) -> dict[str, Any]:
-        """The layer without its bound native calls (`PackedLinear._k_int8_gemv`, `PackedLinear._k_int8_tiled`):
-        they hold raw pointers into this layer's tensors, which a copy or an unpickled layer does not share (it binds
-        its own)."""
+        """The layer without its bound native calls (`PackedLinear._k_int8_gemv`, `PackedLinear._k_int8_tiled`, the
+        convolutions' `_direct_call`): they hold raw pointers into this layer's tensors, which a copy or an unpickled
+        layer does not share (it binds its own)."""
         state = dict(super().__getstate__())  # type: ignore[misc]
         state.pop("_gemv", None)
-        state.pop("_direct", None)  # views of the codes, remade on the first call
+        state.pop("_direct", None)
         state.pop("_tiled", None)
         return state
 
@@ -477,19 +477,23 @@ class _PackedConv1dBase(PackedLayer):
         self.__dict__["_last"] = name
         return self.kernel_impls[name](self, x, slope=negative_slope)
 
-    def _direct_weights(self) -> list[native.ConvWeights]:
-        """The codes as ``int8_direct`` reads them (`kernels.direct_weights`), kept while the stored codes are the
-        same object (`_set_codes` and ``.to()`` replace it): no per-call copies or row sums. 2 / 4-bit storage is
-        unpacked per call, not kept (memory is its point)."""
-        codes = self._buffers["ternq_codes"]
-        cached = self.__dict__.get("_direct")
-        if cached is not None and cached[0] is codes:
-            return cached[1]
-        up = self.stride[0] if isinstance(self, nn.ConvTranspose1d) else None  # type: ignore[attr-defined]
-        weights = kernels.direct_weights(self._tap_major(self._layout_codes()), up)
+    def _direct_call(self) -> Callable[..., Tensor]:
+        """``int8_direct`` bound to this layer (`kernels.conv1d_direct_bound` / `conv_transpose1d_direct_bound`: the
+        codes as the kernel reads them, scales, bias, geometry; one native call per forward), kept while the codes,
+        scales and bias are the same objects (`_set_codes`, ``.to()`` and assignments replace them): no per-call
+        copies, row sums or lookups. 2 / 4-bit storage is unpacked per call, not kept (memory is its point)."""
+        codes, scale, bias = self._buffers["ternq_codes"], self._buffers["scale"], self._parameters.get("bias")
+        bound = self.__dict__.get("_direct")
+        if bound is not None and bound[0] is codes and bound[1] is scale and bound[2] is bias:
+            return bound[3]
+        transposed = isinstance(self, nn.ConvTranspose1d)
+        weights = kernels.direct_weights(self._tap_major(self._layout_codes()),
+                                         self.stride[0] if transposed else None)  # type: ignore[attr-defined]
+        bind = kernels.conv_transpose1d_direct_bound if transposed else kernels.conv1d_direct_bound
+        call = bind(weights, scale, bias, self.qconfig, self._conv_geometry())
         if self._bits == 8:
-            self.__dict__["_direct"] = (codes, weights)
-        return weights
+            self.__dict__["_direct"] = (codes, scale, bias, call)
+        return call
 
     def _conv_geometry(self) -> kernels.Conv1dGeometry:
         """The layer's convolution hyperparameters as the kernels take them (made once per layer)."""
@@ -553,8 +557,7 @@ class PackedConv1d(_PackedConv1dBase, nn.Conv1d):
 
     @register_kernel("int8_direct")
     def _k_int8_direct(self, x: Tensor, *, slope: float | None = None) -> Tensor:
-        return kernels.conv1d_direct(x, self._direct_weights(), self.scale, self.bias, self.qconfig,
-                                     self._conv_geometry(), slope)
+        return self._direct_call()(x, slope)
 
     @register_kernel("int8_taps")
     def _k_int8_taps(self, x: Tensor) -> Tensor:
@@ -594,8 +597,7 @@ class PackedConvTranspose1d(_PackedConv1dBase, nn.ConvTranspose1d):
 
     @register_kernel("int8_direct")
     def _k_int8_direct(self, x: Tensor, output_size: list[int] | None = None, *, slope: float | None = None) -> Tensor:
-        return kernels.conv_transpose1d_direct(x, self._direct_weights(), self.scale, self.bias, self.qconfig,
-                                               self._conv_geometry(), self._output_padding_of(x, output_size), slope)
+        return self._direct_call()(x, self._output_padding_of(x, output_size), slope)
 
     @register_kernel("int8_taps")
     def _k_int8_taps(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:

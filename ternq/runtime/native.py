@@ -97,6 +97,10 @@ _SIGNATURES: dict[str, tuple[object, ...]] = {
     "tq_quantize_grouped": (_P, _I, _I, _I, _F, _C, _F, _C, _C, _P, _I, _I, _I, _I, _P),
     "tq_conv1d_grouped": (_P, _I, _I, _P, _P, _C, _I, _I, _I, _I, _I, _P, _P, _I, _P, _P, _I),
     "tq_conv_transpose1d_grouped": (_P, _I, _I, _P, _P, _C, _I, _I, _I, _I, _I, _P, _P, _I, _P, _P, _I),
+    "tq_conv1d_direct": (_P, _I, _I, _I, _F, _C, _F, _C, _C, _I, _I, _I, _P, _P, _C, _I, _I, _I, _I, _I, _P, _C, _P,
+                         _P),
+    "tq_conv_transpose1d_direct": (_P, _I, _I, _I, _F, _C, _F, _C, _C, _I, _I, _I, _P, _P, _C, _I, _I, _I, _I, _I, _P,
+                                   _C, _P, _P),
     "tq_gemm_pack": (_P, _I, _I, _P, _P),
     "tq_linear_gemm": (_P, _I, _I, _C, _F, _C, _I, _P, _P, _I, _P, _C, _P, _P),
     "tq_linear_gemm_2bit": (_P, _I, _I, _C, _F, _C, _I, _P, _P, _I, _P, _C, _P, _P),
@@ -107,7 +111,8 @@ _SIGNATURES: dict[str, tuple[object, ...]] = {
     "tq_fake_quantize": (_P, _I, _I, _I, _F, _C, _P),
 }
 _RETURNS_INT = ("tq_quantize_grouped", "tq_conv_transpose1d_grouped", "tq_linear_rows", "tq_row_sums", "tq_num_threads",
-                "tq_linear_2bit", "tq_packed_isa", "tq_linear_gemm", "tq_linear_gemm_2bit", "tq_gemm_isa")
+                "tq_linear_2bit", "tq_packed_isa", "tq_linear_gemm", "tq_linear_gemm_2bit", "tq_gemm_isa",
+                "tq_conv1d_direct", "tq_conv_transpose1d_direct")
 _C_TYPES = {"int64_t": _I, "int": _C, "float": _F}  # and every pointer: _P
 
 
@@ -715,9 +720,10 @@ def gemm_pack(w: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def linear_gemm_bound(norm: str | None, eps: float, bits: int, w: Tensor, wscale: Tensor, per_channel: bool,
-                      bias: Tensor | None) -> Callable[[Tensor, int], Tensor]:
-    """A Linear on many rows in one native call: ``call(x, rows_per_sample)`` quantizes x (R, K) float32, multiplies
-    and rescales (+ bias); the output equals `linear_rows`' (and the ``int8_gemm`` kernel's) bit for bit. w is
+                      bias: Tensor | None) -> Callable[..., Tensor]:
+    """A Linear on many rows in one native call: ``call(x, rows_per_sample=1)`` quantizes x (..., K) float32 of any
+    rank (the output (..., N) allocated in its final shape, as `linear_rows_bound`'s), multiplies and rescales
+    (+ bias); the output equals `linear_rows`' (and the ``int8_gemm`` kernel's) bit for bit. w is
     either the codes (N, K) int8, packed once here (`gemm_pack`: a copy of about N x K bytes), or their 2-bit rows
     (N, ceil(K / 4)) uint8 (`ternq.runtime.storage.pack_rows`), read as stored (``tq_linear_gemm_2bit`` decodes
     them per thread into a cache-sized panel): only their row sums are added (4 bytes per output channel). The
@@ -740,13 +746,17 @@ def linear_gemm_bound(norm: str | None, eps: float, bits: int, w: Tensor, wscale
     scale_ptr, channel, bias_ptr = wscale.data_ptr(), int(per_channel), _ptr(bias)
     f32 = torch.float32
 
-    def call(x: Tensor, rows_per_sample: int) -> Tensor:
-        r, kx = x.shape
-        if not (k - 4 < kx <= k if two_bit else kx == k) or x.dtype != f32 or not x.is_contiguous():
-            raise ValueError(f"linear_gemm: x {tuple(x.shape)} {x.dtype} does not fit the weight {tuple(w.shape)}")
+    def call(x: Tensor, rows_per_sample: int = 1) -> Tensor:
+        shape = x.shape
+        kx = shape[-1] if shape else -1
+        if not (k - 4 < kx <= k if two_bit else kx == k) or x.dtype != f32:
+            raise ValueError(f"linear_gemm: x {tuple(shape)} {x.dtype} does not fit the weight {tuple(w.shape)}")
+        if not x.is_contiguous():
+            x = x.contiguous()
         if not _THREAD.__dict__.get("seen"):
             library()  # this thread's first call: its thread count (`library`)
-        y = torch.empty(r, n, dtype=f32)
+        y = torch.empty((*shape[:-1], n), dtype=f32)
+        r = y.numel() // n if n else x.numel() // max(kx, 1)
         if fn(x.data_ptr(), r, kx, norm_id, eps, bits, rows_per_sample, wp_ptr, sum_ptr, n, scale_ptr, channel,
               bias_ptr, y.data_ptr()) != 0:
             raise MemoryError("native linear_gemm: out of memory")
@@ -871,17 +881,9 @@ def conv1d_grouped(xg: Tensor, weights: ConvWeights | Tensor, k: int, dilation: 
         weights = conv_weights(weights)
     c4, tp = _conv_args(xg, weights, s, wscale, per_channel, bias, y)
     assert weights.wg.shape[0] == k and (t_out - 1) * stride + dilation * (k - 1) < tp
-    _conv1d_at(lib, xg.data_ptr(), c4, tp, weights, dilation, stride, t_out, s.data_ptr(), _ptr(wscale),
-               per_channel, _ptr(bias), y.data_ptr(), y.stride(0))
-
-
-def _conv1d_at(lib: ctypes.CDLL, xg: int, c4: int, tp: int, weights: ConvWeights, dilation: int, stride: int,
-               t_out: int, s: int, wscale: int | None, per_channel: bool, bias: int | None, y: int,
-               ldy: int) -> None:
-    """`conv1d_grouped` on addresses, unchecked: for `ternq.runtime.kernels`, whose buffers are made to fit
-    (the checks and views of the public call cost 5x the call itself on a short input)."""
-    lib.tq_conv1d_grouped(xg, c4, tp, weights.wg.data_ptr(), weights.wsum.data_ptr(), weights.wmax, weights.out,
-                          weights.wg.shape[0], dilation, stride, t_out, s, wscale, int(per_channel), bias, y, ldy)
+    lib.tq_conv1d_grouped(xg.data_ptr(), c4, tp, weights.wg.data_ptr(), weights.wsum.data_ptr(), weights.wmax,
+                          weights.out, k, dilation, stride, t_out, s.data_ptr(), _ptr(wscale), int(per_channel),
+                          _ptr(bias), y.data_ptr(), y.stride(0))
 
 
 def conv_transpose1d_grouped(xg: Tensor, weights: ConvWeights, up: int, padding: int, t_out: int, s: Tensor,
@@ -893,17 +895,10 @@ def conv_transpose1d_grouped(xg: Tensor, weights: ConvWeights, up: int, padding:
     lib = library()
     assert lib is not None
     c4, tp = _conv_args(xg, weights, s, wscale, per_channel, bias, y)
-    _conv_transpose1d_at(lib, xg.data_ptr(), c4, tp, weights, up, padding, t_out, s.data_ptr(), _ptr(wscale),
-                         per_channel, _ptr(bias), y.data_ptr(), y.stride(0))
-
-
-def _conv_transpose1d_at(lib: ctypes.CDLL, xg: int, c4: int, tp: int, weights: ConvWeights, up: int, padding: int,
-                         t_out: int, s: int, wscale: int | None, per_channel: bool, bias: int | None, y: int,
-                         ldy: int) -> None:
-    """`conv_transpose1d_grouped` on addresses (see `_conv1d_at`); the C kernel still checks the padded length."""
-    if lib.tq_conv_transpose1d_grouped(xg, c4, tp, weights.wg.data_ptr(), weights.wsum.data_ptr(), weights.wmax,
-                                       weights.out, weights.wg.shape[0], up, padding, t_out, s, wscale,
-                                       int(per_channel), bias, y, ldy) != 0:
+    if lib.tq_conv_transpose1d_grouped(xg.data_ptr(), c4, tp, weights.wg.data_ptr(), weights.wsum.data_ptr(),
+                                       weights.wmax, weights.out, weights.wg.shape[0], up, padding, t_out,
+                                       s.data_ptr(), _ptr(wscale), int(per_channel), _ptr(bias), y.data_ptr(),
+                                       y.stride(0)) != 0:
         raise ValueError(f"tq_conv_transpose1d_grouped: {tp} input steps do not cover {t_out} output steps of "
                          f"stride {up} (pad the input as conv_transpose_padding says), or stride {up} > 64")
 
@@ -921,6 +916,58 @@ def fake_quantize(x: Tensor, out: Tensor, outer: int, c: int, inner: int, bits: 
 
 
 register_activation_kernel(fake_quantize)
+
+
+def conv_direct_bound(weights: list[ConvWeights], transposed: bool, norm: str | None, eps: float, bits: int,
+                      per_sample: bool, a: int, b: int, wscale: Tensor, per_channel: bool,
+                      bias: Tensor | None) -> Callable[[Tensor, int, int, int, float | None], Tensor]:
+    """A Conv1d (`a`, `b` = dilation, stride) or ConvTranspose1d (`a`, `b` = stride, padding; `weights` in
+    `transpose_phases` order) ``int8_direct`` layer in one native call, with its constant arguments bound once:
+    ``call(x, left, right, t_out, slope)`` quantizes x (B, C, T) float32 with `left` / `right` zero steps (the
+    leaky ReLU of `slope` first, unless None) and convolves every sample and group into y (B, groups * out, t_out).
+    `weights`: one `ConvWeights` per group, copied into one (groups, ...) tensor unless there is one group. The
+    caller computes t_out and the padding (`ternq.runtime.kernels`); the C call checks that they fit. The returned
+    function holds what it passes the addresses of."""
+    lib = library()
+    assert lib is not None
+    groups, out_g, k = len(weights), weights[0].out, weights[0].wg.shape[0]
+    wg = weights[0].wg.unsqueeze(0) if groups == 1 else torch.stack([w.wg for w in weights])
+    wsum = weights[0].wsum.unsqueeze(0) if groups == 1 else torch.stack([w.wsum for w in weights])
+    wmax = max(w.wmax for w in weights)
+    scale = wscale.to(torch.float32).contiguous()
+    bias = None if bias is None else bias.contiguous()
+    scales = (out_g if transposed else groups * out_g) if per_channel else 1
+    if scale.numel() < scales or (bias is not None and (bias.dtype != torch.float32 or bias.numel() < groups * out_g)):
+        raise ValueError(f"conv_direct_bound: {scale.numel()} scales and a bias of {None if bias is None else bias.numel()} "
+                         f"do not fit {groups} groups of {out_g} outputs ({scales} scales, a float32 bias of "
+                         f"{groups * out_g} or None)")
+    fn = lib.tq_conv_transpose1d_direct if transposed else lib.tq_conv1d_direct
+    n_in = weights[0].n_in * groups
+    norm_id, wg_ptr, ws_ptr, scale_ptr, bias_ptr = _NORMS[norm], wg.data_ptr(), wsum.data_ptr(), scale.data_ptr(), _ptr(bias)
+    channel, sample, f32 = int(per_channel), int(per_sample), torch.float32
+
+    def call(x: Tensor, left: int, right: int, t_out: int, slope: float | None = None) -> Tensor:
+        if x.dim() != 3 or x.shape[1] != n_in or x.dtype != f32:
+            raise ValueError(f"conv_direct: x {tuple(x.shape)} {x.dtype} does not fit the layer's {n_in} float32 "
+                             "input channels")
+        if not x.is_contiguous():
+            x = x.contiguous()
+        if not _THREAD.__dict__.get("seen"):
+            library()  # this thread's first call: its thread count (`library`)
+        batch, c, t = x.shape
+        y = torch.empty(batch, groups * out_g, t_out, dtype=f32)
+        status = fn(x.data_ptr(), batch, c, t, 1.0 if slope is None else slope, norm_id, eps, bits, sample, groups,
+                    left, right, wg_ptr, ws_ptr, wmax, out_g, k, a, b, t_out, scale_ptr, channel, bias_ptr,
+                    y.data_ptr())
+        if status == -1:
+            raise MemoryError("native int8_direct convolution: out of memory")
+        if status != 0:
+            raise ValueError(f"native int8_direct convolution: {left} + {t} + {right} input steps do not cover "
+                             f"{t_out} output steps (a={a}, b={b}, {k} taps)")
+        return y
+
+    call.keep = (wg, wsum, scale, bias)  # type: ignore[attr-defined]
+    return call
 
 
 def main(argv: list[str] | None = None) -> int:

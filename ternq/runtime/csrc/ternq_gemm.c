@@ -52,6 +52,85 @@
 
 static inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
+/* --- per-thread scratch ---------------------------------------------------------------------------------------
+ *
+ * 64-byte aligned: an AMX tile row or a zmm load that straddles two cache lines costs two (the GEMM ran 1.4-1.9x
+ * slower on malloc's 16-byte aligned buffers). Kept per thread between calls: a call allocated and freed three
+ * buffers, and each worker thread its panel, every time (glibc maps and unmaps those past 128 KiB). */
+#if defined(_WIN32)
+#include <malloc.h>
+static void *aligned_get(size_t bytes) { return _aligned_malloc(bytes ? bytes : 1, 64); }
+static void aligned_put(void *p) { _aligned_free(p); }
+#else
+static void *aligned_get(size_t bytes) {
+    void *p = NULL;
+    return posix_memalign(&p, 64, bytes ? bytes : 1) == 0 ? p : NULL;
+}
+static void aligned_put(void *p) { free(p); }
+#endif
+
+#if defined(__GNUC__) && !defined(_WIN32) && !defined(TQ_NO_TLS)
+#include <pthread.h>
+/* each thread's buffers, freed when the thread exits (a server's short-lived request threads would otherwise leave
+ * theirs behind: up to TQ_SCRATCH_SLOTS x TQ_SCRATCH_MAX each) */
+struct tq_scratch_set {
+    void *buf[TQ_SCRATCH_SLOTS];
+    size_t size[TQ_SCRATCH_SLOTS];
+};
+static __thread struct tq_scratch_set *tq_mine;
+static pthread_key_t tq_scratch_key;
+static pthread_once_t tq_scratch_once = PTHREAD_ONCE_INIT;
+static int tq_scratch_keyed;
+
+static void tq_scratch_free(void *arg) {
+    struct tq_scratch_set *set = (struct tq_scratch_set *)arg;
+    for (int i = 0; i < TQ_SCRATCH_SLOTS; ++i) aligned_put(set->buf[i]);
+    free(set);
+}
+
+static void tq_scratch_make_key(void) { tq_scratch_keyed = pthread_key_create(&tq_scratch_key, tq_scratch_free) == 0; }
+
+/* this thread's set, made at its first use; NULL where it cannot be freed at the thread's exit (no key) */
+static struct tq_scratch_set *tq_scratch_set(void) {
+    if (tq_mine == NULL) {
+        pthread_once(&tq_scratch_once, tq_scratch_make_key);
+        if (!tq_scratch_keyed) return NULL;
+        struct tq_scratch_set *set = (struct tq_scratch_set *)calloc(1, sizeof *set);
+        if (set == NULL || pthread_setspecific(tq_scratch_key, set) != 0) {
+            free(set);
+            return NULL;
+        }
+        tq_mine = set;
+    }
+    return tq_mine;
+}
+
+void *tq_scratch(int slot, size_t bytes) {
+    struct tq_scratch_set *set = bytes > TQ_SCRATCH_MAX ? NULL : tq_scratch_set();
+    if (set == NULL) return aligned_get(bytes);
+    if (set->size[slot] < bytes || set->buf[slot] == NULL) {
+        aligned_put(set->buf[slot]);
+        set->buf[slot] = aligned_get(bytes);
+        set->size[slot] = set->buf[slot] ? bytes : 0;
+    }
+    return set->buf[slot];
+}
+
+void tq_scratch_done(int slot, void *p) {
+    if (tq_mine == NULL || p != tq_mine->buf[slot]) aligned_put(p);
+}
+#else /* no thread-local storage or thread-exit hook: a buffer per call */
+void *tq_scratch(int slot, size_t bytes) {
+    (void)slot;
+    return aligned_get(bytes);
+}
+
+void tq_scratch_done(int slot, void *p) {
+    (void)slot;
+    aligned_put(p);
+}
+#endif
+
 void tq_gemm_pack(const int8_t *w, int64_t N, int64_t K, int8_t *wp, int32_t *wsum) {
     const int64_t Kp = round_up(K, TQ_KB), Np = round_up(N, TQ_NB);
     memset(wp, 0, (size_t)(Np * Kp));
@@ -188,17 +267,15 @@ static void lay_row(const struct prep_job *p, int64_t m, const int8_t *src, int6
     }
 }
 
-/* samples [u0, u1) (a row each per token): quantized one sample per call (tq_quantize_rows on one sample runs on
- * this thread: no nested parallel region), then laid out */
+/* samples [u0, u1) (a row each per token): quantized on this thread (no nested parallel region; per token all
+ * rows in one call, which takes four rows' reductions at once), then laid out */
 static void prep_samples(void *arg, int64_t u0, int64_t u1) {
     const struct prep_job *p = (const struct prep_job *)arg;
     const int64_t rps = p->rows_per_sample, K = p->K, W = p->W;
     const int64_t m1 = u1 * rps < p->R ? u1 * rps : p->R;
-    for (int64_t m = u0 * rps; m < m1; m += rps) {
-        const int64_t rows = m1 - m < rps ? m1 - m : rps;
-        tq_quantize_rows(p->x + m * K, rows, K, p->norm, p->eps, p->bits, rps, p->q + m * K, p->s + m);
-    }
-    int8_t *ordered = W ? (int8_t *)malloc((size_t)(4 * W)) : NULL;
+    tq_quantize_rows_serial(p->x + u0 * rps * K, m1 - u0 * rps, K, p->norm, p->eps, p->bits, rps,
+                            p->q + u0 * rps * K, p->s + u0 * rps);
+    int8_t *ordered = W ? (int8_t *)tq_scratch(TQ_SLOT_ROW, (size_t)(4 * W)) : NULL;
     for (int64_t m = u0 * rps; m < m1; ++m) {
         if (ordered) {
             planar_order(p->q + m * K, K, W, ordered);
@@ -207,15 +284,15 @@ static void prep_samples(void *arg, int64_t u0, int64_t u1) {
             lay_row(p, m, p->q + m * K, W ? 0 : K); /* W without memory: rows of zeros, the call fails */
         }
     }
-    free(ordered);
+    if (ordered) tq_scratch_done(TQ_SLOT_ROW, ordered);
 }
 
 /* quantize x (R, K) into s and the layout, padding rows [R, Mp) with zero codes (+ offset). The quantizer's passes
- * over each float (norm, absmax, round) and the copies count as ~16 units of work per code, so that 16 rows of
- * 1024 codes already split over the threads. */
+ * over each float (norm, mean, absmax, round) and the copies count as 32 units of work per code, so that 16 rows of
+ * 1024 codes already split over the threads (at 16 units, 16 x 1024 was exactly one chunk's least work: serial). */
 static void prepare(const struct prep_job *p, int64_t Mp) {
     const int64_t units = (p->R + p->rows_per_sample - 1) / p->rows_per_sample;
-    tq_parallel_for(units, 1, 16 * p->R * p->K, prep_samples, (void *)p);
+    tq_parallel_for(units, 1, 32 * p->R * p->K, prep_samples, (void *)p);
     if (p->amx) {
         for (int64_t m = p->R; m < Mp; ++m)
             for (int64_t k0 = 0; k0 < p->Kp; k0 += TQ_KB)
@@ -277,7 +354,33 @@ static void decode_blocks(const struct gemm_job *g, int64_t b0, int64_t b1, int8
     const int64_t W = g->W, Kp = g->Kp, J = Kp / 4;
     for (int64_t b = b0; b < b1; ++b) {
         int8_t *block = wp + (b - b0) * TQ_NB * Kp;
-#if defined(TQ_VNNI512)
+#if defined(TQ_VNNI512) && defined(__AVX512VBMI__)
+        /* 64 bytes of each of the 16 rows, transposed as 16 x 16 words (word q of every row in r[q]: 4 k4 rows of
+         * the tiles), then each byte's 4 fields picked out by one multishift per k4 row: one transposition per 64
+         * bytes of a row, not per 16 after decoding (decode16's 4x larger vectors) */
+        const __m512i codes = _mm512_set4_epi32(0, 0, 0, (int)0xFFFE0100u); /* 0, 1, -2, -1 */
+        const __m512i three = _mm512_set1_epi8(3);
+        __m512i pick[4];
+        for (int jj = 0; jj < 4; ++jj) /* byte jj of each word: fields at bits 8 jj + 2 f (+ 32: the odd word) */
+            pick[jj] = _mm512_set1_epi64((long long)((uint64_t)(8 * jj) | (uint64_t)(8 * jj + 2) << 8 |
+                                                     (uint64_t)(8 * jj + 4) << 16 | (uint64_t)(8 * jj + 6) << 24 |
+                                                     (uint64_t)(32 + 8 * jj) << 32 | (uint64_t)(34 + 8 * jj) << 40 |
+                                                     (uint64_t)(36 + 8 * jj) << 48 | (uint64_t)(38 + 8 * jj) << 56));
+        for (int64_t j0 = 0; j0 < J; j0 += 64) {
+            __m512i r[16];
+            const __mmask64 m = j0 >= W ? 0 : W - j0 >= 64 ? ~(__mmask64)0 : ((__mmask64)1 << (W - j0)) - 1;
+            for (int c = 0; c < TQ_NB; ++c) {
+                const int64_t n = b * TQ_NB + c;
+                r[c] = n < g->N ? _mm512_maskz_loadu_epi8(m, (const void *)(g->w2 + n * W + j0)) : _mm512_setzero_si512();
+            }
+            transpose16(r); /* r[q], lane c: bytes j0 + 4q .. j0 + 4q + 3 of row c */
+            for (int64_t q = 0; q < 16 && j0 + 4 * q < J; ++q)
+                for (int jj = 0; jj < 4; ++jj) {
+                    const __m512i f = _mm512_and_si512(_mm512_multishift_epi64_epi8(pick[jj], r[q]), three);
+                    _mm512_storeu_si512((void *)(block + (j0 + 4 * q + jj) * 64), _mm512_shuffle_epi8(codes, f));
+                }
+        }
+#elif defined(TQ_VNNI512)
         static const uint8_t zeros[16] = {0};
         for (int64_t j0 = 0; j0 < J; j0 += 16) {
             __m512i r[16];
@@ -469,7 +572,7 @@ static void gemm_blocks(void *arg, int64_t b0, int64_t b1) {
     if (g->w2 == NULL) {
         run_blocks(g, g->wp + b0 * TQ_NB * g->Kp, b0, b1);
     } else {
-        int8_t *panel = (int8_t *)malloc((size_t)(2 * TQ_NB * g->Kp));
+        int8_t *panel = (int8_t *)tq_scratch(TQ_SLOT_PANEL, (size_t)(2 * TQ_NB * g->Kp));
         if (panel == NULL) {
             __atomic_store_n(&g->failed, 1, __ATOMIC_RELAXED);
         } else {
@@ -478,7 +581,7 @@ static void gemm_blocks(void *arg, int64_t b0, int64_t b1) {
                 decode_blocks(g, b, e, panel);
                 run_blocks(g, panel, b, e);
             }
-            free(panel);
+            tq_scratch_done(TQ_SLOT_PANEL, panel);
         }
     }
 #if defined(TQ_AMX)
@@ -492,9 +595,9 @@ static int linear_gemm(const float *x, int64_t R, int64_t K, int norm, float eps
                        const float *wscale, int per_channel, const float *bias, float *y) {
     const int isa = gemm_isa();
     const int64_t Kp = round_up(w2 ? 4 * W : K, TQ_KB), Mp = round_up(R, 32);
-    int8_t *q = (int8_t *)malloc((size_t)(R * K));
-    uint8_t *qp = (uint8_t *)malloc((size_t)(Mp * Kp));
-    float *s = (float *)malloc((size_t)R * sizeof(float));
+    int8_t *q = (int8_t *)tq_scratch(TQ_SLOT_Q, (size_t)(R * K));
+    uint8_t *qp = (uint8_t *)tq_scratch(TQ_SLOT_QP, (size_t)(Mp * Kp));
+    float *s = (float *)tq_scratch(TQ_SLOT_S, (size_t)R * sizeof(float));
     int ok = q && qp && s;
     if (ok) {
         /* rows padded to Kp codes (and Mp rows) of zeros; + 128 for vpdpbusd (a padded k meets a zero weight) */
@@ -506,9 +609,9 @@ static int linear_gemm(const float *x, int64_t R, int64_t K, int norm, float eps
         tq_parallel_for(blocks, 2, R * N * K, gemm_blocks, &g);
         ok = !g.failed;
     }
-    free(q);
-    free(qp);
-    free(s);
+    if (q) tq_scratch_done(TQ_SLOT_Q, q);
+    if (qp) tq_scratch_done(TQ_SLOT_QP, qp);
+    if (s) tq_scratch_done(TQ_SLOT_S, s);
     return ok ? 0 : -1;
 }
 

@@ -372,19 +372,31 @@ struct rows_job {
 
 static void quantize_samples(void *arg, int64_t u0, int64_t u1);
 
+static void rows_job_init(struct rows_job *j, const float *x, int64_t R, int64_t C, int norm, float eps, int bits,
+                          int64_t rows_per_sample, int8_t *q, float *s) {
+    j->x = x;
+    j->R = R;
+    j->C = C;
+    j->rows_per_sample = rows_per_sample;
+    j->norm = norm;
+    j->bits = bits;
+    j->eps = eps;
+    j->q = q;
+    j->s = s;
+}
+
+void tq_quantize_rows_serial(const float *x, int64_t R, int64_t C, int norm, float eps, int bits,
+                             int64_t rows_per_sample, int8_t *q, float *s) {
+    struct rows_job j;
+    rows_job_init(&j, x, R, C, norm, eps, bits, rows_per_sample, q, s);
+    quantize_samples(&j, 0, (R + rows_per_sample - 1) / rows_per_sample);
+}
+
 /* Parallel over samples (groups of rows_per_sample rows; a row each per token). */
 void tq_quantize_rows(const float *x, int64_t R, int64_t C, int norm, float eps, int bits,
                       int64_t rows_per_sample, int8_t *q, float *s) {
     struct rows_job j;
-    j.x = x;
-    j.R = R;
-    j.C = C;
-    j.rows_per_sample = rows_per_sample;
-    j.norm = norm;
-    j.bits = bits;
-    j.eps = eps;
-    j.q = q;
-    j.s = s;
+    rows_job_init(&j, x, R, C, norm, eps, bits, rows_per_sample, q, s);
     tq_parallel_for((R + rows_per_sample - 1) / rows_per_sample, 1, 4 * R * C, quantize_samples, &j);
 }
 
@@ -415,18 +427,18 @@ static void absmax_lanes_avx512(const float *row, int64_t c16, int norm, float a
 static int64_t round_row_avx512(const float *row, int64_t C, int norm, float a, float b, float scale, float qmax,
                                 int8_t *dst) {
     const __m512 va = _mm512_set1_ps(a), vb = _mm512_set1_ps(b), vs = _mm512_set1_ps(scale);
-    const __m512 vr = _mm512_set1_ps(1.f / scale), half = _mm512_set1_ps(0.5f), near = _mm512_set1_ps(0x1p-14f);
+    const __m512 vr = _mm512_set1_ps(1.f / scale), near = _mm512_set1_ps(0.5f - 0x1p-14f); /* |p - rint(p)| > near */
     const __m512 hi = _mm512_set1_ps(qmax), lo = _mm512_set1_ps(-qmax - 1.f);
     const int64_t C16 = C / 16 * 16;
     for (int64_t c = 0; c < C16; c += 16) {
         __m512 v = _mm512_loadu_ps(row + c);
         if (norm == 1) v = _mm512_add_ps(_mm512_mul_ps(v, va), vb);
         else if (norm == 2) v = _mm512_mul_ps(v, va);
-        __m512 t = _mm512_mul_ps(v, vr);
-        const __m512 frac = _mm512_sub_ps(t, _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC));
-        const __mmask16 tie = _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_sub_ps(frac, half)), near, _CMP_LT_OQ);
-        if (tie) t = _mm512_mask_div_ps(t, tie, v, vs);
-        t = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        const __m512 p = _mm512_mul_ps(v, vr);
+        __m512 t = _mm512_roundscale_ps(p, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        /* |p - rint(p)| (exact) within 2^-14 of 1/2 <=> p's fraction within 2^-14 of a half-integer */
+        const __mmask16 tie = _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_sub_ps(p, t)), near, _CMP_GT_OQ);
+        if (tie) t = _mm512_mask_roundscale_ps(t, tie, _mm512_div_ps(v, vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         t = _mm512_max_ps(_mm512_min_ps(t, hi), lo); /* tq_code: min returns hi for a NaN t */
         _mm_storeu_si128((__m128i *)(dst + c), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(t)));
     }
@@ -434,8 +446,123 @@ static int64_t round_row_avx512(const float *row, int64_t C, int norm, float a, 
 }
 #endif
 
+#if defined(__AVX512F__)
+/* lane_sum of up to 4 rows at once (lanes[r] = the 16 lanes of row r): the same additions per lane in the same
+ * order, 4 independent chains of vaddps instead of one (one row's chain waited 4 cycles per 16 floats: the
+ * quantizer of a 64-token Linear took as long as a third of its AMX GEMM) */
+static void lane_sums4(const float *const *rows, int nr, int64_t c16, const float *m, int kind, float lanes[4][16]) {
+    __m512 acc[4], mv[4];
+    for (int r = 0; r < 4; ++r) {
+        acc[r] = _mm512_setzero_ps();
+        mv[r] = _mm512_set1_ps(r < nr ? m[r] : 0.f);
+    }
+    for (int64_t c0 = 0; c0 < c16; c0 += 16) {
+        for (int r = 0; r < 4; ++r) {
+            if (r >= nr) break;
+            __m512 v = _mm512_loadu_ps(rows[r] + c0);
+            if (kind == 1) v = _mm512_sub_ps(v, mv[r]);
+            if (kind) v = _mm512_mul_ps(v, v);
+            acc[r] = _mm512_add_ps(acc[r], v);
+        }
+    }
+    for (int r = 0; r < nr; ++r) _mm512_storeu_ps(lanes[r], acc[r]);
+}
+
+/* lane_sum's total from its lanes: the tail added first, then the lanes in order */
+static float lane_total(const float *row, int64_t c16, int64_t n, float m, int kind, const float *lanes) {
+    float total = 0.f;
+    for (int64_t c = c16; c < n; ++c) {
+        float v = row[c];
+        if (kind == 1) v -= m;
+        if (kind) v = v * v;
+        total += v;
+    }
+    for (int i = 0; i < 16; ++i) total += lanes[i];
+    return total;
+}
+
+/* absmax_lanes_avx512 of up to 4 rows at once (independent chains, the same operations per row) */
+static void absmax_lanes4(const float *const *rows, int nr, int64_t c16, int norm, const float *a, const float *b,
+                          float lanes[4][16], float nan[4][16]) {
+    __m512 mx[4], sm[4], va[4], vb[4];
+    for (int r = 0; r < 4; ++r) {
+        mx[r] = sm[r] = _mm512_setzero_ps();
+        va[r] = _mm512_set1_ps(r < nr ? a[r] : 1.f);
+        vb[r] = _mm512_set1_ps(r < nr ? b[r] : 0.f);
+    }
+    for (int64_t c0 = 0; c0 < c16; c0 += 16) {
+        for (int r = 0; r < 4; ++r) {
+            if (r >= nr) break;
+            __m512 v = _mm512_loadu_ps(rows[r] + c0);
+            if (norm == 1) v = _mm512_add_ps(_mm512_mul_ps(v, va[r]), vb[r]);
+            else if (norm == 2) v = _mm512_mul_ps(v, va[r]);
+            v = _mm512_abs_ps(v);
+            mx[r] = _mm512_max_ps(v, mx[r]);
+            sm[r] = _mm512_add_ps(sm[r], v);
+        }
+    }
+    for (int r = 0; r < nr; ++r) {
+        _mm512_storeu_ps(lanes[r], mx[r]);
+        _mm512_storeu_ps(nan[r], sm[r]);
+    }
+}
+
+/* per token (one row per scale), rows [r0, r1) four at a time (r1 - r0 a multiple of 4): quantize_samples'
+ * operations per row, bit for bit */
+static void quantize_tokens4(const struct rows_job *j, int64_t r0, int64_t r1) {
+    const int64_t C = j->C, c16 = C / 16 * 16;
+    const int norm = j->norm;
+    const float eps = j->eps, fc = (float)C, qmax = (float)((1 << (j->bits - 1)) - 1);
+    for (int64_t g = r0; g < r1; g += 4) {
+        const int nr = r1 - g < 4 ? (int)(r1 - g) : 4;
+        const float *rows[4];
+        float a[4] = {1.f, 1.f, 1.f, 1.f}, b[4] = {0.f, 0.f, 0.f, 0.f}, m[4] = {0.f, 0.f, 0.f, 0.f};
+        float lanes[4][16], nan[4][16];
+        for (int r = 0; r < nr; ++r) rows[r] = j->x + (g + r) * C;
+        if (norm == 1) {
+            lane_sums4(rows, nr, c16, m, 0, lanes);
+            for (int r = 0; r < nr; ++r) m[r] = lane_total(rows[r], c16, C, 0.f, 0, lanes[r]) / fc;
+            lane_sums4(rows, nr, c16, m, 1, lanes);
+            for (int r = 0; r < nr; ++r) {
+                a[r] = 1.f / sqrtf(lane_total(rows[r], c16, C, m[r], 1, lanes[r]) / fc + eps);
+                b[r] = -a[r] * m[r];
+            }
+        } else if (norm == 2) {
+            lane_sums4(rows, nr, c16, m, 2, lanes);
+            for (int r = 0; r < nr; ++r) a[r] = 1.f / sqrtf(lane_total(rows[r], c16, C, 0.f, 2, lanes[r]) / fc + eps);
+        }
+        absmax_lanes4(rows, nr, c16, norm, a, b, lanes, nan);
+        for (int r = 0; r < nr; ++r) {
+            const float *row = rows[r];
+            for (int64_t c = c16; c < C; ++c) {
+                float v = fabsf(norm == 1 ? row[c] * a[r] + b[r] : norm == 2 ? row[c] * a[r] : row[c]);
+                lanes[r][0] = TQ_MAX(v, lanes[r][0]);
+            }
+            float amax = 0.f;
+            for (int i = 0; i < 16; ++i) amax = TQ_MAX(lanes[r][i], amax);
+            for (int i = 0; i < 16; ++i) amax = nan[r][i] != nan[r][i] ? nan[r][i] : amax;
+            const float scale = (amax < eps ? eps : amax) / qmax;
+            j->s[g + r] = scale;
+            int8_t *dst = j->q + (g + r) * C;
+            int64_t c = round_row_avx512(row, C, norm, a[r], b[r], scale, qmax, dst);
+            for (; c < C; ++c) {
+                float v = norm == 1 ? row[c] * a[r] + b[r] : norm == 2 ? row[c] * a[r] : row[c];
+                dst[c] = (int8_t)tq_code(rintf(v / scale), qmax);
+            }
+        }
+    }
+}
+#endif
+
 static void quantize_samples(void *arg, int64_t u0, int64_t u1) {
     const struct rows_job *j = (const struct rows_job *)arg;
+#if defined(__AVX512F__)
+    if (j->rows_per_sample == 1) { /* whole groups of four rows; the rest (a decode step's one row) below */
+        const int64_t r1 = u1 < j->R ? u1 : j->R, r4 = u0 + (r1 - u0) / 4 * 4;
+        quantize_tokens4(j, u0, r4);
+        u0 = r4;
+    }
+#endif
     const float *x = j->x;
     const int64_t R = j->R, C = j->C, rows_per_sample = j->rows_per_sample;
     const int norm = j->norm;
@@ -1242,6 +1369,30 @@ static void conv_t_units(void *arg, int64_t u0, int64_t u1) {
     }
 }
 
+/* The phases of a transposed convolution (1 <= up <= 64) into j: each one's first tap, first input block and
+ * output steps, and the tiles of the longest; -1 where Tp input steps do not cover the steps a phase reads. */
+static int transpose_plan(struct conv_t_job *j, int64_t k, int64_t up, int64_t pad, int64_t T_out, int64_t Tp) {
+    j->base.T_out = T_out;
+    j->base.up = up;
+    j->base.pad = pad;
+    j->base.k = k;
+    j->lmax = phase_taps(k, up, 0);
+    int64_t first = 0, longest = 0;
+    for (int64_t r = 0; r < up; ++r) {
+        const int64_t taps = phase_taps(k, up, r);
+        j->first[r] = first;
+        first += taps;
+        /* output steps t in [0, T_out) with t + pad = m * up + r: m in [lo, hi) (pad - r > -up: lo >= 0) */
+        j->lo[r] = (pad - r + up - 1) / up;
+        const int64_t hi = (T_out + pad - r + up - 1) / up;
+        j->len[r] = hi > j->lo[r] ? hi - j->lo[r] : 0;
+        if (j->len[r] && hi - 1 + j->lmax - 1 >= Tp) return -1; /* the last step this phase reads */
+        longest = j->len[r] > longest ? j->len[r] : longest;
+    }
+    j->base.ntiles = (longest + TQ_CONV_TILE - 1) / TQ_CONV_TILE;
+    return 0;
+}
+
 /* ConvTranspose1d (dilation 1) as `up` interleaved convolutions: output step t = m * up + r - pad (phase r) is
  * sum over the phase's taps l of W[r + (L_r - 1 - l) * up] x[m - L_r + 1 + l], a stride-1 convolution over the
  * input, written every up-th step. No tap planes, no overlap-add: the same inner loops as tq_conv1d_grouped.
@@ -1254,31 +1405,123 @@ int tq_conv_transpose1d_grouped(const uint8_t *xg, int64_t C4, int64_t Tp, const
                                 int64_t ldy) {
     struct conv_t_job j;
     memset(&j, 0, sizeof j);
-    if (up < 1 || up > 64 || k < 1 || pad < 0) return -1;
+    if (up < 1 || up > 64 || k < 1 || pad < 0 || transpose_plan(&j, k, up, pad, T_out, Tp) != 0) return -1;
     const int64_t outp = (out + 7) / 8 * 8;
     const struct conv_span c = {xg, C4, Tp, wg, wsum, out, outp, 0, 1, 1, s, wscale, wstep, bias, y, ldy, up};
     j.base.c = c;
     j.base.wmax = wmax;
     j.base.nob = outp / 8;
-    j.base.T_out = T_out;
-    j.base.up = up;
-    j.base.pad = pad;
-    j.base.k = k;
-    j.lmax = phase_taps(k, up, 0);
-    int64_t first = 0, longest = 0;
-    for (int64_t r = 0; r < up; ++r) {
-        const int64_t taps = phase_taps(k, up, r);
-        j.first[r] = first;
-        first += taps;
-        /* output steps t in [0, T_out) with t + pad = m * up + r: m in [lo, hi) (pad - r > -up: lo >= 0) */
-        j.lo[r] = (pad - r + up - 1) / up;
-        const int64_t hi = (T_out + pad - r + up - 1) / up;
-        j.len[r] = hi > j.lo[r] ? hi - j.lo[r] : 0;
-        if (j.len[r] && hi - 1 + j.lmax - 1 >= Tp) return -1; /* the last step this phase reads */
-        longest = j.len[r] > longest ? j.len[r] : longest;
-    }
-    j.base.ntiles = (longest + TQ_CONV_TILE - 1) / TQ_CONV_TILE;
     tq_parallel_for(up * j.base.nob * j.base.ntiles, 1, outp * k * C4 * 4 * (T_out / up + 1), conv_t_units, &j);
+    return 0;
+}
+
+/* --- a whole int8_direct layer in one call --------------------------------------------------------------------
+ *
+ * A Conv1d / ConvTranspose1d forward of any batch and groups: the input quantized into this thread's scratch
+ * (tq_quantize_grouped), then every (sample, group) in one parallel region whose units are the plain call's units
+ * of each. From Python this was a quantizer call with two tensors allocated, then a ctypes call per sample and group
+ * (each a fork and join of the threads), with the library and environment lookups of each: ~20 us per layer call,
+ * as much as the arithmetic of a small layer, and serial. Every output is still computed by the same instructions
+ * whichever unit holds it: bitwise identical at any thread count, and to the per-group calls. */
+
+struct layer_job {
+    const struct conv_job *conv;     /* the plain call's job for sample 0, group 0 (conv_units) */
+    const struct conv_t_job *conv_t; /* or the transposed call's (conv_t_units) */
+    int64_t groups, per;             /* per: units of one (sample, group) */
+    int64_t x_step, s_step, w_step, wsum_step, scale_step, out_g, y_step;
+};
+
+static void layer_units(void *arg, int64_t u0, int64_t u1) {
+    const struct layer_job *L = (const struct layer_job *)arg;
+    while (u0 < u1) {
+        const int64_t bg = u0 / L->per, b = bg / L->groups, g = bg % L->groups;
+        const int64_t r0 = u0 % L->per, r1 = (bg + 1) * L->per < u1 ? L->per : u1 - bg * L->per;
+        struct conv_t_job t;
+        struct conv_job *j = &t.base;
+        if (L->conv_t) t = *L->conv_t;
+        else *j = *L->conv;
+        j->c.xg += bg * L->x_step;
+        j->c.s += b * L->s_step;
+        j->c.wg += g * L->w_step;
+        j->c.wsum += g * L->wsum_step;
+        if (j->c.wscale) j->c.wscale += g * L->scale_step;
+        if (j->c.bias) j->c.bias += g * L->out_g;
+        j->c.y += bg * L->y_step;
+        if (L->conv_t) conv_t_units(&t, r0, r1);
+        else conv_units(j, r0, r1);
+        u0 = bg * L->per + r1;
+    }
+}
+
+/* The scratch for the grouped codes (B, groups, C4, Tp, 4) and scales (B, Tp), quantized; NULL (and *status -1)
+ * without the memory. */
+static uint8_t *layer_input(const float *x, int64_t B, int64_t C, int64_t T, float slope, int norm, float eps,
+                            int bits, int per_sample, int64_t groups, int64_t C4, int64_t Tp, int64_t left,
+                            float **s) {
+    uint8_t *xg = (uint8_t *)tq_scratch(TQ_SLOT_QP, (size_t)(B * groups * C4 * Tp * 4));
+    *s = (float *)tq_scratch(TQ_SLOT_S, (size_t)(B * Tp) * sizeof(float));
+    if (xg == NULL || *s == NULL ||
+        tq_quantize_grouped(x, B, C, T, slope, norm, eps, bits, per_sample, xg, C / groups, C4, Tp, left, *s) != 0) {
+        if (xg) tq_scratch_done(TQ_SLOT_QP, xg);
+        if (*s) tq_scratch_done(TQ_SLOT_S, *s);
+        return NULL;
+    }
+    return xg;
+}
+
+int tq_conv1d_direct(const float *x, int64_t B, int64_t C, int64_t T, float slope, int norm, float eps, int bits,
+                     int per_sample, int64_t groups, int64_t left, int64_t right, const int8_t *wg,
+                     const int32_t *wsum, int wmax, int64_t out_g, int64_t k, int64_t dil, int64_t stride,
+                     int64_t T_out, const float *wscale, int per_channel, const float *bias, float *y) {
+    const int64_t in_g = C / groups, C4 = (in_g + 3) / 4, Tp = left + T + right, outp = (out_g + 7) / 8 * 8;
+    if (B <= 0 || T_out <= 0) return 0;
+    if (groups < 1 || C % groups || (T_out - 1) * stride + dil * (k - 1) >= Tp) return -2;
+    float *s;
+    uint8_t *xg = layer_input(x, B, C, T, slope, norm, eps, bits, per_sample, groups, C4, Tp, left, &s);
+    if (xg == NULL) return -1;
+    struct conv_job j;
+    memset(&j, 0, sizeof j);
+    const struct conv_span c = {xg, C4, Tp, wg, wsum, out_g, outp, k, dil, stride, s, wscale, per_channel, bias, y,
+                                T_out, 1};
+    j.c = c;
+    j.wmax = wmax;
+    j.nob = outp / 8;
+    j.ntiles = (T_out + TQ_CONV_TILE - 1) / TQ_CONV_TILE;
+    j.T_out = T_out;
+    const struct layer_job L = {&j, NULL, groups, j.nob * j.ntiles, C4 * Tp * 4, Tp, k * outp * C4 * 4, k * outp,
+                                per_channel ? out_g : 0, out_g, out_g * T_out};
+    tq_parallel_for(B * groups * L.per, 1, B * groups * outp * k * C4 * 4 * T_out, layer_units, (void *)&L);
+    tq_scratch_done(TQ_SLOT_QP, xg);
+    tq_scratch_done(TQ_SLOT_S, s);
+    return 0;
+}
+
+int tq_conv_transpose1d_direct(const float *x, int64_t B, int64_t C, int64_t T, float slope, int norm, float eps,
+                               int bits, int per_sample, int64_t groups, int64_t left, int64_t right,
+                               const int8_t *wg, const int32_t *wsum, int wmax, int64_t out_g, int64_t k,
+                               int64_t up, int64_t pad, int64_t T_out, const float *wscale, int per_channel,
+                               const float *bias, float *y) {
+    const int64_t in_g = C / groups, C4 = (in_g + 3) / 4, Tp = left + T + right, outp = (out_g + 7) / 8 * 8;
+    if (B <= 0 || T_out <= 0) return 0;
+    if (groups < 1 || C % groups || up < 1 || up > 64 || k < 1 || pad < 0) return -2;
+    struct conv_t_job j;
+    memset(&j, 0, sizeof j);
+    if (transpose_plan(&j, k, up, pad, T_out, Tp) != 0) return -2;
+    float *s;
+    uint8_t *xg = layer_input(x, B, C, T, slope, norm, eps, bits, per_sample, groups, C4, Tp, left, &s);
+    if (xg == NULL) return -1;
+    /* per channel: the scales of one group's outputs, the same for every group (the weight's dim 1) */
+    const struct conv_span c = {xg, C4, Tp, wg, wsum, out_g, outp, 0, 1, 1, s, wscale, per_channel, bias, y, T_out,
+                                up};
+    j.base.c = c;
+    j.base.wmax = wmax;
+    j.base.nob = outp / 8;
+    const struct layer_job L = {NULL, &j, groups, up * j.base.nob * j.base.ntiles, C4 * Tp * 4, Tp,
+                                k * outp * C4 * 4, k * outp, 0, out_g, out_g * T_out};
+    tq_parallel_for(B * groups * L.per, 1, B * groups * outp * k * C4 * 4 * (T_out / up + 1), layer_units,
+                    (void *)&L);
+    tq_scratch_done(TQ_SLOT_QP, xg);
+    tq_scratch_done(TQ_SLOT_S, s);
     return 0;
 }
 

@@ -10,7 +10,7 @@
 
 #include <stdint.h>
 
-#define TQ_ABI_VERSION 11
+#define TQ_ABI_VERSION 12
 
 void tq_quantize_channels(const float *x, int64_t B, int64_t C, int64_t T, int norm, float eps, int bits, int
     per_sample, int8_t *q, int64_t ldq, float *s, int64_t lds, int64_t off);
@@ -44,6 +44,21 @@ void tq_conv1d_grouped(const uint8_t *xg, int64_t C4, int64_t Tp, const int8_t *
 int tq_conv_transpose1d_grouped(const uint8_t *xg, int64_t C4, int64_t Tp, const int8_t *wg, const int32_t *wsum,
     int wmax, int64_t out, int64_t k, int64_t up, int64_t pad, int64_t T_out, const float *s, const float *wscale,
     int64_t wstep, const float *bias, float *y, int64_t ldy);
+
+/* a whole int8_direct layer call: x (B, C, T) float32 quantized (tq_quantize_grouped; left / right zero steps), then
+ * every sample and group in one parallel region into y (B, groups * out_g, T_out); wg (groups, k, outp, C4 * 4) and
+ * wsum (groups, k * outp): each group's ternq.native.ConvWeights. Conv1d: wscale per channel of all groups;
+ * ConvTranspose1d: per channel of one group (the same for every group), taps in phase order. Returns 0, -1 out of
+ * memory, -2 a geometry the input does not cover. */
+int tq_conv1d_direct(const float *x, int64_t B, int64_t C, int64_t T, float slope, int norm, float eps, int bits,
+    int per_sample, int64_t groups, int64_t left, int64_t right, const int8_t *wg, const int32_t *wsum, int wmax,
+    int64_t out_g, int64_t k, int64_t dil, int64_t stride, int64_t T_out, const float *wscale, int per_channel,
+    const float *bias, float *y);
+
+int tq_conv_transpose1d_direct(const float *x, int64_t B, int64_t C, int64_t T, float slope, int norm, float eps,
+    int bits, int per_sample, int64_t groups, int64_t left, int64_t right, const int8_t *wg, const int32_t *wsum,
+    int wmax, int64_t out_g, int64_t k, int64_t up, int64_t pad, int64_t T_out, const float *wscale, int
+    per_channel, const float *bias, float *y);
 
 int tq_row_sums(const int8_t *w, int64_t N, int64_t K, int32_t *sums);
 
