@@ -7,7 +7,9 @@ For each thread count, one greedy decode step (one token, KV cache) is timed as 
   (weights streamed from memory as in a step: 2 bits per weight), through the bound ctypes call;
 * ``layer calls``: the same matrices through ``PackedLinear.__call__`` (picker, kernel dispatch, ctypes);
 * ``rest``: step minus layer calls: transformers' Python, attention, RoPE, the KV cache, norms, lm_head (fp32);
-  the model-independent overhead that no GEMV speed removes.
+  the model-independent overhead that no GEMV speed removes;
+* ``free matrices``: the step with every quantized matrix replaced by a stand-in that returns zeros (no weight
+  read): the floor of a step that transformers' forward runs, whatever the kernels do.
 
 Then, per matrix shape (2048 -> 5632 and 5632 -> 2048 in issue 18's model): one GEMV alone (the native call, the
 layers of that shape in turn as a step streams them) and one layer call, per call, with the GB/s of 2-bit weight
@@ -23,10 +25,12 @@ Wall-clock times (``--cpu-clock``: the process's CPU time, for development on a 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 
 import torch
 
@@ -120,10 +124,39 @@ def measure(model: torch.nn.Module, layers: list[torch.nn.Module], prompt: torch
             m(x)
 
     t_step, t_native, t_calls = best(step, args.reps), best(natives, args.reps), best(calls, args.reps)
+    with free_matrices(model, layers):
+        t_free = best(step, args.reps)
     print(f"threads {threads}: step {t_step * 1e3:.3f} ms ({1 / t_step:.1f} tok/s) | gemv native "
           f"{t_native * 1e3:.3f} ms ({weights / 4 / t_native / 1e9:.1f} GB/s of 2-bit weights) | layer calls "
           f"{t_calls * 1e3:.3f} ms ({(t_calls - t_native) / len(layers) * 1e6:.1f} us/call over native) | rest "
-          f"{(t_step - t_calls) * 1e3:.3f} ms", flush=True)
+          f"{(t_step - t_calls) * 1e3:.3f} ms | free matrices {t_free * 1e3:.3f} ms ({1 / t_free:.1f} tok/s)",
+          flush=True)
+
+
+class _Free(torch.nn.Module):
+    """A stand-in for a quantized matrix: zeros of its output shape, no weight read."""
+
+    def __init__(self, out_features: int) -> None:
+        super().__init__()
+        self.out_features = out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(*x.shape[:-1], self.out_features)
+
+
+@contextlib.contextmanager
+def free_matrices(model: torch.nn.Module, layers: list[torch.nn.Module]) -> Iterator[None]:
+    """Every packed layer of `model` replaced by a `_Free` stand-in inside the block, put back after."""
+    wanted = {id(m) for m in layers}
+    swapped = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+               if id(child) in wanted]
+    for parent, name, child in swapped:
+        setattr(parent, name, _Free(child.out_features))
+    try:
+        yield
+    finally:
+        for parent, name, child in swapped:
+            setattr(parent, name, child)
 
 def per_shape(layers: list[torch.nn.Module], counts: list[int], reps: int) -> None:
     """Print one GEMV (the bound native call) and one layer call per matrix shape, at each thread count."""
