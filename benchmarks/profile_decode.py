@@ -7,7 +7,14 @@ For each thread count, one greedy decode step (one token, KV cache) is timed as 
   (weights streamed from memory as in a step: 2 bits per weight), through the bound ctypes call;
 * ``layer calls``: the same matrices through ``PackedLinear.__call__`` (picker, kernel dispatch, ctypes);
 * ``rest``: step minus layer calls: transformers' Python, attention, RoPE, the KV cache, norms, lm_head (fp32);
-  the model-independent overhead that no GEMV speed removes.
+  the model-independent overhead that no GEMV speed removes;
+* ``free matrices``: the step with every quantized matrix replaced by a stand-in that returns zeros (no weight
+  read): the floor of a step that transformers' forward runs, whatever the kernels do.
+
+Then, per matrix shape (2048 -> 5632 and 5632 -> 2048 in issue 18's model): one GEMV alone (the native call, the
+layers of that shape in turn as a step streams them) and one layer call, per call, with the GB/s of 2-bit weight
+read, and each thread count's speed-up over the first; and the cost of one fork / join of the threads (a small
+GEMV split into chunks, against the same call on one thread).
 
 Wall-clock times (``--cpu-clock``: the process's CPU time, for development on a machine other processes load; at
 1 thread only, as the spinning OpenMP workers count too).
@@ -18,10 +25,12 @@ Wall-clock times (``--cpu-clock``: the process's CPU time, for development on a 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 
 import torch
 
@@ -71,8 +80,11 @@ def main() -> None:
           f"{sorted({m.storage for m in layers})}")
     torch.manual_seed(1)
     prompt = torch.randint(3, args.vocab, (1, args.prompt))
-    for threads in [int(t) for t in args.threads.split(",")]:
+    counts = [int(t) for t in args.threads.split(",")]
+    for threads in counts:
         measure(model, layers, prompt, threads, args)
+    per_shape(layers, counts, args.reps)
+    fork_join(counts)
 
 
 def measure(model: torch.nn.Module, layers: list[torch.nn.Module], prompt: torch.Tensor, threads: int,
@@ -112,10 +124,89 @@ def measure(model: torch.nn.Module, layers: list[torch.nn.Module], prompt: torch
             m(x)
 
     t_step, t_native, t_calls = best(step, args.reps), best(natives, args.reps), best(calls, args.reps)
+    with free_matrices(model, layers):
+        t_free = best(step, args.reps)
     print(f"threads {threads}: step {t_step * 1e3:.3f} ms ({1 / t_step:.1f} tok/s) | gemv native "
           f"{t_native * 1e3:.3f} ms ({weights / 4 / t_native / 1e9:.1f} GB/s of 2-bit weights) | layer calls "
           f"{t_calls * 1e3:.3f} ms ({(t_calls - t_native) / len(layers) * 1e6:.1f} us/call over native) | rest "
-          f"{(t_step - t_calls) * 1e3:.3f} ms", flush=True)
+          f"{(t_step - t_calls) * 1e3:.3f} ms | free matrices {t_free * 1e3:.3f} ms ({1 / t_free:.1f} tok/s)",
+          flush=True)
+
+
+class _Free(torch.nn.Module):
+    """A stand-in for a quantized matrix: zeros of its output shape, no weight read."""
+
+    def __init__(self, out_features: int) -> None:
+        super().__init__()
+        self.out_features = out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(*x.shape[:-1], self.out_features)
+
+
+@contextlib.contextmanager
+def free_matrices(model: torch.nn.Module, layers: list[torch.nn.Module]) -> Iterator[None]:
+    """Every packed layer of `model` replaced by a `_Free` stand-in inside the block, put back after."""
+    wanted = {id(m) for m in layers}
+    swapped = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+               if id(child) in wanted]
+    for parent, name, child in swapped:
+        setattr(parent, name, _Free(child.out_features))
+    try:
+        yield
+    finally:
+        for parent, name, child in swapped:
+            setattr(parent, name, child)
+
+def per_shape(layers: list[torch.nn.Module], counts: list[int], reps: int) -> None:
+    """Print one GEMV (the bound native call) and one layer call per matrix shape, at each thread count."""
+    shapes: dict[tuple[int, int], list[torch.nn.Module]] = {}
+    for m in layers:
+        shapes.setdefault((m.in_features, m.out_features), []).append(m)
+    for (k, n), group in shapes.items():
+        x = torch.randn(1, 1, k)
+        for m in group:
+            m(x)
+        bound = [m.__dict__["_gemv"][3] for m in group]
+        first = None
+        for threads in counts:
+            torch.set_num_threads(threads)
+            t_native = best(lambda x=x, bound=bound: [b(x) for b in bound], reps) / len(group)
+            t_call = best(lambda x=x, group=group: [m(x) for m in group], reps) / len(group)
+            first = first or t_native
+            print(f"{k} -> {n} ({len(group)} layers), threads {threads}: gemv {t_native * 1e6:.1f} us "
+                  f"({n * -(-k // 4) / t_native / 1e9:.1f} GB/s, {first / t_native:.2f}x threads {counts[0]}) | "
+                  f"layer call {t_call * 1e6:.1f} us (+{(t_call - t_native) * 1e6:.1f})", flush=True)
+
+
+def fork_join(counts: list[int]) -> None:
+    """Print the cost of one fork / join: a one-token Linear(1024 -> 64) split into chunks, minus the same call
+    on the calling thread alone (`tq_set_min_work`: the least work per chunk)."""
+    from ternq.qat.layers import layer_spec
+    from ternq.qat.quantizers import quantize_weight
+    from ternq.runtime import packed_layer
+
+    lib = ternq.native.library()
+    if lib is None:
+        return
+    cfg = ternq.TernaryConfig(input_norm=None)
+    lin = torch.nn.Linear(1024, 64, bias=False)
+    codes, scale = quantize_weight(lin.weight.detach(), cfg, 0)
+    layer = packed_layer(lin, codes, scale, cfg, layer_spec(lin), storage="packed", kernel="int8_gemv")
+    x = torch.randn(1, 1, 1024)
+    layer(x)
+    call = layer.__dict__["_gemv"][3]
+    for threads in counts:
+        torch.set_num_threads(threads)
+        serial = best(lambda: call(x), 2000)
+        lib.tq_set_min_work(1)
+        try:
+            split = best(lambda: call(x), 2000)
+        finally:
+            lib.tq_set_min_work(1 << 18)  # the library's default
+        print(f"threads {threads}: Linear(1024 -> 64) one token: {serial * 1e6:.2f} us on one thread, "
+              f"{split * 1e6:.2f} us split in chunks (fork / join ~{(split - serial) * 1e6:.1f} us)", flush=True)
+
 
 if __name__ == "__main__":
     main()

@@ -3,6 +3,9 @@ int8 kernels' results on every -march variant, never the int8 codes of a whole l
 storage chosen once at load from the CPU and the layer's shape."""
 from __future__ import annotations
 
+import contextlib
+import os
+
 import pytest
 import torch
 from hypothesis import example, given, settings
@@ -175,3 +178,147 @@ def test_default_storage_is_chosen_at_load(monkeypatch: pytest.MonkeyPatch) -> N
     assert packed_layer(qat, codes, scale, config, layer_spec(qat)).storage == "int8"
     with pytest.raises(ValueError, match="auto"):
         _fresh_packed(big, "int2")
+
+
+def _eager_linear(x: torch.Tensor, w: torch.Tensor, wscale: torch.Tensor, per_channel: bool,
+                  bias: torch.Tensor | None) -> torch.Tensor:
+    """The one-token Linear in eager torch on the native quantizer's codes: int64 dot products, then the epilogue's
+    float32 operations in its order (``acc * wscale[n] * s`` per channel, ``acc * (s * wscale)`` per tensor)."""
+    q = torch.empty(x.shape, dtype=torch.int8)
+    s = torch.empty(x.shape[0], dtype=torch.float32)
+    native.quantize_rows(x, None, 1e-5, 8, 1, q, s)
+    acc = (q.long() @ w.long().t()).to(torch.int32).to(torch.float32)
+    y = acc * wscale.view(1, -1) * s.view(-1, 1) if per_channel else acc * (s.view(-1, 1) * wscale)
+    return y if bias is None else y + bias
+
+
+@needs_native
+@settings(deadline=None, max_examples=25)
+@example(rows=1, k=1031, n=9, lo=-1, per_channel=True, bias=True, bad=None, seed=0)  # 4 full 64-byte columns + tail
+@example(rows=1, k=2048, n=1, lo=-2, per_channel=False, bias=False, bad=float("inf"), seed=3)  # one output row
+@given(rows=st.integers(1, 3), k=st.integers(1, 1100), n=st.integers(1, 13), lo=st.sampled_from([-1, -2]),
+       per_channel=st.booleans(), bias=st.booleans(),
+       bad=st.sampled_from([None, float("nan"), float("inf"), float("-inf")]), seed=st.integers(0, 2**16))
+def test_2bit_gemv_equals_the_eager_integer_reference(arch_cache, rows: int, k: int, n: int, lo: int,
+                                                      per_channel: bool, bias: bool, bad: float | None,
+                                                      seed: int) -> None:
+    """The GEMV on 2-bit rows (each plane's fields taken in place, the odd planes in their own accumulator) equals
+    eager int64 dot products of the same activation codes, bit for bit, on every loop the build has (AVX-512 VNNI,
+    AVX2, portable) and split between 1, 2 and 3 threads (chunks of any size): K off every block (64-byte columns,
+    masked tails), one output row, ternary and int2 codes; a NaN / Inf in a token gives a non-finite output row."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, k, generator=g) * 3
+    if bad is not None:
+        x[rows // 2, k // 3] = bad
+    w = torch.randint(lo, 2, (n, k), generator=g, dtype=torch.int8)
+    wscale = torch.rand(n if per_channel else 1, generator=g) + 0.5
+    b = torch.randn(n, generator=g) if bias else None
+    two_bit = pack_rows(w, 2)
+    saved = torch.get_num_threads()
+    for arch in ARCHS:
+        with native_build("1", arch, arch_cache):
+            assert native.available(), native.status()
+            ref = _eager_linear(x, w, wscale, per_channel, b)
+            native.library().tq_set_min_work(1)  # split even these small shapes
+            got = {}
+            try:
+                for threads in (1, 2, 3):
+                    torch.set_num_threads(threads)
+                    got[threads] = native.linear_rows(x, None, 1e-5, 8, 1, two_bit, None, wscale, per_channel, b)
+            finally:
+                native.library().tq_set_min_work(1 << 18)
+                torch.set_num_threads(saved)
+            torch.testing.assert_close(got[1], ref, rtol=0, atol=0, equal_nan=True, msg=arch)
+            for threads in (2, 3):  # the same bytes, NaN payloads included
+                assert torch.equal(got[threads].view(torch.int32), got[1].view(torch.int32)), (arch, threads)
+            if bad is not None:
+                assert not bool(torch.isfinite(got[1][rows // 2]).any()), arch
+
+
+_EVENTS = ("call", "call", "call", "prompt", "float64", "strided", "grad", "env_weight_only", "env_unset", "threads",
+           "reset", "force", "auto", "bias", "load", "hook")
+
+
+@needs_native
+@settings(deadline=None, max_examples=30)
+@example(events=["force", "grad", "auto", "call", "call", "env_weight_only", "call"], storage="packed", seed=0)
+@given(events=st.lists(st.sampled_from(_EVENTS), min_size=1, max_size=14), storage=st.sampled_from(["packed", "int8"]),
+       seed=st.integers(0, 2**16))
+def test_one_token_calls_skip_the_picker_until_what_it_read_changes(events: list[str], storage: str,
+                                                                   seed: int) -> None:
+    """A packed Linear's repeated one-token call runs the bound GEMV without asking the picker again (a decode step
+    makes one per matrix), and every change the choice or the binding depends on reaches the next call: the
+    environment's override, the thread count, `reset_kernel_choices`, a forced kernel, a gradient, another dtype or
+    shape, new bias or codes, a pre-hook changing the input; a strided input of the same shape takes the same path. Each call returns what the kernel the picker chooses
+    for it returns (the layer's `kernel` says which)."""
+    torch.manual_seed(seed)
+    layer = nn.Linear(300, 20)
+    _, packed = _fresh_packed(layer, storage)
+    x = torch.randn(1, 1, 300)
+    picks = []
+    original = runtime_layers.PackedLayer._pick
+
+    def counting(self, *args, **kwargs):
+        picks.append(1)
+        return original(self, *args, **kwargs)
+
+    mp = pytest.MonkeyPatch()  # not the fixture: hypothesis runs many examples in one test
+    mp.setattr(runtime_layers.PackedLayer, "_pick", counting)
+    mp.delenv(runtime_layers.KERNEL_ENV, raising=False)
+    saved = torch.get_num_threads()
+    hooks = []
+    steady = False  # the last call ran int8_gemv automatically on x, and nothing changed since
+    try:
+        for event in events:
+            inp = x
+            if event == "prompt":
+                inp = torch.randn(1, 5, 300)
+            elif event == "float64" and os.environ.get(runtime_layers.KERNEL_ENV) != "weight_only":
+                inp = x.double()  # (weight_only adds the float32 bias to it: an error, as in the float layer)
+            elif event == "strided":
+                inp = torch.randn(1, 1, 600)[..., ::2]
+            elif event == "grad":
+                inp = x.clone().requires_grad_()
+            elif event == "env_weight_only":
+                mp.setenv(runtime_layers.KERNEL_ENV, "weight_only")
+            elif event == "env_unset":
+                mp.delenv(runtime_layers.KERNEL_ENV, raising=False)
+            elif event == "threads":
+                torch.set_num_threads(1 + (torch.get_num_threads() % 3))
+            elif event == "reset":
+                runtime_layers.reset_kernel_choices()
+            elif event == "force":
+                packed.kernel = "int8_gemm"
+            elif event == "auto":
+                packed.kernel = "auto"
+            elif event == "bias":
+                packed.bias = nn.Parameter(torch.randn(20))
+            elif event == "load":
+                packed.load_state_dict({"weight": torch.randn(20, 300), "bias": torch.randn(20)})
+            elif event == "hook":
+                hooks.append(packed.register_forward_pre_hook(lambda module, args: (args[0] * 2,)))
+            if event != "call":
+                steady = False
+            if event == "grad" and packed._forced is not None:
+                with pytest.raises(RuntimeError, match="inference-only"):  # a forced integer kernel: no gradient
+                    packed(inp)
+                continue
+            before = len(picks)
+            with torch.no_grad() if event != "grad" else contextlib.nullcontext():
+                y = packed(inp)
+            hooked = inp * 2 ** len(hooks)
+            name = packed.kernel
+            if steady:
+                assert len(picks) == before, "a repeated one-token call asked the picker again"
+            else:
+                expected = runtime_layers.PackedLayer._pick_uncached(packed, hooked, (), {})
+                assert name == expected, (event, name, expected)
+            with torch.no_grad() if event != "grad" else contextlib.nullcontext():
+                ref = packed.kernel_impls[name](packed, hooked)
+            assert torch.equal(y, ref), (event, name)
+            steady = (name == "int8_gemv" and inp is x and packed._forced is None)
+    finally:
+        for h in hooks:
+            h.remove()
+        mp.undo()
+        torch.set_num_threads(saved)

@@ -31,6 +31,24 @@ _GENERATION = [0]
 _MEMO_SIZE = 32  # input shapes whose kernel choice a layer remembers
 
 
+# the variables a kernel choice depends on (`PackedLayer._pick`), as os.environ's own mapping keys them
+_OVERRIDES = (KERNEL_ENV, native.NATIVE_ENV, native.ARCH_ENV)
+_RAW_ENV = getattr(os.environ, "_data", None)
+_RAW_KEYS = (tuple(os.environ.encodekey(name) for name in _OVERRIDES)  # type: ignore[attr-defined]
+             if _RAW_ENV is not None and hasattr(os.environ, "encodekey") else None)
+
+
+def _overrides() -> tuple[Any, ...]:
+    """The current values of `_OVERRIDES`, read on every call so that a change reaches the next one; from
+    os.environ's undecoded mapping where CPython has it (~0.1 us: ``os.environ.get`` decodes each, ~1 us apiece,
+    which was a third of a one-token layer call's overhead). Changes through ``os.environ`` (and monkeypatch) are
+    seen either way; ``os.putenv`` is seen by neither."""
+    if _RAW_KEYS is None:
+        return tuple(os.environ.get(name) for name in _OVERRIDES)
+    get = _RAW_ENV.get  # type: ignore[union-attr]
+    return (get(_RAW_KEYS[0]), get(_RAW_KEYS[1]), get(_RAW_KEYS[2]))
+
+
 def kernel_choices() -> dict[tuple[Any, ...], str]:
     """A copy of the kernels picked so far (`ternq.runtime.picker`), keyed by layer geometry and input-shape bucket."""
     return dict(_CHOICES)
@@ -222,6 +240,7 @@ class PackedLayer:
                           self.float_dtype)
         self.__dict__.pop("_memo", None)
         self.__dict__.pop("_gemv", None)
+        self.__dict__.pop("_fast", None)
         self.__dict__.pop("_direct", None)
         self.__dict__.pop("_tiled", None)
 
@@ -231,6 +250,7 @@ class PackedLayer:
         layer does not share (it binds its own)."""
         state = dict(super().__getstate__())  # type: ignore[misc]
         state.pop("_gemv", None)
+        state.pop("_fast", None)  # holds the bound call
         state.pop("_direct", None)
         state.pop("_tiled", None)
         return state
@@ -244,6 +264,7 @@ class PackedLayer:
 
     @kernel.setter
     def kernel(self, name: str) -> None:
+        self.__dict__.pop("_fast", None)  # `PackedLinear.forward`'s one-token path runs the automatic choice only
         if name == "auto":
             self._forced = None
             return
@@ -279,11 +300,9 @@ class PackedLayer:
         thread count and $TERNQ_KERNEL (up to `_MEMO_SIZE` of them: a prompt's shape and the decode step's
         alternate): repeated shapes skip the lookup, which costs ~10 us per call with caches cold after a GEMM."""
         if self._forced is None and not (torch.is_grad_enabled() and x.requires_grad):
-            env = os.environ
             # every override the picker reads is in the key: $TERNQ_NATIVE=0 set after a call must reach the
             # next one (a remembered native kernel would run without its library)
-            key = (x.shape, x.dtype, x.device, torch.get_num_threads(), env.get(KERNEL_ENV),
-                   env.get(native.NATIVE_ENV), env.get(native.ARCH_ENV), _GENERATION[0])
+            key = (x.shape, x.dtype, x.device, torch.get_num_threads(), _overrides(), _GENERATION[0])
             memo = self.__dict__.get("_memo")
             if memo is None:
                 memo = self.__dict__["_memo"] = {}
@@ -373,6 +392,36 @@ class PackedLinear(PackedLayer, nn.Linear):
                 return self.kernels if self._bits != 4 else ("int8_gemm", "int8_gemm_t", "int8_gemv", WEIGHT_ONLY)
             return ("int8_gemm", "int8_gemm_t", WEIGHT_ONLY)
         return (WEIGHT_ONLY,)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        """`PackedLayer.forward`, with a one-token path: when a call's input has the shape, dtype and device for
+        which the automatic choice was ``int8_gemv``, and nothing that choice or the bound call depends on changed
+        (thread count, `_OVERRIDES`, `reset_kernel_choices`, the codes, scales and bias objects, a forced kernel, a
+        gradient, a graph being recorded), the bound native call runs directly: a decode step makes one such call
+        per matrix, and the picker's lookups cost about a third of it."""
+        fast = self.__dict__.get("_fast")
+        if fast is not None and len(args) == 1 and not kwargs:
+            x = args[0]
+            if (type(x) is Tensor and x.shape == fast[0] and x.dtype is torch.float32 and x.is_cpu
+                    and fast[1] == (torch.get_num_threads(), _GENERATION[0], _overrides())
+                    and self._buffers["ternq_codes"] is fast[2] and self._buffers["scale"] is fast[3]
+                    and self._parameters.get("bias") is fast[4]
+                    and not (x.requires_grad and torch.is_grad_enabled()) and not recording_a_graph()):
+                self.__dict__["_last"] = "int8_gemv"
+                return fast[5](x)
+        y = super().forward(*args, **kwargs)
+        if len(args) == 1 and not kwargs and self._last == "int8_gemv" and self._forced is None:
+            self._remember_gemv(args[0])
+        return y
+
+    def _remember_gemv(self, x: Tensor) -> None:
+        """Keep the call just made (automatic ``int8_gemv``, its binding current) for `forward`'s one-token path."""
+        bound = self.__dict__.get("_gemv")
+        if (bound is None or type(x) is not Tensor or x.dtype is not torch.float32 or not x.is_cpu
+                or (x.requires_grad and torch.is_grad_enabled()) or recording_a_graph()):
+            return
+        key = (torch.get_num_threads(), _GENERATION[0], _overrides())
+        self.__dict__["_fast"] = (x.shape, key, bound[0], bound[1], bound[2], bound[3])
 
     @register_kernel("int8_gemv")
     def _k_int8_gemv(self, x: Tensor) -> Tensor:
@@ -790,6 +839,7 @@ def packed_layer(float_module: nn.Module, codes: Tensor, scale: Tensor, config: 
     layer.__dict__.pop("_geometry_key", None)  # re-packing: the storage may change
     layer.__dict__.pop("_memo", None)
     layer.__dict__.pop("_gemv", None)
+    layer.__dict__.pop("_fast", None)
     layer.__dict__.pop("_tiled", None)
     layer.__dict__.pop("_conv_geom", None)
     layer.__dict__.pop("qconfig", None)
