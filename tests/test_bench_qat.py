@@ -49,3 +49,21 @@ def test_the_table_has_the_machine_line_and_a_row_per_peer(bench, capsys) -> Non
 def test_a_peer_that_does_not_apply_is_skipped_with_a_reason(bench) -> None:
     with pytest.raises(bench.Skip, match="BitTTS builds its QAT with ternq"):
         bench.run_one("bittts", "brevitas", 20, 0, True, None)
+
+
+
+def test_bittts_seeds_are_different_runs(bench, monkeypatch) -> None:
+    """`train` seeds itself from its config (initial weights, batch order): the suite's seed must reach that config,
+    or "3 seeds" on a prepared corpus is one run three times."""
+    from bittts.training import loop
+
+    seeds = []
+
+    def fake_train(cfg, out, **kwargs):
+        seeds.append(cfg.train.seed)
+        return {"history": [{"mel": 1.0}]}
+
+    monkeypatch.setattr(loop, "train", fake_train)
+    for seed in (0, 1, 2):
+        bench.run_one("bittts", "ternq", 3, seed, True, "unused-corpus-dir")
+    assert len(set(seeds)) == 3, seeds
