@@ -317,7 +317,6 @@ def run_one(task: str, peer: str, steps: int, seed: int, small: bool, bittts_dat
 
 
 def _run_bittts(peer: str, steps: int, seed: int, small: bool, data_dir: str | None) -> dict:
-    import torch
 
     try:
         from bittts.config import load_preset
@@ -333,6 +332,7 @@ def _run_bittts(peer: str, steps: int, seed: int, small: bool, data_dir: str | N
         raise Skip("BitTTS builds its QAT with ternq's configs; the other peers are not wired into its model")
     cfg = load_preset("tiny")
     cfg.quant.config = configs[peer]
+    cfg.train.seed += seed  # `train` seeds itself from its config: seed 0 is the preset's own run
     cfg.train.log_every, cfg.train.image_every, cfg.train.ckpt_every = 1, 0, 0
     dataset = None
     if data_dir is None:
@@ -343,7 +343,6 @@ def _run_bittts(peer: str, steps: int, seed: int, small: bool, data_dir: str | N
         dataset = SyntheticTTS(4 if small else 16, seed=seed)
     import tempfile
 
-    torch.manual_seed(seed)
     before = _rss_mb()
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
@@ -419,8 +418,10 @@ def main(argv: list[str] | None = None) -> None:
             if peer == "fp32":
                 fp32_ms = ms
             ratio = f"{ms / fp32_ms:.2f}x" if fp32_ms else "n/a"
-            spread = f" ± {statistics.stdev(r['value'] for r in results):.2f}" if n_seeds > 1 else ""  # type: ignore[index]
-            fmt = f"{value:.2f}{spread}" if task == "cnn" else f"{value:.4f}"
+            digits = 2 if task == "cnn" else 4
+            spread = (f" ± {statistics.stdev(r['value'] for r in results):.{digits}f}"  # type: ignore[index]
+                      if n_seeds > 1 else "")
+            fmt = f"{value:.{digits}f}{spread}"
             peak = max(r["peak"] for r in results)  # type: ignore[index]
             grow = max(r["grow"] for r in results)  # type: ignore[index]
             print(f"| {peer} | {RULES[peer]} | {fmt} | {ms:.1f} | {ratio} | {peak:.0f} | {grow:.0f} |", flush=True)
