@@ -830,3 +830,25 @@ def test_a_bound_native_call_follows_its_tensors_to_new_memory(make, shape, kern
         _change_memory(layer, how)
         fresh = copy.deepcopy(layer)  # binds its own calls, to the tensors as they are now
         assert torch.equal(layer(x), fresh(x)) and torch.equal(layer(x), fresh(x))
+
+
+@needs_native
+@pytest.mark.parametrize("make, shape", [(lambda: nn.Linear(64, 32), (1, 64)), (lambda: nn.Linear(64, 32), (9, 64)),
+                                         (lambda: nn.Conv1d(16, 24, 5, padding=2), (2, 16, 40))])
+def test_a_torch_dispatch_mode_records_the_reference_path(make, shape) -> None:
+    """make_fx's real-tensor tracing (a TorchDispatchMode) records torch ops only: a native kernel's ctypes call
+    left the output's allocation alone in the graph, whose replay returned uninitialized memory."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    torch.manual_seed(0)
+    config, float_layer = TernaryConfig(), make()
+    codes, scale = to_quant_module(float_layer, config).eval().weight_codes()
+    layer = packed_layer(float_layer, codes, scale, config, layer_spec(float_layer))
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        layer(x)
+        layer(x)  # the one-token fast path is armed
+        graph = make_fx(layer, tracing_mode="real")(x)
+        other = torch.randn(*shape) * 3
+        layer.kernel = "weight_only"
+        assert torch.equal(graph(other), layer(other))

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from ..config import QuantConfig
 from ..errors import ArchitectureMismatchError, FormatError
@@ -87,10 +88,11 @@ def register_kernel(name: str) -> Callable[[_F], _F]:
 
 
 def recording_a_graph() -> bool:
-    """Whether torch.jit.trace, torch.compile or torch.export is recording this call: a graph records torch ops
-    only, so a native kernel (a ctypes call) and the per-shape kernel choice would not be in it. Packed layers
+    """Whether torch.jit.trace, torch.compile, torch.export or a TorchDispatchMode (make_fx's real-tensor tracing,
+    FlopCounterMode) is recording this call: a graph records torch ops only, so a native kernel (a ctypes call:
+    make_fx kept only its output's allocation) and the per-shape kernel choice would not be in it. Packed layers
     then run their reference path, torch ops on the same codes."""
-    return torch.jit.is_tracing() or torch.compiler.is_compiling()
+    return torch.jit.is_tracing() or torch.compiler.is_compiling() or is_in_torch_dispatch_mode()
 
 
 class PackedLayer:
