@@ -56,7 +56,7 @@ def register_activation_kernel(kernel: ActivationKernel | None) -> None:
     Why a registry: the kernel is native code, built and bound by ``ternq.runtime.native``, a layer above this
     one, which registers it when it loads (``import ternq`` loads it). The kernel must return exactly the eager
     form's bits (`_fake_quantize`); it runs only on float32 contiguous CPU tensors outside autocast and graph
-    recording (jit.trace, torch.compile, torch.export), and the eager form everywhere else."""
+    recording (jit.trace, torch.compile, torch.export, a TorchDispatchMode), and the eager form everywhere else."""
     _ACTIVATION_KERNEL[0] = kernel
 
 
