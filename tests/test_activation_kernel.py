@@ -195,3 +195,19 @@ def test_torch_compile_records_the_torch_form() -> None:
     assert spy.calls == 0
     y.backward(torch.ones_like(y))
     assert torch.equal(y, fake_quantize_activation(x, 8, -1)) and torch.equal(x.grad, torch.ones_like(x))
+
+
+def test_a_torch_dispatch_mode_sees_the_torch_form() -> None:
+    """A TorchDispatchMode (make_fx's real-tensor tracing, FlopCounterMode, selective checkpointing) sees each torch
+    op; a ctypes call passes it by. make_fx recorded only the output's ``empty_like``: replayed, the graph
+    returned uninitialized memory. Under a mode the kernel stays out and the graph computes."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x = torch.randn(4, 32)
+    spy = Spy()
+    with kernel(spy):
+        graph = make_fx(lambda t: fake_quantize_activation(t, 8, -1), tracing_mode="real")(x)
+    assert spy.calls == 0
+    with kernel(None):
+        other = torch.randn(4, 32) * 5
+        assert torch.equal(graph(other), fake_quantize_activation(other, 8, -1))

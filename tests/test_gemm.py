@@ -213,7 +213,7 @@ def test_packed_linear_tiled_kernel() -> None:
         assert torch.equal(two_bit(x), y)
         two_bit.kernel = "int8_gemm"
         assert torch.equal(two_bit(x), y)
-        _, _, _, run = two_bit.__dict__["_tiled"]
+        run = two_bit.__dict__["_tiled"][3]
         held = sum(t.numel() * t.element_size() for t in run.keep if t is not None
                    and t.data_ptr() not in (two_bit.ternq_codes.data_ptr(), two_bit.scale.data_ptr(),
                                             two_bit.bias.data_ptr()))

@@ -788,3 +788,67 @@ def test_native_turned_off_after_a_call_reaches_the_next_call(monkeypatch: pytes
         eager_out = layer(x)
     monkeypatch.delenv(native.NATIVE_ENV)
     torch.testing.assert_close(eager_out, native_out, rtol=0.05, atol=0.05 * native_out.abs().max().item())
+
+
+def _change_memory(layer: nn.Module, how: str) -> None:
+    """Give a packed layer's tensors other memory (or other values) while they stay the same objects."""
+    with torch.no_grad():
+        if how == "share_memory":  # moves every storage into shared memory (the old memory is freed)
+            layer.share_memory()
+            layer.scale.mul_(2)
+            layer.bias.add_(1)
+        elif how == "bias.data":
+            layer.bias.data = torch.randn_like(layer.bias)
+        elif how == "scale.data":
+            layer.scale.data = layer.scale * 3
+        else:  # codes.data: other codes, of the same storage and shape
+            layer.ternq_codes.data = layer.ternq_codes.roll(1, -1)
+
+
+@needs_native
+@pytest.mark.parametrize("how", ["share_memory", "bias.data", "scale.data", "codes.data"])
+@pytest.mark.parametrize("make, shape, kernel", [
+    (lambda: nn.Linear(64, 32), (1, 64), None),  # one token: int8_gemv and `forward`'s fast path
+    (lambda: nn.Linear(64, 32), (9, 64), "int8_tiled"),
+    (lambda: nn.Conv1d(16, 24, 5, padding=2), (2, 16, 40), "int8_direct"),
+    (lambda: nn.ConvTranspose1d(16, 8, 4, stride=2, padding=1), (2, 16, 20), "int8_direct"),
+])
+def test_a_bound_native_call_follows_its_tensors_to_new_memory(make, shape, kernel: str | None, how: str) -> None:
+    """The bound calls (`_gemv`, `_fast`, `_tiled`, `_direct`) hold raw addresses: a tensor that keeps its object
+    but moves (``share_memory()``, ``.data =``) must rebind them, not read freed or stale memory."""
+    torch.manual_seed(0)
+    config, float_layer = TernaryConfig(), make()
+    codes, scale = to_quant_module(float_layer, config).eval().weight_codes()
+    layer = packed_layer(float_layer, codes, scale, config, layer_spec(float_layer))
+    if kernel is not None:
+        layer.kernel = kernel
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        layer(x)
+        layer(x)
+        assert layer.kernel == (kernel or "int8_gemv")
+        _change_memory(layer, how)
+        fresh = copy.deepcopy(layer)  # binds its own calls, to the tensors as they are now
+        assert torch.equal(layer(x), fresh(x)) and torch.equal(layer(x), fresh(x))
+
+
+@needs_native
+@pytest.mark.parametrize("make, shape", [(lambda: nn.Linear(64, 32), (1, 64)), (lambda: nn.Linear(64, 32), (9, 64)),
+                                         (lambda: nn.Conv1d(16, 24, 5, padding=2), (2, 16, 40))])
+def test_a_torch_dispatch_mode_records_the_reference_path(make, shape) -> None:
+    """make_fx's real-tensor tracing (a TorchDispatchMode) records torch ops only: a native kernel's ctypes call
+    left the output's allocation alone in the graph, whose replay returned uninitialized memory."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    torch.manual_seed(0)
+    config, float_layer = TernaryConfig(), make()
+    codes, scale = to_quant_module(float_layer, config).eval().weight_codes()
+    layer = packed_layer(float_layer, codes, scale, config, layer_spec(float_layer))
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        layer(x)
+        layer(x)  # the one-token fast path is armed
+        graph = make_fx(layer, tracing_mode="real")(x)
+        other = torch.randn(*shape) * 3
+        layer.kernel = "weight_only"
+        assert torch.equal(graph(other), layer(other))

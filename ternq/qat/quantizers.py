@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import guard_or_false
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from ..config import QuantConfig
 
@@ -55,7 +56,7 @@ def register_activation_kernel(kernel: ActivationKernel | None) -> None:
     Why a registry: the kernel is native code, built and bound by ``ternq.runtime.native``, a layer above this
     one, which registers it when it loads (``import ternq`` loads it). The kernel must return exactly the eager
     form's bits (`_fake_quantize`); it runs only on float32 contiguous CPU tensors outside autocast and graph
-    recording (jit.trace, torch.compile, torch.export), and the eager form everywhere else."""
+    recording (jit.trace, torch.compile, torch.export, a TorchDispatchMode), and the eager form everywhere else."""
     _ACTIVATION_KERNEL[0] = kernel
 
 
@@ -327,8 +328,10 @@ def _fake_quantize(x: Tensor, bits: int, dims: tuple[int, ...], eps: float, inpl
 def _native_split(x: Tensor, dims: tuple[int, ...]) -> tuple[int, int, int] | None:
     """(outer, c, inner) of a plain contiguous CPU tensor whose reduced `dims` are consecutive, the view the
     activation kernel reads; None where the eager form must run (a graph being recorded, autocast, a tensor
-    subclass such as a fake tensor, an empty tensor, other dims)."""
-    if torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu") \
+    subclass such as a fake tensor, an empty tensor, other dims). A TorchDispatchMode (make_fx's real-tensor
+    tracing, FlopCounterMode) sees torch ops only: the kernel's ctypes call would pass it by."""
+    if torch.jit.is_tracing() or torch.compiler.is_compiling() or is_in_torch_dispatch_mode() \
+            or torch.is_autocast_enabled("cpu") \
             or type(x) is not Tensor or x.device.type != "cpu" or not x.is_contiguous() or x.dim() == 0 \
             or x.numel() == 0:
         return None

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from ..config import QuantConfig
 from ..errors import ArchitectureMismatchError, FormatError
@@ -49,6 +50,13 @@ def _overrides() -> tuple[Any, ...]:
     return (get(_RAW_KEYS[0]), get(_RAW_KEYS[1]), get(_RAW_KEYS[2]))
 
 
+def _where(codes: Tensor, scale: Tensor, bias: Tensor | None) -> tuple[int, int, int]:
+    """The addresses of a layer's codes, scales and bias now. A bound native call holds them (or copies made from
+    that memory), and a tensor can keep its object yet move: ``share_memory()`` frees the old memory, ``.data =``
+    swaps it. A binding is current only while both the objects and these addresses are the same."""
+    return codes.data_ptr(), scale.data_ptr(), 0 if bias is None else bias.data_ptr()
+
+
 def kernel_choices() -> dict[tuple[Any, ...], str]:
     """A copy of the kernels picked so far (`ternq.runtime.picker`), keyed by layer geometry and input-shape bucket."""
     return dict(_CHOICES)
@@ -80,10 +88,11 @@ def register_kernel(name: str) -> Callable[[_F], _F]:
 
 
 def recording_a_graph() -> bool:
-    """Whether torch.jit.trace, torch.compile or torch.export is recording this call: a graph records torch ops
-    only, so a native kernel (a ctypes call) and the per-shape kernel choice would not be in it. Packed layers
+    """Whether torch.jit.trace, torch.compile, torch.export or a TorchDispatchMode (make_fx's real-tensor tracing,
+    FlopCounterMode) is recording this call: a graph records torch ops only, so a native kernel (a ctypes call:
+    make_fx kept only its output's allocation) and the per-shape kernel choice would not be in it. Packed layers
     then run their reference path, torch ops on the same codes."""
-    return torch.jit.is_tracing() or torch.compiler.is_compiling()
+    return torch.jit.is_tracing() or torch.compiler.is_compiling() or is_in_torch_dispatch_mode()
 
 
 class PackedLayer:
@@ -405,7 +414,7 @@ class PackedLinear(PackedLayer, nn.Linear):
             if (type(x) is Tensor and x.shape == fast[0] and x.dtype is torch.float32 and x.is_cpu
                     and fast[1] == (torch.get_num_threads(), _GENERATION[0], _overrides())
                     and self._buffers["ternq_codes"] is fast[2] and self._buffers["scale"] is fast[3]
-                    and self._parameters.get("bias") is fast[4]
+                    and self._parameters.get("bias") is fast[4] and _where(fast[2], fast[3], fast[4]) == fast[6]
                     and not (x.requires_grad and torch.is_grad_enabled()) and not recording_a_graph()):
                 self.__dict__["_last"] = "int8_gemv"
                 return fast[5](x)
@@ -421,20 +430,21 @@ class PackedLinear(PackedLayer, nn.Linear):
                 or (x.requires_grad and torch.is_grad_enabled()) or recording_a_graph()):
             return
         key = (torch.get_num_threads(), _GENERATION[0], _overrides())
-        self.__dict__["_fast"] = (x.shape, key, bound[0], bound[1], bound[2], bound[3])
+        self.__dict__["_fast"] = (x.shape, key, bound[0], bound[1], bound[2], bound[3], bound[4])
 
     @register_kernel("int8_gemv")
     def _k_int8_gemv(self, x: Tensor) -> Tensor:
         # the bound call of `kernels.linear_gemv_bound`, kept while the codes, scales and bias are the same
-        # objects (`_set_codes`, `.to()` and assignments replace them): no per-call lookups, sums or checks
+        # objects at the same addresses (`_set_codes`, `.to()` and assignments replace them; `share_memory()` and
+        # `.data =` move them, `_where`): no per-call lookups, sums or checks
         codes, scale, bias = self._buffers["ternq_codes"], self._buffers["scale"], self._parameters.get("bias")
-        bound = self.__dict__.get("_gemv")
-        if bound is None or bound[0] is not codes or bound[1] is not scale or bound[2] is not bias:
+        bound, where = self.__dict__.get("_gemv"), _where(codes, scale, bias)
+        if bound is None or bound[0] is not codes or bound[1] is not scale or bound[2] is not bias or bound[4] != where:
             run = self._bind_gemv(codes, scale, bias)
             if run is None:  # 4-bit rows the GEMV cannot read: unpacked per call, not kept (memory is its point)
                 w = self._layout_codes()
                 return kernels.linear_gemv(x, w, self._row_sums(w), scale, bias, self.qconfig)
-            bound = self.__dict__["_gemv"] = (codes, scale, bias, run)
+            bound = self.__dict__["_gemv"] = (codes, scale, bias, run, where)
         return bound[3](x)
 
     def _bind_gemv(self, codes: Tensor, scale: Tensor, bias: Tensor | None) -> Callable[[Tensor], Tensor] | None:
@@ -471,12 +481,12 @@ class PackedLinear(PackedLayer, nn.Linear):
     @register_kernel("int8_tiled")
     def _k_int8_tiled(self, x: Tensor) -> Tensor:
         # the bound call of `kernels.linear_tiled_bound` (it holds the tiled copy of the codes), kept while the
-        # codes, scales and bias are the same objects, as `_k_int8_gemv`'s
+        # codes, scales and bias are the same objects at the same addresses, as `_k_int8_gemv`'s
         codes, scale, bias = self._buffers["ternq_codes"], self._buffers["scale"], self._parameters.get("bias")
-        bound = self.__dict__.get("_tiled")
-        if bound is None or bound[0] is not codes or bound[1] is not scale or bound[2] is not bias:
+        bound, where = self.__dict__.get("_tiled"), _where(codes, scale, bias)
+        if bound is None or bound[0] is not codes or bound[1] is not scale or bound[2] is not bias or bound[4] != where:
             run = kernels.linear_tiled_bound(self._gemm_codes(), scale, bias, self.qconfig)
-            bound = self.__dict__["_tiled"] = (codes, scale, bias, run)
+            bound = self.__dict__["_tiled"] = (codes, scale, bias, run, where)
         return bound[3](x)
 
 
@@ -529,11 +539,11 @@ class _PackedConv1dBase(PackedLayer):
     def _direct_call(self) -> Callable[..., Tensor]:
         """``int8_direct`` bound to this layer (`kernels.conv1d_direct_bound` / `conv_transpose1d_direct_bound`: the
         codes as the kernel reads them, scales, bias, geometry; one native call per forward), kept while the codes,
-        scales and bias are the same objects (`_set_codes`, ``.to()`` and assignments replace them): no per-call
-        copies, row sums or lookups. 2 / 4-bit storage is unpacked per call, not kept (memory is its point)."""
+        scales and bias are the same objects at the same addresses (`_set_codes`, ``.to()`` and assignments replace
+        them, `_where`): no per-call copies, row sums or lookups. 2 / 4-bit storage is unpacked per call, not kept (memory is its point)."""
         codes, scale, bias = self._buffers["ternq_codes"], self._buffers["scale"], self._parameters.get("bias")
-        bound = self.__dict__.get("_direct")
-        if bound is not None and bound[0] is codes and bound[1] is scale and bound[2] is bias:
+        bound, where = self.__dict__.get("_direct"), _where(codes, scale, bias)
+        if bound is not None and bound[0] is codes and bound[1] is scale and bound[2] is bias and bound[4] == where:
             return bound[3]
         transposed = isinstance(self, nn.ConvTranspose1d)
         weights = kernels.direct_weights(self._tap_major(self._layout_codes()),
@@ -541,7 +551,7 @@ class _PackedConv1dBase(PackedLayer):
         bind = kernels.conv_transpose1d_direct_bound if transposed else kernels.conv1d_direct_bound
         call = bind(weights, scale, bias, self.qconfig, self._conv_geometry())
         if self._bits == 8:
-            self.__dict__["_direct"] = (codes, scale, bias, call)
+            self.__dict__["_direct"] = (codes, scale, bias, call, where)
         return call
 
     def _conv_geometry(self) -> kernels.Conv1dGeometry:
