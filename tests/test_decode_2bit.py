@@ -21,6 +21,21 @@ from ternq.runtime import layers as runtime_layers
 from ternq.runtime.storage import pack_rows
 
 needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.status()}")
+
+
+def _rows_case(rows: int, k: int, n: int, lo: int, per_channel: bool, bias: bool, bad: float | None,
+               seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Activations (rows, k) with `bad` planted in one row, codes (n, k) in [lo, 1], scales, bias, the 2-bit rows."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, k, generator=g) * 3
+    if bad is not None:
+        x[rows // 2, k // 3] = bad
+    w = torch.randint(lo, 2, (n, k), generator=g, dtype=torch.int8)
+    wscale = torch.rand(n if per_channel else 1, generator=g) + 0.5
+    b = torch.randn(n, generator=g) if bias else None
+    return x, w, wscale, b, pack_rows(w, 2)
+
+
 @needs_native
 @settings(deadline=None, max_examples=60)
 @example(rows=1, k=2048, n=9, lo=-1, per_channel=True, bias=True, bad=None, seed=0)  # 8 full AVX-512 chunks
@@ -35,14 +50,7 @@ def test_2bit_rows_give_the_int8_result_bit_for_bit(arch_cache, rows: int, k: in
     AVX2, portable): K not a multiple of 4, 32 or 64 (masked tails, the last plane's padding fields), ternary
     and int2 codes ([-2, 1]), 1 to 6 rows; a NaN / Inf in a row gives a non-finite output row, as the int8 path.
     `unpack_2bit` (the GEMM's tiles) gives the codes back."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(rows, k, generator=g) * 3
-    if bad is not None:
-        x[rows // 2, k // 3] = bad
-    w = torch.randint(lo, 2, (n, k), generator=g, dtype=torch.int8)
-    wscale = torch.rand(n if per_channel else 1, generator=g) + 0.5
-    b = torch.randn(n, generator=g) if bias else None
-    two_bit = pack_rows(w, 2)
+    x, w, wscale, b, two_bit = _rows_case(rows, k, n, lo, per_channel, bias, bad, seed)
     for arch in ARCHS:
         with native_build("1", arch, arch_cache):
             assert native.available(), native.status()
@@ -206,14 +214,7 @@ def test_2bit_gemv_equals_the_eager_integer_reference(arch_cache, rows: int, k: 
     eager int64 dot products of the same activation codes, bit for bit, on every loop the build has (AVX-512 VNNI,
     AVX2, portable) and split between 1, 2 and 3 threads (chunks of any size): K off every block (64-byte columns,
     masked tails), one output row, ternary and int2 codes; a NaN / Inf in a token gives a non-finite output row."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(rows, k, generator=g) * 3
-    if bad is not None:
-        x[rows // 2, k // 3] = bad
-    w = torch.randint(lo, 2, (n, k), generator=g, dtype=torch.int8)
-    wscale = torch.rand(n if per_channel else 1, generator=g) + 0.5
-    b = torch.randn(n, generator=g) if bias else None
-    two_bit = pack_rows(w, 2)
+    x, w, wscale, b, two_bit = _rows_case(rows, k, n, lo, per_channel, bias, bad, seed)
     saved = torch.get_num_threads()
     for arch in ARCHS:
         with native_build("1", arch, arch_cache):

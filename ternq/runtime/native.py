@@ -574,6 +574,21 @@ def status() -> str:
 # laid out as stated (the callers allocate them), the inputs are made contiguous where a kernel needs it -------
 
 
+def _rows_call(x: Tensor, k: int, n: int, two_bit: bool, w: Tensor, name: str) -> tuple[Tensor, Tensor, int, int]:
+    """A bound Linear call's input checked (float32, K features; 2-bit rows: the last plane's padding allowed) and
+    made contiguous, its output (..., n) allocated in final shape, and its row count and K."""
+    shape = x.shape
+    kx = shape[-1] if shape else -1
+    if not (k - 4 < kx <= k if two_bit else kx == k) or x.dtype != torch.float32:
+        raise ValueError(f"{name}: x {tuple(shape)} {x.dtype} does not fit the weight {tuple(w.shape)}")
+    if not x.is_contiguous():
+        x = x.contiguous()
+    if not _THREAD.__dict__.get("seen"):
+        library()  # this thread's first call: its thread count (`library`)
+    y = torch.empty((*shape[:-1], n), dtype=torch.float32)
+    return x, y, (y.numel() // n if n else x.numel() // max(kx, 1)), kx
+
+
 def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
@@ -678,19 +693,9 @@ def linear_rows_bound(norm: str | None, eps: float, bits: int, w: Tensor, wsum: 
     norm_id, w_ptr, sum_ptr = _NORMS[norm], w.data_ptr(), _ptr(wsum)
     scale_ptr, channel, bias_ptr = wscale.data_ptr(), int(per_channel), _ptr(bias)
     keep = (w, wsum, wscale, bias)  # the memory the pointers above point into
-    f32 = torch.float32
 
     def call(x: Tensor, rows_per_sample: int = 1) -> Tensor:
-        shape = x.shape
-        kx = shape[-1] if shape else -1
-        if not (k - 4 < kx <= k if two_bit else kx == k) or x.dtype != f32:
-            raise ValueError(f"linear_rows: x {tuple(shape)} {x.dtype} does not fit the weight {tuple(w.shape)}")
-        if not x.is_contiguous():
-            x = x.contiguous()
-        if not _THREAD.__dict__.get("seen"):
-            library()  # this thread's first call: its thread count (`library`)
-        y = torch.empty((*shape[:-1], n), dtype=f32)
-        r = y.numel() // n if n else x.numel() // max(kx, 1)
+        x, y, r, kx = _rows_call(x, k, n, two_bit, w, "linear_rows")
         if two_bit:
             status = fn(x.data_ptr(), r, kx, norm_id, eps, bits, rows_per_sample, w_ptr, n, scale_ptr, channel,
                         bias_ptr, y.data_ptr())
@@ -744,19 +749,9 @@ def linear_gemm_bound(norm: str | None, eps: float, bits: int, w: Tensor, wscale
     k = stored * 4 if two_bit else stored  # the 2-bit rows hold up to 3 codes of padding
     norm_id, wp_ptr, sum_ptr = _NORMS[norm], wp.data_ptr(), wsum.data_ptr()
     scale_ptr, channel, bias_ptr = wscale.data_ptr(), int(per_channel), _ptr(bias)
-    f32 = torch.float32
 
     def call(x: Tensor, rows_per_sample: int = 1) -> Tensor:
-        shape = x.shape
-        kx = shape[-1] if shape else -1
-        if not (k - 4 < kx <= k if two_bit else kx == k) or x.dtype != f32:
-            raise ValueError(f"linear_gemm: x {tuple(shape)} {x.dtype} does not fit the weight {tuple(w.shape)}")
-        if not x.is_contiguous():
-            x = x.contiguous()
-        if not _THREAD.__dict__.get("seen"):
-            library()  # this thread's first call: its thread count (`library`)
-        y = torch.empty((*shape[:-1], n), dtype=f32)
-        r = y.numel() // n if n else x.numel() // max(kx, 1)
+        x, y, r, kx = _rows_call(x, k, n, two_bit, w, "linear_gemm")
         if fn(x.data_ptr(), r, kx, norm_id, eps, bits, rows_per_sample, wp_ptr, sum_ptr, n, scale_ptr, channel,
               bias_ptr, y.data_ptr()) != 0:
             raise MemoryError("native linear_gemm: out of memory")

@@ -336,6 +336,19 @@ void tq_quantize_channels(const float *x, int64_t B, int64_t C, int64_t T, int n
     tq_parallel_for(units, 1, work, channels_round, &j);
 }
 
+/* a row's sum from its 16 lanes (lane_sum's, the AVX-512 row quantizer's): the tail past c16 added first, then the lanes in order */
+static float lane_total(const float *row, int64_t c16, int64_t n, float m, int kind, const float *lanes) {
+    float total = 0.f;
+    for (int64_t c = c16; c < n; ++c) {
+        float v = row[c];
+        if (kind == 1) v -= m;
+        if (kind) v = v * v;
+        total += v;
+    }
+    for (int i = 0; i < 16; ++i) total += lanes[i];
+    return total;
+}
+
 /* sum of row[0..n) (kind 0), of (row - m)^2 (kind 1) or of row^2 (kind 2), in 16 vectorizable lanes */
 static float lane_sum(const float *row, int64_t n, float m, int kind) {
     float lanes[16] = {0.f};
@@ -348,15 +361,7 @@ static float lane_sum(const float *row, int64_t n, float m, int kind) {
             lanes[i] += v;
         }
     }
-    float total = 0.f;
-    for (int64_t c = n16; c < n; ++c) {
-        float v = row[c];
-        if (kind == 1) v -= m;
-        if (kind) v = v * v;
-        total += v;
-    }
-    for (int i = 0; i < 16; ++i) total += lanes[i];
-    return total;
+    return lane_total(row, n16, n, m, kind, lanes);
 }
 
 /* Row-major input x (R, C), normalized over C per row like torch's layer_norm (x * rstd + (-rstd * mean)),
@@ -466,19 +471,6 @@ static void lane_sums4(const float *const *rows, int nr, int64_t c16, const floa
         }
     }
     for (int r = 0; r < nr; ++r) _mm512_storeu_ps(lanes[r], acc[r]);
-}
-
-/* lane_sum's total from its lanes: the tail added first, then the lanes in order */
-static float lane_total(const float *row, int64_t c16, int64_t n, float m, int kind, const float *lanes) {
-    float total = 0.f;
-    for (int64_t c = c16; c < n; ++c) {
-        float v = row[c];
-        if (kind == 1) v -= m;
-        if (kind) v = v * v;
-        total += v;
-    }
-    for (int i = 0; i < 16; ++i) total += lanes[i];
-    return total;
 }
 
 /* absmax_lanes_avx512 of up to 4 rows at once (independent chains, the same operations per row) */
