@@ -7,8 +7,12 @@ from collections.abc import Iterator
 
 from ternq import native
 
-# the native kernels as built for this CPU (VNNI where it has it), for AVX2 without VNNI, and the portable loops
-ARCHS = ("native", "haswell", "x86-64")
+# the native kernels as built for this CPU (VNNI where it has it), for AVX2 without VNNI, and the portable loops;
+# on a CPU with AVX-512 VNNI and VBMI also for Cascade Lake (AVX-512 VNNI without VBMI: the GEMM's other 2-bit
+# decode), which the native build would never run here
+_CASCADELAKE = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd", "avx512_vnni"}
+ARCHS = ("native", "haswell", "x86-64") + (
+    ("cascadelake",) if _CASCADELAKE <= native.cpu_flags() and "avx512vbmi" in native.cpu_flags() else ())
 
 
 @contextlib.contextmanager

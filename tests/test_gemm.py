@@ -161,7 +161,7 @@ def test_avx2_build_never_picks_the_portable_loop(arch_cache) -> None:
     measured there (never slower than fp32 on AVX2, docs/benchmarks.md), not ``int8_tiled``."""
     layer = _packed(nn.Linear(64, 48), "int8")
     x = torch.randn(64, 64)
-    for arch in ARCHS[1:]:
+    for arch in ("haswell", "x86-64"):
         with native_build("1", arch, arch_cache), torch.no_grad():
             assert native.gemm_isa() == "portable"
             layer.kernel = "auto"
