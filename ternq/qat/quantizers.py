@@ -190,8 +190,8 @@ class _WeightSTE(torch.autograd.Function):
             # computed where it is read, contiguous (a ConvTranspose weight's rows are a permuted copy, which
             # the convolution would copy back, forward and backward), each element from the same two numbers
             rows32 = w32
-            if config.granularity == "tensor":  # `weight_scale`'s reduction, without its checks and reshapes
-                scale = config.scale_of(w32.abs(), tuple(range(w.dim())))
+            if config.granularity == "tensor":  # `weight_scale`'s own reduction, without its reshapes
+                scale = _tensor_scale(w32, config)
             else:
                 scale = _in_layout(weight_scale(w, config, out_dim), w.dim(), config, out_dim)
         ratio = rows32 / scale  # a new tensor: rounded in place below

@@ -188,11 +188,8 @@ def linear_gemv_bound(w: Tensor, wsum: Tensor | None, scale: Tensor, bias: Tenso
                       cfg: QuantConfig) -> Callable[[Tensor], Tensor]:
     """`linear_gemv` with the layer's codes, sums, scales, bias and config bound once (a layer keeps it while
     they stay the same objects): per token, the native call itself (it takes any rank), nothing in between."""
-    call = native.linear_rows_bound(cfg.input_norm, cfg.eps, int(cfg.act_bits),  # type: ignore[arg-type]
-                                    w, wsum, scale, cfg.granularity == "channel", bias)
-    if cfg.act_granularity == "token":
-        return call
-    return lambda x: call(x, _rows_per_scale(x, cfg))
+    return _per_scale(native.linear_rows_bound(cfg.input_norm, cfg.eps, int(cfg.act_bits),  # type: ignore[arg-type]
+                                               w, wsum, scale, cfg.granularity == "channel", bias), cfg)
 
 
 def linear_tiled_bound(w: Tensor, scale: Tensor, bias: Tensor | None, cfg: QuantConfig) -> Callable[[Tensor], Tensor]:
@@ -200,10 +197,15 @@ def linear_tiled_bound(w: Tensor, scale: Tensor, bias: Tensor | None, cfg: Quant
     here once into the GEMM's tiles (a copy of about out x in bytes, which the returned function holds), or on their
     2-bit rows (uint8, `ternq.runtime.storage.pack_rows`) read as stored (`ternq.native.linear_gemm_bound`). Equal
     to ``int8_gemm`` bit for bit, without its per-call operand packing or weight decoding."""
-    call = native.linear_gemm_bound(cfg.input_norm, cfg.eps, int(cfg.act_bits),  # type: ignore[arg-type]
-                                    w, scale, cfg.granularity == "channel", bias)
+    return _per_scale(native.linear_gemm_bound(cfg.input_norm, cfg.eps, int(cfg.act_bits),  # type: ignore[arg-type]
+                                               w, scale, cfg.granularity == "channel", bias), cfg)
+
+
+def _per_scale(call: Callable[..., Tensor], cfg: QuantConfig) -> Callable[[Tensor], Tensor]:
+    """A bound native Linear ``call(x, rows_per_sample=1)`` as a function of x: per token the native call itself
+    (it takes any rank), nothing in between; per sample, with the rows each scale covers."""
     if cfg.act_granularity == "token":
-        return call  # per token: the native call itself (it takes any rank), nothing in between
+        return call
 
     def per_sample(x: Tensor) -> Tensor:
         return call(x, _rows_per_scale(x, cfg))

@@ -50,6 +50,11 @@ def _overrides() -> tuple[Any, ...]:
     return (get(_RAW_KEYS[0]), get(_RAW_KEYS[1]), get(_RAW_KEYS[2]))
 
 
+#: a layer's bound native calls (`PackedLayer._bind`; ``_fast``: `PackedLinear.forward`'s one-token path over
+#: ``_gemv``): they hold raw addresses into the layer's tensors, so a copy, a pickle or new codes drops them
+_BINDINGS = ("_gemv", "_tiled", "_direct", "_fast")
+
+
 def _where(codes: Tensor, scale: Tensor, bias: Tensor | None) -> tuple[int, int, int]:
     """The addresses of a layer's codes, scales and bias now. A bound native call holds them (or copies made from
     that memory), and a tensor can keep its object yet move: ``share_memory()`` frees the old memory, ``.data =``
@@ -248,21 +253,40 @@ class PackedLayer:
                           self.storage,
                           self.float_dtype)
         self.__dict__.pop("_memo", None)
-        self.__dict__.pop("_gemv", None)
-        self.__dict__.pop("_fast", None)
-        self.__dict__.pop("_direct", None)
-        self.__dict__.pop("_tiled", None)
+        for slot in _BINDINGS:
+            self.__dict__.pop(slot, None)
 
     def __getstate__(self) -> dict[str, Any]:
         """The layer without its bound native calls (`PackedLinear._k_int8_gemv`, `PackedLinear._k_int8_tiled`, the
         convolutions' `_direct_call`): they hold raw pointers into this layer's tensors, which a copy or an unpickled
         layer does not share (it binds its own)."""
         state = dict(super().__getstate__())  # type: ignore[misc]
-        state.pop("_gemv", None)
-        state.pop("_fast", None)  # holds the bound call
-        state.pop("_direct", None)
-        state.pop("_tiled", None)
+        for slot in _BINDINGS:
+            state.pop(slot, None)
         return state
+
+    def _binding(self, slot: str) -> tuple[Any, ...] | None:
+        """The bound native call kept in `slot`, ``(codes, scale, bias, call, addresses)``, while it is current: the
+        layer's codes, scales and bias are the same objects at the same addresses (`_set_codes`, ``.to()`` and
+        assignments replace them; ``share_memory()`` and ``.data =`` move them, `_where`). None: bind again."""
+        bound = self.__dict__.get(slot)
+        if (bound is not None and bound[0] is self._buffers["ternq_codes"] and bound[1] is self._buffers["scale"]
+                and bound[2] is self._parameters.get("bias") and _where(bound[0], bound[1], bound[2]) == bound[4]):
+            return bound
+        return None
+
+    def _bind(self, slot: str, make: Callable[[Tensor, Tensor, Tensor | None], Callable[..., Tensor] | None],
+              keep: bool = True) -> Callable[..., Tensor] | None:
+        """`slot`'s current bound call, else ``make(codes, scale, bias)``'s (None: it cannot bind), kept in `slot`
+        when `keep`: no per-call lookups, copies, sums or checks while the binding is current (`_binding`)."""
+        bound = self._binding(slot)
+        if bound is not None:
+            return bound[3]
+        codes, scale, bias = self._buffers["ternq_codes"], self._buffers["scale"], self._parameters.get("bias")
+        call = make(codes, scale, bias)
+        if call is not None and keep:
+            self.__dict__[slot] = (codes, scale, bias, call, _where(codes, scale, bias))
+        return call
 
     # -- kernel selection ---------------------------------------------------------------------------------------
 
@@ -413,11 +437,11 @@ class PackedLinear(PackedLayer, nn.Linear):
             x = args[0]
             if (type(x) is Tensor and x.shape == fast[0] and x.dtype is torch.float32 and x.is_cpu
                     and fast[1] == (torch.get_num_threads(), _GENERATION[0], _overrides())
-                    and self._buffers["ternq_codes"] is fast[2] and self._buffers["scale"] is fast[3]
-                    and self._parameters.get("bias") is fast[4] and _where(fast[2], fast[3], fast[4]) == fast[6]
                     and not (x.requires_grad and torch.is_grad_enabled()) and not recording_a_graph()):
-                self.__dict__["_last"] = "int8_gemv"
-                return fast[5](x)
+                bound = self._binding("_gemv")
+                if bound is not None:
+                    self.__dict__["_last"] = "int8_gemv"
+                    return bound[3](x)
         y = super().forward(*args, **kwargs)
         if len(args) == 1 and not kwargs and self._last == "int8_gemv" and self._forced is None:
             self._remember_gemv(args[0])
@@ -425,27 +449,19 @@ class PackedLinear(PackedLayer, nn.Linear):
 
     def _remember_gemv(self, x: Tensor) -> None:
         """Keep the call just made (automatic ``int8_gemv``, its binding current) for `forward`'s one-token path."""
-        bound = self.__dict__.get("_gemv")
-        if (bound is None or type(x) is not Tensor or x.dtype is not torch.float32 or not x.is_cpu
+        if (self._binding("_gemv") is None or type(x) is not Tensor or x.dtype is not torch.float32 or not x.is_cpu
                 or (x.requires_grad and torch.is_grad_enabled()) or recording_a_graph()):
             return
-        key = (torch.get_num_threads(), _GENERATION[0], _overrides())
-        self.__dict__["_fast"] = (x.shape, key, bound[0], bound[1], bound[2], bound[3], bound[4])
+        self.__dict__["_fast"] = (x.shape, (torch.get_num_threads(), _GENERATION[0], _overrides()))
 
     @register_kernel("int8_gemv")
     def _k_int8_gemv(self, x: Tensor) -> Tensor:
-        # the bound call of `kernels.linear_gemv_bound`, kept while the codes, scales and bias are the same
-        # objects at the same addresses (`_set_codes`, `.to()` and assignments replace them; `share_memory()` and
-        # `.data =` move them, `_where`): no per-call lookups, sums or checks
-        codes, scale, bias = self._buffers["ternq_codes"], self._buffers["scale"], self._parameters.get("bias")
-        bound, where = self.__dict__.get("_gemv"), _where(codes, scale, bias)
-        if bound is None or bound[0] is not codes or bound[1] is not scale or bound[2] is not bias or bound[4] != where:
-            run = self._bind_gemv(codes, scale, bias)
-            if run is None:  # 4-bit rows the GEMV cannot read: unpacked per call, not kept (memory is its point)
-                w = self._layout_codes()
-                return kernels.linear_gemv(x, w, self._row_sums(w), scale, bias, self.qconfig)
-            bound = self.__dict__["_gemv"] = (codes, scale, bias, run, where)
-        return bound[3](x)
+        # the bound call of `kernels.linear_gemv_bound`, kept while current (`_bind`)
+        run = self._bind("_gemv", self._bind_gemv)
+        if run is None:  # 4-bit rows the GEMV cannot read: unpacked per call, not kept (memory is its point)
+            w = self._layout_codes()
+            return kernels.linear_gemv(x, w, self._row_sums(w), self.scale, self.bias, self.qconfig)
+        return run(x)
 
     def _bind_gemv(self, codes: Tensor, scale: Tensor, bias: Tensor | None) -> Callable[[Tensor], Tensor] | None:
         if self._bits == 8:
@@ -480,14 +496,10 @@ class PackedLinear(PackedLayer, nn.Linear):
 
     @register_kernel("int8_tiled")
     def _k_int8_tiled(self, x: Tensor) -> Tensor:
-        # the bound call of `kernels.linear_tiled_bound` (it holds the tiled copy of the codes), kept while the
-        # codes, scales and bias are the same objects at the same addresses, as `_k_int8_gemv`'s
-        codes, scale, bias = self._buffers["ternq_codes"], self._buffers["scale"], self._parameters.get("bias")
-        bound, where = self.__dict__.get("_tiled"), _where(codes, scale, bias)
-        if bound is None or bound[0] is not codes or bound[1] is not scale or bound[2] is not bias or bound[4] != where:
-            run = kernels.linear_tiled_bound(self._gemm_codes(), scale, bias, self.qconfig)
-            bound = self.__dict__["_tiled"] = (codes, scale, bias, run, where)
-        return bound[3](x)
+        # the bound call of `kernels.linear_tiled_bound` (it holds the tiled copy of the codes), kept while
+        # current (`_bind`)
+        return self._bind("_tiled", lambda codes, scale, bias: kernels.linear_tiled_bound(
+            self._gemm_codes(), scale, bias, self.qconfig))(x)
 
 
 class _PackedConv1dBase(PackedLayer):
@@ -538,21 +550,17 @@ class _PackedConv1dBase(PackedLayer):
 
     def _direct_call(self) -> Callable[..., Tensor]:
         """``int8_direct`` bound to this layer (`kernels.conv1d_direct_bound` / `conv_transpose1d_direct_bound`: the
-        codes as the kernel reads them, scales, bias, geometry; one native call per forward), kept while the codes,
-        scales and bias are the same objects at the same addresses (`_set_codes`, ``.to()`` and assignments replace
-        them, `_where`): no per-call copies, row sums or lookups. 2 / 4-bit storage is unpacked per call, not kept (memory is its point)."""
-        codes, scale, bias = self._buffers["ternq_codes"], self._buffers["scale"], self._parameters.get("bias")
-        bound, where = self.__dict__.get("_direct"), _where(codes, scale, bias)
-        if bound is not None and bound[0] is codes and bound[1] is scale and bound[2] is bias and bound[4] == where:
-            return bound[3]
+        codes as the kernel reads them, scales, bias, geometry; one native call per forward), kept while current
+        (`_bind`): no per-call copies, row sums or lookups. 2 / 4-bit storage is unpacked per call, not kept (memory
+        is its point)."""
+        return self._bind("_direct", self._bind_direct, keep=self._bits == 8)  # type: ignore[return-value]
+
+    def _bind_direct(self, codes: Tensor, scale: Tensor, bias: Tensor | None) -> Callable[..., Tensor]:
         transposed = isinstance(self, nn.ConvTranspose1d)
         weights = kernels.direct_weights(self._tap_major(self._layout_codes()),
                                          self.stride[0] if transposed else None)  # type: ignore[attr-defined]
         bind = kernels.conv_transpose1d_direct_bound if transposed else kernels.conv1d_direct_bound
-        call = bind(weights, scale, bias, self.qconfig, self._conv_geometry())
-        if self._bits == 8:
-            self.__dict__["_direct"] = (codes, scale, bias, call, where)
-        return call
+        return bind(weights, scale, bias, self.qconfig, self._conv_geometry())
 
     def _conv_geometry(self) -> kernels.Conv1dGeometry:
         """The layer's convolution hyperparameters as the kernels take them (made once per layer)."""
@@ -848,9 +856,8 @@ def packed_layer(float_module: nn.Module, codes: Tensor, scale: Tensor, config: 
         layer._buffers.pop(attr, None)
     layer.__dict__.pop("_geometry_key", None)  # re-packing: the storage may change
     layer.__dict__.pop("_memo", None)
-    layer.__dict__.pop("_gemv", None)
-    layer.__dict__.pop("_fast", None)
-    layer.__dict__.pop("_tiled", None)
+    for slot in _BINDINGS:
+        layer.__dict__.pop(slot, None)
     layer.__dict__.pop("_conv_geom", None)
     layer.__dict__.pop("qconfig", None)
     layer._init_packed(codes.to(torch.int8), scale, config, spec, kernel, storage, float_dtype)
